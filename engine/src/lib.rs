@@ -1,0 +1,29 @@
+//! recycle-engine: tensors, devices, autograd, CPU ops, optimizers, schedules and checkpoints
+//! for Recycle, a training engine for same-architecture knowledge distillation.
+//!
+//! Layout (one module per job):
+//! - `tensor`, `storage`, `dtype`, `device`: values and where they live;
+//! - `autograd`: the recording / inference tape;
+//! - `ops`: one file per op family, forward and backward, CPU reference implementations;
+//! - `params`: a model's flat parameter and gradient buffers;
+//! - `optim`: SGDW, AdamW and learning-rate schedules over flat buffers;
+//! - `checkpoint`: safetensors save/load;
+//! - `gradcheck`: finite-difference checks used by every op's tests.
+
+pub mod autograd;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod gradcheck;
+pub mod ops;
+pub mod params;
+pub mod rng;
+pub mod storage;
+pub mod tensor;
+
+pub use autograd::{BackwardFn, Gradients, Tape, Var};
+pub use device::Device;
+pub use dtype::{DType, WithDType};
+pub use error::{Error, Result};
+pub use params::{FlatParams, ParamEntry};
+pub use tensor::Tensor;

@@ -1,0 +1,576 @@
+//! `Tensor`: shared storage + offset + shape + dtype, always contiguous row-major.
+//!
+//! Cloning a tensor shares its storage (an `Arc`), so a parameter is a cheap view into a model's
+//! flat buffer. Layout changes (permute, transpose) are explicit copy ops; `reshape` and `view`
+//! only reinterpret. Values are read through guards (`read_f32`) that borrow f32 storage and
+//! widen bf16/i32 storage, so CPU ops are written once, over `&[f32]`.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use half::bf16;
+
+use crate::storage::{CpuStorage, Storage};
+use crate::{rng, DType, Device, Error, Result, WithDType};
+
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<RwLock<Storage>>,
+    offset: usize,
+    shape: Vec<usize>,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor[{:?}, {}, {}]",
+            self.shape, self.dtype, self.device
+        )
+    }
+}
+
+pub fn elem_count(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    fn from_cpu_storage(storage: CpuStorage, shape: &[usize]) -> Tensor {
+        let dtype = storage.dtype();
+        Tensor {
+            storage: Arc::new(RwLock::new(Storage::Cpu(storage))),
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+            device: Device::Cpu,
+        }
+    }
+
+    fn check_device(op: &'static str, device: Device) -> Result<()> {
+        match device {
+            Device::Cpu => Ok(()),
+            Device::Cuda(n) => Device::cuda(n).map(|_| ()).map_err(|e| match e {
+                Error::Device(msg) => Error::Device(format!("{op}: {msg}")),
+                e => e,
+            }),
+        }
+    }
+
+    /// A tensor that takes ownership of `data` (no copy).
+    pub fn from_vec<T: WithDType>(data: Vec<T>, shape: &[usize], device: Device) -> Result<Tensor> {
+        Self::check_device("Tensor::from_vec", device)?;
+        if data.len() != elem_count(shape) {
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("{} values do not fill shape {shape:?}", data.len()),
+            ));
+        }
+        let any: Box<dyn std::any::Any> = Box::new(data);
+        let storage = match T::DTYPE {
+            DType::F32 => CpuStorage::F32(*any.downcast::<Vec<f32>>().expect("dtype f32")),
+            DType::BF16 => CpuStorage::BF16(*any.downcast::<Vec<bf16>>().expect("dtype bf16")),
+            DType::I32 => CpuStorage::I32(*any.downcast::<Vec<i32>>().expect("dtype i32")),
+        };
+        Ok(Self::from_cpu_storage(storage, shape))
+    }
+
+    pub fn from_slice<T: WithDType>(data: &[T], shape: &[usize], device: Device) -> Result<Tensor> {
+        Self::from_vec(data.to_vec(), shape, device)
+    }
+
+    /// Shorthand for the common case: f32 values on the CPU.
+    pub fn f32(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Self::from_vec(data, shape, Device::Cpu)
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        Self::check_device("Tensor::zeros", device)?;
+        Ok(Self::from_cpu_storage(
+            CpuStorage::zeros(dtype, elem_count(shape)),
+            shape,
+        ))
+    }
+
+    pub fn full(value: f32, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        let n = elem_count(shape);
+        let t = Self::zeros(&[n], DType::F32, device)?;
+        t.write_f32()?.fill(value);
+        t.reshape(shape)?.cast(dtype)
+    }
+
+    pub fn ones(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        Self::full(1.0, shape, dtype, device)
+    }
+
+    /// Normal samples `mean + std * N(0, 1)` from stream `seed` (reproducible across runs and
+    /// backends: see `rng`).
+    pub fn randn(
+        shape: &[usize],
+        mean: f32,
+        std: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
+        let data: Vec<f32> = (0..elem_count(shape) as u64)
+            .map(|i| mean + std * rng::normal_at(seed, i))
+            .collect();
+        Self::from_vec(data, shape, device)?.cast(dtype)
+    }
+
+    /// Uniform samples in `[low, high)` from stream `seed`.
+    pub fn rand_uniform(
+        shape: &[usize],
+        low: f32,
+        high: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
+        if !(low < high) {
+            return Err(Error::invalid(
+                "Tensor::rand_uniform",
+                format!("low {low} must be below high {high}"),
+            ));
+        }
+        let data: Vec<f32> = (0..elem_count(shape) as u64)
+            .map(|i| low + (high - low) * rng::uniform_at(seed, i))
+            .collect();
+        Self::from_vec(data, shape, device)?.cast(dtype)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn elem_count(&self) -> usize {
+        elem_count(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Size of dimension `d`, with negative indices counting from the end.
+    pub fn dim(&self, d: isize) -> Result<usize> {
+        let r = self.rank() as isize;
+        let i = if d < 0 { r + d } else { d };
+        if i < 0 || i >= r {
+            return Err(Error::invalid(
+                "Tensor::dim",
+                format!("dimension {d} out of range for shape {:?}", self.shape),
+            ));
+        }
+        Ok(self.shape[i as usize])
+    }
+
+    /// Whether two tensors share the same storage (views of one buffer).
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
+    /// The same elements under another shape (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if elem_count(shape) != self.elem_count() {
+            return Err(Error::shape(
+                "reshape",
+                format!(
+                    "cannot view {:?} ({} elements) as {shape:?} ({} elements)",
+                    self.shape,
+                    self.elem_count(),
+                    elem_count(shape)
+                ),
+            ));
+        }
+        let mut t = self.clone();
+        t.shape = shape.to_vec();
+        Ok(t)
+    }
+
+    /// A view of `elem_count(shape)` elements starting `offset` elements into this tensor
+    /// (a parameter inside a flat buffer).
+    pub fn view(&self, offset: usize, shape: &[usize]) -> Result<Tensor> {
+        let n = elem_count(shape);
+        if offset + n > self.elem_count() {
+            return Err(Error::shape(
+                "view",
+                format!(
+                    "view of {shape:?} at offset {offset} runs past the end of a tensor of {} elements",
+                    self.elem_count()
+                ),
+            ));
+        }
+        let mut t = self.clone();
+        t.offset += offset;
+        t.shape = shape.to_vec();
+        Ok(t)
+    }
+
+    /// Rows `[start, start + len)` of the first dimension (a view).
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        let rows = *self.shape.first().ok_or_else(|| {
+            Error::invalid("narrow_rows", "a scalar has no rows".to_string())
+        })?;
+        if start + len > rows {
+            return Err(Error::shape(
+                "narrow_rows",
+                format!("rows {start}..{} of a tensor with {rows} rows", start + len),
+            ));
+        }
+        let row = self.elem_count() / rows.max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        self.view(start * row, &shape)
+    }
+
+    fn read_guard(&self) -> RwLockReadGuard<'_, Storage> {
+        // A poisoned lock only means another thread panicked mid-op; the data is plain numbers.
+        self.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_guard(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Read access as f32: borrowed when the storage is f32, widened copy otherwise.
+    pub fn read_f32(&self) -> Result<F32Read<'_>> {
+        let guard = self.read_guard();
+        let (offset, len) = (self.offset, self.elem_count());
+        match &*guard {
+            Storage::Cpu(CpuStorage::F32(_)) => Ok(F32Read::Borrowed { guard, offset, len }),
+            Storage::Cpu(s) => Ok(F32Read::Owned(s.range_to_f32(offset, len))),
+        }
+    }
+
+    /// Read access to i32 values (labels, indices).
+    pub fn read_i32(&self) -> Result<I32Read<'_>> {
+        let guard = self.read_guard();
+        match &*guard {
+            Storage::Cpu(CpuStorage::I32(_)) => Ok(I32Read {
+                guard,
+                offset: self.offset,
+                len: self.elem_count(),
+            }),
+            s => Err(Error::DType {
+                op: "read_i32",
+                expected: DType::I32,
+                got: s.dtype(),
+            }),
+        }
+    }
+
+    /// Write access to an f32 tensor in place (optimizer updates, gradient accumulation).
+    pub fn write_f32(&self) -> Result<F32Write<'_>> {
+        let guard = self.write_guard();
+        match &*guard {
+            Storage::Cpu(CpuStorage::F32(_)) => Ok(F32Write {
+                guard,
+                offset: self.offset,
+                len: self.elem_count(),
+            }),
+            s => Err(Error::DType {
+                op: "write_f32",
+                expected: DType::F32,
+                got: s.dtype(),
+            }),
+        }
+    }
+
+    /// Write access to a bf16 tensor in place (bf16 working copies of master weights).
+    pub fn write_bf16(&self) -> Result<Bf16Write<'_>> {
+        let guard = self.write_guard();
+        match &*guard {
+            Storage::Cpu(CpuStorage::BF16(_)) => Ok(Bf16Write {
+                guard,
+                offset: self.offset,
+                len: self.elem_count(),
+            }),
+            s => Err(Error::DType {
+                op: "write_bf16",
+                expected: DType::BF16,
+                got: s.dtype(),
+            }),
+        }
+    }
+
+    /// The values, copied out, as `T` (which must be this tensor's dtype).
+    pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType {
+                op: "to_vec",
+                expected: T::DTYPE,
+                got: self.dtype,
+            });
+        }
+        let guard = self.read_guard();
+        let Storage::Cpu(s) = &*guard;
+        let bytes = s.range_bytes(self.offset, self.elem_count());
+        Ok(bytemuck::pod_collect_to_vec(bytes))
+    }
+
+    /// The values as f32, whatever the dtype.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.read_f32()?.to_vec())
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn to_scalar_f32(&self) -> Result<f32> {
+        if self.elem_count() != 1 {
+            return Err(Error::shape(
+                "to_scalar_f32",
+                format!("expected one element, got shape {:?}", self.shape),
+            ));
+        }
+        Ok(self.read_f32()?[0])
+    }
+
+    /// Little-endian bytes of the elements (for checkpoints).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let guard = self.read_guard();
+        let Storage::Cpu(s) = &*guard;
+        Ok(s.range_bytes(self.offset, self.elem_count()).to_vec())
+    }
+
+    /// A fresh contiguous copy with its own storage.
+    pub fn deep_copy(&self) -> Result<Tensor> {
+        let guard = self.read_guard();
+        let Storage::Cpu(s) = &*guard;
+        let (o, n) = (self.offset, self.elem_count());
+        let storage = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(v[o..o + n].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[o..o + n].to_vec()),
+            CpuStorage::I32(v) => CpuStorage::I32(v[o..o + n].to_vec()),
+        };
+        Ok(Self::from_cpu_storage(storage, &self.shape))
+    }
+
+    /// Converts to `dtype` (a new tensor; shares storage when the dtype is already right).
+    /// Float to bf16 rounds to nearest even; float to i32 truncates toward zero.
+    pub fn cast(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let storage = {
+            let guard = self.read_guard();
+            let Storage::Cpu(s) = &*guard;
+            let (o, n) = (self.offset, self.elem_count());
+            match (s, dtype) {
+                (CpuStorage::I32(v), DType::F32) => {
+                    CpuStorage::F32(v[o..o + n].iter().map(|&x| x as f32).collect())
+                }
+                (CpuStorage::I32(v), DType::BF16) => {
+                    CpuStorage::BF16(v[o..o + n].iter().map(|&x| bf16::from_f32(x as f32)).collect())
+                }
+                (s, DType::F32) => CpuStorage::F32(s.range_to_f32(o, n)),
+                (s, DType::BF16) => CpuStorage::BF16(
+                    s.range_to_f32(o, n).into_iter().map(bf16::from_f32).collect(),
+                ),
+                (s, DType::I32) => {
+                    CpuStorage::I32(s.range_to_f32(o, n).into_iter().map(|x| x as i32).collect())
+                }
+            }
+        };
+        Ok(Self::from_cpu_storage(storage, &self.shape))
+    }
+
+    /// Copies `src` (same element count, any float dtype) into this tensor's elements in place.
+    pub fn copy_from(&self, src: &Tensor) -> Result<()> {
+        if src.elem_count() != self.elem_count() {
+            return Err(Error::shape(
+                "copy_from",
+                format!("{:?} into {:?}", src.shape, self.shape),
+            ));
+        }
+        let values = src.to_vec_f32()?;
+        match self.dtype {
+            DType::F32 => self.write_f32()?.copy_from_slice(&values),
+            DType::BF16 => {
+                let mut w = self.write_bf16()?;
+                for (d, s) in w.iter_mut().zip(values) {
+                    *d = bf16::from_f32(s);
+                }
+            }
+            DType::I32 => {
+                return Err(Error::DType {
+                    op: "copy_from",
+                    expected: DType::F32,
+                    got: DType::I32,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `src` into this f32 tensor in place (gradient accumulation).
+    pub fn add_assign(&self, src: &Tensor) -> Result<()> {
+        crate::error::check_same_shape("add_assign", &self.shape, &src.shape)?;
+        if self.same_storage(src) {
+            let s = src.to_vec_f32()?;
+            let mut d = self.write_f32()?;
+            d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+            return Ok(());
+        }
+        let s = src.read_f32()?;
+        let mut d = self.write_f32()?;
+        d.iter_mut().zip(s.iter()).for_each(|(d, s)| *d += s);
+        Ok(())
+    }
+
+    /// Sets every element to zero in place.
+    pub fn zero_(&self) -> Result<()> {
+        match self.dtype {
+            DType::F32 => self.write_f32()?.fill(0.0),
+            DType::BF16 => self.write_bf16()?.fill(bf16::ZERO),
+            DType::I32 => {
+                let mut g = self.write_guard();
+                let Storage::Cpu(CpuStorage::I32(v)) = &mut *g else {
+                    unreachable!("dtype says i32")
+                };
+                v[self.offset..self.offset + self.elem_count()].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with a dtype error unless this tensor is `dtype`.
+    pub fn expect_dtype(&self, op: &'static str, dtype: DType) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::DType {
+                op,
+                expected: dtype,
+                got: self.dtype,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails with a dtype error unless this tensor holds floats.
+    pub fn expect_float(&self, op: &'static str) -> Result<()> {
+        if !self.dtype.is_float() {
+            return Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: self.dtype,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails with a shape error unless this tensor has `rank` dimensions.
+    pub fn expect_rank(&self, op: &'static str, name: &str, rank: usize) -> Result<()> {
+        if self.rank() != rank {
+            return Err(Error::shape(
+                op,
+                format!("{name} must have {rank} dimensions, got shape {:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// f32 values of a tensor, borrowed from f32 storage or widened from another dtype.
+pub enum F32Read<'a> {
+    Borrowed {
+        guard: RwLockReadGuard<'a, Storage>,
+        offset: usize,
+        len: usize,
+    },
+    Owned(Vec<f32>),
+}
+
+impl Deref for F32Read<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Read::Borrowed { guard, offset, len } => match &**guard {
+                Storage::Cpu(CpuStorage::F32(v)) => &v[*offset..*offset + *len],
+                _ => unreachable!("F32Read::Borrowed holds f32 storage"),
+            },
+            F32Read::Owned(v) => v,
+        }
+    }
+}
+
+pub struct I32Read<'a> {
+    guard: RwLockReadGuard<'a, Storage>,
+    offset: usize,
+    len: usize,
+}
+
+impl Deref for I32Read<'_> {
+    type Target = [i32];
+    fn deref(&self) -> &[i32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::I32(v)) => &v[self.offset..self.offset + self.len],
+            _ => unreachable!("I32Read holds i32 storage"),
+        }
+    }
+}
+
+pub struct F32Write<'a> {
+    guard: RwLockWriteGuard<'a, Storage>,
+    offset: usize,
+    len: usize,
+}
+
+impl Deref for F32Write<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.offset..self.offset + self.len],
+            _ => unreachable!("F32Write holds f32 storage"),
+        }
+    }
+}
+
+impl DerefMut for F32Write<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match &mut *self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &mut v[self.offset..self.offset + self.len],
+            _ => unreachable!("F32Write holds f32 storage"),
+        }
+    }
+}
+
+pub struct Bf16Write<'a> {
+    guard: RwLockWriteGuard<'a, Storage>,
+    offset: usize,
+    len: usize,
+}
+
+impl Deref for Bf16Write<'_> {
+    type Target = [bf16];
+    fn deref(&self) -> &[bf16] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::BF16(v)) => &v[self.offset..self.offset + self.len],
+            _ => unreachable!("Bf16Write holds bf16 storage"),
+        }
+    }
+}
+
+impl DerefMut for Bf16Write<'_> {
+    fn deref_mut(&mut self) -> &mut [bf16] {
+        match &mut *self.guard {
+            Storage::Cpu(CpuStorage::BF16(v)) => &mut v[self.offset..self.offset + self.len],
+            _ => unreachable!("Bf16Write holds bf16 storage"),
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Recycle: same-architecture knowledge distillation. This root crate gathers the engine (and,
+//! as they land, the models, the distillation loss, the trainer and the experiments).
+
+pub use recycle_engine as engine;
