@@ -11,11 +11,13 @@
 //! - `gradcheck`: finite-difference checks used by every op's tests.
 
 pub mod autograd;
+pub mod checkpoint;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gradcheck;
 pub mod ops;
+pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod storage;

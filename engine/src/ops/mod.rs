@@ -5,3 +5,16 @@
 //! Calling convention: `ops::<name>(tape, inputs..., options) -> Result<Var>`.
 
 pub mod gemm;
+pub mod matmul;
+pub mod conv;
+pub mod pool;
+pub mod norm;
+pub mod softmax;
+pub mod attention;
+pub mod loss;
+pub mod elementwise;
+pub mod activation;
+pub mod layout;
+pub mod embedding;
+pub mod gather;
+pub mod dropout;
