@@ -419,6 +419,29 @@ impl Tensor {
         Ok(())
     }
 
+    /// Overwrites this i32 tensor's elements with `values` (counters such as BatchNorm's
+    /// `num_batches_tracked`).
+    pub fn copy_from_i32(&self, values: &[i32]) -> Result<()> {
+        if values.len() != self.elem_count() {
+            return Err(Error::shape(
+                "copy_from_i32",
+                format!("{} values into shape {:?}", values.len(), self.shape),
+            ));
+        }
+        let mut g = self.write_guard();
+        match &mut *g {
+            Storage::Cpu(CpuStorage::I32(v)) => {
+                v[self.offset..self.offset + values.len()].copy_from_slice(values);
+                Ok(())
+            }
+            s => Err(Error::DType {
+                op: "copy_from_i32",
+                expected: DType::I32,
+                got: s.dtype(),
+            }),
+        }
+    }
+
     /// Adds `src` into this f32 tensor in place (gradient accumulation).
     pub fn add_assign(&self, src: &Tensor) -> Result<()> {
         crate::error::check_same_shape("add_assign", &self.shape, &src.shape)?;
