@@ -311,7 +311,10 @@ mod tests {
     fn inference_tape_keeps_nothing() {
         let tape = Tape::inference();
         let p = tape
-            .param(t(&[1.0]), Tensor::zeros(&[1], DType::F32, Device::Cpu).unwrap())
+            .param(
+                t(&[1.0]),
+                Tensor::zeros(&[1], DType::F32, Device::Cpu).unwrap(),
+            )
             .unwrap();
         let y = square(&tape, &p);
         assert!(!y.requires_grad());

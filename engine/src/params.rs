@@ -141,15 +141,15 @@ mod tests {
 
     #[test]
     fn views_share_the_flat_buffers() {
-        let specs = vec![
-            ("a".to_string(), vec![2, 3]),
-            ("b".to_string(), vec![4]),
-        ];
+        let specs = vec![("a".to_string(), vec![2, 3]), ("b".to_string(), vec![4])];
         let p = FlatParams::new(&specs, Device::Cpu).unwrap();
         assert_eq!(p.len(), 10);
         p.set("b", &Tensor::f32(vec![1.0, 2.0, 3.0, 4.0], &[4]).unwrap())
             .unwrap();
-        assert_eq!(&p.values().to_vec_f32().unwrap()[6..], &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            &p.values().to_vec_f32().unwrap()[6..],
+            &[1.0, 2.0, 3.0, 4.0]
+        );
         let tape = Tape::recording();
         let b = p.var(&tape, "b").unwrap();
         assert!(b.requires_grad());

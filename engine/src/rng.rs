@@ -13,7 +13,9 @@ pub fn mix64(mut z: u64) -> u64 {
 /// 64 random bits for element `index` of stream `seed`.
 #[inline]
 pub fn bits_at(seed: u64, index: u64) -> u64 {
-    mix64(mix64(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+    mix64(
+        mix64(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+    )
 }
 
 /// A uniform sample in [0, 1) with 24 bits of precision (exactly representable in f32).

@@ -226,9 +226,10 @@ impl Tensor {
 
     /// Rows `[start, start + len)` of the first dimension (a view).
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Tensor> {
-        let rows = *self.shape.first().ok_or_else(|| {
-            Error::invalid("narrow_rows", "a scalar has no rows".to_string())
-        })?;
+        let rows = *self
+            .shape
+            .first()
+            .ok_or_else(|| Error::invalid("narrow_rows", "a scalar has no rows".to_string()))?;
         if start + len > rows {
             return Err(Error::shape(
                 "narrow_rows",
@@ -376,12 +377,18 @@ impl Tensor {
                 (CpuStorage::I32(v), DType::F32) => {
                     CpuStorage::F32(v[o..o + n].iter().map(|&x| x as f32).collect())
                 }
-                (CpuStorage::I32(v), DType::BF16) => {
-                    CpuStorage::BF16(v[o..o + n].iter().map(|&x| bf16::from_f32(x as f32)).collect())
-                }
+                (CpuStorage::I32(v), DType::BF16) => CpuStorage::BF16(
+                    v[o..o + n]
+                        .iter()
+                        .map(|&x| bf16::from_f32(x as f32))
+                        .collect(),
+                ),
                 (s, DType::F32) => CpuStorage::F32(s.range_to_f32(o, n)),
                 (s, DType::BF16) => CpuStorage::BF16(
-                    s.range_to_f32(o, n).into_iter().map(bf16::from_f32).collect(),
+                    s.range_to_f32(o, n)
+                        .into_iter()
+                        .map(bf16::from_f32)
+                        .collect(),
                 ),
                 (s, DType::I32) => {
                     CpuStorage::I32(s.range_to_f32(o, n).into_iter().map(|x| x as i32).collect())
@@ -502,7 +509,10 @@ impl Tensor {
         if self.rank() != rank {
             return Err(Error::shape(
                 op,
-                format!("{name} must have {rank} dimensions, got shape {:?}", self.shape),
+                format!(
+                    "{name} must have {rank} dimensions, got shape {:?}",
+                    self.shape
+                ),
             ));
         }
         Ok(())

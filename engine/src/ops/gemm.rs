@@ -38,12 +38,22 @@ pub fn sgemm(
         return Ok(());
     }
     if k == 0 {
-        c[..m * n].iter_mut().for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+        c[..m * n]
+            .iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
         return Ok(());
     }
     // (row stride, column stride) of each operand as stored.
-    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let (a_rs, a_cs) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
     // Small products are faster on one thread than split across the pool.
     let parallelism = if m * n * k < 64 * 64 * 64 {
         Parallelism::None
@@ -101,15 +111,22 @@ mod tests {
     #[test]
     fn matches_naive_for_every_transpose_and_beta() {
         let (m, n, k) = (70, 33, 91); // above the threading threshold, odd sizes
-        let a: Vec<f32> = (0..m * k).map(|i| crate::rng::normal_at(1, i as u64)).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| crate::rng::normal_at(2, i as u64)).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| crate::rng::normal_at(1, i as u64))
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| crate::rng::normal_at(2, i as u64))
+            .collect();
         for ta in [false, true] {
             for tb in [false, true] {
                 let want = naive(ta, tb, m, n, k, &a, &b);
                 let mut c = vec![f32::NAN; m * n];
                 sgemm(ta, tb, m, n, k, 1.0, &a, &b, 0.0, &mut c).unwrap();
                 for (x, y) in c.iter().zip(&want) {
-                    assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{ta} {tb}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() < 1e-4 * (1.0 + y.abs()),
+                        "{ta} {tb}: {x} vs {y}"
+                    );
                 }
                 let mut c2 = vec![1.0f32; m * n];
                 sgemm(ta, tb, m, n, k, 2.0, &a, &b, 0.5, &mut c2).unwrap();

@@ -4,17 +4,17 @@
 //!
 //! Calling convention: `ops::<name>(tape, inputs..., options) -> Result<Var>`.
 
-pub mod gemm;
-pub mod matmul;
-pub mod conv;
-pub mod pool;
-pub mod norm;
-pub mod softmax;
-pub mod attention;
-pub mod loss;
-pub mod elementwise;
 pub mod activation;
-pub mod layout;
+pub mod attention;
+pub mod conv;
+pub mod dropout;
+pub mod elementwise;
 pub mod embedding;
 pub mod gather;
-pub mod dropout;
+pub mod gemm;
+pub mod layout;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod pool;
+pub mod softmax;
