@@ -129,7 +129,7 @@ impl Tensor {
         dtype: DType,
         device: Device,
     ) -> Result<Tensor> {
-        if !(low < high) {
+        if low.partial_cmp(&high) != Some(std::cmp::Ordering::Less) {
             return Err(Error::invalid(
                 "Tensor::rand_uniform",
                 format!("low {low} must be below high {high}"),
