@@ -18,3 +18,8 @@ pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod softmax;
+
+pub use attention::{scaled_dot_product_attention, AttentionOptions};
+pub use loss::{cross_entropy, CrossEntropyOptions};
+pub use norm::{batch_norm2d, layer_norm, BatchNormOptions};
+pub use softmax::{log_softmax, softmax};
