@@ -1,0 +1,365 @@
+//! AdamW exactly as `torch.optim.AdamW` (the paper's BERT optimizer).
+//!
+//! Per element, at step `t` (counting from 1) with learning rate `lr`:
+//!
+//! ```text
+//! p = p * (1 - lr * weight_decay)                      decoupled decay, scaled by lr
+//! m = m + (1 - beta1) * (g - m)                        = beta1 * m + (1 - beta1) * g
+//! v = v * beta2 + (1 - beta2) * g * g
+//! p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//! ```
+//!
+//! The first moment is updated as PyTorch does it, with `lerp` (written `m + w * (g - m)` for
+//! a weight below one half and `g - (g - m) * (1 - w)` otherwise), and every other expression
+//! keeps PyTorch's order of operations, so results match its single-tensor path to an ulp or
+//! so per step. Bias corrections and the other per-step scalars are computed in f64, as
+//! Python computes them, then rounded to f32 ([`AdamWStep`]).
+//!
+//! Note that PyTorch's AdamW scales the decay by the learning rate (`lr * weight_decay`), unlike
+//! Composer's `DecoupledAdamW` (`weight_decay * lr / initial_lr`, as [`super::Sgdw`] does).
+
+use rayon::prelude::*;
+
+use super::{check_step, next_step, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY};
+use crate::{Error, FlatParams, Result, Tensor};
+
+/// Name of the first moment (running mean of gradients) in the optimizer state.
+pub const EXP_AVG_KEY: &str = "optimizer.exp_avg";
+/// Name of the second moment (running mean of squared gradients) in the optimizer state.
+pub const EXP_AVG_SQ_KEY: &str = "optimizer.exp_avg_sq";
+
+/// The scalars of one AdamW step, computed on the host (a CUDA kernel takes the same).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Multiplier applied to every parameter first: `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// Weight of the new gradient in the first moment: `1 - beta1` (a `lerp` weight).
+    pub grad_weight: f32,
+    pub beta2: f32,
+    /// Weight of the squared gradient in the second moment: `1 - beta2`.
+    pub sq_weight: f32,
+    /// `-lr / (1 - beta1^t)`.
+    pub neg_step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
+}
+
+/// PyTorch's `lerp(start, end, weight)` for f32, branch for branch (it keeps the result
+/// exact at both ends).
+#[inline]
+fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+    if weight.abs() < 0.5 {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * (1.0 - weight)
+    }
+}
+
+/// One AdamW step over matching slices, in place.
+pub fn adamw_update_cpu(
+    param: &mut [f32],
+    grad: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    s: &AdamWStep,
+) -> Result<()> {
+    let n = param.len();
+    if grad.len() != n || exp_avg.len() != n || exp_avg_sq.len() != n {
+        return Err(Error::shape(
+            "adamw_update_cpu",
+            format!(
+                "param has {n} elements, grad {}, exp_avg {}, exp_avg_sq {}",
+                grad.len(),
+                exp_avg.len(),
+                exp_avg_sq.len()
+            ),
+        ));
+    }
+    for i in 0..n {
+        let g = grad[i];
+        let p = param[i] * s.decay;
+        let m = lerp(exp_avg[i], g, s.grad_weight);
+        let v = exp_avg_sq[i] * s.beta2 + s.sq_weight * g * g;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+        param[i] = p + s.neg_step_size * m / denom;
+    }
+    Ok(())
+}
+
+/// AdamW over a flat buffer (see the module doc).
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    steps: u64,
+}
+
+impl AdamW {
+    /// An optimizer for a buffer of `num_params` parameters. Errors on what PyTorch rejects:
+    /// betas outside `[0, 1)`, negative `eps` or `weight_decay`.
+    pub fn new(
+        num_params: usize,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
+        let opt = AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            exp_avg: vec![0.0; num_params],
+            exp_avg_sq: vec![0.0; num_params],
+            steps: 0,
+        };
+        opt.validate()?;
+        Ok(opt)
+    }
+
+    /// `torch.optim.AdamW`'s defaults: betas (0.9, 0.999), eps 1e-8, weight decay 1e-2.
+    pub fn torch_default(num_params: usize) -> Result<Self> {
+        Self::new(num_params, 0.9, 0.999, 1e-8, 1e-2)
+    }
+
+    /// Checks the hyper-parameters (they are public fields, so a step re-checks them).
+    pub fn validate(&self) -> Result<()> {
+        let op = "AdamW";
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::invalid(
+                    op,
+                    format!("{name} must be in [0, 1), got {v}"),
+                ));
+            }
+        }
+        for (name, v) in [("eps", self.eps), ("weight_decay", self.weight_decay)] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::invalid(
+                    op,
+                    format!("{name} must be finite and >= 0, got {v}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The scalars of step number `t` (counting from 1) at learning rate `lr`, computed in f64
+    /// as PyTorch computes them, then rounded to f32.
+    pub fn step_scalars(&self, t: u64, lr: f32) -> AdamWStep {
+        let lr64 = lr as f64;
+        let t = t as f64;
+        let bias_correction1 = 1.0 - self.beta1.powf(t);
+        let bias_correction2 = 1.0 - self.beta2.powf(t);
+        AdamWStep {
+            decay: (1.0 - lr64 * self.weight_decay) as f32,
+            grad_weight: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            sq_weight: (1.0 - self.beta2) as f32,
+            neg_step_size: (-(lr64 / bias_correction1)) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, params: &FlatParams, lr: f32) -> Result<()> {
+        let op = "AdamW::step";
+        self.validate()?;
+        check_step(op, params, self.exp_avg.len(), lr)?;
+        let steps = next_step(op, self.steps)?;
+        let s = self.step_scalars(steps, lr);
+        {
+            let grads = params.grads().read_f32()?;
+            let mut values = params.values().write_f32()?;
+            values
+                .par_chunks_mut(CHUNK)
+                .zip(grads.par_chunks(CHUNK))
+                .zip(self.exp_avg.par_chunks_mut(CHUNK))
+                .zip(self.exp_avg_sq.par_chunks_mut(CHUNK))
+                .try_for_each(|(((p, g), m), v)| adamw_update_cpu(p, g, m, v, &s))?;
+        }
+        self.steps = steps;
+        Ok(())
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let n = self.exp_avg.len();
+        vec![
+            (STEP_KEY.to_string(), step_tensor(self.steps)),
+            (
+                EXP_AVG_KEY.to_string(),
+                Tensor::f32(self.exp_avg.clone(), &[n]).expect("n values fill [n]"),
+            ),
+            (
+                EXP_AVG_SQ_KEY.to_string(),
+                Tensor::f32(self.exp_avg_sq.clone(), &[n]).expect("n values fill [n]"),
+            ),
+        ]
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let n = self.exp_avg.len();
+        let mut r = StateReader::new("AdamW::load_state", state);
+        let steps = r.steps();
+        let m = r.buffer(EXP_AVG_KEY, n);
+        let v = r.buffer(EXP_AVG_SQ_KEY, n);
+        r.finish()?;
+        if let (Some(steps), Some(m), Some(v)) = (steps, m, v) {
+            self.steps = steps;
+            self.exp_avg = m;
+            self.exp_avg_sq = v;
+        }
+        Ok(())
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, Device};
+
+    fn params(values: &[f32]) -> FlatParams {
+        let p = FlatParams::new(&[("w".to_string(), vec![values.len()])], Device::Cpu).unwrap();
+        p.set("w", &Tensor::f32(values.to_vec(), &[values.len()]).unwrap())
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn first_steps_by_hand() {
+        // Step 1: m = 0.1 g, v = 0.001 g², bias-corrected m̂ = g, v̂ = g², so the update is
+        // lr * g / (|g| + eps) ≈ lr * sign(g), after decay p *= 1 - lr * wd.
+        let p = params(&[1.0, -1.0]);
+        p.grads().write_f32().unwrap().copy_from_slice(&[0.5, -2.0]);
+        let mut opt = AdamW::torch_default(2).unwrap();
+        opt.step(&p, 0.01).unwrap();
+        let v = p.values().to_vec_f32().unwrap();
+        let decayed = 1.0 - 0.01 * 0.01;
+        assert!((v[0] - (decayed - 0.01)).abs() < 1e-6, "{v:?}");
+        assert!((v[1] - (-decayed + 0.01)).abs() < 1e-6, "{v:?}");
+
+        // Step 2 with g = 0 for the first element: m = 0.09 * 0.5... computed in f64.
+        p.grads().write_f32().unwrap().copy_from_slice(&[0.0, -2.0]);
+        opt.step(&p, 0.01).unwrap();
+        let (b1, b2) = (0.9f64, 0.999f64);
+        let m = b1 * 0.1 * 0.5;
+        let vv = b2 * 0.001 * 0.25;
+        let upd = 0.01 / (1.0 - b1 * b1) * m / ((vv / (1.0 - b2 * b2)).sqrt() + 1e-8);
+        let want = (decayed as f64 - 0.01) * decayed as f64 - upd;
+        let got = p.values().to_vec_f32().unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
+    fn lerp_matches_both_forms() {
+        assert_eq!(lerp(1.0, 3.0, 0.25), 1.5);
+        assert_eq!(lerp(1.0, 3.0, 0.75), 2.5);
+        assert_eq!(lerp(1.0, 3.0, 1.0), 3.0);
+        assert_eq!(lerp(1.0, 3.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn parallel_step_matches_the_kernel_across_chunks() {
+        let n = 2 * CHUNK + 77;
+        let init = Tensor::randn(&[n], 0.0, 1.0, 11, DType::F32, Device::Cpu).unwrap();
+        let p = FlatParams::new(&[("w".to_string(), vec![n])], Device::Cpu).unwrap();
+        p.set("w", &init).unwrap();
+        let mut opt = AdamW::new(n, 0.9, 0.98, 1e-6, 1e-5).unwrap();
+        let mut want = init.to_vec_f32().unwrap();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        for (t, (seed, lr)) in [(12u64, 1e-3f32), (13, 5e-4)].into_iter().enumerate() {
+            let g = Tensor::randn(&[n], 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap();
+            p.grads().copy_from(&g).unwrap();
+            let s = opt.step_scalars(t as u64 + 1, lr);
+            adamw_update_cpu(&mut want, &g.to_vec_f32().unwrap(), &mut m, &mut v, &s).unwrap();
+            opt.step(&p, lr).unwrap();
+        }
+        assert_eq!(p.values().to_vec_f32().unwrap(), want);
+    }
+
+    #[test]
+    fn resumed_state_continues_bit_identically() {
+        let grads = [[0.3f32, -0.2], [0.1, 0.4], [-0.5, 0.2], [0.05, -0.9]];
+        let run = |resume_after: Option<usize>| {
+            let p = params(&[0.5, -1.0]);
+            let mut opt = AdamW::new(2, 0.9, 0.98, 1e-6, 1e-2).unwrap();
+            for (i, g) in grads.iter().enumerate() {
+                if resume_after == Some(i) {
+                    let state = opt.state();
+                    opt = AdamW::new(2, 0.9, 0.98, 1e-6, 1e-2).unwrap();
+                    opt.load_state(&state).unwrap();
+                }
+                p.grads().write_f32().unwrap().copy_from_slice(g);
+                opt.step(&p, 1e-3).unwrap();
+            }
+            (p.values().to_vec_f32().unwrap(), opt.steps_taken())
+        };
+        let straight = run(None);
+        assert_eq!(run(Some(2)), straight);
+        assert_eq!(straight.1, 4);
+    }
+
+    #[test]
+    fn errors() {
+        assert!(AdamW::new(1, 1.0, 0.999, 1e-8, 0.0).is_err());
+        assert!(AdamW::new(1, 0.9, -0.1, 1e-8, 0.0).is_err());
+        assert!(AdamW::new(1, 0.9, 0.999, -1e-8, 0.0).is_err());
+        assert!(AdamW::new(1, 0.9, 0.999, 1e-8, f64::NAN).is_err());
+
+        let p = params(&[1.0, 2.0]);
+        let mut opt = AdamW::torch_default(3).unwrap();
+        let e = opt.step(&p, 1e-3).unwrap_err().to_string();
+        assert!(e.contains("3 parameters"), "{e}");
+        assert_eq!(opt.steps_taken(), 0);
+
+        let s = opt.step_scalars(1, 1e-3);
+        let e = adamw_update_cpu(&mut [0.0; 2], &[0.0; 2], &mut [0.0; 2], &mut [0.0; 1], &s)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exp_avg_sq 1"), "{e}");
+
+        let state = vec![
+            (STEP_KEY.to_string(), Tensor::f32(vec![2.5], &[1]).unwrap()),
+            (
+                EXP_AVG_KEY.to_string(),
+                Tensor::f32(vec![0.0; 3], &[3]).unwrap(),
+            ),
+        ];
+        let e = opt.load_state(&state).unwrap_err().to_string();
+        assert!(
+            e.contains("2.5") && e.contains(&format!("missing `{EXP_AVG_SQ_KEY}`")),
+            "{e}"
+        );
+        // PyTorch stores the step as a float tensor: an integral one is accepted.
+        let state = vec![
+            (STEP_KEY.to_string(), Tensor::f32(vec![7.0], &[1]).unwrap()),
+            (
+                EXP_AVG_KEY.to_string(),
+                Tensor::f32(vec![0.0; 3], &[3]).unwrap(),
+            ),
+            (
+                EXP_AVG_SQ_KEY.to_string(),
+                Tensor::f32(vec![0.0; 3], &[3]).unwrap(),
+            ),
+            (
+                "model.weight".to_string(),
+                Tensor::f32(vec![0.0], &[1]).unwrap(),
+            ),
+        ];
+        opt.load_state(&state).unwrap();
+        assert_eq!(opt.steps_taken(), 7);
+    }
+}
