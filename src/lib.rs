@@ -2,3 +2,5 @@
 //! as they land, the models, the distillation loss, the trainer and the experiments).
 
 pub use recycle_engine as engine;
+
+pub mod experiments;
