@@ -3,3 +3,4 @@
 
 pub use recycle_engine as engine;
 pub mod data;
+pub mod experiments;

@@ -1,0 +1,584 @@
+//! The time-to-accuracy report: the paper's figure of merit over a set of finished runs.
+//!
+//! For each baseline run B (method `"baseline"`; there may be several, at different
+//! durations): target = B's final evaluation, T_B = the first `train_seconds` at which B's own
+//! evaluation reached it. For every other run R with the same metric: T_R = the first
+//! `train_seconds` at which R's evaluation is >= target (none if it never is), and
+//! speedup = T_B / T_R. Times are read at evaluation points, without interpolation, as in the
+//! paper; a run's final evaluation from its summary counts as an evaluation at the end of its
+//! training (see [`Run::eval_curve`]).
+//!
+//! Baselines are also timed against each other's targets: a shorter baseline that reaches a
+//! longer one's accuracy sooner is part of the honest picture of what distillation buys.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::plot::{plot_accuracy_vs_time, PlotOptions, PlotOutcome};
+use super::runlog::{Run, BASELINE_METHOD, LOG_FILE, METRIC_MLM_ACCURACY, SUMMARY_FILE};
+use super::{Error, Result};
+
+/// A baseline's final evaluation, the target every other run is timed to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    /// The baseline run's name (as shown in the rows).
+    pub baseline: String,
+    pub metric: String,
+    pub duration_samples: u64,
+    /// The baseline's final evaluation.
+    pub value: f32,
+    /// T_B: the first training time at which the baseline's own evaluation reached `value`.
+    pub baseline_seconds: f64,
+}
+
+/// One run timed against one baseline's target.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimeToTarget {
+    pub baseline: String,
+    pub target: f32,
+    /// T_B.
+    pub baseline_seconds: f64,
+    /// T_R: first training time at which this run's evaluation was >= target; `None`: never.
+    pub seconds: Option<f64>,
+    /// T_B / T_R; `None` when not reached (or reached at time 0, where the ratio is undefined).
+    pub speedup: Option<f64>,
+    /// True on the baseline's own row (T_R = T_B, speedup 1).
+    pub own_target: bool,
+}
+
+/// One evaluation point of a run's curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    pub train_seconds: f64,
+    pub eval: f32,
+}
+
+/// One run in the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReportRow {
+    /// The run's name from its summary (with its directory added when two runs share a name).
+    pub run: String,
+    pub dir: PathBuf,
+    pub method: String,
+    pub metric: String,
+    pub duration_samples: u64,
+    pub steps: u64,
+    pub final_eval: f32,
+    pub train_seconds: f64,
+    pub teacher_forwards: u64,
+    pub teachers: Vec<String>,
+    /// Evaluation curve: logged evaluations, then the final one if it was not logged.
+    pub curve: Vec<CurvePoint>,
+    /// One entry per baseline with the same metric, in the order of [`Report::targets`].
+    pub vs_baselines: Vec<TimeToTarget>,
+}
+
+impl ReportRow {
+    pub fn is_baseline(&self) -> bool {
+        self.method == BASELINE_METHOD
+    }
+}
+
+/// The report over a set of runs. Build it with [`build_report`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// One target per baseline run, ordered by metric, duration, name.
+    pub targets: Vec<Target>,
+    /// Baselines first, then the other methods by name; within a method by duration, name.
+    pub rows: Vec<ReportRow>,
+    /// One plain sentence per method (the baseline method only when there are several
+    /// baselines to compare with each other).
+    pub findings: Vec<String>,
+    /// Directories with a `log.jsonl` but no `summary.json` (running or died), not included.
+    pub incomplete: Vec<PathBuf>,
+    /// Anything else the reader should know (a torn last log line that was dropped, ...).
+    pub notes: Vec<String>,
+}
+
+/// The files [`Report::write_to`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportFiles {
+    pub markdown: PathBuf,
+    pub json: PathBuf,
+    pub plot: PlotOutcome,
+}
+
+/// Finds the finished runs (directories holding a `summary.json`) under `dir`, at any depth,
+/// sorted by path; `dir` itself counts when it is a run. Hidden directories and symbolic links
+/// to directories are not entered.
+pub fn find_runs(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let mut complete = Vec::new();
+    let mut incomplete = Vec::new();
+    walk_runs(dir.as_ref(), &mut complete, &mut incomplete)?;
+    Ok(complete)
+}
+
+fn walk_runs(dir: &Path, complete: &mut Vec<PathBuf>, incomplete: &mut Vec<PathBuf>) -> Result<()> {
+    if dir.join(SUMMARY_FILE).is_file() {
+        complete.push(dir.to_path_buf());
+        return Ok(());
+    }
+    if dir.join(LOG_FILE).is_file() {
+        incomplete.push(dir.to_path_buf());
+    }
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut subdirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let file_type = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if file_type.is_dir() && !hidden {
+            subdirs.push(entry.path());
+        }
+    }
+    subdirs.sort();
+    for sub in subdirs {
+        walk_runs(&sub, complete, incomplete)?;
+    }
+    Ok(())
+}
+
+/// Builds the report. Each path is a run directory (it holds `summary.json`) or a directory
+/// searched for runs with [`find_runs`]. Fails on an unreadable or malformed run (the error
+/// names the file and line) and when no run is found at all.
+pub fn build_report(run_dirs: &[PathBuf]) -> Result<Report> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut incomplete = Vec::new();
+    for path in run_dirs {
+        if path.join(SUMMARY_FILE).is_file() {
+            dirs.push(path.clone());
+        } else if path.is_dir() {
+            let before = dirs.len();
+            walk_runs(path, &mut dirs, &mut incomplete)?;
+            if dirs.len() == before && incomplete.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{}: no run found (a run directory holds {SUMMARY_FILE} and {LOG_FILE})",
+                    path.display()
+                )));
+            }
+        } else {
+            return Err(Error::Invalid(format!(
+                "{}: not a directory (give a run directory or a directory of runs)",
+                path.display()
+            )));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
+    if dirs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no finished run (with {SUMMARY_FILE}) among {}",
+            run_dirs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let runs = dirs.iter().map(Run::load).collect::<Result<Vec<_>>>()?;
+    let mut report = report_from_runs(&runs);
+    report.incomplete = incomplete;
+    Ok(report)
+}
+
+/// Run names as shown: the summary's name, with the directory added when names collide.
+fn display_names(runs: &[Run]) -> Vec<String> {
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in runs {
+        *count.entry(r.summary.name.as_str()).or_default() += 1;
+    }
+    runs.iter()
+        .map(|r| {
+            if count[r.summary.name.as_str()] > 1 {
+                format!("{} ({})", r.summary.name, r.dir.display())
+            } else {
+                r.summary.name.clone()
+            }
+        })
+        .collect()
+}
+
+/// The report over runs already loaded.
+pub fn report_from_runs(runs: &[Run]) -> Report {
+    let names = display_names(runs);
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (&runs[a].summary, &runs[b].summary);
+        (
+            !ra.is_baseline(),
+            &ra.method,
+            ra.duration_samples,
+            &names[a],
+        )
+            .cmp(&(
+                !rb.is_baseline(),
+                &rb.method,
+                rb.duration_samples,
+                &names[b],
+            ))
+    });
+    let curves: Vec<Vec<(f64, f32)>> = runs.iter().map(Run::eval_curve).collect();
+
+    let mut targets: Vec<(usize, Target)> = order
+        .iter()
+        .filter(|&&i| runs[i].summary.is_baseline())
+        .map(|&i| {
+            let s = &runs[i].summary;
+            let seconds = super::runlog::first_time_reaching(&curves[i], s.final_eval)
+                // eval_curve ends with the final evaluation, so this is always found; keep a
+                // defined value rather than a panic all the same.
+                .unwrap_or(s.train_seconds);
+            let target = Target {
+                baseline: names[i].clone(),
+                metric: s.metric.clone(),
+                duration_samples: s.duration_samples,
+                value: s.final_eval,
+                baseline_seconds: seconds,
+            };
+            (i, target)
+        })
+        .collect();
+    targets.sort_by(|(_, a), (_, b)| {
+        (&a.metric, a.duration_samples, &a.baseline).cmp(&(
+            &b.metric,
+            b.duration_samples,
+            &b.baseline,
+        ))
+    });
+
+    let mut notes = Vec::new();
+    let rows: Vec<ReportRow> = order
+        .iter()
+        .map(|&i| {
+            let run = &runs[i];
+            let s = &run.summary;
+            if let Some(line) = run.log.dropped_torn_line {
+                notes.push(format!(
+                    "{}: line {line} was cut off mid-write (the run was killed while logging) \
+                     and was ignored",
+                    run.log.path.display()
+                ));
+            }
+            let vs_baselines = targets
+                .iter()
+                .filter(|(_, t)| t.metric == s.metric)
+                .map(|&(bi, ref t)| {
+                    let own = bi == i;
+                    let seconds = if own {
+                        Some(t.baseline_seconds)
+                    } else {
+                        super::runlog::first_time_reaching(&curves[i], t.value)
+                    };
+                    TimeToTarget {
+                        baseline: t.baseline.clone(),
+                        target: t.value,
+                        baseline_seconds: t.baseline_seconds,
+                        seconds,
+                        speedup: seconds
+                            .filter(|&tr| tr > 0.0)
+                            .map(|tr| t.baseline_seconds / tr),
+                        own_target: own,
+                    }
+                })
+                .collect();
+            ReportRow {
+                run: names[i].clone(),
+                dir: run.dir.clone(),
+                method: s.method.clone(),
+                metric: s.metric.clone(),
+                duration_samples: s.duration_samples,
+                steps: s.steps,
+                final_eval: s.final_eval,
+                train_seconds: s.train_seconds,
+                teacher_forwards: s.teacher_forwards,
+                teachers: s.teachers.clone(),
+                curve: curves[i]
+                    .iter()
+                    .map(|&(train_seconds, eval)| CurvePoint {
+                        train_seconds,
+                        eval,
+                    })
+                    .collect(),
+                vs_baselines,
+            }
+        })
+        .collect();
+    let targets: Vec<Target> = targets.into_iter().map(|(_, t)| t).collect();
+    let findings = findings(&rows, &targets);
+    Report {
+        targets,
+        rows,
+        findings,
+        incomplete: Vec::new(),
+        notes,
+    }
+}
+
+/// "accuracy" / "MLM accuracy" / the metric's own name.
+fn metric_words(metric: &str) -> String {
+    if metric == METRIC_MLM_ACCURACY {
+        "MLM accuracy".to_string()
+    } else {
+        metric.to_string()
+    }
+}
+
+fn pct(v: f32) -> String {
+    format!("{:.2}%", f64::from(v) * 100.0)
+}
+
+fn secs(t: f64) -> String {
+    format!("{t:.1} s")
+}
+
+fn speedup_text(x: f64) -> String {
+    format!("{x:.2}×")
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// One sentence per (method, metric): did any of the method's runs reach a baseline's final
+/// value sooner than that baseline did, and for which baselines.
+fn findings(rows: &[ReportRow], targets: &[Target]) -> Vec<String> {
+    let mut groups: BTreeMap<(bool, &str, &str), Vec<&ReportRow>> = BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((!r.is_baseline(), r.method.as_str(), r.metric.as_str()))
+            .or_default()
+            .push(r);
+    }
+    let mut out = Vec::new();
+    for ((_, method, metric), group) in groups {
+        let is_baseline = method == BASELINE_METHOD;
+        let metric_targets: Vec<&Target> = targets.iter().filter(|t| t.metric == metric).collect();
+        let runs = plural(group.len(), "run", "runs");
+        if metric_targets.is_empty() {
+            out.push(format!(
+                "{method} ({runs}, {}): no baseline run with this metric, so there is no time \
+                 to compare against.",
+                metric_words(metric)
+            ));
+            continue;
+        }
+        if is_baseline && metric_targets.len() < 2 {
+            // A single baseline compared with itself says nothing.
+            continue;
+        }
+        let words = metric_words(metric);
+        let mut sooner = Vec::new();
+        let mut clauses = Vec::new();
+        for t in &metric_targets {
+            // The fastest of this method's runs to this target (a baseline is not timed against
+            // its own target here).
+            let best = group
+                .iter()
+                .filter_map(|r| {
+                    let vs = r.vs_baselines.iter().find(|v| v.baseline == t.baseline)?;
+                    if vs.own_target {
+                        return None;
+                    }
+                    vs.seconds.map(|s| (s, vs.speedup, r.run.as_str()))
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let what = format!("{}'s {}", t.baseline, pct(t.value));
+            let ratio = |x: Option<f64>| x.map_or("undefined ratio".to_string(), speedup_text);
+            clauses.push(match best {
+                None => format!("{what} never reached"),
+                Some((s, x, run)) => {
+                    let faster = s < t.baseline_seconds;
+                    if faster {
+                        sooner.push(t.baseline.clone());
+                    }
+                    format!(
+                        "{what} reached in {} (run {run}) vs {} for {} itself, {}{}",
+                        secs(s),
+                        secs(t.baseline_seconds),
+                        t.baseline,
+                        ratio(x),
+                        if faster { "" } else { ", not sooner" }
+                    )
+                }
+            });
+        }
+        let n = metric_targets.len();
+        let out_of = if n == 1 {
+            "the baseline".to_string()
+        } else {
+            format!("{} of {n} baselines", sooner.len())
+        };
+        let sentence = match (is_baseline, sooner.is_empty()) {
+            (false, true) => format!(
+                "{method} ({runs}) did not reach any baseline's final {words} sooner than that \
+                 baseline itself"
+            ),
+            (false, false) => format!(
+                "{method} ({runs}) reached the final {words} of {out_of} sooner than the baseline \
+                 itself ({})",
+                sooner.join(", ")
+            ),
+            (true, true) => format!(
+                "Baseline runs against each other ({runs}): none reached another baseline's final \
+                 {words} sooner than that baseline itself"
+            ),
+            (true, false) => format!(
+                "Baseline runs against each other ({runs}): another baseline run reached the \
+                 final {words} of {out_of} sooner than that baseline itself ({})",
+                sooner.join(", ")
+            ),
+        };
+        out.push(format!("{sentence}: {}.", clauses.join("; ")));
+    }
+    out
+}
+
+/// Escapes a table cell: a `|` would end the cell.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+impl Report {
+    /// The report as Markdown: a table of runs, one time-to-accuracy table per baseline (the
+    /// shape of the paper's tables 3, 5 and 6) and the findings, one sentence per method.
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let n_base = self.rows.iter().filter(|r| r.is_baseline()).count();
+        md.push_str("# Time-to-accuracy report\n\n");
+        md.push_str(&format!(
+            "{} ({}). Time is training wall-clock (`train_seconds`): evaluation and \
+             checkpointing excluded. A run's time to a target is the training time of its first \
+             evaluation at or above the target; speedup = baseline's time to its own final \
+             value / run's time to that value.\n\n",
+            plural(self.rows.len(), "run", "runs"),
+            plural(n_base, "baseline", "baselines"),
+        ));
+
+        md.push_str("## Runs\n\n");
+        md.push_str(
+            "| Method | Run | Duration (samples) | Steps | Final metric | Train time (s) | \
+             Teacher forwards | Teachers |\n",
+        );
+        md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n");
+        for r in &self.rows {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} {} | {:.1} | {} | {} |\n",
+                cell(&r.method),
+                cell(&r.run),
+                r.duration_samples,
+                r.steps,
+                pct(r.final_eval),
+                cell(&metric_words(&r.metric)),
+                r.train_seconds,
+                r.teacher_forwards,
+                if r.teachers.is_empty() {
+                    "—".to_string()
+                } else {
+                    cell(&r.teachers.join(", "))
+                },
+            ));
+        }
+        md.push('\n');
+
+        md.push_str("## Time to baseline accuracy\n\n");
+        if self.targets.is_empty() {
+            md.push_str(&format!(
+                "No baseline run (method \"{BASELINE_METHOD}\") among these runs: no \
+                 time-to-accuracy comparison is possible.\n\n"
+            ));
+        }
+        for t in &self.targets {
+            let words = metric_words(&t.metric);
+            md.push_str(&format!(
+                "### Baseline {}: final {} {} ({} samples), reached at {:.1} s\n\n",
+                t.baseline,
+                words,
+                pct(t.value),
+                t.duration_samples,
+                t.baseline_seconds
+            ));
+            md.push_str(&format!(
+                "| Method | Run | Duration (samples) | Final {words} | Time to {} (s) | \
+                 Speedup |\n",
+                pct(t.value)
+            ));
+            md.push_str("| --- | --- | ---: | ---: | ---: | ---: |\n");
+            for r in &self.rows {
+                let Some(vs) = r.vs_baselines.iter().find(|v| v.baseline == t.baseline) else {
+                    continue;
+                };
+                let (time, speedup) = match (vs.seconds, vs.speedup) {
+                    (None, _) => ("not reached".to_string(), "not reached".to_string()),
+                    (Some(s), Some(x)) if vs.own_target => (
+                        format!("{s:.1}"),
+                        format!("{} (own target)", speedup_text(x)),
+                    ),
+                    (Some(s), Some(x)) => (format!("{s:.1}"), speedup_text(x)),
+                    (Some(s), None) => (format!("{s:.1}"), "undefined (time 0)".to_string()),
+                };
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} |\n",
+                    cell(&r.method),
+                    cell(&r.run),
+                    r.duration_samples,
+                    pct(r.final_eval),
+                    time,
+                    speedup
+                ));
+            }
+            md.push('\n');
+        }
+
+        md.push_str("## Findings\n\n");
+        for f in &self.findings {
+            md.push_str(&format!("- {f}\n"));
+        }
+        if self.findings.is_empty() {
+            md.push_str("- Only baseline runs: nothing to compare.\n");
+        }
+        md.push('\n');
+
+        if !self.incomplete.is_empty() || !self.notes.is_empty() {
+            md.push_str("## Not included, and notes\n\n");
+            for d in &self.incomplete {
+                md.push_str(&format!(
+                    "- {}: {LOG_FILE} without {SUMMARY_FILE} (still running, or stopped before \
+                     finishing): not included.\n",
+                    d.display()
+                ));
+            }
+            for n in &self.notes {
+                md.push_str(&format!("- {n}\n"));
+            }
+            md.push('\n');
+        }
+        md
+    }
+
+    /// The report as pretty-printed JSON (targets, rows with curves and comparisons, findings).
+    /// `null` for a time or speedup means "not reached".
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Invalid(format!("report to JSON: {e}")))
+    }
+
+    /// Writes `report.md`, `report.json` and `accuracy_vs_time.png` into `out_dir` (created if
+    /// needed). The plot is drawn without text if no font is found; see [`PlotOutcome`].
+    pub fn write_to(&self, out_dir: impl AsRef<Path>, plot: &PlotOptions) -> Result<ReportFiles> {
+        let out_dir = out_dir.as_ref();
+        fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let markdown = out_dir.join("report.md");
+        super::runlog::write_atomic(&markdown, self.to_markdown().as_bytes())?;
+        let json = out_dir.join("report.json");
+        super::runlog::write_atomic(&json, self.to_json()?.as_bytes())?;
+        let plot = plot_accuracy_vs_time(self, out_dir.join("accuracy_vs_time.png"), plot)?;
+        Ok(ReportFiles {
+            markdown,
+            json,
+            plot,
+        })
+    }
+}

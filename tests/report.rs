@@ -1,0 +1,439 @@
+//! The time-to-accuracy report end to end: synthetic runs written with the run-log writer,
+//! read back, timed against baselines, printed, plotted; malformed logs and resume.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use recycle::experiments::plot::PlotOptions;
+use recycle::experiments::report::{build_report, find_runs};
+use recycle::experiments::runlog::{RunLog, RunLogRecord, RunLogWriter, RunSummary, LOG_FILE};
+use recycle::experiments::{plot_accuracy_vs_time, Error};
+
+/// A fresh, empty directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("report-{name}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn record(step: u64, t: f64, eval: Option<f32>, kd: bool) -> RunLogRecord {
+    RunLogRecord {
+        step,
+        samples: step * 100,
+        train_seconds: t,
+        wall_seconds: t * 1.2,
+        lr: 0.1,
+        ce: 1.0 / (step as f32 + 1.0),
+        kd: kd.then_some(0.5),
+        loss: 1.0,
+        teacher_forwards: if kd { step } else { 0 },
+        eval,
+    }
+}
+
+/// Writes a finished run: a training record every 5 s, an evaluation at each `(t, eval)`.
+fn write_run(dir: &Path, name: &str, method: &str, duration_samples: u64, evals: &[(f64, f32)]) {
+    let kd = method != "baseline";
+    let run = dir.join(name);
+    let mut w = RunLogWriter::create(run.join(LOG_FILE)).unwrap();
+    let end = evals.last().unwrap().0;
+    let mut times: Vec<f64> = (1..)
+        .map(|i| 5.0 * i as f64)
+        .take_while(|&t| t < end)
+        .collect();
+    times.extend(evals.iter().map(|e| e.0));
+    times.sort_by(f64::total_cmp);
+    times.dedup();
+    for (i, &t) in times.iter().enumerate() {
+        let eval = evals.iter().find(|e| e.0 == t).map(|e| e.1);
+        w.append(&record(i as u64 + 1, t, eval, kd)).unwrap();
+    }
+    let step = times.len() as u64;
+    RunSummary {
+        name: name.to_string(),
+        method: method.to_string(),
+        metric: "accuracy".to_string(),
+        duration_samples,
+        steps: step,
+        final_eval: evals.last().unwrap().1,
+        train_seconds: end,
+        teacher_forwards: if kd { step } else { 0 },
+        teachers: if kd { vec!["b90".to_string()] } else { vec![] },
+        config: serde_json::json!({ "lr": 0.1, "duration_samples": duration_samples }),
+    }
+    .write(&run)
+    .unwrap();
+}
+
+/// Two baselines (b90 reaches 0.80 at t=100, b45 reaches 0.78 at t=50), a KD run reaching 0.80
+/// at t=60 and another that never reaches either target.
+fn write_experiment(dir: &Path) {
+    write_run(
+        dir,
+        "b90",
+        "baseline",
+        9000,
+        &[(25.0, 0.60), (50.0, 0.70), (75.0, 0.78), (100.0, 0.80)],
+    );
+    write_run(
+        dir,
+        "b45",
+        "baseline",
+        4500,
+        &[(20.0, 0.60), (40.0, 0.70), (50.0, 0.78)],
+    );
+    write_run(
+        dir,
+        "kd45",
+        "kd-kl",
+        4500,
+        &[(30.0, 0.70), (60.0, 0.80), (80.0, 0.82)],
+    );
+    write_run(dir, "never", "kd-mse", 4500, &[(40.0, 0.60), (90.0, 0.75)]);
+}
+
+#[test]
+fn speedups_against_each_baseline() {
+    let dir = scratch("speedups");
+    write_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+
+    let targets: Vec<(&str, f32, f64)> = report
+        .targets
+        .iter()
+        .map(|t| (t.baseline.as_str(), t.value, t.baseline_seconds))
+        .collect();
+    assert_eq!(targets, vec![("b45", 0.78, 50.0), ("b90", 0.80, 100.0)]);
+
+    let order: Vec<&str> = report.rows.iter().map(|r| r.run.as_str()).collect();
+    assert_eq!(order, vec!["b45", "b90", "kd45", "never"]);
+
+    let row = |name: &str| report.rows.iter().find(|r| r.run == name).unwrap();
+    let vs = |name: &str, baseline: &str| {
+        row(name)
+            .vs_baselines
+            .iter()
+            .find(|v| v.baseline == baseline)
+            .unwrap()
+            .clone()
+    };
+
+    let kd_b90 = vs("kd45", "b90");
+    assert_eq!(kd_b90.seconds, Some(60.0));
+    assert!((kd_b90.speedup.unwrap() - 100.0 / 60.0).abs() < 1e-9);
+    let kd_b45 = vs("kd45", "b45");
+    assert_eq!(kd_b45.seconds, Some(60.0));
+    assert!((kd_b45.speedup.unwrap() - 50.0 / 60.0).abs() < 1e-9);
+
+    for b in ["b90", "b45"] {
+        let v = vs("never", b);
+        assert_eq!((v.seconds, v.speedup), (None, None), "never vs {b}");
+    }
+
+    let own = vs("b90", "b90");
+    assert!(own.own_target);
+    assert_eq!((own.seconds, own.speedup), (Some(100.0), Some(1.0)));
+    // Baselines against each other: b90 reaches b45's 0.78 at 75 s; b45 never reaches 0.80.
+    assert_eq!(vs("b90", "b45").seconds, Some(75.0));
+    assert_eq!(vs("b45", "b90").seconds, None);
+
+    let kd = row("kd45");
+    assert_eq!(
+        (kd.final_eval, kd.train_seconds, kd.duration_samples),
+        (0.82, 80.0, 4500)
+    );
+    assert_eq!(kd.teacher_forwards, kd.steps);
+    assert_eq!(kd.curve.len(), 3);
+    assert!(report.incomplete.is_empty() && report.notes.is_empty());
+}
+
+#[test]
+fn markdown_table_and_findings() {
+    let dir = scratch("markdown");
+    write_experiment(&dir);
+    let md = build_report(&[dir]).unwrap().to_markdown();
+    assert!(
+        md.contains("### Baseline b90: final accuracy 80.00% (9000 samples), reached at 100.0 s"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| Method | Run | Duration (samples) | Final accuracy | Time to 80.00% (s) | Speedup |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("| kd-kl | kd45 | 4500 | 82.00% | 60.0 | 1.67× |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| kd-kl | kd45 | 4500 | 82.00% | 60.0 | 0.83× |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| kd-mse | never | 4500 | 75.00% | not reached | not reached |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| baseline | b90 | 9000 | 80.00% | 100.0 | 1.00× (own target) |"),
+        "{md}"
+    );
+
+    let findings: Vec<&str> = md
+        .lines()
+        .skip_while(|l| *l != "## Findings")
+        .filter(|l| l.starts_with("- "))
+        .collect();
+    assert_eq!(findings.len(), 3, "{md}");
+    let kd = findings.iter().find(|l| l.starts_with("- kd-kl")).unwrap();
+    assert_eq!(
+        *kd,
+        "- kd-kl (1 run) reached the final accuracy of 1 of 2 baselines sooner than the \
+         baseline itself (b90): b45's 78.00% reached in 60.0 s (run kd45) vs 50.0 s for b45 \
+         itself, 0.83×, not sooner; b90's 80.00% reached in 60.0 s (run kd45) vs 100.0 s for \
+         b90 itself, 1.67×."
+    );
+    let mse = findings.iter().find(|l| l.starts_with("- kd-mse")).unwrap();
+    assert_eq!(
+        *mse,
+        "- kd-mse (1 run) did not reach any baseline's final accuracy sooner than that baseline \
+         itself: b45's 78.00% never reached; b90's 80.00% never reached."
+    );
+    let base = findings
+        .iter()
+        .find(|l| l.starts_with("- Baseline runs"))
+        .unwrap();
+    assert!(
+        base.contains("none reached another baseline's final accuracy sooner"),
+        "{base}"
+    );
+    assert!(
+        base.contains("b45's 78.00% reached in 75.0 s (run b90)"),
+        "{base}"
+    );
+}
+
+#[test]
+fn json_carries_the_numbers() {
+    let dir = scratch("json");
+    write_experiment(&dir);
+    let json = build_report(&[dir]).unwrap().to_json().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let kd = rows.iter().find(|r| r["run"] == "kd45").unwrap();
+    let vs_b90 = kd["vs_baselines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["baseline"] == "b90")
+        .unwrap();
+    assert!((vs_b90["speedup"].as_f64().unwrap() - 1.6667).abs() < 1e-3);
+    let never = rows.iter().find(|r| r["run"] == "never").unwrap();
+    assert!(never["vs_baselines"][0]["seconds"].is_null());
+    assert_eq!(v["findings"].as_array().unwrap().len(), 3);
+}
+
+/// Decodes a PNG and returns its size, failing on anything that is not a valid PNG.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    // Something other than the white background was drawn.
+    assert!(buf[..info.buffer_size()].iter().any(|&b| b < 200));
+    (info.width, info.height)
+}
+
+#[test]
+fn plot_is_a_png_with_or_without_text() {
+    let dir = scratch("plot");
+    write_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+
+    let out = report
+        .write_to(dir.join("out"), &PlotOptions::default())
+        .unwrap();
+    assert!(out.markdown.is_file() && out.json.is_file());
+    assert_eq!(png_size(&out.plot.path), (1200, 800));
+    // The default font is there on a machine with fonts-dejavu-core; say so when it is not.
+    if !out.plot.text {
+        eprintln!("plot drawn without text: {:?}", out.plot.note);
+    }
+
+    let opts = PlotOptions {
+        width: 640,
+        height: 400,
+        font: Some(dir.join("no-such-font.ttf")),
+        title: None,
+    };
+    let path = dir.join("no-text.png");
+    let outcome = plot_accuracy_vs_time(&report, &path, &opts).unwrap();
+    assert!(!outcome.text);
+    assert!(
+        outcome
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("no-such-font.ttf"),
+        "{:?}",
+        outcome.note
+    );
+    assert_eq!(png_size(&path), (640, 400));
+}
+
+#[test]
+fn malformed_log_names_file_and_line() {
+    let dir = scratch("malformed");
+    write_experiment(&dir);
+    let log = dir.join("kd45").join(LOG_FILE);
+    let text = fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines[2] = "{\"step\": 3, \"samples\": oops}".to_string();
+    fs::write(&log, lines.join("\n") + "\n").unwrap();
+
+    let err = build_report(std::slice::from_ref(&dir)).unwrap_err();
+    assert!(matches!(err, Error::Malformed { line: 3, .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.starts_with(&format!("{}:3: ", log.display())), "{msg}");
+
+    // A percentage where a fraction belongs.
+    lines[2] = serde_json::to_string(&record(3, 15.0, Some(80.0), true)).unwrap();
+    fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let msg = RunLog::read(&log).unwrap_err().to_string();
+    assert!(
+        msg.contains(":3: eval must be a fraction in [0, 1]"),
+        "{msg}"
+    );
+
+    // Time going backwards (a resumed run that forgot to restore its clock).
+    lines[2] = serde_json::to_string(&record(3, 1.0, None, true)).unwrap();
+    fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let msg = RunLog::read(&log).unwrap_err().to_string();
+    assert!(msg.contains(":3: train_seconds went backwards"), "{msg}");
+
+    // A malformed summary names its file and line.
+    let summary = dir.join("b90").join("summary.json");
+    fs::write(&summary, "{\n  \"name\": \"b90\",\n  \"method\": 3\n}\n").unwrap();
+    let msg = build_report(&[dir.join("b90")]).unwrap_err().to_string();
+    assert!(
+        msg.starts_with(&format!("{}:3: ", summary.display())),
+        "{msg}"
+    );
+}
+
+#[test]
+fn torn_last_line_is_ignored_and_noted() {
+    let dir = scratch("torn");
+    write_experiment(&dir);
+    let log = dir.join("never").join(LOG_FILE);
+    let mut text = fs::read_to_string(&log).unwrap();
+    let n = text.lines().count();
+    text.push_str("{\"step\":99,\"samples\":");
+    fs::write(&log, text).unwrap();
+    let report = build_report(&[dir]).unwrap();
+    assert_eq!(report.notes.len(), 1);
+    assert!(
+        report.notes[0].contains(&format!("line {}", n + 1)),
+        "{:?}",
+        report.notes
+    );
+    assert!(report.to_markdown().contains("cut off mid-write"));
+}
+
+#[test]
+fn resume_truncates_after_the_checkpoint_step() {
+    let dir = scratch("resume");
+    let log = dir.join("run").join(LOG_FILE);
+    let mut w = RunLogWriter::create(&log).unwrap();
+    for step in 1..=6 {
+        let eval = (step % 2 == 0).then_some(0.1 * step as f32);
+        w.append(&record(step, step as f64, eval, false)).unwrap();
+    }
+    drop(w);
+    // A torn line from the crash.
+    let mut text = fs::read_to_string(&log).unwrap();
+    text.push_str("{\"step\":7,");
+    fs::write(&log, text).unwrap();
+
+    // Resume from a checkpoint at step 4: steps 5, 6 and the torn line go.
+    let mut w = RunLogWriter::open_for_resume(&log, 4).unwrap();
+    assert_eq!(w.last().map(|r| r.step), Some(4));
+    // The writer refuses a record that would go back in time.
+    assert!(w.append(&record(5, 3.0, None, false)).is_err());
+    w.append(&record(5, 5.5, Some(0.55), false)).unwrap();
+    drop(w);
+
+    let read = RunLog::read(&log).unwrap();
+    assert_eq!(read.dropped_torn_line, None);
+    let steps: Vec<u64> = read.records.iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+    assert_eq!(read.records[4].train_seconds, 5.5);
+    assert_eq!(
+        read.eval_points(),
+        vec![(2.0, 0.2), (4.0, 0.4), (5.5, 0.55)]
+    );
+    // No temp file left behind.
+    let leftovers: Vec<_> = fs::read_dir(log.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Resuming a run whose log is missing starts an empty one.
+    let fresh = dir.join("fresh").join(LOG_FILE);
+    let w = RunLogWriter::open_for_resume(&fresh, 10).unwrap();
+    assert!(w.last().is_none() && fresh.is_file());
+}
+
+#[test]
+fn finds_nested_runs_and_lists_incomplete_ones() {
+    let dir = scratch("nested");
+    write_run(
+        &dir.join("sweep"),
+        "b90",
+        "baseline",
+        9000,
+        &[(50.0, 0.7), (100.0, 0.8)],
+    );
+    write_run(&dir.join("kd"), "kd45", "kd-kl", 4500, &[(60.0, 0.8)]);
+    // A run that died before writing its summary.
+    let mut w = RunLogWriter::create(dir.join("kd").join("crashed").join(LOG_FILE)).unwrap();
+    w.append(&record(1, 1.0, None, true)).unwrap();
+
+    let runs = find_runs(&dir).unwrap();
+    assert_eq!(runs, vec![dir.join("kd/kd45"), dir.join("sweep/b90")]);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    assert_eq!(report.rows.len(), 2);
+    assert_eq!(report.incomplete, vec![dir.join("kd/crashed")]);
+    assert!(report
+        .to_markdown()
+        .contains("kd/crashed: log.jsonl without summary.json"));
+
+    // A run directory given directly, and a directory with nothing in it.
+    let one = build_report(&[dir.join("sweep/b90")]).unwrap();
+    assert_eq!(one.rows.len(), 1);
+    assert!(one.findings.is_empty());
+    let empty = scratch("nested-empty");
+    let msg = build_report(&[empty]).unwrap_err().to_string();
+    assert!(msg.contains("no run found"), "{msg}");
+}
+
+#[test]
+fn no_baseline_is_said_plainly() {
+    let dir = scratch("no-baseline");
+    write_run(&dir, "kd45", "kd-kl", 4500, &[(60.0, 0.8)]);
+    let report = build_report(&[dir]).unwrap();
+    assert!(report.targets.is_empty());
+    let md = report.to_markdown();
+    assert!(md.contains("No baseline run"), "{md}");
+    assert!(
+        report.findings[0].starts_with("kd-kl (1 run, accuracy): no baseline run"),
+        "{:?}",
+        report.findings
+    );
+}
