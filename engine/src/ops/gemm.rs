@@ -1,6 +1,10 @@
 //! The one CPU matrix-multiply primitive every op builds on (matmul, linear, conv via im2col,
 //! attention): BLAS's `C = alpha * op(A) * op(B) + beta * C` over row-major f32 slices, run by
 //! the `gemm` crate on all rayon threads.
+//!
+//! With the cargo feature `openblas`, `sgemm` calls the system OpenBLAS through `cblas_sgemm`
+//! instead (faster on AVX-512 machines: see docs/benchmarks.md); the `gemm` crate stays the
+//! default and the oracle (`sgemm_gemm_crate`), and a test compares the two paths.
 
 use gemm::Parallelism;
 
@@ -23,6 +27,111 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
+    check_lengths(m, n, k, a, b, c)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c[..m * n]
+            .iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+        return Ok(());
+    }
+    #[cfg(feature = "openblas")]
+    {
+        cblas::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c)
+    }
+    #[cfg(not(feature = "openblas"))]
+    {
+        let parallel = m * n * k >= SERIAL_MNK;
+        gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
+        Ok(())
+    }
+}
+
+/// Products with fewer multiply-adds than this run on one thread: splitting them across the
+/// pool costs more than it saves (OpenBLAS uses the same threshold internally).
+pub const SERIAL_MNK: usize = 64 * 64 * 64;
+
+/// Whether `sgemm_serial` really stays on the calling thread, so that a caller may run many
+/// independent products in parallel itself (conv over batch items, attention over heads).
+/// False with `openblas`, whose own thread pool cannot be turned off per call (0.3.21).
+pub const SERIAL_GEMM_AVAILABLE: bool = !cfg!(feature = "openblas");
+
+/// `sgemm` on the calling thread only (when `SERIAL_GEMM_AVAILABLE`; otherwise the same as
+/// `sgemm`, and callers should not run it from several threads at once).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_serial(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> Result<()> {
+    if cfg!(feature = "openblas") {
+        return sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+    }
+    check_lengths(m, n, k, a, b, c)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c[..m * n]
+            .iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+        return Ok(());
+    }
+    gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false);
+    Ok(())
+}
+
+/// `sgemm` through the `gemm` crate whatever the features: the oracle the OpenBLAS path is
+/// tested against.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_gemm_crate(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> Result<()> {
+    check_lengths(m, n, k, a, b, c)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c[..m * n]
+            .iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+        return Ok(());
+    }
+    gemm_crate(
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        m * n * k >= SERIAL_MNK,
+    );
+    Ok(())
+}
+
+fn check_lengths(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &[f32]) -> Result<()> {
     if a.len() < m * k || b.len() < k * n || c.len() < m * n {
         return Err(Error::shape(
             "sgemm",
@@ -34,15 +143,24 @@ pub fn sgemm(
             ),
         ));
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// The `gemm` crate call; the caller has checked lengths and that m, n, k are non-zero.
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+    parallel: bool,
+) {
     // (row stride, column stride) of each operand as stored.
     let (a_rs, a_cs) = if trans_a {
         (1, m as isize)
@@ -54,11 +172,10 @@ pub fn sgemm(
     } else {
         (n as isize, 1)
     };
-    // Small products are faster on one thread than split across the pool.
-    let parallelism = if m * n * k < 64 * 64 * 64 {
-        Parallelism::None
-    } else {
+    let parallelism = if parallel {
         Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
     };
     // SAFETY: the length checks above keep every (row, column) access inside the slices; `c`
     // is borrowed mutably, so it aliases neither `a` nor `b`.
@@ -85,7 +202,87 @@ pub fn sgemm(
             parallelism,
         );
     }
-    Ok(())
+}
+
+#[cfg(feature = "openblas")]
+mod cblas {
+    //! `cblas_sgemm` from the system OpenBLAS (LP64: 32-bit `int` sizes), linked by build.rs.
+
+    use crate::{Error, Result};
+
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_sgemm(
+            order: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+
+    /// The caller has checked lengths and that m, n, k are non-zero.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sgemm(
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &[f32],
+        b: &[f32],
+        beta: f32,
+        c: &mut [f32],
+    ) -> Result<()> {
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| {
+                Error::invalid(
+                    "sgemm",
+                    format!("dimension {v} exceeds OpenBLAS's 32-bit sizes (m={m} n={n} k={k})"),
+                )
+            })
+        };
+        let (mi, ni, ki) = (int(m)?, int(n)?, int(k)?);
+        let lda = if trans_a { mi } else { ki };
+        let ldb = if trans_b { ki } else { ni };
+        let t = |x: bool| if x { TRANS } else { NO_TRANS };
+        // SAFETY: the caller checked that `a`, `b`, `c` hold at least m*k, k*n, m*n elements,
+        // which with these leading dimensions bounds every access; `c` is borrowed mutably so
+        // it aliases neither input. BLAS with beta == 0 overwrites C without reading it.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                t(trans_a),
+                t(trans_b),
+                mi,
+                ni,
+                ki,
+                alpha,
+                a.as_ptr(),
+                lda,
+                b.as_ptr(),
+                ldb,
+                beta,
+                c.as_mut_ptr(),
+                ni,
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -136,5 +333,62 @@ mod tests {
             }
         }
         assert!(sgemm(false, false, 4, 4, 4, 1.0, &a[..3], &b, 0.0, &mut [0.0; 16]).is_err());
+    }
+
+    #[test]
+    fn serial_path_matches_threaded_path() {
+        let (m, n, k) = (96, 80, 72);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| crate::rng::normal_at(3, i as u64))
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| crate::rng::normal_at(4, i as u64))
+            .collect();
+        let mut c1 = vec![0f32; m * n];
+        let mut c2 = vec![f32::NAN; m * n];
+        sgemm(true, false, m, n, k, 1.0, &a, &b, 0.0, &mut c1).unwrap();
+        sgemm_serial(true, false, m, n, k, 1.0, &a, &b, 0.0, &mut c2).unwrap();
+        for (x, y) in c1.iter().zip(&c2) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+        assert!(
+            sgemm_serial(false, false, 4, 4, 4, 1.0, &a[..3], &b, 0.0, &mut [0.0; 16]).is_err()
+        );
+    }
+
+    /// With `--features openblas`, `sgemm` runs OpenBLAS: it must agree with the `gemm` crate
+    /// for every transpose, alpha/beta, odd sizes, and a NaN-filled C with beta == 0.
+    #[cfg(feature = "openblas")]
+    #[test]
+    fn openblas_matches_gemm_crate() {
+        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (70, 33, 91), (257, 129, 300)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| crate::rng::normal_at(5, i as u64))
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| crate::rng::normal_at(6, i as u64))
+                .collect();
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    for (alpha, beta) in [(1.0, 0.0), (0.5, 2.0)] {
+                        let init: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+                        let mut want = init.clone();
+                        sgemm_gemm_crate(ta, tb, m, n, k, alpha, &a, &b, beta, &mut want).unwrap();
+                        let mut got = if beta == 0.0 {
+                            vec![f32::NAN; m * n]
+                        } else {
+                            init
+                        };
+                        sgemm(ta, tb, m, n, k, alpha, &a, &b, beta, &mut got).unwrap();
+                        for (x, y) in got.iter().zip(&want) {
+                            assert!(
+                                (x - y).abs() < 1e-4 * (1.0 + y.abs()),
+                                "{m}x{n}x{k} {ta} {tb}: {x} vs {y}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
