@@ -1,6 +1,13 @@
-//! Recycle: same-architecture knowledge distillation. This root crate gathers the engine (and,
-//! as they land, the models, the distillation loss, the trainer and the experiments).
+//! Recycle: same-architecture knowledge distillation. This root crate gathers the engine and
+//! the models, and holds what the paper's experiments need: the distillation loss, teacher
+//! pool and schedule (`distill`), the data sets (`data`), run recipes (`recipe`), the trainer
+//! (`trainer`) and the experiments with their time-to-accuracy report (`experiments`).
+
+pub mod data;
+pub mod distill;
+pub mod experiments;
+pub mod recipe;
+pub mod trainer;
 
 pub use recycle_engine as engine;
-pub mod data;
-pub mod experiments;
+pub use recycle_models as models;

@@ -71,3 +71,14 @@ impl Error {
         }
     }
 }
+
+/// The trainer and the CLI speak the engine's error type; an experiments error keeps its
+/// message (path and line included) when it crosses over.
+impl From<Error> for recycle_engine::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { path, source } => recycle_engine::Error::Io { path, source },
+            other => recycle_engine::Error::invalid("experiments", other.to_string()),
+        }
+    }
+}

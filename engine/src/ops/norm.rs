@@ -85,9 +85,11 @@ pub fn batch_norm2d_forward_cpu(
         .for_each(|(plane, (o, xs))| {
             let ch = plane % c;
             let scale = inv_std[ch] * weight[ch];
-            let shift = bias[ch] - mean[ch] * scale;
+            // Centre first: folding the mean into one shift (`v * scale + (bias - mean * scale)`)
+            // cancels catastrophically when |mean| >> std, which training-mode BatchNorm meets
+            // in deep layers with few values per channel.
             for (o, &v) in o.iter_mut().zip(xs) {
-                *o = v * scale + shift;
+                *o = (v - mean[ch]) * scale + bias[ch];
             }
         });
 }
@@ -110,20 +112,22 @@ pub fn batch_norm2d_backward_cpu(
 ) -> (Vec<f32>, Vec<f32>) {
     let idx = |b: usize, ch: usize| (b * c + ch) * hw..(b * c + ch + 1) * hw;
     // Per channel: sum(dy) and sum(dy * xhat).
-    let (dweight, dbias): (Vec<f32>, Vec<f32>) = (0..c)
+    let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let (mut sdy, mut sdyx) = (0f64, 0f64);
+            let (m, is) = (mean[ch] as f64, inv_std[ch] as f64);
             for b in 0..n {
                 for (&g, &v) in dy[idx(b, ch)].iter().zip(&x[idx(b, ch)]) {
-                    let xhat = (v - mean[ch]) * inv_std[ch];
                     sdy += g as f64;
-                    sdyx += (g * xhat) as f64;
+                    sdyx += g as f64 * ((v as f64 - m) * is);
                 }
             }
-            (sdyx as f32, sdy as f32)
+            (sdy, sdyx)
         })
-        .unzip();
+        .collect();
+    let dweight: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    let dbias: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     if let Some(dx) = dx {
         if hw == 0 {
             return (dweight, dbias);
@@ -138,11 +142,14 @@ pub fn batch_norm2d_backward_cpu(
                 let k = weight[ch] * inv_std[ch];
                 if training {
                     // dx = k * (dy - mean(dy) - xhat * mean(dy * xhat))
-                    let mdy = dbias[ch] / count;
-                    let mdyx = dweight[ch] / count;
+                    // In f64: the three terms nearly cancel when the upstream gradient is
+                    // mostly explained by the batch mean (deep layers, few values per channel),
+                    // and f32 would leave only rounding noise.
+                    let (mdy, mdyx) = (sums[ch].0 / count as f64, sums[ch].1 / count as f64);
+                    let (m, is, k) = (mean[ch] as f64, inv_std[ch] as f64, k as f64);
                     for ((d, &g), &v) in d.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
-                        let xhat = (v - mean[ch]) * inv_std[ch];
-                        *d = k * (g - mdy - xhat * mdyx);
+                        let xhat = (v as f64 - m) * is;
+                        *d = (k * (g as f64 - mdy - xhat * mdyx)) as f32;
                     }
                 } else {
                     for (d, &g) in d.iter_mut().zip(&dy[r]) {

@@ -1,0 +1,439 @@
+//! A run, described in TOML: model, data, duration, optimizer and learning-rate schedule (the
+//! paper's table 1), and optionally the teachers and how to distill from them.
+//!
+//! ```toml
+//! name = "kd-kl"
+//! seed = 0
+//! out_dir = "runs"
+//! [model]
+//! kind = "resnet"        # or "bert"
+//! depth = 18
+//! width = 0.25
+//! small_stem = true
+//! [data]
+//! dataset = "fashion-mnist"   # or "fortunes" (masked language modelling)
+//! train_limit = 10000
+//! eval_limit = 2000
+//! [train]
+//! batch_size = 128
+//! epochs = 2.0
+//! evals = 8
+//! [optimizer]
+//! kind = "sgdw"          # or "adamw"
+//! lr = 0.4
+//! schedule = "cosine"    # or "linear", "constant"
+//! warmup = 0.1           # fraction of training
+//! [distill]
+//! teachers = ["runs/sweep-lr0.8"]   # run directories (or .safetensors files)
+//! loss = "kl"            # or "mse"
+//! temperature = 4.0
+//! weight = 1.0
+//! strategy = "single"    # ensemble:K, random-subset:K, random-one
+//! start = 0.0
+//! stop = 1.0
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use recycle_engine::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::distill::{KdLoss, KdSchedule, TeacherStrategy};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// Where run directories are created (`<out_dir>/<name>/`).
+    #[serde(default = "default_out_dir")]
+    pub out_dir: PathBuf,
+    pub model: ModelRecipe,
+    pub data: DataRecipe,
+    pub train: TrainRecipe,
+    pub optimizer: OptimizerRecipe,
+    #[serde(default)]
+    pub distill: Option<DistillRecipe>,
+}
+
+fn default_out_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ModelRecipe {
+    Resnet {
+        #[serde(default = "default_depth")]
+        depth: usize,
+        #[serde(default = "one")]
+        width: f32,
+        #[serde(default = "yes")]
+        small_stem: bool,
+    },
+    Bert {
+        /// tiny, mini, small or base.
+        #[serde(default = "default_bert_size")]
+        size: String,
+    },
+}
+
+fn default_depth() -> usize {
+    18
+}
+fn one() -> f32 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_bert_size() -> String {
+    "tiny".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataRecipe {
+    /// `fashion-mnist` or `fortunes`.
+    pub dataset: String,
+    /// Where the data set lives (defaults to the Debian package's location).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Use only the first N training examples.
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N evaluation examples.
+    #[serde(default)]
+    pub eval_limit: Option<usize>,
+    /// Text: tokens per sequence.
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Text: WordPiece vocabulary size when training a tokenizer.
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    /// Text: a tokenizer.json to use instead of training one.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_seq_len() -> usize {
+    64
+}
+fn default_vocab() -> usize {
+    2000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRecipe {
+    pub batch_size: usize,
+    /// Duration in passes over the training set ...
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// ... or in samples (exactly one of the two).
+    #[serde(default)]
+    pub samples: Option<u64>,
+    /// Evaluations spread evenly over the run (the last one at the final step).
+    #[serde(default = "default_evals")]
+    pub evals: u64,
+    /// Write a resumable checkpoint every N steps (0: only at evaluations and the end).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+}
+
+fn default_evals() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgdw,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerRecipe {
+    pub kind: OptimizerKind,
+    pub lr: f32,
+    /// SGDW momentum (table 1: 0.875).
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Decoupled weight decay (table 1: 5e-4 for SGDW, 1e-5 for AdamW).
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    /// Warmup as a fraction of training.
+    #[serde(default)]
+    pub warmup: f64,
+    /// Learning rate at the end of the decay.
+    #[serde(default)]
+    pub final_lr: f32,
+}
+
+fn default_momentum() -> f64 {
+    0.875
+}
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.98)
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KdLossKind {
+    Kl,
+    Mse,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillRecipe {
+    /// Teacher run directories (their `final.safetensors` and recorded accuracy) or
+    /// checkpoint files.
+    pub teachers: Vec<PathBuf>,
+    #[serde(default = "default_kd_loss")]
+    pub loss: KdLossKind,
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// λ.
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    /// single, ensemble:K, random-subset:K or random-one.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    #[serde(default)]
+    pub start: f32,
+    #[serde(default = "default_stop")]
+    pub stop: f32,
+    #[serde(default = "default_every")]
+    pub every: u64,
+}
+
+fn default_kd_loss() -> KdLossKind {
+    KdLossKind::Kl
+}
+fn default_temperature() -> f32 {
+    4.0
+}
+fn default_weight() -> f32 {
+    1.0
+}
+fn default_strategy() -> String {
+    "single".into()
+}
+fn default_stop() -> f32 {
+    1.0
+}
+fn default_every() -> u64 {
+    1
+}
+
+impl DistillRecipe {
+    pub fn loss(&self) -> KdLoss {
+        match self.loss {
+            KdLossKind::Kl => KdLoss::kl(self.temperature, self.weight),
+            KdLossKind::Mse => KdLoss::mse(self.weight),
+        }
+    }
+
+    pub fn schedule(&self) -> KdSchedule {
+        KdSchedule {
+            start: self.start,
+            stop: self.stop,
+            every: self.every,
+        }
+    }
+
+    pub fn strategy(&self) -> Result<TeacherStrategy> {
+        TeacherStrategy::parse(&self.strategy)
+    }
+}
+
+impl Recipe {
+    /// Reads and validates a recipe file; errors name the file and the offending field.
+    pub fn from_file(path: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Invalid { op, msg } => Error::invalid(op, format!("{}: {msg}", path.display())),
+            e => e,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Recipe> {
+        let r: Recipe = toml::from_str(text)
+            .map_err(|e| Error::invalid("recipe", format!("not a valid recipe: {e}")))?;
+        r.validate()?;
+        Ok(r)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::invalid("recipe", format!("cannot write as TOML: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid("recipe", msg));
+        if self.name.is_empty() || self.name.contains(['/', '\\']) {
+            return bad(format!(
+                "name `{}` must be non-empty and contain no path separators",
+                self.name
+            ));
+        }
+        match self.data.dataset.as_str() {
+            "fashion-mnist" => {
+                if !matches!(self.model, ModelRecipe::Resnet { .. }) {
+                    return bad("dataset fashion-mnist needs model kind = \"resnet\"".into());
+                }
+            }
+            "fortunes" => {
+                if !matches!(self.model, ModelRecipe::Bert { .. }) {
+                    return bad("dataset fortunes needs model kind = \"bert\"".into());
+                }
+                if self.data.seq_len < 8 {
+                    return bad(format!(
+                        "data.seq_len {} must be at least 8",
+                        self.data.seq_len
+                    ));
+                }
+            }
+            other => {
+                return bad(format!(
+                    "data.dataset `{other}` is not known: use fashion-mnist or fortunes"
+                ))
+            }
+        }
+        if self.train.batch_size == 0 {
+            return bad("train.batch_size must be at least 1".into());
+        }
+        match (self.train.epochs, self.train.samples) {
+            (Some(e), None) if e > 0.0 && e.is_finite() => {}
+            (None, Some(s)) if s > 0 => {}
+            (Some(_), Some(_)) => return bad("give train.epochs or train.samples, not both".into()),
+            _ => return bad("train.epochs or train.samples must be given and positive".into()),
+        }
+        if self.train.evals == 0 {
+            return bad("train.evals must be at least 1".into());
+        }
+        let o = &self.optimizer;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return bad(format!("optimizer.lr {} must be positive", o.lr));
+        }
+        if !(0.0..1.0).contains(&o.warmup) {
+            return bad(format!(
+                "optimizer.warmup {} must be a fraction in [0, 1)",
+                o.warmup
+            ));
+        }
+        if let Some(d) = &self.distill {
+            if d.teachers.is_empty() {
+                return bad("distill.teachers is empty: list teacher run directories".into());
+            }
+            d.loss().validate()?;
+            d.schedule().validate()?;
+            d.strategy()?;
+        }
+        Ok(())
+    }
+
+    /// The method label used in reports: `baseline`, `kd-kl`, `kd-mse`, `random-one`, ...
+    pub fn method(&self) -> String {
+        match &self.distill {
+            None => "baseline".into(),
+            Some(d) => {
+                let loss = match d.loss {
+                    KdLossKind::Kl => format!("kl-t{}", d.temperature),
+                    KdLossKind::Mse => "mse".into(),
+                };
+                let mut m = if d.strategy == "single" {
+                    format!("kd-{loss}")
+                } else {
+                    format!("kd-{loss}-{}", d.strategy.replace(':', ""))
+                };
+                if d.start > 0.0 || d.stop < 1.0 {
+                    m.push_str(&format!("-until{}", d.stop));
+                }
+                m
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "kd"
+[model]
+kind = "resnet"
+width = 0.25
+[data]
+dataset = "fashion-mnist"
+train_limit = 1000
+[train]
+batch_size = 64
+epochs = 2.0
+[optimizer]
+kind = "sgdw"
+lr = 0.4
+warmup = 0.1
+[distill]
+teachers = ["runs/t1", "runs/t2"]
+strategy = "random-one"
+"#;
+
+    #[test]
+    fn parses_with_defaults_and_round_trips() {
+        let r = Recipe::from_toml(GOOD).unwrap();
+        assert_eq!(r.optimizer.momentum, 0.875);
+        assert_eq!(r.distill.as_ref().unwrap().temperature, 4.0);
+        assert_eq!(r.method(), "kd-kl-t4-random-one");
+        let again = Recipe::from_toml(&r.to_toml().unwrap()).unwrap();
+        assert_eq!(r, again);
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_field() {
+        let cases = [
+            (GOOD.replace("lr = 0.4", "lr = -1.0"), "optimizer.lr"),
+            (
+                GOOD.replace("epochs = 2.0", "epochs = 2.0\nsamples = 5"),
+                "not both",
+            ),
+            (GOOD.replace("random-one", "best-two"), "best-two"),
+            (GOOD.replace("fashion-mnist", "imagenet"), "imagenet"),
+            (GOOD.replace("width = 0.25", "widht = 0.25"), "widht"),
+            (
+                GOOD.replace("batch_size = 64", "batch_size = 0"),
+                "batch_size",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = Recipe::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! The trainer: runs one recipe (a baseline or a distilled student) end to end.
+//!
+//! data → student forward (and, on distilled steps, the selected teachers' forwards) → fused
+//! loss → backward → optimizer, with evaluations spread over the run, a JSONL log
+//! (`log.jsonl`: step, samples, training seconds, lr, losses, teacher forwards, evaluation),
+//! resumable checkpoints written atomically (`checkpoint.safetensors`: model, optimizer state
+//! and the step), the final weights (`final.safetensors`) and `summary.json`.
+//!
+//! Everything random is a function of `(seed, step)` — data order, MLM masks, dropout, teacher
+//! sampling — so `resume` continues a stopped run to the same weights bit for bit (on the CPU).
+//! A non-finite loss stops the run with an error naming the step; the last checkpoint, written
+//! before it, stays intact.
+
+pub mod model;
+pub mod step;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use recycle_engine::optim::{AdamW, LrSchedule, Optimizer, Sgdw};
+use recycle_engine::{checkpoint, DType, Error, Result, Tape, Tensor};
+use recycle_models::{BertConfig, MlmBatch, ResNetConfig};
+
+use crate::data::{self, BatchSource, ImageDataset, Loader, LoaderConfig, MlmDataset, Split};
+use crate::distill::{KdLoss, KdSchedule, TeacherEntry, TeacherPool};
+use crate::experiments::runlog::{RunLogRecord, RunLogWriter, RunSummary};
+use crate::recipe::{ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
+pub use model::{Architecture, Batch, Model};
+pub use step::{train_step, StepOutput};
+
+/// How a run is started.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's checkpoint.
+    pub resume: bool,
+    /// Replace an existing run directory's results instead of refusing to start.
+    pub overwrite: bool,
+    /// Draw a progress bar (only shown on a terminal).
+    pub progress: bool,
+    /// Stop after this many steps (as if interrupted): for tests of resume.
+    pub stop_after: Option<u64>,
+}
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const FINAL_FILE: &str = "final.safetensors";
+pub const LOG_FILE: &str = "log.jsonl";
+
+/// The data of a run, loaded once.
+pub enum TaskData {
+    Images {
+        train: Arc<ImageDataset>,
+        eval: Arc<ImageDataset>,
+    },
+    Text {
+        train: Arc<MlmDataset>,
+        eval: Arc<MlmDataset>,
+        vocab_size: usize,
+    },
+}
+
+impl TaskData {
+    /// Loads the data a recipe asks for. Text runs share one tokenizer per output directory
+    /// (`<out_dir>/tokenizer-<vocab>.json`), so teachers and students agree on token ids.
+    pub fn load(recipe: &Recipe) -> Result<TaskData> {
+        let d = &recipe.data;
+        match d.dataset.as_str() {
+            "fashion-mnist" => Ok(TaskData::Images {
+                train: Arc::new(data::load_fashion_mnist(
+                    d.dir.as_deref(),
+                    Split::Train,
+                    d.train_limit,
+                )?),
+                eval: Arc::new(data::load_fashion_mnist(
+                    d.dir.as_deref(),
+                    Split::Test,
+                    d.eval_limit,
+                )?),
+            }),
+            "fortunes" => {
+                let texts = data::load_fortunes(d.dir.as_deref())?;
+                let tokenizer = match &d.tokenizer {
+                    Some(path) => data::TextTokenizer::from_file(path)?,
+                    None => {
+                        std::fs::create_dir_all(&recipe.out_dir)
+                            .map_err(|e| Error::io(&recipe.out_dir, e))?;
+                        let path = recipe
+                            .out_dir
+                            .join(format!("tokenizer-{}.json", d.vocab_size));
+                        data::TextTokenizer::load_or_train(&path, &texts, d.vocab_size)?
+                    }
+                };
+                // A fixed data seed: every run of a comparison sees the same evaluation masks.
+                let (mut train, mut eval) =
+                    MlmDataset::build(&texts, &tokenizer, d.seq_len, 20, 0)?;
+                truncate_mlm(&mut train, d.train_limit);
+                truncate_mlm(&mut eval, d.eval_limit);
+                Ok(TaskData::Text {
+                    train: Arc::new(train),
+                    eval: Arc::new(eval),
+                    vocab_size: tokenizer.vocab_size(),
+                })
+            }
+            other => Err(Error::invalid(
+                "TaskData::load",
+                format!("unknown data set `{other}`"),
+            )),
+        }
+    }
+
+    pub fn train_len(&self) -> usize {
+        match self {
+            TaskData::Images { train, .. } => train.len(),
+            TaskData::Text { train, .. } => BatchSource::len(&**train),
+        }
+    }
+
+    pub fn metric(&self) -> &'static str {
+        match self {
+            TaskData::Images { .. } => "accuracy",
+            TaskData::Text { .. } => "mlm-accuracy",
+        }
+    }
+}
+
+fn truncate_mlm(d: &mut MlmDataset, limit: Option<usize>) {
+    if let Some(n) = limit {
+        let keep = n.min(d.input_ids.len() / d.seq_len) * d.seq_len;
+        d.input_ids.truncate(keep);
+        d.attention_mask.truncate(keep);
+    }
+}
+
+/// The model architecture a recipe describes, given its data.
+pub fn architecture(recipe: &Recipe, data: &TaskData) -> Result<Architecture> {
+    match (&recipe.model, data) {
+        (
+            ModelRecipe::Resnet {
+                depth,
+                width,
+                small_stem,
+            },
+            TaskData::Images { train, .. },
+        ) => {
+            let c = ResNetConfig {
+                depth: *depth,
+                num_classes: train.classes,
+                in_channels: train.channels,
+                small_stem: *small_stem,
+                width: *width,
+            };
+            c.validate()?;
+            Ok(Architecture::ResNet(c))
+        }
+        (ModelRecipe::Bert { size }, TaskData::Text { vocab_size, .. }) => {
+            let mut c = BertConfig::by_name(size, *vocab_size)?;
+            c.max_position_embeddings = c.max_position_embeddings.max(recipe.data.seq_len);
+            c.validate()?;
+            Ok(Architecture::Bert(c))
+        }
+        _ => Err(Error::invalid(
+            "recipe",
+            "the model does not fit the data set (ResNet for images, BERT for text)".to_string(),
+        )),
+    }
+}
+
+/// Training steps of a recipe over `train_len` examples.
+pub fn total_steps(recipe: &Recipe, train_len: usize) -> Result<u64> {
+    let samples = match (recipe.train.epochs, recipe.train.samples) {
+        (Some(e), _) => (e * train_len as f64).round() as u64,
+        (_, Some(s)) => s,
+        _ => 0,
+    };
+    let steps = samples / recipe.train.batch_size as u64;
+    if steps == 0 || train_len < recipe.train.batch_size {
+        return Err(Error::invalid(
+            "recipe",
+            format!(
+                "{samples} samples from {train_len} examples make no full batch of {}: \
+                 train longer or use a smaller batch",
+                recipe.train.batch_size
+            ),
+        ));
+    }
+    Ok(steps)
+}
+
+fn make_optimizer(recipe: &Recipe, num_params: usize) -> Result<Box<dyn Optimizer>> {
+    let o = &recipe.optimizer;
+    Ok(match o.kind {
+        OptimizerKind::Sgdw => Box::new(Sgdw::new(
+            num_params,
+            o.momentum,
+            0.0,
+            o.weight_decay,
+            o.nesterov,
+            o.lr as f64,
+        )?),
+        // Decoupled as in Composer's DecoupledAdamW (the paper's): the decay per step is
+        // weight_decay * lr / base_lr, which is PyTorch's AdamW with weight_decay / base_lr.
+        OptimizerKind::Adamw => Box::new(AdamW::new(
+            num_params,
+            o.betas.0,
+            o.betas.1,
+            o.eps,
+            o.weight_decay / o.lr as f64,
+        )?),
+    })
+}
+
+fn make_schedule(recipe: &Recipe, total: u64) -> Result<LrSchedule> {
+    let o = &recipe.optimizer;
+    match o.schedule {
+        ScheduleKind::Cosine => {
+            LrSchedule::warmup_cosine_fraction(o.lr, o.warmup, total, o.final_lr)
+        }
+        ScheduleKind::Linear => {
+            LrSchedule::warmup_linear_decay_fraction(o.lr, o.warmup, total, o.final_lr)
+        }
+        ScheduleKind::Constant => LrSchedule::constant(o.lr),
+    }
+}
+
+/// Loads the teachers a recipe names: run directories (their `final.safetensors`, ranked by
+/// the `final_eval` of their `summary.json`) or checkpoint files.
+pub fn load_teachers(paths: &[PathBuf], arch: &Architecture) -> Result<Vec<TeacherEntry<Model>>> {
+    paths
+        .iter()
+        .map(|p| {
+            let (file, dir) = if p.is_dir() {
+                (p.join(FINAL_FILE), p.clone())
+            } else {
+                (
+                    p.clone(),
+                    p.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                )
+            };
+            if !file.exists() {
+                return Err(Error::io(
+                    &file,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "teacher checkpoint not found; train it first (recycle sweep)",
+                    ),
+                ));
+            }
+            let accuracy = RunSummary::read(&dir).map(|s| s.final_eval).unwrap_or(0.0);
+            Ok(TeacherEntry {
+                name: p.display().to_string(),
+                accuracy,
+                model: Model::load_teacher(arch, &file, DType::BF16)?,
+            })
+        })
+        .collect()
+}
+
+/// Converts a loader batch into the model's batch.
+fn image_batch(b: data::ImageBatch) -> Batch {
+    Batch::Image {
+        x: b.x,
+        labels: b.labels,
+    }
+}
+
+fn mlm_batch(b: data::MlmBatch) -> Result<Batch> {
+    Ok(Batch::Mlm(MlmBatch::from_position_labels(
+        b.input_ids,
+        Some(b.token_type_ids),
+        b.attention_mask,
+        &b.position_labels,
+    )?))
+}
+
+/// Evaluation metric of `model` on the evaluation split: top-1 accuracy for images,
+/// masked-token accuracy for MLM (fixed masks).
+pub fn evaluate(model: &Model, data: &TaskData, batch_size: usize) -> Result<f32> {
+    let (mut correct, mut total) = (0usize, 0usize);
+    let mut score = |batch: Batch| -> Result<()> {
+        let logits = model.logits(&Tape::inference(), &batch, false, 0)?;
+        let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+        let values = logits.tensor().read_f32()?;
+        let labels = batch.labels().to_vec::<i32>()?;
+        for r in 0..rows {
+            let row = &values[r * classes..(r + 1) * classes];
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0;
+            correct += (best as i32 == labels[r]) as usize;
+        }
+        total += rows;
+        Ok(())
+    };
+    match data {
+        TaskData::Images { eval, .. } => {
+            for b in Loader::new(eval.clone(), LoaderConfig::eval(batch_size), 0)? {
+                score(image_batch(b?))?;
+            }
+        }
+        TaskData::Text { eval, .. } => {
+            for b in Loader::new(eval.clone(), LoaderConfig::eval(batch_size), 0)? {
+                score(mlm_batch(b?)?)?;
+            }
+        }
+    }
+    if total == 0 {
+        return Err(Error::invalid(
+            "evaluate",
+            "the evaluation split is empty: raise data.eval_limit".to_string(),
+        ));
+    }
+    Ok(correct as f32 / total as f32)
+}
+
+/// Steps after which an evaluation runs: `evals` of them, evenly spaced, the last at the end.
+pub fn eval_steps(total: u64, evals: u64) -> Vec<u64> {
+    let evals = evals.min(total).max(1);
+    (1..=evals).map(|i| (i * total).div_ceil(evals)).collect()
+}
+
+struct Resumed {
+    step: u64,
+    samples: u64,
+    train_seconds: f64,
+    teacher_forwards: u64,
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    model: &Model,
+    optimizer: &dyn Optimizer,
+    r: &Resumed,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = model
+        .state_dict()?
+        .into_iter()
+        .map(|(n, t)| (format!("model.{n}"), t))
+        .collect();
+    tensors.extend(optimizer.state());
+    let meta = HashMap::from([
+        ("step".to_string(), r.step.to_string()),
+        ("samples".to_string(), r.samples.to_string()),
+        (
+            "train_seconds".to_string(),
+            format!("{:.17e}", r.train_seconds),
+        ),
+        (
+            "teacher_forwards".to_string(),
+            r.teacher_forwards.to_string(),
+        ),
+    ]);
+    checkpoint::save(&dir.join(CHECKPOINT_FILE), &tensors, Some(meta))
+}
+
+fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Resumed> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let ckpt = checkpoint::load(&path)?;
+    let meta = |k: &str| -> Result<String> {
+        ckpt.metadata
+            .get(k)
+            .cloned()
+            .ok_or_else(|| Error::checkpoint(&path, format!("metadata `{k}` is missing")))
+    };
+    let num = |k: &str| -> Result<u64> {
+        meta(k)?
+            .parse()
+            .map_err(|_| Error::checkpoint(&path, format!("metadata `{k}` is not a number")))
+    };
+    let state: Vec<(String, Tensor)> = ckpt
+        .tensors
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix("model.").map(|n| (n.to_string(), t.clone())))
+        .collect();
+    model.load_state_dict(state, &path)?;
+    optimizer.load_state(&ckpt.tensors)?;
+    Ok(Resumed {
+        step: num("step")?,
+        samples: num("samples")?,
+        train_seconds: meta("train_seconds")?
+            .parse()
+            .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
+        teacher_forwards: num("teacher_forwards")?,
+    })
+}
+
+/// Runs `recipe` and returns its summary. The run directory is `<out_dir>/<name>`.
+pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
+    recipe.validate()?;
+    let dir = recipe.out_dir.join(&recipe.name);
+    let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
+    if opts.resume && !has_checkpoint {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "--resume: {} has no checkpoint to resume from",
+                dir.display()
+            ),
+        ));
+    }
+    if !opts.resume && dir.join(LOG_FILE).exists() && !opts.overwrite {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "{} already holds a run: pass --resume to continue it or --overwrite to start again",
+                dir.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    crate::experiments::runlog::write_atomic(
+        dir.join("recipe.toml"),
+        recipe.to_toml()?.as_bytes(),
+    )?;
+
+    let data = TaskData::load(recipe)?;
+    let arch = architecture(recipe, &data)?;
+    let total = total_steps(recipe, data.train_len())?;
+    let student = Model::new(&arch, recipe.seed)?;
+    let num_params = student.params()?.len();
+    let mut optimizer = make_optimizer(recipe, num_params)?;
+    let schedule = make_schedule(recipe, total)?;
+    let (loss, kd_schedule, pool) = match &recipe.distill {
+        Some(d) => (
+            d.loss(),
+            d.schedule(),
+            Some(TeacherPool::new(
+                load_teachers(&d.teachers, &arch)?,
+                d.strategy()?,
+                recipe.seed,
+            )?),
+        ),
+        None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
+    };
+
+    let mut state = if opts.resume {
+        load_checkpoint(&dir, &student, optimizer.as_mut())?
+    } else {
+        Resumed {
+            step: 0,
+            samples: 0,
+            train_seconds: 0.0,
+            teacher_forwards: 0,
+        }
+    };
+    let mut log = if opts.resume {
+        RunLogWriter::open_for_resume(dir.join(LOG_FILE), state.step)?
+    } else {
+        RunLogWriter::create(dir.join(LOG_FILE))?
+    };
+    let evals = eval_steps(total, recipe.train.evals);
+    let batch = recipe.train.batch_size;
+    let started = Instant::now();
+    let wall_offset = log.last().map(|r| r.wall_seconds).unwrap_or(0.0);
+    let progress = progress_bar(opts.progress, total, state.step, &recipe.name);
+    let mut last_eval = None;
+
+    let mut next_batch: Box<dyn Iterator<Item = Result<Batch>>> = match &data {
+        TaskData::Images { train, .. } => Box::new(
+            Loader::new(
+                train.clone(),
+                LoaderConfig::train(batch, recipe.seed),
+                state.step,
+            )?
+            .map(|b| b.map(image_batch)),
+        ),
+        TaskData::Text { train, .. } => Box::new(
+            Loader::new(
+                train.clone(),
+                LoaderConfig::train(batch, recipe.seed),
+                state.step,
+            )?
+            .map(|b| b.and_then(mlm_batch)),
+        ),
+    };
+    let stop_at = opts.stop_after.map_or(total, |s| s.min(total));
+    while state.step < stop_at {
+        let step = state.step;
+        let b = next_batch
+            .next()
+            .ok_or_else(|| Error::invalid("train", "the data loader ended early".to_string()))??;
+        let lr = schedule.lr_at(step);
+        let distill = pool.as_ref().filter(|_| kd_schedule.is_active(step, total));
+        let t0 = Instant::now();
+        let out = train_step(
+            &student,
+            distill,
+            &loss,
+            &b,
+            optimizer.as_mut(),
+            lr,
+            step,
+            recipe.seed,
+        )
+        .map_err(|e| {
+            Error::invalid(
+                "train",
+                format!(
+                    "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
+                    recipe.name,
+                    dir.join(CHECKPOINT_FILE).display()
+                ),
+            )
+        })?;
+        state.train_seconds += t0.elapsed().as_secs_f64();
+        state.step += 1;
+        state.samples += b.samples() as u64;
+        state.teacher_forwards += out.teacher_forwards as u64;
+        let eval = if evals.contains(&state.step) {
+            let v = evaluate(&student, &data, batch.max(256))?;
+            last_eval = Some(v);
+            Some(v)
+        } else {
+            None
+        };
+        log.append(&RunLogRecord {
+            step: state.step,
+            samples: state.samples,
+            train_seconds: state.train_seconds,
+            wall_seconds: wall_offset + started.elapsed().as_secs_f64(),
+            lr,
+            ce: out.ce,
+            kd: out.kd,
+            loss: out.loss,
+            teacher_forwards: state.teacher_forwards,
+            eval,
+        })?;
+        let every = recipe.train.checkpoint_every;
+        if eval.is_some() || (every > 0 && state.step.is_multiple_of(every)) {
+            save_checkpoint(&dir, &student, optimizer.as_ref(), &state)?;
+        }
+        if let Some(p) = &progress {
+            p.set_position(state.step);
+            p.set_message(format!(
+                "loss {:.3}{}",
+                out.loss,
+                last_eval.map_or(String::new(), |v| format!(", eval {v:.3}"))
+            ));
+        }
+    }
+    if let Some(p) = &progress {
+        p.finish_and_clear();
+    }
+    if state.step < total {
+        save_checkpoint(&dir, &student, optimizer.as_ref(), &state)?;
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "run `{}` stopped after step {} of {total}; continue it with --resume",
+                recipe.name, state.step
+            ),
+        ));
+    }
+    let final_eval = match last_eval {
+        Some(v) => v,
+        None => evaluate(&student, &data, batch.max(256))?,
+    };
+    checkpoint::save(&dir.join(FINAL_FILE), &student.state_dict()?, None)?;
+    let summary = RunSummary {
+        name: recipe.name.clone(),
+        method: recipe.method(),
+        metric: data.metric().to_string(),
+        duration_samples: total * batch as u64,
+        steps: total,
+        final_eval,
+        train_seconds: state.train_seconds,
+        teacher_forwards: state.teacher_forwards,
+        teachers: recipe
+            .distill
+            .as_ref()
+            .map(|d| d.teachers.iter().map(|p| p.display().to_string()).collect())
+            .unwrap_or_default(),
+        config: serde_json::to_value(recipe)
+            .map_err(|e| Error::invalid("train", format!("recipe as JSON: {e}")))?,
+    };
+    summary.write(&dir)?;
+    Ok(summary)
+}
+
+fn progress_bar(enabled: bool, total: u64, at: u64, name: &str) -> Option<indicatif::ProgressBar> {
+    if !enabled {
+        return None;
+    }
+    let p = indicatif::ProgressBar::new(total);
+    p.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    p.set_prefix(name.to_string());
+    p.set_position(at);
+    Some(p)
+}
