@@ -46,6 +46,9 @@ pub struct Recipe {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
+    /// The method name reports group this run under (default: derived from `distill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// Where run directories are created (`<out_dir>/<name>/`).
     #[serde(default = "default_out_dir")]
     pub out_dir: PathBuf,
@@ -360,6 +363,9 @@ impl Recipe {
 
     /// The method label used in reports: `baseline`, `kd-kl`, `kd-mse`, `random-one`, ...
     pub fn method(&self) -> String {
+        if let Some(label) = &self.label {
+            return label.clone();
+        }
         match &self.distill {
             None => "baseline".into(),
             Some(d) => {

@@ -13,9 +13,11 @@
 //! "Time" is always `train_seconds`: wall-clock spent training, excluding evaluation and
 //! checkpointing, which is the clock the paper reports.
 
+pub mod demo;
 pub mod plot;
 pub mod report;
 pub mod runlog;
+pub mod sweep;
 
 use std::path::PathBuf;
 

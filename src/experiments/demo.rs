@@ -1,0 +1,253 @@
+//! `recycle demo`: the paper's pipeline end to end on a CPU-sized problem — a learning-rate
+//! sweep whose runs become teachers, baselines at several durations, students distilled from
+//! the best teacher with KL and with MSE, `RandomOne` over every teacher (and, for MLM,
+//! distillation stopped at 30% of training), then the time-to-accuracy report.
+//!
+//! The paper's effect is not automatic at this scale; the report states plainly whether each
+//! method reached the baseline's accuracy sooner, whatever the answer is.
+
+use std::path::{Path, PathBuf};
+
+use recycle_engine::{Error, Result};
+
+use crate::experiments::report::{build_report, Report};
+use crate::experiments::sweep::run_sweep;
+use crate::experiments::PlotOptions;
+use crate::recipe::{
+    DataRecipe, DistillRecipe, KdLossKind, ModelRecipe, OptimizerKind, OptimizerRecipe, Recipe,
+    ScheduleKind, TrainRecipe,
+};
+use crate::trainer::{self, RunOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoTask {
+    /// ResNet on Fashion-MNIST.
+    Image,
+    /// BERT masked language modelling on fortunes.
+    Mlm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoPreset {
+    /// A few minutes on a 2-core laptop.
+    Quick,
+    /// Under an hour on a 2-core machine: more data, longer runs.
+    Long,
+    /// Seconds: for tests of the pipeline itself (numbers are meaningless).
+    Tiny,
+}
+
+impl DemoPreset {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "quick" => Ok(DemoPreset::Quick),
+            "long" => Ok(DemoPreset::Long),
+            "tiny" => Ok(DemoPreset::Tiny),
+            other => Err(Error::invalid(
+                "demo",
+                format!("unknown preset `{other}`: use quick or long"),
+            )),
+        }
+    }
+}
+
+/// The sizes of a demo: data, durations (in epochs of the training subset) and the sweep.
+struct Plan {
+    base: Recipe,
+    lrs: Vec<f32>,
+    teacher_epochs: f64,
+    baseline_epochs: Vec<f64>,
+    student_epochs: f64,
+}
+
+fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
+    let (train_limit, eval_limit, teacher_epochs, baseline_epochs, student_epochs) =
+        match (task, preset) {
+            (DemoTask::Image, DemoPreset::Tiny) => (512, 256, 1.0, vec![0.5, 1.0], 1.0),
+            (DemoTask::Image, DemoPreset::Quick) => (6000, 1000, 2.0, vec![0.5, 1.0, 2.0], 1.0),
+            (DemoTask::Image, DemoPreset::Long) => (20000, 2000, 6.0, vec![1.0, 2.0, 4.0], 3.0),
+            (DemoTask::Mlm, DemoPreset::Tiny) => (96, 32, 1.0, vec![0.5, 1.0], 1.0),
+            (DemoTask::Mlm, DemoPreset::Quick) => (1200, 200, 2.0, vec![0.5, 1.0, 2.0], 1.0),
+            (DemoTask::Mlm, DemoPreset::Long) => (6000, 340, 8.0, vec![2.0, 4.0, 8.0], 4.0),
+        };
+    let tiny = preset == DemoPreset::Tiny;
+    let base = match task {
+        DemoTask::Image => Recipe {
+            name: "fmnist".into(),
+            seed: 0,
+            label: None,
+            out_dir: out_dir.to_path_buf(),
+            model: ModelRecipe::Resnet {
+                depth: 18,
+                width: if tiny { 1.0 / 16.0 } else { 0.125 },
+                small_stem: true,
+            },
+            data: DataRecipe {
+                dataset: "fashion-mnist".into(),
+                dir: None,
+                train_limit: Some(train_limit),
+                eval_limit: Some(eval_limit),
+                seq_len: 64,
+                vocab_size: 2000,
+                tokenizer: None,
+            },
+            train: TrainRecipe {
+                batch_size: if tiny { 64 } else { 128 },
+                epochs: Some(teacher_epochs),
+                samples: None,
+                evals: if tiny { 2 } else { 8 },
+                checkpoint_every: 0,
+            },
+            optimizer: OptimizerRecipe {
+                kind: OptimizerKind::Sgdw,
+                lr: 0.1,
+                momentum: 0.875,
+                nesterov: false,
+                weight_decay: 5e-4,
+                betas: (0.9, 0.98),
+                eps: 1e-6,
+                schedule: ScheduleKind::Cosine,
+                warmup: 0.1,
+                final_lr: 0.0,
+            },
+            distill: None,
+        },
+        DemoTask::Mlm => Recipe {
+            name: "fortunes".into(),
+            seed: 0,
+            label: None,
+            out_dir: out_dir.to_path_buf(),
+            model: ModelRecipe::Bert {
+                size: "tiny".into(),
+            },
+            data: DataRecipe {
+                dataset: "fortunes".into(),
+                dir: None,
+                train_limit: Some(train_limit),
+                eval_limit: Some(eval_limit),
+                seq_len: if tiny { 32 } else { 64 },
+                vocab_size: if tiny { 500 } else { 2000 },
+                tokenizer: None,
+            },
+            train: TrainRecipe {
+                batch_size: 32,
+                epochs: Some(teacher_epochs),
+                samples: None,
+                evals: if tiny { 2 } else { 8 },
+                checkpoint_every: 0,
+            },
+            optimizer: OptimizerRecipe {
+                kind: OptimizerKind::Adamw,
+                lr: 1e-3,
+                momentum: 0.875,
+                nesterov: false,
+                weight_decay: 1e-5,
+                betas: (0.9, 0.98),
+                eps: 1e-6,
+                schedule: ScheduleKind::Linear,
+                warmup: 0.06,
+                final_lr: 0.0,
+            },
+            distill: None,
+        },
+    };
+    let lrs = match task {
+        DemoTask::Image if tiny => vec![0.05, 0.2],
+        DemoTask::Image => vec![0.025, 0.05, 0.1, 0.2],
+        DemoTask::Mlm if tiny => vec![5e-4, 2e-3],
+        DemoTask::Mlm => vec![2.5e-4, 5e-4, 1e-3, 2e-3],
+    };
+    Plan {
+        base,
+        lrs,
+        teacher_epochs,
+        baseline_epochs,
+        student_epochs,
+    }
+}
+
+fn with_epochs(r: &Recipe, name: String, epochs: f64) -> Recipe {
+    let mut r = r.clone();
+    r.name = name;
+    r.train.epochs = Some(epochs);
+    r.train.samples = None;
+    r
+}
+
+/// Runs the whole demo under `out_dir` and returns the report (also written to
+/// `<out_dir>/report/`).
+pub fn run_demo(
+    task: DemoTask,
+    preset: DemoPreset,
+    out_dir: &Path,
+    opts: &RunOptions,
+) -> Result<Report> {
+    let p = plan(task, preset, out_dir);
+    let sweep_base = with_epochs(&p.base, p.base.name.clone(), p.teacher_epochs);
+    let points = run_sweep(&sweep_base, &p.lrs, opts)?;
+    let best = &points[0];
+    let best_lr = best.lr;
+    let teachers: Vec<PathBuf> = points.iter().map(|pt| pt.dir.clone()).collect();
+    eprintln!(
+        "demo: best teacher {} ({:.4}); baselines and students use lr {best_lr}",
+        best.dir.display(),
+        best.summary.final_eval
+    );
+
+    let mut tuned = p.base.clone();
+    tuned.optimizer.lr = best_lr;
+    // A different seed from the teachers': the student must not start where a teacher did.
+    tuned.seed = 1;
+    let mut runs = Vec::new();
+    for &e in &p.baseline_epochs {
+        runs.push(with_epochs(&tuned, format!("baseline-e{e}"), e));
+    }
+    let distill =
+        |loss: KdLossKind, teachers: Vec<PathBuf>, strategy: &str, stop: f32| DistillRecipe {
+            teachers,
+            loss,
+            temperature: 1.0,
+            weight: 1.0,
+            strategy: strategy.into(),
+            start: 0.0,
+            stop,
+            every: 1,
+        };
+    let e = p.student_epochs;
+    let mut kl = with_epochs(&tuned, format!("kd-kl-e{e}"), e);
+    kl.distill = Some(distill(
+        KdLossKind::Kl,
+        vec![best.dir.clone()],
+        "single",
+        1.0,
+    ));
+    let mut mse = with_epochs(&tuned, format!("kd-mse-e{e}"), e);
+    mse.distill = Some(distill(
+        KdLossKind::Mse,
+        vec![best.dir.clone()],
+        "single",
+        1.0,
+    ));
+    let mut one = with_epochs(&tuned, format!("kd-random-one-e{e}"), e);
+    one.distill = Some(distill(KdLossKind::Kl, teachers.clone(), "random-one", 1.0));
+    runs.extend([kl, mse, one]);
+    if task == DemoTask::Mlm {
+        let mut early = with_epochs(&tuned, format!("kd-kl-until0.3-e{e}"), e);
+        early.distill = Some(distill(
+            KdLossKind::Kl,
+            vec![best.dir.clone()],
+            "single",
+            0.3,
+        ));
+        runs.push(early);
+    }
+    for r in &runs {
+        eprintln!("demo: training {}", r.name);
+        trainer::run(r, opts)?;
+    }
+    let mut dirs: Vec<PathBuf> = runs.iter().map(|r| r.out_dir.join(&r.name)).collect();
+    dirs.extend(teachers);
+    let report = build_report(&dirs)?;
+    report.write_to(out_dir.join("report"), &PlotOptions::default())?;
+    Ok(report)
+}

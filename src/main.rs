@@ -1,0 +1,164 @@
+//! `recycle`: the command line. Runs the paper's experiments end to end: `sweep` trains the
+//! teacher grid, `train` runs one recipe (baseline or distilled), `report` computes
+//! time-to-accuracy and draws the Pareto curves, `demo` does all of it on a CPU-sized problem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use recycle::experiments::demo::{run_demo, DemoPreset, DemoTask};
+use recycle::experiments::sweep::run_sweep;
+use recycle::experiments::{build_report, PlotOptions};
+use recycle::recipe::Recipe;
+use recycle::trainer::{self, RunOptions};
+use recycle_engine::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "recycle",
+    version,
+    about = "Same-architecture knowledge distillation: recycle the runs of a sweep as teachers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train one recipe (a baseline, or a student when the recipe has [distill]).
+    Train {
+        /// The recipe (TOML).
+        recipe: PathBuf,
+        /// Continue the run from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Start again even if the run directory already holds a run.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Train the recipe at several learning rates: the teachers of later runs.
+    Sweep {
+        recipe: PathBuf,
+        /// Comma-separated learning rates.
+        #[arg(long, value_delimiter = ',', default_value = "0.025,0.05,0.1,0.2")]
+        lrs: Vec<f32>,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Time-to-accuracy table and accuracy-vs-time plot for finished runs.
+    Report {
+        /// Run directories, or directories holding runs.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write report.md, report.json and accuracy_vs_time.png.
+        #[arg(long, default_value = "report")]
+        out: PathBuf,
+    },
+    /// The whole pipeline on a CPU-sized problem: sweep, baselines, students, report.
+    Demo {
+        /// `image` (ResNet on Fashion-MNIST) or `mlm` (BERT on fortunes).
+        #[arg(long, default_value = "image")]
+        task: String,
+        /// `quick` (minutes) or `long` (under an hour).
+        #[arg(long, default_value = "quick")]
+        preset: String,
+        /// Output directory (runs and report).
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let progress = true;
+    match cli.command {
+        Command::Train {
+            recipe,
+            resume,
+            overwrite,
+        } => {
+            let r = Recipe::from_file(&recipe)?;
+            let s = trainer::run(
+                &r,
+                &RunOptions {
+                    resume,
+                    overwrite,
+                    progress,
+                    stop_after: None,
+                },
+            )?;
+            println!(
+                "{}: {} {:.4} after {} steps, {:.1} s of training, {} teacher forwards",
+                s.name, s.metric, s.final_eval, s.steps, s.train_seconds, s.teacher_forwards
+            );
+        }
+        Command::Sweep {
+            recipe,
+            lrs,
+            overwrite,
+        } => {
+            let r = Recipe::from_file(&recipe)?;
+            let opts = RunOptions {
+                overwrite,
+                progress,
+                ..RunOptions::default()
+            };
+            println!("| lr | {} | run |", "final metric");
+            println!("|---|---|---|");
+            for p in run_sweep(&r, &lrs, &opts)? {
+                println!(
+                    "| {} | {:.4} | {} |",
+                    p.lr,
+                    p.summary.final_eval,
+                    p.dir.display()
+                );
+            }
+        }
+        Command::Report { runs, out } => {
+            let report = build_report(&runs)?;
+            let files = report.write_to(&out, &PlotOptions::default())?;
+            println!("{}", report.to_markdown());
+            eprintln!(
+                "wrote {}, {} and {}",
+                files.markdown.display(),
+                files.json.display(),
+                files.plot.path.display()
+            );
+        }
+        Command::Demo { task, preset, out } => {
+            let task = match task.as_str() {
+                "image" => DemoTask::Image,
+                "mlm" => DemoTask::Mlm,
+                other => {
+                    return Err(Error::invalid(
+                        "demo",
+                        format!("unknown task `{other}`: use image or mlm"),
+                    ))
+                }
+            };
+            let preset = DemoPreset::parse(&preset)?;
+            let opts = RunOptions {
+                overwrite: true,
+                progress,
+                ..RunOptions::default()
+            };
+            let report = run_demo(task, preset, &out, &opts)?;
+            println!("{}", report.to_markdown());
+            eprintln!(
+                "report and plot written to {}",
+                out.join("report").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
