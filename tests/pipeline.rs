@@ -1,0 +1,182 @@
+//! The whole pipeline on a small subset: sweep → distill → report, with the report's numbers
+//! checked against the logs the trainer wrote; resume to bit-identical weights; schedules and
+//! strategies counted in teacher forwards; a diverging run stopped with a clear error.
+//! Needs Debian's `dataset-fashion-mnist` (CI installs it).
+
+use std::path::{Path, PathBuf};
+
+use recycle::experiments::demo::{run_demo, DemoPreset, DemoTask};
+use recycle::experiments::{RunLog, RunSummary};
+use recycle::recipe::Recipe;
+use recycle::trainer::{self, RunOptions};
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("recycle-pipeline-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tiny_recipe(out: &Path, name: &str) -> Recipe {
+    Recipe::from_toml(&format!(
+        r#"
+name = "{name}"
+out_dir = "{}"
+[model]
+kind = "resnet"
+width = 0.0625
+[data]
+dataset = "fashion-mnist"
+train_limit = 256
+eval_limit = 128
+[train]
+batch_size = 32
+epochs = 1.0
+evals = 2
+checkpoint_every = 2
+[optimizer]
+kind = "sgdw"
+lr = 0.1
+weight_decay = 5e-4
+warmup = 0.1
+"#,
+        out.display()
+    ))
+    .unwrap()
+}
+
+#[test]
+fn sweep_distill_report_numbers_match_the_logs() {
+    let out = temp_dir("demo");
+    let opts = RunOptions {
+        overwrite: true,
+        ..RunOptions::default()
+    };
+    let report = run_demo(DemoTask::Image, DemoPreset::Tiny, &out, &opts).unwrap();
+    assert!(out.join("report/report.md").exists());
+    assert!(out.join("report/accuracy_vs_time.png").exists());
+    assert_eq!(
+        report.rows.len(),
+        2 + 2 + 3,
+        "2 sweep points, 2 baselines, 3 students"
+    );
+    for row in &report.rows {
+        let log = RunLog::read(row.dir.join("log.jsonl")).unwrap();
+        let last = log.records.last().unwrap();
+        let evals: Vec<(f64, f32)> = log
+            .records
+            .iter()
+            .filter_map(|r| r.eval.map(|e| (r.train_seconds, e)))
+            .collect();
+        assert_eq!(row.final_eval, evals.last().unwrap().1, "{}", row.run);
+        assert_eq!(row.train_seconds, last.train_seconds, "{}", row.run);
+        assert_eq!(row.steps, last.step);
+        assert_eq!(row.teacher_forwards, last.teacher_forwards);
+        // One teacher forward per step for every distilled method here (single, random-one).
+        let expected_forwards = if row.method.starts_with("kd-") {
+            row.steps
+        } else {
+            0
+        };
+        assert_eq!(row.teacher_forwards, expected_forwards, "{}", row.run);
+        for t in &row.vs_baselines {
+            let first = evals.iter().find(|(_, e)| *e >= t.target).map(|(s, _)| *s);
+            assert_eq!(t.seconds, first, "{} vs {}", row.run, t.baseline);
+            if let (Some(s), Some(speedup)) = (t.seconds, t.speedup) {
+                assert!((speedup - t.baseline_seconds / s).abs() < 1e-9);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn resume_reaches_bit_identical_weights() {
+    let out = temp_dir("resume");
+    let whole = tiny_recipe(&out, "whole");
+    trainer::run(&whole, &RunOptions::default()).unwrap();
+
+    let split = tiny_recipe(&out, "split");
+    let stopped = trainer::run(
+        &split,
+        &RunOptions {
+            stop_after: Some(3),
+            ..RunOptions::default()
+        },
+    );
+    let err = stopped.unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    trainer::run(
+        &split,
+        &RunOptions {
+            resume: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    let a = std::fs::read(out.join("whole/final.safetensors")).unwrap();
+    let b = std::fs::read(out.join("split/final.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let la = RunLog::read(out.join("whole/log.jsonl")).unwrap();
+    let lb = RunLog::read(out.join("split/log.jsonl")).unwrap();
+    assert_eq!(la.records.len(), lb.records.len());
+    for (x, y) in la.records.iter().zip(&lb.records) {
+        assert_eq!((x.step, x.loss, x.eval), (y.step, y.loss, y.eval));
+    }
+    // A second start without --resume refuses to clobber the run.
+    let err = trainer::run(&whole, &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn off_schedule_steps_run_no_teacher_and_ensembles_run_k() {
+    let out = temp_dir("schedule");
+    let teacher = tiny_recipe(&out, "teacher");
+    trainer::run(&teacher, &RunOptions::default()).unwrap();
+    let mut other = tiny_recipe(&out, "teacher2");
+    other.seed = 5;
+    trainer::run(&other, &RunOptions::default()).unwrap();
+    let teachers = format!(
+        "[\"{}\", \"{}\"]",
+        out.join("teacher").display(),
+        out.join("teacher2").display()
+    );
+    for (name, extra, expected) in [
+        ("half", "stop = 0.5", 4u64), // 8 steps, distilling the first 4
+        ("every2", "every = 2", 4),   // steps 0, 2, 4, 6
+        ("ensemble", "strategy = \"ensemble:2\"", 16),
+    ] {
+        let mut text = tiny_recipe(&out, name).to_toml().unwrap();
+        text.push_str(&format!("\n[distill]\nteachers = {teachers}\n{extra}\n"));
+        let r = Recipe::from_toml(&text).unwrap();
+        let s = trainer::run(&r, &RunOptions::default()).unwrap();
+        assert_eq!(s.steps, 8);
+        assert_eq!(s.teacher_forwards, expected, "{name}");
+    }
+    let summary = RunSummary::read(out.join("ensemble")).unwrap();
+    assert_eq!(summary.teachers.len(), 2);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_diverging_run_stops_with_an_error_naming_the_step() {
+    let out = temp_dir("nan");
+    let mut r = tiny_recipe(&out, "diverge");
+    r.optimizer.lr = 1e30;
+    r.optimizer.warmup = 0.0;
+    let err = trainer::run(&r, &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stopped at step"), "{err}");
+    assert!(err.contains("checkpoint"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
