@@ -180,3 +180,36 @@ fn a_diverging_run_stops_with_an_error_naming_the_step() {
     assert!(err.contains("checkpoint"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn mlm_demo_runs_end_to_end_with_early_stopped_distillation() {
+    let out = temp_dir("mlm");
+    let opts = RunOptions {
+        overwrite: true,
+        ..RunOptions::default()
+    };
+    let report = run_demo(DemoTask::Mlm, DemoPreset::Tiny, &out, &opts).unwrap();
+    assert_eq!(
+        report.rows.len(),
+        2 + 2 + 4,
+        "2 sweep points, 2 baselines, 4 students"
+    );
+    let early = report
+        .rows
+        .iter()
+        .find(|r| r.method.contains("until0.3"))
+        .expect("the early-stopped student");
+    let (first, end) = recycle::distill::KdSchedule {
+        start: 0.0,
+        stop: 0.3,
+        every: 1,
+    }
+    .window(early.steps);
+    assert_eq!(
+        early.teacher_forwards,
+        end - first,
+        "teachers only in the first 30%"
+    );
+    assert!(report.rows.iter().all(|r| r.metric == "mlm-accuracy"));
+    let _ = std::fs::remove_dir_all(&out);
+}
