@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use recycle::experiments::demo::{run_demo, DemoPreset, DemoTask};
+use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::sweep::run_sweep;
 use recycle::experiments::{build_report, PlotOptions};
 use recycle::recipe::Recipe;
@@ -66,6 +66,18 @@ enum Command {
         /// Output directory (runs and report).
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
+        /// KL temperature of the students.
+        #[arg(long, default_value_t = DemoKnobs::default().temperature)]
+        temperature: f32,
+        /// λ, the weight of the distillation term.
+        #[arg(long, default_value_t = DemoKnobs::default().weight)]
+        weight: f32,
+        /// Students' learning rate as a multiple of the best sweep learning rate.
+        #[arg(long, default_value_t = DemoKnobs::default().student_lr_scale)]
+        student_lr_scale: f32,
+        /// Train every run again even when a finished run with the same recipe is there.
+        #[arg(long)]
+        fresh: bool,
     },
 }
 
@@ -84,7 +96,7 @@ fn run(cli: Cli) -> Result<()> {
                     resume,
                     overwrite,
                     progress,
-                    stop_after: None,
+                    ..RunOptions::default()
                 },
             )?;
             println!(
@@ -125,7 +137,15 @@ fn run(cli: Cli) -> Result<()> {
                 files.plot.path.display()
             );
         }
-        Command::Demo { task, preset, out } => {
+        Command::Demo {
+            task,
+            preset,
+            out,
+            temperature,
+            weight,
+            student_lr_scale,
+            fresh,
+        } => {
             let task = match task.as_str() {
                 "image" => DemoTask::Image,
                 "mlm" => DemoTask::Mlm,
@@ -140,9 +160,15 @@ fn run(cli: Cli) -> Result<()> {
             let opts = RunOptions {
                 overwrite: true,
                 progress,
+                reuse_finished: !fresh,
                 ..RunOptions::default()
             };
-            let report = run_demo(task, preset, &out, &opts)?;
+            let knobs = DemoKnobs {
+                temperature,
+                weight,
+                student_lr_scale,
+            };
+            let report = run_demo(task, preset, &out, knobs, &opts)?;
             println!("{}", report.to_markdown());
             eprintln!(
                 "report and plot written to {}",

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use recycle::experiments::demo::{run_demo, DemoPreset, DemoTask};
+use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::{RunLog, RunSummary};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
@@ -52,7 +52,14 @@ fn sweep_distill_report_numbers_match_the_logs() {
         overwrite: true,
         ..RunOptions::default()
     };
-    let report = run_demo(DemoTask::Image, DemoPreset::Tiny, &out, &opts).unwrap();
+    let report = run_demo(
+        DemoTask::Image,
+        DemoPreset::Tiny,
+        &out,
+        DemoKnobs::default(),
+        &opts,
+    )
+    .unwrap();
     assert!(out.join("report/report.md").exists());
     assert!(out.join("report/accuracy_vs_time.png").exists());
     assert_eq!(
@@ -188,7 +195,14 @@ fn mlm_demo_runs_end_to_end_with_early_stopped_distillation() {
         overwrite: true,
         ..RunOptions::default()
     };
-    let report = run_demo(DemoTask::Mlm, DemoPreset::Tiny, &out, &opts).unwrap();
+    let report = run_demo(
+        DemoTask::Mlm,
+        DemoPreset::Tiny,
+        &out,
+        DemoKnobs::default(),
+        &opts,
+    )
+    .unwrap();
     assert_eq!(
         report.rows.len(),
         2 + 2 + 4,

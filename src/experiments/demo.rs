@@ -51,6 +51,27 @@ impl DemoPreset {
     }
 }
 
+/// What an experiment varies around the demo's defaults (`docs/experiments.md`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DemoKnobs {
+    /// KL temperature T of the students.
+    pub temperature: f32,
+    /// λ, the weight of the distillation term.
+    pub weight: f32,
+    /// Students' learning rate as a multiple of the best sweep learning rate.
+    pub student_lr_scale: f32,
+}
+
+impl Default for DemoKnobs {
+    fn default() -> Self {
+        DemoKnobs {
+            temperature: 1.0,
+            weight: 1.0,
+            student_lr_scale: 1.0,
+        }
+    }
+}
+
 /// The sizes of a demo: data, durations (in epochs of the training subset) and the sweep.
 struct Plan {
     base: Recipe,
@@ -180,6 +201,7 @@ pub fn run_demo(
     task: DemoTask,
     preset: DemoPreset,
     out_dir: &Path,
+    knobs: DemoKnobs,
     opts: &RunOptions,
 ) -> Result<Report> {
     let p = plan(task, preset, out_dir);
@@ -202,37 +224,46 @@ pub fn run_demo(
     for &e in &p.baseline_epochs {
         runs.push(with_epochs(&tuned, format!("baseline-e{e}"), e));
     }
+    let mut student = tuned.clone();
+    student.optimizer.lr = best_lr * knobs.student_lr_scale;
     let distill =
         |loss: KdLossKind, teachers: Vec<PathBuf>, strategy: &str, stop: f32| DistillRecipe {
             teachers,
             loss,
-            temperature: 1.0,
-            weight: 1.0,
+            temperature: knobs.temperature,
+            weight: knobs.weight,
             strategy: strategy.into(),
             start: 0.0,
             stop,
             every: 1,
         };
     let e = p.student_epochs;
-    let mut kl = with_epochs(&tuned, format!("kd-kl-e{e}"), e);
+    // Students are named by what varies, so experiments with other knobs sit beside them.
+    let tag = format!(
+        "t{}-w{}-lr{}-e{e}",
+        knobs.temperature, knobs.weight, knobs.student_lr_scale
+    );
+    let mse_tag = format!("w{}-lr{}-e{e}", knobs.weight, knobs.student_lr_scale);
+    let tuned = student;
+    let mut kl = with_epochs(&tuned, format!("kd-kl-{tag}"), e);
     kl.distill = Some(distill(
         KdLossKind::Kl,
         vec![best.dir.clone()],
         "single",
         1.0,
     ));
-    let mut mse = with_epochs(&tuned, format!("kd-mse-e{e}"), e);
+    let mut mse = with_epochs(&tuned, format!("kd-mse-{mse_tag}"), e);
     mse.distill = Some(distill(
         KdLossKind::Mse,
         vec![best.dir.clone()],
         "single",
         1.0,
     ));
-    let mut one = with_epochs(&tuned, format!("kd-random-one-e{e}"), e);
+    let mut one = with_epochs(&tuned, format!("kd-random-one-{tag}"), e);
     one.distill = Some(distill(KdLossKind::Kl, teachers.clone(), "random-one", 1.0));
     runs.extend([kl, mse, one]);
     if task == DemoTask::Mlm {
-        let mut early = with_epochs(&tuned, format!("kd-kl-until0.3-e{e}"), e);
+        let mut early = with_epochs(&tuned, format!("kd-kl-until0.3-{tag}"), e);
         early.distill = Some(distill(
             KdLossKind::Kl,
             vec![best.dir.clone()],

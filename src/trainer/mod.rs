@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop after this many steps (as if interrupted): for tests of resume.
     pub stop_after: Option<u64>,
+    /// Return the summary of a finished run whose recorded recipe equals this one instead of
+    /// training it again (sweeps and demos reuse teachers and baselines).
+    pub reuse_finished: bool,
 }
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -393,6 +396,11 @@ fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> 
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     recipe.validate()?;
     let dir = recipe.out_dir.join(&recipe.name);
+    if opts.reuse_finished && !opts.resume {
+        if let Some(summary) = finished_run(&dir, recipe)? {
+            return Ok(summary);
+        }
+    }
     let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
     if opts.resume && !has_checkpoint {
         return Err(Error::invalid(
@@ -580,6 +588,19 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     };
     summary.write(&dir)?;
     Ok(summary)
+}
+
+/// The summary of the run in `dir` when it finished with exactly `recipe`.
+fn finished_run(dir: &Path, recipe: &Recipe) -> Result<Option<RunSummary>> {
+    let (summary, recorded) = (dir.join("summary.json"), dir.join("recipe.toml"));
+    if !summary.exists() || !recorded.exists() || !dir.join(FINAL_FILE).exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&recorded).map_err(|e| Error::io(&recorded, e))?;
+    if Recipe::from_toml(&text).ok().as_ref() != Some(recipe) {
+        return Ok(None);
+    }
+    Ok(Some(RunSummary::read(dir)?))
 }
 
 fn progress_bar(enabled: bool, total: u64, at: u64, name: &str) -> Option<indicatif::ProgressBar> {
