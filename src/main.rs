@@ -115,7 +115,7 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
                 ..RunOptions::default()
             };
-            println!("| lr | {} | run |", "final metric");
+            println!("| lr | final metric | run |");
             println!("|---|---|---|");
             for p in run_sweep(&r, &lrs, &opts)? {
                 println!(
