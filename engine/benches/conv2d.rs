@@ -1,15 +1,16 @@
 //! conv2d forward + backward at ResNet's CPU-sized shape: batch 128, 64 -> 64 channels, 3x3,
 //! stride 1, padding 1, 28x28. Throughput counts 2·multiply-adds (forward: 2·N·O·C·9·28·28;
 //! forward + backward with input, weight and bias gradients: 3x that), so "elem/s" reads as
-//! FLOP/s. The `schedule` group times the two lowering schedules of `ops::conv` on the raw
-//! kernels, so the choice `ConvSchedule::auto` makes is measured, not assumed.
+//! FLOP/s. The `conv2d_schedule` group times the lowering schedules of `ops::conv` on the raw
+//! kernels, so the choice `ConvSchedule::auto` makes (`PerItem` here) is measured, not assumed.
+//! Flat sampling, 10 samples: a run takes about half a minute.
 //!
 //! `cargo bench -p recycle-engine --bench conv2d [--features openblas]`
 //! Compare with `python3 scripts/reference/torch_cpu_bench.py` (same shape, same threads).
 
 use std::time::Duration;
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use recycle_engine::ops::conv::{
     conv2d, conv2d_backward_cpu_with, conv2d_forward_cpu_with, Conv2dGeometry, Conv2dOptions,
     ConvSchedule,
@@ -34,9 +35,10 @@ fn bench_conv2d(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("conv2d");
     group
+        .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(8));
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
     group.throughput(Throughput::Elements(g.forward_flops()));
     group.bench_function("fwd", |bench| {
         bench.iter(|| {
@@ -69,9 +71,10 @@ fn bench_conv2d(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("conv2d_schedule");
     group
+        .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(3 * g.forward_flops()));
     let (xs, ws, bs, dys) = (
         x.to_vec_f32().unwrap(),
@@ -84,7 +87,6 @@ fn bench_conv2d(c: &mut Criterion) {
         ("per_item", ConvSchedule::PerItem),
         ("batched_1", ConvSchedule::Batched { items: 1 }),
         ("batched_8", ConvSchedule::Batched { items: 8 }),
-        ("auto", ConvSchedule::auto(&g)),
     ];
     for (name, sched) in schedules {
         group.bench_function(format!("fwd_bwd_{name}"), |bench| {

@@ -5,7 +5,11 @@
 //! `cargo bench -p recycle-engine --bench matmul [--features openblas]`
 //! Compare with `python3 scripts/reference/torch_cpu_bench.py` (same shapes, same threads).
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::time::Duration;
+
+use criterion::{
+    black_box, criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use recycle_engine::ops::gemm;
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
@@ -16,12 +20,23 @@ fn data(len: usize, seed: u64) -> Vec<f32> {
 
 fn bench_matmul(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     for n in [512usize, 1024, 2048] {
         let a = data(n * n, 1);
         let b = data(n * n, 2);
         let mut out = vec![0f32; n * n];
         group.throughput(Throughput::Elements(2 * (n as u64).pow(3)));
-        group.sample_size(if n >= 2048 { 10 } else { 20 });
+        // 2048: ten samples of a few products each instead of criterion's linear ramp, so a
+        // run stays short.
+        group
+            .sample_size(if n >= 2048 { 10 } else { 20 })
+            .sampling_mode(if n >= 2048 {
+                SamplingMode::Flat
+            } else {
+                SamplingMode::Auto
+            });
         group.bench_with_input(BenchmarkId::new("sgemm", n), &n, |bench, &n| {
             bench.iter(|| {
                 gemm::sgemm(false, false, n, n, n, 1.0, &a, &b, 0.0, &mut out).unwrap();

@@ -12,12 +12,11 @@
 //!   (`sgemm_serial`), and per-thread partial sums of `dW` added at the end. No
 //!   synchronisation inside a step, so it is the fastest when the batch covers the threads.
 //! - `Batched { items }`: a group of items' columns side by side, `[C*kh*kw, items*OH*OW]`,
-//!   one threaded product per group. Used for batches smaller than the thread count and when
-//!   the matrix library cannot run a product on one thread (OpenBLAS).
+//!   one threaded product per group. Used for batches smaller than the thread count.
 
 use rayon::prelude::*;
 
-use crate::ops::gemm::{sgemm, sgemm_serial, SERIAL_GEMM_AVAILABLE};
+use crate::ops::gemm::{sgemm, sgemm_serial};
 use crate::{Error, Result, Tape, Tensor, Var};
 
 /// Stride and zero padding of `conv2d`, the same on both spatial axes.
@@ -148,9 +147,12 @@ pub enum ConvSchedule {
 /// threaded product busy, small enough not to grow memory with the batch.
 const BATCHED_COLS_BUDGET: usize = 4 << 20;
 
+/// Elements of per-run partial weight gradients `PerItem` may hold at once (32 MiB of f32).
+const PARTIAL_DW_BUDGET: usize = 8 << 20;
+
 impl ConvSchedule {
     pub fn auto(g: &Conv2dGeometry) -> ConvSchedule {
-        if SERIAL_GEMM_AVAILABLE && g.n >= rayon::current_num_threads() {
+        if g.n >= rayon::current_num_threads() {
             ConvSchedule::PerItem
         } else {
             let per_item = (g.patch() * g.pixels()).max(1);
@@ -351,23 +353,26 @@ pub fn conv2d_forward_cpu_with(
         return Ok(());
     }
     match schedule {
-        ConvSchedule::PerItem => out
-            .par_chunks_mut(oimg)
-            .zip(x.par_chunks(img.max(1)))
-            .try_for_each_init(
-                || vec![0f32; if g.is_pointwise() { 0 } else { ck * p }],
-                |cols, (out_n, x_n)| {
-                    let cols: &[f32] = if g.is_pointwise() {
-                        x_n
-                    } else {
-                        im2col_cpu(x_n, g, 1, cols, false);
-                        cols
-                    };
-                    sgemm_serial(false, false, g.o, p, ck, 1.0, weight, cols, 0.0, out_n)?;
-                    add_bias(out_n, bias, p);
+        ConvSchedule::PerItem => {
+            // Runs of items, a few per thread, each with one column buffer.
+            let per = g.n.div_ceil((4 * rayon::current_num_threads()).min(g.n));
+            out.par_chunks_mut(per * oimg)
+                .zip(x.par_chunks(per * img))
+                .try_for_each(|(out_run, x_run)| {
+                    let mut cols = vec![0f32; if g.is_pointwise() { 0 } else { ck * p }];
+                    for (out_n, x_n) in out_run.chunks_mut(oimg).zip(x_run.chunks(img)) {
+                        let cols: &[f32] = if g.is_pointwise() {
+                            x_n
+                        } else {
+                            im2col_cpu(x_n, g, 1, &mut cols, false);
+                            &cols
+                        };
+                        sgemm_serial(false, false, g.o, p, ck, 1.0, weight, cols, 0.0, out_n)?;
+                        add_bias(out_n, bias, p);
+                    }
                     Ok(())
-                },
-            ),
+                })
+        }
         ConvSchedule::Batched { items } => {
             let items = items.clamp(1, g.n);
             let mut cols = vec![
@@ -457,9 +462,13 @@ pub fn conv2d_backward_cpu_with(
     let grad = &grad[..g.n * oimg];
     match schedule {
         ConvSchedule::PerItem => {
-            // Contiguous runs of items, one per thread: each keeps its own column buffers and
-            // partial dW, so threads never wait on each other until the final sum.
-            let per = g.n.div_ceil(rayon::current_num_threads().max(1));
+            // Contiguous runs of items, each with its own column buffers and partial dW, so
+            // threads never wait on each other until the final sum. A few runs per thread
+            // (as memory for the partial sums allows) let a thread that other work slowed
+            // down hand runs to the others.
+            let threads = rayon::current_num_threads().max(1);
+            let runs = (PARTIAL_DW_BUDGET / (g.o * ck)).clamp(threads, 4 * threads);
+            let per = g.n.div_ceil(runs.min(g.n));
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
                 let first = t * per;
                 let cnt = per.min(g.n - first);

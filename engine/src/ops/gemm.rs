@@ -2,17 +2,24 @@
 //! attention): BLAS's `C = alpha * op(A) * op(B) + beta * C` over row-major f32 slices, run by
 //! the `gemm` crate on all rayon threads.
 //!
-//! With the cargo feature `openblas`, `sgemm` calls the system OpenBLAS through `cblas_sgemm`
-//! instead (faster on AVX-512 machines: see docs/benchmarks.md); the `gemm` crate stays the
-//! default and the oracle (`sgemm_gemm_crate`), and a test compares the two paths.
+//! With the cargo feature `openblas`, products run on the system OpenBLAS (`cblas_sgemm`)
+//! instead: on AVX-512 machines its kernels are much faster than the `gemm` crate's AVX2 ones
+//! on stable Rust (docs/benchmarks.md). OpenBLAS is then pinned to one thread and the work is
+//! split over rayon here, so that `sgemm_serial` really stays on its thread (conv runs batch
+//! items in parallel) and the two thread pools never fight over the cores. The `gemm` crate
+//! stays the default and the oracle (`sgemm_gemm_crate`); a test compares the two paths.
 
 use gemm::Parallelism;
 
 use crate::{Error, Result};
 
-/// `C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C`, all row-major.
-/// `A` is stored `[m, k]`, or `[k, m]` when `trans_a`; `B` is `[k, n]`, or `[n, k]` when
-/// `trans_b`. With `beta == 0` the old contents of `C` are ignored (may be uninitialised
+/// Products with fewer multiply-adds than this run on one thread: splitting them across the
+/// pool costs more than it saves.
+pub const SERIAL_MNK: usize = 64 * 64 * 64;
+
+/// `C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C`, all row-major, on all rayon
+/// threads. `A` is stored `[m, k]`, or `[k, m]` when `trans_a`; `B` is `[k, n]`, or `[n, k]`
+/// when `trans_b`. With `beta == 0` the old contents of `C` are ignored (may be uninitialised
 /// garbage, NaN included).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
@@ -27,39 +34,18 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    check_lengths(m, n, k, a, b, c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
-        return Ok(());
-    }
-    #[cfg(feature = "openblas")]
-    {
-        cblas::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c)
-    }
-    #[cfg(not(feature = "openblas"))]
-    {
-        let parallel = m * n * k >= SERIAL_MNK;
+    if !degenerate(m, n, k, a, b, beta, c)? {
+        let parallel = m * n * k >= SERIAL_MNK && rayon::current_num_threads() > 1;
+        #[cfg(feature = "openblas")]
+        cblas::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel)?;
+        #[cfg(not(feature = "openblas"))]
         gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
-        Ok(())
     }
+    Ok(())
 }
 
-/// Products with fewer multiply-adds than this run on one thread: splitting them across the
-/// pool costs more than it saves (OpenBLAS uses the same threshold internally).
-pub const SERIAL_MNK: usize = 64 * 64 * 64;
-
-/// Whether `sgemm_serial` really stays on the calling thread, so that a caller may run many
-/// independent products in parallel itself (conv over batch items, attention over heads).
-/// False with `openblas`, whose own thread pool cannot be turned off per call (0.3.21).
-pub const SERIAL_GEMM_AVAILABLE: bool = !cfg!(feature = "openblas");
-
-/// `sgemm` on the calling thread only (when `SERIAL_GEMM_AVAILABLE`; otherwise the same as
-/// `sgemm`, and callers should not run it from several threads at once).
+/// `sgemm` on the calling thread only, for callers that run many independent products in
+/// parallel themselves (conv over batch items, attention over heads).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_serial(
     trans_a: bool,
@@ -73,20 +59,12 @@ pub fn sgemm_serial(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    if cfg!(feature = "openblas") {
-        return sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+    if !degenerate(m, n, k, a, b, beta, c)? {
+        #[cfg(feature = "openblas")]
+        cblas::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false)?;
+        #[cfg(not(feature = "openblas"))]
+        gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false);
     }
-    check_lengths(m, n, k, a, b, c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
-        return Ok(());
-    }
-    gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false);
     Ok(())
 }
 
@@ -105,33 +83,25 @@ pub fn sgemm_gemm_crate(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    check_lengths(m, n, k, a, b, c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
+    if !degenerate(m, n, k, a, b, beta, c)? {
+        let parallel = m * n * k >= SERIAL_MNK && rayon::current_num_threads() > 1;
+        gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
     }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
-        return Ok(());
-    }
-    gemm_crate(
-        trans_a,
-        trans_b,
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        b,
-        beta,
-        c,
-        m * n * k >= SERIAL_MNK,
-    );
     Ok(())
 }
 
-fn check_lengths(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &[f32]) -> Result<()> {
+/// Checks the buffer lengths and handles the products with nothing to multiply (an empty
+/// `C`; `k == 0`, where `C = beta * C`). Returns whether it did (the caller then has nothing
+/// left to do).
+fn degenerate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> Result<bool> {
     if a.len() < m * k || b.len() < k * n || c.len() < m * n {
         return Err(Error::shape(
             "sgemm",
@@ -143,7 +113,16 @@ fn check_lengths(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &[f32]) 
             ),
         ));
     }
-    Ok(())
+    if m == 0 || n == 0 {
+        return Ok(true);
+    }
+    if k == 0 {
+        c[..m * n]
+            .iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// The `gemm` crate call; the caller has checked lengths and that m, n, k are non-zero.
@@ -177,8 +156,8 @@ fn gemm_crate(
     } else {
         Parallelism::None
     };
-    // SAFETY: the length checks above keep every (row, column) access inside the slices; `c`
-    // is borrowed mutably, so it aliases neither `a` nor `b`.
+    // SAFETY: the length checks keep every (row, column) access inside the slices; `c` is
+    // borrowed mutably, so it aliases neither `a` nor `b`.
     unsafe {
         gemm::gemm(
             m,
@@ -207,6 +186,10 @@ fn gemm_crate(
 #[cfg(feature = "openblas")]
 mod cblas {
     //! `cblas_sgemm` from the system OpenBLAS (LP64: 32-bit `int` sizes), linked by build.rs.
+    //! OpenBLAS's own threads are turned off once; parallel products are split into blocks of
+    //! `C` here, one single-threaded `cblas_sgemm` per rayon task.
+
+    use rayon::prelude::*;
 
     use crate::{Error, Result};
 
@@ -215,6 +198,7 @@ mod cblas {
     const TRANS: i32 = 112;
 
     extern "C" {
+        fn openblas_set_num_threads(n: i32);
         #[allow(clippy::too_many_arguments)]
         fn cblas_sgemm(
             order: i32,
@@ -234,6 +218,22 @@ mod cblas {
         );
     }
 
+    static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
+
+    /// A block of `C` written by one task; blocks are disjoint, so sending the pointer to
+    /// another thread is sound.
+    #[derive(Clone, Copy)]
+    struct CPtr(*mut f32);
+    unsafe impl Send for CPtr {}
+    unsafe impl Sync for CPtr {}
+
+    impl CPtr {
+        // A method, so closures capture the whole (Send) wrapper rather than its raw field.
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
     /// The caller has checked lengths and that m, n, k are non-zero.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sgemm(
@@ -247,39 +247,74 @@ mod cblas {
         b: &[f32],
         beta: f32,
         c: &mut [f32],
+        parallel: bool,
     ) -> Result<()> {
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| {
-                Error::invalid(
+        for v in [m, n, k, m * k, k * n, m * n] {
+            if i32::try_from(v).is_err() {
+                return Err(Error::invalid(
                     "sgemm",
-                    format!("dimension {v} exceeds OpenBLAS's 32-bit sizes (m={m} n={n} k={k})"),
-                )
-            })
+                    format!("m={m} n={n} k={k} exceeds OpenBLAS's 32-bit sizes"),
+                ));
+            }
+        }
+        // SAFETY: a plain setter of OpenBLAS's global thread count.
+        SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
+        let lda = if trans_a { m } else { k };
+        let ldb = if trans_b { k } else { n };
+        let (ap, bp, cp) = (
+            a.as_ptr() as usize,
+            b.as_ptr() as usize,
+            CPtr(c.as_mut_ptr()),
+        );
+        // One block: rows [r0, r0 + rows) and columns [c0, c0 + cols) of C.
+        let block = |r0: usize, rows: usize, c0: usize, cols: usize| {
+            // Element offsets of the block's first row of op(A) and first column of op(B).
+            let a_off = if trans_a { r0 } else { r0 * lda };
+            let b_off = if trans_b { c0 * ldb } else { c0 };
+            // SAFETY: the caller checked that `a`, `b`, `c` hold m*k, k*n, m*n elements; the
+            // block lies inside those bounds with these leading dimensions, and blocks of `C`
+            // handed to different tasks are disjoint. BLAS with beta == 0 overwrites C
+            // without reading it. Every size fits in i32 (checked above).
+            unsafe {
+                cblas_sgemm(
+                    ROW_MAJOR,
+                    if trans_a { TRANS } else { NO_TRANS },
+                    if trans_b { TRANS } else { NO_TRANS },
+                    rows as i32,
+                    cols as i32,
+                    k as i32,
+                    alpha,
+                    (ap as *const f32).add(a_off),
+                    lda as i32,
+                    (bp as *const f32).add(b_off),
+                    ldb as i32,
+                    beta,
+                    cp.get().add(r0 * n + c0),
+                    n as i32,
+                );
+            }
         };
-        let (mi, ni, ki) = (int(m)?, int(n)?, int(k)?);
-        let lda = if trans_a { mi } else { ki };
-        let ldb = if trans_b { ki } else { ni };
-        let t = |x: bool| if x { TRANS } else { NO_TRANS };
-        // SAFETY: the caller checked that `a`, `b`, `c` hold at least m*k, k*n, m*n elements,
-        // which with these leading dimensions bounds every access; `c` is borrowed mutably so
-        // it aliases neither input. BLAS with beta == 0 overwrites C without reading it.
-        unsafe {
-            cblas_sgemm(
-                ROW_MAJOR,
-                t(trans_a),
-                t(trans_b),
-                mi,
-                ni,
-                ki,
-                alpha,
-                a.as_ptr(),
-                lda,
-                b.as_ptr(),
-                ldb,
-                beta,
-                c.as_mut_ptr(),
-                ni,
-            );
+        if !parallel {
+            block(0, m, 0, n);
+            return Ok(());
+        }
+        // Split the longer side of C into a few blocks per thread (multiples of 16, the
+        // kernels' register tile) so a thread slowed by other work does not hold up the rest.
+        let tasks = 2 * rayon::current_num_threads();
+        let split = |len: usize| {
+            let step = len.div_ceil(tasks).next_multiple_of(16).max(16);
+            (0..len.div_ceil(step)).map(move |i| (i * step, step.min(len - i * step)))
+        };
+        if m >= n {
+            split(m)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(|(r0, rows)| block(r0, rows, 0, n));
+        } else {
+            split(n)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(|(c0, cols)| block(0, m, c0, cols));
         }
         Ok(())
     }
@@ -337,7 +372,7 @@ mod tests {
 
     #[test]
     fn serial_path_matches_threaded_path() {
-        let (m, n, k) = (96, 80, 72);
+        let (m, n, k) = (96, 200, 72);
         let a: Vec<f32> = (0..m * k)
             .map(|i| crate::rng::normal_at(3, i as u64))
             .collect();
@@ -346,10 +381,18 @@ mod tests {
             .collect();
         let mut c1 = vec![0f32; m * n];
         let mut c2 = vec![f32::NAN; m * n];
-        sgemm(true, false, m, n, k, 1.0, &a, &b, 0.0, &mut c1).unwrap();
-        sgemm_serial(true, false, m, n, k, 1.0, &a, &b, 0.0, &mut c2).unwrap();
-        for (x, y) in c1.iter().zip(&c2) {
-            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            // Wide C (split by columns) and tall C (split by rows, operands swapped).
+            sgemm(ta, tb, m, n, k, 1.0, &a, &b, 0.0, &mut c1).unwrap();
+            sgemm_serial(ta, tb, m, n, k, 1.0, &a, &b, 0.0, &mut c2).unwrap();
+            for (x, y) in c1.iter().zip(&c2) {
+                assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+            sgemm(ta, tb, n, m, k, 1.0, &b, &a, 0.0, &mut c1).unwrap();
+            sgemm_serial(ta, tb, n, m, k, 1.0, &b, &a, 0.0, &mut c2).unwrap();
+            for (x, y) in c1.iter().zip(&c2) {
+                assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+            }
         }
         assert!(
             sgemm_serial(false, false, 4, 4, 4, 1.0, &a[..3], &b, 0.0, &mut [0.0; 16]).is_err()
@@ -361,7 +404,14 @@ mod tests {
     #[cfg(feature = "openblas")]
     #[test]
     fn openblas_matches_gemm_crate() {
-        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (70, 33, 91), (257, 129, 300)] {
+        // Small (one call), tall and wide (split over threads into blocks of C).
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (70, 33, 91),
+            (257, 129, 300),
+            (40, 531, 77),
+        ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| crate::rng::normal_at(5, i as u64))
                 .collect();

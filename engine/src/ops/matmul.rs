@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::gemm::{sgemm, sgemm_serial, SERIAL_GEMM_AVAILABLE, SERIAL_MNK};
+use crate::ops::gemm::{sgemm, sgemm_serial, SERIAL_MNK};
 use crate::{Error, Result, Tape, Tensor, Var};
 
 // ---------------------------------------------------------------------------------------------
@@ -112,13 +112,11 @@ fn matmul_grad_b(
 }
 
 /// Whether a batch of independent products should be spread over rayon threads (each product
-/// on one thread) rather than run one after another with each product threaded: small
-/// products (attention heads) do not feed a threaded gemm, large ones do.
+/// on one thread) rather than run one after another with each product threaded: with enough
+/// products to cover the threads, or products too small to feed a threaded gemm (attention
+/// heads), spreading them needs no synchronisation inside a product.
 fn batch_in_parallel(batch: usize, m: usize, n: usize, k: usize) -> bool {
-    let small = m * n * k < SERIAL_MNK;
-    // Without a truly serial sgemm (OpenBLAS), only products that it keeps on one thread
-    // anyway may run concurrently.
-    batch > 1 && (small || (SERIAL_GEMM_AVAILABLE && batch >= rayon::current_num_threads()))
+    batch > 1 && (m * n * k < SERIAL_MNK || batch >= rayon::current_num_threads())
 }
 
 /// `out[i] = op(a[i]) op(b[i])` for `batch` products stored back to back.
