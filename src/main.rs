@@ -75,6 +75,9 @@ enum Command {
         /// Students' learning rate as a multiple of the best sweep learning rate.
         #[arg(long, default_value_t = DemoKnobs::default().student_lr_scale)]
         student_lr_scale: f32,
+        /// Students' duration in epochs (default: the preset's).
+        #[arg(long)]
+        student_epochs: Option<f64>,
         /// Train every run again even when a finished run with the same recipe is there.
         #[arg(long)]
         fresh: bool,
@@ -144,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
             temperature,
             weight,
             student_lr_scale,
+            student_epochs,
             fresh,
         } => {
             let task = match task.as_str() {
@@ -167,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
                 temperature,
                 weight,
                 student_lr_scale,
+                student_epochs,
             };
             let report = run_demo(task, preset, &out, knobs, &opts)?;
             println!("{}", report.to_markdown());

@@ -60,6 +60,8 @@ pub struct DemoKnobs {
     pub weight: f32,
     /// Students' learning rate as a multiple of the best sweep learning rate.
     pub student_lr_scale: f32,
+    /// Students' duration in epochs (default: the preset's).
+    pub student_epochs: Option<f64>,
 }
 
 impl Default for DemoKnobs {
@@ -68,6 +70,7 @@ impl Default for DemoKnobs {
             temperature: 1.0,
             weight: 1.0,
             student_lr_scale: 1.0,
+            student_epochs: None,
         }
     }
 }
@@ -237,7 +240,7 @@ pub fn run_demo(
             stop,
             every: 1,
         };
-    let e = p.student_epochs;
+    let e = knobs.student_epochs.unwrap_or(p.student_epochs);
     // Students are named by what varies, so experiments with other knobs sit beside them.
     let tag = format!(
         "t{}-w{}-lr{}-e{e}",
