@@ -233,7 +233,13 @@ pub fn run_demo(
         |loss: KdLossKind, teachers: Vec<PathBuf>, strategy: &str, stop: f32| DistillRecipe {
             teachers,
             loss,
-            temperature: knobs.temperature,
+            // MSE has no temperature: keep its recipe independent of the KL knob, so a
+            // finished MSE student is reused across temperature experiments.
+            temperature: if loss == KdLossKind::Mse {
+                1.0
+            } else {
+                knobs.temperature
+            },
             weight: knobs.weight,
             strategy: strategy.into(),
             start: 0.0,
