@@ -38,7 +38,16 @@ pub(crate) fn driver_library() -> Result<(), String> {
             // SAFETY: loading libcuda runs its initialisers; that is what using the driver
             // means, and nothing else in the process depends on it not being loaded.
             match unsafe { libloading::Library::new(DRIVER_LIBRARY) } {
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    // libloading keeps the loader's own words (dlerror) in the source.
+                    let mut msg = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        msg = format!("{msg}: {s}");
+                        source = s.source();
+                    }
+                    Err(msg)
+                }
                 Ok(lib) => {
                     // Keep it mapped for the life of the process, as cudarc does with its own
                     // handle: unloading a driver while contexts exist is never wanted.
