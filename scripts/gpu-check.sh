@@ -27,11 +27,18 @@ prepare() {
     mkdir -p .device
     cp target/release/recycle .device/recycle
     strip .device/recycle
-    local shared="${RECYCLE_SHARED:-$(cd "$root/.." && pwd)/shared}"
-    if [ -f "$shared/reference/torch_kd_overhead.py" ]; then
-        cp "$shared/reference/torch_kd_overhead.py" .device/
+    # The shared folder sits beside the checkout (../shared), or two levels up for a worktree.
+    local peer=""
+    for d in "${RECYCLE_SHARED:-}" "$root/../shared" "$root/../../shared" "$root/shared"; do
+        if [ -n "$d" ] && [ -f "$d/reference/torch_kd_overhead.py" ]; then
+            peer="$d/reference/torch_kd_overhead.py"
+            break
+        fi
+    done
+    if [ -n "$peer" ]; then
+        cp "$peer" .device/
     else
-        echo "warning: $shared/reference/torch_kd_overhead.py not found: the run will skip the PyTorch peer" >&2
+        echo "warning: shared/reference/torch_kd_overhead.py not found (set RECYCLE_SHARED): the run will skip the PyTorch peer" >&2
     fi
     cp scripts/gpu-check.sh .device/
     du -sh .device/*
