@@ -6,6 +6,7 @@
 pub mod data;
 pub mod distill;
 pub mod experiments;
+pub mod gpu_check;
 pub mod recipe;
 pub mod trainer;
 

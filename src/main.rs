@@ -82,6 +82,16 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// Check every CUDA op against its CPU twin on fresh random inputs (needs a GPU and a
+    /// build with `--features cuda`); exits non-zero when any op fails.
+    GpuCheck {
+        /// The GPU to check.
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -179,6 +189,24 @@ fn run(cli: Cli) -> Result<()> {
                 "report and plot written to {}",
                 out.join("report").display()
             );
+        }
+        Command::GpuCheck { device, out } => {
+            let report = recycle::gpu_check::run(recycle_engine::Device::parse(&device)?)?;
+            let text = report.to_text();
+            print!("{text}");
+            if let Some(path) = out {
+                std::fs::write(&path, &text).map_err(|e| Error::io(&path, e))?;
+            }
+            if report.failures() > 0 {
+                return Err(Error::invalid(
+                    "gpu-check",
+                    format!(
+                        "{} of {} checks failed (see the table)",
+                        report.failures(),
+                        report.rows.len()
+                    ),
+                ));
+            }
         }
     }
     Ok(())

@@ -238,9 +238,13 @@ impl Tape {
                 if let Some(dst) = param_grads.get(id) {
                     dst.add_assign(&ig.reshape(dst.shape())?)?;
                 } else if let Some(acc) = grads.get(id) {
-                    // Accumulate into a private copy: `ig` may share storage with a value the
-                    // forward pass still holds.
-                    let sum = acc.deep_copy()?;
+                    // Accumulate into a private f32 copy: `ig` may share storage with a value
+                    // the forward pass still holds (and on a GPU a gradient may be bf16).
+                    let sum = if acc.dtype() == crate::DType::F32 {
+                        acc.deep_copy()?
+                    } else {
+                        acc.cast(crate::DType::F32)?
+                    };
                     sum.add_assign(&ig)?;
                     grads.insert(*id, sum);
                 } else {

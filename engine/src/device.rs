@@ -34,16 +34,20 @@ impl Device {
         Device::cuda(ordinal)
     }
 
-    /// A CUDA device, or an error saying what is missing.
+    /// A CUDA device, or an error saying what is missing: no CUDA backend in this build, no
+    /// NVIDIA driver (`libcuda.so.1`), a driver older than CUDA 13.0, no GPU `ordinal`, a GPU
+    /// the kernels have no image for, or a build without kernels. Never a panic. The first
+    /// successful call makes the device's context (streams, memory pool); later calls reuse it.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Err(Error::Device(format!(
-            "cuda:{ordinal} was requested, but this build of recycle-engine has no CUDA backend; \
-             use the CPU (`cpu`), or rebuild with `--features cuda` on a machine with an NVIDIA driver"
-        )))
+        crate::cuda::device_info(ordinal).map(|_| Device::Cuda(ordinal))
     }
 
     pub fn is_cpu(self) -> bool {
         matches!(self, Device::Cpu)
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
     }
 }
 
@@ -53,5 +57,47 @@ impl std::fmt::Display for Device {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without the feature, or on a machine without an NVIDIA driver (this one, CI), asking for
+    /// a GPU is an error that says what is missing, and nothing panics.
+    #[test]
+    fn cuda_without_a_gpu_is_an_error_naming_what_is_missing() {
+        for r in [
+            Device::cuda(0),
+            Device::parse("cuda:0"),
+            Device::parse("cuda"),
+        ] {
+            let e = r.unwrap_err().to_string();
+            if cfg!(feature = "cuda") {
+                if e.contains("no NVIDIA driver found") {
+                    assert!(e.contains("libcuda.so.1 not loadable"), "{e}");
+                }
+            } else {
+                assert!(
+                    e.contains("no CUDA backend") && e.contains("--features cuda"),
+                    "{e}"
+                );
+            }
+            assert!(e.contains("cuda:0"), "{e}");
+        }
+        assert!(Device::parse("cuda:x").is_err());
+        assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+    }
+
+    #[test]
+    fn tensors_cannot_be_made_on_a_missing_gpu() {
+        use crate::{DType, Tensor};
+        let e = Tensor::zeros(&[2], DType::F32, Device::Cuda(0)).unwrap_err();
+        assert!(e.to_string().contains("Tensor::zeros"), "{e}");
+        let t = Tensor::f32(vec![1.0, 2.0], &[2]).unwrap();
+        let e = t.to_device(Device::Cuda(0)).unwrap_err();
+        assert!(e.to_string().contains("Tensor::to_device"), "{e}");
+        assert!(t.to_device(Device::Cpu).unwrap().same_storage(&t));
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod autograd;
 pub mod checkpoint;
+pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;

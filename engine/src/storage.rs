@@ -1,5 +1,9 @@
-//! The memory behind tensors: one enum arm per backend (candle's pattern). The CUDA arm joins
-//! when the `cuda` feature brings its backend; ops dispatch by `match` on this enum.
+//! The memory behind tensors: one enum arm per backend (candle's pattern); ops dispatch by
+//! `match` on this enum (or on the tensor's `Device`).
+//!
+//! The `Cuda` arm exists in every build so that code matching on storage is written once. With
+//! the `cuda` feature it holds a device buffer ([`CudaStorage`]); without it, `CudaStorage` is
+//! an empty enum, so the arm cannot be built and every match on it compiles to nothing.
 
 use half::bf16;
 
@@ -8,6 +12,61 @@ use crate::DType;
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+/// Device memory of one tensor storage: a stream-ordered allocation on one GPU and the element
+/// type it holds (see `crate::cuda` for the allocator).
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub(crate) buffer: crate::cuda::DeviceBuffer,
+    pub(crate) dtype: DType,
+    pub(crate) len: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaStorage {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The GPU holding the memory.
+    pub fn ordinal(&self) -> usize {
+        self.buffer.ordinal()
+    }
+}
+
+/// Without the `cuda` feature no device storage can exist: this enum has no value.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug)]
+pub enum CudaStorage {}
+
+#[cfg(not(feature = "cuda"))]
+impl CudaStorage {
+    pub fn dtype(&self) -> DType {
+        match *self {}
+    }
+
+    pub fn len(&self) -> usize {
+        match *self {}
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match *self {}
+    }
+
+    pub fn ordinal(&self) -> usize {
+        match *self {}
+    }
 }
 
 /// Host memory, typed.
@@ -56,6 +115,15 @@ impl CpuStorage {
         }
     }
 
+    /// Values of `dtype` from their little-endian bytes (a copy back from a device).
+    pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Self {
+        match dtype {
+            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::I32 => CpuStorage::I32(bytemuck::pod_collect_to_vec(bytes)),
+        }
+    }
+
     /// The raw little-endian bytes of `[start, start + len)`.
     pub fn range_bytes(&self, start: usize, len: usize) -> &[u8] {
         match self {
@@ -70,12 +138,14 @@ impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
         }
     }
 

@@ -4,6 +4,11 @@
 //! flat buffer. Layout changes (permute, transpose) are explicit copy ops; `reshape` and `view`
 //! only reinterpret. Values are read through guards (`read_f32`) that borrow f32 storage and
 //! widen bf16/i32 storage, so CPU ops are written once, over `&[f32]`.
+//!
+//! A tensor on a GPU (feature `cuda`) holds device memory. The guards refuse it (CPU code
+//! never reads device memory behind the caller's back); copies are explicit: `to_device`,
+//! `to_vec`/`to_vec_f32`, `copy_from`. Metadata operations (`reshape`, `view`) and the
+//! in-place helpers (`cast`, `deep_copy`, `add_assign`, `zero_`) work on both.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -58,9 +63,12 @@ impl Tensor {
         }
     }
 
-    /// A tensor that takes ownership of `data` (no copy).
+    /// A tensor that takes ownership of `data` (no copy on the CPU; one upload to a GPU).
     pub fn from_vec<T: WithDType>(data: Vec<T>, shape: &[usize], device: Device) -> Result<Tensor> {
         Self::check_device("Tensor::from_vec", device)?;
+        if !device.is_cpu() {
+            return Self::from_vec(data, shape, Device::Cpu)?.to_device(device);
+        }
         if data.len() != elem_count(shape) {
             return Err(Error::shape(
                 "Tensor::from_vec",
@@ -87,17 +95,26 @@ impl Tensor {
 
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
         Self::check_device("Tensor::zeros", device)?;
-        Ok(Self::from_cpu_storage(
-            CpuStorage::zeros(dtype, elem_count(shape)),
-            shape,
-        ))
+        match device {
+            Device::Cpu => Ok(Self::from_cpu_storage(
+                CpuStorage::zeros(dtype, elem_count(shape)),
+                shape,
+            )),
+            Device::Cuda(_n) => crate::on_cuda!(device, {
+                let ctx = crate::cuda::context_of(_n)?;
+                let bytes = elem_count(shape) * dtype.size_in_bytes();
+                let buffer = crate::cuda::DeviceBuffer::zeroed(&ctx, bytes)?;
+                Ok(Self::from_device_buffer(buffer, dtype, shape))
+            }),
+        }
     }
 
     pub fn full(value: f32, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        Self::check_device("Tensor::full", device)?;
         let n = elem_count(shape);
-        let t = Self::zeros(&[n], DType::F32, device)?;
+        let t = Self::zeros(&[n], DType::F32, Device::Cpu)?;
         t.write_f32()?.fill(value);
-        t.reshape(shape)?.cast(dtype)
+        t.reshape(shape)?.cast(dtype)?.to_device(device)
     }
 
     pub fn ones(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
@@ -114,10 +131,14 @@ impl Tensor {
         dtype: DType,
         device: Device,
     ) -> Result<Tensor> {
+        Self::check_device("Tensor::randn", device)?;
         let data: Vec<f32> = (0..elem_count(shape) as u64)
             .map(|i| mean + std * rng::normal_at(seed, i))
             .collect();
-        Self::from_vec(data, shape, device)?.cast(dtype)
+        // Drawn and rounded on the host, so every device gets the same values.
+        Self::from_vec(data, shape, Device::Cpu)?
+            .cast(dtype)?
+            .to_device(device)
     }
 
     /// Uniform samples in `[low, high)` from stream `seed`.
@@ -135,10 +156,13 @@ impl Tensor {
                 format!("low {low} must be below high {high}"),
             ));
         }
+        Self::check_device("Tensor::rand_uniform", device)?;
         let data: Vec<f32> = (0..elem_count(shape) as u64)
             .map(|i| low + (high - low) * rng::uniform_at(seed, i))
             .collect();
-        Self::from_vec(data, shape, device)?.cast(dtype)
+        Self::from_vec(data, shape, Device::Cpu)?
+            .cast(dtype)?
+            .to_device(device)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -258,6 +282,7 @@ impl Tensor {
         match &*guard {
             Storage::Cpu(CpuStorage::F32(_)) => Ok(F32Read::Borrowed { guard, offset, len }),
             Storage::Cpu(s) => Ok(F32Read::Owned(s.range_to_f32(offset, len))),
+            Storage::Cuda(_) => Err(crate::cuda::host_access_error("read_f32", self.device)),
         }
     }
 
@@ -270,6 +295,7 @@ impl Tensor {
                 offset: self.offset,
                 len: self.elem_count(),
             }),
+            Storage::Cuda(_) => Err(crate::cuda::host_access_error("read_i32", self.device)),
             s => Err(Error::DType {
                 op: "read_i32",
                 expected: DType::I32,
@@ -287,6 +313,7 @@ impl Tensor {
                 offset: self.offset,
                 len: self.elem_count(),
             }),
+            Storage::Cuda(_) => Err(crate::cuda::host_access_error("write_f32", self.device)),
             s => Err(Error::DType {
                 op: "write_f32",
                 expected: DType::F32,
@@ -304,6 +331,7 @@ impl Tensor {
                 offset: self.offset,
                 len: self.elem_count(),
             }),
+            Storage::Cuda(_) => Err(crate::cuda::host_access_error("write_bf16", self.device)),
             s => Err(Error::DType {
                 op: "write_bf16",
                 expected: DType::BF16,
@@ -321,14 +349,24 @@ impl Tensor {
                 got: self.dtype,
             });
         }
+        if !self.device.is_cpu() {
+            return Ok(bytemuck::pod_collect_to_vec(&self.to_bytes()?));
+        }
         let guard = self.read_guard();
-        let Storage::Cpu(s) = &*guard;
-        let bytes = s.range_bytes(self.offset, self.elem_count());
-        Ok(bytemuck::pod_collect_to_vec(bytes))
+        match &*guard {
+            Storage::Cpu(s) => {
+                let bytes = s.range_bytes(self.offset, self.elem_count());
+                Ok(bytemuck::pod_collect_to_vec(bytes))
+            }
+            Storage::Cuda(_) => Err(crate::cuda::host_access_error("to_vec", self.device)),
+        }
     }
 
-    /// The values as f32, whatever the dtype.
+    /// The values as f32, whatever the dtype (copied to the host from a GPU).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        if !self.device.is_cpu() {
+            return self.to_device(Device::Cpu)?.to_vec_f32();
+        }
         Ok(self.read_f32()?.to_vec())
     }
 
@@ -340,20 +378,35 @@ impl Tensor {
                 format!("expected one element, got shape {:?}", self.shape),
             ));
         }
-        Ok(self.read_f32()?[0])
+        Ok(self.to_vec_f32()?[0])
     }
 
-    /// Little-endian bytes of the elements (for checkpoints).
+    /// Little-endian bytes of the elements (for checkpoints; copied from a GPU).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if let Device::Cuda(_) = self.device {
+            return crate::on_cuda!(self.device, {
+                let v = self.cuda_view("to_bytes")?;
+                let mut out = vec![0u8; v.len * self.dtype.size_in_bytes()];
+                crate::cuda::copy_to_host(&v, &mut out)?;
+                Ok(out)
+            });
+        }
         let guard = self.read_guard();
-        let Storage::Cpu(s) = &*guard;
-        Ok(s.range_bytes(self.offset, self.elem_count()).to_vec())
+        match &*guard {
+            Storage::Cpu(s) => Ok(s.range_bytes(self.offset, self.elem_count()).to_vec()),
+            Storage::Cuda(_) => Err(crate::cuda::host_access_error("to_bytes", self.device)),
+        }
     }
 
-    /// A fresh contiguous copy with its own storage.
+    /// A fresh contiguous copy with its own storage, on the same device.
     pub fn deep_copy(&self) -> Result<Tensor> {
+        if let Device::Cuda(_) = self.device {
+            return crate::on_cuda!(self.device, crate::cuda::ops::deep_copy(self));
+        }
         let guard = self.read_guard();
-        let Storage::Cpu(s) = &*guard;
+        let Storage::Cpu(s) = &*guard else {
+            return Err(crate::cuda::host_access_error("deep_copy", self.device));
+        };
         let (o, n) = (self.offset, self.elem_count());
         let storage = match s {
             CpuStorage::F32(v) => CpuStorage::F32(v[o..o + n].to_vec()),
@@ -369,9 +422,14 @@ impl Tensor {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
+        if let Device::Cuda(_) = self.device {
+            return crate::on_cuda!(self.device, crate::cuda::ops::cast(self, dtype));
+        }
         let storage = {
             let guard = self.read_guard();
-            let Storage::Cpu(s) = &*guard;
+            let Storage::Cpu(s) = &*guard else {
+                return Err(crate::cuda::host_access_error("cast", self.device));
+            };
             let (o, n) = (self.offset, self.elem_count());
             match (s, dtype) {
                 (CpuStorage::I32(v), DType::F32) => {
@@ -406,6 +464,9 @@ impl Tensor {
                 format!("{:?} into {:?}", src.shape, self.shape),
             ));
         }
+        if !self.device.is_cpu() {
+            return crate::on_cuda!(self.device, crate::cuda::ops::copy_into(self, src));
+        }
         let values = src.to_vec_f32()?;
         match self.dtype {
             DType::F32 => self.write_f32()?.copy_from_slice(&values),
@@ -435,6 +496,13 @@ impl Tensor {
                 format!("{} values into shape {:?}", values.len(), self.shape),
             ));
         }
+        if !self.device.is_cpu() {
+            return crate::on_cuda!(self.device, {
+                self.expect_dtype("copy_from_i32", DType::I32)?;
+                let v = self.cuda_view("copy_from_i32")?;
+                crate::cuda::copy_to_device(&v, bytemuck::cast_slice(values))
+            });
+        }
         let mut g = self.write_guard();
         match &mut *g {
             Storage::Cpu(CpuStorage::I32(v)) => {
@@ -452,6 +520,10 @@ impl Tensor {
     /// Adds `src` into this f32 tensor in place (gradient accumulation).
     pub fn add_assign(&self, src: &Tensor) -> Result<()> {
         crate::error::check_same_shape("add_assign", &self.shape, &src.shape)?;
+        match crate::cuda::common_device("add_assign", &[self, src])? {
+            Device::Cpu => {}
+            device => return crate::on_cuda!(device, crate::cuda::ops::accumulate(self, src)),
+        }
         if self.same_storage(src) {
             let s = src.to_vec_f32()?;
             let mut d = self.write_f32()?;
@@ -466,6 +538,12 @@ impl Tensor {
 
     /// Sets every element to zero in place.
     pub fn zero_(&self) -> Result<()> {
+        if !self.device.is_cpu() {
+            return crate::on_cuda!(self.device, {
+                let v = self.cuda_view("zero_")?;
+                crate::cuda::zero_device(&v)
+            });
+        }
         match self.dtype {
             DType::F32 => self.write_f32()?.fill(0.0),
             DType::BF16 => self.write_bf16()?.fill(bf16::ZERO),
@@ -478,6 +556,34 @@ impl Tensor {
             }
         }
         Ok(())
+    }
+
+    /// A copy of this tensor on `device` (the same tensor when it is already there). To a GPU,
+    /// through the context's pinned staging buffer; from a GPU, after the work queued on it.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device {
+            return Ok(self.clone());
+        }
+        Self::check_device("Tensor::to_device", device)?;
+        match (self.device, device) {
+            (Device::Cpu, Device::Cuda(_n)) => crate::on_cuda!(device, {
+                let ctx = crate::cuda::context_of(_n)?;
+                let bytes = self.to_bytes()?;
+                let buffer = crate::cuda::DeviceBuffer::alloc(&ctx, bytes.len())?;
+                let t = Self::from_device_buffer(buffer, self.dtype, &self.shape);
+                crate::cuda::copy_to_device(&t.cuda_view("to_device")?, &bytes)?;
+                Ok(t)
+            }),
+            (Device::Cuda(_), Device::Cpu) => {
+                let bytes = self.to_bytes()?;
+                Ok(Self::from_cpu_storage(
+                    CpuStorage::from_bytes(self.dtype, &bytes),
+                    &self.shape,
+                ))
+            }
+            // Between GPUs: through the host (peer copies come with multi-GPU training).
+            _ => self.to_device(Device::Cpu)?.to_device(device),
+        }
     }
 
     /// Fails with a dtype error unless this tensor is `dtype`.
@@ -516,6 +622,47 @@ impl Tensor {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Tensor {
+    /// A tensor owning `buffer` (which holds `elem_count(shape)` values of `dtype`).
+    pub(crate) fn from_device_buffer(
+        buffer: crate::cuda::DeviceBuffer,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Tensor {
+        let ordinal = buffer.ordinal();
+        Tensor {
+            storage: Arc::new(RwLock::new(Storage::Cuda(crate::storage::CudaStorage {
+                buffer,
+                dtype,
+                len: elem_count(shape),
+            }))),
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+            device: Device::Cuda(ordinal),
+        }
+    }
+
+    /// The device address of this tensor's first element, its context and extent. The address
+    /// stays valid while this tensor (or any clone sharing its storage) lives; work using it is
+    /// ordered on the context's compute stream.
+    pub(crate) fn cuda_view(&self, op: &'static str) -> Result<crate::cuda::CudaView> {
+        let guard = self.read_guard();
+        match &*guard {
+            Storage::Cuda(s) => Ok(crate::cuda::CudaView {
+                ctx: s.buffer.context().clone(),
+                ptr: s.buffer.ptr() + (self.offset * self.dtype.size_in_bytes()) as u64,
+                len: self.elem_count(),
+                dtype: self.dtype,
+            }),
+            Storage::Cpu(_) => Err(Error::Device(format!(
+                "{op}: expected a tensor on a GPU, this one is on the CPU"
+            ))),
+        }
     }
 }
 

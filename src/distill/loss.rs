@@ -14,7 +14,8 @@
 //! oracle for the fused CUDA kernel.
 
 use rayon::prelude::*;
-use recycle_engine::{DType, Error, Result, Tape, Tensor, Var};
+use recycle_engine::ops::elementwise::scale;
+use recycle_engine::{cuda, DType, Device, Error, Result, Tape, Tensor, Var};
 
 /// Which distillation term.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -286,6 +287,9 @@ pub fn kd_loss(
             ));
         }
     }
+    if let Device::Cuda(_) = student.tensor().device() {
+        return kd_loss_cuda(tape, cfg, student, teachers, labels, mask);
+    }
     let mask_rows: Option<Vec<bool>> = match mask {
         Some(m) => Some(m.to_vec_f32()?.iter().map(|&v| v != 0.0).collect()),
         None => None,
@@ -310,6 +314,52 @@ pub fn kd_loss(
             }
             let scaled: Vec<f32> = grad.read_f32()?.iter().map(|v| v * scale).collect();
             Ok(vec![Some(Tensor::f32(scaled, &[n, c])?)])
+        }),
+    );
+    Ok(KdLossVars {
+        total,
+        ce: out.ce,
+        kd: out.kd,
+    })
+}
+
+/// The CUDA arm of [`kd_loss`]: the fused kernel (`kd_loss.cu`, through
+/// `recycle_engine::cuda::kd_loss`), the gradient left on the GPU. Compiled, not run on a GPU.
+fn kd_loss_cuda(
+    tape: &Tape,
+    cfg: &KdLoss,
+    student: &Var,
+    teachers: &[Tensor],
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<KdLossVars> {
+    cfg.validate()?;
+    let term = match cfg.kind {
+        KdKind::Kl { temperature } => cuda::KdTerm::Kl { temperature },
+        KdKind::Mse => cuda::KdTerm::Mse,
+    };
+    let out = cuda::kd_loss(
+        Some(term),
+        cfg.weight,
+        cfg.ignore_index,
+        student.tensor(),
+        teachers,
+        labels,
+        mask,
+        1.0,
+    )?;
+    let device = student.tensor().device();
+    let grad = out.grad;
+    let total = tape.record(
+        Tensor::from_vec(vec![out.total], &[], device)?,
+        &[student],
+        Box::new(move |g, _| {
+            let s = g.to_scalar_f32()?;
+            if s == 1.0 {
+                return Ok(vec![Some(grad)]);
+            }
+            let scaled = scale(&Tape::inference(), &Tape::inference().constant(grad), s)?;
+            Ok(vec![Some(scaled.into_tensor())])
         }),
     );
     Ok(KdLossVars {

@@ -9,7 +9,7 @@
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
 use crate::ops::elementwise::{map_cpu, zip_map_cpu};
-use crate::{Result, Tape, Tensor, Var};
+use crate::{Device, Result, Tape, Tensor, Var};
 
 // ---------------------------------------------------------------------------------------------
 // erf
@@ -224,6 +224,12 @@ fn unary(
     saved: Saved,
 ) -> Result<Var> {
     x.tensor().expect_float(op)?;
+    match x.tensor().device() {
+        Device::Cpu => {}
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(d, crate::cuda::ops::activation(tape, op, x))
+        }
+    }
     let out = Tensor::f32(forward(&x.tensor().read_f32()?), x.shape())?;
     let keep = match saved {
         Saved::Input => x.tensor().clone(),

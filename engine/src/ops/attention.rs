@@ -284,6 +284,12 @@ pub fn scaled_dot_product_attention(
     key_padding_mask: Option<&Tensor>,
     opts: AttentionOptions,
 ) -> Result<Var> {
+    crate::cuda::cpu_only(
+        "scaled_dot_product_attention",
+        [q.tensor(), k.tensor(), v.tensor()]
+            .into_iter()
+            .chain(key_padding_mask),
+    )?;
     const OP: &str = "scaled_dot_product_attention";
     let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
     for (name, t) in [("q", qt), ("k", kt), ("v", vt)] {

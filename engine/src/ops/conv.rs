@@ -607,6 +607,12 @@ pub fn conv2d(
     bias: Option<&Var>,
     opts: Conv2dOptions,
 ) -> Result<Var> {
+    crate::cuda::cpu_only(
+        "conv2d",
+        [x.tensor(), weight.tensor()]
+            .into_iter()
+            .chain(bias.map(|b| b.tensor())),
+    )?;
     x.tensor().expect_float("conv2d")?;
     weight.tensor().expect_float("conv2d")?;
     let g = Conv2dGeometry::new(x.shape(), weight.shape(), opts)?;

@@ -58,6 +58,7 @@ pub fn dropout_backward_cpu(g: &[f32], p: f32, seed: u64) -> Vec<f32> {
 /// identity (the input itself is returned, nothing is recorded); otherwise see the module doc
 /// for the exact mask rule.
 pub fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64, training: bool) -> Result<Var> {
+    crate::cuda::cpu_only("dropout", [x.tensor()])?;
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(
             "dropout",

@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use crate::{Error, Result, Tape, Tensor, Var};
+use crate::{Device, Error, Result, Tape, Tensor, Var};
 
 /// Tensors with at least this many elements are processed on all rayon threads; below it,
 /// splitting the work costs more than it saves.
@@ -236,6 +236,12 @@ fn check_float(op: &'static str, xs: &[&Var]) -> Result<()> {
 fn binary(tape: &Tape, op: BinaryOp, a: &Var, b: &Var) -> Result<Var> {
     let name = op.name();
     check_float(name, &[a, b])?;
+    match crate::cuda::common_device(name, &[a.tensor(), b.tensor()])? {
+        Device::Cpu => {}
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(d, crate::cuda::ops::binary(tape, op, a, b));
+        }
+    }
     let (a_shape, b_shape) = (a.shape().to_vec(), b.shape().to_vec());
     let out_shape = broadcast_shape(&a_shape, &b_shape).ok_or_else(|| {
         Error::shape(
@@ -332,6 +338,12 @@ pub fn mul(tape: &Tape, a: &Var, b: &Var) -> Result<Var> {
 /// `s * x`.
 pub fn scale(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
     x.tensor().expect_float("scale")?;
+    match x.tensor().device() {
+        Device::Cpu => {}
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(d, crate::cuda::ops::scalar_op(tape, "scale", x, s));
+        }
+    }
     let out = Tensor::f32(map_cpu(&x.tensor().read_f32()?, |v| v * s), x.shape())?;
     Ok(tape.record(
         out,
@@ -348,6 +360,12 @@ pub fn scale(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
 /// `x + s`.
 pub fn add_scalar(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
     x.tensor().expect_float("add_scalar")?;
+    match x.tensor().device() {
+        Device::Cpu => {}
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(d, crate::cuda::ops::scalar_op(tape, "add_scalar", x, s));
+        }
+    }
     let out = Tensor::f32(map_cpu(&x.tensor().read_f32()?, |v| v + s), x.shape())?;
     Ok(tape.record(
         out,
@@ -459,6 +477,12 @@ pub fn bias_add(tape: &Tape, x: &Var, bias: &Var, axis: usize) -> Result<Var> {
         ));
     }
     let inner: usize = shape[axis + 1..].iter().product();
+    match crate::cuda::common_device("bias_add", &[x.tensor(), bias.tensor()])? {
+        Device::Cpu => {}
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(d, crate::cuda::ops::bias_add(tape, x, bias, c, inner));
+        }
+    }
     let out = {
         let (xv, bv) = (x.tensor().read_f32()?, bias.tensor().read_f32()?);
         bias_add_forward_cpu(&xv, &bv, c, inner)
@@ -507,6 +531,7 @@ fn fill_like(g: &Tensor, shape: &[usize], factor: f32) -> Result<Tensor> {
 
 /// Sum of all elements, as a scalar (shape `[]`).
 pub fn sum(tape: &Tape, x: &Var) -> Result<Var> {
+    crate::cuda::cpu_only("sum", [x.tensor()])?;
     x.tensor().expect_float("sum")?;
     let out = scalar(sum_cpu(&x.tensor().read_f32()?) as f32)?;
     let shape = x.shape().to_vec();
@@ -523,6 +548,7 @@ pub fn sum(tape: &Tape, x: &Var) -> Result<Var> {
 
 /// Mean of all elements, as a scalar (shape `[]`). An empty tensor has no mean: error.
 pub fn mean(tape: &Tape, x: &Var) -> Result<Var> {
+    crate::cuda::cpu_only("mean", [x.tensor()])?;
     x.tensor().expect_float("mean")?;
     let n = x.tensor().elem_count();
     if n == 0 {
@@ -587,6 +613,7 @@ pub fn sum_axis_backward_cpu(g: &[f32], n: usize, inner: usize) -> Vec<f32> {
 
 /// Sum over dimension `axis`; with `keep_dim` the dimension stays, with size 1.
 pub fn sum_axis(tape: &Tape, x: &Var, axis: usize, keep_dim: bool) -> Result<Var> {
+    crate::cuda::cpu_only("sum_axis", [x.tensor()])?;
     x.tensor().expect_float("sum_axis")?;
     let shape = x.shape().to_vec();
     if axis >= shape.len() {

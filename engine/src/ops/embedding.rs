@@ -34,6 +34,7 @@ fn unravel(mut p: usize, shape: &[usize]) -> Vec<usize> {
 /// `weight[ids]`: `weight` is `[V, D]`, `ids` i32 of any shape; the result is
 /// `[..ids.shape, D]`. An id outside `[0, V)` is an error naming its position and value.
 pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
+    crate::cuda::cpu_only("embedding", [weight.tensor(), ids])?;
     weight.tensor().expect_float("embedding")?;
     weight.tensor().expect_rank("embedding", "weight", 2)?;
     ids.expect_dtype("embedding (ids)", DType::I32)?;

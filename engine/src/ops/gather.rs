@@ -79,6 +79,7 @@ pub fn scatter_add_rows_cpu(g: &[f32], row_len: usize, indices: &[i32], n_rows: 
 /// Rows of `x` (`[N, ...]`) selected by `indices` (i32 `[M]`): shape `[M, ...]`. An index
 /// outside `[0, N)` is an error naming its position and value.
 pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
+    crate::cuda::cpu_only("gather_rows", [x.tensor(), indices])?;
     x.tensor().expect_float("gather_rows")?;
     indices.expect_dtype("gather_rows (indices)", DType::I32)?;
     let shape = x.shape().to_vec();

@@ -167,6 +167,7 @@ pub fn reshape(tape: &Tape, x: &Var, shape: &[usize]) -> Result<Var> {
 
 /// Dimensions reordered (a copy): output dimension `i` is input dimension `dims[i]`.
 pub fn permute(tape: &Tape, x: &Var, dims: &[usize]) -> Result<Var> {
+    crate::cuda::cpu_only("permute", [x.tensor()])?;
     x.tensor().expect_float("permute")?;
     let shape = x.shape().to_vec();
     let mut seen = vec![false; shape.len()];
@@ -201,6 +202,7 @@ pub fn permute(tape: &Tape, x: &Var, dims: &[usize]) -> Result<Var> {
 
 /// Dimensions `d0` and `d1` swapped (a copy, through `permute`).
 pub fn transpose(tape: &Tape, x: &Var, d0: usize, d1: usize) -> Result<Var> {
+    crate::cuda::cpu_only("transpose", [x.tensor()])?;
     let rank = x.tensor().rank();
     if d0 >= rank || d1 >= rank {
         return Err(Error::shape(
@@ -215,6 +217,7 @@ pub fn transpose(tape: &Tape, x: &Var, d0: usize, d1: usize) -> Result<Var> {
 
 /// Concatenation along `axis`; every input has the same shape except along `axis`.
 pub fn concat(tape: &Tape, xs: &[&Var], axis: usize) -> Result<Var> {
+    crate::cuda::cpu_only("concat", xs.iter().map(|x| x.tensor()))?;
     let first = xs
         .first()
         .ok_or_else(|| Error::invalid("concat", "no tensors to concatenate"))?;
@@ -275,6 +278,7 @@ pub fn concat(tape: &Tape, xs: &[&Var], axis: usize) -> Result<Var> {
 
 /// Elements `[start, start + len)` along `axis` (a copy).
 pub fn narrow(tape: &Tape, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
+    crate::cuda::cpu_only("narrow", [x.tensor()])?;
     x.tensor().expect_float("narrow")?;
     let shape = x.shape().to_vec();
     if axis >= shape.len() {

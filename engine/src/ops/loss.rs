@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use crate::ops::softmax::rows_per_task;
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CrossEntropyOptions {
@@ -177,6 +177,15 @@ pub fn cross_entropy(
             OP,
             format!("label_smoothing {eps} must be in [0, 1]"),
         ));
+    }
+    match lt.device() {
+        Device::Cpu => crate::cuda::cpu_only(OP, [labels])?,
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(
+                d,
+                crate::cuda::ops::cross_entropy(tape, logits, labels, opts)
+            );
+        }
     }
     let labels_v = labels.read_i32()?.to_vec();
     let kept = cross_entropy_check_labels_cpu(&labels_v, classes, opts.ignore_index)?;

@@ -340,6 +340,7 @@ fn mat_dims(
 
 /// `op(a) op(b)` for 2-D `a`, `b`; `trans_*` transposes an operand without copying it.
 pub fn matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
+    crate::cuda::cpu_only("matmul", [a.tensor(), b.tensor()])?;
     a.tensor().expect_float("matmul")?;
     b.tensor().expect_float("matmul")?;
     if a.tensor().rank() != 2 || b.tensor().rank() != 2 {
@@ -394,6 +395,7 @@ pub fn matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Re
 /// transposes, which apply to the last two dims). The leading dims must be identical (no
 /// broadcasting) and the rank at least 3.
 pub fn batched_matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
+    crate::cuda::cpu_only("batched_matmul", [a.tensor(), b.tensor()])?;
     a.tensor().expect_float("batched_matmul")?;
     b.tensor().expect_float("batched_matmul")?;
     let (sa, sb) = (a.shape(), b.shape());
@@ -453,6 +455,12 @@ pub fn batched_matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: boo
 /// A dense layer: `x [..., in] -> x W^T + bias [..., out]`, with `weight [out, in]` (PyTorch's
 /// layout, so checkpoints load unchanged) and `bias [out]`.
 pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<Var> {
+    crate::cuda::cpu_only(
+        "linear",
+        [x.tensor(), weight.tensor()]
+            .into_iter()
+            .chain(bias.map(|b| b.tensor())),
+    )?;
     x.tensor().expect_float("linear")?;
     weight.tensor().expect_float("linear")?;
     let (xs, ws) = (x.shape(), weight.shape());

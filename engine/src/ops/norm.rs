@@ -218,6 +218,16 @@ pub fn batch_norm2d(
     running_var: &Tensor,
     opts: BatchNormOptions,
 ) -> Result<Var> {
+    crate::cuda::cpu_only(
+        "batch_norm2d",
+        [
+            x.tensor(),
+            weight.tensor(),
+            bias.tensor(),
+            running_mean,
+            running_var,
+        ],
+    )?;
     const OP: &str = "batch_norm2d";
     let xt = x.tensor();
     xt.expect_float(OP)?;
@@ -415,6 +425,7 @@ pub fn layer_norm_backward_cpu(
 /// Layer normalisation over the last dimension of `x` (`[..., D]`) with `weight` and `bias`
 /// (`[D]`).
 pub fn layer_norm(tape: &Tape, x: &Var, weight: &Var, bias: &Var, eps: f32) -> Result<Var> {
+    crate::cuda::cpu_only("layer_norm", [x.tensor(), weight.tensor(), bias.tensor()])?;
     const OP: &str = "layer_norm";
     let xt = x.tensor();
     xt.expect_float(OP)?;

@@ -170,6 +170,7 @@ pub fn max_pool2d(
     stride: usize,
     padding: usize,
 ) -> Result<Var> {
+    crate::cuda::cpu_only("max_pool2d", [x.tensor()])?;
     x.tensor().expect_float("max_pool2d")?;
     let g = Pool2dGeometry::new(x.shape(), kernel, stride, padding)?;
     if g.h * g.w > u32::MAX as usize {
@@ -202,6 +203,7 @@ pub fn max_pool2d(
 
 /// Mean over each image plane: `[N, C, H, W] -> [N, C]`.
 pub fn global_avg_pool2d(tape: &Tape, x: &Var) -> Result<Var> {
+    crate::cuda::cpu_only("global_avg_pool2d", [x.tensor()])?;
     x.tensor().expect_float("global_avg_pool2d")?;
     x.tensor()
         .expect_rank("global_avg_pool2d", "input [N, C, H, W]", 4)?;

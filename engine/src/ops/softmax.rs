@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::{Error, Result, Tape, Tensor, Var};
+use crate::{Device, Error, Result, Tape, Tensor, Var};
 
 /// Rows handed to one rayon task: enough elements (about 16K) that the split pays for itself.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
@@ -142,6 +142,12 @@ fn last_dim_op(
             op,
             "input is a scalar; it needs a last dimension to normalise over".to_string(),
         ));
+    }
+    match xt.device() {
+        Device::Cpu => {}
+        d @ Device::Cuda(_) => {
+            return crate::on_cuda!(d, crate::cuda::ops::softmax(tape, x, op == "log_softmax"));
+        }
     }
     let shape = xt.shape().to_vec();
     let row_len = *shape.last().expect("rank >= 1");

@@ -20,8 +20,10 @@
 
 use rayon::prelude::*;
 
-use super::{check_step, next_step, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY};
-use crate::{Error, FlatParams, Result, Tensor};
+use super::{
+    check_step, next_step, state_tensor, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY,
+};
+use crate::{Device, Error, FlatParams, Result, Tensor};
 
 /// Name of the first moment (running mean of gradients) in the optimizer state.
 pub const EXP_AVG_KEY: &str = "optimizer.exp_avg";
@@ -98,6 +100,9 @@ pub struct AdamW {
     pub weight_decay: f64,
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
+    /// The moments on the GPU, once a step ran there (then they are the current ones).
+    device_exp_avg: Option<Tensor>,
+    device_exp_avg_sq: Option<Tensor>,
     steps: u64,
 }
 
@@ -118,6 +123,8 @@ impl AdamW {
             weight_decay,
             exp_avg: vec![0.0; num_params],
             exp_avg_sq: vec![0.0; num_params],
+            device_exp_avg: None,
+            device_exp_avg_sq: None,
             steps: 0,
         };
         opt.validate()?;
@@ -177,6 +184,17 @@ impl Optimizer for AdamW {
         check_step(op, params, self.exp_avg.len(), lr)?;
         let steps = next_step(op, self.steps)?;
         let s = self.step_scalars(steps, lr);
+        let device = params.values().device();
+        if let Device::Cuda(_) = device {
+            crate::on_cuda!(device, {
+                let m = super::state_on(&mut self.device_exp_avg, &self.exp_avg, device)?;
+                let v = super::state_on(&mut self.device_exp_avg_sq, &self.exp_avg_sq, device)?;
+                crate::cuda::ops::adamw_step(params.values(), params.grads(), &m, &v, &s)
+            })?;
+            self.steps = steps;
+            return Ok(());
+        }
+        crate::cuda::cpu_only(op, [params.grads()])?;
         {
             let grads = params.grads().read_f32()?;
             let mut values = params.values().write_f32()?;
@@ -192,16 +210,15 @@ impl Optimizer for AdamW {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let n = self.exp_avg.len();
         vec![
             (STEP_KEY.to_string(), step_tensor(self.steps)),
             (
                 EXP_AVG_KEY.to_string(),
-                Tensor::f32(self.exp_avg.clone(), &[n]).expect("n values fill [n]"),
+                state_tensor(&self.device_exp_avg, &self.exp_avg),
             ),
             (
                 EXP_AVG_SQ_KEY.to_string(),
-                Tensor::f32(self.exp_avg_sq.clone(), &[n]).expect("n values fill [n]"),
+                state_tensor(&self.device_exp_avg_sq, &self.exp_avg_sq),
             ),
         ]
     }
@@ -217,6 +234,8 @@ impl Optimizer for AdamW {
             self.steps = steps;
             self.exp_avg = m;
             self.exp_avg_sq = v;
+            self.device_exp_avg = None;
+            self.device_exp_avg_sq = None;
         }
         Ok(())
     }

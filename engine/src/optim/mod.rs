@@ -99,6 +99,38 @@ pub(crate) fn check_step(
     Ok(())
 }
 
+/// The optimizer state `host` as a tensor on `device`: `cached` when it is already there (the
+/// state lives on the GPU between steps), else a fresh upload, kept in `cached`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn state_on(
+    cached: &mut Option<Tensor>,
+    host: &[f32],
+    device: crate::Device,
+) -> Result<Tensor> {
+    if let Some(t) = cached {
+        if t.device() == device {
+            return Ok(t.clone());
+        }
+    }
+    let t = Tensor::from_slice(host, &[host.len()], device)?;
+    *cached = Some(t.clone());
+    Ok(t)
+}
+
+/// A state buffer for a checkpoint: copied back from the GPU when it lives there. A failed copy
+/// (a broken context) gives an empty tensor, which `load_state` rejects by its size, rather
+/// than the stale host copy.
+pub(crate) fn state_tensor(device_copy: &Option<Tensor>, host: &[f32]) -> Tensor {
+    let n = host.len();
+    let values = match device_copy {
+        Some(t) => t.to_vec_f32().unwrap_or_default(),
+        None => host.to_vec(),
+    };
+    let len = values.len();
+    debug_assert!(len == n || len == 0);
+    Tensor::f32(values, &[len]).expect("len values fill [len]")
+}
+
 /// The step count as a checkpointable 1-element i32 tensor.
 pub(crate) fn step_tensor(steps: u64) -> Tensor {
     // `next_step` refuses to count past i32::MAX, so the conversion cannot fail.

@@ -28,8 +28,10 @@
 
 use rayon::prelude::*;
 
-use super::{check_step, next_step, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY};
-use crate::{Error, FlatParams, Result, Tensor};
+use super::{
+    check_step, next_step, state_tensor, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY,
+};
+use crate::{Device, Error, FlatParams, Result, Tensor};
 
 /// Name of the momentum buffer in the optimizer state.
 pub const MOMENTUM_BUFFER_KEY: &str = "optimizer.momentum_buffer";
@@ -104,6 +106,8 @@ pub struct Sgdw {
     /// peak).
     pub initial_lr: f64,
     momentum_buffer: Vec<f32>,
+    /// The momentum buffer on the GPU, once a step ran there (then it is the current one).
+    device_momentum: Option<Tensor>,
     steps: u64,
 }
 
@@ -126,6 +130,7 @@ impl Sgdw {
             nesterov,
             initial_lr,
             momentum_buffer: vec![0.0; num_params],
+            device_momentum: None,
             steps: 0,
         };
         opt.validate()?;
@@ -215,6 +220,17 @@ impl Optimizer for Sgdw {
         check_step(op, params, self.momentum_buffer.len(), lr)?;
         let steps = next_step(op, self.steps)?;
         let s = self.step_scalars(lr);
+        let device = params.values().device();
+        if let Device::Cuda(_) = device {
+            crate::on_cuda!(device, {
+                let buf =
+                    super::state_on(&mut self.device_momentum, &self.momentum_buffer, device)?;
+                crate::cuda::ops::sgdw_step(params.values(), params.grads(), &buf, &s)
+            })?;
+            self.steps = steps;
+            return Ok(());
+        }
+        crate::cuda::cpu_only(op, [params.grads()])?;
         {
             let grads = params.grads().read_f32()?;
             let mut values = params.values().write_f32()?;
@@ -229,12 +245,11 @@ impl Optimizer for Sgdw {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let n = self.momentum_buffer.len();
         vec![
             (STEP_KEY.to_string(), step_tensor(self.steps)),
             (
                 MOMENTUM_BUFFER_KEY.to_string(),
-                Tensor::f32(self.momentum_buffer.clone(), &[n]).expect("n values fill [n]"),
+                state_tensor(&self.device_momentum, &self.momentum_buffer),
             ),
         ]
     }
@@ -247,6 +262,7 @@ impl Optimizer for Sgdw {
         if let (Some(steps), Some(buf)) = (steps, buf) {
             self.steps = steps;
             self.momentum_buffer = buf;
+            self.device_momentum = None;
         }
         Ok(())
     }

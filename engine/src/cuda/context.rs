@@ -1,0 +1,265 @@
+//! One context per GPU: the primary context, three streams, the loaded kernel families, the
+//! memory counters and the pinned staging buffer. Contexts are made on first use of `cuda:N`
+//! and live for the rest of the process (a training process keeps its GPU).
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result, sys, CudaEvent, CudaStream};
+
+use super::memory::{Memory, Staging};
+use super::probe::{self, Probe};
+use super::{AllocStats, DeviceInfo, StreamRole};
+use crate::{Error, Result};
+
+/// A `CUmodule` or `CUfunction`: plain handles, valid as long as the context; used from any
+/// thread once the context is current there.
+#[derive(Clone, Copy)]
+struct Handle<T>(T);
+// SAFETY: driver handles are process-wide; the driver serialises access to them.
+unsafe impl<T> Send for Handle<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Handle<T> {}
+
+pub(crate) struct CudaContext {
+    info: DeviceInfo,
+    ctx: Arc<cudarc::driver::CudaContext>,
+    student: Arc<CudaStream>,
+    teacher: Arc<CudaStream>,
+    comm: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Handle<sys::CUmodule>>>,
+    functions: Mutex<HashMap<&'static str, Handle<sys::CUfunction>>>,
+    pub(crate) memory: Memory,
+    pub(crate) staging: Mutex<Staging>,
+}
+
+impl std::fmt::Debug for CudaContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaContext(cuda:{}, {})",
+            self.info.ordinal, self.info.name
+        )
+    }
+}
+
+/// The context of `cuda:ordinal`, made (after the probe) on first use.
+pub(crate) fn get(ordinal: usize) -> Result<Arc<CudaContext>> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<usize, Arc<CudaContext>>>> = OnceLock::new();
+    let contexts = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = contexts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = map.get(&ordinal) {
+        return Ok(c.clone());
+    }
+    let probe = probe::probe(ordinal).map_err(Error::Device)?;
+    // The probe checked the driver version, so every symbol cudarc looks up exists; a panic
+    // from it would still be a bug in this assumption, so it becomes an error, not an abort.
+    let made = catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal, probe))).unwrap_or_else(
+        |p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(Error::Device(format!(
+                "cuda:{ordinal}: the CUDA bindings failed while making the context: {what}"
+            )))
+        },
+    )?;
+    let made = Arc::new(made);
+    map.insert(ordinal, made.clone());
+    Ok(made)
+}
+
+/// A driver call's failure as an engine error.
+pub(crate) fn driver_err(ordinal: usize, what: &str, e: result::DriverError) -> Error {
+    Error::Device(format!("cuda:{ordinal}: {what}: {e}"))
+}
+
+impl CudaContext {
+    fn new(ordinal: usize, probe: Probe) -> Result<CudaContext> {
+        let err = |what: &'static str| move |e| driver_err(ordinal, what, e);
+        let ctx = cudarc::driver::CudaContext::new(ordinal)
+            .map_err(err("creating the primary context"))?;
+        if !ctx.has_async_alloc() {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} ({}) does not support stream-ordered allocation (memory \
+                 pools), which recycle's CUDA backend allocates with",
+                probe.name
+            )));
+        }
+        // Keep freed blocks in the device's pool instead of returning them to the driver at
+        // every synchronisation: from the second step on, a step's allocations come from the
+        // pool (the caching allocator is the driver's).
+        // SAFETY: the device handle comes from the context just made; the attribute takes a
+        // u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())
+                .map_err(err("cuDeviceGetDefaultMemPool"))?;
+            let mut threshold: u64 = u64::MAX;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            )
+            .map_err(err("setting the memory pool's release threshold"))?;
+        }
+        let stream = |role: &str| {
+            ctx.new_stream()
+                .map_err(|e| driver_err(ordinal, &format!("creating the {role} stream"), e))
+        };
+        let (student, teacher, comm) = (stream("student")?, stream("teacher")?, stream("comm")?);
+        let (major, minor) = probe.compute_capability;
+        Ok(CudaContext {
+            info: DeviceInfo {
+                ordinal,
+                name: probe.name,
+                compute_capability: (major, minor),
+                driver_version: probe.driver_version,
+                total_memory: probe.total_memory,
+                kernel_image: probe.kernel_image,
+            },
+            ctx,
+            student,
+            teacher,
+            comm,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            memory: Memory::default(),
+            staging: Mutex::new(Staging::default()),
+        })
+    }
+
+    pub(crate) fn ordinal(&self) -> usize {
+        self.info.ordinal
+    }
+
+    pub(crate) fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Makes this context current on the calling thread (cheap when it already is).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err(self.ordinal(), "making the context current", e))
+    }
+
+    pub(crate) fn stream(&self, role: StreamRole) -> &Arc<CudaStream> {
+        match role {
+            StreamRole::Student => &self.student,
+            StreamRole::Teacher => &self.teacher,
+            StreamRole::Comm => &self.comm,
+        }
+    }
+
+    /// The stream every engine op runs on, and on which memory is allocated and freed.
+    pub(crate) fn compute_stream(&self) -> sys::CUstream {
+        self.student.cu_stream()
+    }
+
+    /// An event marking the work queued so far on `role`'s stream.
+    pub(crate) fn record(&self, role: StreamRole) -> Result<CudaEvent> {
+        self.bind()?;
+        self.stream(role)
+            .record_event(None)
+            .map_err(|e| driver_err(self.ordinal(), "recording an event", e))
+    }
+
+    /// Makes `role`'s stream wait (on the device, not the host) for `event`.
+    pub(crate) fn wait(&self, role: StreamRole, event: &CudaEvent) -> Result<()> {
+        self.bind()?;
+        self.stream(role)
+            .wait(event)
+            .map_err(|e| driver_err(self.ordinal(), "waiting for an event", e))
+    }
+
+    /// Orders `to` after the work queued so far on `from` (e.g. the student's loss after the
+    /// teacher's forward).
+    #[allow(dead_code)]
+    pub(crate) fn join(&self, to: StreamRole, from: StreamRole) -> Result<()> {
+        let event = self.record(from)?;
+        self.wait(to, &event)
+    }
+
+    /// Waits for all three streams, then reports any error a destructor deferred.
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        for role in [StreamRole::Student, StreamRole::Teacher, StreamRole::Comm] {
+            self.stream(role).synchronize().map_err(|e| {
+                driver_err(
+                    self.ordinal(),
+                    &format!("synchronising the {role:?} stream (a kernel failed before)"),
+                    e,
+                )
+            })?;
+        }
+        self.memory.take_deferred_error(self.ordinal())
+    }
+
+    pub(crate) fn alloc_stats(&self) -> AllocStats {
+        self.memory.stats()
+    }
+
+    /// The function `kernel` of `family`, loading the family's fatbin on first use.
+    pub(crate) fn function(
+        &self,
+        family: &'static str,
+        kernel: &'static str,
+    ) -> Result<sys::CUfunction> {
+        if let Some(f) = self.lock_functions().get(kernel) {
+            return Ok(f.0);
+        }
+        let module = self.module(family)?;
+        let name = CString::new(kernel).map_err(|_| {
+            Error::invalid("cuda launch", format!("kernel name {kernel:?} holds a NUL"))
+        })?;
+        self.bind()?;
+        // SAFETY: the module is loaded in this context and stays loaded.
+        let f = unsafe { result::module::get_function(module, name) }.map_err(|e| {
+            driver_err(
+                self.ordinal(),
+                &format!("kernel {kernel} is not in the {family} module"),
+                e,
+            )
+        })?;
+        self.lock_functions().insert(kernel, Handle(f));
+        Ok(f)
+    }
+
+    fn lock_functions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<&'static str, Handle<sys::CUfunction>>> {
+        self.functions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn module(&self, family: &'static str) -> Result<sys::CUmodule> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(family) {
+            return Ok(m.0);
+        }
+        let image = recycle_kernels::family(family)
+            .ok_or_else(|| Error::invalid("cuda launch", format!("no kernel family `{family}`")))?;
+        if image.is_empty() {
+            return Err(Error::Device(probe::no_kernels_message(self.ordinal())));
+        }
+        self.bind()?;
+        // SAFETY: `image` is a complete fatbin embedded in the binary ('static, 64-byte
+        // aligned); the driver copies what it needs.
+        let m =
+            unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
+                driver_err(
+                    self.ordinal(),
+                    &format!(
+                        "loading the {family} kernels (image {} for this GPU)",
+                        self.info.kernel_image
+                    ),
+                    e,
+                )
+            })?;
+        modules.insert(family, Handle(m));
+        Ok(m)
+    }
+}

@@ -1,0 +1,430 @@
+//! The CUDA backend (feature `cuda`): a context per GPU, device memory, host↔device copies,
+//! and the kernels of `recycle-kernels` launched for a first set of ops.
+//!
+//! Status: **compiled, not run on a GPU.** Everything here builds (with nvcc present, the
+//! kernels are embedded) and its host-side logic (argument lists against the kernels' ABI,
+//! launch shapes, the no-driver errors) is tested on the CPU; nothing has yet been checked on
+//! a device. `recycle gpu-check` (scripts/gpu-check.sh) compares every CUDA op with its CPU
+//! twin and must pass on a GPU before any of this is called working.
+//!
+//! # Pieces
+//!
+//! - **Loading** (`probe`): cudarc loads `libcuda.so` at run time and *panics* when it is
+//!   missing, so nothing touches cudarc before the driver library has been opened here, with
+//!   the loader's message kept for the error. Then `cuInit`, the driver's CUDA version (13.0 or
+//!   newer: the cubins come from a 13.x toolkit), the number of GPUs, and whether the embedded
+//!   fatbins hold an image for the GPU's architecture ([`recycle_kernels::fatbin::select`]).
+//!   Each failure is an [`Error::Device`] saying what is missing; none is a panic.
+//! - **Context** (`context`): the device's primary context and three non-blocking streams —
+//!   `student` (every op of the engine runs there today), `teacher` (the frozen teachers'
+//!   forward, to overlap with the student) and `comm` (NCCL all-reduce) — with events to order
+//!   work between them ([`StreamRole`]). Kernel families are loaded once per context, on first
+//!   use, from the embedded fatbins.
+//! - **Memory** (`memory`): stream-ordered allocation, `cuMemAllocAsync`/`cuMemFreeAsync` on the
+//!   student stream from the device's default memory pool, its release threshold raised to
+//!   "never" so that freed blocks stay in the pool and a training step's allocations are served
+//!   from it after the first step: the driver's caching allocator rather than one of our own.
+//!   [`alloc_stats`] counts allocations and frees (measure allocations per step by taking the
+//!   difference around a step). Host↔device copies go through a pinned staging buffer per
+//!   context (the batches: `Tensor::to_device`), so a pageable `Vec` never blocks the stream.
+//! - **Launch** (`launch`): a kernel call is data — kernel, grid/block from
+//!   [`recycle_kernels::launch`], typed arguments — checked against
+//!   [`recycle_kernels::abi::params`] before `cuLaunchKernel`, so a wrong argument list is an
+//!   error, never a corrupted launch.
+//! - **Ops** (`ops`): the CUDA arm of each op that has kernels: same-shape add/sub/mul, scale,
+//!   add_scalar, bias_add, relu/gelu/tanh, softmax/log_softmax, cross_entropy (each with its
+//!   backward), casts, gradient accumulation, the SGDW and AdamW steps and the fused
+//!   distillation loss ([`kd_loss`]). Any other op given a CUDA tensor returns "not implemented
+//!   on CUDA yet: <op>", never a silent CPU fallback.
+//!
+//! Without the `cuda` feature this module keeps only its front: the functions below exist and
+//! return the "no CUDA backend in this build" error, so callers need no `cfg`.
+
+use crate::{DType, Device, Error, Result, Tensor};
+
+#[cfg(feature = "cuda")]
+mod context;
+#[cfg(feature = "cuda")]
+pub(crate) mod launch;
+#[cfg(feature = "cuda")]
+mod memory;
+#[cfg(feature = "cuda")]
+pub(crate) mod ops;
+#[cfg(feature = "cuda")]
+mod probe;
+
+#[cfg(feature = "cuda")]
+pub(crate) use context::CudaContext;
+#[cfg(feature = "cuda")]
+pub(crate) use memory::DeviceBuffer;
+
+/// Where a GPU tensor's elements are: its context, the address of its first element, how many
+/// elements and of which type.
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub(crate) struct CudaView {
+    pub ctx: std::sync::Arc<CudaContext>,
+    pub ptr: u64,
+    pub len: usize,
+    pub dtype: DType,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaView {
+    pub(crate) fn bytes(&self) -> usize {
+        self.len * self.dtype.size_in_bytes()
+    }
+}
+
+/// The context of `cuda:N` (made on first use).
+#[cfg(feature = "cuda")]
+pub(crate) fn context_of(ordinal: usize) -> Result<std::sync::Arc<CudaContext>> {
+    context::get(ordinal)
+}
+
+/// Copies the elements of `v` into `out` (exactly their size), after the queued work.
+#[cfg(feature = "cuda")]
+pub(crate) fn copy_to_host(v: &CudaView, out: &mut [u8]) -> Result<()> {
+    if out.len() != v.bytes() {
+        return Err(Error::invalid(
+            "copy to host",
+            format!("{} bytes into a buffer of {}", v.bytes(), out.len()),
+        ));
+    }
+    memory::dtoh(&v.ctx, v.ptr, out)
+}
+
+/// Overwrites the elements of `v` with `bytes` (exactly their size).
+#[cfg(feature = "cuda")]
+pub(crate) fn copy_to_device(v: &CudaView, bytes: &[u8]) -> Result<()> {
+    if bytes.len() != v.bytes() {
+        return Err(Error::invalid(
+            "copy to device",
+            format!(
+                "{} bytes into {} bytes of device memory",
+                bytes.len(),
+                v.bytes()
+            ),
+        ));
+    }
+    memory::htod(&v.ctx, v.ptr, bytes)
+}
+
+/// Sets the elements of `v` to zero.
+#[cfg(feature = "cuda")]
+pub(crate) fn zero_device(v: &CudaView) -> Result<()> {
+    memory::memset_zero(&v.ctx, v.ptr, v.bytes())
+}
+
+/// Copies `bytes` between two device ranges of the same context.
+#[cfg(feature = "cuda")]
+pub(crate) fn copy_device_to_device(dst: &CudaView, src: &CudaView) -> Result<()> {
+    if dst.bytes() != src.bytes() || dst.ctx.ordinal() != src.ctx.ordinal() {
+        return Err(Error::invalid(
+            "device copy",
+            format!(
+                "{} bytes on cuda:{} into {} bytes on cuda:{}",
+                src.bytes(),
+                src.ctx.ordinal(),
+                dst.bytes(),
+                dst.ctx.ordinal()
+            ),
+        ));
+    }
+    memory::dtod(&dst.ctx, dst.ptr, src.ptr, dst.bytes())
+}
+
+/// The error for a CUDA device asked of a build without the backend.
+pub fn no_backend_error(ordinal: usize) -> Error {
+    Error::Device(format!(
+        "cuda:{ordinal} was requested, but this build of recycle-engine has no CUDA backend; \
+         use the CPU (`cpu`), or rebuild with `--features cuda` (recycle-engine/cuda) on a \
+         machine with an NVIDIA driver"
+    ))
+}
+
+/// The error of an op that has no CUDA implementation yet, given a tensor on `device`.
+pub fn not_on_cuda_yet(op: &str, device: Device) -> Error {
+    Error::Device(format!(
+        "not implemented on CUDA yet: {op} (an input is on {device}); move the inputs to the \
+         CPU with `to_device(Device::Cpu)` to run it there"
+    ))
+}
+
+/// The error of CPU code handed a tensor that lives on a GPU (no implicit copies).
+pub fn host_access_error(what: &str, device: Device) -> Error {
+    Error::Device(format!(
+        "{what}: the tensor lives on {device}, and CPU code cannot read device memory; copy it \
+         with `to_device(Device::Cpu)` (or `to_vec`) first"
+    ))
+}
+
+/// The one device all `tensors` live on; an error naming both when they differ.
+pub fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Device> {
+    let mut device = Device::Cpu;
+    for (i, t) in tensors.iter().enumerate() {
+        if i == 0 {
+            device = t.device();
+        } else if t.device() != device {
+            return Err(Error::Device(format!(
+                "{op}: inputs live on different devices ({device} and {}); move them to one \
+                 device with `to_device`",
+                t.device()
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// Fails with "not implemented on CUDA yet: `op`" when any of `tensors` is on a GPU: the
+/// first line of every op that has only a CPU implementation.
+pub fn cpu_only<'a>(op: &str, tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+    match tensors.into_iter().find(|t| !t.device().is_cpu()) {
+        Some(t) => Err(not_on_cuda_yet(op, t.device())),
+        None => Ok(()),
+    }
+}
+
+/// The GPU behind `cuda:N`, as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// `(major, minor)`, e.g. `(9, 0)` for an H100.
+    pub compute_capability: (u32, u32),
+    /// The driver's CUDA version as `cuDriverGetVersion` gives it (13000 for 13.0).
+    pub driver_version: u32,
+    pub total_memory: u64,
+    /// Which image of the fatbins this GPU runs: `sm_90`, or `compute_90 PTX (JIT)`.
+    pub kernel_image: String,
+}
+
+/// Device-memory counters of one context (stream-ordered allocations).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// `cuMemAllocAsync` calls so far (zero-byte tensors allocate nothing).
+    pub allocations: u64,
+    pub frees: u64,
+    pub bytes_in_use: u64,
+    pub peak_bytes_in_use: u64,
+    /// Bytes copied through the pinned staging buffer, each way.
+    pub bytes_to_device: u64,
+    pub bytes_to_host: u64,
+}
+
+impl AllocStats {
+    /// Allocations between two snapshots (e.g. around a training step).
+    pub fn allocations_since(&self, earlier: &AllocStats) -> u64 {
+        self.allocations.saturating_sub(earlier.allocations)
+    }
+}
+
+/// The three streams of a context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamRole {
+    /// The student's forward and backward, the loss, the optimizer: every engine op today.
+    Student,
+    /// The frozen teachers' forward, overlapped with the student's.
+    Teacher,
+    /// Gradient all-reduce (NCCL).
+    Comm,
+}
+
+/// Opens `cuda:N` (driver, GPU, kernels) and describes it; the error says what is missing.
+pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(context::get(ordinal)?.info().clone())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_backend_error(ordinal))
+    }
+}
+
+/// Waits until every stream of `device` is idle, and reports an error a deferred operation
+/// (a free in a destructor) met since the last call.
+pub fn synchronize(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(n) => {
+            #[cfg(feature = "cuda")]
+            {
+                context::get(n)?.synchronize()
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                Err(no_backend_error(n))
+            }
+        }
+    }
+}
+
+/// The allocation counters of `cuda:N`'s context.
+pub fn alloc_stats(ordinal: usize) -> Result<AllocStats> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(context::get(ordinal)?.alloc_stats())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_backend_error(ordinal))
+    }
+}
+
+/// While `on`, every new buffer on `cuda:N` starts as NaN (0xFF bytes) instead of whatever the
+/// pool held: the device check turns it on, so an output element a kernel never writes cannot
+/// pass for a value left by an earlier run.
+pub fn set_poison_allocations(ordinal: usize, on: bool) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        context::get(ordinal)?
+            .memory
+            .poison
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = on;
+        Err(no_backend_error(ordinal))
+    }
+}
+
+/// Which distillation term the fused loss computes (mirrors the root crate's `KdKind`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KdTerm {
+    Kl { temperature: f32 },
+    Mse,
+}
+
+/// The fused distillation loss on a GPU: what `kd_loss_cpu` returns, with the gradient left on
+/// the device.
+#[derive(Debug, Clone)]
+pub struct KdLossDevice {
+    pub ce: f32,
+    pub kd: f32,
+    pub total: f32,
+    /// d total / d student logits, `[N, C]`, on the student's device, in its dtype.
+    pub grad: Tensor,
+    pub ce_rows: usize,
+    pub kd_rows: usize,
+}
+
+/// The fused loss kernel (`kd_loss.cu`) over `student` `[N, C]` logits on a GPU, the mean of
+/// `teachers` (1 to 8 `[N, C]` logits on the same GPU; none, or `lambda == 0`, for CE alone),
+/// `labels` i32 `[N]` and an optional row `mask` `[N]` (non-zero = the row counts; labels and
+/// mask may be on the host or the GPU), with `upstream` the gradient of the total (1 for
+/// `backward(loss)`). The CPU twin is the root crate's `kd_loss_cpu`.
+#[allow(clippy::too_many_arguments)]
+pub fn kd_loss(
+    term: Option<KdTerm>,
+    lambda: f32,
+    ignore_index: i32,
+    student: &Tensor,
+    teachers: &[Tensor],
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    upstream: f32,
+) -> Result<KdLossDevice> {
+    #[cfg(feature = "cuda")]
+    {
+        ops::kd_loss(
+            term,
+            lambda,
+            ignore_index,
+            student,
+            teachers,
+            labels,
+            mask,
+            upstream,
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (term, lambda, ignore_index, teachers, labels, mask, upstream);
+        match student.device() {
+            Device::Cuda(n) => Err(no_backend_error(n)),
+            Device::Cpu => Err(Error::Device(
+                "kd_loss (CUDA): the student logits are on the CPU; use kd_loss_cpu".into(),
+            )),
+        }
+    }
+}
+
+/// The kernel-name suffix of an activation dtype (`f32`, `bf16`); i32 has no kernels.
+pub fn kernel_suffix(op: &'static str, dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::I32 => Err(Error::DType {
+            op,
+            expected: DType::F32,
+            got: DType::I32,
+        }),
+    }
+}
+
+/// The CUDA arm of an op: the expression with the `cuda` feature; without it no tensor can be
+/// on a GPU, and the arm returns the "no CUDA backend" error.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! on_cuda {
+    ($device:expr, $e:expr) => {{
+        #[cfg(feature = "cuda")]
+        {
+            let _ = $device;
+            $e
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            match $device {
+                $crate::Device::Cuda(n) => Err($crate::cuda::no_backend_error(n)),
+                $crate::Device::Cpu => unreachable!("on_cuda! is the arm of a CUDA device"),
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_op_and_the_way_out() {
+        let e = not_on_cuda_yet("conv2d", Device::Cuda(1)).to_string();
+        assert!(e.contains("not implemented on CUDA yet: conv2d"), "{e}");
+        assert!(e.contains("cuda:1") && e.contains("to_device"), "{e}");
+        let e = host_access_error("read_f32", Device::Cuda(0)).to_string();
+        assert!(
+            e.contains("read_f32") && e.contains("to_device(Device::Cpu)"),
+            "{e}"
+        );
+        let e = no_backend_error(3).to_string();
+        assert!(e.contains("cuda:3") && e.contains("--features cuda"), "{e}");
+    }
+
+    #[test]
+    fn cpu_tensors_pass_the_guards() {
+        let a = Tensor::f32(vec![1.0], &[1]).unwrap();
+        let b = Tensor::f32(vec![2.0], &[1]).unwrap();
+        assert_eq!(common_device("add", &[&a, &b]).unwrap(), Device::Cpu);
+        assert!(cpu_only("conv2d", [&a, &b]).is_ok());
+        assert_eq!(kernel_suffix("relu", DType::BF16).unwrap(), "bf16");
+        assert!(kernel_suffix("relu", DType::I32).is_err());
+    }
+
+    #[test]
+    fn stats_difference() {
+        let a = AllocStats {
+            allocations: 10,
+            ..AllocStats::default()
+        };
+        let b = AllocStats {
+            allocations: 25,
+            ..AllocStats::default()
+        };
+        assert_eq!(b.allocations_since(&a), 15);
+        assert_eq!(a.allocations_since(&b), 0);
+    }
+}

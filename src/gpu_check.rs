@@ -1,0 +1,714 @@
+//! `recycle gpu-check`: every op that has a CUDA arm, run on the GPU and on the CPU (the
+//! oracle) on the same fresh random inputs, compared element by element.
+//!
+//! Method, per op: inputs drawn fresh (normal, scale 1.5, a new seed for every tensor: never
+//! zeros, never the values of another check), in f32 and in bf16; every buffer the GPU
+//! allocates during the check starts as NaN (`cuda::set_poison_allocations`), so an output
+//! element a kernel fails to write cannot pass; the forward output and, for tape ops, the
+//! gradient of every input (for a random upstream gradient) are copied back and compared with
+//! the CPU op's. The error of an element is `|gpu - cpu| / max(|cpu|, 1e-3 · max|cpu|)` (near
+//! zero, relative to the tensor's scale), a NaN or infinity where the CPU has a finite value
+//! counts as infinite, and a check passes when the largest error is within its tolerance:
+//! 1e-6 where the kernel promises the CPU's bits, 1e-4 to 1e-5 where it uses a different
+//! `exp`/`erf` or summation order, 2e-2 for bf16 storage (8 bits of mantissa).
+//!
+//! Also measured: allocations per training step (a synthetic step through the ops that run on
+//! CUDA), from the context's counters.
+//!
+//! On a machine without a GPU the first step, opening the device, fails with the error that
+//! says what is missing (no driver, no CUDA backend in this build, ...).
+
+use std::fmt::Write as _;
+
+use recycle_engine::cuda::{self, AllocStats};
+use recycle_engine::ops::elementwise::{add, add_scalar, bias_add, mul, scale, sub};
+use recycle_engine::ops::{self, activation, CrossEntropyOptions};
+use recycle_engine::optim::{AdamW, Optimizer, Sgdw};
+use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
+
+use crate::distill::loss::{kd_loss, KdLoss};
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub op: String,
+    pub shapes: String,
+    pub dtype: DType,
+    pub max_rel_err: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
+/// What `run` found.
+#[derive(Debug, Clone)]
+pub struct GpuCheckReport {
+    pub device: cuda::DeviceInfo,
+    pub rows: Vec<CheckRow>,
+    /// Allocations (`cuMemAllocAsync` calls) of one synthetic training step, after warm-up.
+    pub allocations_per_step: u64,
+    pub step_description: String,
+    pub stats: AllocStats,
+}
+
+impl GpuCheckReport {
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| !r.pass).count()
+    }
+
+    /// The report as text: the device, the table, the allocation count, the verdict.
+    pub fn to_text(&self) -> String {
+        let d = &self.device;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "device: cuda:{} {} (sm_{}{}), driver CUDA {}.{}, {:.1} GiB, kernels: {}",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.driver_version / 1000,
+            (d.driver_version % 1000) / 10,
+            d.total_memory as f64 / (1u64 << 30) as f64,
+            d.kernel_image
+        );
+        s.push_str(&format_table(&self.rows));
+        let _ = writeln!(
+            s,
+            "allocations per training step: {} ({}; stream-ordered cuMemAllocAsync from the \
+             driver's pool, release threshold: never)",
+            self.allocations_per_step, self.step_description
+        );
+        let _ = writeln!(
+            s,
+            "device memory: {} allocations, {} frees, peak {:.1} MiB in use; {:.1} MiB to the \
+             device, {:.1} MiB to the host",
+            self.stats.allocations,
+            self.stats.frees,
+            self.stats.peak_bytes_in_use as f64 / (1 << 20) as f64,
+            self.stats.bytes_to_device as f64 / (1 << 20) as f64,
+            self.stats.bytes_to_host as f64 / (1 << 20) as f64
+        );
+        let _ = writeln!(
+            s,
+            "{} passed, {} failed",
+            self.rows.len() - self.failures(),
+            self.failures()
+        );
+        s
+    }
+}
+
+/// The table: op, shapes, dtype, max relative error, tolerance, pass.
+pub fn format_table(rows: &[CheckRow]) -> String {
+    let mut s = String::from("| op | shapes | dtype | max rel err | tolerance | pass |\n");
+    s.push_str("|---|---|---|---:|---:|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3e} | {:.0e} | {} |",
+            r.op,
+            r.shapes,
+            r.dtype,
+            r.max_rel_err,
+            r.tolerance,
+            if r.pass { "pass" } else { "FAIL" }
+        );
+    }
+    s
+}
+
+/// Largest element error of `gpu` against the oracle `cpu` (see the module doc); infinite for
+/// a length mismatch or a non-finite value where the CPU has a finite one.
+pub fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    if gpu.len() != cpu.len() {
+        return f64::INFINITY;
+    }
+    let scale = cpu
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, &v| m.max((v as f64).abs()));
+    let floor = (1e-3 * scale).max(f64::MIN_POSITIVE);
+    gpu.iter().zip(cpu).fold(0f64, |worst, (&g, &c)| {
+        let e = if !c.is_finite() {
+            // The oracle itself is not finite (a NaN row by definition): the GPU must agree.
+            if g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()) {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else if !g.is_finite() {
+            f64::INFINITY
+        } else {
+            ((g as f64) - (c as f64)).abs() / (c as f64).abs().max(floor)
+        };
+        worst.max(e)
+    })
+}
+
+struct Checker {
+    device: Device,
+    seed: u64,
+    rows: Vec<CheckRow>,
+}
+
+fn dims(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+impl Checker {
+    /// A fresh random tensor of `dtype` on the CPU and its copy on the GPU.
+    fn fresh(&mut self, shape: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
+        self.seed += 1;
+        let cpu = Tensor::randn(shape, 0.0, 1.5, 0x5eed_0000 + self.seed, dtype, Device::Cpu)?;
+        let gpu = cpu.to_device(self.device)?;
+        Ok((cpu, gpu))
+    }
+
+    fn record(
+        &mut self,
+        op: &str,
+        shapes: String,
+        dtype: DType,
+        gpu: &Tensor,
+        cpu: &Tensor,
+        tol: f64,
+    ) -> Result<()> {
+        let err = if gpu.shape() != cpu.shape() {
+            f64::INFINITY
+        } else {
+            max_rel_err(&gpu.to_vec_f32()?, &cpu.to_vec_f32()?)
+        };
+        self.rows.push(CheckRow {
+            op: op.to_string(),
+            shapes,
+            dtype,
+            max_rel_err: err,
+            tolerance: tol,
+            pass: err <= tol,
+        });
+        Ok(())
+    }
+
+    /// A tape op of `inputs.len()` tensors: forward output and every input's gradient.
+    fn tape_op(
+        &mut self,
+        name: &str,
+        shapes: &[&[usize]],
+        dtype: DType,
+        tol: f64,
+        f: impl Fn(&Tape, &[Var]) -> Result<Var>,
+    ) -> Result<()> {
+        let mut cpu_in = Vec::new();
+        let mut gpu_in = Vec::new();
+        for s in shapes {
+            let (c, g) = self.fresh(s, dtype)?;
+            cpu_in.push(c);
+            gpu_in.push(g);
+        }
+        let run = |inputs: &[Tensor],
+                   upstream: Option<&Tensor>|
+         -> Result<(Tensor, Vec<Tensor>, Tensor)> {
+            let tape = Tape::recording();
+            let vars: Vec<Var> = inputs.iter().map(|t| tape.watch(t.clone())).collect();
+            let y = f(&tape, &vars)?;
+            let out = y.tensor().clone();
+            let g = match upstream {
+                Some(g) => g.clone(),
+                None => Tensor::ones(out.shape(), DType::F32, out.device())?,
+            };
+            let grads = tape.backward_with(&y, g.clone())?;
+            let dx =
+                vars.iter()
+                    .map(|v| {
+                        grads.get(v).cloned().ok_or_else(|| {
+                            Error::Autograd(format!("{name}: no gradient for an input"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            Ok((out, dx, g))
+        };
+        // The upstream gradient: random, of the output's shape (found by a CPU forward).
+        let out_shape = f(
+            &Tape::inference(),
+            &cpu_in
+                .iter()
+                .map(|t| Tape::inference().constant(t.clone()))
+                .collect::<Vec<_>>(),
+        )?
+        .shape()
+        .to_vec();
+        let (g_cpu, g_gpu) = if out_shape.iter().product::<usize>() == 1 {
+            (None, None)
+        } else {
+            let (c, g) = self.fresh(&out_shape, dtype)?;
+            (Some(c), Some(g))
+        };
+        let (y_gpu, dx_gpu, _) = run(&gpu_in, g_gpu.as_ref())?;
+        let (y_cpu, dx_cpu, _) = run(&cpu_in, g_cpu.as_ref())?;
+        let shape_text = shapes.iter().map(|s| dims(s)).collect::<Vec<_>>().join(" ");
+        self.record(name, shape_text.clone(), dtype, &y_gpu, &y_cpu, tol)?;
+        for (i, (g, c)) in dx_gpu.iter().zip(&dx_cpu).enumerate() {
+            let label = if shapes.len() == 1 {
+                format!("{name} backward")
+            } else {
+                format!("{name} backward d{i}")
+            };
+            self.record(&label, shape_text.clone(), dtype, g, c, tol)?;
+        }
+        Ok(())
+    }
+}
+
+/// Tolerance of an op in `dtype`: `f32_tol` for f32 storage, 2e-2 for bf16.
+fn tol(dtype: DType, f32_tol: f64) -> f64 {
+    match dtype {
+        DType::BF16 => 2e-2,
+        _ => f32_tol,
+    }
+}
+
+fn elementwise_checks(c: &mut Checker) -> Result<()> {
+    for dt in [DType::F32, DType::BF16] {
+        let s: &[usize] = &[37, 513];
+        c.tape_op("add", &[s, s], dt, tol(dt, 1e-6), |t, v| {
+            add(t, &v[0], &v[1])
+        })?;
+        c.tape_op("sub", &[s, s], dt, tol(dt, 1e-6), |t, v| {
+            sub(t, &v[0], &v[1])
+        })?;
+        c.tape_op("mul", &[s, s], dt, tol(dt, 1e-6), |t, v| {
+            mul(t, &v[0], &v[1])
+        })?;
+        c.tape_op("scale", &[s], dt, tol(dt, 1e-6), |t, v| {
+            scale(t, &v[0], -0.37)
+        })?;
+        c.tape_op("add_scalar", &[s], dt, tol(dt, 1e-6), |t, v| {
+            add_scalar(t, &v[0], 2.5)
+        })?;
+        // Bias over NCHW channels (one block per plane) and over the last axis (rows).
+        c.tape_op(
+            "bias_add axis 1",
+            &[&[4, 16, 7, 7], &[16]],
+            dt,
+            tol(dt, 1e-5),
+            |t, v| bias_add(t, &v[0], &v[1], 1),
+        )?;
+        c.tape_op(
+            "bias_add last axis",
+            &[&[300, 768], &[768]],
+            dt,
+            tol(dt, 1e-5),
+            |t, v| bias_add(t, &v[0], &v[1], 1),
+        )?;
+        c.tape_op("relu", &[s], dt, tol(dt, 1e-6), |t, v| {
+            activation::relu(t, &v[0])
+        })?;
+        c.tape_op("gelu", &[s], dt, tol(dt, 1e-5), |t, v| {
+            activation::gelu(t, &v[0])
+        })?;
+        c.tape_op("tanh", &[s], dt, tol(dt, 1e-5), |t, v| {
+            activation::tanh(t, &v[0])
+        })?;
+        for shape in [&[64usize, 1000][..], &[8, 30_522]] {
+            c.tape_op("softmax", &[shape], dt, tol(dt, 1e-5), |t, v| {
+                ops::softmax(t, &v[0])
+            })?;
+            c.tape_op("log_softmax", &[shape], dt, tol(dt, 1e-5), |t, v| {
+                ops::log_softmax(t, &v[0])
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn tensor_checks(c: &mut Checker) -> Result<()> {
+    let shape = [1000, 37];
+    let (x_cpu, x_gpu) = c.fresh(&shape, DType::F32)?;
+    let round = x_gpu.to_device(Device::Cpu)?;
+    c.record(
+        "to_device round trip",
+        dims(&shape),
+        DType::F32,
+        &round,
+        &x_cpu,
+        0.0,
+    )?;
+    let b_gpu = x_gpu.cast(DType::BF16)?;
+    let b_cpu = x_cpu.cast(DType::BF16)?;
+    c.record(
+        "cast f32 to bf16",
+        dims(&shape),
+        DType::BF16,
+        &b_gpu,
+        &b_cpu,
+        0.0,
+    )?;
+    c.record(
+        "cast bf16 to f32",
+        dims(&shape),
+        DType::BF16,
+        &b_gpu.cast(DType::F32)?,
+        &b_cpu.cast(DType::F32)?,
+        0.0,
+    )?;
+    c.record(
+        "deep_copy",
+        dims(&shape),
+        DType::F32,
+        &x_gpu.deep_copy()?,
+        &x_cpu,
+        0.0,
+    )?;
+    for dt in [DType::F32, DType::BF16] {
+        let (acc_cpu, acc_gpu) = c.fresh(&shape, DType::F32)?;
+        let (src_cpu, src_gpu) = c.fresh(&shape, dt)?;
+        let acc_cpu = acc_cpu.deep_copy()?;
+        acc_cpu.add_assign(&src_cpu)?;
+        acc_gpu.add_assign(&src_gpu)?;
+        c.record(
+            "add_assign (accumulate)",
+            dims(&shape),
+            dt,
+            &acc_gpu,
+            &acc_cpu,
+            1e-6,
+        )?;
+    }
+    let z = x_gpu.deep_copy()?;
+    z.zero_()?;
+    let zeros = Tensor::zeros(&shape, DType::F32, Device::Cpu)?;
+    c.record("zero_", dims(&shape), DType::F32, &z, &zeros, 0.0)?;
+    Ok(())
+}
+
+fn cross_entropy_checks(c: &mut Checker) -> Result<()> {
+    for dt in [DType::F32, DType::BF16] {
+        for (rows, classes, smoothing) in [(64usize, 1000usize, 0.0f32), (48, 30_522, 0.1)] {
+            c.seed += 1;
+            let labels: Vec<i32> = (0..rows)
+                .map(|r| {
+                    if r % 7 == 3 {
+                        -100
+                    } else {
+                        ((r as u64 * 2_654_435_761 + c.seed) % classes as u64) as i32
+                    }
+                })
+                .collect();
+            let labels = Tensor::from_vec(labels, &[rows], Device::Cpu)?;
+            let opts = CrossEntropyOptions {
+                ignore_index: Some(-100),
+                label_smoothing: smoothing,
+            };
+            c.tape_op(
+                &format!("cross_entropy (smoothing {smoothing})"),
+                &[&[rows, classes]],
+                dt,
+                tol(dt, 1e-5),
+                |t, v| ops::cross_entropy(t, &v[0], &labels, opts),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn optimizer_checks(c: &mut Checker) -> Result<()> {
+    let n = 100_003;
+    let specs = vec![("w".to_string(), vec![n])];
+    for which in ["sgdw", "adamw"] {
+        let p_cpu = FlatParams::new(&specs, Device::Cpu)?;
+        let p_gpu = FlatParams::new(&specs, c.device)?;
+        let (w_cpu, _) = c.fresh(&[n], DType::F32)?;
+        p_cpu.set("w", &w_cpu)?;
+        p_gpu.set("w", &w_cpu)?;
+        let mut opts: Vec<Box<dyn Optimizer>> = match which {
+            "sgdw" => vec![
+                Box::new(Sgdw::paper(n, 0.1)?),
+                Box::new(Sgdw::paper(n, 0.1)?),
+            ],
+            _ => vec![
+                Box::new(AdamW::torch_default(n)?),
+                Box::new(AdamW::torch_default(n)?),
+            ],
+        };
+        for step in 0..3 {
+            let (g_cpu, _) = c.fresh(&[n], DType::F32)?;
+            p_cpu.grads().copy_from(&g_cpu)?;
+            p_gpu.grads().copy_from(&g_cpu)?;
+            let lr = 0.1 / (step + 1) as f32;
+            opts[0].step(&p_cpu, lr)?;
+            opts[1].step(&p_gpu, lr)?;
+        }
+        let shapes = format!("[{n}] x 3 steps");
+        c.record(
+            &format!("{which} step: parameters"),
+            shapes.clone(),
+            DType::F32,
+            p_gpu.values(),
+            p_cpu.values(),
+            1e-6,
+        )?;
+        let (s_cpu, s_gpu) = (opts[0].state(), opts[1].state());
+        for ((name, sc), (_, sg)) in s_cpu.iter().zip(&s_gpu) {
+            if sc.dtype() == DType::I32 {
+                continue;
+            }
+            c.record(
+                &format!("{which} step: {name}"),
+                shapes.clone(),
+                DType::F32,
+                sg,
+                sc,
+                1e-6,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn kd_loss_checks(c: &mut Checker) -> Result<()> {
+    let cases = [
+        (
+            "kd_loss KL T=4, 2 teachers",
+            KdLoss::kl(4.0, 0.7),
+            2usize,
+            false,
+        ),
+        (
+            "kd_loss KL T=2, 3 teachers, mask",
+            KdLoss::kl(2.0, 1.0),
+            3,
+            true,
+        ),
+        ("kd_loss MSE, 1 teacher", KdLoss::mse(0.5), 1, false),
+        ("kd_loss CE only", KdLoss::kl(4.0, 0.5), 0, false),
+    ];
+    for (name, cfg, k, masked) in cases {
+        for (rows, classes) in [(64usize, 1000usize), (16, 30_522)] {
+            for (s_dt, t_dt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
+                let (s_cpu, s_gpu) = c.fresh(&[rows, classes], s_dt)?;
+                let mut t_cpu = Vec::new();
+                let mut t_gpu = Vec::new();
+                for _ in 0..k {
+                    let (tc, tg) = c.fresh(&[rows, classes], t_dt)?;
+                    t_cpu.push(tc);
+                    t_gpu.push(tg);
+                }
+                let labels: Vec<i32> = (0..rows)
+                    .map(|r| {
+                        if r % 5 == 2 {
+                            -100
+                        } else {
+                            ((r * 7919 + c.seed as usize) % classes) as i32
+                        }
+                    })
+                    .collect();
+                let labels = Tensor::from_vec(labels, &[rows], Device::Cpu)?;
+                let mask = if masked {
+                    let m: Vec<i32> = (0..rows).map(|r| (r % 3 != 0) as i32).collect();
+                    Some(Tensor::from_vec(m, &[rows], Device::Cpu)?)
+                } else {
+                    None
+                };
+                let run = |s: &Tensor, ts: &[Tensor]| -> Result<(Tensor, Tensor)> {
+                    let tape = Tape::recording();
+                    let sv = tape.watch(s.clone());
+                    let out = kd_loss(&tape, &cfg, &sv, ts, &labels, mask.as_ref())?;
+                    let g = tape.backward(&out.total)?;
+                    let grad = g.get(&sv).cloned().ok_or_else(|| {
+                        Error::Autograd("kd_loss: no gradient for the student".into())
+                    })?;
+                    let losses = Tensor::f32(
+                        vec![out.ce, out.kd, out.total.tensor().to_scalar_f32()?],
+                        &[3],
+                    )?;
+                    Ok((losses, grad))
+                };
+                let (l_gpu, g_gpu) = run(&s_gpu, &t_gpu)?;
+                let (l_cpu, g_cpu) = run(&s_cpu, &t_cpu)?;
+                let shapes = format!("[{rows}, {classes}] x {} teachers", k);
+                c.record(
+                    &format!("{name}: ce, kd, total"),
+                    shapes.clone(),
+                    s_dt,
+                    &l_gpu,
+                    &l_cpu,
+                    1e-4,
+                )?;
+                c.record(
+                    &format!("{name}: gradient"),
+                    shapes,
+                    s_dt,
+                    &g_gpu,
+                    &g_cpu,
+                    tol(s_dt, 1e-4),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A training step made only of ops with a CUDA arm: two bias layers with GELU and a residual,
+/// cross-entropy, backward, SGDW. Returns the loss.
+fn synthetic_step(params: &FlatParams, opt: &mut Sgdw, x: &Tensor, labels: &Tensor) -> Result<f32> {
+    params.zero_grad()?;
+    let tape = Tape::recording();
+    let xv = tape.constant(x.clone());
+    let b1 = params.var(&tape, "b1")?;
+    let b2 = params.var(&tape, "b2")?;
+    let h = bias_add(&tape, &xv, &b1, 1)?;
+    let h = activation::gelu(&tape, &h)?;
+    let h = scale(&tape, &h, 0.5)?;
+    let h = add(&tape, &h, &xv)?;
+    let h = bias_add(&tape, &h, &b2, 1)?;
+    let loss = ops::cross_entropy(&tape, &h, labels, CrossEntropyOptions::default())?;
+    tape.backward(&loss)?;
+    opt.step(params, 0.05)?;
+    loss.tensor().to_scalar_f32()
+}
+
+fn allocation_check(c: &mut Checker) -> Result<(u64, String)> {
+    let (rows, width) = (256, 512);
+    let specs = vec![
+        ("b1".to_string(), vec![width]),
+        ("b2".to_string(), vec![width]),
+    ];
+    let (x_cpu, x_gpu) = c.fresh(&[rows, width], DType::F32)?;
+    let labels: Vec<i32> = (0..rows).map(|r| (r * 31 % width) as i32).collect();
+    let labels_cpu = Tensor::from_vec(labels.clone(), &[rows], Device::Cpu)?;
+    let labels_gpu = labels_cpu.to_device(c.device)?;
+    let p_cpu = FlatParams::new(&specs, Device::Cpu)?;
+    let p_gpu = FlatParams::new(&specs, c.device)?;
+    let mut o_cpu = Sgdw::paper(p_cpu.len(), 0.05)?;
+    let mut o_gpu = Sgdw::paper(p_gpu.len(), 0.05)?;
+    let ordinal = match c.device {
+        Device::Cuda(n) => n,
+        Device::Cpu => 0,
+    };
+    let mut losses = (Vec::new(), Vec::new());
+    let mut per_step = 0;
+    for step in 0..3 {
+        let before = cuda::alloc_stats(ordinal)?;
+        losses
+            .1
+            .push(synthetic_step(&p_gpu, &mut o_gpu, &x_gpu, &labels_gpu)?);
+        cuda::synchronize(c.device)?;
+        per_step = cuda::alloc_stats(ordinal)?.allocations_since(&before);
+        losses
+            .0
+            .push(synthetic_step(&p_cpu, &mut o_cpu, &x_cpu, &labels_cpu)?);
+        let _ = step;
+    }
+    let l_gpu = Tensor::f32(losses.1, &[3])?;
+    let l_cpu = Tensor::f32(losses.0, &[3])?;
+    c.record(
+        "training step: losses of 3 steps",
+        format!("[{rows}, {width}]"),
+        DType::F32,
+        &l_gpu,
+        &l_cpu,
+        1e-4,
+    )?;
+    c.record(
+        "training step: parameters",
+        format!("[{}]", p_cpu.len()),
+        DType::F32,
+        p_gpu.values(),
+        p_cpu.values(),
+        1e-4,
+    )?;
+    Ok((
+        per_step,
+        format!(
+            "synthetic step on [{rows}, {width}]: bias_add, gelu, scale, add, bias_add, \
+             cross_entropy, backward, SGDW; third step"
+        ),
+    ))
+}
+
+/// Runs every check on `device` (a GPU) and returns the report; the first error is opening
+/// the device when there is none.
+pub fn run(device: Device) -> Result<GpuCheckReport> {
+    let ordinal = match device {
+        Device::Cuda(n) => n,
+        Device::Cpu => {
+            return Err(Error::invalid(
+                "gpu-check",
+                "compares a GPU with the CPU: give a CUDA device (cuda:N)".to_string(),
+            ))
+        }
+    };
+    let info = cuda::device_info(ordinal)?;
+    cuda::set_poison_allocations(ordinal, true)?;
+    let mut c = Checker {
+        device,
+        seed: 0,
+        rows: Vec::new(),
+    };
+    tensor_checks(&mut c)?;
+    elementwise_checks(&mut c)?;
+    cross_entropy_checks(&mut c)?;
+    optimizer_checks(&mut c)?;
+    kd_loss_checks(&mut c)?;
+    let (allocations_per_step, step_description) = allocation_check(&mut c)?;
+    cuda::synchronize(device)?;
+    cuda::set_poison_allocations(ordinal, false)?;
+    Ok(GpuCheckReport {
+        device: info,
+        rows: c.rows,
+        allocations_per_step,
+        step_description,
+        stats: cuda::alloc_stats(ordinal)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_counts_nan_and_scale() {
+        assert_eq!(max_rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((max_rel_err(&[1.001, 2.0], &[1.0, 2.0]) - 1e-3).abs() < 1e-6);
+        // A poisoned (never written) element is a failure, whatever the tolerance.
+        assert_eq!(max_rel_err(&[f32::NAN, 2.0], &[1.0, 2.0]), f64::INFINITY);
+        assert_eq!(max_rel_err(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+        // Near zero the error is relative to the tensor's scale, not to the tiny value.
+        let e = max_rel_err(&[1e-8, 100.0], &[0.0, 100.0]);
+        assert!(e < 1e-6, "{e}");
+        // Where the oracle is NaN (a row of -inf), the GPU must be NaN too.
+        assert_eq!(max_rel_err(&[f32::NAN], &[f32::NAN]), 0.0);
+        assert_eq!(max_rel_err(&[0.0], &[f32::NAN]), f64::INFINITY);
+    }
+
+    #[test]
+    fn table_has_every_column() {
+        let rows = vec![CheckRow {
+            op: "relu".into(),
+            shapes: "[2, 3]".into(),
+            dtype: DType::BF16,
+            max_rel_err: 1.5e-3,
+            tolerance: 2e-2,
+            pass: true,
+        }];
+        let t = format_table(&rows);
+        assert!(t.contains("| op | shapes | dtype | max rel err | tolerance | pass |"));
+        assert!(
+            t.contains("| relu | [2, 3] | bf16 | 1.500e-3 | 2e-2 | pass |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn without_a_gpu_the_check_says_what_is_missing() {
+        if cuda::device_info(0).is_ok() {
+            return; // a GPU machine: scripts/gpu-check.sh runs the check itself
+        }
+        let e = run(Device::Cuda(0)).unwrap_err().to_string();
+        assert!(
+            e.contains("no CUDA backend") || e.contains("no NVIDIA driver found"),
+            "{e}"
+        );
+        assert!(run(Device::Cpu).is_err());
+    }
+}
