@@ -2,11 +2,44 @@
 //! attention): BLAS's `C = alpha * op(A) * op(B) + beta * C` over row-major f32 slices, run by
 //! the `gemm` crate on all rayon threads.
 //!
-//! With the cargo feature `openblas`, `sgemm` calls the system OpenBLAS through `cblas_sgemm`
-//! instead (faster on AVX-512 machines: see docs/benchmarks.md); the `gemm` crate stays the
-//! default and the oracle (`sgemm_gemm_crate`), and a test compares the two paths.
+//! On a CPU with AVX-512F (checked at run time) the products run on our own AVX-512 kernel
+//! (`avx512`): the `gemm` crate runs AVX2 kernels on stable Rust, half the peak of such a core
+//! (docs/benchmarks-steps.md). Elsewhere, or after `set_avx512(false)`, the `gemm` crate runs
+//! them. With the cargo feature `openblas`, `sgemm` calls the system OpenBLAS through
+//! `cblas_sgemm` instead. The `gemm` crate stays the oracle (`sgemm_gemm_crate`), and tests
+//! compare every path with it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use gemm::Parallelism;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+static AVX512_ENABLED: AtomicBool = AtomicBool::new(true);
+static AVX512_ENV: OnceLock<bool> = OnceLock::new();
+
+/// Turns the AVX-512 kernel on or off for the whole process (on by default; benchmarks compare
+/// the two paths in one run). Without AVX-512F on the CPU it stays off whatever is asked. The
+/// environment variable `RECYCLE_GEMM=gemm-crate` turns it off from the start.
+pub fn set_avx512(on: bool) {
+    AVX512_ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether `sgemm` and `sgemm_serial` run the AVX-512 kernel now.
+pub fn avx512_active() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let env_on = *AVX512_ENV
+            .get_or_init(|| std::env::var("RECYCLE_GEMM").as_deref() != Ok("gemm-crate"));
+        env_on && AVX512_ENABLED.load(Ordering::Relaxed) && avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 use crate::{Error, Result};
 
@@ -44,7 +77,7 @@ pub fn sgemm(
     #[cfg(not(feature = "openblas"))]
     {
         let parallel = m * n * k >= SERIAL_MNK;
-        gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
+        native(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
         Ok(())
     }
 }
@@ -86,7 +119,7 @@ pub fn sgemm_serial(
             .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
         return Ok(());
     }
-    gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false);
+    native(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false);
     Ok(())
 }
 
@@ -144,6 +177,31 @@ fn check_lengths(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &[f32]) 
         ));
     }
     Ok(())
+}
+
+/// The AVX-512 kernel when active, else the `gemm` crate; the caller has checked lengths and
+/// that m, n, k are non-zero.
+#[allow(clippy::too_many_arguments)]
+fn native(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+    parallel: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_active() {
+        // SAFETY: AVX-512F is present (`avx512_active`), and the caller checked the lengths.
+        unsafe { avx512::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel) };
+        return;
+    }
+    gemm_crate(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
 }
 
 /// The `gemm` crate call; the caller has checked lengths and that m, n, k are non-zero.
