@@ -1,8 +1,10 @@
 //! Recycle: same-architecture knowledge distillation. This root crate gathers the engine and
 //! the models, and holds what the paper's experiments need: the distillation loss, teacher
 //! pool and schedule (`distill`), the data sets (`data`), run recipes (`recipe`), the trainer
-//! (`trainer`) and the experiments with their time-to-accuracy report (`experiments`).
+//! (`trainer`), the experiments with their time-to-accuracy report (`experiments`), and the
+//! measurement of a distillation step's cost against a plain one (`bench`).
 
+pub mod bench;
 pub mod data;
 pub mod distill;
 pub mod experiments;

@@ -1,11 +1,13 @@
 //! `recycle`: the command line. Runs the paper's experiments end to end: `sweep` trains the
 //! teacher grid, `train` runs one recipe (baseline or distilled), `report` computes
-//! time-to-accuracy and draws the Pareto curves, `demo` does all of it on a CPU-sized problem.
+//! time-to-accuracy and draws the Pareto curves, `demo` does all of it on a CPU-sized problem,
+//! `bench` measures the per-step cost of distillation against a plain step.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use recycle::bench::{run_bench, BenchSpec, KdBench, Variant};
 use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::sweep::run_sweep;
 use recycle::experiments::{build_report, PlotOptions};
@@ -91,6 +93,40 @@ enum Command {
         /// Also write the report to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
+    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step.
+    Bench {
+        /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125) or bert-tiny;
+        /// repeat or separate with commas for several.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "resnet18-fmnist-small,bert-tiny"
+        )]
+        model: Vec<String>,
+        /// Samples per step (default: 128 images, 32 sequences, as the PyTorch peer).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Tokens per sequence (BERT).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Measured rounds; each runs every variant once, in alternation.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Rounds run first and not measured.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Only these variants (plain, kd-kl, kd-mse, ensemble-2, ensemble-4, random-one-4,
+        /// off-schedule, teacher-fwd), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
+        /// Also print each result as one JSON line (keys like the PyTorch peer's).
+        #[arg(long)]
+        json: bool,
+        /// Instead, split a plain step into forward, backward and optimizer.
+        #[arg(long)]
+        phases: bool,
     },
 }
 
@@ -208,11 +244,52 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
         }
+        Command::Bench {
+            model,
+            batch,
+            seq,
+            iters,
+            warmup,
+            variants,
+            json,
+            phases,
+        } => {
+            let variants = variants
+                .iter()
+                .map(|v| Variant::parse(v))
+                .collect::<Result<Vec<_>>>()?;
+            for m in model {
+                let spec = BenchSpec {
+                    model: m,
+                    batch,
+                    seq,
+                    iters,
+                    warmup,
+                    variants: variants.clone(),
+                };
+                if phases {
+                    let report = KdBench::new(&spec)?.phases(iters, warmup)?;
+                    println!("{}", report.to_markdown());
+                    continue;
+                }
+                let report = run_bench(&spec)?;
+                println!("{}", report.to_markdown());
+                if json {
+                    println!("{}\n", report.to_json());
+                }
+            }
+        }
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
+    // Reuse freed step buffers instead of faulting fresh pages in every step (see the doc of
+    // `keep_freed_memory`: a fifth of a BERT-tiny step on the CPU). `RECYCLE_MALLOC=default`
+    // leaves the allocator alone, to measure the difference.
+    if std::env::var("RECYCLE_MALLOC").as_deref() != Ok("default") {
+        recycle_engine::memory::keep_freed_memory();
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

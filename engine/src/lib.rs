@@ -8,7 +8,8 @@
 //! - `params`: a model's flat parameter and gradient buffers;
 //! - `optim`: SGDW, AdamW and learning-rate schedules over flat buffers;
 //! - `checkpoint`: safetensors save/load;
-//! - `gradcheck`: finite-difference checks used by every op's tests.
+//! - `gradcheck`: finite-difference checks used by every op's tests;
+//! - `memory`: allocator settings for the large short-lived buffers of a step.
 
 pub mod autograd;
 pub mod checkpoint;
@@ -17,6 +18,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gradcheck;
+pub mod memory;
 pub mod ops;
 pub mod optim;
 pub mod params;
