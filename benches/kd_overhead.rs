@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use recycle::bench::{BenchSpec, KdBench, Variant};
 
 fn kd_overhead(c: &mut Criterion) {
@@ -34,10 +34,13 @@ fn kd_overhead(c: &mut Criterion) {
         println!("{}\n", report.to_json());
 
         let mut group = c.benchmark_group(model);
+        // Steps take 10-300 ms: flat sampling (every sample the same number of steps) and a
+        // 5 s window keep 10 samples within reach.
         group
             .sample_size(10)
+            .sampling_mode(SamplingMode::Flat)
             .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(3));
+            .measurement_time(Duration::from_secs(5));
         for v in Variant::ALL {
             group.bench_function(v.name(), |b| {
                 b.iter(|| bench.run(v).unwrap_or_else(|e| panic!("{model}: {e}")))

@@ -340,6 +340,7 @@ impl KdBench {
         Ok(BenchReport {
             model: self.model.clone(),
             batch: self.batch_size,
+            logit_rows: self.batch.labels().elem_count(),
             iters,
             threads: rayon::current_num_threads(),
             rows,
@@ -483,6 +484,8 @@ pub struct BenchRow {
 pub struct BenchReport {
     pub model: String,
     pub batch: usize,
+    /// Rows of logits per step: images, or masked positions for BERT.
+    pub logit_rows: usize,
     pub iters: usize,
     pub threads: usize,
     pub rows: Vec<BenchRow>,
@@ -504,9 +507,9 @@ impl BenchReport {
     /// A Markdown table: variant, median ms, min–max, ratio to plain.
     pub fn to_markdown(&self) -> String {
         let mut s = format!(
-            "{} — batch {}, median of {} interleaved rounds, {} threads\n\n\
+            "{} — batch {} ({} logit rows), median of {} interleaved rounds, {} threads\n\n\
              | step | median ms | min–max ms | / plain |\n|---|---:|---:|---:|\n",
-            self.model, self.batch, self.iters, self.threads
+            self.model, self.batch, self.logit_rows, self.iters, self.threads
         );
         for r in &self.rows {
             let ratio = self
@@ -529,6 +532,7 @@ impl BenchReport {
         let mut m = serde_json::Map::new();
         m.insert("model".into(), self.model.clone().into());
         m.insert("batch".into(), self.batch.into());
+        m.insert("logit_rows".into(), self.logit_rows.into());
         m.insert("threads".into(), self.threads.into());
         m.insert("iters".into(), self.iters.into());
         let round = |x: f64| (x * 1e4).round() / 1e4;

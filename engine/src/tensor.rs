@@ -304,6 +304,23 @@ impl Tensor {
         }
     }
 
+    /// Read access to a bf16 tensor's values as stored (a bf16 teacher's weights).
+    pub fn read_bf16(&self) -> Result<Bf16Read<'_>> {
+        let guard = self.read_guard();
+        match &*guard {
+            Storage::Cpu(CpuStorage::BF16(_)) => Ok(Bf16Read {
+                guard,
+                offset: self.offset,
+                len: self.elem_count(),
+            }),
+            s => Err(Error::DType {
+                op: "read_bf16",
+                expected: DType::BF16,
+                got: s.dtype(),
+            }),
+        }
+    }
+
     /// Write access to an f32 tensor in place (optimizer updates, gradient accumulation).
     pub fn write_f32(&self) -> Result<F32Write<'_>> {
         let guard = self.write_guard();
@@ -701,6 +718,22 @@ impl Deref for I32Read<'_> {
         match &*self.guard {
             Storage::Cpu(CpuStorage::I32(v)) => &v[self.offset..self.offset + self.len],
             _ => unreachable!("I32Read holds i32 storage"),
+        }
+    }
+}
+
+pub struct Bf16Read<'a> {
+    guard: RwLockReadGuard<'a, Storage>,
+    offset: usize,
+    len: usize,
+}
+
+impl Deref for Bf16Read<'_> {
+    type Target = [bf16];
+    fn deref(&self) -> &[bf16] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::BF16(v)) => &v[self.offset..self.offset + self.len],
+            _ => unreachable!("Bf16Read holds bf16 storage"),
         }
     }
 }

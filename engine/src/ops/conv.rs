@@ -6,18 +6,30 @@
 //! same lowering: `dW += dY_n x cols_n^T`, `dcols = W^T x dY_n` scattered back by col2im, and
 //! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
 //! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
+//! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
+//! (`ops::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
 //!
-//! Two schedules (measured in docs/benchmarks.md), picked by `ConvSchedule::auto`:
+//! Three schedules (measured in docs/benchmarks.md and docs/benchmarks-steps.md), picked by
+//! `ConvSchedule::auto`:
 //! - `PerItem`: batch items spread over rayon threads, each product on one thread
 //!   (`sgemm_serial`), and per-thread partial sums of `dW` added at the end. No
 //!   synchronisation inside a step, so it is the fastest when the batch covers the threads.
-//! - `Batched { items }`: a group of items' columns side by side, `[C*kh*kw, items*OH*OW]`,
-//!   one threaded product per group. Used for batches smaller than the thread count.
+//! - `Grouped { items }`: the same, but each single-thread product covers a group of `items`
+//!   images, their columns side by side (`[C*kh*kw, items*OH*OW]`). For small images (ResNet's
+//!   last stages: 7x7 and 4x4 pixels) a product per image is too narrow: the forward and the
+//!   input gradient stream the whole weight matrix once per image, and `dW` reads and writes
+//!   all of itself once per image (k = 16 for 4x4), so those products run at memory speed. A
+//!   group of images reads the weight once and accumulates `dW` over `items * OH * OW` pixels
+//!   at a time. `PerItem` is `Grouped { items: 1 }`.
+//! - `Batched { items }`: a group of items' columns side by side, one threaded product per
+//!   group. Used for batches smaller than the thread count.
 
 use rayon::prelude::*;
 
-use crate::ops::gemm::{sgemm, sgemm_serial};
-use crate::{Error, Result, Tape, Tensor, Var};
+use half::bf16;
+
+use crate::ops::gemm::{bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half};
+use crate::{DType, Error, Result, Tape, Tensor, Var};
 
 /// Stride and zero padding of `conv2d`, the same on both spatial axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,8 +152,14 @@ impl Conv2dGeometry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvSchedule {
     PerItem,
+    Grouped { items: usize },
     Batched { items: usize },
 }
+
+/// Output pixels a `Grouped` product aims at (`items * OH * OW`): 256 makes the narrowest
+/// products of a ResNet (4x4 images) as wide as a 16x16 image's, past the point where the
+/// weight's traffic dominates.
+const GROUP_PIXELS: usize = 256;
 
 /// Column-matrix elements a `Batched` group aims at (16 MiB of f32): large enough to keep a
 /// threaded product busy, small enough not to grow memory with the batch.
@@ -152,13 +170,39 @@ const PARTIAL_DW_BUDGET: usize = 8 << 20;
 
 impl ConvSchedule {
     pub fn auto(g: &Conv2dGeometry) -> ConvSchedule {
-        if g.n >= rayon::current_num_threads() {
-            ConvSchedule::PerItem
+        let threads = rayon::current_num_threads().max(1);
+        if g.n >= threads {
+            // Groups never larger than one thread's share of the batch.
+            let items = GROUP_PIXELS
+                .div_ceil(g.pixels().max(1))
+                .clamp(1, g.n.div_ceil(threads));
+            if items == 1 {
+                ConvSchedule::PerItem
+            } else {
+                ConvSchedule::Grouped { items }
+            }
         } else {
             let per_item = (g.patch() * g.pixels()).max(1);
             ConvSchedule::Batched {
                 items: (BATCHED_COLS_BUDGET / per_item).clamp(1, g.n.max(1)),
             }
+        }
+    }
+
+    /// Images per single-thread product of `PerItem` / `Grouped`.
+    fn group(self) -> usize {
+        match self {
+            ConvSchedule::Grouped { items } => items.max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// `[cnt, O, P]` -> `[O, cnt * P]`: a group's output gradient in the layout of its columns.
+fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
+    for (oc, row) in dst[..o * cnt * p].chunks_mut(cnt * p).enumerate() {
+        for (b, d) in row.chunks_mut(p).enumerate() {
+            d.copy_from_slice(&src[(b * o + oc) * p..][..p]);
         }
     }
 }
@@ -353,25 +397,10 @@ pub fn conv2d_forward_cpu_with(
         return Ok(());
     }
     match schedule {
-        ConvSchedule::PerItem => {
-            // Runs of items, a few per thread, each with one column buffer.
-            let per = g.n.div_ceil((4 * rayon::current_num_threads()).min(g.n));
-            out.par_chunks_mut(per * oimg)
-                .zip(x.par_chunks(per * img))
-                .try_for_each(|(out_run, x_run)| {
-                    let mut cols = vec![0f32; if g.is_pointwise() { 0 } else { ck * p }];
-                    for (out_n, x_n) in out_run.chunks_mut(oimg).zip(x_run.chunks(img)) {
-                        let cols: &[f32] = if g.is_pointwise() {
-                            x_n
-                        } else {
-                            im2col_cpu(x_n, g, 1, &mut cols, false);
-                            &cols
-                        };
-                        sgemm_serial(false, false, g.o, p, ck, 1.0, weight, cols, 0.0, out_n)?;
-                        add_bias(out_n, bias, p);
-                    }
-                    Ok(())
-                })
+        ConvSchedule::PerItem | ConvSchedule::Grouped { .. } => {
+            grouped_forward(x, bias, g, out, schedule.group(), |cols, columns, out| {
+                sgemm_serial(false, false, g.o, columns, ck, 1.0, weight, cols, 0.0, out)
+            })
         }
         ConvSchedule::Batched { items } => {
             let items = items.clamp(1, g.n);
@@ -414,6 +443,122 @@ pub fn conv2d_forward_cpu_with(
             Ok(())
         }
     }
+}
+
+/// The forward of `PerItem` / `Grouped { items }`: groups of `items` images spread over the
+/// rayon threads, each group's columns side by side, `mm(cols, columns, out)` computing
+/// `out [O, columns] = W x cols [C*kh*kw, columns]` on the calling thread.
+fn grouped_forward(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+    items: usize,
+    mm: impl Fn(&[f32], usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let (ck, p, img, oimg) = (g.patch(), g.pixels(), g.image(), g.o * g.pixels());
+    let items = items.clamp(1, g.n);
+    // One pointwise image is its own column matrix.
+    let direct = items == 1 && g.is_pointwise();
+    out.par_chunks_mut(items * oimg)
+        .zip(x.par_chunks(items * img.max(1)))
+        .try_for_each_init(
+            || {
+                (
+                    vec![0f32; if direct { 0 } else { ck * items * p }],
+                    vec![0f32; if items == 1 { 0 } else { g.o * items * p }],
+                )
+            },
+            |(cols, tmp), (out_g, x_g)| {
+                let cnt = out_g.len() / oimg;
+                let cols: &[f32] = if direct {
+                    x_g
+                } else {
+                    im2col_cpu(x_g, g, cnt, cols, false);
+                    &cols[..ck * cnt * p]
+                };
+                if cnt == 1 {
+                    mm(cols, p, out_g)?;
+                    add_bias(out_g, bias, p);
+                    return Ok(());
+                }
+                let tmp = &mut tmp[..g.o * cnt * p];
+                mm(cols, cnt * p, tmp)?;
+                // [O, cnt*P] -> [cnt, O, P]
+                for (b, out_n) in out_g.chunks_mut(oimg).enumerate() {
+                    for (o, dst) in out_n.chunks_mut(p).enumerate() {
+                        dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                    }
+                    add_bias(out_n, bias, p);
+                }
+                Ok(())
+            },
+        )
+}
+
+/// `conv2d_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
+/// rounded to bf16, see `gemm_bf16`): how `conv2d` runs a bf16 teacher where
+/// `bf16_products_active()`. Groups images as `ConvSchedule::auto` would.
+pub fn conv2d_forward_bf16_cpu(
+    x: &[f32],
+    weight: &[bf16],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+) -> Result<()> {
+    if x.len() < g.n * g.image()
+        || weight.len() < g.o * g.patch()
+        || out.len() < g.n * g.o * g.pixels()
+    {
+        return Err(Error::shape(
+            "conv2d",
+            format!(
+                "buffers of {}, {}, {} elements for input, weight, output; {g:?} needs {}, {}, {}",
+                x.len(),
+                weight.len(),
+                out.len(),
+                g.n * g.image(),
+                g.o * g.patch(),
+                g.n * g.o * g.pixels()
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len() < g.o {
+            return Err(Error::shape(
+                "conv2d",
+                format!("bias of {} elements for {} output channels", b.len(), g.o),
+            ));
+        }
+    }
+    let (ck, oimg) = (g.patch(), g.o * g.pixels());
+    if g.n == 0 || oimg == 0 {
+        return Ok(());
+    }
+    let out = &mut out[..g.n * oimg];
+    if ck == 0 {
+        out.chunks_mut(oimg).for_each(|o| {
+            o.fill(0.0);
+            add_bias(o, bias, g.pixels());
+        });
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let items = ConvSchedule::auto(g).group();
+    // Fewer images than threads: spread each product over the threads instead.
+    let parallel = g.n < threads;
+    grouped_forward(x, bias, g, out, items, |cols, columns, out| {
+        gemm_bf16(
+            g.o,
+            columns,
+            ck,
+            Half::Bf16(weight),
+            Half::F32(cols),
+            false,
+            out,
+            parallel,
+        )
+    })
 }
 
 /// Gradients of `conv2d`: input `[N, C, H, W]`, weight `[O, C, kh, kw]`, bias `[O]`, each
@@ -461,50 +606,54 @@ pub fn conv2d_backward_cpu_with(
     }
     let grad = &grad[..g.n * oimg];
     match schedule {
-        ConvSchedule::PerItem => {
+        ConvSchedule::PerItem | ConvSchedule::Grouped { .. } => {
             // Contiguous runs of items, each with its own column buffers and partial dW, so
             // threads never wait on each other until the final sum. A few runs per thread
             // (as memory for the partial sums allows) let a thread that other work slowed
-            // down hand runs to the others.
+            // down hand runs to the others. Within a run, one product per group of `items`
+            // images.
             let threads = rayon::current_num_threads().max(1);
             let runs = (PARTIAL_DW_BUDGET / (g.o * ck)).clamp(threads, 4 * threads);
             let per = g.n.div_ceil(runs.min(g.n));
+            let items = schedule.group().clamp(1, per);
+            let direct = items == 1 && g.is_pointwise();
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
                 let first = t * per;
                 let cnt = per.min(g.n - first);
-                let mut cols = vec![0f32; if g.is_pointwise() { 0 } else { ck * p }];
-                let mut dcols = vec![
-                    0f32;
-                    if need_x && !g.is_pointwise() {
-                        ck * p
-                    } else {
-                        0
-                    }
-                ];
+                let cols_len = if direct { 0 } else { ck * items * p };
+                let mut cols = vec![0f32; if need_w { cols_len } else { 0 }];
+                let mut dcols = vec![0f32; if need_x { cols_len } else { 0 }];
+                let mut dyt = vec![0f32; if items > 1 { oimg * items } else { 0 }];
                 let mut dw_part = need_w.then(|| vec![0f32; g.o * ck]);
                 let mut dx_run = dx_run;
-                for b in 0..cnt {
-                    let x_n = &x[(first + b) * img..][..img];
-                    let dy = &grad[(first + b) * oimg..][..oimg];
+                for (gi, b) in (0..cnt).step_by(items).enumerate() {
+                    let c = items.min(cnt - b);
+                    let x_g = &x[(first + b) * img..][..c * img];
+                    let dy_g = &grad[(first + b) * oimg..][..c * oimg];
+                    let dy: &[f32] = if c == 1 {
+                        dy_g
+                    } else {
+                        gather_group(dy_g, c, g.o, p, &mut dyt);
+                        &dyt[..c * oimg]
+                    };
                     if let Some(dw_part) = dw_part.as_mut() {
-                        let cols: &[f32] = if g.is_pointwise() {
-                            x_n
+                        let cols: &[f32] = if direct {
+                            x_g
                         } else {
-                            im2col_cpu(x_n, g, 1, &mut cols, false);
-                            &cols
+                            im2col_cpu(x_g, g, c, &mut cols, false);
+                            &cols[..ck * c * p]
                         };
-                        let beta = if b == 0 { 0.0 } else { 1.0 };
-                        sgemm_serial(false, true, g.o, ck, p, 1.0, dy, cols, beta, dw_part)?;
+                        let beta = if gi == 0 { 0.0 } else { 1.0 };
+                        sgemm_serial(false, true, g.o, ck, c * p, 1.0, dy, cols, beta, dw_part)?;
                     }
                     if let Some(dx_run) = dx_run.as_deref_mut() {
-                        let dx_n = &mut dx_run[b * img..][..img];
-                        if g.is_pointwise() {
-                            sgemm_serial(true, false, ck, p, g.o, 1.0, weight, dy, 0.0, dx_n)?;
+                        let dx_g = &mut dx_run[b * img..][..c * img];
+                        if direct {
+                            sgemm_serial(true, false, ck, p, g.o, 1.0, weight, dy, 0.0, dx_g)?;
                         } else {
-                            sgemm_serial(
-                                true, false, ck, p, g.o, 1.0, weight, dy, 0.0, &mut dcols,
-                            )?;
-                            col2im_cpu(&dcols, g, 1, dx_n, false);
+                            let dcols = &mut dcols[..ck * c * p];
+                            sgemm_serial(true, false, ck, c * p, g.o, 1.0, weight, dy, 0.0, dcols)?;
+                            col2im_cpu(dcols, g, c, dx_g, false);
                         }
                     }
                 }
@@ -633,13 +782,24 @@ pub fn conv2d(
     let mut out = vec![0f32; g.n * g.o * g.pixels()];
     {
         let bias_read = bias.map(|b| b.tensor().read_f32()).transpose()?;
-        conv2d_forward_cpu(
-            &x.tensor().read_f32()?,
-            &weight.tensor().read_f32()?,
-            bias_read.as_deref(),
-            &g,
-            &mut out,
-        )?;
+        if weight.tensor().dtype() == DType::BF16 && bf16_products_active() {
+            // A frozen bf16 teacher: bf16 products, f32 accumulation.
+            conv2d_forward_bf16_cpu(
+                &x.tensor().read_f32()?,
+                &weight.tensor().read_bf16()?,
+                bias_read.as_deref(),
+                &g,
+                &mut out,
+            )?;
+        } else {
+            conv2d_forward_cpu(
+                &x.tensor().read_f32()?,
+                &weight.tensor().read_f32()?,
+                bias_read.as_deref(),
+                &g,
+                &mut out,
+            )?;
+        }
     }
     let out = Tensor::f32(out, &[g.n, g.o, g.oh, g.ow])?;
     let (tx, tw) = (x.tensor().clone(), weight.tensor().clone());
@@ -674,7 +834,7 @@ pub fn conv2d(
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::{DType, Device};
+    use crate::Device;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()
@@ -736,7 +896,27 @@ mod tests {
         ([2, 6, 7, 7], [4, 6, 1, 1], 2, 0),
         ([2, 3, 15, 15], [4, 3, 7, 7], 2, 3),
         ([1, 2, 5, 7], [3, 2, 2, 3], 1, 2),
+        // Small images in a larger batch: groups of several images, a partial last group.
+        ([7, 3, 4, 4], [5, 3, 3, 3], 1, 1),
+        ([9, 4, 3, 3], [6, 4, 1, 1], 1, 0),
     ];
+
+    #[test]
+    fn auto_groups_small_images_only() {
+        let threads = rayon::current_num_threads();
+        let g =
+            |hw: usize| Conv2dGeometry::new(&[128, 8, hw, hw], &[8, 8, 3, 3], opts(1, 1)).unwrap();
+        if threads <= 128 {
+            assert_eq!(ConvSchedule::auto(&g(28)), ConvSchedule::PerItem);
+            let want = 16.min(128usize.div_ceil(threads));
+            let want = if want == 1 {
+                ConvSchedule::PerItem
+            } else {
+                ConvSchedule::Grouped { items: want }
+            };
+            assert_eq!(ConvSchedule::auto(&g(4)), want);
+        }
+    }
 
     #[test]
     fn forward_matches_naive_for_every_schedule() {
@@ -755,6 +935,8 @@ mod tests {
             let want = naive_forward(&xv, &wv, Some(&bv), &g);
             for sched in [
                 ConvSchedule::PerItem,
+                ConvSchedule::Grouped { items: 2 },
+                ConvSchedule::Grouped { items: 3 },
                 ConvSchedule::Batched { items: 1 },
                 ConvSchedule::Batched { items: 2 },
             ] {
@@ -809,6 +991,8 @@ mod tests {
                 conv2d_backward_cpu_with(&xv, &wv, &dyv, &g, [true; 3], ConvSchedule::PerItem)
                     .unwrap();
             for sched in [
+                ConvSchedule::Grouped { items: 2 },
+                ConvSchedule::Grouped { items: 3 },
                 ConvSchedule::Batched { items: 1 },
                 ConvSchedule::Batched { items: 2 },
             ] {
@@ -937,6 +1121,55 @@ mod tests {
             &c(&[4, 3, 0, 3]),
             None,
             opts(1, 0)
+        )
+        .is_err());
+    }
+
+    /// A bf16 weight (a teacher's): bf16 products on the input rounded to bf16 where the CPU
+    /// has them, the widened weight otherwise; both close to the naive convolution of the
+    /// operands that path uses. Small images in a batch: grouped products.
+    #[test]
+    fn forward_with_bf16_weights() {
+        for (k, &(xs, ws, s, p)) in CASES.iter().enumerate() {
+            let x = randn(&xs, 200 + k as u64);
+            let w = randn(&ws, 210).cast(DType::BF16).unwrap();
+            let b = randn(&[ws[0]], 220).cast(DType::BF16).unwrap();
+            let g = Conv2dGeometry::new(&xs, &ws, opts(s, p)).unwrap();
+            let tape = Tape::inference();
+            let y = conv2d(
+                &tape,
+                &tape.constant(x.clone()),
+                &tape.constant(w.clone()),
+                Some(&tape.constant(b.clone())),
+                opts(s, p),
+            )
+            .unwrap();
+            let xv: Vec<f32> = x
+                .to_vec_f32()
+                .unwrap()
+                .iter()
+                .map(|&v| {
+                    if bf16_products_active() {
+                        bf16::from_f32(v).to_f32()
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let want = naive_forward(
+                &xv,
+                &w.to_vec_f32().unwrap(),
+                Some(&b.to_vec_f32().unwrap()),
+                &g,
+            );
+            assert_close(&y.tensor().to_vec_f32().unwrap(), &want, 1e-4);
+        }
+        assert!(conv2d_forward_bf16_cpu(
+            &[0.0; 3],
+            &[bf16::ZERO; 4],
+            None,
+            &Conv2dGeometry::new(&[1, 1, 2, 2], &[1, 1, 2, 2], opts(1, 0)).unwrap(),
+            &mut [0.0; 1],
         )
         .is_err());
     }

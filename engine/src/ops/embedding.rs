@@ -7,6 +7,8 @@
 //! parallel: no two threads write one row). With BERT's tied decoder, the weight's gradient
 //! from the lookup and from the output projection are summed by the tape.
 
+use rayon::prelude::*;
+
 use crate::ops::gather::{first_out_of_range, gather_rows_forward_cpu, scatter_add_rows_cpu};
 use crate::{DType, Error, Result, Tape, Tensor, Var};
 
@@ -52,7 +54,20 @@ pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
     }
     let mut out_shape = ids.shape().to_vec();
     out_shape.push(dim);
-    let out = embedding_forward_cpu(&weight.tensor().read_f32()?, dim, &idv);
+    let out = if weight.tensor().dtype() == DType::BF16 {
+        // A bf16 teacher's table: widen only the rows looked up, not all of it.
+        let table = weight.tensor().read_bf16()?;
+        let mut out = vec![0f32; idv.len() * dim];
+        out.par_chunks_mut(dim.max(1))
+            .zip(&idv)
+            .for_each(|(row, &id)| {
+                let src = &table[id as usize * dim..][..dim];
+                row.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
+            });
+        out
+    } else {
+        embedding_forward_cpu(&weight.tensor().read_f32()?, dim, &idv)
+    };
     let out = Tensor::f32(out, &out_shape)?;
     Ok(tape.record(
         out,
@@ -143,5 +158,22 @@ mod tests {
             embedding(&tape, &w3, &ids(&[0], &[1])),
             Err(Error::Shape { .. })
         ));
+    }
+
+    #[test]
+    fn bf16_table_gathers_the_widened_rows() {
+        let w = Tensor::randn(&[50, 6], 0.0, 1.0, 3, DType::F32, Device::Cpu)
+            .unwrap()
+            .cast(DType::BF16)
+            .unwrap();
+        let idv = ids(&[4, 49, 0, 4, 17], &[5]);
+        let tape = Tape::inference();
+        let got = embedding(&tape, &tape.constant(w.clone()), &idv)
+            .unwrap()
+            .into_tensor()
+            .to_vec_f32()
+            .unwrap();
+        let want = embedding_forward_cpu(&w.to_vec_f32().unwrap(), 6, &[4, 49, 0, 4, 17]);
+        assert_eq!(got, want);
     }
 }

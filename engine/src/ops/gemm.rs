@@ -19,6 +19,102 @@ mod avx512;
 
 static AVX512_ENABLED: AtomicBool = AtomicBool::new(true);
 static AVX512_ENV: OnceLock<bool> = OnceLock::new();
+static BF16_ENABLED: AtomicBool = AtomicBool::new(true);
+static BF16_ENV: OnceLock<bool> = OnceLock::new();
+
+/// An operand of [`gemm_bf16`]: f32 values (rounded to bf16 when used) or bf16 ones.
+#[derive(Clone, Copy)]
+pub enum Half<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl Half<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Half::F32(v) => v.len(),
+            Half::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Turns bf16 products ([`gemm_bf16`], used for bf16 weights) on or off for the whole
+/// process (on by default where the CPU has AVX512_BF16). `RECYCLE_BF16_PRODUCTS=0` turns
+/// them off from the start; then bf16 weights are widened and multiplied in f32.
+pub fn set_bf16_products(on: bool) {
+    BF16_ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`gemm_bf16`] can run now: AVX512_BF16 present, the AVX-512 kernels on, bf16
+/// products not turned off.
+pub fn bf16_products_active() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let env_on =
+            *BF16_ENV.get_or_init(|| std::env::var("RECYCLE_BF16_PRODUCTS").as_deref() != Ok("0"));
+        env_on
+            && BF16_ENABLED.load(Ordering::Relaxed)
+            && avx512_active()
+            && avx512::bf16_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `C[m, n] = A[m, k] * op(B)` with each product of two bf16 values (f32 operands rounded to
+/// bf16, to nearest even) and f32 accumulation, as a GPU's bf16 matmul computes; `A` is
+/// row-major, `B` is `[k, n]` or, when `trans_b`, `[n, k]`; C is overwritten. This is how a
+/// frozen bf16 teacher multiplies (twice the f32 kernel's speed). `parallel` spreads it over
+/// the rayon threads. An error where [`bf16_products_active`] is false (callers check it and
+/// take the f32 path instead).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Half,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    parallel: bool,
+) -> Result<()> {
+    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        return Err(Error::shape(
+            "gemm_bf16",
+            format!(
+                "buffers of {}, {}, {} elements for m={m} n={n} k={k}",
+                a.len(),
+                b.len(),
+                c.len()
+            ),
+        ));
+    }
+    if !bf16_products_active() {
+        return Err(Error::invalid(
+            "gemm_bf16",
+            "bf16 products need AVX512_BF16 (or were turned off): use sgemm".to_string(),
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512_BF16 is present (`bf16_products_active`); lengths checked above.
+    unsafe {
+        avx512::gemm_bf16(m, n, k, a, b, trans_b, c, parallel)
+    };
+    Ok(())
+}
 
 /// Turns the AVX-512 kernel on or off for the whole process (on by default; benchmarks compare
 /// the two paths in one run). Without AVX-512F on the CPU it stays off whatever is asked. The

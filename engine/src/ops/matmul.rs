@@ -5,12 +5,13 @@
 //! Every product, forward and backward, goes through `ops::gemm::sgemm` with transpose flags
 //! instead of materialised transposes: for `C = op(A) op(B)` the gradients are again products
 //! of the stored operands, `dA = dC op(B)^T` and `dB = op(A)^T dC`, each written in the layout
-//! its operand is stored in.
+//! its operand is stored in. One exception: `linear` with bf16 weights (a frozen teacher's) runs
+//! its forward in bf16 products (`ops::gemm::gemm_bf16`) where the CPU has them.
 
 use rayon::prelude::*;
 
-use crate::ops::gemm::{sgemm, sgemm_serial, SERIAL_MNK};
-use crate::{Error, Result, Tape, Tensor, Var};
+use crate::ops::gemm::{bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_MNK};
+use crate::{DType, Error, Result, Tape, Tensor, Var};
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels
@@ -244,6 +245,39 @@ pub fn linear_forward_cpu(
     out: &mut [f32],
 ) -> Result<()> {
     sgemm(false, true, rows, out_f, in_f, 1.0, x, weight, 0.0, out)?;
+    if let Some(bias) = bias {
+        check_len("linear", bias.len(), out_f)?;
+        if out_f > 0 {
+            out[..rows * out_f]
+                .par_chunks_mut(out_f)
+                .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
+        }
+    }
+    Ok(())
+}
+
+/// `linear_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
+/// rounded to bf16): how `linear` runs a bf16 teacher where `bf16_products_active()`.
+pub fn linear_forward_bf16_cpu(
+    x: &[f32],
+    weight: &[half::bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let parallel = rows * out_f * in_f >= SERIAL_MNK;
+    gemm_bf16(
+        rows,
+        out_f,
+        in_f,
+        Half::F32(x),
+        Half::Bf16(weight),
+        true,
+        out,
+        parallel,
+    )?;
     if let Some(bias) = bias {
         check_len("linear", bias.len(), out_f)?;
         if out_f > 0 {
@@ -489,15 +523,28 @@ pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<
     let mut out = vec![0f32; rows * out_f];
     {
         let bias_read = bias.map(|b| b.tensor().read_f32()).transpose()?;
-        linear_forward_cpu(
-            &x.tensor().read_f32()?,
-            &weight.tensor().read_f32()?,
-            bias_read.as_deref(),
-            rows,
-            in_f,
-            out_f,
-            &mut out,
-        )?;
+        if weight.tensor().dtype() == DType::BF16 && bf16_products_active() {
+            // A frozen bf16 teacher: bf16 products, f32 accumulation (see `gemm_bf16`).
+            linear_forward_bf16_cpu(
+                &x.tensor().read_f32()?,
+                &weight.tensor().read_bf16()?,
+                bias_read.as_deref(),
+                rows,
+                in_f,
+                out_f,
+                &mut out,
+            )?;
+        } else {
+            linear_forward_cpu(
+                &x.tensor().read_f32()?,
+                &weight.tensor().read_f32()?,
+                bias_read.as_deref(),
+                rows,
+                in_f,
+                out_f,
+                &mut out,
+            )?;
+        }
     }
     let mut out_shape = xs[..xs.len() - 1].to_vec();
     out_shape.push(out_f);
@@ -533,7 +580,7 @@ pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::{DType, Device};
+    use crate::Device;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()
@@ -860,5 +907,53 @@ mod tests {
         assert!(linear(&tape, &c(&[2, 6]), &c(&[4, 6, 1]), None).is_err());
         assert!(linear(&tape, &c(&[2, 6]), &c(&[4, 6]), Some(&c(&[5]))).is_err());
         assert!(linear(&tape, &c(&[2, 6]), &c(&[4, 6]), Some(&c(&[4, 1]))).is_err());
+    }
+
+    /// A bf16 weight (a teacher's): with bf16 products the input is rounded to bf16 and the
+    /// sums are f32; without them the weight is widened. Either way close to f64 arithmetic
+    /// on the operands each path uses.
+    #[test]
+    fn linear_with_bf16_weights() {
+        let (rows, in_f, out_f) = (37, 70, 45);
+        let x = randn(&[rows, in_f], 1);
+        let w = randn(&[out_f, in_f], 2).cast(DType::BF16).unwrap();
+        let b = randn(&[out_f], 3).cast(DType::BF16).unwrap();
+        let tape = Tape::inference();
+        let y = linear(
+            &tape,
+            &tape.constant(x.clone()),
+            &tape.constant(w.clone()),
+            Some(&tape.constant(b.clone())),
+        )
+        .unwrap()
+        .into_tensor()
+        .to_vec_f32()
+        .unwrap();
+        let round = |v: f32| {
+            if bf16_products_active() {
+                half::bf16::from_f32(v).to_f32()
+            } else {
+                v
+            }
+        };
+        let (xv, wv, bv) = (
+            x.to_vec_f32().unwrap(),
+            w.to_vec_f32().unwrap(),
+            b.to_vec_f32().unwrap(),
+        );
+        for r in 0..rows {
+            for o in 0..out_f {
+                let terms: Vec<f64> = (0..in_f)
+                    .map(|i| round(xv[r * in_f + i]) as f64 * wv[o * in_f + i] as f64)
+                    .collect();
+                let want = terms.iter().sum::<f64>() + bv[o] as f64;
+                let mag: f64 = terms.iter().map(|t| t.abs()).sum::<f64>() + bv[o].abs() as f64;
+                let got = y[r * out_f + o] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag,
+                    "({r},{o}): {got} vs {want}"
+                );
+            }
+        }
     }
 }

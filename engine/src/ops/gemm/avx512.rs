@@ -30,6 +30,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::Half;
+
 /// Rows of the register tile (broadcasts of A).
 pub const MR: usize = 12;
 /// Columns of the register tile: two 16-lane vectors.
@@ -452,6 +454,411 @@ unsafe fn kernel<const NV: usize>(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 products (AVX512_BF16): the frozen teacher's forward
+// ---------------------------------------------------------------------------------------------
+//
+// A teacher's weights are bf16; `gemm_bf16` multiplies them with activations rounded to bf16
+// (round to nearest even) and accumulates in f32, as cuBLASLt does for the GPU teacher. One
+// `vdpbf16ps` does two multiply-adds per f32 lane, twice an FMA's work: a teacher forward's
+// products run at twice the f32 kernel's speed. Operands are packed as pairs along k (one u32
+// holds `op(X)[.., 2q]` in its low half and `op(X)[.., 2q + 1]` in its high half); the tile,
+// blocking and edge handling are those of the f32 kernel.
+
+/// Whether this CPU has AVX512_BF16 (and AVX-512F).
+pub fn bf16_available() -> bool {
+    available() && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+/// Pairs of k per packed slice: the B panel `KCP x NR` u32 is 32 KiB, as for f32.
+const KCP: usize = 256;
+
+/// A matrix view over a [`Half`]: element `(i, j)` at index `off + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct HView<'a> {
+    data: Half<'a>,
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl HView<'_> {
+    fn at(self, i: usize, j: usize) -> Self {
+        HView {
+            off: self.off + i * self.rs + j * self.cs,
+            ..self
+        }
+    }
+
+    /// bf16 bits of element `(i, j)`.
+    fn bits(&self, i: usize, j: usize) -> u16 {
+        let idx = self.off + i * self.rs + j * self.cs;
+        match self.data {
+            Half::F32(v) => half::bf16::from_f32(v[idx]).to_bits(),
+            Half::Bf16(v) => v[idx].to_bits(),
+        }
+    }
+}
+
+thread_local! {
+    /// bf16 packing buffers (B panels, A rows) of this thread.
+    static PACK16: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+fn grow(v: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    if v.len() < len {
+        *v = vec![0u32; len];
+    }
+    &mut v[..len]
+}
+
+/// `C[m, n] = A[m, k] * op(B)` in bf16 products with f32 accumulation, `A` row-major,
+/// `B` `[k, n]` or, when `trans_b`, `[n, k]`. C is overwritten.
+///
+/// # Safety
+/// The CPU must have AVX512_BF16 (`bf16_available()`); `a`, `b`, `c` hold at least `m*k`,
+/// `k*n`, `m*n` elements; m, n, k non-zero.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Half,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    parallel: bool,
+) {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    let av = HView {
+        data: a,
+        off: 0,
+        rs: k,
+        cs: 1,
+    };
+    let bv = if trans_b {
+        HView {
+            data: b,
+            off: 0,
+            rs: 1,
+            cs: k,
+        }
+    } else {
+        HView {
+            data: b,
+            off: 0,
+            rs: n,
+            cs: 1,
+        }
+    };
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let cp = CPtr(c.as_mut_ptr());
+    if threads <= 1 {
+        serial_bf16(m, n, k, av, bv, cp.0, n);
+    } else if n >= m {
+        let per = n.div_ceil(threads).div_ceil(NR) * NR;
+        (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+            let j0 = t * per;
+            // SAFETY: threads write disjoint column ranges of C.
+            unsafe { serial_bf16(m, per.min(n - j0), k, av, bv.at(0, j0), cp.add(j0), n) };
+        });
+    } else {
+        let per = m.div_ceil(threads).div_ceil(MR) * MR;
+        (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
+            let i0 = t * per;
+            // SAFETY: threads write disjoint row ranges of C.
+            unsafe { serial_bf16(per.min(m - i0), n, k, av.at(i0, 0), bv, cp.add(i0 * n), n) };
+        });
+    }
+}
+
+// SAFETY: `HView` only reads slices that the caller of `gemm_bf16` keeps borrowed.
+unsafe impl Send for HView<'_> {}
+unsafe impl Sync for HView<'_> {}
+
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn serial_bf16(m: usize, n: usize, k: usize, a: HView, b: HView, c: *mut f32, ldc: usize) {
+    PACK16.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        let (bbuf, abuf) = &mut *bufs;
+        let kc_max = k.min(2 * KCP);
+        let bpack = grow(bbuf, kc_max.div_ceil(2) * n.min(NC).div_ceil(NR) * NR);
+        // bf16 A with an even row length is already pairs: read it in place.
+        let a_direct =
+            matches!(a.data, Half::Bf16(_)) && a.rs.is_multiple_of(2) && a.off.is_multiple_of(2);
+        let apack = grow(
+            abuf,
+            if a_direct {
+                0
+            } else {
+                kc_max.div_ceil(2) * m.min(MC)
+            },
+        );
+        for j0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - j0);
+            for p0 in (0..k).step_by(2 * KCP) {
+                let kc = (2 * KCP).min(k - p0);
+                let kp = kc.div_ceil(2);
+                let beta = if p0 == 0 { 0.0 } else { 1.0 };
+                pack_b_bf16(b.at(p0, j0), kc, nc, bpack);
+                for i0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - i0);
+                    if !a_direct {
+                        pack_a_bf16(a.at(i0, p0), mc, kc, apack);
+                    }
+                    for jr in (0..nc).step_by(NR) {
+                        let nr = NR.min(nc - jr);
+                        let bp = bpack.as_ptr().add(jr * kp);
+                        for ir in (0..mc).step_by(MR) {
+                            let mr = MR.min(mc - ir);
+                            // Rows past `mr` re-read the tile's first row (not stored).
+                            let rows: [*const u32; MR] = std::array::from_fn(|r| {
+                                let r = if r < mr { ir + r } else { ir };
+                                if a_direct {
+                                    let Half::Bf16(v) = a.data else {
+                                        unreachable!("direct A is bf16")
+                                    };
+                                    v.as_ptr().add(a.off + (i0 + r) * a.rs + p0) as *const u32
+                                } else {
+                                    apack.as_ptr().add(r * kp)
+                                }
+                            });
+                            let ct = c.add((i0 + ir) * ldc + j0 + jr);
+                            if nr > 16 {
+                                kernel_bf16::<2>(kp, &rows, bp, ct, ldc, mr, nr, beta);
+                            } else {
+                                kernel_bf16::<1>(kp, &rows, bp, ct, ldc, mr, nr, beta);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Two f32 vectors' bf16 roundings interleaved into pairs: lane `i` holds `lo[i]` in its low
+/// half and `hi[i]` in its high half.
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn pair_up(lo: __m512, hi: __m512) -> __m512i {
+    // SAFETY (transmute): __m256bh and __m256i are both 256 plain bits.
+    let widen = |v: __m512| -> __m512i {
+        _mm512_cvtepu16_epi32(unsafe {
+            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v))
+        })
+    };
+    _mm512_or_si512(widen(lo), _mm512_slli_epi32::<16>(widen(hi)))
+}
+
+/// Packs `op(B)[0..kc, 0..nc]` into `NR`-column panels of k pairs (`kc.div_ceil(2) * NR` u32
+/// per panel), zero past `kc` and `nc`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_b_bf16(b: HView, kc: usize, nc: usize, dst: &mut [u32]) {
+    let kp = kc.div_ceil(2);
+    for (pj, panel) in dst[..nc.div_ceil(NR) * NR * kp]
+        .chunks_exact_mut(NR * kp)
+        .enumerate()
+    {
+        let j0 = pj * NR;
+        let cols = NR.min(nc - j0);
+        match b.data {
+            Half::F32(v) if b.cs == 1 => {
+                // Two rows of B make one row of pairs.
+                for q in 0..kp {
+                    for h in 0..NR / 16 {
+                        let live = cols.saturating_sub(16 * h).min(16);
+                        let m: __mmask16 = if live == 16 {
+                            0xffff
+                        } else {
+                            (1u16 << live) - 1
+                        };
+                        let row = |p: usize| {
+                            if p < kc && live > 0 {
+                                let at = b.off + p * b.rs + j0 + 16 * h;
+                                _mm512_maskz_loadu_ps(m, v.as_ptr().add(at))
+                            } else {
+                                _mm512_setzero_ps()
+                            }
+                        };
+                        let pairs = pair_up(row(2 * q), row(2 * q + 1));
+                        _mm512_storeu_si512(
+                            panel.as_mut_ptr().add(q * NR + 16 * h) as *mut __m512i,
+                            pairs,
+                        );
+                    }
+                }
+            }
+            Half::Bf16(v) if b.rs == 1 => {
+                // Transposed bf16 B: each column of op(B) is a run of pairs; transpose 16 x 16
+                // blocks of u32 in registers. An odd last k is written alone (its pair would
+                // reach past the column).
+                let full = kc / 2;
+                for h in 0..NR / 16 {
+                    let live = cols.saturating_sub(16 * h).min(16);
+                    for q0 in (0..full).step_by(16) {
+                        let qn = 16.min(full - q0);
+                        let m: __mmask16 = if qn == 16 { 0xffff } else { (1u16 << qn) - 1 };
+                        let mut block = [_mm512_setzero_ps(); 16];
+                        for (jj, r) in block.iter_mut().enumerate().take(live) {
+                            let at = b.off + (j0 + 16 * h + jj) * b.cs + 2 * q0;
+                            *r = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(
+                                m,
+                                v.as_ptr().add(at) as *const i32,
+                            ));
+                        }
+                        let t = transpose16(block);
+                        for (q, r) in t.iter().enumerate().take(qn) {
+                            _mm512_storeu_ps(
+                                panel.as_mut_ptr().add((q0 + q) * NR + 16 * h) as *mut f32,
+                                *r,
+                            );
+                        }
+                    }
+                    if !kc.is_multiple_of(2) {
+                        for jj in 0..16 {
+                            panel[full * NR + 16 * h + jj] = if jj < live {
+                                b.bits(kc - 1, j0 + 16 * h + jj) as u32
+                            } else {
+                                0
+                            };
+                        }
+                    }
+                }
+            }
+            _ => {
+                for q in 0..kp {
+                    for jj in 0..NR {
+                        panel[q * NR + jj] = if jj < cols {
+                            let lo = b.bits(2 * q, j0 + jj) as u32;
+                            let hi = if 2 * q + 1 < kc {
+                                b.bits(2 * q + 1, j0 + jj) as u32
+                            } else {
+                                0
+                            };
+                            lo | hi << 16
+                        } else {
+                            0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `0..mc` of `A[.., 0..kc]` (row-major) as rows of k pairs, `kc.div_ceil(2)` u32
+/// per row, zero past `kc`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_a_bf16(a: HView, mc: usize, kc: usize, dst: &mut [u32]) {
+    let kp = kc.div_ceil(2);
+    for (i, row) in dst[..mc * kp].chunks_exact_mut(kp).enumerate() {
+        match a.data {
+            Half::F32(v) if a.cs == 1 => {
+                let src = &v[a.off + i * a.rs..][..kc];
+                // 32 values make 16 pairs: one conversion of two vectors.
+                for (q0, chunk) in (0..kp).step_by(16).zip(src.chunks(32)) {
+                    let lo_n = chunk.len().min(16);
+                    let hi_n = chunk.len().saturating_sub(16);
+                    let mask = |n: usize| -> __mmask16 {
+                        if n >= 16 {
+                            0xffff
+                        } else {
+                            (1u16 << n) - 1
+                        }
+                    };
+                    let lo = _mm512_maskz_loadu_ps(mask(lo_n), chunk.as_ptr());
+                    let hi = if hi_n > 0 {
+                        _mm512_maskz_loadu_ps(mask(hi_n), chunk.as_ptr().add(16))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    // SAFETY (transmute): __m512bh and __m512i are both 512 plain bits.
+                    let pairs =
+                        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                    let qn = 16.min(kp - q0);
+                    _mm512_mask_storeu_epi32(row.as_mut_ptr().add(q0) as *mut i32, mask(qn), pairs);
+                }
+            }
+            _ => {
+                for (q, d) in row.iter_mut().enumerate() {
+                    let lo = a.bits(i, 2 * q) as u32;
+                    let hi = if 2 * q + 1 < kc {
+                        a.bits(i, 2 * q + 1) as u32
+                    } else {
+                        0
+                    };
+                    *d = lo | hi << 16;
+                }
+            }
+        }
+    }
+}
+
+/// `C[0..mr, 0..nr] = A-pairs * B-pairs + beta * C` for one tile (see `kernel`); each of the
+/// `MR` row pointers gives `kp` pairs.
+///
+/// # Safety
+/// AVX512_BF16; rows hold `kp` u32, `b` holds `kp * NR` u32; `c` valid for `mr` rows of `nr`
+/// columns at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn kernel_bf16<const NV: usize>(
+    kp: usize,
+    rows: &[*const u32; MR],
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    beta: f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    let mut b = b;
+    for q in 0..kp {
+        let bv: [__m512bh; NV] = std::array::from_fn(|v| {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                b.add(16 * v) as *const __m512i
+            ))
+        });
+        for (r, row) in acc.iter_mut().enumerate() {
+            // Unaligned: bf16 weights read in place are only 2-byte aligned.
+            let pair = rows[r].add(q).read_unaligned();
+            let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair as i32));
+            for v in 0..NV {
+                row[v] = _mm512_dpbf16_ps(row[v], av, bv[v]);
+            }
+        }
+        b = b.add(NR);
+    }
+    let masks: [__mmask16; NV] = std::array::from_fn(|v| {
+        let cols = nr.saturating_sub(16 * v).min(16);
+        if cols == 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    });
+    for (r, row) in acc.iter().enumerate().take(mr) {
+        let crow = c.add(r * ldc);
+        for (v, &m) in masks.iter().enumerate() {
+            if m == 0 {
+                continue;
+            }
+            let p = crow.add(16 * v);
+            let mut out = row[v];
+            if beta != 0.0 {
+                out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(m, p));
+            }
+            _mm512_mask_storeu_ps(p, m, out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,5 +991,81 @@ mod tests {
         unsafe { sgemm(false, false, m, n, k, 1.0, &a, &b, 0.0, &mut c, false) };
         assert!(c[..m * n].iter().all(|&v| v == k as f32));
         assert!(c[m * n..].iter().all(|&v| v == 7.0));
+    }
+
+    /// bf16 products against f64 on the bf16-rounded operands: every operand kind, odd k,
+    /// ragged edges, several k slices, both drivers.
+    #[test]
+    fn bf16_matches_rounded_f64_reference() {
+        if !bf16_available() {
+            eprintln!("no AVX512_BF16 on this CPU: bf16 kernel not tested");
+            return;
+        }
+        use half::bf16;
+        let round = |v: f32| bf16::from_f32(v).to_f32();
+        for (si, &(m, n, k)) in [
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 33, 17),
+            (25, 70, 300),
+            (40, 20, 600),
+            (250, 45, 64),
+            (30, 5000, 9),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let af: Vec<f32> = (0..m * k)
+                .map(|i| crate::rng::normal_at(40 + si as u64, i as u64))
+                .collect();
+            let bf: Vec<f32> = (0..k * n)
+                .map(|i| crate::rng::normal_at(50 + si as u64, i as u64))
+                .collect();
+            let ab: Vec<bf16> = af.iter().map(|&v| bf16::from_f32(v)).collect();
+            let bb: Vec<bf16> = bf.iter().map(|&v| bf16::from_f32(v)).collect();
+            for a_bf16 in [false, true] {
+                for (b_bf16, trans_b) in
+                    [(false, false), (true, true), (false, true), (true, false)]
+                {
+                    for parallel in [false, true] {
+                        let a = if a_bf16 {
+                            Half::Bf16(&ab)
+                        } else {
+                            Half::F32(&af)
+                        };
+                        let b = if b_bf16 {
+                            Half::Bf16(&bb)
+                        } else {
+                            Half::F32(&bf)
+                        };
+                        let mut got = vec![f32::NAN; m * n];
+                        // SAFETY: AVX512_BF16 checked above; slices sized for m, n, k.
+                        unsafe { gemm_bf16(m, n, k, a, b, trans_b, &mut got, parallel) };
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut want = 0f64;
+                                let mut mag = 0f64;
+                                for p in 0..k {
+                                    let bv = if trans_b {
+                                        bf[j * k + p]
+                                    } else {
+                                        bf[p * n + j]
+                                    };
+                                    let t = round(af[i * k + p]) as f64 * round(bv) as f64;
+                                    want += t;
+                                    mag += t.abs();
+                                }
+                                let g = got[i * n + j] as f64;
+                                assert!(
+                                    (g - want).abs() <= 1e-5 * mag + 1e-6,
+                                    "{m}x{n}x{k} a_bf16={a_bf16} b_bf16={b_bf16} \
+                                     trans_b={trans_b} parallel={parallel} ({i},{j}): {g} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
