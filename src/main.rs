@@ -80,6 +80,9 @@ enum Command {
         /// Students' duration in epochs (default: the preset's).
         #[arg(long)]
         student_epochs: Option<f64>,
+        /// Fraction of training after which the students stop distilling (1 = throughout).
+        #[arg(long, default_value_t = DemoKnobs::default().kd_stop)]
+        kd_stop: f32,
         /// Train every run again even when a finished run with the same recipe is there.
         #[arg(long)]
         fresh: bool,
@@ -194,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             weight,
             student_lr_scale,
             student_epochs,
+            kd_stop,
             fresh,
         } => {
             let task = match task.as_str() {
@@ -218,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
                 weight,
                 student_lr_scale,
                 student_epochs,
+                kd_stop,
             };
             let report = run_demo(task, preset, &out, knobs, &opts)?;
             println!("{}", report.to_markdown());

@@ -62,6 +62,9 @@ pub struct DemoKnobs {
     pub student_lr_scale: f32,
     /// Students' duration in epochs (default: the preset's).
     pub student_epochs: Option<f64>,
+    /// Fraction of training after which the students stop distilling (paper section 5.2):
+    /// later steps run no teacher and cost what a plain step costs.
+    pub kd_stop: f32,
 }
 
 impl Default for DemoKnobs {
@@ -71,6 +74,7 @@ impl Default for DemoKnobs {
             weight: 1.0,
             student_lr_scale: 1.0,
             student_epochs: None,
+            kd_stop: 1.0,
         }
     }
 }
@@ -248,28 +252,41 @@ pub fn run_demo(
         };
     let e = knobs.student_epochs.unwrap_or(p.student_epochs);
     // Students are named by what varies, so experiments with other knobs sit beside them.
+    let stop_tag = if knobs.kd_stop < 1.0 {
+        format!("-until{}", knobs.kd_stop)
+    } else {
+        String::new()
+    };
     let tag = format!(
-        "t{}-w{}-lr{}-e{e}",
+        "t{}-w{}-lr{}-e{e}{stop_tag}",
         knobs.temperature, knobs.weight, knobs.student_lr_scale
     );
-    let mse_tag = format!("w{}-lr{}-e{e}", knobs.weight, knobs.student_lr_scale);
+    let mse_tag = format!(
+        "w{}-lr{}-e{e}{stop_tag}",
+        knobs.weight, knobs.student_lr_scale
+    );
     let tuned = student;
     let mut kl = with_epochs(&tuned, format!("kd-kl-{tag}"), e);
     kl.distill = Some(distill(
         KdLossKind::Kl,
         vec![best.dir.clone()],
         "single",
-        1.0,
+        knobs.kd_stop,
     ));
     let mut mse = with_epochs(&tuned, format!("kd-mse-{mse_tag}"), e);
     mse.distill = Some(distill(
         KdLossKind::Mse,
         vec![best.dir.clone()],
         "single",
-        1.0,
+        knobs.kd_stop,
     ));
     let mut one = with_epochs(&tuned, format!("kd-random-one-{tag}"), e);
-    one.distill = Some(distill(KdLossKind::Kl, teachers.clone(), "random-one", 1.0));
+    one.distill = Some(distill(
+        KdLossKind::Kl,
+        teachers.clone(),
+        "random-one",
+        knobs.kd_stop,
+    ));
     runs.extend([kl, mse, one]);
     if task == DemoTask::Mlm {
         let mut early = with_epochs(&tuned, format!("kd-kl-until0.3-{tag}"), e);
