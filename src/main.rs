@@ -74,9 +74,10 @@ enum Command {
         /// λ, the weight of the distillation term.
         #[arg(long, default_value_t = DemoKnobs::default().weight)]
         weight: f32,
-        /// Students' learning rate as a multiple of the best sweep learning rate.
-        #[arg(long, default_value_t = DemoKnobs::default().student_lr_scale)]
-        student_lr_scale: f32,
+        /// Students' learning rate as a multiple of the best sweep learning rate
+        /// [default: 1 / (1 + weight)].
+        #[arg(long)]
+        student_lr_scale: Option<f32>,
         /// Students' duration in epochs (default: the preset's).
         #[arg(long)]
         student_epochs: Option<f64>,

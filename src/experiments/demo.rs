@@ -58,8 +58,12 @@ pub struct DemoKnobs {
     pub temperature: f32,
     /// λ, the weight of the distillation term.
     pub weight: f32,
-    /// Students' learning rate as a multiple of the best sweep learning rate.
-    pub student_lr_scale: f32,
+    /// Students' learning rate as a multiple of the best sweep learning rate; `None`: for
+    /// SGD 1 / (1 + λ), which keeps the step size of `L_ce + λ·L_kd` that of `L_ce` alone (at
+    /// the full rate, students whose best sweep rate was the top of the grid lost 5 points of
+    /// accuracy, docs/experiments.md); for AdamW 1, since Adam's step does not grow with the
+    /// gradient's scale.
+    pub student_lr_scale: Option<f32>,
     /// Students' duration in epochs (default: the preset's).
     pub student_epochs: Option<f64>,
     /// Fraction of training after which the students stop distilling (paper section 5.2):
@@ -72,10 +76,20 @@ impl Default for DemoKnobs {
         DemoKnobs {
             temperature: 1.0,
             weight: 1.0,
-            student_lr_scale: 1.0,
+            student_lr_scale: None,
             student_epochs: None,
             kd_stop: 1.0,
         }
+    }
+}
+
+impl DemoKnobs {
+    /// The students' learning-rate multiple: the knob, or its default for `optimizer`.
+    pub fn lr_scale(&self, optimizer: OptimizerKind) -> f32 {
+        self.student_lr_scale.unwrap_or(match optimizer {
+            OptimizerKind::Sgdw => 1.0 / (1.0 + self.weight.max(0.0)),
+            OptimizerKind::Adamw => 1.0,
+        })
     }
 }
 
@@ -93,7 +107,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
         match (task, preset) {
             (DemoTask::Image, DemoPreset::Tiny) => (512, 256, 1.0, vec![0.5, 1.0], 1.0),
             (DemoTask::Image, DemoPreset::Quick) => (6000, 1000, 2.0, vec![0.5, 1.0, 2.0], 1.0),
-            (DemoTask::Image, DemoPreset::Long) => (20000, 2000, 6.0, vec![1.0, 2.0, 4.0], 3.0),
+            (DemoTask::Image, DemoPreset::Long) => {
+                (20000, 2000, 6.0, vec![1.0, 2.0, 3.0, 4.0], 3.0)
+            }
             (DemoTask::Mlm, DemoPreset::Tiny) => (96, 32, 1.0, vec![0.5, 1.0], 1.0),
             (DemoTask::Mlm, DemoPreset::Quick) => (1200, 200, 2.0, vec![0.5, 1.0, 2.0], 1.0),
             (DemoTask::Mlm, DemoPreset::Long) => (6000, 340, 8.0, vec![2.0, 4.0, 8.0], 4.0),
@@ -232,7 +248,8 @@ pub fn run_demo(
         runs.push(with_epochs(&tuned, format!("baseline-e{e}"), e));
     }
     let mut student = tuned.clone();
-    student.optimizer.lr = best_lr * knobs.student_lr_scale;
+    let lr_scale = knobs.lr_scale(student.optimizer.kind);
+    student.optimizer.lr = best_lr * lr_scale;
     let distill =
         |loss: KdLossKind, teachers: Vec<PathBuf>, strategy: &str, stop: f32| DistillRecipe {
             teachers,
@@ -259,12 +276,9 @@ pub fn run_demo(
     };
     let tag = format!(
         "t{}-w{}-lr{}-e{e}{stop_tag}",
-        knobs.temperature, knobs.weight, knobs.student_lr_scale
+        knobs.temperature, knobs.weight, lr_scale
     );
-    let mse_tag = format!(
-        "w{}-lr{}-e{e}{stop_tag}",
-        knobs.weight, knobs.student_lr_scale
-    );
+    let mse_tag = format!("w{}-lr{}-e{e}{stop_tag}", knobs.weight, lr_scale);
     let tuned = student;
     let mut kl = with_epochs(&tuned, format!("kd-kl-{tag}"), e);
     kl.distill = Some(distill(
@@ -307,4 +321,27 @@ pub fn run_demo(
     let report = build_report(&dirs)?;
     report.write_to(out_dir.join("report"), &PlotOptions::default())?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn student_lr_scale_defaults_to_the_loss_normalisation_for_sgd_only() {
+        let knobs = DemoKnobs::default();
+        assert_eq!(knobs.lr_scale(OptimizerKind::Sgdw), 0.5);
+        assert_eq!(knobs.lr_scale(OptimizerKind::Adamw), 1.0);
+        let heavier = DemoKnobs {
+            weight: 3.0,
+            ..DemoKnobs::default()
+        };
+        assert_eq!(heavier.lr_scale(OptimizerKind::Sgdw), 0.25);
+        let given = DemoKnobs {
+            student_lr_scale: Some(0.8),
+            ..heavier
+        };
+        assert_eq!(given.lr_scale(OptimizerKind::Sgdw), 0.8);
+        assert_eq!(given.lr_scale(OptimizerKind::Adamw), 0.8);
+    }
 }
