@@ -186,7 +186,7 @@ def test_teacher_strategies_select_like_the_pool():
 def test_teacher_strategy_errors():
     with pytest.raises(RecycleError, match="use single, ensemble:K"):
         TeacherStrategy("best")
-    with pytest.raises(RecycleError, match="ensemble"):
+    with pytest.raises(RecycleError, match="needs 1 <= k <= 2"):
         TeacherStrategy("ensemble:3").select(0, num_teachers=2)
     with pytest.raises(RecycleError, match="pass num_teachers"):
         TeacherStrategy("single").select(0)
