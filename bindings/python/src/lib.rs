@@ -223,6 +223,9 @@ impl PyKdSchedule {
     }
 }
 
+/// Paths of report.md, report.json and the plot, and whether the plot has text.
+type ReportPaths = (String, String, String, bool);
+
 /// The time-to-accuracy report over the finished runs found under each of `paths` (a run
 /// directory, or a directory holding runs at any depth), as JSON; with `out_dir`, also writes
 /// report.md, report.json and accuracy_vs_time.png there and returns their paths.
@@ -232,7 +235,7 @@ fn report(
     py: Python<'_>,
     paths: Vec<PathBuf>,
     out_dir: Option<PathBuf>,
-) -> PyResult<(String, Option<(String, String, String, bool)>)> {
+) -> PyResult<(String, Option<ReportPaths>)> {
     py.allow_threads(|| {
         let mut runs = Vec::new();
         for p in &paths {
@@ -264,7 +267,7 @@ fn report(
 
 fn bf16_or_f32(py: Python<'_>, data: &[u8], bf16: bool, what: &str) -> PyResult<Vec<f32>> {
     let width = if bf16 { 2 } else { 4 };
-    if data.len() % width != 0 {
+    if !data.len().is_multiple_of(width) {
         return Err(error(
             py,
             format!("{what}: {} bytes are not whole values", data.len()),
