@@ -548,3 +548,39 @@ pub unsafe extern "C" fn recycle_kd_loss(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        unsafe { CStr::from_ptr(recycle_last_error()) }
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_and_a_message() {
+        let status = guard(|| panic!("boom in the engine"));
+        assert_eq!(status, RECYCLE_ERROR_PANIC);
+        let msg = last_error();
+        assert!(
+            msg.contains("boom in the engine") && msg.contains("a bug"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_last_error_is_per_thread_and_kept_across_successes() {
+        assert_eq!(
+            guard(|| fail(RECYCLE_ERROR_ENGINE, "first")),
+            RECYCLE_ERROR_ENGINE
+        );
+        assert_eq!(guard(|| Ok(())), RECYCLE_OK);
+        assert_eq!(last_error(), "first");
+        std::thread::spawn(|| assert_eq!(last_error(), ""))
+            .join()
+            .unwrap();
+    }
+}

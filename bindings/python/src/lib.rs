@@ -294,7 +294,7 @@ fn bf16_or_f32(py: Python<'_>, data: &[u8], bf16: bool, what: &str) -> PyResult<
 fn kd_loss_raw<'py>(
     py: Python<'py>,
     student: &[u8],
-    teachers: Vec<Vec<u8>>,
+    teachers: Vec<Bound<'py, PyBytes>>,
     labels: &[u8],
     classes: usize,
     bf16: bool,
@@ -327,7 +327,7 @@ fn kd_loss_raw<'py>(
     let s = bf16_or_f32(py, student, bf16, "student_logits")?;
     let t: Vec<Vec<f32>> = teachers
         .iter()
-        .map(|b| bf16_or_f32(py, b, bf16, "teacher_logits"))
+        .map(|b| bf16_or_f32(py, b.as_bytes(), bf16, "teacher_logits"))
         .collect::<PyResult<_>>()?;
     let mut y = Vec::with_capacity(labels.len() / 8);
     for (r, b) in labels.chunks_exact(8).enumerate() {
