@@ -10,6 +10,9 @@
 //! sampling — so `resume` continues a stopped run to the same weights bit for bit (on the CPU).
 //! A non-finite loss stops the run with an error naming the step; the last checkpoint, written
 //! before it, stays intact.
+//!
+//! [`Trainer`] runs a recipe one step at a time (services drive it through the C ABI, reading
+//! its metrics and checkpointing between steps); [`run`] is a loop over it.
 
 pub mod model;
 mod runner;
