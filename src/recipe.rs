@@ -292,6 +292,15 @@ impl Recipe {
         Ok(r)
     }
 
+    /// The same recipe from JSON (what the Python binding passes for a dict): the fields, their
+    /// defaults and the validation are those of the TOML form.
+    pub fn from_json(text: &str) -> Result<Recipe> {
+        let r: Recipe = serde_json::from_str(text)
+            .map_err(|e| Error::invalid("recipe", format!("not a valid recipe: {e}")))?;
+        r.validate()?;
+        Ok(r)
+    }
+
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string_pretty(self)
             .map_err(|e| Error::invalid("recipe", format!("cannot write as TOML: {e}")))
@@ -419,6 +428,25 @@ strategy = "random-one"
         assert_eq!(r.method(), "kd-kl-t4-random-one");
         let again = Recipe::from_toml(&r.to_toml().unwrap()).unwrap();
         assert_eq!(r, again);
+    }
+
+    #[test]
+    fn json_gives_the_recipe_toml_gives() {
+        let json = r#"{"name": "kd", "model": {"kind": "resnet", "width": 0.25},
+            "data": {"dataset": "fashion-mnist", "train_limit": 1000},
+            "train": {"batch_size": 64, "epochs": 2.0},
+            "optimizer": {"kind": "sgdw", "lr": 0.4, "warmup": 0.1},
+            "distill": {"teachers": ["runs/t1", "runs/t2"], "strategy": "random-one"}}"#;
+        assert_eq!(
+            Recipe::from_json(json).unwrap(),
+            Recipe::from_toml(GOOD).unwrap()
+        );
+        let err = Recipe::from_json(&json.replace("0.4", "-1.0"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("optimizer.lr"), "{err}");
+        let err = Recipe::from_json("{\"name\": 3}").unwrap_err().to_string();
+        assert!(err.contains("not a valid recipe"), "{err}");
     }
 
     #[test]

@@ -10,24 +10,27 @@
 //! sampling — so `resume` continues a stopped run to the same weights bit for bit (on the CPU).
 //! A non-finite loss stops the run with an error naming the step; the last checkpoint, written
 //! before it, stays intact.
+//!
+//! [`Trainer`] runs a recipe one step at a time (services drive it through the C ABI, reading
+//! its metrics and checkpointing between steps); [`run`] is a loop over it.
 
 pub mod model;
+mod runner;
 pub mod step;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use recycle_engine::optim::{AdamW, LrSchedule, Optimizer, Sgdw};
-use recycle_engine::{checkpoint, DType, Error, Result, Tape, Tensor};
+use recycle_engine::{DType, Error, Result, Tape};
 use recycle_models::{BertConfig, MlmBatch, ResNetConfig};
 
 use crate::data::{self, BatchSource, ImageDataset, Loader, LoaderConfig, MlmDataset, Split};
-use crate::distill::{KdLoss, KdSchedule, TeacherEntry, TeacherPool};
-use crate::experiments::runlog::{RunLogRecord, RunLogWriter, RunSummary};
+use crate::distill::TeacherEntry;
+use crate::experiments::runlog::RunSummary;
 use crate::recipe::{ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
 pub use model::{Architecture, Batch, Model};
+pub use runner::{Trainer, TrainerMetrics};
 pub use step::{train_step, StepOutput};
 
 /// How a run is started.
@@ -327,267 +330,23 @@ pub fn eval_steps(total: u64, evals: u64) -> Vec<u64> {
     (1..=evals).map(|i| (i * total).div_ceil(evals)).collect()
 }
 
-struct Resumed {
-    step: u64,
-    samples: u64,
-    train_seconds: f64,
-    teacher_forwards: u64,
-}
-
-fn save_checkpoint(
-    dir: &Path,
-    model: &Model,
-    optimizer: &dyn Optimizer,
-    r: &Resumed,
-) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = model
-        .state_dict()?
-        .into_iter()
-        .map(|(n, t)| (format!("model.{n}"), t))
-        .collect();
-    tensors.extend(optimizer.state());
-    let meta = HashMap::from([
-        ("step".to_string(), r.step.to_string()),
-        ("samples".to_string(), r.samples.to_string()),
-        (
-            "train_seconds".to_string(),
-            format!("{:.17e}", r.train_seconds),
-        ),
-        (
-            "teacher_forwards".to_string(),
-            r.teacher_forwards.to_string(),
-        ),
-    ]);
-    checkpoint::save(&dir.join(CHECKPOINT_FILE), &tensors, Some(meta))
-}
-
-fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Resumed> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let ckpt = checkpoint::load(&path)?;
-    let meta = |k: &str| -> Result<String> {
-        ckpt.metadata
-            .get(k)
-            .cloned()
-            .ok_or_else(|| Error::checkpoint(&path, format!("metadata `{k}` is missing")))
-    };
-    let num = |k: &str| -> Result<u64> {
-        meta(k)?
-            .parse()
-            .map_err(|_| Error::checkpoint(&path, format!("metadata `{k}` is not a number")))
-    };
-    let state: Vec<(String, Tensor)> = ckpt
-        .tensors
-        .iter()
-        .filter_map(|(n, t)| n.strip_prefix("model.").map(|n| (n.to_string(), t.clone())))
-        .collect();
-    model.load_state_dict(state, &path)?;
-    optimizer.load_state(&ckpt.tensors)?;
-    Ok(Resumed {
-        step: num("step")?,
-        samples: num("samples")?,
-        train_seconds: meta("train_seconds")?
-            .parse()
-            .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
-        teacher_forwards: num("teacher_forwards")?,
-    })
-}
-
-/// Runs `recipe` and returns its summary. The run directory is `<out_dir>/<name>`.
+/// Runs `recipe` and returns its summary. The run directory is `<out_dir>/<name>`. A loop
+/// over [`Trainer`]: see it for the files a run writes.
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     recipe.validate()?;
-    let dir = recipe.out_dir.join(&recipe.name);
     if opts.reuse_finished && !opts.resume {
-        if let Some(summary) = finished_run(&dir, recipe)? {
+        if let Some(summary) = finished_run(&recipe.out_dir.join(&recipe.name), recipe)? {
             return Ok(summary);
         }
     }
-    let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
-    if opts.resume && !has_checkpoint {
-        return Err(Error::invalid(
-            "train",
-            format!(
-                "--resume: {} has no checkpoint to resume from",
-                dir.display()
-            ),
-        ));
+    let mut trainer = Trainer::new(recipe, opts)?;
+    let stop_at = opts
+        .stop_after
+        .map_or(trainer.total_steps(), |s| s.min(trainer.total_steps()));
+    while trainer.current_step() < stop_at {
+        trainer.step()?;
     }
-    if !opts.resume && dir.join(LOG_FILE).exists() && !opts.overwrite {
-        return Err(Error::invalid(
-            "train",
-            format!(
-                "{} already holds a run: pass --resume to continue it or --overwrite to start again",
-                dir.display()
-            ),
-        ));
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    crate::experiments::runlog::write_atomic(
-        dir.join("recipe.toml"),
-        recipe.to_toml()?.as_bytes(),
-    )?;
-
-    let data = TaskData::load(recipe)?;
-    let arch = architecture(recipe, &data)?;
-    let total = total_steps(recipe, data.train_len())?;
-    let student = Model::new(&arch, recipe.seed)?;
-    let num_params = student.params()?.len();
-    let mut optimizer = make_optimizer(recipe, num_params)?;
-    let schedule = make_schedule(recipe, total)?;
-    let (loss, kd_schedule, pool) = match &recipe.distill {
-        Some(d) => (
-            d.loss(),
-            d.schedule(),
-            Some(TeacherPool::new(
-                load_teachers(&d.teachers, &arch)?,
-                d.strategy()?,
-                recipe.seed,
-            )?),
-        ),
-        None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
-    };
-
-    let mut state = if opts.resume {
-        load_checkpoint(&dir, &student, optimizer.as_mut())?
-    } else {
-        Resumed {
-            step: 0,
-            samples: 0,
-            train_seconds: 0.0,
-            teacher_forwards: 0,
-        }
-    };
-    let mut log = if opts.resume {
-        RunLogWriter::open_for_resume(dir.join(LOG_FILE), state.step)?
-    } else {
-        RunLogWriter::create(dir.join(LOG_FILE))?
-    };
-    let evals = eval_steps(total, recipe.train.evals);
-    let batch = recipe.train.batch_size;
-    let started = Instant::now();
-    let wall_offset = log.last().map(|r| r.wall_seconds).unwrap_or(0.0);
-    let progress = progress_bar(opts.progress, total, state.step, &recipe.name);
-    let mut last_eval = None;
-
-    let mut next_batch: Box<dyn Iterator<Item = Result<Batch>>> = match &data {
-        TaskData::Images { train, .. } => Box::new(
-            Loader::new(
-                train.clone(),
-                LoaderConfig::train(batch, recipe.seed),
-                state.step,
-            )?
-            .map(|b| b.map(image_batch)),
-        ),
-        TaskData::Text { train, .. } => Box::new(
-            Loader::new(
-                train.clone(),
-                LoaderConfig::train(batch, recipe.seed),
-                state.step,
-            )?
-            .map(|b| b.and_then(mlm_batch)),
-        ),
-    };
-    let stop_at = opts.stop_after.map_or(total, |s| s.min(total));
-    while state.step < stop_at {
-        let step = state.step;
-        let b = next_batch
-            .next()
-            .ok_or_else(|| Error::invalid("train", "the data loader ended early".to_string()))??;
-        let lr = schedule.lr_at(step);
-        let distill = pool.as_ref().filter(|_| kd_schedule.is_active(step, total));
-        let t0 = Instant::now();
-        let out = train_step(
-            &student,
-            distill,
-            &loss,
-            &b,
-            optimizer.as_mut(),
-            lr,
-            step,
-            recipe.seed,
-        )
-        .map_err(|e| {
-            Error::invalid(
-                "train",
-                format!(
-                    "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
-                    recipe.name,
-                    dir.join(CHECKPOINT_FILE).display()
-                ),
-            )
-        })?;
-        state.train_seconds += t0.elapsed().as_secs_f64();
-        state.step += 1;
-        state.samples += b.samples() as u64;
-        state.teacher_forwards += out.teacher_forwards as u64;
-        let eval = if evals.contains(&state.step) {
-            let v = evaluate(&student, &data, batch.max(256))?;
-            last_eval = Some(v);
-            Some(v)
-        } else {
-            None
-        };
-        log.append(&RunLogRecord {
-            step: state.step,
-            samples: state.samples,
-            train_seconds: state.train_seconds,
-            wall_seconds: wall_offset + started.elapsed().as_secs_f64(),
-            lr,
-            ce: out.ce,
-            kd: out.kd,
-            loss: out.loss,
-            teacher_forwards: state.teacher_forwards,
-            eval,
-        })?;
-        let every = recipe.train.checkpoint_every;
-        if eval.is_some() || (every > 0 && state.step.is_multiple_of(every)) {
-            save_checkpoint(&dir, &student, optimizer.as_ref(), &state)?;
-        }
-        if let Some(p) = &progress {
-            p.set_position(state.step);
-            p.set_message(format!(
-                "loss {:.3}{}",
-                out.loss,
-                last_eval.map_or(String::new(), |v| format!(", eval {v:.3}"))
-            ));
-        }
-    }
-    if let Some(p) = &progress {
-        p.finish_and_clear();
-    }
-    if state.step < total {
-        save_checkpoint(&dir, &student, optimizer.as_ref(), &state)?;
-        return Err(Error::invalid(
-            "train",
-            format!(
-                "run `{}` stopped after step {} of {total}; continue it with --resume",
-                recipe.name, state.step
-            ),
-        ));
-    }
-    let final_eval = match last_eval {
-        Some(v) => v,
-        None => evaluate(&student, &data, batch.max(256))?,
-    };
-    checkpoint::save(&dir.join(FINAL_FILE), &student.state_dict()?, None)?;
-    let summary = RunSummary {
-        name: recipe.name.clone(),
-        method: recipe.method(),
-        metric: data.metric().to_string(),
-        duration_samples: total * batch as u64,
-        steps: total,
-        final_eval,
-        train_seconds: state.train_seconds,
-        teacher_forwards: state.teacher_forwards,
-        teachers: recipe
-            .distill
-            .as_ref()
-            .map(|d| d.teachers.iter().map(|p| p.display().to_string()).collect())
-            .unwrap_or_default(),
-        config: serde_json::to_value(recipe)
-            .map_err(|e| Error::invalid("train", format!("recipe as JSON: {e}")))?,
-    };
-    summary.write(&dir)?;
-    Ok(summary)
+    trainer.finish()
 }
 
 /// The summary of the run in `dir` when it finished with exactly `recipe`.

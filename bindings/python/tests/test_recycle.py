@@ -1,0 +1,291 @@
+"""The Python binding: the fused loss against a NumPy reference, bad input, the teacher pool
+and schedule, and a tiny training run (Debian's dataset-fashion-mnist) with its report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import recycle
+from recycle import KdSchedule, RecycleError, TeacherStrategy
+
+# ------------------------------------------------------------------------------------------
+# NumPy reference (float64)
+# ------------------------------------------------------------------------------------------
+
+
+def log_softmax(x):
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def reference(s, teachers, y, kind, T, w, mask=None, ignore_index=-100):
+    s = s.astype(np.float64)
+    rows, classes = s.shape
+    counts = np.ones(rows, bool) if mask is None else np.asarray(mask, bool)
+    has_label = counts & (y != ignore_index)
+    grad = np.zeros_like(s)
+    ce = 0.0
+    if has_label.any():
+        ls = log_softmax(s[has_label])
+        ce = -ls[np.arange(len(ls)), y[has_label]].mean()
+        g = np.exp(ls)
+        g[np.arange(len(g)), y[has_label]] -= 1.0
+        grad[has_label] += g / has_label.sum()
+    kd = 0.0
+    if teachers and w != 0.0:
+        t = np.mean([np.asarray(tj, np.float64) for tj in teachers], axis=0)
+        n = counts.sum()
+        if kind == "kl":
+            ls, lt = log_softmax(s[counts] / T), log_softmax(t[counts] / T)
+            kd = (np.exp(lt) * (lt - ls)).sum(axis=1).mean() * T * T
+            grad[counts] += w * T * (np.exp(ls) - np.exp(lt)) / n
+        else:
+            d = s[counts] - t[counts]
+            kd = (d * d).mean()
+            grad[counts] += w * 2.0 * d / (n * classes)
+    return ce, kd, ce + w * kd, grad
+
+
+@pytest.fixture
+def logits():
+    rng = np.random.default_rng(7)
+    rows, classes, k = 12, 10, 3
+    s = (rng.standard_normal((rows, classes)) * 3).astype(np.float32)
+    t = (rng.standard_normal((k, rows, classes)) * 3).astype(np.float32)
+    y = rng.integers(0, classes, rows)
+    y[[2, 9]] = -100
+    mask = np.ones(rows, bool)
+    mask[[4, 5]] = False
+    return s, t, y, mask
+
+
+def assert_matches(out, ref, tol=1e-5):
+    ce, kd, total, grad = ref
+    assert out["ce"] == pytest.approx(ce, rel=tol, abs=tol)
+    assert out["kd"] == pytest.approx(kd, rel=tol, abs=tol)
+    assert out["total"] == pytest.approx(total, rel=tol, abs=tol)
+    assert out["grad"].dtype == np.float32
+    assert out["grad"].shape == grad.shape
+    np.testing.assert_allclose(out["grad"], grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused loss
+# ------------------------------------------------------------------------------------------
+
+
+def test_kl_one_teacher(logits):
+    s, t, y, _ = logits
+    out = recycle.kd_loss(s, t[0], y, kind="kl", temperature=4.0, weight=0.7)
+    assert_matches(out, reference(s, [t[0]], y, "kl", 4.0, 0.7))
+    assert out["ce_rows"] == 10 and out["kd_rows"] == 12
+
+
+def test_kl_teachers_as_3d_array_or_list_with_mask(logits):
+    s, t, y, mask = logits
+    ref = reference(s, list(t), y, "kl", 2.0, 0.5, mask=mask)
+    a = recycle.kd_loss(s, t, y, kind="kl", temperature=2.0, weight=0.5, mask=mask)
+    b = recycle.kd_loss(s, list(t), y, kind="kl", temperature=2.0, weight=0.5, mask=mask)
+    assert_matches(a, ref)
+    assert_matches(b, ref)
+    assert a["ce_rows"] == 8 and a["kd_rows"] == 10
+
+
+def test_mse(logits):
+    s, t, y, mask = logits
+    out = recycle.kd_loss(s, t[:2], y, kind="mse", weight=0.3, mask=mask)
+    assert_matches(out, reference(s, list(t[:2]), y, "mse", 1.0, 0.3, mask=mask))
+
+
+def test_ce_only_and_custom_ignore_index(logits):
+    s, _, y, _ = logits
+    y = np.where(y == -100, -1, y).astype(np.int32)
+    out = recycle.kd_loss(s, None, y, ignore_index=-1)
+    assert_matches(out, reference(s, [], y, "kl", 1.0, 0.0, ignore_index=-1))
+    assert out["kd"] == 0.0 and out["kd_rows"] == 0
+
+
+def test_gradient_is_the_derivative_of_total(logits):
+    s, t, y, _ = logits
+    out = recycle.kd_loss(s, t, y, kind="kl", temperature=3.0, weight=0.9)
+    eps, (r, c) = 1e-2, (3, 4)
+    plus, minus = s.copy(), s.copy()
+    plus[r, c] += eps
+    minus[r, c] -= eps
+    num = (
+        recycle.kd_loss(plus, t, y, kind="kl", temperature=3.0, weight=0.9)["total"]
+        - recycle.kd_loss(minus, t, y, kind="kl", temperature=3.0, weight=0.9)["total"]
+    ) / (2 * eps)
+    assert out["grad"][r, c] == pytest.approx(num, rel=2e-2, abs=1e-4)
+
+
+def test_bfloat16_from_ml_dtypes_and_uint16_bits(logits):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    s, t, y, _ = logits
+    s16, t16 = s.astype(ml_dtypes.bfloat16), t.astype(ml_dtypes.bfloat16)
+    ref = reference(s16.astype(np.float32), list(t16.astype(np.float32)), y, "kl", 4.0, 1.0)
+    assert_matches(recycle.kd_loss(s16, t16, y), ref)
+    bits = recycle.kd_loss(s16.view(np.uint16), t16.view(np.uint16), y, bf16=True)
+    assert_matches(bits, ref)
+
+
+def test_uint16_bits_widen_exactly():
+    # 0x3F80 is bfloat16 1.0, 0x4000 is 2.0: one row, labels 0.
+    s = np.array([[0x3F80, 0x4000]], np.uint16)
+    out = recycle.kd_loss(s, None, np.array([0]), bf16=True)
+    assert out["ce"] == pytest.approx(np.log(np.exp(1.0) + np.exp(2.0)) - 1.0, rel=1e-6)
+
+
+def test_bad_input_raises_with_clear_messages(logits):
+    s, t, y, mask = logits
+    assert issubclass(RecycleError, RuntimeError) and issubclass(RecycleError, ValueError)
+    cases = [
+        (lambda: recycle.kd_loss(s, t[0][:5], y), "shape (5, 10)"),
+        (lambda: recycle.kd_loss(s, t[0].T, y), "student_logits (12, 10)"),
+        (lambda: recycle.kd_loss(s.astype(np.float64), t, y), "dtype float64"),
+        (lambda: recycle.kd_loss(s, t.astype(np.float16), y), "dtype float16"),
+        (lambda: recycle.kd_loss(s, t, y.astype(np.float32)), "labels must be integers"),
+        (lambda: recycle.kd_loss(s, t, y[:-1]), "labels have shape (11,)"),
+        (lambda: recycle.kd_loss(s[0], t, y), "must be 2-D"),
+        (lambda: recycle.kd_loss(s, t, y, mask=mask[:3]), "mask has shape (3,)"),
+        (lambda: recycle.kd_loss(s, t, y, mask=mask.astype(np.int8)), "mask must be booleans"),
+        (lambda: recycle.kd_loss(s, t, np.full(12, 10)), "label 10 in row 0 is outside [0, 10)"),
+        (lambda: recycle.kd_loss(s, t, y, kind="l2"), 'kind="l2" is unknown'),
+        (lambda: recycle.kd_loss(s, t, y, temperature=0.0), "temperature 0"),
+        (lambda: recycle.kd_loss(s, t, y, weight=-1.0), "weight"),
+        (lambda: recycle.kd_loss(s.view(np.uint16), None, y), "pass bf16=True"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RecycleError) as err:
+            call()
+        assert message in str(err.value), (message, str(err.value))
+
+
+# ------------------------------------------------------------------------------------------
+# Teacher pool and schedule
+# ------------------------------------------------------------------------------------------
+
+
+def test_teacher_strategies_select_like_the_pool():
+    assert TeacherStrategy("single").select(0, accuracies=[0.5, 0.9, 0.7]) == [1]
+    assert TeacherStrategy("ensemble:2").select(5, accuracies=[0.5, 0.9, 0.7]) == [1, 2]
+    assert TeacherStrategy("ensemble:2").forwards_per_step == 2
+    one = TeacherStrategy("random-one")
+    picks = [one.select(step, num_teachers=4, seed=3) for step in range(200)]
+    assert all(len(p) == 1 and 0 <= p[0] < 4 for p in picks)
+    assert {p[0] for p in picks} == {0, 1, 2, 3}
+    assert picks == [one.select(step, num_teachers=4, seed=3) for step in range(200)]
+    assert picks != [one.select(step, num_teachers=4, seed=4) for step in range(200)]
+    subset = TeacherStrategy("random-subset:3").select(11, num_teachers=5, seed=1)
+    assert len(set(subset)) == 3 and all(0 <= i < 5 for i in subset)
+    assert str(one) == "random-one" and "random-one" in repr(one)
+
+
+def test_teacher_strategy_errors():
+    with pytest.raises(RecycleError, match="use single, ensemble:K"):
+        TeacherStrategy("best")
+    with pytest.raises(RecycleError, match="needs 1 <= k <= 2"):
+        TeacherStrategy("ensemble:3").select(0, num_teachers=2)
+    with pytest.raises(RecycleError, match="pass num_teachers"):
+        TeacherStrategy("single").select(0)
+
+
+def test_kd_schedule():
+    s = KdSchedule(start=0.0, stop=0.3, every=2)
+    assert s.window(100) == (0, 30)
+    active = [step for step in range(100) if s.is_active(step, 100)]
+    assert active == list(range(0, 30, 2))
+    assert KdSchedule().is_active(99, 100)
+    assert (s.start, s.stop, s.every) == pytest.approx((0.0, 0.3, 2))
+    with pytest.raises(RecycleError, match="start 0.5 and stop 0.2"):
+        KdSchedule(start=0.5, stop=0.2)
+    with pytest.raises(RecycleError, match="every must be at least 1"):
+        KdSchedule(every=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Training and the report
+# ------------------------------------------------------------------------------------------
+
+
+def tiny_recipe(out_dir, name):
+    return {
+        "name": name,
+        "out_dir": out_dir,
+        "model": {"kind": "resnet", "width": 0.0625},
+        "data": {"dataset": "fashion-mnist", "train_limit": 256, "eval_limit": 128},
+        "train": {"batch_size": 32, "epochs": 1.0, "evals": 2},
+        "optimizer": {"kind": "sgdw", "lr": 0.1, "weight_decay": 5e-4, "warmup": 0.1},
+    }
+
+
+def test_train_from_dict_and_toml_then_report(tmp_path):
+    teacher = recycle.train(tiny_recipe(tmp_path, "teacher"))
+    assert teacher["steps"] == 8 and teacher["duration_samples"] == 256
+    assert 0.0 <= teacher["final_eval"] <= 1.0
+    assert teacher["metric"] == "accuracy" and teacher["teacher_forwards"] == 0
+    assert teacher["train_seconds"] > 0 and teacher["wall_seconds"] >= teacher["train_seconds"]
+    records = [json.loads(line) for line in open(teacher["log"])]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["eval"] == pytest.approx(teacher["final_eval"])
+
+    with pytest.raises(RecycleError, match="already holds a run"):
+        recycle.train(tiny_recipe(tmp_path, "teacher"))
+    again = recycle.train(tiny_recipe(tmp_path, "teacher"), reuse_finished=True)
+    assert again["final_eval"] == teacher["final_eval"]
+
+    toml = tmp_path / "student.toml"
+    toml.write_text(
+        f"""
+name = "student"
+out_dir = "{tmp_path}"
+[model]
+kind = "resnet"
+width = 0.0625
+[data]
+dataset = "fashion-mnist"
+train_limit = 256
+eval_limit = 128
+[train]
+batch_size = 32
+epochs = 1.0
+evals = 2
+[optimizer]
+kind = "sgdw"
+lr = 0.1
+warmup = 0.1
+[distill]
+teachers = ["{teacher['run_dir']}"]
+loss = "kl"
+stop = 0.5
+"""
+    )
+    student = recycle.train(toml)
+    assert student["teacher_forwards"] == 4, "distilled the first half of 8 steps"
+    assert student["teachers"] == [teacher["run_dir"]]
+
+    out = tmp_path / "report"
+    rep = recycle.report(tmp_path, out_dir=out)
+    rows = {r["run"]: r for r in rep["rows"]}
+    assert set(rows) == {"teacher", "student"}
+    assert rows["student"]["final_eval"] == pytest.approx(student["final_eval"])
+    assert rows["teacher"]["train_seconds"] == pytest.approx(teacher["train_seconds"])
+    assert rep["targets"] and rep["findings"]
+    for key in ("markdown", "json", "plot"):
+        assert os.path.getsize(rep["files"][key]) > 0
+    assert recycle.report([teacher["run_dir"]])["rows"][0]["run"] == "teacher"
+
+
+def test_train_errors(tmp_path):
+    bad = tiny_recipe(tmp_path, "bad")
+    bad["optimizer"]["lr"] = -1.0
+    with pytest.raises(RecycleError, match="optimizer.lr"):
+        recycle.train(bad)
+    with pytest.raises(RecycleError, match="not a valid recipe"):
+        recycle.train({"name": "x"})
+    with pytest.raises(RecycleError, match="nope.toml"):
+        recycle.train(tmp_path / "nope.toml")
+    with pytest.raises(RecycleError, match="not a directory"):
+        recycle.report([tmp_path / "missing"])

@@ -1,0 +1,430 @@
+//! [`Trainer`]: one run that advances a step at a time, so that a service (the C ABI) can drive
+//! it, read its metrics and checkpoint it between steps. [`super::run`] is a loop over it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use recycle_engine::optim::{LrSchedule, Optimizer};
+use recycle_engine::{checkpoint, Error, Result, Tensor};
+use serde::Serialize;
+
+use super::{
+    architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
+    mlm_batch, progress_bar, total_steps, train_step, Batch, Model, RunOptions, StepOutput,
+    TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+};
+use crate::data::{Loader, LoaderConfig};
+use crate::distill::{KdLoss, KdSchedule, TeacherPool};
+use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
+use crate::recipe::Recipe;
+
+/// Where a run stands: what a checkpoint records besides the weights and optimizer state.
+struct Progress {
+    step: u64,
+    samples: u64,
+    train_seconds: f64,
+    teacher_forwards: u64,
+}
+
+/// What a [`Trainer`] reports between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TrainerMetrics {
+    /// Steps done (including those before a resume).
+    pub step: u64,
+    /// Steps of the whole run.
+    pub total_steps: u64,
+    /// Training examples seen.
+    pub samples: u64,
+    /// Seconds spent in training steps (evaluations and checkpoints excluded).
+    pub train_seconds: f64,
+    /// Seconds since the run started, across resumes (what `log.jsonl` records).
+    pub wall_seconds: f64,
+    /// Teacher forwards run.
+    pub teacher_forwards: u64,
+    /// Learning rate, cross-entropy, distillation term (when the step distilled) and total loss
+    /// of the last step this trainer ran; `None` before its first step.
+    pub lr: Option<f32>,
+    pub ce: Option<f32>,
+    pub kd: Option<f32>,
+    pub loss: Option<f32>,
+    /// The last evaluation this trainer ran; `None` before its first one.
+    pub last_eval: Option<f32>,
+}
+
+/// One run of a recipe, advanced by [`Trainer::step`]. Each step appends a record to
+/// `<out_dir>/<name>/log.jsonl`; evaluations run at the steps the recipe spreads over the run,
+/// each followed by an atomic checkpoint (also every `train.checkpoint_every` steps);
+/// [`Trainer::finish`] writes `final.safetensors` and `summary.json`.
+pub struct Trainer {
+    recipe: Recipe,
+    dir: PathBuf,
+    data: TaskData,
+    student: Model,
+    optimizer: Box<dyn Optimizer>,
+    schedule: LrSchedule,
+    loss: KdLoss,
+    kd_schedule: KdSchedule,
+    pool: Option<TeacherPool<Model>>,
+    state: Progress,
+    log: RunLogWriter,
+    evals: Vec<u64>,
+    total: u64,
+    started: Instant,
+    wall_offset: f64,
+    last_eval: Option<f32>,
+    last_step: Option<(f32, StepOutput)>,
+    batches: Box<dyn Iterator<Item = Result<Batch>>>,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+impl Trainer {
+    /// Prepares a run: checks the run directory (an existing run needs `opts.resume` or
+    /// `opts.overwrite`), records the recipe, loads the data, the student (from the checkpoint
+    /// when resuming) and the teachers. `opts.stop_after` and `opts.reuse_finished` are for
+    /// [`super::run`]; this ignores them.
+    pub fn new(recipe: &Recipe, opts: &RunOptions) -> Result<Trainer> {
+        recipe.validate()?;
+        let dir = recipe.out_dir.join(&recipe.name);
+        let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
+        if opts.resume && !has_checkpoint {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "--resume: {} has no checkpoint to resume from",
+                    dir.display()
+                ),
+            ));
+        }
+        if !opts.resume && dir.join(LOG_FILE).exists() && !opts.overwrite {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "{} already holds a run: pass --resume to continue it or --overwrite to start again",
+                    dir.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        write_atomic(dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+
+        let data = TaskData::load(recipe)?;
+        let arch = architecture(recipe, &data)?;
+        let total = total_steps(recipe, data.train_len())?;
+        let student = Model::new(&arch, recipe.seed)?;
+        let num_params = student.params()?.len();
+        let mut optimizer = make_optimizer(recipe, num_params)?;
+        let schedule = make_schedule(recipe, total)?;
+        let (loss, kd_schedule, pool) = match &recipe.distill {
+            Some(d) => (
+                d.loss(),
+                d.schedule(),
+                Some(TeacherPool::new(
+                    load_teachers(&d.teachers, &arch)?,
+                    d.strategy()?,
+                    recipe.seed,
+                )?),
+            ),
+            None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
+        };
+
+        let state = if opts.resume {
+            load_checkpoint(&dir, &student, optimizer.as_mut())?
+        } else {
+            Progress {
+                step: 0,
+                samples: 0,
+                train_seconds: 0.0,
+                teacher_forwards: 0,
+            }
+        };
+        let log = if opts.resume {
+            RunLogWriter::open_for_resume(dir.join(LOG_FILE), state.step)?
+        } else {
+            RunLogWriter::create(dir.join(LOG_FILE))?
+        };
+        let evals = eval_steps(total, recipe.train.evals);
+        let batch = recipe.train.batch_size;
+        let wall_offset = log.last().map(|r| r.wall_seconds).unwrap_or(0.0);
+        let progress = progress_bar(opts.progress, total, state.step, &recipe.name);
+        let config = LoaderConfig::train(batch, recipe.seed);
+        let batches: Box<dyn Iterator<Item = Result<Batch>>> = match &data {
+            TaskData::Images { train, .. } => Box::new(
+                Loader::new(train.clone(), config, state.step)?.map(|b| b.map(image_batch)),
+            ),
+            TaskData::Text { train, .. } => Box::new(
+                Loader::new(train.clone(), config, state.step)?.map(|b| b.and_then(mlm_batch)),
+            ),
+        };
+        Ok(Trainer {
+            recipe: recipe.clone(),
+            dir,
+            data,
+            student,
+            optimizer,
+            schedule,
+            loss,
+            kd_schedule,
+            pool,
+            state,
+            log,
+            evals,
+            total,
+            started: Instant::now(),
+            wall_offset,
+            last_eval: None,
+            last_step: None,
+            batches,
+            progress,
+        })
+    }
+
+    /// The run directory, `<out_dir>/<name>`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Steps done so far.
+    pub fn current_step(&self) -> u64 {
+        self.state.step
+    }
+
+    /// Steps of the whole run.
+    pub fn total_steps(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether every step of the run is done ([`Trainer::finish`] is what remains).
+    pub fn is_done(&self) -> bool {
+        self.state.step >= self.total
+    }
+
+    /// The student being trained.
+    pub fn model(&self) -> &Model {
+        &self.student
+    }
+
+    pub fn metrics(&self) -> TrainerMetrics {
+        TrainerMetrics {
+            step: self.state.step,
+            total_steps: self.total,
+            samples: self.state.samples,
+            train_seconds: self.state.train_seconds,
+            wall_seconds: self.wall_seconds(),
+            teacher_forwards: self.state.teacher_forwards,
+            lr: self.last_step.map(|(lr, _)| lr),
+            ce: self.last_step.map(|(_, o)| o.ce),
+            kd: self.last_step.and_then(|(_, o)| o.kd),
+            loss: self.last_step.map(|(_, o)| o.loss),
+            last_eval: self.last_eval,
+        }
+    }
+
+    fn wall_seconds(&self) -> f64 {
+        self.wall_offset + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Runs the next step: the student's (and, when the schedule distills at this step, the
+    /// selected teachers') forward, the fused loss, backward and the optimizer update; then the
+    /// log record, and the evaluation and checkpoint when one is due. A non-finite loss is an
+    /// error naming the step and the last good checkpoint.
+    pub fn step(&mut self) -> Result<StepOutput> {
+        if self.is_done() {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "run `{}` has done all its {} steps: finish it (or train a new run)",
+                    self.recipe.name, self.total
+                ),
+            ));
+        }
+        let step = self.state.step;
+        let b = self
+            .batches
+            .next()
+            .ok_or_else(|| Error::invalid("train", "the data loader ended early".to_string()))??;
+        let lr = self.schedule.lr_at(step);
+        let distill = self
+            .pool
+            .as_ref()
+            .filter(|_| self.kd_schedule.is_active(step, self.total));
+        let t0 = Instant::now();
+        let out = train_step(
+            &self.student,
+            distill,
+            &self.loss,
+            &b,
+            self.optimizer.as_mut(),
+            lr,
+            step,
+            self.recipe.seed,
+        )
+        .map_err(|e| {
+            Error::invalid(
+                "train",
+                format!(
+                    "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
+                    self.recipe.name,
+                    self.dir.join(CHECKPOINT_FILE).display()
+                ),
+            )
+        })?;
+        let state = &mut self.state;
+        state.train_seconds += t0.elapsed().as_secs_f64();
+        state.step += 1;
+        state.samples += b.samples() as u64;
+        state.teacher_forwards += out.teacher_forwards as u64;
+        self.last_step = Some((lr, out));
+        let batch = self.recipe.train.batch_size;
+        let eval = if self.evals.contains(&self.state.step) {
+            let v = evaluate(&self.student, &self.data, batch.max(256))?;
+            self.last_eval = Some(v);
+            Some(v)
+        } else {
+            None
+        };
+        self.log.append(&RunLogRecord {
+            step: self.state.step,
+            samples: self.state.samples,
+            train_seconds: self.state.train_seconds,
+            wall_seconds: self.wall_seconds(),
+            lr,
+            ce: out.ce,
+            kd: out.kd,
+            loss: out.loss,
+            teacher_forwards: self.state.teacher_forwards,
+            eval,
+        })?;
+        let every = self.recipe.train.checkpoint_every;
+        if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
+            self.save_checkpoint(self.dir.join(CHECKPOINT_FILE))?;
+        }
+        if let Some(p) = &self.progress {
+            p.set_position(self.state.step);
+            p.set_message(format!(
+                "loss {:.3}{}",
+                out.loss,
+                self.last_eval
+                    .map_or(String::new(), |v| format!(", eval {v:.3}"))
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Runs up to `n` steps (fewer when the run ends first) and returns how many ran.
+    pub fn run_steps(&mut self, n: u64) -> Result<u64> {
+        let mut done = 0;
+        while done < n && !self.is_done() {
+            self.step()?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Writes a resumable checkpoint (model, optimizer state, step, samples, seconds, teacher
+    /// forwards) to `path`, atomically. The run's own is `<run dir>/checkpoint.safetensors`,
+    /// which `resume` reads.
+    pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .student
+            .state_dict()?
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), t))
+            .collect();
+        tensors.extend(self.optimizer.state());
+        let r = &self.state;
+        let meta = HashMap::from([
+            ("step".to_string(), r.step.to_string()),
+            ("samples".to_string(), r.samples.to_string()),
+            (
+                "train_seconds".to_string(),
+                format!("{:.17e}", r.train_seconds),
+            ),
+            (
+                "teacher_forwards".to_string(),
+                r.teacher_forwards.to_string(),
+            ),
+        ]);
+        checkpoint::save(path.as_ref(), &tensors, Some(meta))
+    }
+
+    /// Ends the run. When every step is done: the final evaluation (unless the last step ran
+    /// one), `final.safetensors` and `summary.json`, and the summary. Otherwise the checkpoint
+    /// is written and the result is an error saying how to continue (`--resume`).
+    pub fn finish(self) -> Result<RunSummary> {
+        if let Some(p) = &self.progress {
+            p.finish_and_clear();
+        }
+        let (total, batch) = (self.total, self.recipe.train.batch_size);
+        if self.state.step < total {
+            self.save_checkpoint(self.dir.join(CHECKPOINT_FILE))?;
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "run `{}` stopped after step {} of {total}; continue it with --resume",
+                    self.recipe.name, self.state.step
+                ),
+            ));
+        }
+        let final_eval = match self.last_eval {
+            Some(v) => v,
+            None => evaluate(&self.student, &self.data, batch.max(256))?,
+        };
+        checkpoint::save(
+            &self.dir.join(FINAL_FILE),
+            &self.student.state_dict()?,
+            None,
+        )?;
+        let recipe = &self.recipe;
+        let summary = RunSummary {
+            name: recipe.name.clone(),
+            method: recipe.method(),
+            metric: self.data.metric().to_string(),
+            duration_samples: total * batch as u64,
+            steps: total,
+            final_eval,
+            train_seconds: self.state.train_seconds,
+            teacher_forwards: self.state.teacher_forwards,
+            teachers: recipe
+                .distill
+                .as_ref()
+                .map(|d| d.teachers.iter().map(|p| p.display().to_string()).collect())
+                .unwrap_or_default(),
+            config: serde_json::to_value(recipe)
+                .map_err(|e| Error::invalid("train", format!("recipe as JSON: {e}")))?,
+        };
+        summary.write(&self.dir)?;
+        Ok(summary)
+    }
+}
+
+fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Progress> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let ckpt = checkpoint::load(&path)?;
+    let meta = |k: &str| -> Result<String> {
+        ckpt.metadata
+            .get(k)
+            .cloned()
+            .ok_or_else(|| Error::checkpoint(&path, format!("metadata `{k}` is missing")))
+    };
+    let num = |k: &str| -> Result<u64> {
+        meta(k)?
+            .parse()
+            .map_err(|_| Error::checkpoint(&path, format!("metadata `{k}` is not a number")))
+    };
+    let state: Vec<(String, Tensor)> = ckpt
+        .tensors
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix("model.").map(|n| (n.to_string(), t.clone())))
+        .collect();
+    model.load_state_dict(state, &path)?;
+    optimizer.load_state(&ckpt.tensors)?;
+    Ok(Progress {
+        step: num("step")?,
+        samples: num("samples")?,
+        train_seconds: meta("train_seconds")?
+            .parse()
+            .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
+        teacher_forwards: num("teacher_forwards")?,
+    })
+}
