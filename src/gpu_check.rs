@@ -599,6 +599,35 @@ fn pool_layout_checks(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
+/// Attention, composed on the GPU of the product, scale, mask, softmax and dropout arms:
+/// against the fused CPU op, with a padding mask (the last 7 keys of item 1) and dropout.
+fn attention_checks(c: &mut Checker) -> Result<()> {
+    use ops::{scaled_dot_product_attention, AttentionOptions};
+    let mut mask = vec![1i32; 2 * 40];
+    mask[40 + 33..].iter_mut().for_each(|m| *m = 0);
+    for dt in [DType::F32, DType::BF16] {
+        for training in [false, true] {
+            let mask = mask.clone();
+            let opts = AttentionOptions {
+                dropout: 0.1,
+                seed: 0xa77e,
+                training,
+            };
+            c.tape_op(
+                &format!("attention mask, dropout={training}"),
+                &[&[2, 4, 33, 16], &[2, 4, 40, 16], &[2, 4, 40, 24]],
+                dt,
+                tol(dt, 1e-4),
+                move |t, v| {
+                    let m = Tensor::from_slice(&mask, &[2, 40], v[0].tensor().device())?;
+                    scaled_dot_product_attention(t, &v[0], &v[1], &v[2], Some(&m), opts)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn tensor_checks(c: &mut Checker) -> Result<()> {
     let shape = [1000, 37];
     let (x_cpu, x_gpu) = c.fresh(&shape, DType::F32)?;
@@ -930,6 +959,7 @@ pub fn run(device: Device) -> Result<GpuCheckReport> {
     norm_checks(&mut c)?;
     gather_dropout_checks(&mut c)?;
     pool_layout_checks(&mut c)?;
+    attention_checks(&mut c)?;
     cross_entropy_checks(&mut c)?;
     optimizer_checks(&mut c)?;
     kd_loss_checks(&mut c)?;

@@ -17,10 +17,12 @@
 //! not match the CPU twin.
 //!
 //! Plans: the descriptors and the heuristic's algorithm are made once per problem ([`Gemm`]:
-//! shape, transposes, types, epilogue) and kept in the context; the workspace (at most
+//! shape, transposes, types, epilogue) and operand alignment ([`alignment`]) and kept in the
+//! context; the workspace (at most
 //! [`MAX_WORKSPACE`]) is one buffer per context, grown when a plan needs more. Everything runs
 //! on the context's compute stream, so the workspace is never used by two products at once.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -141,6 +143,23 @@ impl Gemm {
     }
 }
 
+/// The alignment cuBLASLt may assume for a device address: the largest power of two dividing
+/// it, at most 256. Its default assumption is 256 bytes, which a parameter (a view at any
+/// offset of the flat buffer) need not meet: an algorithm chosen for aligned operands would
+/// be refused at the call. So the plan is chosen for the operands' actual alignments, which
+/// are part of its key.
+pub(crate) fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        (1u64 << ptr.trailing_zeros().min(8)) as u32
+    }
+}
+
+/// A plan's key: the problem and the alignments of cuBLASLt's A, B and C/D (the engine's `b`,
+/// `a` and `d`).
+type PlanKey = (Gemm, [u32; 3]);
+
 fn data_type(d: DType) -> sys::cudaDataType {
     match d {
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
@@ -163,9 +182,11 @@ impl Drop for Plan {
         // SAFETY: made by `Plan::new`, destroyed once, here. Errors are ignored: a failed
         // destroy leaks a few bytes of host memory.
         unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.d);
+            for l in [self.a, self.b, self.d] {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
             let _ = lt::destroy_matmul_desc(self.desc);
         }
     }
@@ -176,7 +197,8 @@ fn lt_err(ordinal: usize, what: &str) -> impl Fn(lt::CublasError) -> Error + '_ 
 }
 
 impl Plan {
-    fn new(ordinal: usize, handle: sys::cublasLtHandle_t, g: &Gemm) -> Result<Plan> {
+    fn new(ordinal: usize, handle: sys::cublasLtHandle_t, key: &PlanKey) -> Result<Plan> {
+        let (g, align) = key;
         let p = g.lt();
         let err = |w| lt_err(ordinal, w);
         let layout = |l: &Layout, t: DType| -> Result<sys::cublasLtMatrixLayout_t> {
@@ -241,12 +263,20 @@ impl Plan {
         let max_ws = MAX_WORKSPACE as u64;
         // SAFETY: every descriptor is alive; the preference is destroyed below.
         let found = unsafe {
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
+            let set_align = |attr, v: &u32| {
+                lt::set_matmul_pref_attribute(pref, attr, v as *const u32 as *const c_void, 4)
+            };
             let r = lt::set_matmul_pref_attribute(
                 pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &max_ws as *const u64 as *const c_void,
                 8,
             )
+            .and_then(|()| set_align(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0]))
+            .and_then(|()| set_align(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1]))
+            .and_then(|()| set_align(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2]))
+            .and_then(|()| set_align(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2]))
             .and_then(|()| {
                 lt::get_matmul_algo_heuristic(handle, desc, plan.a, plan.b, plan.d, plan.d, pref)
             });
@@ -267,7 +297,7 @@ impl Plan {
 /// The cuBLASLt state of a context: the handle, the plans made so far, the workspace.
 pub(crate) struct Blas {
     handle: sys::cublasLtHandle_t,
-    plans: HashMap<Gemm, Plan>,
+    plans: HashMap<PlanKey, Plan>,
     // Holds an `Arc` of its own context (a cycle): contexts live for the process anyway.
     workspace: Option<DeviceBuffer>,
 }
@@ -323,11 +353,13 @@ pub(crate) fn gemm(
     let blas = guard.as_mut().expect("made above");
     ctx.bind()?;
     let handle = blas.handle;
-    if !blas.plans.contains_key(g) {
-        let plan = libs::guarded(Library::CublasLt, ordinal, || Plan::new(ordinal, handle, g))?;
-        blas.plans.insert(*g, plan);
-    }
-    let plan = &blas.plans[g];
+    let key = (*g, [alignment(b), alignment(a), alignment(d)]);
+    let plan = match blas.plans.entry(key) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(libs::guarded(Library::CublasLt, ordinal, || {
+            Plan::new(ordinal, handle, &key)
+        })?),
+    };
     let have = blas.workspace.as_ref().map_or(0, |w| w.bytes());
     if plan.workspace > have {
         blas.workspace = Some(DeviceBuffer::alloc(ctx, plan.workspace)?);
@@ -467,6 +499,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn alignments_are_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0x7f00_0000_0000), 256);
+        assert_eq!(alignment(0x7f00_0000_0004), 4);
+        assert_eq!(alignment(0x7f00_0000_0010), 16);
+        assert_eq!(alignment(0x7f00_0000_0082), 2);
+        assert_eq!(alignment(0), 256);
     }
 
     #[test]

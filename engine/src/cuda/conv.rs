@@ -30,7 +30,20 @@ pub(crate) fn conv2d(
     let key = ConvKey::new(&g, dtype)?;
     let ctx = view(x.tensor(), OP)?.ctx;
     let device = x.tensor().device();
-    let (tx, tw) = (x.tensor().clone(), as_dtype(weight.tensor(), dtype)?);
+    // cuDNN's vectorised (and tensor-op) kernels want 16-byte aligned operands; activations
+    // are fresh allocations, but a weight is a view at any offset of the flat parameter
+    // buffer, so a misaligned one is copied (once per forward; the backward reuses it).
+    let aligned = |t: Tensor| -> Result<Tensor> {
+        if view(&t, OP)?.ptr % 16 == 0 {
+            Ok(t)
+        } else {
+            super::ops::deep_copy(&t)
+        }
+    };
+    let (tx, tw) = (
+        aligned(x.tensor().clone())?,
+        aligned(as_dtype(weight.tensor(), dtype)?)?,
+    );
     let y_shape = [g.n, g.o, g.oh, g.ow];
     // cuDNN rejects empty tensors: an empty input or filter sum is zero.
     let empty_problem = g.n * g.o * g.oh * g.ow == 0 || g.c * g.kh * g.kw == 0;

@@ -81,6 +81,22 @@ impl ConvKey {
         }
     }
 
+    /// Whether an algorithm ranked with math type `m` may run this problem: bf16 with any; f32
+    /// not with the tensor-op math types (TF32 or down-conversion), and it then runs with FMA
+    /// math ([`ConvKey::run_math`]) whatever it was ranked with.
+    fn math_allowed(&self, m: sys::cudnnMathType_t) -> bool {
+        use sys::cudnnMathType_t as M;
+        self.dtype == DType::BF16 || matches!(m, M::CUDNN_FMA_MATH | M::CUDNN_DEFAULT_MATH)
+    }
+
+    /// The math type a chosen algorithm runs with (see [`ConvKey::math_allowed`]).
+    fn run_math(&self, ranked: sys::cudnnMathType_t) -> sys::cudnnMathType_t {
+        match self.dtype {
+            DType::BF16 => ranked,
+            _ => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        }
+    }
+
     fn math(&self) -> sys::cudnnMathType_t {
         match self.dtype {
             DType::BF16 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
@@ -95,13 +111,17 @@ pub(crate) struct Candidate {
     pub ok: bool,
     pub deterministic: bool,
     pub memory: usize,
+    /// Its math type is allowed for the problem's type: `_v7` may list algorithms of several
+    /// math types, and for f32 the tensor-op ones are TF32 (10-bit mantissas).
+    pub math_allowed: bool,
 }
 
-/// The first (best-ranked) candidate that succeeded, is deterministic and fits the workspace.
+/// The first (best-ranked) candidate that succeeded, is deterministic, fits the workspace and
+/// has an allowed math type.
 pub(crate) fn choose(candidates: &[Candidate]) -> Option<usize> {
     candidates
         .iter()
-        .position(|c| c.ok && c.deterministic && c.memory <= MAX_WORKSPACE)
+        .position(|c| c.ok && c.deterministic && c.memory <= MAX_WORKSPACE && c.math_allowed)
 }
 
 /// The three directions of a convolution.
@@ -168,6 +188,7 @@ macro_rules! pick {
                 ok: p.status == SUCCESS,
                 deterministic: p.determinism == DETERMINISTIC,
                 memory: p.memory,
+                math_allowed: $key.math_allowed(p.mathType),
             })
             .collect();
         let i = choose(&cands).ok_or_else(|| {
@@ -182,7 +203,7 @@ macro_rules! pick {
         })?;
         Chosen {
             algo: perfs[i].algo,
-            math: perfs[i].mathType,
+            math: $key.run_math(perfs[i].mathType),
             workspace: perfs[i].memory,
         }
     }};
@@ -479,9 +500,22 @@ mod tests {
         assert_eq!((k.stride, k.padding), (2, 1));
         assert_eq!(k.data_type(), sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16);
         assert_eq!(k.math(), sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH);
+        assert!(k.math_allowed(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH));
         let k = ConvKey::new(&g, DType::F32).unwrap();
         // No TF32 for f32 convolutions.
         assert_eq!(k.math(), sys::cudnnMathType_t::CUDNN_FMA_MATH);
+        assert!(k.math_allowed(sys::cudnnMathType_t::CUDNN_FMA_MATH));
+        assert!(k.math_allowed(sys::cudnnMathType_t::CUDNN_DEFAULT_MATH));
+        assert_eq!(
+            k.run_math(sys::cudnnMathType_t::CUDNN_DEFAULT_MATH),
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        );
+        for m in [
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        ] {
+            assert!(!k.math_allowed(m), "{m:?}");
+        }
         assert!(ConvKey::new(&g, DType::I32).is_err());
         // 2^31 elements: beyond the legacy API's indexing.
         let big = Conv2dGeometry::new(
@@ -499,6 +533,7 @@ mod tests {
             ok,
             deterministic,
             memory,
+            math_allowed: true,
         };
         let list = [
             c(true, false, 0),                // fastest, but atomics
@@ -508,6 +543,10 @@ mod tests {
             c(true, true, 0),
         ];
         assert_eq!(choose(&list), Some(3));
+        // The same list where the candidate ranked 3 would use TF32 for an f32 problem.
+        let mut tf32 = list;
+        tf32[3].math_allowed = false;
+        assert_eq!(choose(&tf32), Some(4));
         assert_eq!(choose(&list[..3]), None);
         assert_eq!(choose(&[]), None);
     }

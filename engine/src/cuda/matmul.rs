@@ -93,7 +93,18 @@ fn product(
     } else {
         output
     };
-    let bias = bias.map(|b| as_dtype(b, direct)).transpose()?;
+    // The bias epilogue reads the vector with vector loads: a parameter view at an odd offset
+    // of the flat buffer is copied to a fresh (pool-aligned) allocation.
+    let bias = bias
+        .map(|b| -> Result<Tensor> {
+            let b = as_dtype(b, direct)?;
+            if view(&b, OP)?.ptr % 16 == 0 {
+                Ok(b)
+            } else {
+                super::ops::deep_copy(&b)
+            }
+        })
+        .transpose()?;
     let out = if k == 0 {
         // cuBLASLt rejects k = 0; the product of empty sums is zero (plus the bias).
         let z = Tensor::zeros(shape, direct, lhs.device())?;

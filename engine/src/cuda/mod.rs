@@ -31,21 +31,23 @@
 //!   [`recycle_kernels::launch`], typed arguments — checked against
 //!   [`recycle_kernels::abi::params`] before `cuLaunchKernel`, so a wrong argument list is an
 //!   error, never a corrupted launch.
-//! - **Ops**: the CUDA arm of every op but the fused attention, one file per family —
+//! - **Ops**: the CUDA arm of every op, one file per family —
 //!   `ops` (elementwise, activations, softmax, cross-entropy, casts, accumulation, the SGDW
 //!   and AdamW steps, the fused distillation loss [`kd_loss`], and the shared helpers),
 //!   `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN convolutions), `norm`
 //!   (layer and batch norm), `gather` (embedding, gather_rows), `dropout`, `pool`, `layout`
-//!   (permute/narrow/concat, reductions, broadcasting). `libs` finds cuBLASLt and cuDNN at
-//!   run time and turns their absence into an error naming the library. Any op without an arm
-//!   given a CUDA tensor returns "not implemented on CUDA yet: <op>", never a silent CPU
-//!   fallback.
+//!   (permute/narrow/concat, reductions, broadcasting), `attention` (composed of those).
+//!   `libs` finds cuBLASLt and cuDNN at run time and turns their absence into an error naming
+//!   the library. Any op without an arm given a CUDA tensor returns "not implemented on CUDA
+//!   yet: <op>", never a silent CPU fallback.
 //!
 //! Without the `cuda` feature this module keeps only its front: the functions below exist and
 //! return the "no CUDA backend in this build" error, so callers need no `cfg`.
 
 use crate::{DType, Device, Error, Result, Tensor};
 
+#[cfg(feature = "cuda")]
+pub(crate) mod attention;
 #[cfg(feature = "cuda")]
 mod blas;
 #[cfg(feature = "cuda")]
