@@ -378,10 +378,11 @@ pub(crate) fn gemm(
         .map_err(lt_err(ordinal, "setting the bias pointer"))?;
     }
     let (alpha, beta) = (1f32, 0f32);
+    // cudarc resolves a symbol on its first call (and panics when it is missing): guarded.
     // SAFETY: the descriptors match the buffers (made from the same `Gemm`, whose sizes the
     // callers derive from the tensors' shapes); every pointer is a live device allocation whose
     // free is ordered after this call on the same stream; C is D with beta = 0.
-    unsafe {
+    libs::guarded(Library::CublasLt, ordinal, || unsafe {
         lt::matmul(
             handle,
             plan.desc,
@@ -400,8 +401,8 @@ pub(crate) fn gemm(
             plan.workspace,
             ctx.compute_stream() as sys::cudaStream_t,
         )
-    }
-    .map_err(|e| Error::Device(format!("cuda:{ordinal}: cublasLtMatmul {g:?}: {e}")))
+        .map_err(|e| Error::Device(format!("cuda:{ordinal}: cublasLtMatmul {g:?}: {e}")))
+    })
 }
 
 #[cfg(test)]

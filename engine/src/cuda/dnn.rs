@@ -420,10 +420,11 @@ pub(crate) fn convolve(
         &alpha as *const f32 as *const c_void,
         &beta as *const f32 as *const c_void,
     );
+    // cudarc resolves a symbol on its first call (and panics when it is missing): guarded.
     // SAFETY: the descriptors describe the buffers (the same key the caller derived from the
     // tensors' shapes and type); every pointer is a live device allocation whose free is
     // ordered after this call on the handle's stream; the workspace holds `workspace` bytes.
-    unsafe {
+    libs::guarded(Library::Cudnn, ordinal, || unsafe {
         // The heuristic's algorithm runs with the math type it was ranked with.
         dnn::set_convolution_math_type(plan.conv, math).map_err(dnn_err(ordinal, "math type"))?;
         match dir {
@@ -474,7 +475,7 @@ pub(crate) fn convolve(
             ),
         }
         .map_err(err)
-    }
+    })
 }
 
 #[cfg(test)]
