@@ -31,13 +31,23 @@ using namespace rk;
 
 namespace {
 
-// Offset of flat index i of `dims` (row-major) under `strides`.
+// Offset of flat index i of `dims` (row-major) under `strides`. 64-bit division is a called
+// subroutine on the GPU; while the index and the dimension fit in 32 bits (nearly always) the
+// coordinate comes from an inline 32-bit division instead.
 __device__ __forceinline__ uint64_t offset(uint64_t i, uint32_t rank, const uint64_t* dims,
                                            const uint64_t* strides) {
     uint64_t off = 0;
     for (int d = (int)rank - 1; d >= 0; --d) {
-        const uint64_t n = dims[d], c = i % n;
-        i /= n;
+        const uint64_t n = dims[d];
+        uint64_t c;
+        if (((i | n) >> 32) == 0) {
+            const uint32_t i32 = (uint32_t)i, n32 = (uint32_t)n, q = i32 / n32;
+            c = i32 - q * n32;
+            i = q;
+        } else {
+            c = i % n;
+            i /= n;
+        }
         off += c * strides[d];
     }
     return off;
