@@ -35,6 +35,8 @@ const FAMILIES: &[&str] = &[
     "cross_entropy",
     "optimizers",
     "kd_loss",
+    "pool",
+    "layout",
 ];
 
 /// Headers every family may include.

@@ -155,7 +155,42 @@ pub const PARAMS: &[(&str, &str)] = &[
         "kd_loss_reduce",
         "ptr row_ce, ptr row_kd, u32 rows, f32 ce_weight, f32 kd_weight, f32 lambda, ptr out",
     ),
+    // pool.cu
+    ("max_pool2d_fwd_{T}", POOL),
+    ("max_pool2d_bwd_{T}", POOL_BWD),
+    (
+        "global_avg_pool_fwd_{T}",
+        "ptr x, ptr y, u64 planes, u32 plane",
+    ),
+    (
+        "global_avg_pool_bwd_{T}",
+        "ptr g, ptr dx, u64 n, u32 plane, f32 scale",
+    ),
+    // layout.cu
+    (
+        "strided_copy_{T}",
+        "ptr x, ptr y, u64 n, u32 rank, ptr meta",
+    ),
+    ("broadcast_add_{T}", BROADCAST),
+    ("broadcast_sub_{T}", BROADCAST),
+    ("broadcast_mul_{T}", BROADCAST),
+    (
+        "reduce_to_{T}",
+        "ptr x, ptr y, u64 n, u64 m, u32 rank, u32 rrank, ptr meta",
+    ),
+    ("sum_all_{T}", "ptr x, ptr out, u64 n, u64 divisor"),
 ];
+
+/// `max_pool2d_fwd_*`.
+const POOL: &str = "ptr x, ptr y, ptr argmax, u64 n, u32 h, u32 w, u32 oh, u32 ow, u32 kernel, \
+     u32 stride, u32 padding";
+
+/// `max_pool2d_bwd_*`.
+const POOL_BWD: &str = "ptr g, ptr argmax, ptr dx, u64 n, u32 h, u32 w, u32 oh, u32 ow, \
+     u32 kernel, u32 stride, u32 padding";
+
+/// `broadcast_{add,sub,mul}_*`.
+const BROADCAST: &str = "ptr a, ptr b, ptr y, u64 n, u32 rank, ptr meta";
 
 /// The parameters shared by every `kd_loss_*` row kernel.
 const KD_LOSS: &str = "ptr logits, ptr grad, TeacherLogits teachers, u32 k, ptr labels, \

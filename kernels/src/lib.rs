@@ -3,9 +3,9 @@
 //! # What is here
 //!
 //! One CUDA C++ file per family in `src/` (elementwise, softmax, layernorm, batchnorm,
-//! embedding, dropout, cross_entropy, optimizers, kd_loss), each kernel documented in its file
-//! with the CPU twin in `recycle-engine` (or, for the fused distillation loss, in the root
-//! crate) that it must match, and docs/kernels.md listing them all. The Rust side holds no
+//! embedding, dropout, cross_entropy, optimizers, kd_loss, pool, layout), each kernel
+//! documented in its file with the CPU twin in `recycle-engine` (or, for the fused distillation
+//! loss, in the root crate) that it must match, and docs/kernels.md listing them all. The Rust side holds no
 //! CUDA calls — the engine's `cuda` feature loads and launches — only what the host needs:
 //!
 //! - the fatbins ([`ALL`], [`KD_LOSS`], ...; [`available`]);
@@ -66,7 +66,7 @@ mod generated {
 
 pub use generated::{
     ALL, AVAILABLE, BATCHNORM, CROSS_ENTROPY, CUBIN_ARCHS, DROPOUT, ELEMENTWISE, EMBEDDING,
-    KD_LOSS, LAYERNORM, NVCC_PATH, NVCC_VERSION, OPTIMIZERS, PTX_ARCH, SOFTMAX,
+    KD_LOSS, LAYERNORM, LAYOUT, NVCC_PATH, NVCC_VERSION, OPTIMIZERS, POOL, PTX_ARCH, SOFTMAX,
 };
 
 pub mod abi;

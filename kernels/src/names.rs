@@ -95,6 +95,25 @@ family! {
     }
 }
 
+family! {
+    /// `src/pool.cu`.
+    pool {
+        max_pool2d_fwd_f32, max_pool2d_bwd_f32, global_avg_pool_fwd_f32, global_avg_pool_bwd_f32,
+        max_pool2d_fwd_bf16, max_pool2d_bwd_bf16, global_avg_pool_fwd_bf16,
+        global_avg_pool_bwd_bf16,
+    }
+}
+
+family! {
+    /// `src/layout.cu`.
+    layout {
+        strided_copy_f32, broadcast_add_f32, broadcast_sub_f32, broadcast_mul_f32, reduce_to_f32,
+        sum_all_f32,
+        strided_copy_bf16, broadcast_add_bf16, broadcast_sub_bf16, broadcast_mul_bf16,
+        reduce_to_bf16, sum_all_bf16,
+    }
+}
+
 /// Every family (the name of its fatbin in [`crate::all`]) and its kernels.
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("elementwise", elementwise::ALL),
@@ -106,4 +125,6 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("cross_entropy", cross_entropy::ALL),
     ("optimizers", optimizers::ALL),
     ("kd_loss", kd_loss::ALL),
+    ("pool", pool::ALL),
+    ("layout", layout::ALL),
 ];

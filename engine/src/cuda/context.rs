@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, sys, CudaEvent, CudaStream};
 
+use super::blas::Blas;
+use super::dnn::Dnn;
 use super::memory::{Memory, Staging};
 use super::probe::{self, Probe};
 use super::{AllocStats, DeviceInfo, StreamRole};
@@ -33,6 +35,10 @@ pub(crate) struct CudaContext {
     functions: Mutex<HashMap<&'static str, Handle<sys::CUfunction>>>,
     pub(crate) memory: Memory,
     pub(crate) staging: Mutex<Staging>,
+    /// cuBLASLt: handle, plans by shape, workspace; made on the first product.
+    pub(crate) blas: Mutex<Option<Blas>>,
+    /// cuDNN: handle, convolution plans by shape, workspace; made on the first convolution.
+    pub(crate) dnn: Mutex<Option<Dnn>>,
 }
 
 impl std::fmt::Debug for CudaContext {
@@ -129,6 +135,8 @@ impl CudaContext {
             functions: Mutex::new(HashMap::new()),
             memory: Memory::default(),
             staging: Mutex::new(Staging::default()),
+            blas: Mutex::new(None),
+            dnn: Mutex::new(None),
         })
     }
 

@@ -148,6 +148,10 @@ impl DeviceBuffer {
         self.ptr
     }
 
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub(crate) fn ordinal(&self) -> usize {
         self.ctx.ordinal()
     }

@@ -1,5 +1,5 @@
 //! The CUDA backend (feature `cuda`): a context per GPU, device memory, host↔device copies,
-//! and the kernels of `recycle-kernels` launched for a first set of ops.
+//! cuBLASLt, cuDNN and the kernels of `recycle-kernels` behind the ops.
 //!
 //! Status: **compiled, not run on a GPU.** Everything here builds (with nvcc present, the
 //! kernels are embedded) and its host-side logic (argument lists against the kernels' ABI,
@@ -31,11 +31,15 @@
 //!   [`recycle_kernels::launch`], typed arguments — checked against
 //!   [`recycle_kernels::abi::params`] before `cuLaunchKernel`, so a wrong argument list is an
 //!   error, never a corrupted launch.
-//! - **Ops** (`ops`): the CUDA arm of each op that has kernels: same-shape add/sub/mul, scale,
-//!   add_scalar, bias_add, relu/gelu/tanh, softmax/log_softmax, cross_entropy (each with its
-//!   backward), casts, gradient accumulation, the SGDW and AdamW steps and the fused
-//!   distillation loss ([`kd_loss`]). Any other op given a CUDA tensor returns "not implemented
-//!   on CUDA yet: <op>", never a silent CPU fallback.
+//! - **Ops**: the CUDA arm of every op, one file per family —
+//!   `ops` (elementwise, activations, softmax, cross-entropy, casts, accumulation, the SGDW
+//!   and AdamW steps, the fused distillation loss [`kd_loss`], and the shared helpers),
+//!   `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN convolutions), `norm`
+//!   (layer and batch norm), `gather` (embedding, gather_rows), `dropout`, `pool`, `layout`
+//!   (permute/narrow/concat, reductions, broadcasting), `attention` (composed of those).
+//!   `libs` finds cuBLASLt and cuDNN at run time and turns their absence into an error naming
+//!   the library. Any op without an arm given a CUDA tensor returns "not implemented on CUDA
+//!   yet: <op>", never a silent CPU fallback.
 //!
 //! Without the `cuda` feature this module keeps only its front: the functions below exist and
 //! return the "no CUDA backend in this build" error, so callers need no `cfg`.
@@ -43,13 +47,35 @@
 use crate::{DType, Device, Error, Result, Tensor};
 
 #[cfg(feature = "cuda")]
+pub(crate) mod attention;
+#[cfg(feature = "cuda")]
+mod blas;
+#[cfg(feature = "cuda")]
 mod context;
+#[cfg(feature = "cuda")]
+pub(crate) mod conv;
+#[cfg(feature = "cuda")]
+mod dnn;
+#[cfg(feature = "cuda")]
+pub(crate) mod dropout;
+#[cfg(feature = "cuda")]
+pub(crate) mod gather;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 #[cfg(feature = "cuda")]
+pub(crate) mod layout;
+#[cfg(feature = "cuda")]
+mod libs;
+#[cfg(feature = "cuda")]
+pub(crate) mod matmul;
+#[cfg(feature = "cuda")]
 mod memory;
 #[cfg(feature = "cuda")]
+pub(crate) mod norm;
+#[cfg(feature = "cuda")]
 pub(crate) mod ops;
+#[cfg(feature = "cuda")]
+pub(crate) mod pool;
 #[cfg(feature = "cuda")]
 mod probe;
 

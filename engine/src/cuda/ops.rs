@@ -1,4 +1,5 @@
-//! The CUDA arm of the ops that have kernels. **Compiled, not run on a GPU.**
+//! The CUDA arm of the elementwise, activation, softmax, cross-entropy, optimizer and fused
+//! distillation-loss ops, and the helpers every family file uses. **Compiled, not run on a GPU.**
 //!
 //! Each op comes in two layers:
 //! - a *plan*: the kernel calls for given device addresses and shapes (pure data, checked
@@ -9,8 +10,9 @@
 //!
 //! Conventions that differ from the CPU ops: an op's output has its input's dtype (bf16
 //! activations stay bf16; the CPU ops widen everything to f32), and the inputs of one kernel
-//! share a dtype (a gradient of another dtype is cast first). Broadcasting other than a bias
-//! vector (`bias_add`) is not implemented on CUDA yet and says so.
+//! share a dtype (a gradient of another dtype is cast first). Broadcasting binary ops go to
+//! `layout.rs`; the other families have their own files (`matmul.rs`, `conv.rs`, `norm.rs`,
+//! `gather.rs`, `dropout.rs`, `pool.rs`, `layout.rs`); this file keeps the shared helpers.
 
 use std::sync::Arc;
 
@@ -20,8 +22,7 @@ use recycle_kernels::names;
 
 use super::launch::{shape_err, Arg, KernelCall};
 use super::{
-    common_device, kernel_suffix, not_on_cuda_yet, CudaContext, CudaView, DeviceBuffer,
-    KdLossDevice, KdTerm,
+    common_device, kernel_suffix, CudaContext, CudaView, DeviceBuffer, KdLossDevice, KdTerm,
 };
 use crate::ops::elementwise::BinaryOp;
 use crate::ops::loss::{cross_entropy_check_labels_cpu, CrossEntropyOptions};
@@ -45,30 +46,34 @@ pub(crate) fn kernel(base: &str, suffix: &str) -> Result<&'static str> {
 }
 
 /// A grid-stride call over `n` elements; `None` when there is nothing to do.
-fn grid_stride(kernel: &'static str, n: usize, args: Vec<Arg>) -> Option<KernelCall> {
+pub(crate) fn grid_stride(kernel: &'static str, n: usize, args: Vec<Arg>) -> Option<KernelCall> {
     kl::elementwise(n as u64).map(|cfg| KernelCall::new(kernel, cfg, args))
 }
 
-fn rows_cfg(kernel: &'static str, rows: usize, cols: usize) -> Result<Option<LaunchConfig>> {
+pub(crate) fn rows_cfg(
+    kernel: &'static str,
+    rows: usize,
+    cols: usize,
+) -> Result<Option<LaunchConfig>> {
     kl::rows(kernel, rows as u64, cols as u64).map_err(shape_err)
 }
 
-fn run(ctx: &CudaContext, calls: &[KernelCall]) -> Result<()> {
+pub(crate) fn run(ctx: &CudaContext, calls: &[KernelCall]) -> Result<()> {
     calls.iter().try_for_each(|c| c.launch(ctx))
 }
 
-fn view(t: &Tensor, op: &'static str) -> Result<CudaView> {
+pub(crate) fn view(t: &Tensor, op: &'static str) -> Result<CudaView> {
     t.cuda_view(op)
 }
 
 /// An uninitialised tensor on `ctx`'s GPU (filled with NaN when poisoning is on).
-fn empty(ctx: &Arc<CudaContext>, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+pub(crate) fn empty(ctx: &Arc<CudaContext>, dtype: DType, shape: &[usize]) -> Result<Tensor> {
     let buf = DeviceBuffer::alloc(ctx, elem_count(shape) * dtype.size_in_bytes())?;
     Ok(Tensor::from_device_buffer(buf, dtype, shape))
 }
 
 /// `t` in `dtype` (a cast on the device when it differs).
-fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
         Ok(t.clone())
     } else {
@@ -77,7 +82,7 @@ fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// The i32 values of `t` on the host (labels, masks), copied back when on a GPU.
-fn host_i32(t: &Tensor) -> Result<Vec<i32>> {
+pub(crate) fn host_i32(t: &Tensor) -> Result<Vec<i32>> {
     match t.device() {
         Device::Cpu => Ok(t.read_i32()?.to_vec()),
         Device::Cuda(_) => t.to_vec::<i32>(),
@@ -85,7 +90,7 @@ fn host_i32(t: &Tensor) -> Result<Vec<i32>> {
 }
 
 /// `t` (i32) on `ctx`'s GPU: itself when already there.
-fn on_gpu_i32(ctx: &Arc<CudaContext>, t: &Tensor, host: &[i32]) -> Result<Tensor> {
+pub(crate) fn on_gpu_i32(ctx: &Arc<CudaContext>, t: &Tensor, host: &[i32]) -> Result<Tensor> {
     if t.device() == Device::Cuda(ctx.ordinal()) {
         return Ok(t.clone());
     }
@@ -202,7 +207,7 @@ pub(crate) fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
 // Elementwise
 // ---------------------------------------------------------------------------------------------
 
-fn float_inputs(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
+pub(crate) fn float_inputs(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
     let dtype = xs[0].dtype();
     for x in xs {
         x.expect_float(op)?;
@@ -255,7 +260,7 @@ pub(crate) fn scalar_plan(
     Ok(grid_stride(k, n, args).into_iter().collect())
 }
 
-fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tensor> {
+pub(crate) fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tensor> {
     let dtype = float_inputs(base, &[x])?;
     let xv = view(x, base)?;
     let out = empty(&xv.ctx, dtype, x.shape())?;
@@ -271,14 +276,18 @@ pub(crate) fn binary(tape: &Tape, op: BinaryOp, a: &Var, b: &Var) -> Result<Var>
     let name = op.name();
     common_device(name, &[a.tensor(), b.tensor()])?;
     if a.shape() != b.shape() {
-        return Err(not_on_cuda_yet(
-            &format!(
-                "{name} with broadcasting ({:?} with {:?})",
-                a.shape(),
-                b.shape()
-            ),
-            a.tensor().device(),
-        ));
+        let out_shape =
+            crate::ops::elementwise::broadcast_shape(a.shape(), b.shape()).ok_or_else(|| {
+                Error::shape(
+                    name,
+                    format!(
+                        "shapes {:?} and {:?} do not broadcast",
+                        a.shape(),
+                        b.shape()
+                    ),
+                )
+            })?;
+        return super::layout::broadcast_binary(tape, op, a, b, out_shape);
     }
     let out = binary_raw(op, a.tensor(), b.tensor())?;
     let dtype = out.dtype();

@@ -284,12 +284,6 @@ pub fn scaled_dot_product_attention(
     key_padding_mask: Option<&Tensor>,
     opts: AttentionOptions,
 ) -> Result<Var> {
-    crate::cuda::cpu_only(
-        "scaled_dot_product_attention",
-        [q.tensor(), k.tensor(), v.tensor()]
-            .into_iter()
-            .chain(key_padding_mask),
-    )?;
     const OP: &str = "scaled_dot_product_attention";
     let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
     for (name, t) in [("q", qt), ("k", kt), ("v", vt)] {
@@ -329,10 +323,28 @@ pub fn scaled_dot_product_attention(
             format!("dropout {} must be in [0, 1]", opts.dropout),
         ));
     }
+    let dropout = (opts.training && opts.dropout > 0.0).then_some((opts.dropout, opts.seed));
+    match crate::cuda::common_device(OP, &[qt, kt, vt])? {
+        crate::Device::Cpu => crate::cuda::cpu_only(OP, key_padding_mask)?,
+        d => {
+            return crate::on_cuda!(d, {
+                // The mask is read on the host wherever it lives (a [B, Sk] vector).
+                let keep = key_padding_mask
+                    .map(|m| read_key_mask(&m.to_device(crate::Device::Cpu)?, dims.b, dims.sk))
+                    .transpose()?;
+                crate::cuda::attention::attention(
+                    tape,
+                    (q, k, v),
+                    keep.as_deref(),
+                    (dims.b, dims.sk, dims.dh),
+                    dropout,
+                )
+            });
+        }
+    }
     let keep = key_padding_mask
         .map(|m| read_key_mask(m, dims.b, dims.sk))
         .transpose()?;
-    let dropout = (opts.training && opts.dropout > 0.0).then_some((opts.dropout, opts.seed));
 
     let mut probs = vec![0f32; dims.b * dims.h * dims.sq * dims.sk];
     let mut out = vec![0f32; dims.b * dims.h * dims.sq * dims.dv];

@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use half::bf16;
 
 use crate::ops::gemm::{bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half};
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 /// Stride and zero padding of `conv2d`, the same on both spatial axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -756,12 +756,6 @@ pub fn conv2d(
     bias: Option<&Var>,
     opts: Conv2dOptions,
 ) -> Result<Var> {
-    crate::cuda::cpu_only(
-        "conv2d",
-        [x.tensor(), weight.tensor()]
-            .into_iter()
-            .chain(bias.map(|b| b.tensor())),
-    )?;
     x.tensor().expect_float("conv2d")?;
     weight.tensor().expect_float("conv2d")?;
     let g = Conv2dGeometry::new(x.shape(), weight.shape(), opts)?;
@@ -778,6 +772,12 @@ pub fn conv2d(
                 ),
             ));
         }
+    }
+    let mut on: Vec<&Tensor> = vec![x.tensor(), weight.tensor()];
+    on.extend(bias.map(|b| b.tensor()));
+    match crate::cuda::common_device("conv2d", &on)? {
+        Device::Cpu => {}
+        d => return crate::on_cuda!(d, crate::cuda::conv::conv2d(tape, x, weight, bias, g)),
     }
     let mut out = vec![0f32; g.n * g.o * g.pixels()];
     {
@@ -834,7 +834,6 @@ pub fn conv2d(
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::Device;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()

@@ -58,7 +58,6 @@ pub fn dropout_backward_cpu(g: &[f32], p: f32, seed: u64) -> Vec<f32> {
 /// identity (the input itself is returned, nothing is recorded); otherwise see the module doc
 /// for the exact mask rule.
 pub fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64, training: bool) -> Result<Var> {
-    crate::cuda::cpu_only("dropout", [x.tensor()])?;
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(
             "dropout",
@@ -68,6 +67,9 @@ pub fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64, training: bool) -> Resul
     x.tensor().expect_float("dropout")?;
     if !training || p == 0.0 {
         return Ok(x.clone());
+    }
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::dropout::dropout(tape, x, p, seed));
     }
     let out = Tensor::f32(
         dropout_forward_cpu(&x.tensor().read_f32()?, p, seed),

@@ -531,8 +531,10 @@ fn fill_like(g: &Tensor, shape: &[usize], factor: f32) -> Result<Tensor> {
 
 /// Sum of all elements, as a scalar (shape `[]`).
 pub fn sum(tape: &Tape, x: &Var) -> Result<Var> {
-    crate::cuda::cpu_only("sum", [x.tensor()])?;
     x.tensor().expect_float("sum")?;
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::layout::sum_all(tape, x, false));
+    }
     let out = scalar(sum_cpu(&x.tensor().read_f32()?) as f32)?;
     let shape = x.shape().to_vec();
     Ok(tape.record(
@@ -548,7 +550,6 @@ pub fn sum(tape: &Tape, x: &Var) -> Result<Var> {
 
 /// Mean of all elements, as a scalar (shape `[]`). An empty tensor has no mean: error.
 pub fn mean(tape: &Tape, x: &Var) -> Result<Var> {
-    crate::cuda::cpu_only("mean", [x.tensor()])?;
     x.tensor().expect_float("mean")?;
     let n = x.tensor().elem_count();
     if n == 0 {
@@ -556,6 +557,9 @@ pub fn mean(tape: &Tape, x: &Var) -> Result<Var> {
             "mean",
             format!("mean of an empty tensor of shape {:?}", x.shape()),
         ));
+    }
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::layout::sum_all(tape, x, true));
     }
     let out = scalar((sum_cpu(&x.tensor().read_f32()?) / n as f64) as f32)?;
     let shape = x.shape().to_vec();
@@ -613,7 +617,6 @@ pub fn sum_axis_backward_cpu(g: &[f32], n: usize, inner: usize) -> Vec<f32> {
 
 /// Sum over dimension `axis`; with `keep_dim` the dimension stays, with size 1.
 pub fn sum_axis(tape: &Tape, x: &Var, axis: usize, keep_dim: bool) -> Result<Var> {
-    crate::cuda::cpu_only("sum_axis", [x.tensor()])?;
     x.tensor().expect_float("sum_axis")?;
     let shape = x.shape().to_vec();
     if axis >= shape.len() {
@@ -630,6 +633,12 @@ pub fn sum_axis(tape: &Tape, x: &Var, axis: usize, keep_dim: bool) -> Result<Var
         out_shape[axis] = 1;
     } else {
         out_shape.remove(axis);
+    }
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(
+            d,
+            crate::cuda::layout::sum_axis(tape, x, (outer, n, inner), out_shape)
+        );
     }
     let out = sum_axis_forward_cpu(&x.tensor().read_f32()?, outer, n, inner);
     let out = Tensor::f32(out, &out_shape)?;

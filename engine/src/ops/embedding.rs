@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::ops::gather::{first_out_of_range, gather_rows_forward_cpu, scatter_add_rows_cpu};
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 /// Rows `ids[p]` of `weight` (`[V, dim]`), one after the other: `[ids.len(), dim]`. Every id
 /// must be in `[0, V)` (the tape op checks).
@@ -36,7 +36,6 @@ fn unravel(mut p: usize, shape: &[usize]) -> Vec<usize> {
 /// `weight[ids]`: `weight` is `[V, D]`, `ids` i32 of any shape; the result is
 /// `[..ids.shape, D]`. An id outside `[0, V)` is an error naming its position and value.
 pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
-    crate::cuda::cpu_only("embedding", [weight.tensor(), ids])?;
     weight.tensor().expect_float("embedding")?;
     weight.tensor().expect_rank("embedding", "weight", 2)?;
     ids.expect_dtype("embedding (ids)", DType::I32)?;
@@ -54,6 +53,13 @@ pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
     }
     let mut out_shape = ids.shape().to_vec();
     out_shape.push(dim);
+    if let d @ Device::Cuda(_) = weight.tensor().device() {
+        return crate::on_cuda!(
+            d,
+            crate::cuda::gather::gather(tape, "embedding", weight, ids, &idv, out_shape)
+        );
+    }
+    crate::cuda::cpu_only("embedding", [ids])?;
     let out = if weight.tensor().dtype() == DType::BF16 {
         // A bf16 teacher's table: widen only the rows looked up, not all of it.
         let table = weight.tensor().read_bf16()?;
@@ -88,7 +94,6 @@ pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::Device;
 
     fn ids(v: &[i32], shape: &[usize]) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()

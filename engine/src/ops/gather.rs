@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::ops::elementwise::PARALLEL_MIN;
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 /// The first position whose index is outside `[0, n)`, with its value.
 pub fn first_out_of_range(indices: &[i32], n: usize) -> Option<(usize, i32)> {
@@ -79,7 +79,6 @@ pub fn scatter_add_rows_cpu(g: &[f32], row_len: usize, indices: &[i32], n_rows: 
 /// Rows of `x` (`[N, ...]`) selected by `indices` (i32 `[M]`): shape `[M, ...]`. An index
 /// outside `[0, N)` is an error naming its position and value.
 pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
-    crate::cuda::cpu_only("gather_rows", [x.tensor(), indices])?;
     x.tensor().expect_float("gather_rows")?;
     indices.expect_dtype("gather_rows (indices)", DType::I32)?;
     let shape = x.shape().to_vec();
@@ -101,6 +100,13 @@ pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
     }
     let mut out_shape = shape.clone();
     out_shape[0] = idx.len();
+    if let d @ Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(
+            d,
+            crate::cuda::gather::gather(tape, "gather_rows", x, indices, &idx, out_shape)
+        );
+    }
+    crate::cuda::cpu_only("gather_rows", [indices])?;
     let out = gather_rows_forward_cpu(&x.tensor().read_f32()?, row_len, &idx);
     let out = Tensor::f32(out, &out_shape)?;
     Ok(tape.record(
@@ -124,7 +130,6 @@ pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::Device;
 
     fn ids(v: &[i32]) -> Tensor {
         Tensor::from_vec(v.to_vec(), &[v.len()], Device::Cpu).unwrap()

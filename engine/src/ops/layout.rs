@@ -167,7 +167,6 @@ pub fn reshape(tape: &Tape, x: &Var, shape: &[usize]) -> Result<Var> {
 
 /// Dimensions reordered (a copy): output dimension `i` is input dimension `dims[i]`.
 pub fn permute(tape: &Tape, x: &Var, dims: &[usize]) -> Result<Var> {
-    crate::cuda::cpu_only("permute", [x.tensor()])?;
     x.tensor().expect_float("permute")?;
     let shape = x.shape().to_vec();
     let mut seen = vec![false; shape.len()];
@@ -183,6 +182,9 @@ pub fn permute(tape: &Tape, x: &Var, dims: &[usize]) -> Result<Var> {
     }
     let dims = dims.to_vec();
     let out_shape: Vec<usize> = dims.iter().map(|&d| shape[d]).collect();
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::layout::permute(tape, x, dims, out_shape));
+    }
     let out = permute_forward_cpu(&x.tensor().read_f32()?, &shape, &dims);
     let out = Tensor::f32(out, &out_shape)?;
     Ok(tape.record(
@@ -202,7 +204,6 @@ pub fn permute(tape: &Tape, x: &Var, dims: &[usize]) -> Result<Var> {
 
 /// Dimensions `d0` and `d1` swapped (a copy, through `permute`).
 pub fn transpose(tape: &Tape, x: &Var, d0: usize, d1: usize) -> Result<Var> {
-    crate::cuda::cpu_only("transpose", [x.tensor()])?;
     let rank = x.tensor().rank();
     if d0 >= rank || d1 >= rank {
         return Err(Error::shape(
@@ -217,7 +218,6 @@ pub fn transpose(tape: &Tape, x: &Var, d0: usize, d1: usize) -> Result<Var> {
 
 /// Concatenation along `axis`; every input has the same shape except along `axis`.
 pub fn concat(tape: &Tape, xs: &[&Var], axis: usize) -> Result<Var> {
-    crate::cuda::cpu_only("concat", xs.iter().map(|x| x.tensor()))?;
     let first = xs
         .first()
         .ok_or_else(|| Error::invalid("concat", "no tensors to concatenate"))?;
@@ -247,6 +247,11 @@ pub fn concat(tape: &Tape, xs: &[&Var], axis: usize) -> Result<Var> {
     let inner: usize = shape[axis + 1..].iter().product();
     let mut out_shape = shape.clone();
     out_shape[axis] = sizes.iter().sum();
+    let tensors: Vec<&Tensor> = xs.iter().map(|x| x.tensor()).collect();
+    match crate::cuda::common_device("concat", &tensors)? {
+        crate::Device::Cpu => {}
+        d => return crate::on_cuda!(d, crate::cuda::layout::concat(tape, xs, axis, out_shape)),
+    }
     let out = {
         let guards = xs
             .iter()
@@ -278,7 +283,6 @@ pub fn concat(tape: &Tape, xs: &[&Var], axis: usize) -> Result<Var> {
 
 /// Elements `[start, start + len)` along `axis` (a copy).
 pub fn narrow(tape: &Tape, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
-    crate::cuda::cpu_only("narrow", [x.tensor()])?;
     x.tensor().expect_float("narrow")?;
     let shape = x.shape().to_vec();
     if axis >= shape.len() {
@@ -301,6 +305,9 @@ pub fn narrow(tape: &Tape, x: &Var, axis: usize, start: usize, len: usize) -> Re
     let inner: usize = shape[axis + 1..].iter().product();
     let mut out_shape = shape.clone();
     out_shape[axis] = len;
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::layout::narrow(tape, x, axis, start, len));
+    }
     let out = narrow_forward_cpu(&x.tensor().read_f32()?, n, inner, start, len);
     let out = Tensor::f32(out, &out_shape)?;
     Ok(tape.record(

@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::ops::gemm::{bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_MNK};
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels
@@ -374,7 +374,6 @@ fn mat_dims(
 
 /// `op(a) op(b)` for 2-D `a`, `b`; `trans_*` transposes an operand without copying it.
 pub fn matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
-    crate::cuda::cpu_only("matmul", [a.tensor(), b.tensor()])?;
     a.tensor().expect_float("matmul")?;
     b.tensor().expect_float("matmul")?;
     if a.tensor().rank() != 2 || b.tensor().rank() != 2 {
@@ -388,6 +387,15 @@ pub fn matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Re
         ));
     }
     let (m, k, n) = mat_dims("matmul", a.shape(), b.shape(), trans_a, trans_b)?;
+    match crate::cuda::common_device("matmul", &[a.tensor(), b.tensor()])? {
+        Device::Cpu => {}
+        d => {
+            return crate::on_cuda!(
+                d,
+                crate::cuda::matmul::matmul(tape, a, b, (m, k, n), (trans_a, trans_b))
+            )
+        }
+    }
     let mut out = vec![0f32; m * n];
     matmul_forward_cpu(
         &a.tensor().read_f32()?,
@@ -429,7 +437,6 @@ pub fn matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Re
 /// transposes, which apply to the last two dims). The leading dims must be identical (no
 /// broadcasting) and the rank at least 3.
 pub fn batched_matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
-    crate::cuda::cpu_only("batched_matmul", [a.tensor(), b.tensor()])?;
     a.tensor().expect_float("batched_matmul")?;
     b.tensor().expect_float("batched_matmul")?;
     let (sa, sb) = (a.shape(), b.shape());
@@ -445,6 +452,25 @@ pub fn batched_matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: boo
     let (m, k, n) = mat_dims("batched_matmul", sa, sb, trans_a, trans_b)?;
     let lead = &sa[..sa.len() - 2];
     let batch: usize = lead.iter().product();
+    match crate::cuda::common_device("batched_matmul", &[a.tensor(), b.tensor()])? {
+        Device::Cpu => {}
+        d => {
+            let mut out_shape = lead.to_vec();
+            out_shape.extend([m, n]);
+            return crate::on_cuda!(
+                d,
+                crate::cuda::matmul::batched_matmul(
+                    tape,
+                    a,
+                    b,
+                    batch,
+                    (m, k, n),
+                    (trans_a, trans_b),
+                    out_shape
+                )
+            );
+        }
+    }
     let mut out = vec![0f32; batch * m * n];
     batched_matmul_forward_cpu(
         &a.tensor().read_f32()?,
@@ -489,12 +515,6 @@ pub fn batched_matmul(tape: &Tape, a: &Var, b: &Var, trans_a: bool, trans_b: boo
 /// A dense layer: `x [..., in] -> x W^T + bias [..., out]`, with `weight [out, in]` (PyTorch's
 /// layout, so checkpoints load unchanged) and `bias [out]`.
 pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<Var> {
-    crate::cuda::cpu_only(
-        "linear",
-        [x.tensor(), weight.tensor()]
-            .into_iter()
-            .chain(bias.map(|b| b.tensor())),
-    )?;
     x.tensor().expect_float("linear")?;
     weight.tensor().expect_float("linear")?;
     let (xs, ws) = (x.shape(), weight.shape());
@@ -520,6 +540,19 @@ pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<
         }
     }
     let rows: usize = xs[..xs.len() - 1].iter().product();
+    let mut on: Vec<&Tensor> = vec![x.tensor(), weight.tensor()];
+    on.extend(bias.map(|b| b.tensor()));
+    match crate::cuda::common_device("linear", &on)? {
+        Device::Cpu => {}
+        d => {
+            let mut out_shape = xs[..xs.len() - 1].to_vec();
+            out_shape.push(out_f);
+            return crate::on_cuda!(
+                d,
+                crate::cuda::matmul::linear(tape, x, weight, bias, rows, in_f, out_f, out_shape)
+            );
+        }
+    }
     let mut out = vec![0f32; rows * out_f];
     {
         let bias_read = bias.map(|b| b.tensor().read_f32()).transpose()?;
@@ -580,7 +613,6 @@ pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::Device;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()

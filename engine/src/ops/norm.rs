@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use crate::ops::softmax::rows_per_task;
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchNormOptions {
@@ -218,16 +218,6 @@ pub fn batch_norm2d(
     running_var: &Tensor,
     opts: BatchNormOptions,
 ) -> Result<Var> {
-    crate::cuda::cpu_only(
-        "batch_norm2d",
-        [
-            x.tensor(),
-            weight.tensor(),
-            bias.tensor(),
-            running_mean,
-            running_var,
-        ],
-    )?;
     const OP: &str = "batch_norm2d";
     let xt = x.tensor();
     xt.expect_float(OP)?;
@@ -265,6 +255,30 @@ pub fn batch_norm2d(
         }
     }
 
+    let on = [
+        x.tensor(),
+        weight.tensor(),
+        bias.tensor(),
+        running_mean,
+        running_var,
+    ];
+    match crate::cuda::common_device(OP, &on)? {
+        Device::Cpu => {}
+        d => {
+            return crate::on_cuda!(
+                d,
+                crate::cuda::norm::batch_norm2d(
+                    tape,
+                    x,
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    opts
+                )
+            )
+        }
+    }
     let weight_v = weight.tensor().to_vec_f32()?;
     let bias_v = bias.tensor().to_vec_f32()?;
     // Read everything before writing the running statistics: they may be views of one buffer,
@@ -425,7 +439,6 @@ pub fn layer_norm_backward_cpu(
 /// Layer normalisation over the last dimension of `x` (`[..., D]`) with `weight` and `bias`
 /// (`[D]`).
 pub fn layer_norm(tape: &Tape, x: &Var, weight: &Var, bias: &Var, eps: f32) -> Result<Var> {
-    crate::cuda::cpu_only("layer_norm", [x.tensor(), weight.tensor(), bias.tensor()])?;
     const OP: &str = "layer_norm";
     let xt = x.tensor();
     xt.expect_float(OP)?;
@@ -454,6 +467,10 @@ pub fn layer_norm(tape: &Tape, x: &Var, weight: &Var, bias: &Var, eps: f32) -> R
             OP,
             format!("eps {eps} must be finite and >= 0"),
         ));
+    }
+    match crate::cuda::common_device(OP, &[xt, weight.tensor(), bias.tensor()])? {
+        Device::Cpu => {}
+        d => return crate::on_cuda!(d, crate::cuda::norm::layer_norm(tape, x, weight, bias, eps)),
     }
     let weight_v = weight.tensor().to_vec_f32()?;
     let bias_v = bias.tensor().to_vec_f32()?;
@@ -488,7 +505,6 @@ pub fn layer_norm(tape: &Tape, x: &Var, weight: &Var, bias: &Var, eps: f32) -> R
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::Device;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         Tensor::randn(shape, 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap()

@@ -170,7 +170,6 @@ pub fn max_pool2d(
     stride: usize,
     padding: usize,
 ) -> Result<Var> {
-    crate::cuda::cpu_only("max_pool2d", [x.tensor()])?;
     x.tensor().expect_float("max_pool2d")?;
     let g = Pool2dGeometry::new(x.shape(), kernel, stride, padding)?;
     if g.h * g.w > u32::MAX as usize {
@@ -181,6 +180,9 @@ pub fn max_pool2d(
                 x.shape()
             ),
         ));
+    }
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::pool::max_pool2d(tape, x, g));
     }
     let len = g.n * g.c * g.oh * g.ow;
     let mut out = vec![0f32; len];
@@ -203,10 +205,12 @@ pub fn max_pool2d(
 
 /// Mean over each image plane: `[N, C, H, W] -> [N, C]`.
 pub fn global_avg_pool2d(tape: &Tape, x: &Var) -> Result<Var> {
-    crate::cuda::cpu_only("global_avg_pool2d", [x.tensor()])?;
     x.tensor().expect_float("global_avg_pool2d")?;
     x.tensor()
         .expect_rank("global_avg_pool2d", "input [N, C, H, W]", 4)?;
+    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
+        return crate::on_cuda!(d, crate::cuda::pool::global_avg_pool2d(tape, x));
+    }
     let s = x.shape();
     let (planes, plane) = (s[0] * s[1], s[2] * s[3]);
     let out = global_avg_pool2d_forward_cpu(&x.tensor().read_f32()?, planes, plane);

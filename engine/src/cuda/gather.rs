@@ -1,0 +1,233 @@
+//! The CUDA arm of `embedding` and `gather_rows` (kernels `embedding.cu`). **Compiled, not run
+//! on a GPU.**
+//!
+//! Both are row gathers: `out[p] = table[ids[p]]`, one block per position. The ids are checked
+//! on the host first (the CPU op's error for an id out of range), so they are copied back when
+//! they live on the GPU, and uploaded when they live on the host.
+//!
+//! The backward is deterministic without a sort library and without floating-point atomics:
+//! a stable counting sort of positions by id in four integer launches (count per segment of
+//! 1024 positions, prefix per id over segments, prefix over ids, place), after which one block
+//! per table row adds the gradient rows of its positions in increasing position order — the
+//! order the CPU's `scatter_add_rows_cpu` adds them in, so the sums are the CPU's bits for f32.
+//! Only the counts use integer atomics, whose result does not depend on their order.
+
+use recycle_kernels::launch::{self as kl, EmbeddingBackward};
+use recycle_kernels::names::embedding as k;
+
+use super::launch::{shape_err, Arg, KernelCall};
+use super::ops::{empty, kernel, on_gpu_i32, run, view};
+use super::{kernel_suffix, DeviceBuffer};
+use crate::{DType, Result, Tape, Tensor, Var};
+
+pub(crate) fn gather_fwd_plan(
+    table: u64,
+    ids: u64,
+    out: u64,
+    n_ids: usize,
+    dim: usize,
+    vocab: usize,
+    dtype: DType,
+) -> Result<Vec<KernelCall>> {
+    let kf = kernel("embedding_fwd", kernel_suffix("embedding", dtype)?)?;
+    let cfg = kl::embedding_forward(n_ids as u64, dim as u64).map_err(shape_err)?;
+    let args = vec![
+        Arg::Ptr(table),
+        Arg::Ptr(ids),
+        Arg::Ptr(out),
+        Arg::u32(kf, "the row length", dim)?,
+        Arg::u32(kf, "the number of rows", vocab)?,
+    ];
+    Ok(cfg
+        .map(|cfg| KernelCall::new(kf, cfg, args))
+        .into_iter()
+        .collect())
+}
+
+/// The scratch of the backward (u32 buffers; `counts` zeroed).
+pub(crate) struct Scratch {
+    pub counts: u64,
+    pub totals: u64,
+    pub starts: u64,
+    pub order: u64,
+}
+
+/// The five launches: `dweight` (f32 `[vocab, dim]`) is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather_bwd_plan(
+    cfg: &EmbeddingBackward,
+    s: &Scratch,
+    ids: u64,
+    g: u64,
+    dweight: u64,
+    n_ids: usize,
+    dim: usize,
+    vocab: usize,
+    dtype: DType,
+) -> Result<Vec<KernelCall>> {
+    let ka = kernel(
+        "embedding_bwd_accumulate",
+        kernel_suffix("embedding", dtype)?,
+    )?;
+    let n = Arg::u32(k::embedding_bwd_count, "the number of ids", n_ids)?;
+    let v = Arg::u32(k::embedding_bwd_count, "the vocabulary size", vocab)?;
+    let segs = Arg::U32(cfg.segments);
+    let mut calls = Vec::new();
+    if n_ids > 0 {
+        calls.push(KernelCall::new(
+            k::embedding_bwd_count,
+            cfg.count,
+            vec![Arg::Ptr(ids), n, v, segs, Arg::Ptr(s.counts)],
+        ));
+    }
+    calls.push(KernelCall::new(
+        k::embedding_bwd_offsets,
+        cfg.offsets,
+        vec![Arg::Ptr(s.counts), Arg::Ptr(s.totals), v, segs],
+    ));
+    calls.push(KernelCall::new(
+        k::embedding_bwd_scan,
+        cfg.scan,
+        vec![Arg::Ptr(s.totals), Arg::Ptr(s.starts), v],
+    ));
+    if n_ids > 0 {
+        calls.push(KernelCall::new(
+            k::embedding_bwd_place,
+            cfg.place,
+            vec![
+                Arg::Ptr(ids),
+                Arg::Ptr(s.counts),
+                Arg::Ptr(s.starts),
+                Arg::Ptr(s.order),
+                n,
+                v,
+                segs,
+            ],
+        ));
+    }
+    calls.push(KernelCall::new(
+        ka,
+        cfg.accumulate,
+        vec![
+            Arg::Ptr(g),
+            Arg::Ptr(s.order),
+            Arg::Ptr(s.starts),
+            Arg::Ptr(dweight),
+            Arg::u32(ka, "the row length", dim)?,
+            Arg::I32(0),
+        ],
+    ));
+    Ok(calls)
+}
+
+/// `table [vocab, ...]` gathered at `ids` (whose values the caller has read into `ids_host` and
+/// validated: every id in range), into `out_shape`; backward scatters into a gradient of the
+/// table's shape and type.
+pub(crate) fn gather(
+    tape: &Tape,
+    op: &'static str,
+    table: &Var,
+    ids: &Tensor,
+    ids_host: &[i32],
+    out_shape: Vec<usize>,
+) -> Result<Var> {
+    let tt = table.tensor().clone();
+    tt.expect_float(op)?;
+    let dtype = tt.dtype();
+    let vocab = tt.shape()[0];
+    let dim: usize = tt.shape()[1..].iter().product();
+    let ctx = view(&tt, op)?.ctx;
+    // Ids on the host (or another GPU) are uploaded from their host copy.
+    let ids_dev = on_gpu_i32(&ctx, ids, ids_host)?;
+    let n_ids = ids_host.len();
+    let out = empty(&ctx, dtype, &out_shape)?;
+    let v = move |t: &Tensor| view(t, op).map(|v| v.ptr);
+    run(
+        &ctx,
+        &gather_fwd_plan(v(&tt)?, v(&ids_dev)?, v(&out)?, n_ids, dim, vocab, dtype)?,
+    )?;
+    let table_shape = tt.shape().to_vec();
+    Ok(tape.record(
+        out,
+        &[table],
+        Box::new(move |g, needs| {
+            if !needs[0] {
+                return Ok(vec![None]);
+            }
+            let g = super::ops::as_dtype(g, dtype)?;
+            let Some(cfg) = kl::embedding_backward(n_ids as u64, vocab as u64, dim as u64)
+                .map_err(shape_err)?
+            else {
+                return Ok(vec![Some(Tensor::zeros(&table_shape, dtype, g.device())?)]);
+            };
+            let u32s = |len: u64| DeviceBuffer::alloc(&ctx, len as usize * 4);
+            let counts = DeviceBuffer::zeroed(&ctx, cfg.counts_len as usize * 4)?;
+            let (totals, starts, order) = (
+                u32s(cfg.totals_len)?,
+                u32s(cfg.starts_len)?,
+                u32s(cfg.order_len)?,
+            );
+            let s = Scratch {
+                counts: counts.ptr(),
+                totals: totals.ptr(),
+                starts: starts.ptr(),
+                order: order.ptr(),
+            };
+            let dw = empty(&ctx, DType::F32, &table_shape)?;
+            let plan = gather_bwd_plan(
+                &cfg,
+                &s,
+                v(&ids_dev)?,
+                v(&g)?,
+                v(&dw)?,
+                n_ids,
+                dim,
+                vocab,
+                dtype,
+            )?;
+            run(&ctx, &plan)?;
+            Ok(vec![Some(if dtype == DType::F32 {
+                dw
+            } else {
+                super::ops::cast(&dw, dtype)?
+            })])
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_plans_match_the_kernel_abi() {
+        for dt in [DType::F32, DType::BF16] {
+            let plan = gather_fwd_plan(1, 2, 3, 4096, 768, 30_522, dt).unwrap();
+            assert_eq!(plan.len(), 1);
+            plan[0].check().unwrap();
+            let cfg = kl::embedding_backward(4096, 30_522, 768).unwrap().unwrap();
+            let s = Scratch {
+                counts: 10,
+                totals: 11,
+                starts: 12,
+                order: 13,
+            };
+            let plan = gather_bwd_plan(&cfg, &s, 1, 2, 3, 4096, 768, 30_522, dt).unwrap();
+            assert_eq!(plan.len(), 5);
+            for c in &plan {
+                c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
+            }
+            // No ids: the table's gradient is zero; only the integer prefix and the
+            // accumulation (which writes the zero rows) run.
+            let cfg = kl::embedding_backward(0, 10, 4).unwrap().unwrap();
+            let plan = gather_bwd_plan(&cfg, &s, 1, 2, 3, 0, 4, 10, dt).unwrap();
+            assert_eq!(plan.len(), 3);
+            for c in &plan {
+                c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
+            }
+        }
+        assert!(gather_fwd_plan(1, 2, 3, 0, 8, 10, DType::F32)
+            .unwrap()
+            .is_empty());
+    }
+}

@@ -1,0 +1,355 @@
+//! The CUDA arm of `matmul`, `batched_matmul` and `linear`: cuBLASLt products ([`super::blas`])
+//! forward and backward. **Compiled, not run on a GPU.**
+//!
+//! Types: the product runs in the first operand's type (the activations'); the other operand
+//! is cast to it when it differs (a bf16 weight under f32 activations). The output has that
+//! type; each gradient has the type of the tensor it is the gradient of (a bf16 product writes
+//! an f32 weight gradient directly, cuBLASLt's bf16-in/f32-out combination). Backward is the
+//! two products of the gradient ([`grad_products`]), with transposes chosen so that nothing
+//! is copied; `linear`'s bias gradient is the column sum kernel of `bias_add`.
+
+use std::sync::Arc;
+
+use super::blas::{self, Gemm};
+use super::ops::{as_dtype, cast, channel_add_plan, channel_sum_plan, empty, run, view};
+use super::{common_device, CudaContext};
+use crate::{DType, Result, Tape, Tensor, Var};
+
+/// Which tensor a product of the backward reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operand {
+    A,
+    B,
+    G,
+}
+
+/// One product `op(lhs) op(rhs)`, `[m, k] x [k, n]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Product {
+    pub lhs: Operand,
+    pub rhs: Operand,
+    pub trans_l: bool,
+    pub trans_r: bool,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// The products giving `dA` and `dB` (each in its operand's stored layout) of
+/// `D = op(A) op(B)` (`[m, k] x [k, n]`) from `G = dD`: the CPU's `matmul_backward_cpu`.
+pub(crate) fn grad_products(
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+) -> (Product, Product) {
+    use Operand::*;
+    let p = |lhs, rhs, trans_l, trans_r, m, k, n| Product {
+        lhs,
+        rhs,
+        trans_l,
+        trans_r,
+        m,
+        k,
+        n,
+    };
+    let da = if trans_a {
+        // A stored [k, m]: dA = op(B) G^T.
+        p(B, G, trans_b, true, k, n, m)
+    } else {
+        // dA = G op(B)^T; op(B)^T is B as stored when trans_b.
+        p(G, B, false, !trans_b, m, n, k)
+    };
+    let db = if trans_b {
+        // B stored [n, k]: dB = G^T op(A).
+        p(G, A, true, trans_a, n, m, k)
+    } else {
+        // dB = op(A)^T G.
+        p(A, G, !trans_a, false, k, m, n)
+    };
+    (da, db)
+}
+
+/// `op(lhs) op(rhs) (+ bias)` over `batch` products, into a new tensor of `shape` in `output`
+/// type. `lhs` and `rhs` share their type; `bias` has the output's.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    ctx: &Arc<CudaContext>,
+    lhs: &Tensor,
+    rhs: &Tensor,
+    bias: Option<&Tensor>,
+    batch: usize,
+    p: (usize, usize, usize, bool, bool),
+    output: DType,
+    shape: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    let (m, k, n, trans_a, trans_b) = p;
+    let input = lhs.dtype();
+    // f32 operands with a bf16 result is not a cuBLASLt combination: f32, then a cast.
+    let direct = if input == DType::F32 {
+        DType::F32
+    } else {
+        output
+    };
+    // The bias epilogue reads the vector with vector loads: a parameter view at an odd offset
+    // of the flat buffer is copied to a fresh (pool-aligned) allocation.
+    let bias = bias
+        .map(|b| -> Result<Tensor> {
+            let b = as_dtype(b, direct)?;
+            if view(&b, OP)?.ptr % 16 == 0 {
+                Ok(b)
+            } else {
+                super::ops::deep_copy(&b)
+            }
+        })
+        .transpose()?;
+    let out = if k == 0 {
+        // cuBLASLt rejects k = 0; the product of empty sums is zero (plus the bias).
+        let z = Tensor::zeros(shape, direct, lhs.device())?;
+        if let Some(b) = &bias {
+            let zv = view(&z, OP)?;
+            let plan = channel_add_plan(zv.ptr, view(b, OP)?.ptr, zv.ptr, batch * m, n, 1, direct)?;
+            run(ctx, &plan)?;
+        }
+        z
+    } else {
+        let out = empty(ctx, direct, shape)?;
+        let g = Gemm {
+            batch,
+            m,
+            k,
+            n,
+            trans_a,
+            trans_b,
+            input,
+            output: direct,
+            bias: bias.is_some(),
+        };
+        let bias_ptr = match &bias {
+            Some(b) => view(b, OP)?.ptr,
+            None => 0,
+        };
+        blas::gemm(
+            ctx,
+            &g,
+            view(lhs, OP)?.ptr,
+            view(rhs, OP)?.ptr,
+            bias_ptr,
+            view(&out, OP)?.ptr,
+        )?;
+        out
+    };
+    as_dtype(&out, output)
+}
+
+/// Forward and backward of `D = op(A) op(B) (+ bias along the last axis)` for `batch` products;
+/// the caller has validated the shapes. `a`'s type is the compute type.
+#[allow(clippy::too_many_arguments)]
+fn record_product(
+    tape: &Tape,
+    op: &'static str,
+    a: &Var,
+    b: &Var,
+    bias: Option<&Var>,
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+    (trans_a, trans_b): (bool, bool),
+    out_shape: Vec<usize>,
+) -> Result<Var> {
+    let mut all = vec![a.tensor(), b.tensor()];
+    all.extend(bias.map(|v| v.tensor()));
+    common_device(op, &all)?;
+    for t in &all {
+        t.expect_float(op)?;
+    }
+    let dtype = a.tensor().dtype();
+    let ctx = view(a.tensor(), op)?.ctx;
+    let (ta, tb) = (a.tensor().clone(), as_dtype(b.tensor(), dtype)?);
+    let out = product(
+        &ctx,
+        &ta,
+        &tb,
+        bias.map(|v| v.tensor()),
+        batch,
+        (m, k, n, trans_a, trans_b),
+        dtype,
+        &out_shape,
+    )?;
+    let (b_dtype, b_shape) = (b.tensor().dtype(), b.tensor().shape().to_vec());
+    let bias_dtype = bias.map(|v| v.tensor().dtype());
+    let backward = Box::new(move |g: &Tensor, needs: &[bool]| {
+        let g = as_dtype(g, dtype)?;
+        let (pa, pb) = grad_products(m, k, n, trans_a, trans_b);
+        let pick = |o: Operand| match o {
+            Operand::A => &ta,
+            Operand::B => &tb,
+            Operand::G => &g,
+        };
+        let grad = |p: Product, output: DType, shape: &[usize]| {
+            product(
+                &ctx,
+                pick(p.lhs),
+                pick(p.rhs),
+                None,
+                batch,
+                (p.m, p.k, p.n, p.trans_l, p.trans_r),
+                output,
+                shape,
+            )
+        };
+        let da = needs[0].then(|| grad(pa, dtype, ta.shape())).transpose()?;
+        let db = needs[1].then(|| grad(pb, b_dtype, &b_shape)).transpose()?;
+        let mut grads = vec![da, db];
+        if let Some(bd) = bias_dtype {
+            let dbias = needs
+                .get(2)
+                .copied()
+                .unwrap_or(false)
+                .then(|| -> Result<Tensor> {
+                    // The column sums of G over all rows: f32 `[n]`.
+                    let gv = view(&g, op)?;
+                    let rows = gv.len.checked_div(n).unwrap_or(0);
+                    if rows == 0 {
+                        return Tensor::zeros(&[n], bd, g.device());
+                    }
+                    let s = empty(&ctx, DType::F32, &[n])?;
+                    run(
+                        &ctx,
+                        &channel_sum_plan(gv.ptr, view(&s, op)?.ptr, rows, n, 1, dtype)?,
+                    )?;
+                    if bd == DType::F32 {
+                        Ok(s)
+                    } else {
+                        cast(&s, bd)
+                    }
+                })
+                .transpose()?;
+            grads.push(dbias);
+        }
+        Ok(grads)
+    });
+    Ok(match bias {
+        Some(v) => tape.record(out, &[a, b, v], backward),
+        None => tape.record(out, &[a, b], backward),
+    })
+}
+
+/// The CUDA arm of `matmul` (2-D operands, shapes validated by the caller).
+pub(crate) fn matmul(
+    tape: &Tape,
+    a: &Var,
+    b: &Var,
+    mkn: (usize, usize, usize),
+    trans: (bool, bool),
+) -> Result<Var> {
+    record_product(
+        tape,
+        "matmul",
+        a,
+        b,
+        None,
+        1,
+        mkn,
+        trans,
+        vec![mkn.0, mkn.2],
+    )
+}
+
+/// The CUDA arm of `batched_matmul` (validated by the caller): one strided-batched product.
+pub(crate) fn batched_matmul(
+    tape: &Tape,
+    a: &Var,
+    b: &Var,
+    batch: usize,
+    mkn: (usize, usize, usize),
+    trans: (bool, bool),
+    out_shape: Vec<usize>,
+) -> Result<Var> {
+    record_product(
+        tape,
+        "batched_matmul",
+        a,
+        b,
+        None,
+        batch,
+        mkn,
+        trans,
+        out_shape,
+    )
+}
+
+/// The CUDA arm of `linear`: `x [rows, in] W^T [in, out] + bias` with cuBLASLt's bias
+/// epilogue (validated by the caller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear(
+    tape: &Tape,
+    x: &Var,
+    weight: &Var,
+    bias: Option<&Var>,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    out_shape: Vec<usize>,
+) -> Result<Var> {
+    record_product(
+        tape,
+        "linear",
+        x,
+        weight,
+        bias,
+        1,
+        (rows, in_f, out_f),
+        (false, true),
+        out_shape,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::matmul::{matmul_backward_cpu, matmul_forward_cpu};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 13) as f32 / 4.0 - 1.5)
+            .collect()
+    }
+
+    /// The backward products, run by the CPU matmul, give the CPU backward's gradients.
+    #[test]
+    fn gradient_products_match_the_cpu_backward() {
+        let (m, k, n) = (3, 4, 5);
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                let a = values(m * k, 1);
+                let b = values(k * n, 2);
+                let g = values(m * n, 3);
+                let (want_a, want_b) =
+                    matmul_backward_cpu(&a, &b, &g, m, k, n, trans_a, trans_b, true, true).unwrap();
+                let (pa, pb) = grad_products(m, k, n, trans_a, trans_b);
+                for (p, want) in [(pa, want_a.unwrap()), (pb, want_b.unwrap())] {
+                    let pick = |o| match o {
+                        Operand::A => &a,
+                        Operand::B => &b,
+                        Operand::G => &g,
+                    };
+                    let mut got = vec![0f32; p.m * p.n];
+                    matmul_forward_cpu(
+                        pick(p.lhs),
+                        pick(p.rhs),
+                        p.m,
+                        p.k,
+                        p.n,
+                        p.trans_l,
+                        p.trans_r,
+                        &mut got,
+                    )
+                    .unwrap();
+                    assert_eq!(got, want, "{p:?} for trans {trans_a} {trans_b}");
+                }
+            }
+        }
+    }
+}
