@@ -7,13 +7,17 @@
 #                                  (torch_kd_overhead.py) into .device/ (ignored by .gitignore).
 #   scripts/gpu-check.sh run       on the lent GPU machine, with .device carried: finds the CUDA
 #                                  libraries, sets LD_LIBRARY_PATH, runs `recycle gpu-check`
-#                                  (every CUDA op against its CPU twin), then the PyTorch peer
+#                                  (every CUDA op against its CPU twin, one training step of a
+#                                  small ResNet and of BERT-tiny against the CPU's, then the
+#                                  step throughput of ResNet-50 and BERT-base), then the PyTorch peer
 #                                  (a plain and a distillation step, on the same card), and
 #                                  writes everything under $OUT.
 #
 # The device tool's call: command `bash scripts/gpu-check.sh run`, carry [".device"], and a
-# timeout that leaves room for one rerun (the check itself takes well under a minute; the
-# peer a few minutes). Exit status: that of `recycle gpu-check` (non-zero when any op fails).
+# timeout that leaves room for one rerun (the op checks should take well under a minute, the
+# throughput steps a few minutes, the peer a few more; none of it has been timed on a GPU).
+# GPU_CHECK_ARGS adds flags (e.g. `--no-throughput` on a small GPU, `--timed-steps 5`).
+# Exit status: that of `recycle gpu-check` (non-zero when any check fails).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -76,7 +80,11 @@ run() {
     echo "== recycle gpu-check"
     local t0 rc
     t0=$(date +%s)
-    timeout 300 "$bin" gpu-check --device cuda:0 --out "$out/gpu-check.txt" 2>&1 | tee "$out/gpu-check.log"
+    # The table is written to gpu-check.txt before the throughput steps start, so a timeout
+    # there keeps it.
+    # shellcheck disable=SC2086
+    timeout 420 "$bin" gpu-check --device cuda:0 --out "$out/gpu-check.txt" ${GPU_CHECK_ARGS:-} \
+        2>&1 | tee "$out/gpu-check.log"
     rc=${PIPESTATUS[0]}
     echo "gpu-check exit status $rc after $(($(date +%s) - t0)) s" | tee -a "$out/gpu-check.log"
 

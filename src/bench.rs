@@ -452,7 +452,7 @@ fn image_batch(n: usize) -> Result<Batch> {
 
 /// Random token ids, every position attended, 15% of positions masked (at least one), the
 /// label being the token itself (as the peer does).
-fn mlm_batch(b: usize, s: usize, vocab: usize) -> Result<Batch> {
+pub(crate) fn mlm_batch(b: usize, s: usize, vocab: usize) -> Result<Batch> {
     let mut rng = Rng::new(3);
     let ids: Vec<i32> = (0..b * s).map(|_| rng.below(vocab as u64) as i32).collect();
     let mut labels: Vec<i32> = ids

@@ -15,6 +15,17 @@
 //! Also measured: allocations per training step (a synthetic step through the ops that run on
 //! CUDA), from the context's counters.
 //!
+//! Whole models: one training step (forward, loss, backward, then an SGDW update) of a small
+//! ResNet-18 (small stem, width 1/8, batch 8 of 1x28x28) and of BERT-tiny (batch 4, sequence
+//! 32, vocabulary 512), on the GPU and on the CPU from the same weights and batch (the GPU
+//! model is `Model::to_device` of the CPU one). Rows of the same table: the loss, the norm of
+//! the flat gradient, the flat gradient element by element, and the parameters after the
+//! update. Then (`throughput`; `recycle gpu-check` runs it after printing the table, unless
+//! `--no-throughput`) the throughput of a plain training step of
+//! ResNet-50 (batch 256, 3x224x224 in bf16, 1000 classes) and BERT-base (batch 128, sequence
+//! 128) in samples per second: warm-up steps, then timed steps closed by a device
+//! synchronisation.
+//!
 //! On a machine without a GPU the first step, opening the device, fails with the error that
 //! says what is missing (no driver, no CUDA backend in this build, ...).
 
@@ -27,6 +38,8 @@ use recycle_engine::optim::{AdamW, Optimizer, Sgdw};
 use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 
 use crate::distill::loss::{kd_loss, KdLoss};
+use crate::trainer::{forward_backward, train_step, Architecture, Batch, Model};
+use recycle_models::{BertConfig, ResNetConfig};
 
 /// One line of the report.
 #[derive(Debug, Clone)]
@@ -48,6 +61,69 @@ pub struct GpuCheckReport {
     pub allocations_per_step: u64,
     pub step_description: String,
     pub stats: AllocStats,
+}
+
+/// How `throughput` measures.
+#[derive(Debug, Clone)]
+pub struct ThroughputOptions {
+    /// Untimed steps before the timed ones.
+    pub warmup_steps: usize,
+    /// Timed steps.
+    pub timed_steps: usize,
+}
+
+impl Default for ThroughputOptions {
+    fn default() -> Self {
+        ThroughputOptions {
+            warmup_steps: 3,
+            timed_steps: 10,
+        }
+    }
+}
+
+/// The throughput of one model's plain training step.
+#[derive(Debug, Clone)]
+pub struct ThroughputRow {
+    pub model: String,
+    /// Batch and input, as text.
+    pub batch: String,
+    /// The dtype the activations run in (parameters and optimizer state are f32).
+    pub activations: DType,
+    pub samples_per_step: usize,
+    pub timed_steps: usize,
+    /// Seconds per step, or the error that stopped the measurement.
+    pub outcome: std::result::Result<f64, String>,
+}
+
+impl ThroughputRow {
+    pub fn samples_per_second(&self) -> Option<f64> {
+        self.outcome
+            .as_ref()
+            .ok()
+            .map(|s| self.samples_per_step as f64 / s)
+    }
+}
+
+/// The throughput table: model, batch, activations, steps, ms per step, samples per second.
+pub fn format_throughput(rows: &[ThroughputRow]) -> String {
+    let mut s = String::from(
+        "throughput of a plain training step (forward, cross-entropy, backward, SGDW):\n\
+         | model | batch | activations | timed steps | ms / step | samples / s |\n\
+         |---|---|---|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let (ms, sps) = match (&r.outcome, r.samples_per_second()) {
+            (Ok(sec), Some(sps)) => (format!("{:.1}", sec * 1e3), format!("{sps:.1}")),
+            (Err(e), _) => ("-".to_string(), format!("error: {e}")),
+            _ => ("-".to_string(), "-".to_string()),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {ms} | {sps} |",
+            r.model, r.batch, r.activations, r.timed_steps
+        );
+    }
+    s
 }
 
 impl GpuCheckReport {
@@ -178,6 +254,11 @@ impl Checker {
         } else {
             max_rel_err(&gpu.to_vec_f32()?, &cpu.to_vec_f32()?)
         };
+        self.record_err(op, shapes, dtype, err, tol);
+        Ok(())
+    }
+
+    fn record_err(&mut self, op: &str, shapes: String, dtype: DType, err: f64, tol: f64) {
         self.rows.push(CheckRow {
             op: op.to_string(),
             shapes,
@@ -186,7 +267,6 @@ impl Checker {
             tolerance: tol,
             pass: err <= tol,
         });
-        Ok(())
     }
 
     /// A tape op of `inputs.len()` tensors: forward output and every input's gradient.
@@ -933,6 +1013,206 @@ fn allocation_check(c: &mut Checker) -> Result<(u64, String)> {
     ))
 }
 
+/// The small models of the step check: a ResNet-18 with the small stem at width 1/8 on a
+/// batch of 8 1x28x28 images (10 classes), and BERT-tiny on 4 sequences of 32 tokens from a
+/// vocabulary of 512 (15% masked).
+pub fn small_step_cases() -> Result<Vec<(String, Architecture, Batch)>> {
+    let mut resnet = ResNetConfig::new(18, 10);
+    resnet.in_channels = 1;
+    resnet.small_stem = true;
+    resnet.width = 0.125;
+    Ok(vec![
+        (
+            "ResNet-18 small stem, width 1/8".to_string(),
+            Architecture::ResNet(resnet),
+            image_batch(8, 1, 28, 10, 0x1a)?,
+        ),
+        (
+            "BERT-tiny, vocabulary 512".to_string(),
+            Architecture::Bert(BertConfig::tiny(512)),
+            crate::bench::mlm_batch(4, 32, 512)?,
+        ),
+    ])
+}
+
+/// `n` random `c x hw x hw` images (normal, f32, on the CPU) and labels in `[0, classes)`.
+fn image_batch(n: usize, c: usize, hw: usize, classes: usize, seed: u64) -> Result<Batch> {
+    let x = Tensor::randn(&[n, c, hw, hw], 0.0, 1.0, seed, DType::F32, Device::Cpu)?;
+    let mut rng = recycle_engine::rng::Rng::new(seed + 1);
+    let labels: Vec<i32> = (0..n).map(|_| rng.below(classes as u64) as i32).collect();
+    Ok(Batch::Image {
+        x,
+        labels: Tensor::from_vec(labels, &[n], Device::Cpu)?,
+    })
+}
+
+/// The shapes column of a model-step row.
+fn batch_text(batch: &Batch) -> String {
+    match batch {
+        Batch::Image { x, .. } => format!("{:?}", x.shape()),
+        Batch::Mlm(b) => format!(
+            "{:?} tokens, {} masked",
+            b.input_ids.shape(),
+            b.labels.elem_count()
+        ),
+    }
+}
+
+/// Euclidean norm, accumulated in f64.
+pub fn l2_norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Relative difference of two scalars (infinite when either is not finite).
+pub fn scalar_rel_err(gpu: f64, cpu: f64) -> f64 {
+    if !gpu.is_finite() || !cpu.is_finite() {
+        return f64::INFINITY;
+    }
+    (gpu - cpu).abs() / cpu.abs().max(f64::MIN_POSITIVE)
+}
+
+/// One training step of each small model on the GPU and on the CPU, from the same weights and
+/// batch: loss, gradient norm, flat gradient, and the parameters after an SGDW update. f32
+/// throughout (parameters, activations); tolerances allow for cuDNN's and cuBLASLt's
+/// summation orders compounding through the layers: 1e-4 on the loss and the gradient norm,
+/// 1e-3 on each gradient element (relative to the gradient's scale near zero) and on the
+/// updated parameters.
+fn model_step_checks(c: &mut Checker) -> Result<()> {
+    let loss = KdLoss::kl(4.0, 1.0);
+    let (lr, seed) = (0.05f32, 0x57e9);
+    for (name, arch, batch_cpu) in small_step_cases()? {
+        let cpu = Model::new(&arch, 11)?;
+        let gpu = cpu.to_device(c.device)?;
+        let batch_gpu = batch_cpu.to_device(c.device)?;
+        let out_gpu = forward_backward(&gpu, None, &loss, &batch_gpu, lr, 0, seed)?;
+        let out_cpu = forward_backward(&cpu, None, &loss, &batch_cpu, lr, 0, seed)?;
+        let (p_gpu, p_cpu) = (gpu.params()?, cpu.params()?);
+        let g_gpu = p_gpu.grads().to_vec_f32()?;
+        let g_cpu = p_cpu.grads().to_vec_f32()?;
+        let shapes = batch_text(&batch_cpu);
+        c.record_err(
+            &format!("{name} step: loss"),
+            shapes.clone(),
+            DType::F32,
+            scalar_rel_err(out_gpu.loss as f64, out_cpu.loss as f64),
+            1e-4,
+        );
+        c.record_err(
+            &format!("{name} step: gradient norm"),
+            shapes.clone(),
+            DType::F32,
+            scalar_rel_err(l2_norm(&g_gpu), l2_norm(&g_cpu)),
+            1e-4,
+        );
+        c.record_err(
+            &format!("{name} step: gradient ({} scalars)", g_cpu.len()),
+            shapes.clone(),
+            DType::F32,
+            max_rel_err(&g_gpu, &g_cpu),
+            1e-3,
+        );
+        let mut o_gpu = Sgdw::paper(p_gpu.len(), lr as f64)?;
+        let mut o_cpu = Sgdw::paper(p_cpu.len(), lr as f64)?;
+        o_gpu.step(p_gpu, lr)?;
+        o_cpu.step(p_cpu, lr)?;
+        c.record(
+            &format!("{name} step: parameters after SGDW"),
+            shapes,
+            DType::F32,
+            p_gpu.values(),
+            p_cpu.values(),
+            1e-3,
+        )?;
+    }
+    Ok(())
+}
+
+/// The large models of the throughput measurement: ResNet-50 on 256 3x224x224 images in bf16
+/// (1000 classes) and BERT-base on 128 sequences of 128 tokens (vocabulary 30522). BERT's
+/// activations are f32: its embeddings take the dtype of the f32 tables, and the models have
+/// no bf16 compute mode yet.
+fn throughput_cases() -> Result<Vec<(String, Architecture, Batch, DType)>> {
+    let Batch::Image { x, labels } = image_batch(256, 3, 224, 1000, 0x50)? else {
+        unreachable!("image_batch makes images")
+    };
+    Ok(vec![
+        (
+            "ResNet-50".to_string(),
+            Architecture::ResNet(ResNetConfig::new(50, 1000)),
+            Batch::Image {
+                x: x.cast(DType::BF16)?,
+                labels,
+            },
+            DType::BF16,
+        ),
+        (
+            "BERT-base".to_string(),
+            Architecture::Bert(BertConfig::base(30_522)),
+            crate::bench::mlm_batch(128, 128, 30_522)?,
+            DType::F32,
+        ),
+    ])
+}
+
+/// Seconds per plain training step (train_step with SGDW, no teachers) of `arch` on `device`:
+/// `warmup` untimed steps, then `steps` timed ones closed by a device synchronisation.
+fn time_steps(
+    device: Device,
+    arch: &Architecture,
+    batch: &Batch,
+    warmup: usize,
+    steps: usize,
+) -> Result<f64> {
+    let model = Model::new(arch, 5)?.to_device(device)?;
+    let batch = batch.to_device(device)?;
+    let params = model.params()?;
+    let mut opt = Sgdw::paper(params.len(), 0.01)?;
+    let loss = KdLoss::kl(4.0, 1.0);
+    for step in 0..warmup {
+        train_step(&model, None, &loss, &batch, &mut opt, 0.01, step as u64, 1)?;
+    }
+    cuda::synchronize(device)?;
+    let t0 = std::time::Instant::now();
+    for step in warmup..warmup + steps {
+        train_step(&model, None, &loss, &batch, &mut opt, 0.01, step as u64, 1)?;
+    }
+    cuda::synchronize(device)?;
+    Ok(t0.elapsed().as_secs_f64() / steps.max(1) as f64)
+}
+
+/// The throughput of a plain training step of ResNet-50 and BERT-base on `device` (a GPU),
+/// run after `run` (`recycle gpu-check` prints the table first). A model that fails to step
+/// gets its error in its row; the error returned is the device's (none, or not a GPU).
+pub fn throughput(device: Device, opts: &ThroughputOptions) -> Result<Vec<ThroughputRow>> {
+    let ordinal = match device {
+        Device::Cuda(n) => n,
+        Device::Cpu => {
+            return Err(Error::invalid(
+                "gpu-check",
+                "measures a GPU: give a CUDA device (cuda:N)".to_string(),
+            ))
+        }
+    };
+    cuda::device_info(ordinal)?;
+    let mut rows = Vec::new();
+    for (model, arch, batch, activations) in throughput_cases()? {
+        let outcome = time_steps(device, &arch, &batch, opts.warmup_steps, opts.timed_steps)
+            .map_err(|e| e.to_string());
+        rows.push(ThroughputRow {
+            model,
+            batch: batch_text(&batch),
+            activations,
+            samples_per_step: batch.samples(),
+            timed_steps: opts.timed_steps,
+            outcome,
+        });
+    }
+    Ok(rows)
+}
+
 /// Runs every check on `device` (a GPU) and returns the report; the first error is opening
 /// the device when there is none.
 pub fn run(device: Device) -> Result<GpuCheckReport> {
@@ -964,6 +1244,7 @@ pub fn run(device: Device) -> Result<GpuCheckReport> {
     optimizer_checks(&mut c)?;
     kd_loss_checks(&mut c)?;
     let (allocations_per_step, step_description) = allocation_check(&mut c)?;
+    model_step_checks(&mut c)?;
     cuda::synchronize(device)?;
     cuda::set_poison_allocations(ordinal, false)?;
     Ok(GpuCheckReport {
@@ -1013,6 +1294,67 @@ mod tests {
     }
 
     #[test]
+    fn scalar_errors_and_norms() {
+        assert_eq!(l2_norm(&[3.0, 4.0]), 5.0);
+        assert_eq!(scalar_rel_err(2.0, 2.0), 0.0);
+        assert!((scalar_rel_err(2.002, 2.0) - 1e-3).abs() < 1e-9);
+        assert_eq!(scalar_rel_err(f64::NAN, 2.0), f64::INFINITY);
+    }
+
+    #[test]
+    fn throughput_table_shows_rates_and_errors() {
+        let rows = vec![
+            ThroughputRow {
+                model: "ResNet-50".into(),
+                batch: "[256, 3, 224, 224]".into(),
+                activations: DType::BF16,
+                samples_per_step: 256,
+                timed_steps: 10,
+                outcome: Ok(0.5),
+            },
+            ThroughputRow {
+                model: "BERT-base".into(),
+                batch: "[128, 128] tokens".into(),
+                activations: DType::F32,
+                samples_per_step: 128,
+                timed_steps: 10,
+                outcome: Err("out of memory".into()),
+            },
+        ];
+        assert_eq!(rows[0].samples_per_second(), Some(512.0));
+        let t = format_throughput(&rows);
+        assert!(
+            t.contains("| ResNet-50 | [256, 3, 224, 224] | bf16 | 10 | 500.0 | 512.0 |"),
+            "{t}"
+        );
+        assert!(t.contains("| - | error: out of memory |"), "{t}");
+    }
+
+    /// The step check's path on the CPU alone: both small models take a step whose loss is
+    /// finite and whose gradient is not zero, and a model moved to the CPU gives the same loss
+    /// and gradient bit for bit (the GPU run compares the same numbers across devices).
+    #[test]
+    fn small_model_steps_run_on_the_cpu() {
+        let loss = KdLoss::kl(4.0, 1.0);
+        for (name, arch, batch) in small_step_cases().unwrap() {
+            let a = Model::new(&arch, 11).unwrap();
+            let b = Model::new(&arch, 11)
+                .unwrap()
+                .to_device(Device::Cpu)
+                .unwrap();
+            let moved = batch.to_device(Device::Cpu).unwrap();
+            let oa = forward_backward(&a, None, &loss, &batch, 0.05, 0, 7).unwrap();
+            let ob = forward_backward(&b, None, &loss, &moved, 0.05, 0, 7).unwrap();
+            assert!(oa.loss.is_finite(), "{name}");
+            assert_eq!(oa.loss.to_bits(), ob.loss.to_bits(), "{name}");
+            let ga = a.params().unwrap().grads().to_vec_f32().unwrap();
+            let gb = b.params().unwrap().grads().to_vec_f32().unwrap();
+            assert!(l2_norm(&ga) > 0.0, "{name}");
+            assert_eq!(max_rel_err(&gb, &ga), 0.0, "{name}");
+        }
+    }
+
+    #[test]
     fn without_a_gpu_the_check_says_what_is_missing() {
         if cuda::device_info(0).is_ok() {
             return; // a GPU machine: scripts/gpu-check.sh runs the check itself
@@ -1023,5 +1365,12 @@ mod tests {
             "{e}"
         );
         assert!(run(Device::Cpu).is_err());
+        let opts = ThroughputOptions::default();
+        let e = throughput(Device::Cuda(0), &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("no CUDA backend") || e.contains("no NVIDIA driver found"),
+            "{e}"
+        );
+        assert!(throughput(Device::Cpu, &opts).is_err());
     }
 }

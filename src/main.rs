@@ -88,8 +88,10 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
-    /// Check every CUDA op against its CPU twin on fresh random inputs (needs a GPU and a
-    /// build with `--features cuda`); exits non-zero when any op fails.
+    /// Check every CUDA op against its CPU twin on fresh random inputs, and one training step
+    /// of a small ResNet and of BERT-tiny against the same step on the CPU (needs a GPU and a
+    /// build with `--features cuda`); then measure the training-step throughput of ResNet-50
+    /// and BERT-base. Exits non-zero when any check fails.
     GpuCheck {
         /// The GPU to check.
         #[arg(long, default_value = "cuda:0")]
@@ -97,6 +99,16 @@ enum Command {
         /// Also write the report to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Skip the throughput of ResNet-50 (batch 256) and BERT-base (batch 128), which needs
+        /// a large GPU.
+        #[arg(long)]
+        no_throughput: bool,
+        /// Untimed steps before the timed ones, per model.
+        #[arg(long, default_value_t = 3)]
+        warmup_steps: usize,
+        /// Timed steps per model.
+        #[arg(long, default_value_t = 10)]
+        timed_steps: usize,
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
     /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step.
@@ -232,12 +244,33 @@ fn run(cli: Cli) -> Result<()> {
                 out.join("report").display()
             );
         }
-        Command::GpuCheck { device, out } => {
-            let report = recycle::gpu_check::run(recycle_engine::Device::parse(&device)?)?;
-            let text = report.to_text();
+        Command::GpuCheck {
+            device,
+            out,
+            no_throughput,
+            warmup_steps,
+            timed_steps,
+        } => {
+            let device = recycle_engine::Device::parse(&device)?;
+            let report = recycle::gpu_check::run(device)?;
+            let mut text = report.to_text();
             print!("{text}");
-            if let Some(path) = out {
-                std::fs::write(&path, &text).map_err(|e| Error::io(&path, e))?;
+            // The table is on disk before the long throughput steps start.
+            if let Some(path) = &out {
+                std::fs::write(path, &text).map_err(|e| Error::io(path, e))?;
+            }
+            if !no_throughput {
+                let opts = recycle::gpu_check::ThroughputOptions {
+                    warmup_steps,
+                    timed_steps: timed_steps.max(1),
+                };
+                let rows = recycle::gpu_check::throughput(device, &opts)?;
+                let table = format!("\n{}", recycle::gpu_check::format_throughput(&rows));
+                print!("{table}");
+                text.push_str(&table);
+                if let Some(path) = &out {
+                    std::fs::write(path, &text).map_err(|e| Error::io(path, e))?;
+                }
             }
             if report.failures() > 0 {
                 return Err(Error::invalid(

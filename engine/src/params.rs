@@ -59,6 +59,21 @@ impl FlatParams {
         })
     }
 
+    /// A copy on `device` (values and gradients; the same buffers when already there).
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        Ok(FlatParams {
+            values: self.values.to_device(device)?,
+            grads: self.grads.to_device(device)?,
+            entries: self.entries.clone(),
+            index: self.index.clone(),
+        })
+    }
+
+    /// The device of the buffers.
+    pub fn device(&self) -> Device {
+        self.values.device()
+    }
+
     /// Total number of scalars.
     pub fn len(&self) -> usize {
         self.values.elem_count()

@@ -229,6 +229,21 @@ impl MlmBatch {
         })
     }
 
+    /// A copy with every tensor on `device`.
+    pub fn to_device(&self, device: Device) -> Result<MlmBatch> {
+        Ok(MlmBatch {
+            input_ids: self.input_ids.to_device(device)?,
+            token_type_ids: self
+                .token_type_ids
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+            attention_mask: self.attention_mask.to_device(device)?,
+            masked_positions: self.masked_positions.to_device(device)?,
+            labels: self.labels.to_device(device)?,
+        })
+    }
+
     fn validate(&self, config: &BertConfig) -> Result<(usize, usize)> {
         let op = "Bert::forward";
         self.input_ids.expect_dtype(op, DType::I32)?;
@@ -348,6 +363,15 @@ impl Bert {
         self.weights.params().is_none()
     }
 
+    /// A copy with its weights on `device` (a GPU copy shares nothing with this model; on the
+    /// model's own device the storage is shared).
+    pub fn to_device(&self, device: Device) -> Result<Bert> {
+        Ok(Bert {
+            config: self.config.clone(),
+            weights: self.weights.to_device(device)?,
+        })
+    }
+
     fn w(&self, tape: &Tape, name: &str) -> Result<Var> {
         self.weights.var(tape, name)
     }
@@ -380,7 +404,9 @@ impl Bert {
             &self.w(tape, &format!("{e}.word_embeddings.weight"))?,
             &batch.input_ids,
         )?;
-        let positions = Tensor::from_vec((0..s as i32).collect::<Vec<_>>(), &[s], Device::Cpu)?;
+        // Position and segment ids live where the token ids do.
+        let ids_device = batch.input_ids.device();
+        let positions = Tensor::from_vec((0..s as i32).collect::<Vec<_>>(), &[s], ids_device)?;
         let pos = embedding::embedding(
             tape,
             &self.w(tape, &format!("{e}.position_embeddings.weight"))?,
@@ -388,7 +414,7 @@ impl Bert {
         )?;
         let types = match &batch.token_type_ids {
             Some(t) => t.clone(),
-            None => Tensor::zeros(&[b, s], DType::I32, Device::Cpu)?,
+            None => Tensor::zeros(&[b, s], DType::I32, ids_device)?,
         };
         let typ = embedding::embedding(
             tape,

@@ -331,6 +331,22 @@ impl ResNet {
         self.folded
     }
 
+    /// A copy with its weights and BatchNorm buffers on `device` (a GPU copy shares nothing
+    /// with this model; on the model's own device the storage is shared).
+    pub fn to_device(&self, device: Device) -> Result<ResNet> {
+        Ok(ResNet {
+            config: self.config.clone(),
+            weights: self.weights.to_device(device)?,
+            buffers: self
+                .buffers
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), t.to_device(device)?)))
+                .collect::<Result<Vec<_>>>()?,
+            buffer_index: self.buffer_index.clone(),
+            folded: self.folded,
+        })
+    }
+
     fn buffer(&self, name: &str) -> Result<&Tensor> {
         self.buffer_index
             .get(name)

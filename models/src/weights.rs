@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use recycle_engine::{DType, Error, FlatParams, Result, Tape, Tensor, Var};
+use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 
 /// Named tensors in a model's canonical order (torchvision / Hugging Face names).
 pub type StateDict = Vec<(String, Tensor)>;
@@ -50,6 +50,20 @@ impl Weights {
             Weights::Trainable(p) => p.var(tape, name),
             Weights::Frozen { .. } => Ok(tape.constant(self.get(name)?)),
         }
+    }
+
+    /// A copy on `device` (the same storage where a tensor is already there).
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        Ok(match self {
+            Weights::Trainable(p) => Weights::Trainable(p.to_device(device)?),
+            Weights::Frozen { tensors, index } => Weights::Frozen {
+                tensors: tensors
+                    .iter()
+                    .map(|(n, t)| Ok((n.clone(), t.to_device(device)?)))
+                    .collect::<Result<Vec<_>>>()?,
+                index: index.clone(),
+            },
+        })
     }
 
     /// The flat parameter buffers of a student; `None` for a frozen teacher.

@@ -31,7 +31,7 @@ use crate::experiments::runlog::RunSummary;
 use crate::recipe::{ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
 pub use model::{Architecture, Batch, Model};
 pub use runner::{Trainer, TrainerMetrics};
-pub use step::{train_step, StepOutput};
+pub use step::{forward_backward, train_step, StepOutput};
 
 /// How a run is started.
 #[derive(Debug, Clone, Default)]

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use recycle_engine::{DType, Error, FlatParams, Result, Tape, Tensor, Var};
+use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 use recycle_models::bert::BertForwardOptions;
 use recycle_models::{Bert, BertConfig, MlmBatch, ResNet, ResNetConfig};
 
@@ -34,6 +34,17 @@ impl Batch {
             Batch::Image { labels, .. } => labels,
             Batch::Mlm(b) => &b.labels,
         }
+    }
+
+    /// A copy with every tensor on `device` (the same tensors where they already are).
+    pub fn to_device(&self, device: Device) -> Result<Batch> {
+        Ok(match self {
+            Batch::Image { x, labels } => Batch::Image {
+                x: x.to_device(device)?,
+                labels: labels.to_device(device)?,
+            },
+            Batch::Mlm(b) => Batch::Mlm(b.to_device(device)?),
+        })
     }
 
     /// Training samples in the batch (images, or sequences).
@@ -80,6 +91,16 @@ impl Model {
         Ok(match self {
             Model::ResNet(m) => Model::ResNet(m.teacher(dtype)?),
             Model::Bert(m) => Model::Bert(m.teacher(dtype)?),
+        })
+    }
+
+    /// A copy with its parameters, gradients and buffers on `device`: a GPU copy of a CPU
+    /// model shares no storage with it (train both from the same weights); on the model's own
+    /// device it is the same model (shared storage).
+    pub fn to_device(&self, device: Device) -> Result<Model> {
+        Ok(match self {
+            Model::ResNet(m) => Model::ResNet(m.to_device(device)?),
+            Model::Bert(m) => Model::Bert(m.to_device(device)?),
         })
     }
 
@@ -140,5 +161,45 @@ impl Model {
                 "the batch does not fit the model (images need a ResNet, text a BERT)".to_string(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moving to the CPU is the identity: same values, and the storage is shared (a write
+    /// through one is seen by the other), for the parameters, the gradients and the buffers.
+    #[test]
+    fn to_device_cpu_is_the_identity() {
+        let mut cfg = ResNetConfig::new(18, 10);
+        cfg.in_channels = 1;
+        cfg.small_stem = true;
+        cfg.width = 0.125;
+        for arch in [
+            Architecture::ResNet(cfg),
+            Architecture::Bert(BertConfig::tiny(64)),
+        ] {
+            let m = Model::new(&arch, 3).unwrap();
+            let moved = m.to_device(Device::Cpu).unwrap();
+            let (a, b) = (m.state_dict().unwrap(), moved.state_dict().unwrap());
+            assert_eq!(a.len(), b.len());
+            for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+                assert_eq!(na, nb);
+                assert_eq!(tb.device(), Device::Cpu);
+                assert_eq!(ta.to_bytes().unwrap(), tb.to_bytes().unwrap(), "{na}");
+            }
+            let p = moved.params().unwrap();
+            assert_eq!(p.device(), Device::Cpu);
+            p.grads().write_f32().unwrap()[0] = 7.0;
+            assert_eq!(m.params().unwrap().grads().to_vec_f32().unwrap()[0], 7.0);
+        }
+        let batch = Batch::Image {
+            x: Tensor::zeros(&[2, 1, 4, 4], DType::F32, Device::Cpu).unwrap(),
+            labels: Tensor::from_vec(vec![1i32, 2], &[2], Device::Cpu).unwrap(),
+        };
+        let moved = batch.to_device(Device::Cpu).unwrap();
+        assert_eq!(moved.samples(), 2);
+        assert_eq!(moved.labels().to_vec::<i32>().unwrap(), vec![1, 2]);
     }
 }

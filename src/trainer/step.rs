@@ -31,6 +31,25 @@ pub fn train_step(
     seed: u64,
 ) -> Result<StepOutput> {
     let params = student.params()?;
+    let out = forward_backward(student, teachers, loss, batch, lr, step, seed)?;
+    optimizer.step(params, lr)?;
+    params.zero_grad()?;
+    Ok(out)
+}
+
+/// The first half of [`train_step`]: forwards, the loss, and backward, leaving the gradients
+/// in the student's flat gradient buffer (added to what is there) and the parameters as they
+/// were. `lr` only appears in the error for a non-finite loss.
+pub fn forward_backward(
+    student: &Model,
+    teachers: Option<&TeacherPool<Model>>,
+    loss: &KdLoss,
+    batch: &Batch,
+    lr: f32,
+    step: u64,
+    seed: u64,
+) -> Result<StepOutput> {
+    student.params()?;
     let tape = Tape::recording();
     let dropout_seed = recycle_engine::rng::bits_at(seed, step);
     let logits = student.logits(&tape, batch, true, dropout_seed)?;
@@ -53,8 +72,6 @@ pub fn train_step(
         ));
     }
     tape.backward(&out.total)?;
-    optimizer.step(params, lr)?;
-    params.zero_grad()?;
     Ok(StepOutput {
         ce: out.ce,
         kd: (!teacher_logits.is_empty()).then_some(out.kd),
