@@ -28,7 +28,9 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use crate::ops::gemm::{bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half};
+use crate::ops::gemm::{
+    bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE,
+};
 use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 /// Stride and zero padding of `conv2d`, the same on both spatial axes.
@@ -171,7 +173,8 @@ const PARTIAL_DW_BUDGET: usize = 8 << 20;
 impl ConvSchedule {
     pub fn auto(g: &Conv2dGeometry) -> ConvSchedule {
         let threads = rayon::current_num_threads().max(1);
-        if g.n >= threads {
+        // Per-thread products need an sgemm that stays on its thread (not OpenBLAS).
+        if SERIAL_GEMM_AVAILABLE && g.n >= threads {
             // Groups never larger than one thread's share of the batch.
             let items = GROUP_PIXELS
                 .div_ceil(g.pixels().max(1))
@@ -905,7 +908,7 @@ mod tests {
         let threads = rayon::current_num_threads();
         let g =
             |hw: usize| Conv2dGeometry::new(&[128, 8, hw, hw], &[8, 8, 3, 3], opts(1, 1)).unwrap();
-        if threads <= 128 {
+        if SERIAL_GEMM_AVAILABLE && threads <= 128 {
             assert_eq!(ConvSchedule::auto(&g(28)), ConvSchedule::PerItem);
             let want = 16.min(128usize.div_ceil(threads));
             let want = if want == 1 {

@@ -156,14 +156,7 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    check_lengths(m, n, k, a, b, c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+    if settle_trivial(m, n, k, a, b, beta, c)? {
         return Ok(());
     }
     #[cfg(feature = "openblas")]
@@ -176,6 +169,30 @@ pub fn sgemm(
         native(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, parallel);
         Ok(())
     }
+}
+
+/// Checks the lengths and finishes the products with nothing to multiply (an empty `c`, or
+/// `k = 0`, where `c = beta * c`); true when nothing is left to do.
+fn settle_trivial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) -> Result<bool> {
+    check_lengths(m, n, k, a, b, c)?;
+    if m == 0 || n == 0 {
+        return Ok(true);
+    }
+    if k == 0 {
+        c[..m * n]
+            .iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Products with fewer multiply-adds than this run on one thread: splitting them across the
@@ -205,14 +222,7 @@ pub fn sgemm_serial(
     if cfg!(feature = "openblas") {
         return sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
     }
-    check_lengths(m, n, k, a, b, c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+    if settle_trivial(m, n, k, a, b, beta, c)? {
         return Ok(());
     }
     native(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, false);
@@ -234,14 +244,7 @@ pub fn sgemm_gemm_crate(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    check_lengths(m, n, k, a, b, c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        c[..m * n]
-            .iter_mut()
-            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
+    if settle_trivial(m, n, k, a, b, beta, c)? {
         return Ok(());
     }
     gemm_crate(

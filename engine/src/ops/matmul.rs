@@ -10,7 +10,9 @@
 
 use rayon::prelude::*;
 
-use crate::ops::gemm::{bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_MNK};
+use crate::ops::gemm::{
+    bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE, SERIAL_MNK,
+};
 use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 // ---------------------------------------------------------------------------------------------
@@ -117,7 +119,10 @@ fn matmul_grad_b(
 /// products to cover the threads, or products too small to feed a threaded gemm (attention
 /// heads), spreading them needs no synchronisation inside a product.
 fn batch_in_parallel(batch: usize, m: usize, n: usize, k: usize) -> bool {
-    batch > 1 && (m * n * k < SERIAL_MNK || batch >= rayon::current_num_threads())
+    let small = m * n * k < SERIAL_MNK;
+    // Without a truly serial sgemm (OpenBLAS), only products it keeps on one thread anyway
+    // may run concurrently.
+    batch > 1 && (small || (SERIAL_GEMM_AVAILABLE && batch >= rayon::current_num_threads()))
 }
 
 /// `out[i] = op(a[i]) op(b[i])` for `batch` products stored back to back.
