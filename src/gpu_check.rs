@@ -15,6 +15,9 @@
 //! Also measured: allocations per training step (a synthetic step through the ops that run on
 //! CUDA), from the context's counters.
 //!
+//! The NCCL all-reduce group (`cuda::AllReduceGroup`) over the checked GPU: one rank, so the
+//! mean must return the buffer bit for bit.
+//!
 //! Whole models: one training step (forward, loss, backward, then an SGDW update) of a small
 //! ResNet-18 (small stem, width 1/8, batch 8 of 1x28x28) and of BERT-tiny (batch 4, sequence
 //! 32, vocabulary 512), on the GPU and on the CPU from the same weights and batch (the GPU
@@ -1130,6 +1133,40 @@ fn model_step_checks(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
+/// The NCCL all-reduce group over the checked GPU alone: with one rank the mean is the input,
+/// bit for bit (NCCL divides by 1), so the tolerance is 0 — what it checks is that the group
+/// is made, the reduction is queued on the communication stream between the two events, and
+/// the buffer comes back untouched. A group that cannot be made (no libnccl.so.2) is a failed
+/// row naming the error, not the end of the report.
+fn all_reduce_checks(c: &mut Checker) -> Result<()> {
+    let mut group = match cuda::AllReduceGroup::new(&[c.device]) {
+        Ok(g) => g,
+        Err(e) => {
+            c.record_err(
+                &format!("all_reduce_mean (NCCL): {e}"),
+                "-".to_string(),
+                DType::F32,
+                f64::INFINITY,
+                0.0,
+            );
+            return Ok(());
+        }
+    };
+    for dt in [DType::F32, DType::BF16] {
+        let (cpu, gpu) = c.fresh(&[1 << 20], dt)?;
+        group.all_reduce_mean(&[&gpu])?;
+        c.record(
+            "all_reduce_mean (NCCL), 1 rank",
+            dims(&[1 << 20]),
+            dt,
+            &gpu,
+            &cpu,
+            0.0,
+        )?;
+    }
+    Ok(())
+}
+
 /// The large models of the throughput measurement: ResNet-50 on 256 3x224x224 images in bf16
 /// (1000 classes) and BERT-base on 128 sequences of 128 tokens (vocabulary 30522). BERT's
 /// activations are f32: its embeddings take the dtype of the f32 tables, and the models have
@@ -1245,6 +1282,7 @@ pub fn run(device: Device) -> Result<GpuCheckReport> {
     kd_loss_checks(&mut c)?;
     let (allocations_per_step, step_description) = allocation_check(&mut c)?;
     model_step_checks(&mut c)?;
+    all_reduce_checks(&mut c)?;
     cuda::synchronize(device)?;
     cuda::set_poison_allocations(ordinal, false)?;
     Ok(GpuCheckReport {

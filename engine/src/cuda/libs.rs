@@ -1,5 +1,5 @@
-//! The CUDA libraries beside the driver — cuBLASLt (matmuls) and cuDNN (convolutions) —
-//! found at run time, and their absence turned into an error naming the library.
+//! The CUDA libraries beside the driver — cuBLASLt (matmuls), cuDNN (convolutions) and NCCL
+//! (gradient all-reduce across GPUs) — found at run time, and their absence turned into an error naming the library.
 //!
 //! cudarc loads each library on the first call into it and *panics* when no file of the
 //! expected names can be opened (`panic_no_lib_found`), or when a symbol is missing. So before
@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 pub(crate) enum Library {
     CublasLt,
     Cudnn,
+    Nccl,
 }
 
 impl Library {
@@ -23,6 +24,7 @@ impl Library {
         match self {
             Library::CublasLt => "libcublasLt.so.13",
             Library::Cudnn => "libcudnn.so.9",
+            Library::Nccl => "libnccl.so.2",
         }
     }
 
@@ -31,6 +33,7 @@ impl Library {
         match self {
             Library::CublasLt => "matmul, batched_matmul and linear",
             Library::Cudnn => "conv2d",
+            Library::Nccl => "all-reduce groups across GPUs",
         }
     }
 
@@ -41,6 +44,7 @@ impl Library {
                 "the CUDA toolkit, or `pip install nvidia-cublas` (its nvidia/cu13/lib)"
             }
             Library::Cudnn => "cuDNN 9 for CUDA 13, e.g. `pip install nvidia-cudnn-cu13`",
+            Library::Nccl => "NCCL 2 for CUDA 13, e.g. `pip install nvidia-nccl-cu13`",
         }
     }
 }
@@ -71,9 +75,11 @@ pub(crate) fn cudnn_too_old_message(ordinal: usize, version: usize) -> String {
 pub(crate) fn present(lib: Library) -> bool {
     static CUBLASLT: OnceLock<bool> = OnceLock::new();
     static CUDNN: OnceLock<bool> = OnceLock::new();
+    static NCCL: OnceLock<bool> = OnceLock::new();
     let (cell, probe): (&OnceLock<bool>, unsafe fn() -> bool) = match lib {
         Library::CublasLt => (&CUBLASLT, cudarc::cublaslt::sys::is_culib_present),
         Library::Cudnn => (&CUDNN, cudarc::cudnn::sys::is_culib_present),
+        Library::Nccl => (&NCCL, cudarc::nccl::sys::is_culib_present),
     };
     // SAFETY: only tries to open the library under cudarc's candidate names (running its
     // initialisers, which is what using it means).
@@ -126,6 +132,11 @@ mod tests {
             m.contains("libcublasLt.so.13") && m.contains("matmul"),
             "{m}"
         );
+        let m = missing_message(Library::Nccl, 0);
+        assert!(
+            m.contains("libnccl.so.2") && m.contains("all-reduce"),
+            "{m}"
+        );
         let m = cudnn_too_old_message(0, 8_09_07);
         assert!(m.contains("8.9.7") && m.contains("cuDNN 9"), "{m}");
     }
@@ -134,7 +145,7 @@ mod tests {
     fn a_missing_library_is_an_error_not_a_panic() {
         // This machine (and CI) has neither library on the loader's path; where one is
         // installed the answer is Ok, and the error path is not reachable.
-        for lib in [Library::CublasLt, Library::Cudnn] {
+        for lib in [Library::CublasLt, Library::Cudnn, Library::Nccl] {
             match require(lib, 0) {
                 Ok(()) => assert!(present(lib)),
                 Err(e) => assert!(e.to_string().contains(lib.file()), "{e}"),

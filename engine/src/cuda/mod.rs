@@ -70,6 +70,7 @@ mod libs;
 pub(crate) mod matmul;
 #[cfg(feature = "cuda")]
 mod memory;
+pub mod nccl;
 #[cfg(feature = "cuda")]
 pub(crate) mod norm;
 #[cfg(feature = "cuda")]
@@ -83,6 +84,7 @@ mod probe;
 pub(crate) use context::CudaContext;
 #[cfg(feature = "cuda")]
 pub(crate) use memory::DeviceBuffer;
+pub use nccl::AllReduceGroup;
 
 /// Where a GPU tensor's elements are: its context, the address of its first element, how many
 /// elements and of which type.
