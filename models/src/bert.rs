@@ -379,13 +379,17 @@ impl Bert {
 
     /// Sets the compute dtype of the forward: the sum of the three embeddings is cast to
     /// `dtype` before the embeddings' LayerNorm, so the encoder and the MLM head run in it, and
-    /// the logits come out in it. On a GPU every op after the cast runs in `dtype` (f32 weights
-    /// are cast to it per op unless the parameters keep a bf16 working copy); on the CPU the
-    /// ops widen bf16 to f32, so bf16 there rounds the embeddings and the logits. Until this is
-    /// called the activations take the embedding tables' dtype (f32 for a student, the weights'
+    /// the logits come out in it. On a GPU every op after the cast runs in `dtype`. For bf16 a
+    /// student's parameters get a bf16 working copy of the f32 master weights, which the
+    /// forward reads (`FlatParams::enable_working_copy`; the optimizers keep it current), so no
+    /// op casts a weight and the embeddings already come out in bf16; f32 drops it. On the CPU
+    /// the ops widen bf16 to f32, so bf16 there means weights, embeddings and logits rounded
+    /// to bf16, f32 arithmetic in between. A teacher's frozen weights are used in their own
+    /// dtype. Until this is called the activations take the embedding tables' dtype (f32 for a student, the weights'
     /// dtype for a teacher), as before this setting existed.
     pub fn set_activations(&mut self, dtype: DType) -> Result<()> {
         check_activations("Bert::set_activations", dtype)?;
+        self.weights.match_activations(dtype)?;
         self.activations = Some(dtype);
         Ok(())
     }

@@ -354,12 +354,15 @@ impl ResNet {
     /// Sets the compute dtype of the forward: the input images are cast to `dtype` first (a
     /// differentiable `cast`, recorded only when something needs its gradient) and the logits
     /// come out in it. On a GPU every op then runs in `dtype` (an op's output keeps its input's
-    /// type; f32 weights are cast to it per op unless the parameters keep a bf16 working copy);
-    /// on the CPU the ops widen bf16 to f32, so bf16 there rounds the input and the logits.
-    /// Until this is called the activations take the input's dtype (f32 images: f32; bf16
+    /// type). For bf16 a student's parameters get a bf16 working copy of the f32 master
+    /// weights, which the forward reads (`FlatParams::enable_working_copy`; the optimizers keep
+    /// it current), so no op casts a weight; f32 drops it. On the CPU the ops widen bf16 to
+    /// f32, so bf16 there means weights, input and logits rounded to bf16, f32 arithmetic in
+    /// between. A teacher's frozen weights are used in their own dtype. Until this is called the activations take the input's dtype (f32 images: f32; bf16
     /// images: bf16), as before this setting existed.
     pub fn set_activations(&mut self, dtype: DType) -> Result<()> {
         check_activations("ResNet::set_activations", dtype)?;
+        self.weights.match_activations(dtype)?;
         self.activations = Some(dtype);
         Ok(())
     }
