@@ -384,9 +384,11 @@ impl Bert {
     /// forward reads (`FlatParams::enable_working_copy`; the optimizers keep it current), so no
     /// op casts a weight and the embeddings already come out in bf16; f32 drops it. On the CPU
     /// the ops widen bf16 to f32, so bf16 there means weights, embeddings and logits rounded
-    /// to bf16, f32 arithmetic in between. A teacher's frozen weights are used in their own
-    /// dtype. Until this is called the activations take the embedding tables' dtype (f32 for a student, the weights'
-    /// dtype for a teacher), as before this setting existed.
+    /// to bf16 (and, where the CPU has bf16 products, the inputs of the linear layers), f32
+    /// arithmetic in between. A teacher made from this model (`teacher`) keeps the compute
+    /// dtype; its frozen weights are used in their own dtype. Until this is called the
+    /// activations take the embedding tables' dtype (f32 for a student, the weights' dtype for
+    /// a teacher), as before this setting existed.
     pub fn set_activations(&mut self, dtype: DType) -> Result<()> {
         check_activations("Bert::set_activations", dtype)?;
         self.weights.match_activations(dtype)?;
@@ -544,7 +546,8 @@ impl Bert {
         Ok((logits, ce))
     }
 
-    /// A frozen teacher with its weights in `dtype` (bf16 by default for teachers).
+    /// A frozen teacher with its weights in `dtype` (bf16 by default for teachers), made from
+    /// the f32 master weights; it keeps this model's compute dtype (`set_activations`).
     pub fn teacher(&self, dtype: DType) -> Result<Bert> {
         let tensors = self
             .weights

@@ -357,9 +357,11 @@ impl ResNet {
     /// type). For bf16 a student's parameters get a bf16 working copy of the f32 master
     /// weights, which the forward reads (`FlatParams::enable_working_copy`; the optimizers keep
     /// it current), so no op casts a weight; f32 drops it. On the CPU the ops widen bf16 to
-    /// f32, so bf16 there means weights, input and logits rounded to bf16, f32 arithmetic in
-    /// between. A teacher's frozen weights are used in their own dtype. Until this is called the activations take the input's dtype (f32 images: f32; bf16
-    /// images: bf16), as before this setting existed.
+    /// f32, so bf16 there means weights, input and logits rounded to bf16 (and, where the CPU
+    /// has bf16 products, the inputs of convolutions and `fc`), f32 arithmetic in between. A
+    /// teacher made from this model (`teacher`) keeps the compute dtype; its frozen weights
+    /// are used in their own dtype. Until this is called the activations take the input's
+    /// dtype (f32 images: f32; bf16 images: bf16), as before this setting existed.
     pub fn set_activations(&mut self, dtype: DType) -> Result<()> {
         check_activations("ResNet::set_activations", dtype)?;
         self.weights.match_activations(dtype)?;
@@ -499,7 +501,8 @@ impl ResNet {
     /// A frozen teacher: every BatchNorm folded into the convolution before it
     /// (`w' = w * g / sqrt(v + eps)`, `b' = beta - mean * g / sqrt(v + eps)`), weights cast to
     /// `dtype` (bf16 keeps a teacher at half the memory). Its evaluation-mode logits equal the
-    /// student's up to `dtype` rounding.
+    /// student's up to `dtype` rounding. Made from the f32 master weights; it keeps this
+    /// model's compute dtype (`set_activations`).
     pub fn teacher(&self, dtype: DType) -> Result<ResNet> {
         if self.folded {
             return Err(Error::invalid(

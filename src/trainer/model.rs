@@ -354,6 +354,21 @@ mod tests {
         }
         let m = Model::new(&small_cases()[0].0, 1).unwrap();
         assert!(m.with_activations(DType::I32).is_err());
+
+        // A teacher made from a bf16 student computes in bf16 too, from its own frozen weights.
+        for (arch, batch) in small_cases() {
+            let student = Model::new(&arch, 2)
+                .unwrap()
+                .with_activations(DType::BF16)
+                .unwrap();
+            let teacher = student.teacher(DType::BF16).unwrap();
+            assert_eq!(teacher.activations(), Some(DType::BF16));
+            assert!(teacher.params().is_err());
+            let out = teacher
+                .logits(&Tape::inference(), &batch, false, 0)
+                .unwrap();
+            assert_eq!(out.tensor().dtype(), DType::BF16, "{}", arch.name());
+        }
     }
 
     /// A bf16 model reads its weights from the working copy, not from the master: a write to
