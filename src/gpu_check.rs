@@ -22,9 +22,8 @@
 //! bf16 working copy of the weights. Rows of the same table: the loss, the norm of the flat
 //! gradient, the flat gradient element by element (bf16: as a relative L2 error), and the
 //! parameters after the update (bf16: the update, and the GPU's working copy against its
-//! master rounded). Then (`throughput`; `recycle gpu-check` runs it after printing the table, unless
-//! `--no-throughput`) the throughput of a plain training step of
-//! ResNet-50 (batch 256, 3x224x224, 1000 classes) and BERT-base (batch 128, sequence 128),
+//! master rounded). Then (`throughput`; `recycle gpu-check` runs it after printing the table,
+//! unless `--no-throughput`) the throughput of a plain training step of ResNet-50 (batch 256, 3x224x224, 1000 classes) and BERT-base (batch 128, sequence 128),
 //! both computing in bf16 from a bf16 working copy of their f32 master weights, in samples per
 //! second: warm-up steps, then timed steps closed by a device synchronisation.
 //!
@@ -1209,12 +1208,12 @@ fn model_step_checks(c: &mut Checker) -> Result<()> {
                 t_norm,
             );
             let (measure, g_err) = if bf16 {
-                ("relative L2", rel_l2_err(&g_gpu, &g_cpu))
+                (", relative L2", rel_l2_err(&g_gpu, &g_cpu))
             } else {
-                ("max", max_rel_err(&g_gpu, &g_cpu))
+                ("", max_rel_err(&g_gpu, &g_cpu))
             };
             c.record_err(
-                &format!("{name} step: gradient ({} scalars, {measure})", g_cpu.len()),
+                &format!("{name} step: gradient ({} scalars{measure})", g_cpu.len()),
                 shapes.clone(),
                 activations,
                 g_err,
