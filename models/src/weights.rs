@@ -14,7 +14,8 @@ pub type StateDict = Vec<(String, Tensor)>;
 
 #[derive(Debug, Clone)]
 pub enum Weights {
-    /// A student's parameters: f32 values and gradients in flat buffers.
+    /// A student's parameters: f32 values and gradients in flat buffers (and a bf16 working
+    /// copy of the values when the model computes in bf16).
     Trainable(FlatParams),
     /// A teacher's weights: frozen, any float dtype, no gradients.
     Frozen {
@@ -66,6 +67,20 @@ impl Weights {
         })
     }
 
+    /// Matches a student's parameters to compute dtype `activations`: bf16 gives them a bf16
+    /// working copy of the f32 master weights, which the forward reads (no per-op cast of
+    /// every weight), f32 drops it. A teacher's frozen weights are used as they are.
+    pub(crate) fn match_activations(&mut self, activations: DType) -> Result<()> {
+        if let Weights::Trainable(p) = self {
+            if activations == DType::BF16 {
+                p.enable_working_copy()?;
+            } else {
+                p.disable_working_copy();
+            }
+        }
+        Ok(())
+    }
+
     /// The flat parameter buffers of a student; `None` for a frozen teacher.
     pub fn params(&self) -> Option<&FlatParams> {
         match self {
@@ -84,12 +99,31 @@ impl Weights {
     /// Bytes the weights occupy (a teacher's resident cost).
     pub fn size_in_bytes(&self) -> usize {
         match self {
-            Weights::Trainable(p) => p.len() * 4,
+            Weights::Trainable(p) => p.len() * 4 + p.working().map_or(0, |w| w.elem_count() * 2),
             Weights::Frozen { tensors, .. } => tensors
                 .iter()
                 .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
                 .sum(),
         }
+    }
+}
+
+/// Checks a compute dtype given to a model's `set_activations`: f32 or bf16.
+pub(crate) fn check_activations(op: &'static str, dtype: DType) -> Result<()> {
+    if dtype.is_float() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        op,
+        format!("activations compute in f32 or bf16, not {dtype}"),
+    ))
+}
+
+/// `x` in the model's compute dtype `activations` (`None`: unchanged).
+pub(crate) fn to_activations(tape: &Tape, x: &Var, activations: Option<DType>) -> Result<Var> {
+    match activations {
+        Some(dtype) => recycle_engine::ops::elementwise::cast(tape, x, dtype),
+        None => Ok(x.clone()),
     }
 }
 

@@ -800,10 +800,13 @@ pub(crate) fn cross_entropy(
 // Optimizers (fused over the flat buffer)
 // ---------------------------------------------------------------------------------------------
 
+/// `working`: the bf16 working copy the kernel rewrites in the same pass (0: none).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn sgdw_plan(
     param: u64,
     grad: u64,
     momentum_buf: u64,
+    working: u64,
     n: usize,
     s: &SgdwStep,
     grad_dtype: DType,
@@ -813,7 +816,7 @@ pub(crate) fn sgdw_plan(
         Arg::Ptr(param),
         Arg::Ptr(grad),
         Arg::Ptr(momentum_buf),
-        Arg::Ptr(0),
+        Arg::Ptr(working),
         Arg::U64(n as u64),
         Arg::F32(s.lr),
         Arg::F32(s.decay),
@@ -831,6 +834,7 @@ pub(crate) fn adamw_plan(
     grad: u64,
     exp_avg: u64,
     exp_avg_sq: u64,
+    working: u64,
     n: usize,
     s: &AdamWStep,
     grad_dtype: DType,
@@ -841,7 +845,7 @@ pub(crate) fn adamw_plan(
         Arg::Ptr(grad),
         Arg::Ptr(exp_avg),
         Arg::Ptr(exp_avg_sq),
-        Arg::Ptr(0),
+        Arg::Ptr(working),
         Arg::U64(n as u64),
         Arg::F32(s.decay),
         Arg::F32(s.grad_weight),
@@ -854,44 +858,69 @@ pub(crate) fn adamw_plan(
     Ok(grid_stride(k, n, args).into_iter().collect())
 }
 
+/// The device address of the bf16 working copy the optimizer kernels rewrite (0 without
+/// one), after checking that it is bf16, as long as the master and on its GPU.
+fn working_ptr(op: &'static str, values: &Tensor, working: Option<&Tensor>) -> Result<u64> {
+    let Some(w) = working else {
+        return Ok(0);
+    };
+    w.expect_dtype(op, DType::BF16)?;
+    common_device(op, &[values, w])?;
+    if w.elem_count() != values.elem_count() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "the bf16 working copy has {} elements, the parameter buffer {}",
+                w.elem_count(),
+                values.elem_count()
+            ),
+        ));
+    }
+    Ok(view(w, op)?.ptr)
+}
+
 /// One fused SGDW step over a flat buffer on a GPU; `momentum` is the f32 state on the same
-/// GPU (checked by the optimizer).
+/// GPU (checked by the optimizer); `working`, the bf16 working copy, is rewritten from the
+/// updated master in the same launch.
 pub(crate) fn sgdw_step(
     values: &Tensor,
     grads: &Tensor,
     momentum: &Tensor,
+    working: Option<&Tensor>,
     s: &SgdwStep,
 ) -> Result<()> {
-    common_device("Sgdw::step", &[values, grads, momentum])?;
-    let (p, g, m) = (
-        view(values, "Sgdw::step")?,
-        view(grads, "Sgdw::step")?,
-        view(momentum, "Sgdw::step")?,
-    );
+    const OP: &str = "Sgdw::step";
+    common_device(OP, &[values, grads, momentum])?;
+    let w = working_ptr(OP, values, working)?;
+    let (p, g, m) = (view(values, OP)?, view(grads, OP)?, view(momentum, OP)?);
     run(
         &p.ctx,
-        &sgdw_plan(p.ptr, g.ptr, m.ptr, p.len, s, grads.dtype())?,
+        &sgdw_plan(p.ptr, g.ptr, m.ptr, w, p.len, s, grads.dtype())?,
     )
 }
 
-/// One fused AdamW step over a flat buffer on a GPU.
+/// One fused AdamW step over a flat buffer on a GPU, rewriting the bf16 working copy (when
+/// there is one) in the same launch.
 pub(crate) fn adamw_step(
     values: &Tensor,
     grads: &Tensor,
     exp_avg: &Tensor,
     exp_avg_sq: &Tensor,
+    working: Option<&Tensor>,
     s: &AdamWStep,
 ) -> Result<()> {
-    common_device("AdamW::step", &[values, grads, exp_avg, exp_avg_sq])?;
+    const OP: &str = "AdamW::step";
+    common_device(OP, &[values, grads, exp_avg, exp_avg_sq])?;
+    let w = working_ptr(OP, values, working)?;
     let (p, g, m, v) = (
-        view(values, "AdamW::step")?,
-        view(grads, "AdamW::step")?,
-        view(exp_avg, "AdamW::step")?,
-        view(exp_avg_sq, "AdamW::step")?,
+        view(values, OP)?,
+        view(grads, OP)?,
+        view(exp_avg, OP)?,
+        view(exp_avg_sq, OP)?,
     );
     run(
         &p.ctx,
-        &adamw_plan(p.ptr, g.ptr, m.ptr, v.ptr, p.len, s, grads.dtype())?,
+        &adamw_plan(p.ptr, g.ptr, m.ptr, v.ptr, w, p.len, s, grads.dtype())?,
     )
 }
 
@@ -1162,7 +1191,8 @@ mod tests {
                 nesterov: false,
                 first: true,
             };
-            check_all(&sgdw_plan(1, 2, 3, 100, &sg, dt).unwrap());
+            check_all(&sgdw_plan(1, 2, 3, 0, 100, &sg, dt).unwrap());
+            check_all(&sgdw_plan(1, 2, 3, 9, 100, &sg, dt).unwrap());
             let ad = AdamWStep {
                 decay: 1.0,
                 grad_weight: 0.1,
@@ -1172,12 +1202,54 @@ mod tests {
                 bias_correction2_sqrt: 0.5,
                 eps: 1e-8,
             };
-            check_all(&adamw_plan(1, 2, 3, 4, 100, &ad, dt).unwrap());
+            check_all(&adamw_plan(1, 2, 3, 4, 0, 100, &ad, dt).unwrap());
+            check_all(&adamw_plan(1, 2, 3, 4, 9, 100, &ad, dt).unwrap());
         }
         check_all(&cast_plan(1, 2, 10, DType::F32, DType::BF16).unwrap());
         check_all(&cast_plan(1, 2, 10, DType::BF16, DType::F32).unwrap());
         assert!(cast_plan(1, 2, 10, DType::I32, DType::F32).is_err());
         assert!(binary_plan(BinaryOp::Add, 1, 2, 3, 10, DType::I32).is_err());
+    }
+
+    /// The optimizer plans hand the kernels the bf16 working copy's address in the parameter
+    /// the ABI table calls `working`, and null without one; the pointers before it are the
+    /// master, the gradient and the state, in order.
+    #[test]
+    fn optimizer_plans_pass_the_working_copy() {
+        let sg = SgdwStep {
+            lr: 0.1,
+            decay: 1.0,
+            momentum: 0.875,
+            grad_weight: 1.0,
+            nesterov: false,
+            first: false,
+        };
+        let ad = AdamWStep {
+            decay: 1.0,
+            grad_weight: 0.1,
+            beta2: 0.999,
+            sq_weight: 0.001,
+            neg_step_size: -0.01,
+            bias_correction2_sqrt: 0.5,
+            eps: 1e-8,
+        };
+        for dt in [DType::F32, DType::BF16] {
+            for working in [0u64, 0xbf16_0000] {
+                let s = &sgdw_plan(1, 2, 3, working, 100, &sg, dt).unwrap()[0];
+                let a = &adamw_plan(1, 2, 3, 4, working, 100, &ad, dt).unwrap()[0];
+                for (call, before) in [(s, vec![1, 2, 3]), (a, vec![1, 2, 3, 4])] {
+                    let slot = recycle_kernels::abi::params(call.kernel)
+                        .unwrap()
+                        .split(", ")
+                        .position(|p| p == "ptr working")
+                        .unwrap();
+                    assert_eq!(slot, before.len(), "{}", call.kernel);
+                    assert_eq!(call.args[slot], Arg::Ptr(working), "{}", call.kernel);
+                    let want: Vec<Arg> = before.into_iter().map(Arg::Ptr).collect();
+                    assert_eq!(call.args[..slot], want[..], "{}", call.kernel);
+                }
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::{
     check_step, next_step, state_tensor, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY,
 };
+use crate::params::round_to_working_cpu;
 use crate::{Device, Error, FlatParams, Result, Tensor};
 
 /// Name of the first moment (running mean of gradients) in the optimizer state.
@@ -189,7 +190,14 @@ impl Optimizer for AdamW {
             crate::on_cuda!(device, {
                 let m = super::state_on(&mut self.device_exp_avg, &self.exp_avg, device)?;
                 let v = super::state_on(&mut self.device_exp_avg_sq, &self.exp_avg_sq, device)?;
-                crate::cuda::ops::adamw_step(params.values(), params.grads(), &m, &v, &s)
+                crate::cuda::ops::adamw_step(
+                    params.values(),
+                    params.grads(),
+                    &m,
+                    &v,
+                    params.working(),
+                    &s,
+                )
             })?;
             self.steps = steps;
             return Ok(());
@@ -198,12 +206,23 @@ impl Optimizer for AdamW {
         {
             let grads = params.grads().read_f32()?;
             let mut values = params.values().write_f32()?;
-            values
+            let mut working = params.working().map(|w| w.write_bf16()).transpose()?;
+            let chunks = values
                 .par_chunks_mut(CHUNK)
                 .zip(grads.par_chunks(CHUNK))
                 .zip(self.exp_avg.par_chunks_mut(CHUNK))
-                .zip(self.exp_avg_sq.par_chunks_mut(CHUNK))
-                .try_for_each(|(((p, g), m), v)| adamw_update_cpu(p, g, m, v, &s))?;
+                .zip(self.exp_avg_sq.par_chunks_mut(CHUNK));
+            match working.as_deref_mut() {
+                // The bf16 working copy is rewritten in the same pass, chunk by chunk.
+                Some(w) => chunks.zip(w.par_chunks_mut(CHUNK)).try_for_each(
+                    |((((p, g), m), v), w)| -> Result<()> {
+                        adamw_update_cpu(p, g, m, v, &s)?;
+                        round_to_working_cpu(p, w);
+                        Ok(())
+                    },
+                )?,
+                None => chunks.try_for_each(|(((p, g), m), v)| adamw_update_cpu(p, g, m, v, &s))?,
+            }
         }
         self.steps = steps;
         Ok(())
@@ -380,5 +399,40 @@ mod tests {
         ];
         opt.load_state(&state).unwrap();
         assert_eq!(opt.steps_taken(), 7);
+    }
+
+    /// With a bf16 working copy the master takes exactly the f32 step and the working copy is
+    /// the master rounded to nearest even, across chunks of the parallel loop.
+    #[test]
+    fn working_copy_step_is_the_f32_step_plus_rounding() {
+        let n = CHUNK + 51;
+        let init = Tensor::randn(&[n], 0.0, 1.0, 8, DType::F32, Device::Cpu).unwrap();
+        let spec = [("w".to_string(), vec![n])];
+        let plain = FlatParams::new(&spec, Device::Cpu).unwrap();
+        let mut mixed = FlatParams::new(&spec, Device::Cpu).unwrap();
+        plain.set("w", &init).unwrap();
+        mixed.set("w", &init).unwrap();
+        mixed.enable_working_copy().unwrap();
+        let (mut a, mut b) = (
+            AdamW::torch_default(n).unwrap(),
+            AdamW::torch_default(n).unwrap(),
+        );
+        for (seed, lr) in [(9u64, 0.01f32), (10, 0.005)] {
+            let g = Tensor::randn(&[n], 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap();
+            plain.grads().copy_from(&g).unwrap();
+            mixed.grads().copy_from(&g).unwrap();
+            a.step(&plain, lr).unwrap();
+            b.step(&mixed, lr).unwrap();
+        }
+        let master = mixed.values().to_vec_f32().unwrap();
+        let want = plain.values().to_vec_f32().unwrap();
+        assert!(master
+            .iter()
+            .zip(&want)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        let working = mixed.working().unwrap().to_vec::<half::bf16>().unwrap();
+        let rounded: Vec<half::bf16> = want.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        assert_eq!(working, rounded);
+        assert!(working.iter().zip(&master).any(|(w, m)| w.to_f32() != *m));
     }
 }

@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use super::{
     check_step, next_step, state_tensor, step_tensor, Optimizer, StateReader, CHUNK, STEP_KEY,
 };
+use crate::params::round_to_working_cpu;
 use crate::{Device, Error, FlatParams, Result, Tensor};
 
 /// Name of the momentum buffer in the optimizer state.
@@ -225,7 +226,13 @@ impl Optimizer for Sgdw {
             crate::on_cuda!(device, {
                 let buf =
                     super::state_on(&mut self.device_momentum, &self.momentum_buffer, device)?;
-                crate::cuda::ops::sgdw_step(params.values(), params.grads(), &buf, &s)
+                crate::cuda::ops::sgdw_step(
+                    params.values(),
+                    params.grads(),
+                    &buf,
+                    params.working(),
+                    &s,
+                )
             })?;
             self.steps = steps;
             return Ok(());
@@ -234,11 +241,22 @@ impl Optimizer for Sgdw {
         {
             let grads = params.grads().read_f32()?;
             let mut values = params.values().write_f32()?;
-            values
+            let mut working = params.working().map(|w| w.write_bf16()).transpose()?;
+            let chunks = values
                 .par_chunks_mut(CHUNK)
                 .zip(grads.par_chunks(CHUNK))
-                .zip(self.momentum_buffer.par_chunks_mut(CHUNK))
-                .try_for_each(|((p, g), b)| sgdw_update_cpu(p, g, b, &s))?;
+                .zip(self.momentum_buffer.par_chunks_mut(CHUNK));
+            match working.as_deref_mut() {
+                // The bf16 working copy is rewritten in the same pass, chunk by chunk.
+                Some(w) => chunks.zip(w.par_chunks_mut(CHUNK)).try_for_each(
+                    |(((p, g), b), w)| -> Result<()> {
+                        sgdw_update_cpu(p, g, b, &s)?;
+                        round_to_working_cpu(p, w);
+                        Ok(())
+                    },
+                )?,
+                None => chunks.try_for_each(|((p, g), b)| sgdw_update_cpu(p, g, b, &s))?,
+            }
         }
         self.steps = steps;
         Ok(())
@@ -423,5 +441,42 @@ mod tests {
             "{e}"
         );
         assert_eq!(opt.steps_taken(), 0, "a failed load changes nothing");
+    }
+
+    /// With a bf16 working copy the master takes exactly the f32 step (bit for bit the same
+    /// as without one) and the working copy is the master rounded to nearest even, element for
+    /// element, across several chunks of the parallel loop.
+    #[test]
+    fn working_copy_step_is_the_f32_step_plus_rounding() {
+        let n = CHUNK + 77;
+        let init = Tensor::randn(&[n], 0.0, 1.0, 4, crate::DType::F32, Device::Cpu).unwrap();
+        let spec = [("w".to_string(), vec![n])];
+        let plain = FlatParams::new(&spec, Device::Cpu).unwrap();
+        let mut mixed = FlatParams::new(&spec, Device::Cpu).unwrap();
+        plain.set("w", &init).unwrap();
+        mixed.set("w", &init).unwrap();
+        mixed.enable_working_copy().unwrap();
+        let (mut a, mut b) = (
+            Sgdw::new(n, 0.875, 0.0, 5e-4, true, 0.1).unwrap(),
+            Sgdw::new(n, 0.875, 0.0, 5e-4, true, 0.1).unwrap(),
+        );
+        for (seed, lr) in [(5u64, 0.1f32), (6, 0.07), (7, 0.02)] {
+            let g = Tensor::randn(&[n], 0.0, 1.0, seed, crate::DType::F32, Device::Cpu).unwrap();
+            plain.grads().copy_from(&g).unwrap();
+            mixed.grads().copy_from(&g).unwrap();
+            a.step(&plain, lr).unwrap();
+            b.step(&mixed, lr).unwrap();
+        }
+        let master = mixed.values().to_vec_f32().unwrap();
+        let want = plain.values().to_vec_f32().unwrap();
+        assert!(master
+            .iter()
+            .zip(&want)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        let working = mixed.working().unwrap().to_vec::<half::bf16>().unwrap();
+        let rounded: Vec<half::bf16> = want.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        assert_eq!(working, rounded);
+        // The rounding did something: the working copy is not the master.
+        assert!(working.iter().zip(&master).any(|(w, m)| w.to_f32() != *m));
     }
 }
