@@ -349,3 +349,59 @@ fn an_explicit_cpu_device_equals_the_default_bit_for_bit() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `activations = "bf16"` on the CPU (ops widen bf16 to f32, so only the values cast to bf16
+/// are rounded): a plain run and a student distilled from an f32 teacher both train (the loss
+/// falls), the rounding shows in the losses, and the weights written stay f32.
+#[test]
+fn bf16_activations_train_on_the_cpu() {
+    let out = temp_dir("bf16");
+    let long = |name: &str, extra: &str| {
+        Recipe::from_toml(&format!(
+            "activations = \"bf16\"\n{}{extra}",
+            tiny_toml(&out, name).replace("epochs = 1.0", "epochs = 2.0")
+        ))
+        .unwrap()
+    };
+    let mut f32_run = long("f32", "");
+    f32_run.activations = recycle::recipe::Activations::F32;
+    trainer::run(&f32_run, &RunOptions::default()).unwrap();
+    let teacher = format!(
+        "\n[distill]\nteachers = [\"{}\"]\n",
+        out.join("f32").display()
+    );
+    for (name, extra) in [("bf16", ""), ("bf16-kd", teacher.as_str())] {
+        let r = long(name, extra);
+        assert_eq!(r.activations.dtype(), recycle_engine::DType::BF16);
+        let s = trainer::run(&r, &RunOptions::default()).unwrap();
+        assert!((0.0..=1.0).contains(&s.final_eval), "{name}");
+        let log = RunLog::read(out.join(name).join("log.jsonl")).unwrap();
+        let losses: Vec<f32> = log.records.iter().map(|r| r.loss).collect();
+        assert_eq!(losses.len(), 16);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        assert!(
+            mean(&losses[12..]) < mean(&losses[..4]) - 0.1,
+            "{name}: the loss did not fall: {losses:?}"
+        );
+        if extra.is_empty() {
+            let f32_log = RunLog::read(out.join("f32/log.jsonl")).unwrap();
+            assert!(
+                f32_log
+                    .records
+                    .iter()
+                    .zip(&log.records)
+                    .any(|(a, b)| a.loss != b.loss),
+                "bf16 activations changed nothing"
+            );
+        } else {
+            assert_eq!(s.teacher_forwards, 16);
+        }
+        let ckpt =
+            recycle_engine::checkpoint::load(&out.join(name).join("final.safetensors")).unwrap();
+        assert!(ckpt
+            .tensors
+            .iter()
+            .all(|(_, t)| t.dtype() != recycle_engine::DType::BF16));
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

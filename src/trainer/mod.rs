@@ -231,11 +231,13 @@ fn make_schedule(recipe: &Recipe, total: u64) -> Result<LrSchedule> {
 
 /// Loads the teachers a recipe names: run directories (their `final.safetensors`, ranked by
 /// the `final_eval` of their `summary.json`) or checkpoint files. Each is loaded on the CPU as a
-/// frozen teacher (weights in bf16, BatchNorm folded), then moved to `device`.
+/// frozen teacher (weights in bf16, BatchNorm folded), computing in `activations` when given
+/// (else in its input's type), then moved to `device`.
 pub fn load_teachers(
     paths: &[PathBuf],
     arch: &Architecture,
     device: Device,
+    activations: Option<DType>,
 ) -> Result<Vec<TeacherEntry<Model>>> {
     paths
         .iter()
@@ -261,7 +263,14 @@ pub fn load_teachers(
             Ok(TeacherEntry {
                 name: p.display().to_string(),
                 accuracy,
-                model: Model::load_teacher(arch, &file, DType::BF16)?.to_device(device)?,
+                model: {
+                    let t = Model::load_teacher(arch, &file, DType::BF16)?;
+                    match activations {
+                        Some(dtype) => t.with_activations(dtype)?,
+                        None => t,
+                    }
+                    .to_device(device)?
+                },
             })
         })
         .collect()

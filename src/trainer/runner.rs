@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use recycle_engine::optim::{LrSchedule, Optimizer};
-use recycle_engine::{checkpoint, Device, Error, Result, Tensor};
+use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
 use super::{
@@ -91,16 +91,6 @@ impl Trainer {
     pub fn new(recipe: &Recipe, opts: &RunOptions) -> Result<Trainer> {
         recipe.validate()?;
         let (device, device_name) = open_device(recipe)?;
-        if recipe.activations != Activations::F32 {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "run `{}`: activations = \"bf16\" needs the models' bf16 mode, which this \
-                     build does not have yet; use activations = \"f32\"",
-                    recipe.name
-                ),
-            ));
-        }
         let dir = recipe.out_dir.join(&recipe.name);
         let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
         if opts.resume && !has_checkpoint {
@@ -127,7 +117,11 @@ impl Trainer {
         let data = TaskData::load(recipe)?;
         let arch = architecture(recipe, &data)?;
         let total = total_steps(recipe, data.train_len())?;
-        let student = Model::new(&arch, recipe.seed)?.to_device(device)?;
+        let student = match recipe.activations {
+            Activations::F32 => Model::new(&arch, recipe.seed)?,
+            Activations::Bf16 => Model::new(&arch, recipe.seed)?.with_activations(DType::BF16)?,
+        }
+        .to_device(device)?;
         let num_params = student.params()?.len();
         let mut optimizer = make_optimizer(recipe, num_params)?;
         let schedule = make_schedule(recipe, total)?;
@@ -136,7 +130,12 @@ impl Trainer {
                 d.loss(),
                 d.schedule(),
                 Some(TeacherPool::new(
-                    load_teachers(&d.teachers, &arch, device)?,
+                    load_teachers(
+                        &d.teachers,
+                        &arch,
+                        device,
+                        teacher_activations(device, recipe.activations),
+                    )?,
                     d.strategy()?,
                     recipe.seed,
                 )?),
@@ -429,6 +428,18 @@ impl Trainer {
         };
         summary.write(&self.dir)?;
         Ok(summary)
+    }
+}
+
+/// The compute dtype of the teachers (whose weights are bf16): bf16 on a GPU, where an op
+/// computes in its activations' type (f32 activations would cast every weight at every teacher
+/// forward), and wherever the recipe asks for bf16; on the CPU with f32 activations, the
+/// default (the input's type), since CPU ops compute in f32 whatever the type and bf16 would
+/// only round.
+fn teacher_activations(device: Device, activations: Activations) -> Option<DType> {
+    match (device, activations) {
+        (Device::Cpu, Activations::F32) => None,
+        _ => Some(DType::BF16),
     }
 }
 
