@@ -291,6 +291,16 @@ impl Trainer {
                     self.recipe.seed,
                 )
             })
+            .and_then(|out| {
+                // A GPU may still be running this step's backward and update (the loss came
+                // back after the forward); later steps wait for it anyway. Before an
+                // evaluation, wait here, so that the training time logged with it holds all
+                // the training before it.
+                if self.evals.contains(&(step + 1)) {
+                    recycle_engine::cuda::synchronize(self.device)?;
+                }
+                Ok(out)
+            })
             .map_err(|e| {
                 Error::invalid(
                     "train",
