@@ -279,7 +279,8 @@ fn mlm_demo_runs_end_to_end_with_early_stopped_distillation() {
 /// `device = "cuda:0"` where the GPU cannot be used (this machine and CI: no driver, or a build
 /// without the CUDA backend) fails before anything is written, with the engine's account of
 /// what is missing, the run and the setting; the same run then trains on the CPU without
-/// `--overwrite`. Where a GPU is usable, the run trains there and its summary names the GPU.
+/// `--overwrite`. Where a GPU is usable, the run trains there, its summary names the GPU, and a
+/// run stopped and resumed there reaches the same weights.
 #[test]
 fn a_gpu_recipe_without_a_usable_gpu_fails_before_writing_anything() {
     let out = temp_dir("gpu");
@@ -291,6 +292,22 @@ fn a_gpu_recipe_without_a_usable_gpu_fails_before_writing_anything() {
             let s = result.unwrap();
             assert_eq!(s.device, Some(format!("cuda:0 {}", info.name)));
             assert!((0.0..=1.0).contains(&s.final_eval));
+            // No op adds with atomics: a run resumed on the GPU repeats the uninterrupted one.
+            let mut split = tiny_recipe(&out, "gpu-split");
+            split.device = Device::Cuda(0);
+            let stop = RunOptions {
+                stop_after: Some(3),
+                ..RunOptions::default()
+            };
+            assert!(trainer::run(&split, &stop).is_err());
+            let resume = RunOptions {
+                resume: true,
+                ..RunOptions::default()
+            };
+            trainer::run(&split, &resume).unwrap();
+            let a = std::fs::read(out.join("gpu/final.safetensors")).unwrap();
+            let b = std::fs::read(out.join("gpu-split/final.safetensors")).unwrap();
+            assert!(a == b, "weights resumed on the GPU differ");
         }
         Err(engine) => {
             let err = result.unwrap_err().to_string();
