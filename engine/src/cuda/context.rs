@@ -99,8 +99,8 @@ impl CudaContext {
         // Keep freed blocks in the device's pool instead of returning them to the driver at
         // every synchronisation: from the second step on, a step's allocations come from the
         // pool (the caching allocator is the driver's).
-        // SAFETY: the device handle comes from the context just made; the attribute takes a
-        // u64.
+        // SAFETY: the device handle comes from the context just made; the release threshold
+        // takes a u64, the reuse policy an int.
         unsafe {
             let pool = result::device::get_default_mem_pool(ctx.cu_device())
                 .map_err(err("cuDeviceGetDefaultMemPool"))?;
@@ -111,6 +111,21 @@ impl CudaContext {
                 &mut threshold as *mut u64 as *mut c_void,
             )
             .map_err(err("setting the memory pool's release threshold"))?;
+            // The pool may hand a block freed on one stream to an allocation on another
+            // before the free has run on the device by making the allocating stream wait for
+            // the freeing one ("internal dependencies"). With the teacher's forward on its own
+            // stream that wait would tie the student's allocations to the teacher's progress
+            // and undo the overlap the teacher stream exists for. Without it, a block freed on
+            // another stream is reused once its free has completed (opportunistic reuse) or
+            // when an event orders the two (the scopes' joins); until then the pool grows,
+            // by at most what the two streams hold at once.
+            let mut no: i32 = 0;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                &mut no as *mut i32 as *mut c_void,
+            )
+            .map_err(err("setting the memory pool's reuse policy"))?;
         }
         let stream = |role: &str| {
             ctx.new_stream()
@@ -163,9 +178,16 @@ impl CudaContext {
         }
     }
 
-    /// The stream every engine op runs on, and on which memory is allocated and freed.
+    /// The role whose stream the calling thread's work on this GPU goes to: the student's
+    /// outside any scope, the scope's inside `cuda::on_stream` (see `scope.rs`).
+    pub(crate) fn current_role(&self) -> StreamRole {
+        super::scope::role_of(self.ordinal())
+    }
+
+    /// The stream every engine op of the calling thread runs on now, and on which memory is
+    /// allocated, freed and copied: the current role's.
     pub(crate) fn compute_stream(&self) -> sys::CUstream {
-        self.student.cu_stream()
+        self.stream(self.current_role()).cu_stream()
     }
 
     /// An event marking the work queued so far on `role`'s stream.

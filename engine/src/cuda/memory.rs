@@ -1,17 +1,33 @@
 //! Device memory and host↔device copies.
 //!
 //! **Allocation: stream-ordered, from the driver's pool.** Every buffer is allocated with
-//! `cuMemAllocAsync` and freed with `cuMemFreeAsync` on the context's compute (student)
-//! stream, from the device's default memory pool, whose release threshold the context raises
-//! to "never": a freed block goes back to the pool, not to the driver, and the next
-//! allocation of a similar size reuses it without a device synchronisation. That makes the
+//! `cuMemAllocAsync` and freed with `cuMemFreeAsync` on the calling thread's current stream
+//! (`CudaContext::compute_stream`: the student stream, or the stream of the `cuda::on_stream`
+//! scope the thread is in), from the device's default memory pool, whose release threshold the
+//! context raises to "never": a freed block goes back to the pool, not to the driver, and the
+//! next allocation of a similar size reuses it without a device synchronisation. That makes the
 //! driver's pool our caching allocator (PyTorch's is its own, for historical reasons: the
 //! pools came with CUDA 11.2). Because allocation and free are ordered on the stream, a buffer
-//! freed while kernels that read it are still queued stays valid until they have run.
+//! freed while kernels that read it are still queued on that stream stays valid until they
+//! have run.
 //!
-//! Rule for the other streams: work queued on the teacher or communication stream that uses a
-//! buffer must be ordered before the buffer's free with an event (`CudaContext::join`), as
-//! the free is ordered on the student stream only.
+//! **The free rule (several streams).** A buffer is freed on the stream current when its last
+//! handle is dropped, which need not be the stream it was allocated or last used on. The free
+//! is ordered after the work of *that* stream only, so: before a buffer is dropped on stream
+//! S, every use of it queued on another stream must be ordered before S's current point by an
+//! event S waits for. The scopes keep the rule by construction:
+//! - a scope's temporaries (a teacher's activations) are allocated and dropped inside it, on
+//!   its stream;
+//! - a buffer made or used before a scope and dropped inside it is safe, since the scope's
+//!   stream waited for the previous stream on entry;
+//! - a scope's outputs (the teacher's logits) reach the previous stream only through
+//!   `Pending::join`, which makes it wait for the scope's end first; a `Pending` dropped
+//!   unjoined joins before dropping them.
+//! What breaks the rule: handing a buffer from inside a scope to the other stream by another
+//! way (a clone stored outside the closure) and dropping it there before the join.
+//! The pool does not let a stream reuse a block freed on another before that free has run on
+//! the device (the context turns its "internal dependencies" off, see `context.rs`), so reuse
+//! across streams never adds a hidden wait between them.
 //!
 //! Counters ([`super::AllocStats`]): allocations, frees, bytes in use and their peak, bytes
 //! copied each way. A training step's allocation count is the difference of two snapshots.
@@ -21,7 +37,22 @@
 //! the caller's `Vec` is free as soon as the call returns and the copy itself runs at full
 //! PCIe speed (a pageable source would be staged by the driver, synchronously). An event
 //! records when the staging buffer may be overwritten. Device-to-host copies wait for the
-//! stream, then copy out of the staging buffer.
+//! stream, then copy out of the staging buffer. Copies run on the current stream like
+//! everything else: outside a scope the student's, as before; inside a teacher scope the
+//! teacher's, because the destination of an upload there was allocated on that stream and
+//! the teacher's kernels read it there.
+//!
+//! Copies are where a scope's work touches the host, and each is a point where the host waits:
+//! - a download (`dtoh`: `to_vec`, `to_scalar_f32`, ids or a mask read back for validation)
+//!   waits until the current stream has run everything queued before it;
+//! - an upload waits until the previous upload (through the shared staging buffer, on any
+//!   stream) has run.
+//! Inside a teacher scope either one holds the host until the teacher's stream has caught up
+//! (to the download, or to the previous upload), and the student's work queued after the scope
+//! cannot start overlapping before that. BERT's forward reads ids back in each `embedding` and
+//! in `gather_rows` (the masked positions, after the encoder) when they are on the GPU, and
+//! the attention's padding mask in every layer; so a BERT teacher with its batch on the GPU
+//! overlaps the student little until those reads leave the forward's path.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +61,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, CudaEvent};
 
 use super::context::{driver_err, CudaContext};
-use super::{AllocStats, StreamRole};
+use super::AllocStats;
 use crate::{Error, Result};
 
 /// Largest chunk of one staged copy (and the staging buffer's largest size).
@@ -71,12 +102,18 @@ impl Memory {
         self.peak_bytes_in_use.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// Starts a new peak: the peak becomes the bytes in use now.
+    pub(crate) fn reset_peak(&self) {
+        let now = self.bytes_in_use.load(Ordering::Relaxed);
+        self.peak_bytes_in_use.store(now, Ordering::Relaxed);
+    }
+
     fn on_free(&self, bytes: u64) {
         self.frees.fetch_add(1, Ordering::Relaxed);
         self.bytes_in_use.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    fn defer(&self, msg: String) {
+    pub(crate) fn defer(&self, msg: String) {
         let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
         d.get_or_insert(msg);
     }
@@ -90,7 +127,8 @@ impl Memory {
     }
 }
 
-/// One stream-ordered device allocation. Dropping it queues its free on the compute stream.
+/// One stream-ordered device allocation. Dropping it queues its free on the calling thread's
+/// current stream (see the free rule in the module doc).
 pub(crate) struct DeviceBuffer {
     ptr: u64,
     bytes: usize,
@@ -231,11 +269,11 @@ fn lock_staging(ctx: &CudaContext) -> std::sync::MutexGuard<'_, Staging> {
     ctx.staging.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Copies `src` to device address `dst` through the pinned staging buffer, on the compute
+/// Copies `src` to device address `dst` through the pinned staging buffer, on the current
 /// stream; returns once `src` may be dropped (the copy itself may still be running).
 pub(crate) fn htod(ctx: &CudaContext, dst: u64, src: &[u8]) -> Result<()> {
     let mut staging = lock_staging(ctx);
-    let stream = ctx.stream(StreamRole::Student).clone();
+    let stream = ctx.stream(ctx.current_role()).clone();
     for (i, chunk) in src.chunks(STAGING_MAX).enumerate() {
         let pinned = staging.ready(ctx, chunk.len())?;
         pinned.copy_from_slice(chunk);
@@ -258,10 +296,10 @@ pub(crate) fn htod(ctx: &CudaContext, dst: u64, src: &[u8]) -> Result<()> {
 }
 
 /// Copies `dst.len()` bytes from device address `src` into `dst`, after the work queued on
-/// the compute stream (the values are final when this returns).
+/// the current stream (the values are final when this returns).
 pub(crate) fn dtoh(ctx: &CudaContext, src: u64, dst: &mut [u8]) -> Result<()> {
     let mut staging = lock_staging(ctx);
-    let stream = ctx.stream(StreamRole::Student).clone();
+    let stream = ctx.stream(ctx.current_role()).clone();
     for (i, chunk) in dst.chunks_mut(STAGING_MAX).enumerate() {
         let pinned = staging.ready(ctx, chunk.len())?;
         ctx.bind()?;
@@ -289,7 +327,7 @@ pub(crate) fn dtoh(ctx: &CudaContext, src: u64, dst: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// Device-to-device copy of `bytes`, ordered on the compute stream.
+/// Device-to-device copy of `bytes`, ordered on the current stream.
 pub(crate) fn dtod(ctx: &CudaContext, dst: u64, src: u64, bytes: usize) -> Result<()> {
     if bytes == 0 {
         return Ok(());
@@ -300,7 +338,7 @@ pub(crate) fn dtod(ctx: &CudaContext, dst: u64, src: u64, bytes: usize) -> Resul
         .map_err(|e| driver_err(ctx.ordinal(), "copying on the device", e))
 }
 
-/// Sets `bytes` at `dst` to zero, ordered on the compute stream.
+/// Sets `bytes` at `dst` to zero, ordered on the current stream.
 pub(crate) fn memset_zero(ctx: &CudaContext, dst: u64, bytes: usize) -> Result<()> {
     if bytes == 0 {
         return Ok(());
@@ -309,4 +347,25 @@ pub(crate) fn memset_zero(ctx: &CudaContext, dst: u64, bytes: usize) -> Result<(
     // SAFETY: `dst` spans `bytes` of a live allocation.
     unsafe { result::memset_d8_async(dst, 0, bytes, ctx.compute_stream()) }
         .map_err(|e| driver_err(ctx.ordinal(), "zeroing device memory", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_peak_starts_from_the_bytes_in_use() {
+        let m = Memory::default();
+        m.on_alloc(100);
+        m.on_alloc(50);
+        m.on_free(100);
+        assert_eq!(m.stats().peak_bytes_in_use, 150);
+        m.reset_peak();
+        assert_eq!(m.stats().peak_bytes_in_use, 50);
+        m.on_alloc(30);
+        m.on_free(30);
+        let s = m.stats();
+        assert_eq!((s.bytes_in_use, s.peak_bytes_in_use), (50, 80));
+        assert_eq!((s.allocations, s.frees), (3, 2));
+    }
 }
