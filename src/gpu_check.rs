@@ -738,6 +738,37 @@ fn tensor_checks(c: &mut Checker) -> Result<()> {
         &b_cpu.cast(DType::F32)?,
         0.0,
     )?;
+    // The differentiable cast (`ops::elementwise::cast`, how a model enters its compute
+    // dtype): forward and the gradient cast back, both exact roundings (tolerance 0). The
+    // upstream gradient is f32 in both directions, so bf16 → f32 checks the rounding of the
+    // gradient to bf16 on the device.
+    for (from, to) in [(DType::F32, DType::BF16), (DType::BF16, DType::F32)] {
+        let (x_cpu, x_gpu) = c.fresh(&shape, from)?;
+        let (g_cpu, g_gpu) = c.fresh(&shape, DType::F32)?;
+        let run = |x: &Tensor, g: &Tensor| -> Result<(Tensor, Tensor)> {
+            let tape = Tape::recording();
+            let xv = tape.watch(x.clone());
+            let y = ops::elementwise::cast(&tape, &xv, to)?;
+            let grads = tape.backward_with(&y, g.clone())?;
+            let dx = grads
+                .get(&xv)
+                .cloned()
+                .ok_or_else(|| Error::Autograd("cast: no gradient for its input".to_string()))?;
+            Ok((y.into_tensor(), dx))
+        };
+        let (y_gpu, dx_gpu) = run(&x_gpu, &g_gpu)?;
+        let (y_cpu, dx_cpu) = run(&x_cpu, &g_cpu)?;
+        let name = format!("cast op {from} to {to}");
+        c.record(&name, dims(&shape), from, &y_gpu, &y_cpu, 0.0)?;
+        c.record(
+            &format!("{name} backward"),
+            dims(&shape),
+            from,
+            &dx_gpu,
+            &dx_cpu,
+            0.0,
+        )?;
+    }
     c.record(
         "deep_copy",
         dims(&shape),

@@ -15,7 +15,7 @@ use recycle_engine::ops::{
 };
 use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 
-use crate::weights::{match_state_dict, StateDict, Weights};
+use crate::weights::{check_activations, match_state_dict, to_activations, StateDict, Weights};
 
 /// Names that Hugging Face state dicts may carry for the tied decoder; accepted and ignored.
 const TIED_NAMES: [&str; 2] = [
@@ -317,6 +317,9 @@ impl BertForwardOptions {
 pub struct Bert {
     config: BertConfig,
     weights: Weights,
+    /// The compute dtype of the encoder and the MLM head (`set_activations`); `None`: the
+    /// embedding tables' dtype.
+    activations: Option<DType>,
 }
 
 impl Bert {
@@ -344,6 +347,7 @@ impl Bert {
         Ok(Bert {
             config,
             weights: Weights::Trainable(params),
+            activations: None,
         })
     }
 
@@ -369,7 +373,26 @@ impl Bert {
         Ok(Bert {
             config: self.config.clone(),
             weights: self.weights.to_device(device)?,
+            activations: self.activations,
         })
+    }
+
+    /// Sets the compute dtype of the forward: the sum of the three embeddings is cast to
+    /// `dtype` before the embeddings' LayerNorm, so the encoder and the MLM head run in it, and
+    /// the logits come out in it. On a GPU every op after the cast runs in `dtype` (f32 weights
+    /// are cast to it per op unless the parameters keep a bf16 working copy); on the CPU the
+    /// ops widen bf16 to f32, so bf16 there rounds the embeddings and the logits. Until this is
+    /// called the activations take the embedding tables' dtype (f32 for a student, the weights'
+    /// dtype for a teacher), as before this setting existed.
+    pub fn set_activations(&mut self, dtype: DType) -> Result<()> {
+        check_activations("Bert::set_activations", dtype)?;
+        self.activations = Some(dtype);
+        Ok(())
+    }
+
+    /// The compute dtype set by `set_activations`; `None` when the tables' dtype is used.
+    pub fn activations(&self) -> Option<DType> {
+        self.activations
     }
 
     fn w(&self, tape: &Tape, name: &str) -> Result<Var> {
@@ -423,6 +446,7 @@ impl Bert {
         )?;
         let x = elementwise::add(tape, &words, &typ)?;
         let x = elementwise::add(tape, &x, &pos)?; // [B, S, H] + [S, H]
+        let x = to_activations(tape, &x, self.activations)?;
         let x = self.layer_norm(tape, &x, &format!("{e}.LayerNorm"))?;
         let x = drop(tape, &x, self.config.hidden_dropout, 0)?;
         let mut x = layout::reshape(tape, &x, &[b * s, h])?;
@@ -490,7 +514,10 @@ impl Bert {
         let t = self.layer_norm(tape, &t, "cls.predictions.transform.LayerNorm")?;
         let decoder = self.w(tape, "bert.embeddings.word_embeddings.weight")?;
         let bias = self.w(tape, "cls.predictions.bias")?;
-        matmul::linear(tape, &t, &decoder, Some(&bias))
+        let logits = matmul::linear(tape, &t, &decoder, Some(&bias))?;
+        // On a GPU already in the compute dtype (an identity); on the CPU, where ops widen,
+        // this rounds the logits so both devices hand the loss the same type.
+        to_activations(tape, &logits, self.activations)
     }
 
     /// Logits at the masked positions and the mean cross-entropy against the labels.
@@ -524,6 +551,7 @@ impl Bert {
         Ok(Bert {
             config: self.config.clone(),
             weights: Weights::frozen(tensors),
+            activations: self.activations,
         })
     }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 use recycle_engine::ops::{activation, conv, elementwise, matmul, norm, pool};
 use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 
-use crate::weights::{match_state_dict, StateDict, Weights};
+use crate::weights::{check_activations, match_state_dict, to_activations, StateDict, Weights};
 
 const BN_EPS: f32 = 1e-5;
 const BN_MOMENTUM: f32 = 0.1;
@@ -240,6 +240,8 @@ pub struct ResNet {
     buffer_index: HashMap<String, usize>,
     /// Teacher form: BatchNorm folded into convolution biases.
     folded: bool,
+    /// The compute dtype of the forward (`set_activations`); `None`: the input's.
+    activations: Option<DType>,
 }
 
 impl ResNet {
@@ -311,6 +313,7 @@ impl ResNet {
             buffers,
             buffer_index,
             folded,
+            activations: None,
         }
     }
 
@@ -344,7 +347,26 @@ impl ResNet {
                 .collect::<Result<Vec<_>>>()?,
             buffer_index: self.buffer_index.clone(),
             folded: self.folded,
+            activations: self.activations,
         })
+    }
+
+    /// Sets the compute dtype of the forward: the input images are cast to `dtype` first (a
+    /// differentiable `cast`, recorded only when something needs its gradient) and the logits
+    /// come out in it. On a GPU every op then runs in `dtype` (an op's output keeps its input's
+    /// type; f32 weights are cast to it per op unless the parameters keep a bf16 working copy);
+    /// on the CPU the ops widen bf16 to f32, so bf16 there rounds the input and the logits.
+    /// Until this is called the activations take the input's dtype (f32 images: f32; bf16
+    /// images: bf16), as before this setting existed.
+    pub fn set_activations(&mut self, dtype: DType) -> Result<()> {
+        check_activations("ResNet::set_activations", dtype)?;
+        self.activations = Some(dtype);
+        Ok(())
+    }
+
+    /// The compute dtype set by `set_activations`; `None` when the input's dtype is used.
+    pub fn activations(&self) -> Option<DType> {
+        self.activations
     }
 
     fn buffer(&self, name: &str) -> Result<&Tensor> {
@@ -375,6 +397,7 @@ impl ResNet {
             ));
         }
         let x = tape.constant(x.clone());
+        let x = to_activations(tape, &x, self.activations)?;
         let (stride, pad) = if self.config.small_stem {
             (1, 1)
         } else {
@@ -391,7 +414,10 @@ impl ResNet {
         let pooled = pool::global_avg_pool2d(tape, &h)?;
         let w = self.weights.var(tape, "fc.weight")?;
         let bias = self.weights.var(tape, "fc.bias")?;
-        matmul::linear(tape, &pooled, &w, Some(&bias))
+        let logits = matmul::linear(tape, &pooled, &w, Some(&bias))?;
+        // On a GPU already in the compute dtype (an identity); on the CPU, where ops widen,
+        // this rounds the logits so both devices hand the loss the same type.
+        to_activations(tape, &logits, self.activations)
     }
 
     fn block(&self, tape: &Tape, x: &Var, b: &Block, training: bool) -> Result<Var> {
@@ -516,12 +542,10 @@ impl ResNet {
                 }
             }
         }
-        Ok(Self::assemble(
-            self.config.clone(),
-            Weights::frozen(out),
-            Vec::new(),
-            true,
-        ))
+        let mut teacher =
+            Self::assemble(self.config.clone(), Weights::frozen(out), Vec::new(), true);
+        teacher.activations = self.activations;
+        Ok(teacher)
     }
 
     /// The BatchNorm that follows convolution `conv` in torchvision's naming.

@@ -93,6 +93,25 @@ impl Weights {
     }
 }
 
+/// Checks a compute dtype given to a model's `set_activations`: f32 or bf16.
+pub(crate) fn check_activations(op: &'static str, dtype: DType) -> Result<()> {
+    if dtype.is_float() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        op,
+        format!("activations compute in f32 or bf16, not {dtype}"),
+    ))
+}
+
+/// `x` in the model's compute dtype `activations` (`None`: unchanged).
+pub(crate) fn to_activations(tape: &Tape, x: &Var, activations: Option<DType>) -> Result<Var> {
+    match activations {
+        Some(dtype) => recycle_engine::ops::elementwise::cast(tape, x, dtype),
+        None => Ok(x.clone()),
+    }
+}
+
 /// Matches `given` tensors against the names and shapes a model expects.
 ///
 /// Returns the tensors in the order of `expected`. Names listed in `ignored` (tied copies such

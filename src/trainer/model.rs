@@ -104,6 +104,36 @@ impl Model {
         })
     }
 
+    /// This model computing its forward in `dtype` (f32 or bf16): the activations, and the
+    /// logits, which the fused loss takes in either type. ResNet casts its input images to
+    /// `dtype`, BERT the sum of its embeddings (before the embeddings' LayerNorm), so its
+    /// encoder and MLM head run in it. On a GPU every op runs in `dtype`; on the CPU, whose
+    /// ops compute in f32, bf16 rounds the values where they are cast (the input or the
+    /// embeddings, and the logits) and each op widens them again. Gradients and parameters
+    /// stay f32. Without this call a model computes in the dtype its inputs bring (f32 for
+    /// f32 images and for a student's f32 embedding tables), as before.
+    pub fn with_activations(self, dtype: DType) -> Result<Model> {
+        Ok(match self {
+            Model::ResNet(mut m) => {
+                m.set_activations(dtype)?;
+                Model::ResNet(m)
+            }
+            Model::Bert(mut m) => {
+                m.set_activations(dtype)?;
+                Model::Bert(m)
+            }
+        })
+    }
+
+    /// The compute dtype set by [`Model::with_activations`]; `None` when the forward takes
+    /// the dtype of its inputs (the default).
+    pub fn activations(&self) -> Option<DType> {
+        match self {
+            Model::ResNet(m) => m.activations(),
+            Model::Bert(m) => m.activations(),
+        }
+    }
+
     /// The student's flat parameter and gradient buffers.
     pub fn params(&self) -> Result<&FlatParams> {
         let p = match self {
@@ -201,5 +231,82 @@ mod tests {
         let moved = batch.to_device(Device::Cpu).unwrap();
         assert_eq!(moved.samples(), 2);
         assert_eq!(moved.labels().to_vec::<i32>().unwrap(), vec![1, 2]);
+    }
+
+    fn small_cases() -> Vec<(Architecture, Batch)> {
+        let mut cfg = ResNetConfig::new(18, 10);
+        cfg.in_channels = 1;
+        cfg.small_stem = true;
+        cfg.width = 0.125;
+        let x = Tensor::randn(&[4, 1, 12, 12], 0.0, 1.0, 5, DType::F32, Device::Cpu).unwrap();
+        let images = Batch::Image {
+            x,
+            labels: Tensor::from_vec(vec![1i32, 7, 3, 0], &[4], Device::Cpu).unwrap(),
+        };
+        let text = crate::bench::mlm_batch(2, 16, 64).unwrap();
+        vec![
+            (Architecture::ResNet(cfg), images),
+            (Architecture::Bert(BertConfig::tiny(64)), text),
+        ]
+    }
+
+    /// bf16 activations on the CPU: the logits come out in bf16, within bf16 rounding of the
+    /// f32 model's (the input/embeddings and the logits are rounded, relative error 2^-9 each,
+    /// amplified a little by the layers between); and training from there still lowers the
+    /// loss on a fixed batch.
+    #[test]
+    fn bf16_activations_give_close_logits_and_still_train() {
+        use recycle_engine::optim::Sgdw;
+        let loss = crate::distill::KdLoss::kl(4.0, 1.0);
+        for (arch, batch) in small_cases() {
+            let f32_model = Model::new(&arch, 3).unwrap();
+            assert_eq!(f32_model.activations(), None);
+            let bf16_model = Model::new(&arch, 3)
+                .unwrap()
+                .with_activations(DType::BF16)
+                .unwrap();
+            assert_eq!(bf16_model.activations(), Some(DType::BF16));
+            let tape = Tape::inference();
+            let a = f32_model.logits(&tape, &batch, false, 0).unwrap();
+            let b = bf16_model.logits(&tape, &batch, false, 0).unwrap();
+            assert_eq!(a.tensor().dtype(), DType::F32);
+            assert_eq!(b.tensor().dtype(), DType::BF16);
+            let (a, b) = (
+                a.tensor().to_vec_f32().unwrap(),
+                b.tensor().to_vec_f32().unwrap(),
+            );
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale));
+            assert!(worst > 0.0, "{}: bf16 changed nothing", arch.name());
+            assert!(worst < 2e-2, "{}: {worst}", arch.name());
+
+            let params = bf16_model.params().unwrap();
+            let mut opt = Sgdw::paper(params.len(), 0.05).unwrap();
+            let mut losses = Vec::new();
+            for step in 0..6 {
+                let out = crate::trainer::train_step(
+                    &bf16_model,
+                    None,
+                    &loss,
+                    &batch,
+                    &mut opt,
+                    0.05,
+                    step,
+                    1,
+                )
+                .unwrap();
+                losses.push(out.loss);
+            }
+            assert!(
+                losses[5] < losses[0],
+                "{}: loss did not fall: {losses:?}",
+                arch.name()
+            );
+        }
+        let m = Model::new(&small_cases()[0].0, 1).unwrap();
+        assert!(m.with_activations(DType::I32).is_err());
     }
 }
