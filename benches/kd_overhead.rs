@@ -11,9 +11,11 @@
 //!   cores); on a GPU the paper's `resnet50-imagenet,bert-base` (bf16).
 //! - `RECYCLE_BENCH_ITERS`: the interleaved rounds (default 10).
 //!
-//!     cargo bench --bench kd_overhead
-//!     cargo bench --bench kd_overhead -- bert-tiny/kd-kl
-//!     RECYCLE_BENCH_DEVICE=cuda:0 cargo bench --features cuda --bench kd_overhead
+//! ```sh
+//! cargo bench --bench kd_overhead
+//! cargo bench --bench kd_overhead -- bert-tiny/kd-kl
+//! RECYCLE_BENCH_DEVICE=cuda:0 cargo bench --features cuda --bench kd_overhead
+//! ```
 //!
 //! The GPU runs are compiled, not yet run on a GPU (docs/benchmarks.md).
 

@@ -801,7 +801,7 @@ mod tests {
         let report = BenchReport {
             model: "bert-base".into(),
             device: Device::Cuda(0),
-            teacher_resident_bytes: 4 * 220 << 20,
+            teacher_resident_bytes: (4 * 220) << 20,
             batch: 128,
             logit_rows: 2458,
             iters: 5,

@@ -23,11 +23,14 @@
 //! - a scope's outputs (the teacher's logits) reach the previous stream only through
 //!   `Pending::join`, which makes it wait for the scope's end first; a `Pending` dropped
 //!   unjoined joins before dropping them.
+//!
 //! What breaks the rule: handing a buffer from inside a scope to the other stream by another
 //! way (a clone stored outside the closure) and dropping it there before the join.
-//! The pool does not let a stream reuse a block freed on another before that free has run on
-//! the device (the context turns its "internal dependencies" off, see `context.rs`), so reuse
-//! across streams never adds a hidden wait between them.
+//!
+//! The pool gives a block freed on one stream to an allocation on another only when the free
+//! has already run on the device or an event orders it before the allocation (the context
+//! turns the pool's "internal dependencies" off, see `context.rs`), so reuse across streams
+//! never adds a hidden wait between them.
 //!
 //! Counters ([`super::AllocStats`]): allocations, frees, bytes in use and their peak, bytes
 //! copied each way. A training step's allocation count is the difference of two snapshots.
@@ -47,6 +50,7 @@
 //!   waits until the current stream has run everything queued before it;
 //! - an upload waits until the previous upload (through the shared staging buffer, on any
 //!   stream) has run.
+//!
 //! Inside a teacher scope either one holds the host until the teacher's stream has caught up
 //! (to the download, or to the previous upload), and the student's work queued after the scope
 //! cannot start overlapping before that. BERT's forward reads ids back in each `embedding` and
