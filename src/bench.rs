@@ -31,7 +31,9 @@
 //! weights hold for the whole run (*teacher-resident bytes*, measured on the device as the
 //! bytes their upload allocated): the peak of a KD step over a plain one is then what running a
 //! teacher costs beyond its weights (its activations, freed as they are consumed, and its
-//! logits). `resnet50-imagenet` and `bert-base` compute in bf16 (`Model::with_activations`),
+//! logits). The report also gives what the device's memory pool holds at the end
+//! (`cuda::pool_reserved_bytes`): with two streams it can exceed the peak by blocks one stream
+//! freed that the other could not reuse yet. `resnet50-imagenet` and `bert-base` compute in bf16 (`Model::with_activations`),
 //! student and teachers; the CPU-sized configurations in the dtype of their inputs, as before.
 
 use std::time::Instant;
@@ -437,10 +439,14 @@ impl KdBench {
                 peak_bytes,
             })
             .collect();
+        // What the pool holds after every variant ran: the device memory the run needs,
+        // freed blocks kept for reuse included.
+        let pool_reserved_bytes = ordinal.map(cuda::pool_reserved_bytes).transpose()?;
         Ok(BenchReport {
             model: self.model.clone(),
             device,
             teacher_resident_bytes: self.teacher_resident_bytes,
+            pool_reserved_bytes,
             batch: self.batch_size,
             logit_rows: self.batch.labels().elem_count(),
             iters,
@@ -606,6 +612,8 @@ pub struct BenchReport {
     pub device: Device,
     /// Bytes the four teachers' weights hold for the whole run.
     pub teacher_resident_bytes: u64,
+    /// GPU: the device memory the allocator's pool held at the end (`cuda::pool_reserved_bytes`).
+    pub pool_reserved_bytes: Option<u64>,
     pub batch: usize,
     /// Rows of logits per step: images, or masked positions for BERT.
     pub logit_rows: usize,
@@ -634,7 +642,7 @@ impl BenchReport {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let mut s = format!(
             "{} on {} — batch {} ({} logit rows), median of {} interleaved rounds, {} threads; \
-             teachers resident: {:.1} MiB ({TEACHERS} bf16)\n\n",
+             teachers resident: {:.1} MiB ({TEACHERS} bf16)",
             self.model,
             self.device,
             self.batch,
@@ -643,6 +651,10 @@ impl BenchReport {
             self.threads,
             mib(self.teacher_resident_bytes)
         );
+        if let Some(b) = self.pool_reserved_bytes {
+            s += &format!("; memory pool at the end: {:.0} MiB", mib(b));
+        }
+        s += "\n\n";
         s += if gpu {
             "| step | median ms | min–max ms | / plain | peak MiB |\n|---|---:|---:|---:|---:|\n"
         } else {
@@ -685,6 +697,9 @@ impl BenchReport {
             "teacher_resident_mib".into(),
             mib(self.teacher_resident_bytes).into(),
         );
+        if let Some(b) = self.pool_reserved_bytes {
+            m.insert("pool_reserved_mib".into(), mib(b).into());
+        }
         for r in &self.rows {
             m.insert(
                 format!("{}_ms", r.variant.name()),
@@ -731,6 +746,7 @@ mod tests {
         assert!(report.rows.iter().all(|r| r.peak_bytes.is_none()));
         assert!(!report.to_markdown().contains("peak"));
         assert_eq!(report.to_json()["device"], "cpu");
+        assert!(report.pool_reserved_bytes.is_none());
         assert!(report.teacher_resident_bytes > 0);
         assert!((report.ratio(Variant::Plain).unwrap() - 1.0).abs() < 1e-12);
         let md = report.to_markdown();
@@ -802,6 +818,7 @@ mod tests {
             model: "bert-base".into(),
             device: Device::Cuda(0),
             teacher_resident_bytes: (4 * 220) << 20,
+            pool_reserved_bytes: Some(4000 << 20),
             batch: 128,
             logit_rows: 2458,
             iters: 5,
@@ -822,6 +839,8 @@ mod tests {
         assert_eq!(j["device"], "cuda:0");
         assert_eq!(j["kd-kl_peak_mib"].as_f64(), Some(3300.0));
         assert_eq!(j["teacher_resident_mib"].as_f64(), Some(880.0));
+        assert_eq!(j["pool_reserved_mib"].as_f64(), Some(4000.0));
+        assert!(md.contains("memory pool at the end: 4000 MiB"), "{md}");
         assert_eq!(j["kd_ratio"].as_f64(), Some(1.25));
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct CudaContext {
     modules: Mutex<HashMap<&'static str, Handle<sys::CUmodule>>>,
     functions: Mutex<HashMap<&'static str, Handle<sys::CUfunction>>>,
     pub(crate) memory: Memory,
+    /// The device's default memory pool, which every buffer comes from.
+    pool: Handle<sys::CUmemoryPool>,
     pub(crate) staging: Mutex<Staging>,
     /// cuBLASLt: handle, plans by shape, workspace; made on the first product.
     pub(crate) blas: Mutex<Option<Blas>>,
@@ -101,7 +103,7 @@ impl CudaContext {
         // pool (the caching allocator is the driver's).
         // SAFETY: the device handle comes from the context just made; the release threshold
         // takes a u64, the reuse policy an int.
-        unsafe {
+        let pool = unsafe {
             let pool = result::device::get_default_mem_pool(ctx.cu_device())
                 .map_err(err("cuDeviceGetDefaultMemPool"))?;
             let mut threshold: u64 = u64::MAX;
@@ -126,7 +128,8 @@ impl CudaContext {
                 &mut no as *mut i32 as *mut c_void,
             )
             .map_err(err("setting the memory pool's reuse policy"))?;
-        }
+            pool
+        };
         let stream = |role: &str| {
             ctx.new_stream()
                 .map_err(|e| driver_err(ordinal, &format!("creating the {role} stream"), e))
@@ -149,6 +152,7 @@ impl CudaContext {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             memory: Memory::default(),
+            pool: Handle(pool),
             staging: Mutex::new(Staging::default()),
             blas: Mutex::new(None),
             dnn: Mutex::new(None),
@@ -231,6 +235,25 @@ impl CudaContext {
 
     pub(crate) fn alloc_stats(&self) -> AllocStats {
         self.memory.stats()
+    }
+
+    /// The device memory the pool holds now (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`): what
+    /// the engine's buffers occupy on the device, with the blocks freed into the pool and
+    /// kept for reuse (the release threshold is "never", so it only grows).
+    pub(crate) fn pool_reserved_bytes(&self) -> Result<u64> {
+        self.bind()?;
+        let mut v: u64 = 0;
+        // SAFETY: the pool is the device's default pool, alive as long as the context; the
+        // attribute is a cuuint64_t.
+        unsafe {
+            result::mem_pool::get_attribute(
+                self.pool.0,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                &mut v as *mut u64 as *mut c_void,
+            )
+        }
+        .map_err(|e| driver_err(self.ordinal(), "reading the memory pool's size", e))?;
+        Ok(v)
     }
 
     /// The function `kernel` of `family`, loading the family's fatbin on first use.

@@ -323,6 +323,21 @@ pub fn alloc_stats(ordinal: usize) -> Result<AllocStats> {
     }
 }
 
+/// The device memory `cuda:N`'s pool holds now: every live buffer of the engine plus the
+/// freed blocks it keeps for reuse (never returned to the driver). With work on two streams
+/// it can exceed the engine's peak in use ([`AllocStats::peak_bytes_in_use`]) by the blocks
+/// one stream freed that the other could not reuse yet.
+pub fn pool_reserved_bytes(ordinal: usize) -> Result<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        context::get(ordinal)?.pool_reserved_bytes()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_backend_error(ordinal))
+    }
+}
+
 /// Starts a new peak of `cuda:N`'s memory counters: `peak_bytes_in_use` becomes the bytes in
 /// use now, so a later [`alloc_stats`] gives the peak of what ran in between (the benchmark
 /// resets it before each variant's step).
@@ -487,8 +502,12 @@ mod tests {
         slots.sort();
         assert_eq!(slots, (0..StreamRole::COUNT).collect::<Vec<_>>());
         // No GPU here: an error naming the device, not a panic.
-        let e = reset_peak_memory(0).unwrap_err().to_string();
-        assert!(e.contains("cuda:0"), "{e}");
+        for e in [
+            reset_peak_memory(0).unwrap_err(),
+            pool_reserved_bytes(0).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("cuda:0"), "{e}");
+        }
     }
 
     #[test]
