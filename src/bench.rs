@@ -31,7 +31,11 @@
 //! weights hold for the whole run (*teacher-resident bytes*, measured on the device as the
 //! bytes their upload allocated): the peak of a KD step over a plain one is then what running a
 //! teacher costs beyond its weights (its activations, freed as they are consumed, and its
-//! logits). The report also gives what the device's memory pool holds at the end
+//! logits). BERT's batch (ids, padding mask, masked positions, labels: all integers) stays on
+//! the host, where the ops read it anyway: on the GPU each embedding, the masked-position
+//! gather and every attention layer would read it back, each read holding the host until the
+//! stream has caught up, which would leave the teacher stream nothing to overlap. The report
+//! also gives what the device's memory pool holds at the end
 //! (`cuda::pool_reserved_bytes`): with two streams it can exceed the peak by blocks one stream
 //! freed that the other could not reuse yet. `resnet50-imagenet` and `bert-base` compute in bf16 (`Model::with_activations`),
 //! student and teachers; the CPU-sized configurations in the dtype of their inputs, as before.
@@ -279,11 +283,13 @@ impl KdBench {
         let batch = match &arch {
             Architecture::ResNet(c) => {
                 let (channels, hw) = if c.small_stem { (1, 28) } else { (3, 224) };
-                image_batch(batch_size, channels, hw, c.num_classes)?
+                image_batch(batch_size, channels, hw, c.num_classes)?.to_device(device)?
             }
+            // All integers, which the ops read on the host (to validate them) and upload
+            // themselves: kept on the host, no op has to read device memory back, which on a
+            // GPU would hold the host until the stream caught up (see the module doc).
             Architecture::Bert(c) => mlm_batch(batch_size, spec.seq, c.vocab_size)?,
-        }
-        .to_device(device)?;
+        };
         let num_params = student.params()?.len();
         let (optimizer, lr): (Box<dyn Optimizer>, f32) = if is_bert {
             (

@@ -35,28 +35,30 @@
 //! Counters ([`super::AllocStats`]): allocations, frees, bytes in use and their peak, bytes
 //! copied each way. A training step's allocation count is the difference of two snapshots.
 //!
-//! **Copies** go through one pinned (page-locked) staging buffer per context, in chunks of at
-//! most [`STAGING_MAX`]: host data is copied into it, then `cuMemcpyHtoDAsync` reads it, so
-//! the caller's `Vec` is free as soon as the call returns and the copy itself runs at full
-//! PCIe speed (a pageable source would be staged by the driver, synchronously). An event
-//! records when the staging buffer may be overwritten. Device-to-host copies wait for the
-//! stream, then copy out of the staging buffer. Copies run on the current stream like
+//! **Copies** go through pinned (page-locked) staging memory per context: host data is copied
+//! into it, then `cuMemcpyHtoDAsync` reads it, so the caller's `Vec` is free as soon as the
+//! call returns and the copy itself runs at full PCIe speed (a pageable source would be staged
+//! by the driver, synchronously). An event per buffer records when it may be overwritten.
+//! Uploads of at most [`SMALL_UPLOAD`] bytes (ids, masks, labels: the uploads inside a
+//! forward) take the next slot of a ring of [`SMALL_SLOTS`]; larger ones and downloads go
+//! through one large buffer, in chunks of at most [`STAGING_MAX`]. Device-to-host copies wait
+//! for the stream, then copy out of the staging buffer. Copies run on the current stream like
 //! everything else: outside a scope the student's, as before; inside a teacher scope the
 //! teacher's, because the destination of an upload there was allocated on that stream and
 //! the teacher's kernels read it there.
 //!
-//! Copies are where a scope's work touches the host, and each is a point where the host waits:
+//! Copies are where a scope's work touches the host, and each can make the host wait:
 //! - a download (`dtoh`: `to_vec`, `to_scalar_f32`, ids or a mask read back for validation)
 //!   waits until the current stream has run everything queued before it;
-//! - an upload waits until the previous upload (through the shared staging buffer, on any
-//!   stream) has run.
+//! - a small upload waits for the copy that used its ring slot [`SMALL_SLOTS`] small uploads
+//!   earlier (in practice never within a step), a large one for the previous large copy.
 //!
-//! Inside a teacher scope either one holds the host until the teacher's stream has caught up
-//! (to the download, or to the previous upload), and the student's work queued after the scope
-//! cannot start overlapping before that. BERT's forward reads ids back in each `embedding` and
-//! in `gather_rows` (the masked positions, after the encoder) when they are on the GPU, and
-//! the attention's padding mask in every layer; so a BERT teacher with its batch on the GPU
-//! overlaps the student little until those reads leave the forward's path.
+//! Inside a teacher scope a download holds the host until the teacher's stream has caught up,
+//! and the student's work queued after the scope cannot start overlapping before that. BERT's
+//! forward reads ids back in each `embedding` and in `gather_rows` (the masked positions, after
+//! the encoder) when they are on the GPU, and the attention's padding mask in every layer; so
+//! a BERT teacher overlaps the student only when its batch's integer tensors stay on the host
+//! (where the ops read them anyway, uploading them through the ring).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -220,12 +222,43 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// The pinned host buffer copies go through, and the event after which it may be reused.
+/// Uploads of at most this many bytes go through the ring of small staging slots.
+pub(crate) const SMALL_UPLOAD: usize = 1 << 20;
+/// Slots in the ring: more than the small uploads of one BERT-base forward (3 embeddings' ids,
+/// a padding mask per layer, the masked positions), so a forward's uploads never wait for
+/// each other, nor for those of the forward queued before it on another stream.
+pub(crate) const SMALL_SLOTS: usize = 32;
+// One BERT-base forward's small uploads (3 embeddings' ids, 12 masks, the masked positions),
+// for a teacher and the student queued after it, fit the ring; and a batch of 128 x 128 ids
+// (i32) or a [128, 1, 1, 128] f32 mask fits a slot.
+const _: () = assert!(SMALL_SLOTS >= 2 * (3 + 12 + 1) && 128 * 128 * 4 <= SMALL_UPLOAD);
+
+/// The pinned host buffers copies go through, each with the event after which it may be
+/// reused: one large buffer (downloads, and uploads above [`SMALL_UPLOAD`]), and a ring of
+/// small slots for the many small uploads inside a forward (ids, masks), so that one of them
+/// waits only for the copy [`SMALL_SLOTS`] uploads earlier, not for the previous one: with a
+/// single buffer every upload held the host until the stream had reached the previous upload,
+/// and the host could never queue more than a layer ahead of the device, nor queue the
+/// student's forward while the teacher's stream was still busy.
 #[derive(Default)]
 pub(crate) struct Staging {
     ptr: Option<PinnedPtr>,
     cap: usize,
     in_flight: Option<CudaEvent>,
+    small: Vec<SmallSlot>,
+    /// Uploads through the ring so far; the next one uses slot `next % SMALL_SLOTS`.
+    next: usize,
+}
+
+/// One slot of the small-upload ring: [`SMALL_UPLOAD`] pinned bytes.
+struct SmallSlot {
+    ptr: PinnedPtr,
+    in_flight: Option<CudaEvent>,
+}
+
+/// The ring slot of the `n`-th small upload.
+pub(crate) fn ring_slot(n: usize) -> usize {
+    n % SMALL_SLOTS
 }
 
 #[derive(Clone, Copy)]
@@ -267,6 +300,45 @@ impl Staging {
         // copy (waited for above), borrowed mutably through `&mut self`.
         Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
     }
+
+    /// The next ring slot (made on first use), once the copy that last used it has finished,
+    /// as `len <= SMALL_UPLOAD` bytes; `finish_small` records the copy that uses it.
+    fn small(&mut self, ctx: &CudaContext, len: usize) -> Result<(usize, &mut [u8])> {
+        debug_assert!(len <= SMALL_UPLOAD);
+        let i = ring_slot(self.next);
+        if i == self.small.len() {
+            ctx.bind()?;
+            // SAFETY: plain page-locked allocation, owned by this struct.
+            let p = unsafe { result::malloc_host(SMALL_UPLOAD, 0) }.map_err(|e| {
+                driver_err(
+                    ctx.ordinal(),
+                    &format!("allocating {SMALL_UPLOAD} bytes of pinned host memory"),
+                    e,
+                )
+            })?;
+            self.small.push(SmallSlot {
+                ptr: PinnedPtr(p as *mut u8),
+                in_flight: None,
+            });
+        }
+        // Counted once the slot exists, so that slots are made in ring order even after a
+        // failed allocation.
+        self.next = self.next.wrapping_add(1);
+        let slot = &mut self.small[i];
+        if let Some(ev) = slot.in_flight.take() {
+            ev.synchronize()
+                .map_err(|e| driver_err(ctx.ordinal(), "waiting for a staged copy", e))?;
+        }
+        // SAFETY: SMALL_UPLOAD >= len bytes owned by this struct, not in use by any copy
+        // (waited for above), borrowed mutably through `&mut self`.
+        Ok((i, unsafe {
+            std::slice::from_raw_parts_mut(slot.ptr.0, len)
+        }))
+    }
+
+    fn finish_small(&mut self, i: usize, ev: CudaEvent) {
+        self.small[i].in_flight = Some(ev);
+    }
 }
 
 fn lock_staging(ctx: &CudaContext) -> std::sync::MutexGuard<'_, Staging> {
@@ -278,6 +350,23 @@ fn lock_staging(ctx: &CudaContext) -> std::sync::MutexGuard<'_, Staging> {
 pub(crate) fn htod(ctx: &CudaContext, dst: u64, src: &[u8]) -> Result<()> {
     let mut staging = lock_staging(ctx);
     let stream = ctx.stream(ctx.current_role()).clone();
+    if !src.is_empty() && src.len() <= SMALL_UPLOAD {
+        let (i, pinned) = staging.small(ctx, src.len())?;
+        pinned.copy_from_slice(src);
+        ctx.bind()?;
+        // SAFETY: the slot stays allocated and untouched until the event recorded below has
+        // completed (`Staging::small` waits for it); `dst` spans `src.len()` bytes.
+        unsafe { result::memcpy_htod_async(dst, &*pinned, stream.cu_stream()) }
+            .map_err(|e| driver_err(ctx.ordinal(), "copying to the device", e))?;
+        let ev = stream
+            .record_event(None)
+            .map_err(|e| driver_err(ctx.ordinal(), "recording a staged copy", e))?;
+        staging.finish_small(i, ev);
+        ctx.memory
+            .bytes_to_device
+            .fetch_add(src.len() as u64, Ordering::Relaxed);
+        return Ok(());
+    }
     for (i, chunk) in src.chunks(STAGING_MAX).enumerate() {
         let pinned = staging.ready(ctx, chunk.len())?;
         pinned.copy_from_slice(chunk);
@@ -356,6 +445,19 @@ pub(crate) fn memset_zero(ctx: &CudaContext, dst: u64, bytes: usize) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_uploads_cycle_through_the_ring() {
+        let slots: Vec<usize> = (0..2 * SMALL_SLOTS + 3).map(ring_slot).collect();
+        // The first SMALL_SLOTS uploads each get a slot of their own (made in that order,
+        // which `Staging::small` relies on), then they come round again.
+        assert_eq!(
+            &slots[..SMALL_SLOTS],
+            &(0..SMALL_SLOTS).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(slots[SMALL_SLOTS], 0);
+        assert_eq!(slots[2 * SMALL_SLOTS + 2], 2);
+    }
 
     #[test]
     fn a_reset_peak_starts_from_the_bytes_in_use() {

@@ -120,12 +120,26 @@ impl<T> Pending<T> {
     pub fn join(mut self) -> Result<T> {
         #[cfg(feature = "cuda")]
         if let Some(j) = self.join.take() {
-            j.complete()?;
+            if let Err(e) = j.complete() {
+                self.leak();
+                return Err(e);
+            }
         }
         Ok(self
             .value
             .take()
             .expect("a Pending holds its value until joined"))
+    }
+
+    /// When neither the device nor the host could wait for the scope's work (the driver has
+    /// failed: the context is unusable), the outputs are leaked rather than dropped: freeing
+    /// them on the previous stream could hand memory the scope's stream may still write to a
+    /// new buffer.
+    #[cfg(feature = "cuda")]
+    fn leak(&mut self) {
+        if let Some(v) = self.value.take() {
+            std::mem::forget(v);
+        }
     }
 }
 
@@ -137,6 +151,7 @@ impl<T> Drop for Pending<T> {
         if let Some(j) = self.join.take() {
             if let Err(e) = j.complete() {
                 j.ctx.memory.defer(format!("joining a stream scope: {e}"));
+                self.leak();
             }
         }
     }
