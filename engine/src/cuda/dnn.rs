@@ -15,7 +15,8 @@
 //!
 //! Streams: a convolution runs on the calling thread's current stream (the student's, or the
 //! teacher's inside a `cuda::on_stream` scope). cuDNN binds a handle to one stream
-//! (`cudnnSetStream`) and may use handle-internal resources on it, so there is one handle per
+//! (`cudnnSetStream`: its kernels, and any internal streams it uses, are ordered on that
+//! stream), and one handle must not run on two streams at once, so there is one handle per
 //! stream role, bound once when made, each with its own workspace: calls on one stream run
 //! one after another and share their workspace; a teacher's convolution and a student's may
 //! run at once and never do. The plans (descriptors, chosen algorithms) are shared: they
@@ -359,7 +360,7 @@ unsafe impl Send for Dnn {}
 
 impl Drop for Dnn {
     fn drop(&mut self) {
-        // Descriptors before the handles (the order cuDNN's samples use).
+        // The descriptors, then the handles (as before: plans first).
         self.plans.clear();
         for h in &mut self.handles {
             h.take();
@@ -419,9 +420,9 @@ pub(crate) struct ConvPtrs {
 }
 
 /// Runs one direction of the convolution `key` on `ctx`'s current stream (with that stream's
-/// handle and workspace): forward writes
-/// `y` from `x` and `w`; backward-data writes `x` (dx) from `w` and `y` (dy); backward-filter
-/// writes `w` (dw) from `x` and `y` (dy). Every tensor must be non-empty.
+/// handle and workspace): forward writes `y` from `x` and `w`; backward-data writes `x` (dx)
+/// from `w` and `y` (dy); backward-filter writes `w` (dw) from `x` and `y` (dy). Every tensor
+/// must be non-empty.
 pub(crate) fn convolve(
     ctx: &Arc<CudaContext>,
     key: &ConvKey,
