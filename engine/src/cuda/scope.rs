@@ -241,9 +241,16 @@ fn on_cuda_stream<T>(
         },
         Err(e) => {
             // Without an event, wait on the host: nothing of the scope may stay unordered.
-            ctx.stream(role)
-                .synchronize()
-                .map_err(|s| super::context::driver_err(ordinal, "synchronising a scope", s))?;
+            // Should that fail too (a broken context), leak the outputs rather than free what
+            // the scope's stream may still write (as `Pending::leak`).
+            if let Err(s) = ctx.stream(role).synchronize() {
+                std::mem::forget(out);
+                return Err(super::context::driver_err(
+                    ordinal,
+                    &format!("synchronising a stream scope after: {e}"),
+                    s,
+                ));
+            }
             return Err(e);
         }
     };
