@@ -120,9 +120,11 @@ enum Command {
         timed_steps: usize,
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
-    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step.
+    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step
+    /// (on a GPU also each variant's peak device memory).
     Bench {
-        /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125) or bert-tiny;
+        /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125), bert-tiny, or
+        /// the GPU sizes resnet50-imagenet (batch 256, bf16) and bert-base (batch 128, bf16);
         /// repeat or separate with commas for several.
         #[arg(
             long,
@@ -130,7 +132,8 @@ enum Command {
             default_value = "resnet18-fmnist-small,bert-tiny"
         )]
         model: Vec<String>,
-        /// Samples per step (default: 128 images, 32 sequences, as the PyTorch peer).
+        /// Samples per step (default: 128 images, 32 sequences, as the PyTorch peer; 256 for
+        /// resnet50-imagenet, 128 for bert-base).
         #[arg(long)]
         batch: Option<usize>,
         /// Tokens per sequence (BERT).
@@ -152,6 +155,10 @@ enum Command {
         /// Instead, split a plain step into forward, backward and optimizer.
         #[arg(long)]
         phases: bool,
+        /// Where to run: cpu or cuda:N (each timed step then sits between two device
+        /// synchronisations).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -311,7 +318,9 @@ fn run(cli: Cli) -> Result<()> {
             variants,
             json,
             phases,
+            device,
         } => {
+            let device = recycle_engine::Device::parse(&device)?;
             let variants = variants
                 .iter()
                 .map(|v| Variant::parse(v))
@@ -324,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                     iters,
                     warmup,
                     variants: variants.clone(),
+                    device,
                 };
                 if phases {
                     let report = KdBench::new(&spec)?.phases(iters, warmup)?;
