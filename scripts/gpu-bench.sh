@@ -72,7 +72,8 @@ run() {
     # wheels (site-packages/nvidia/*/lib) or with a toolkit under /usr/local.
     local dirs
     dirs="$(find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev \
-        \( -name 'libcublasLt.so*' -o -name 'libcudnn.so*' -o -name 'libcuda.so.1' \) \
+        \( -name 'libcublasLt.so*' -o -name 'libcudnn.so*' -o -name 'libnccl.so*' \
+           -o -name 'libcuda.so.1' \) \
         2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd: -)"
     export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/env.txt"
