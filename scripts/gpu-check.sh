@@ -92,8 +92,11 @@ run() {
     local py="${PYTHON:-/opt/torch/.venv/bin/python}"
     [ -x "$py" ] || py=python3
     if [ -f "$root/.device/torch_kd_overhead.py" ]; then
-        for args in "--model resnet18-fmnist" "--model resnet50 --batch 64 --bf16" \
-                    "--model bert-tiny --bf16"; do
+        # The same two steps as the throughput rows: ResNet-50 (256 images, 224x224) and
+        # BERT-base (128 x 128 tokens), bf16 autocast; the peer prints its plain step beside
+        # its distillation step.
+        for args in "--model resnet50 --batch 256 --bf16" \
+                    "--model bert-base --batch 128 --seq 128 --bf16 --kd-positions masked"; do
             echo "-- torch_kd_overhead.py $args --device cuda"
             # shellcheck disable=SC2086
             PYTHONUNBUFFERED=1 timeout 150 "$py" "$root/.device/torch_kd_overhead.py" $args \
