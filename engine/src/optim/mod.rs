@@ -239,3 +239,47 @@ impl<'a> StateReader<'a> {
         ))
     }
 }
+
+/// Shared by the optimizers' tests: the working-copy rule, checked the same way for each.
+#[cfg(test)]
+pub(crate) mod working_copy_check {
+    use super::Optimizer;
+    use crate::{DType, Device, FlatParams, Tensor};
+
+    /// Steps `plain` on an f32 buffer and `mixed` (a twin optimizer) on the same buffer with
+    /// a bf16 working copy, with the same gradients at each `(seed, lr)`; then the master
+    /// must be the f32 result bit for bit, the working copy that result rounded to nearest
+    /// even, and the rounding must have changed something (or the check proves nothing).
+    pub(crate) fn assert_master_exact_and_working_rounded(
+        n: usize,
+        init_seed: u64,
+        plain: &mut dyn Optimizer,
+        mixed: &mut dyn Optimizer,
+        steps: &[(u64, f32)],
+    ) {
+        let init = Tensor::randn(&[n], 0.0, 1.0, init_seed, DType::F32, Device::Cpu).unwrap();
+        let spec = [("w".to_string(), vec![n])];
+        let f32_only = FlatParams::new(&spec, Device::Cpu).unwrap();
+        let mut with_copy = FlatParams::new(&spec, Device::Cpu).unwrap();
+        f32_only.set("w", &init).unwrap();
+        with_copy.set("w", &init).unwrap();
+        with_copy.enable_working_copy().unwrap();
+        for &(seed, lr) in steps {
+            let g = Tensor::randn(&[n], 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap();
+            f32_only.grads().copy_from(&g).unwrap();
+            with_copy.grads().copy_from(&g).unwrap();
+            plain.step(&f32_only, lr).unwrap();
+            mixed.step(&with_copy, lr).unwrap();
+        }
+        let master = with_copy.values().to_vec_f32().unwrap();
+        let want = f32_only.values().to_vec_f32().unwrap();
+        assert!(master
+            .iter()
+            .zip(&want)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        let working = with_copy.working().unwrap().to_vec::<half::bf16>().unwrap();
+        let rounded: Vec<half::bf16> = want.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        assert_eq!(working, rounded);
+        assert!(working.iter().zip(&master).any(|(w, m)| w.to_f32() != *m));
+    }
+}

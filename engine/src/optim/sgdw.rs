@@ -449,34 +449,12 @@ mod tests {
     #[test]
     fn working_copy_step_is_the_f32_step_plus_rounding() {
         let n = CHUNK + 77;
-        let init = Tensor::randn(&[n], 0.0, 1.0, 4, crate::DType::F32, Device::Cpu).unwrap();
-        let spec = [("w".to_string(), vec![n])];
-        let plain = FlatParams::new(&spec, Device::Cpu).unwrap();
-        let mut mixed = FlatParams::new(&spec, Device::Cpu).unwrap();
-        plain.set("w", &init).unwrap();
-        mixed.set("w", &init).unwrap();
-        mixed.enable_working_copy().unwrap();
-        let (mut a, mut b) = (
-            Sgdw::new(n, 0.875, 0.0, 5e-4, true, 0.1).unwrap(),
-            Sgdw::new(n, 0.875, 0.0, 5e-4, true, 0.1).unwrap(),
+        crate::optim::working_copy_check::assert_master_exact_and_working_rounded(
+            n,
+            4,
+            &mut Sgdw::new(n, 0.875, 0.0, 5e-4, true, 0.1).unwrap(),
+            &mut Sgdw::new(n, 0.875, 0.0, 5e-4, true, 0.1).unwrap(),
+            &[(5, 0.1), (6, 0.07), (7, 0.02)],
         );
-        for (seed, lr) in [(5u64, 0.1f32), (6, 0.07), (7, 0.02)] {
-            let g = Tensor::randn(&[n], 0.0, 1.0, seed, crate::DType::F32, Device::Cpu).unwrap();
-            plain.grads().copy_from(&g).unwrap();
-            mixed.grads().copy_from(&g).unwrap();
-            a.step(&plain, lr).unwrap();
-            b.step(&mixed, lr).unwrap();
-        }
-        let master = mixed.values().to_vec_f32().unwrap();
-        let want = plain.values().to_vec_f32().unwrap();
-        assert!(master
-            .iter()
-            .zip(&want)
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
-        let working = mixed.working().unwrap().to_vec::<half::bf16>().unwrap();
-        let rounded: Vec<half::bf16> = want.iter().map(|&v| half::bf16::from_f32(v)).collect();
-        assert_eq!(working, rounded);
-        // The rounding did something: the working copy is not the master.
-        assert!(working.iter().zip(&master).any(|(w, m)| w.to_f32() != *m));
     }
 }
