@@ -26,30 +26,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
 mode="${1:-}"
+# shellcheck source=scripts/device-common.sh
+. "$root/scripts/device-common.sh"
 
 prepare() {
-    set -e
-    export RECYCLE_REQUIRE_NVCC=1
-    echo "== building recycle (release, --features cuda)"
-    cargo build --release --features cuda --bin recycle
-    mkdir -p .device
-    cp "${CARGO_TARGET_DIR:-target}/release/recycle" .device/recycle
-    strip .device/recycle
-    # The shared folder sits beside the checkout (../shared), or two levels up for a worktree.
-    local peer=""
-    for d in "${RECYCLE_SHARED:-}" "$root/../shared" "$root/../../shared" "$root/shared"; do
-        if [ -n "$d" ] && [ -f "$d/reference/torch_kd_overhead.py" ]; then
-            peer="$d/reference/torch_kd_overhead.py"
-            break
-        fi
-    done
-    if [ -n "$peer" ]; then
-        cp "$peer" .device/
-    else
-        echo "warning: shared/reference/torch_kd_overhead.py not found (set RECYCLE_SHARED): the run will skip the PyTorch peer" >&2
-    fi
-    du -sh .device/*
-    echo "ready: run \`bash scripts/gpu-bench.sh run\` on the GPU machine with carry [\".device\"]"
+    device_prepare gpu-bench.sh
 }
 
 run() {
@@ -68,15 +49,7 @@ run() {
     } >"$out/env.txt" 2>&1
     cat "$out/env.txt"
 
-    # The driver's libcuda.so.1 is on the system path; cuBLASLt and cuDNN come as PyTorch's
-    # wheels (site-packages/nvidia/*/lib) or with a toolkit under /usr/local.
-    local dirs
-    dirs="$(find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev \
-        \( -name 'libcublasLt.so*' -o -name 'libcudnn.so*' -o -name 'libnccl.so*' \
-           -o -name 'libcuda.so.1' \) \
-        2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd: -)"
-    export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/env.txt"
+    device_libs "$out/env.txt"
 
     local iters="${BENCH_ITERS:-5}" warmup="${BENCH_WARMUP:-2}" rc=0
     local variants=()
@@ -97,8 +70,8 @@ run() {
     grep '^{' "$out/bench.md" >"$out/bench.jsonl" || true
 
     echo "== PyTorch peer (same card, bf16 autocast)"
-    local py="${PYTHON:-/opt/torch/.venv/bin/python}"
-    [ -x "$py" ] || py=python3
+    local py
+    py="$(device_python)"
     if [ -f "$root/.device/torch_kd_overhead.py" ]; then
         for args in "--model resnet50 --batch 256" \
                     "--model bert-base --batch 128 --seq 128 --kd-positions masked" \

@@ -22,31 +22,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
 mode="${1:-}"
+# shellcheck source=scripts/device-common.sh
+. "$root/scripts/device-common.sh"
 
 prepare() {
-    set -e
-    export RECYCLE_REQUIRE_NVCC=1
-    echo "== building recycle (release, --features cuda)"
-    cargo build --release --features cuda --bin recycle
-    mkdir -p .device
-    cp "${CARGO_TARGET_DIR:-target}/release/recycle" .device/recycle
-    strip .device/recycle
-    # The shared folder sits beside the checkout (../shared), or two levels up for a worktree.
-    local peer=""
-    for d in "${RECYCLE_SHARED:-}" "$root/../shared" "$root/../../shared" "$root/shared"; do
-        if [ -n "$d" ] && [ -f "$d/reference/torch_kd_overhead.py" ]; then
-            peer="$d/reference/torch_kd_overhead.py"
-            break
-        fi
-    done
-    if [ -n "$peer" ]; then
-        cp "$peer" .device/
-    else
-        echo "warning: shared/reference/torch_kd_overhead.py not found (set RECYCLE_SHARED): the run will skip the PyTorch peer" >&2
-    fi
-    cp scripts/gpu-check.sh .device/
-    du -sh .device/*
-    echo "ready: run \`bash scripts/gpu-check.sh run\` on the GPU machine with carry [\".device\"]"
+    device_prepare gpu-check.sh
 }
 
 run() {
@@ -66,15 +46,7 @@ run() {
     cat "$out/env.txt"
 
     echo "== CUDA libraries"
-    # The driver's libcuda.so.1 is on the system path; cuBLAS, cuDNN and NCCL come as PyTorch's
-    # wheels (site-packages/nvidia/*/lib) or with a toolkit under /usr/local.
-    local dirs
-    dirs="$(find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev \
-        \( -name 'libcublasLt.so*' -o -name 'libcublas.so*' -o -name 'libcudnn.so*' \
-           -o -name 'libnccl.so*' -o -name 'libcuda.so.1' \) 2>/dev/null |
-        xargs -r -n1 dirname | sort -u | paste -sd: -)"
-    export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/env.txt"
+    device_libs "$out/env.txt"
     ldconfig -p 2>/dev/null | grep -E 'libcuda\.so\.1' | tee -a "$out/env.txt" || true
 
     echo "== recycle gpu-check"
@@ -89,8 +61,8 @@ run() {
     echo "gpu-check exit status $rc after $(($(date +%s) - t0)) s" | tee -a "$out/gpu-check.log"
 
     echo "== PyTorch peer (plain step vs distillation step, same card)"
-    local py="${PYTHON:-/opt/torch/.venv/bin/python}"
-    [ -x "$py" ] || py=python3
+    local py
+    py="$(device_python)"
     if [ -f "$root/.device/torch_kd_overhead.py" ]; then
         # The same two steps as the throughput rows: ResNet-50 (256 images, 224x224) and
         # BERT-base (128 x 128 tokens), bf16 autocast; the peer prints its plain step beside

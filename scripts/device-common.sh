@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# What scripts/gpu-check.sh and scripts/gpu-bench.sh share (sourced, not run): building the
+# carried folder here, and finding the CUDA libraries on the lent GPU machine.
+
+# Here, on a machine without a GPU: `recycle` in release with `--features cuda` (nvcc
+# required: the kernels must be in the binary), stripped, and the PyTorch peer
+# (torch_kd_overhead.py) beside it, in .device/ (ignored by git). $1 names the script that
+# will run there (for the closing hint).
+device_prepare() {
+    set -e
+    local script="$1" root
+    root="$(pwd)"
+    export RECYCLE_REQUIRE_NVCC=1
+    echo "== building recycle (release, --features cuda)"
+    cargo build --release --features cuda --bin recycle
+    mkdir -p .device
+    cp "${CARGO_TARGET_DIR:-target}/release/recycle" .device/recycle
+    strip .device/recycle
+    # The shared folder sits beside the checkout (../shared), or two levels up for a worktree.
+    local peer=""
+    for d in "${RECYCLE_SHARED:-}" "$root/../shared" "$root/../../shared" "$root/shared"; do
+        if [ -n "$d" ] && [ -f "$d/reference/torch_kd_overhead.py" ]; then
+            peer="$d/reference/torch_kd_overhead.py"
+            break
+        fi
+    done
+    if [ -n "$peer" ]; then
+        cp "$peer" .device/
+    else
+        echo "warning: shared/reference/torch_kd_overhead.py not found (set RECYCLE_SHARED): the run will skip the PyTorch peer" >&2
+    fi
+    du -sh .device/*
+    echo "ready: run \`bash scripts/$script run\` on the GPU machine with carry [\".device\"]"
+}
+
+# There, on the GPU machine: puts the folders of cuBLASLt, cuDNN, NCCL and the driver on
+# LD_LIBRARY_PATH (the driver's libcuda.so.1 is on the system path; the libraries come as
+# PyTorch's wheels, site-packages/nvidia/*/lib, or with a toolkit under /usr/local) and notes
+# the result in $1 (the run's env.txt).
+device_libs() {
+    local env_file="$1" dirs
+    dirs="$(find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev \
+        \( -name 'libcublasLt.so*' -o -name 'libcublas.so*' -o -name 'libcudnn.so*' \
+           -o -name 'libnccl.so*' -o -name 'libcuda.so.1' \) 2>/dev/null |
+        xargs -r -n1 dirname | sort -u | paste -sd: -)"
+    export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$env_file"
+}
+
+# The PyTorch interpreter of the GPU machine (NOTES.md: /opt/torch/.venv), or python3.
+device_python() {
+    local py="${PYTHON:-/opt/torch/.venv/bin/python}"
+    [ -x "$py" ] || py=python3
+    echo "$py"
+}
