@@ -29,7 +29,7 @@ prepare() {
     echo "== building recycle (release, --features cuda)"
     cargo build --release --features cuda --bin recycle
     mkdir -p .device
-    cp target/release/recycle .device/recycle
+    cp "${CARGO_TARGET_DIR:-target}/release/recycle" .device/recycle
     strip .device/recycle
     # The shared folder sits beside the checkout (../shared), or two levels up for a worktree.
     local peer=""

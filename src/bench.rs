@@ -1,11 +1,12 @@
 //! The per-step cost of distillation against a plain step, measured side by side: the shared
 //! code behind the criterion benchmark `kd_overhead` and `recycle bench`.
 //!
-//! A configuration (`resnet18-fmnist`, `resnet18-fmnist-small`, `bert-tiny`) builds a student,
-//! four frozen bf16 teachers of the same architecture (randomly initialised, different seeds:
-//! the cost of a forward does not depend on the weights' values), one batch of the shapes the
-//! PyTorch peer (`torch_kd_overhead.py`) uses, and the optimizer of the task (SGDW for images,
-//! AdamW for MLM). Each variant is one `train_step`:
+//! A configuration (`resnet18-fmnist`, `resnet18-fmnist-small`, `bert-tiny`, and the paper's
+//! GPU sizes `resnet50-imagenet`, `bert-base`) builds a student, four frozen bf16 teachers of
+//! the same architecture (randomly initialised, different seeds: the cost of a forward does not
+//! depend on the weights' values), one batch of the shapes the PyTorch peer
+//! (`torch_kd_overhead.py`) uses, and the optimizer of the task (SGDW for images, AdamW for
+//! MLM), all on the device of the spec (`cpu` or `cuda:N`). Each variant is one `train_step`:
 //!
 //! - `plain`: no teacher;
 //! - `kd-kl`, `kd-mse`: one teacher (`Single`), KL at T = 4 or MSE on logits;
@@ -21,9 +22,27 @@
 //! ratio to `plain`: drift on a shared machine then hits every variant alike (the peer does the
 //! same). For BERT, logits exist only at the masked positions (the model gathers them before
 //! the vocabulary projection), so distillation is on masked positions only.
+//!
+//! On a GPU each timed step sits between two device synchronisations (the peer's
+//! `torch.cuda.synchronize()`), so a step's time includes everything it queued; the teachers
+//! run on the teacher stream (`train_step`), overlapping the student's forward. Each variant's
+//! peak device memory (the most bytes the engine had allocated during its steps; the counter is
+//! reset before each step) is reported beside its time, and so is the memory the four teachers'
+//! weights hold for the whole run (*teacher-resident bytes*, measured on the device as the
+//! bytes their upload allocated): the peak of a KD step over a plain one is then what running a
+//! teacher costs beyond its weights (its activations, freed as they are consumed, and its
+//! logits). BERT's batch (ids, padding mask, masked positions, labels: all integers) stays on
+//! the host, where the ops read it anyway: on the GPU each embedding, the masked-position
+//! gather and every attention layer would read it back, each read holding the host until the
+//! stream has caught up, which would leave the teacher stream nothing to overlap. The report
+//! also gives what the device's memory pool holds at the end
+//! (`cuda::pool_reserved_bytes`): with two streams it can exceed the peak by blocks one stream
+//! freed that the other could not reuse yet. `resnet50-imagenet` and `bert-base` compute in bf16 (`Model::with_activations`),
+//! student and teachers; the CPU-sized configurations in the dtype of their inputs, as before.
 
 use std::time::Instant;
 
+use recycle_engine::cuda::{self, StreamRole};
 use recycle_engine::optim::{AdamW, Optimizer, Sgdw};
 use recycle_engine::rng::Rng;
 use recycle_engine::{DType, Device, Error, Result, Tape, Tensor};
@@ -34,7 +53,7 @@ use crate::trainer::model::{Architecture, Batch, Model};
 use crate::trainer::train_step;
 
 /// Configurations `bench` knows, with what each one is.
-pub const CONFIGS: [(&str, &str); 3] = [
+pub const CONFIGS: [(&str, &str); 5] = [
     (
         "resnet18-fmnist",
         "ResNet-18, full width, 3x3 stem, no max-pool, 1x28x28, 10 classes (the peer's)",
@@ -47,6 +66,15 @@ pub const CONFIGS: [(&str, &str); 3] = [
         "bert-tiny",
         "BERT 2 layers, hidden 128, vocabulary 30522, sequence 128, 15% masked",
     ),
+    (
+        "resnet50-imagenet",
+        "ResNet-50, 3x224x224, 1000 classes, batch 256, bf16 activations (the paper's GPU size)",
+    ),
+    (
+        "bert-base",
+        "BERT-base 12 layers, hidden 768, vocabulary 30522, batch 128 x sequence 128, 15% \
+         masked, bf16 activations",
+    ),
 ];
 
 /// Teachers in the pool (ensembles of 2 and 4, RandomOne of 4).
@@ -57,8 +85,9 @@ pub const TEACHERS: usize = 4;
 pub struct BenchSpec {
     /// One of [`CONFIGS`].
     pub model: String,
-    /// Samples per step (images or sequences); `None` takes the peer's default (128 images,
-    /// 32 sequences).
+    /// Samples per step (images or sequences); `None` takes the configuration's default (128
+    /// images and 32 sequences as the peer's CPU runs; 256 for `resnet50-imagenet`, 128 for
+    /// `bert-base`).
     pub batch: Option<usize>,
     /// Tokens per sequence (BERT).
     pub seq: usize,
@@ -68,6 +97,8 @@ pub struct BenchSpec {
     pub warmup: usize,
     /// Variants to run, by name; empty runs them all.
     pub variants: Vec<Variant>,
+    /// Where the student, the teachers and the batch live.
+    pub device: Device,
 }
 
 impl BenchSpec {
@@ -79,6 +110,7 @@ impl BenchSpec {
             iters: 10,
             warmup: 3,
             variants: Vec::new(),
+            device: Device::Cpu,
         }
     }
 }
@@ -139,6 +171,9 @@ impl Variant {
 pub struct KdBench {
     pub model: String,
     pub batch_size: usize,
+    pub device: Device,
+    /// Bytes the four teachers' weights hold (see the module doc).
+    pub teacher_resident_bytes: u64,
     student: Model,
     optimizer: Box<dyn Optimizer>,
     lr: f32,
@@ -156,6 +191,35 @@ pub struct KdBench {
     step: u64,
 }
 
+/// A configuration's architecture, default batch and compute dtype (`None`: the inputs').
+pub fn config(name: &str) -> Result<(Architecture, usize, Option<DType>)> {
+    let small_resnet = |width| {
+        Architecture::ResNet(ResNetConfig {
+            depth: 18,
+            num_classes: 10,
+            in_channels: 1,
+            small_stem: true,
+            width,
+        })
+    };
+    Ok(match name {
+        "resnet18-fmnist" => (small_resnet(1.0), 128, None),
+        "resnet18-fmnist-small" => (small_resnet(0.125), 128, None),
+        "bert-tiny" => (Architecture::Bert(BertConfig::tiny(30522)), 32, None),
+        "resnet50-imagenet" => (
+            Architecture::ResNet(ResNetConfig::new(50, 1000)),
+            256,
+            Some(DType::BF16),
+        ),
+        "bert-base" => (
+            Architecture::Bert(BertConfig::base(30522)),
+            128,
+            Some(DType::BF16),
+        ),
+        other => return Err(bad_model(other)),
+    })
+}
+
 fn bad_model(name: &str) -> Error {
     let names: Vec<_> = CONFIGS.iter().map(|(n, _)| *n).collect();
     Error::invalid(
@@ -167,44 +231,63 @@ fn bad_model(name: &str) -> Error {
 impl KdBench {
     /// Builds everything for `spec.model` at `spec.batch` (see the module doc).
     pub fn new(spec: &BenchSpec) -> Result<KdBench> {
-        let is_bert = spec.model == "bert-tiny";
-        let arch = match spec.model.as_str() {
-            "resnet18-fmnist" | "resnet18-fmnist-small" => Architecture::ResNet(ResNetConfig {
-                depth: 18,
-                num_classes: 10,
-                in_channels: 1,
-                small_stem: true,
-                width: if spec.model.ends_with("small") {
-                    0.125
-                } else {
-                    1.0
-                },
-            }),
-            "bert-tiny" => Architecture::Bert(BertConfig::tiny(30522)),
-            other => return Err(bad_model(other)),
-        };
-        let batch_size = spec.batch.unwrap_or(if is_bert { 32 } else { 128 });
+        let (arch, default_batch, activations) = config(&spec.model)?;
+        let is_bert = matches!(arch, Architecture::Bert(_));
+        let batch_size = spec.batch.unwrap_or(default_batch);
         if batch_size == 0 || spec.seq == 0 {
             return Err(Error::invalid(
                 "bench",
                 "batch and sequence length must be at least 1".to_string(),
             ));
         }
-        let student = Model::new(&arch, 0)?;
+        let device = spec.device;
+        // Fail early, naming what is missing, before minutes of building on the CPU.
+        if let Device::Cuda(n) = device {
+            cuda::device_info(n)?;
+        }
+        let place = |m: Model| -> Result<Model> {
+            let m = match activations {
+                Some(dtype) => m.with_activations(dtype)?,
+                None => m,
+            };
+            m.to_device(device)
+        };
+        let student = place(Model::new(&arch, 0)?)?;
+        let in_use = || -> Result<u64> {
+            Ok(match device {
+                Device::Cuda(n) => cuda::alloc_stats(n)?.bytes_in_use,
+                Device::Cpu => 0,
+            })
+        };
+        let before = in_use()?;
         let teachers = (0..TEACHERS)
             .map(|i| {
                 Ok(TeacherEntry {
                     name: format!("teacher{i}"),
                     // Distinct accuracies give Single and Ensemble a fixed order.
                     accuracy: 0.9 - 0.01 * i as f32,
-                    model: Model::new(&arch, 100 + i as u64)?.teacher(DType::BF16)?,
+                    model: place(Model::new(&arch, 100 + i as u64)?.teacher(DType::BF16)?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // On a GPU what the upload allocated; on the CPU the weights' bytes.
+        let teacher_resident_bytes = match device {
+            Device::Cuda(_) => in_use()? - before,
+            Device::Cpu => teachers
+                .iter()
+                .map(|t| weight_bytes(&t.model))
+                .sum::<Result<u64>>()?,
+        };
         // Teacher models share their weights' storage between pools (tensors are Arc-backed).
         let pool = |strategy| TeacherPool::new(teachers.clone(), strategy, 7);
         let batch = match &arch {
-            Architecture::ResNet(_) => image_batch(batch_size)?,
+            Architecture::ResNet(c) => {
+                let (channels, hw) = if c.small_stem { (1, 28) } else { (3, 224) };
+                image_batch(batch_size, channels, hw, c.num_classes)?.to_device(device)?
+            }
+            // All integers, which the ops read on the host (to validate them) and upload
+            // themselves: kept on the host, no op has to read device memory back, which on a
+            // GPU would hold the host until the stream caught up (see the module doc).
             Architecture::Bert(c) => mlm_batch(batch_size, spec.seq, c.vocab_size)?,
         };
         let num_params = student.params()?.len();
@@ -221,6 +304,8 @@ impl KdBench {
         Ok(KdBench {
             model: spec.model.clone(),
             batch_size,
+            device,
+            teacher_resident_bytes,
             student,
             optimizer,
             lr,
@@ -260,8 +345,12 @@ impl KdBench {
                 (pool, self.kl)
             }
             Variant::TeacherForward => {
+                // As train_step runs it: on the teacher stream, joined.
                 let t = &self.single.teachers()[0].model;
-                let logits = t.logits(&Tape::inference(), &self.batch, false, 0)?;
+                let logits = cuda::on_stream(self.device, StreamRole::Teacher, || {
+                    t.logits(&Tape::inference(), &self.batch, false, 0)
+                })?
+                .join()?;
                 std::hint::black_box(logits.tensor().elem_count());
                 return Ok(());
             }
@@ -319,26 +408,51 @@ impl KdBench {
                 self.run(v)?;
             }
         }
+        // A GPU queues work and returns: each timed step starts on an idle device and ends when
+        // everything it queued has run (on the CPU `synchronize` does nothing).
+        let device = self.device;
+        let ordinal = match device {
+            Device::Cuda(n) => Some(n),
+            Device::Cpu => None,
+        };
+        cuda::synchronize(device)?;
         let mut times = vec![Vec::with_capacity(iters); variants.len()];
+        let mut peaks = vec![None; variants.len()];
         for _ in 0..iters {
             for (i, &v) in variants.iter().enumerate() {
+                if let Some(n) = ordinal {
+                    cuda::reset_peak_memory(n)?;
+                }
                 let t0 = Instant::now();
                 self.run(v)?;
+                cuda::synchronize(device)?;
                 times[i].push(t0.elapsed().as_secs_f64() * 1e3);
+                if let Some(n) = ordinal {
+                    let peak = cuda::alloc_stats(n)?.peak_bytes_in_use;
+                    peaks[i] = Some(peaks[i].map_or(peak, |p: u64| p.max(peak)));
+                }
             }
         }
         let rows = variants
             .iter()
             .zip(times)
-            .map(|(&variant, ts)| BenchRow {
+            .zip(peaks)
+            .map(|((&variant, ts), peak_bytes)| BenchRow {
                 variant,
                 median_ms: median(ts.clone()),
                 min_ms: ts.iter().cloned().fold(f64::INFINITY, f64::min),
                 max_ms: ts.iter().cloned().fold(0.0, f64::max),
+                peak_bytes,
             })
             .collect();
+        // What the pool holds after every variant ran: the device memory the run needs,
+        // freed blocks kept for reuse included.
+        let pool_reserved_bytes = ordinal.map(cuda::pool_reserved_bytes).transpose()?;
         Ok(BenchReport {
             model: self.model.clone(),
+            device,
+            teacher_resident_bytes: self.teacher_resident_bytes,
+            pool_reserved_bytes,
             batch: self.batch_size,
             logit_rows: self.batch.labels().elem_count(),
             iters,
@@ -360,21 +474,29 @@ impl KdBench {
             ));
         }
         let mut t = [const { Vec::new() }; 4];
+        // On a GPU each phase ends with a device synchronisation, so its time is its own.
+        let device = self.device;
+        let sync = || cuda::synchronize(device);
         for i in 0..warmup + iters {
             let params = self.student.params()?;
+            sync()?;
             let t0 = Instant::now();
             let tape = Tape::recording();
             let logits = self.student.logits(&tape, &self.batch, true, i as u64)?;
             let out = kd_loss(&tape, &self.kl, &logits, &[], self.batch.labels(), None)?;
             std::hint::black_box(out.total.tensor().to_scalar_f32()?);
+            sync()?;
             let t1 = Instant::now();
             tape.backward(&out.total)?;
             drop(tape);
+            sync()?;
             let t2 = Instant::now();
             self.optimizer.step(params, self.lr)?;
             params.zero_grad()?;
+            sync()?;
             let t3 = Instant::now();
             self.run(Variant::TeacherForward)?;
+            sync()?;
             let t4 = Instant::now();
             if i >= warmup {
                 for (v, (a, b)) in t.iter_mut().zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)]) {
@@ -439,11 +561,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Random 1x28x28 images and labels in `[0, 10)`.
-fn image_batch(n: usize) -> Result<Batch> {
-    let x = Tensor::randn(&[n, 1, 28, 28], 0.0, 1.0, 1, DType::F32, Device::Cpu)?;
+/// Bytes of a model's weights (parameters and buffers) as its state dict holds them.
+fn weight_bytes(m: &Model) -> Result<u64> {
+    Ok(m.state_dict()?
+        .iter()
+        .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+        .sum())
+}
+
+/// Random `channels x hw x hw` images (f32) and labels in `[0, classes)`, on the CPU.
+fn image_batch(n: usize, channels: usize, hw: usize, classes: usize) -> Result<Batch> {
+    let x = Tensor::randn(&[n, channels, hw, hw], 0.0, 1.0, 1, DType::F32, Device::Cpu)?;
     let mut rng = Rng::new(2);
-    let labels: Vec<i32> = (0..n).map(|_| rng.below(10) as i32).collect();
+    let labels: Vec<i32> = (0..n).map(|_| rng.below(classes as u64) as i32).collect();
     Ok(Batch::Image {
         x,
         labels: Tensor::from_vec(labels, &[n], Device::Cpu)?,
@@ -477,12 +607,19 @@ pub struct BenchRow {
     pub median_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
+    /// The most device memory in use during one of its steps (GPU only).
+    pub peak_bytes: Option<u64>,
 }
 
 /// The medians of one measurement and their ratios to the plain step.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub model: String,
+    pub device: Device,
+    /// Bytes the four teachers' weights hold for the whole run.
+    pub teacher_resident_bytes: u64,
+    /// GPU: the device memory the allocator's pool held at the end (`cuda::pool_reserved_bytes`).
+    pub pool_reserved_bytes: Option<u64>,
     pub batch: usize,
     /// Rows of logits per step: images, or masked positions for BERT.
     pub logit_rows: usize,
@@ -504,24 +641,48 @@ impl BenchReport {
         Some(self.median_ms(v)? / self.median_ms(Variant::Plain)?)
     }
 
-    /// A Markdown table: variant, median ms, min–max, ratio to plain.
+    /// A Markdown table: variant, median ms, min–max, ratio to plain, and on a GPU the peak
+    /// device memory of each variant's steps.
     pub fn to_markdown(&self) -> String {
+        let gpu = self.rows.iter().any(|r| r.peak_bytes.is_some());
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let mut s = format!(
-            "{} — batch {} ({} logit rows), median of {} interleaved rounds, {} threads\n\n\
-             | step | median ms | min–max ms | / plain |\n|---|---:|---:|---:|\n",
-            self.model, self.batch, self.logit_rows, self.iters, self.threads
+            "{} on {} — batch {} ({} logit rows), median of {} interleaved rounds, {} threads; \
+             teachers resident: {:.1} MiB ({TEACHERS} bf16)",
+            self.model,
+            self.device,
+            self.batch,
+            self.logit_rows,
+            self.iters,
+            self.threads,
+            mib(self.teacher_resident_bytes)
         );
+        if let Some(b) = self.pool_reserved_bytes {
+            s += &format!("; memory pool at the end: {:.0} MiB", mib(b));
+        }
+        s += "\n\n";
+        s += if gpu {
+            "| step | median ms | min–max ms | / plain | peak MiB |\n|---|---:|---:|---:|---:|\n"
+        } else {
+            "| step | median ms | min–max ms | / plain |\n|---|---:|---:|---:|\n"
+        };
         for r in &self.rows {
             let ratio = self
                 .ratio(r.variant)
                 .map_or("—".to_string(), |x| format!("{x:.3}"));
             s += &format!(
-                "| {} | {:.1} | {:.1}–{:.1} | {ratio} |\n",
+                "| {} | {:.1} | {:.1}–{:.1} | {ratio} |",
                 r.variant.name(),
                 r.median_ms,
                 r.min_ms,
                 r.max_ms
             );
+            if gpu {
+                s += &r
+                    .peak_bytes
+                    .map_or(" — |".to_string(), |b| format!(" {:.0} |", mib(b)));
+            }
+            s += "\n";
         }
         s
     }
@@ -531,16 +692,28 @@ impl BenchReport {
     pub fn to_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("model".into(), self.model.clone().into());
+        m.insert("device".into(), self.device.to_string().into());
         m.insert("batch".into(), self.batch.into());
         m.insert("logit_rows".into(), self.logit_rows.into());
         m.insert("threads".into(), self.threads.into());
         m.insert("iters".into(), self.iters.into());
         let round = |x: f64| (x * 1e4).round() / 1e4;
+        let mib = |b: u64| round(b as f64 / (1u64 << 20) as f64);
+        m.insert(
+            "teacher_resident_mib".into(),
+            mib(self.teacher_resident_bytes).into(),
+        );
+        if let Some(b) = self.pool_reserved_bytes {
+            m.insert("pool_reserved_mib".into(), mib(b).into());
+        }
         for r in &self.rows {
             m.insert(
                 format!("{}_ms", r.variant.name()),
                 round(r.median_ms).into(),
             );
+            if let Some(b) = r.peak_bytes {
+                m.insert(format!("{}_peak_mib", r.variant.name()), mib(b).into());
+            }
         }
         if let Some(v) = self.median_ms(Variant::Plain) {
             m.insert("plain_ms".into(), round(v).into());
@@ -575,6 +748,12 @@ mod tests {
         let report = run_bench(&spec).unwrap();
         assert_eq!(report.rows.len(), Variant::ALL.len());
         assert!(report.rows.iter().all(|r| r.median_ms > 0.0));
+        // The CPU has no device-memory counter: no peak column.
+        assert!(report.rows.iter().all(|r| r.peak_bytes.is_none()));
+        assert!(!report.to_markdown().contains("peak"));
+        assert_eq!(report.to_json()["device"], "cpu");
+        assert!(report.pool_reserved_bytes.is_none());
+        assert!(report.teacher_resident_bytes > 0);
         assert!((report.ratio(Variant::Plain).unwrap() - 1.0).abs() < 1e-12);
         let md = report.to_markdown();
         assert!(md.contains("| ensemble-4 |") && md.contains("| off-schedule |"));
@@ -593,6 +772,82 @@ mod tests {
         for v in [Variant::KdKl, Variant::OffSchedule, Variant::Ensemble2] {
             bench.run(v).unwrap();
         }
+    }
+
+    #[test]
+    fn the_gpu_configurations_are_the_papers_sizes() {
+        for (name, _) in CONFIGS {
+            config(name).unwrap();
+        }
+        let (arch, batch, act) = config("resnet50-imagenet").unwrap();
+        let Architecture::ResNet(c) = arch else {
+            panic!("a ResNet")
+        };
+        assert_eq!(
+            (c.depth, c.num_classes, c.in_channels, c.small_stem),
+            (50, 1000, 3, false)
+        );
+        assert_eq!((batch, act), (256, Some(DType::BF16)));
+        let (arch, batch, act) = config("bert-base").unwrap();
+        let Architecture::Bert(c) = arch else {
+            panic!("a BERT")
+        };
+        assert_eq!(
+            (c.num_layers, c.hidden_size, c.vocab_size),
+            (12, 768, 30522)
+        );
+        assert_eq!((batch, act), (128, Some(DType::BF16)));
+        assert_eq!(config("bert-tiny").unwrap().2, None);
+    }
+
+    #[test]
+    fn a_gpu_bench_without_a_gpu_says_what_is_missing_before_building() {
+        let mut spec = BenchSpec::new("bert-base");
+        spec.device = Device::Cuda(0);
+        let t0 = Instant::now();
+        let e = KdBench::new(&spec).err().expect("no GPU here").to_string();
+        assert!(e.contains("cuda:0"), "{e}");
+        // Building BERT-base five times on the CPU would take seconds.
+        assert!(t0.elapsed().as_secs_f64() < 2.0);
+    }
+
+    #[test]
+    fn gpu_reports_show_peak_memory() {
+        let row = |variant, ms, peak| BenchRow {
+            variant,
+            median_ms: ms,
+            min_ms: ms,
+            max_ms: ms,
+            peak_bytes: Some(peak),
+        };
+        let report = BenchReport {
+            model: "bert-base".into(),
+            device: Device::Cuda(0),
+            teacher_resident_bytes: (4 * 220) << 20,
+            pool_reserved_bytes: Some(4000 << 20),
+            batch: 128,
+            logit_rows: 2458,
+            iters: 5,
+            threads: 16,
+            rows: vec![
+                row(Variant::Plain, 100.0, 3000 << 20),
+                row(Variant::KdKl, 125.0, 3300 << 20),
+            ],
+        };
+        let md = report.to_markdown();
+        assert!(md.contains("| peak MiB |"), "{md}");
+        assert!(
+            md.contains("| kd-kl | 125.0 | 125.0–125.0 | 1.250 | 3300 |"),
+            "{md}"
+        );
+        assert!(md.contains("on cuda:0") && md.contains("880.0 MiB"), "{md}");
+        let j = report.to_json();
+        assert_eq!(j["device"], "cuda:0");
+        assert_eq!(j["kd-kl_peak_mib"].as_f64(), Some(3300.0));
+        assert_eq!(j["teacher_resident_mib"].as_f64(), Some(880.0));
+        assert_eq!(j["pool_reserved_mib"].as_f64(), Some(4000.0));
+        assert!(md.contains("memory pool at the end: 4000 MiB"), "{md}");
+        assert_eq!(j["kd_ratio"].as_f64(), Some(1.25));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! time-to-accuracy and draws the Pareto curves, `demo` does all of it on a CPU-sized problem,
 //! `bench` measures the per-step cost of distillation against a plain step.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -11,9 +11,9 @@ use recycle::bench::{run_bench, BenchSpec, KdBench, Variant};
 use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::sweep::run_sweep;
 use recycle::experiments::{build_report, PlotOptions};
-use recycle::recipe::Recipe;
+use recycle::recipe::{parse_device_name, Recipe};
 use recycle::trainer::{self, RunOptions};
-use recycle_engine::{Error, Result};
+use recycle_engine::{Device, Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +38,9 @@ enum Command {
         /// Start again even if the run directory already holds a run.
         #[arg(long)]
         overwrite: bool,
+        /// Train on this device instead of the recipe's `device`: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Train the recipe at several learning rates: the teachers of later runs.
     Sweep {
@@ -47,6 +50,9 @@ enum Command {
         lrs: Vec<f32>,
         #[arg(long)]
         overwrite: bool,
+        /// Train on this device instead of the recipe's `device`: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Time-to-accuracy table and accuracy-vs-time plot for finished runs.
     Report {
@@ -87,6 +93,9 @@ enum Command {
         /// Train every run again even when a finished run with the same recipe is there.
         #[arg(long)]
         fresh: bool,
+        /// Where every run trains: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Check every CUDA op against its CPU twin on fresh random inputs, and one training step
     /// of a small ResNet and of BERT-tiny against the same step on the CPU (needs a GPU and a
@@ -111,9 +120,11 @@ enum Command {
         timed_steps: usize,
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
-    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step.
+    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step
+    /// (on a GPU also each variant's peak device memory).
     Bench {
-        /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125) or bert-tiny;
+        /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125), bert-tiny, or
+        /// the GPU sizes resnet50-imagenet (batch 256, bf16) and bert-base (batch 128, bf16);
         /// repeat or separate with commas for several.
         #[arg(
             long,
@@ -121,7 +132,8 @@ enum Command {
             default_value = "resnet18-fmnist-small,bert-tiny"
         )]
         model: Vec<String>,
-        /// Samples per step (default: 128 images, 32 sequences, as the PyTorch peer).
+        /// Samples per step (default: 128 images, 32 sequences, as the PyTorch peer; 256 for
+        /// resnet50-imagenet, 128 for bert-base).
         #[arg(long)]
         batch: Option<usize>,
         /// Tokens per sequence (BERT).
@@ -143,6 +155,10 @@ enum Command {
         /// Instead, split a plain step into forward, backward and optimizer.
         #[arg(long)]
         phases: bool,
+        /// Where to run: cpu or cuda:N (each timed step then sits between two device
+        /// synchronisations).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -153,8 +169,9 @@ fn run(cli: Cli) -> Result<()> {
             recipe,
             resume,
             overwrite,
+            device,
         } => {
-            let r = Recipe::from_file(&recipe)?;
+            let r = recipe_on_device(&recipe, device.as_deref())?;
             let s = trainer::run(
                 &r,
                 &RunOptions {
@@ -165,16 +182,23 @@ fn run(cli: Cli) -> Result<()> {
                 },
             )?;
             println!(
-                "{}: {} {:.4} after {} steps, {:.1} s of training, {} teacher forwards",
-                s.name, s.metric, s.final_eval, s.steps, s.train_seconds, s.teacher_forwards
+                "{}: {} {:.4} after {} steps, {:.1} s of training on {}, {} teacher forwards",
+                s.name,
+                s.metric,
+                s.final_eval,
+                s.steps,
+                s.train_seconds,
+                s.device.as_deref().unwrap_or("cpu"),
+                s.teacher_forwards
             );
         }
         Command::Sweep {
             recipe,
             lrs,
             overwrite,
+            device,
         } => {
-            let r = Recipe::from_file(&recipe)?;
+            let r = recipe_on_device(&recipe, device.as_deref())?;
             let opts = RunOptions {
                 overwrite,
                 progress,
@@ -212,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
             student_epochs,
             kd_stop,
             fresh,
+            device,
         } => {
             let task = match task.as_str() {
                 "image" => DemoTask::Image,
@@ -236,6 +261,7 @@ fn run(cli: Cli) -> Result<()> {
                 student_lr_scale,
                 student_epochs,
                 kd_stop,
+                device: parse_device_flag(&device)?,
             };
             let report = run_demo(task, preset, &out, knobs, &opts)?;
             println!("{}", report.to_markdown());
@@ -292,7 +318,9 @@ fn run(cli: Cli) -> Result<()> {
             variants,
             json,
             phases,
+            device,
         } => {
+            let device = recycle_engine::Device::parse(&device)?;
             let variants = variants
                 .iter()
                 .map(|v| Variant::parse(v))
@@ -305,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                     iters,
                     warmup,
                     variants: variants.clone(),
+                    device,
                 };
                 if phases {
                     let report = KdBench::new(&spec)?.phases(iters, warmup)?;
@@ -320,6 +349,29 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--device`, spelled as a recipe's `device` (checked, not opened: the trainer opens it).
+fn parse_device_flag(s: &str) -> Result<Device> {
+    parse_device_name(s).map_err(|e| match e {
+        Error::Invalid { msg, .. } => Error::invalid("--device", msg),
+        e => e,
+    })
+}
+
+/// Reads the recipe at `path`, puts `device` (the `--device` flag) in place of its own, and
+/// opens the device, so that a GPU that is not there is reported with the recipe's path before
+/// anything is written.
+fn recipe_on_device(path: &Path, device: Option<&str>) -> Result<Recipe> {
+    let mut r = Recipe::from_file(path)?;
+    if let Some(d) = device {
+        r.device = parse_device_flag(d)?;
+    }
+    trainer::open_device(&r).map_err(|e| match e {
+        Error::Device(msg) => Error::Device(format!("{}: {msg}", path.display())),
+        e => e,
+    })?;
+    Ok(r)
 }
 
 fn main() -> ExitCode {

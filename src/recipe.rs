@@ -5,6 +5,8 @@
 //! name = "kd-kl"
 //! seed = 0
 //! out_dir = "runs"
+//! device = "cpu"         # or "cuda" (= "cuda:0"), "cuda:N"
+//! activations = "f32"    # or "bf16"
 //! [model]
 //! kind = "resnet"        # or "bert"
 //! depth = 18
@@ -35,8 +37,8 @@
 
 use std::path::{Path, PathBuf};
 
-use recycle_engine::{Error, Result};
-use serde::{Deserialize, Serialize};
+use recycle_engine::{DType, Device, Error, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::distill::{KdLoss, KdSchedule, TeacherStrategy};
 
@@ -52,6 +54,21 @@ pub struct Recipe {
     /// Where run directories are created (`<out_dir>/<name>/`).
     #[serde(default = "default_out_dir")]
     pub out_dir: PathBuf,
+    /// Where the student, the teachers and the optimizer state live: `cpu` (the default),
+    /// `cuda` or `cuda:N`. Only the spelling is checked when the recipe is read; whether the
+    /// device is there is checked when a run starts (`trainer::open_device`).
+    #[serde(
+        default = "default_device",
+        serialize_with = "serialize_device",
+        deserialize_with = "deserialize_device"
+    )]
+    pub device: Device,
+    /// The type the models compute their activations in: `f32` (the default) or `bf16`
+    /// (parameters, gradients and optimizer state stay f32). On a GPU every op then computes in
+    /// bf16; the CPU ops widen bf16 to f32, so there only the values each layer hands to the
+    /// next are rounded to bf16 (a CPU run shows what the rounding does, not the speed).
+    #[serde(default)]
+    pub activations: Activations,
     pub model: ModelRecipe,
     pub data: DataRecipe,
     pub train: TrainRecipe,
@@ -62,6 +79,66 @@ pub struct Recipe {
 
 fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
+}
+
+fn default_device() -> Device {
+    Device::Cpu
+}
+
+/// Reads a device name as a recipe spells it, without opening the device: `cpu`, `cuda`
+/// (GPU 0) or `cuda:N`. The error names the value and the spellings accepted.
+pub fn parse_device_name(s: &str) -> Result<Device> {
+    let t = s.trim();
+    let bad = || {
+        Error::invalid(
+            "device",
+            format!(
+                "device `{s}` is not one of \"cpu\", \"cuda\" or \"cuda:N\" (N the GPU's number, \
+                 e.g. \"cuda:0\")"
+            ),
+        )
+    };
+    if t.eq_ignore_ascii_case("cpu") {
+        return Ok(Device::Cpu);
+    }
+    if t.eq_ignore_ascii_case("cuda") {
+        return Ok(Device::Cuda(0));
+    }
+    let n = t.strip_prefix("cuda:").ok_or_else(bad)?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    n.parse::<usize>().map(Device::Cuda).map_err(|_| bad())
+}
+
+fn serialize_device<S: Serializer>(d: &Device, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(d)
+}
+
+fn deserialize_device<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Device, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_device_name(&s).map_err(|e| match e {
+        Error::Invalid { msg, .. } => serde::de::Error::custom(msg),
+        e => serde::de::Error::custom(e),
+    })
+}
+
+/// The type a model's activations are computed in (see [`Recipe::activations`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Activations {
+    pub fn dtype(self) -> DType {
+        match self {
+            Activations::F32 => DType::F32,
+            Activations::Bf16 => DType::BF16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -447,6 +524,73 @@ strategy = "random-one"
         assert!(err.contains("optimizer.lr"), "{err}");
         let err = Recipe::from_json("{\"name\": 3}").unwrap_err().to_string();
         assert!(err.contains("not a valid recipe"), "{err}");
+    }
+
+    #[test]
+    fn device_and_activations_parse_with_defaults() {
+        let r = Recipe::from_toml(GOOD).unwrap();
+        assert_eq!((r.device, r.activations), (Device::Cpu, Activations::F32));
+        assert_eq!(r.activations.dtype(), DType::F32);
+        let with = |lines: &str| Recipe::from_toml(&format!("{lines}\n{GOOD}"));
+        for (text, device) in [
+            ("device = \"cpu\"", Device::Cpu),
+            ("device = \"CPU\"", Device::Cpu),
+            ("device = \"cuda\"", Device::Cuda(0)),
+            ("device = \"cuda:0\"", Device::Cuda(0)),
+            ("device = \"cuda:3\"", Device::Cuda(3)),
+        ] {
+            // Only the spelling is checked: a GPU recipe reads on a machine without one.
+            let r = with(text).unwrap();
+            assert_eq!(r.device, device, "{text}");
+            let again = Recipe::from_toml(&r.to_toml().unwrap()).unwrap();
+            assert_eq!(again, r, "{text}");
+        }
+        let r = with("activations = \"bf16\"").unwrap();
+        assert_eq!(r.activations, Activations::Bf16);
+        assert_eq!(r.activations.dtype(), DType::BF16);
+        let toml = r.to_toml().unwrap();
+        assert!(toml.contains("activations = \"bf16\""), "{toml}");
+        assert!(toml.contains("device = \"cpu\""), "{toml}");
+        // A cuda recipe written back says which GPU.
+        let toml = with("device = \"cuda\"").unwrap().to_toml().unwrap();
+        assert!(toml.contains("device = \"cuda:0\""), "{toml}");
+        // JSON (the Python binding's dicts) reads the same fields.
+        let json = r#"{"name": "kd", "device": "cuda:1", "activations": "bf16",
+            "model": {"kind": "resnet"}, "data": {"dataset": "fashion-mnist"},
+            "train": {"batch_size": 64, "epochs": 2.0},
+            "optimizer": {"kind": "sgdw", "lr": 0.4}}"#;
+        let r = Recipe::from_json(json).unwrap();
+        assert_eq!(
+            (r.device, r.activations),
+            (Device::Cuda(1), Activations::Bf16)
+        );
+    }
+
+    #[test]
+    fn bad_devices_and_activations_name_the_file_and_the_value() {
+        let dir =
+            std::env::temp_dir().join(format!("recycle-recipe-device-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (line, needles) in [
+            ("device = \"gpu\"", &["`gpu`", "\"cuda:N\""][..]),
+            ("device = \"cuda:x\"", &["`cuda:x`", "\"cpu\""][..]),
+            ("device = \"cuda:\"", &["`cuda:`"][..]),
+            ("device = \"cuda:-1\"", &["`cuda:-1`"][..]),
+            ("device = 0", &["device"][..]),
+            ("activations = \"fp16\"", &["fp16", "f32", "bf16"][..]),
+        ] {
+            let path = dir.join("bad.toml");
+            std::fs::write(&path, format!("{line}\n{GOOD}")).unwrap();
+            let err = Recipe::from_file(&path).unwrap_err().to_string();
+            assert!(err.contains(&path.display().to_string()), "{line}: {err}");
+            for needle in needles {
+                assert!(err.contains(needle), "{line}: {needle}: {err}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(parse_device_name(" cuda:2 ").unwrap(), Device::Cuda(2));
+        let err = parse_device_name("tpu").unwrap_err().to_string();
+        assert!(err.contains("`tpu`") && err.contains("cuda:0"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::{RunLog, RunSummary};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions, Trainer};
+use recycle_engine::Device;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("recycle-pipeline-{tag}-{}", std::process::id()));
@@ -18,7 +19,11 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn tiny_recipe(out: &Path, name: &str) -> Recipe {
-    Recipe::from_toml(&format!(
+    Recipe::from_toml(&tiny_toml(out, name)).unwrap()
+}
+
+fn tiny_toml(out: &Path, name: &str) -> String {
+    format!(
         r#"
 name = "{name}"
 out_dir = "{}"
@@ -41,8 +46,7 @@ weight_decay = 5e-4
 warmup = 0.1
 "#,
         out.display()
-    ))
-    .unwrap()
+    )
 }
 
 #[test]
@@ -269,5 +273,152 @@ fn mlm_demo_runs_end_to_end_with_early_stopped_distillation() {
         "teachers only in the first 30%"
     );
     assert!(report.rows.iter().all(|r| r.metric == "mlm-accuracy"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `device = "cuda:0"` where the GPU cannot be used (this machine and CI: no driver, or a build
+/// without the CUDA backend) fails before anything is written, with the engine's account of
+/// what is missing, the run and the setting; the same run then trains on the CPU without
+/// `--overwrite`. Where a GPU is usable, the run trains there, its summary names the GPU, and a
+/// run stopped and resumed there reaches the same weights.
+#[test]
+fn a_gpu_recipe_without_a_usable_gpu_fails_before_writing_anything() {
+    let out = temp_dir("gpu");
+    let mut r = tiny_recipe(&out, "gpu");
+    r.device = Device::Cuda(0);
+    let result = trainer::run(&r, &RunOptions::default());
+    match recycle_engine::cuda::device_info(0) {
+        Ok(info) => {
+            let s = result.unwrap();
+            assert_eq!(s.device, Some(format!("cuda:0 {}", info.name)));
+            assert!((0.0..=1.0).contains(&s.final_eval));
+            // No op adds with atomics: a run resumed on the GPU repeats the uninterrupted one.
+            let mut split = tiny_recipe(&out, "gpu-split");
+            split.device = Device::Cuda(0);
+            let stop = RunOptions {
+                stop_after: Some(3),
+                ..RunOptions::default()
+            };
+            assert!(trainer::run(&split, &stop).is_err());
+            let resume = RunOptions {
+                resume: true,
+                ..RunOptions::default()
+            };
+            trainer::run(&split, &resume).unwrap();
+            let a = std::fs::read(out.join("gpu/final.safetensors")).unwrap();
+            let b = std::fs::read(out.join("gpu-split/final.safetensors")).unwrap();
+            assert!(a == b, "weights resumed on the GPU differ");
+        }
+        Err(engine) => {
+            let err = result.unwrap_err().to_string();
+            let engine = match engine {
+                recycle_engine::Error::Device(m) => m,
+                e => panic!("the probe's error is not a device error: {e}"),
+            };
+            // The engine's message, whole: what is missing and what to do.
+            assert!(err.contains(&engine), "{err}\nvs {engine}");
+            assert!(
+                ["no CUDA backend", "no NVIDIA driver found", "sees no GPU"]
+                    .iter()
+                    .any(|m| engine.contains(m)),
+                "{engine}"
+            );
+            assert!(
+                err.contains("run `gpu`") && err.contains("device = \"cuda:0\""),
+                "{err}"
+            );
+            assert!(
+                !out.join("gpu").exists(),
+                "a run that could not open its device wrote its directory"
+            );
+            r.device = Device::Cpu;
+            let s = trainer::run(&r, &RunOptions::default()).unwrap();
+            assert_eq!(s.device.as_deref(), Some("cpu"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `device = "cpu"` spelled out trains to the same bytes as a recipe without it, and the
+/// summary records the device.
+#[test]
+fn an_explicit_cpu_device_equals_the_default_bit_for_bit() {
+    let out = temp_dir("cpu");
+    let default = tiny_recipe(&out, "default");
+    assert_eq!(default.device, Device::Cpu);
+    let s = trainer::run(&default, &RunOptions::default()).unwrap();
+    assert_eq!(s.device.as_deref(), Some("cpu"));
+    let text = tiny_toml(&out, "explicit");
+    assert!(!text.contains("device"), "{text}");
+    let explicit = Recipe::from_toml(&format!("device = \"cpu\"\n{text}")).unwrap();
+    let e = trainer::run(&explicit, &RunOptions::default()).unwrap();
+    assert_eq!(e.final_eval, s.final_eval);
+    let a = std::fs::read(out.join("default/final.safetensors")).unwrap();
+    let b = std::fs::read(out.join("explicit/final.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "device = \"cpu\" trained other weights than the default"
+    );
+    let la = RunLog::read(out.join("default/log.jsonl")).unwrap();
+    let lb = RunLog::read(out.join("explicit/log.jsonl")).unwrap();
+    for (x, y) in la.records.iter().zip(&lb.records) {
+        assert_eq!((x.step, x.loss, x.eval), (y.step, y.loss, y.eval));
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `activations = "bf16"` on the CPU (ops widen bf16 to f32, so only the values cast to bf16
+/// are rounded): a plain run and a student distilled from an f32 teacher both train (the loss
+/// falls), the rounding shows in the losses, and the weights written stay f32.
+#[test]
+fn bf16_activations_train_on_the_cpu() {
+    let out = temp_dir("bf16");
+    let long = |name: &str, extra: &str| {
+        Recipe::from_toml(&format!(
+            "activations = \"bf16\"\n{}{extra}",
+            tiny_toml(&out, name).replace("epochs = 1.0", "epochs = 2.0")
+        ))
+        .unwrap()
+    };
+    let mut f32_run = long("f32", "");
+    f32_run.activations = recycle::recipe::Activations::F32;
+    trainer::run(&f32_run, &RunOptions::default()).unwrap();
+    let teacher = format!(
+        "\n[distill]\nteachers = [\"{}\"]\n",
+        out.join("f32").display()
+    );
+    for (name, extra) in [("bf16", ""), ("bf16-kd", teacher.as_str())] {
+        let r = long(name, extra);
+        assert_eq!(r.activations.dtype(), recycle_engine::DType::BF16);
+        let s = trainer::run(&r, &RunOptions::default()).unwrap();
+        assert!((0.0..=1.0).contains(&s.final_eval), "{name}");
+        let log = RunLog::read(out.join(name).join("log.jsonl")).unwrap();
+        let losses: Vec<f32> = log.records.iter().map(|r| r.loss).collect();
+        assert_eq!(losses.len(), 16);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        assert!(
+            mean(&losses[12..]) < mean(&losses[..4]) - 0.1,
+            "{name}: the loss did not fall: {losses:?}"
+        );
+        if extra.is_empty() {
+            let f32_log = RunLog::read(out.join("f32/log.jsonl")).unwrap();
+            assert!(
+                f32_log
+                    .records
+                    .iter()
+                    .zip(&log.records)
+                    .any(|(a, b)| a.loss != b.loss),
+                "bf16 activations changed nothing"
+            );
+        } else {
+            assert_eq!(s.teacher_forwards, 16);
+        }
+        let ckpt =
+            recycle_engine::checkpoint::load(&out.join(name).join("final.safetensors")).unwrap();
+        assert!(ckpt
+            .tensors
+            .iter()
+            .all(|(_, t)| t.dtype() != recycle_engine::DType::BF16));
+    }
     let _ = std::fs::remove_dir_all(&out);
 }

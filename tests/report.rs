@@ -59,6 +59,7 @@ fn write_run(dir: &Path, name: &str, method: &str, duration_samples: u64, evals:
         final_eval: evals.last().unwrap().1,
         train_seconds: end,
         teacher_forwards: if kd { step } else { 0 },
+        device: Some("cpu".to_string()),
         teachers: if kd { vec!["b90".to_string()] } else { vec![] },
         config: serde_json::json!({ "lr": 0.1, "duration_samples": duration_samples }),
     }

@@ -8,14 +8,14 @@
 
 use std::path::{Path, PathBuf};
 
-use recycle_engine::{Error, Result};
+use recycle_engine::{Device, Error, Result};
 
 use crate::experiments::report::{build_report, Report};
 use crate::experiments::sweep::run_sweep;
 use crate::experiments::PlotOptions;
 use crate::recipe::{
-    DataRecipe, DistillRecipe, KdLossKind, ModelRecipe, OptimizerKind, OptimizerRecipe, Recipe,
-    ScheduleKind, TrainRecipe,
+    Activations, DataRecipe, DistillRecipe, KdLossKind, ModelRecipe, OptimizerKind,
+    OptimizerRecipe, Recipe, ScheduleKind, TrainRecipe,
 };
 use crate::trainer::{self, RunOptions};
 
@@ -69,6 +69,8 @@ pub struct DemoKnobs {
     /// Fraction of training after which the students stop distilling (paper section 5.2):
     /// later steps run no teacher and cost what a plain step costs.
     pub kd_stop: f32,
+    /// Where every run of the demo trains (the recipes' `device`).
+    pub device: Device,
 }
 
 impl Default for DemoKnobs {
@@ -79,6 +81,7 @@ impl Default for DemoKnobs {
             student_lr_scale: None,
             student_epochs: None,
             kd_stop: 1.0,
+            device: Device::Cpu,
         }
     }
 }
@@ -121,6 +124,8 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
             seed: 0,
             label: None,
             out_dir: out_dir.to_path_buf(),
+            device: Device::Cpu,
+            activations: Activations::F32,
             model: ModelRecipe::Resnet {
                 depth: 18,
                 width: if tiny { 1.0 / 16.0 } else { 0.125 },
@@ -165,6 +170,8 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
             seed: 0,
             label: None,
             out_dir: out_dir.to_path_buf(),
+            device: Device::Cpu,
+            activations: Activations::F32,
             model: ModelRecipe::Bert {
                 size: "tiny".into(),
             },
@@ -231,7 +238,8 @@ pub fn run_demo(
     knobs: DemoKnobs,
     opts: &RunOptions,
 ) -> Result<Report> {
-    let p = plan(task, preset, out_dir);
+    let mut p = plan(task, preset, out_dir);
+    p.base.device = knobs.device;
     let sweep_base = with_epochs(&p.base, p.base.name.clone(), p.teacher_epochs);
     let points = run_sweep(&sweep_base, &p.lrs, opts)?;
     let best = &points[0];

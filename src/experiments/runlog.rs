@@ -333,6 +333,10 @@ pub struct RunSummary {
     /// Total training seconds (the same clock as the log's `train_seconds`).
     pub train_seconds: f64,
     pub teacher_forwards: u64,
+    /// The device the run trained on: `cpu`, or the GPU's ordinal and name
+    /// (`cuda:0 NVIDIA H200`); absent in summaries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Names (or checkpoint paths) of the teachers; empty for a baseline.
     #[serde(default)]
     pub teachers: Vec<String>,
@@ -558,6 +562,7 @@ mod tests {
                 final_eval: 0.7,
                 train_seconds: 30.0,
                 teacher_forwards: 0,
+                device: None,
                 teachers: vec![],
                 config: serde_json::Value::Null,
             },

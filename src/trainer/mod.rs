@@ -6,6 +6,10 @@
 //! resumable checkpoints written atomically (`checkpoint.safetensors`: model, optimizer state
 //! and the step), the final weights (`final.safetensors`) and `summary.json`.
 //!
+//! The recipe's `device` ([`open_device`]) holds the student, its optimizer state and the
+//! teachers; the loader builds batches on the CPU and each step uploads its own (on a GPU:
+//! compiled, not yet run on one; see `docs/cuda.md`).
+//!
 //! Everything random is a function of `(seed, step)` — data order, MLM masks, dropout, teacher
 //! sampling — so `resume` continues a stopped run to the same weights bit for bit (on the CPU).
 //! A non-finite loss stops the run with an error naming the step; the last checkpoint, written
@@ -22,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use recycle_engine::optim::{AdamW, LrSchedule, Optimizer, Sgdw};
-use recycle_engine::{DType, Error, Result, Tape};
+use recycle_engine::{DType, Device, Error, Result, Tape};
 use recycle_models::{BertConfig, MlmBatch, ResNetConfig};
 
 use crate::data::{self, BatchSource, ImageDataset, Loader, LoaderConfig, MlmDataset, Split};
@@ -230,8 +234,15 @@ fn make_schedule(recipe: &Recipe, total: u64) -> Result<LrSchedule> {
 }
 
 /// Loads the teachers a recipe names: run directories (their `final.safetensors`, ranked by
-/// the `final_eval` of their `summary.json`) or checkpoint files.
-pub fn load_teachers(paths: &[PathBuf], arch: &Architecture) -> Result<Vec<TeacherEntry<Model>>> {
+/// the `final_eval` of their `summary.json`) or checkpoint files. Each is loaded on the CPU as a
+/// frozen teacher (weights in bf16, BatchNorm folded), computing in `activations` when given
+/// (else in its input's type), then moved to `device`.
+pub fn load_teachers(
+    paths: &[PathBuf],
+    arch: &Architecture,
+    device: Device,
+    activations: Option<DType>,
+) -> Result<Vec<TeacherEntry<Model>>> {
     paths
         .iter()
         .map(|p| {
@@ -256,10 +267,41 @@ pub fn load_teachers(paths: &[PathBuf], arch: &Architecture) -> Result<Vec<Teach
             Ok(TeacherEntry {
                 name: p.display().to_string(),
                 accuracy,
-                model: Model::load_teacher(arch, &file, DType::BF16)?,
+                model: {
+                    let t = Model::load_teacher(arch, &file, DType::BF16)?;
+                    match activations {
+                        Some(dtype) => t.with_activations(dtype)?,
+                        None => t,
+                    }
+                    .to_device(device)?
+                },
             })
         })
         .collect()
+}
+
+/// Opens the device `recipe` trains on and names it for the summary: `cpu`, or the GPU's
+/// ordinal and name (`cuda:0 NVIDIA H200`). A GPU that cannot be used here (a build without
+/// the `cuda` feature, no NVIDIA driver, no such GPU, ...) is an error with the engine's
+/// account of what is missing, the run's name and the setting; nothing has been written then.
+pub fn open_device(recipe: &Recipe) -> Result<(Device, String)> {
+    match recipe.device {
+        Device::Cpu => Ok((Device::Cpu, "cpu".to_string())),
+        Device::Cuda(n) => match recycle_engine::cuda::device_info(n) {
+            Ok(info) => Ok((Device::Cuda(n), format!("cuda:{n} {}", info.name))),
+            Err(e) => {
+                let why = match e {
+                    Error::Device(m) => m,
+                    e => e.to_string(),
+                };
+                Err(Error::Device(format!(
+                    "run `{}` has device = \"cuda:{n}\": {why}; to train on the CPU instead, \
+                     set device = \"cpu\" (or pass --device cpu)",
+                    recipe.name
+                )))
+            }
+        },
+    }
 }
 
 /// Converts a loader batch into the model's batch.
@@ -280,26 +322,22 @@ fn mlm_batch(b: data::MlmBatch) -> Result<Batch> {
 }
 
 /// Evaluation metric of `model` on the evaluation split: top-1 accuracy for images,
-/// masked-token accuracy for MLM (fixed masks).
+/// masked-token accuracy for MLM (fixed masks). The loader builds each batch on the CPU; it is
+/// uploaded to the model's device, and the logits come back in one copy per batch (the labels
+/// never leave the host).
 pub fn evaluate(model: &Model, data: &TaskData, batch_size: usize) -> Result<f32> {
+    let device = model.device();
     let (mut correct, mut total) = (0usize, 0usize);
     let mut score = |batch: Batch| -> Result<()> {
-        let logits = model.logits(&Tape::inference(), &batch, false, 0)?;
-        let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
-        let values = logits.tensor().read_f32()?;
         let labels = batch.labels().to_vec::<i32>()?;
-        for r in 0..rows {
-            let row = &values[r * classes..(r + 1) * classes];
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                )
-                .0;
-            correct += (best as i32 == labels[r]) as usize;
-        }
+        let logits = model.logits(&Tape::inference(), &batch.to_device(device)?, false, 0)?;
+        let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+        let t = logits.tensor();
+        correct += if t.device().is_cpu() && t.dtype() == DType::F32 {
+            count_correct(&t.read_f32()?, classes, &labels)
+        } else {
+            count_correct(&t.to_vec_f32()?, classes, &labels)
+        };
         total += rows;
         Ok(())
     };
@@ -322,6 +360,25 @@ pub fn evaluate(model: &Model, data: &TaskData, batch_size: usize) -> Result<f32
         ));
     }
     Ok(correct as f32 / total as f32)
+}
+
+/// Rows of `logits` (`classes` wide) whose first maximum is at the row's label.
+fn count_correct(logits: &[f32], classes: usize, labels: &[i32]) -> usize {
+    logits
+        .chunks_exact(classes)
+        .zip(labels)
+        .filter(|(row, &label)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0;
+            best as i32 == label
+        })
+        .count()
 }
 
 /// Steps after which an evaluation runs: `evals` of them, evenly spaced, the last at the end.

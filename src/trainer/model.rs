@@ -6,7 +6,7 @@ use std::path::Path;
 
 use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 use recycle_models::bert::BertForwardOptions;
-use recycle_models::{Bert, BertConfig, MlmBatch, ResNet, ResNetConfig};
+use recycle_models::{Bert, BertConfig, MlmBatch, ResNet, ResNetConfig, Weights};
 
 #[derive(Debug, Clone)]
 pub enum Model {
@@ -102,6 +102,20 @@ impl Model {
             Model::ResNet(m) => Model::ResNet(m.to_device(device)?),
             Model::Bert(m) => Model::Bert(m.to_device(device)?),
         })
+    }
+
+    /// The device the model's weights are on.
+    pub fn device(&self) -> Device {
+        let weights = match self {
+            Model::ResNet(m) => m.weights(),
+            Model::Bert(m) => m.weights(),
+        };
+        match weights {
+            Weights::Trainable(p) => p.device(),
+            Weights::Frozen { tensors, .. } => {
+                tensors.first().map_or(Device::Cpu, |(_, t)| t.device())
+            }
+        }
     }
 
     /// This model computing its forward in `dtype` (f32 or bf16): the activations, and the

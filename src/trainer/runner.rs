@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use recycle_engine::optim::{LrSchedule, Optimizer};
-use recycle_engine::{checkpoint, Error, Result, Tensor};
+use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
 use super::{
     architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
-    mlm_batch, progress_bar, total_steps, train_step, Batch, Model, RunOptions, StepOutput,
-    TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
+    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
-use crate::recipe::Recipe;
+use crate::recipe::{Activations, Recipe};
 
 /// Where a run stands: what a checkpoint records besides the weights and optimizer state.
 struct Progress {
@@ -59,6 +59,8 @@ pub struct TrainerMetrics {
 pub struct Trainer {
     recipe: Recipe,
     dir: PathBuf,
+    device: Device,
+    device_name: String,
     data: TaskData,
     student: Model,
     optimizer: Box<dyn Optimizer>,
@@ -79,12 +81,16 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Prepares a run: checks the run directory (an existing run needs `opts.resume` or
-    /// `opts.overwrite`), records the recipe, loads the data, the student (from the checkpoint
-    /// when resuming) and the teachers. `opts.stop_after` and `opts.reuse_finished` are for
-    /// [`super::run`]; this ignores them.
+    /// Prepares a run: opens the recipe's device (before anything is written: a GPU that is
+    /// not there leaves no trace), checks the run directory (an existing run needs
+    /// `opts.resume` or `opts.overwrite`), records the recipe, loads the data, the student
+    /// (from the checkpoint when resuming) and the teachers. On a GPU the student's parameters,
+    /// gradients and buffers, the optimizer state and the teachers live there; the loader
+    /// builds each batch on the CPU and the step uploads it. `opts.stop_after` and
+    /// `opts.reuse_finished` are for [`super::run`]; this ignores them.
     pub fn new(recipe: &Recipe, opts: &RunOptions) -> Result<Trainer> {
         recipe.validate()?;
+        let (device, device_name) = open_device(recipe)?;
         let dir = recipe.out_dir.join(&recipe.name);
         let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
         if opts.resume && !has_checkpoint {
@@ -111,7 +117,11 @@ impl Trainer {
         let data = TaskData::load(recipe)?;
         let arch = architecture(recipe, &data)?;
         let total = total_steps(recipe, data.train_len())?;
-        let student = Model::new(&arch, recipe.seed)?;
+        let student = match recipe.activations {
+            Activations::F32 => Model::new(&arch, recipe.seed)?,
+            Activations::Bf16 => Model::new(&arch, recipe.seed)?.with_activations(DType::BF16)?,
+        }
+        .to_device(device)?;
         let num_params = student.params()?.len();
         let mut optimizer = make_optimizer(recipe, num_params)?;
         let schedule = make_schedule(recipe, total)?;
@@ -120,7 +130,12 @@ impl Trainer {
                 d.loss(),
                 d.schedule(),
                 Some(TeacherPool::new(
-                    load_teachers(&d.teachers, &arch)?,
+                    load_teachers(
+                        &d.teachers,
+                        &arch,
+                        device,
+                        teacher_activations(device, recipe.activations),
+                    )?,
                     d.strategy()?,
                     recipe.seed,
                 )?),
@@ -159,6 +174,8 @@ impl Trainer {
         Ok(Trainer {
             recipe: recipe.clone(),
             dir,
+            device,
+            device_name,
             data,
             student,
             optimizer,
@@ -197,6 +214,16 @@ impl Trainer {
     /// Whether every step of the run is done ([`Trainer::finish`] is what remains).
     pub fn is_done(&self) -> bool {
         self.state.step >= self.total
+    }
+
+    /// The device the run trains on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The device's name as the summary records it: `cpu`, or `cuda:0 NVIDIA H200`.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
     }
 
     /// The student being trained.
@@ -249,26 +276,41 @@ impl Trainer {
             .as_ref()
             .filter(|_| self.kd_schedule.is_active(step, self.total));
         let t0 = Instant::now();
-        let out = train_step(
-            &self.student,
-            distill,
-            &self.loss,
-            &b,
-            self.optimizer.as_mut(),
-            lr,
-            step,
-            self.recipe.seed,
-        )
-        .map_err(|e| {
-            Error::invalid(
-                "train",
-                format!(
-                    "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
-                    self.recipe.name,
-                    self.dir.join(CHECKPOINT_FILE).display()
-                ),
-            )
-        })?;
+        // The loader's batch is on the CPU; on a GPU the upload is part of the step's time.
+        let out = b
+            .to_device(self.device)
+            .and_then(|on_device| {
+                train_step(
+                    &self.student,
+                    distill,
+                    &self.loss,
+                    &on_device,
+                    self.optimizer.as_mut(),
+                    lr,
+                    step,
+                    self.recipe.seed,
+                )
+            })
+            .and_then(|out| {
+                // A GPU may still be running this step's backward and update (the loss came
+                // back after the forward); later steps wait for it anyway. Before an
+                // evaluation, wait here, so that the training time logged with it holds all
+                // the training before it.
+                if self.evals.contains(&(step + 1)) {
+                    recycle_engine::cuda::synchronize(self.device)?;
+                }
+                Ok(out)
+            })
+            .map_err(|e| {
+                Error::invalid(
+                    "train",
+                    format!(
+                        "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
+                        self.recipe.name,
+                        self.dir.join(CHECKPOINT_FILE).display()
+                    ),
+                )
+            })?;
         let state = &mut self.state;
         state.train_seconds += t0.elapsed().as_secs_f64();
         state.step += 1;
@@ -385,6 +427,7 @@ impl Trainer {
             final_eval,
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
+            device: Some(self.device_name.clone()),
             teachers: recipe
                 .distill
                 .as_ref()
@@ -395,6 +438,18 @@ impl Trainer {
         };
         summary.write(&self.dir)?;
         Ok(summary)
+    }
+}
+
+/// The compute dtype of the teachers (whose weights are bf16): bf16 on a GPU, where an op
+/// computes in its activations' type (f32 activations would cast every weight at every teacher
+/// forward), and wherever the recipe asks for bf16; on the CPU with f32 activations, the
+/// default (the input's type), since CPU ops compute in f32 whatever the type and bf16 would
+/// only round.
+fn teacher_activations(device: Device, activations: Activations) -> Option<DType> {
+    match (device, activations) {
+        (Device::Cpu, Activations::F32) => None,
+        _ => Some(DType::BF16),
     }
 }
 

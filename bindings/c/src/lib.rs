@@ -571,6 +571,51 @@ mod tests {
         );
     }
 
+    /// The recipe's `device` flows through `recycle_trainer_new`: a misspelt one is a recipe
+    /// error naming the value; `cuda:0` where no GPU can be used is an engine error with the
+    /// engine's account of what is missing, and no run directory is left behind.
+    #[test]
+    fn a_recipe_device_flows_through_trainer_new() {
+        let dir = std::env::temp_dir().join(format!("recycle-c-device-{}", std::process::id()));
+        let recipe = |device: &str| {
+            CString::new(format!(
+                "name = \"gpu\"\nout_dir = \"{}\"\ndevice = \"{device}\"\n\
+                 [model]\nkind = \"resnet\"\nwidth = 0.0625\n\
+                 [data]\ndataset = \"fashion-mnist\"\ntrain_limit = 64\neval_limit = 32\n\
+                 [train]\nbatch_size = 32\nepochs = 1.0\n\
+                 [optimizer]\nkind = \"sgdw\"\nlr = 0.1\n",
+                dir.display()
+            ))
+            .unwrap()
+        };
+        let mut t: *mut RecycleTrainer = std::ptr::null_mut();
+        let status = unsafe { recycle_trainer_new(recipe("gpu0").as_ptr(), 0, &mut t) };
+        assert_eq!(status, RECYCLE_ERROR_RECIPE);
+        let msg = last_error();
+        assert!(msg.contains("`gpu0`") && msg.contains("cuda:N"), "{msg}");
+        assert!(t.is_null());
+
+        let probe = recycle::engine::cuda::device_info(0);
+        if probe.is_ok() {
+            return; // A usable GPU: nothing here fails.
+        }
+        let status = unsafe { recycle_trainer_new(recipe("cuda:0").as_ptr(), 0, &mut t) };
+        assert_eq!(status, RECYCLE_ERROR_ENGINE);
+        let msg = last_error();
+        assert!(
+            msg.starts_with("recycle_trainer_new: ") && msg.contains("device = \"cuda:0\""),
+            "{msg}"
+        );
+        assert!(
+            ["no CUDA backend", "no NVIDIA driver found", "sees no GPU"]
+                .iter()
+                .any(|m| msg.contains(m)),
+            "{msg}"
+        );
+        assert!(t.is_null());
+        assert!(!dir.join("gpu").exists(), "{}", dir.display());
+    }
+
     #[test]
     fn the_last_error_is_per_thread_and_kept_across_successes() {
         assert_eq!(

@@ -285,6 +285,11 @@ def test_train_errors(tmp_path):
         recycle.train(bad)
     with pytest.raises(RecycleError, match="not a valid recipe"):
         recycle.train({"name": "x"})
+    misspelt = tiny_recipe(tmp_path, "gpu")
+    misspelt["device"] = "gpu0"
+    with pytest.raises(RecycleError, match=r"device `gpu0` is not one of"):
+        recycle.train(misspelt)
+    assert not (tmp_path / "gpu").exists()
     with pytest.raises(RecycleError, match="nope.toml"):
         recycle.train(tmp_path / "nope.toml")
     with pytest.raises(RecycleError, match="not a directory"):

@@ -18,9 +18,13 @@
 //!
 //! Plans: the descriptors and the heuristic's algorithm are made once per problem ([`Gemm`]:
 //! shape, transposes, types, epilogue) and operand alignment ([`alignment`]) and kept in the
-//! context; the workspace (at most
-//! [`MAX_WORKSPACE`]) is one buffer per context, grown when a plan needs more. Everything runs
-//! on the context's compute stream, so the workspace is never used by two products at once.
+//! context; the workspace (at most [`MAX_WORKSPACE`]) is one buffer per stream role, grown
+//! when a plan needs more. A product runs on the calling thread's current stream (the
+//! student's, or the teacher's inside a `cuda::on_stream` scope) and uses that stream's
+//! workspace: products queued on one stream run one after another, so they can share a
+//! workspace, while a teacher's product and a student's may run at the same time and must not.
+//! The handle and the plans are shared (a cuBLASLt handle is not tied to a stream: the stream
+//! is an argument of each call).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -30,7 +34,7 @@ use std::sync::Arc;
 use cudarc::cublaslt::{result as lt, sys};
 
 use super::libs::{self, Library};
-use super::{CudaContext, DeviceBuffer};
+use super::{CudaContext, DeviceBuffer, StreamRole};
 use crate::{DType, Error, Result};
 
 /// The workspace cuBLASLt may use (NVIDIA recommends 32 MiB on Hopper).
@@ -294,12 +298,14 @@ impl Plan {
     }
 }
 
-/// The cuBLASLt state of a context: the handle, the plans made so far, the workspace.
+/// The cuBLASLt state of a context: the handle, the plans made so far, a workspace per stream
+/// role.
 pub(crate) struct Blas {
     handle: sys::cublasLtHandle_t,
     plans: HashMap<PlanKey, Plan>,
-    // Holds an `Arc` of its own context (a cycle): contexts live for the process anyway.
-    workspace: Option<DeviceBuffer>,
+    // Hold an `Arc` of their own context (a cycle): contexts live for the process anyway.
+    // Indexed by `StreamRole::index`; each allocated, grown and freed on its own stream.
+    workspaces: [Option<DeviceBuffer>; StreamRole::COUNT],
 }
 
 // SAFETY: the handle and descriptors are library objects usable from any thread; the context
@@ -324,13 +330,13 @@ impl Blas {
             Ok(Blas {
                 handle,
                 plans: HashMap::new(),
-                workspace: None,
+                workspaces: Default::default(),
             })
         })
     }
 }
 
-/// `D = op(A) op(B) (+ bias)` on `ctx`'s compute stream, for device addresses of the engine's
+/// `D = op(A) op(B) (+ bias)` on `ctx`'s current stream, for device addresses of the engine's
 /// row-major operands (`bias` is ignored unless `g.bias`). Nothing is launched when `D` is
 /// empty; `k == 0` must be handled by the caller (cuBLASLt rejects it).
 pub(crate) fn gemm(
@@ -360,11 +366,14 @@ pub(crate) fn gemm(
             Plan::new(ordinal, handle, &key)
         })?),
     };
-    let have = blas.workspace.as_ref().map_or(0, |w| w.bytes());
+    // The current stream's workspace: replacing a smaller one frees it on this stream, after
+    // the products that used it (all queued on this stream).
+    let workspace = &mut blas.workspaces[ctx.current_role().index()];
+    let have = workspace.as_ref().map_or(0, |w| w.bytes());
     if plan.workspace > have {
-        blas.workspace = Some(DeviceBuffer::alloc(ctx, plan.workspace)?);
+        *workspace = Some(DeviceBuffer::alloc(ctx, plan.workspace)?);
     }
-    let ws = blas.workspace.as_ref().map_or(0, |w| w.ptr());
+    let ws = workspace.as_ref().map_or(0, |w| w.ptr());
     if g.bias {
         // SAFETY: the descriptor is alive; the attribute takes a device pointer.
         unsafe {

@@ -34,6 +34,8 @@ pub(crate) struct CudaContext {
     modules: Mutex<HashMap<&'static str, Handle<sys::CUmodule>>>,
     functions: Mutex<HashMap<&'static str, Handle<sys::CUfunction>>>,
     pub(crate) memory: Memory,
+    /// The device's default memory pool, which every buffer comes from.
+    pool: Handle<sys::CUmemoryPool>,
     pub(crate) staging: Mutex<Staging>,
     /// cuBLASLt: handle, plans by shape, workspace; made on the first product.
     pub(crate) blas: Mutex<Option<Blas>>,
@@ -99,9 +101,9 @@ impl CudaContext {
         // Keep freed blocks in the device's pool instead of returning them to the driver at
         // every synchronisation: from the second step on, a step's allocations come from the
         // pool (the caching allocator is the driver's).
-        // SAFETY: the device handle comes from the context just made; the attribute takes a
-        // u64.
-        unsafe {
+        // SAFETY: the device handle comes from the context just made; the release threshold
+        // takes a u64, the reuse policy an int.
+        let pool = unsafe {
             let pool = result::device::get_default_mem_pool(ctx.cu_device())
                 .map_err(err("cuDeviceGetDefaultMemPool"))?;
             let mut threshold: u64 = u64::MAX;
@@ -111,7 +113,23 @@ impl CudaContext {
                 &mut threshold as *mut u64 as *mut c_void,
             )
             .map_err(err("setting the memory pool's release threshold"))?;
-        }
+            // The pool may hand a block freed on one stream to an allocation on another
+            // before the free has run on the device by making the allocating stream wait for
+            // the freeing one ("internal dependencies"). With the teacher's forward on its own
+            // stream that wait would tie the student's allocations to the teacher's progress
+            // and undo the overlap the teacher stream exists for. Without it, a block freed on
+            // another stream is reused once its free has completed (opportunistic reuse) or
+            // when an event orders the two (the scopes' joins); until then the pool grows,
+            // by at most what the two streams hold at once.
+            let mut no: i32 = 0;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                &mut no as *mut i32 as *mut c_void,
+            )
+            .map_err(err("setting the memory pool's reuse policy"))?;
+            pool
+        };
         let stream = |role: &str| {
             ctx.new_stream()
                 .map_err(|e| driver_err(ordinal, &format!("creating the {role} stream"), e))
@@ -134,6 +152,7 @@ impl CudaContext {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             memory: Memory::default(),
+            pool: Handle(pool),
             staging: Mutex::new(Staging::default()),
             blas: Mutex::new(None),
             dnn: Mutex::new(None),
@@ -163,9 +182,16 @@ impl CudaContext {
         }
     }
 
-    /// The stream every engine op runs on, and on which memory is allocated and freed.
+    /// The role whose stream the calling thread's work on this GPU goes to: the student's
+    /// outside any scope, the scope's inside `cuda::on_stream` (see `scope.rs`).
+    pub(crate) fn current_role(&self) -> StreamRole {
+        super::scope::role_of(self.ordinal())
+    }
+
+    /// The stream every engine op of the calling thread runs on now, and on which memory is
+    /// allocated, freed and copied: the current role's.
     pub(crate) fn compute_stream(&self) -> sys::CUstream {
-        self.student.cu_stream()
+        self.stream(self.current_role()).cu_stream()
     }
 
     /// An event marking the work queued so far on `role`'s stream.
@@ -209,6 +235,25 @@ impl CudaContext {
 
     pub(crate) fn alloc_stats(&self) -> AllocStats {
         self.memory.stats()
+    }
+
+    /// The device memory the pool holds now (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`): what
+    /// the engine's buffers occupy on the device, with the blocks freed into the pool and
+    /// kept for reuse (the release threshold is "never", so it only grows).
+    pub(crate) fn pool_reserved_bytes(&self) -> Result<u64> {
+        self.bind()?;
+        let mut v: u64 = 0;
+        // SAFETY: the pool is the device's default pool, alive as long as the context; the
+        // attribute is a cuuint64_t.
+        unsafe {
+            result::mem_pool::get_attribute(
+                self.pool.0,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                &mut v as *mut u64 as *mut c_void,
+            )
+        }
+        .map_err(|e| driver_err(self.ordinal(), "reading the memory pool's size", e))?;
+        Ok(v)
     }
 
     /// The function `kernel` of `family`, loading the family's fatbin on first use.

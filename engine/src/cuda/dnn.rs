@@ -11,8 +11,16 @@
 //! (`cudnnGet…Algorithm_v7`) ranks first among those that succeed, are **deterministic** (the
 //! engine adds no floats in a run-dependent order: cuDNN's `ALGO_0` backward kernels use
 //! atomics) and fit in [`MAX_WORKSPACE`] ([`choose`]), with its workspace size and math type.
-//! Chosen once, kept in the context. Everything runs on the context's compute stream, which
-//! the handle is bound to, so one workspace per context serves every call.
+//! Chosen once, kept in the context.
+//!
+//! Streams: a convolution runs on the calling thread's current stream (the student's, or the
+//! teacher's inside a `cuda::on_stream` scope). cuDNN binds a handle to one stream
+//! (`cudnnSetStream`: its kernels, and any internal streams it uses, are ordered on that
+//! stream), and one handle must not run on two streams at once, so there is one handle per
+//! stream role, bound once when made, each with its own workspace: calls on one stream run
+//! one after another and share their workspace; a teacher's convolution and a student's may
+//! run at once and never do. The plans (descriptors, chosen algorithms) are shared: they
+//! describe problems, not streams.
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
@@ -21,7 +29,7 @@ use std::sync::Arc;
 use cudarc::cudnn::{result as dnn, sys};
 
 use super::libs::{self, Library};
-use super::{CudaContext, DeviceBuffer};
+use super::{CudaContext, DeviceBuffer, StreamRole};
 use crate::ops::conv::Conv2dGeometry;
 use crate::{DType, Error, Result};
 
@@ -322,13 +330,28 @@ impl Plan {
     }
 }
 
-/// The cuDNN state of a context: the handle (bound to the compute stream), the plans, the
-/// workspace.
-pub(crate) struct Dnn {
+/// A cuDNN handle bound to one stream role's stream, and that stream's workspace.
+struct RoleHandle {
     handle: sys::cudnnHandle_t,
-    plans: HashMap<ConvKey, Plan>,
     // Holds an `Arc` of its own context (a cycle): contexts live for the process anyway.
+    // Allocated, grown and freed on the handle's stream.
     workspace: Option<DeviceBuffer>,
+}
+
+impl Drop for RoleHandle {
+    fn drop(&mut self) {
+        // SAFETY: made by `dnn::create_handle`, destroyed once.
+        unsafe {
+            let _ = dnn::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// The cuDNN state of a context: a handle per stream role (made on the role's first
+/// convolution), the plans.
+pub(crate) struct Dnn {
+    handles: [Option<RoleHandle>; StreamRole::COUNT],
+    plans: HashMap<ConvKey, Plan>,
 }
 
 // SAFETY: cuDNN objects are usable from any thread, one at a time: the context keeps `Dnn`
@@ -337,35 +360,54 @@ unsafe impl Send for Dnn {}
 
 impl Drop for Dnn {
     fn drop(&mut self) {
+        // The descriptors, then the handles (as before: plans first).
         self.plans.clear();
-        // SAFETY: made by `dnn::create_handle`, destroyed once.
-        unsafe {
-            let _ = dnn::destroy_handle(self.handle);
+        for h in &mut self.handles {
+            h.take();
         }
     }
 }
 
 impl Dnn {
-    fn new(ctx: &CudaContext) -> Result<Dnn> {
-        let ordinal = ctx.ordinal();
+    /// Checks that cuDNN is there and recent enough; no handle yet.
+    fn new(ordinal: usize) -> Result<Dnn> {
         libs::require(Library::Cudnn, ordinal)?;
         libs::guarded(Library::Cudnn, ordinal, || {
             let version = dnn::get_version();
             if version < MIN_CUDNN_VERSION {
                 return Err(Error::Device(libs::cudnn_too_old_message(ordinal, version)));
             }
-            ctx.bind()?;
-            let handle = dnn::create_handle().map_err(dnn_err(ordinal, "cudnnCreate"))?;
-            let made = Dnn {
-                handle,
+            Ok(Dnn {
+                handles: Default::default(),
                 plans: HashMap::new(),
-                workspace: None,
-            };
-            // SAFETY: the handle was just made; the stream belongs to the current context.
-            unsafe { dnn::set_stream(handle, ctx.compute_stream() as sys::cudaStream_t) }
-                .map_err(dnn_err(ordinal, "cudnnSetStream"))?;
-            Ok(made)
+            })
         })
+    }
+
+    /// The handle of the calling thread's current stream role, made and bound on first use.
+    fn role_handle(&mut self, ctx: &CudaContext) -> Result<&mut RoleHandle> {
+        let ordinal = ctx.ordinal();
+        let role = ctx.current_role();
+        let slot = &mut self.handles[role.index()];
+        if slot.is_none() {
+            ctx.bind()?;
+            let made = libs::guarded(Library::Cudnn, ordinal, || {
+                let handle = dnn::create_handle().map_err(dnn_err(ordinal, "cudnnCreate"))?;
+                let made = RoleHandle {
+                    handle,
+                    workspace: None,
+                };
+                // SAFETY: the handle was just made; the stream belongs to the current context
+                // and lives as long as it.
+                unsafe {
+                    dnn::set_stream(handle, ctx.stream(role).cu_stream() as sys::cudaStream_t)
+                }
+                .map_err(dnn_err(ordinal, "cudnnSetStream"))?;
+                Ok(made)
+            })?;
+            *slot = Some(made);
+        }
+        Ok(slot.as_mut().expect("made above"))
     }
 }
 
@@ -377,9 +419,10 @@ pub(crate) struct ConvPtrs {
     pub y: u64,
 }
 
-/// Runs one direction of the convolution `key` on `ctx`'s compute stream: forward writes
-/// `y` from `x` and `w`; backward-data writes `x` (dx) from `w` and `y` (dy); backward-filter
-/// writes `w` (dw) from `x` and `y` (dy). Every tensor must be non-empty.
+/// Runs one direction of the convolution `key` on `ctx`'s current stream (with that stream's
+/// handle and workspace): forward writes `y` from `x` and `w`; backward-data writes `x` (dx)
+/// from `w` and `y` (dy); backward-filter writes `w` (dw) from `x` and `y` (dy). Every tensor
+/// must be non-empty.
 pub(crate) fn convolve(
     ctx: &Arc<CudaContext>,
     key: &ConvKey,
@@ -389,11 +432,11 @@ pub(crate) fn convolve(
     let ordinal = ctx.ordinal();
     let mut guard = ctx.dnn.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
-        *guard = Some(Dnn::new(ctx)?);
+        *guard = Some(Dnn::new(ordinal)?);
     }
     let state = guard.as_mut().expect("made above");
+    let handle = state.role_handle(ctx)?.handle;
     ctx.bind()?;
-    let handle = state.handle;
     if !state.plans.contains_key(key) {
         let plan = libs::guarded(Library::Cudnn, ordinal, || Plan::new(ordinal, key))?;
         state.plans.insert(*key, plan);
@@ -408,11 +451,14 @@ pub(crate) fn convolve(
         Direction::BackwardFilter => plan.bwd_filter.map(|c| (c.math, c.workspace)),
     }
     .expect("chosen above");
-    let have = state.workspace.as_ref().map_or(0, |w| w.bytes());
+    // The current stream's workspace: replacing a smaller one frees it on this stream, after
+    // the convolutions that used it (all queued on this stream).
+    let role = state.role_handle(ctx)?;
+    let have = role.workspace.as_ref().map_or(0, |w| w.bytes());
     if workspace > have {
-        state.workspace = Some(DeviceBuffer::alloc(ctx, workspace)?);
+        role.workspace = Some(DeviceBuffer::alloc(ctx, workspace)?);
     }
-    let ws = state.workspace.as_ref().map_or(0, |w| w.ptr()) as *mut c_void;
+    let ws = role.workspace.as_ref().map_or(0, |w| w.ptr()) as *mut c_void;
     let plan = &state.plans[key];
     let err = dnn_err(ordinal, "convolution");
     let (alpha, beta) = (1f32, 0f32);

@@ -122,7 +122,7 @@ impl KernelCall {
         Ok(())
     }
 
-    /// Checks, then queues the kernel on the context's compute stream.
+    /// Checks, then queues the kernel on the calling thread's current stream (`compute_stream`).
     pub(crate) fn launch(&self, ctx: &CudaContext) -> Result<()> {
         self.check()?;
         let family = family_of(self.kernel).expect("checked");

@@ -16,12 +16,17 @@
 //!   fatbins hold an image for the GPU's architecture ([`recycle_kernels::fatbin::select`]).
 //!   Each failure is an [`Error::Device`] saying what is missing; none is a panic.
 //! - **Context** (`context`): the device's primary context and three non-blocking streams —
-//!   `student` (every op of the engine runs there today), `teacher` (the frozen teachers'
+//!   `student` (every op of the engine outside a scope), `teacher` (the frozen teachers'
 //!   forward, to overlap with the student) and `comm` (NCCL all-reduce) — with events to order
 //!   work between them ([`StreamRole`]). Kernel families are loaded once per context, on first
 //!   use, from the embedded fatbins.
+//! - **Scopes** (`scope`): [`on_stream`] runs a closure with the calling thread's ops,
+//!   allocations, frees, copies, cuBLASLt and cuDNN calls on another role's stream, ordered
+//!   after the previous stream on entry; its [`Pending`] outputs are joined back when the
+//!   caller is ready to use them. cuBLASLt and cuDNN keep a workspace (and cuDNN a handle) per
+//!   role, so products on two streams never share one.
 //! - **Memory** (`memory`): stream-ordered allocation, `cuMemAllocAsync`/`cuMemFreeAsync` on the
-//!   student stream from the device's default memory pool, its release threshold raised to
+//!   current stream (the free rule for several streams is in `memory.rs`) from the device's default memory pool, its release threshold raised to
 //!   "never" so that freed blocks stay in the pool and a training step's allocations are served
 //!   from it after the first step: the driver's caching allocator rather than one of our own.
 //!   [`alloc_stats`] counts allocations and frees (measure allocations per step by taking the
@@ -79,6 +84,9 @@ pub(crate) mod ops;
 pub(crate) mod pool;
 #[cfg(feature = "cuda")]
 mod probe;
+mod scope;
+
+pub use scope::{current_role, on_stream, Pending};
 
 #[cfg(feature = "cuda")]
 pub(crate) use context::CudaContext;
@@ -247,15 +255,32 @@ impl AllocStats {
     }
 }
 
-/// The three streams of a context.
+/// The three streams of a context. Work goes to the student's unless the calling thread is
+/// inside an [`on_stream`] scope of another role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamRole {
-    /// The student's forward and backward, the loss, the optimizer: every engine op today.
+    /// The student's forward and backward, the loss, the optimizer: every engine op outside a
+    /// scope.
     Student,
-    /// The frozen teachers' forward, overlapped with the student's.
+    /// The frozen teachers' forward (`on_stream(device, StreamRole::Teacher, ..)`), overlapped
+    /// with the student's.
     Teacher,
     /// Gradient all-reduce (NCCL).
     Comm,
+}
+
+impl StreamRole {
+    /// How many roles there are (per-role state is an array of this length).
+    pub const COUNT: usize = 3;
+
+    /// This role's slot in per-role arrays.
+    pub fn index(self) -> usize {
+        match self {
+            StreamRole::Student => 0,
+            StreamRole::Teacher => 1,
+            StreamRole::Comm => 2,
+        }
+    }
 }
 
 /// Opens `cuda:N` (driver, GPU, kernels) and describes it; the error says what is missing.
@@ -293,6 +318,36 @@ pub fn alloc_stats(ordinal: usize) -> Result<AllocStats> {
     #[cfg(feature = "cuda")]
     {
         Ok(context::get(ordinal)?.alloc_stats())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_backend_error(ordinal))
+    }
+}
+
+/// The device memory `cuda:N`'s pool holds now: every live buffer of the engine plus the
+/// freed blocks it keeps for reuse (never returned to the driver). With work on two streams
+/// it can exceed the engine's peak in use ([`AllocStats::peak_bytes_in_use`]) by the blocks
+/// one stream freed that the other could not reuse yet.
+pub fn pool_reserved_bytes(ordinal: usize) -> Result<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        context::get(ordinal)?.pool_reserved_bytes()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_backend_error(ordinal))
+    }
+}
+
+/// Starts a new peak of `cuda:N`'s memory counters: `peak_bytes_in_use` becomes the bytes in
+/// use now, so a later [`alloc_stats`] gives the peak of what ran in between (the benchmark
+/// resets it before each variant's step).
+pub fn reset_peak_memory(ordinal: usize) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        context::get(ordinal)?.memory.reset_peak();
+        Ok(())
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -440,6 +495,21 @@ mod tests {
         assert!(cpu_only("conv2d", [&a, &b]).is_ok());
         assert_eq!(kernel_suffix("relu", DType::BF16).unwrap(), "bf16");
         assert!(kernel_suffix("relu", DType::I32).is_err());
+    }
+
+    #[test]
+    fn roles_have_distinct_slots_and_a_gpu_is_needed_for_counters() {
+        let roles = [StreamRole::Student, StreamRole::Teacher, StreamRole::Comm];
+        let mut slots: Vec<usize> = roles.iter().map(|r| r.index()).collect();
+        slots.sort();
+        assert_eq!(slots, (0..StreamRole::COUNT).collect::<Vec<_>>());
+        // No GPU here: an error naming the device, not a panic.
+        for e in [
+            reset_peak_memory(0).unwrap_err(),
+            pool_reserved_bytes(0).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("cuda:0"), "{e}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! - a *plan*: the kernel calls for given device addresses and shapes (pure data, checked
 //!   against the kernels' ABI; the tests build them for sample shapes on the CPU);
 //! - the tensor-level function, which validates inputs as the CPU op does, allocates the
-//!   outputs, launches the plan on the context's compute stream and, for tape ops, records a
-//!   backward that launches the backward kernels.
+//!   outputs, launches the plan on the current stream (the student's, or a scope's) and, for
+//!   tape ops, records a backward that launches the backward kernels.
 //!
 //! Conventions that differ from the CPU ops: an op's output has its input's dtype (bf16
 //! activations stay bf16; the CPU ops widen everything to f32), and the inputs of one kernel

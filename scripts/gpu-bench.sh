@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The distillation-overhead benchmark on a lent GPU, beside the PyTorch peer on the same card
+# (see ../shared/device/NOTES.md and docs/benchmarks.md, "GPU: to be measured"), in two steps:
+#
+#   scripts/gpu-bench.sh prepare   here, on a machine without a GPU: builds `recycle` in release
+#                                  with `--features cuda` (nvcc required: the kernels must be in
+#                                  the binary), strips it, and copies it with the PyTorch peer
+#                                  (torch_kd_overhead.py) into .device/ (ignored by git).
+#   scripts/gpu-bench.sh run       on the GPU machine, with .device carried: finds the CUDA
+#                                  libraries, sets LD_LIBRARY_PATH, runs
+#                                  `recycle bench --device cuda:0` for resnet50-imagenet (batch
+#                                  256, bf16) and bert-base (batch 128 x 128, bf16), one model
+#                                  per call so that a slow or failing one keeps the other's
+#                                  table, then the peer with --bf16 on the same shapes (BERT with
+#                                  --kd-positions masked and all), and writes everything to $OUT.
+#
+# The device tool's call: command `bash scripts/gpu-bench.sh run`, carry [".device"],
+# timeout_s 540. The timeouts below add up to 7.5 minutes (recycle: 180 s + 120 s; the peer:
+# 3 x 50 s), so the script ends inside an 8-minute call even when every step runs to its limit.
+# None of it has been timed on a GPU yet: the first run tells how many rounds fit.
+#
+# Knobs (environment): BENCH_ITERS (timed rounds, default 5), BENCH_WARMUP (default 2),
+# BENCH_VARIANTS (comma-separated, default all), PEER_ITERS (default 10), PYTHON.
+# Exit status: non-zero when a `recycle bench` run failed or timed out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+mode="${1:-}"
+
+prepare() {
+    set -e
+    export RECYCLE_REQUIRE_NVCC=1
+    echo "== building recycle (release, --features cuda)"
+    cargo build --release --features cuda --bin recycle
+    mkdir -p .device
+    cp "${CARGO_TARGET_DIR:-target}/release/recycle" .device/recycle
+    strip .device/recycle
+    # The shared folder sits beside the checkout (../shared), or two levels up for a worktree.
+    local peer=""
+    for d in "${RECYCLE_SHARED:-}" "$root/../shared" "$root/../../shared" "$root/shared"; do
+        if [ -n "$d" ] && [ -f "$d/reference/torch_kd_overhead.py" ]; then
+            peer="$d/reference/torch_kd_overhead.py"
+            break
+        fi
+    done
+    if [ -n "$peer" ]; then
+        cp "$peer" .device/
+    else
+        echo "warning: shared/reference/torch_kd_overhead.py not found (set RECYCLE_SHARED): the run will skip the PyTorch peer" >&2
+    fi
+    du -sh .device/*
+    echo "ready: run \`bash scripts/gpu-bench.sh run\` on the GPU machine with carry [\".device\"]"
+}
+
+run() {
+    local out="${OUT:-$root/gpu-bench-out}"
+    mkdir -p "$out"
+    local bin="$root/.device/recycle"
+    if [ ! -x "$bin" ]; then
+        echo "error: $bin is missing: run \`scripts/gpu-bench.sh prepare\` first and carry .device" >&2
+        exit 2
+    fi
+    {
+        echo "== machine"
+        date -u
+        uname -a
+        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
+    } >"$out/env.txt" 2>&1
+    cat "$out/env.txt"
+
+    # The driver's libcuda.so.1 is on the system path; cuBLASLt and cuDNN come as PyTorch's
+    # wheels (site-packages/nvidia/*/lib) or with a toolkit under /usr/local.
+    local dirs
+    dirs="$(find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev \
+        \( -name 'libcublasLt.so*' -o -name 'libcudnn.so*' -o -name 'libnccl.so*' \
+           -o -name 'libcuda.so.1' \) \
+        2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd: -)"
+    export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$out/env.txt"
+
+    local iters="${BENCH_ITERS:-5}" warmup="${BENCH_WARMUP:-2}" rc=0
+    local variants=()
+    [ -n "${BENCH_VARIANTS:-}" ] && variants=(--variants "$BENCH_VARIANTS")
+    for spec in "resnet50-imagenet 180" "bert-base 120"; do
+        set -- $spec
+        local model="$1" limit="$2" t0 status
+        echo "== recycle bench --device cuda:0 --model $model (limit ${limit} s)"
+        t0=$(date +%s)
+        timeout "$limit" "$bin" bench --device cuda:0 --model "$model" --iters "$iters" \
+            --warmup "$warmup" --json "${variants[@]}" 2>&1 | tee -a "$out/bench.md"
+        status=${PIPESTATUS[0]}
+        echo "recycle bench $model: exit status $status after $(($(date +%s) - t0)) s" |
+            tee -a "$out/bench.md"
+        [ "$status" -ne 0 ] && rc=$status
+    done
+    # The JSON lines alone, for scripts.
+    grep '^{' "$out/bench.md" >"$out/bench.jsonl" || true
+
+    echo "== PyTorch peer (same card, bf16 autocast)"
+    local py="${PYTHON:-/opt/torch/.venv/bin/python}"
+    [ -x "$py" ] || py=python3
+    if [ -f "$root/.device/torch_kd_overhead.py" ]; then
+        for args in "--model resnet50 --batch 256" \
+                    "--model bert-base --batch 128 --seq 128 --kd-positions masked" \
+                    "--model bert-base --batch 128 --seq 128 --kd-positions all"; do
+            echo "-- torch_kd_overhead.py $args --bf16 --device cuda"
+            # shellcheck disable=SC2086
+            PYTHONUNBUFFERED=1 timeout 50 "$py" "$root/.device/torch_kd_overhead.py" $args \
+                --bf16 --device cuda --iters "${PEER_ITERS:-10}" --warmup 3 \
+                2>>"$out/torch_peer.err" | tee -a "$out/torch_peer.jsonl"
+        done
+    else
+        echo "skipped: .device/torch_kd_overhead.py is missing" | tee "$out/torch_peer.err"
+    fi
+    exit "$rc"
+}
+
+case "$mode" in
+prepare) prepare ;;
+run) run ;;
+*)
+    echo "usage: scripts/gpu-bench.sh prepare|run" >&2
+    exit 2
+    ;;
+esac
