@@ -16,9 +16,10 @@
 //!   its own slice. Outputs that kernels compute (arg-max indices, say) have none and are
 //!   downloaded as before.
 //! - `derived`: device tensors computed from this storage's values and reused while those
-//!   values stand: the attention's additive padding mask, built once per mask (and stream)
-//!   instead of once per layer. Keyed by what they were made from (the view and the dtype)
-//!   and the stream that made them (`DerivedKey`).
+//!   values stand: the attention's additive padding mask, built once per mask instead of once
+//!   per layer (on the student stream only: see `cuda::attention::padding_bias`). Keyed by
+//!   what they were made from (the view and the dtype) and the stream that made them
+//!   (`DerivedKey`).
 //!
 //! **Invalidation.** Every write into an existing device storage goes through
 //! `Tensor::cuda_view_mut` (or, for `copy_from_i32` and `zero_`, which know what they write,

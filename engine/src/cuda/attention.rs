@@ -27,13 +27,18 @@ const PADDING_BIAS: &str = "attention padding bias";
 /// `dtype` on `device`, for a `[B, Sk]` padding mask (shape and values checked).
 ///
 /// Made once per mask and kept with it (`Tensor::keep_derived`), so a forward through many
-/// layers with one mask reads, checks, builds and uploads it once; before, every layer read
-/// the mask on the host (a download, which waits for the GPU, when the mask lives there and
-/// its values are not known on the host) and uploaded a new bias (which waits for the
-/// previous upload through the staging buffer to have run). Kept per stream, so a teacher's
-/// forward on its own stream never hands the student a bias the student's stream has not
-/// waited for. A mask on the host (or on another GPU) has nowhere to keep it and is converted
-/// per call, as before.
+/// layers with one mask reads, checks, builds and uploads it once, not per layer (before, a
+/// mask on the GPU whose values the host did not know was downloaded in every layer, a wait
+/// for the GPU each time).
+///
+/// Kept only on the student stream (and keyed by the stream): inside a teacher scope
+/// (`cuda::on_stream`) the bias is a temporary of the scope, made per call and freed inside
+/// it, as the scopes' free rule requires; one kept in the mask would be a buffer of the
+/// teacher stream that outlives the scope by a way the scope does not join (it would be freed
+/// whenever the mask is written or dropped). Per call costs a host loop over `[B, Sk]` and a
+/// small upload through the ring of pinned slots, which does not wait. A mask on the host (or
+/// on another GPU) has nowhere to keep it and is converted per call too; BERT moves its mask
+/// to the activations' device once per forward.
 pub(crate) fn padding_bias(
     mask: &Tensor,
     b: usize,
@@ -48,7 +53,7 @@ pub(crate) fn padding_bias(
         )));
     };
     let ctx = super::context_of(ordinal)?;
-    let kept = mask.device() == device;
+    let kept = mask.device() == device && ctx.current_role() == super::StreamRole::Student;
     let key = (PADDING_BIAS, dtype, ctx.compute_stream() as usize);
     if kept {
         if let Some(bias) = mask.derived(key) {
