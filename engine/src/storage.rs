@@ -16,13 +16,16 @@ pub enum Storage {
 }
 
 /// Device memory of one tensor storage: a stream-ordered allocation on one GPU and the element
-/// type it holds (see `crate::cuda` for the allocator).
+/// type it holds (see `crate::cuda` for the allocator), and what the host knows of its values
+/// without reading them back (`host_copy`: the i32 values it was uploaded with, tensors
+/// derived from them; changed only under the tensor's write lock).
 #[cfg(feature = "cuda")]
 #[derive(Debug)]
 pub struct CudaStorage {
     pub(crate) buffer: crate::cuda::DeviceBuffer,
     pub(crate) dtype: DType,
     pub(crate) len: usize,
+    pub(crate) host: crate::host_copy::HostCopy,
 }
 
 #[cfg(feature = "cuda")]

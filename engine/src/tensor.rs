@@ -9,6 +9,12 @@
 //! never reads device memory behind the caller's back); copies are explicit: `to_device`,
 //! `to_vec`/`to_vec_f32`, `copy_from`. Metadata operations (`reshape`, `view`) and the
 //! in-place helpers (`cast`, `deep_copy`, `add_assign`, `zero_`) work on both.
+//!
+//! An i32 tensor uploaded from the host keeps its values beside the device buffer
+//! (`host_copy`): `to_vec`, `to_bytes` and `to_device(Device::Cpu)` of such a tensor (or of a
+//! view of it) read them without a download, so ops that check ids, labels or masks on the
+//! host do not wait for the GPU. Writes into device storage go through `cuda_view_mut` or
+//! `cuda_write`, which keep that copy true or drop it.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -102,9 +108,17 @@ impl Tensor {
             )),
             Device::Cuda(_n) => crate::on_cuda!(device, {
                 let ctx = crate::cuda::context_of(_n)?;
-                let bytes = elem_count(shape) * dtype.size_in_bytes();
-                let buffer = crate::cuda::DeviceBuffer::zeroed(&ctx, bytes)?;
-                Ok(Self::from_device_buffer(buffer, dtype, shape))
+                let n = elem_count(shape);
+                let buffer = crate::cuda::DeviceBuffer::zeroed(&ctx, n * dtype.size_in_bytes())?;
+                // Zero ids (BERT's default segment ids) are known on the host: no download
+                // when an op reads them.
+                let host = match dtype {
+                    DType::I32 => crate::host_copy::HostCopy::zeros(n),
+                    _ => crate::host_copy::HostCopy::none(),
+                };
+                Ok(Self::from_device_buffer_with_host(
+                    buffer, dtype, shape, host,
+                ))
             }),
         }
     }
@@ -398,14 +412,17 @@ impl Tensor {
         Ok(self.to_vec_f32()?[0])
     }
 
-    /// Little-endian bytes of the elements (for checkpoints; copied from a GPU).
+    /// Little-endian bytes of the elements (for checkpoints; copied from a GPU, unless they
+    /// are i32 values the host kept when they were uploaded).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         if let Device::Cuda(_) = self.device {
             return crate::on_cuda!(self.device, {
-                let v = self.cuda_view("to_bytes")?;
-                let mut out = vec![0u8; v.len * self.dtype.size_in_bytes()];
-                crate::cuda::copy_to_host(&v, &mut out)?;
-                Ok(out)
+                // i32 values uploaded from the host are read from its copy: no download, no
+                // wait for the stream.
+                if let Some(v) = self.known_i32() {
+                    return Ok(bytemuck::cast_slice(&v).to_vec());
+                }
+                self.device_bytes()
             });
         }
         let guard = self.read_guard();
@@ -413,6 +430,21 @@ impl Tensor {
             Storage::Cpu(s) => Ok(s.range_bytes(self.offset, self.elem_count()).to_vec()),
             Storage::Cuda(_) => Err(crate::cuda::host_access_error("to_bytes", self.device)),
         }
+    }
+
+    /// The bytes as the device holds them, read back even when the host knows the values
+    /// (a download, which waits for the GPU): for checks that the host copy of an i32 tensor
+    /// (`host_copy`) is what the device holds. On the CPU, `to_bytes`.
+    pub fn device_bytes(&self) -> Result<Vec<u8>> {
+        if let Device::Cuda(_) = self.device {
+            return crate::on_cuda!(self.device, {
+                let v = self.cuda_view("device_bytes")?;
+                let mut out = vec![0u8; v.len * self.dtype.size_in_bytes()];
+                crate::cuda::copy_to_host(&v, &mut out)?;
+                Ok(out)
+            });
+        }
+        self.to_bytes()
     }
 
     /// A fresh contiguous copy with its own storage, on the same device.
@@ -516,8 +548,13 @@ impl Tensor {
         if !self.device.is_cpu() {
             return crate::on_cuda!(self.device, {
                 self.expect_dtype("copy_from_i32", DType::I32)?;
-                let v = self.cuda_view("copy_from_i32")?;
-                crate::cuda::copy_to_device(&v, bytemuck::cast_slice(values))
+                // The values written are known: the host copy (if any) follows them, so a
+                // counter written here and read back (BatchNorm's) never downloads.
+                self.cuda_write(
+                    "copy_from_i32",
+                    |v| crate::cuda::copy_to_device(v, bytemuck::cast_slice(values)),
+                    |host, offset| host.write_i32(offset, values),
+                )
             });
         }
         let mut g = self.write_guard();
@@ -557,8 +594,10 @@ impl Tensor {
     pub fn zero_(&self) -> Result<()> {
         if !self.device.is_cpu() {
             return crate::on_cuda!(self.device, {
-                let v = self.cuda_view("zero_")?;
-                crate::cuda::zero_device(&v)
+                let n = self.elem_count();
+                self.cuda_write("zero_", crate::cuda::zero_device, |host, offset| {
+                    host.zero(offset, n)
+                })
             });
         }
         match self.dtype {
@@ -587,7 +626,14 @@ impl Tensor {
                 let ctx = crate::cuda::context_of(_n)?;
                 let bytes = self.to_bytes()?;
                 let buffer = crate::cuda::DeviceBuffer::alloc(&ctx, bytes.len())?;
-                let t = Self::from_device_buffer(buffer, self.dtype, &self.shape);
+                // i32 values (ids, labels, masks) stay readable on the host: see `host_copy`.
+                let host = match self.dtype {
+                    DType::I32 if self.elem_count() <= crate::host_copy::HOST_COPY_MAX => {
+                        crate::host_copy::HostCopy::of(bytemuck::pod_collect_to_vec(&bytes))
+                    }
+                    _ => crate::host_copy::HostCopy::none(),
+                };
+                let t = Self::from_device_buffer_with_host(buffer, self.dtype, &self.shape, host);
                 crate::cuda::copy_to_device(&t.cuda_view("to_device")?, &bytes)?;
                 Ok(t)
             }),
@@ -644,11 +690,23 @@ impl Tensor {
 
 #[cfg(feature = "cuda")]
 impl Tensor {
-    /// A tensor owning `buffer` (which holds `elem_count(shape)` values of `dtype`).
+    /// A tensor owning `buffer` (which holds `elem_count(shape)` values of `dtype`), whose
+    /// values the host does not know (a kernel fills it).
     pub(crate) fn from_device_buffer(
         buffer: crate::cuda::DeviceBuffer,
         dtype: DType,
         shape: &[usize],
+    ) -> Tensor {
+        Self::from_device_buffer_with_host(buffer, dtype, shape, crate::host_copy::HostCopy::none())
+    }
+
+    /// A tensor owning `buffer`, with what the host knows of the values it will hold once the
+    /// copy queued by the caller has run.
+    pub(crate) fn from_device_buffer_with_host(
+        buffer: crate::cuda::DeviceBuffer,
+        dtype: DType,
+        shape: &[usize],
+        host: crate::host_copy::HostCopy,
     ) -> Tensor {
         let ordinal = buffer.ordinal();
         Tensor {
@@ -656,6 +714,7 @@ impl Tensor {
                 buffer,
                 dtype,
                 len: elem_count(shape),
+                host,
             }))),
             offset: 0,
             shape: shape.to_vec(),
@@ -681,7 +740,103 @@ impl Tensor {
             ))),
         }
     }
+
+    /// The device address of this tensor for a kernel or copy that **writes** into it: what
+    /// the host knew of the storage's values (`host_copy`) is dropped first, under the write
+    /// lock, so no read afterwards returns the old values. Every in-place write into an
+    /// existing device tensor goes through here or [`Tensor::cuda_write`].
+    pub(crate) fn cuda_view_mut(&self, op: &'static str) -> Result<crate::cuda::CudaView> {
+        let mut guard = self.write_guard();
+        if let Storage::Cuda(s) = &mut *guard {
+            s.host.invalidate();
+        }
+        drop(guard);
+        self.cuda_view(op)
+    }
+
+    /// Runs `write` (which overwrites this tensor's elements on the device) under the
+    /// storage's write lock, then lets `known` bring the host copy up to date from the
+    /// tensor's offset (the caller knows what it wrote); if `write` fails, what it left on the
+    /// device is unknown and the host copy is dropped.
+    pub(crate) fn cuda_write(
+        &self,
+        op: &'static str,
+        write: impl FnOnce(&crate::cuda::CudaView) -> Result<()>,
+        known: impl FnOnce(&mut crate::host_copy::HostCopy, usize),
+    ) -> Result<()> {
+        let mut guard = self.write_guard();
+        let Storage::Cuda(s) = &mut *guard else {
+            return Err(Error::Device(format!(
+                "{op}: expected a tensor on a GPU, this one is on the CPU"
+            )));
+        };
+        let v = crate::cuda::CudaView {
+            ctx: s.buffer.context().clone(),
+            ptr: s.buffer.ptr() + (self.offset * self.dtype.size_in_bytes()) as u64,
+            len: self.elem_count(),
+            dtype: self.dtype,
+        };
+        match write(&v) {
+            Ok(()) => {
+                known(&mut s.host, self.offset);
+                Ok(())
+            }
+            Err(e) => {
+                s.host.invalidate();
+                Err(e)
+            }
+        }
+    }
+
+    /// This i32 device tensor's values as the host knows them (uploaded from the host and not
+    /// overwritten since), or `None`: read with no copy and no wait for the GPU.
+    pub(crate) fn known_i32(&self) -> Option<Vec<i32>> {
+        if self.dtype != DType::I32 {
+            return None;
+        }
+        match &*self.read_guard() {
+            Storage::Cuda(s) => s
+                .host
+                .i32_range(self.offset, self.elem_count())
+                .map(<[i32]>::to_vec),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// The tensor derived from this view's values under `kind`, `dtype` and `stream` by an
+    /// earlier call, if no write has happened since (see `host_copy::DerivedKey`).
+    pub(crate) fn derived(&self, key: DerivedParts) -> Option<Tensor> {
+        match &*self.read_guard() {
+            Storage::Cuda(s) => s.host.derived(&self.derived_key(key)),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// Keeps `t`, derived from this view's values, for [`Tensor::derived`]: it lives as long as
+    /// this storage and goes with the first write into it. Nothing is kept for a CPU tensor
+    /// (its guards write without telling the storage).
+    pub(crate) fn keep_derived(&self, key: DerivedParts, t: Tensor) {
+        let key = self.derived_key(key);
+        if let Storage::Cuda(s) = &mut *self.write_guard() {
+            s.host.insert_derived(key, t);
+        }
+    }
+
+    fn derived_key(&self, (kind, dtype, stream): DerivedParts) -> crate::host_copy::DerivedKey {
+        crate::host_copy::DerivedKey {
+            kind,
+            offset: self.offset,
+            len: self.elem_count(),
+            dtype,
+            stream,
+        }
+    }
 }
+
+/// What a derived tensor is, besides the view it comes from: its kind, its dtype, and the raw
+/// handle of the stream that made it.
+#[cfg(feature = "cuda")]
+pub(crate) type DerivedParts = (&'static str, DType, usize);
 
 /// f32 values of a tensor, borrowed from f32 storage or widened from another dtype.
 pub enum F32Read<'a> {

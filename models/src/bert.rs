@@ -461,6 +461,10 @@ impl Bert {
             let t = layout::reshape(tape, t, &[b, s, nh, dh])?;
             layout::permute(tape, &t, &[0, 2, 1, 3])
         };
+        // The padding mask where the activations are, once for all layers: on a GPU the
+        // attention turns it into an additive mask once per mask tensor and keeps that with it,
+        // so a mask left on the host would be converted (and uploaded) again in every layer.
+        let mask = batch.attention_mask.to_device(x.tensor().device())?;
         for l in 0..self.config.num_layers {
             let p = format!("bert.encoder.layer.{l}");
             let q = heads(
@@ -480,7 +484,7 @@ impl Bert {
                 &q,
                 &k,
                 &v,
-                Some(&batch.attention_mask),
+                Some(&mask),
                 attention::AttentionOptions {
                     dropout: self.config.attention_dropout,
                     seed: opts

@@ -55,10 +55,10 @@
 //!
 //! Inside a teacher scope a download holds the host until the teacher's stream has caught up,
 //! and the student's work queued after the scope cannot start overlapping before that. BERT's
-//! forward reads ids back in each `embedding` and in `gather_rows` (the masked positions, after
-//! the encoder) when they are on the GPU, and the attention's padding mask in every layer; so
-//! a BERT teacher overlaps the student only when its batch's integer tensors stay on the host
-//! (where the ops read them anyway, uploading them through the ring).
+//! forward reads ids in each `embedding` and in `gather_rows` (the masked positions, after the
+//! encoder), and the attention's padding mask, on the host; an i32 tensor uploaded from the
+//! host keeps its values there (`crate::host_copy`), so those reads download nothing whether
+//! the batch is on the GPU or on the host.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};

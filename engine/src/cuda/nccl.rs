@@ -244,7 +244,8 @@ mod cuda_impl {
     pub(crate) fn all_reduce_mean_cuda(comms: &[Comm], tensors: &[&Tensor]) -> Result<()> {
         let views = tensors
             .iter()
-            .map(|t| t.cuda_view("AllReduceGroup::all_reduce_mean"))
+            // Reduced in place.
+            .map(|t| t.cuda_view_mut("AllReduceGroup::all_reduce_mean"))
             .collect::<Result<Vec<_>>>()?;
         for c in comms {
             c.ctx.join(StreamRole::Comm, StreamRole::Student)?;

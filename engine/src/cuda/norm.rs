@@ -424,8 +424,9 @@ pub(crate) fn batch_norm2d(
                 v(&mean)?,
                 v(&var)?,
                 v(&inv_std)?,
-                v(running_mean)?,
-                v(running_var)?,
+                // Updated in place by the statistics kernel.
+                running_mean.cuda_view_mut(OP)?.ptr,
+                running_var.cuda_view_mut(OP)?.ptr,
                 dims,
                 &opts,
                 dtype,

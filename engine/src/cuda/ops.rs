@@ -81,7 +81,8 @@ pub(crate) fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// The i32 values of `t` on the host (labels, masks), copied back when on a GPU.
+/// The i32 values of `t` on the host (labels, masks): on a GPU, the host copy it was uploaded
+/// with (no copy, no wait), or a download when a kernel computed it.
 pub(crate) fn host_i32(t: &Tensor) -> Result<Vec<i32>> {
     match t.device() {
         Device::Cpu => Ok(t.read_i32()?.to_vec()),
@@ -134,10 +135,18 @@ pub(crate) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(out)
 }
 
-/// `Tensor::deep_copy` on a GPU.
+/// `Tensor::deep_copy` on a GPU. A copy of i32 values the host knows is known too.
 pub(crate) fn deep_copy(t: &Tensor) -> Result<Tensor> {
     let x = view(t, "deep_copy")?;
-    let out = empty(&x.ctx, t.dtype(), t.shape())?;
+    let out = match t.known_i32() {
+        Some(values) => Tensor::from_device_buffer_with_host(
+            DeviceBuffer::alloc(&x.ctx, x.bytes())?,
+            t.dtype(),
+            t.shape(),
+            crate::host_copy::HostCopy::of(values),
+        ),
+        None => empty(&x.ctx, t.dtype(), t.shape())?,
+    };
     super::copy_device_to_device(&view(&out, "deep_copy")?, &x)?;
     Ok(out)
 }
@@ -152,7 +161,7 @@ pub(crate) fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
             got: DType::I32,
         });
     }
-    let d = view(dst, "copy_from")?;
+    let d = dst.cuda_view_mut("copy_from")?;
     match src.device() {
         Device::Cuda(n) if n == d.ctx.ordinal() => {
             let s = view(src, "copy_from")?;
@@ -199,7 +208,7 @@ pub(crate) fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
     } else {
         src.clone()
     };
-    let (d, s) = (view(dst, "add_assign")?, view(&src, "add_assign")?);
+    let (d, s) = (dst.cuda_view_mut("add_assign")?, view(&src, "add_assign")?);
     run(&d.ctx, &accumulate_plan(s.ptr, d.ptr, d.len, src.dtype())?)
 }
 
@@ -876,7 +885,7 @@ fn working_ptr(op: &'static str, values: &Tensor, working: Option<&Tensor>) -> R
             ),
         ));
     }
-    Ok(view(w, op)?.ptr)
+    Ok(w.cuda_view_mut(op)?.ptr)
 }
 
 /// One fused SGDW step over a flat buffer on a GPU; `momentum` is the f32 state on the same
@@ -892,7 +901,12 @@ pub(crate) fn sgdw_step(
     const OP: &str = "Sgdw::step";
     common_device(OP, &[values, grads, momentum])?;
     let w = working_ptr(OP, values, working)?;
-    let (p, g, m) = (view(values, OP)?, view(grads, OP)?, view(momentum, OP)?);
+    // Parameters and state are written in place (`cuda_view_mut`); the gradient is read.
+    let (p, g, m) = (
+        values.cuda_view_mut(OP)?,
+        view(grads, OP)?,
+        momentum.cuda_view_mut(OP)?,
+    );
     run(
         &p.ctx,
         &sgdw_plan(p.ptr, g.ptr, m.ptr, w, p.len, s, grads.dtype())?,
@@ -913,10 +927,10 @@ pub(crate) fn adamw_step(
     common_device(OP, &[values, grads, exp_avg, exp_avg_sq])?;
     let w = working_ptr(OP, values, working)?;
     let (p, g, m, v) = (
-        view(values, OP)?,
+        values.cuda_view_mut(OP)?,
         view(grads, OP)?,
-        view(exp_avg, OP)?,
-        view(exp_avg_sq, OP)?,
+        exp_avg.cuda_view_mut(OP)?,
+        exp_avg_sq.cuda_view_mut(OP)?,
     );
     run(
         &p.ctx,

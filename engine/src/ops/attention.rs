@@ -234,8 +234,8 @@ fn split_per_head(buf: Option<&mut [f32]>, len: usize, count: usize) -> Vec<Opti
     }
 }
 
-/// Reads a `[B, S]` padding mask (i32 or float; 1 = attend, 0 = padding) into booleans.
-fn read_key_mask(mask: &Tensor, b: usize, sk: usize) -> Result<Vec<bool>> {
+/// Fails unless `mask` has the shape of a `[B, S]` padding mask.
+pub(crate) fn check_key_mask_shape(mask: &Tensor, b: usize, sk: usize) -> Result<()> {
     const OP: &str = "scaled_dot_product_attention";
     if mask.shape() != [b, sk] {
         return Err(Error::shape(
@@ -246,6 +246,13 @@ fn read_key_mask(mask: &Tensor, b: usize, sk: usize) -> Result<Vec<bool>> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Reads a `[B, S]` padding mask (i32 or float; 1 = attend, 0 = padding) into booleans.
+pub(crate) fn read_key_mask(mask: &Tensor, b: usize, sk: usize) -> Result<Vec<bool>> {
+    const OP: &str = "scaled_dot_product_attention";
+    check_key_mask_shape(mask, b, sk)?;
     let values: Vec<f32> = match mask.dtype() {
         DType::I32 => mask.read_i32()?.iter().map(|&v| v as f32).collect(),
         _ => mask.to_vec_f32()?,
@@ -328,17 +335,14 @@ pub fn scaled_dot_product_attention(
         crate::Device::Cpu => crate::cuda::cpu_only(OP, key_padding_mask)?,
         d => {
             return crate::on_cuda!(d, {
-                // The mask is read on the host wherever it lives (a [B, Sk] vector).
-                let keep = key_padding_mask
-                    .map(|m| read_key_mask(&m.to_device(crate::Device::Cpu)?, dims.b, dims.sk))
+                // The mask becomes an additive mask on the GPU once per mask tensor, not once
+                // per layer (`cuda::attention::padding_bias`).
+                let bias = key_padding_mask
+                    .map(|m| {
+                        crate::cuda::attention::padding_bias(m, dims.b, dims.sk, qt.dtype(), d)
+                    })
                     .transpose()?;
-                crate::cuda::attention::attention(
-                    tape,
-                    (q, k, v),
-                    keep.as_deref(),
-                    (dims.b, dims.sk, dims.dh),
-                    dropout,
-                )
+                crate::cuda::attention::attention(tape, (q, k, v), bias, dims.dh, dropout)
             });
         }
     }
