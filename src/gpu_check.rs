@@ -1320,17 +1320,14 @@ fn bf16_step_tolerances(arch: &Architecture) -> (f64, f64, f64) {
 /// the values of an i32 upload), so what remains is:
 /// - 12: the fused loss's totals (CE, KD, their sum) in one copy: the loss the step returns and
 ///   its terms for the metrics log, the one read a step needs;
-/// - 4: `forward_backward` reads the loss tensor back to check it is finite, a tensor the fused
-///   loss's CUDA arm made by uploading the value it had just read (`src/distill/loss.rs`);
 /// - 4: the backward's seed (1.0, uploaded by `Tape::backward`), read back by the fused loss's
 ///   backward to scale its gradient.
 ///
-/// The last two come right after the first, when the stream holds nothing but a 4-byte upload,
-/// so they wait for nothing; handing the loss over as a number (or keeping f32 scalars on the
-/// host too) would leave the 12. Any id or mask read that downloads is at least 4 bytes per
-/// element (76 bytes for BERT-tiny's ~19 masked positions, 80 for ResNet's 20 step counters),
-/// so it shows.
-pub const STEP_BYTES_TO_HOST: u64 = 12 + 4 + 4;
+/// The second comes right after the first, when the stream holds nothing but a 4-byte upload,
+/// so it waits for nothing (`forward_backward` takes the loss's value from the fused loss, not
+/// from its tensor). Any id or mask read that downloads is at least 4 bytes per element (76
+/// bytes for BERT-tiny's ~19 masked positions, 80 for ResNet's 20 step counters), so it shows.
+pub const STEP_BYTES_TO_HOST: u64 = 12 + 4;
 
 /// One training step of each small model on the GPU and on the CPU, from the same weights and
 /// batch: loss, gradient norm, flat gradient, and the parameters after an SGDW update; first

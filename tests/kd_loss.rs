@@ -112,6 +112,8 @@ fn ce_only_without_teachers_and_zero_gradient_on_masked_rows() {
     let out = kd_loss(&tape, &KdLoss::kl(2.0, 1.0), &s, &[], &labels, Some(&mask)).unwrap();
     assert_eq!(out.kd, 0.0);
     assert_eq!(out.total.tensor().to_scalar_f32().unwrap(), out.ce);
+    // The host copy of the total is the tensor's value.
+    assert_eq!(out.total_value, out.ce);
     let g = tape.backward(&out.total).unwrap();
     let g = g.get(&s).unwrap().to_vec_f32().unwrap();
     assert!(

@@ -434,6 +434,9 @@ pub fn kd_loss_cpu(
 pub struct KdLossVars {
     /// `ce + λ·kd`: call `backward` on this.
     pub total: Var,
+    /// The value of `total`, already on the host (reading `total` again from a GPU would be
+    /// one more download and wait per step).
+    pub total_value: f32,
     pub ce: f32,
     pub kd: f32,
 }
@@ -507,6 +510,7 @@ pub fn kd_loss(
     );
     Ok(KdLossVars {
         total,
+        total_value: out.total,
         ce: out.ce,
         kd: out.kd,
     })
@@ -553,6 +557,7 @@ fn kd_loss_cuda(
     );
     Ok(KdLossVars {
         total,
+        total_value: out.total,
         ce: out.ce,
         kd: out.kd,
     })

@@ -81,7 +81,7 @@ pub fn forward_backward(
         None => Vec::new(),
     };
     let out = kd_loss(&tape, loss, &logits, &teacher_logits, batch.labels(), None)?;
-    let value = out.total.tensor().to_scalar_f32()?;
+    let value = out.total_value;
     if !value.is_finite() {
         return Err(Error::invalid(
             "train_step",
