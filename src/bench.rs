@@ -31,10 +31,10 @@
 //! weights hold for the whole run (*teacher-resident bytes*, measured on the device as the
 //! bytes their upload allocated): the peak of a KD step over a plain one is then what running a
 //! teacher costs beyond its weights (its activations, freed as they are consumed, and its
-//! logits). BERT's batch (ids, padding mask, masked positions, labels: all integers) stays on
-//! the host, where the ops read it anyway: on the GPU each embedding, the masked-position
-//! gather and every attention layer would read it back, each read holding the host until the
-//! stream has caught up, which would leave the teacher stream nothing to overlap. The report
+//! logits). Every batch is uploaded once, as the trainer does: BERT's integers (ids, padding
+//! mask, masked positions, labels) keep their host copy on the device (`Tensor::to_device` of
+//! an i32 tensor), so the ops that validate them on the host read that copy instead of
+//! downloading and waiting for the stream, and nothing is uploaded again per op. The report
 //! also gives what the device's memory pool holds at the end
 //! (`cuda::pool_reserved_bytes`): with two streams it can exceed the peak by blocks one stream
 //! freed that the other could not reuse yet. `resnet50-imagenet` and `bert-base` compute in bf16 (`Model::with_activations`),
@@ -285,10 +285,10 @@ impl KdBench {
                 let (channels, hw) = if c.small_stem { (1, 28) } else { (3, 224) };
                 image_batch(batch_size, channels, hw, c.num_classes)?.to_device(device)?
             }
-            // All integers, which the ops read on the host (to validate them) and upload
-            // themselves: kept on the host, no op has to read device memory back, which on a
-            // GPU would hold the host until the stream caught up (see the module doc).
-            Architecture::Bert(c) => mlm_batch(batch_size, spec.seq, c.vocab_size)?,
+            // All integers: uploaded once with their host copies (see the module doc).
+            Architecture::Bert(c) => {
+                mlm_batch(batch_size, spec.seq, c.vocab_size)?.to_device(device)?
+            }
         };
         let num_params = student.params()?.len();
         let (optimizer, lr): (Box<dyn Optimizer>, f32) = if is_bert {
