@@ -164,22 +164,31 @@ fn markdown_table_and_findings() {
         ),
         "{md}"
     );
+    // Every run here trains at 0.05 s per sample (a record every 5 s, 100 samples a step), so
+    // the samples speedup equals the wall-clock one and the cost ratio is 1.
     assert!(
-        md.contains("| kd-kl | kd45 | 4500 | 82.00% | 60.0 | 1.67× |"),
+        md.contains("| kd-kl | kd45 | 4500 | 82.00% | 60.0 | 1.67× | 1200 | 1.67× | 1.00× |\n"),
         "{md}"
     );
     assert!(
-        md.contains("| kd-kl | kd45 | 4500 | 82.00% | 60.0 | 0.83× |"),
+        md.contains("| kd-kl | kd45 | 4500 | 82.00% | 60.0 | 0.83× | 1200 | 0.83× | 1.00× |\n"),
         "{md}"
     );
     assert!(
-        md.contains("| kd-mse | never | 4500 | 75.00% | not reached | not reached |"),
+        md.contains(
+            "| kd-mse | never | 4500 | 75.00% | not reached | not reached | not reached | \
+             not reached | 1.00× |\n"
+        ),
         "{md}"
     );
     assert!(
-        md.contains("| baseline | b90 | 9000 | 80.00% | 100.0 | 1.00× (own target) |"),
+        md.contains(
+            "| baseline | b90 | 9000 | 80.00% | 100.0 | 1.00× (own target) | 2000 | \
+             1.00× (own target) | 1.00× |\n"
+        ),
         "{md}"
     );
+    assert!(md.contains("reached at 100.0 s and 2000 samples\n"), "{md}");
 
     let findings: Vec<&str> = md
         .lines()
@@ -436,5 +445,314 @@ fn no_baseline_is_said_plainly() {
         report.findings[0].starts_with("kd-kl (1 run, accuracy): no baseline run"),
         "{:?}",
         report.findings
+    );
+}
+
+/// Writes a finished run that logs every step: `batch` samples a step, `seconds(step)` the
+/// cumulative training seconds after `step`, an evaluation at each `(step, eval)`.
+fn write_stepped_run(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    batch: u64,
+    steps: u64,
+    seconds: impl Fn(u64) -> f64,
+    evals: &[(u64, f32)],
+) {
+    let kd = method != "baseline";
+    let run = dir.join(name);
+    let mut w = RunLogWriter::create(run.join(LOG_FILE)).unwrap();
+    for step in 1..=steps {
+        let eval = evals.iter().find(|e| e.0 == step).map(|e| e.1);
+        let mut r = record(step, seconds(step), eval, kd);
+        r.samples = step * batch;
+        w.append(&r).unwrap();
+    }
+    RunSummary {
+        name: name.to_string(),
+        method: method.to_string(),
+        metric: "accuracy".to_string(),
+        duration_samples: steps * batch,
+        steps,
+        final_eval: evals.last().map_or(0.6, |e| e.1),
+        train_seconds: seconds(steps),
+        teacher_forwards: if kd { steps } else { 0 },
+        device: Some("cpu".to_string()),
+        teachers: if kd { vec!["base".to_string()] } else { vec![] },
+        config: serde_json::Value::Null,
+    }
+    .write(&run)
+    .unwrap();
+}
+
+/// A baseline at 1 s a step, a student whose distilling steps cost 1.25 s (steady), one that
+/// never reaches the target, and one whose machine got three times slower after it reached
+/// the target. 100 samples a step, 40 steps, evaluations every 10 steps.
+fn write_samples_experiment(dir: &Path) {
+    let evals = |v: [f32; 4]| [(10, v[0]), (20, v[1]), (30, v[2]), (40, v[3])];
+    write_stepped_run(
+        dir,
+        "base",
+        "baseline",
+        100,
+        40,
+        |s| s as f64,
+        &evals([0.50, 0.60, 0.70, 0.75]),
+    );
+    write_stepped_run(
+        dir,
+        "kd",
+        "kd-kl",
+        100,
+        40,
+        |s| 1.25 * s as f64,
+        &evals([0.55, 0.70, 0.76, 0.78]),
+    );
+    write_stepped_run(
+        dir,
+        "slow",
+        "kd-mse",
+        100,
+        40,
+        |s| 1.25 * s as f64,
+        &evals([0.50, 0.60, 0.70, 0.74]),
+    );
+    write_stepped_run(
+        dir,
+        "loaded",
+        "random-one",
+        100,
+        40,
+        |s| {
+            if s <= 30 {
+                s as f64
+            } else {
+                30.0 + 3.0 * (s - 30) as f64
+            }
+        },
+        &evals([0.55, 0.70, 0.76, 0.78]),
+    );
+}
+
+#[test]
+fn samples_to_target_and_cost_per_sample() {
+    let dir = scratch("samples");
+    write_samples_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    assert_eq!(report.targets.len(), 1);
+    let t = &report.targets[0];
+    assert_eq!((t.value, t.baseline_seconds), (0.75, 40.0));
+    assert_eq!(t.baseline_samples, Some(4000));
+    assert_eq!(t.baseline_seconds_per_sample, Some(0.01));
+
+    let row = |name: &str| report.rows.iter().find(|r| r.run == name).unwrap();
+    let vs = |name: &str| row(name).vs_baselines[0].clone();
+
+    // The student reaches 75% at step 30: 3000 samples, 37.5 s.
+    let kd = vs("kd");
+    assert_eq!((kd.seconds, kd.samples), (Some(37.5), Some(3000)));
+    assert_eq!(kd.baseline_samples, Some(4000));
+    assert!((kd.speedup.unwrap() - 40.0 / 37.5).abs() < 1e-12);
+    assert!((kd.samples_speedup.unwrap() - 4.0 / 3.0).abs() < 1e-12);
+    assert!((kd.cost_ratio.unwrap() - 1.25).abs() < 1e-12);
+    assert_eq!(row("kd").samples_seen, Some(4000));
+    assert!((row("kd").seconds_per_sample.unwrap() - 0.0125).abs() < 1e-15);
+    // The curve carries the samples of each evaluation.
+    let curve: Vec<Option<u64>> = row("kd").curve.iter().map(|p| p.samples).collect();
+    assert_eq!(curve, vec![Some(1000), Some(2000), Some(3000), Some(4000)]);
+
+    // Never reached: no samples, no samples speedup, no division by zero; the cost ratio is a
+    // property of the two runs and is still given.
+    let slow = vs("slow");
+    assert_eq!(
+        (
+            slow.seconds,
+            slow.samples,
+            slow.speedup,
+            slow.samples_speedup
+        ),
+        (None, None, None, None)
+    );
+    assert!((slow.cost_ratio.unwrap() - 1.25).abs() < 1e-12);
+
+    let own = vs("base");
+    assert!(own.own_target);
+    assert_eq!(
+        (own.samples, own.samples_speedup, own.cost_ratio),
+        (Some(4000), Some(1.0), Some(1.0))
+    );
+
+    let md = report.to_markdown();
+    assert!(
+        md.contains(
+            "| Method | Run | Duration (samples) | Final accuracy | Time to 75.00% (s) | Speedup | \
+             Samples to 75.00% | Samples speedup | Cost per sample vs baseline |\n"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("| kd-kl | kd | 4000 | 78.00% | 37.5 | 1.07× | 3000 | 1.33× | 1.25× |\n"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| kd-mse | slow | 4000 | 74.00% | not reached | not reached | not reached | \
+             not reached | 1.25× |\n"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| baseline | base | 4000 | 75.00% | 40.0 | 1.00× (own target) | 4000 | \
+             1.00× (own target) | 1.00× |\n"
+        ),
+        "{md}"
+    );
+    // The runs table: samples seen and the cost per sample in microseconds.
+    assert!(md.contains("| 4000 | 12500.0 |\n"), "{md}");
+    assert!(md.contains("| 4000 | 10000.0 |\n"), "{md}");
+
+    let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+    let kd_json = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run"] == "kd")
+        .unwrap();
+    assert_eq!(kd_json["vs_baselines"][0]["samples"], 3000);
+    assert!((kd_json["vs_baselines"][0]["cost_ratio"].as_f64().unwrap() - 1.25).abs() < 1e-12);
+    assert_eq!(json["targets"][0]["baseline_samples"], 4000);
+    let slow_json = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run"] == "slow")
+        .unwrap();
+    assert!(slow_json["vs_baselines"][0]["samples_speedup"].is_null());
+}
+
+#[test]
+fn wall_speedup_is_samples_speedup_over_cost_at_steady_rates() {
+    let dir = scratch("identity");
+    write_samples_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    let vs = |name: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.run == name)
+            .unwrap()
+            .vs_baselines[0]
+            .clone()
+    };
+    // Steady rates (base, kd): seconds are proportional to samples, so the wall-clock speedup
+    // splits exactly into the samples speedup and the cost ratio.
+    for name in ["base", "kd"] {
+        let v = vs(name);
+        let predicted = v.samples_speedup.unwrap() / v.cost_ratio.unwrap();
+        assert!(
+            (v.speedup.unwrap() - predicted).abs() < 1e-12,
+            "{name}: {v:?}"
+        );
+    }
+    // The existing experiment: every run at 0.05 s per sample.
+    let dir = scratch("identity-steady");
+    write_experiment(&dir);
+    let steady = build_report(std::slice::from_ref(&dir)).unwrap();
+    let mut checked = 0;
+    for r in &steady.rows {
+        for v in &r.vs_baselines {
+            if let (Some(x), Some(xs), Some(c)) = (v.speedup, v.samples_speedup, v.cost_ratio) {
+                assert!((x - xs / c).abs() < 1e-12, "{}: {v:?}", r.run);
+                checked += 1;
+            }
+        }
+    }
+    // kd45 and b90 against both targets, b45 against its own (never reaches b90's).
+    assert_eq!(checked, 5);
+
+    // A machine that got three times slower after the target was reached: the wall-clock
+    // speedup (40 s / 30 s) is the samples speedup (4000 / 3000), but the whole-run cost ratio
+    // (60 s / 4000 against 40 s / 4000 = 1.5) no longer explains it. This gap is what tells
+    // the reader a run's rate changed partway.
+    let v = vs("loaded");
+    assert_eq!((v.seconds, v.samples), (Some(30.0), Some(3000)));
+    assert!((v.speedup.unwrap() - 4.0 / 3.0).abs() < 1e-12);
+    assert!((v.samples_speedup.unwrap() - 4.0 / 3.0).abs() < 1e-12);
+    assert!((v.cost_ratio.unwrap() - 1.5).abs() < 1e-12);
+    let predicted = v.samples_speedup.unwrap() / v.cost_ratio.unwrap();
+    assert!((v.speedup.unwrap() - predicted).abs() > 0.4, "{v:?}");
+}
+
+#[test]
+fn baseline_without_evaluations_or_records() {
+    // A baseline that logged training but no evaluation: its final evaluation (summary only)
+    // counts at the end of its run, at the samples of its last record.
+    let dir = scratch("no-evals");
+    write_stepped_run(&dir, "base", "baseline", 100, 10, |s| s as f64, &[]);
+    write_stepped_run(
+        &dir,
+        "kd",
+        "kd-kl",
+        100,
+        10,
+        |s| 1.25 * s as f64,
+        &[(5, 0.6), (10, 0.7)],
+    );
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    let t = &report.targets[0];
+    assert_eq!(
+        (t.value, t.baseline_seconds, t.baseline_samples),
+        (0.6, 10.0, Some(1000))
+    );
+    let kd = report.rows.iter().find(|r| r.run == "kd").unwrap();
+    let v = &kd.vs_baselines[0];
+    assert_eq!((v.seconds, v.samples), (Some(6.25), Some(500)));
+    assert_eq!(v.samples_speedup, Some(2.0));
+    assert!((v.cost_ratio.unwrap() - 1.25).abs() < 1e-12);
+    assert!(
+        report
+            .to_markdown()
+            .contains("| kd-kl | kd | 1000 | 70.00% | 6.2 | 1.60× | 500 | 2.00× | 1.25× |\n"),
+        "{}",
+        report.to_markdown()
+    );
+
+    // A baseline whose log holds no record at all: its samples and cost are unknown, which the
+    // table says instead of dividing by nothing.
+    let base_log = dir.join("base").join(LOG_FILE);
+    fs::write(&base_log, "").unwrap();
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    let t = &report.targets[0];
+    assert_eq!(
+        (t.baseline_samples, t.baseline_seconds_per_sample),
+        (None, None)
+    );
+    let kd = report.rows.iter().find(|r| r.run == "kd").unwrap();
+    let v = &kd.vs_baselines[0];
+    assert_eq!(
+        (v.samples, v.samples_speedup, v.cost_ratio),
+        (Some(500), None, None)
+    );
+    let base = report.rows.iter().find(|r| r.run == "base").unwrap();
+    assert_eq!((base.samples_seen, base.seconds_per_sample), (None, None));
+    let md = report.to_markdown();
+    assert!(
+        md.contains("reached at 10.0 s (samples unknown: its log has no record)\n"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| kd-kl | kd | 1000 | 70.00% | 6.2 | 1.60× | 500 | unknown (baseline's samples) | \
+             unknown |\n"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| baseline | base | 1000 | 60.00% | 10.0 | 1.00× (own target) | unknown | unknown | \
+             unknown |\n"
+        ),
+        "{md}"
     );
 }

@@ -10,6 +10,16 @@
 //!
 //! Baselines are also timed against each other's targets: a shorter baseline that reaches a
 //! longer one's accuracy sooner is part of the honest picture of what distillation buys.
+//!
+//! Beside the wall-clock view, the same comparison in training samples, which machine load
+//! does not move: S_B and S_R are the samples seen at those same evaluations, samples
+//! speedup = S_B / S_R (what the speedup would be if a distilling step cost what a plain step
+//! costs), and cost ratio = (R's training seconds per sample) / (B's), each over its whole run
+//! from the log's last record: the teachers' extra work times any difference in load between
+//! the two runs. speedup = samples speedup / cost ratio exactly when each run trained at a
+//! steady rate (seconds proportional to samples); a gap says a run's rate changed partway (load
+//! that came and went, distillation that stopped early). A cost ratio far from the benchmarked
+//! cost of a distilling step is load skew, not distillation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -18,7 +28,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::plot::{plot_accuracy_vs_time, PlotOptions, PlotOutcome};
-use super::runlog::{Run, BASELINE_METHOD, LOG_FILE, METRIC_MLM_ACCURACY, SUMMARY_FILE};
+use super::runlog::{
+    first_point_reaching, EvalPoint, Run, BASELINE_METHOD, LOG_FILE, METRIC_MLM_ACCURACY,
+    SUMMARY_FILE,
+};
 use super::{Error, Result};
 
 /// A baseline's final evaluation, the target every other run is timed to.
@@ -32,6 +45,12 @@ pub struct Target {
     pub value: f32,
     /// T_B: the first training time at which the baseline's own evaluation reached `value`.
     pub baseline_seconds: f64,
+    /// S_B: training samples seen at that evaluation; `None` when the baseline's log holds no
+    /// record to read them from.
+    pub baseline_samples: Option<u64>,
+    /// The baseline's training seconds per sample over its whole run; `None` when its log has
+    /// no record or no sample.
+    pub baseline_seconds_per_sample: Option<f64>,
 }
 
 /// One run timed against one baseline's target.
@@ -45,6 +64,17 @@ pub struct TimeToTarget {
     pub seconds: Option<f64>,
     /// T_B / T_R; `None` when not reached (or reached at time 0, where the ratio is undefined).
     pub speedup: Option<f64>,
+    /// S_B.
+    pub baseline_samples: Option<u64>,
+    /// S_R: training samples seen at the evaluation that reached the target; `None` when not
+    /// reached, or reached at a point whose samples are unknown (a log with no record).
+    pub samples: Option<u64>,
+    /// S_B / S_R; `None` when either is unknown, not reached, or S_R is 0.
+    pub samples_speedup: Option<f64>,
+    /// This run's training seconds per sample / the baseline's, each over its whole run; given
+    /// whether or not the target was reached. `None` when either is unknown or the baseline's
+    /// is 0.
+    pub cost_ratio: Option<f64>,
     /// True on the baseline's own row (T_R = T_B, speedup 1).
     pub own_target: bool,
 }
@@ -53,6 +83,8 @@ pub struct TimeToTarget {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct CurvePoint {
     pub train_seconds: f64,
+    /// Training samples seen at this evaluation (`None`: unknown, the log has no record).
+    pub samples: Option<u64>,
     pub eval: f32,
 }
 
@@ -68,6 +100,10 @@ pub struct ReportRow {
     pub steps: u64,
     pub final_eval: f32,
     pub train_seconds: f64,
+    /// Training samples seen over the run (the log's last record); `None` for an empty log.
+    pub samples_seen: Option<u64>,
+    /// Training seconds per sample over the run, from the log's last record.
+    pub seconds_per_sample: Option<f64>,
     pub teacher_forwards: u64,
     pub teachers: Vec<String>,
     /// Evaluation curve: logged evaluations, then the final one if it was not logged.
@@ -220,23 +256,27 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                 &names[b],
             ))
     });
-    let curves: Vec<Vec<(f64, f32)>> = runs.iter().map(Run::eval_curve).collect();
+    let curves: Vec<Vec<EvalPoint>> = runs.iter().map(Run::eval_curve_with_samples).collect();
+    let costs: Vec<Option<f64>> = runs.iter().map(Run::seconds_per_sample).collect();
 
     let mut targets: Vec<(usize, Target)> = order
         .iter()
         .filter(|&&i| runs[i].summary.is_baseline())
         .map(|&i| {
             let s = &runs[i].summary;
-            let seconds = super::runlog::first_time_reaching(&curves[i], s.final_eval)
-                // eval_curve ends with the final evaluation, so this is always found; keep a
-                // defined value rather than a panic all the same.
-                .unwrap_or(s.train_seconds);
+            let reached = first_point_reaching(&curves[i], s.final_eval);
+            // The curve ends with the final evaluation, so `reached` is always found; keep
+            // defined values (the end of the run) rather than a panic all the same.
+            let seconds = reached.map_or(s.train_seconds, |p| p.train_seconds);
+            let samples = reached.map_or_else(|| runs[i].samples_seen(), |p| p.samples);
             let target = Target {
                 baseline: names[i].clone(),
                 metric: s.metric.clone(),
                 duration_samples: s.duration_samples,
                 value: s.final_eval,
                 baseline_seconds: seconds,
+                baseline_samples: samples,
+                baseline_seconds_per_sample: costs[i],
             };
             (i, target)
         })
@@ -267,10 +307,19 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                 .filter(|(_, t)| t.metric == s.metric)
                 .map(|&(bi, ref t)| {
                     let own = bi == i;
-                    let seconds = if own {
-                        Some(t.baseline_seconds)
+                    let (seconds, samples) = if own {
+                        (Some(t.baseline_seconds), t.baseline_samples)
                     } else {
-                        super::runlog::first_time_reaching(&curves[i], t.value)
+                        first_point_reaching(&curves[i], t.value)
+                            .map_or((None, None), |p| (Some(p.train_seconds), p.samples))
+                    };
+                    let samples_speedup = match (t.baseline_samples, samples) {
+                        (Some(sb), Some(sr)) if sr > 0 => Some(sb as f64 / sr as f64),
+                        _ => None,
+                    };
+                    let cost_ratio = match (costs[i], t.baseline_seconds_per_sample) {
+                        (Some(cr), Some(cb)) if cb > 0.0 => Some(cr / cb),
+                        _ => None,
                     };
                     TimeToTarget {
                         baseline: t.baseline.clone(),
@@ -280,6 +329,10 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                         speedup: seconds
                             .filter(|&tr| tr > 0.0)
                             .map(|tr| t.baseline_seconds / tr),
+                        baseline_samples: t.baseline_samples,
+                        samples,
+                        samples_speedup,
+                        cost_ratio,
                         own_target: own,
                     }
                 })
@@ -293,13 +346,16 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                 steps: s.steps,
                 final_eval: s.final_eval,
                 train_seconds: s.train_seconds,
+                samples_seen: run.samples_seen(),
+                seconds_per_sample: costs[i],
                 teacher_forwards: s.teacher_forwards,
                 teachers: s.teachers.clone(),
                 curve: curves[i]
                     .iter()
-                    .map(|&(train_seconds, eval)| CurvePoint {
-                        train_seconds,
-                        eval,
+                    .map(|p| CurvePoint {
+                        train_seconds: p.train_seconds,
+                        samples: p.samples,
+                        eval: p.eval,
                     })
                     .collect(),
                 vs_baselines,
@@ -336,6 +392,17 @@ fn secs(t: f64) -> String {
 
 fn speedup_text(x: f64) -> String {
     format!("{x:.2}×")
+}
+
+/// Seconds per sample as microseconds: a CPU run is hundreds, a GPU run a few or less, so
+/// keep three decimals below one.
+fn micros_text(seconds: f64) -> String {
+    let us = seconds * 1e6;
+    if us >= 1.0 {
+        format!("{us:.1}")
+    } else {
+        format!("{us:.3}")
+    }
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -452,7 +519,14 @@ impl Report {
             "{} ({}). Time is training wall-clock (`train_seconds`): evaluation and \
              checkpointing excluded. A run's time to a target is the training time of its first \
              evaluation at or above the target; speedup = baseline's time to its own final \
-             value / run's time to that value.\n\n",
+             value / run's time to that value. The same in training samples, which machine \
+             load does not move: samples to a target are those seen at that evaluation; \
+             samples speedup = baseline's samples to its own final value / run's samples to it \
+             (the speedup if a distilling step cost what a plain step costs); cost per sample = \
+             run's training seconds per sample / the baseline's, each over its whole run \
+             (teacher work times any difference in load between the runs). Speedup = samples \
+             speedup / cost per sample when both runs trained at a steady rate; a cost far from \
+             a distilling step's benchmarked cost is load, not distillation.\n\n",
             plural(self.rows.len(), "run", "runs"),
             plural(n_base, "baseline", "baselines"),
         ));
@@ -460,12 +534,12 @@ impl Report {
         md.push_str("## Runs\n\n");
         md.push_str(
             "| Method | Run | Duration (samples) | Steps | Final metric | Train time (s) | \
-             Teacher forwards | Teachers |\n",
+             Teacher forwards | Teachers | Samples seen | Train µs / sample |\n",
         );
-        md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n");
+        md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n");
         for r in &self.rows {
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} {} | {:.1} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} {} | {:.1} | {} | {} | {} | {} |\n",
                 cell(&r.method),
                 cell(&r.run),
                 r.duration_samples,
@@ -479,6 +553,10 @@ impl Report {
                 } else {
                     cell(&r.teachers.join(", "))
                 },
+                r.samples_seen
+                    .map_or("unknown".to_string(), |n| n.to_string()),
+                r.seconds_per_sample
+                    .map_or("unknown".to_string(), micros_text),
             ));
         }
         md.push('\n');
@@ -493,19 +571,23 @@ impl Report {
         for t in &self.targets {
             let words = metric_words(&t.metric);
             md.push_str(&format!(
-                "### Baseline {}: final {} {} ({} samples), reached at {:.1} s\n\n",
+                "### Baseline {}: final {} {} ({} samples), reached at {:.1} s{}\n\n",
                 t.baseline,
                 words,
                 pct(t.value),
                 t.duration_samples,
-                t.baseline_seconds
+                t.baseline_seconds,
+                t.baseline_samples.map_or(
+                    " (samples unknown: its log has no record)".to_string(),
+                    |n| format!(" and {n} samples")
+                ),
             ));
             md.push_str(&format!(
-                "| Method | Run | Duration (samples) | Final {words} | Time to {} (s) | \
-                 Speedup |\n",
-                pct(t.value)
+                "| Method | Run | Duration (samples) | Final {words} | Time to {pct} (s) | \
+                 Speedup | Samples to {pct} | Samples speedup | Cost per sample vs baseline |\n",
+                pct = pct(t.value)
             ));
-            md.push_str("| --- | --- | ---: | ---: | ---: | ---: |\n");
+            md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
             for r in &self.rows {
                 let Some(vs) = r.vs_baselines.iter().find(|v| v.baseline == t.baseline) else {
                     continue;
@@ -519,14 +601,33 @@ impl Report {
                     (Some(s), Some(x)) => (format!("{s:.1}"), speedup_text(x)),
                     (Some(s), None) => (format!("{s:.1}"), "undefined (time 0)".to_string()),
                 };
+                let (samples, samples_speedup) = match (vs.seconds, vs.samples) {
+                    (None, _) => ("not reached".to_string(), "not reached".to_string()),
+                    // Reached at the appended final evaluation of a run whose log is empty.
+                    (Some(_), None) => ("unknown".to_string(), "unknown".to_string()),
+                    (Some(_), Some(n)) => (
+                        n.to_string(),
+                        match vs.samples_speedup {
+                            Some(x) if vs.own_target => {
+                                format!("{} (own target)", speedup_text(x))
+                            }
+                            Some(x) => speedup_text(x),
+                            None if n == 0 => "undefined (0 samples)".to_string(),
+                            None => "unknown (baseline's samples)".to_string(),
+                        },
+                    ),
+                };
                 md.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     cell(&r.method),
                     cell(&r.run),
                     r.duration_samples,
                     pct(r.final_eval),
                     time,
-                    speedup
+                    speedup,
+                    samples,
+                    samples_speedup,
+                    vs.cost_ratio.map_or("unknown".to_string(), speedup_text),
                 ));
             }
             md.push('\n');
@@ -559,7 +660,9 @@ impl Report {
     }
 
     /// The report as pretty-printed JSON (targets, rows with curves and comparisons, findings).
-    /// `null` for a time or speedup means "not reached".
+    /// `null` for a time or speedup means "not reached"; `null` samples, samples speedup or
+    /// cost ratio with a time present means "unknown" (a log with no record) or, for a
+    /// ratio, undefined (a zero denominator). See [`TimeToTarget`].
     pub fn to_json(&self) -> Result<String> {
         serde_json::to_string_pretty(self)
             .map_err(|e| Error::Invalid(format!("report to JSON: {e}")))

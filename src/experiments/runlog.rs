@@ -433,20 +433,75 @@ impl Run {
     /// summary's final evaluation at the end of training when the log's last evaluation is not
     /// that value (a final evaluation that was not logged still counts).
     pub fn eval_curve(&self) -> Vec<(f64, f32)> {
-        let mut points = self.log.eval_points();
-        let end = points.last().map_or(self.summary.train_seconds, |&(t, _)| {
-            t.max(self.summary.train_seconds)
-        });
-        if points.last().map(|&(_, e)| e) != Some(self.summary.final_eval) {
-            points.push((end, self.summary.final_eval));
+        self.eval_curve_with_samples()
+            .into_iter()
+            .map(|p| (p.train_seconds, p.eval))
+            .collect()
+    }
+
+    /// [`Run::eval_curve`] with the training samples seen at each point. An appended final
+    /// evaluation is placed at the log's last record (the end of training): its samples are
+    /// that record's, unknown only when the log holds no record at all.
+    pub fn eval_curve_with_samples(&self) -> Vec<EvalPoint> {
+        let mut points: Vec<EvalPoint> = self
+            .log
+            .records
+            .iter()
+            .filter_map(|r| {
+                r.eval.map(|eval| EvalPoint {
+                    train_seconds: r.train_seconds,
+                    samples: Some(r.samples),
+                    eval,
+                })
+            })
+            .collect();
+        if points.last().map(|p| p.eval) != Some(self.summary.final_eval) {
+            let end = points.last().map_or(self.summary.train_seconds, |p| {
+                p.train_seconds.max(self.summary.train_seconds)
+            });
+            points.push(EvalPoint {
+                train_seconds: end,
+                samples: self.samples_seen(),
+                eval: self.summary.final_eval,
+            });
         }
         points
+    }
+
+    /// Training samples seen over the whole run: the log's last record (the counter is
+    /// cumulative and never decreases). `None` for a log with no record.
+    pub fn samples_seen(&self) -> Option<u64> {
+        self.log.records.last().map(|r| r.samples)
+    }
+
+    /// The run's training seconds per sample over the whole run, both read from the log's last
+    /// record (one line, so the two counters describe the same moment). `None` when the log has
+    /// no record or no sample was seen (the ratio would be undefined).
+    pub fn seconds_per_sample(&self) -> Option<f64> {
+        let last = self.log.records.last()?;
+        (last.samples > 0).then(|| last.train_seconds / last.samples as f64)
     }
 
     /// The first training time at which the evaluation reached `target` (>=), if it did.
     pub fn time_to_reach(&self, target: f32) -> Option<f64> {
         first_time_reaching(&self.eval_curve(), target)
     }
+}
+
+/// One point of a run's evaluation curve, as [`Run::eval_curve_with_samples`] gives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalPoint {
+    /// Training seconds at the evaluation (the log's clock).
+    pub train_seconds: f64,
+    /// Training samples seen at the evaluation; `None` only for a final evaluation of a run
+    /// whose log holds no record.
+    pub samples: Option<u64>,
+    pub eval: f32,
+}
+
+/// The first point in `curve` (in order) whose value is >= `target`.
+pub fn first_point_reaching(curve: &[EvalPoint], target: f32) -> Option<&EvalPoint> {
+    curve.iter().find(|p| p.eval >= target)
 }
 
 /// The first time in `curve` (in order) whose value is >= `target`.
@@ -579,5 +634,31 @@ mod tests {
         assert_eq!(run.time_to_reach(0.6), Some(20.0));
         assert_eq!(run.time_to_reach(0.7), Some(30.0));
         assert_eq!(run.time_to_reach(0.71), None);
+
+        // The appended final evaluation sits at the last record's samples (step 2: 64), not at
+        // the last logged evaluation's; the cost per sample is that record's seconds / samples.
+        let samples: Vec<Option<u64>> = run
+            .eval_curve_with_samples()
+            .iter()
+            .map(|p| p.samples)
+            .collect();
+        assert_eq!(samples, vec![Some(32), Some(64), Some(64)]);
+        assert_eq!(run.samples_seen(), Some(64));
+        assert_eq!(run.seconds_per_sample(), Some(20.0 / 64.0));
+
+        // No record at all: the final evaluation is still a point, its samples unknown, and
+        // there is no cost per sample rather than a division by zero.
+        let mut empty = run.clone();
+        empty.log.records.clear();
+        let curve = empty.eval_curve_with_samples();
+        assert_eq!(curve.len(), 1);
+        assert_eq!(
+            (curve[0].train_seconds, curve[0].samples, curve[0].eval),
+            (30.0, None, 0.7)
+        );
+        assert_eq!(empty.seconds_per_sample(), None);
+        let mut zero = run.clone();
+        zero.log.records = vec![rec(0, 0.0, Some(0.7))];
+        assert_eq!(zero.seconds_per_sample(), None);
     }
 }
