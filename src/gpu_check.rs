@@ -1065,7 +1065,16 @@ fn kd_loss_checks(c: &mut Checker) -> Result<()> {
     ];
     for (name, cfg, k, masked) in cases {
         for (rows, classes) in [(128usize, 10usize), (64, 1000), (16, 30_522)] {
-            for (s_dt, t_dt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
+            // f32 student logits with bf16 teacher logits: the trainer's default on a GPU (f32
+            // activations, bf16 teachers), kernels `kd_loss_{kl,mse}_f32_bf16`.
+            for (s_dt, t_dt) in [
+                (DType::F32, DType::F32),
+                (DType::BF16, DType::BF16),
+                (DType::F32, DType::BF16),
+            ] {
+                if k == 0 && s_dt != t_dt {
+                    continue; // no teacher logits: the (f32, f32) row already
+                }
                 let (s_cpu, s_gpu) = c.fresh(&[rows, classes], s_dt)?;
                 let mut t_cpu = Vec::new();
                 let mut t_gpu = Vec::new();
@@ -1106,7 +1115,11 @@ fn kd_loss_checks(c: &mut Checker) -> Result<()> {
                 };
                 let (l_gpu, g_gpu) = run(&s_gpu, &t_gpu)?;
                 let (l_cpu, g_cpu) = run(&s_cpu, &t_cpu)?;
-                let shapes = format!("[{rows}, {classes}] x {} teachers", k);
+                let shapes = if s_dt == t_dt {
+                    format!("[{rows}, {classes}] x {k} teachers")
+                } else {
+                    format!("[{rows}, {classes}] x {k} {t_dt} teachers")
+                };
                 c.record(
                     &format!("{name}: ce, kd, total"),
                     shapes.clone(),
