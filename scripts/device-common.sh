@@ -43,6 +43,19 @@ device_libs() {
         \( -name 'libcublasLt.so*' -o -name 'libcublas.so*' -o -name 'libcudnn.so*' \
            -o -name 'libnccl.so*' -o -name 'libcuda.so.1' \) 2>/dev/null |
         xargs -r -n1 dirname | sort -u | paste -sd: -)"
+    # cudarc (0.19) opens NCCL as `libnccl.so` (or `.so.1`, `.so.9` ... `.so.13`), never as
+    # `libnccl.so.2`, the only name NCCL's wheels and libnccl2 install: without a link under
+    # the plain name the all-reduce group reports NCCL missing although it is there.
+    local nccl link_dir
+    nccl="$(find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev -name 'libnccl.so.2' 2>/dev/null |
+        head -n1)"
+    if [ -n "$nccl" ] && ! find /opt /usr/local /usr/lib /usr/lib64 /lib -xdev \
+        -name 'libnccl.so' 2>/dev/null | grep -q .; then
+        link_dir="${TMPDIR:-/tmp}/recycle-nccl"
+        mkdir -p "$link_dir"
+        ln -sf "$nccl" "$link_dir/libnccl.so"
+        dirs="${link_dir}${dirs:+:$dirs}"
+    fi
     export LD_LIBRARY_PATH="${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$env_file"
 }

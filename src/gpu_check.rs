@@ -21,6 +21,10 @@
 //! again after a write into the mask. The model-step rows below also count the bytes each step
 //! copies to the host ([`STEP_BYTES_TO_HOST`]).
 //!
+//! The teacher stream (`teacher_stream_checks`): a distillation step of each small model with
+//! its teacher on the teacher stream equals, bit for bit, the same step with the teacher run
+//! first on the student stream.
+//!
 //! The NCCL all-reduce group (`cuda::AllReduceGroup`) over the checked GPU: one rank, so the
 //! mean must return the buffer bit for bit.
 //!
@@ -1065,7 +1069,16 @@ fn kd_loss_checks(c: &mut Checker) -> Result<()> {
     ];
     for (name, cfg, k, masked) in cases {
         for (rows, classes) in [(128usize, 10usize), (64, 1000), (16, 30_522)] {
-            for (s_dt, t_dt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
+            // f32 student logits with bf16 teacher logits: the trainer's default on a GPU (f32
+            // activations, bf16 teachers), kernels `kd_loss_{kl,mse}_f32_bf16`.
+            for (s_dt, t_dt) in [
+                (DType::F32, DType::F32),
+                (DType::BF16, DType::BF16),
+                (DType::F32, DType::BF16),
+            ] {
+                if k == 0 && s_dt != t_dt {
+                    continue; // no teacher logits: the (f32, f32) row already
+                }
                 let (s_cpu, s_gpu) = c.fresh(&[rows, classes], s_dt)?;
                 let mut t_cpu = Vec::new();
                 let mut t_gpu = Vec::new();
@@ -1106,7 +1119,11 @@ fn kd_loss_checks(c: &mut Checker) -> Result<()> {
                 };
                 let (l_gpu, g_gpu) = run(&s_gpu, &t_gpu)?;
                 let (l_cpu, g_cpu) = run(&s_cpu, &t_cpu)?;
-                let shapes = format!("[{rows}, {classes}] x {} teachers", k);
+                let shapes = if s_dt == t_dt {
+                    format!("[{rows}, {classes}] x {k} teachers")
+                } else {
+                    format!("[{rows}, {classes}] x {k} {t_dt} teachers")
+                };
                 c.record(
                     &format!("{name}: ce, kd, total"),
                     shapes.clone(),
@@ -1452,6 +1469,84 @@ fn model_step_checks(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
+/// The teacher stream, as `train_step` runs a distillation step: one step of each small model
+/// with a one-teacher pool, the teacher's forward queued on the teacher stream
+/// (`cuda::on_stream`) and joined right before the fused loss, against the same step on the GPU
+/// with the teacher's logits computed first on the student stream (the order the CPU test
+/// `teachers_first_changes_no_bit_on_the_cpu` pins down). The teacher is made as the trainer
+/// makes it on a GPU (bf16 weights, bf16 activations), the student computes in f32. Every
+/// kernel is deterministic, so the loss, the KD term and the gradient must agree bit for bit
+/// (tolerance 0): a missing or misplaced join reads poisoned (NaN) or unfinished teacher logits,
+/// and the per-stream cuBLASLt workspaces, cuDNN handles and the teacher's per-call padding
+/// bias run here for the first time.
+fn teacher_stream_checks(c: &mut Checker) -> Result<()> {
+    use crate::distill::{TeacherEntry, TeacherPool, TeacherStrategy};
+    let loss = KdLoss::kl(4.0, 1.0);
+    let (lr, step, seed) = (0.05f32, 3u64, 0x7eac);
+    for (name, arch, batch_cpu) in small_step_cases()? {
+        // Two students with the same weights and their own buffers (on the CPU, where this
+        // runs in the unit tests, `to_device` would share one).
+        let device = c.device;
+        let student = || Model::new(&arch, 21)?.to_device(device);
+        let teacher = Model::new(&arch, 22)?
+            .teacher(DType::BF16)?
+            .with_activations(DType::BF16)?
+            .to_device(device)?;
+        let pool = TeacherPool::new(
+            vec![TeacherEntry {
+                name: "teacher".to_string(),
+                accuracy: 0.5,
+                model: teacher,
+            }],
+            TeacherStrategy::Single,
+            1,
+        )?;
+        let batch = batch_cpu.to_device(device)?;
+        let shapes = batch_text(&batch_cpu);
+
+        // Through the teacher stream.
+        let scoped = student()?;
+        let out = forward_backward(&scoped, Some(&pool), &loss, &batch, lr, step, seed)?;
+
+        // Everything on the student stream: the teacher first, then the student.
+        let plain = student()?;
+        let teacher_logits = pool.logits(step, |t| {
+            Ok(t.logits(&Tape::inference(), &batch, false, 0)?
+                .into_tensor())
+        })?;
+        let tape = Tape::recording();
+        let dropout_seed = recycle_engine::rng::bits_at(seed, step);
+        let logits = plain.logits(&tape, &batch, true, dropout_seed)?;
+        let o = kd_loss(&tape, &loss, &logits, &teacher_logits, batch.labels(), None)?;
+        tape.backward(&o.total)?;
+
+        let row = |what: &str| format!("{name} KD step, teacher stream vs student stream: {what}");
+        c.record_err(
+            &row("loss"),
+            shapes.clone(),
+            DType::F32,
+            scalar_rel_err(out.loss as f64, o.total_value as f64),
+            0.0,
+        );
+        c.record_err(
+            &row("KD term"),
+            shapes.clone(),
+            DType::F32,
+            scalar_rel_err(out.kd.unwrap_or(f32::NAN) as f64, o.kd as f64),
+            0.0,
+        );
+        c.record(
+            &row("gradient"),
+            shapes,
+            DType::F32,
+            scoped.params()?.grads(),
+            plain.params()?.grads(),
+            0.0,
+        )?;
+    }
+    Ok(())
+}
+
 /// The NCCL all-reduce group over the checked GPU alone: with one rank the mean is the input,
 /// bit for bit (NCCL divides by 1), so the tolerance is 0 — what it checks is that the group
 /// is made, the reduction is queued on the communication stream between the two events, and
@@ -1601,6 +1696,7 @@ pub fn run(device: Device) -> Result<GpuCheckReport> {
     kd_loss_checks(&mut c)?;
     let (allocations_per_step, step_description) = allocation_check(&mut c)?;
     model_step_checks(&mut c)?;
+    teacher_stream_checks(&mut c)?;
     all_reduce_checks(&mut c)?;
     cuda::synchronize(device)?;
     cuda::set_poison_allocations(ordinal, false)?;
@@ -1755,6 +1851,28 @@ mod tests {
             assert_eq!(om.loss.to_bits(), ob.loss.to_bits(), "{name}");
             let gm = moved.params().unwrap().grads().to_vec_f32().unwrap();
             assert_eq!(max_rel_err(&gm, &gb), 0.0, "{name}");
+        }
+    }
+
+    /// The teacher-stream rows on the CPU, where the scope runs the teacher in place: every
+    /// row passes at tolerance 0 (the GPU run must match the same way), and the KD term is
+    /// there to compare.
+    #[test]
+    fn teacher_stream_rows_pass_on_the_cpu() {
+        let mut c = Checker {
+            device: Device::Cpu,
+            seed: 0,
+            rows: Vec::new(),
+        };
+        teacher_stream_checks(&mut c).unwrap();
+        assert_eq!(c.rows.len(), 6);
+        for r in &c.rows {
+            assert!(
+                r.pass && r.max_rel_err == 0.0,
+                "{}: {}",
+                r.op,
+                r.max_rel_err
+            );
         }
     }
 

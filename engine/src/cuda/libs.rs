@@ -44,7 +44,11 @@ impl Library {
                 "the CUDA toolkit, or `pip install nvidia-cublas` (its nvidia/cu13/lib)"
             }
             Library::Cudnn => "cuDNN 9 for CUDA 13, e.g. `pip install nvidia-cudnn-cu13`",
-            Library::Nccl => "NCCL 2 for CUDA 13, e.g. `pip install nvidia-nccl-cu13`",
+            // cudarc opens `libnccl.so` (never `.so.2`, the only name the wheels install).
+            Library::Nccl => {
+                "NCCL 2 for CUDA 13, e.g. `pip install nvidia-nccl-cu13`, with a link named \
+                 libnccl.so to its libnccl.so.2 (the name the bindings open)"
+            }
         }
     }
 }

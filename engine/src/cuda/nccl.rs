@@ -251,11 +251,15 @@ mod cuda_impl {
             c.ctx.join(StreamRole::Comm, StreamRole::Student)?;
         }
         let first = comms[0].ctx.ordinal();
-        libs::guarded(Library::Nccl, first, || {
+        let reduced = libs::guarded(Library::Nccl, first, || {
             result::group_start().map_err(|e| nccl_err(first, "starting a group", e))?;
             let mut queued = Ok(());
             for (c, v) in comms.iter().zip(&views) {
-                c.ctx.bind()?;
+                // Not `?`: an error must still close the group below.
+                if let Err(e) = c.ctx.bind() {
+                    queued = Err(e);
+                    break;
+                }
                 let stream = c.ctx.stream(StreamRole::Comm).cu_stream();
                 // SAFETY: `v` spans `v.len` elements of `v.dtype` on this communicator's GPU,
                 // kept alive by `tensors` until the student stream has waited for the comm
@@ -279,11 +283,13 @@ mod cuda_impl {
             // The group is closed whatever happened inside it (NCCL's rule).
             let ended = result::group_end().map_err(|e| nccl_err(first, "ending a group", e));
             queued.and(ended.map(|_| ()))
-        })?;
-        for c in comms {
-            c.ctx.join(StreamRole::Student, StreamRole::Comm)?;
-        }
-        Ok(())
+        });
+        // Whatever was queued (all of it, or part of a failed group), the student stream
+        // waits for it before the caller's next work (the optimizer) touches the buffers.
+        let joined = comms
+            .iter()
+            .try_for_each(|c| c.ctx.join(StreamRole::Student, StreamRole::Comm));
+        reduced.and(joined)
     }
 }
 
