@@ -29,8 +29,35 @@ device_prepare() {
     else
         echo "warning: shared/reference/torch_kd_overhead.py not found (set RECYCLE_SHARED): the run will skip the PyTorch peer" >&2
     fi
+    device_data
     du -sh .device/*
     echo "ready: run \`bash scripts/$script run\` on the GPU machine with carry [\".device\"]"
+}
+
+# Here: the first 6,000 training and 2,000 test images of Fashion-MNIST (Debian's
+# dataset-fashion-mnist) as IDX files of their own, 4 MB instead of 30, into .device/data/, so
+# that `scripts/gpu-check.sh run` can train on the GPU machine (which has no such package).
+device_data() {
+    local src=/usr/share/datasets/fashion-mnist
+    if [ ! -f "$src/train-images-idx3-ubyte.gz" ]; then
+        echo "warning: $src is missing (apt-get install dataset-fashion-mnist): the run will skip training" >&2
+        return 0
+    fi
+    mkdir -p .device/data
+    python3 - "$src" .device/data <<'PY'
+import gzip, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+for split, keep in (("train", 6000), ("t10k", 2000)):
+    for kind, header in (("images-idx3", 16), ("labels-idx1", 8)):
+        name = f"{split}-{kind}-ubyte.gz"
+        with gzip.open(f"{src}/{name}", "rb") as f:
+            data = f.read()
+        magic, count = struct.unpack(">II", data[:8])
+        item = (len(data) - header) // count
+        out = data[:4] + struct.pack(">I", keep) + data[8:header] + data[header:header + keep * item]
+        with gzip.open(f"{dst}/{name}", "wb", compresslevel=9) as f:
+            f.write(out)
+PY
 }
 
 # There, on the GPU machine: puts the folders of cuBLASLt, cuDNN, NCCL and the driver on
