@@ -1,0 +1,248 @@
+//! `recycle gpu-check`: every op that has a CUDA arm, run on the GPU and on the CPU (the
+//! oracle) on the same fresh random inputs, compared element by element.
+//!
+//! Method, per op: inputs drawn fresh (normal, scale 1.5, a new seed for every tensor: never
+//! zeros, never the values of another check), in f32 and in bf16; every buffer the GPU
+//! allocates during the check starts as NaN (`cuda::set_poison_allocations`), so an output
+//! element a kernel fails to write cannot pass; the forward output and, for tape ops, the
+//! gradient of every input (for a random upstream gradient) are copied back and compared with
+//! the CPU op's. The error of an element is `|gpu - cpu| / max(|cpu|, 1e-3 · max|cpu|)` (near
+//! zero, relative to the tensor's scale), a NaN or infinity where the CPU has a finite value
+//! counts as infinite, and a check passes when the largest error is within its tolerance:
+//! 1e-6 where the kernel promises the CPU's bits, 1e-4 to 1e-5 where it uses a different
+//! `exp`/`erf` or summation order, 2e-2 for bf16 storage (8 bits of mantissa).
+//!
+//! Also measured: allocations per training step (a synthetic step through the ops that run on
+//! CUDA), from the context's counters.
+//!
+//! Host copies (`host_copy_checks`): i32 tensors uploaded from the CPU are read back (whole,
+//! as views, after `copy_from_i32`, `zero_` and `deep_copy`) without a download and equal to
+//! what the device holds; the attention's padding mask is made into its additive form once and
+//! again after a write into the mask. The model-step rows below also count the bytes each step
+//! copies to the host ([`STEP_BYTES_TO_HOST`]).
+//!
+//! The teacher stream (`teacher_stream_checks`): a distillation step of each small model with
+//! its teacher on the teacher stream equals, bit for bit, the same step with the teacher run
+//! first on the student stream.
+//!
+//! The NCCL all-reduce group (`cuda::AllReduceGroup`) over the checked GPU: one rank, so the
+//! mean must return the buffer bit for bit.
+//!
+//! Whole models: one training step (forward, loss, backward, then an SGDW update) of a small
+//! ResNet-18 (small stem, width 1/8, batch 8 of 1x28x28) and of BERT-tiny (batch 4, sequence
+//! 32, vocabulary 512), on the GPU and on the CPU from the same weights and batch (the GPU
+//! model is `Model::to_device` of the CPU one), in f32 and again with bf16 activations and a
+//! bf16 working copy of the weights. Rows of the same table: the loss, the norm of the flat
+//! gradient, the flat gradient element by element (bf16: as a relative L2 error), and the
+//! parameters after the update (bf16: the update, and the GPU's working copy against its
+//! master rounded). Then (`throughput`; `recycle gpu-check` runs it after printing the table,
+//! unless `--no-throughput`) the throughput of a plain training step of ResNet-50 (batch 256, 3x224x224, 1000 classes) and BERT-base (batch 128, sequence 128),
+//! both computing in bf16 from a bf16 working copy of their f32 master weights, in samples per
+//! second: warm-up steps, then timed steps closed by a device synchronisation.
+//!
+//! On a machine without a GPU the first step, opening the device, fails with the error that
+//! says what is missing (no driver, no CUDA backend in this build, ...).
+//!
+//! Layout: the report and its table here, with [`run`]; the comparison machinery and the
+//! error measures in `checker`; the per-op checks in `ops` (tensors, elementwise, products,
+//! convolutions, norms, gathers, layouts, attention) and `loss_optim` (cross-entropy, the
+//! optimizers, the fused distillation loss); the host-copy rows in `host_copy`; the allocation
+//! count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
+//! row in `nccl`; the throughput measurement in `throughput`.
+
+mod allocations;
+mod checker;
+mod host_copy;
+mod loss_optim;
+mod models;
+mod nccl;
+mod ops;
+mod throughput;
+
+use std::fmt::Write as _;
+
+use recycle_engine::cuda::{self, AllocStats};
+use recycle_engine::{DType, Device, Error, Result};
+
+use checker::Checker;
+pub use checker::{l2_norm, max_rel_err, rel_l2_err, scalar_rel_err};
+pub use models::{small_step_cases, STEP_BYTES_TO_HOST};
+pub use throughput::{format_throughput, throughput, ThroughputOptions, ThroughputRow};
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub op: String,
+    pub shapes: String,
+    pub dtype: DType,
+    pub max_rel_err: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
+/// What `run` found.
+#[derive(Debug, Clone)]
+pub struct GpuCheckReport {
+    pub device: cuda::DeviceInfo,
+    pub rows: Vec<CheckRow>,
+    /// Allocations (`cuMemAllocAsync` calls) of one synthetic training step, after warm-up.
+    pub allocations_per_step: u64,
+    pub step_description: String,
+    pub stats: AllocStats,
+}
+
+impl GpuCheckReport {
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| !r.pass).count()
+    }
+
+    /// The report as text: the device, the table, the allocation count, the verdict.
+    pub fn to_text(&self) -> String {
+        let d = &self.device;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "device: cuda:{} {} (sm_{}{}), driver CUDA {}.{}, {:.1} GiB, kernels: {}",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.driver_version / 1000,
+            (d.driver_version % 1000) / 10,
+            d.total_memory as f64 / (1u64 << 30) as f64,
+            d.kernel_image
+        );
+        s.push_str(&format_table(&self.rows));
+        let _ = writeln!(
+            s,
+            "allocations per training step: {} ({}; stream-ordered cuMemAllocAsync from the \
+             driver's pool, release threshold: never)",
+            self.allocations_per_step, self.step_description
+        );
+        let _ = writeln!(
+            s,
+            "device memory: {} allocations, {} frees, peak {:.1} MiB in use; {:.1} MiB to the \
+             device, {:.1} MiB to the host",
+            self.stats.allocations,
+            self.stats.frees,
+            self.stats.peak_bytes_in_use as f64 / (1 << 20) as f64,
+            self.stats.bytes_to_device as f64 / (1 << 20) as f64,
+            self.stats.bytes_to_host as f64 / (1 << 20) as f64
+        );
+        let _ = writeln!(
+            s,
+            "{} passed, {} failed",
+            self.rows.len() - self.failures(),
+            self.failures()
+        );
+        s
+    }
+}
+
+/// The table: op, shapes, dtype, max relative error, tolerance, pass.
+pub fn format_table(rows: &[CheckRow]) -> String {
+    let mut s = String::from("| op | shapes | dtype | max rel err | tolerance | pass |\n");
+    s.push_str("|---|---|---|---:|---:|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3e} | {:.0e} | {} |",
+            r.op,
+            r.shapes,
+            r.dtype,
+            r.max_rel_err,
+            r.tolerance,
+            if r.pass { "pass" } else { "FAIL" }
+        );
+    }
+    s
+}
+
+/// Runs every check on `device` (a GPU) and returns the report; the first error is opening
+/// the device when there is none.
+pub fn run(device: Device) -> Result<GpuCheckReport> {
+    let ordinal = match device {
+        Device::Cuda(n) => n,
+        Device::Cpu => {
+            return Err(Error::invalid(
+                "gpu-check",
+                "compares a GPU with the CPU: give a CUDA device (cuda:N)".to_string(),
+            ))
+        }
+    };
+    let info = cuda::device_info(ordinal)?;
+    cuda::set_poison_allocations(ordinal, true)?;
+    let mut c = Checker {
+        device,
+        seed: 0,
+        rows: Vec::new(),
+    };
+    ops::tensor_checks(&mut c)?;
+    host_copy::host_copy_checks(&mut c)?;
+    ops::elementwise_checks(&mut c)?;
+    ops::matmul_checks(&mut c)?;
+    ops::conv_checks(&mut c)?;
+    ops::norm_checks(&mut c)?;
+    ops::gather_dropout_checks(&mut c)?;
+    ops::pool_layout_checks(&mut c)?;
+    ops::attention_checks(&mut c)?;
+    loss_optim::cross_entropy_checks(&mut c)?;
+    loss_optim::optimizer_checks(&mut c)?;
+    loss_optim::kd_loss_checks(&mut c)?;
+    let (allocations_per_step, step_description) = allocations::allocation_check(&mut c)?;
+    models::model_step_checks(&mut c)?;
+    models::teacher_stream_checks(&mut c)?;
+    nccl::all_reduce_checks(&mut c)?;
+    cuda::synchronize(device)?;
+    cuda::set_poison_allocations(ordinal, false)?;
+    Ok(GpuCheckReport {
+        device: info,
+        rows: c.rows,
+        allocations_per_step,
+        step_description,
+        stats: cuda::alloc_stats(ordinal)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_every_column() {
+        let rows = vec![CheckRow {
+            op: "relu".into(),
+            shapes: "[2, 3]".into(),
+            dtype: DType::BF16,
+            max_rel_err: 1.5e-3,
+            tolerance: 2e-2,
+            pass: true,
+        }];
+        let t = format_table(&rows);
+        assert!(t.contains("| op | shapes | dtype | max rel err | tolerance | pass |"));
+        assert!(
+            t.contains("| relu | [2, 3] | bf16 | 1.500e-3 | 2e-2 | pass |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn without_a_gpu_the_check_says_what_is_missing() {
+        if cuda::device_info(0).is_ok() {
+            return; // a GPU machine: scripts/gpu-check.sh runs the check itself
+        }
+        let e = run(Device::Cuda(0)).unwrap_err().to_string();
+        assert!(
+            e.contains("no CUDA backend") || e.contains("no NVIDIA driver found"),
+            "{e}"
+        );
+        assert!(run(Device::Cpu).is_err());
+        let opts = ThroughputOptions::default();
+        let e = throughput(Device::Cuda(0), &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("no CUDA backend") || e.contains("no NVIDIA driver found"),
+            "{e}"
+        );
+        assert!(throughput(Device::Cpu, &opts).is_err());
+    }
+}
