@@ -30,7 +30,7 @@
 //!   destinations only; dropped anyway, so a float mask's derived mask goes too);
 //! - the optimizers' fused steps (parameters, state, the bf16 working copy), BatchNorm's
 //!   running statistics, the NCCL all-reduce (in place): float buffers, dropped the same way;
-//! - every other kernel writes into a buffer it has just allocated (`cuda::ops::empty`), which
+//! - every other kernel writes into a buffer it has just allocated (`cuda::common::empty`), which
 //!   starts with nothing kept; cuBLASLt and cuDNN are called with beta = 0 into fresh outputs;
 //! - the host-side write guards (`write_f32`, `write_bf16`) refuse device tensors, and the read
 //!   guards (`read_i32` included) too, so no host code touches device storage behind this.

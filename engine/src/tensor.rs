@@ -450,7 +450,7 @@ impl Tensor {
     /// A fresh contiguous copy with its own storage, on the same device.
     pub fn deep_copy(&self) -> Result<Tensor> {
         if let Device::Cuda(_) = self.device {
-            return crate::on_cuda!(self.device, crate::cuda::ops::deep_copy(self));
+            return crate::on_cuda!(self.device, crate::cuda::elementwise::deep_copy(self));
         }
         let guard = self.read_guard();
         let Storage::Cpu(s) = &*guard else {
@@ -472,7 +472,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         if let Device::Cuda(_) = self.device {
-            return crate::on_cuda!(self.device, crate::cuda::ops::cast(self, dtype));
+            return crate::on_cuda!(self.device, crate::cuda::elementwise::cast(self, dtype));
         }
         let storage = {
             let guard = self.read_guard();
@@ -514,7 +514,7 @@ impl Tensor {
             ));
         }
         if !self.device.is_cpu() {
-            return crate::on_cuda!(self.device, crate::cuda::ops::copy_into(self, src));
+            return crate::on_cuda!(self.device, crate::cuda::elementwise::copy_into(self, src));
         }
         let values = src.to_vec_f32()?;
         match self.dtype {
@@ -576,7 +576,9 @@ impl Tensor {
         crate::error::check_same_shape("add_assign", &self.shape, &src.shape)?;
         match crate::cuda::common_device("add_assign", &[self, src])? {
             Device::Cpu => {}
-            device => return crate::on_cuda!(device, crate::cuda::ops::accumulate(self, src)),
+            device => {
+                return crate::on_cuda!(device, crate::cuda::elementwise::accumulate(self, src))
+            }
         }
         if self.same_storage(src) {
             let s = src.to_vec_f32()?;

@@ -5,9 +5,10 @@
 //! Types as for the products: the convolution runs in the input's type (the weight is cast to
 //! it when it differs), the output has that type, and each gradient the type of its tensor.
 
+use super::common::{as_dtype, empty, run, view};
 use super::common_device;
 use super::dnn::{self, ConvKey, ConvPtrs, Direction};
-use super::ops::{as_dtype, cast, channel_add_plan, channel_sum_plan, empty, run, view};
+use super::elementwise::{cast, channel_add_plan, channel_sum_plan};
 use crate::ops::conv::Conv2dGeometry;
 use crate::{DType, Result, Tape, Tensor, Var};
 
@@ -37,7 +38,7 @@ pub(crate) fn conv2d(
         if view(&t, OP)?.ptr % 16 == 0 {
             Ok(t)
         } else {
-            super::ops::deep_copy(&t)
+            super::elementwise::deep_copy(&t)
         }
     };
     let (tx, tw) = (

@@ -6,9 +6,9 @@
 //! drops for the same seed, whatever the launch shape. Nothing is stored: the backward applies
 //! the same kernel, with the same seed, to the gradient.
 
+use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
 use super::kernel_suffix;
 use super::launch::{Arg, KernelCall};
-use super::ops::{as_dtype, empty, grid_stride, kernel, run, view};
 use crate::ops::dropout::keep_scale;
 use crate::{DType, Result, Tape, Tensor, Var};
 

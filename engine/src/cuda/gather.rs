@@ -15,8 +15,8 @@
 use recycle_kernels::launch::{self as kl, EmbeddingBackward};
 use recycle_kernels::names::embedding as k;
 
+use super::common::{empty, kernel, on_gpu_i32, run, view};
 use super::launch::{shape_err, Arg, KernelCall};
-use super::ops::{empty, kernel, on_gpu_i32, run, view};
 use super::{kernel_suffix, DeviceBuffer};
 use crate::{DType, Result, Tape, Tensor, Var};
 
@@ -154,7 +154,7 @@ pub(crate) fn gather(
             if !needs[0] {
                 return Ok(vec![None]);
             }
-            let g = super::ops::as_dtype(g, dtype)?;
+            let g = super::common::as_dtype(g, dtype)?;
             let Some(cfg) = kl::embedding_backward(n_ids as u64, vocab as u64, dim as u64)
                 .map_err(shape_err)?
             else {
@@ -189,7 +189,7 @@ pub(crate) fn gather(
             Ok(vec![Some(if dtype == DType::F32 {
                 dw
             } else {
-                super::ops::cast(&dw, dtype)?
+                super::elementwise::cast(&dw, dtype)?
             })])
         }),
     ))

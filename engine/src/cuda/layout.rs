@@ -12,8 +12,9 @@
 
 use std::sync::Arc;
 
+use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
+use super::elementwise::scalar_raw;
 use super::launch::{Arg, KernelCall};
-use super::ops::{as_dtype, empty, grid_stride, kernel, run, scalar_raw, view};
 use super::{kernel_suffix, memory, CudaContext, DeviceBuffer};
 use crate::ops::elementwise::{contiguous_strides, BinaryOp};
 use crate::{DType, Error, Result, Tape, Tensor, Var};
@@ -467,7 +468,7 @@ pub(crate) fn broadcast_binary(
 ) -> Result<Var> {
     let name = op.name();
     super::common_device(name, &[a.tensor(), b.tensor()])?;
-    let dtype = super::ops::float_inputs(name, &[a.tensor(), b.tensor()])?;
+    let dtype = super::elementwise::float_inputs(name, &[a.tensor(), b.tensor()])?;
     let (at, bt) = (a.tensor().clone(), b.tensor().clone());
     let ctx = view(&at, name)?.ctx;
     let y = broadcast_raw(&ctx, op, &at, &bt, &out_shape)?;

@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use super::blas::{self, Gemm};
-use super::ops::{as_dtype, cast, channel_add_plan, channel_sum_plan, empty, run, view};
+use super::common::{as_dtype, empty, run, view};
+use super::elementwise::{cast, channel_add_plan, channel_sum_plan};
 use super::{common_device, CudaContext};
 use crate::{DType, Result, Tape, Tensor, Var};
 
@@ -101,7 +102,7 @@ fn product(
             if view(&b, OP)?.ptr % 16 == 0 {
                 Ok(b)
             } else {
-                super::ops::deep_copy(&b)
+                super::elementwise::deep_copy(&b)
             }
         })
         .transpose()?;

@@ -37,14 +37,16 @@
 //!   [`recycle_kernels::abi::params`] before `cuLaunchKernel`, so a wrong argument list is an
 //!   error, never a corrupted launch.
 //! - **Ops**: the CUDA arm of every op, one file per family —
-//!   `ops` (elementwise, activations, softmax, cross-entropy, casts, accumulation, the SGDW
-//!   and AdamW steps, the fused distillation loss [`kd_loss`], and the shared helpers),
-//!   `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN convolutions), `norm`
-//!   (layer and batch norm), `gather` (embedding, gather_rows), `dropout`, `pool`, `layout`
-//!   (permute/narrow/concat, reductions, broadcasting), `attention` (composed of those).
+//!   `elementwise` (elementwise ops, activations, copies, casts, accumulation), `softmax`,
+//!   `loss` (cross-entropy and the fused distillation loss [`kd_loss`]), `optim` (the SGDW and
+//!   AdamW steps), `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN
+//!   convolutions), `norm` (layer and batch norm), `gather` (embedding, gather_rows),
+//!   `dropout`, `pool`, `layout` (permute/narrow/concat, reductions, broadcasting),
+//!   `attention` (composed of those).
 //!   `libs` finds cuBLASLt and cuDNN at run time and turns their absence into an error naming
-//!   the library. Any op without an arm given a CUDA tensor returns "not implemented on CUDA
-//!   yet: <op>", never a silent CPU fallback.
+//!   the library; `common` holds the helpers every family uses (kernel names, running a plan,
+//!   views, outputs). Any op without an arm given a CUDA tensor returns "not implemented on
+//!   CUDA yet: <op>", never a silent CPU fallback.
 //!
 //! Without the `cuda` feature this module keeps only its front: the functions below exist and
 //! return the "no CUDA backend in this build" error, so callers need no `cfg`.
@@ -56,6 +58,8 @@ pub(crate) mod attention;
 #[cfg(feature = "cuda")]
 mod blas;
 #[cfg(feature = "cuda")]
+mod common;
+#[cfg(feature = "cuda")]
 mod context;
 #[cfg(feature = "cuda")]
 pub(crate) mod conv;
@@ -63,6 +67,8 @@ pub(crate) mod conv;
 mod dnn;
 #[cfg(feature = "cuda")]
 pub(crate) mod dropout;
+#[cfg(feature = "cuda")]
+pub(crate) mod elementwise;
 #[cfg(feature = "cuda")]
 pub(crate) mod gather;
 #[cfg(feature = "cuda")]
@@ -72,6 +78,8 @@ pub(crate) mod layout;
 #[cfg(feature = "cuda")]
 mod libs;
 #[cfg(feature = "cuda")]
+pub(crate) mod loss;
+#[cfg(feature = "cuda")]
 pub(crate) mod matmul;
 #[cfg(feature = "cuda")]
 mod memory;
@@ -79,12 +87,14 @@ pub mod nccl;
 #[cfg(feature = "cuda")]
 pub(crate) mod norm;
 #[cfg(feature = "cuda")]
-pub(crate) mod ops;
+pub(crate) mod optim;
 #[cfg(feature = "cuda")]
 pub(crate) mod pool;
 #[cfg(feature = "cuda")]
 mod probe;
 mod scope;
+#[cfg(feature = "cuda")]
+pub(crate) mod softmax;
 
 pub use scope::{current_role, on_stream, Pending};
 
@@ -412,7 +422,7 @@ pub fn kd_loss(
 ) -> Result<KdLossDevice> {
     #[cfg(feature = "cuda")]
     {
-        ops::kd_loss(
+        loss::kd_loss(
             term,
             lambda,
             ignore_index,

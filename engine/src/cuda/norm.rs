@@ -11,8 +11,9 @@
 use recycle_kernels::launch::{self as kl, BatchnormReduce, LayernormBackward};
 use recycle_kernels::names;
 
+use super::common::{as_dtype, empty, kernel, rows_cfg, run, view};
+use super::elementwise::{cast, deep_copy};
 use super::launch::{shape_err, Arg, KernelCall};
-use super::ops::{as_dtype, cast, deep_copy, empty, kernel, rows_cfg, run, view};
 use super::{common_device, kernel_suffix, DeviceBuffer};
 use crate::ops::norm::BatchNormOptions;
 use crate::{DType, Device, Result, Tape, Tensor, Var};

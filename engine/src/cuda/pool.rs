@@ -6,8 +6,8 @@
 //! the outputs whose windows cover it, in output order), so overlapping windows add without
 //! atomics and in the CPU's order.
 
+use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
 use super::launch::{Arg, KernelCall};
-use super::ops::{as_dtype, empty, grid_stride, kernel, run, view};
 use super::{kernel_suffix, DeviceBuffer};
 use crate::ops::pool::Pool2dGeometry;
 use crate::{DType, Result, Tape, Tensor, Var};

@@ -227,7 +227,7 @@ fn unary(
     match x.tensor().device() {
         Device::Cpu => {}
         d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::ops::activation(tape, op, x))
+            return crate::on_cuda!(d, crate::cuda::elementwise::activation(tape, op, x))
         }
     }
     let out = Tensor::f32(forward(&x.tensor().read_f32()?), x.shape())?;

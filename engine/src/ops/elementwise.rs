@@ -240,7 +240,7 @@ fn binary(tape: &Tape, op: BinaryOp, a: &Var, b: &Var) -> Result<Var> {
     match crate::cuda::common_device(name, &[a.tensor(), b.tensor()])? {
         Device::Cpu => {}
         d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::ops::binary(tape, op, a, b));
+            return crate::on_cuda!(d, crate::cuda::elementwise::binary(tape, op, a, b));
         }
     }
     let (a_shape, b_shape) = (a.shape().to_vec(), b.shape().to_vec());
@@ -342,7 +342,7 @@ pub fn scale(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
     match x.tensor().device() {
         Device::Cpu => {}
         d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::ops::scalar_op(tape, "scale", x, s));
+            return crate::on_cuda!(d, crate::cuda::elementwise::scalar_op(tape, "scale", x, s));
         }
     }
     let out = Tensor::f32(map_cpu(&x.tensor().read_f32()?, |v| v * s), x.shape())?;
@@ -364,7 +364,10 @@ pub fn add_scalar(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
     match x.tensor().device() {
         Device::Cpu => {}
         d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::ops::scalar_op(tape, "add_scalar", x, s));
+            return crate::on_cuda!(
+                d,
+                crate::cuda::elementwise::scalar_op(tape, "add_scalar", x, s)
+            );
         }
     }
     let out = Tensor::f32(map_cpu(&x.tensor().read_f32()?, |v| v + s), x.shape())?;
@@ -517,7 +520,10 @@ pub fn bias_add(tape: &Tape, x: &Var, bias: &Var, axis: usize) -> Result<Var> {
     match crate::cuda::common_device("bias_add", &[x.tensor(), bias.tensor()])? {
         Device::Cpu => {}
         d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::ops::bias_add(tape, x, bias, c, inner));
+            return crate::on_cuda!(
+                d,
+                crate::cuda::elementwise::bias_add(tape, x, bias, c, inner)
+            );
         }
     }
     let out = {

@@ -183,7 +183,7 @@ pub fn cross_entropy(
         d @ Device::Cuda(_) => {
             return crate::on_cuda!(
                 d,
-                crate::cuda::ops::cross_entropy(tape, logits, labels, opts)
+                crate::cuda::loss::cross_entropy(tape, logits, labels, opts)
             );
         }
     }

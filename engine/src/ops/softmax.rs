@@ -146,7 +146,10 @@ fn last_dim_op(
     match xt.device() {
         Device::Cpu => {}
         d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::ops::softmax(tape, x, op == "log_softmax"));
+            return crate::on_cuda!(
+                d,
+                crate::cuda::softmax::softmax(tape, x, op == "log_softmax")
+            );
         }
     }
     let shape = xt.shape().to_vec();

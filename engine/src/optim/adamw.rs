@@ -190,7 +190,7 @@ impl Optimizer for AdamW {
             crate::on_cuda!(device, {
                 let m = super::state_on(&mut self.device_exp_avg, &self.exp_avg, device)?;
                 let v = super::state_on(&mut self.device_exp_avg_sq, &self.exp_avg_sq, device)?;
-                crate::cuda::ops::adamw_step(
+                crate::cuda::optim::adamw_step(
                     params.values(),
                     params.grads(),
                     &m,

@@ -226,7 +226,7 @@ impl Optimizer for Sgdw {
             crate::on_cuda!(device, {
                 let buf =
                     super::state_on(&mut self.device_momentum, &self.momentum_buffer, device)?;
-                crate::cuda::ops::sgdw_step(
+                crate::cuda::optim::sgdw_step(
                     params.values(),
                     params.grads(),
                     &buf,

@@ -1,0 +1,126 @@
+//! The CUDA arm of `softmax` and `log_softmax` over the last dimension: the `softmax` kernel
+//! family (`softmax.cu`). **Compiled, not run on a GPU.**
+
+use super::common::{as_dtype, empty, kernel, rows_cfg, run, view};
+use super::elementwise::float_inputs;
+use super::kernel_suffix;
+use super::launch::{Arg, KernelCall};
+use crate::{DType, Result, Tape, Tensor, Var};
+
+fn softmax_fwd_plan(
+    log: bool,
+    x: u64,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+) -> Result<Vec<KernelCall>> {
+    let base = if log {
+        "log_softmax_fwd"
+    } else {
+        "softmax_fwd"
+    };
+    let k = kernel(base, kernel_suffix("softmax", dtype)?)?;
+    let args = vec![
+        Arg::Ptr(x),
+        Arg::Ptr(y),
+        Arg::u32(k, "the row length", cols)?,
+    ];
+    Ok(rows_cfg(k, rows, cols)?
+        .map(|cfg| KernelCall::new(k, cfg, args))
+        .into_iter()
+        .collect())
+}
+
+fn softmax_bwd_plan(
+    log: bool,
+    y: u64,
+    dy: u64,
+    dx: u64,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+) -> Result<Vec<KernelCall>> {
+    let base = if log {
+        "log_softmax_bwd"
+    } else {
+        "softmax_bwd"
+    };
+    let k = kernel(base, kernel_suffix("softmax", dtype)?)?;
+    let args = vec![
+        Arg::Ptr(y),
+        Arg::Ptr(dy),
+        Arg::Ptr(dx),
+        Arg::u32(k, "the row length", cols)?,
+    ];
+    Ok(rows_cfg(k, rows, cols)?
+        .map(|cfg| KernelCall::new(k, cfg, args))
+        .into_iter()
+        .collect())
+}
+
+/// The CUDA arm of `softmax` / `log_softmax` over the last dimension (rank checked by the
+/// caller).
+pub(crate) fn softmax(tape: &Tape, x: &Var, log: bool) -> Result<Var> {
+    let op = if log { "log_softmax" } else { "softmax" };
+    let dtype = float_inputs(op, &[x.tensor()])?;
+    let cols = *x.shape().last().unwrap_or(&1);
+    let rows = x.tensor().elem_count().checked_div(cols).unwrap_or(0);
+    let xv = view(x.tensor(), op)?;
+    let out = empty(&xv.ctx, dtype, x.shape())?;
+    run(
+        &xv.ctx,
+        &softmax_fwd_plan(log, xv.ptr, view(&out, op)?.ptr, rows, cols, dtype)?,
+    )?;
+    let y = out.clone();
+    Ok(tape.record(
+        out,
+        &[x],
+        Box::new(move |g, needs| {
+            let gx = needs[0]
+                .then(|| -> Result<Tensor> {
+                    let g = as_dtype(g, dtype)?;
+                    let (yv, gv) = (view(&y, op)?, view(&g, op)?);
+                    let dx = empty(&yv.ctx, dtype, g.shape())?;
+                    let plan = softmax_bwd_plan(
+                        log,
+                        yv.ptr,
+                        gv.ptr,
+                        view(&dx, op)?.ptr,
+                        rows,
+                        cols,
+                        dtype,
+                    )?;
+                    run(&yv.ctx, &plan)?;
+                    Ok(dx)
+                })
+                .transpose()?;
+            Ok(vec![gx])
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::common::check_all;
+
+    /// Every plan, for both storage types and a few shapes, matches the kernels' ABI.
+    #[test]
+    fn every_plan_matches_the_kernel_abi() {
+        for dt in [DType::F32, DType::BF16] {
+            for log in [false, true] {
+                check_all(&softmax_fwd_plan(log, 1, 2, 4, 30_522, dt).unwrap());
+                check_all(&softmax_bwd_plan(log, 1, 2, 3, 4, 10, dt).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn empty_shapes_launch_nothing_and_huge_ones_are_errors() {
+        assert!(softmax_fwd_plan(false, 1, 2, 0, 10, DType::F32)
+            .unwrap()
+            .is_empty());
+        assert!(softmax_fwd_plan(false, 1, 2, 4, 1 << 33, DType::F32).is_err());
+    }
+}
