@@ -93,3 +93,23 @@ device_python() {
     [ -x "$py" ] || py=python3
     echo "$py"
 }
+
+# There: the carried binary, checked, and the machine described into $2/env.txt (made here).
+# $1 names the calling script (for the hint). Prints the binary's path; exits 2 without it.
+device_start() {
+    local script="$1" out="$2" bin="$root/.device/recycle"
+    mkdir -p "$out"
+    if [ ! -x "$bin" ]; then
+        echo "error: $bin is missing: run \`scripts/$script prepare\` first and carry .device" >&2
+        exit 2
+    fi
+    {
+        echo "== machine"
+        date -u
+        uname -a
+        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
+        nvidia-smi 2>&1 | head -n 15
+    } >"$out/env.txt" 2>&1
+    cat "$out/env.txt" >&2
+    echo "$bin"
+}

@@ -34,20 +34,8 @@ prepare() {
 }
 
 run() {
-    local out="${OUT:-$root/gpu-bench-out}"
-    mkdir -p "$out"
-    local bin="$root/.device/recycle"
-    if [ ! -x "$bin" ]; then
-        echo "error: $bin is missing: run \`scripts/gpu-bench.sh prepare\` first and carry .device" >&2
-        exit 2
-    fi
-    {
-        echo "== machine"
-        date -u
-        uname -a
-        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
-    } >"$out/env.txt" 2>&1
-    cat "$out/env.txt"
+    local out="${OUT:-$root/gpu-bench-out}" bin
+    bin="$(device_start gpu-bench.sh "$out")" || exit 2
 
     device_libs "$out/env.txt"
 

@@ -97,20 +97,8 @@ weight = 1.0" >"$runs/student-gpu.toml"
 }
 
 run() {
-    local out="${OUT:-$root/gpu-check-out}"
-    mkdir -p "$out"
-    local bin="$root/.device/recycle"
-    if [ ! -x "$bin" ]; then
-        echo "error: $bin is missing: run \`scripts/gpu-check.sh prepare\` first and carry .device" >&2
-        exit 2
-    fi
-    {
-        echo "== machine"
-        uname -a
-        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
-        nvidia-smi 2>&1 | head -n 15
-    } >"$out/env.txt" 2>&1
-    cat "$out/env.txt"
+    local out="${OUT:-$root/gpu-check-out}" bin
+    bin="$(device_start gpu-check.sh "$out")" || exit 2
 
     echo "== CUDA libraries"
     device_libs "$out/env.txt"
