@@ -92,7 +92,7 @@ weight = 1.0" >"$runs/student-gpu.toml"
     done
     # The plots need a font (Debian: fonts-dejavu-core), which the GPU machine may lack: the
     # table is what matters here, so a failed report does not fail the check.
-    "$bin" report "$runs" || echo "recycle report failed (see above; a missing font only loses the plots)"
+    "$bin" report "$runs" --out "$out/report" || echo "recycle report failed (see above; a missing font only loses the plots)"
     return "$status"
 }
 

@@ -223,7 +223,7 @@ impl FlatParams {
 /// `working[i] = bf16(master[i])`, rounded to nearest even: the rule of the CUDA optimizer
 /// kernels' `from_f32<bf16>` (and of `Tensor::cast`), so a CPU step leaves the working copy a
 /// GPU step would.
-pub fn round_to_working_cpu(master: &[f32], working: &mut [bf16]) {
+pub(crate) fn round_to_working_cpu(master: &[f32], working: &mut [bf16]) {
     debug_assert_eq!(master.len(), working.len());
     working
         .iter_mut()
