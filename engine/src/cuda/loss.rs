@@ -10,7 +10,9 @@ use super::common::{empty, host_i32, kernel, on_gpu_i32, rows_cfg, run, view};
 use super::elementwise::float_inputs;
 use super::launch::{Arg, KernelCall};
 use super::{common_device, kernel_suffix, KdLossDevice, KdTerm};
-use crate::ops::loss::{cross_entropy_check_labels_cpu, CrossEntropyOptions};
+use crate::ops::loss::{
+    cross_entropy_check_labels_cpu, cross_entropy_grad_scale, CrossEntropyOptions,
+};
 use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 // ---------------------------------------------------------------------------------------------
@@ -135,12 +137,7 @@ pub(crate) fn cross_entropy(
             if !needs[0] {
                 return Ok(vec![None]);
             }
-            let upstream = g.to_scalar_f32()?;
-            let scale = if kept == 0 {
-                0.0
-            } else {
-                upstream / kept as f32
-            };
+            let scale = cross_entropy_grad_scale(g.to_scalar_f32()?, kept);
             let sv = view(&saved, OP)?;
             let d = empty(&sv.ctx, dtype, saved.shape())?;
             let plan = cross_entropy_bwd_plan(

@@ -36,6 +36,17 @@ impl Default for CrossEntropyOptions {
     }
 }
 
+/// The factor of the cross-entropy gradient for an upstream gradient `upstream` over `kept`
+/// labelled rows: the loss is their mean, and a batch with every row ignored has loss and
+/// gradient zero. Shared by the CPU and CUDA backwards.
+pub(crate) fn cross_entropy_grad_scale(upstream: f32, kept: usize) -> f32 {
+    if kept == 0 {
+        0.0
+    } else {
+        upstream / kept as f32
+    }
+}
+
 /// Checks every label is a class in `[0, classes)` or the ignore index; returns the number of
 /// kept rows. The error names the first offending row and its value.
 pub fn cross_entropy_check_labels_cpu(
@@ -200,12 +211,7 @@ pub fn cross_entropy(
             if !needs[0] {
                 return Ok(vec![None]);
             }
-            let upstream = g.to_scalar_f32()?;
-            let scale = if kept == 0 {
-                0.0
-            } else {
-                upstream / kept as f32
-            };
+            let scale = cross_entropy_grad_scale(g.to_scalar_f32()?, kept);
             let mut d = vec![0f32; rows * classes];
             cross_entropy_backward_cpu(
                 &saved_logits.read_f32()?,
