@@ -87,11 +87,25 @@ device_libs() {
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$env_file"
 }
 
-# The PyTorch interpreter of the GPU machine (NOTES.md: /opt/torch/.venv), or python3.
-device_python() {
-    local py="${PYTHON:-/opt/torch/.venv/bin/python}"
+# There: the PyTorch peer (.device/torch_kd_overhead.py) on cuda, once per argument string
+# after the first two, each under the time limit $2 (seconds), with the JSON lines appended to
+# $1/torch_peer.jsonl and errors to $1/torch_peer.err. The interpreter is PYTHON, else the GPU
+# machine's PyTorch (NOTES.md: /opt/torch/.venv), else python3. Skipped, saying so, when prepare
+# found no peer.
+device_peer() {
+    local out="$1" limit="$2" py="${PYTHON:-/opt/torch/.venv/bin/python}" args
+    shift 2
     [ -x "$py" ] || py=python3
-    echo "$py"
+    if [ ! -f "$root/.device/torch_kd_overhead.py" ]; then
+        echo "skipped: .device/torch_kd_overhead.py is missing" | tee "$out/torch_peer.err"
+        return 0
+    fi
+    for args in "$@"; do
+        echo "-- torch_kd_overhead.py $args --device cuda"
+        # shellcheck disable=SC2086
+        PYTHONUNBUFFERED=1 timeout "$limit" "$py" "$root/.device/torch_kd_overhead.py" $args \
+            --device cuda 2>>"$out/torch_peer.err" | tee -a "$out/torch_peer.jsonl"
+    done
 }
 
 # There: the carried binary, checked, and the machine described into $2/env.txt (made here).

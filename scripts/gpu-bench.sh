@@ -58,21 +58,10 @@ run() {
     grep '^{' "$out/bench.md" >"$out/bench.jsonl" || true
 
     echo "== PyTorch peer (same card, bf16 autocast)"
-    local py
-    py="$(device_python)"
-    if [ -f "$root/.device/torch_kd_overhead.py" ]; then
-        for args in "--model resnet50 --batch 256" \
-                    "--model bert-base --batch 128 --seq 128 --kd-positions masked" \
-                    "--model bert-base --batch 128 --seq 128 --kd-positions all"; do
-            echo "-- torch_kd_overhead.py $args --bf16 --device cuda"
-            # shellcheck disable=SC2086
-            PYTHONUNBUFFERED=1 timeout 50 "$py" "$root/.device/torch_kd_overhead.py" $args \
-                --bf16 --device cuda --iters "${PEER_ITERS:-10}" --warmup 3 \
-                2>>"$out/torch_peer.err" | tee -a "$out/torch_peer.jsonl"
-        done
-    else
-        echo "skipped: .device/torch_kd_overhead.py is missing" | tee "$out/torch_peer.err"
-    fi
+    local peer="--bf16 --iters ${PEER_ITERS:-10} --warmup 3"
+    device_peer "$out" 50 "--model resnet50 --batch 256 $peer" \
+        "--model bert-base --batch 128 --seq 128 --kd-positions masked $peer" \
+        "--model bert-base --batch 128 --seq 128 --kd-positions all $peer"
     exit "$rc"
 }
 

@@ -120,23 +120,11 @@ run() {
     [ "${PIPESTATUS[0]}" -ne 0 ] && [ "$rc" -eq 0 ] && rc=3
 
     echo "== PyTorch peer (plain step vs distillation step, same card)"
-    local py
-    py="$(device_python)"
-    if [ -f "$root/.device/torch_kd_overhead.py" ]; then
-        # The same two steps as the throughput rows: ResNet-50 (256 images, 224x224) and
-        # BERT-base (128 x 128 tokens), bf16 autocast; the peer prints its plain step beside
-        # its distillation step.
-        for args in "--model resnet50 --batch 256 --bf16" \
-                    "--model bert-base --batch 128 --seq 128 --bf16 --kd-positions masked"; do
-            echo "-- torch_kd_overhead.py $args --device cuda"
-            # shellcheck disable=SC2086
-            PYTHONUNBUFFERED=1 timeout 150 "$py" "$root/.device/torch_kd_overhead.py" $args \
-                --device cuda --iters 10 --warmup 3 2>>"$out/torch_peer.err" |
-                tee -a "$out/torch_peer.jsonl"
-        done
-    else
-        echo "skipped: .device/torch_kd_overhead.py is missing" | tee "$out/torch_peer.err"
-    fi
+    # The same two steps as the throughput rows: ResNet-50 (256 images, 224x224) and BERT-base
+    # (128 x 128 tokens), bf16 autocast; the peer prints its plain step beside its
+    # distillation step.
+    device_peer "$out" 150 "--model resnet50 --batch 256 --bf16 --iters 10 --warmup 3" \
+        "--model bert-base --batch 128 --seq 128 --bf16 --kd-positions masked --iters 10 --warmup 3"
     exit "$rc"
 }
 
