@@ -154,10 +154,10 @@ RK_HD Lse lse_merge(Lse a, Lse b) {
 
 RK_HD float lse_value(Lse a) { return a.m == -INFINITY ? -INFINITY : a.m + logf(a.s); }
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(RK_HOST_SIM)
 
 // ---------------------------------------------------------------------------------------------
-// Reductions (device only)
+// Reductions (device code; the host simulator, sim/simt.hpp, runs them on CPU threads)
 // ---------------------------------------------------------------------------------------------
 
 #define RK_FULL_MASK 0xffffffffu
@@ -220,6 +220,6 @@ __device__ __forceinline__ Lse block_lse(Lse a, Lse* scratch) {
     return warp_lse(a);
 }
 
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || RK_HOST_SIM
 
 }  // namespace rk

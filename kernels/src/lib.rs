@@ -13,7 +13,8 @@
 //! - [`abi`]: the parameter list of every kernel, checked against the compiled PTX;
 //! - [`launch`]: grid, block and scratch sizes from shapes;
 //! - [`kd`]: the fused loss's host-side arguments (row counts, normalisers, teacher pointers);
-//! - [`fatbin`]: reading a fatbin (its images, their kernels, which one a GPU runs).
+//! - [`fatbin`]: reading a fatbin (its images, their kernels, which one a GPU runs);
+//! - [`sim`]: the host simulator, which runs the kernels' source on CPU threads (no GPU needed).
 //!
 //! # How the kernels are built
 //!
@@ -74,6 +75,7 @@ pub mod fatbin;
 pub mod kd;
 pub mod launch;
 pub mod names;
+pub mod sim;
 
 /// Whether the kernels were compiled into this build (nvcc was found at build time).
 pub fn available() -> bool {
