@@ -110,7 +110,9 @@ impl HostSim {
     /// per machine and source version, then cached). Errors name what is missing.
     pub fn get() -> Result<&'static HostSim, SimError> {
         static SIM: OnceLock<Result<HostSim, SimError>> = OnceLock::new();
-        SIM.get_or_init(HostSim::load).as_ref().map_err(Clone::clone)
+        SIM.get_or_init(HostSim::load)
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The shared library this process runs.
@@ -286,9 +288,8 @@ fn build_library() -> Result<PathBuf, SimError> {
         "recycle-kernel-sim-{hash:016x}.partial-{}",
         std::process::id()
     ));
-    let io = |what: &str, p: &Path, e: std::io::Error| {
-        SimError(format!("{what} {}: {e}", p.display()))
-    };
+    let io =
+        |what: &str, p: &Path, e: std::io::Error| SimError(format!("{what} {}: {e}", p.display()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| io("creating", &work, e))?;
     for (name, text) in &units {
@@ -331,10 +332,7 @@ fn build_library() -> Result<PathBuf, SimError> {
             .wait_with_output()
             .map_err(|e| SimError(format!("waiting for `{cxx}` on {cpp}: {e}")))?;
         if !out.status.success() {
-            failures.push(format!(
-                "{cpp}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            failures.push(format!("{cpp}:\n{}", String::from_utf8_lossy(&out.stderr)));
         }
         objects.push(obj);
     }

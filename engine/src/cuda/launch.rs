@@ -127,21 +127,10 @@ impl KernelCall {
         self.check()?;
         let family = family_of(self.kernel).expect("checked");
         let f = ctx.function(family, self.kernel)?;
-        // The driver reads each argument through a pointer to its value: keep the values in
-        // one place that does not move until the launch call has returned.
-        let mut values = self.args.clone();
-        let mut ptrs: Vec<*mut c_void> = values
-            .iter_mut()
-            .map(|a| match a {
-                Arg::Ptr(v) | Arg::U64(v) => v as *mut u64 as *mut c_void,
-                Arg::U32(v) => v as *mut u32 as *mut c_void,
-                Arg::I32(v) => v as *mut i32 as *mut c_void,
-                Arg::F32(v) => v as *mut f32 as *mut c_void,
-                Arg::Teachers(v) => v as *mut TeacherLogits as *mut c_void,
-            })
-            .collect();
         let c = &self.config;
         ctx.bind()?;
+        let mut values = self.args.clone();
+        let mut ptrs = param_pointers(&mut values);
         // SAFETY: the argument list matches the kernel's parameters (checked above against the
         // ABI table, which the kernels crate checks against the PTX); pointers come from live
         // device buffers whose frees are ordered after this launch on the same stream.
@@ -157,6 +146,38 @@ impl KernelCall {
         }
         .map_err(|e| driver_err(ctx.ordinal(), &format!("launching {}", self.kernel), e))
     }
+
+    /// Checks, then runs the call to completion on the host simulator
+    /// (`recycle_kernels::sim`), its pointer arguments being addresses of `SimBuffer`s: the
+    /// launchers' plans and the kernels' source, run on CPU threads, in tests without a GPU.
+    ///
+    /// # Safety
+    ///
+    /// Every pointer argument must be null where the kernel accepts it, or the address of a
+    /// live host buffer large enough for what the kernel does with this shape.
+    #[cfg(test)]
+    pub(crate) unsafe fn run_on_host_sim(&self, sim: &recycle_kernels::sim::HostSim) -> Result<()> {
+        self.check()?;
+        let mut values = self.args.clone();
+        let mut ptrs = param_pointers(&mut values);
+        sim.launch(self.kernel, &self.config, &mut ptrs)
+            .map_err(|e| Error::invalid("kernel simulator", e.to_string()))
+    }
+}
+
+/// `cuLaunchKernel`'s parameter array: one pointer per argument, to its value. The values must
+/// not move until the launch call has returned.
+fn param_pointers(values: &mut [Arg]) -> Vec<*mut c_void> {
+    values
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(v) | Arg::U64(v) => v as *mut u64 as *mut c_void,
+            Arg::U32(v) => v as *mut u32 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+            Arg::Teachers(v) => v as *mut TeacherLogits as *mut c_void,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -116,6 +116,73 @@ mod tests {
         }
     }
 
+    /// The plans run on the kernel simulator against the CPU twins: both storage types, row
+    /// lengths from one warp's worth to BERT's vocabulary (strided rows), forward and backward.
+    #[test]
+    fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::cuda::sim_check::{
+            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+        };
+        use crate::ops::softmax as cpu;
+        let Some(sim) = host_sim() else { return };
+        for (rows, cols) in [(3usize, 10usize), (2, 1000), (2, 30_522)] {
+            for dt in [DType::F32, DType::BF16] {
+                // bf16 storage: inputs and outputs rounded to 8 bits of mantissa.
+                let (rel, abs) = if dt == DType::BF16 {
+                    (1e-2, 1e-6)
+                } else {
+                    (2e-5, 1e-7)
+                };
+                let x = sample(rows * cols, 7, 6.0);
+                let dy = sample(rows * cols, 8, 1.0);
+                for log in [false, true] {
+                    let what = format!(
+                        "{}softmax {rows}x{cols} {dt:?}",
+                        if log { "log_" } else { "" }
+                    );
+                    let (bx, by) = (upload(&x, dt), upload(&vec![0.0; rows * cols], dt));
+                    run_plan(
+                        sim,
+                        &softmax_fwd_plan(log, bx.ptr(), by.ptr(), rows, cols, dt).unwrap(),
+                    );
+                    let y = download(&by, dt);
+                    let mut want = vec![0.0; rows * cols];
+                    let xs = as_stored(&x, dt);
+                    if log {
+                        cpu::log_softmax_forward_cpu(&xs, cols, &mut want);
+                    } else {
+                        cpu::softmax_forward_cpu(&xs, cols, &mut want);
+                    }
+                    assert_close(&format!("{what} forward"), &y, &want, rel, abs);
+
+                    let (bdy, bdx) = (upload(&dy, dt), upload(&vec![0.0; rows * cols], dt));
+                    run_plan(
+                        sim,
+                        &softmax_bwd_plan(log, by.ptr(), bdy.ptr(), bdx.ptr(), rows, cols, dt)
+                            .unwrap(),
+                    );
+                    let dys = as_stored(&dy, dt);
+                    let mut want_dx = vec![0.0; rows * cols];
+                    if log {
+                        cpu::log_softmax_backward_cpu(&y, &dys, cols, &mut want_dx);
+                    } else {
+                        cpu::softmax_backward_cpu(&y, &dys, cols, &mut want_dx);
+                    }
+                    // The backward's dot product over the row differs in order: absolute slack
+                    // scaled by the row's gradient size.
+                    let dx = download(&bdx, dt);
+                    assert_close(
+                        &format!("{what} backward"),
+                        &dx,
+                        &want_dx,
+                        rel,
+                        if dt == DType::BF16 { 1e-3 } else { 1e-5 },
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn empty_shapes_launch_nothing_and_huge_ones_are_errors() {
         assert!(softmax_fwd_plan(false, 1, 2, 0, 10, DType::F32)
