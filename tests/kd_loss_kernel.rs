@@ -1,0 +1,329 @@
+//! The fused loss kernel (`kernels/src/kd_loss.cu`) against its CPU twin `kd_loss_cpu`, run on
+//! the kernel simulator (`recycle_kernels::sim`: the kernel's CUDA source on CPU threads, with
+//! its real block reductions and warp shuffles) at the vocabulary sizes of issue 6 — 10, 1000
+//! and BERT's 30522 — for KL and MSE, one to four teachers averaged in the kernel, f32 and bf16
+//! logits, a row mask, ignored labels, and the gradient written in place or beside the logits.
+//!
+//! The kernel's scalars come from `recycle_kernels::kd` (row counts, normalisers), as in the
+//! engine's launcher. What the simulator cannot show is the GPU's own `expf`/`logf`; gpu-check
+//! compares the same loss on a real GPU.
+
+use std::ffi::c_void;
+
+use half::bf16;
+use recycle::distill::{kd_loss_cpu, KdLoss};
+use recycle_kernels::kd::{self, KdScalars, KdTerm, Storage, TeacherLogits};
+use recycle_kernels::launch;
+use recycle_kernels::sim::{HostSim, SimBuffer};
+
+/// One kernel argument, as cuLaunchKernel reads it (through a pointer to its value).
+enum Arg {
+    U64(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Teachers(TeacherLogits),
+}
+
+fn launch_on_sim(sim: &HostSim, kernel: &str, cfg: &launch::LaunchConfig, mut args: Vec<Arg>) {
+    let mut ptrs: Vec<*mut c_void> = args
+        .iter_mut()
+        .map(|a| match a {
+            Arg::U64(v) => v as *mut u64 as *mut c_void,
+            Arg::U32(v) => v as *mut u32 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+            Arg::Teachers(v) => v as *mut TeacherLogits as *mut c_void,
+        })
+        .collect();
+    // SAFETY: the argument lists below follow the kernels' signatures (kd_loss.cu), and every
+    // pointer is a live SimBuffer sized for rows x classes.
+    unsafe { sim.launch(kernel, cfg, &mut ptrs) }.unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn stored(values: &[f32], s: Storage) -> (SimBuffer, Vec<f32>) {
+    match s {
+        Storage::F32 => (SimBuffer::from_slice(values), values.to_vec()),
+        Storage::Bf16 => {
+            let b: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+            let bits: Vec<u16> = b.iter().map(|v| v.to_bits()).collect();
+            (
+                SimBuffer::from_slice(&bits),
+                b.iter().map(|v| v.to_f32()).collect(),
+            )
+        }
+    }
+}
+
+fn read(buf: &SimBuffer, s: Storage) -> Vec<f32> {
+    match s {
+        Storage::F32 => buf.read::<f32>().unwrap(),
+        Storage::Bf16 => buf
+            .read::<u16>()
+            .unwrap()
+            .into_iter()
+            .map(|b| bf16::from_bits(b).to_f32())
+            .collect(),
+    }
+}
+
+/// Deterministic logits: a shared signal (so teachers and student agree somewhat) plus noise.
+fn logits(rows: usize, classes: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = recycle::engine::rng::Rng::new(seed);
+    (0..rows * classes)
+        .map(|i| {
+            let signal = ((i % classes) as f32 * 0.37).sin() * 2.0;
+            signal + (rng.uniform() * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+struct Case {
+    term: Option<KdTerm>,
+    teachers: usize,
+    student: Storage,
+    teacher: Storage,
+    rows: usize,
+    classes: usize,
+    in_place: bool,
+}
+
+fn check(sim: &HostSim, c: &Case) {
+    let what = format!(
+        "{:?} k={} {:?}/{:?} {}x{}{}",
+        c.term,
+        c.teachers,
+        c.student,
+        c.teacher,
+        c.rows,
+        c.classes,
+        if c.in_place { " in place" } else { "" }
+    );
+    let (rows, classes) = (c.rows, c.classes);
+    let lambda = 0.7f32;
+    let cfg = match c.term {
+        Some(KdTerm::Kl { temperature }) => KdLoss::kl(temperature, lambda),
+        Some(KdTerm::Mse) => KdLoss::mse(lambda),
+        None => KdLoss::kl(2.0, lambda),
+    };
+    // Row 1 has no label (CE ignores it, KD counts it); the last row is masked off.
+    let labels: Vec<i32> = (0..rows)
+        .map(|r| {
+            if r == 1 {
+                cfg.ignore_index
+            } else {
+                ((r * 7919) % classes) as i32
+            }
+        })
+        .collect();
+    let mask: Vec<i32> = (0..rows).map(|r| i32::from(r + 1 != rows)).collect();
+    let mask_bool: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
+
+    let (student_buf, student) = stored(&logits(rows, classes, 1, 3.0), c.student);
+    let teacher_bufs: Vec<(SimBuffer, Vec<f32>)> = (0..c.teachers)
+        .map(|j| stored(&logits(rows, classes, 10 + j as u64, 2.0), c.teacher))
+        .collect();
+
+    // The CPU twin, on the values the kernel reads (bf16 inputs rounded).
+    let teacher_slices: Vec<&[f32]> = teacher_bufs.iter().map(|(_, v)| v.as_slice()).collect();
+    let want = kd_loss_cpu(
+        &cfg,
+        &student,
+        if c.term.is_some() {
+            &teacher_slices
+        } else {
+            &[]
+        },
+        &labels,
+        Some(&mask_bool),
+        classes,
+    )
+    .unwrap();
+
+    // The kernel, with the launcher's host-side arguments.
+    let (ce_rows, kd_rows) = kd::row_counts(
+        &labels,
+        Some(&mask),
+        classes,
+        cfg.ignore_index,
+        c.term.is_some(),
+    )
+    .unwrap();
+    let sc = KdScalars::new(c.term, lambda, ce_rows, kd_rows, classes, 1.0).unwrap();
+    assert_eq!((ce_rows, sc.kd_active()), (want.ce_rows, want.kd_rows > 0));
+    let kernel = kd::kernel_name(c.term, c.student, c.teacher).unwrap();
+    let separate_grad = SimBuffer::zeroed(student_buf.len());
+    let grad_buf = if c.in_place {
+        &student_buf
+    } else {
+        &separate_grad
+    };
+    let (labels_buf, mask_buf) = (SimBuffer::from_slice(&labels), SimBuffer::from_slice(&mask));
+    let (row_ce, row_kd, out) = (
+        SimBuffer::zeros::<f32>(rows),
+        SimBuffer::zeros::<f32>(rows),
+        SimBuffer::zeros::<f32>(3),
+    );
+    let (teachers, k) = if c.term.is_some() {
+        let ptrs: Vec<u64> = teacher_bufs.iter().map(|(b, _)| b.ptr()).collect();
+        (TeacherLogits::new(&ptrs).unwrap(), c.teachers as u32)
+    } else {
+        (TeacherLogits::default(), 0)
+    };
+    let row_kd_ptr = if c.term.is_some() { row_kd.ptr() } else { 0 };
+    let row_cfg = launch::rows(kernel, rows as u64, classes as u64)
+        .unwrap()
+        .unwrap();
+    launch_on_sim(
+        sim,
+        kernel,
+        &row_cfg,
+        vec![
+            Arg::U64(student_buf.ptr()),
+            Arg::U64(grad_buf.ptr()),
+            Arg::Teachers(teachers),
+            Arg::U32(k),
+            Arg::U64(labels_buf.ptr()),
+            Arg::U64(mask_buf.ptr()),
+            Arg::U64(row_ce.ptr()),
+            Arg::U64(row_kd_ptr),
+            Arg::U32(classes as u32),
+            Arg::I32(cfg.ignore_index),
+            Arg::F32(sc.inv_t),
+            Arg::F32(sc.t_sq),
+            Arg::F32(sc.grad_ce_weight),
+            Arg::F32(sc.grad_kd_scale),
+        ],
+    );
+    launch_on_sim(
+        sim,
+        "kd_loss_reduce",
+        &launch::single_block(),
+        vec![
+            Arg::U64(row_ce.ptr()),
+            Arg::U64(row_kd_ptr),
+            Arg::U32(rows as u32),
+            Arg::F32(sc.ce_weight),
+            Arg::F32(sc.kd_weight),
+            Arg::F32(sc.lambda),
+            Arg::U64(out.ptr()),
+        ],
+    );
+
+    // Losses: per-row values agree to a few ulp (libm's expf against the kernel's order of
+    // sums over the row), summed over rows in f64 on both sides.
+    let got = out.read::<f32>().unwrap();
+    for (name, g, w) in [
+        ("ce", got[0], want.ce),
+        ("kd", got[1], want.kd),
+        ("total", got[2], want.total),
+    ] {
+        let tol = 1e-5 * w.abs().max(1e-3);
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: {name} {g}, the CPU gives {w}"
+        );
+    }
+    // Gradient: f32 to 1e-5 of the row's largest magnitude (exp(x - lse) differs in the last
+    // bits); bf16 students get their gradient rounded to bf16 (8 bits): half an ulp more.
+    let grad = read(grad_buf, c.student);
+    let scale = want.grad.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    for (i, (&g, &w)) in grad.iter().zip(&want.grad).enumerate() {
+        let tol = match c.student {
+            Storage::F32 => 1e-5 * scale,
+            Storage::Bf16 => w.abs() / 256.0 + 1e-5 * scale,
+        };
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: gradient element {i} (row {}, class {}) is {g}, the CPU gives {w}",
+            i / classes,
+            i % classes
+        );
+    }
+    for b in [&row_ce, &row_kd, &labels_buf, &mask_buf] {
+        b.check_guards().unwrap();
+    }
+    for (b, _) in &teacher_bufs {
+        b.check_guards().unwrap();
+    }
+}
+
+fn sim() -> Option<&'static HostSim> {
+    if !recycle_kernels::available() {
+        eprintln!("built without nvcc: no kernel to simulate");
+        return None;
+    }
+    Some(HostSim::get().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// KL and MSE, 1, 2 and 4 teachers, the three type pairs, in place and not, at vocabulary 10
+/// and 1000 (one block of 32 and of 128 threads per row).
+#[test]
+fn the_kernel_matches_kd_loss_cpu_at_small_and_medium_vocabularies() {
+    let Some(sim) = sim() else { return };
+    let kl = KdTerm::Kl { temperature: 2.0 };
+    for (rows, classes) in [(13, 10), (5, 1000)] {
+        for term in [Some(kl), Some(KdTerm::Mse), None] {
+            for teachers in [1, 2, 4] {
+                if term.is_none() && teachers > 1 {
+                    continue;
+                }
+                for (student, teacher) in [
+                    (Storage::F32, Storage::F32),
+                    (Storage::F32, Storage::Bf16),
+                    (Storage::Bf16, Storage::Bf16),
+                ] {
+                    check(
+                        sim,
+                        &Case {
+                            term,
+                            teachers,
+                            student,
+                            teacher,
+                            rows,
+                            classes,
+                            in_place: teachers == 2,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// BERT's vocabulary: 1024 threads stride over 30522 classes per row.
+#[test]
+fn the_kernel_matches_kd_loss_cpu_at_bert_vocabulary() {
+    let Some(sim) = sim() else { return };
+    for (term, teachers, student, teacher, in_place) in [
+        (
+            Some(KdTerm::Kl { temperature: 4.0 }),
+            1,
+            Storage::Bf16,
+            Storage::Bf16,
+            true,
+        ),
+        (
+            Some(KdTerm::Kl { temperature: 1.0 }),
+            4,
+            Storage::F32,
+            Storage::Bf16,
+            false,
+        ),
+        (Some(KdTerm::Mse), 2, Storage::F32, Storage::F32, true),
+        (None, 0, Storage::Bf16, Storage::Bf16, false),
+    ] {
+        check(
+            sim,
+            &Case {
+                term,
+                teachers,
+                student,
+                teacher,
+                rows: 3,
+                classes: 30_522,
+                in_place,
+            },
+        );
+    }
+}
