@@ -83,4 +83,87 @@ mod tests {
             .unwrap()
             .is_empty());
     }
+
+    /// The kernel keeps exactly the elements the CPU keeps (same seed, same flat indices,
+    /// whatever the launch shape) and scales them by the CPU's f32 factor: the outputs are the
+    /// CPU's bits (in bf16: the CPU's f32 product rounded once), forward and backward.
+    #[test]
+    fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::cuda::sim_check::{
+            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+        };
+        use crate::ops::dropout as cpu;
+        let Some(sim) = host_sim() else { return };
+        for n in [3usize, 1000, 4099] {
+            for dt in [DType::F32, DType::BF16] {
+                for (p, seed) in [(0.1f32, 42u64), (0.5, 7), (0.9, u64::MAX)] {
+                    let what = format!("dropout n={n} p={p} seed={seed} {dt:?}");
+                    let x = sample(n, 1, 3.0);
+                    let g = sample(n, 2, 1.0);
+                    // The grid as planned, then cut to 2 blocks: each thread then handles
+                    // several elements, and must still use their flat indices for the mask.
+                    for blocks in [u32::MAX, 2] {
+                        let (bx, by) = (upload(&x, dt), upload(&vec![f32::NAN; n], dt));
+                        let mut plan = dropout_plan(bx.ptr(), by.ptr(), n, p, seed, dt).unwrap();
+                        plan[0].config.grid[0] = plan[0].config.grid[0].min(blocks);
+                        run_plan(sim, &plan);
+                        let y = download(&by, dt);
+                        for (i, &v) in y.iter().enumerate() {
+                            assert_eq!(
+                                v != 0.0,
+                                cpu::keep(seed, i as u64, p),
+                                "{what}: the mask at element {i}"
+                            );
+                        }
+                        let want =
+                            as_stored(&cpu::dropout_forward_cpu(&as_stored(&x, dt), p, seed), dt);
+                        assert_close(&format!("{what} forward"), &y, &want, 0.0, 0.0);
+
+                        let (bg, bdx) = (upload(&g, dt), upload(&vec![f32::NAN; n], dt));
+                        let mut plan = dropout_plan(bg.ptr(), bdx.ptr(), n, p, seed, dt).unwrap();
+                        plan[0].config.grid[0] = plan[0].config.grid[0].min(blocks);
+                        run_plan(sim, &plan);
+                        let want =
+                            as_stored(&cpu::dropout_backward_cpu(&as_stored(&g, dt), p, seed), dt);
+                        assert_close(
+                            &format!("{what} backward"),
+                            &download(&bdx, dt),
+                            &want,
+                            0.0,
+                            0.0,
+                        );
+                    }
+                }
+            }
+        }
+        // A tensor in two pieces (index_base = the second piece's first flat index) gets the
+        // whole tensor's mask.
+        let (n, split, p, seed) = (1000usize, 389usize, 0.3f32, 5u64);
+        let x = sample(n, 3, 3.0);
+        let (bx, by) = (
+            upload(&x, DType::F32),
+            upload(&vec![f32::NAN; n], DType::F32),
+        );
+        for (start, len) in [(0, split), (split, n - split)] {
+            let mut plan = dropout_plan(
+                bx.ptr() + 4 * start as u64,
+                by.ptr() + 4 * start as u64,
+                len,
+                p,
+                seed,
+                DType::F32,
+            )
+            .unwrap();
+            plan[0].args[6] = Arg::U64(start as u64);
+            run_plan(sim, &plan);
+        }
+        let want = cpu::dropout_forward_cpu(&x, p, seed);
+        assert_close(
+            "dropout in two pieces",
+            &download(&by, DType::F32),
+            &want,
+            0.0,
+            0.0,
+        );
+    }
 }

@@ -495,6 +495,329 @@ mod tests {
         assert!(binary_plan(BinaryOp::Add, 1, 2, 3, 10, DType::I32).is_err());
     }
 
+    use crate::cuda::sim_check::{
+        as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+    };
+    use recycle_kernels::sim::SimBuffer;
+
+    /// The plan with its grids cut to `blocks` blocks, so that a grid-stride kernel's threads
+    /// loop over several elements each (as past `ELEMENTWISE_MAX_BLOCKS` on a GPU).
+    fn capped(mut plan: Vec<KernelCall>, blocks: u32) -> Vec<KernelCall> {
+        for call in &mut plan {
+            call.config.grid[0] = call.config.grid[0].min(blocks);
+        }
+        plan
+    }
+
+    /// Sizes: below one block, not a multiple of the block (256), and several blocks.
+    const SIZES: [usize; 3] = [3, 1000, 4099];
+
+    /// The storage of an exact f32 result: the kernels compute in f32 and round once to the
+    /// output's type, so a bf16 output is the CPU's f32 result rounded to nearest even (the
+    /// comparisons of exact kernels are then exact in bf16 too).
+    fn stored(values: &[f32], dt: DType) -> Vec<f32> {
+        as_stored(values, dt)
+    }
+
+    #[test]
+    fn casts_on_the_simulator_are_the_cpus_bits() {
+        use half::bf16;
+        let Some(sim) = host_sim() else { return };
+        // bf16 -> f32: every one of the 65536 bit patterns widens exactly. NaN payloads are
+        // not promised: the kernel shifts the bits (as the device's conversion), half also sets
+        // the quiet bit of a signalling NaN; a NaN stays a NaN.
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let (bx, by) = (
+            SimBuffer::from_slice(&all),
+            SimBuffer::zeros::<f32>(all.len()),
+        );
+        let plan = cast_plan(bx.ptr(), by.ptr(), all.len(), DType::BF16, DType::F32).unwrap();
+        run_plan(sim, &plan);
+        let got = by.read::<f32>().unwrap();
+        for (i, (&b, g)) in all.iter().zip(got).enumerate() {
+            let want = bf16::from_bits(b).to_f32();
+            if want.is_nan() {
+                assert!(g.is_nan(), "bf16 -> f32: element {i} ({b:#06x}): NaN");
+            } else {
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "bf16 -> f32: element {i} ({b:#06x})"
+                );
+            }
+        }
+        // f32 -> bf16: random bit patterns (every exponent), the ties of round to nearest even
+        // both ways, the overflow to infinity, zeros, subnormals, infinities and NaNs.
+        let mut rng = crate::rng::Rng::new(11);
+        let mut bits: Vec<u32> = (0..5000).map(|_| rng.next_u64() as u32).collect();
+        bits.extend([
+            0x3f80_8000, // 1 + half a bf16 ulp: a tie, to the even 1.0
+            0x3f81_8000, // a tie from an odd mantissa: up
+            0x3f80_8001, // just above a tie: up
+            0xbf81_8000,
+            0x7f7f_ffff, // f32::MAX: rounds to infinity
+            0x7f7f_7fff, // just below the tie at the largest bf16: down
+            0x0000_0000,
+            0x8000_0000,
+            0x0000_0001, // the smallest subnormal
+            0x0040_8000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001, // a signalling NaN
+        ]);
+        for n in [bits.len(), 1000] {
+            let x: Vec<f32> = bits[..n].iter().map(|&b| f32::from_bits(b)).collect();
+            let (bx, by) = (SimBuffer::from_slice(&x), SimBuffer::zeros::<u16>(n));
+            let plan = cast_plan(bx.ptr(), by.ptr(), n, DType::F32, DType::BF16).unwrap();
+            for plan in [plan.clone(), capped(plan, 2)] {
+                run_plan(sim, &plan);
+                let got = by.read::<u16>().unwrap();
+                for (i, (&v, g)) in x.iter().zip(got).enumerate() {
+                    let want = bf16::from_f32(v).to_bits();
+                    if v.is_nan() {
+                        // NaN payloads are not promised (half keeps the payload, CUDA's
+                        // conversion gives its canonical NaN): a NaN stays a NaN.
+                        assert!(bf16::from_bits(g).is_nan(), "f32 -> bf16: element {i}: NaN");
+                    } else {
+                        assert_eq!(g, want, "f32 -> bf16: element {i} ({:#010x})", v.to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arithmetic_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::ops::elementwise as cpu;
+        let Some(sim) = host_sim() else { return };
+        for n in SIZES {
+            for dt in [DType::F32, DType::BF16] {
+                let a = sample(n, 1, 3.0);
+                let b = sample(n, 2, 3.0);
+                let (asv, bsv) = (as_stored(&a, dt), as_stored(&b, dt));
+                let (ba, bb) = (upload(&a, dt), upload(&b, dt));
+                // add/sub/mul: one f32 operation rounded once, as the CPU (bit-exact in f32;
+                // in bf16, the CPU's f32 result rounded to nearest even): exact comparisons.
+                for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
+                    let what = format!("{} n={n} {dt:?}", op.name());
+                    let shape = [n];
+                    let want = stored(
+                        &cpu::binary_forward_cpu(op, &asv, &shape, &bsv, &shape, &shape),
+                        dt,
+                    );
+                    for blocks in [u32::MAX, 2] {
+                        let out = upload(&vec![0.0; n], dt);
+                        let plan = binary_plan(op, ba.ptr(), bb.ptr(), out.ptr(), n, dt);
+                        run_plan(sim, &capped(plan.unwrap(), blocks));
+                        assert_close(&what, &download(&out, dt), &want, 0.0, 0.0);
+                    }
+                }
+                // scale / add_scalar: exact likewise.
+                for (base, s) in [("scale", -0.37f32), ("add_scalar", 1.25)] {
+                    let out = upload(&vec![0.0; n], dt);
+                    run_plan(
+                        sim,
+                        &scalar_plan(base, ba.ptr(), out.ptr(), n, s, dt).unwrap(),
+                    );
+                    let want: Vec<f32> = if base == "scale" {
+                        cpu::map_cpu(&asv, |v| v * s)
+                    } else {
+                        cpu::map_cpu(&asv, |v| v + s)
+                    };
+                    assert_close(
+                        &format!("{base} n={n} {dt:?}"),
+                        &download(&out, dt),
+                        &stored(&want, dt),
+                        0.0,
+                        0.0,
+                    );
+                }
+                // accumulate: dst (f32) += src widened, as Tensor::add_assign: exact.
+                let dst = SimBuffer::from_slice(&b);
+                run_plan(sim, &accumulate_plan(ba.ptr(), dst.ptr(), n, dt).unwrap());
+                let want: Vec<f32> = b.iter().zip(&asv).map(|(d, s)| d + s).collect();
+                assert_close(
+                    &format!("accumulate n={n} {dt:?}"),
+                    &dst.read::<f32>().unwrap(),
+                    &want,
+                    0.0,
+                    0.0,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn channel_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::ops::elementwise as cpu;
+        let Some(sim) = host_sim() else { return };
+        // [outer, c, inner]: planes not a multiple of the block, one plane per block; rows of a
+        // last-axis bias (inner 1) with c below 32, above 256 and not a multiple of 32, and
+        // more rows than channel_sum_last's 8 row-threads and the CPU's 256-row blocks.
+        for (outer, c, inner) in [
+            (3usize, 5usize, 257usize),
+            (2, 3, 1000),
+            (37, 300, 1),
+            (600, 7, 1),
+        ] {
+            let n = outer * c * inner;
+            for dt in [DType::F32, DType::BF16] {
+                let what = format!("[{outer}, {c}, {inner}] {dt:?}");
+                let x = sample(n, 3, 2.0);
+                let v = sample(c, 4, 2.0);
+                let (xs, vs) = (as_stored(&x, dt), as_stored(&v, dt));
+                let (bx, bv) = (upload(&x, dt), upload(&v, dt));
+                // channel_add / channel_mul: one operation per element: exact.
+                let mul = kernel("channel_mul", kernel_suffix("mul", dt).unwrap()).unwrap();
+                for is_mul in [false, true] {
+                    let out = upload(&vec![0.0; n], dt);
+                    let mut plan =
+                        channel_add_plan(bx.ptr(), bv.ptr(), out.ptr(), outer, c, inner, dt)
+                            .unwrap();
+                    let want = if is_mul {
+                        plan[0].kernel = mul;
+                        cpu::binary_forward_cpu(
+                            BinaryOp::Mul,
+                            &xs,
+                            &[outer, c, inner],
+                            &vs,
+                            &[c, 1],
+                            &[outer, c, inner],
+                        )
+                    } else {
+                        cpu::bias_add_forward_cpu(&xs, &vs, c, inner)
+                    };
+                    run_plan(sim, &plan);
+                    let name = if is_mul { "channel_mul" } else { "channel_add" };
+                    assert_close(
+                        &format!("{name} {what}"),
+                        &download(&out, dt),
+                        &stored(&want, dt),
+                        0.0,
+                        0.0,
+                    );
+                }
+                // channel_sum(_last): f32 sums in another order than the CPU's (a block
+                // reduction, or 8 strided partials): slack for count values of magnitude <= 2
+                // summed in f32 in any order (about count * 2e-7 absolute at worst in practice).
+                let g = sample(n, 5, 1.0);
+                let gs = as_stored(&g, dt);
+                let bg = upload(&g, dt);
+                let count = (outer * inner) as f32;
+                let prior = sample(c, 6, 1.0);
+                for with_x in [false, true] {
+                    for accumulate in [0, 1] {
+                        let out = SimBuffer::from_slice(&prior);
+                        let mut plan =
+                            channel_sum_plan(bg.ptr(), out.ptr(), outer, c, inner, dt).unwrap();
+                        if with_x {
+                            plan[0].args[1] = Arg::Ptr(bx.ptr());
+                        }
+                        *plan[0].args.last_mut().unwrap() = Arg::I32(accumulate);
+                        run_plan(sim, &plan);
+                        let summed = if with_x {
+                            let gx: Vec<f32> = gs.iter().zip(&xs).map(|(g, x)| g * x).collect();
+                            cpu::bias_add_backward_cpu(&gx, c, inner)
+                        } else {
+                            cpu::bias_add_backward_cpu(&gs, c, inner)
+                        };
+                        let want: Vec<f32> = if accumulate == 1 {
+                            prior.iter().zip(&summed).map(|(p, s)| p + s).collect()
+                        } else {
+                            summed
+                        };
+                        assert_close(
+                            &format!(
+                                "{} {what} x={with_x} accumulate={accumulate}",
+                                plan[0].kernel
+                            ),
+                            &out.read::<f32>().unwrap(),
+                            &want,
+                            1e-5,
+                            count * 2e-7,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::ops::activation as cpu;
+        let Some(sim) = host_sim() else { return };
+        for n in SIZES {
+            for dt in [DType::F32, DType::BF16] {
+                let x = sample(n, 9, 5.0);
+                let g = sample(n, 10, 1.0);
+                let (xs, gs) = (as_stored(&x, dt), as_stored(&g, dt));
+                let (bx, bg) = (upload(&x, dt), upload(&g, dt));
+                for op in ["relu", "gelu", "tanh"] {
+                    let what = format!("{op} n={n} {dt:?}");
+                    let by = upload(&vec![0.0; n], dt);
+                    run_plan(
+                        sim,
+                        &activation_fwd_plan(op, bx.ptr(), by.ptr(), n, dt).unwrap(),
+                    );
+                    let y = download(&by, dt);
+                    let want = match op {
+                        "relu" => cpu::relu_forward_cpu(&xs),
+                        "gelu" => cpu::gelu_forward_cpu(&xs),
+                        _ => cpu::tanh_forward_cpu(&xs),
+                    };
+                    // relu: exact. gelu: f32 through normcdff against the CPU's f64, a few
+                    // ulp (the kernel's header); tanh: the device's tanhf is within 2 ulp of
+                    // the CPU's. A bf16 output may then round to the neighbouring bf16 value:
+                    // one bf16 ulp (2^-7 relative).
+                    let (rel, abs) = match (op, dt) {
+                        ("relu", _) => (0.0, 0.0),
+                        (_, DType::BF16) => (8e-3, 1e-6),
+                        _ => (1e-5, 1e-7),
+                    };
+                    let want = if rel == 0.0 { stored(&want, dt) } else { want };
+                    assert_close(&format!("{what} forward"), &y, &want, rel, abs);
+
+                    let saved = match activation_saved(op).unwrap() {
+                        Saved::Input => &bx,
+                        Saved::Output => &by,
+                    };
+                    let bdx = upload(&vec![0.0; n], dt);
+                    run_plan(
+                        sim,
+                        &activation_bwd_plan(op, saved.ptr(), bg.ptr(), bdx.ptr(), n, dt).unwrap(),
+                    );
+                    let want_dx = match op {
+                        "relu" => cpu::relu_backward_cpu(&y, &gs),
+                        "gelu" => cpu::gelu_backward_cpu(&xs, &gs),
+                        _ => cpu::tanh_backward_cpu(&y, &gs),
+                    };
+                    // relu and tanh backward: the CPU's f32 operations in its order (mul_rn,
+                    // sub_rn: never contracted): exact. gelu: Phi(x) + x phi(x) in f32 against
+                    // f64 cancels near x = -0.75: absolute slack of a few f32 ulp of the terms
+                    // (|g| <= 1), and one bf16 ulp for bf16 storage.
+                    let (rel, abs) = match (op, dt) {
+                        ("gelu", DType::BF16) => (8e-3, 1e-6),
+                        ("gelu", _) => (1e-5, 1e-6),
+                        _ => (0.0, 0.0),
+                    };
+                    let want_dx = if rel == 0.0 {
+                        stored(&want_dx, dt)
+                    } else {
+                        want_dx
+                    };
+                    assert_close(
+                        &format!("{what} backward"),
+                        &download(&bdx, dt),
+                        &want_dx,
+                        rel,
+                        abs,
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn empty_shapes_launch_nothing_and_huge_ones_are_errors() {
         assert!(binary_plan(BinaryOp::Add, 1, 2, 3, 0, DType::F32)

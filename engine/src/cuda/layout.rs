@@ -232,14 +232,10 @@ pub(crate) fn reduce_plan(
     Ok(grid_stride(k, n, args).into_iter().collect())
 }
 
-/// `g` (contiguous, `g_shape`) summed down to `target` (broadcast-compatible: missing leading
-/// dims and dims of 1 are summed over): the backward of a broadcast.
-fn sum_to_shape(ctx: &Arc<CudaContext>, g: &Tensor, target: &[usize]) -> Result<Tensor> {
-    let gs = g.shape().to_vec();
-    if gs == target {
-        return Ok(g.clone());
-    }
-    let strides = contiguous_strides(&gs);
+/// `reduce_to`'s shapes for summing a contiguous `gs` down to `target`: the kept dims, the
+/// reduced dims, and the meta words (kept dims, their strides, reduced dims, theirs).
+fn sum_to_shape_meta(gs: &[usize], target: &[usize]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let strides = contiguous_strides(gs);
     let lead = gs.len() - target.len();
     let (mut kd, mut ks, mut rd, mut rs) = (vec![], vec![], vec![], vec![]);
     for (d, (&n, &s)) in gs.iter().zip(&strides).enumerate() {
@@ -252,8 +248,20 @@ fn sum_to_shape(ctx: &Arc<CudaContext>, g: &Tensor, target: &[usize]) -> Result<
             rs.push(s);
         }
     }
+    let meta = [&kd[..], &ks, &rd, &rs].concat();
+    (kd, rd, meta)
+}
+
+/// `g` (contiguous, `g_shape`) summed down to `target` (broadcast-compatible: missing leading
+/// dims and dims of 1 are summed over): the backward of a broadcast.
+fn sum_to_shape(ctx: &Arc<CudaContext>, g: &Tensor, target: &[usize]) -> Result<Tensor> {
+    let gs = g.shape().to_vec();
+    if gs == target {
+        return Ok(g.clone());
+    }
+    let (kd, rd, words) = sum_to_shape_meta(&gs, target);
     let out = empty(ctx, g.dtype(), target)?;
-    let meta = upload(ctx, &[&kd[..], &ks, &rd, &rs].concat())?;
+    let meta = upload(ctx, &words)?;
     let plan = reduce_plan(
         view(g, "sum_to_shape")?.ptr,
         view(&out, "sum_to_shape")?.ptr,
@@ -426,6 +434,16 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
         .collect()
 }
 
+/// `broadcast_*`'s meta words: the output's dims, then each input's strides read along them.
+fn broadcast_meta(a: &[usize], b: &[usize], out_shape: &[usize]) -> Vec<usize> {
+    [
+        out_shape,
+        &broadcast_strides(a, out_shape),
+        &broadcast_strides(b, out_shape),
+    ]
+    .concat()
+}
+
 fn broadcast_raw(
     ctx: &Arc<CudaContext>,
     op: BinaryOp,
@@ -435,15 +453,7 @@ fn broadcast_raw(
 ) -> Result<Tensor> {
     let dtype = a.dtype();
     let y = empty(ctx, dtype, out_shape)?;
-    let meta = upload(
-        ctx,
-        &[
-            out_shape,
-            &broadcast_strides(a.shape(), out_shape),
-            &broadcast_strides(b.shape(), out_shape),
-        ]
-        .concat(),
-    )?;
+    let meta = upload(ctx, &broadcast_meta(a.shape(), b.shape(), out_shape))?;
     let plan = broadcast_plan(
         op,
         view(a, op.name())?.ptr,
@@ -528,6 +538,308 @@ mod tests {
         }
         assert!(copy_plan(1, 2, &[1; 9], 3, DType::F32).is_err());
         assert!(copy_plan(1, 2, &[4, 0], 3, DType::F32).unwrap().is_empty());
+    }
+
+    use crate::cuda::sim_check::{
+        as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+    };
+    use recycle_kernels::sim::SimBuffer;
+
+    /// `meta` words in a simulator buffer (as `upload` puts them on a GPU).
+    fn meta(words: &[usize]) -> SimBuffer {
+        let words: Vec<u64> = words.iter().map(|&v| v as u64).collect();
+        SimBuffer::from_slice(&words)
+    }
+
+    /// `strided_copy` of `x` (from element `x_off`) into `y` (from `y_off`), as `strided_copy`.
+    #[allow(clippy::too_many_arguments)]
+    fn sim_copy(
+        sim: &recycle_kernels::sim::HostSim,
+        x: &SimBuffer,
+        x_off: usize,
+        y: &SimBuffer,
+        y_off: usize,
+        dims: &[usize],
+        src: &[usize],
+        dst: &[usize],
+        dt: DType,
+    ) {
+        let size = dt.size_in_bytes() as u64;
+        let m = meta(&[dims, src, dst].concat());
+        let plan = copy_plan(
+            x.ptr() + x_off as u64 * size,
+            y.ptr() + y_off as u64 * size,
+            dims,
+            m.ptr(),
+            dt,
+        )
+        .unwrap();
+        run_plan(sim, &plan);
+    }
+
+    /// Copies move values: every comparison is exact (f32 and bf16 alike).
+    #[test]
+    fn copy_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::ops::elementwise::sum_axis_backward_cpu;
+        use crate::ops::layout as cpu;
+        let Some(sim) = host_sim() else { return };
+        for dt in [DType::F32, DType::BF16] {
+            // permute / transpose and their backwards, as `permute` builds them.
+            for (shape, perm) in [
+                (vec![5usize, 37, 41], vec![2usize, 0, 1]),
+                (vec![37, 41], vec![1, 0]),
+                (vec![3, 4, 17, 9], vec![0, 2, 1, 3]),
+                (vec![3, 4, 17, 9], vec![3, 1, 2, 0]),
+            ] {
+                let what = format!("permute {shape:?} by {perm:?} {dt:?}");
+                let n: usize = shape.iter().product();
+                let x = sample(n, 1, 4.0);
+                let xs = as_stored(&x, dt);
+                let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+                let strides = contiguous_strides(&shape);
+                let read: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+                let os = contiguous_strides(&out_shape);
+                let (bx, by) = (upload(&x, dt), upload(&vec![0.0; n], dt));
+                sim_copy(sim, &bx, 0, &by, 0, &out_shape, &read, &os, dt);
+                let y = download(&by, dt);
+                let want = cpu::permute_forward_cpu(&xs, &shape, &perm);
+                assert_close(&what, &y, &want, 0.0, 0.0);
+                let g = sample(n, 2, 1.0);
+                let (bg, bdx) = (upload(&g, dt), upload(&vec![0.0; n], dt));
+                sim_copy(sim, &bg, 0, &bdx, 0, &out_shape, &os, &read, dt);
+                let want = cpu::permute_backward_cpu(&as_stored(&g, dt), &out_shape, &perm);
+                assert_close(
+                    &format!("{what} backward"),
+                    &download(&bdx, dt),
+                    &want,
+                    0.0,
+                    0.0,
+                );
+            }
+            // narrow (a window read at an offset) and its backward (a window write into zeros).
+            let (outer, n, inner, start, len) = (4usize, 50usize, 33usize, 7usize, 20usize);
+            let shape = [outer, n, inner];
+            let out_shape = [outer, len, inner];
+            let (xst, os) = (contiguous_strides(&shape), contiguous_strides(&out_shape));
+            let off = start * xst[1];
+            let x = sample(outer * n * inner, 3, 4.0);
+            let (bx, by) = (upload(&x, dt), upload(&vec![0.0; outer * len * inner], dt));
+            sim_copy(sim, &bx, off, &by, 0, &out_shape, &xst, &os, dt);
+            let want = cpu::narrow_forward_cpu(&as_stored(&x, dt), n, inner, start, len);
+            assert_close(
+                &format!("narrow {dt:?}"),
+                &download(&by, dt),
+                &want,
+                0.0,
+                0.0,
+            );
+            let g = sample(outer * len * inner, 4, 1.0);
+            let (bg, bdx) = (upload(&g, dt), upload(&vec![0.0; outer * n * inner], dt));
+            sim_copy(sim, &bg, 0, &bdx, off, &out_shape, &os, &xst, dt);
+            let want = cpu::narrow_backward_cpu(&as_stored(&g, dt), outer, n, inner, start, len);
+            assert_close(
+                &format!("narrow backward {dt:?}"),
+                &download(&bdx, dt),
+                &want,
+                0.0,
+                0.0,
+            );
+            // concat along the middle axis: each input written into its window of the output.
+            let (sizes, inner) = ([5usize, 8, 1], 11usize);
+            let total: usize = sizes.iter().sum();
+            let out_shape = [3, total, inner];
+            let os = contiguous_strides(&out_shape);
+            let by = upload(&vec![0.0; 3 * total * inner], dt);
+            let parts: Vec<Vec<f32>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(k, &s)| sample(3 * s * inner, 10 + k as u64, 4.0))
+                .collect();
+            let mut at = 0;
+            for (p, &s) in parts.iter().zip(&sizes) {
+                let dims = [3, s, inner];
+                let bp = upload(p, dt);
+                sim_copy(
+                    sim,
+                    &bp,
+                    0,
+                    &by,
+                    at * os[1],
+                    &dims,
+                    &contiguous_strides(&dims),
+                    &os,
+                    dt,
+                );
+                at += s;
+            }
+            let stored: Vec<Vec<f32>> = parts.iter().map(|p| as_stored(p, dt)).collect();
+            let refs: Vec<&[f32]> = stored.iter().map(|p| &p[..]).collect();
+            let want = cpu::concat_forward_cpu(&refs, &sizes, inner);
+            assert_close(
+                &format!("concat {dt:?}"),
+                &download(&by, dt),
+                &want,
+                0.0,
+                0.0,
+            );
+            // sum_axis backward: g [outer, inner] spread along n with a stride-0 read.
+            let (outer, n, inner) = (3usize, 7usize, 129usize);
+            let g = sample(outer * inner, 5, 1.0);
+            let dims = [outer, n, inner];
+            let (bg, bdx) = (upload(&g, dt), upload(&vec![0.0; outer * n * inner], dt));
+            sim_copy(
+                sim,
+                &bg,
+                0,
+                &bdx,
+                0,
+                &dims,
+                &[inner, 0, 1],
+                &contiguous_strides(&dims),
+                dt,
+            );
+            let want = sum_axis_backward_cpu(&as_stored(&g, dt), n, inner);
+            assert_close(
+                &format!("sum_axis backward {dt:?}"),
+                &download(&bdx, dt),
+                &want,
+                0.0,
+                0.0,
+            );
+        }
+    }
+
+    #[test]
+    fn reduction_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::ops::elementwise as cpu;
+        let Some(sim) = host_sim() else { return };
+        for dt in [DType::F32, DType::BF16] {
+            // sum_axis: the rows added in order, as the CPU: exact in f32, and in bf16 the
+            // CPU's f32 sum rounded once.
+            for (outer, n, inner) in [(4usize, 33usize, 257usize), (3, 1000, 1), (1, 5, 300)] {
+                let x = sample(outer * n * inner, 1, 2.0);
+                let (bx, by) = (upload(&x, dt), upload(&vec![0.0; outer * inner], dt));
+                let m = meta(&[outer, inner, n * inner, 1, n, inner]);
+                let plan =
+                    reduce_plan(bx.ptr(), by.ptr(), &[outer, inner], &[n], m.ptr(), dt).unwrap();
+                run_plan(sim, &plan);
+                let want = as_stored(
+                    &cpu::sum_axis_forward_cpu(&as_stored(&x, dt), outer, n, inner),
+                    dt,
+                );
+                assert_close(
+                    &format!("sum_axis [{outer}, {n}, {inner}] {dt:?}"),
+                    &download(&by, dt),
+                    &want,
+                    0.0,
+                    0.0,
+                );
+            }
+            // sum_to_shape: the CPU sums a row first when the last axis is reduced: another
+            // order, so f32 rounding slack (at most 210 values of magnitude <= 1 per output:
+            // 1e-5 absolute is far above their f32 rounding), and one bf16 ulp for bf16 outputs.
+            let (rel, abs) = if dt == DType::BF16 {
+                (8e-3, 1e-5)
+            } else {
+                (1e-5, 1e-5)
+            };
+            let gshape = [4usize, 6, 35];
+            let g = sample(gshape.iter().product(), 2, 1.0);
+            let gs = as_stored(&g, dt);
+            let bg = upload(&g, dt);
+            for target in [
+                vec![6usize, 1],
+                vec![35],
+                vec![4, 1, 35],
+                vec![1, 6, 1],
+                vec![1],
+                vec![],
+            ] {
+                let (kd, rd, words) = sum_to_shape_meta(&gshape, &target);
+                let m = meta(&words);
+                let count: usize = target.iter().product();
+                let by = upload(&vec![0.0; count], dt);
+                run_plan(
+                    sim,
+                    &reduce_plan(bg.ptr(), by.ptr(), &kd, &rd, m.ptr(), dt).unwrap(),
+                );
+                let want = cpu::sum_to_shape_cpu(&gs, &gshape, &target);
+                assert_close(
+                    &format!("sum_to_shape {gshape:?} -> {target:?} {dt:?}"),
+                    &download(&by, dt),
+                    &want,
+                    rel,
+                    abs,
+                );
+            }
+            // sum_all (sum and mean): f64 sums in another order than the CPU's, rounded to f32
+            // once: at most an f32 ulp apart.
+            for n in [1usize, 1000, 70_001] {
+                let x = sample(n, 3, 2.0);
+                let bx = upload(&x, dt);
+                for divisor in [1, n] {
+                    let out = SimBuffer::from_slice(&[f32::NAN]);
+                    run_plan(
+                        sim,
+                        &sum_all_plan(bx.ptr(), out.ptr(), n, divisor, dt).unwrap(),
+                    );
+                    let want = (cpu::sum_cpu(&as_stored(&x, dt)) / divisor as f64) as f32;
+                    assert_close(
+                        &format!("sum_all n={n} / {divisor} {dt:?}"),
+                        &out.read::<f32>().unwrap(),
+                        &[want],
+                        2.5e-7,
+                        1e-12,
+                    );
+                }
+            }
+        }
+    }
+
+    /// One f32 operation per element, as binary_forward_cpu: exact (bf16: the CPU's result
+    /// rounded once).
+    #[test]
+    fn broadcast_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::ops::elementwise::{binary_forward_cpu, broadcast_shape};
+        let Some(sim) = host_sim() else { return };
+        for (a_shape, b_shape) in [
+            (vec![4usize, 1, 35], vec![6usize, 1]),
+            (vec![3, 257], vec![257]),
+            (vec![1], vec![2, 3, 129]),
+            (vec![5, 1, 7, 1], vec![1, 3, 1, 9]),
+            (vec![2, 3, 1000], vec![2, 1, 1000]),
+        ] {
+            let out_shape = broadcast_shape(&a_shape, &b_shape).unwrap();
+            let n: usize = out_shape.iter().product();
+            let a = sample(a_shape.iter().product(), 1, 3.0);
+            let b = sample(b_shape.iter().product(), 2, 3.0);
+            let m = meta(&broadcast_meta(&a_shape, &b_shape, &out_shape));
+            for dt in [DType::F32, DType::BF16] {
+                let (ba, bb) = (upload(&a, dt), upload(&b, dt));
+                for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
+                    let by = upload(&vec![0.0; n], dt);
+                    let plan =
+                        broadcast_plan(op, ba.ptr(), bb.ptr(), by.ptr(), &out_shape, m.ptr(), dt)
+                            .unwrap();
+                    run_plan(sim, &plan);
+                    let want = binary_forward_cpu(
+                        op,
+                        &as_stored(&a, dt),
+                        &a_shape,
+                        &as_stored(&b, dt),
+                        &b_shape,
+                        &out_shape,
+                    );
+                    assert_close(
+                        &format!("{} {a_shape:?} with {b_shape:?} {dt:?}", op.name()),
+                        &download(&by, dt),
+                        &as_stored(&want, dt),
+                        0.0,
+                        0.0,
+                    );
+                }
+            }
+        }
     }
 
     #[test]
