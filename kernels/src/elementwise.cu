@@ -17,6 +17,8 @@
 //   tanh_fwd/bwd_T          tanh_forward_cpu / tanh_backward_cpu (from the output)
 //   cast_f32_to_bf16        Tensor::cast(BF16): round to nearest even  bit-exact
 //   cast_bf16_to_f32        Tensor::cast(F32)                          bit-exact
+//                           (casts: bit-exact for every non-NaN value; a NaN stays a NaN, but
+//                           its payload may differ from `half`'s, which quiets signalling NaNs)
 //
 // Channel layout: x is viewed as [outer, c, inner]; inner = H*W for NCHW activations (axis 1),
 // inner = 1 for the last axis of a linear layer's output. The channel kernels run one block per
