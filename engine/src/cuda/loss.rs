@@ -420,9 +420,19 @@ mod tests {
         let Some(sim) = host_sim() else { return };
         for (rows, classes) in [(7usize, 10usize), (4, 1000), (2, 30_522)] {
             for dt in [DType::F32, DType::BF16] {
-                for (ignore_index, eps, upstream) in
-                    [(Some(-100), 0.0f32, 1.0f32), (Some(7), 0.1, 0.5), (None, 0.05, 2.0)]
+                for (oi, (ignore_index, eps, upstream)) in [
+                    (Some(-100), 0.0f32, 1.0f32),
+                    (Some(7), 0.1, 0.5),
+                    (None, 0.05, 2.0),
+                ]
+                .into_iter()
+                .enumerate()
                 {
+                    // Time: the simulator's 1024-thread blocks are slow; two option sets suffice
+                    // for the longest rows.
+                    if classes > 5000 && oi == 2 {
+                        continue;
+                    }
                     let opts = CrossEntropyOptions {
                         ignore_index,
                         label_smoothing: eps,
@@ -430,8 +440,8 @@ mod tests {
                     let what = format!("cross_entropy {rows}x{classes} {dt:?} {opts:?}");
                     let x = sample(rows * classes, 31, 8.0);
                     let labels = sim_labels(rows, classes, ignore_index);
-                    let kept = cross_entropy_check_labels_cpu(&labels, classes, ignore_index)
-                        .unwrap();
+                    let kept =
+                        cross_entropy_check_labels_cpu(&labels, classes, ignore_index).unwrap();
                     let bx = upload(&x, dt);
                     let bl = SimBuffer::from_slice(&labels);
                     let (blse, brow, bout) = (
@@ -458,7 +468,8 @@ mod tests {
                     // exp (a few ulp of a value about ln C + max |x|), the row loss (in f64
                     // from the lse) likewise.
                     let xs = as_stored(&x, dt);
-                    let (want_loss, want_lse) = cross_entropy_forward_cpu(&xs, &labels, classes, &opts);
+                    let (want_loss, want_lse) =
+                        cross_entropy_forward_cpu(&xs, &labels, classes, &opts);
                     let lse = download(&blse, DType::F32);
                     assert_close(&format!("{what}: lse"), &lse, &want_lse, 2e-6, 1e-6);
                     let loss = download(&bout, DType::F32);
@@ -467,14 +478,22 @@ mod tests {
                     let scale = cross_entropy_grad_scale(upstream, kept);
                     let mut want_d = vec![0.0; rows * classes];
                     cross_entropy_backward_cpu(
-                        &xs, &labels, &want_lse, classes, &opts, scale, &mut want_d,
+                        &xs,
+                        &labels,
+                        &want_lse,
+                        classes,
+                        &opts,
+                        scale,
+                        &mut want_d,
                     );
                     // f32: softmax terms differ by the lse's few ulp, relative to the scale;
                     // bf16: the kernel rounds its f32 value once, within one ulp (2^-7
                     // relative) of the CPU's f32 value.
                     let rel = if dt == DType::BF16 { 1.0 / 128.0 } else { 2e-5 };
                     let abs = 2e-6 * scale.abs();
-                    for in_place in [false, true] {
+                    // In place for every other case (each dtype and shape sees both).
+                    let in_place = (oi + (dt == DType::BF16) as usize) % 2 == 1;
+                    {
                         let bx = upload(&x, dt);
                         let bd = if in_place {
                             None
@@ -568,7 +587,7 @@ mod tests {
     /// definitions: KL and MSE with 1, 2 and 4 teachers (and CE only), f32/f32, f32 student
     /// with bf16 teachers and bf16/bf16, a row mask with rows off (whose labels are out of
     /// range: never read), rows with the ignore label, the gradient in a separate buffer and
-    /// in place (the same bits), and the reduction's [ce, kd, total].
+    /// in place, and the reduction's [ce, kd, total].
     #[test]
     fn kd_loss_plans_on_the_simulator_match_the_reference() {
         use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
@@ -596,12 +615,29 @@ mod tests {
             cases.push((None, DType::F32, DType::F32));
             cases.push((None, DType::BF16, DType::BF16));
             for (ci, (term, sdt, tdt)) in cases.into_iter().enumerate() {
-                // Every term sees 1, 2 and 4 teachers over the three vocabularies.
-                let k = if term.is_some() { [1, 2, 4][(ci + vi) % 3] } else { 0 };
-                let use_mask = (ci + vi) % 2 == 0;
+                // Time (the simulator's 1024-thread blocks are slow, and every case runs the
+                // 1024-thread reduction): every case at 10 classes, half of them at 1000, and
+                // KL f32/f32, KL bf16/bf16 and MSE f32/bf16 at 30522.
+                let run = match vi {
+                    0 => true,
+                    1 => ci % 2 == 1,
+                    _ => matches!(ci, 0 | 2 | 4),
+                };
+                if !run {
+                    continue;
+                }
+                // Each term sees 1, 2 and 4 teachers at 10 classes, and others in the other sizes.
+                let k = if term.is_some() {
+                    [1, 2, 4][(ci + vi) % 3]
+                } else {
+                    0
+                };
+                let use_mask = vi == 2 || (ci + vi) % 2 == 0;
+                // The gradient in place for about half of the cases, in each vocabulary.
+                let in_place = (ci / 2 + vi) % 2 == 1;
                 let what = format!(
                     "kd_loss {rows}x{classes} {term:?} k = {k}, student {sdt:?}, teachers \
-                     {tdt:?}, mask {use_mask}"
+                     {tdt:?}, mask {use_mask}, in place {in_place}"
                 );
                 let mask: Option<Vec<i32>> =
                     use_mask.then(|| (0..rows).map(|r| (r % 4 != 2) as i32).collect());
@@ -615,8 +651,7 @@ mod tests {
                 let (ce_rows, kd_rows) =
                     kdh::row_counts(&labels, mask.as_deref(), classes, IGNORE, term.is_some())
                         .unwrap();
-                let sc = KdScalars::new(term, lambda, ce_rows, kd_rows, classes, upstream)
-                    .unwrap();
+                let sc = KdScalars::new(term, lambda, ce_rows, kd_rows, classes, upstream).unwrap();
                 let active = if sc.kd_active() { term } else { None };
                 assert_eq!(active.is_some(), term.is_some());
                 let kernel = kdh::kernel_name(active, storage_of("t", sdt).unwrap(), {
@@ -638,8 +673,7 @@ mod tests {
                 let bl = SimBuffer::from_slice(&labels);
                 let bmask = mask.as_ref().map(|m| SimBuffer::from_slice(m));
 
-                let mut results = Vec::new();
-                for in_place in [false, true] {
+                let (grad, row_ce, row_kd, out) = {
                     let bx = upload(&x, sdt);
                     let bg = (!in_place).then(|| upload(&vec![f32::NAN; n], sdt));
                     let brow_ce = SimBuffer::from_slice(&vec![f32::NAN; rows]);
@@ -662,25 +696,13 @@ mod tests {
                     )
                     .unwrap();
                     run_plan(sim, &plan);
-                    results.push((
+                    (
                         download(bg.as_ref().unwrap_or(&bx), sdt),
                         download(&brow_ce, DType::F32),
                         brow_kd.map(|b| download(&b, DType::F32)),
                         download(&bout, DType::F32),
-                    ));
-                }
-                // In place or not, the kernel computes the same thing: the same bits.
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let (sep, inp) = (&results[0], &results[1]);
-                assert_eq!(bits(&sep.0), bits(&inp.0), "{what}: in-place gradient");
-                assert_eq!(bits(&sep.1), bits(&inp.1), "{what}: in-place row CE");
-                assert_eq!(
-                    sep.2.as_deref().map(bits),
-                    inp.2.as_deref().map(bits),
-                    "{what}: in-place row KD"
-                );
-                assert_eq!(bits(&sep.3), bits(&inp.3), "{what}: in-place totals");
-                let (grad, row_ce, row_kd, out) = sep;
+                    )
+                };
 
                 // The reference, from the values as stored; the teachers' mean as the kernel
                 // and the CPU loss form it (summed in order, divided by k, in f32).
@@ -693,9 +715,12 @@ mod tests {
                     let span = r * classes..(r + 1) * classes;
                     let g = &grad[span.clone()];
                     if mask.as_ref().is_some_and(|m| m[r] == 0) {
-                        assert!(g.iter().all(|&v| v == 0.0), "{what}: masked row {r} gradient");
+                        assert!(
+                            g.iter().all(|&v| v == 0.0),
+                            "{what}: masked row {r} gradient"
+                        );
                         assert_eq!(row_ce[r], 0.0, "{what}: masked row {r} CE");
-                        if let Some(kd) = row_kd {
+                        if let Some(kd) = &row_kd {
                             assert_eq!(kd[r], 0.0, "{what}: masked row {r} KD");
                         }
                         continue;
@@ -724,10 +749,16 @@ mod tests {
                     // expf/logf, against exact f64: a few ulp of values of order ln C + max |s|
                     // (CE), and the accumulated rounding of C terms of the KL sum.
                     let got_ce = row_ce[r] as f64;
-                    assert!(close(got_ce, ce, 1e-5), "{what}: row {r} CE {got_ce} vs {ce}");
-                    if let Some(kd_rows) = row_kd {
+                    assert!(
+                        close(got_ce, ce, 1e-5),
+                        "{what}: row {r} CE {got_ce} vs {ce}"
+                    );
+                    if let Some(kd_rows) = &row_kd {
                         let got_kd = kd_rows[r] as f64;
-                        assert!(close(got_kd, kd, 2e-5), "{what}: row {r} KD {got_kd} vs {kd}");
+                        assert!(
+                            close(got_kd, kd, 2e-5),
+                            "{what}: row {r} KD {got_kd} vs {kd}"
+                        );
                     }
                     // Gradient: f32 entries within 2e-5 of the row's largest gradient (the
                     // softmax terms carry the lse's few ulp); bf16 entries are the f32 value

@@ -290,8 +290,7 @@ mod tests {
                         )
                         .unwrap();
                         run_plan(sim, &plan);
-                        adamw_update_cpu(&mut p, &as_stored(&g, gdt), &mut m, &mut v, &s)
-                            .unwrap();
+                        adamw_update_cpu(&mut p, &as_stored(&g, gdt), &mut m, &mut v, &s).unwrap();
                         let step = format!("{what}, step {}", t + 1);
                         same(&format!("{step}: params"), &bp, &p);
                         same(&format!("{step}: exp_avg"), &bm, &m);
