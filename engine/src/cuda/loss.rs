@@ -395,6 +395,400 @@ mod tests {
         }
     }
 
+    /// Labels for `rows` rows of `classes`: every third row (from row 1) the ignore index when
+    /// there is one, a class spread over the vocabulary otherwise.
+    fn sim_labels(rows: usize, classes: usize, ignore: Option<i32>) -> Vec<i32> {
+        (0..rows)
+            .map(|r| match ignore {
+                Some(i) if r % 3 == 1 => i,
+                _ => ((r * 7919 + 3) % classes) as i32,
+            })
+            .collect()
+    }
+
+    /// The cross-entropy plans on the kernel simulator against the CPU twins
+    /// (`cross_entropy_forward_cpu` / `cross_entropy_backward_cpu`), with the gradient factor
+    /// of `cross_entropy_grad_scale`: ignored rows, label smoothing, no ignore index, f32 and
+    /// bf16 logits, the gradient in a separate buffer and in place.
+    #[test]
+    fn cross_entropy_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::cuda::sim_check::{
+            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+        };
+        use crate::ops::loss::{cross_entropy_backward_cpu, cross_entropy_forward_cpu};
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        for (rows, classes) in [(7usize, 10usize), (4, 1000), (2, 30_522)] {
+            for dt in [DType::F32, DType::BF16] {
+                for (oi, (ignore_index, eps, upstream)) in [
+                    (Some(-100), 0.0f32, 1.0f32),
+                    (Some(7), 0.1, 0.5),
+                    (None, 0.05, 2.0),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    // Time: the simulator's 1024-thread blocks are slow; two option sets suffice
+                    // for the longest rows.
+                    if classes > 5000 && oi == 2 {
+                        continue;
+                    }
+                    let opts = CrossEntropyOptions {
+                        ignore_index,
+                        label_smoothing: eps,
+                    };
+                    let what = format!("cross_entropy {rows}x{classes} {dt:?} {opts:?}");
+                    let x = sample(rows * classes, 31, 8.0);
+                    let labels = sim_labels(rows, classes, ignore_index);
+                    let kept =
+                        cross_entropy_check_labels_cpu(&labels, classes, ignore_index).unwrap();
+                    let bx = upload(&x, dt);
+                    let bl = SimBuffer::from_slice(&labels);
+                    let (blse, brow, bout) = (
+                        SimBuffer::zeros::<f32>(rows),
+                        SimBuffer::zeros::<f32>(rows),
+                        SimBuffer::zeros::<f32>(1),
+                    );
+                    let plan = cross_entropy_fwd_plan(
+                        bx.ptr(),
+                        bl.ptr(),
+                        blse.ptr(),
+                        brow.ptr(),
+                        bout.ptr(),
+                        rows,
+                        classes,
+                        kept,
+                        &opts,
+                        dt,
+                    )
+                    .unwrap();
+                    run_plan(sim, &plan);
+                    // Both sides compute in f32 from the same stored values (bf16 logits are
+                    // exact in f32): the lse differs by the order of the sums and the host's
+                    // exp (a few ulp of a value about ln C + max |x|), the row loss (in f64
+                    // from the lse) likewise.
+                    let xs = as_stored(&x, dt);
+                    let (want_loss, want_lse) =
+                        cross_entropy_forward_cpu(&xs, &labels, classes, &opts);
+                    let lse = download(&blse, DType::F32);
+                    assert_close(&format!("{what}: lse"), &lse, &want_lse, 2e-6, 1e-6);
+                    let loss = download(&bout, DType::F32);
+                    assert_close(&format!("{what}: loss"), &loss, &[want_loss], 1e-5, 1e-6);
+
+                    let scale = cross_entropy_grad_scale(upstream, kept);
+                    let mut want_d = vec![0.0; rows * classes];
+                    cross_entropy_backward_cpu(
+                        &xs,
+                        &labels,
+                        &want_lse,
+                        classes,
+                        &opts,
+                        scale,
+                        &mut want_d,
+                    );
+                    // f32: softmax terms differ by the lse's few ulp, relative to the scale;
+                    // bf16: the kernel rounds its f32 value once, within one ulp (2^-7
+                    // relative) of the CPU's f32 value.
+                    let rel = if dt == DType::BF16 { 1.0 / 128.0 } else { 2e-5 };
+                    let abs = 2e-6 * scale.abs();
+                    // In place for every other case (each dtype and shape sees both).
+                    let in_place = (oi + (dt == DType::BF16) as usize) % 2 == 1;
+                    {
+                        let bx = upload(&x, dt);
+                        let bd = if in_place {
+                            None
+                        } else {
+                            Some(upload(&vec![f32::NAN; rows * classes], dt))
+                        };
+                        let dptr = bd.as_ref().map_or(bx.ptr(), |b| b.ptr());
+                        let plan = cross_entropy_bwd_plan(
+                            bx.ptr(),
+                            bl.ptr(),
+                            blse.ptr(),
+                            dptr,
+                            rows,
+                            classes,
+                            &opts,
+                            scale,
+                            dt,
+                        )
+                        .unwrap();
+                        run_plan(sim, &plan);
+                        let d = download(bd.as_ref().unwrap_or(&bx), dt);
+                        let what = format!("{what}: gradient (in place: {in_place})");
+                        assert_close(&what, &d, &want_d, rel, abs);
+                        for (r, &y) in labels.iter().enumerate() {
+                            if Some(y) == ignore_index {
+                                let row = &d[r * classes..(r + 1) * classes];
+                                assert!(row.iter().all(|&v| v == 0.0), "{what}: row {r}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The distillation loss of one row in f64, from the definitions of kd_loss.cu's header:
+    /// (row_ce, row_kd, gradient) for the gradient weights `ce_weight` (CE) and
+    /// `lambda_kd_weight` (lambda / counted rows, times the upstream gradient). The logic of
+    /// `kd_reference` in kernels/tests/host_parity.rs.
+    fn kd_reference(
+        term: Option<kdh::KdTerm>,
+        s: &[f32],
+        t: &[f32],
+        label: Option<usize>,
+        ce_weight: f64,
+        lambda_kd_weight: f64,
+    ) -> (f64, f64, Vec<f64>) {
+        let softmax = |x: &[f64]| -> (Vec<f64>, f64) {
+            let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
+            let lse = m + z.ln();
+            (x.iter().map(|v| (v - lse).exp()).collect(), lse)
+        };
+        let sd: Vec<f64> = s.iter().map(|&v| v as f64).collect();
+        let td: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        let c = s.len();
+        let mut g = vec![0f64; c];
+        let mut row_ce = 0.0;
+        if let Some(y) = label {
+            let (p, lse) = softmax(&sd);
+            row_ce = lse - sd[y];
+            for j in 0..c {
+                g[j] = (p[j] - if j == y { 1.0 } else { 0.0 }) * ce_weight;
+            }
+        }
+        let row_kd = match term {
+            None => 0.0,
+            Some(kdh::KdTerm::Kl { temperature }) => {
+                let tau = temperature as f64;
+                let (ps, _) = softmax(&sd.iter().map(|v| v / tau).collect::<Vec<_>>());
+                let (pt, _) = softmax(&td.iter().map(|v| v / tau).collect::<Vec<_>>());
+                // KL(p_teacher || p_student): the teacher distribution is the target.
+                let kl: f64 = (0..c).map(|j| pt[j] * (pt[j].ln() - ps[j].ln())).sum();
+                for j in 0..c {
+                    g[j] += lambda_kd_weight * tau * (ps[j] - pt[j]);
+                }
+                tau * tau * kl
+            }
+            Some(kdh::KdTerm::Mse) => {
+                for j in 0..c {
+                    g[j] += lambda_kd_weight * 2.0 * (sd[j] - td[j]) / c as f64;
+                }
+                (0..c).map(|j| (sd[j] - td[j]).powi(2)).sum::<f64>() / c as f64
+            }
+        };
+        (row_ce, row_kd, g)
+    }
+
+    /// The fused distillation loss (`kd_loss_plan`, with the scalars and row counts the
+    /// launcher computes) on the kernel simulator against an f64 reference from the kernel's
+    /// definitions: KL and MSE with 1, 2 and 4 teachers (and CE only), f32/f32, f32 student
+    /// with bf16 teachers and bf16/bf16, a row mask with rows off (whose labels are out of
+    /// range: never read), rows with the ignore label, the gradient in a separate buffer and
+    /// in place, and the reduction's [ce, kd, total].
+    #[test]
+    fn kd_loss_plans_on_the_simulator_match_the_reference() {
+        use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        const IGNORE: i32 = -100;
+        let lambda = 0.7f32;
+        let dtypes = [
+            (DType::F32, DType::F32),
+            (DType::F32, DType::BF16),
+            (DType::BF16, DType::BF16),
+        ];
+        for (vi, (rows, classes)) in [(8usize, 10usize), (6, 1000), (3, 30_522)]
+            .into_iter()
+            .enumerate()
+        {
+            let temperature = [1.0f32, 2.0, 4.0][vi];
+            let upstream = if vi == 1 { 0.5f32 } else { 1.0 };
+            let mut cases: Vec<(Option<kdh::KdTerm>, DType, DType)> = Vec::new();
+            for term in [kdh::KdTerm::Kl { temperature }, kdh::KdTerm::Mse] {
+                for (sdt, tdt) in dtypes {
+                    cases.push((Some(term), sdt, tdt));
+                }
+            }
+            cases.push((None, DType::F32, DType::F32));
+            cases.push((None, DType::BF16, DType::BF16));
+            for (ci, (term, sdt, tdt)) in cases.into_iter().enumerate() {
+                // Time (the simulator's 1024-thread blocks are slow, and every case runs the
+                // 1024-thread reduction): every case at 10 classes, half of them at 1000, and
+                // KL f32/f32, KL bf16/bf16 and MSE f32/bf16 at 30522.
+                let run = match vi {
+                    0 => true,
+                    1 => ci % 2 == 1,
+                    _ => matches!(ci, 0 | 2 | 4),
+                };
+                if !run {
+                    continue;
+                }
+                // Each term sees 1, 2 and 4 teachers at 10 classes, and others in the other sizes.
+                let k = if term.is_some() {
+                    [1, 2, 4][(ci + vi) % 3]
+                } else {
+                    0
+                };
+                let use_mask = vi == 2 || (ci + vi) % 2 == 0;
+                // The gradient in place for about half of the cases, in each vocabulary.
+                let in_place = (ci / 2 + vi) % 2 == 1;
+                let what = format!(
+                    "kd_loss {rows}x{classes} {term:?} k = {k}, student {sdt:?}, teachers \
+                     {tdt:?}, mask {use_mask}, in place {in_place}"
+                );
+                let mask: Option<Vec<i32>> =
+                    use_mask.then(|| (0..rows).map(|r| (r % 4 != 2) as i32).collect());
+                let labels: Vec<i32> = (0..rows)
+                    .map(|r| match r {
+                        _ if use_mask && r % 4 == 2 => classes as i32 + 5,
+                        _ if r % 3 == 1 => IGNORE,
+                        _ => ((r * 7919 + 3) % classes) as i32,
+                    })
+                    .collect();
+                let (ce_rows, kd_rows) =
+                    kdh::row_counts(&labels, mask.as_deref(), classes, IGNORE, term.is_some())
+                        .unwrap();
+                let sc = KdScalars::new(term, lambda, ce_rows, kd_rows, classes, upstream).unwrap();
+                let active = if sc.kd_active() { term } else { None };
+                assert_eq!(active.is_some(), term.is_some());
+                let kernel = kdh::kernel_name(active, storage_of("t", sdt).unwrap(), {
+                    storage_of("t", tdt).unwrap()
+                })
+                .unwrap();
+
+                let n = rows * classes;
+                let x = sample(n, 40 + vi as u64, 6.0);
+                // Teachers near the student, so the KL term is of order one.
+                let teachers: Vec<Vec<f32>> = (0..k)
+                    .map(|q| {
+                        let noise = sample(n, 50 + q as u64, 3.0);
+                        x.iter().zip(noise).map(|(a, b)| a + b).collect()
+                    })
+                    .collect();
+                let bteachers: Vec<SimBuffer> = teachers.iter().map(|t| upload(t, tdt)).collect();
+                let tptrs: Vec<u64> = bteachers.iter().map(|b| b.ptr()).collect();
+                let bl = SimBuffer::from_slice(&labels);
+                let bmask = mask.as_ref().map(|m| SimBuffer::from_slice(m));
+
+                let (grad, row_ce, row_kd, out) = {
+                    let bx = upload(&x, sdt);
+                    let bg = (!in_place).then(|| upload(&vec![f32::NAN; n], sdt));
+                    let brow_ce = SimBuffer::from_slice(&vec![f32::NAN; rows]);
+                    let brow_kd = active.map(|_| SimBuffer::from_slice(&vec![f32::NAN; rows]));
+                    let bout = SimBuffer::from_slice(&[f32::NAN; 3]);
+                    let plan = kd_loss_plan(
+                        kernel,
+                        bx.ptr(),
+                        bg.as_ref().map_or(bx.ptr(), |b| b.ptr()),
+                        &tptrs,
+                        bl.ptr(),
+                        bmask.as_ref().map_or(0, |b| b.ptr()),
+                        brow_ce.ptr(),
+                        brow_kd.as_ref().map_or(0, |b| b.ptr()),
+                        bout.ptr(),
+                        rows,
+                        classes,
+                        IGNORE,
+                        &sc,
+                    )
+                    .unwrap();
+                    run_plan(sim, &plan);
+                    (
+                        download(bg.as_ref().unwrap_or(&bx), sdt),
+                        download(&brow_ce, DType::F32),
+                        brow_kd.map(|b| download(&b, DType::F32)),
+                        download(&bout, DType::F32),
+                    )
+                };
+
+                // The reference, from the values as stored; the teachers' mean as the kernel
+                // and the CPU loss form it (summed in order, divided by k, in f32).
+                let xs = as_stored(&x, sdt);
+                let ts: Vec<Vec<f32>> = teachers.iter().map(|t| as_stored(t, tdt)).collect();
+                let lambda_kd_weight = (lambda * sc.kd_weight * upstream) as f64;
+                let (mut sum_ce, mut sum_kd) = (0.0f64, 0.0f64);
+                let close = |a: f64, b: f64, rel: f64| (a - b).abs() <= rel * b.abs().max(1.0);
+                for r in 0..rows {
+                    let span = r * classes..(r + 1) * classes;
+                    let g = &grad[span.clone()];
+                    if mask.as_ref().is_some_and(|m| m[r] == 0) {
+                        assert!(
+                            g.iter().all(|&v| v == 0.0),
+                            "{what}: masked row {r} gradient"
+                        );
+                        assert_eq!(row_ce[r], 0.0, "{what}: masked row {r} CE");
+                        if let Some(kd) = &row_kd {
+                            assert_eq!(kd[r], 0.0, "{what}: masked row {r} KD");
+                        }
+                        continue;
+                    }
+                    let t: Vec<f32> = (0..classes)
+                        .map(|j| {
+                            if k == 0 {
+                                0.0
+                            } else {
+                                ts.iter().map(|tq| tq[r * classes + j]).sum::<f32>() / k as f32
+                            }
+                        })
+                        .collect();
+                    let label = (labels[r] != IGNORE).then_some(labels[r] as usize);
+                    let (ce, kd, gref) = kd_reference(
+                        active,
+                        &xs[span],
+                        &t,
+                        label,
+                        sc.grad_ce_weight as f64,
+                        lambda_kd_weight,
+                    );
+                    sum_ce += ce;
+                    sum_kd += kd;
+                    // Row values: f32 sums over the row and the device's (here the host's)
+                    // expf/logf, against exact f64: a few ulp of values of order ln C + max |s|
+                    // (CE), and the accumulated rounding of C terms of the KL sum.
+                    let got_ce = row_ce[r] as f64;
+                    assert!(
+                        close(got_ce, ce, 1e-5),
+                        "{what}: row {r} CE {got_ce} vs {ce}"
+                    );
+                    if let Some(kd_rows) = &row_kd {
+                        let got_kd = kd_rows[r] as f64;
+                        assert!(
+                            close(got_kd, kd, 2e-5),
+                            "{what}: row {r} KD {got_kd} vs {kd}"
+                        );
+                    }
+                    // Gradient: f32 entries within 2e-5 of the row's largest gradient (the
+                    // softmax terms carry the lse's few ulp); bf16 entries are the f32 value
+                    // rounded once: within one ulp (2^-7 relative) plus that slack.
+                    let gmax = gref.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                    let rel = if sdt == DType::BF16 { 1.0 / 128.0 } else { 0.0 };
+                    for (j, (&got, &want)) in g.iter().zip(&gref).enumerate() {
+                        let err = (got as f64 - want).abs();
+                        assert!(
+                            err <= 2e-5 * gmax + rel * want.abs(),
+                            "{what}: row {r} class {j}: gradient {got} vs {want} (largest {gmax})"
+                        );
+                    }
+                }
+                // The reduction: [ce, kd, total] from the row values, f64 sums.
+                let ce = sum_ce * sc.ce_weight as f64;
+                let kd = sum_kd * sc.kd_weight as f64;
+                let want = [ce, kd, ce + lambda as f64 * kd];
+                for (i, name) in ["ce", "kd", "total"].iter().enumerate() {
+                    assert!(
+                        close(out[i] as f64, want[i], 2e-5),
+                        "{what}: {name} {} vs {}",
+                        out[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn kd_loss_plans_for_every_kernel() {
         let s = KdScalars::new(
