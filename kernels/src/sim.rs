@@ -469,7 +469,7 @@ impl SimBuffer {
     pub fn read<T: SimElement>(&self) -> Result<Vec<T>, SimError> {
         self.check_guards()?;
         let size = std::mem::size_of::<T>();
-        if self.len % size != 0 {
+        if !self.len.is_multiple_of(size) {
             return Err(SimError(format!(
                 "a buffer of {} bytes read as {}-byte values",
                 self.len, size
