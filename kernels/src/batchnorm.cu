@@ -5,9 +5,10 @@
 //                          batch_norm2d_stats_cpu (per-channel mean and biased variance) and
 //                          batch_norm_running_update_cpu (momentum, unbiased variance), plus
 //                          inv_std = 1 / sqrt(var + eps) in f32 as batch_norm2d computes it
-//   batchnorm_fwd_T        batch_norm2d_forward_cpu: x * scale + shift with
-//                          scale = inv_std * weight, shift = bias - mean * scale (bit-exact in
-//                          f32 for equal statistics: no fused multiply-add)
+//   batchnorm_fwd_T        batch_norm2d_forward_cpu: (x - mean) * scale + bias with
+//                          scale = inv_std * weight, centred first as the CPU (folding the mean
+//                          into one shift cancels when |mean| >> std); bit-exact in f32 for
+//                          equal statistics: no fused multiply-add
 //   batchnorm_eval_fwd_T   the same map from the running statistics (evaluation mode)
 //   batchnorm_bwd_partial_T + batchnorm_bwd_finish
 //                          batch_norm2d_backward_cpu's per-channel sum(dy) and sum(dy * xhat)
@@ -96,13 +97,14 @@ __device__ __forceinline__ void bwd_partial(const T* x, const T* dy, const float
     }
 }
 
-// y = x * scale + shift for plane blockIdx.x (channel blockIdx.x % c).
+// y = (x - mean) * scale + bias for plane blockIdx.x (channel blockIdx.x % c).
 template <typename T>
-__device__ __forceinline__ void affine_plane(const T* x, T* y, float scale, float shift,
-                                             uint32_t hw) {
+__device__ __forceinline__ void affine_plane(const T* x, T* y, float mean, float scale,
+                                             float bias, uint32_t hw) {
     const uint64_t base = (uint64_t)blockIdx.x * hw;
     for (uint32_t j = threadIdx.x; j < hw; j += blockDim.x)
-        y[base + j] = from_f32<T>(add_rn(mul_rn(to_f32(x[base + j]), scale), shift));
+        y[base + j] =
+            from_f32<T>(add_rn(mul_rn(sub_rn(to_f32(x[base + j]), mean), scale), bias));
 }
 
 template <typename T>
@@ -144,8 +146,7 @@ __device__ __forceinline__ void bwd_dx(const T* x, const T* dy, const float* mea
                                                  uint32_t hw) {                               \
         const uint32_t ch = blockIdx.x % c;                                                   \
         const float scale = mul_rn(inv_std[ch], weight[ch]);                                  \
-        const float shift = sub_rn(bias[ch], mul_rn(mean[ch], scale));                        \
-        affine_plane<T>(x, y, scale, shift, hw);                                              \
+        affine_plane<T>(x, y, mean[ch], scale, bias[ch], hw);                                 \
     }                                                                                         \
     extern "C" __global__ void batchnorm_eval_fwd_##S(                                        \
         const T* x, T* y, const float* running_mean, const float* running_var,               \
@@ -153,8 +154,7 @@ __device__ __forceinline__ void bwd_dx(const T* x, const T* dy, const float* mea
         const uint32_t ch = blockIdx.x % c;                                                   \
         const float inv_std = div_rn(1.0f, sqrt_rn(add_rn(running_var[ch], eps)));            \
         const float scale = mul_rn(inv_std, weight[ch]);                                      \
-        const float shift = sub_rn(bias[ch], mul_rn(running_mean[ch], scale));                \
-        affine_plane<T>(x, y, scale, shift, hw);                                              \
+        affine_plane<T>(x, y, running_mean[ch], scale, bias[ch], hw);                         \
     }                                                                                         \
     /* grid (splits, c); partial: c * (1 + 2 * splits) f64 (slot 0 unused) */                 \
     extern "C" __global__ void batchnorm_bwd_partial_##S(                                     \

@@ -230,4 +230,127 @@ mod tests {
             .unwrap()
             .is_empty());
     }
+
+    /// Asserts equal f32 bits element by element.
+    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits(),
+                "{what}: element {i} is {g:e}, the CPU twin gives {w:e}"
+            );
+        }
+    }
+
+    /// The embedding plans on the kernel simulator against the CPU twins
+    /// (`embedding_forward_cpu`, `embedding_backward_cpu`): the forward is a copy, and the
+    /// backward's counting sort adds each row's gradients in the CPU's order, so both are the
+    /// CPU's bits (embedding.cu). 2500 ids over a vocabulary of 53 (three segments of 1024
+    /// positions, every used row hit about 50 times from every segment, two rows never hit),
+    /// f32 and bf16 gradients; the accumulate overwriting and adding.
+    #[test]
+    fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
+        use crate::ops::embedding as cpu;
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        let (n_ids, vocab, dim) = (2500usize, 53usize, 20usize);
+        // Deterministic ids in [0, vocab), skipping rows 7 and 52.
+        let ids: Vec<i32> = (0..n_ids)
+            .map(|p| {
+                let v = ((p * 7919 + p / 3) % (vocab - 2)) as i32;
+                if v >= 7 {
+                    v + 1
+                } else {
+                    v
+                }
+            })
+            .collect();
+        assert!(!ids.contains(&7) && !ids.contains(&52));
+        let cfg = kl::embedding_backward(n_ids as u64, vocab as u64, dim as u64)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.segments, 3);
+        let bids = SimBuffer::from_slice(&ids);
+        for dt in [DType::F32, DType::BF16] {
+            let what = format!("embedding {n_ids} ids, {vocab}x{dim} {dt:?}");
+            let table = as_stored(&sample(vocab * dim, 51, 1.0), dt);
+            let (bt, bout) = (upload(&table, dt), upload(&vec![0.0; n_ids * dim], dt));
+            run_plan(
+                sim,
+                &gather_fwd_plan(bt.ptr(), bids.ptr(), bout.ptr(), n_ids, dim, vocab, dt).unwrap(),
+            );
+            let want = cpu::embedding_forward_cpu(&table, dim, &ids);
+            assert_bits(&format!("{what} forward"), &download(&bout, dt), &want);
+
+            let g = as_stored(&sample(n_ids * dim, 52, 1.0), dt);
+            let bg = upload(&g, dt);
+            let s = (
+                SimBuffer::zeros::<u32>(cfg.counts_len as usize),
+                SimBuffer::zeros::<u32>(cfg.totals_len as usize),
+                SimBuffer::zeros::<u32>(cfg.starts_len as usize),
+                SimBuffer::zeros::<u32>(cfg.order_len as usize),
+            );
+            let scratch = Scratch {
+                counts: s.0.ptr(),
+                totals: s.1.ptr(),
+                starts: s.2.ptr(),
+                order: s.3.ptr(),
+            };
+            // NaN where the kernel must write: every row, the untouched ones included.
+            let bdw = SimBuffer::from_slice(&vec![f32::NAN; vocab * dim]);
+            let plan = gather_bwd_plan(
+                &cfg,
+                &scratch,
+                bids.ptr(),
+                bg.ptr(),
+                bdw.ptr(),
+                n_ids,
+                dim,
+                vocab,
+                dt,
+            )
+            .unwrap();
+            assert_eq!(plan.len(), 5);
+            run_plan(sim, &plan);
+            let want_dw = cpu::embedding_backward_cpu(&g, dim, &ids, vocab);
+            let dw = download(&bdw, DType::F32);
+            assert_bits(&format!("{what} backward"), &dw, &want_dw);
+            // The counting sort itself: starts are the prefix of the counts, order is the
+            // positions sorted stably by id.
+            let starts = s.2.read::<u32>().unwrap();
+            let order = s.3.read::<u32>().unwrap();
+            let mut want_order: Vec<u32> = (0..n_ids as u32).collect();
+            want_order.sort_by_key(|&p| ids[p as usize]);
+            assert_eq!(order, want_order, "{what}: order");
+            assert_eq!(starts[vocab] as usize, n_ids, "{what}: starts");
+
+            // The accumulate adding into an existing gradient: prior + the row sums, one f32
+            // addition each; rows without ids keep the prior.
+            let prior = sample(vocab * dim, 53, 1.0);
+            let acc = SimBuffer::from_slice(&prior);
+            let mut last = plan[4].clone();
+            assert!(last.kernel.starts_with("embedding_bwd_accumulate"));
+            last.args[3] = Arg::Ptr(acc.ptr());
+            last.args[5] = Arg::I32(1);
+            run_plan(sim, &[last]);
+            let want_acc: Vec<f32> = prior
+                .iter()
+                .zip(&want_dw)
+                .enumerate()
+                .map(|(i, (&p, &d))| {
+                    if ids.contains(&((i / dim) as i32)) {
+                        p + d
+                    } else {
+                        p
+                    }
+                })
+                .collect();
+            assert_bits(
+                &format!("{what} backward accumulated"),
+                &download(&acc, DType::F32),
+                &want_acc,
+            );
+        }
+    }
 }

@@ -573,4 +573,525 @@ mod tests {
         );
         assert!(layernorm_fwd_plan(1, 2, 3, 4, 5, 6, 2, 8, 1e-5, DType::I32).is_err());
     }
+
+    /// Asserts equal f32 bits element by element (any NaN matching any NaN).
+    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+            assert!(ok, "{what}: element {i} is {g:e}, the CPU twin gives {w:e}");
+        }
+    }
+
+    fn max_abs(v: &[f32]) -> f32 {
+        v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+    }
+
+    /// The layer-norm forward plan on the kernel simulator against the CPU twins
+    /// (`layer_norm_stats_cpu`, `layer_norm_forward_cpu`), f32 and bf16 storage, with and
+    /// without the fused residual (a kernel option the engine's plan does not use yet: its
+    /// call is edited here).
+    #[test]
+    fn layernorm_forward_on_the_simulator_matches_the_cpu_twins() {
+        use crate::cuda::sim_check::{
+            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+        };
+        use crate::ops::norm as cpu;
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        let eps = 1e-5;
+        // One block per row: a row shorter than a warp (10), rows that are not a multiple of
+        // the block (1000 over 128 threads, 2500 over 512).
+        for (rows, d) in [(3usize, 10usize), (5, 1000), (2, 2500)] {
+            for dt in [DType::F32, DType::BF16] {
+                let what = format!("layernorm {rows}x{d} {dt:?}");
+                let n = rows * d;
+                let x: Vec<f32> = as_stored(
+                    &sample(n, 11, 3.0)
+                        .iter()
+                        .map(|v| v + 1.5)
+                        .collect::<Vec<_>>(),
+                    dt,
+                );
+                let res = as_stored(&sample(n, 14, 2.0), dt);
+                let w = as_stored(&sample(d, 12, 1.0), dt);
+                let b = as_stored(&sample(d, 13, 0.5), dt);
+                let (bx, bres, bw, bb) = (
+                    upload(&x, dt),
+                    upload(&res, dt),
+                    upload(&w, dt),
+                    upload(&b, dt),
+                );
+                // residual: None, Some(without sum_out), Some(with sum_out).
+                for fused in [0, 1, 2] {
+                    let what = format!("{what} forward (residual mode {fused})");
+                    let by = upload(&vec![0.0; n], dt);
+                    let bsum = upload(&vec![0.0; n], dt);
+                    let (bm, br) = (SimBuffer::zeros::<f32>(rows), SimBuffer::zeros::<f32>(rows));
+                    let mut plan = layernorm_fwd_plan(
+                        bx.ptr(),
+                        bw.ptr(),
+                        bb.ptr(),
+                        by.ptr(),
+                        bm.ptr(),
+                        br.ptr(),
+                        rows,
+                        d,
+                        eps,
+                        dt,
+                    )
+                    .unwrap();
+                    assert_eq!(plan.len(), 1);
+                    if fused > 0 {
+                        plan[0].args[1] = Arg::Ptr(bres.ptr());
+                    }
+                    if fused > 1 {
+                        plan[0].args[2] = Arg::Ptr(bsum.ptr());
+                    }
+                    run_plan(sim, &plan);
+                    // What is normalised: x, or x + residual rounded to the storage type (the
+                    // elementwise add of the CPU ops, then the cast).
+                    let h: Vec<f32> = if fused > 0 {
+                        as_stored(
+                            &x.iter().zip(&res).map(|(a, r)| a + r).collect::<Vec<_>>(),
+                            dt,
+                        )
+                    } else {
+                        x.clone()
+                    };
+                    if fused > 1 {
+                        assert_bits(&format!("{what} sum_out"), &download(&bsum, dt), &h);
+                    }
+                    let (mean, rstd) = (download(&bm, DType::F32), download(&br, DType::F32));
+                    let (want_mean, want_rstd) = cpu::layer_norm_stats_cpu(&h, d, eps);
+                    // Both accumulate in f64 (in different orders, errors ~1e-16 relative)
+                    // and round to f32 once: at most one f32 ulp apart.
+                    assert_close(
+                        &format!("{what} mean"),
+                        &mean,
+                        &want_mean,
+                        f32::EPSILON,
+                        0.0,
+                    );
+                    assert_close(
+                        &format!("{what} rstd"),
+                        &rstd,
+                        &want_rstd,
+                        f32::EPSILON,
+                        0.0,
+                    );
+                    // With equal statistics the affine map rounds as the CPU does (layernorm.cu):
+                    // the CPU's bits, rounded once to the storage type.
+                    let mut want = vec![0.0; n];
+                    cpu::layer_norm_forward_cpu(&h, d, &mean, &rstd, &w, &b, &mut want);
+                    assert_bits(
+                        &format!("{what} y"),
+                        &download(&by, dt),
+                        &as_stored(&want, dt),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The layer-norm backward plan (per-block partials, then their reduce) on the kernel
+    /// simulator against `layer_norm_backward_cpu`: more than one partial block, blocks that
+    /// loop over rows, the reduce overwriting and accumulating.
+    #[test]
+    fn layernorm_backward_on_the_simulator_matches_the_cpu_twin() {
+        use crate::cuda::sim_check::{
+            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+        };
+        use crate::ops::norm as cpu;
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        let eps = 1e-5;
+        // G = min(rows, 256) blocks, each owning a partial row pair: 3 rows of 1000 (128
+        // threads striding), 300 rows of 37 (blocks 0..44 handle two rows each), 2 rows of
+        // 3000 (512 threads). The 256 blocks of the second cost seconds on the simulator: f32
+        // only there (the storage type changes loads and stores, not the skeleton).
+        let cases = [
+            (3usize, 1000usize, &[DType::F32, DType::BF16][..]),
+            (300, 37, &[DType::F32][..]),
+            (2, 3000, &[DType::BF16][..]),
+        ];
+        for (rows, d, dtypes) in cases {
+            let cfg = kl::layernorm_backward(rows as u64, d as u64)
+                .unwrap()
+                .unwrap();
+            assert!(cfg.blocks > 1);
+            for &dt in dtypes {
+                let what = format!("layernorm {rows}x{d} {dt:?} backward");
+                let n = rows * d;
+                let x = as_stored(&sample(n, 21, 2.0), dt);
+                let dy = as_stored(&sample(n, 22, 1.0), dt);
+                let w = as_stored(&sample(d, 23, 1.5), dt);
+                let (mean, rstd) = cpu::layer_norm_stats_cpu(&x, d, eps);
+                let (bx, bdy, bw) = (upload(&x, dt), upload(&dy, dt), upload(&w, dt));
+                let (bm, br) = (SimBuffer::from_slice(&mean), SimBuffer::from_slice(&rstd));
+                let bdx = upload(&vec![0.0; n], dt);
+                let partial = SimBuffer::zeros::<f32>(cfg.partial_len as usize);
+                let (bdw, bdb) = (SimBuffer::zeros::<f32>(d), SimBuffer::zeros::<f32>(d));
+                let plan = layernorm_bwd_plan(
+                    &cfg,
+                    bx.ptr(),
+                    bdy.ptr(),
+                    bm.ptr(),
+                    br.ptr(),
+                    bw.ptr(),
+                    bdx.ptr(),
+                    partial.ptr(),
+                    bdw.ptr(),
+                    bdb.ptr(),
+                    rows,
+                    d,
+                    dt,
+                )
+                .unwrap();
+                run_plan(sim, &plan);
+                let mut want_dx = vec![0.0; n];
+                let (want_dw, want_db) =
+                    cpu::layer_norm_backward_cpu(&x, &dy, d, &mean, &rstd, &w, Some(&mut want_dx));
+                // dx: the row means of g and g * xhat are f32 sums in another order (a block
+                // tree, not a sequential loop), each off by a few ulps of the row's scale, so
+                // the slack is absolute, 1e-5 of the largest |dx|; bf16 storage adds one
+                // rounding of the result (an f32 difference can cross a rounding boundary:
+                // one bf16 ulp, 2^-7 relative).
+                let rel = if dt == DType::BF16 { 8e-3 } else { 1e-5 };
+                let dx = download(&bdx, dt);
+                assert_close(
+                    &format!("{what} dx"),
+                    &dx,
+                    &want_dx,
+                    rel,
+                    1e-5 * max_abs(&want_dx),
+                );
+                // dweight / dbias (f32 whatever the storage): the same terms, added in another
+                // order (per block b the rows b, b + G, ..., then the blocks in order; the CPU
+                // adds runs of consecutive rows): 1e-5 relative, and as slack 1e-5 of the
+                // largest sum for columns whose sum cancels.
+                let (dw, db) = (download(&bdw, DType::F32), download(&bdb, DType::F32));
+                assert_close(
+                    &format!("{what} dweight"),
+                    &dw,
+                    &want_dw,
+                    1e-5,
+                    1e-5 * max_abs(&want_dw),
+                );
+                assert_close(
+                    &format!("{what} dbias"),
+                    &db,
+                    &want_db,
+                    1e-5,
+                    1e-5 * max_abs(&want_db),
+                );
+
+                // The reduce adding into existing gradients: prior + the sums above, one f32
+                // addition each.
+                let prior_w = sample(d, 24, 1.0);
+                let prior_b = sample(d, 25, 1.0);
+                let (aw, ab) = (
+                    SimBuffer::from_slice(&prior_w),
+                    SimBuffer::from_slice(&prior_b),
+                );
+                let mut reduce = plan[1].clone();
+                assert_eq!(reduce.kernel, "layernorm_bwd_reduce");
+                reduce.args[3] = Arg::Ptr(aw.ptr());
+                reduce.args[4] = Arg::Ptr(ab.ptr());
+                reduce.args[5] = Arg::I32(1);
+                run_plan(sim, &[reduce]);
+                let add = |p: &[f32], s: &[f32]| -> Vec<f32> {
+                    p.iter().zip(s).map(|(a, b)| a + b).collect()
+                };
+                assert_bits(
+                    &format!("{what} dweight accumulated"),
+                    &download(&aw, DType::F32),
+                    &add(&prior_w, &dw),
+                );
+                assert_bits(
+                    &format!("{what} dbias accumulated"),
+                    &download(&ab, DType::F32),
+                    &add(&prior_b, &db),
+                );
+            }
+        }
+    }
+
+    /// The batch-norm plans on the kernel simulator against the CPU twins
+    /// (`batch_norm2d_*_cpu`, `batch_norm_running_update_cpu`): statistics and the running
+    /// update, the forward from batch and from running statistics, the backward in training and
+    /// evaluation, its finish overwriting and accumulating; f32 and bf16 storage; one split
+    /// per channel and two (a split boundary inside a plane).
+    #[test]
+    fn batchnorm_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::cuda::sim_check::{
+            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+        };
+        use crate::ops::norm as cpu;
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        let opts = BatchNormOptions {
+            training: true,
+            momentum: 0.1,
+            eps: 1e-5,
+        };
+        let f32s = |b: &SimBuffer| download(b, DType::F32);
+        for (dims, splits) in [((3usize, 4usize, 7usize), 1u32), ((3, 2, 11_001), 2)] {
+            let (n, c, hw) = dims;
+            let r = kl::batchnorm_reduce(n as u64, c as u64, hw as u64)
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.splits, splits);
+            let len = n * c * hw;
+            for dt in [DType::F32, DType::BF16] {
+                let what = format!("batchnorm {dims:?} {dt:?}");
+                // Values offset from zero, so the statistics' shift matters.
+                let x = as_stored(
+                    &sample(len, 31, 2.0)
+                        .iter()
+                        .map(|v| v + 5.0)
+                        .collect::<Vec<_>>(),
+                    dt,
+                );
+                let dy = as_stored(&sample(len, 32, 1.0), dt);
+                let w = sample(c, 33, 1.5);
+                let b = sample(c, 34, 0.5);
+                let old_rm = sample(c, 35, 1.0);
+                let old_rv: Vec<f32> = sample(c, 36, 0.5).iter().map(|v| v + 1.0).collect();
+                let (bx, bdy) = (upload(&x, dt), upload(&dy, dt));
+                let (bw, bb) = (SimBuffer::from_slice(&w), SimBuffer::from_slice(&b));
+
+                // Statistics.
+                let partial = SimBuffer::zeros::<f64>(r.scratch_f64 as usize);
+                let (bmean, bvar, bis) = (
+                    SimBuffer::zeros::<f32>(c),
+                    SimBuffer::zeros::<f32>(c),
+                    SimBuffer::zeros::<f32>(c),
+                );
+                let (brm, brv) = (
+                    SimBuffer::from_slice(&old_rm),
+                    SimBuffer::from_slice(&old_rv),
+                );
+                run_plan(
+                    sim,
+                    &batchnorm_stats_plan(
+                        &r,
+                        bx.ptr(),
+                        partial.ptr(),
+                        bmean.ptr(),
+                        bvar.ptr(),
+                        bis.ptr(),
+                        brm.ptr(),
+                        brv.ptr(),
+                        dims,
+                        &opts,
+                        dt,
+                    )
+                    .unwrap(),
+                );
+                let (mean, var, inv_std) = (f32s(&bmean), f32s(&bvar), f32s(&bis));
+                let (want_mean, want_var) = cpu::batch_norm2d_stats_cpu(&x, n, c, hw);
+                // f64 both: two passes on the CPU, one shifted pass here (errors ~1e-15
+                // relative), rounded to f32 once: at most one f32 ulp apart.
+                assert_close(
+                    &format!("{what} mean"),
+                    &mean,
+                    &want_mean,
+                    f32::EPSILON,
+                    0.0,
+                );
+                assert_close(&format!("{what} var"), &var, &want_var, f32::EPSILON, 0.0);
+                // From equal statistics, inv_std and the running update round as the CPU.
+                let want_is: Vec<f32> = var.iter().map(|v| 1.0 / (v + opts.eps).sqrt()).collect();
+                assert_bits(&format!("{what} inv_std"), &inv_std, &want_is);
+                let (want_rm, want_rv) = cpu::batch_norm_running_update_cpu(
+                    &old_rm,
+                    &old_rv,
+                    &mean,
+                    &var,
+                    n * hw,
+                    opts.momentum,
+                );
+                let (rm, rv) = (f32s(&brm), f32s(&brv));
+                assert_bits(&format!("{what} running_mean"), &rm, &want_rm);
+                assert_bits(&format!("{what} running_var"), &rv, &want_rv);
+
+                // Forward from the batch statistics (training) and the running ones (eval):
+                // from equal statistics, the CPU's bits (batchnorm.cu), rounded once to the
+                // storage type.
+                for eval in [false, true] {
+                    let by = upload(&vec![0.0; len], dt);
+                    let (m_ptr, s_ptr) = if eval {
+                        (brm.ptr(), brv.ptr())
+                    } else {
+                        (bmean.ptr(), bis.ptr())
+                    };
+                    run_plan(
+                        sim,
+                        &batchnorm_fwd_plan(
+                            bx.ptr(),
+                            by.ptr(),
+                            m_ptr,
+                            s_ptr,
+                            bw.ptr(),
+                            bb.ptr(),
+                            dims,
+                            eval.then_some(opts.eps),
+                            dt,
+                        )
+                        .unwrap(),
+                    );
+                    let (m, s) = if eval {
+                        (
+                            rm.clone(),
+                            rv.iter().map(|v| 1.0 / (v + opts.eps).sqrt()).collect(),
+                        )
+                    } else {
+                        (mean.clone(), inv_std.clone())
+                    };
+                    let mut want = vec![0.0; len];
+                    cpu::batch_norm2d_forward_cpu(&x, c, hw, &m, &s, &w, &b, &mut want);
+                    assert_bits(
+                        &format!("{what} forward (eval {eval})"),
+                        &download(&by, dt),
+                        &as_stored(&want, dt),
+                    );
+                }
+
+                // Backward, training (batch statistics) and evaluation (running statistics).
+                for training in [true, false] {
+                    let what = format!("{what} backward (training {training})");
+                    let (m, s): (Vec<f32>, Vec<f32>) = if training {
+                        (mean.clone(), inv_std.clone())
+                    } else {
+                        (
+                            rm.clone(),
+                            rv.iter().map(|v| 1.0 / (v + opts.eps).sqrt()).collect(),
+                        )
+                    };
+                    let (bm, bs) = (SimBuffer::from_slice(&m), SimBuffer::from_slice(&s));
+                    let partial = SimBuffer::zeros::<f64>(r.scratch_f64 as usize);
+                    let zeros_c = || SimBuffer::zeros::<f32>(c);
+                    let (sdy, sdyx, bdw, bdb) = (zeros_c(), zeros_c(), zeros_c(), zeros_c());
+                    let bdx = upload(&vec![0.0; len], dt);
+                    let plan = batchnorm_bwd_plan(
+                        &r,
+                        bx.ptr(),
+                        bdy.ptr(),
+                        bm.ptr(),
+                        bs.ptr(),
+                        bw.ptr(),
+                        partial.ptr(),
+                        (sdy.ptr(), sdyx.ptr()),
+                        bdw.ptr(),
+                        bdb.ptr(),
+                        bdx.ptr(),
+                        dims,
+                        training,
+                        dt,
+                    )
+                    .unwrap();
+                    run_plan(sim, &plan);
+                    let mut want_dx = vec![0.0; len];
+                    let (want_dw, want_db) = cpu::batch_norm2d_backward_cpu(
+                        &x,
+                        &dy,
+                        n,
+                        c,
+                        hw,
+                        &m,
+                        &s,
+                        &w,
+                        training,
+                        Some(&mut want_dx),
+                    );
+                    // dbias: the same f32 values added in f64 in another order, rounded once.
+                    let db = f32s(&bdb);
+                    assert_close(&format!("{what} dbias"), &db, &want_db, f32::EPSILON, 1e-12);
+                    assert_bits(&format!("{what} sum_dy"), &f32s(&sdy), &db);
+                    // dweight: the kernel rounds xhat and dy * xhat to f32 before the f64 sum
+                    // (the CPU does not), each term off by at most 2 ulps: slack 2^-22 times the
+                    // channel's sum of |dy * xhat|.
+                    let idx = |b: usize, ch: usize| (b * c + ch) * hw..(b * c + ch + 1) * hw;
+                    let abs_terms = (0..c)
+                        .map(|ch| {
+                            (0..n)
+                                .flat_map(|bi| idx(bi, ch))
+                                .map(|i| (dy[i] * (x[i] - m[ch]) * s[ch]).abs())
+                                .sum::<f32>()
+                        })
+                        .fold(0.0f32, f32::max);
+                    let dw = f32s(&bdw);
+                    assert_close(
+                        &format!("{what} dweight"),
+                        &dw,
+                        &want_dw,
+                        f32::EPSILON,
+                        2.0 * f32::EPSILON * abs_terms,
+                    );
+                    assert_bits(&format!("{what} sum_dyx"), &f32s(&sdyx), &dw);
+                    let dx = download(&bdx, dt);
+                    if training {
+                        // The CPU computes dx in f64, the kernel in f32: a few roundings, each
+                        // within an ulp of the largest term k * (|dy| + |mean dy| + |xhat mean
+                        // dy xhat|); bf16 storage adds one rounding of the result (one bf16
+                        // ulp, 2^-7 relative, when the f32 values straddle a boundary).
+                        let count = (n * hw) as f32;
+                        let scale = (0..len)
+                            .map(|i| {
+                                let ch = (i / hw) % c;
+                                let k = (w[ch] * s[ch]).abs();
+                                let xhat = ((x[i] - m[ch]) * s[ch]).abs();
+                                k * (dy[i].abs()
+                                    + (want_db[ch] / count).abs()
+                                    + xhat * (want_dw[ch] / count).abs())
+                            })
+                            .fold(0.0f32, f32::max);
+                        let rel = if dt == DType::BF16 {
+                            8e-3
+                        } else {
+                            f32::EPSILON
+                        };
+                        assert_close(
+                            &format!("{what} dx"),
+                            &dx,
+                            &want_dx,
+                            rel,
+                            8.0 * f32::EPSILON * scale,
+                        );
+                    } else {
+                        // Evaluation: (weight * inv_std) * dy, as the CPU rounds it.
+                        assert_bits(&format!("{what} dx"), &dx, &as_stored(&want_dx, dt));
+                    }
+
+                    // The finish adding into existing parameter gradients.
+                    let prior_w = sample(c, 37, 1.0);
+                    let prior_b = sample(c, 38, 1.0);
+                    let (aw, ab) = (
+                        SimBuffer::from_slice(&prior_w),
+                        SimBuffer::from_slice(&prior_b),
+                    );
+                    let mut finish = plan[1].clone();
+                    assert_eq!(finish.kernel, "batchnorm_bwd_finish");
+                    finish.args[5] = Arg::Ptr(aw.ptr());
+                    finish.args[6] = Arg::Ptr(ab.ptr());
+                    finish.args[7] = Arg::I32(1);
+                    run_plan(sim, &[finish]);
+                    let add = |p: &[f32], s: &[f32]| -> Vec<f32> {
+                        p.iter().zip(s).map(|(a, b)| a + b).collect()
+                    };
+                    assert_bits(
+                        &format!("{what} dweight accumulated"),
+                        &f32s(&aw),
+                        &add(&prior_w, &dw),
+                    );
+                    assert_bits(
+                        &format!("{what} dbias accumulated"),
+                        &f32s(&ab),
+                        &add(&prior_b, &db),
+                    );
+                }
+            }
+        }
+    }
 }

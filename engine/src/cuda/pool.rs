@@ -209,4 +209,114 @@ mod tests {
             .unwrap()
             .is_empty());
     }
+
+    /// Asserts equal f32 bits element by element (any NaN matching any NaN).
+    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+            assert!(ok, "{what}: element {i} is {g:e}, the CPU twin gives {w:e}");
+        }
+    }
+
+    /// The pooling plans on the kernel simulator against the CPU twins (`ops::pool`), which
+    /// they match bit for bit (pool.cu): every kernel computes in f32 in the CPU's order and
+    /// rounds once to the storage type. Max pooling with overlapping windows (so the backward
+    /// adds several gradients into one input), padding, stride, ties and a NaN; global
+    /// average pooling over more planes than one block has threads.
+    #[test]
+    fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
+        use crate::ops::pool as cpu;
+        use recycle_kernels::sim::SimBuffer;
+        let Some(sim) = host_sim() else { return };
+        // (shape, kernel, stride, padding): ResNet's stem (3, 2, 1) on odd sizes, a dense
+        // overlap (3, 1, 1), and disjoint windows with a remainder (2, 2, 0).
+        let cases = [
+            ([2usize, 5, 17, 19], 3usize, 2usize, 1usize),
+            ([1, 3, 9, 10], 3, 1, 1),
+            ([2, 3, 7, 9], 2, 2, 0),
+        ];
+        for (shape, k, st, pad) in cases {
+            let g = Pool2dGeometry::new(&shape, k, st, pad).unwrap();
+            let (len, out_len) = (g.n * g.c * g.h * g.w, g.n * g.c * g.oh * g.ow);
+            for dt in [DType::F32, DType::BF16] {
+                let what = format!("max_pool2d {shape:?} k{k} s{st} p{pad} {dt:?}");
+                // Quarter steps: many ties inside windows (the first maximum wins); one NaN.
+                let mut x: Vec<f32> = sample(len, 41, 3.0)
+                    .iter()
+                    .map(|v| (v * 4.0).round() / 4.0)
+                    .collect();
+                x[len / 3] = f32::NAN;
+                let x = as_stored(&x, dt);
+                let (bx, by) = (upload(&x, dt), upload(&vec![0.0; out_len], dt));
+                let barg = SimBuffer::zeros::<u32>(out_len);
+                run_plan(
+                    sim,
+                    &max_pool_fwd_plan(bx.ptr(), by.ptr(), barg.ptr(), &g, dt).unwrap(),
+                );
+                let mut want = vec![0.0; out_len];
+                let mut want_arg = vec![0u32; out_len];
+                cpu::max_pool2d_forward_cpu(&x, &g, &mut want, &mut want_arg);
+                assert_bits(&format!("{what} forward"), &download(&by, dt), &want);
+                let arg = barg.read::<u32>().unwrap();
+                assert_eq!(arg, want_arg, "{what}: arg-max");
+
+                let grad = as_stored(&sample(out_len, 42, 1.0), dt);
+                let (bg, bdx) = (upload(&grad, dt), upload(&vec![1.0; len], dt));
+                run_plan(
+                    sim,
+                    &max_pool_bwd_plan(bg.ptr(), barg.ptr(), bdx.ptr(), &g, dt).unwrap(),
+                );
+                let want_dx = cpu::max_pool2d_backward_cpu(&grad, &want_arg, &g);
+                // Overlapping windows do land several gradients on one input.
+                let mut hits = vec![0u32; len];
+                for (o, &a) in want_arg.iter().enumerate() {
+                    hits[o / (g.oh * g.ow) * g.h * g.w + a as usize] += 1;
+                }
+                if st < k {
+                    assert!(
+                        hits.iter().any(|&h| h > 1),
+                        "{what}: no input gets two gradients"
+                    );
+                }
+                assert_bits(
+                    &format!("{what} backward"),
+                    &download(&bdx, dt),
+                    &as_stored(&want_dx, dt),
+                );
+            }
+        }
+
+        // Global average pooling: 600 planes (three blocks of the grid-stride launch) of 7x7.
+        let (planes, plane) = (600usize, 49usize);
+        for dt in [DType::F32, DType::BF16] {
+            let what = format!("global_avg_pool2d {planes}x{plane} {dt:?}");
+            let x = as_stored(&sample(planes * plane, 43, 2.0), dt);
+            let (bx, by) = (upload(&x, dt), upload(&vec![0.0; planes], dt));
+            run_plan(
+                sim,
+                &avg_pool_fwd_plan(bx.ptr(), by.ptr(), planes, plane, dt).unwrap(),
+            );
+            let want = cpu::global_avg_pool2d_forward_cpu(&x, planes, plane);
+            assert_bits(
+                &format!("{what} forward"),
+                &download(&by, dt),
+                &as_stored(&want, dt),
+            );
+
+            let grad = as_stored(&sample(planes, 44, 1.0), dt);
+            let (bg, bdx) = (upload(&grad, dt), upload(&vec![0.0; planes * plane], dt));
+            run_plan(
+                sim,
+                &avg_pool_bwd_plan(bg.ptr(), bdx.ptr(), planes, plane, dt).unwrap(),
+            );
+            let want_dx = cpu::global_avg_pool2d_backward_cpu(&grad, planes, plane);
+            assert_bits(
+                &format!("{what} backward"),
+                &download(&bdx, dt),
+                &as_stored(&want_dx, dt),
+            );
+        }
+    }
 }
