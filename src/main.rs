@@ -374,6 +374,12 @@ fn recipe_on_device(path: &Path, device: Option<&str>) -> Result<Recipe> {
     Ok(r)
 }
 
+/// Counts heap bytes so that `recycle bench` on the CPU reports each variant's peak, as the
+/// GPU's allocator does on a device (`recycle_engine::memory`; a few relaxed atomic operations
+/// per allocation).
+#[global_allocator]
+static HEAP: recycle_engine::memory::CountingAllocator = recycle_engine::memory::CountingAllocator;
+
 fn main() -> ExitCode {
     // Reuse freed step buffers instead of faulting fresh pages in every step (see the doc of
     // `keep_freed_memory`: a fifth of a BERT-tiny step on the CPU). `RECYCLE_MALLOC=default`
