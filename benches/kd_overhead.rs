@@ -28,7 +28,8 @@ use recycle::engine::{cuda, Device};
 /// Counts heap bytes: the interleaved measurement then reports each variant's peak on the CPU
 /// too (see `recycle::bench`).
 #[global_allocator]
-static HEAP: recycle::engine::memory::CountingAllocator = recycle::engine::memory::CountingAllocator;
+static HEAP: recycle::engine::memory::CountingAllocator =
+    recycle::engine::memory::CountingAllocator;
 
 fn kd_overhead(c: &mut Criterion) {
     // As the `recycle` binary does: reuse freed step buffers (engine::memory).

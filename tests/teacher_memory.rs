@@ -6,17 +6,21 @@
 //! 4 (each case building its own teachers), each after a warm-up step. The claim checked:
 //!
 //! `KD peak - plain peak <= teachers' resident bytes + workspace`, with
-//! `workspace = WORKSPACE_FACTOR x largest + forwards x logits`,
+//! `workspace = (LIVE_ACTIVATIONS + THREADS) x largest + forwards x logits`,
 //!
-//! where `largest` is the largest single allocation of one teacher forward (an activation, or a
-//! temporary of one op such as im2col columns) and `forwards` the teacher forwards of the step,
-//! whose logits live until the loss. The bound does not grow with depth; the sum of a teacher's
-//! activations does. To show the test can fail, a "leaky" teacher runs its forward on a
-//! recording tape (the bug of a teacher forward that is not no-grad: the tape keeps every
-//! activation until it is dropped) and its step must break the bound.
+//! where `largest` is the largest single allocation of one teacher forward (an activation, or
+//! one thread's temporary of one op, such as im2col columns) and `forwards` the teacher
+//! forwards of the step, whose logits live until the loss. A teacher forward on its own must
+//! also stay within the workspace, and a deeper teacher (same width, more layers) must peak no
+//! higher: the bound does not grow with depth, the sum of a teacher's activations does. To
+//! show the test can fail, the bytes a forward allocates in all (what it would hold if it
+//! freed nothing) must be well above the bound, and a "leaky" teacher that runs its forward on
+//! a recording tape (the bug of a teacher forward that is not no-grad: the tape keeps every
+//! activation until it is dropped) must break it.
 //!
 //! The counters are process-wide: every measurement holds `LOCK`, so no other test of this
-//! binary allocates inside a measurement window.
+//! binary allocates inside a measurement window, and runs on its own pool of `THREADS`
+//! threads, so the figures do not depend on the machine's cores.
 
 use std::sync::Mutex;
 
@@ -34,9 +38,13 @@ static HEAP: CountingAllocator = CountingAllocator;
 
 static LOCK: Mutex<()> = Mutex::new(());
 
-/// Live buffers of one op at a time, in units of the largest allocation: its input, its
-/// output, a skip connection (ResNet's identity, BERT's residual) and one op's temporaries.
-const WORKSPACE_FACTOR: u64 = 4;
+/// Activations a forward that frees as it goes holds at once: an op's input and output and a
+/// skip connection (ResNet's identity, BERT's residual).
+const LIVE_ACTIVATIONS: u64 = 3;
+
+/// The measurements run on a pool of this many threads, whatever the machine: each thread
+/// holds its own temporaries (im2col columns), so the bound counts one set per thread.
+const THREADS: usize = 2;
 
 /// Steps whose peak is taken (the most of them): rayon's per-thread buffers can overlap
 /// differently from one step to the next.
@@ -146,9 +154,18 @@ fn teacher_forward(teacher: &Model, batch: &Batch) -> ForwardFigures {
     }
 }
 
-/// Measures plain and KD steps of `setup`, checks the bound, and shows that a leaky teacher
-/// breaks it. Returns a line of figures per case for the failure messages and the log.
-fn check_teacher_memory(mut setup: Setup, label: &str) {
+/// Measures plain and KD steps of `setup` and teacher forwards (of `deeper` too: the same
+/// model with more layers), checks the bounds, and shows that a leaky teacher breaks them.
+/// Prints the figures (`--nocapture`).
+fn check_teacher_memory(setup: impl FnOnce() -> Setup + Send, deeper: Architecture, label: &str) {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(THREADS)
+        .build()
+        .unwrap()
+        .install(|| measure_and_check(setup(), deeper, label));
+}
+
+fn measure_and_check(mut setup: Setup, deeper: Architecture, label: &str) {
     // Warm-up: the optimizer's state, rayon's threads and their buffers come to stay.
     setup.step(None);
     let plain = peak_of(|| setup.step(None));
@@ -156,9 +173,12 @@ fn check_teacher_memory(mut setup: Setup, label: &str) {
     println!("{label}: plain step peak {:.3} MiB", mib(plain));
 
     let one = setup.teachers(1);
+    // The first forward sets up what stays (rayon's threads, gemm's per-thread buffers).
+    teacher_forward(&one[0].model, &setup.batch);
     let fwd = teacher_forward(&one[0].model, &setup.batch);
     drop(one);
-    let workspace = |forwards: u64| WORKSPACE_FACTOR * fwd.largest + forwards * fwd.logits;
+    let workspace =
+        |forwards: u64| (LIVE_ACTIVATIONS + THREADS as u64) * fwd.largest + forwards * fwd.logits;
     println!(
         "{label}: one teacher forward: peak {:.3} MiB, allocated {:.3} MiB, largest block \
          {:.3} MiB, logits {:.3} MiB",
@@ -166,6 +186,37 @@ fn check_teacher_memory(mut setup: Setup, label: &str) {
         mib(fwd.allocated),
         mib(fwd.largest),
         mib(fwd.logits)
+    );
+
+    // A forward on its own stays within the workspace, and a deeper teacher of the same width
+    // needs no more: its activations are freed as they are consumed.
+    assert!(
+        fwd.peak <= workspace(1),
+        "{label}: a teacher forward peaks {} bytes above what was in use, over the workspace \
+         bound {}",
+        fwd.peak,
+        workspace(1)
+    );
+    let deep_teacher = Model::new(&deeper, 100)
+        .unwrap()
+        .teacher(DType::BF16)
+        .unwrap();
+    teacher_forward(&deep_teacher, &setup.batch);
+    let deep = teacher_forward(&deep_teacher, &setup.batch);
+    drop(deep_teacher);
+    println!(
+        "{label}: a deeper teacher's forward: peak {:.3} MiB, allocated {:.3} MiB",
+        mib(deep.peak),
+        mib(deep.allocated)
+    );
+    assert!(
+        deep.allocated > fwd.allocated * 3 / 2 && deep.peak * 20 <= fwd.peak * 21,
+        "{label}: the deeper teacher allocates {} bytes (the shallow one {}) and peaks {} \
+         above what was in use (the shallow one {}): its workspace grows with depth",
+        deep.allocated,
+        fwd.allocated,
+        deep.peak,
+        fwd.peak
     );
 
     let cases = [
@@ -256,14 +307,19 @@ fn check_teacher_memory(mut setup: Setup, label: &str) {
     );
 }
 
-fn small_resnet() -> Architecture {
-    Architecture::ResNet(ResNetConfig {
+/// `resnet18-fmnist-small` of `recycle bench`: the CPU-sized model of `recycle demo`.
+fn small_resnet_config() -> ResNetConfig {
+    ResNetConfig {
         depth: 18,
         num_classes: 10,
         in_channels: 1,
         small_stem: true,
         width: 0.125,
-    })
+    }
+}
+
+fn small_resnet() -> Architecture {
+    Architecture::ResNet(small_resnet_config())
 }
 
 fn image_batch(n: usize) -> Batch {
@@ -285,25 +341,35 @@ fn mlm_batch(b: usize, s: usize, vocab: usize) -> Batch {
         .map(|(i, &id)| if i % 4 == 0 { id } else { -100 })
         .collect();
     let t = |v: Vec<i32>| Tensor::from_vec(v, &[b, s], Device::Cpu).unwrap();
-    Batch::Mlm(
-        MlmBatch::from_position_labels(t(ids), None, t(vec![1; b * s]), &t(labels)).unwrap(),
-    )
+    Batch::Mlm(MlmBatch::from_position_labels(t(ids), None, t(vec![1; b * s]), &t(labels)).unwrap())
 }
 
 #[test]
 fn a_resnet_teacher_costs_its_weights_plus_a_bounded_workspace() {
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    check_teacher_memory(Setup::new(small_resnet(), image_batch(8)), "resnet18/8");
+    let resnet34 = Architecture::ResNet(ResNetConfig {
+        depth: 34,
+        ..small_resnet_config()
+    });
+    check_teacher_memory(
+        || Setup::new(small_resnet(), image_batch(8)),
+        resnet34,
+        "resnet18/8",
+    );
 }
 
 #[test]
 fn a_bert_teacher_costs_its_weights_plus_a_bounded_workspace() {
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // BERT-tiny's width with 4 layers: depth is what the sum of activations grows with.
-    let mut cfg = BertConfig::tiny(512);
-    cfg.num_layers = 4;
+    let bert = |layers| {
+        let mut cfg = BertConfig::tiny(512);
+        cfg.num_layers = layers;
+        Architecture::Bert(cfg)
+    };
     check_teacher_memory(
-        Setup::new(Architecture::Bert(cfg), mlm_batch(4, 32, 512)),
+        || Setup::new(bert(4), mlm_batch(4, 32, 512)),
+        bert(8),
         "bert-tiny-4l/4x32",
     );
 }
