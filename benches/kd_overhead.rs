@@ -1,8 +1,8 @@
 //! `kd_overhead`: the per-step cost of distillation against a plain step (see `recycle::bench`).
 //!
 //! For each model, first the interleaved measurement `recycle bench` prints (medians and ratios
-//! to the plain step, the numbers to compare with the PyTorch peer; on a GPU also each
-//! variant's peak device memory), then one criterion benchmark per variant. Environment:
+//! to the plain step, the numbers to compare with the PyTorch peer; also each variant's peak
+//! memory: device memory on a GPU, heap bytes on the CPU), then one criterion benchmark per variant. Environment:
 //!
 //! - `RECYCLE_BENCH_DEVICE`: `cpu` (default) or `cuda:N`. On a GPU every criterion iteration
 //!   ends with a device synchronisation, so it times the whole step, not its queuing.
@@ -24,6 +24,12 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use recycle::bench::{BenchSpec, KdBench, Variant};
 use recycle::engine::{cuda, Device};
+
+/// Counts heap bytes: the interleaved measurement then reports each variant's peak on the CPU
+/// too (see `recycle::bench`).
+#[global_allocator]
+static HEAP: recycle::engine::memory::CountingAllocator =
+    recycle::engine::memory::CountingAllocator;
 
 fn kd_overhead(c: &mut Criterion) {
     // As the `recycle` binary does: reuse freed step buffers (engine::memory).

@@ -37,12 +37,20 @@
 //! downloading and waiting for the stream, and nothing is uploaded again per op. The report
 //! also gives what the device's memory pool holds at the end
 //! (`cuda::pool_reserved_bytes`): with two streams it can exceed the peak by blocks one stream
-//! freed that the other could not reuse yet. `resnet50-imagenet` and `bert-base` compute in bf16 (`Model::with_activations`),
-//! student and teachers; the CPU-sized configurations in the dtype of their inputs, as before.
+//! freed that the other could not reuse yet. `resnet50-imagenet` and `bert-base` compute in
+//! bf16 (`Model::with_activations`), student and teachers; the CPU-sized configurations in the
+//! dtype of their inputs, as before.
+//!
+//! On the CPU the same two figures come from the heap, when the binary installed
+//! `memory::CountingAllocator` (the `recycle` binary and the `kd_overhead` benchmark do): each
+//! variant's peak heap bytes (reset before each step, the most over its steps) and the heap
+//! bytes the teachers hold once built. Without the counter (a test binary, a program embedding
+//! the library) there is no peak column and the teachers' figure is their weights' bytes.
 
 use std::time::Instant;
 
 use recycle_engine::cuda::{self, StreamRole};
+use recycle_engine::memory;
 use recycle_engine::optim::{AdamW, Optimizer, Sgdw};
 use recycle_engine::rng::Rng;
 use recycle_engine::{DType, Device, Error, Result, Tape, Tensor};
@@ -253,13 +261,7 @@ impl KdBench {
             m.to_device(device)
         };
         let student = place(Model::new(&arch, 0)?)?;
-        let in_use = || -> Result<u64> {
-            Ok(match device {
-                Device::Cuda(n) => cuda::alloc_stats(n)?.bytes_in_use,
-                Device::Cpu => 0,
-            })
-        };
-        let before = in_use()?;
+        let before = bytes_in_use(device)?;
         let teachers = (0..TEACHERS)
             .map(|i| {
                 Ok(TeacherEntry {
@@ -270,10 +272,11 @@ impl KdBench {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // On a GPU what the upload allocated; on the CPU the weights' bytes.
-        let teacher_resident_bytes = match device {
-            Device::Cuda(_) => in_use()? - before,
-            Device::Cpu => teachers
+        // What building (and on a GPU uploading) them left allocated, where that is counted;
+        // otherwise (a CPU run without the counting allocator) the weights' bytes.
+        let teacher_resident_bytes = match (before, bytes_in_use(device)?) {
+            (Some(b), Some(a)) => a.saturating_sub(b),
+            _ => teachers
                 .iter()
                 .map(|t| weight_bytes(&t.model))
                 .sum::<Result<u64>>()?,
@@ -420,15 +423,12 @@ impl KdBench {
         let mut peaks = vec![None; variants.len()];
         for _ in 0..iters {
             for (i, &v) in variants.iter().enumerate() {
-                if let Some(n) = ordinal {
-                    cuda::reset_peak_memory(n)?;
-                }
+                reset_peak(device)?;
                 let t0 = Instant::now();
                 self.run(v)?;
                 cuda::synchronize(device)?;
                 times[i].push(t0.elapsed().as_secs_f64() * 1e3);
-                if let Some(n) = ordinal {
-                    let peak = cuda::alloc_stats(n)?.peak_bytes_in_use;
+                if let Some(peak) = peak_bytes(device)? {
                     peaks[i] = Some(peaks[i].map_or(peak, |p: u64| p.max(peak)));
                 }
             }
@@ -556,6 +556,35 @@ pub fn run_bench(spec: &BenchSpec) -> Result<BenchReport> {
     KdBench::new(spec)?.measure(&spec.variants, spec.iters, spec.warmup)
 }
 
+/// Starts a step's peak-memory window: the device's allocator on a GPU, the heap on the CPU
+/// (a no-op when the binary did not install `memory::CountingAllocator`).
+fn reset_peak(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(n) => cuda::reset_peak_memory(n),
+        Device::Cpu => {
+            memory::reset_heap_peak();
+            Ok(())
+        }
+    }
+}
+
+/// The most bytes in use since [`reset_peak`]: device memory on a GPU, heap bytes on the CPU,
+/// `None` on the CPU when nothing counts them (no peak column rather than a false zero).
+fn peak_bytes(device: Device) -> Result<Option<u64>> {
+    Ok(match device {
+        Device::Cuda(n) => Some(cuda::alloc_stats(n)?.peak_bytes_in_use),
+        Device::Cpu => memory::heap_stats().map(|s| s.peak_bytes_in_use),
+    })
+}
+
+/// Bytes in use now, where they are counted (see [`peak_bytes`]).
+fn bytes_in_use(device: Device) -> Result<Option<u64>> {
+    Ok(match device {
+        Device::Cuda(n) => Some(cuda::alloc_stats(n)?.bytes_in_use),
+        Device::Cpu => memory::heap_stats().map(|s| s.bytes_in_use),
+    })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -607,7 +636,8 @@ pub struct BenchRow {
     pub median_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
-    /// The most device memory in use during one of its steps (GPU only).
+    /// The most memory in use during one of its steps: device memory on a GPU, heap bytes on
+    /// the CPU when the binary installed `memory::CountingAllocator`; `None` when not counted.
     pub peak_bytes: Option<u64>,
 }
 
@@ -641,10 +671,10 @@ impl BenchReport {
         Some(self.median_ms(v)? / self.median_ms(Variant::Plain)?)
     }
 
-    /// A Markdown table: variant, median ms, min–max, ratio to plain, and on a GPU the peak
-    /// device memory of each variant's steps.
+    /// A Markdown table: variant, median ms, min–max, ratio to plain, and where memory is
+    /// counted the peak of each variant's steps (device memory on a GPU, heap on the CPU).
     pub fn to_markdown(&self) -> String {
-        let gpu = self.rows.iter().any(|r| r.peak_bytes.is_some());
+        let peaks = self.rows.iter().any(|r| r.peak_bytes.is_some());
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let mut s = format!(
             "{} on {} — batch {} ({} logit rows), median of {} interleaved rounds, {} threads; \
@@ -661,7 +691,7 @@ impl BenchReport {
             s += &format!("; memory pool at the end: {:.0} MiB", mib(b));
         }
         s += "\n\n";
-        s += if gpu {
+        s += if peaks {
             "| step | median ms | min–max ms | / plain | peak MiB |\n|---|---:|---:|---:|---:|\n"
         } else {
             "| step | median ms | min–max ms | / plain |\n|---|---:|---:|---:|\n"
@@ -677,7 +707,7 @@ impl BenchReport {
                 r.min_ms,
                 r.max_ms
             );
-            if gpu {
+            if peaks {
                 s += &r
                     .peak_bytes
                     .map_or(" — |".to_string(), |b| format!(" {:.0} |", mib(b)));
@@ -748,7 +778,10 @@ mod tests {
         let report = run_bench(&spec).unwrap();
         assert_eq!(report.rows.len(), Variant::ALL.len());
         assert!(report.rows.iter().all(|r| r.median_ms > 0.0));
-        // The CPU has no device-memory counter: no peak column.
+        // This test binary does not install the counting allocator: the heap is not counted,
+        // so there is no peak column (never a column of zeros). tests/teacher_memory.rs
+        // installs it and checks the column is there.
+        assert!(recycle_engine::memory::heap_stats().is_none());
         assert!(report.rows.iter().all(|r| r.peak_bytes.is_none()));
         assert!(!report.to_markdown().contains("peak"));
         assert_eq!(report.to_json()["device"], "cpu");

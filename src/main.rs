@@ -121,7 +121,7 @@ enum Command {
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
     /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step
-    /// (on a GPU also each variant's peak device memory).
+    /// and each variant's peak memory (device memory on a GPU, heap bytes on the CPU).
     Bench {
         /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125), bert-tiny, or
         /// the GPU sizes resnet50-imagenet (batch 256, bf16) and bert-base (batch 128, bf16);
@@ -373,6 +373,12 @@ fn recipe_on_device(path: &Path, device: Option<&str>) -> Result<Recipe> {
     })?;
     Ok(r)
 }
+
+/// Counts heap bytes so that `recycle bench` on the CPU reports each variant's peak, as the
+/// GPU's allocator does on a device (`recycle_engine::memory`; a few relaxed atomic operations
+/// per allocation).
+#[global_allocator]
+static HEAP: recycle_engine::memory::CountingAllocator = recycle_engine::memory::CountingAllocator;
 
 fn main() -> ExitCode {
     // Reuse freed step buffers instead of faulting fresh pages in every step (see the doc of

@@ -10,7 +10,8 @@
 //! - `checkpoint`: safetensors save/load;
 //! - `gradcheck`: finite-difference checks used by every op's tests;
 //! - `host_copy`: the host's copy of a device storage's i32 values (no downloads to read ids);
-//! - `memory`: allocator settings for the large short-lived buffers of a step.
+//! - `memory`: allocator settings for the large short-lived buffers of a step, and an opt-in
+//!   counting allocator (heap bytes in use and their peak).
 
 pub mod autograd;
 pub mod checkpoint;

@@ -8,6 +8,14 @@
 //! on BERT-tiny at batch 32 (docs/benchmarks-steps.md): a quarter of a training step and a
 //! third of a teacher forward. [`keep_freed_memory`] tells malloc to keep freed memory for
 //! reuse instead; the price is a resident set that stays at its peak.
+//!
+//! How many bytes a step holds at its peak is measured by [`CountingAllocator`] (in
+//! `memory/counting.rs`), a global allocator a binary opts into: the CPU's twin of the GPU's
+//! `cuda::alloc_stats`, read with [`heap_stats`].
+
+mod counting;
+
+pub use counting::{heap_stats, reset_heap_peak, CountingAllocator, HeapStats};
 
 /// Asks glibc's malloc to serve large blocks from its heap and never trim it, so that memory
 /// freed by one step is reused by the next without page faults. Returns whether the allocator

@@ -427,35 +427,38 @@ impl Bert {
             dropout::dropout(tape, x, p, seed, opts.training)
         };
 
+        // Every activation is dropped right after its last use (by a block's end, or by
+        // `t = op(&t)`, which frees the old value once the new one exists), not at the end of
+        // the forward or of a layer: on a teacher's inference tape nothing else holds it, so a
+        // teacher forward keeps a few activations at a time, whatever the depth
+        // (tests/teacher_memory.rs measures it). A recording tape keeps what backward needs.
         let e = "bert.embeddings";
-        let words = embedding::embedding(
-            tape,
-            &self.w(tape, &format!("{e}.word_embeddings.weight"))?,
-            &batch.input_ids,
-        )?;
         // Position and segment ids live where the token ids do.
         let ids_device = batch.input_ids.device();
-        let positions = Tensor::from_vec((0..s as i32).collect::<Vec<_>>(), &[s], ids_device)?;
-        let pos = embedding::embedding(
-            tape,
-            &self.w(tape, &format!("{e}.position_embeddings.weight"))?,
-            &positions,
-        )?;
-        let types = match &batch.token_type_ids {
-            Some(t) => t.clone(),
-            None => Tensor::zeros(&[b, s], DType::I32, ids_device)?,
+        let mut x = {
+            let table = |name: &str| self.w(tape, &format!("{e}.{name}.weight"));
+            let positions = Tensor::from_vec((0..s as i32).collect::<Vec<_>>(), &[s], ids_device)?;
+            let types = match &batch.token_type_ids {
+                Some(t) => t.clone(),
+                None => Tensor::zeros(&[b, s], DType::I32, ids_device)?,
+            };
+            let mut t = embedding::embedding(tape, &table("word_embeddings")?, &batch.input_ids)?;
+            t = elementwise::add(
+                tape,
+                &t,
+                &embedding::embedding(tape, &table("token_type_embeddings")?, &types)?,
+            )?;
+            // [B, S, H] + [S, H]
+            t = elementwise::add(
+                tape,
+                &t,
+                &embedding::embedding(tape, &table("position_embeddings")?, &positions)?,
+            )?;
+            t = to_activations(tape, &t, self.activations)?;
+            t = self.layer_norm(tape, &t, &format!("{e}.LayerNorm"))?;
+            t = drop(tape, &t, self.config.hidden_dropout, 0)?;
+            layout::reshape(tape, &t, &[b * s, h])?
         };
-        let typ = embedding::embedding(
-            tape,
-            &self.w(tape, &format!("{e}.token_type_embeddings.weight"))?,
-            &types,
-        )?;
-        let x = elementwise::add(tape, &words, &typ)?;
-        let x = elementwise::add(tape, &x, &pos)?; // [B, S, H] + [S, H]
-        let x = to_activations(tape, &x, self.activations)?;
-        let x = self.layer_norm(tape, &x, &format!("{e}.LayerNorm"))?;
-        let x = drop(tape, &x, self.config.hidden_dropout, 0)?;
-        let mut x = layout::reshape(tape, &x, &[b * s, h])?;
 
         let heads = |tape: &Tape, t: &Var| -> Result<Var> {
             let t = layout::reshape(tape, t, &[b, s, nh, dh])?;
@@ -467,45 +470,47 @@ impl Bert {
         let mask = batch.attention_mask.to_device(x.tensor().device())?;
         for l in 0..self.config.num_layers {
             let p = format!("bert.encoder.layer.{l}");
-            let q = heads(
-                tape,
-                &self.linear(tape, &x, &format!("{p}.attention.self.query"))?,
-            )?;
-            let k = heads(
-                tape,
-                &self.linear(tape, &x, &format!("{p}.attention.self.key"))?,
-            )?;
-            let v = heads(
-                tape,
-                &self.linear(tape, &x, &format!("{p}.attention.self.value"))?,
-            )?;
-            let ctx = attention::scaled_dot_product_attention(
-                tape,
-                &q,
-                &k,
-                &v,
-                Some(&mask),
-                attention::AttentionOptions {
-                    dropout: self.config.attention_dropout,
-                    seed: opts
-                        .seed
-                        .wrapping_mul(0x9e37_79b9)
-                        .wrapping_add(1000 + l as u64),
-                    training: opts.training,
-                },
-            )?;
-            let ctx = layout::permute(tape, &ctx, &[0, 2, 1, 3])?;
-            let ctx = layout::reshape(tape, &ctx, &[b * s, h])?;
-            let a = self.linear(tape, &ctx, &format!("{p}.attention.output.dense"))?;
-            let a = drop(tape, &a, self.config.hidden_dropout, 2000 + 2 * l as u64)?;
-            let a = elementwise::add(tape, &a, &x)?;
-            let a = self.layer_norm(tape, &a, &format!("{p}.attention.output.LayerNorm"))?;
-            let f = self.linear(tape, &a, &format!("{p}.intermediate.dense"))?;
-            let f = activation::gelu(tape, &f)?;
-            let f = self.linear(tape, &f, &format!("{p}.output.dense"))?;
-            let f = drop(tape, &f, self.config.hidden_dropout, 2001 + 2 * l as u64)?;
-            let f = elementwise::add(tape, &f, &a)?;
-            x = self.layer_norm(tape, &f, &format!("{p}.output.LayerNorm"))?;
+            let a = {
+                // q, k and v are freed as soon as the attention has run.
+                let mut t = {
+                    let proj = |name: &str| {
+                        heads(
+                            tape,
+                            &self.linear(tape, &x, &format!("{p}.attention.self.{name}"))?,
+                        )
+                    };
+                    let (q, k, v) = (proj("query")?, proj("key")?, proj("value")?);
+                    attention::scaled_dot_product_attention(
+                        tape,
+                        &q,
+                        &k,
+                        &v,
+                        Some(&mask),
+                        attention::AttentionOptions {
+                            dropout: self.config.attention_dropout,
+                            seed: opts
+                                .seed
+                                .wrapping_mul(0x9e37_79b9)
+                                .wrapping_add(1000 + l as u64),
+                            training: opts.training,
+                        },
+                    )?
+                };
+                t = layout::permute(tape, &t, &[0, 2, 1, 3])?;
+                t = layout::reshape(tape, &t, &[b * s, h])?;
+                t = self.linear(tape, &t, &format!("{p}.attention.output.dense"))?;
+                t = drop(tape, &t, self.config.hidden_dropout, 2000 + 2 * l as u64)?;
+                t = elementwise::add(tape, &t, &x)?;
+                self.layer_norm(tape, &t, &format!("{p}.attention.output.LayerNorm"))?
+            };
+            x = {
+                let mut t = self.linear(tape, &a, &format!("{p}.intermediate.dense"))?;
+                t = activation::gelu(tape, &t)?;
+                t = self.linear(tape, &t, &format!("{p}.output.dense"))?;
+                t = drop(tape, &t, self.config.hidden_dropout, 2001 + 2 * l as u64)?;
+                t = elementwise::add(tape, &t, &a)?;
+                self.layer_norm(tape, &t, &format!("{p}.output.LayerNorm"))?
+            };
         }
         Ok(x)
     }
@@ -517,14 +522,20 @@ impl Bert {
         batch: &MlmBatch,
         opts: BertForwardOptions,
     ) -> Result<Var> {
-        let hidden = self.encode(tape, batch, opts)?;
-        let picked = gather::gather_rows(tape, &hidden, &batch.masked_positions)?;
-        let t = self.linear(tape, &picked, "cls.predictions.transform.dense")?;
-        let t = activation::gelu(tape, &t)?;
-        let t = self.layer_norm(tape, &t, "cls.predictions.transform.LayerNorm")?;
+        // As in `encode`, each activation is freed once consumed (the encoder's output as
+        // soon as the masked rows are gathered).
+        let mut t = gather::gather_rows(
+            tape,
+            &self.encode(tape, batch, opts)?,
+            &batch.masked_positions,
+        )?;
+        t = self.linear(tape, &t, "cls.predictions.transform.dense")?;
+        t = activation::gelu(tape, &t)?;
+        t = self.layer_norm(tape, &t, "cls.predictions.transform.LayerNorm")?;
         let decoder = self.w(tape, "bert.embeddings.word_embeddings.weight")?;
         let bias = self.w(tape, "cls.predictions.bias")?;
         let logits = matmul::linear(tape, &t, &decoder, Some(&bias))?;
+        drop(t);
         // On a GPU already in the compute dtype (an identity); on the CPU, where ops widen,
         // this rounds the logits so both devices hand the loss the same type.
         to_activations(tape, &logits, self.activations)

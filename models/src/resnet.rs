@@ -428,29 +428,34 @@ impl ResNet {
     fn block(&self, tape: &Tape, x: &Var, b: &Block, training: bool) -> Result<Var> {
         let p = &b.prefix;
         let c = |i: usize| (format!("{p}.conv{i}"), format!("{p}.bn{i}"));
-        let out = if self.config.bottleneck() {
-            let (c1, n1) = c(1);
-            let (c2, n2) = c(2);
-            let (c3, n3) = c(3);
-            let h = self.conv_bn(tape, x, &c1, &n1, 1, 0, training)?;
-            let h = activation::relu(tape, &h)?;
-            let h = self.conv_bn(tape, &h, &c2, &n2, b.stride, 1, training)?;
-            let h = activation::relu(tape, &h)?;
-            self.conv_bn(tape, &h, &c3, &n3, 1, 0, training)?
-        } else {
-            let (c1, n1) = c(1);
-            let (c2, n2) = c(2);
-            let h = self.conv_bn(tape, x, &c1, &n1, b.stride, 1, training)?;
-            let h = activation::relu(tape, &h)?;
-            self.conv_bn(tape, &h, &c2, &n2, 1, 1, training)?
+        // The branch and the shortcut are freed once added.
+        let sum = {
+            let out = if self.config.bottleneck() {
+                let (c1, n1) = c(1);
+                let (c2, n2) = c(2);
+                let (c3, n3) = c(3);
+                // `h = op(&h)` frees each activation once the next exists: a teacher's inference
+                // tape holds nothing, so this is what keeps its forward to a few live activations.
+                let mut h = self.conv_bn(tape, x, &c1, &n1, 1, 0, training)?;
+                h = activation::relu(tape, &h)?;
+                h = self.conv_bn(tape, &h, &c2, &n2, b.stride, 1, training)?;
+                h = activation::relu(tape, &h)?;
+                self.conv_bn(tape, &h, &c3, &n3, 1, 0, training)?
+            } else {
+                let (c1, n1) = c(1);
+                let (c2, n2) = c(2);
+                let mut h = self.conv_bn(tape, x, &c1, &n1, b.stride, 1, training)?;
+                h = activation::relu(tape, &h)?;
+                self.conv_bn(tape, &h, &c2, &n2, 1, 1, training)?
+            };
+            let identity = if b.downsample {
+                let (dc, dn) = (format!("{p}.downsample.0"), format!("{p}.downsample.1"));
+                self.conv_bn(tape, x, &dc, &dn, b.stride, 0, training)?
+            } else {
+                x.clone()
+            };
+            elementwise::add(tape, &out, &identity)?
         };
-        let identity = if b.downsample {
-            let (dc, dn) = (format!("{p}.downsample.0"), format!("{p}.downsample.1"));
-            self.conv_bn(tape, x, &dc, &dn, b.stride, 0, training)?
-        } else {
-            x.clone()
-        };
-        let sum = elementwise::add(tape, &out, &identity)?;
         activation::relu(tape, &sum)
     }
 
