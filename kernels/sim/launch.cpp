@@ -6,6 +6,7 @@
 
 #include "simt.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -90,7 +91,7 @@ class Barrier {
 struct Warp {
     Barrier barrier;
     uint64_t slots[32];
-    bool exited[32];
+    std::atomic<bool> exited[32];
     int lanes;
 };
 
@@ -98,6 +99,23 @@ struct Block {
     Barrier sync;  // __syncthreads
     Barrier end;   // every thread done with the block, before the next one starts
     std::vector<Warp> warps;
+    int threads;
+
+    Block(int n) : warps((n + 31) / 32), threads(n) {
+        end.reset(n);
+        arm();
+    }
+
+    // Every thread takes part again (before each block's first instruction).
+    void arm() {
+        sync.reset(threads);
+        for (size_t i = 0; i < warps.size(); ++i) {
+            Warp& w = warps[i];
+            w.lanes = i + 1 < warps.size() ? 32 : threads - 32 * (int)i;
+            w.barrier.reset(w.lanes);
+            for (auto& e : w.exited) e = false;
+        }
+    }
 };
 
 thread_local Block* my_block = nullptr;
@@ -152,9 +170,8 @@ extern "C" int rk_sim_launch(const char* kernel, const unsigned grid[3], const u
 
     std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
     running_kernel = kernel;
-    Block b;
-    const int n = (int)threads, n_warps = (n + 31) / 32;
-    b.warps = std::vector<Warp>(n_warps);
+    const int n = (int)threads;
+    Block b(n);
     std::vector<std::string> errors(n);
 
     auto run_thread = [&](int t) {
@@ -177,27 +194,11 @@ extern "C" int rk_sim_launch(const char* kernel, const unsigned grid[3], const u
                     b.sync.leave();
                     b.end.wait("end of block");
                     // Thread 0 re-arms the barriers while the others wait at the second end.
-                    if (t == 0) {
-                        b.sync.reset(n);
-                        for (int i = 0; i < n_warps; ++i) {
-                            Warp& wi = b.warps[i];
-                            wi.lanes = i + 1 < n_warps ? 32 : n - 32 * i;
-                            wi.barrier.reset(wi.lanes);
-                            for (bool& e : wi.exited) e = false;
-                        }
-                    }
+                    if (t == 0) b.arm();
                     b.end.wait("end of block");
                 }
     };
 
-    b.sync.reset(n);
-    b.end.reset(n);
-    for (int i = 0; i < n_warps; ++i) {
-        Warp& w = b.warps[i];
-        w.lanes = i + 1 < n_warps ? 32 : n - 32 * i;
-        w.barrier.reset(w.lanes);
-        for (bool& e : w.exited) e = false;
-    }
     std::vector<std::thread> pool;
     pool.reserve(n);
     for (int t = 0; t < n; ++t) pool.emplace_back(run_thread, t);

@@ -358,57 +358,6 @@ fn online_log_sum_exp_matches_the_two_pass_cpu() {
     }
 }
 
-/// The distillation loss of one row in f64, from its definitions: (row_ce, row_kd, gradient)
-/// for the kernel's normalisation (ce_weight, lambda * kd_weight).
-fn kd_reference(
-    term: Option<KdTerm>,
-    s: &[f32],
-    t: &[f32],
-    label: Option<usize>,
-    ce_weight: f64,
-    lambda_kd_weight: f64,
-) -> (f64, f64, Vec<f64>) {
-    let softmax = |x: &[f64]| -> (Vec<f64>, f64) {
-        let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
-        let lse = m + z.ln();
-        (x.iter().map(|v| (v - lse).exp()).collect(), lse)
-    };
-    let sd: Vec<f64> = s.iter().map(|&v| v as f64).collect();
-    let td: Vec<f64> = t.iter().map(|&v| v as f64).collect();
-    let c = s.len();
-    let mut g = vec![0f64; c];
-    let mut row_ce = 0.0;
-    if let Some(y) = label {
-        let (p, lse) = softmax(&sd);
-        row_ce = lse - sd[y];
-        for j in 0..c {
-            g[j] = (p[j] - if j == y { 1.0 } else { 0.0 }) * ce_weight;
-        }
-    }
-    let row_kd = match term {
-        None => 0.0,
-        Some(KdTerm::Kl { temperature }) => {
-            let tau = temperature as f64;
-            let (ps, _) = softmax(&sd.iter().map(|v| v / tau).collect::<Vec<_>>());
-            let (pt, _) = softmax(&td.iter().map(|v| v / tau).collect::<Vec<_>>());
-            // KL(p_teacher || p_student): the teacher distribution is the target.
-            let kl: f64 = (0..c).map(|j| pt[j] * (pt[j].ln() - ps[j].ln())).sum();
-            for j in 0..c {
-                g[j] += lambda_kd_weight * tau * (ps[j] - pt[j]);
-            }
-            tau * tau * kl
-        }
-        Some(KdTerm::Mse) => {
-            for j in 0..c {
-                g[j] += lambda_kd_weight * 2.0 * (sd[j] - td[j]) / c as f64;
-            }
-            (0..c).map(|j| (sd[j] - td[j]).powi(2)).sum::<f64>() / c as f64
-        }
-    };
-    (row_ce, row_kd, g)
-}
-
 #[test]
 fn reference_gradient_is_the_derivative_of_the_reference_loss() {
     // Pins the formulas the kernel is compared with: d(ce_w * ce + lkw * kd)/ds.
@@ -421,7 +370,7 @@ fn reference_gradient_is_the_derivative_of_the_reference_loss() {
         None,
     ] {
         let (cw, lkw) = (0.25, 0.6);
-        let (_, _, g) = kd_reference(term, &s, &t, Some(3), cw, lkw);
+        let (_, _, g) = kd::reference_row(term, &s, &t, Some(3), cw, lkw);
         for j in 0..s.len() {
             let h = 1e-3f32;
             let mut sp = s.clone();
@@ -429,8 +378,8 @@ fn reference_gradient_is_the_derivative_of_the_reference_loss() {
             let mut sm = s.clone();
             sm[j] -= h;
             let loss = |x: &[f32]| {
-                let (ce, kd, _) = kd_reference(term, x, &t, Some(3), cw, lkw);
-                cw * ce + lkw * kd
+                let (ce, kdv, _) = kd::reference_row(term, x, &t, Some(3), cw, lkw);
+                cw * ce + lkw * kdv
             };
             let fd = (loss(&sp) - loss(&sm)) / (sp[j] as f64 - sm[j] as f64);
             assert!(
@@ -489,7 +438,7 @@ fn fused_loss_row_math_matches_the_definition() {
         let (got_ce, got_kd) = (f_hex(ce_h) as f64, f_hex(kd_h) as f64);
         let grad: Vec<f64> = out[1].split(' ').map(|h| f_hex(h) as f64).collect();
         let lab = (label >= 0).then_some(label as usize);
-        let (ce, kdv, g) = kd_reference(
+        let (ce, kdv, g) = kd::reference_row(
             term,
             &s,
             &t,

@@ -529,59 +529,6 @@ mod tests {
         }
     }
 
-    /// The distillation loss of one row in f64, from the definitions of kd_loss.cu's header:
-    /// (row_ce, row_kd, gradient) for the gradient weights `ce_weight` (CE) and
-    /// `lambda_kd_weight` (lambda / counted rows, times the upstream gradient). The logic of
-    /// `kd_reference` in kernels/tests/host_parity.rs.
-    fn kd_reference(
-        term: Option<kdh::KdTerm>,
-        s: &[f32],
-        t: &[f32],
-        label: Option<usize>,
-        ce_weight: f64,
-        lambda_kd_weight: f64,
-    ) -> (f64, f64, Vec<f64>) {
-        let softmax = |x: &[f64]| -> (Vec<f64>, f64) {
-            let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
-            let lse = m + z.ln();
-            (x.iter().map(|v| (v - lse).exp()).collect(), lse)
-        };
-        let sd: Vec<f64> = s.iter().map(|&v| v as f64).collect();
-        let td: Vec<f64> = t.iter().map(|&v| v as f64).collect();
-        let c = s.len();
-        let mut g = vec![0f64; c];
-        let mut row_ce = 0.0;
-        if let Some(y) = label {
-            let (p, lse) = softmax(&sd);
-            row_ce = lse - sd[y];
-            for j in 0..c {
-                g[j] = (p[j] - if j == y { 1.0 } else { 0.0 }) * ce_weight;
-            }
-        }
-        let row_kd = match term {
-            None => 0.0,
-            Some(kdh::KdTerm::Kl { temperature }) => {
-                let tau = temperature as f64;
-                let (ps, _) = softmax(&sd.iter().map(|v| v / tau).collect::<Vec<_>>());
-                let (pt, _) = softmax(&td.iter().map(|v| v / tau).collect::<Vec<_>>());
-                // KL(p_teacher || p_student): the teacher distribution is the target.
-                let kl: f64 = (0..c).map(|j| pt[j] * (pt[j].ln() - ps[j].ln())).sum();
-                for j in 0..c {
-                    g[j] += lambda_kd_weight * tau * (ps[j] - pt[j]);
-                }
-                tau * tau * kl
-            }
-            Some(kdh::KdTerm::Mse) => {
-                for j in 0..c {
-                    g[j] += lambda_kd_weight * 2.0 * (sd[j] - td[j]) / c as f64;
-                }
-                (0..c).map(|j| (sd[j] - td[j]).powi(2)).sum::<f64>() / c as f64
-            }
-        };
-        (row_ce, row_kd, g)
-    }
-
     /// The fused distillation loss (`kd_loss_plan`, with the scalars and row counts the
     /// launcher computes) on the kernel simulator against an f64 reference from the kernel's
     /// definitions: KL and MSE with 1, 2 and 4 teachers (and CE only), f32/f32, f32 student
@@ -735,7 +682,7 @@ mod tests {
                         })
                         .collect();
                     let label = (labels[r] != IGNORE).then_some(labels[r] as usize);
-                    let (ce, kd, gref) = kd_reference(
+                    let (ce, kd, gref) = kdh::reference_row(
                         active,
                         &xs[span],
                         &t,
