@@ -583,6 +583,48 @@ mod tests {
         }
     }
 
+    /// Runs the last launch of a backward (`call`, the kernel that writes the parameter
+    /// gradients) again with `accumulate` = 1 into gradients that already hold values: each must
+    /// become prior + the freshly computed sum, one f32 addition, bit for bit. `args` are the
+    /// indices of its dweight, dbias and accumulate arguments.
+    fn check_accumulating_finish(
+        sim: &recycle_kernels::sim::HostSim,
+        what: &str,
+        call: &KernelCall,
+        kernel: &str,
+        args: [usize; 3],
+        dw: &[f32],
+        db: &[f32],
+    ) {
+        use crate::cuda::sim_check::{run_plan, sample};
+        use recycle_kernels::sim::SimBuffer;
+        let prior_w = sample(dw.len(), 24, 1.0);
+        let prior_b = sample(db.len(), 25, 1.0);
+        let (aw, ab) = (
+            SimBuffer::from_slice(&prior_w),
+            SimBuffer::from_slice(&prior_b),
+        );
+        let mut finish = call.clone();
+        assert_eq!(finish.kernel, kernel);
+        finish.args[args[0]] = Arg::Ptr(aw.ptr());
+        finish.args[args[1]] = Arg::Ptr(ab.ptr());
+        finish.args[args[2]] = Arg::I32(1);
+        run_plan(sim, &[finish]);
+        let add =
+            |p: &[f32], s: &[f32]| -> Vec<f32> { p.iter().zip(s).map(|(a, b)| a + b).collect() };
+        let (gw, gb) = (aw.read::<f32>().unwrap(), ab.read::<f32>().unwrap());
+        assert_bits(
+            &format!("{what} dweight accumulated"),
+            &gw,
+            &add(&prior_w, dw),
+        );
+        assert_bits(
+            &format!("{what} dbias accumulated"),
+            &gb,
+            &add(&prior_b, db),
+        );
+    }
+
     fn max_abs(v: &[f32]) -> f32 {
         v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
     }
@@ -786,32 +828,15 @@ mod tests {
                     1e-5 * max_abs(&want_db),
                 );
 
-                // The reduce adding into existing gradients: prior + the sums above, one f32
-                // addition each.
-                let prior_w = sample(d, 24, 1.0);
-                let prior_b = sample(d, 25, 1.0);
-                let (aw, ab) = (
-                    SimBuffer::from_slice(&prior_w),
-                    SimBuffer::from_slice(&prior_b),
-                );
-                let mut reduce = plan[1].clone();
-                assert_eq!(reduce.kernel, "layernorm_bwd_reduce");
-                reduce.args[3] = Arg::Ptr(aw.ptr());
-                reduce.args[4] = Arg::Ptr(ab.ptr());
-                reduce.args[5] = Arg::I32(1);
-                run_plan(sim, &[reduce]);
-                let add = |p: &[f32], s: &[f32]| -> Vec<f32> {
-                    p.iter().zip(s).map(|(a, b)| a + b).collect()
-                };
-                assert_bits(
-                    &format!("{what} dweight accumulated"),
-                    &download(&aw, DType::F32),
-                    &add(&prior_w, &dw),
-                );
-                assert_bits(
-                    &format!("{what} dbias accumulated"),
-                    &download(&ab, DType::F32),
-                    &add(&prior_b, &db),
+                // The reduce adding into existing gradients.
+                check_accumulating_finish(
+                    sim,
+                    &what,
+                    &plan[1],
+                    "layernorm_bwd_reduce",
+                    [3, 4, 5],
+                    &dw,
+                    &db,
                 );
             }
         }
@@ -1065,30 +1090,14 @@ mod tests {
                     }
 
                     // The finish adding into existing parameter gradients.
-                    let prior_w = sample(c, 37, 1.0);
-                    let prior_b = sample(c, 38, 1.0);
-                    let (aw, ab) = (
-                        SimBuffer::from_slice(&prior_w),
-                        SimBuffer::from_slice(&prior_b),
-                    );
-                    let mut finish = plan[1].clone();
-                    assert_eq!(finish.kernel, "batchnorm_bwd_finish");
-                    finish.args[5] = Arg::Ptr(aw.ptr());
-                    finish.args[6] = Arg::Ptr(ab.ptr());
-                    finish.args[7] = Arg::I32(1);
-                    run_plan(sim, &[finish]);
-                    let add = |p: &[f32], s: &[f32]| -> Vec<f32> {
-                        p.iter().zip(s).map(|(a, b)| a + b).collect()
-                    };
-                    assert_bits(
-                        &format!("{what} dweight accumulated"),
-                        &f32s(&aw),
-                        &add(&prior_w, &dw),
-                    );
-                    assert_bits(
-                        &format!("{what} dbias accumulated"),
-                        &f32s(&ab),
-                        &add(&prior_b, &db),
+                    check_accumulating_finish(
+                        sim,
+                        &what,
+                        &plan[1],
+                        "batchnorm_bwd_finish",
+                        [5, 6, 7],
+                        &dw,
+                        &db,
                     );
                 }
             }
