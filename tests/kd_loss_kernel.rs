@@ -249,11 +249,7 @@ fn check(sim: &HostSim, c: &Case) {
 }
 
 fn sim() -> Option<&'static HostSim> {
-    if !recycle_kernels::available() {
-        eprintln!("built without nvcc: no kernel to simulate");
-        return None;
-    }
-    Some(HostSim::get().unwrap_or_else(|e| panic!("{e}")))
+    HostSim::for_tests()
 }
 
 /// KL and MSE, one to eight teachers (3 takes the kernel's division path, powers of two its

@@ -115,6 +115,17 @@ impl HostSim {
             .map_err(Clone::clone)
     }
 
+    /// For tests: the simulator, or None (with a note on stderr) when this build embeds no
+    /// kernels, so there is nothing to simulate. A simulator that cannot be built where the
+    /// kernels were panics with the reason: that is a failure, not a skip.
+    pub fn for_tests() -> Option<&'static HostSim> {
+        if !crate::available() {
+            eprintln!("built without nvcc: the kernel simulator checks do nothing");
+            return None;
+        }
+        Some(HostSim::get().unwrap_or_else(|e| panic!("{e}")))
+    }
+
     /// The shared library this process runs.
     pub fn library(&self) -> &Path {
         &self.library

@@ -9,11 +9,7 @@ use recycle_kernels::launch;
 use recycle_kernels::sim::{HostSim, SimBuffer};
 
 fn sim() -> Option<&'static HostSim> {
-    if !recycle_kernels::available() {
-        eprintln!("built without nvcc: no kernel sources to simulate");
-        return None;
-    }
-    Some(HostSim::get().unwrap_or_else(|e| panic!("{e}")))
+    HostSim::for_tests()
 }
 
 #[test]

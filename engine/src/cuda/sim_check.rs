@@ -13,14 +13,9 @@ use recycle_kernels::sim::{HostSim, SimBuffer};
 use super::launch::KernelCall;
 use crate::DType;
 
-/// The simulator, or None (with a note) when this build embeds no kernels. A simulator that
-/// cannot be built where the kernels were is a failure, not a skip.
+/// The simulator, or None when this build embeds no kernels (`HostSim::for_tests`).
 pub(crate) fn host_sim() -> Option<&'static HostSim> {
-    if !recycle_kernels::available() {
-        eprintln!("built without nvcc: the kernel simulator checks do nothing");
-        return None;
-    }
-    Some(HostSim::get().unwrap_or_else(|e| panic!("{e}")))
+    HostSim::for_tests()
 }
 
 /// Runs every call of a plan, in order, to completion.
