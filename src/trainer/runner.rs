@@ -9,15 +9,17 @@ use recycle_engine::optim::{LrSchedule, Optimizer};
 use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
+use super::lock::RunLock;
+use super::model::check_float_tensors;
 use super::{
     architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
     mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    StepOutput, TaskData, Architecture, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
-use crate::recipe::{Activations, Recipe};
+use crate::recipe::{Activations, ModelRecipe, Recipe};
 
 /// Where a run stands: what a checkpoint records besides the weights and optimizer state.
 struct Progress {
@@ -78,45 +80,30 @@ pub struct Trainer {
     last_step: Option<(f32, StepOutput)>,
     batches: Box<dyn Iterator<Item = Result<Batch>>>,
     progress: Option<indicatif::ProgressBar>,
+    /// Held for the trainer's life: one process per run directory.
+    _lock: RunLock,
 }
 
 impl Trainer {
-    /// Prepares a run: opens the recipe's device (before anything is written: a GPU that is
-    /// not there leaves no trace), checks the run directory (an existing run needs
-    /// `opts.resume` or `opts.overwrite`), records the recipe, loads the data, the student
-    /// (from the checkpoint when resuming) and the teachers. On a GPU the student's parameters,
-    /// gradients and buffers, the optimizer state and the teachers live there; the loader
-    /// builds each batch on the CPU and the step uploads it. `opts.stop_after` and
-    /// `opts.reuse_finished` are for [`super::run`]; this ignores them.
+    /// Prepares a run. Everything that can fail on the recipe's values (the device, the data,
+    /// the model and its size, the optimizer, the schedule, the teachers) is checked before the
+    /// run directory is touched; then the directory is created and locked ([`RunLock`]: a
+    /// second process training into it is refused), temporary files of killed writes are
+    /// removed, and the existing run is checked: it needs `opts.resume` (which refuses a recipe
+    /// that differs from the recorded one, and a checkpoint whose step lies beyond the run's
+    /// end) or `opts.overwrite` (which removes the old run's checkpoint and results). On a GPU
+    /// the student's parameters, gradients and buffers, the optimizer state and the teachers
+    /// live there; the loader builds each batch on the CPU and the step uploads it.
+    /// `opts.stop_after` and `opts.reuse_finished` are for [`super::run`]; this ignores them.
     pub fn new(recipe: &Recipe, opts: &RunOptions) -> Result<Trainer> {
         recipe.validate()?;
         let (device, device_name) = open_device(recipe)?;
         let dir = recipe.out_dir.join(&recipe.name);
-        let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
-        if opts.resume && !has_checkpoint {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "--resume: {} has no checkpoint to resume from",
-                    dir.display()
-                ),
-            ));
-        }
-        if !opts.resume && dir.join(LOG_FILE).exists() && !opts.overwrite {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "{} already holds a run: pass --resume to continue it or --overwrite to start again",
-                    dir.display()
-                ),
-            ));
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        write_atomic(dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
 
         let data = TaskData::load(recipe)?;
         let arch = architecture(recipe, &data)?;
         let total = total_steps(recipe, data.train_len())?;
+        check_allocatable(recipe, &arch)?;
         let student = match recipe.activations {
             Activations::F32 => Model::new(&arch, recipe.seed)?,
             Activations::Bf16 => Model::new(&arch, recipe.seed)?.with_activations(DType::BF16)?,
@@ -143,8 +130,53 @@ impl Trainer {
             None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
         };
 
-        let state = if opts.resume {
-            load_checkpoint(&dir, &student, optimizer.as_mut())?
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock = RunLock::acquire(&dir)?;
+        remove_temp_files(&dir)?;
+        let recorded = dir.join(RECIPE_FILE);
+        let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
+        if opts.resume {
+            if !has_checkpoint && !recorded.exists() {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "--resume: {} holds no run to resume (no {CHECKPOINT_FILE}, no \
+                         {RECIPE_FILE}): train it without --resume",
+                        dir.display()
+                    ),
+                ));
+            }
+            if recorded.exists() {
+                check_same_recipe(&recorded, recipe)?;
+            }
+        } else if dir.join(LOG_FILE).exists() && !opts.overwrite {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "{} already holds a run: pass --resume to continue it or --overwrite to start again",
+                    dir.display()
+                ),
+            ));
+        } else {
+            // A fresh start: nothing of a previous run in this directory may be resumed or
+            // reported as this one's.
+            for stale in [CHECKPOINT_FILE, FINAL_FILE, SUMMARY_FILE] {
+                match std::fs::remove_file(dir.join(stale)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io(dir.join(stale), e))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // On resume the recorded recipe stays (it was checked to be this one).
+        if !opts.resume || !recorded.exists() {
+            write_atomic(&recorded, recipe.to_toml()?.as_bytes())?;
+        }
+
+        // Resuming a run that stopped before its first checkpoint starts it from step 0.
+        let state = if opts.resume && has_checkpoint {
+            load_checkpoint(&dir, &student, optimizer.as_mut(), total, recipe)?
         } else {
             Progress {
                 step: 0,
@@ -193,6 +225,7 @@ impl Trainer {
             last_step: None,
             batches,
             progress,
+            _lock: lock,
         })
     }
 
@@ -305,9 +338,9 @@ impl Trainer {
                 Error::invalid(
                     "train",
                     format!(
-                        "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
+                        "run `{}` stopped at step {step}: {e}; {}",
                         self.recipe.name,
-                        self.dir.join(CHECKPOINT_FILE).display()
+                        self.how_to_continue()
                     ),
                 )
             })?;
@@ -319,6 +352,7 @@ impl Trainer {
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
         let eval = if self.evals.contains(&self.state.step) {
+            checkpoint::test_pause(&format!("evaluation after step {}", self.state.step));
             let v = evaluate(&self.student, &self.data, batch.max(256))?;
             self.last_eval = Some(v);
             Some(v)
@@ -341,6 +375,7 @@ impl Trainer {
         if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
             self.save_checkpoint(self.dir.join(CHECKPOINT_FILE))?;
         }
+        checkpoint::test_pause(&format!("step {} done", self.state.step));
         if let Some(p) = &self.progress {
             p.set_position(self.state.step);
             p.set_message(format!(
@@ -361,6 +396,50 @@ impl Trainer {
             done += 1;
         }
         Ok(done)
+    }
+
+    /// Ends the run before its last step: writes the checkpoint and returns the error that
+    /// says so (`why`, e.g. "stopped" or "interrupted by SIGTERM") and how to continue. When the
+    /// checkpoint cannot be written, the error says that and where the previous one is.
+    pub fn stop(&self, why: &str) -> Error {
+        if let Some(p) = &self.progress {
+            p.finish_and_clear();
+        }
+        let (name, step, total) = (&self.recipe.name, self.state.step, self.total);
+        match self.save_checkpoint(self.dir.join(CHECKPOINT_FILE)) {
+            Ok(()) => Error::invalid(
+                "train",
+                format!(
+                    "run `{name}` {why} after step {step} of {total}; its checkpoint {} holds \
+                     that step: continue it with --resume",
+                    self.dir.join(CHECKPOINT_FILE).display()
+                ),
+            ),
+            Err(e) => Error::invalid(
+                "train",
+                format!(
+                    "run `{name}` {why} after step {step} of {total}, and its checkpoint could \
+                     not be written: {e}; {}",
+                    self.how_to_continue()
+                ),
+            ),
+        }
+    }
+
+    /// What a user can do after a failure: resume from the checkpoint the run directory holds,
+    /// or, when none was written yet, start again (which `--resume` then does, from step 0).
+    fn how_to_continue(&self) -> String {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        match checkpoint_step(&path) {
+            Some(step) => format!(
+                "the last good checkpoint is {} (step {step}): continue with --resume",
+                path.display()
+            ),
+            None => format!(
+                "no checkpoint was written yet in {}: --resume starts the run again from step 0",
+                self.dir.display()
+            ),
+        }
     }
 
     /// Writes a resumable checkpoint (model, optimizer state, step, samples, seconds, teacher
@@ -399,14 +478,7 @@ impl Trainer {
         }
         let (total, batch) = (self.total, self.recipe.train.batch_size);
         if self.state.step < total {
-            self.save_checkpoint(self.dir.join(CHECKPOINT_FILE))?;
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "run `{}` stopped after step {} of {total}; continue it with --resume",
-                    self.recipe.name, self.state.step
-                ),
-            ));
+            return Err(self.stop("stopped"));
         }
         let final_eval = match self.last_eval {
             Some(v) => v,
@@ -453,7 +525,132 @@ fn teacher_activations(device: Device, activations: Activations) -> Option<DType
     }
 }
 
-fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Progress> {
+/// The step a run directory's checkpoint records, when it has a readable one.
+fn checkpoint_step(path: &Path) -> Option<u64> {
+    if !path.exists() {
+        return None;
+    }
+    checkpoint::load(path)
+        .ok()
+        .and_then(|c| c.metadata.get("step").and_then(|s| s.parse().ok()))
+}
+
+/// Refuses sizes this machine cannot allocate before anything is allocated: the parameters,
+/// their gradients and up to two optimizer buffers (an allocation that fails later aborts the
+/// process rather than returning an error).
+fn check_allocatable(recipe: &Recipe, arch: &Architecture) -> Result<()> {
+    let specs = match arch {
+        Architecture::ResNet(c) => c.param_specs(),
+        Architecture::Bert(c) => c.param_specs(),
+    };
+    let params = specs.iter().try_fold(0usize, |n, (_, shape)| {
+        shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|k| n.checked_add(k))
+    });
+    let bytes = params.and_then(|n| n.checked_mul(4 * 4));
+    let fits = bytes.is_some_and(|b| Vec::<u8>::new().try_reserve_exact(b).is_ok());
+    if fits {
+        return Ok(());
+    }
+    let field = match recipe.model {
+        ModelRecipe::Resnet { .. } => "model.width",
+        ModelRecipe::Bert { .. } => "data.seq_len and model.size",
+    };
+    Err(Error::invalid(
+        "recipe",
+        format!(
+            "run `{}`: {} has {} parameters, which with their gradients and optimizer state \
+             need more memory than this machine can allocate: reduce {field}",
+            recipe.name,
+            arch.name(),
+            params.map_or("more than 2^64".to_string(), |n| n.to_string())
+        ),
+    ))
+}
+
+/// Removes the temporary files that writes killed before their rename leave behind
+/// (`.<file>.tmp-<pid>-<n>` from checkpoints, `.<file>.<pid>.tmp` from the other files). Only
+/// called with the directory's lock held, so no other process is writing them.
+fn remove_temp_files(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && (name.contains(".tmp-") || name.ends_with(".tmp")) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to resume with a recipe other than the one the run was started with (a changed
+/// batch size or learning rate would mix two runs in one). The device may change.
+fn check_same_recipe(recorded: &Path, recipe: &Recipe) -> Result<()> {
+    let text = std::fs::read_to_string(recorded).map_err(|e| Error::io(recorded, e))?;
+    let before = Recipe::from_toml(&text).map_err(|e| {
+        Error::invalid(
+            "train",
+            format!("--resume: the recorded recipe {}: {e}", recorded.display()),
+        )
+    })?;
+    let json = |r: &Recipe| -> Result<serde_json::Value> {
+        let mut r = r.clone();
+        r.device = Device::Cpu;
+        r.out_dir = PathBuf::new();
+        serde_json::to_value(&r).map_err(|e| Error::invalid("train", format!("recipe: {e}")))
+    };
+    let mut diffs = Vec::new();
+    json_diff("", &json(&before)?, &json(recipe)?, &mut diffs);
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "train",
+        format!(
+            "--resume: the recipe differs from the one run `{}` was started with ({}): {}; \
+             resume with the recorded recipe, or start again with --overwrite",
+            recipe.name,
+            recorded.display(),
+            diffs.join(", ")
+        ),
+    ))
+}
+
+/// The fields (dotted paths) whose values differ between `a` (recorded) and `b` (given).
+fn json_diff(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                json_diff(&path, va, vb, out);
+            }
+        }
+        _ if a != b => out.push(format!("{at} is {a} in the recorded recipe and {b} now")),
+        _ => {}
+    }
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    model: &Model,
+    optimizer: &mut dyn Optimizer,
+    total: u64,
+    recipe: &Recipe,
+) -> Result<Progress> {
     let path = dir.join(CHECKPOINT_FILE);
     let ckpt = checkpoint::load(&path)?;
     let meta = |k: &str| -> Result<String> {
@@ -472,14 +669,45 @@ fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> 
         .iter()
         .filter_map(|(n, t)| n.strip_prefix("model.").map(|n| (n.to_string(), t.clone())))
         .collect();
-    model.load_state_dict(state, &path)?;
-    optimizer.load_state(&ckpt.tensors)?;
-    Ok(Progress {
+    check_float_tensors(&path, &state)?;
+    let progress = Progress {
         step: num("step")?,
         samples: num("samples")?,
         train_seconds: meta("train_seconds")?
             .parse()
-            .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
+            .ok()
+            .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+            .ok_or_else(|| {
+                Error::checkpoint(&path, "metadata `train_seconds` is not a number of seconds")
+            })?,
         teacher_forwards: num("teacher_forwards")?,
-    })
+    };
+    // A checkpoint whose counters do not fit this run would make the summary report steps or
+    // samples never trained.
+    let batch = recipe.train.batch_size as u64;
+    if progress.step > total {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "metadata `step` is {}, beyond the {total} steps of run `{}`: the file is not \
+                 this run's checkpoint; start again with --overwrite",
+                progress.step, recipe.name
+            ),
+        ));
+    }
+    if Some(progress.samples) != progress.step.checked_mul(batch) {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "metadata `samples` is {}, but {} steps of batch {batch} are {} samples: the \
+                 file is not this run's checkpoint; start again with --overwrite",
+                progress.samples,
+                progress.step,
+                progress.step.saturating_mul(batch)
+            ),
+        ));
+    }
+    model.load_state_dict(state, &path)?;
+    optimizer.load_state(&ckpt.tensors)?;
+    Ok(progress)
 }
