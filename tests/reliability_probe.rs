@@ -214,7 +214,7 @@ fn bad_values_fail_before_anything_is_written_naming_file_and_field() {
         (good.replace("width = 0.0625", "width = 0.0"), "model.width"),
         (good.replace("kind = \"resnet\"", "kind = \"resnet\"\ndepth = 19"), "model.depth"),
         (good.replace("lr = 0.1", "lr = 0.1\nmomentum = 1.5"), "optimizer.momentum"),
-        (good.replace("lr = 0.1", "lr = 0.1\nweight_decay = -1.0"), "optimizer.weight_decay"),
+        (good.replace("weight_decay = 5e-4", "weight_decay = -1.0"), "optimizer.weight_decay"),
         (good.replace("lr = 0.1", "lr = 0.1\nbetas = [0.9, 1.0]"), "optimizer.betas[1]"),
         (good.replace("lr = 0.1", "lr = 0.1\neps = 0.0"), "optimizer.eps"),
         (good.replace("lr = 0.1", "lr = 0.1\nfinal_lr = -0.1"), "optimizer.final_lr"),
