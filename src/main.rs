@@ -250,7 +250,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let preset = DemoPreset::parse(&preset)?;
             // Every flag is checked before the sweep trains (not when the students start).
-            check_demo_flags(temperature, weight, student_lr_scale, student_epochs, kd_stop)?;
+            check_demo_flags(
+                temperature,
+                weight,
+                student_lr_scale,
+                student_epochs,
+                kd_stop,
+            )?;
             let opts = RunOptions {
                 overwrite: true,
                 progress,
@@ -368,7 +374,11 @@ fn check_demo_flags(
         ))
     };
     if !(temperature > 0.0 && temperature.is_finite()) {
-        return bad("--temperature", temperature.to_string(), "a positive number");
+        return bad(
+            "--temperature",
+            temperature.to_string(),
+            "a positive number",
+        );
     }
     if !(weight >= 0.0 && weight.is_finite()) {
         return bad("--weight", weight.to_string(), "a number at least 0");
@@ -377,7 +387,11 @@ fn check_demo_flags(
         return bad("--student-lr-scale", s.to_string(), "a positive number");
     }
     if let Some(e) = student_epochs.filter(|e| !(*e > 0.0 && e.is_finite())) {
-        return bad("--student-epochs", e.to_string(), "a positive number of epochs");
+        return bad(
+            "--student-epochs",
+            e.to_string(),
+            "a positive number of epochs",
+        );
     }
     if !(kd_stop > 0.0 && kd_stop <= 1.0) {
         return bad("--kd-stop", kd_stop.to_string(), "a fraction in (0, 1]");

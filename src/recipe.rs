@@ -484,7 +484,10 @@ impl Recipe {
                 o.weight_decay
             ));
         }
-        for (field, beta) in [("optimizer.betas[0]", o.betas.0), ("optimizer.betas[1]", o.betas.1)] {
+        for (field, beta) in [
+            ("optimizer.betas[0]", o.betas.0),
+            ("optimizer.betas[1]", o.betas.1),
+        ] {
             if !(0.0..1.0).contains(&beta) {
                 return bad(format!("{field} {beta} must be in [0, 1)"));
             }

@@ -27,7 +27,10 @@ impl Tmpfs {
         let scratch = Scratch::new(tag);
         let dir = scratch.path().join("mnt");
         std::fs::create_dir_all(&dir).unwrap();
-        mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"], &dir);
+        mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            &dir,
+        );
         Tmpfs {
             dir,
             _scratch: scratch,

@@ -137,7 +137,7 @@ fn sigkill_at_random_moments_then_resume_loses_nothing() {
     let expected = std::fs::read(out.join("whole/final.safetensors")).unwrap();
 
     let mut rng = Rng(0x5eed_1234_abcd_0001);
-    let (chains, kills_per_chain) = (5, 5);
+    let (chains, kills_per_chain) = (6, 5);
     let (mut kills, mut at_checkpoint, mut at_eval) = (0, 0, 0);
     for chain in 0..chains {
         let name = format!("killed{chain}");
@@ -146,7 +146,7 @@ fn sigkill_at_random_moments_then_resume_loses_nothing() {
         let run = out.join(&name);
         for attempt in 0..kills_per_chain {
             let moment = match rng.below(3) {
-                0 => Moment::After(Duration::from_millis(100 + rng.below(1500))),
+                0 => Moment::After(Duration::from_millis(100 + rng.below(1200))),
                 1 => Moment::CheckpointWrite(1 + rng.below(2)),
                 _ => Moment::Evaluation(1 + rng.below(2)),
             };
@@ -183,7 +183,10 @@ fn sigkill_at_random_moments_then_resume_loses_nothing() {
     }
     eprintln!("{kills} kills survived ({at_checkpoint} during checkpoint writes, {at_eval} during evaluations)");
     assert!(kills >= 20, "only {kills} kills landed");
-    assert!(at_checkpoint >= 3 && at_eval >= 3, "{at_checkpoint} / {at_eval}");
+    assert!(
+        at_checkpoint >= 3 && at_eval >= 3,
+        "{at_checkpoint} / {at_eval}"
+    );
 }
 
 #[test]
@@ -222,10 +225,20 @@ fn sigterm_and_sigint_write_a_checkpoint_and_exit_cleanly() {
         assert!(text.contains("--resume"), "{text}");
         let run = out.join(&run_name);
         let step = checkpoint_step(&run.join("checkpoint.safetensors"));
-        assert!((3..TINY_STEPS).contains(&step), "{name}: checkpoint at {step}");
-        assert!(text.contains(&format!("after step {step} of {TINY_STEPS}")), "{text}");
+        assert!(
+            (3..TINY_STEPS).contains(&step),
+            "{name}: checkpoint at {step}"
+        );
+        assert!(
+            text.contains(&format!("after step {step} of {TINY_STEPS}")),
+            "{text}"
+        );
         let log = RunLog::read(run.join("log.jsonl")).unwrap();
-        assert_eq!(log.records.last().unwrap().step, step, "{name}: nothing lost");
+        assert_eq!(
+            log.records.last().unwrap().step,
+            step,
+            "{name}: nothing lost"
+        );
         let o = run_recycle(&["train", recipe.to_str().unwrap(), "--resume"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let got = std::fs::read(run.join("final.safetensors")).unwrap();

@@ -155,7 +155,10 @@ fn integer_tagged_weights_are_refused_on_resume_and_as_a_teacher() {
         .to_string();
     assert!(err.contains("`conv1.weight` (i32)"), "{err}");
     assert!(err.contains(&teacher.display().to_string()), "{err}");
-    assert!(!out.join("distilled").exists(), "nothing written for a bad teacher");
+    assert!(
+        !out.join("distilled").exists(),
+        "nothing written for a bad teacher"
+    );
 }
 
 #[test]
@@ -209,15 +212,39 @@ fn bad_values_fail_before_anything_is_written_naming_file_and_field() {
     let cases: Vec<(String, &str)> = vec![
         (good.replace("name = \"v\"", "name = \".\""), "name `.`"),
         (good.replace("name = \"v\"", "name = \"..\""), "name `..`"),
-        (good.replace("eval_limit = 128", "eval_limit = 0"), "data.eval_limit"),
-        (good.replace("train_limit = 256", "train_limit = 0"), "data.train_limit"),
+        (
+            good.replace("eval_limit = 128", "eval_limit = 0"),
+            "data.eval_limit",
+        ),
+        (
+            good.replace("train_limit = 256", "train_limit = 0"),
+            "data.train_limit",
+        ),
         (good.replace("width = 0.0625", "width = 0.0"), "model.width"),
-        (good.replace("kind = \"resnet\"", "kind = \"resnet\"\ndepth = 19"), "model.depth"),
-        (good.replace("lr = 0.1", "lr = 0.1\nmomentum = 1.5"), "optimizer.momentum"),
-        (good.replace("weight_decay = 5e-4", "weight_decay = -1.0"), "optimizer.weight_decay"),
-        (good.replace("lr = 0.1", "lr = 0.1\nbetas = [0.9, 1.0]"), "optimizer.betas[1]"),
-        (good.replace("lr = 0.1", "lr = 0.1\neps = 0.0"), "optimizer.eps"),
-        (good.replace("lr = 0.1", "lr = 0.1\nfinal_lr = -0.1"), "optimizer.final_lr"),
+        (
+            good.replace("kind = \"resnet\"", "kind = \"resnet\"\ndepth = 19"),
+            "model.depth",
+        ),
+        (
+            good.replace("lr = 0.1", "lr = 0.1\nmomentum = 1.5"),
+            "optimizer.momentum",
+        ),
+        (
+            good.replace("weight_decay = 5e-4", "weight_decay = -1.0"),
+            "optimizer.weight_decay",
+        ),
+        (
+            good.replace("lr = 0.1", "lr = 0.1\nbetas = [0.9, 1.0]"),
+            "optimizer.betas[1]",
+        ),
+        (
+            good.replace("lr = 0.1", "lr = 0.1\neps = 0.0"),
+            "optimizer.eps",
+        ),
+        (
+            good.replace("lr = 0.1", "lr = 0.1\nfinal_lr = -0.1"),
+            "optimizer.final_lr",
+        ),
         (
             format!("{good}[distill]\nteachers = [\"t\"]\ntemperature = 0.0\n"),
             "distill.temperature",
@@ -239,7 +266,10 @@ fn bad_values_fail_before_anything_is_written_naming_file_and_field() {
         assert_eq!(o.status.code(), Some(1), "{field}: {err}");
         assert!(err.contains(field), "{field}: {err}");
         assert!(err.contains(&path.display().to_string()), "{field}: {err}");
-        assert!(!err.contains("Config") && !err.contains("KdSchedule"), "{err}");
+        assert!(
+            !err.contains("Config") && !err.contains("KdSchedule"),
+            "{err}"
+        );
     }
     // Nothing but the recipes: no run directory, no lock, no log.
     let left: Vec<String> = std::fs::read_dir(out)
@@ -290,7 +320,10 @@ fn temporary_files_of_killed_writes_are_removed_on_the_next_start() {
     let out = scratch.path();
     let r = stopped_run(out, "temps");
     let dir = out.join("temps");
-    for name in [".checkpoint.safetensors.tmp-99999-0", ".recipe.toml.99999.tmp"] {
+    for name in [
+        ".checkpoint.safetensors.tmp-99999-0",
+        ".recipe.toml.99999.tmp",
+    ] {
         std::fs::write(dir.join(name), b"partial").unwrap();
     }
     assert_eq!(temp_files(&dir).len(), 2);
@@ -312,5 +345,8 @@ fn a_sweep_whose_points_would_share_a_directory_is_refused_before_training() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("optimizer.lr"), "{err}");
-    assert!(std::fs::read_dir(out).unwrap().next().is_none(), "nothing trained");
+    assert!(
+        std::fs::read_dir(out).unwrap().next().is_none(),
+        "nothing trained"
+    );
 }

@@ -13,8 +13,9 @@ use super::lock::RunLock;
 use super::model::check_float_tensors;
 use super::{
     architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
-    mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    StepOutput, TaskData, Architecture, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
+    mlm_batch, open_device, progress_bar, total_steps, train_step, Architecture, Batch, Model,
+    RunOptions, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE,
+    SUMMARY_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
