@@ -180,7 +180,14 @@ fn run(cli: Cli) -> Result<()> {
                     progress,
                     ..RunOptions::default()
                 },
-            )?;
+            )
+            // A recipe value found wrong once the data is loaded (a size): name the file too.
+            .map_err(|e| match e {
+                Error::Invalid { op: "recipe", msg } => {
+                    Error::invalid("recipe", format!("{}: {msg}", recipe.display()))
+                }
+                e => e,
+            })?;
             println!(
                 "{}: {} {:.4} after {} steps, {:.1} s of training on {}, {} teacher forwards",
                 s.name,

@@ -111,13 +111,15 @@ fn check_after_kill(run: &Path, moment: Moment) -> u64 {
     } else {
         0
     };
-    let logged = match RunLog::read(run.join("log.jsonl")) {
-        Ok(log) => log.records.last().map_or(0, |r| r.step),
-        Err(e) if !run.join("log.jsonl").exists() => {
-            let _ = e;
-            0
-        }
-        Err(e) => panic!("after a kill at {moment:?} the log does not read: {e}"),
+    let log = run.join("log.jsonl");
+    let logged = if log.exists() {
+        RunLog::read(&log)
+            .unwrap_or_else(|e| panic!("after a kill at {moment:?} the log does not read: {e}"))
+            .records
+            .last()
+            .map_or(0, |r| r.step)
+    } else {
+        0
     };
     assert!(
         logged <= saved + CHECKPOINT_EVERY,

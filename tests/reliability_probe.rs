@@ -294,6 +294,7 @@ fn a_model_too_large_to_allocate_is_an_error_not_an_abort() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("model.width"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
     assert!(!out.join("huge").exists());
 }
 
