@@ -21,6 +21,7 @@
 pub mod interrupt;
 pub mod lock;
 pub mod model;
+mod resume;
 mod runner;
 pub mod step;
 
