@@ -180,7 +180,14 @@ fn run(cli: Cli) -> Result<()> {
                     progress,
                     ..RunOptions::default()
                 },
-            )?;
+            )
+            // A recipe value found wrong once the data is loaded (a size): name the file too.
+            .map_err(|e| match e {
+                Error::Invalid { op: "recipe", msg } => {
+                    Error::invalid("recipe", format!("{}: {msg}", recipe.display()))
+                }
+                e => e,
+            })?;
             println!(
                 "{}: {} {:.4} after {} steps, {:.1} s of training on {}, {} teacher forwards",
                 s.name,
@@ -249,6 +256,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let preset = DemoPreset::parse(&preset)?;
+            // Every flag is checked before the sweep trains (not when the students start).
+            check_demo_flags(
+                temperature,
+                weight,
+                student_lr_scale,
+                student_epochs,
+                kd_stop,
+            )?;
             let opts = RunOptions {
                 overwrite: true,
                 progress,
@@ -351,6 +366,46 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The demo's numeric flags: each error names the flag, the value and what it accepts.
+fn check_demo_flags(
+    temperature: f32,
+    weight: f32,
+    student_lr_scale: Option<f32>,
+    student_epochs: Option<f64>,
+    kd_stop: f32,
+) -> Result<()> {
+    let bad = |flag: &str, value: String, want: &str| {
+        Err(Error::invalid(
+            "demo",
+            format!("{flag} {value} must be {want}"),
+        ))
+    };
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return bad(
+            "--temperature",
+            temperature.to_string(),
+            "a positive number",
+        );
+    }
+    if !(weight >= 0.0 && weight.is_finite()) {
+        return bad("--weight", weight.to_string(), "a number at least 0");
+    }
+    if let Some(s) = student_lr_scale.filter(|s| !(*s > 0.0 && s.is_finite())) {
+        return bad("--student-lr-scale", s.to_string(), "a positive number");
+    }
+    if let Some(e) = student_epochs.filter(|e| !(*e > 0.0 && e.is_finite())) {
+        return bad(
+            "--student-epochs",
+            e.to_string(),
+            "a positive number of epochs",
+        );
+    }
+    if !(kd_stop > 0.0 && kd_stop <= 1.0) {
+        return bad("--kd-stop", kd_stop.to_string(), "a fraction in (0, 1]");
+    }
+    Ok(())
+}
+
 /// `--device`, spelled as a recipe's `device` (checked, not opened: the trainer opens it).
 fn parse_device_flag(s: &str) -> Result<Device> {
     parse_device_name(s).map_err(|e| match e {
@@ -387,11 +442,20 @@ fn main() -> ExitCode {
     if std::env::var("RECYCLE_MALLOC").as_deref() != Ok("default") {
         recycle_engine::memory::keep_freed_memory();
     }
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // SIGINT / SIGTERM stop a training run between steps, after a checkpoint.
+    if let Err(e) = trainer::interrupt::install_signal_handlers() {
+        eprintln!("warning: SIGINT/SIGTERM will end runs without a checkpoint: {e}");
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            // Interrupted: the shell's convention, 128 + the signal's number.
+            match trainer::interrupt::stop_requested() {
+                Some(signal) => ExitCode::from(128u8.saturating_add(signal as u8)),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

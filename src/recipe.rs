@@ -385,9 +385,15 @@ impl Recipe {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("recipe", msg));
-        if self.name.is_empty() || self.name.contains(['/', '\\']) {
+        // The name is a directory inside out_dir: `.` and `..` would put the run's files in
+        // out_dir itself or above it.
+        if self.name.is_empty()
+            || self.name.contains(['/', '\\', '\0'])
+            || self.name == "."
+            || self.name == ".."
+        {
             return bad(format!(
-                "name `{}` must be non-empty and contain no path separators",
+                "name `{}` must be non-empty, not `.` or `..`, and contain no path separators",
                 self.name
             ));
         }
@@ -414,6 +420,33 @@ impl Recipe {
                 ))
             }
         }
+        match &self.model {
+            ModelRecipe::Resnet { depth, width, .. } => {
+                if ![18, 34, 50].contains(depth) {
+                    return bad(format!("model.depth {depth} is not one of 18, 34 or 50"));
+                }
+                if !(*width > 0.0 && width.is_finite()) {
+                    return bad(format!("model.width {width} must be a positive number"));
+                }
+            }
+            ModelRecipe::Bert { size } => {
+                if !["tiny", "mini", "small", "base"].contains(&size.as_str()) {
+                    return bad(format!(
+                        "model.size `{size}` is not one of tiny, mini, small or base"
+                    ));
+                }
+            }
+        }
+        for (field, limit) in [
+            ("data.train_limit", self.data.train_limit),
+            ("data.eval_limit", self.data.eval_limit),
+        ] {
+            if limit == Some(0) {
+                return bad(format!(
+                    "{field} = 0 leaves no examples: give at least 1 (or leave it out for all)"
+                ));
+            }
+        }
         if self.train.batch_size == 0 {
             return bad("train.batch_size must be at least 1".into());
         }
@@ -436,13 +469,71 @@ impl Recipe {
                 o.warmup
             ));
         }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return bad(format!(
+                "optimizer.momentum {} must be in [0, 1)",
+                o.momentum
+            ));
+        }
+        if o.nesterov && o.momentum == 0.0 {
+            return bad("optimizer.nesterov needs optimizer.momentum above 0".into());
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return bad(format!(
+                "optimizer.weight_decay {} must be a number at least 0",
+                o.weight_decay
+            ));
+        }
+        for (field, beta) in [
+            ("optimizer.betas[0]", o.betas.0),
+            ("optimizer.betas[1]", o.betas.1),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(format!("{field} {beta} must be in [0, 1)"));
+            }
+        }
+        if !(o.eps > 0.0 && o.eps.is_finite()) {
+            return bad(format!("optimizer.eps {} must be a positive number", o.eps));
+        }
+        if !(o.final_lr >= 0.0 && o.final_lr.is_finite()) {
+            return bad(format!(
+                "optimizer.final_lr {} must be a number at least 0",
+                o.final_lr
+            ));
+        }
         if let Some(d) = &self.distill {
             if d.teachers.is_empty() {
                 return bad("distill.teachers is empty: list teacher run directories".into());
             }
+            if !(d.temperature > 0.0 && d.temperature.is_finite()) {
+                return bad(format!(
+                    "distill.temperature {} must be a positive number",
+                    d.temperature
+                ));
+            }
+            if !(d.weight >= 0.0 && d.weight.is_finite()) {
+                return bad(format!(
+                    "distill.weight {} must be a number at least 0",
+                    d.weight
+                ));
+            }
+            if !(0.0 <= d.start && d.start <= d.stop && d.stop <= 1.0) {
+                return bad(format!(
+                    "distill.start {} and distill.stop {} must satisfy 0 <= start <= stop <= 1",
+                    d.start, d.stop
+                ));
+            }
+            if d.every == 0 {
+                return bad("distill.every must be at least 1".into());
+            }
             d.loss().validate()?;
             d.schedule().validate()?;
-            d.strategy()?;
+            d.strategy().map_err(|e| match e {
+                Error::Invalid { msg, .. } => {
+                    Error::invalid("recipe", format!("distill.strategy: {msg}"))
+                }
+                e => e,
+            })?;
         }
         Ok(())
     }

@@ -207,6 +207,7 @@ pub fn save(
     if let Some(msg) = error.into_inner() {
         return Err(Error::checkpoint(path, format!("not saved: {msg}")));
     }
+    test_pause(&format!("checkpoint write {}", path.display()));
     // The data must be on disk before the rename makes it the checkpoint.
     File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| {
         Error::checkpoint(
@@ -235,6 +236,24 @@ pub fn save(
             )
         })?;
     Ok(())
+}
+
+/// For the kill tests: when the environment variable `RECYCLE_TEST_SLOW_MS` holds a number,
+/// prints `recycle-test-pause: <what>` to stderr and sleeps that many milliseconds, so that a
+/// test can kill the process at a moment that is otherwise too short to hit (a checkpoint
+/// written but not yet renamed, an evaluation). Unset (always, outside those tests), it does
+/// nothing.
+pub fn test_pause(what: &str) {
+    static MS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let ms = MS.get_or_init(|| {
+        std::env::var("RECYCLE_TEST_SLOW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(ms) = *ms {
+        eprintln!("recycle-test-pause: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 fn le_chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {

@@ -37,9 +37,22 @@ pub fn run_sweep(base: &Recipe, lrs: &[f32], opts: &RunOptions) -> Result<Vec<Sw
             "no learning rates: give at least one, e.g. --lrs 0.1,0.2,0.4".to_string(),
         ));
     }
+    // Every point is checked before the first trains, and no two may share a run directory.
+    let recipes: Vec<Recipe> = lrs.iter().map(|&lr| sweep_recipe(base, lr)).collect();
+    for (i, r) in recipes.iter().enumerate() {
+        r.validate()?;
+        if let Some(first) = recipes[..i].iter().find(|q| q.name == r.name) {
+            return Err(Error::invalid(
+                "sweep",
+                format!(
+                    "learning rates {} and {} both name run `{}`: give each rate once",
+                    first.optimizer.lr, r.optimizer.lr, r.name
+                ),
+            ));
+        }
+    }
     let mut points = Vec::new();
-    for &lr in lrs {
-        let r = sweep_recipe(base, lr);
+    for (&lr, r) in lrs.iter().zip(recipes) {
         eprintln!("sweep: training {} (lr {lr})", r.name);
         let summary = trainer::run(&r, opts)?;
         points.push(SweepPoint {

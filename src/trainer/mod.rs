@@ -18,7 +18,10 @@
 //! [`Trainer`] runs a recipe one step at a time (services drive it through the C ABI, reading
 //! its metrics and checkpointing between steps); [`run`] is a loop over it.
 
+pub mod interrupt;
+pub mod lock;
 pub mod model;
+mod resume;
 mod runner;
 pub mod step;
 
@@ -56,6 +59,9 @@ pub struct RunOptions {
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const FINAL_FILE: &str = "final.safetensors";
 pub const LOG_FILE: &str = "log.jsonl";
+/// The recipe a run was started with, which `--resume` checks the given one against.
+pub const RECIPE_FILE: &str = "recipe.toml";
+pub use crate::experiments::runlog::SUMMARY_FILE;
 
 /// The data of a run, loaded once.
 pub enum TaskData {
@@ -356,7 +362,7 @@ pub fn evaluate(model: &Model, data: &TaskData, batch_size: usize) -> Result<f32
     if total == 0 {
         return Err(Error::invalid(
             "evaluate",
-            "the evaluation split is empty: raise data.eval_limit".to_string(),
+            "the evaluation split is empty: data.eval_limit must be at least 1".to_string(),
         ));
     }
     Ok(correct as f32 / total as f32)
@@ -401,6 +407,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         .stop_after
         .map_or(trainer.total_steps(), |s| s.min(trainer.total_steps()));
     while trainer.current_step() < stop_at {
+        // SIGINT / SIGTERM (see `interrupt`): a checkpoint, then an error saying how to go on.
+        if let Some(signal) = interrupt::stop_requested() {
+            let why = format!("interrupted by {}", interrupt::signal_name(signal));
+            return Err(trainer.stop(&why));
+        }
         trainer.step()?;
     }
     trainer.finish()

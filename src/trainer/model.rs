@@ -74,11 +74,16 @@ impl Model {
         })
     }
 
-    /// A student loaded from a safetensors state dict.
+    /// A student loaded from a safetensors state dict (whose weights must be floats: a tensor
+    /// tagged as integers is an error naming it, not weights).
     pub fn load(arch: &Architecture, path: &Path) -> Result<Model> {
+        let state = recycle_engine::checkpoint::load(path)?.tensors;
+        check_float_tensors(path, &state)?;
         Ok(match arch {
-            Architecture::ResNet(c) => Model::ResNet(ResNet::load(c.clone(), path)?),
-            Architecture::Bert(c) => Model::Bert(Bert::load(c.clone(), path)?),
+            Architecture::ResNet(c) => {
+                Model::ResNet(ResNet::from_state_dict(c.clone(), state, path)?)
+            }
+            Architecture::Bert(c) => Model::Bert(Bert::from_state_dict(c.clone(), state, path)?),
         })
     }
 
@@ -216,6 +221,27 @@ impl Model {
             )),
         }
     }
+}
+
+/// The tensors of a checkpoint that the model holds as floats must be floats in the file: a
+/// tensor tagged I32 would otherwise be read as weights (integers converted to floats).
+pub(crate) fn check_float_tensors(path: &Path, state: &[(String, Tensor)]) -> Result<()> {
+    let wrong: Vec<String> = state
+        .iter()
+        .filter(|(n, t)| !t.dtype().is_float() && !n.ends_with("num_batches_tracked"))
+        .map(|(n, t)| format!("`{n}` ({})", t.dtype()))
+        .collect();
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(Error::checkpoint(
+        path,
+        format!(
+            "weights must be floating point (F32, BF16 or F16), these are integers: {}; the \
+             file is corrupt or not a checkpoint of this model",
+            wrong.join(", ")
+        ),
+    ))
 }
 
 #[cfg(test)]

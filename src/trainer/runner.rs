@@ -9,10 +9,14 @@ use recycle_engine::optim::{LrSchedule, Optimizer};
 use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
+use super::lock::RunLock;
+use super::resume::{
+    check_allocatable, check_same_recipe, checkpoint_step, load_checkpoint, remove_temp_files,
+};
 use super::{
     architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
     mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
@@ -20,11 +24,11 @@ use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSu
 use crate::recipe::{Activations, Recipe};
 
 /// Where a run stands: what a checkpoint records besides the weights and optimizer state.
-struct Progress {
-    step: u64,
-    samples: u64,
-    train_seconds: f64,
-    teacher_forwards: u64,
+pub(super) struct Progress {
+    pub(super) step: u64,
+    pub(super) samples: u64,
+    pub(super) train_seconds: f64,
+    pub(super) teacher_forwards: u64,
 }
 
 /// What a [`Trainer`] reports between steps.
@@ -78,45 +82,30 @@ pub struct Trainer {
     last_step: Option<(f32, StepOutput)>,
     batches: Box<dyn Iterator<Item = Result<Batch>>>,
     progress: Option<indicatif::ProgressBar>,
+    /// Held for the trainer's life: one process per run directory.
+    _lock: RunLock,
 }
 
 impl Trainer {
-    /// Prepares a run: opens the recipe's device (before anything is written: a GPU that is
-    /// not there leaves no trace), checks the run directory (an existing run needs
-    /// `opts.resume` or `opts.overwrite`), records the recipe, loads the data, the student
-    /// (from the checkpoint when resuming) and the teachers. On a GPU the student's parameters,
-    /// gradients and buffers, the optimizer state and the teachers live there; the loader
-    /// builds each batch on the CPU and the step uploads it. `opts.stop_after` and
-    /// `opts.reuse_finished` are for [`super::run`]; this ignores them.
+    /// Prepares a run. Everything that can fail on the recipe's values (the device, the data,
+    /// the model and its size, the optimizer, the schedule, the teachers) is checked before the
+    /// run directory is touched; then the directory is created and locked ([`RunLock`]: a
+    /// second process training into it is refused), temporary files of killed writes are
+    /// removed, and the existing run is checked: it needs `opts.resume` (which refuses a recipe
+    /// that differs from the recorded one, and a checkpoint whose step lies beyond the run's
+    /// end) or `opts.overwrite` (which removes the old run's checkpoint and results). On a GPU
+    /// the student's parameters, gradients and buffers, the optimizer state and the teachers
+    /// live there; the loader builds each batch on the CPU and the step uploads it.
+    /// `opts.stop_after` and `opts.reuse_finished` are for [`super::run`]; this ignores them.
     pub fn new(recipe: &Recipe, opts: &RunOptions) -> Result<Trainer> {
         recipe.validate()?;
         let (device, device_name) = open_device(recipe)?;
         let dir = recipe.out_dir.join(&recipe.name);
-        let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
-        if opts.resume && !has_checkpoint {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "--resume: {} has no checkpoint to resume from",
-                    dir.display()
-                ),
-            ));
-        }
-        if !opts.resume && dir.join(LOG_FILE).exists() && !opts.overwrite {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "{} already holds a run: pass --resume to continue it or --overwrite to start again",
-                    dir.display()
-                ),
-            ));
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        write_atomic(dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
 
         let data = TaskData::load(recipe)?;
         let arch = architecture(recipe, &data)?;
         let total = total_steps(recipe, data.train_len())?;
+        check_allocatable(recipe, &arch)?;
         let student = match recipe.activations {
             Activations::F32 => Model::new(&arch, recipe.seed)?,
             Activations::Bf16 => Model::new(&arch, recipe.seed)?.with_activations(DType::BF16)?,
@@ -143,8 +132,53 @@ impl Trainer {
             None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
         };
 
-        let state = if opts.resume {
-            load_checkpoint(&dir, &student, optimizer.as_mut())?
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock = RunLock::acquire(&dir)?;
+        remove_temp_files(&dir)?;
+        let recorded = dir.join(RECIPE_FILE);
+        let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
+        if opts.resume {
+            if !has_checkpoint && !recorded.exists() {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "--resume: {} holds no run to resume (no {CHECKPOINT_FILE}, no \
+                         {RECIPE_FILE}): train it without --resume",
+                        dir.display()
+                    ),
+                ));
+            }
+            if recorded.exists() {
+                check_same_recipe(&recorded, recipe)?;
+            }
+        } else if dir.join(LOG_FILE).exists() && !opts.overwrite {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "{} already holds a run: pass --resume to continue it or --overwrite to start again",
+                    dir.display()
+                ),
+            ));
+        } else {
+            // A fresh start: nothing of a previous run in this directory may be resumed or
+            // reported as this one's.
+            for stale in [CHECKPOINT_FILE, FINAL_FILE, SUMMARY_FILE] {
+                match std::fs::remove_file(dir.join(stale)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io(dir.join(stale), e))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // On resume the recorded recipe stays (it was checked to be this one).
+        if !opts.resume || !recorded.exists() {
+            write_atomic(&recorded, recipe.to_toml()?.as_bytes())?;
+        }
+
+        // Resuming a run that stopped before its first checkpoint starts it from step 0.
+        let state = if opts.resume && has_checkpoint {
+            load_checkpoint(&dir, &student, optimizer.as_mut(), total, recipe)?
         } else {
             Progress {
                 step: 0,
@@ -193,6 +227,7 @@ impl Trainer {
             last_step: None,
             batches,
             progress,
+            _lock: lock,
         })
     }
 
@@ -305,9 +340,9 @@ impl Trainer {
                 Error::invalid(
                     "train",
                     format!(
-                        "run `{}` stopped at step {step}: {e}; the last good checkpoint is {}",
+                        "run `{}` stopped at step {step}: {e}; {}",
                         self.recipe.name,
-                        self.dir.join(CHECKPOINT_FILE).display()
+                        self.how_to_continue()
                     ),
                 )
             })?;
@@ -319,6 +354,7 @@ impl Trainer {
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
         let eval = if self.evals.contains(&self.state.step) {
+            checkpoint::test_pause(&format!("evaluation after step {}", self.state.step));
             let v = evaluate(&self.student, &self.data, batch.max(256))?;
             self.last_eval = Some(v);
             Some(v)
@@ -341,6 +377,7 @@ impl Trainer {
         if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
             self.save_checkpoint(self.dir.join(CHECKPOINT_FILE))?;
         }
+        checkpoint::test_pause(&format!("step {} done", self.state.step));
         if let Some(p) = &self.progress {
             p.set_position(self.state.step);
             p.set_message(format!(
@@ -361,6 +398,50 @@ impl Trainer {
             done += 1;
         }
         Ok(done)
+    }
+
+    /// Ends the run before its last step: writes the checkpoint and returns the error that
+    /// says so (`why`, e.g. "stopped" or "interrupted by SIGTERM") and how to continue. When the
+    /// checkpoint cannot be written, the error says that and where the previous one is.
+    pub fn stop(&self, why: &str) -> Error {
+        if let Some(p) = &self.progress {
+            p.finish_and_clear();
+        }
+        let (name, step, total) = (&self.recipe.name, self.state.step, self.total);
+        match self.save_checkpoint(self.dir.join(CHECKPOINT_FILE)) {
+            Ok(()) => Error::invalid(
+                "train",
+                format!(
+                    "run `{name}` {why} after step {step} of {total}; its checkpoint {} holds \
+                     that step: continue it with --resume",
+                    self.dir.join(CHECKPOINT_FILE).display()
+                ),
+            ),
+            Err(e) => Error::invalid(
+                "train",
+                format!(
+                    "run `{name}` {why} after step {step} of {total}, and its checkpoint could \
+                     not be written: {e}; {}",
+                    self.how_to_continue()
+                ),
+            ),
+        }
+    }
+
+    /// What a user can do after a failure: resume from the checkpoint the run directory holds,
+    /// or, when none was written yet, start again (which `--resume` then does, from step 0).
+    fn how_to_continue(&self) -> String {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        match checkpoint_step(&path) {
+            Some(step) => format!(
+                "the last good checkpoint is {} (step {step}): continue with --resume",
+                path.display()
+            ),
+            None => format!(
+                "no checkpoint was written yet in {}: --resume starts the run again from step 0",
+                self.dir.display()
+            ),
+        }
     }
 
     /// Writes a resumable checkpoint (model, optimizer state, step, samples, seconds, teacher
@@ -399,14 +480,7 @@ impl Trainer {
         }
         let (total, batch) = (self.total, self.recipe.train.batch_size);
         if self.state.step < total {
-            self.save_checkpoint(self.dir.join(CHECKPOINT_FILE))?;
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "run `{}` stopped after step {} of {total}; continue it with --resume",
-                    self.recipe.name, self.state.step
-                ),
-            ));
+            return Err(self.stop("stopped"));
         }
         let final_eval = match self.last_eval {
             Some(v) => v,
@@ -451,35 +525,4 @@ fn teacher_activations(device: Device, activations: Activations) -> Option<DType
         (Device::Cpu, Activations::F32) => None,
         _ => Some(DType::BF16),
     }
-}
-
-fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> Result<Progress> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let ckpt = checkpoint::load(&path)?;
-    let meta = |k: &str| -> Result<String> {
-        ckpt.metadata
-            .get(k)
-            .cloned()
-            .ok_or_else(|| Error::checkpoint(&path, format!("metadata `{k}` is missing")))
-    };
-    let num = |k: &str| -> Result<u64> {
-        meta(k)?
-            .parse()
-            .map_err(|_| Error::checkpoint(&path, format!("metadata `{k}` is not a number")))
-    };
-    let state: Vec<(String, Tensor)> = ckpt
-        .tensors
-        .iter()
-        .filter_map(|(n, t)| n.strip_prefix("model.").map(|n| (n.to_string(), t.clone())))
-        .collect();
-    model.load_state_dict(state, &path)?;
-    optimizer.load_state(&ckpt.tensors)?;
-    Ok(Progress {
-        step: num("step")?,
-        samples: num("samples")?,
-        train_seconds: meta("train_seconds")?
-            .parse()
-            .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
-        teacher_forwards: num("teacher_forwards")?,
-    })
 }
