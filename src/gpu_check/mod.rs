@@ -55,6 +55,7 @@
 //! count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
 //! row in `nccl`; the throughput measurement in `throughput`.
 
+pub mod alignment;
 mod allocations;
 mod checker;
 mod host_copy;
