@@ -115,8 +115,7 @@ mod tests {
         for (name, arch) in models() {
             let ops = blas_operands(&arch);
             assert!(!ops.is_empty(), "{name}");
-            let low_f32: Vec<&OperandAlignment> =
-                ops.iter().filter(|o| o.f32_bytes < 16).collect();
+            let low_f32: Vec<&OperandAlignment> = ops.iter().filter(|o| o.f32_bytes < 16).collect();
             let low_bf16: Vec<&OperandAlignment> =
                 ops.iter().filter(|o| o.bf16_bytes < 16).collect();
             let min_f32 = ops.iter().map(|o| o.f32_bytes).min().unwrap();
