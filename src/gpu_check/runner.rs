@@ -256,7 +256,7 @@ mod tests {
         let groups = vec![
             Group::new("slow", move |_: &mut Checker| {
                 *counter.borrow_mut() += 1;
-                std::thread::sleep(Duration::from_millis(60));
+                std::thread::sleep(Duration::from_millis(600));
                 Ok(())
             }),
             ok_group("late", 0.0),
@@ -265,7 +265,7 @@ mod tests {
         let progress = Progress {
             header: String::new(),
             table_file: None,
-            deadline: Some(Instant::now() + Duration::from_millis(30)),
+            deadline: Some(Instant::now() + Duration::from_millis(500)),
         };
         let mut c = Checker::new(Device::Cpu);
         let outcome = run_groups(&mut c, groups, &progress).unwrap();
