@@ -259,7 +259,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         c.echo = Some(runner::stdout_echo());
     }
     cuda::set_poison_allocations(ordinal, true)?;
-    let mut allocations = None;
+    let mut per_step = None;
     let groups = vec![
         Group::new("tensors", ops::tensor_checks),
         Group::new("host copies", host_copy::host_copy_checks),
@@ -274,7 +274,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         Group::new("optimizers", loss_optim::optimizer_checks),
         Group::new("distillation loss", loss_optim::kd_loss_checks),
         Group::new("allocations per step", |c: &mut Checker| {
-            allocations = Some(allocations::allocation_check(c)?);
+            per_step = Some(allocations::allocation_check(c)?);
             Ok(())
         }),
         Group::new("model steps", models::model_step_checks),
@@ -297,7 +297,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         ));
     }
     let (allocations_per_step, step_description) =
-        allocations.unwrap_or((0, "not measured: its group failed or did not run".into()));
+        per_step.unwrap_or((0, "not measured: its group failed or did not run".into()));
     Ok(GpuCheckReport {
         device: info,
         rows: c.rows,
