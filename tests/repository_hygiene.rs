@@ -227,8 +227,8 @@ fn repository_files(root: &Path) -> Vec<PathBuf> {
 
 fn walk(root: &Path, rel: &Path, files: &mut Vec<PathBuf>) {
     let dir = root.join(rel);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let entries =
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
     for entry in entries {
         let entry = entry.unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
         let name = entry.file_name();
