@@ -234,8 +234,12 @@ fn walk(root: &Path, rel: &Path, files: &mut Vec<PathBuf>) {
         let name = entry.file_name();
         let rel = rel.join(&name);
         let kind = entry.file_type().expect("file type");
+        // `.git` is a folder in a clone and a file pointing elsewhere in a worktree.
+        if name == ".git" {
+            continue;
+        }
         if kind.is_dir() {
-            if rel != Path::new("target") && name != ".git" {
+            if rel != Path::new("target") {
                 walk(root, &rel, files);
             }
         } else if kind.is_file() {
