@@ -17,7 +17,7 @@
 //! RECYCLE_BENCH_DEVICE=cuda:0 cargo bench --features cuda --bench kd_overhead
 //! ```
 //!
-//! The GPU runs are compiled, not yet run on a GPU (docs/benchmarks.md).
+//! GPU figures and what has run on a GPU: docs/benchmarks.md and docs/cuda.md.
 
 use std::time::Duration;
 

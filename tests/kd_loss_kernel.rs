@@ -1,6 +1,6 @@
 //! The fused loss kernel (`kernels/src/kd_loss.cu`) against its CPU twin `kd_loss_cpu`, run on
 //! the kernel simulator (`recycle_kernels::sim`: the kernel's CUDA source on CPU threads, with
-//! its real block reductions and warp shuffles) at the vocabulary sizes of issue 6 — 10, 1000
+//! its real block reductions and warp shuffles) at the vocabulary sizes the models use — 10, 1000
 //! and BERT's 30522 — for KL and MSE, one to four teachers averaged in the kernel, f32 and bf16
 //! logits, a row mask, ignored labels, and the gradient written in place or beside the logits.
 //!

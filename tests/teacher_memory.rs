@@ -1,4 +1,4 @@
-//! What a teacher costs in memory on the CPU (issue 6: "a teacher costs its weights plus a
+//! What a teacher costs in memory on the CPU (the claim: "a teacher costs its weights plus a
 //! bounded workspace"), measured with the counting allocator this test binary installs.
 //!
 //! For a small ResNet and a small BERT: the peak heap bytes of a plain training step (no

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Where a PyTorch training step spends its time, for the models of torch_kd_overhead.py.
 
-Beside ../shared/reference/torch_kd_overhead.py (the peer, run unchanged), this times the
+Beside scripts/reference/torch_kd_overhead.py (the per-step distillation peer), this times the
 phases of the same plain step, interleaved as the peer does: student forward, forward +
 backward, the whole step (forward, backward, optimizer) and a teacher forward. For BERT it adds
 the *masked head* variant: the MLM head (transform + vocabulary projection) applied only at the
 masked positions, as recycle's BERT does (Hugging Face's BertForMaskedLM, which the peer uses,
 projects every position onto the 30522-word vocabulary, ~7x the work at 15% masking). That
 variant is the equal-work PyTorch counterpart of recycle's plain and KD steps; KD runs on the
-masked positions only in it.
+masked positions only in it (torch_kd_overhead.py --mlm-head masked measures the same step
+with its KD variants).
 
     python3 scripts/reference/torch_step_breakdown.py --model resnet18-fmnist --batch 128
     python3 scripts/reference/torch_step_breakdown.py --model bert-tiny --batch 32

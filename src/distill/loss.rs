@@ -517,7 +517,7 @@ pub fn kd_loss(
 }
 
 /// The CUDA arm of [`kd_loss`]: the fused kernel (`kd_loss.cu`, through
-/// `recycle_engine::cuda::kd_loss`), the gradient left on the GPU. Compiled, not run on a GPU.
+/// `recycle_engine::cuda::kd_loss`), the gradient left on the GPU.
 fn kd_loss_cuda(
     tape: &Tape,
     cfg: &KdLoss,

@@ -7,8 +7,8 @@
 //! and the step), the final weights (`final.safetensors`) and `summary.json`.
 //!
 //! The recipe's `device` ([`open_device`]) holds the student, its optimizer state and the
-//! teachers; the loader builds batches on the CPU and each step uploads its own (on a GPU:
-//! compiled, not yet run on one; see `docs/cuda.md`).
+//! teachers; the loader builds batches on the CPU and each step uploads its own (see
+//! `docs/cuda.md`).
 //!
 //! Everything random is a function of `(seed, step)` — data order, MLM masks, dropout, teacher
 //! sampling — so `resume` continues a stopped run to the same weights bit for bit (on the CPU).

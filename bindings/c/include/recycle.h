@@ -233,8 +233,10 @@ int32_t recycle_trainer_save_checkpoint(struct RecycleTrainer *trainer, const ch
 /**
  * Finishes a run whose steps are all done: the final evaluation, `final.safetensors` and
  * `summary.json` in the run directory; writes the final evaluation metric to `*final_eval`
- * unless it is NULL. Afterwards only `recycle_trainer_metrics` and `recycle_trainer_free`
- * accept the trainer.
+ * unless it is NULL. Afterwards, whether it succeeded or not, only `recycle_trainer_metrics`
+ * (the metrics of the last step) and `recycle_trainer_free` accept the trainer; the other
+ * calls return `RECYCLE_ERROR_INVALID_ARGUMENT` with a message saying why (after a failed
+ * finish: its reason, and to resume the run from its last checkpoint).
  *
  * # Safety
  * `trainer` comes from `recycle_trainer_new`; `final_eval` is NULL or writable.

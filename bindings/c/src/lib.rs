@@ -14,7 +14,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use recycle::distill::{kd_loss_cpu, KdLoss};
-use recycle::experiments::RunSummary;
 use recycle::recipe::Recipe;
 use recycle::trainer::{RunOptions, Trainer, TrainerMetrics};
 
@@ -49,9 +48,16 @@ pub const RECYCLE_LABELS_I64: i32 = 1;
 
 /// A trainer (opaque): create with `recycle_trainer_new`, release with `recycle_trainer_free`.
 pub struct RecycleTrainer {
-    trainer: Option<Trainer>,
-    /// Metrics at `recycle_trainer_finish` (the trainer is consumed then).
-    finished: Option<(TrainerMetrics, RunSummary)>,
+    state: State,
+}
+
+/// Where a handle stands. `recycle_trainer_finish` consumes the trainer whether it succeeds or
+/// not, so both outcomes keep the metrics of the last step for `recycle_trainer_metrics`.
+enum State {
+    Running(Box<Trainer>),
+    Finished(TrainerMetrics),
+    /// The finish failed (a full disk, an unwritable run directory): the message says why.
+    FinishFailed(TrainerMetrics, String),
 }
 
 /// Where a run stands. Values that do not exist yet are NaN: the losses and learning rate
@@ -196,11 +202,19 @@ fn engine(func: &str, e: recycle::engine::Error) -> Failure {
 /// thread during the call.
 unsafe fn trainer_mut<'a>(t: *mut RecycleTrainer, func: &str) -> Result<&'a mut Trainer, Failure> {
     non_null(t, func, "trainer")?;
-    match (*t).trainer.as_mut() {
-        Some(tr) => Ok(tr),
-        None => fail(
+    match &mut (*t).state {
+        State::Running(tr) => Ok(tr),
+        State::Finished(_) => fail(
             RECYCLE_ERROR_INVALID_ARGUMENT,
             format!("{func}: the trainer is finished; create a new one to train again"),
+        ),
+        State::FinishFailed(_, why) => fail(
+            RECYCLE_ERROR_INVALID_ARGUMENT,
+            format!(
+                "{func}: this trainer's recycle_trainer_finish failed ({why}), so it can no \
+                 longer train, save or finish; free it, fix the cause, and create a trainer \
+                 with RECYCLE_RESUME to continue from the run's last checkpoint"
+            ),
         ),
     }
 }
@@ -265,8 +279,7 @@ pub unsafe extern "C" fn recycle_trainer_new(
         };
         let trainer = Trainer::new(&recipe, &opts).map_err(|e| engine(F, e))?;
         *out = Box::into_raw(Box::new(RecycleTrainer {
-            trainer: Some(trainer),
-            finished: None,
+            state: State::Running(Box::new(trainer)),
         }));
         Ok(())
     })
@@ -314,11 +327,9 @@ pub unsafe extern "C" fn recycle_trainer_metrics(
     guard(|| {
         non_null(trainer, F, "trainer")?;
         non_null(out, F, "out")?;
-        let t = &*trainer;
-        *out = match (&t.trainer, &t.finished) {
-            (Some(tr), _) => metrics_to_c(&tr.metrics()),
-            (None, Some((m, _))) => metrics_to_c(m),
-            (None, None) => unreachable!("a trainer is either running or finished"),
+        *out = match &(*trainer).state {
+            State::Running(tr) => metrics_to_c(&tr.metrics()),
+            State::Finished(m) | State::FinishFailed(m, _) => metrics_to_c(m),
         };
         Ok(())
     })
@@ -351,8 +362,10 @@ pub unsafe extern "C" fn recycle_trainer_save_checkpoint(
 
 /// Finishes a run whose steps are all done: the final evaluation, `final.safetensors` and
 /// `summary.json` in the run directory; writes the final evaluation metric to `*final_eval`
-/// unless it is NULL. Afterwards only `recycle_trainer_metrics` and `recycle_trainer_free`
-/// accept the trainer.
+/// unless it is NULL. Afterwards, whether it succeeded or not, only `recycle_trainer_metrics`
+/// (the metrics of the last step) and `recycle_trainer_free` accept the trainer; the other
+/// calls return `RECYCLE_ERROR_INVALID_ARGUMENT` with a message saying why (after a failed
+/// finish: its reason, and to resume the run from its last checkpoint).
 ///
 /// # Safety
 /// `trainer` comes from `recycle_trainer_new`; `final_eval` is NULL or writable.
@@ -379,13 +392,27 @@ pub unsafe extern "C" fn recycle_trainer_finish(
             );
         }
         let metrics = t.metrics();
-        let inner = (*trainer).trainer.take().expect("checked above");
-        let summary = inner.finish().map_err(|e| engine(F, e))?;
-        if !final_eval.is_null() {
-            *final_eval = summary.final_eval;
+        // The trainer is consumed either way; the handle keeps the outcome (with the metrics
+        // and, on failure, the reason) so that every later call answers with a status.
+        let placeholder = State::Finished(metrics);
+        let State::Running(inner) = std::mem::replace(&mut (*trainer).state, placeholder) else {
+            return fail(
+                RECYCLE_ERROR_INVALID_ARGUMENT,
+                format!("{F}: the trainer is not running"),
+            );
+        };
+        match inner.finish() {
+            Ok(summary) => {
+                if !final_eval.is_null() {
+                    *final_eval = summary.final_eval;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                (*trainer).state = State::FinishFailed(metrics, e.to_string());
+                Err(engine(F, e))
+            }
         }
-        (*trainer).finished = Some((metrics, summary));
-        Ok(())
     })
 }
 

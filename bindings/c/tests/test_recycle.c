@@ -6,10 +6,12 @@
  * Usage: test_recycle OUT_DIR   (needs Debian's dataset-fashion-mnist for the training run)
  * Built and run by bindings/c/tests/c_program.rs (cargo test -p recycle-c).
  */
+#define _POSIX_C_SOURCE 200809L /* mkdir */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "recycle.h"
 
@@ -208,18 +210,22 @@ static void test_loss_errors(void) {
 /* Training                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
-static char *recipe_text(const char *out_dir, const char *lr) {
+static char *recipe_named(const char *name, const char *out_dir, const char *lr) {
     const char *fmt =
-        "name = \"c-abi\"\n"
+        "name = \"%s\"\n"
         "out_dir = \"%s\"\n"
         "[model]\nkind = \"resnet\"\nwidth = 0.0625\n"
         "[data]\ndataset = \"fashion-mnist\"\ntrain_limit = 256\neval_limit = 128\n"
         "[train]\nbatch_size = 32\nepochs = 1.0\nevals = 2\n"
         "[optimizer]\nkind = \"sgdw\"\nlr = %s\nweight_decay = 5e-4\nwarmup = 0.1\n";
-    size_t n = strlen(fmt) + strlen(out_dir) + strlen(lr) + 1;
+    size_t n = strlen(fmt) + strlen(name) + strlen(out_dir) + strlen(lr) + 1;
     char *s = malloc(n);
-    snprintf(s, n, fmt, out_dir, lr);
+    snprintf(s, n, fmt, name, out_dir, lr);
     return s;
+}
+
+static char *recipe_text(const char *out_dir, const char *lr) {
+    return recipe_named("c-abi", out_dir, lr);
 }
 
 static int file_exists(const char *path) {
@@ -313,6 +319,55 @@ static void test_training(const char *out_dir) {
     free(recipe);
 }
 
+/* A finish that cannot write final.safetensors (here a non-empty directory stands where the
+ * file goes, which no user, root included, can replace with a file): the finish fails with
+ * an engine status, and every later call on the handle answers with a status and a message,
+ * never the internal-error path. */
+static void test_failed_finish(const char *out_dir) {
+    printf("a finish that fails\n");
+    RecycleTrainer *t = NULL;
+    char *recipe = recipe_named("c-abi-blocked", out_dir, "0.1");
+    expect_status(recycle_trainer_new(recipe, RECYCLE_OVERWRITE, &t), RECYCLE_OK, "new");
+    free(recipe);
+    if (t == NULL) return;
+    uint64_t ran = 0;
+    expect_status(recycle_trainer_run_steps(t, 100, &ran), RECYCLE_OK, "run every step");
+
+    size_t n = strlen(out_dir) + 64;
+    char *blocker = malloc(n), *inner = malloc(n);
+    snprintf(blocker, n, "%s/c-abi-blocked/final.safetensors", out_dir);
+    snprintf(inner, n, "%s/c-abi-blocked/final.safetensors/keep", out_dir);
+    CHECK(mkdir(blocker, 0755) == 0 && mkdir(inner, 0755) == 0, "cannot create %s", inner);
+
+    float final_eval = -1.0f;
+    expect_status(recycle_trainer_finish(t, &final_eval), RECYCLE_ERROR_ENGINE,
+                  "finish onto an unwritable final.safetensors");
+    CHECK(strstr(recycle_last_error(), "final.safetensors") != NULL,
+          "the finish error names the file: %s", recycle_last_error());
+    CHECK(final_eval == -1.0f, "a failed finish wrote final_eval %f", final_eval);
+
+    RecycleMetrics m;
+    expect_status(recycle_trainer_metrics(t, &m), RECYCLE_OK, "metrics after a failed finish");
+    CHECK(m.step == 8 && m.done, "step %llu, done %d", (unsigned long long)m.step, m.done);
+    size_t cn = strlen(out_dir) + 32;
+    char *ckpt = malloc(cn);
+    snprintf(ckpt, cn, "%s/after-failure.safetensors", out_dir);
+    expect_status(recycle_trainer_save_checkpoint(t, ckpt), RECYCLE_ERROR_INVALID_ARGUMENT,
+                  "save after a failed finish");
+    CHECK(strstr(recycle_last_error(), "finish failed") != NULL &&
+              strstr(recycle_last_error(), "RECYCLE_RESUME") != NULL,
+          "the message gives the reason and what to do: %s", recycle_last_error());
+    CHECK(!file_exists(ckpt), "%s was written after a failed finish", ckpt);
+    expect_status(recycle_trainer_run_steps(t, 1, &ran), RECYCLE_ERROR_INVALID_ARGUMENT,
+                  "run_steps after a failed finish");
+    expect_status(recycle_trainer_finish(t, &final_eval), RECYCLE_ERROR_INVALID_ARGUMENT,
+                  "finish again after a failed finish");
+    expect_status(recycle_trainer_free(t), RECYCLE_OK, "free after a failed finish");
+    free(ckpt);
+    free(inner);
+    free(blocker);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
@@ -321,6 +376,7 @@ int main(int argc, char **argv) {
     test_loss();
     test_loss_errors();
     test_training(argv[1]);
+    test_failed_finish(argv[1]);
     printf("%d checks, %d failed\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

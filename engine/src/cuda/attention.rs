@@ -1,6 +1,6 @@
 //! The CUDA arm of `scaled_dot_product_attention`, composed of ops that have CUDA arms:
 //! `batched_matmul` (cuBLASLt), `scale`, a broadcast `add` of the padding mask, `softmax`,
-//! `dropout` and `batched_matmul`. **Compiled, not run on a GPU.**
+//! `dropout` and `batched_matmul`.
 //!
 //! Unlike the fused CPU op it keeps the scores as well as the probabilities for the backward
 //! (each part records its own backward on the tape); a fused kernel (flash attention) is the

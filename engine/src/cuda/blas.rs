@@ -1,4 +1,4 @@
-//! Matrix products through cuBLASLt. **Compiled, not run on a GPU.**
+//! Matrix products through cuBLASLt.
 //!
 //! The engine's tensors are row-major and cuBLASLt is column-major. A row-major `[r, c]`
 //! buffer read column-major is its transpose `[c, r]`, so the row-major product

@@ -1,6 +1,5 @@
 //! The CUDA arm of `conv2d`: cuDNN forward, backward-data and backward-filter
 //! ([`super::dnn`]), the bias through the `channel_add` / `channel_sum` kernels of `bias_add`.
-//! **Compiled, not run on a GPU.**
 //!
 //! Types as for the products: the convolution runs in the input's type (the weight is cast to
 //! it when it differs), the output has that type, and each gradient the type of its tensor.

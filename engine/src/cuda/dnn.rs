@@ -1,5 +1,4 @@
-//! Convolutions through cuDNN (legacy convolution API of cuDNN 9). **Compiled, not run on a
-//! GPU.**
+//! Convolutions through cuDNN (legacy convolution API of cuDNN 9).
 //!
 //! NCHW tensors and `[O, C, kh, kw]` filters, f32 or bf16 storage, always fp32 compute
 //! (`CUDNN_DATA_FLOAT` in the convolution descriptor). f32 convolutions ask for

@@ -1,4 +1,4 @@
-//! The CUDA arm of `dropout` (kernel `dropout.cu`). **Compiled, not run on a GPU.**
+//! The CUDA arm of `dropout` (kernel `dropout.cu`).
 //!
 //! The mask is the engine's counter-based rule (`rng::uniform_at(seed, i) >= p` for element `i`
 //! of the tensor in row-major order; the kernels share the hash with `rng.rs`, checked bit for

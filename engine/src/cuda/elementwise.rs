@@ -2,7 +2,6 @@
 //! `add_scalar`, `bias_add`), the activations (`relu`, `gelu`, `tanh`), and the tensor copies,
 //! casts and accumulation (`Tensor::deep_copy`, `cast`, `copy_from`, `add_assign`): the
 //! `elementwise` kernel family (`elementwise.cu`). Broadcasting binary ops go to `layout.rs`.
-//! **Compiled, not run on a GPU.**
 
 use recycle_kernels::launch as kl;
 use recycle_kernels::names;

@@ -1,5 +1,4 @@
-//! The CUDA arm of `embedding` and `gather_rows` (kernels `embedding.cu`). **Compiled, not run
-//! on a GPU.**
+//! The CUDA arm of `embedding` and `gather_rows` (kernels `embedding.cu`).
 //!
 //! Both are row gathers: `out[p] = table[ids[p]]`, one block per position. The ids are checked
 //! on the host first (the CPU op's error for an id out of range), so they are copied back when

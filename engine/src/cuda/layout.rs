@@ -1,6 +1,6 @@
 //! The CUDA arm of the layout ops (`permute`/`transpose`, `narrow`, `concat`), the
 //! reductions (`sum`, `mean`, `sum_axis`) and broadcasting `add`/`sub`/`mul` (kernels
-//! `layout.cu`). **Compiled, not run on a GPU.**
+//! `layout.cu`).
 //!
 //! Every layout change is one kernel, `strided_copy`: an iteration shape, the strides to read
 //! with and the strides to write with (a permuted read for `permute`, a window read for

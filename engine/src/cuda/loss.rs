@@ -1,6 +1,6 @@
 //! The CUDA arm of the losses: `cross_entropy` (the `cross_entropy` kernel family) and the
 //! fused distillation loss behind [`super::kd_loss`] (the `kd_loss` family; its CPU twin is
-//! the root crate's `kd_loss_cpu`). **Compiled, not run on a GPU.**
+//! the root crate's `kd_loss_cpu`).
 
 use recycle_kernels::kd::{self as kdh, KdScalars, TeacherLogits};
 use recycle_kernels::launch as kl;

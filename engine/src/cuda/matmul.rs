@@ -1,5 +1,5 @@
 //! The CUDA arm of `matmul`, `batched_matmul` and `linear`: cuBLASLt products ([`super::blas`])
-//! forward and backward. **Compiled, not run on a GPU.**
+//! forward and backward.
 //!
 //! Types: the product runs in the first operand's type (the activations'); the other operand
 //! is cast to it when it differs (a bf16 weight under f32 activations). The output has that

@@ -1,11 +1,10 @@
 //! The CUDA backend (feature `cuda`): a context per GPU, device memory, host↔device copies,
 //! cuBLASLt, cuDNN and the kernels of `recycle-kernels` behind the ops.
 //!
-//! Status: **compiled, not run on a GPU.** Everything here builds (with nvcc present, the
-//! kernels are embedded) and its host-side logic (argument lists against the kernels' ABI,
-//! launch shapes, the no-driver errors) is tested on the CPU; nothing has yet been checked on
-//! a device. `recycle gpu-check` (scripts/gpu-check.sh) compares every CUDA op with its CPU
-//! twin and must pass on a GPU before any of this is called working.
+//! What has run on a GPU is said in one place, the status line of `docs/cuda.md`. The
+//! host-side logic (argument lists against the kernels' ABI, launch shapes, the no-driver
+//! errors) is tested on the CPU; `recycle gpu-check` compares every CUDA op with its CPU twin
+//! on a device.
 //!
 //! # Pieces
 //!

@@ -1,5 +1,5 @@
 //! Gradient all-reduce across the GPUs of one process, through NCCL on each GPU's
-//! communication stream. **Compiled, not run on a GPU.**
+//! communication stream.
 //!
 //! The engine keeps a model's gradients in one flat buffer per GPU (`FlatParams::grads`), so a
 //! data-parallel step needs exactly one collective per step: the mean of N equally sized

@@ -1,5 +1,4 @@
 //! The CUDA arm of `layer_norm` and `batch_norm2d` (kernels `layernorm.cu`, `batchnorm.cu`).
-//! **Compiled, not run on a GPU.**
 //!
 //! Layer norm: the kernels take the affine parameters in the activations' type (a bf16
 //! activation casts f32 parameters to bf16), keep the per-row mean and 1/std (f32) for the

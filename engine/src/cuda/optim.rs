@@ -1,6 +1,6 @@
 //! The CUDA arm of the optimizers: one fused SGDW or AdamW step over a flat parameter buffer,
 //! rewriting the bf16 working copy in the same pass (the `optimizers` kernel family,
-//! `optimizers.cu`). **Compiled, not run on a GPU.**
+//! `optimizers.cu`).
 
 use super::common::{grid_stride, kernel, run, view};
 use super::launch::{Arg, KernelCall};

@@ -1,5 +1,5 @@
 //! The CUDA arm of `softmax` and `log_softmax` over the last dimension: the `softmax` kernel
-//! family (`softmax.cu`). **Compiled, not run on a GPU.**
+//! family (`softmax.cu`).
 
 use super::common::{as_dtype, empty, kernel, rows_cfg, run, view};
 use super::elementwise::float_inputs;
