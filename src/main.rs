@@ -204,12 +204,14 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
                 ..RunOptions::default()
             };
-            println!("| lr | final metric | run |");
-            println!("|---|---|---|");
+            // Ranked on validation; the test metric is shown, never chosen on.
+            println!("| lr | validation metric | test metric | run |");
+            println!("|---|---|---|---|");
             for p in run_sweep(&r, &lrs, &opts)? {
                 println!(
-                    "| {} | {:.4} | {} |",
+                    "| {} | {:.4} | {:.4} | {} |",
                     p.lr,
+                    p.summary.final_validation.unwrap_or(f32::NAN),
                     p.summary.final_eval,
                     p.dir.display()
                 );

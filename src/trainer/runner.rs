@@ -10,9 +10,9 @@ use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
 use super::{
-    architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
+    architecture, eval_steps, evaluate, evaluate_on, image_batch, majority_floor, load_teachers, make_optimizer, make_schedule,
     mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    EvalSplit, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
@@ -75,6 +75,8 @@ pub struct Trainer {
     started: Instant,
     wall_offset: f64,
     last_eval: Option<f32>,
+    /// The validation metric of the last evaluation (`None` without a validation split).
+    last_validation: Option<f32>,
     last_step: Option<(f32, StepOutput)>,
     batches: Box<dyn Iterator<Item = Result<Batch>>>,
     progress: Option<indicatif::ProgressBar>,
@@ -190,6 +192,7 @@ impl Trainer {
             started: Instant::now(),
             wall_offset,
             last_eval: None,
+            last_validation: None,
             last_step: None,
             batches,
             progress,
@@ -318,12 +321,13 @@ impl Trainer {
         state.teacher_forwards += out.teacher_forwards as u64;
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
-        let eval = if self.evals.contains(&self.state.step) {
-            let v = evaluate(&self.student, &self.data, batch.max(256))?;
-            self.last_eval = Some(v);
-            Some(v)
+        let (eval, validation) = if self.evals.contains(&self.state.step) {
+            let (test, validation) = self.evaluate_both(batch)?;
+            self.last_eval = Some(test);
+            self.last_validation = validation;
+            (Some(test), validation)
         } else {
-            None
+            (None, None)
         };
         self.log.append(&RunLogRecord {
             step: self.state.step,
@@ -336,6 +340,7 @@ impl Trainer {
             loss: out.loss,
             teacher_forwards: self.state.teacher_forwards,
             eval,
+            validation,
         })?;
         let every = self.recipe.train.checkpoint_every;
         if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
@@ -351,6 +356,24 @@ impl Trainer {
             ));
         }
         Ok(out)
+    }
+
+    /// The student's metric on the test split and, when the run keeps one, on the validation
+    /// split.
+    fn evaluate_both(&self, batch: usize) -> Result<(f32, Option<f32>)> {
+        let batch = batch.max(256);
+        let test = evaluate(&self.student, &self.data, batch)?;
+        let validation = if self.data.validation_len() > 0 {
+            Some(evaluate_on(
+                &self.student,
+                &self.data,
+                EvalSplit::Validation,
+                batch,
+            )?)
+        } else {
+            None
+        };
+        Ok((test, validation))
     }
 
     /// Runs up to `n` steps (fewer when the run ends first) and returns how many ran.
@@ -408,9 +431,9 @@ impl Trainer {
                 ),
             ));
         }
-        let final_eval = match self.last_eval {
-            Some(v) => v,
-            None => evaluate(&self.student, &self.data, batch.max(256))?,
+        let (final_eval, final_validation) = match self.last_eval {
+            Some(v) => (v, self.last_validation),
+            None => self.evaluate_both(batch)?,
         };
         checkpoint::save(
             &self.dir.join(FINAL_FILE),
@@ -425,6 +448,8 @@ impl Trainer {
             duration_samples: total * batch as u64,
             steps: total,
             final_eval,
+            final_validation,
+            majority_floor: Some(majority_floor(&self.data)?),
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
             device: Some(self.device_name.clone()),
