@@ -119,7 +119,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
             // twice as long as the students, on a few thousand images.
             (DemoTask::Image, DemoPreset::Long) => (6000, 2000, 16.0, vec![4.0, 8.0, 16.0], 8.0),
             (DemoTask::Mlm, DemoPreset::Tiny) => (96, 32, 1.0, vec![0.5, 1.0], 1.0),
-            (DemoTask::Mlm, DemoPreset::Quick) => (1200, 200, 2.0, vec![0.5, 1.0, 2.0], 1.0),
+            // Short sequences and a small vocabulary: enough steps in two minutes for accuracy
+            // to leave the most-frequent-token floor and rise with duration.
+            (DemoTask::Mlm, DemoPreset::Quick) => (4800, 400, 2.0, vec![0.5, 1.0, 2.0], 1.0),
             (DemoTask::Mlm, DemoPreset::Long) => (6000, 340, 8.0, vec![2.0, 4.0, 8.0], 4.0),
         };
     let tiny = preset == DemoPreset::Tiny;
@@ -144,6 +146,7 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 seq_len: 64,
                 vocab_size: 2000,
                 tokenizer: None,
+                validation_fraction: 0.1,
             },
             train: TrainRecipe {
                 batch_size: if tiny { 64 } else { 128 },
@@ -185,9 +188,19 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 dir: None,
                 train_limit: Some(train_limit),
                 eval_limit: Some(eval_limit),
-                seq_len: if tiny { 32 } else { 64 },
-                vocab_size: if tiny { 500 } else { 2000 },
+                seq_len: match preset {
+                    DemoPreset::Tiny | DemoPreset::Quick => 32,
+                    DemoPreset::Long => 64,
+                },
+                vocab_size: match preset {
+                    DemoPreset::Tiny => 500,
+                    DemoPreset::Quick => 1000,
+                    DemoPreset::Long => 2000,
+                },
                 tokenizer: None,
+                // A held-out slice of the corpus (10% of the texts outside the test split),
+                // capped at `eval_limit` sequences like the test split.
+                validation_fraction: 0.1,
             },
             train: TrainRecipe {
                 batch_size: 32,
@@ -215,6 +228,7 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
         DemoTask::Image if tiny => vec![0.05, 0.2],
         DemoTask::Image => vec![0.025, 0.05, 0.1, 0.2],
         DemoTask::Mlm if tiny => vec![5e-4, 2e-3],
+        DemoTask::Mlm if preset == DemoPreset::Quick => vec![1e-3, 2e-3, 4e-3],
         DemoTask::Mlm => vec![2.5e-4, 5e-4, 1e-3, 2e-3],
     };
     Plan {

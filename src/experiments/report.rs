@@ -421,19 +421,6 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
         .collect();
     let targets: Vec<Target> = targets.into_iter().map(|(_, t)| t).collect();
     notes.extend(floor_notes(&rows));
-    let single_seed: Vec<&str> = targets
-        .iter()
-        .filter(|t| t.seed_spread.is_none())
-        .map(|t| t.baseline.as_str())
-        .collect();
-    if !single_seed.is_empty() && rows.iter().any(|r| !r.is_baseline()) {
-        notes.push(format!(
-            "One seed only of {}: no seed spread, so a speedup against {} cannot be told from \
-             seed noise (train the configuration with another seed to measure it).",
-            single_seed.join(", "),
-            if single_seed.len() == 1 { "it" } else { "them" }
-        ));
-    }
     let findings = findings(&rows, &targets);
     Report {
         targets,
@@ -744,8 +731,9 @@ impl Report {
                     spread_samples_text(sp).map_or(String::new(), |s| format!(", samples {s}")),
                 )),
                 None => md.push_str(
-                    "One seed of this configuration: no seed spread to tell a speedup from \
-                     chance.\n\n",
+                    "One seed of this configuration: no seed spread, so a speedup against this \
+                     baseline cannot be told from seed noise (train it with another seed to \
+                     measure the spread).\n\n",
                 ),
             }
             md.push_str(&format!(
