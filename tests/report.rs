@@ -887,9 +887,15 @@ fn a_speedup_inside_the_seed_spread_is_a_tie() {
             .clone()
     };
     let tie = finding("kd-kl");
-    assert!(tie.contains("did not reach") && tie.contains("a tie (within seed spread"), "{tie}");
+    assert!(
+        tie.contains("did not reach") && tie.contains("a tie (within seed spread"),
+        "{tie}"
+    );
     let fast = finding("kd-mse");
-    assert!(fast.contains("reached the final accuracy of the baseline sooner"), "{fast}");
+    assert!(
+        fast.contains("reached the final accuracy of the baseline sooner"),
+        "{fast}"
+    );
     assert!(!md.contains("One seed of this configuration"), "{md}");
 }
 
@@ -908,12 +914,20 @@ fn one_seed_means_no_spread_and_a_note_saying_so() {
         .all(|v| v.within_seed_spread.is_none()));
     let md = report.to_markdown();
     assert_eq!(
-        md.matches("One seed of this configuration: no seed spread").count(),
+        md.matches("One seed of this configuration: no seed spread")
+            .count(),
         2,
         "{md}"
     );
-    let kd = report.findings.iter().find(|f| f.starts_with("kd-kl")).unwrap();
-    assert!(kd.contains("reached the final accuracy of 1 of 2 baselines sooner"), "{kd}");
+    let kd = report
+        .findings
+        .iter()
+        .find(|f| f.starts_with("kd-kl"))
+        .unwrap();
+    assert!(
+        kd.contains("reached the final accuracy of 1 of 2 baselines sooner"),
+        "{kd}"
+    );
 }
 
 /// Runs that end at their majority floor (an MLM model predicting the most frequent token) are
@@ -921,7 +935,13 @@ fn one_seed_means_no_spread_and_a_note_saying_so() {
 #[test]
 fn runs_at_the_majority_floor_are_named_and_validation_is_shown() {
     let dir = scratch("floor");
-    write_run(&dir, "base", "baseline", 100, &[(10.0, 0.0401), (20.0, 0.0401)]);
+    write_run(
+        &dir,
+        "base",
+        "baseline",
+        100,
+        &[(10.0, 0.0401), (20.0, 0.0401)],
+    );
     write_run(&dir, "kd", "kd-kl", 100, &[(10.0, 0.05), (20.0, 0.30)]);
     let mut s = RunSummary::read(dir.join("base")).unwrap();
     s.majority_floor = Some(0.0401);
@@ -936,7 +956,10 @@ fn runs_at_the_majority_floor_are_named_and_validation_is_shown() {
         .find(|n| n.contains("not left the floor"))
         .expect("a floor note");
     assert!(note.starts_with("1 of 2 runs has"), "{note}");
-    assert!(note.contains("base (4.01% vs floor 4.01%)") && !note.contains("kd ("), "{note}");
+    assert!(
+        note.contains("base (4.01% vs floor 4.01%)") && !note.contains("kd ("),
+        "{note}"
+    );
     let md = report.to_markdown();
     assert!(md.contains("| Final metric (test) | Validation |"), "{md}");
     assert!(md.contains("| 30.00% accuracy | 29.00% |"), "{md}");

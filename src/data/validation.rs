@@ -118,7 +118,9 @@ mod tests {
         // Each image's first pixel is 4 * its index: the two parts hold distinct images and
         // together all of them.
         let ids = |d: &ImageDataset| -> Vec<usize> {
-            (0..d.len()).map(|i| d.image(i).unwrap()[0] as usize / 4).collect()
+            (0..d.len())
+                .map(|i| d.image(i).unwrap()[0] as usize / 4)
+                .collect()
         };
         let (t, v) = (ids(&train), ids(&val));
         let mut all: Vec<usize> = t.iter().chain(&v).copied().collect();

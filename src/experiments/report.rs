@@ -524,7 +524,9 @@ fn findings(rows: &[ReportRow], targets: &[Target]) -> Vec<String> {
                     let verdict = if tie {
                         format!(
                             ", a tie (within seed spread {})",
-                            t.seed_spread.as_ref().map_or(String::new(), spread_seconds_text)
+                            t.seed_spread
+                                .as_ref()
+                                .map_or(String::new(), spread_seconds_text)
                         )
                     } else if faster {
                         String::new()
@@ -606,7 +608,10 @@ pub const FLOOR_MARGIN: f32 = 0.01;
 fn floor_notes(rows: &[ReportRow]) -> Vec<String> {
     let stuck: Vec<&ReportRow> = rows
         .iter()
-        .filter(|r| r.majority_floor.is_some_and(|f| r.final_eval < f + FLOOR_MARGIN))
+        .filter(|r| {
+            r.majority_floor
+                .is_some_and(|f| r.final_eval < f + FLOOR_MARGIN)
+        })
         .collect();
     if stuck.is_empty() {
         return Vec::new();

@@ -124,11 +124,8 @@ impl TaskData {
                         data::TextTokenizer::load_or_train(&path, &texts, d.vocab_size)?
                     }
                 };
-                let (train, validation, test) = data::validation::split_texts(
-                    &texts,
-                    TEXT_TEST_EVERY,
-                    d.validation_fraction,
-                );
+                let (train, validation, test) =
+                    data::validation::split_texts(&texts, TEXT_TEST_EVERY, d.validation_fraction);
                 // A fixed data seed: every run of a comparison sees the same evaluation masks.
                 let pack = |texts: &[&str], limit: Option<usize>| -> Result<MlmDataset> {
                     let (mut ds, _) = MlmDataset::build(texts, &tokenizer, d.seq_len, 0, 0)?;

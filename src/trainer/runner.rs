@@ -10,9 +10,10 @@ use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
 use super::{
-    architecture, eval_steps, evaluate, evaluate_on, image_batch, majority_floor, load_teachers, make_optimizer, make_schedule,
-    mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    EvalSplit, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    architecture, eval_steps, evaluate, evaluate_on, image_batch, load_teachers, majority_floor,
+    make_optimizer, make_schedule, mlm_batch, open_device, progress_bar, total_steps, train_step,
+    Batch, EvalSplit, Model, RunOptions, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE,
+    LOG_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
