@@ -71,9 +71,10 @@ enum Command {
         /// `quick` (minutes) or `long` (under an hour).
         #[arg(long, default_value = "quick")]
         preset: String,
-        /// Output directory (runs and report).
-        #[arg(long, default_value = "runs/demo")]
-        out: PathBuf,
+        /// Output directory (runs and report) [default: runs/demo for image, runs/demo-mlm for
+        /// mlm, so the two tasks' runs do not overwrite each other].
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// KL temperature of the students.
         #[arg(long, default_value_t = DemoKnobs::default().temperature)]
         temperature: f32,
@@ -251,6 +252,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let preset = DemoPreset::parse(&preset)?;
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(match task {
+                    DemoTask::Image => "runs/demo",
+                    DemoTask::Mlm => "runs/demo-mlm",
+                })
+            });
             let opts = RunOptions {
                 overwrite: true,
                 progress,

@@ -203,7 +203,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 validation_fraction: 0.1,
             },
             train: TrainRecipe {
-                batch_size: 32,
+                // Quick: small batches for more steps in the same compute; leaving the
+                // frequent-token floor takes steps more than samples.
+                batch_size: if preset == DemoPreset::Quick { 16 } else { 32 },
                 epochs: Some(teacher_epochs),
                 samples: None,
                 evals: if tiny { 2 } else { 8 },
@@ -228,7 +230,7 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
         DemoTask::Image if tiny => vec![0.05, 0.2],
         DemoTask::Image => vec![0.025, 0.05, 0.1, 0.2],
         DemoTask::Mlm if tiny => vec![5e-4, 2e-3],
-        DemoTask::Mlm if preset == DemoPreset::Quick => vec![1e-3, 2e-3, 4e-3],
+        DemoTask::Mlm if preset == DemoPreset::Quick => vec![5e-4, 1e-3, 2e-3],
         DemoTask::Mlm => vec![2.5e-4, 5e-4, 1e-3, 2e-3],
     };
     Plan {

@@ -507,7 +507,13 @@ fn finished_run(dir: &Path, recipe: &Recipe) -> Result<Option<RunSummary>> {
     if Recipe::from_toml(&text).ok().as_ref() != Some(recipe) {
         return Ok(None);
     }
-    Ok(Some(RunSummary::read(dir)?))
+    let summary = RunSummary::read(dir)?;
+    // A run finished before validation splits existed reads back with the default fraction
+    // but has no validation metric: train it again rather than reuse it.
+    if recipe.data.validation_fraction > 0.0 && summary.final_validation.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(summary))
 }
 
 fn progress_bar(enabled: bool, total: u64, at: u64, name: &str) -> Option<indicatif::ProgressBar> {
