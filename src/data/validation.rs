@@ -11,7 +11,7 @@ use recycle_engine::rng::mix64;
 use super::fashion_mnist::ImageDataset;
 
 /// Seed of the hash that picks the held-out items (fixed: the split belongs to the data).
-const SPLIT_SEED: u64 = 0x5EED_0F_5A11_DA7E;
+const SPLIT_SEED: u64 = 0x005E_ED0F_5A11_DA7E;
 
 /// Item `i`'s position in the fixed order the split draws from, as a value in [0, 1).
 fn draw(i: usize) -> f64 {
