@@ -71,9 +71,10 @@ enum Command {
         /// `quick` (minutes) or `long` (under an hour).
         #[arg(long, default_value = "quick")]
         preset: String,
-        /// Output directory (runs and report).
-        #[arg(long, default_value = "runs/demo")]
-        out: PathBuf,
+        /// Output directory (runs and report) [default: runs/demo for image, runs/demo-mlm for
+        /// mlm, so the two tasks' runs do not overwrite each other].
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// KL temperature of the students.
         #[arg(long, default_value_t = DemoKnobs::default().temperature)]
         temperature: f32,
@@ -215,12 +216,14 @@ fn run(cli: Cli) -> Result<()> {
                 progress,
                 ..RunOptions::default()
             };
-            println!("| lr | final metric | run |");
-            println!("|---|---|---|");
+            // Ranked on validation; the test metric is shown, never chosen on.
+            println!("| lr | validation metric | test metric | run |");
+            println!("|---|---|---|---|");
             for p in run_sweep(&r, &lrs, &opts)? {
                 println!(
-                    "| {} | {:.4} | {} |",
+                    "| {} | {:.4} | {:.4} | {} |",
                     p.lr,
+                    p.summary.final_validation.unwrap_or(f32::NAN),
                     p.summary.final_eval,
                     p.dir.display()
                 );
@@ -268,6 +271,12 @@ fn run(cli: Cli) -> Result<()> {
                 student_epochs,
                 kd_stop,
             )?;
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(match task {
+                    DemoTask::Image => "runs/demo",
+                    DemoTask::Mlm => "runs/demo-mlm",
+                })
+            });
             let opts = RunOptions {
                 overwrite: true,
                 progress,

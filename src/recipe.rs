@@ -195,6 +195,12 @@ pub struct DataRecipe {
     /// Text: a tokenizer.json to use instead of training one.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Fraction of the training data held out as the validation split, on which sweeps and
+    /// searches choose (teachers, learning rates); the test split is only reported. Images: of
+    /// the (first `train_limit`) training images; text: of the corpus texts outside the test
+    /// split. `eval_limit` caps it like the test split. 0 keeps no validation split.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
 }
 
 fn default_seq_len() -> usize {
@@ -202,6 +208,9 @@ fn default_seq_len() -> usize {
 }
 fn default_vocab() -> usize {
     2000
+}
+fn default_validation_fraction() -> f64 {
+    0.1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -449,6 +458,13 @@ impl Recipe {
         }
         if self.train.batch_size == 0 {
             return bad("train.batch_size must be at least 1".into());
+        }
+        let vf = self.data.validation_fraction;
+        if !(0.0..0.5).contains(&vf) {
+            return bad(format!(
+                "data.validation_fraction {vf} must be in [0, 0.5): the share of the training \
+                 data held out for validation (0.1 holds out 10%, 0 none)"
+            ));
         }
         match (self.train.epochs, self.train.samples) {
             (Some(e), None) if e > 0.0 && e.is_finite() => {}

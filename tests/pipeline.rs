@@ -32,7 +32,7 @@ kind = "resnet"
 width = 0.0625
 [data]
 dataset = "fashion-mnist"
-train_limit = 256
+train_limit = 288
 eval_limit = 128
 [train]
 batch_size = 32
@@ -71,6 +71,29 @@ fn sweep_distill_report_numbers_match_the_logs() {
         2 + 2 + 3,
         "2 sweep points, 2 baselines, 3 students"
     );
+    // The single teacher is the sweep point best on validation (the test metric plays no part).
+    let sweep: Vec<_> = report.rows.iter().filter(|r| r.method == "sweep").collect();
+    let best = sweep
+        .iter()
+        .max_by(|a, b| {
+            a.final_validation
+                .unwrap()
+                .total_cmp(&b.final_validation.unwrap())
+        })
+        .unwrap();
+    let kl = report.rows.iter().find(|r| r.method == "kd-kl-t1").unwrap();
+    assert_eq!(kl.teachers, vec![best.dir.display().to_string()]);
+    for row in &report.rows {
+        let validations = RunLog::read(row.dir.join("log.jsonl"))
+            .unwrap()
+            .records
+            .iter()
+            .filter(|r| r.eval.is_some())
+            .map(|r| r.validation)
+            .collect::<Vec<_>>();
+        assert!(validations.iter().all(Option::is_some), "{}", row.run);
+        assert_eq!(row.final_validation, *validations.last().unwrap());
+    }
     for row in &report.rows {
         let log = RunLog::read(row.dir.join("log.jsonl")).unwrap();
         let last = log.records.last().unwrap();
@@ -179,8 +202,19 @@ fn resume_reaches_bit_identical_weights() {
     let lb = RunLog::read(out.join("split/log.jsonl")).unwrap();
     assert_eq!(la.records.len(), lb.records.len());
     for (x, y) in la.records.iter().zip(&lb.records) {
-        assert_eq!((x.step, x.loss, x.eval), (y.step, y.loss, y.eval));
+        assert_eq!(
+            (x.step, x.loss, x.eval, x.validation),
+            (y.step, y.loss, y.eval, y.validation)
+        );
+        assert_eq!(x.eval.is_some(), x.validation.is_some(), "step {}", x.step);
     }
+    // The resumed run rebuilt the same validation split: same final validation metric.
+    let (sa, sb) = (
+        RunSummary::read(out.join("whole")).unwrap(),
+        RunSummary::read(out.join("split")).unwrap(),
+    );
+    assert!(sa.final_validation.is_some());
+    assert_eq!(sa.final_validation, sb.final_validation);
     // A second start without --resume refuses to clobber the run.
     let err = trainer::run(&whole, &RunOptions::default())
         .unwrap_err()
@@ -420,5 +454,33 @@ fn bf16_activations_train_on_the_cpu() {
             .iter()
             .all(|(_, t)| t.dtype() != recycle_engine::DType::BF16));
     }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The validation split comes out of the training data: the train set shrinks by the recipe's
+/// fraction, and a fraction of 0 keeps no validation split (and the run logs none).
+#[test]
+fn the_validation_split_is_held_out_of_the_training_data() {
+    let out = temp_dir("validation");
+    let recipe = tiny_recipe(&out, "held-out");
+    assert_eq!(recipe.data.validation_fraction, 0.1, "the default");
+    let data = trainer::TaskData::load(&recipe).unwrap();
+    assert_eq!((data.train_len(), data.validation_len()), (259, 29));
+
+    let mut none = recipe.clone();
+    none.data.validation_fraction = 0.0;
+    let data = trainer::TaskData::load(&none).unwrap();
+    assert_eq!((data.train_len(), data.validation_len()), (288, 0));
+    none.name = "no-validation".into();
+    let s = trainer::run(&none, &RunOptions::default()).unwrap();
+    assert_eq!(s.final_validation, None);
+    assert_eq!(s.majority_floor.map(|f| f > 0.0 && f < 0.5), Some(true));
+
+    let bad = tiny_toml(&out, "bad").replace(
+        "eval_limit = 128",
+        "eval_limit = 128\nvalidation_fraction = 0.7",
+    );
+    let err = Recipe::from_toml(&bad).unwrap_err().to_string();
+    assert!(err.contains("data.validation_fraction 0.7"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }

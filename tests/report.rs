@@ -29,11 +29,25 @@ fn record(step: u64, t: f64, eval: Option<f32>, kd: bool) -> RunLogRecord {
         loss: 1.0,
         teacher_forwards: if kd { step } else { 0 },
         eval,
+        validation: eval.map(|e| (e - 0.01).max(0.0)),
     }
 }
 
 /// Writes a finished run: a training record every 5 s, an evaluation at each `(t, eval)`.
 fn write_run(dir: &Path, name: &str, method: &str, duration_samples: u64, evals: &[(f64, f32)]) {
+    let config = serde_json::json!({ "lr": 0.1, "duration_samples": duration_samples });
+    write_run_with(dir, name, method, duration_samples, evals, config);
+}
+
+/// [`write_run`] with the recipe the summary records (seed replicas share it but the seed).
+fn write_run_with(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    duration_samples: u64,
+    evals: &[(f64, f32)],
+    config: serde_json::Value,
+) {
     let kd = method != "baseline";
     let run = dir.join(name);
     let mut w = RunLogWriter::create(run.join(LOG_FILE)).unwrap();
@@ -57,11 +71,13 @@ fn write_run(dir: &Path, name: &str, method: &str, duration_samples: u64, evals:
         duration_samples,
         steps: step,
         final_eval: evals.last().unwrap().1,
+        final_validation: Some((evals.last().unwrap().1 - 0.01).max(0.0)),
+        majority_floor: Some(0.1),
         train_seconds: end,
         teacher_forwards: if kd { step } else { 0 },
         device: Some("cpu".to_string()),
         teachers: if kd { vec!["b90".to_string()] } else { vec![] },
-        config: serde_json::json!({ "lr": 0.1, "duration_samples": duration_samples }),
+        config,
     }
     .write(&run)
     .unwrap();
@@ -475,6 +491,8 @@ fn write_stepped_run(
         duration_samples: steps * batch,
         steps,
         final_eval: evals.last().map_or(0.6, |e| e.1),
+        final_validation: None,
+        majority_floor: None,
         train_seconds: seconds(steps),
         teacher_forwards: if kd { steps } else { 0 },
         device: Some("cpu".to_string()),
@@ -755,4 +773,194 @@ fn baseline_without_evaluations_or_records() {
         ),
         "{md}"
     );
+}
+
+/// The recipe of a long-preset baseline at `lr` and `seed`, as a summary records it.
+fn recipe_json(name: &str, seed: u64, label: Option<&str>, lr: f64) -> serde_json::Value {
+    let mut r = serde_json::json!({
+        "name": name, "seed": seed, "out_dir": "runs/demo",
+        "optimizer": {"kind": "sgdw", "lr": lr}, "train": {"epochs": 16.0, "batch_size": 128},
+    });
+    if let Some(l) = label {
+        r["label"] = serde_json::json!(l);
+    }
+    r
+}
+
+/// The long preset's case: a sweep point (seed 0) and `baseline-e16` (seed 1) of the same
+/// configuration reach the same accuracy, one 1.22x sooner. That is the seed spread: a student
+/// inside it ties, one sooner than both seeds is a speedup, and the findings say so.
+#[test]
+fn a_speedup_inside_the_seed_spread_is_a_tie() {
+    let dir = scratch("seed-spread");
+    let curve = |t: f64| [(t / 2.0, 0.70), (t * 0.9, 0.79), (t, 0.80)];
+    write_run_with(
+        &dir,
+        "baseline-e16",
+        "baseline",
+        9000,
+        &curve(100.0),
+        recipe_json("baseline-e16", 1, None, 0.2),
+    );
+    write_run_with(
+        &dir,
+        "fmnist-lr0.2",
+        "sweep",
+        9000,
+        &curve(82.0),
+        recipe_json("fmnist-lr0.2", 0, Some("sweep"), 0.2),
+    );
+    // Another learning rate: another configuration, not a replica.
+    write_run_with(
+        &dir,
+        "fmnist-lr0.1",
+        "sweep",
+        9000,
+        &curve(70.0),
+        recipe_json("fmnist-lr0.1", 0, Some("sweep"), 0.1),
+    );
+    let student = |name: &str| {
+        let mut r = recipe_json(name, 1, None, 0.1);
+        r["distill"] = serde_json::json!({"loss": "kl"});
+        r
+    };
+    write_run_with(
+        &dir,
+        "kd-tie",
+        "kd-kl",
+        9000,
+        &[(50.0, 0.70), (90.0, 0.80)],
+        student("kd-tie"),
+    );
+    write_run_with(
+        &dir,
+        "kd-fast",
+        "kd-mse",
+        9000,
+        &[(30.0, 0.70), (60.0, 0.80)],
+        student("kd-fast"),
+    );
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    assert_eq!(report.targets.len(), 1);
+    let spread = report.targets[0].seed_spread.clone().expect("two seeds");
+    assert_eq!(spread.seeds, vec![0, 1]);
+    assert_eq!(
+        (spread.min_seconds, spread.max_seconds),
+        (82.0, Some(100.0))
+    );
+    let samples = |name: &str| {
+        let row = report.rows.iter().find(|r| r.run == name).unwrap();
+        row.vs_baselines[0].samples.unwrap()
+    };
+    assert_eq!(
+        (spread.min_samples, spread.max_samples),
+        (Some(samples("fmnist-lr0.2")), Some(samples("baseline-e16")))
+    );
+    let vs = |name: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.run == name)
+            .unwrap()
+            .vs_baselines[0]
+            .clone()
+    };
+    // The sweep replica is 100 / 82 = 1.22x "sooner": inside the spread, a tie.
+    let replica = vs("fmnist-lr0.2");
+    assert!((replica.speedup.unwrap() - 100.0 / 82.0).abs() < 1e-9);
+    assert_eq!(replica.within_seed_spread, Some(true));
+    assert_eq!(replica.samples_within_seed_spread, Some(true));
+    assert_eq!(vs("kd-tie").within_seed_spread, Some(true));
+    assert_eq!(vs("kd-fast").within_seed_spread, Some(false));
+    assert_eq!(vs("fmnist-lr0.1").within_seed_spread, Some(false));
+    assert_eq!(vs("baseline-e16").within_seed_spread, None, "own row");
+
+    let md = report.to_markdown();
+    assert!(md.contains("1.22× — tie (within seed spread)"), "{md}");
+    assert!(md.contains("82.0–100.0 s over seeds 0, 1"), "{md}");
+    let finding = |method: &str| {
+        report
+            .findings
+            .iter()
+            .find(|f| f.starts_with(method))
+            .unwrap()
+            .clone()
+    };
+    let tie = finding("kd-kl");
+    assert!(
+        tie.contains("did not reach") && tie.contains("a tie (within seed spread"),
+        "{tie}"
+    );
+    let fast = finding("kd-mse");
+    assert!(
+        fast.contains("reached the final accuracy of the baseline sooner"),
+        "{fast}"
+    );
+    assert!(!md.contains("One seed of this configuration"), "{md}");
+}
+
+/// Without a second seed there is no spread: nothing is called a tie, and the notes say the
+/// speedup cannot be told from seed noise.
+#[test]
+fn one_seed_means_no_spread_and_a_note_saying_so() {
+    let dir = scratch("one-seed");
+    write_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    assert!(report.targets.iter().all(|t| t.seed_spread.is_none()));
+    assert!(report
+        .rows
+        .iter()
+        .flat_map(|r| &r.vs_baselines)
+        .all(|v| v.within_seed_spread.is_none()));
+    let md = report.to_markdown();
+    assert_eq!(
+        md.matches("One seed of this configuration: no seed spread")
+            .count(),
+        2,
+        "{md}"
+    );
+    let kd = report
+        .findings
+        .iter()
+        .find(|f| f.starts_with("kd-kl"))
+        .unwrap();
+    assert!(
+        kd.contains("reached the final accuracy of 1 of 2 baselines sooner"),
+        "{kd}"
+    );
+}
+
+/// Runs that end at their majority floor (an MLM model predicting the most frequent token) are
+/// named in the notes; the validation metric is shown beside the test metric.
+#[test]
+fn runs_at_the_majority_floor_are_named_and_validation_is_shown() {
+    let dir = scratch("floor");
+    write_run(
+        &dir,
+        "base",
+        "baseline",
+        100,
+        &[(10.0, 0.0401), (20.0, 0.0401)],
+    );
+    write_run(&dir, "kd", "kd-kl", 100, &[(10.0, 0.05), (20.0, 0.30)]);
+    let mut s = RunSummary::read(dir.join("base")).unwrap();
+    s.majority_floor = Some(0.0401);
+    s.write(dir.join("base")).unwrap();
+    let mut s = RunSummary::read(dir.join("kd")).unwrap();
+    s.majority_floor = Some(0.0401);
+    s.write(dir.join("kd")).unwrap();
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    let note = report
+        .notes
+        .iter()
+        .find(|n| n.contains("not left the floor"))
+        .expect("a floor note");
+    assert!(note.starts_with("1 of 2 runs has"), "{note}");
+    assert!(
+        note.contains("base (4.01% vs floor 4.01%)") && !note.contains("kd ("),
+        "{note}"
+    );
+    let md = report.to_markdown();
+    assert!(md.contains("| Final metric (test) | Validation |"), "{md}");
+    assert!(md.contains("| 30.00% accuracy | 29.00% |"), "{md}");
 }

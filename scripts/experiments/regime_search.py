@@ -4,6 +4,10 @@ docs/experiments.md with the trainer itself (`recycle sweep` and `recycle train`
 for every student, the samples and seconds at which it first reached each baseline's final
 accuracy.
 
+Choices are made on the validation split (`data.validation_fraction` of the training subset,
+held out of training): the best sweep learning rate, and so the teacher and the baselines' rate.
+Every accuracy in the table is on the test split, which nothing is chosen on.
+
 A scenario fixes the data (training subset size), the teachers (a learning-rate sweep at some
 duration) and the baselines (the best sweep learning rate at several durations, another seed);
 the students vary what distillation can change: duration, loss, temperature T, weight λ, the
@@ -47,6 +51,7 @@ def recipe_toml(name, out_dir, seed, lr, epochs, a, distill=None, label=None):
         'dataset = "fashion-mnist"',
         f"train_limit = {a.train_limit}",
         f"eval_limit = {a.eval_limit}",
+        f"validation_fraction = {a.validation_fraction}",
         "",
         "[train]",
         f"batch_size = {a.batch}",
@@ -129,6 +134,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--train-limit", type=int, default=6000)
     p.add_argument("--eval-limit", type=int, default=2000)
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="share of the training subset held out to choose on (above 0)")
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--evals", type=int, default=16)
@@ -139,6 +146,9 @@ def main():
     p.add_argument("--student", action="append", default=[],
                    help="e=EPOCHS[,loss=kl|mse][,T=][,w=][,stop=][,strategy=][,seed=][,lr=scale]")
     a = p.parse_args()
+    if not 0.0 < a.validation_fraction < 0.5:
+        sys.exit(f"--validation-fraction {a.validation_fraction}: give a share in (0, 0.5); "
+                 "the teacher is chosen on it, never on the test split")
     out = os.path.abspath(a.out)
 
     # The teachers: a learning-rate sweep, seed 0.
@@ -147,10 +157,18 @@ def main():
         name = f"teacher-lr{lr}"
         teachers.append(train(recipe_toml(name, out, 0, lr, a.teacher_epochs, a, label="sweep"),
                               out, name))
-    graded = sorted(((curve(t)[0]["final_eval"], t) for t in teachers), reverse=True)
-    best_acc, best = graded[0]
+    graded = []
+    for t in teachers:
+        s = curve(t)[0]
+        if s.get("final_validation") is None:
+            sys.exit(f"{t}/summary.json has no final_validation: the run was trained without a "
+                     "validation split; delete it and run again to rank it on validation")
+        graded.append((s["final_validation"], s["final_eval"], t))
+    graded.sort(key=lambda g: g[0], reverse=True)
+    best = graded[0][2]
     best_lr = os.path.basename(best)[len("teacher-lr"):]
-    print(f"teachers: " + ", ".join(f"{os.path.basename(t)} {acc:.4f}" for acc, t in graded))
+    print("teachers, ranked on validation: " + ", ".join(
+        f"{os.path.basename(t)} validation {v:.4f} (test {e:.4f})" for v, e, t in graded))
 
     baselines = []
     for seed in a.baseline_seeds.split(","):
@@ -173,17 +191,19 @@ def main():
     runs = [(os.path.basename(r), *curve(r)) for r in baselines + students]
     targets = [(n, s["final_eval"], first_reaching(pts, s["final_eval"]))
                for n, s, pts in runs if n.startswith("baseline")]
-    head = "| run | final | " + " | ".join(
+    head = "| run | final (test) | validation | " + " | ".join(
         f"{n} {v:.4f} ({smp} samples, {sec:.0f} s)" for n, v, (smp, sec) in targets) + " |"
     print(head)
-    print("|---|---:|" + "---:|" * len(targets))
+    print("|---|---:|---:|" + "---:|" * len(targets))
     for n, s, pts in runs:
         cells = []
         for _, v, (bs, bsec) in targets:
             smp, sec = first_reaching(pts, v)
             cells.append("—" if smp is None else
                          f"{smp} ({bs / smp:.2f}×), {sec:.0f} s ({bsec / sec:.2f}×)")
-        print(f"| {n} | {s['final_eval']:.4f} | " + " | ".join(cells) + " |")
+        v = s.get("final_validation")
+        v = "—" if v is None else f"{v:.4f}"
+        print(f"| {n} | {s['final_eval']:.4f} | {v} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

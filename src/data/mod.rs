@@ -4,6 +4,8 @@
 //! - [`text`]: English text from Debian's `fortunes`, a WordPiece tokenizer (trained by the
 //!   `tokenizers` crate or loaded from any `tokenizer.json`), packed MLM sequences and BERT's
 //!   15% (80/10/10) masking.
+//! - [`validation`]: the validation split, a fixed slice of the training data held out for
+//!   choosing (the test split is only reported).
 //! - [`loader`]: a deterministic, resumable, shuffling batch loader that prepares the next
 //!   batches on a background thread; one loader serves any [`loader::BatchSource`].
 //!
@@ -14,6 +16,7 @@
 pub mod fashion_mnist;
 pub mod loader;
 pub mod text;
+pub mod validation;
 
 use std::path::Path;
 

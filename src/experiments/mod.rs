@@ -7,6 +7,8 @@
 //!   every other run R is timed to the same target, speedup = T_B / T_R. Printed as a Markdown
 //!   table in the shape of the paper's tables 3, 5 and 6, with one plain sentence per method, and
 //!   as JSON.
+//! - [`seeds`]: seed replicas (runs of one configuration with different seeds) and the spread
+//!   of their times to a target, inside which a speedup is a tie.
 //! - [`plot`]: a PNG of evaluation metric against training wall-clock, every run's curve plus
 //!   each method's Pareto frontier (the paper's figures 1, 4 and 5).
 //!
@@ -17,6 +19,7 @@ pub mod demo;
 pub mod plot;
 pub mod report;
 pub mod runlog;
+pub mod seeds;
 pub mod sweep;
 
 use std::path::PathBuf;

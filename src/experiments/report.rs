@@ -20,6 +20,19 @@
 //! steady rate (seconds proportional to samples); a gap says a run's rate changed partway (load
 //! that came and went, distillation that stopped early). A cost ratio far from the benchmarked
 //! cost of a distilling step is load skew, not distillation.
+//!
+//! Splits: every time and target is on the **test** split (the log's `eval`), which is
+//! reported and never chosen on; the validation metric (what sweeps rank teachers by) is shown
+//! beside each run's final test metric.
+//!
+//! Seed noise: where runs of a baseline's configuration with other seeds exist (see
+//! [`super::seeds`]), the spread of their times and samples to the baseline's target is given,
+//! and a run that reached the target inside that spread is a tie (within seed spread), not a
+//! speedup, in the tables and the findings.
+//!
+//! A run whose final metric is within one point of its majority floor (always predicting the
+//! most frequent label; for MLM the most frequent token) is named in the notes: it has not left
+//! that floor, and its times say nothing about learning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -32,6 +45,7 @@ use super::runlog::{
     first_point_reaching, EvalPoint, Run, BASELINE_METHOD, LOG_FILE, METRIC_MLM_ACCURACY,
     SUMMARY_FILE,
 };
+use super::seeds::{config_key, seed_of, ReplicaPoint, SeedSpread};
 use super::{Error, Result};
 
 /// A baseline's final evaluation, the target every other run is timed to.
@@ -51,6 +65,9 @@ pub struct Target {
     /// The baseline's training seconds per sample over its whole run; `None` when its log has
     /// no record or no sample.
     pub baseline_seconds_per_sample: Option<f64>,
+    /// The spread of time and samples to `value` over the baseline's seed replicas; `None`
+    /// when the report holds only one seed of its configuration.
+    pub seed_spread: Option<SeedSpread>,
 }
 
 /// One run timed against one baseline's target.
@@ -77,6 +94,11 @@ pub struct TimeToTarget {
     pub cost_ratio: Option<f64>,
     /// True on the baseline's own row (T_R = T_B, speedup 1).
     pub own_target: bool,
+    /// Whether T_R lies inside the baseline's seed spread (a tie: chance alone moves the time
+    /// that much); `None` on the own row, when not reached, or when the spread is unknown.
+    pub within_seed_spread: Option<bool>,
+    /// The same for S_R and the spread of samples.
+    pub samples_within_seed_spread: Option<bool>,
 }
 
 /// One evaluation point of a run's curve.
@@ -98,7 +120,12 @@ pub struct ReportRow {
     pub metric: String,
     pub duration_samples: u64,
     pub steps: u64,
+    /// Final metric on the test split.
     pub final_eval: f32,
+    /// Final metric on the validation split (what teachers are ranked by); `None` without one.
+    pub final_validation: Option<f32>,
+    /// The test metric of always predicting the most frequent label; `None` when not recorded.
+    pub majority_floor: Option<f32>,
     pub train_seconds: f64,
     /// Training samples seen over the run (the log's last record); `None` for an empty log.
     pub samples_seen: Option<u64>,
@@ -277,6 +304,7 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                 baseline_seconds: seconds,
                 baseline_samples: samples,
                 baseline_seconds_per_sample: costs[i],
+                seed_spread: None,
             };
             (i, target)
         })
@@ -288,6 +316,26 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
             &b.baseline,
         ))
     });
+
+    let keys: Vec<Option<String>> = runs.iter().map(|r| config_key(&r.summary.config)).collect();
+    for (bi, t) in targets.iter_mut() {
+        let Some(key) = keys[*bi].as_ref() else {
+            continue;
+        };
+        let replicas: Vec<(String, u64, ReplicaPoint)> = order
+            .iter()
+            .filter(|&&j| keys[j].as_ref() == Some(key) && runs[j].summary.metric == t.metric)
+            .map(|&j| {
+                let point = if j == *bi {
+                    Some((t.baseline_seconds, t.baseline_samples))
+                } else {
+                    first_point_reaching(&curves[j], t.value).map(|p| (p.train_seconds, p.samples))
+                };
+                (names[j].clone(), seed_of(&runs[j].summary.config), point)
+            })
+            .collect();
+        t.seed_spread = SeedSpread::over(&replicas);
+    }
 
     let mut notes = Vec::new();
     let rows: Vec<ReportRow> = order
@@ -321,7 +369,14 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                         (Some(cr), Some(cb)) if cb > 0.0 => Some(cr / cb),
                         _ => None,
                     };
+                    let spread = t.seed_spread.as_ref().filter(|_| !own);
                     TimeToTarget {
+                        within_seed_spread: spread
+                            .zip(seconds)
+                            .map(|(sp, s)| sp.contains_seconds(s)),
+                        samples_within_seed_spread: spread
+                            .zip(samples)
+                            .and_then(|(sp, n)| sp.contains_samples(n)),
                         baseline: t.baseline.clone(),
                         target: t.value,
                         baseline_seconds: t.baseline_seconds,
@@ -345,6 +400,8 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                 duration_samples: s.duration_samples,
                 steps: s.steps,
                 final_eval: s.final_eval,
+                final_validation: s.final_validation,
+                majority_floor: s.majority_floor,
                 train_seconds: s.train_seconds,
                 samples_seen: run.samples_seen(),
                 seconds_per_sample: costs[i],
@@ -363,6 +420,7 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
         })
         .collect();
     let targets: Vec<Target> = targets.into_iter().map(|(_, t)| t).collect();
+    notes.extend(floor_notes(&rows));
     let findings = findings(&rows, &targets);
     Report {
         targets,
@@ -449,25 +507,38 @@ fn findings(rows: &[ReportRow], targets: &[Target]) -> Vec<String> {
                     if vs.own_target {
                         return None;
                     }
-                    vs.seconds.map(|s| (s, vs.speedup, r.run.as_str()))
+                    vs.seconds
+                        .map(|s| (s, vs.speedup, r.run.as_str(), vs.within_seed_spread))
                 })
                 .min_by(|a, b| a.0.total_cmp(&b.0));
             let what = format!("{}'s {}", t.baseline, pct(t.value));
             let ratio = |x: Option<f64>| x.map_or("undefined ratio".to_string(), speedup_text);
             clauses.push(match best {
                 None => format!("{what} never reached"),
-                Some((s, x, run)) => {
-                    let faster = s < t.baseline_seconds;
+                Some((s, x, run, within)) => {
+                    let tie = within == Some(true);
+                    let faster = s < t.baseline_seconds && !tie;
                     if faster {
                         sooner.push(t.baseline.clone());
                     }
+                    let verdict = if tie {
+                        format!(
+                            ", a tie (within seed spread {})",
+                            t.seed_spread
+                                .as_ref()
+                                .map_or(String::new(), spread_seconds_text)
+                        )
+                    } else if faster {
+                        String::new()
+                    } else {
+                        ", not sooner".to_string()
+                    };
                     format!(
-                        "{what} reached in {} (run {run}) vs {} for {} itself, {}{}",
+                        "{what} reached in {} (run {run}) vs {} for {} itself, {}{verdict}",
                         secs(s),
                         secs(t.baseline_seconds),
                         t.baseline,
                         ratio(x),
-                        if faster { "" } else { ", not sooner" }
                     )
                 }
             });
@@ -503,6 +574,71 @@ fn findings(rows: &[ReportRow], targets: &[Target]) -> Vec<String> {
     out
 }
 
+/// "10.0–12.2 s over seeds 0, 1" (an open spread: "from 10.0 s, 1 of 2 seeds never reached").
+fn spread_seconds_text(sp: &SeedSpread) -> String {
+    let seeds = sp
+        .seeds
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match sp.max_seconds {
+        Some(max) => format!("{:.1}–{:.1} s over seeds {seeds}", sp.min_seconds, max),
+        None => format!(
+            "from {:.1} s over seeds {seeds}, {} never reached",
+            sp.min_seconds,
+            plural(sp.not_reached, "run", "runs")
+        ),
+    }
+}
+
+/// Samples spread, as [`spread_seconds_text`]; `None` when the replicas' samples are unknown.
+fn spread_samples_text(sp: &SeedSpread) -> Option<String> {
+    let min = sp.min_samples?;
+    Some(match sp.max_samples {
+        Some(max) => format!("{min}–{max}"),
+        None => format!("from {min} ({} never reached)", sp.not_reached),
+    })
+}
+
+/// How far above its majority floor a final metric must be for the run to have left it.
+pub const FLOOR_MARGIN: f32 = 0.01;
+
+/// One note per run whose final test metric is within [`FLOOR_MARGIN`] of its majority floor.
+fn floor_notes(rows: &[ReportRow]) -> Vec<String> {
+    let stuck: Vec<&ReportRow> = rows
+        .iter()
+        .filter(|r| {
+            r.majority_floor
+                .is_some_and(|f| r.final_eval < f + FLOOR_MARGIN)
+        })
+        .collect();
+    if stuck.is_empty() {
+        return Vec::new();
+    }
+    let list = stuck
+        .iter()
+        .map(|r| {
+            format!(
+                "{} ({} vs floor {})",
+                r.run,
+                pct(r.final_eval),
+                pct(r.majority_floor.unwrap_or(0.0))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    vec![format!(
+        "{} of {} runs {} not left the floor of always predicting the most frequent label \
+         (they end within {} point of it): {list}. Their times to a target measure noise, not \
+         learning.",
+        stuck.len(),
+        rows.len(),
+        if stuck.len() == 1 { "has" } else { "have" },
+        FLOOR_MARGIN * 100.0
+    )]
+}
+
 /// Escapes a table cell: a `|` would end the cell.
 fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
@@ -526,26 +662,34 @@ impl Report {
              run's training seconds per sample / the baseline's, each over its whole run \
              (teacher work times any difference in load between the runs). Speedup = samples \
              speedup / cost per sample when both runs trained at a steady rate; a cost far from \
-             a distilling step's benchmarked cost is load, not distillation.\n\n",
+             a distilling step's benchmarked cost is load, not distillation. Every metric, time \
+             and target is on the test split, which nothing is chosen on; the validation metric \
+             (held out of the training data, what teachers are ranked by) is shown beside the \
+             final one. Where a baseline's configuration was trained with several seeds, a run \
+             that reached its target inside the seeds' spread is a tie (within seed spread), \
+             not a speedup.\n\n",
             plural(self.rows.len(), "run", "runs"),
             plural(n_base, "baseline", "baselines"),
         ));
 
         md.push_str("## Runs\n\n");
         md.push_str(
-            "| Method | Run | Duration (samples) | Steps | Final metric | Train time (s) | \
-             Teacher forwards | Teachers | Samples seen | Train µs / sample |\n",
+            "| Method | Run | Duration (samples) | Steps | Final metric (test) | Validation | \
+             Train time (s) | Teacher forwards | Teachers | Samples seen | Train µs / sample |\n",
         );
-        md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n");
+        md.push_str(
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
+        );
         for r in &self.rows {
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} {} | {:.1} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} {} | {} | {:.1} | {} | {} | {} | {} |\n",
                 cell(&r.method),
                 cell(&r.run),
                 r.duration_samples,
                 r.steps,
                 pct(r.final_eval),
                 cell(&metric_words(&r.metric)),
+                r.final_validation.map_or("—".to_string(), pct),
                 r.train_seconds,
                 r.teacher_forwards,
                 if r.teachers.is_empty() {
@@ -582,6 +726,21 @@ impl Report {
                     |n| format!(" and {n} samples")
                 ),
             ));
+            match &t.seed_spread {
+                Some(sp) => md.push_str(&format!(
+                    "Seed spread of this configuration ({}): time to {} {}{}. A run inside it \
+                     is a tie (within seed spread).\n\n",
+                    sp.runs.join(", "),
+                    pct(t.value),
+                    spread_seconds_text(sp),
+                    spread_samples_text(sp).map_or(String::new(), |s| format!(", samples {s}")),
+                )),
+                None => md.push_str(
+                    "One seed of this configuration: no seed spread, so a speedup against this \
+                     baseline cannot be told from seed noise (train it with another seed to \
+                     measure the spread).\n\n",
+                ),
+            }
             md.push_str(&format!(
                 "| Method | Run | Duration (samples) | Final {words} | Time to {pct} (s) | \
                  Speedup | Samples to {pct} | Samples speedup | Cost per sample vs baseline |\n",
@@ -598,6 +757,10 @@ impl Report {
                         format!("{s:.1}"),
                         format!("{} (own target)", speedup_text(x)),
                     ),
+                    (Some(s), Some(x)) if vs.within_seed_spread == Some(true) => (
+                        format!("{s:.1}"),
+                        format!("{} — tie (within seed spread)", speedup_text(x)),
+                    ),
                     (Some(s), Some(x)) => (format!("{s:.1}"), speedup_text(x)),
                     (Some(s), None) => (format!("{s:.1}"), "undefined (time 0)".to_string()),
                 };
@@ -610,6 +773,9 @@ impl Report {
                         match vs.samples_speedup {
                             Some(x) if vs.own_target => {
                                 format!("{} (own target)", speedup_text(x))
+                            }
+                            Some(x) if vs.samples_within_seed_spread == Some(true) => {
+                                format!("{} — tie (within seed spread)", speedup_text(x))
                             }
                             Some(x) => speedup_text(x),
                             None if n == 0 => "undefined (0 samples)".to_string(),

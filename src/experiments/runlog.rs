@@ -7,7 +7,7 @@
 //! Each line is a [`RunLogRecord`]:
 //!
 //! ```json
-//! {"step":500,"samples":64000,"train_seconds":61.2,"wall_seconds":70.9,"lr":0.1,"ce":0.61,"kd":0.12,"loss":0.73,"teacher_forwards":500,"eval":0.8132}
+//! {"step":500,"samples":64000,"train_seconds":61.2,"wall_seconds":70.9,"lr":0.1,"ce":0.61,"kd":0.12,"loss":0.73,"teacher_forwards":500,"eval":0.8132,"validation":0.8215}
 //! ```
 //!
 //! | field | type | meaning |
@@ -21,15 +21,16 @@
 //! | `kd` | f32 or null | distillation loss (already weighted or not: the trainer documents which), null when no teacher ran at this step |
 //! | `loss` | f32 | the loss that was back-propagated |
 //! | `teacher_forwards` | u64 | teacher forward passes so far (cumulative; an ensemble of k counts k per step) |
-//! | `eval` | f32 or null | evaluation metric in [0, 1] (accuracy, or masked-token accuracy for MLM) when an evaluation ran at this step, else null or absent |
+//! | `eval` | f32 or null | evaluation metric in [0, 1] (accuracy, or masked-token accuracy for MLM) on the **test** split when an evaluation ran at this step, else null or absent: what reports show, never what anything is chosen on |
+//! | `validation` | f32 or absent | the same metric, at the same evaluation, on the **validation** split held out of the training data (`data.validation_fraction`): what sweeps and searches choose on; absent when the run keeps no validation split (and in logs written before it existed) |
 //!
 //! Rules the reader enforces (a violation is an error naming the file and the line):
 //! - every line parses as a record (blank lines are skipped);
 //! - `step`, `samples`, `train_seconds` and `teacher_forwards` never decrease from one line to
 //!   the next (equal is allowed, e.g. an evaluation record written after the training record
 //!   of the same step). A resumed run must therefore restore them from its checkpoint;
-//! - `train_seconds` and `wall_seconds` are finite and >= 0; `eval`, when present, is finite
-//!   and in [0, 1] (a fraction, not a percentage).
+//! - `train_seconds` and `wall_seconds` are finite and >= 0; `eval` and `validation`, when
+//!   present, are finite and in [0, 1] (fractions, not percentages).
 //!
 //! JSON has no NaN: a diverged run's non-finite `lr`, `ce` or `loss` is written as `null` and
 //! read back as NaN; a non-finite `kd` is written as `null` and reads back as "no KD".
@@ -48,7 +49,9 @@
 //!
 //! A [`RunSummary`]: name, method (`"baseline"` exactly for runs without distillation; free
 //! text otherwise, e.g. `"kd-kl"`, `"kd-mse"`, `"random-one"`, `"ensemble-2"`), metric
-//! (`"accuracy"` or `"mlm-accuracy"`), duration in samples, steps, final evaluation, training
+//! (`"accuracy"` or `"mlm-accuracy"`), duration in samples, steps, final evaluation on the test
+//! split (`final_eval`) and on the validation split (`final_validation`, absent without one),
+//! the test metric of always predicting the most frequent label (`majority_floor`), training
 //! seconds, teacher forwards, teacher names and the recipe as JSON. A directory with a
 //! `log.jsonl` and no `summary.json` is a run still going or one that died.
 
@@ -90,9 +93,12 @@ pub struct RunLogRecord {
     pub loss: f32,
     /// Cumulative teacher forward passes.
     pub teacher_forwards: u64,
-    /// Evaluation metric in [0, 1] when an evaluation ran at this step.
+    /// Evaluation metric in [0, 1] on the test split when an evaluation ran at this step.
     #[serde(default)]
     pub eval: Option<f32>,
+    /// The same evaluation on the validation split (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<f32>,
 }
 
 /// serde_json writes a non-finite float as `null`; read it back as NaN instead of failing, so a
@@ -115,12 +121,14 @@ impl RunLogRecord {
                 ));
             }
         }
-        if let Some(e) = self.eval {
-            if !e.is_finite() || !(0.0..=1.0).contains(&e) {
-                return Err(format!(
-                    "eval must be a fraction in [0, 1], got {e} (step {}); write 0.8 for 80%",
-                    self.step
-                ));
+        for (name, v) in [("eval", self.eval), ("validation", self.validation)] {
+            if let Some(e) = v {
+                if !e.is_finite() || !(0.0..=1.0).contains(&e) {
+                    return Err(format!(
+                        "{name} must be a fraction in [0, 1], got {e} (step {}); write 0.8 for 80%",
+                        self.step
+                    ));
+                }
             }
         }
         Ok(())
@@ -328,8 +336,17 @@ pub struct RunSummary {
     /// Training duration the schedule was set for, in samples.
     pub duration_samples: u64,
     pub steps: u64,
-    /// Final evaluation metric in [0, 1].
+    /// Final evaluation metric in [0, 1], on the test split: reported, never chosen on.
     pub final_eval: f32,
+    /// Final evaluation metric on the validation split: what sweeps rank teachers by. Absent
+    /// when the run kept no validation split, and in summaries written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_validation: Option<f32>,
+    /// The test metric of always predicting the test split's most frequent label (for MLM, the
+    /// most frequent masked token): a run at or near it has learnt nothing beyond that. Absent
+    /// in summaries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub majority_floor: Option<f32>,
     /// Total training seconds (the same clock as the log's `train_seconds`).
     pub train_seconds: f64,
     pub teacher_forwards: u64,
@@ -366,6 +383,14 @@ impl RunSummary {
                 "final_eval must be a fraction in [0, 1], got {}",
                 self.final_eval
             ));
+        }
+        for (field, v) in [
+            ("final_validation", self.final_validation),
+            ("majority_floor", self.majority_floor),
+        ] {
+            if let Some(v) = v.filter(|v| !v.is_finite() || !(0.0..=1.0).contains(v)) {
+                return Err(format!("{field} must be a fraction in [0, 1], got {v}"));
+            }
         }
         if !self.train_seconds.is_finite() || self.train_seconds < 0.0 {
             return Err(format!(
@@ -556,6 +581,7 @@ mod tests {
             loss: 1.0,
             teacher_forwards: 0,
             eval,
+            validation: None,
         }
     }
 
@@ -615,6 +641,8 @@ mod tests {
                 duration_samples: 100,
                 steps: 3,
                 final_eval: 0.7,
+                final_validation: None,
+                majority_floor: None,
                 train_seconds: 30.0,
                 teacher_forwards: 0,
                 device: None,

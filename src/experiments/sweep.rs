@@ -1,6 +1,7 @@
 //! `recycle sweep`: the teacher grid of the paper — the same recipe trained at several
 //! learning rates. The runs are the leftovers that later runs recycle as teachers; each
-//! records its accuracy in its `summary.json`, which ranks it in a teacher pool.
+//! records its accuracy in its `summary.json`. They are ranked on the validation split held out
+//! of the training data, never on the test split, which is only reported.
 
 use std::path::PathBuf;
 
@@ -29,7 +30,8 @@ pub fn sweep_recipe(base: &Recipe, lr: f32) -> Recipe {
     r
 }
 
-/// Trains `base` at each learning rate of `lrs`; returns the points, best accuracy first.
+/// Trains `base` at each learning rate of `lrs`; returns the points, best validation accuracy
+/// first (see [`rank_by_validation`]).
 pub fn run_sweep(base: &Recipe, lrs: &[f32], opts: &RunOptions) -> Result<Vec<SweepPoint>> {
     if lrs.is_empty() {
         return Err(Error::invalid(
@@ -61,6 +63,74 @@ pub fn run_sweep(base: &Recipe, lrs: &[f32], opts: &RunOptions) -> Result<Vec<Sw
             summary,
         });
     }
-    points.sort_by(|a, b| b.summary.final_eval.total_cmp(&a.summary.final_eval));
+    rank_by_validation(&mut points)?;
     Ok(points)
+}
+
+/// Orders sweep points by their final validation metric, best first (ties keep the given
+/// order). The test metric plays no part. A point without a validation metric (trained with
+/// `data.validation_fraction = 0`) is an error: ranking it would mean choosing on test.
+pub fn rank_by_validation(points: &mut [SweepPoint]) -> Result<()> {
+    if let Some(p) = points.iter().find(|p| p.summary.final_validation.is_none()) {
+        return Err(Error::invalid(
+            "sweep",
+            format!(
+                "{}: the run has no validation metric to rank it by (its recipe keeps no \
+                 validation split); set data.validation_fraction above 0, e.g. 0.1, and train \
+                 it again",
+                p.dir.display()
+            ),
+        ));
+    }
+    let key = |p: &SweepPoint| p.summary.final_validation.unwrap_or(0.0);
+    points.sort_by(|a, b| key(b).total_cmp(&key(a)));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(lr: f32, validation: Option<f32>, test: f32) -> SweepPoint {
+        SweepPoint {
+            lr,
+            dir: PathBuf::from(format!("runs/fmnist-lr{lr}")),
+            summary: RunSummary {
+                name: format!("fmnist-lr{lr}"),
+                method: "sweep".into(),
+                metric: "accuracy".into(),
+                duration_samples: 1000,
+                steps: 10,
+                final_eval: test,
+                final_validation: validation,
+                majority_floor: Some(0.1),
+                train_seconds: 1.0,
+                teacher_forwards: 0,
+                device: None,
+                teachers: vec![],
+                config: serde_json::Value::Null,
+            },
+        }
+    }
+
+    /// Validation and test disagree: lr 0.2 is best on test, lr 0.1 on validation. The sweep
+    /// picks lr 0.1.
+    #[test]
+    fn teachers_are_ranked_on_validation_not_test() {
+        let mut points = vec![
+            point(0.05, Some(0.70), 0.71),
+            point(0.2, Some(0.78), 0.83),
+            point(0.1, Some(0.81), 0.80),
+        ];
+        rank_by_validation(&mut points).unwrap();
+        let order: Vec<f32> = points.iter().map(|p| p.lr).collect();
+        assert_eq!(order, vec![0.1, 0.2, 0.05]);
+
+        let mut unranked = vec![point(0.1, Some(0.8), 0.8), point(0.2, None, 0.9)];
+        let err = rank_by_validation(&mut unranked).unwrap_err().to_string();
+        assert!(
+            err.contains("runs/fmnist-lr0.2") && err.contains("validation_fraction"),
+            "{err}"
+        );
+    }
 }

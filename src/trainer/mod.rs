@@ -63,17 +63,33 @@ pub const LOG_FILE: &str = "log.jsonl";
 pub const RECIPE_FILE: &str = "recipe.toml";
 pub use crate::experiments::runlog::SUMMARY_FILE;
 
-/// The data of a run, loaded once.
+/// The data of a run, loaded once: the training set, the validation split held out of the
+/// training data (for choosing; empty when `data.validation_fraction` is 0) and the test split
+/// (`eval`, for reporting).
 pub enum TaskData {
     Images {
         train: Arc<ImageDataset>,
+        validation: Arc<ImageDataset>,
         eval: Arc<ImageDataset>,
     },
     Text {
         train: Arc<MlmDataset>,
+        validation: Arc<MlmDataset>,
         eval: Arc<MlmDataset>,
         vocab_size: usize,
     },
+}
+
+/// Every `TEXT_TEST_EVERY`-th corpus text is a test text (5%, spread over the corpus).
+const TEXT_TEST_EVERY: usize = 20;
+
+/// Which evaluation split a metric is computed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSplit {
+    /// Held out of the training data: what sweeps and searches choose on.
+    Validation,
+    /// The data set's test split: reported, never chosen on.
+    Test,
 }
 
 impl TaskData {
@@ -82,18 +98,25 @@ impl TaskData {
     pub fn load(recipe: &Recipe) -> Result<TaskData> {
         let d = &recipe.data;
         match d.dataset.as_str() {
-            "fashion-mnist" => Ok(TaskData::Images {
-                train: Arc::new(data::load_fashion_mnist(
-                    d.dir.as_deref(),
-                    Split::Train,
-                    d.train_limit,
-                )?),
-                eval: Arc::new(data::load_fashion_mnist(
-                    d.dir.as_deref(),
-                    Split::Test,
-                    d.eval_limit,
-                )?),
-            }),
+            "fashion-mnist" => {
+                let all = data::load_fashion_mnist(d.dir.as_deref(), Split::Train, d.train_limit)?;
+                let (train, mut validation) =
+                    data::validation::split_images(all, d.validation_fraction);
+                if let Some(n) = d.eval_limit {
+                    let n = n.min(validation.len());
+                    validation.images.truncate(n * validation.image_size());
+                    validation.labels.truncate(n);
+                }
+                Ok(TaskData::Images {
+                    train: Arc::new(train),
+                    validation: Arc::new(validation),
+                    eval: Arc::new(data::load_fashion_mnist(
+                        d.dir.as_deref(),
+                        Split::Test,
+                        d.eval_limit,
+                    )?),
+                })
+            }
             "fortunes" => {
                 let texts = data::load_fortunes(d.dir.as_deref())?;
                 let tokenizer = match &d.tokenizer {
@@ -107,14 +130,18 @@ impl TaskData {
                         data::TextTokenizer::load_or_train(&path, &texts, d.vocab_size)?
                     }
                 };
+                let (train, validation, test) =
+                    data::validation::split_texts(&texts, TEXT_TEST_EVERY, d.validation_fraction);
                 // A fixed data seed: every run of a comparison sees the same evaluation masks.
-                let (mut train, mut eval) =
-                    MlmDataset::build(&texts, &tokenizer, d.seq_len, 20, 0)?;
-                truncate_mlm(&mut train, d.train_limit);
-                truncate_mlm(&mut eval, d.eval_limit);
+                let pack = |texts: &[&str], limit: Option<usize>| -> Result<MlmDataset> {
+                    let (mut ds, _) = MlmDataset::build(texts, &tokenizer, d.seq_len, 0, 0)?;
+                    truncate_mlm(&mut ds, limit);
+                    Ok(ds)
+                };
                 Ok(TaskData::Text {
-                    train: Arc::new(train),
-                    eval: Arc::new(eval),
+                    train: Arc::new(pack(&train, d.train_limit)?),
+                    validation: Arc::new(pack(&validation, d.eval_limit)?),
+                    eval: Arc::new(pack(&test, d.eval_limit)?),
                     vocab_size: tokenizer.vocab_size(),
                 })
             }
@@ -122,6 +149,14 @@ impl TaskData {
                 "TaskData::load",
                 format!("unknown data set `{other}`"),
             )),
+        }
+    }
+
+    /// Items in the validation split (0: the run keeps none).
+    pub fn validation_len(&self) -> usize {
+        match self {
+            TaskData::Images { validation, .. } => validation.len(),
+            TaskData::Text { validation, .. } => BatchSource::len(&**validation),
         }
     }
 
@@ -240,7 +275,8 @@ fn make_schedule(recipe: &Recipe, total: u64) -> Result<LrSchedule> {
 }
 
 /// Loads the teachers a recipe names: run directories (their `final.safetensors`, ranked by
-/// the `final_eval` of their `summary.json`) or checkpoint files. Each is loaded on the CPU as a
+/// the validation metric of their `summary.json`, never the test one; a run without it ranks
+/// as given) or checkpoint files. Each is loaded on the CPU as a
 /// frozen teacher (weights in bf16, BatchNorm folded), computing in `activations` when given
 /// (else in its input's type), then moved to `device`.
 pub fn load_teachers(
@@ -269,7 +305,10 @@ pub fn load_teachers(
                     ),
                 ));
             }
-            let accuracy = RunSummary::read(&dir).map(|s| s.final_eval).unwrap_or(0.0);
+            let accuracy = RunSummary::read(&dir)
+                .ok()
+                .and_then(|s| s.final_validation)
+                .unwrap_or(0.0);
             Ok(TeacherEntry {
                 name: p.display().to_string(),
                 accuracy,
@@ -327,11 +366,21 @@ fn mlm_batch(b: data::MlmBatch) -> Result<Batch> {
     )?))
 }
 
-/// Evaluation metric of `model` on the evaluation split: top-1 accuracy for images,
-/// masked-token accuracy for MLM (fixed masks). The loader builds each batch on the CPU; it is
-/// uploaded to the model's device, and the logits come back in one copy per batch (the labels
-/// never leave the host).
+/// Evaluation metric of `model` on the test split: top-1 accuracy for images, masked-token
+/// accuracy for MLM (fixed masks). See [`evaluate_on`].
 pub fn evaluate(model: &Model, data: &TaskData, batch_size: usize) -> Result<f32> {
+    evaluate_on(model, data, EvalSplit::Test, batch_size)
+}
+
+/// Evaluation metric of `model` on `split`. The loader builds each batch on the CPU; it is
+/// uploaded to the model's device, and the logits come back in one copy per batch (the labels
+/// never leave the host). An empty split is an error naming the setting to raise.
+pub fn evaluate_on(
+    model: &Model,
+    data: &TaskData,
+    split: EvalSplit,
+    batch_size: usize,
+) -> Result<f32> {
     let device = model.device();
     let (mut correct, mut total) = (0usize, 0usize);
     let mut score = |batch: Batch| -> Result<()> {
@@ -347,25 +396,67 @@ pub fn evaluate(model: &Model, data: &TaskData, batch_size: usize) -> Result<f32
         total += rows;
         Ok(())
     };
+    let test = split == EvalSplit::Test;
     match data {
-        TaskData::Images { eval, .. } => {
-            for b in Loader::new(eval.clone(), LoaderConfig::eval(batch_size), 0)? {
+        TaskData::Images {
+            validation, eval, ..
+        } => {
+            let set = if test { eval } else { validation };
+            for b in Loader::new(set.clone(), LoaderConfig::eval(batch_size), 0)? {
                 score(image_batch(b?))?;
             }
         }
-        TaskData::Text { eval, .. } => {
-            for b in Loader::new(eval.clone(), LoaderConfig::eval(batch_size), 0)? {
+        TaskData::Text {
+            validation, eval, ..
+        } => {
+            let set = if test { eval } else { validation };
+            for b in Loader::new(set.clone(), LoaderConfig::eval(batch_size), 0)? {
                 score(mlm_batch(b?)?)?;
             }
         }
     }
     if total == 0 {
-        return Err(Error::invalid(
-            "evaluate",
-            "the evaluation split is empty: data.eval_limit must be at least 1".to_string(),
-        ));
+        let what = if test {
+            "the test split is empty: raise data.eval_limit"
+        } else {
+            "the validation split is empty: raise data.validation_fraction (or data.eval_limit)"
+        };
+        return Err(Error::invalid("evaluate", what.to_string()));
     }
     Ok(correct as f32 / total as f32)
+}
+
+/// The metric of always predicting the test split's most frequent label: the floor a model
+/// has not left while its accuracy sits there (for MLM, the most frequent masked token).
+pub fn majority_floor(data: &TaskData) -> Result<f32> {
+    let mut counts: std::collections::HashMap<i32, usize> = std::collections::HashMap::new();
+    let mut add = |batch: Batch| -> Result<()> {
+        for l in batch.labels().to_vec::<i32>()? {
+            *counts.entry(l).or_default() += 1;
+        }
+        Ok(())
+    };
+    match data {
+        TaskData::Images { eval, .. } => {
+            for b in Loader::new(eval.clone(), LoaderConfig::eval(256), 0)? {
+                add(image_batch(b?))?;
+            }
+        }
+        TaskData::Text { eval, .. } => {
+            for b in Loader::new(eval.clone(), LoaderConfig::eval(256), 0)? {
+                add(mlm_batch(b?)?)?;
+            }
+        }
+    }
+    let total: usize = counts.values().sum();
+    let most = counts.values().copied().max().unwrap_or(0);
+    if total == 0 {
+        return Err(Error::invalid(
+            "majority_floor",
+            "the test split is empty: raise data.eval_limit".to_string(),
+        ));
+    }
+    Ok(most as f32 / total as f32)
 }
 
 /// Rows of `logits` (`classes` wide) whose first maximum is at the row's label.
@@ -427,7 +518,13 @@ fn finished_run(dir: &Path, recipe: &Recipe) -> Result<Option<RunSummary>> {
     if Recipe::from_toml(&text).ok().as_ref() != Some(recipe) {
         return Ok(None);
     }
-    Ok(Some(RunSummary::read(dir)?))
+    let summary = RunSummary::read(dir)?;
+    // A run finished before validation splits existed reads back with the default fraction
+    // but has no validation metric: train it again rather than reuse it.
+    if recipe.data.validation_fraction > 0.0 && summary.final_validation.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(summary))
 }
 
 fn progress_bar(enabled: bool, total: u64, at: u64, name: &str) -> Option<indicatif::ProgressBar> {

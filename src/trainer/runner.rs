@@ -14,9 +14,10 @@ use super::resume::{
     check_allocatable, check_same_recipe, checkpoint_step, load_checkpoint, remove_temp_files,
 };
 use super::{
-    architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
-    mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
+    architecture, eval_steps, evaluate, evaluate_on, image_batch, load_teachers, majority_floor,
+    make_optimizer, make_schedule, mlm_batch, open_device, progress_bar, total_steps, train_step,
+    Batch, EvalSplit, Model, RunOptions, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE,
+    LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
@@ -79,6 +80,8 @@ pub struct Trainer {
     started: Instant,
     wall_offset: f64,
     last_eval: Option<f32>,
+    /// The validation metric of the last evaluation (`None` without a validation split).
+    last_validation: Option<f32>,
     last_step: Option<(f32, StepOutput)>,
     batches: Box<dyn Iterator<Item = Result<Batch>>>,
     progress: Option<indicatif::ProgressBar>,
@@ -224,6 +227,7 @@ impl Trainer {
             started: Instant::now(),
             wall_offset,
             last_eval: None,
+            last_validation: None,
             last_step: None,
             batches,
             progress,
@@ -353,13 +357,14 @@ impl Trainer {
         state.teacher_forwards += out.teacher_forwards as u64;
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
-        let eval = if self.evals.contains(&self.state.step) {
+        let (eval, validation) = if self.evals.contains(&self.state.step) {
             checkpoint::test_pause(&format!("evaluation after step {}", self.state.step));
-            let v = evaluate(&self.student, &self.data, batch.max(256))?;
-            self.last_eval = Some(v);
-            Some(v)
+            let (test, validation) = self.evaluate_both(batch)?;
+            self.last_eval = Some(test);
+            self.last_validation = validation;
+            (Some(test), validation)
         } else {
-            None
+            (None, None)
         };
         self.log.append(&RunLogRecord {
             step: self.state.step,
@@ -372,6 +377,7 @@ impl Trainer {
             loss: out.loss,
             teacher_forwards: self.state.teacher_forwards,
             eval,
+            validation,
         })?;
         let every = self.recipe.train.checkpoint_every;
         if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
@@ -388,6 +394,24 @@ impl Trainer {
             ));
         }
         Ok(out)
+    }
+
+    /// The student's metric on the test split and, when the run keeps one, on the validation
+    /// split.
+    fn evaluate_both(&self, batch: usize) -> Result<(f32, Option<f32>)> {
+        let batch = batch.max(256);
+        let test = evaluate(&self.student, &self.data, batch)?;
+        let validation = if self.data.validation_len() > 0 {
+            Some(evaluate_on(
+                &self.student,
+                &self.data,
+                EvalSplit::Validation,
+                batch,
+            )?)
+        } else {
+            None
+        };
+        Ok((test, validation))
     }
 
     /// Runs up to `n` steps (fewer when the run ends first) and returns how many ran.
@@ -482,9 +506,9 @@ impl Trainer {
         if self.state.step < total {
             return Err(self.stop("stopped"));
         }
-        let final_eval = match self.last_eval {
-            Some(v) => v,
-            None => evaluate(&self.student, &self.data, batch.max(256))?,
+        let (final_eval, final_validation) = match self.last_eval {
+            Some(v) => (v, self.last_validation),
+            None => self.evaluate_both(batch)?,
         };
         checkpoint::save(
             &self.dir.join(FINAL_FILE),
@@ -499,6 +523,8 @@ impl Trainer {
             duration_samples: total * batch as u64,
             steps: total,
             final_eval,
+            final_validation,
+            majority_floor: Some(majority_floor(&self.data)?),
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
             device: Some(self.device_name.clone()),

@@ -215,7 +215,7 @@ static char *recipe_named(const char *name, const char *out_dir, const char *lr)
         "name = \"%s\"\n"
         "out_dir = \"%s\"\n"
         "[model]\nkind = \"resnet\"\nwidth = 0.0625\n"
-        "[data]\ndataset = \"fashion-mnist\"\ntrain_limit = 256\neval_limit = 128\n"
+        "[data]\ndataset = \"fashion-mnist\"\ntrain_limit = 288\neval_limit = 128\n"
         "[train]\nbatch_size = 32\nepochs = 1.0\nevals = 2\n"
         "[optimizer]\nkind = \"sgdw\"\nlr = %s\nweight_decay = 5e-4\nwarmup = 0.1\n";
     size_t n = strlen(fmt) + strlen(name) + strlen(out_dir) + strlen(lr) + 1;

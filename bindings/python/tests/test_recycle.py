@@ -215,7 +215,7 @@ def tiny_recipe(out_dir, name):
         "name": name,
         "out_dir": out_dir,
         "model": {"kind": "resnet", "width": 0.0625},
-        "data": {"dataset": "fashion-mnist", "train_limit": 256, "eval_limit": 128},
+        "data": {"dataset": "fashion-mnist", "train_limit": 288, "eval_limit": 128},
         "train": {"batch_size": 32, "epochs": 1.0, "evals": 2},
         "optimizer": {"kind": "sgdw", "lr": 0.1, "weight_decay": 5e-4, "warmup": 0.1},
     }
@@ -246,7 +246,7 @@ kind = "resnet"
 width = 0.0625
 [data]
 dataset = "fashion-mnist"
-train_limit = 256
+train_limit = 288
 eval_limit = 128
 [train]
 batch_size = 32
