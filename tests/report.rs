@@ -269,16 +269,15 @@ fn plot_is_a_png_with_or_without_text() {
         .unwrap();
     assert!(out.markdown.is_file() && out.json.is_file());
     assert_eq!(png_size(&out.plot.path), (1200, 800));
-    // The default font is there on a machine with fonts-dejavu-core; say so when it is not.
-    if !out.plot.text {
-        eprintln!("plot drawn without text: {:?}", out.plot.note);
-    }
+    // A system font or, failing those, the embedded one: the default plot always has text.
+    assert!(out.plot.text, "{:?}", out.plot.note);
 
     let opts = PlotOptions {
         width: 640,
         height: 400,
         font: Some(dir.join("no-such-font.ttf")),
         title: None,
+        system_fonts: true,
     };
     let path = dir.join("no-text.png");
     let outcome = plot_accuracy_vs_time(&report, &path, &opts).unwrap();
@@ -293,6 +292,53 @@ fn plot_is_a_png_with_or_without_text() {
         outcome.note
     );
     assert_eq!(png_size(&path), (640, 400));
+}
+
+/// Dark pixels in the top `rows` rows of a PNG (where the title is drawn).
+fn dark_pixels_on_top(path: &Path, rows: usize) -> usize {
+    let decoder = png::Decoder::new(std::io::Cursor::new(fs::read(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let row_bytes = info.line_size;
+    buf[..rows * row_bytes]
+        .chunks(3)
+        .filter(|px| px.iter().all(|&c| c < 100))
+        .count()
+}
+
+#[test]
+fn without_system_fonts_the_plot_is_labelled_with_the_embedded_font() {
+    let dir = scratch("embedded-font");
+    write_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    let opts = PlotOptions {
+        width: 640,
+        height: 400,
+        system_fonts: false,
+        ..PlotOptions::default()
+    };
+    // The variable would name a font file; unset here, the embedded font is all there is.
+    std::env::remove_var(recycle::experiments::plot::FONT_ENV);
+    let with = dir.join("embedded.png");
+    let outcome = plot_accuracy_vs_time(&report, &with, &opts).unwrap();
+    assert!(outcome.text, "{:?}", outcome.note);
+    assert_eq!(outcome.font, None, "the embedded font, not a file");
+    let without = dir.join("no-text.png");
+    let none = PlotOptions {
+        font: Some(dir.join("no-such-font.ttf")),
+        ..opts.clone()
+    };
+    assert!(!plot_accuracy_vs_time(&report, &without, &none).unwrap().text);
+    // The title band holds the title's glyphs only when text was drawn.
+    let (text_px, bare_px) = (
+        dark_pixels_on_top(&with, 40),
+        dark_pixels_on_top(&without, 40),
+    );
+    assert!(
+        text_px > 200 && bare_px < text_px / 4,
+        "title pixels: {text_px} with the embedded font, {bare_px} without text"
+    );
 }
 
 #[test]
