@@ -263,13 +263,15 @@ fn a_corrupt_body_is_retried_then_refused_and_nothing_is_kept() {
     let victim = source.files[0];
     let mut table = table_of(&source, &upstream);
     let mut bad = std::fs::read(upstream.join(victim.name)).unwrap();
-    bad[bad.len() / 2] ^= 0x55;
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
     table.insert(format!("/files/{}", victim.name), Reply::Body(bad));
     let server = Server::start(table);
 
     let e = locate_in(&source, None, &places(&cache, server.base()))
         .unwrap_err()
         .to_string();
+    eprintln!("{e}");
     assert_eq!(server.hits(victim.name), ATTEMPTS, "retried once");
     let url = format!("{}{}", server.base(), victim.name);
     assert!(e.contains(&url), "{e}");
@@ -326,6 +328,7 @@ fn a_truncated_body_is_refused() {
     let e = locate_in(&source, None, &places(&cache, server.base()))
         .unwrap_err()
         .to_string();
+    eprintln!("{e}");
     assert_eq!(server.hits(victim.name), ATTEMPTS);
     assert!(e.contains(victim.name), "{e}");
     assert!(
@@ -341,6 +344,7 @@ fn a_truncated_body_is_refused() {
     let e = locate_in(&only_short, None, &places(&cache, server.base()))
         .unwrap_err()
         .to_string();
+    eprintln!("{e}");
     assert!(
         e.contains(&format!(
             "ended after {} of the expected {} bytes",
@@ -369,6 +373,7 @@ fn no_server_is_a_clear_offline_error() {
     let e = locate_in(&source, None, &places(&cache, base.clone()))
         .unwrap_err()
         .to_string();
+    eprintln!("{e}");
     assert!(start.elapsed() < Duration::from_secs(20));
     assert!(e.contains(&format!("{base}{}", source.files[0].name)), "{e}");
     assert!(e.contains("RECYCLE_FASHION_MNIST_DIR"), "{e}");
