@@ -10,8 +10,8 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 
 use recycle::data::fashion_mnist::{self, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
-use recycle::data::test_support::{use_fixture_data, write_fashion_mnist};
 use recycle::data::loader::{epoch_order, steps_per_epoch};
+use recycle::data::test_support::{use_fixture_data, write_fashion_mnist};
 use recycle::data::text::{IGNORE_LABEL, SPECIAL_TOKENS};
 use recycle::data::{
     load_fashion_mnist, load_fortunes, mask_tokens, BatchSource, ImageDataset, Loader,
@@ -185,20 +185,29 @@ fn the_fixture_data_set_is_fashion_mnist_shaped_balanced_and_separable() {
     let mean_of = |c: i32| -> Vec<f32> {
         let idx: Vec<usize> = (0..train.len()).filter(|&i| train.labels[i] == c).collect();
         (0..784)
-            .map(|p| idx.iter().map(|&i| train.image(i).unwrap()[p]).sum::<f32>() / idx.len() as f32)
+            .map(|p| {
+                idx.iter().map(|&i| train.image(i).unwrap()[p]).sum::<f32>() / idx.len() as f32
+            })
             .collect()
     };
     let means: Vec<Vec<f32>> = (0..10).map(mean_of).collect();
     for a in 0..10 {
         for b in a + 1..10 {
-            let d: f32 = means[a].iter().zip(&means[b]).map(|(x, y)| (x - y).abs()).sum();
+            let d: f32 = means[a]
+                .iter()
+                .zip(&means[b])
+                .map(|(x, y)| (x - y).abs())
+                .sum();
             assert!(d > 100.0, "classes {a} and {b} look alike ({d})");
         }
     }
     // Written twice, the same bytes (processes sharing the folder agree).
     let first = std::fs::read(dir.join("train-images-idx3-ubyte.gz")).unwrap();
     write_fashion_mnist(&dir, 200, 100).unwrap();
-    assert_eq!(first, std::fs::read(dir.join("train-images-idx3-ubyte.gz")).unwrap());
+    assert_eq!(
+        first,
+        std::fs::read(dir.join("train-images-idx3-ubyte.gz")).unwrap()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

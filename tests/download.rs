@@ -275,10 +275,19 @@ fn a_corrupt_body_is_retried_then_refused_and_nothing_is_kept() {
     assert_eq!(server.hits(victim.name), ATTEMPTS, "retried once");
     let url = format!("{}{}", server.base(), victim.name);
     assert!(e.contains(&url), "{e}");
-    assert!(e.contains(victim.sha256), "names the expected checksum: {e}");
+    assert!(
+        e.contains(victim.sha256),
+        "names the expected checksum: {e}"
+    );
     assert!(e.contains("SHA-256"), "{e}");
-    assert!(e.contains("RECYCLE_FASHION_MNIST_DIR"), "says what to do: {e}");
-    assert!(e.contains(&cache.display().to_string()), "names the cache: {e}");
+    assert!(
+        e.contains("RECYCLE_FASHION_MNIST_DIR"),
+        "says what to do: {e}"
+    );
+    assert!(
+        e.contains(&cache.display().to_string()),
+        "names the cache: {e}"
+    );
     let dir = cache.join("fmnist-test");
     assert!(
         !entries(&dir).iter().any(|n| n.contains(victim.name)),
@@ -375,7 +384,10 @@ fn no_server_is_a_clear_offline_error() {
         .to_string();
     eprintln!("{e}");
     assert!(start.elapsed() < Duration::from_secs(20));
-    assert!(e.contains(&format!("{base}{}", source.files[0].name)), "{e}");
+    assert!(
+        e.contains(&format!("{base}{}", source.files[0].name)),
+        "{e}"
+    );
     assert!(e.contains("RECYCLE_FASHION_MNIST_DIR"), "{e}");
     assert!(e.contains(&cache.display().to_string()), "{e}");
     assert!(e.contains("network"), "{e}");
@@ -443,7 +455,10 @@ fn the_pinned_sources_are_well_formed() {
         assert!(!source.files.is_empty());
         for f in source.files {
             assert_eq!(f.sha256.len(), 64, "{}", f.name);
-            assert!(f.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(f
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             assert!(f.size > 0 && !f.name.contains('/'));
         }
         let mut names: Vec<_> = source.files.iter().map(|f| f.name).collect();

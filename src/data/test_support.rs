@@ -31,10 +31,9 @@ pub const FIXTURE_FORTUNES: usize = 2400;
 
 /// Writes `bytes` to `path` through a temporary file in the same folder.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map_or_else(
-        || "file".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -114,25 +113,58 @@ pub fn write_fashion_mnist(dir: &Path, train: usize, test: usize) -> Result<()> 
 }
 
 const SUBJECTS: &[&str] = &[
-    "the cat", "a dog", "my neighbour", "the old man", "every child", "the computer",
-    "a wise woman", "the teacher", "our captain", "the farmer", "a stranger", "the king",
-    "the little bird", "your brother", "the programmer", "a good friend", "the river",
-    "the moon", "an honest lawyer", "the doctor",
+    "the cat",
+    "a dog",
+    "my neighbour",
+    "the old man",
+    "every child",
+    "the computer",
+    "a wise woman",
+    "the teacher",
+    "our captain",
+    "the farmer",
+    "a stranger",
+    "the king",
+    "the little bird",
+    "your brother",
+    "the programmer",
+    "a good friend",
+    "the river",
+    "the moon",
+    "an honest lawyer",
+    "the doctor",
 ];
 const VERBS: &[&str] = &[
-    "sees", "likes", "forgets", "remembers", "finds", "loses", "builds", "breaks", "reads",
-    "writes", "carries", "follows", "watches", "answers", "keeps", "sells", "buys", "cooks",
-    "paints", "counts",
+    "sees",
+    "likes",
+    "forgets",
+    "remembers",
+    "finds",
+    "loses",
+    "builds",
+    "breaks",
+    "reads",
+    "writes",
+    "carries",
+    "follows",
+    "watches",
+    "answers",
+    "keeps",
+    "sells",
+    "buys",
+    "cooks",
+    "paints",
+    "counts",
 ];
 const ADJECTIVES: &[&str] = &[
     "red", "quiet", "strange", "heavy", "bright", "small", "broken", "golden", "lazy", "quick",
     "ancient", "empty", "green", "happy", "careful", "wooden", "famous", "cold", "secret",
-    "simple",
+    "simple", "brown",
 ];
 const OBJECTS: &[&str] = &[
     "house", "letter", "garden", "machine", "song", "story", "bridge", "window", "apple",
     "question", "mountain", "book", "lamp", "road", "boat", "coin", "map", "clock", "door",
-    "problem",
+    "problem", "fox",
 ];
 const ENDINGS: &[&str] = &[
     "in the morning",
