@@ -201,9 +201,9 @@ fn read_header_word(r: &mut impl Read, word: &mut [u8; 4], path: &Path, what: &s
 /// Loads one split of Fashion-MNIST from `dir` (by default the folder [`locate`] finds or
 /// downloads), keeping the first `limit` images when given.
 ///
-/// A missing directory or file is an error naming it and where the files can come from; a damaged
-/// file (bad gzip, wrong magic, short data, image and label counts that disagree, a label out
-/// of range) is an error naming that file.
+/// A missing directory or file is an error naming it and where the files can come from; a
+/// damaged file (bad gzip, wrong magic, short data, image and label counts that disagree, a
+/// label out of range) is an error naming that file.
 pub fn load_fashion_mnist(
     dir: Option<&Path>,
     split: Split,
