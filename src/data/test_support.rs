@@ -75,7 +75,7 @@ pub fn idx_gz(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
 /// One 28x28 image of class `class`: noise in 0..48, and a 7x7 square of 180..255 at the
 /// class' place on a 4x3 grid.
 fn image(class: usize, rng: &mut Lcg) -> Vec<u8> {
-    let (top, left) = (2 + (class / 4) * 8, 1 + (class % 4) * 7);
+    let (top, left) = (2 + (class / 4) * 8, 1 + (class % 4) * 6);
     let mut px = vec![0u8; 28 * 28];
     for (i, p) in px.iter_mut().enumerate() {
         let (r, c) = (i / 28, i % 28);

@@ -229,7 +229,7 @@ def fashion_dir(tmp_path_factory):
         labels = ((np.arange(n) * 7 + 3) % 10).astype(np.uint8)
         images = rng.integers(0, 48, size=(n, 28, 28), dtype=np.uint8)
         for i, c in enumerate(labels):
-            top, left = 2 + (c // 4) * 8, 1 + (c % 4) * 7
+            top, left = 2 + (c // 4) * 8, 1 + (c % 4) * 6
             images[i, top : top + 7, left : left + 7] = rng.integers(180, 256, size=(7, 7))
         write_idx_gz(d / f"{prefix}-images-idx3-ubyte.gz", 0x0803, images)
         write_idx_gz(d / f"{prefix}-labels-idx1-ubyte.gz", 0x0801, labels)
