@@ -64,7 +64,7 @@ pub fn download_file(
 ) -> Result<PathBuf> {
     let url = file_url(base, file);
     let dest = dir.join(file.name);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let client: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_per_read(Some(READ_TIMEOUT))
         .max_redirects(5)
@@ -73,7 +73,7 @@ pub fn download_file(
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
         let start = progress.position();
-        match fetch_once(&agent, &url, file, &dest, progress) {
+        match fetch_once(&client, &url, file, &dest, progress) {
             Ok(()) => return Ok(dest),
             Err(Failure::Local(e)) => return Err(e),
             Err(Failure::Unreachable(why)) => {
@@ -141,13 +141,13 @@ impl Drop for Partial {
 
 /// One GET of `url` into `dest`, through a temporary file.
 fn fetch_once(
-    agent: &ureq::Agent,
+    client: &ureq::Agent,
     url: &str,
     file: &RemoteFile,
     dest: &Path,
     progress: &indicatif::ProgressBar,
 ) -> std::result::Result<(), Failure> {
-    let response = agent.get(url).call().map_err(|e| match e {
+    let response = client.get(url).call().map_err(|e| match e {
         // A body that fails mid-way surfaces from `read` below; here an I/O error is the
         // connection itself.
         ureq::Error::StatusCode(code) => {

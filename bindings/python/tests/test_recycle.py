@@ -219,7 +219,7 @@ def write_idx_gz(path, magic, array):
         f.write(header + array.tobytes())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
     """A Fashion-MNIST-shaped folder: 28x28 images, 10 balanced classes, each class a bright
     square at its own place on a noisy background (so that training has something to learn)."""
