@@ -177,7 +177,7 @@ fn default_bert_size() -> String {
 pub struct DataRecipe {
     /// `fashion-mnist` or `fortunes`.
     pub dataset: String,
-    /// Where the data set lives (defaults to the Debian package's location).
+    /// Where the data set lives (default: found or downloaded, see `data::locate`).
     #[serde(default)]
     pub dir: Option<PathBuf>,
     /// Use only the first N training examples.

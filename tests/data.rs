@@ -11,6 +11,7 @@ use flate2::Compression;
 
 use recycle::data::fashion_mnist::{self, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
 use recycle::data::loader::{epoch_order, steps_per_epoch};
+use recycle::data::test_support::{use_fixture_data, write_fashion_mnist};
 use recycle::data::text::{IGNORE_LABEL, SPECIAL_TOKENS};
 use recycle::data::{
     load_fashion_mnist, load_fortunes, mask_tokens, BatchSource, ImageDataset, Loader,
@@ -87,16 +88,16 @@ fn idx_good_file_loads_and_normalises() {
     // The test split has its own files.
     let e = err_text(load_fashion_mnist(Some(&dir), Split::Test, None));
     assert!(e.contains("t10k-images-idx3-ubyte.gz"), "{e}");
-    assert!(e.contains("apt-get install dataset-fashion-mnist"), "{e}");
+    assert!(e.contains("RECYCLE_FASHION_MNIST_DIR"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
-fn idx_missing_directory_names_the_package() {
+fn idx_missing_directory_says_where_data_comes_from() {
     let dir = std::env::temp_dir().join("recycle-data-no-such-dir");
     let e = err_text(load_fashion_mnist(Some(&dir), Split::Train, None));
     assert!(e.contains("recycle-data-no-such-dir"), "{e}");
-    assert!(e.contains("apt-get install dataset-fashion-mnist"), "{e}");
+    assert!(e.contains("RECYCLE_FASHION_MNIST_DIR"), "{e}");
 }
 
 #[test]
@@ -167,36 +168,47 @@ fn idx_damaged_files_are_errors_naming_them() {
 }
 
 #[test]
-fn real_fashion_mnist_when_installed() {
-    if !Path::new(fashion_mnist::DEFAULT_DIR).is_dir() {
-        println!(
-            "note: {} absent (apt-get install dataset-fashion-mnist); skipping",
-            fashion_mnist::DEFAULT_DIR
-        );
-        return;
-    }
-    // Labels only for the full training count (images are checked on the smaller test split).
-    let labels = fashion_mnist::read_idx_gz(
-        &Path::new(fashion_mnist::DEFAULT_DIR).join("train-labels-idx1-ubyte.gz"),
-        IDX_LABELS_MAGIC,
-        None,
-    )
-    .unwrap();
-    assert_eq!(labels.dims, vec![60000]);
-    let limited = load_fashion_mnist(None, Split::Train, Some(500)).unwrap();
-    assert_eq!(limited.len(), 500);
-
-    let test = load_fashion_mnist(None, Split::Test, None).unwrap();
-    assert_eq!(test.len(), 10000);
+fn the_fixture_data_set_is_fashion_mnist_shaped_balanced_and_separable() {
+    let dir = scratch("fixture");
+    write_fashion_mnist(&dir, 200, 100).unwrap();
+    let train = load_fashion_mnist(Some(&dir), Split::Train, None).unwrap();
+    let test = load_fashion_mnist(Some(&dir), Split::Test, None).unwrap();
+    assert_eq!((train.len(), test.len()), (200, 100));
     assert_eq!((test.channels, test.height, test.width), (1, 28, 28));
     let mut counts = [0usize; 10];
     for &l in &test.labels {
-        assert!((0..10).contains(&l));
         counts[l as usize] += 1;
     }
-    assert_eq!(counts, [1000; 10], "the test split is balanced");
-    let mean = test.images.iter().map(|&x| x as f64).sum::<f64>() / test.images.len() as f64;
-    assert!(mean.abs() < 0.05, "normalised mean {mean}");
+    assert_eq!(counts, [10; 10], "balanced");
+    // Each class is brightest in its own place: the mean image of a class differs from every
+    // other class' mean image.
+    let mean_of = |c: i32| -> Vec<f32> {
+        let idx: Vec<usize> = (0..train.len()).filter(|&i| train.labels[i] == c).collect();
+        (0..784)
+            .map(|p| {
+                idx.iter().map(|&i| train.image(i).unwrap()[p]).sum::<f32>() / idx.len() as f32
+            })
+            .collect()
+    };
+    let means: Vec<Vec<f32>> = (0..10).map(mean_of).collect();
+    for a in 0..10 {
+        for b in a + 1..10 {
+            let d: f32 = means[a]
+                .iter()
+                .zip(&means[b])
+                .map(|(x, y)| (x - y).abs())
+                .sum();
+            assert!(d > 100.0, "classes {a} and {b} look alike ({d})");
+        }
+    }
+    // Written twice, the same bytes (processes sharing the folder agree).
+    let first = std::fs::read(dir.join("train-images-idx3-ubyte.gz")).unwrap();
+    write_fashion_mnist(&dir, 200, 100).unwrap();
+    assert_eq!(
+        first,
+        std::fs::read(dir.join("train-images-idx3-ubyte.gz")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -226,41 +238,20 @@ fn fortunes_are_split_on_percent_lines() {
 
     let empty = scratch("fortunes-empty");
     let e = err_text(load_fortunes(Some(&empty)));
-    assert!(e.contains("apt-get install fortunes"), "{e}");
+    assert!(e.contains("RECYCLE_TEXT_DIR"), "{e}");
     let e = err_text(load_fortunes(Some(&dir.join("nope"))));
-    assert!(
-        e.contains("nope") && e.contains("apt-get install fortunes"),
-        "{e}"
-    );
+    assert!(e.contains("nope") && e.contains("RECYCLE_TEXT_DIR"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
 }
 
-/// A small corpus: real fortunes when installed (a slice, to stay fast), else generated text.
+/// A small corpus: the generated fortunes, found through `RECYCLE_TEXT_DIR` as the trainer
+/// finds them (a slice, to stay fast).
 fn corpus() -> Vec<String> {
-    match load_fortunes(None) {
-        Ok(f) => {
-            assert!(f.len() > 1000, "only {} fortunes", f.len());
-            f.into_iter().take(1500).collect()
-        }
-        Err(e) => {
-            println!("note: {e}; using generated text");
-            let words = [
-                "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "never", "trust",
-                "a", "computer", "you", "cannot", "throw", "out", "window", "fortune", "favours",
-                "bold",
-            ];
-            (0..1500)
-                .map(|i| {
-                    (0..5 + i % 17)
-                        .map(|j| words[(i * 7 + j * 13) % words.len()])
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                        + "."
-                })
-                .collect()
-        }
-    }
+    use_fixture_data(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
+    let f = load_fortunes(None).unwrap();
+    assert!(f.len() >= 1500, "only {} fortunes", f.len());
+    f.into_iter().take(1500).collect()
 }
 
 #[test]

@@ -1,17 +1,23 @@
 //! The whole pipeline on a small subset: sweep → distill → report, with the report's numbers
 //! checked against the logs the trainer wrote; resume to bit-identical weights; schedules and
 //! strategies counted in teacher forwards; a diverging run stopped with a clear error.
-//! Needs Debian's `dataset-fashion-mnist` (CI installs it).
+//! The data are small generated stand-ins for Fashion-MNIST and the fortunes, written once by
+//! `use_fixture_data` and found through `RECYCLE_FASHION_MNIST_DIR` and `RECYCLE_TEXT_DIR`, as
+//! a user's data would be.
 
 use std::path::{Path, PathBuf};
 
+use recycle::data::test_support::use_fixture_data;
 use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::{RunLog, RunSummary};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions, Trainer};
 use recycle_engine::Device;
 
+/// A fresh output folder; first (once per process) the fixture data sets, which every test
+/// here reads through the recipe's default data location.
 fn temp_dir(tag: &str) -> PathBuf {
+    use_fixture_data(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     let d = std::env::temp_dir().join(format!("recycle-pipeline-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();

@@ -285,16 +285,15 @@ fn plot_is_a_png_with_or_without_text() {
         .unwrap();
     assert!(out.markdown.is_file() && out.json.is_file());
     assert_eq!(png_size(&out.plot.path), (1200, 800));
-    // The default font is there on a machine with fonts-dejavu-core; say so when it is not.
-    if !out.plot.text {
-        eprintln!("plot drawn without text: {:?}", out.plot.note);
-    }
+    // A system font or, failing those, the embedded one: the default plot always has text.
+    assert!(out.plot.text, "{:?}", out.plot.note);
 
     let opts = PlotOptions {
         width: 640,
         height: 400,
         font: Some(dir.join("no-such-font.ttf")),
         title: None,
+        system_fonts: true,
     };
     let path = dir.join("no-text.png");
     let outcome = plot_accuracy_vs_time(&report, &path, &opts).unwrap();
@@ -309,6 +308,50 @@ fn plot_is_a_png_with_or_without_text() {
         outcome.note
     );
     assert_eq!(png_size(&path), (640, 400));
+}
+
+/// The RGB pixels of the top `rows` rows of a PNG (where the title is drawn).
+fn top_rows(path: &Path, rows: usize) -> Vec<u8> {
+    let decoder = png::Decoder::new(std::io::Cursor::new(fs::read(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(rows * info.line_size);
+    buf
+}
+
+#[test]
+fn without_system_fonts_the_plot_is_labelled_with_the_embedded_font() {
+    let dir = scratch("embedded-font");
+    write_experiment(&dir);
+    let report = build_report(std::slice::from_ref(&dir)).unwrap();
+    // The variable would name a font file; unset, the embedded font is all there is.
+    std::env::remove_var(recycle::experiments::plot::FONT_ENV);
+    let draw = |name: &str, title: &str, font: Option<PathBuf>| {
+        let opts = PlotOptions {
+            width: 640,
+            height: 400,
+            font,
+            title: Some(title.to_string()),
+            system_fonts: false,
+        };
+        let path = dir.join(name);
+        (plot_accuracy_vs_time(&report, &path, &opts).unwrap(), path)
+    };
+    let (a, a_path) = draw("a.png", "Short", None);
+    let (b, b_path) = draw("b.png", "A much longer title, in words", None);
+    assert!(a.text && b.text, "{:?}", a.note);
+    assert_eq!(a.font, None, "the embedded font, not a file");
+    // The titles differ, so the title bands do: the text is really drawn.
+    let (top_a, top_b) = (top_rows(&a_path, 40), top_rows(&b_path, 40));
+    let differ = top_a.iter().zip(&top_b).filter(|(x, y)| x != y).count();
+    assert!(differ > 300, "{differ} bytes differ between the titles");
+    // Without a font the title is not drawn: two titles, one picture.
+    let missing = Some(dir.join("no-such-font.ttf"));
+    let (c, c_path) = draw("c.png", "Short", missing.clone());
+    let (_, d_path) = draw("d.png", "A much longer title, in words", missing);
+    assert!(!c.text);
+    assert_eq!(fs::read(&c_path).unwrap(), fs::read(&d_path).unwrap());
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! Fashion-MNIST from Debian's `dataset-fashion-mnist`: 28x28 grey images of 10 clothing
-//! classes, 60000 for training and 10000 for testing, stored as gzip-compressed IDX files.
+//! Fashion-MNIST: 28x28 grey images of 10 clothing classes, 60000 for training and 10000 for
+//! testing, stored as gzip-compressed IDX files (found or downloaded by [`super::locate`]).
 //!
 //! IDX is a tiny format: a big-endian magic number (`0x0000_08NN`: unsigned bytes, `NN`
 //! dimensions), then `NN` big-endian u32 dimensions, then the bytes row-major. We check every
@@ -13,13 +13,10 @@ use std::path::{Path, PathBuf};
 use flate2::read::GzDecoder;
 
 use super::loader::BatchSource;
+use super::locate::locate;
+use super::sources::FASHION_MNIST;
 use super::{corrupt, io_error, missing};
 use crate::engine::{Device, Error, Result, Tensor};
-
-/// Where Debian's `dataset-fashion-mnist` installs the files.
-pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
-/// The Debian package to install when the files are missing.
-pub const PACKAGE: &str = "dataset-fashion-mnist";
 /// Mean and standard deviation of Fashion-MNIST's training pixels (scaled to [0, 1]).
 pub const MEAN: f32 = 0.2860;
 pub const STD: f32 = 0.3530;
@@ -134,7 +131,7 @@ pub struct IdxArray {
 /// smoke runs); without it the whole file is read and checked to end exactly where its header
 /// says (which also verifies the gzip checksum).
 pub fn read_idx_gz(path: &Path, magic: u32, limit: Option<usize>) -> Result<IdxArray> {
-    let file = File::open(path).map_err(|e| io_error(path, PACKAGE, e))?;
+    let file = File::open(path).map_err(|e| io_error(path, &FASHION_MNIST, e))?;
     let mut r = GzDecoder::new(BufReader::new(file));
 
     let mut word = [0u8; 4];
@@ -201,20 +198,20 @@ fn read_header_word(r: &mut impl Read, word: &mut [u8; 4], path: &Path, what: &s
     })
 }
 
-/// Loads one split of Fashion-MNIST from `dir` (default [`DEFAULT_DIR`]), keeping the first
-/// `limit` images when given.
+/// Loads one split of Fashion-MNIST from `dir` (by default the folder [`locate`] finds or
+/// downloads), keeping the first `limit` images when given.
 ///
-/// A missing directory or file is an error naming it and the package to install; a damaged
-/// file (bad gzip, wrong magic, short data, image and label counts that disagree, a label out
-/// of range) is an error naming that file.
+/// A missing directory or file is an error naming it and where the files can come from; a
+/// damaged file (bad gzip, wrong magic, short data, image and label counts that disagree, a
+/// label out of range) is an error naming that file.
 pub fn load_fashion_mnist(
     dir: Option<&Path>,
     split: Split,
     limit: Option<usize>,
 ) -> Result<ImageDataset> {
-    let dir: PathBuf = dir.map_or_else(|| PathBuf::from(DEFAULT_DIR), Path::to_path_buf);
+    let dir: PathBuf = locate(&FASHION_MNIST, dir)?;
     if !dir.is_dir() {
-        return Err(missing(&dir, PACKAGE));
+        return Err(missing(&dir, &FASHION_MNIST));
     }
     let prefix = split.prefix();
     let images_path = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));

@@ -1,7 +1,7 @@
 //! Data: the embedded default data sets and the loader that feeds them to the trainer.
 //!
-//! - [`fashion_mnist`]: Fashion-MNIST images from Debian's `dataset-fashion-mnist` (IDX, gzip).
-//! - [`text`]: English text from Debian's `fortunes`, a WordPiece tokenizer (trained by the
+//! - [`fashion_mnist`]: Fashion-MNIST images (IDX, gzip).
+//! - [`text`]: English text from fortune-mod's fortunes, a WordPiece tokenizer (trained by the
 //!   `tokenizers` crate or loaded from any `tokenizer.json`), packed MLM sequences and BERT's
 //!   15% (80/10/10) masking.
 //! - [`validation`]: the validation split, a fixed slice of the training data held out for
@@ -9,31 +9,43 @@
 //! - [`loader`]: a deterministic, resumable, shuffling batch loader that prepares the next
 //!   batches on a background thread; one loader serves any [`loader::BatchSource`].
 //!
-//! Data sets come from system packages, so the two failures a user meets are "not installed"
-//! and "damaged". Both are reported as `Error::Io` naming the file: the first also names the
-//! package to install, the second what is wrong with the file.
+//! - [`locate`]: where a data set is found (a folder given, an environment variable, the
+//!   Debian package, the cache) or [`download`]ed to, from the pinned [`sources`].
+//!
+//! A missing file and a damaged one are reported as `Error::Io` naming the file: the first
+//! also says where the data set can come from, the second what is wrong with the file.
 
+pub mod download;
 pub mod fashion_mnist;
 pub mod loader;
+pub mod locate;
+pub mod sources;
+#[doc(hidden)]
+pub mod test_support;
 pub mod text;
 pub mod validation;
 
 use std::path::Path;
 
 use crate::engine::Error;
+use sources::DataSource;
 
 pub use fashion_mnist::{load_fashion_mnist, ImageBatch, ImageDataset, Split};
 pub use loader::{BatchSource, Loader, LoaderConfig};
 pub use text::{load_fortunes, mask_tokens, MlmBatch, MlmDataset, TextTokenizer};
 
-/// A data file or directory that is not there: names the path and the Debian package that
-/// provides it.
-pub(crate) fn missing(path: &Path, package: &str) -> Error {
+/// A data file or directory that is not there: names the path and where the data set can
+/// come from.
+pub(crate) fn missing(path: &Path, source: &DataSource) -> Error {
     Error::io(
         path,
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("not found; install the data set with `apt-get install {package}`"),
+            format!(
+                "not found; point {} (or the recipe's data.dir) at a folder holding the {} \
+                 files, or leave both unset to use Debian's {} or a download into the cache",
+                source.dir_env, source.title, source.system_package
+            ),
         ),
     )
 }
@@ -49,11 +61,11 @@ pub(crate) fn corrupt(path: &Path, msg: impl Into<String>) -> Error {
     )
 }
 
-/// Turns an I/O error on a data file into our error: "not found" becomes [`missing`] (with the
-/// package to install), anything else keeps its cause and the path.
-pub(crate) fn io_error(path: &Path, package: &str, e: std::io::Error) -> Error {
+/// Turns an I/O error on a data file into our error: "not found" becomes [`missing`], anything
+/// else keeps its cause and the path.
+pub(crate) fn io_error(path: &Path, source: &DataSource, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::NotFound {
-        missing(path, package)
+        missing(path, source)
     } else {
         Error::io(path, e)
     }

@@ -1,5 +1,6 @@
-//! English text for masked-language-model training: Debian's `fortunes`, a WordPiece
-//! vocabulary, packed sequences and BERT's masking.
+//! English text for masked-language-model training: fortune-mod's fortunes (found or
+//! downloaded by [`super::locate`]), a WordPiece vocabulary, packed sequences and BERT's
+//! masking.
 //!
 //! - [`load_fortunes`] reads the fortune files (entries separated by lines holding only `%`).
 //! - [`TextTokenizer`] wraps a Hugging Face tokenizer: either a BERT-style WordPiece trained
@@ -24,14 +25,12 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::loader::BatchSource;
+use super::locate::locate;
+use super::sources::FORTUNES;
 use super::{corrupt, missing};
 use crate::engine::rng;
 use crate::engine::{Device, Error, Result, Tensor};
 
-/// Where Debian's `fortunes` installs its files.
-pub const DEFAULT_DIR: &str = "/usr/share/games/fortunes";
-/// The Debian package to install when the fortunes are missing.
-pub const PACKAGE: &str = "fortunes";
 /// The special tokens of a trained tokenizer, in id order (`[PAD]` is 0).
 pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 /// BERT's masking rates.
@@ -41,22 +40,28 @@ pub const RANDOM_TOKEN_PROB: f32 = 0.1;
 /// The label of positions that are not predicted (PyTorch's `ignore_index`).
 pub const IGNORE_LABEL: i32 = -100;
 
-/// Reads every fortune in `dir` (default [`DEFAULT_DIR`]): files in name order, entries in file
-/// order, each trimmed, empty ones dropped. The `.dat` index files, the `.u8` links and
-/// subdirectories (such as the offensive `off/`) are skipped.
+/// Reads every fortune in `dir` (by default the folder [`locate`] finds or downloads): files in
+/// name order, entries in file order, each trimmed, empty ones dropped. The `.dat` index files,
+/// the `.u8` links, hidden files (such as a download in progress) and subdirectories (such as
+/// the offensive `off/`) are skipped.
 pub fn load_fortunes(dir: Option<&Path>) -> Result<Vec<String>> {
-    let dir: PathBuf = dir.map_or_else(|| PathBuf::from(DEFAULT_DIR), Path::to_path_buf);
+    let dir: PathBuf = locate(&FORTUNES, dir)?;
     if !dir.is_dir() {
-        return Err(missing(&dir, PACKAGE));
+        return Err(missing(&dir, &FORTUNES));
     }
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| {
-            let skipped = matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("dat") | Some("u8")
-            );
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            let skipped = hidden
+                || matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("dat") | Some("u8")
+                );
             // `is_file` follows links, so a link to a fortune file elsewhere still counts.
             !skipped && p.is_file()
         })
@@ -84,7 +89,11 @@ pub fn load_fortunes(dir: Option<&Path>) -> Result<Vec<String>> {
             &dir,
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("holds no fortunes; install them with `apt-get install {PACKAGE}`"),
+                format!(
+                    "holds no fortunes; point {} at a folder of fortune files, or leave it \
+                     unset to use Debian's {} or a download into the cache",
+                    FORTUNES.dir_env, FORTUNES.system_package
+                ),
             ),
         ));
     }

@@ -6,11 +6,13 @@
 //! baseline's final value is a faint horizontal line, so a curve crossing it is a run reaching
 //! that target.
 //!
-//! Text (title, axis labels, legend) is rendered with `ab_glyph` from a TrueType font file read
-//! at run time, so no system library (fontconfig, freetype) is needed. The font is, in order:
-//! [`PlotOptions::font`] if set (only that one), the file named by `RECYCLE_PLOT_FONT`, or the
-//! first of [`DEFAULT_FONT_PATHS`] that exists (on Debian: package `fonts-dejavu-core`). With
-//! no usable font the plot is still drawn, without any text, and [`PlotOutcome`] says so.
+//! Text (title, axis labels, legend) is rendered with `ab_glyph` from a TrueType font, so no
+//! system library (fontconfig, freetype) is needed. The font is [`PlotOptions::font`] if set
+//! (only that one: a file that cannot be used gives a plot without text, and [`PlotOutcome`]
+//! says why); otherwise the file named by `RECYCLE_PLOT_FONT`, or else the first of
+//! [`DEFAULT_FONT_PATHS`] that exists (wider character coverage), and failing those the font
+//! compiled into the binary ([`EMBEDDED_FONT`]), so a machine without fonts still gets
+//! labelled plots.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,6 +43,10 @@ pub const DEFAULT_FONT_PATHS: &[&str] = &[
 /// Environment variable naming a TrueType/OpenType font file for plot text.
 pub const FONT_ENV: &str = "RECYCLE_PLOT_FONT";
 
+/// The font used when no other is found: DejaVu Sans reduced to Latin-1 and a few signs
+/// (`assets/fonts/`, with its license).
+pub const EMBEDDED_FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+
 /// How to draw the plot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlotOptions {
@@ -50,6 +56,8 @@ pub struct PlotOptions {
     pub font: Option<PathBuf>,
     /// Title above the plot; a default one names the metric.
     pub title: Option<String>,
+    /// Try the system's fonts ([`DEFAULT_FONT_PATHS`]) before the embedded one.
+    pub system_fonts: bool,
 }
 
 impl Default for PlotOptions {
@@ -59,6 +67,7 @@ impl Default for PlotOptions {
             height: 800,
             font: None,
             title: None,
+            system_fonts: true,
         }
     }
 }
@@ -70,9 +79,10 @@ pub struct PlotOutcome {
     /// False when no usable font was found: the PNG has curves, frontiers and grid, but no
     /// title, axis labels or legend.
     pub text: bool,
-    /// The font file used for text.
+    /// The font file used for text (`None` with text: the embedded font).
     pub font: Option<PathBuf>,
-    /// Why there is no text, when there is none.
+    /// Why there is no text, when there is none; which fonts were passed over, when the
+    /// embedded one was used instead.
     pub note: Option<String>,
 }
 
@@ -105,33 +115,73 @@ fn register(path: &Path) -> std::result::Result<&'static str, String> {
     family.ok_or_else(|| format!("{}: not a usable font", path.display()))
 }
 
+/// Registers [`EMBEDDED_FONT`] (once) and returns its family name.
+fn embedded_font() -> std::result::Result<&'static str, String> {
+    static FAMILY: std::sync::OnceLock<std::result::Result<&'static str, String>> =
+        std::sync::OnceLock::new();
+    FAMILY
+        .get_or_init(|| {
+            let name = "recycle-plot-font-embedded";
+            plotters::style::register_font(name, FontStyle::Normal, EMBEDDED_FONT)
+                .map(|()| name)
+                .map_err(|_| "the embedded font could not be read".to_string())
+        })
+        .clone()
+}
+
+/// A font to draw with: its file (`None`: the embedded font), its family name, and the fonts
+/// that were tried and passed over.
+struct ChosenFont {
+    file: Option<PathBuf>,
+    family: &'static str,
+    passed_over: Vec<String>,
+}
+
 /// The font to use, per the order in the module documentation, or why there is none.
-fn find_font(opts: &PlotOptions) -> std::result::Result<(PathBuf, &'static str), String> {
-    let candidates: Vec<PathBuf> = if let Some(f) = &opts.font {
-        vec![f.clone()]
-    } else if let Some(f) = std::env::var_os(FONT_ENV).filter(|f| !f.is_empty()) {
-        vec![PathBuf::from(f)]
-    } else {
-        DEFAULT_FONT_PATHS
-            .iter()
-            .map(PathBuf::from)
-            .filter(|p| p.is_file())
-            .collect()
-    };
+fn find_font(opts: &PlotOptions) -> std::result::Result<ChosenFont, String> {
+    if let Some(f) = &opts.font {
+        return register(f).map(|family| ChosenFont {
+            file: Some(f.clone()),
+            family,
+            passed_over: Vec::new(),
+        });
+    }
+    let candidates: Vec<PathBuf> =
+        if let Some(f) = std::env::var_os(FONT_ENV).filter(|f| !f.is_empty()) {
+            vec![PathBuf::from(f)]
+        } else if opts.system_fonts {
+            DEFAULT_FONT_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| p.is_file())
+                .collect()
+        } else {
+            Vec::new()
+        };
     let mut why = Vec::new();
     for c in candidates {
         match register(&c) {
-            Ok(family) => return Ok((c, family)),
+            Ok(family) => {
+                return Ok(ChosenFont {
+                    file: Some(c),
+                    family,
+                    passed_over: why,
+                })
+            }
             Err(e) => why.push(e),
         }
     }
-    if why.is_empty() {
-        why.push(format!(
-            "none of the default font files exists (on Debian: apt-get install \
-             fonts-dejavu-core; or set {FONT_ENV})"
-        ));
+    match embedded_font() {
+        Ok(family) => Ok(ChosenFont {
+            file: None,
+            family,
+            passed_over: why,
+        }),
+        Err(e) => {
+            why.push(e);
+            Err(why.join("; "))
+        }
     }
-    Err(why.join("; "))
 }
 
 /// Method colours: the baseline dark grey, the others from the Tableau 10 palette.
@@ -275,7 +325,7 @@ pub fn plot_accuracy_vs_time(
         // With text: the title across the top, the legend in a panel on the right (outside the
         // plot, so it never hides a curve). Without: the whole picture is the plot.
         let (plot_area, legend_area) = match &font {
-            Ok((_, family)) => {
+            Ok(ChosenFont { family, .. }) => {
                 let below_title = root
                     .margin(10, 0, 0, 0)
                     .titled(&title, (*family, 26))
@@ -315,7 +365,7 @@ pub fn plot_accuracy_vs_time(
             .bold_line_style(RGBColor(210, 210, 210))
             .y_label_formatter(&fmt_y)
             .x_label_formatter(&fmt_x);
-        if let Ok((_, family)) = &font {
+        if let Ok(ChosenFont { family, .. }) = &font {
             mesh.x_desc("training wall-clock (s; evaluation and checkpoints excluded)")
                 .y_desc(y_label.as_str())
                 .label_style((*family, 16))
@@ -343,7 +393,7 @@ pub fn plot_accuracy_vs_time(
                     target_style,
                 ))
                 .map_err(&err)?;
-            if let Ok((_, family)) = &font {
+            if let Ok(ChosenFont { family, .. }) = &font {
                 let style = TextStyle::from((*family, 14).into_font())
                     .color(&BASELINE_COLOR)
                     .pos(Pos::new(HPos::Left, VPos::Bottom));
@@ -396,7 +446,7 @@ pub fn plot_accuracy_vs_time(
                 .map_err(&err)?;
         }
 
-        if let (Some(area), Ok((_, family))) = (&legend_area, &font) {
+        if let (Some(area), Ok(ChosenFont { family, .. })) = (&legend_area, &font) {
             draw_legend(
                 area,
                 family,
@@ -413,11 +463,17 @@ pub fn plot_accuracy_vs_time(
     let png = encode_png(&buf, w, h).map_err(draw_err(path))?;
     write_atomic(path, &png)?;
     Ok(match font {
-        Ok((font, _)) => PlotOutcome {
+        Ok(chosen) => PlotOutcome {
             path: path.to_path_buf(),
             text: true,
-            font: Some(font),
-            note: None,
+            note: (!chosen.passed_over.is_empty()).then(|| {
+                let used = match &chosen.file {
+                    Some(f) => f.display().to_string(),
+                    None => "the embedded font".to_string(),
+                };
+                format!("used {used}; passed over {}", chosen.passed_over.join("; "))
+            }),
+            font: chosen.file,
         },
         Err(why) => PlotOutcome {
             path: path.to_path_buf(),

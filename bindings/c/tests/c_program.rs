@@ -1,10 +1,14 @@
 //! Compiles `tests/test_recycle.c` with the system C compiler (`$CC`, else `cc`) against
 //! `include/recycle.h` and the shared library cargo built for this crate, and runs it: a tiny
 //! training run, the fused loss against a reference computed in C, and bad input.
-//! The training run needs Debian's `dataset-fashion-mnist`.
+//! The training run reads a small generated Fashion-MNIST, which this test writes and names in
+//! `RECYCLE_FASHION_MNIST_DIR` for the program.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use recycle::data::sources::FASHION_MNIST;
+use recycle::data::test_support::fixture_data;
 
 /// The directory holding `librecycle_c.so` built for this test (`target/<profile>`).
 fn library_dir() -> PathBuf {
@@ -56,6 +60,7 @@ fn c_program_trains_computes_the_loss_and_reports_errors() {
         variants.push(("static", args));
     }
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let (images, _) = fixture_data(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     for (kind, link) in variants {
         let exe = work.join(format!("test_recycle_{kind}"));
         let status = Command::new(&cc)
@@ -78,6 +83,7 @@ fn c_program_trains_computes_the_loss_and_reports_errors() {
         assert!(status.success(), "compiling test_recycle.c ({kind}) failed");
         let out = Command::new(&exe)
             .arg(work.join(format!("runs-{kind}")))
+            .env(FASHION_MNIST.dir_env, &images)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

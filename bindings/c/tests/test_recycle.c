@@ -3,7 +3,8 @@
  * reference computed here in double precision, and bad input (NULL pointers, wrong sizes,
  * malformed recipes) each answered by an error status and a message.
  *
- * Usage: test_recycle OUT_DIR   (needs Debian's dataset-fashion-mnist for the training run)
+ * Usage: test_recycle OUT_DIR   (the training run reads Fashion-MNIST from where the library
+ * finds it: RECYCLE_FASHION_MNIST_DIR, the Debian package or the download cache)
  * Built and run by bindings/c/tests/c_program.rs (cargo test -p recycle-c).
  */
 #define _POSIX_C_SOURCE 200809L /* mkdir */

@@ -1,8 +1,11 @@
 """The Python binding: the fused loss against a NumPy reference, bad input, the teacher pool
-and schedule, and a tiny training run (Debian's dataset-fashion-mnist) with its report."""
+and schedule, and a tiny training run (on a small Fashion-MNIST-shaped data set written here)
+with its report."""
 
+import gzip
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -210,19 +213,47 @@ def test_kd_schedule():
 # ------------------------------------------------------------------------------------------
 
 
-def tiny_recipe(out_dir, name):
+def write_idx_gz(path, magic, array):
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """A Fashion-MNIST-shaped folder: 28x28 images, 10 balanced classes, each class a bright
+    square at its own place on a noisy background (so that training has something to learn)."""
+    d = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 150)):
+        labels = ((np.arange(n) * 7 + 3) % 10).astype(np.uint8)
+        images = rng.integers(0, 48, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            top, left = 2 + (c // 4) * 8, 1 + (c % 4) * 6
+            images[i, top : top + 7, left : left + 7] = rng.integers(180, 256, size=(7, 7))
+        write_idx_gz(d / f"{prefix}-images-idx3-ubyte.gz", 0x0803, images)
+        write_idx_gz(d / f"{prefix}-labels-idx1-ubyte.gz", 0x0801, labels)
+    return d
+
+
+def tiny_recipe(out_dir, name, data_dir):
     return {
         "name": name,
         "out_dir": out_dir,
         "model": {"kind": "resnet", "width": 0.0625},
-        "data": {"dataset": "fashion-mnist", "train_limit": 288, "eval_limit": 128},
+        "data": {
+            "dataset": "fashion-mnist",
+            "dir": str(data_dir),
+            "train_limit": 288,
+            "eval_limit": 128,
+        },
         "train": {"batch_size": 32, "epochs": 1.0, "evals": 2},
         "optimizer": {"kind": "sgdw", "lr": 0.1, "weight_decay": 5e-4, "warmup": 0.1},
     }
 
 
-def test_train_from_dict_and_toml_then_report(tmp_path):
-    teacher = recycle.train(tiny_recipe(tmp_path, "teacher"))
+def test_train_from_dict_and_toml_then_report(tmp_path, fashion_dir, monkeypatch):
+    teacher = recycle.train(tiny_recipe(tmp_path, "teacher", fashion_dir))
     assert teacher["steps"] == 8 and teacher["duration_samples"] == 256
     assert 0.0 <= teacher["final_eval"] <= 1.0
     assert teacher["metric"] == "accuracy" and teacher["teacher_forwards"] == 0
@@ -232,10 +263,12 @@ def test_train_from_dict_and_toml_then_report(tmp_path):
     assert records[-1]["eval"] == pytest.approx(teacher["final_eval"])
 
     with pytest.raises(RecycleError, match="already holds a run"):
-        recycle.train(tiny_recipe(tmp_path, "teacher"))
-    again = recycle.train(tiny_recipe(tmp_path, "teacher"), reuse_finished=True)
+        recycle.train(tiny_recipe(tmp_path, "teacher", fashion_dir))
+    again = recycle.train(tiny_recipe(tmp_path, "teacher", fashion_dir), reuse_finished=True)
     assert again["final_eval"] == teacher["final_eval"]
 
+    # The student's recipe names no folder: the data set is found through the variable.
+    monkeypatch.setenv("RECYCLE_FASHION_MNIST_DIR", str(fashion_dir))
     toml = tmp_path / "student.toml"
     toml.write_text(
         f"""
@@ -275,17 +308,22 @@ stop = 0.5
     assert rep["targets"] and rep["findings"]
     for key in ("markdown", "json", "plot"):
         assert os.path.getsize(rep["files"][key]) > 0
+    assert rep["files"]["plot_has_text"] is True, "the embedded font when no other is found"
     assert recycle.report([teacher["run_dir"]])["rows"][0]["run"] == "teacher"
 
 
-def test_train_errors(tmp_path):
-    bad = tiny_recipe(tmp_path, "bad")
+def test_train_errors(tmp_path, fashion_dir):
+    bad = tiny_recipe(tmp_path, "bad", fashion_dir)
     bad["optimizer"]["lr"] = -1.0
     with pytest.raises(RecycleError, match="optimizer.lr"):
         recycle.train(bad)
     with pytest.raises(RecycleError, match="not a valid recipe"):
         recycle.train({"name": "x"})
-    misspelt = tiny_recipe(tmp_path, "gpu")
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    with pytest.raises(RecycleError, match="RECYCLE_FASHION_MNIST_DIR"):
+        recycle.train(tiny_recipe(tmp_path, "no-data-run", empty))
+    misspelt = tiny_recipe(tmp_path, "gpu", fashion_dir)
     misspelt["device"] = "gpu0"
     with pytest.raises(RecycleError, match=r"device `gpu0` is not one of"):
         recycle.train(misspelt)
