@@ -9,6 +9,8 @@
 //!   kernel simulator.
 //! - `blaslt`, `dnn`, `nccl`: the libraries, written from NVIDIA's documented semantics.
 
+pub mod driver;
 pub mod error;
 pub mod memory;
+pub mod module;
 pub mod stream;
