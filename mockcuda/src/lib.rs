@@ -12,3 +12,6 @@
 pub mod error;
 pub mod memory;
 pub mod stream;
+
+pub mod blaslt;
+pub mod libcommon;
