@@ -17,6 +17,8 @@
 
 pub mod compute;
 pub mod desc;
+#[cfg(test)]
+mod tests;
 
 use std::ffi::{c_char, c_int, c_void};
 
