@@ -14,3 +14,6 @@ pub mod error;
 pub mod memory;
 pub mod module;
 pub mod stream;
+
+pub mod blaslt;
+pub mod libcommon;
