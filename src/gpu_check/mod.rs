@@ -80,6 +80,10 @@ pub struct CheckRow {
     pub pass: bool,
 }
 
+/// The line under the device on the mock CUDA: its timings are the CPU's.
+pub const MOCK_NOTE: &str = "MOCK: the mock CUDA on the CPU (mockcuda), not a GPU: timings and \
+     throughput here are the simulator's and are never GPU figures\n";
+
 /// What `run` found.
 #[derive(Debug, Clone)]
 pub struct GpuCheckReport {
@@ -112,6 +116,9 @@ impl GpuCheckReport {
             d.total_memory as f64 / (1u64 << 30) as f64,
             d.kernel_image
         );
+        if d.is_mock() {
+            s.push_str(MOCK_NOTE);
+        }
         s.push_str(&format_table(&self.rows));
         let _ = writeln!(
             s,
@@ -224,6 +231,26 @@ mod tests {
             t.contains("| relu | [2, 3] | bf16 | 1.500e-3 | 2e-2 | pass |"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_report_from_the_mock_cuda_is_labelled() {
+        let report = |name: &str| GpuCheckReport {
+            device: cuda::DeviceInfo {
+                ordinal: 0,
+                name: name.into(),
+                compute_capability: (9, 0),
+                driver_version: 13000,
+                total_memory: 16 << 30,
+                kernel_image: "sm_90".into(),
+            },
+            rows: Vec::new(),
+            allocations_per_step: 0,
+            step_description: String::new(),
+            stats: AllocStats::default(),
+        };
+        assert!(report(cuda::MOCK_DEVICE_NAME).to_text().contains("MOCK: the mock CUDA"));
+        assert!(!report("NVIDIA H100 80GB HBM3").to_text().contains("MOCK"));
     }
 
     #[test]
