@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# The device check of the CUDA backend, in two steps (see ../shared/device/NOTES.md):
+# The device check of the CUDA backend, in two steps:
 #
-#   scripts/gpu-check.sh prepare   here, on a machine without a GPU: builds `recycle` in release
-#                                  with `--features cuda` (nvcc required: the kernels must be in
-#                                  the binary), strips it, and copies it with the PyTorch peer
-#                                  (torch_kd_overhead.py) and 8,000 Fashion-MNIST images into
-#                                  .device/ (ignored by .gitignore); scripts/device-common.sh.
-#   scripts/gpu-check.sh run       on the lent GPU machine, with .device carried: finds the CUDA
-#                                  libraries, sets LD_LIBRARY_PATH, runs `recycle gpu-check`
-#                                  (every CUDA op against its CPU twin; training steps of a
-#                                  small ResNet and of BERT-tiny against the CPU's, in f32 and
-#                                  bf16; a distillation step with the teacher on the teacher
-#                                  stream; host copies; NCCL; then the step throughput of
-#                                  ResNet-50 and BERT-base), then trains from recipes on the GPU
-#                                  (a teacher, a bf16 student distilled from it, the teacher's
-#                                  recipe on the CPU, `recycle report`), then the PyTorch peer
-#                                  (a plain and a distillation step of the throughput rows'
-#                                  models, on the same card), and writes everything under $OUT.
+#   scripts/gpu-check.sh prepare   on a machine without a GPU: builds `recycle` in release with
+#                                  `--features cuda` (nvcc required: the kernels must be in the
+#                                  binary), strips it into .device/ (ignored by git) with 8,000
+#                                  Fashion-MNIST images (scripts/device-common.sh).
+#   scripts/gpu-check.sh run       on the GPU machine, in a copy of the repository with .device/:
+#                                  sets the library path (never a toolkit's compat/ or stubs/),
+#                                  logs which libcuda.so.1 was loaded and what cuInit returned,
+#                                  then, each stage under its own time limit so that the whole
+#                                  run ends within 9 minutes (RUN_BUDGET_S, default 530 s):
+#                                    1. `recycle gpu-check` (every CUDA op against its CPU twin,
+#                                       the model steps, the teacher stream, NCCL, then the
+#                                       throughput of ResNet-50 and BERT-base), with a deadline
+#                                       so that it stops cleanly before its limit;
+#                                    2. `recycle bench --device cuda:0` (ResNet-50 and BERT-base);
+#                                    3. the PyTorch peer (scripts/reference/torch_kd_overhead.py,
+#                                       run by $PYTHON) on the same shapes;
+#                                    4. with the time left, training from recipes on cuda:0.
+#                                  Everything goes into one archive,
+#                                  $RESULTS_DIR/gpu-check-<UTC time>.tar.gz (RESULTS_DIR
+#                                  defaults to gpu-check-out/), and the summary is printed.
+#   scripts/gpu-check.sh dry-run   `run` on a machine without a GPU (CI): it must report that
+#                                  there is no driver or GPU, write the archive and exit 0,
+#                                  within 2 minutes.
 #
-# The device tool's call: command `bash scripts/gpu-check.sh run`, carry [".device"], and a
-# timeout that leaves room for one rerun. Limits: gpu-check 420 s, training 90 + 90 + 120 s,
-# the peer 2 x 150 s; none of it has been timed on a GPU, and the typical run should be far
-# shorter. GPU_CHECK_ARGS adds flags (e.g. `--no-throughput` on a small GPU,
-# `--timed-steps 5`).
-# Exit status: that of `recycle gpu-check` (non-zero when any check fails), else 3 when a
-# training run failed.
+# Environment: RECYCLE_BIN (the binary, default .device/recycle), PYTHON (the peer's PyTorch
+# interpreter), GPU_CHECK_ARGS (more flags for gpu-check, e.g. `--no-throughput`),
+# BENCH_ITERS (default 3), RESULTS_DIR, RUN_BUDGET_S.
+# Exit status of `run`: that of `recycle gpu-check` (non-zero when a check failed or did not
+# run), else 3 when the benchmark or training failed; 4 without a driver, 5 when cuInit failed
+# or found no GPU, 6 when the driver could not be probed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -36,24 +42,22 @@ prepare() {
     device_prepare gpu-check.sh
 }
 
-# A small ResNet trained on the GPU from recipes (6,000 Fashion-MNIST images carried in
-# .device/data), then a bf16 student distilled from it with the teacher on the teacher stream,
-# then the same teacher recipe on the CPU for comparison, and `recycle report` over the runs:
-# the trainer's own GPU path (device, uploads, evaluation, checkpoints) end to end. Each run
-# under a time limit; the status is non-zero when one fails.
+# A small ResNet trained on cuda:0 from recipes (6,000 Fashion-MNIST images in .device/data):
+# a teacher, then a bf16 student distilled from it with the teacher on the teacher stream.
+# $3: seconds for both. Status non-zero when one fails.
 train_on_gpu() {
-    local bin="$1" out="$2" data="$root/.device/data" runs="$2/runs" status=0
+    local bin="$1" out="$2" budget="$3" data="$root/.device/data" runs="$2/runs" status=0
     if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
         echo "skipped: $data is missing (prepare found no Fashion-MNIST)"
         return 0
     fi
     mkdir -p "$runs"
-    recipe() { # name, device, activations, extra TOML
+    recipe() { # name, activations, extra TOML
         cat <<TOML
 name = "$1"
 out_dir = "$runs"
-device = "$2"
-activations = "$3"
+device = "cuda:0"
+activations = "$2"
 [model]
 kind = "resnet"
 depth = 18
@@ -66,73 +70,154 @@ train_limit = 6000
 eval_limit = 2000
 [train]
 batch_size = 128
-epochs = 3.0
-evals = 6
+epochs = 2.0
+evals = 4
 [optimizer]
 kind = "sgdw"
 lr = 0.2
 warmup = 0.1
-$4
+$3
 TOML
     }
-    recipe teacher-gpu cuda:0 f32 "" >"$runs/teacher-gpu.toml"
-    recipe student-gpu cuda:0 bf16 "[distill]
+    recipe teacher-gpu f32 "" >"$runs/teacher-gpu.toml"
+    recipe student-gpu bf16 "[distill]
 teachers = [\"$runs/teacher-gpu\"]
 temperature = 1.0
 weight = 1.0" >"$runs/student-gpu.toml"
-    recipe teacher-cpu cpu f32 "" >"$runs/teacher-cpu.toml"
-    local name limit t0 one
-    for spec in "teacher-gpu 90" "student-gpu 90" "teacher-cpu 120"; do
-        read -r name limit <<<"$spec"
+    local name limit t0 one half=$((budget / 2))
+    for name in teacher-gpu student-gpu; do
+        limit="$half"
         t0=$(date +%s)
         timeout "$limit" "$bin" train "$runs/$name.toml"
         one=$?
         echo "$name: exit status $one after $(($(date +%s) - t0)) s (limit $limit s)"
         [ "$one" -ne 0 ] && status=$one
     done
-    # The plots need a font (Debian: fonts-dejavu-core), which the GPU machine may lack: the
-    # table is what matters here, so a failed report does not fail the check.
-    "$bin" report "$runs" --out "$out/report" || echo "recycle report failed (see above; a missing font only loses the plots)"
     return "$status"
 }
 
-run() {
-    local out="${OUT:-$root/gpu-check-out}" bin
-    bin="$(device_start gpu-check.sh "$out")" || exit 2
+# One stage: its name, then the command; logs the exit status and seconds to summary.txt.
+stage_done() {
+    local name="$1" status="$2" t0="$3" limit="$4"
+    echo "$name: exit status $status after $(($(date +%s) - t0)) s (limit $limit s)" |
+        tee -a "$work/summary.txt"
+}
 
-    echo "== CUDA libraries"
-    device_libs "$out/env.txt"
-    ldconfig -p 2>/dev/null | grep -E 'libcuda\.so\.1' | tee -a "$out/env.txt" || true
+run() {
+    local results="${RESULTS_DIR:-$root/gpu-check-out}" stamp bin rc=0
+    device_budget "${RUN_BUDGET_S:-530}"
+    stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+    # The results are gathered in .device/ and leave as one archive.
+    work="$root/.device/gpu-check-$stamp"
+    mkdir -p "$work" "$results"
+    bin="$(device_start gpu-check.sh "$work")" || exit 2
+
+    echo "== CUDA libraries and driver"
+    device_libs "$work/env.txt"
+    device_probe "$work/env.txt"
+    local probe=$?
+    echo "driver probe: status $probe" >>"$work/summary.txt"
+    if [ "$probe" -ne 0 ]; then
+        echo "no usable GPU (driver probe status $probe, see above): gpu-check, the benchmark and the peer were not run" |
+            tee -a "$work/summary.txt"
+        rc=$probe
+    else
+        gpu_stages "$bin"
+        rc=$?
+    fi
+    local archive="$results/gpu-check-$stamp.tar.gz"
+    tar -czf "$archive.partial" -C "$root/.device" "gpu-check-$stamp" &&
+        mv "$archive.partial" "$archive" && rm -rf "$work"
+    echo "== summary"
+    tar -xzOf "$archive" "gpu-check-$stamp/summary.txt" 2>/dev/null
+    echo "results: $archive ($(du -h "$archive" | cut -f1))"
+    return "$rc"
+}
+
+# The stages on a machine whose driver answered: gpu-check, the benchmark, the peer, then
+# training with the time left. Status as `run`'s.
+gpu_stages() {
+    local bin="$1" rc=0 t0 limit status
 
     echo "== recycle gpu-check"
-    local t0 rc
+    # 120 s are kept for the benchmark and the peer; the deadline leaves the throughput
+    # measurement 90 s of the stage's limit.
+    limit="$(device_limit 300 150)"
     t0=$(date +%s)
-    # The table is written to gpu-check.txt before the throughput steps start, so a timeout
-    # there keeps it.
     # shellcheck disable=SC2086
-    timeout 420 "$bin" gpu-check --device cuda:0 --out "$out/gpu-check.txt" ${GPU_CHECK_ARGS:-} \
-        2>&1 | tee "$out/gpu-check.log"
+    timeout "$limit" "$bin" gpu-check --device cuda:0 --out "$work/gpu-check.txt" \
+        --deadline-s $((limit > 120 ? limit - 90 : limit / 2)) ${GPU_CHECK_ARGS:-} \
+        2>&1 | tee "$work/gpu-check.log"
     rc=${PIPESTATUS[0]}
-    echo "gpu-check exit status $rc after $(($(date +%s) - t0)) s" | tee -a "$out/gpu-check.log"
+    stage_done "gpu-check" "$rc" "$t0" "$limit"
 
-    echo "== training on cuda:0 (the trainer's GPU path: a teacher, then a bf16 student distilled from it)"
-    train_on_gpu "$bin" "$out" | tee "$out/train.log"
-    [ "${PIPESTATUS[0]}" -ne 0 ] && [ "$rc" -eq 0 ] && rc=3
+    echo "== recycle bench --device cuda:0"
+    local model
+    for model in resnet50-imagenet bert-base; do
+        limit="$(device_limit 60 70)"
+        t0=$(date +%s)
+        timeout "$limit" "$bin" bench --device cuda:0 --model "$model" \
+            --iters "${BENCH_ITERS:-3}" --warmup 1 --json 2>&1 | tee -a "$work/bench.md"
+        status=${PIPESTATUS[0]}
+        stage_done "bench $model" "$status" "$t0" "$limit"
+        [ "$status" -ne 0 ] && [ "$rc" -eq 0 ] && rc=3
+    done
+    grep '^{' "$work/bench.md" >"$work/bench.jsonl" || true
 
-    echo "== PyTorch peer (plain step vs distillation step, same card)"
-    # The same two steps as the throughput rows: ResNet-50 (256 images, 224x224) and BERT-base
-    # (128 x 128 tokens), bf16 autocast; the peer prints its plain step beside its
-    # distillation step.
-    device_peer "$out" 150 "--model resnet50 --batch 256 --bf16 --iters 10 --warmup 3" \
+    echo "== PyTorch peer (plain step vs distillation step, same card, bf16 autocast)"
+    limit="$(device_limit 35 0)"
+    t0=$(date +%s)
+    device_peer "$work" "$limit" "--model resnet50 --batch 256 --bf16 --iters 10 --warmup 3" \
         "--model bert-base --batch 128 --seq 128 --bf16 --kd-positions masked --iters 10 --warmup 3"
-    exit "$rc"
+    stage_done "peer" "$?" "$t0" "$((2 * limit))"
+
+    limit="$(device_left 10)"
+    if [ "$limit" -ge 60 ]; then
+        echo "== training on cuda:0 (a teacher, then a bf16 student distilled from it; $limit s)"
+        t0=$(date +%s)
+        train_on_gpu "$bin" "$work" "$limit" 2>&1 | tee "$work/train.log"
+        status=${PIPESTATUS[0]}
+        stage_done "training" "$status" "$t0" "$limit"
+        [ "$status" -ne 0 ] && [ "$rc" -eq 0 ] && rc=3
+    else
+        echo "training: not run ($limit s left of the budget)" | tee -a "$work/summary.txt"
+    fi
+    return "$rc"
+}
+
+# `run` where there is no GPU: passes when it reports the missing driver or GPU (status 4, 5
+# or 6) and leaves the archive, within its limit.
+dry_run() {
+    local out status
+    out="$(RUN_BUDGET_S=100 timeout 120 bash "$root/scripts/gpu-check.sh" run 2>&1)"
+    status=$?
+    echo "$out"
+    case "$status" in
+    4 | 5 | 6) ;;
+    *)
+        echo "dry run: expected a report of no driver or GPU (status 4, 5 or 6), got status $status" >&2
+        return 1
+        ;;
+    esac
+    if ! grep -q "^driver probe: " <<<"$out"; then
+        echo "dry run: the driver probe printed nothing" >&2
+        return 1
+    fi
+    local archive
+    archive="$(grep -o 'results: [^ ]*\.tar\.gz' <<<"$out" | cut -d' ' -f2)"
+    if [ -z "$archive" ] || ! tar -tzf "$archive" | grep -q 'summary.txt$'; then
+        echo "dry run: no archive with a summary (${archive:-none named})" >&2
+        return 1
+    fi
+    echo "dry run: reported no usable GPU (status $status) and wrote $archive"
 }
 
 case "$mode" in
 prepare) prepare ;;
 run) run ;;
+dry-run) dry_run ;;
 *)
-    echo "usage: scripts/gpu-check.sh prepare|run" >&2
+    echo "usage: scripts/gpu-check.sh prepare|run|dry-run" >&2
     exit 2
     ;;
 esac

@@ -118,6 +118,10 @@ enum Command {
         /// Timed steps per model.
         #[arg(long, default_value_t = 10)]
         timed_steps: usize,
+        /// Start no group of checks (nor the throughput) after this many seconds: the rest are
+        /// reported as not run and the command fails.
+        #[arg(long)]
+        deadline_s: Option<f64>,
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
     /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step
@@ -276,16 +280,40 @@ fn run(cli: Cli) -> Result<()> {
             no_throughput,
             warmup_steps,
             timed_steps,
+            deadline_s,
         } => {
             let device = recycle_engine::Device::parse(&device)?;
-            let report = recycle::gpu_check::run(device)?;
+            let deadline = match deadline_s {
+                Some(s) if s.is_finite() && s >= 0.0 => {
+                    Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(s))
+                }
+                Some(s) => {
+                    return Err(Error::invalid(
+                        "--deadline-s",
+                        format!("{s} is not a number of seconds (give one of 0 or more)"),
+                    ))
+                }
+                None => None,
+            };
+            // Rows are printed as they are recorded and the file is rewritten after every
+            // group, so a run cut short still leaves its table.
+            let opts = recycle::gpu_check::RunOptions {
+                echo: true,
+                table_file: out.clone(),
+                deadline,
+            };
+            let report = recycle::gpu_check::run_with(device, &opts)?;
+            print!("{}", report.summary());
             let mut text = report.to_text();
-            print!("{text}");
-            // The table is on disk before the long throughput steps start.
             if let Some(path) = &out {
-                std::fs::write(path, &text).map_err(|e| Error::io(path, e))?;
+                recycle::gpu_check::write_report(path, &text)?;
             }
-            if !no_throughput {
+            let late = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            if !no_throughput && late {
+                let note = "\nthroughput: not run (the deadline had passed)\n";
+                print!("{note}");
+                text.push_str(note);
+            } else if !no_throughput {
                 let opts = recycle::gpu_check::ThroughputOptions {
                     warmup_steps,
                     timed_steps: timed_steps.max(1),
@@ -294,15 +322,15 @@ fn run(cli: Cli) -> Result<()> {
                 let table = format!("\n{}", recycle::gpu_check::format_throughput(&rows));
                 print!("{table}");
                 text.push_str(&table);
-                if let Some(path) = &out {
-                    std::fs::write(path, &text).map_err(|e| Error::io(path, e))?;
-                }
+            }
+            if let Some(path) = &out {
+                recycle::gpu_check::write_report(path, &text)?;
             }
             if report.failures() > 0 {
                 return Err(Error::invalid(
                     "gpu-check",
                     format!(
-                        "{} of {} checks failed (see the table)",
+                        "{} of {} checks failed or did not run (see the table)",
                         report.failures(),
                         report.rows.len()
                     ),

@@ -1,15 +1,19 @@
 // The CUDA execution model for the host compiler: what a kernel family needs to compile as
 // ordinary C++ and run on CPU threads (the host simulator, `recycle_kernels::sim`).
 //
-// One OS thread per CUDA thread of a block, so the kernels' own code runs unchanged: the
-// barriers (__syncthreads), the warp shuffles (each a real exchange between the 32 threads of
-// a warp, synchronised like `__shfl_*_sync` with a full mask), shared memory, and every index
-// computation of the parallel skeletons. Blocks run one after another, so `__shared__`
-// variables become function-local statics, shared by the threads of the running block.
+// Every CUDA thread of a block is a fiber (a user-level coroutine with its own stack), and the
+// fibers of a block take turns on one OS thread, switching only where a GPU thread would wait
+// for others: at a barrier (__syncthreads) and at a warp shuffle (a real exchange between the
+// 32 lanes of a warp, synchronised like `__shfl_*_sync` with a full mask). So the kernels' own
+// code runs unchanged: the barriers, the shuffles, shared memory, and every index computation
+// of the parallel skeletons. The blocks of a launch run in parallel on a pool of OS threads
+// (see sim/launch.cpp); `__shared__` variables are thread-local statics, so each block running
+// on its OS thread has its own shared memory.
 //
 // What this is not: the device's own math (expf, logf, normcdff come from the host's libm,
 // so results agree with a GPU to a few ulp, not bit for bit where those are involved), its
-// memory model (threads are sequentially consistent here), or its speed.
+// memory model (the threads of a block interleave only at barriers and shuffles, and blocks
+// see each other's writes as the host's memory model allows), or its speed.
 //
 // Included before the family's source by the generated translation unit of each family (see
 // sim/launch.cpp for the launcher and src/sim.rs for how the library is built).
@@ -20,7 +24,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static
+#define __shared__ static thread_local
 #define RK_HOST_SIM 1
 
 #include <cuda_bf16.h>
@@ -36,18 +40,17 @@ struct RkSimDim3 {
     unsigned x, y, z;
 };
 
-// The indices of the calling thread (set by the launcher before every block).
+// The indices of the running CUDA thread (set by the launcher before it resumes a fiber).
 extern thread_local RkSimDim3 threadIdx;
 extern thread_local RkSimDim3 blockIdx;
 extern thread_local RkSimDim3 blockDim;
 extern thread_local RkSimDim3 gridDim;
 
 extern "C" {
-// sim/launch.cpp: the block barrier and the warp exchange of the calling thread.
+// sim/launch.cpp: the block barrier and the warp exchange of the running CUDA thread.
 void rk_sim_syncthreads(void);
 // Publishes `value` for the calling lane, waits for the warp, and returns the value published
-// by `src_lane` (or `value` itself when that lane is outside the warp); then waits again so
-// that the slots can be reused.
+// by `src_lane` (or `value` itself when that lane is outside the warp).
 uint64_t rk_sim_warp_exchange(uint64_t value, int src_lane, unsigned mask);
 int rk_sim_lane(void);
 }

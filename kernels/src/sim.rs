@@ -1,5 +1,6 @@
 //! The host simulator: the kernels' CUDA source, compiled by the host's C++ compiler and run on
-//! CPU threads, one thread per CUDA thread of a block.
+//! the CPU, each CUDA thread a fiber (a coroutine that switches at barriers and shuffles), the
+//! blocks of a launch in parallel on a pool of OS threads.
 //!
 //! Machines without a GPU can then run what a GPU would run: each kernel's parallel skeleton
 //! (grid-stride loops, block and warp reductions through `__syncthreads` and real warp shuffles,
@@ -45,6 +46,17 @@ const FAMILY_SOURCES: &[(&str, &str)] = &[
 const COMMON_CUH: &str = include_str!("common.cuh");
 const SIMT_HPP: &str = include_str!("../sim/simt.hpp");
 const LAUNCH_CPP: &str = include_str!("../sim/launch.cpp");
+const FIBER_HPP: &str = include_str!("../sim/fiber.hpp");
+
+/// Kernels that test the simulator itself (`sim/selftest.cu`), in the library but no family.
+const SELFTEST_CU: &str = include_str!("../sim/selftest.cu");
+pub const SELFTEST_KERNELS: &[&str] = &[
+    "rk_sim_selftest_shared_per_block",
+    "rk_sim_selftest_divergent_exit",
+    "rk_sim_selftest_shuffles",
+    "rk_sim_selftest_stuck",
+    "rk_sim_selftest_returned_lane",
+];
 
 const CXX_FLAGS: &[&str] = &[
     "-std=c++17",
@@ -169,7 +181,9 @@ impl HostSim {
     }
 
     /// Runs one launch to completion, as `cuLaunchKernel(kernel, grid, block, shared memory,
-    /// params)` followed by a synchronise. `params` holds one pointer per kernel parameter, to
+    /// params)` followed by a synchronise. Callable from any thread; launches from several
+    /// threads run one at a time (each spreads its blocks over the simulator's OS threads,
+    /// `RECYCLE_SIM_THREADS` of them, default the machine's cores). `params` holds one pointer per kernel parameter, to
     /// its value (a pointer parameter's value being a [`SimBuffer::ptr`]).
     ///
     /// # Safety
@@ -260,6 +274,12 @@ fn build_library() -> Result<PathBuf, SimError> {
         ("common.cuh".into(), COMMON_CUH.into()),
         ("simt.hpp".into(), SIMT_HPP.into()),
         ("launch.cpp".into(), LAUNCH_CPP.into()),
+        ("fiber.hpp".into(), FIBER_HPP.into()),
+        ("selftest.cu".into(), SELFTEST_CU.into()),
+        (
+            "sim_selftest.cpp".into(),
+            family_unit("selftest", SELFTEST_KERNELS),
+        ),
     ];
     for (family, source) in FAMILY_SOURCES {
         let kernels = crate::names::FAMILIES

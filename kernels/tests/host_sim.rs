@@ -74,3 +74,92 @@ fn launches_it_cannot_run_are_errors() {
     let e = unsafe { sim.launch("sum_all_f32", &big, &mut []) }.unwrap_err();
     assert!(e.to_string().contains("2048 threads"), "{e}");
 }
+
+/// Launches one of the simulator's own test kernels (`sim/selftest.cu`, all `(uint32_t* out)`)
+/// on `blocks` blocks of `threads`, and returns the launch's result and `out`.
+fn selftest(
+    sim: &HostSim,
+    kernel: &str,
+    blocks: u32,
+    threads: u32,
+) -> (Result<(), String>, Vec<u32>) {
+    let out = SimBuffer::from_slice(&vec![7u32; (blocks * threads) as usize]);
+    let mut po = out.ptr();
+    let mut params = [&mut po as *mut u64 as *mut c_void];
+    let cfg = launch::LaunchConfig {
+        grid: [blocks, 1, 1],
+        block: [threads, 1, 1],
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every self-test kernel takes one pointer to blocks x threads u32 values.
+    let r = unsafe { sim.launch(kernel, &cfg, &mut params) }.map_err(|e| e.to_string());
+    (r, out.read::<u32>().unwrap())
+}
+
+#[test]
+fn blocks_in_parallel_each_have_their_own_shared_memory() {
+    let Some(sim) = sim() else { return };
+    let (r, out) = selftest(sim, "rk_sim_selftest_shared_per_block", 300, 64);
+    r.unwrap();
+    for (i, v) in out.iter().enumerate() {
+        assert_eq!(*v, (i / 64) as u32, "thread {} of block {}", i % 64, i / 64);
+    }
+}
+
+#[test]
+fn threads_that_return_leave_the_barriers_and_shuffles_exchange_lanes() {
+    let Some(sim) = sim() else { return };
+    // Thread t passes t % 4 barriers and returns; 100 threads: the last warp is partial.
+    let (r, out) = selftest(sim, "rk_sim_selftest_divergent_exit", 1, 100);
+    r.unwrap();
+    for (t, v) in out.iter().enumerate() {
+        assert_eq!(*v, (t % 4) as u32, "thread {t}");
+    }
+    let (r, out) = selftest(sim, "rk_sim_selftest_shuffles", 1, 64);
+    r.unwrap();
+    for (t, v) in out.iter().enumerate() {
+        // Lane l reads lane l ^ 5's value, which is lane (l ^ 5) - 3's (or its own below 3).
+        let (warp, lane) = (t / 32, t % 32);
+        let s = lane ^ 5;
+        let src = if s >= 3 { s - 3 } else { s };
+        assert_eq!(*v, 100 * (32 * warp + src) as u32, "thread {t}");
+    }
+}
+
+#[test]
+fn a_stuck_block_and_a_shuffle_with_a_returned_lane_are_errors() {
+    let Some(sim) = sim() else { return };
+    let (r, _) = selftest(sim, "rk_sim_selftest_stuck", 3, 64);
+    let e = r.unwrap_err();
+    assert!(
+        e.contains("rk_sim_selftest_stuck")
+            && e.contains("block (0, 0, 0), thread (0, 0, 0) waits at a warp shuffle")
+            && e.contains("16 running lanes of its warp never reach"),
+        "{e}"
+    );
+    let (r, _) = selftest(sim, "rk_sim_selftest_returned_lane", 1, 32);
+    let e = r.unwrap_err();
+    assert!(e.contains("read lane 31, which had returned"), "{e}");
+    // The simulator is still usable after a stuck launch.
+    let (r, out) = selftest(sim, "rk_sim_selftest_divergent_exit", 1, 8);
+    r.unwrap();
+    assert_eq!(out, [0, 1, 2, 3, 0, 1, 2, 3]);
+}
+
+/// Launches from several host threads at once (as from the streams of a driver) all complete
+/// with their own results.
+#[test]
+fn launches_from_several_threads_at_once() {
+    let Some(sim) = sim() else { return };
+    std::thread::scope(|s| {
+        for k in 0..4u32 {
+            s.spawn(move || {
+                for _ in 0..5 {
+                    let (r, out) = selftest(sim, "rk_sim_selftest_shared_per_block", 20 + k, 32);
+                    r.unwrap();
+                    assert!(out.iter().enumerate().all(|(i, v)| *v == (i / 32) as u32));
+                }
+            });
+        }
+    });
+}

@@ -34,10 +34,14 @@ pub fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
     })
 }
 
+/// Called with every row as it is recorded (the runner prints it).
+pub(super) type RowEcho = Box<dyn FnMut(&CheckRow)>;
+
 pub(super) struct Checker {
     pub(super) device: Device,
     pub(super) seed: u64,
     pub(super) rows: Vec<CheckRow>,
+    pub(super) echo: Option<RowEcho>,
 }
 
 pub(super) fn dims(shape: &[usize]) -> String {
@@ -45,6 +49,23 @@ pub(super) fn dims(shape: &[usize]) -> String {
 }
 
 impl Checker {
+    pub(super) fn new(device: Device) -> Checker {
+        Checker {
+            device,
+            seed: 0,
+            rows: Vec::new(),
+            echo: None,
+        }
+    }
+
+    /// Records `row` and passes it to the echo.
+    pub(super) fn push(&mut self, row: CheckRow) {
+        if let Some(echo) = self.echo.as_mut() {
+            echo(&row);
+        }
+        self.rows.push(row);
+    }
+
     /// A fresh random tensor of `dtype` on the CPU and its copy on the GPU.
     pub(super) fn fresh(&mut self, shape: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
         self.seed += 1;
@@ -79,13 +100,14 @@ impl Checker {
         err: f64,
         tol: f64,
     ) {
-        self.rows.push(CheckRow {
+        self.push(CheckRow {
             op: op.to_string(),
             shapes,
             dtype,
             max_rel_err: err,
             tolerance: tol,
             pass: err <= tol,
+            note: None,
         });
     }
 

@@ -43,6 +43,11 @@
 //! On a machine without a GPU the first step, opening the device, fails with the error that
 //! says what is missing (no driver, no CUDA backend in this build, ...).
 //!
+//! The checks run as groups (`runner`): a group that fails (an error or a panic) becomes a
+//! FAIL row with its message and the later groups still run; rows are printed as they are
+//! recorded, the table file is rewritten after every group, and an overall deadline leaves the
+//! groups not yet started as "not run" rows.
+//!
 //! Layout: the report and its table here, with [`run`]; the comparison machinery and the
 //! error measures in `checker`; the per-op checks in `ops` (tensors, elementwise, products,
 //! convolutions, norms, gathers, layouts, attention) and `loss_optim` (cross-entropy, the
@@ -57,14 +62,19 @@ mod loss_optim;
 mod models;
 mod nccl;
 mod ops;
+mod runner;
 mod throughput;
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
 
 use recycle_engine::cuda::{self, AllocStats};
 use recycle_engine::{DType, Device, Error, Result};
 
 use checker::Checker;
+use runner::{Group, Progress};
+pub use runner::GroupsOutcome;
 pub use checker::{l2_norm, max_rel_err, rel_l2_err, scalar_rel_err};
 pub use models::{small_step_cases, STEP_BYTES_TO_HOST};
 pub use throughput::{format_throughput, throughput, ThroughputOptions, ThroughputRow};
@@ -78,6 +88,8 @@ pub struct CheckRow {
     pub max_rel_err: f64,
     pub tolerance: f64,
     pub pass: bool,
+    /// For a row that stands for a whole group: why it failed, or that it did not run.
+    pub note: Option<String>,
 }
 
 /// The line under the device on the mock CUDA: its timings are the CPU's.
@@ -93,6 +105,8 @@ pub struct GpuCheckReport {
     pub allocations_per_step: u64,
     pub step_description: String,
     pub stats: AllocStats,
+    /// Groups that failed or did not run (each also a row).
+    pub groups: GroupsOutcome,
 }
 
 impl GpuCheckReport {
@@ -102,24 +116,17 @@ impl GpuCheckReport {
 
     /// The report as text: the device, the table, the allocation count, the verdict.
     pub fn to_text(&self) -> String {
-        let d = &self.device;
+        format!(
+            "{}{}{}",
+            device_line(&self.device),
+            format_table(&self.rows),
+            self.summary()
+        )
+    }
+
+    /// The lines after the table: allocations, device memory, the verdict.
+    pub fn summary(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "device: cuda:{} {} (sm_{}{}), driver CUDA {}.{}, {:.1} GiB, kernels: {}",
-            d.ordinal,
-            d.name,
-            d.compute_capability.0,
-            d.compute_capability.1,
-            d.driver_version / 1000,
-            (d.driver_version % 1000) / 10,
-            d.total_memory as f64 / (1u64 << 30) as f64,
-            d.kernel_image
-        );
-        if d.is_mock() {
-            s.push_str(MOCK_NOTE);
-        }
-        s.push_str(&format_table(&self.rows));
         let _ = writeln!(
             s,
             "allocations per training step: {} ({}; stream-ordered cuMemAllocAsync from the \
@@ -142,17 +149,74 @@ impl GpuCheckReport {
             self.rows.len() - self.failures(),
             self.failures()
         );
+        if !self.groups.failed.is_empty() {
+            let _ = writeln!(s, "groups that failed: {}", self.groups.failed.join(", "));
+        }
+        if !self.groups.not_run.is_empty() {
+            let _ = writeln!(
+                s,
+                "groups not run (deadline): {}",
+                self.groups.not_run.join(", ")
+            );
+        }
         s
     }
 }
 
+/// The report's first line: the device, its driver, memory and kernel image.
+pub fn device_line(d: &cuda::DeviceInfo) -> String {
+    let mut line = format!(
+        "device: cuda:{} {} (sm_{}{}), driver CUDA {}.{}, {:.1} GiB, kernels: {}\n",
+        d.ordinal,
+        d.name,
+        d.compute_capability.0,
+        d.compute_capability.1,
+        d.driver_version / 1000,
+        (d.driver_version % 1000) / 10,
+        d.total_memory as f64 / (1u64 << 30) as f64,
+        d.kernel_image
+    );
+    if d.is_mock() {
+        line.push_str(MOCK_NOTE);
+    }
+    line
+}
+
+/// The table's header lines.
+pub const TABLE_HEADER: &str =
+    "| op | shapes | dtype | max rel err | tolerance | pass |\n|---|---|---|---:|---:|---|\n";
+
 /// The table: op, shapes, dtype, max relative error, tolerance, pass.
 pub fn format_table(rows: &[CheckRow]) -> String {
-    let mut s = String::from("| op | shapes | dtype | max rel err | tolerance | pass |\n");
-    s.push_str("|---|---|---|---:|---:|---|\n");
+    let mut s = String::from(TABLE_HEADER);
     for r in rows {
-        let _ = writeln!(
-            s,
+        s.push_str(&format_row(r));
+        s.push('\n');
+    }
+    s
+}
+
+/// One line of the table (no newline). A group's row has its note in the shapes column, with
+/// the characters that would break the table replaced.
+pub fn format_row(r: &CheckRow) -> String {
+    match &r.note {
+        Some(note) => {
+            let note: String = note
+                .chars()
+                .map(|ch| match ch {
+                    '|' => '/',
+                    '\n' | '\r' => ' ',
+                    c => c,
+                })
+                .collect();
+            let verdict = if note.starts_with("not run") {
+                "NOT RUN"
+            } else {
+                "FAIL"
+            };
+            format!("| {} | {note} | - | - | - | {verdict} |", r.op)
+        }
+        None => format!(
             "| {} | {} | {} | {:.3e} | {:.0e} | {} |",
             r.op,
             r.shapes,
@@ -160,14 +224,31 @@ pub fn format_table(rows: &[CheckRow]) -> String {
             r.max_rel_err,
             r.tolerance,
             if r.pass { "pass" } else { "FAIL" }
-        );
+        ),
     }
-    s
+}
+
+/// How `run_with` reports while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print each row to stdout (flushed) as it is recorded, after the device line and the
+    /// table's header.
+    pub echo: bool,
+    /// Rewrite this file with the table so far after every group.
+    pub table_file: Option<PathBuf>,
+    /// Start no group after this instant (the rest become "not run" rows).
+    pub deadline: Option<Instant>,
 }
 
 /// Runs every check on `device` (a GPU) and returns the report; the first error is opening
 /// the device when there is none.
 pub fn run(device: Device) -> Result<GpuCheckReport> {
+    run_with(device, &RunOptions::default())
+}
+
+/// [`run`], reporting as `opts` says. Errors: no GPU (opening the device), the table file
+/// cannot be written; a failing group is a row of the report, not an error.
+pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
     let ordinal = match device {
         Device::Cuda(n) => n,
         Device::Cpu => {
@@ -178,37 +259,62 @@ pub fn run(device: Device) -> Result<GpuCheckReport> {
         }
     };
     let info = cuda::device_info(ordinal)?;
+    let header = device_line(&info);
+    let mut c = Checker::new(device);
+    if opts.echo {
+        print!("{header}{TABLE_HEADER}");
+        c.echo = Some(runner::stdout_echo());
+    }
     cuda::set_poison_allocations(ordinal, true)?;
-    let mut c = Checker {
-        device,
-        seed: 0,
-        rows: Vec::new(),
+    let mut allocations = None;
+    let groups = vec![
+        Group::new("tensors", ops::tensor_checks),
+        Group::new("host copies", host_copy::host_copy_checks),
+        Group::new("elementwise", ops::elementwise_checks),
+        Group::new("matmul", ops::matmul_checks),
+        Group::new("convolutions", ops::conv_checks),
+        Group::new("norms", ops::norm_checks),
+        Group::new("gathers and dropout", ops::gather_dropout_checks),
+        Group::new("pools and layouts", ops::pool_layout_checks),
+        Group::new("attention", ops::attention_checks),
+        Group::new("cross-entropy", loss_optim::cross_entropy_checks),
+        Group::new("optimizers", loss_optim::optimizer_checks),
+        Group::new("distillation loss", loss_optim::kd_loss_checks),
+        Group::new("allocations per step", |c: &mut Checker| {
+            allocations = Some(allocations::allocation_check(c)?);
+            Ok(())
+        }),
+        Group::new("model steps", models::model_step_checks),
+        Group::new("teacher stream", models::teacher_stream_checks),
+        Group::new("nccl", nccl::all_reduce_checks),
+    ];
+    let progress = Progress {
+        header,
+        table_file: opts.table_file.clone(),
+        deadline: opts.deadline,
     };
-    ops::tensor_checks(&mut c)?;
-    host_copy::host_copy_checks(&mut c)?;
-    ops::elementwise_checks(&mut c)?;
-    ops::matmul_checks(&mut c)?;
-    ops::conv_checks(&mut c)?;
-    ops::norm_checks(&mut c)?;
-    ops::gather_dropout_checks(&mut c)?;
-    ops::pool_layout_checks(&mut c)?;
-    ops::attention_checks(&mut c)?;
-    loss_optim::cross_entropy_checks(&mut c)?;
-    loss_optim::optimizer_checks(&mut c)?;
-    loss_optim::kd_loss_checks(&mut c)?;
-    let (allocations_per_step, step_description) = allocations::allocation_check(&mut c)?;
-    models::model_step_checks(&mut c)?;
-    models::teacher_stream_checks(&mut c)?;
-    nccl::all_reduce_checks(&mut c)?;
-    cuda::synchronize(device)?;
-    cuda::set_poison_allocations(ordinal, false)?;
+    let outcome = runner::run_groups(&mut c, groups, &progress)?;
+    // A failed group may leave work queued or the device in error: the report still comes.
+    let synced = cuda::synchronize(device);
+    let unpoisoned = cuda::set_poison_allocations(ordinal, false);
+    if let Err(e) = synced.and(unpoisoned) {
+        c.push(runner::group_row("device at the end", format!("error: {e}")));
+    }
+    let (allocations_per_step, step_description) =
+        allocations.unwrap_or((0, "not measured: its group failed or did not run".into()));
     Ok(GpuCheckReport {
         device: info,
         rows: c.rows,
         allocations_per_step,
         step_description,
         stats: cuda::alloc_stats(ordinal)?,
+        groups: outcome,
     })
+}
+
+/// Writes `text` to `path` whole (a temporary file, then a rename).
+pub fn write_report(path: &std::path::Path, text: &str) -> Result<()> {
+    runner::write_whole(path, text)
 }
 
 #[cfg(test)]
@@ -224,6 +330,7 @@ mod tests {
             max_rel_err: 1.5e-3,
             tolerance: 2e-2,
             pass: true,
+            note: None,
         }];
         let t = format_table(&rows);
         assert!(t.contains("| op | shapes | dtype | max rel err | tolerance | pass |"));
@@ -235,22 +342,16 @@ mod tests {
 
     #[test]
     fn a_report_from_the_mock_cuda_is_labelled() {
-        let report = |name: &str| GpuCheckReport {
-            device: cuda::DeviceInfo {
-                ordinal: 0,
-                name: name.into(),
-                compute_capability: (9, 0),
-                driver_version: 13000,
-                total_memory: 16 << 30,
-                kernel_image: "sm_90".into(),
-            },
-            rows: Vec::new(),
-            allocations_per_step: 0,
-            step_description: String::new(),
-            stats: AllocStats::default(),
+        let info = |name: &str| cuda::DeviceInfo {
+            ordinal: 0,
+            name: name.into(),
+            compute_capability: (9, 0),
+            driver_version: 13000,
+            total_memory: 16 << 30,
+            kernel_image: "sm_90".into(),
         };
-        assert!(report(cuda::MOCK_DEVICE_NAME).to_text().contains("MOCK: the mock CUDA"));
-        assert!(!report("NVIDIA H100 80GB HBM3").to_text().contains("MOCK"));
+        assert!(device_line(&info(cuda::MOCK_DEVICE_NAME)).contains("MOCK: the mock CUDA"));
+        assert!(!device_line(&info("NVIDIA H100 80GB HBM3")).contains("MOCK"));
     }
 
     #[test]

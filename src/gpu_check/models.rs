@@ -362,11 +362,7 @@ mod tests {
     /// there to compare.
     #[test]
     fn teacher_stream_rows_pass_on_the_cpu() {
-        let mut c = Checker {
-            device: Device::Cpu,
-            seed: 0,
-            rows: Vec::new(),
-        };
+        let mut c = Checker::new(Device::Cpu);
         teacher_stream_checks(&mut c).unwrap();
         assert_eq!(c.rows.len(), 6);
         for r in &c.rows {

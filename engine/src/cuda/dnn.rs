@@ -263,7 +263,17 @@ impl Plan {
         Ok(plan)
     }
 
-    /// The algorithm of `dir`, chosen on first use.
+    /// Sets the math type the chosen algorithm runs with on the convolution descriptor: the
+    /// workspace size is queried after this, since it depends on the math type (the
+    /// heuristic's `memory` is for the math type it ranked with, which f32 replaces by FMA).
+    fn run_math(&self, ordinal: usize, math: sys::cudnnMathType_t) -> Result<()> {
+        // SAFETY: the descriptor is alive (made in `Plan::new`).
+        unsafe { dnn::set_convolution_math_type(self.conv, math) }
+            .map_err(dnn_err(ordinal, "setting the math type"))
+    }
+
+    /// The algorithm of `dir`, chosen on first use; its workspace is the size cuDNN asks for
+    /// with the math type it runs with.
     fn choose(
         &mut self,
         ordinal: usize,
@@ -290,7 +300,13 @@ impl Plan {
                         perfs.as_mut_ptr(),
                     )
                     .map_err(err("cudnnGetConvolutionForwardAlgorithm_v7"))?;
-                    self.fwd = Some(pick!(ordinal, key, dir, perfs, count));
+                    let mut c = pick!(ordinal, key, dir, perfs, count);
+                    self.run_math(ordinal, c.math)?;
+                    c.workspace = dnn::get_convolution_forward_workspace_size(
+                        handle, self.x, self.w, self.conv, self.y, c.algo,
+                    )
+                    .map_err(err("cudnnGetConvolutionForwardWorkspaceSize"))?;
+                    self.fwd = Some(c);
                 }
                 Direction::BackwardData if self.bwd_data.is_none() => {
                     let mut perfs: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
@@ -305,7 +321,13 @@ impl Plan {
                         perfs.as_mut_ptr(),
                     )
                     .map_err(err("cudnnGetConvolutionBackwardDataAlgorithm_v7"))?;
-                    self.bwd_data = Some(pick!(ordinal, key, dir, perfs, count));
+                    let mut c = pick!(ordinal, key, dir, perfs, count);
+                    self.run_math(ordinal, c.math)?;
+                    c.workspace = dnn::get_convolution_backward_data_workspace_size(
+                        handle, self.w, self.y, self.conv, self.x, c.algo,
+                    )
+                    .map_err(err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?;
+                    self.bwd_data = Some(c);
                 }
                 Direction::BackwardFilter if self.bwd_filter.is_none() => {
                     let mut perfs: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 8] =
@@ -321,7 +343,13 @@ impl Plan {
                         perfs.as_mut_ptr(),
                     )
                     .map_err(err("cudnnGetConvolutionBackwardFilterAlgorithm_v7"))?;
-                    self.bwd_filter = Some(pick!(ordinal, key, dir, perfs, count));
+                    let mut c = pick!(ordinal, key, dir, perfs, count);
+                    self.run_math(ordinal, c.math)?;
+                    c.workspace = dnn::get_convolution_backward_filter_workspace_size(
+                        handle, self.x, self.y, self.conv, self.w, c.algo,
+                    )
+                    .map_err(err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?;
+                    self.bwd_filter = Some(c);
                 }
                 _ => {}
             }
