@@ -14,4 +14,5 @@ pub mod memory;
 pub mod stream;
 
 pub mod blaslt;
+pub mod dnn;
 pub mod libcommon;
