@@ -16,3 +16,4 @@ pub mod stream;
 pub mod blaslt;
 pub mod dnn;
 pub mod libcommon;
+pub mod nccl;
