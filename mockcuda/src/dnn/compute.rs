@@ -108,7 +108,13 @@ pub struct Geometry {
 impl Geometry {
     /// The output size of one spatial axis, `None` when the dilated filter does not fit in
     /// the padded input.
-    pub fn out_size(input: usize, filter: usize, pad: usize, stride: usize, dil: usize) -> Option<usize> {
+    pub fn out_size(
+        input: usize,
+        filter: usize,
+        pad: usize,
+        stride: usize,
+        dil: usize,
+    ) -> Option<usize> {
         let span = (filter - 1) * dil + 1;
         (input + 2 * pad).checked_sub(span).map(|d| d / stride + 1)
     }

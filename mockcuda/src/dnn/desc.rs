@@ -31,7 +31,10 @@ pub fn elem_of(function: &str, t: u32) -> Elem {
     match t {
         DATA_FLOAT => Elem::F32,
         DATA_BFLOAT16 => Elem::Bf16,
-        other => unimplemented(function, &format!("cudnnDataType_t {other} (only FLOAT = 0 and BFLOAT16 = 9 are modelled)")),
+        other => unimplemented(
+            function,
+            &format!("cudnnDataType_t {other} (only FLOAT = 0 and BFLOAT16 = 9 are modelled)"),
+        ),
     }
 }
 
@@ -40,18 +43,32 @@ pub type TensorDesc = Option<Tensor4>;
 
 /// Dims and strides of a 4-d descriptor, checked as `cudnnSetTensor4dDescriptorEx` documents:
 /// positive dims and strides, at most 2^31 - 1 elements.
-pub fn tensor(elem: Elem, dims: [i32; 4], strides: Option<[i32; 4]>, nhwc: bool) -> Result<Tensor4, Refusal> {
+pub fn tensor(
+    elem: Elem,
+    dims: [i32; 4],
+    strides: Option<[i32; 4]>,
+    nhwc: bool,
+) -> Result<Tensor4, Refusal> {
     if dims.iter().any(|&d| d <= 0) {
-        return Err((BAD_PARAM, format!("dims {dims:?}: every one must be positive")));
+        return Err((
+            BAD_PARAM,
+            format!("dims {dims:?}: every one must be positive"),
+        ));
     }
     let dims = dims.map(|d| d as usize);
     if dims.iter().product::<usize>() > i32::MAX as usize {
-        return Err((NOT_SUPPORTED, format!("dims {dims:?}: more than 2^31 - 1 elements")));
+        return Err((
+            NOT_SUPPORTED,
+            format!("dims {dims:?}: more than 2^31 - 1 elements"),
+        ));
     }
     Ok(match strides {
         Some(s) => {
             if s.iter().any(|&v| v <= 0) {
-                return Err((BAD_PARAM, format!("strides {s:?}: every one must be positive")));
+                return Err((
+                    BAD_PARAM,
+                    format!("strides {s:?}: every one must be positive"),
+                ));
             }
             Tensor4 {
                 elem,
@@ -101,11 +118,20 @@ pub fn set_conv(
     mode: u32,
     compute: u32,
 ) -> Result<(), Refusal> {
-    if pad.iter().any(|&p| p < 0) || stride.iter().any(|&s| s <= 0) || dilation.iter().any(|&v| v <= 0) {
-        return Err((BAD_PARAM, format!("padding {pad:?}, stride {stride:?}, dilation {dilation:?}")));
+    if pad.iter().any(|&p| p < 0)
+        || stride.iter().any(|&s| s <= 0)
+        || dilation.iter().any(|&v| v <= 0)
+    {
+        return Err((
+            BAD_PARAM,
+            format!("padding {pad:?}, stride {stride:?}, dilation {dilation:?}"),
+        ));
     }
     if mode > 1 {
-        return Err((BAD_PARAM, format!("mode {mode} is not a cudnnConvolutionMode_t")));
+        return Err((
+            BAD_PARAM,
+            format!("mode {mode} is not a cudnnConvolutionMode_t"),
+        ));
     }
     *d = ConvDesc {
         set: true,
@@ -136,7 +162,10 @@ impl Problem {
     /// `NVIDIA_TF32_OVERRIDE=0` forbids it. `CUDNN_FMA_MATH` never uses it.
     pub fn tf32(&self) -> bool {
         self.x.elem == Elem::F32
-            && matches!(self.math, DEFAULT_MATH | TENSOR_OP_MATH | TENSOR_OP_MATH_ALLOW_CONVERSION)
+            && matches!(
+                self.math,
+                DEFAULT_MATH | TENSOR_OP_MATH | TENSOR_OP_MATH_ALLOW_CONVERSION
+            )
             && std::env::var("NVIDIA_TF32_OVERRIDE").map_or(true, |v| v != "0")
     }
 }
@@ -145,7 +174,10 @@ impl Problem {
 /// and `cudnnGetConvolution2dForwardOutputDim` share).
 pub fn output_dims(x: &TensorDesc, w: &TensorDesc, conv: &ConvDesc) -> Result<[usize; 4], Refusal> {
     let (Some(x), Some(w)) = (x, w) else {
-        return Err((BAD_PARAM, "a tensor or filter descriptor was never set".into()));
+        return Err((
+            BAD_PARAM,
+            "a tensor or filter descriptor was never set".into(),
+        ));
     };
     if !conv.set {
         return Err((BAD_PARAM, "the convolution descriptor was never set".into()));
@@ -159,30 +191,65 @@ pub fn output_dims(x: &TensorDesc, w: &TensorDesc, conv: &ConvDesc) -> Result<[u
             format!("input {c} channels, filter {k}x{cg} per group, {g} groups: they disagree"),
         ));
     }
-    let p = Geometry::out_size(h, r, conv.pad[0] as usize, conv.stride[0] as usize, conv.dilation[0] as usize);
-    let q = Geometry::out_size(wd, s, conv.pad[1] as usize, conv.stride[1] as usize, conv.dilation[1] as usize);
+    let p = Geometry::out_size(
+        h,
+        r,
+        conv.pad[0] as usize,
+        conv.stride[0] as usize,
+        conv.dilation[0] as usize,
+    );
+    let q = Geometry::out_size(
+        wd,
+        s,
+        conv.pad[1] as usize,
+        conv.stride[1] as usize,
+        conv.dilation[1] as usize,
+    );
     match (p, q) {
         (Some(p), Some(q)) => Ok([n, k, p, q]),
-        _ => Err((BAD_PARAM, format!("the {r}x{s} filter (dilated) is larger than the padded {h}x{wd} input"))),
+        _ => Err((
+            BAD_PARAM,
+            format!("the {r}x{s} filter (dilated) is larger than the padded {h}x{wd} input"),
+        )),
     }
 }
 
 /// The whole problem of a direction, checked as the documentation lists the rules.
-pub fn problem(x: &TensorDesc, w: &TensorDesc, conv: &ConvDesc, y: &TensorDesc) -> Result<Problem, Refusal> {
+pub fn problem(
+    x: &TensorDesc,
+    w: &TensorDesc,
+    conv: &ConvDesc,
+    y: &TensorDesc,
+) -> Result<Problem, Refusal> {
     let dims = output_dims(x, w, conv)?;
     let (x, w) = (x.expect("checked"), w.expect("checked"));
     let Some(y) = *y else {
         return Err((BAD_PARAM, "the output descriptor was never set".into()));
     };
     if y.dims != dims {
-        return Err((BAD_PARAM, format!("the output is {:?}, the convolution gives {dims:?}", y.dims)));
+        return Err((
+            BAD_PARAM,
+            format!("the output is {:?}, the convolution gives {dims:?}", y.dims),
+        ));
     }
     if x.elem != w.elem || x.elem != y.elem {
-        return Err((BAD_PARAM, format!("x {:?}, w {:?}, y {:?}: one data type", x.elem, w.elem, y.elem)));
+        return Err((
+            BAD_PARAM,
+            format!(
+                "x {:?}, w {:?}, y {:?}: one data type",
+                x.elem, w.elem, y.elem
+            ),
+        ));
     }
     // The legacy API's configurations: fp32 and bf16 data both compute in fp32.
     if conv.compute != DATA_FLOAT {
-        return Err((NOT_SUPPORTED, format!("compute type {} for {:?} data (only FLOAT)", conv.compute, x.elem)));
+        return Err((
+            NOT_SUPPORTED,
+            format!(
+                "compute type {} for {:?} data (only FLOAT)",
+                conv.compute, x.elem
+            ),
+        ));
     }
     Ok(Problem {
         x,
@@ -248,11 +315,19 @@ pub fn algorithms(dir: Direction, p: &Problem) -> Vec<AlgoInfo> {
     };
     let mut list = match dir {
         // IMPLICIT_PRECOMP_GEMM (1), IMPLICIT_GEMM (0), GEMM (2).
-        Direction::Forward => vec![a(1, true, cg * r * s * 4), a(0, true, 0), a(2, true, cg * r * s * oh * ow * e)],
+        Direction::Forward => vec![
+            a(1, true, cg * r * s * 4),
+            a(0, true, 0),
+            a(2, true, cg * r * s * oh * ow * e),
+        ],
         // ALGO_0 (atomics), ALGO_1.
         Direction::BackwardData => vec![a(0, false, 0), a(1, true, 0)],
         // ALGO_0 (atomics), ALGO_1 (fp32 dW), ALGO_3 (atomics).
-        Direction::BackwardFilter => vec![a(0, false, 0), a(1, true, p.geometry.w.iter().product::<usize>() * 4), a(3, false, 0)],
+        Direction::BackwardFilter => vec![
+            a(0, false, 0),
+            a(1, true, p.geometry.w.iter().product::<usize>() * 4),
+            a(3, false, 0),
+        ],
     };
     for algo in 0..dir.algo_count() as u32 {
         if !list.iter().any(|i| i.algo == algo) {
@@ -272,5 +347,10 @@ pub fn algorithm(dir: Direction, p: &Problem, algo: u32) -> Result<AlgoInfo, Ref
     algorithms(dir, p)
         .into_iter()
         .find(|i| i.algo == algo && i.supported)
-        .ok_or_else(|| (NOT_SUPPORTED, format!("{dir:?} algorithm {algo} is not supported for this problem")))
+        .ok_or_else(|| {
+            (
+                NOT_SUPPORTED,
+                format!("{dir:?} algorithm {algo} is not supported for this problem"),
+            )
+        })
 }

@@ -103,7 +103,10 @@ fn destroy<T: Clone>(reg: &Registry<T>, h: *mut c_void, function: &str) -> Statu
     if h.is_null() || reg.remove(h).is_some() {
         SUCCESS
     } else {
-        refuse(function, (BAD_PARAM, format!("{h:?} is not a live descriptor")))
+        refuse(
+            function,
+            (BAD_PARAM, format!("{h:?} is not a live descriptor")),
+        )
     }
 }
 
@@ -117,7 +120,10 @@ pub unsafe extern "C" fn cudnnDestroy(handle: *mut c_void) -> Status {
     if HANDLES.remove(handle).is_some() {
         SUCCESS
     } else {
-        refuse("cudnnDestroy", (BAD_PARAM, format!("{handle:?} is not a live handle")))
+        refuse(
+            "cudnnDestroy",
+            (BAD_PARAM, format!("{handle:?} is not a live handle")),
+        )
     }
 }
 
@@ -125,7 +131,10 @@ pub unsafe extern "C" fn cudnnDestroy(handle: *mut c_void) -> Status {
 pub unsafe extern "C" fn cudnnSetStream(handle: *mut c_void, stream: *mut c_void) -> Status {
     match HANDLES.update(handle, |s| *s = stream as usize) {
         Some(()) => SUCCESS,
-        None => refuse("cudnnSetStream", (BAD_PARAM, format!("{handle:?} is not a live handle"))),
+        None => refuse(
+            "cudnnSetStream",
+            (BAD_PARAM, format!("{handle:?} is not a live handle")),
+        ),
     }
 }
 
@@ -136,7 +145,10 @@ pub unsafe extern "C" fn cudnnGetStream(handle: *mut c_void, stream: *mut *mut c
             *stream = s as *mut c_void;
             SUCCESS
         }
-        _ => refuse("cudnnGetStream", (BAD_PARAM, "a dead handle or a null output".into())),
+        _ => refuse(
+            "cudnnGetStream",
+            (BAD_PARAM, "a dead handle or a null output".into()),
+        ),
     }
 }
 
@@ -189,14 +201,20 @@ fn nhwc(function: &str, format: u32) -> bool {
     match format {
         0 => false,
         1 => true,
-        other => unimplemented(function, &format!("tensor format {other} (NCHW = 0 and NHWC = 1 are modelled)")),
+        other => unimplemented(
+            function,
+            &format!("tensor format {other} (NCHW = 0 and NHWC = 1 are modelled)"),
+        ),
     }
 }
 
 /// Four dims from an Nd call (the mock's convolutions are 2-d).
 unsafe fn four(function: &str, nb: c_int, a: *const c_int) -> Option<[i32; 4]> {
     if nb != 4 {
-        unimplemented(function, &format!("{nb} dims (the mock models 4-d tensors and filters)"));
+        unimplemented(
+            function,
+            &format!("{nb} dims (the mock models 4-d tensors and filters)"),
+        );
     }
     (!a.is_null()).then(|| std::array::from_fn(|i| *a.add(i)))
 }
@@ -212,7 +230,12 @@ pub unsafe extern "C" fn cudnnSetTensor4dDescriptor(
     w: c_int,
 ) -> Status {
     const F: &str = "cudnnSetTensor4dDescriptor";
-    let t = desc::tensor(desc::elem_of(F, data_type), [n, c, h, w], None, nhwc(F, format));
+    let t = desc::tensor(
+        desc::elem_of(F, data_type),
+        [n, c, h, w],
+        None,
+        nhwc(F, format),
+    );
     set_tensor(&TENSORS, F, desc, t)
 }
 
@@ -231,7 +254,12 @@ pub unsafe extern "C" fn cudnnSetTensor4dDescriptorEx(
     ws: c_int,
 ) -> Status {
     const F: &str = "cudnnSetTensor4dDescriptorEx";
-    let t = desc::tensor(desc::elem_of(F, data_type), [n, c, h, w], Some([ns, cs, hs, ws]), false);
+    let t = desc::tensor(
+        desc::elem_of(F, data_type),
+        [n, c, h, w],
+        Some([ns, cs, hs, ws]),
+        false,
+    );
     set_tensor(&TENSORS, F, desc, t)
 }
 
@@ -262,7 +290,12 @@ pub unsafe extern "C" fn cudnnSetFilter4dDescriptor(
     w: c_int,
 ) -> Status {
     const F: &str = "cudnnSetFilter4dDescriptor";
-    let t = desc::tensor(desc::elem_of(F, data_type), [k, c, h, w], None, nhwc(F, format));
+    let t = desc::tensor(
+        desc::elem_of(F, data_type),
+        [k, c, h, w],
+        None,
+        nhwc(F, format),
+    );
     set_tensor(&FILTERS, F, desc, t)
 }
 
@@ -279,7 +312,12 @@ pub unsafe extern "C" fn cudnnSetFilterNdDescriptor(
     let Some(d) = four(F, nb_dims, dims) else {
         return refuse(F, (BAD_PARAM, "null dims".into()));
     };
-    set_tensor(&FILTERS, F, desc, desc::tensor(elem, d, None, nhwc(F, format)))
+    set_tensor(
+        &FILTERS,
+        F,
+        desc,
+        desc::tensor(elem, d, None, nhwc(F, format)),
+    )
 }
 
 #[no_mangle]
@@ -297,8 +335,22 @@ pub unsafe extern "C" fn cudnnSetConvolution2dDescriptor(
 ) -> Status {
     const F: &str = "cudnnSetConvolution2dDescriptor";
     let r = CONVS
-        .update(desc, |d| desc::set_conv(d, [pad_h, pad_w], [u, v], [dilation_h, dilation_w], mode, compute_type))
-        .unwrap_or_else(|| Err((BAD_PARAM, format!("{desc:?} is not a live convolution descriptor"))));
+        .update(desc, |d| {
+            desc::set_conv(
+                d,
+                [pad_h, pad_w],
+                [u, v],
+                [dilation_h, dilation_w],
+                mode,
+                compute_type,
+            )
+        })
+        .unwrap_or_else(|| {
+            Err((
+                BAD_PARAM,
+                format!("{desc:?} is not a live convolution descriptor"),
+            ))
+        });
     status_of(F, r)
 }
 
@@ -314,15 +366,25 @@ pub unsafe extern "C" fn cudnnSetConvolutionNdDescriptor(
 ) -> Status {
     const F: &str = "cudnnSetConvolutionNdDescriptor";
     if array_length != 2 {
-        unimplemented(F, &format!("{array_length} spatial dims (the mock models 2-d convolutions)"));
+        unimplemented(
+            F,
+            &format!("{array_length} spatial dims (the mock models 2-d convolutions)"),
+        );
     }
     if pad.is_null() || stride.is_null() || dilation.is_null() {
         return refuse(F, (BAD_PARAM, "a null array".into()));
     }
     let two = |a: *const c_int| [*a, *a.add(1)];
     let r = CONVS
-        .update(desc, |d| desc::set_conv(d, two(pad), two(stride), two(dilation), mode, compute_type))
-        .unwrap_or_else(|| Err((BAD_PARAM, format!("{desc:?} is not a live convolution descriptor"))));
+        .update(desc, |d| {
+            desc::set_conv(d, two(pad), two(stride), two(dilation), mode, compute_type)
+        })
+        .unwrap_or_else(|| {
+            Err((
+                BAD_PARAM,
+                format!("{desc:?} is not a live convolution descriptor"),
+            ))
+        });
     status_of(F, r)
 }
 
@@ -332,9 +394,10 @@ pub unsafe extern "C" fn cudnnSetConvolutionGroupCount(desc: *mut c_void, groups
     if groups < 1 {
         return refuse(F, (BAD_PARAM, format!("group count {groups}")));
     }
-    let r = CONVS
-        .update(desc, |d| d.groups = groups)
-        .ok_or((BAD_PARAM, format!("{desc:?} is not a live convolution descriptor")));
+    let r = CONVS.update(desc, |d| d.groups = groups).ok_or((
+        BAD_PARAM,
+        format!("{desc:?} is not a live convolution descriptor"),
+    ));
     status_of(F, r)
 }
 
@@ -344,17 +407,24 @@ pub unsafe extern "C" fn cudnnSetConvolutionMathType(desc: *mut c_void, math: u3
     if math > desc::FMA_MATH {
         return refuse(F, (BAD_PARAM, format!("math type {math}")));
     }
-    let r = CONVS
-        .update(desc, |d| d.math = math)
-        .ok_or((BAD_PARAM, format!("{desc:?} is not a live convolution descriptor")));
+    let r = CONVS.update(desc, |d| d.math = math).ok_or((
+        BAD_PARAM,
+        format!("{desc:?} is not a live convolution descriptor"),
+    ));
     status_of(F, r)
 }
 
 /// The output dims, for the two output-dim queries.
 fn out_dims(conv: *mut c_void, x: *mut c_void, w: *mut c_void) -> Result<[usize; 4], Refusal> {
-    let conv = CONVS.get(conv).ok_or((BAD_PARAM, "a dead convolution descriptor".to_string()))?;
-    let x = TENSORS.get(x).ok_or((BAD_PARAM, "a dead tensor descriptor".to_string()))?;
-    let w = FILTERS.get(w).ok_or((BAD_PARAM, "a dead filter descriptor".to_string()))?;
+    let conv = CONVS
+        .get(conv)
+        .ok_or((BAD_PARAM, "a dead convolution descriptor".to_string()))?;
+    let x = TENSORS
+        .get(x)
+        .ok_or((BAD_PARAM, "a dead tensor descriptor".to_string()))?;
+    let w = FILTERS
+        .get(w)
+        .ok_or((BAD_PARAM, "a dead filter descriptor".to_string()))?;
     desc::output_dims(&x, &w, &conv)
 }
 
@@ -394,7 +464,13 @@ pub unsafe extern "C" fn cudnnGetConvolutionNdForwardOutputDim(
 ) -> Status {
     const F: &str = "cudnnGetConvolutionNdForwardOutputDim";
     if nb_dims != 4 || out.is_null() {
-        return refuse(F, (BAD_PARAM, format!("{nb_dims} dims or a null output (4-d only)")));
+        return refuse(
+            F,
+            (
+                BAD_PARAM,
+                format!("{nb_dims} dims or a null output (4-d only)"),
+            ),
+        );
     }
     match out_dims(conv, x, w) {
         Ok(d) => {
@@ -416,22 +492,37 @@ unsafe fn max_count(handle: *mut c_void, count: *mut c_int, dir: Direction) -> S
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cudnnGetConvolutionForwardAlgorithmMaxCount(handle: *mut c_void, count: *mut c_int) -> Status {
+pub unsafe extern "C" fn cudnnGetConvolutionForwardAlgorithmMaxCount(
+    handle: *mut c_void,
+    count: *mut c_int,
+) -> Status {
     max_count(handle, count, Direction::Forward)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cudnnGetConvolutionBackwardDataAlgorithmMaxCount(handle: *mut c_void, count: *mut c_int) -> Status {
+pub unsafe extern "C" fn cudnnGetConvolutionBackwardDataAlgorithmMaxCount(
+    handle: *mut c_void,
+    count: *mut c_int,
+) -> Status {
     max_count(handle, count, Direction::BackwardData)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(handle: *mut c_void, count: *mut c_int) -> Status {
+pub unsafe extern "C" fn cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(
+    handle: *mut c_void,
+    count: *mut c_int,
+) -> Status {
     max_count(handle, count, Direction::BackwardFilter)
 }
 
 /// The problem the descriptors name: `x` and `y` tensors, `w` a filter.
-fn lookup(handle: *mut c_void, x: *mut c_void, w: *mut c_void, conv: *mut c_void, y: *mut c_void) -> Result<(usize, Problem), Refusal> {
+fn lookup(
+    handle: *mut c_void,
+    x: *mut c_void,
+    w: *mut c_void,
+    conv: *mut c_void,
+    y: *mut c_void,
+) -> Result<(usize, Problem), Refusal> {
     let stream = HANDLES
         .get(handle)
         .ok_or((BAD_PARAM, format!("{handle:?} is not a live cuDNN handle")))?;
@@ -457,7 +548,13 @@ unsafe fn get_v7(
         Err(e) => return refuse(function, e),
     };
     if requested <= 0 || returned.is_null() || perfs.is_null() {
-        return refuse(function, (BAD_PARAM, format!("requestedAlgoCount {requested} or a null output")));
+        return refuse(
+            function,
+            (
+                BAD_PARAM,
+                format!("requestedAlgoCount {requested} or a null output"),
+            ),
+        );
     }
     let list = desc::algorithms(dir, &p);
     let n = list.len().min(requested as usize);
@@ -490,7 +587,14 @@ pub unsafe extern "C" fn cudnnGetConvolutionForwardAlgorithm_v7(
     perfs: *mut AlgoPerf,
 ) -> Status {
     let found = lookup(handle, x, w, conv, y);
-    get_v7("cudnnGetConvolutionForwardAlgorithm_v7", Direction::Forward, found, requested, returned, perfs)
+    get_v7(
+        "cudnnGetConvolutionForwardAlgorithm_v7",
+        Direction::Forward,
+        found,
+        requested,
+        returned,
+        perfs,
+    )
 }
 
 #[no_mangle]
@@ -506,7 +610,14 @@ pub unsafe extern "C" fn cudnnGetConvolutionBackwardDataAlgorithm_v7(
     perfs: *mut AlgoPerf,
 ) -> Status {
     let found = lookup(handle, dx, w, conv, dy);
-    get_v7("cudnnGetConvolutionBackwardDataAlgorithm_v7", Direction::BackwardData, found, requested, returned, perfs)
+    get_v7(
+        "cudnnGetConvolutionBackwardDataAlgorithm_v7",
+        Direction::BackwardData,
+        found,
+        requested,
+        returned,
+        perfs,
+    )
 }
 
 #[no_mangle]
@@ -522,7 +633,14 @@ pub unsafe extern "C" fn cudnnGetConvolutionBackwardFilterAlgorithm_v7(
     perfs: *mut AlgoPerf,
 ) -> Status {
     let found = lookup(handle, x, dw, conv, dy);
-    get_v7("cudnnGetConvolutionBackwardFilterAlgorithm_v7", Direction::BackwardFilter, found, requested, returned, perfs)
+    get_v7(
+        "cudnnGetConvolutionBackwardFilterAlgorithm_v7",
+        Direction::BackwardFilter,
+        found,
+        requested,
+        returned,
+        perfs,
+    )
 }
 
 unsafe fn workspace_size(
@@ -556,7 +674,13 @@ pub unsafe extern "C" fn cudnnGetConvolutionForwardWorkspaceSize(
     size: *mut usize,
 ) -> Status {
     let found = lookup(handle, x, w, conv, y);
-    workspace_size("cudnnGetConvolutionForwardWorkspaceSize", Direction::Forward, found, algo, size)
+    workspace_size(
+        "cudnnGetConvolutionForwardWorkspaceSize",
+        Direction::Forward,
+        found,
+        algo,
+        size,
+    )
 }
 
 #[no_mangle]
@@ -571,7 +695,13 @@ pub unsafe extern "C" fn cudnnGetConvolutionBackwardDataWorkspaceSize(
     size: *mut usize,
 ) -> Status {
     let found = lookup(handle, dx, w, conv, dy);
-    workspace_size("cudnnGetConvolutionBackwardDataWorkspaceSize", Direction::BackwardData, found, algo, size)
+    workspace_size(
+        "cudnnGetConvolutionBackwardDataWorkspaceSize",
+        Direction::BackwardData,
+        found,
+        algo,
+        size,
+    )
 }
 
 #[no_mangle]
@@ -586,7 +716,13 @@ pub unsafe extern "C" fn cudnnGetConvolutionBackwardFilterWorkspaceSize(
     size: *mut usize,
 ) -> Status {
     let found = lookup(handle, x, dw, conv, dy);
-    workspace_size("cudnnGetConvolutionBackwardFilterWorkspaceSize", Direction::BackwardFilter, found, algo, size)
+    workspace_size(
+        "cudnnGetConvolutionBackwardFilterWorkspaceSize",
+        Direction::BackwardFilter,
+        found,
+        algo,
+        size,
+    )
 }
 
 /// One call's device addresses: the tensors in the problem's roles (x, w, y), whichever of
@@ -601,16 +737,27 @@ pub struct Ptrs {
 }
 
 /// Checks a call beyond its descriptors: the algorithm, the workspace, the scalars.
-pub fn check_call(dir: Direction, p: &Problem, algo: u32, ptrs: &Ptrs) -> Result<desc::AlgoInfo, Refusal> {
+pub fn check_call(
+    dir: Direction,
+    p: &Problem,
+    algo: u32,
+    ptrs: &Ptrs,
+) -> Result<desc::AlgoInfo, Refusal> {
     let info = desc::algorithm(dir, p, algo)?;
     if ptrs.workspace_size < info.workspace {
         return Err((
             BAD_PARAM,
-            format!("{dir:?} algorithm {algo} needs {} bytes of workspace, {} were given", info.workspace, ptrs.workspace_size),
+            format!(
+                "{dir:?} algorithm {algo} needs {} bytes of workspace, {} were given",
+                info.workspace, ptrs.workspace_size
+            ),
         ));
     }
     if ptrs.workspace == 0 && ptrs.workspace_size > 0 {
-        return Err((BAD_PARAM, "the workspace is null with a non-zero size".into()));
+        return Err((
+            BAD_PARAM,
+            "the workspace is null with a non-zero size".into(),
+        ));
     }
     if ptrs.x == 0 || ptrs.w == 0 || ptrs.y == 0 {
         return Err((BAD_PARAM, "a null tensor".into()));
@@ -659,11 +806,18 @@ fn queue(
     ptrs: Ptrs,
 ) -> Result<(), String> {
     let err = |e: crate::error::MockError| e.0;
-    let resolve = |what: &str, ptr, t: &compute::Tensor4| HostRange::resolve(ptr, t.span_bytes(), &format!("{function} {what}")).map_err(err);
+    let resolve = |what: &str, ptr, t: &compute::Tensor4| {
+        HostRange::resolve(ptr, t.span_bytes(), &format!("{function} {what}")).map_err(err)
+    };
     let xr = resolve("x", ptrs.x, &p.x)?;
     let wr = resolve("w", ptrs.w, &p.w)?;
     let yr = resolve("y", ptrs.y, &p.y)?;
-    HostRange::resolve(ptrs.workspace, info.workspace, &format!("{function} workspace")).map_err(err)?;
+    HostRange::resolve(
+        ptrs.workspace,
+        info.workspace,
+        &format!("{function} workspace"),
+    )
+    .map_err(err)?;
     let (reads, out): (Vec<(u64, usize)>, (u64, usize)) = match dir {
         Direction::Forward => (vec![(ptrs.x, xr.len), (ptrs.w, wr.len)], (ptrs.y, yr.len)),
         Direction::BackwardData => (vec![(ptrs.w, wr.len), (ptrs.y, yr.len)], (ptrs.x, xr.len)),
@@ -684,7 +838,10 @@ fn queue(
     };
     let p = *p;
     let g = p.geometry;
-    let name = format!("{function} x {:?} w {:?} ({:?}, algorithm {})", g.x, g.w, p.x.elem, info.algo);
+    let name = format!(
+        "{function} x {:?} w {:?} ({:?}, algorithm {})",
+        g.x, g.w, p.x.elem, info.algo
+    );
     enqueue(
         stream as *mut c_void,
         name,
@@ -697,15 +854,29 @@ fn queue(
             unsafe {
                 match dir {
                     Direction::Forward => {
-                        let y = compute::forward(&g, &p.x.gather(xr.bytes(), tf32), &p.w.gather(wr.bytes(), tf32));
+                        let y = compute::forward(
+                            &g,
+                            &p.x.gather(xr.bytes(), tf32),
+                            &p.w.gather(wr.bytes(), tf32),
+                        );
                         p.y.blend(&y, alpha, beta, yr.bytes_mut());
                     }
                     Direction::BackwardData => {
-                        let dx = compute::backward_data(&g, &p.w.gather(wr.bytes(), tf32), &p.y.gather(yr.bytes(), tf32), rotate);
+                        let dx = compute::backward_data(
+                            &g,
+                            &p.w.gather(wr.bytes(), tf32),
+                            &p.y.gather(yr.bytes(), tf32),
+                            rotate,
+                        );
                         p.x.blend(&dx, alpha, beta, xr.bytes_mut());
                     }
                     Direction::BackwardFilter => {
-                        let dw = compute::backward_filter(&g, &p.x.gather(xr.bytes(), tf32), &p.y.gather(yr.bytes(), tf32), rotate);
+                        let dw = compute::backward_filter(
+                            &g,
+                            &p.x.gather(xr.bytes(), tf32),
+                            &p.y.gather(yr.bytes(), tf32),
+                            rotate,
+                        );
                         p.w.blend(&dw, alpha, beta, wr.bytes_mut());
                     }
                 }
@@ -741,7 +912,15 @@ pub unsafe extern "C" fn cudnnConvolutionForward(
         workspace: workspace as u64,
         workspace_size,
     };
-    run("cudnnConvolutionForward", Direction::Forward, found, alpha, beta, algo, ptrs)
+    run(
+        "cudnnConvolutionForward",
+        Direction::Forward,
+        found,
+        alpha,
+        beta,
+        algo,
+        ptrs,
+    )
 }
 
 #[no_mangle]
@@ -769,7 +948,15 @@ pub unsafe extern "C" fn cudnnConvolutionBackwardData(
         workspace: workspace as u64,
         workspace_size,
     };
-    run("cudnnConvolutionBackwardData", Direction::BackwardData, found, alpha, beta, algo, ptrs)
+    run(
+        "cudnnConvolutionBackwardData",
+        Direction::BackwardData,
+        found,
+        alpha,
+        beta,
+        algo,
+        ptrs,
+    )
 }
 
 #[no_mangle]
@@ -797,5 +984,13 @@ pub unsafe extern "C" fn cudnnConvolutionBackwardFilter(
         workspace: workspace as u64,
         workspace_size,
     };
-    run("cudnnConvolutionBackwardFilter", Direction::BackwardFilter, found, alpha, beta, algo, ptrs)
+    run(
+        "cudnnConvolutionBackwardFilter",
+        Direction::BackwardFilter,
+        found,
+        alpha,
+        beta,
+        algo,
+        ptrs,
+    )
 }

@@ -51,13 +51,16 @@ fn forward_ref(g: &Geometry, x: &Tensor4, xb: &[u8], w: &Tensor4, wb: &[u8]) -> 
                     for ci in 0..cg {
                         for ri in 0..r {
                             for si in 0..s {
-                                let hh = (pi * g.stride[0] + ri * g.dilation[0]) as isize - g.pad[0] as isize;
-                                let ww = (qi * g.stride[1] + si * g.dilation[1]) as isize - g.pad[1] as isize;
+                                let hh = (pi * g.stride[0] + ri * g.dilation[0]) as isize
+                                    - g.pad[0] as isize;
+                                let ww = (qi * g.stride[1] + si * g.dilation[1]) as isize
+                                    - g.pad[1] as isize;
                                 if hh < 0 || ww < 0 || hh as usize >= h || ww as usize >= wd {
                                     continue;
                                 }
                                 let (rr, ss) = tap(g, ri, si);
-                                sum += at(x, xb, [ni, grp * cg + ci, hh as usize, ww as usize]) * at(w, wb, [ki, ci, rr, ss]);
+                                sum += at(x, xb, [ni, grp * cg + ci, hh as usize, ww as usize])
+                                    * at(w, wb, [ki, ci, rr, ss]);
                             }
                         }
                     }
@@ -78,7 +81,10 @@ fn backward_data_ref(g: &Geometry, w: &Tensor4, wb: &[u8], dy: &Tensor4, dyb: &[
     let kg = k / g.groups;
     let pos = |o: usize, t: usize, a: usize, lim: usize| {
         let num = (o + g.pad[a]) as isize - (t * g.dilation[a]) as isize;
-        (num >= 0 && num as usize % g.stride[a] == 0 && (num as usize / g.stride[a]) < lim).then(|| num as usize / g.stride[a])
+        (num >= 0
+            && (num as usize).is_multiple_of(g.stride[a])
+            && (num as usize / g.stride[a]) < lim)
+            .then(|| num as usize / g.stride[a])
     };
     let mut out = vec![];
     for ni in 0..n {
@@ -90,11 +96,13 @@ fn backward_data_ref(g: &Geometry, w: &Tensor4, wb: &[u8], dy: &Tensor4, dyb: &[
                     for ki in grp * kg..(grp + 1) * kg {
                         for ri in 0..r {
                             for si in 0..s {
-                                let (Some(pi), Some(qi)) = (pos(hi, ri, 0, p), pos(wi, si, 1, q)) else {
+                                let (Some(pi), Some(qi)) = (pos(hi, ri, 0, p), pos(wi, si, 1, q))
+                                else {
                                     continue;
                                 };
                                 let (rr, ss) = tap(g, ri, si);
-                                sum += at(dy, dyb, [ni, ki, pi, qi]) * at(w, wb, [ki, ch - grp * cg, rr, ss]);
+                                sum += at(dy, dyb, [ni, ki, pi, qi])
+                                    * at(w, wb, [ki, ch - grp * cg, rr, ss]);
                             }
                         }
                     }
@@ -122,12 +130,15 @@ fn backward_filter_ref(g: &Geometry, x: &Tensor4, xb: &[u8], dy: &Tensor4, dyb: 
                     for ni in 0..n {
                         for pi in 0..p {
                             for qi in 0..q {
-                                let hh = (pi * g.stride[0] + ri * g.dilation[0]) as isize - g.pad[0] as isize;
-                                let ww = (qi * g.stride[1] + si * g.dilation[1]) as isize - g.pad[1] as isize;
+                                let hh = (pi * g.stride[0] + ri * g.dilation[0]) as isize
+                                    - g.pad[0] as isize;
+                                let ww = (qi * g.stride[1] + si * g.dilation[1]) as isize
+                                    - g.pad[1] as isize;
                                 if hh < 0 || ww < 0 || hh as usize >= h || ww as usize >= wd {
                                     continue;
                                 }
-                                sum += at(dy, dyb, [ni, ki, pi, qi]) * at(x, xb, [ni, grp * cg + ci, hh as usize, ww as usize]);
+                                sum += at(dy, dyb, [ni, ki, pi, qi])
+                                    * at(x, xb, [ni, grp * cg + ci, hh as usize, ww as usize]);
                             }
                         }
                     }
@@ -141,16 +152,34 @@ fn backward_filter_ref(g: &Geometry, x: &Tensor4, xb: &[u8], dy: &Tensor4, dyb: 
 }
 
 /// Compares a blended output (`alpha * want + beta * old`) element by element, NCHW order.
-fn check(t: &Tensor4, got: &[u8], old: &[u8], want: &[f64], alpha: f64, beta: f64, tol: f64, what: &str) {
+#[allow(clippy::too_many_arguments)]
+fn check(
+    t: &Tensor4,
+    got: &[u8],
+    old: &[u8],
+    want: &[f64],
+    alpha: f64,
+    beta: f64,
+    tol: f64,
+    what: &str,
+) {
     let [a, b, c, d] = t.dims;
     let mut i = 0;
     for n in 0..a {
         for ch in 0..b {
             for y in 0..c {
                 for x in 0..d {
-                    let w = alpha * want[i] + if beta != 0.0 { beta * at(t, old, [n, ch, y, x]) } else { 0.0 };
+                    let w = alpha * want[i]
+                        + if beta != 0.0 {
+                            beta * at(t, old, [n, ch, y, x])
+                        } else {
+                            0.0
+                        };
                     let g = at(t, got, [n, ch, y, x]);
-                    assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what} [{n},{ch},{y},{x}] = {g}, want {w}");
+                    assert!(
+                        (g - w).abs() <= tol * (1.0 + w.abs()),
+                        "{what} [{n},{ch},{y},{x}] = {g}, want {w}"
+                    );
                     i += 1;
                 }
             }
@@ -162,7 +191,9 @@ fn check(t: &Tensor4, got: &[u8], old: &[u8], want: &[f64], alpha: f64, beta: f6
 fn the_three_directions_follow_the_definitions() {
     let mut cases = 0;
     for elem in [Elem::F32, Elem::Bf16] {
-        for (groups, stride, pad, dilation) in [(1, 1, 0, 1), (2, 2, 1, 1), (1, 2, 2, 2), (2, 1, 1, 2)] {
+        for (groups, stride, pad, dilation) in
+            [(1, 1, 0, 1), (2, 2, 1, 1), (1, 2, 2, 2), (2, 1, 1, 2)]
+        {
             for flip in [false, true] {
                 for nhwc_x in [false, true] {
                     let (n, c, h, w, k, r, s) = (2, 4, 7, 6, 4, 3, 2);
@@ -178,7 +209,11 @@ fn the_three_directions_follow_the_definitions() {
                         groups,
                         flip,
                     };
-                    let xt = if nhwc_x { Tensor4::nhwc(elem, g.x) } else { Tensor4::nchw(elem, g.x) };
+                    let xt = if nhwc_x {
+                        Tensor4::nhwc(elem, g.x)
+                    } else {
+                        Tensor4::nchw(elem, g.x)
+                    };
                     let wt = Tensor4::nchw(elem, g.w);
                     // y with padded strides (a descriptor set with the Ex form).
                     let yt = Tensor4 {
@@ -190,20 +225,58 @@ fn the_three_directions_follow_the_definitions() {
                     let tol = if elem == Elem::Bf16 { 1.0 / 64.0 } else { 1e-5 };
                     for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, -2.0)] {
                         // Forward.
-                        let y = compute::forward(&g, &xt.gather(&xb, false), &wt.gather(&wb, false));
+                        let y =
+                            compute::forward(&g, &xt.gather(&xb, false), &wt.gather(&wb, false));
                         let mut out = yb.clone();
                         yt.blend(&y, alpha, beta, &mut out);
-                        check(&yt, &out, &yb, &forward_ref(&g, &xt, &xb, &wt, &wb), alpha as f64, beta as f64, tol, "forward");
+                        check(
+                            &yt,
+                            &out,
+                            &yb,
+                            &forward_ref(&g, &xt, &xb, &wt, &wb),
+                            alpha as f64,
+                            beta as f64,
+                            tol,
+                            "forward",
+                        );
                         // Backward data, deterministic and rotated (ALGO_0's order).
                         for rotate in [0, 3] {
-                            let dx = compute::backward_data(&g, &wt.gather(&wb, false), &yt.gather(&yb, false), rotate);
+                            let dx = compute::backward_data(
+                                &g,
+                                &wt.gather(&wb, false),
+                                &yt.gather(&yb, false),
+                                rotate,
+                            );
                             let mut out = xb.clone();
                             xt.blend(&dx, alpha, beta, &mut out);
-                            check(&xt, &out, &xb, &backward_data_ref(&g, &wt, &wb, &yt, &yb), alpha as f64, beta as f64, tol, "backward data");
-                            let dw = compute::backward_filter(&g, &xt.gather(&xb, false), &yt.gather(&yb, false), rotate);
+                            check(
+                                &xt,
+                                &out,
+                                &xb,
+                                &backward_data_ref(&g, &wt, &wb, &yt, &yb),
+                                alpha as f64,
+                                beta as f64,
+                                tol,
+                                "backward data",
+                            );
+                            let dw = compute::backward_filter(
+                                &g,
+                                &xt.gather(&xb, false),
+                                &yt.gather(&yb, false),
+                                rotate,
+                            );
                             let mut out = wb.clone();
                             wt.blend(&dw, alpha, beta, &mut out);
-                            check(&wt, &out, &wb, &backward_filter_ref(&g, &xt, &xb, &yt, &yb), alpha as f64, beta as f64, tol, "backward filter");
+                            check(
+                                &wt,
+                                &out,
+                                &wb,
+                                &backward_filter_ref(&g, &xt, &xb, &yt, &yb),
+                                alpha as f64,
+                                beta as f64,
+                                tol,
+                                "backward filter",
+                            );
                         }
                         cases += 1;
                     }
@@ -270,10 +343,22 @@ unsafe fn descs(dtype: u32) -> Descs {
     assert_eq!(cudnnCreateTensorDescriptor(&mut d.y), SUCCESS);
     assert_eq!(cudnnCreateFilterDescriptor(&mut d.w), SUCCESS);
     assert_eq!(cudnnCreateConvolutionDescriptor(&mut d.conv), SUCCESS);
-    assert_eq!(cudnnSetTensor4dDescriptor(d.x, 0, dtype, 2, 4, 8, 8), SUCCESS);
-    assert_eq!(cudnnSetFilter4dDescriptor(d.w, dtype, 0, 6, 4, 3, 3), SUCCESS);
-    assert_eq!(cudnnSetConvolution2dDescriptor(d.conv, 1, 1, 2, 2, 1, 1, 1, DATA_FLOAT), SUCCESS);
-    assert_eq!(cudnnSetTensor4dDescriptor(d.y, 0, dtype, 2, 6, 4, 4), SUCCESS);
+    assert_eq!(
+        cudnnSetTensor4dDescriptor(d.x, 0, dtype, 2, 4, 8, 8),
+        SUCCESS
+    );
+    assert_eq!(
+        cudnnSetFilter4dDescriptor(d.w, dtype, 0, 6, 4, 3, 3),
+        SUCCESS
+    );
+    assert_eq!(
+        cudnnSetConvolution2dDescriptor(d.conv, 1, 1, 2, 2, 1, 1, 1, DATA_FLOAT),
+        SUCCESS
+    );
+    assert_eq!(
+        cudnnSetTensor4dDescriptor(d.y, 0, dtype, 2, 6, 4, 4),
+        SUCCESS
+    );
     d
 }
 
@@ -282,32 +367,86 @@ fn output_dims_and_descriptor_checks() {
     unsafe {
         let d = descs(DATA_FLOAT);
         let mut o = [0 as c_int; 4];
-        assert_eq!(cudnnGetConvolution2dForwardOutputDim(d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]), SUCCESS);
+        assert_eq!(
+            cudnnGetConvolution2dForwardOutputDim(
+                d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]
+            ),
+            SUCCESS
+        );
         assert_eq!(o, [2, 6, 4, 4]);
         let mut nd = [0 as c_int; 4];
-        assert_eq!(cudnnGetConvolutionNdForwardOutputDim(d.conv, d.x, d.w, 4, nd.as_mut_ptr()), SUCCESS);
+        assert_eq!(
+            cudnnGetConvolutionNdForwardOutputDim(d.conv, d.x, d.w, 4, nd.as_mut_ptr()),
+            SUCCESS
+        );
         assert_eq!(nd, o);
         // Dilation 2 grows the filter to 5x5: (8 + 2 - 5) / 2 + 1 = 3.
         let (pad, stride, dil) = ([1, 1], [2, 2], [2, 2]);
-        assert_eq!(cudnnSetConvolutionNdDescriptor(d.conv, 2, pad.as_ptr(), stride.as_ptr(), dil.as_ptr(), 1, DATA_FLOAT), SUCCESS);
-        cudnnGetConvolution2dForwardOutputDim(d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]);
+        assert_eq!(
+            cudnnSetConvolutionNdDescriptor(
+                d.conv,
+                2,
+                pad.as_ptr(),
+                stride.as_ptr(),
+                dil.as_ptr(),
+                1,
+                DATA_FLOAT
+            ),
+            SUCCESS
+        );
+        cudnnGetConvolution2dForwardOutputDim(
+            d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3],
+        );
         assert_eq!(o, [2, 6, 3, 3]);
         // Two groups need a filter of 2 input channels.
         assert_eq!(cudnnSetConvolutionGroupCount(d.conv, 2), SUCCESS);
-        assert_eq!(cudnnGetConvolution2dForwardOutputDim(d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]), BAD_PARAM);
-        assert_eq!(cudnnSetFilter4dDescriptor(d.w, DATA_FLOAT, 0, 6, 2, 3, 3), SUCCESS);
-        assert_eq!(cudnnGetConvolution2dForwardOutputDim(d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]), SUCCESS);
+        assert_eq!(
+            cudnnGetConvolution2dForwardOutputDim(
+                d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]
+            ),
+            BAD_PARAM
+        );
+        assert_eq!(
+            cudnnSetFilter4dDescriptor(d.w, DATA_FLOAT, 0, 6, 2, 3, 3),
+            SUCCESS
+        );
+        assert_eq!(
+            cudnnGetConvolution2dForwardOutputDim(
+                d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]
+            ),
+            SUCCESS
+        );
         // Bad values are refused where they are set.
-        assert_eq!(cudnnSetTensor4dDescriptor(d.x, 0, DATA_FLOAT, 2, 0, 8, 8), BAD_PARAM);
-        assert_eq!(cudnnSetConvolution2dDescriptor(d.conv, -1, 0, 1, 1, 1, 1, 1, DATA_FLOAT), BAD_PARAM);
-        assert_eq!(cudnnSetConvolution2dDescriptor(d.conv, 0, 0, 0, 1, 1, 1, 1, DATA_FLOAT), BAD_PARAM);
+        assert_eq!(
+            cudnnSetTensor4dDescriptor(d.x, 0, DATA_FLOAT, 2, 0, 8, 8),
+            BAD_PARAM
+        );
+        assert_eq!(
+            cudnnSetConvolution2dDescriptor(d.conv, -1, 0, 1, 1, 1, 1, 1, DATA_FLOAT),
+            BAD_PARAM
+        );
+        assert_eq!(
+            cudnnSetConvolution2dDescriptor(d.conv, 0, 0, 0, 1, 1, 1, 1, DATA_FLOAT),
+            BAD_PARAM
+        );
         assert_eq!(cudnnSetConvolutionGroupCount(d.conv, 0), BAD_PARAM);
         assert_eq!(cudnnSetConvolutionMathType(d.conv, 7), BAD_PARAM);
         // A filter larger than the padded input.
-        assert_eq!(cudnnSetConvolution2dDescriptor(d.conv, 0, 0, 1, 1, 1, 1, 1, DATA_FLOAT), SUCCESS);
+        assert_eq!(
+            cudnnSetConvolution2dDescriptor(d.conv, 0, 0, 1, 1, 1, 1, 1, DATA_FLOAT),
+            SUCCESS
+        );
         assert_eq!(cudnnSetConvolutionGroupCount(d.conv, 1), SUCCESS);
-        assert_eq!(cudnnSetFilter4dDescriptor(d.w, DATA_FLOAT, 0, 6, 4, 9, 3), SUCCESS);
-        assert_eq!(cudnnGetConvolution2dForwardOutputDim(d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]), BAD_PARAM);
+        assert_eq!(
+            cudnnSetFilter4dDescriptor(d.w, DATA_FLOAT, 0, 6, 4, 9, 3),
+            SUCCESS
+        );
+        assert_eq!(
+            cudnnGetConvolution2dForwardOutputDim(
+                d.conv, d.x, d.w, &mut o[0], &mut o[1], &mut o[2], &mut o[3]
+            ),
+            BAD_PARAM
+        );
         assert_eq!(cudnnDestroyTensorDescriptor(d.x), SUCCESS);
         assert_eq!(cudnnDestroyTensorDescriptor(d.x), BAD_PARAM);
         assert_eq!(cudnnDestroy(d.handle), SUCCESS);
@@ -315,9 +454,26 @@ fn output_dims_and_descriptor_checks() {
 }
 
 unsafe fn fwd_v7(d: &Descs) -> (Status, Vec<AlgoPerf>) {
-    let mut perfs = [AlgoPerf { algo: 99, status: 99, time: 0.0, memory: 0, determinism: 9, math_type: 9, reserved: [0; 3] }; 8];
+    let mut perfs = [AlgoPerf {
+        algo: 99,
+        status: 99,
+        time: 0.0,
+        memory: 0,
+        determinism: 9,
+        math_type: 9,
+        reserved: [0; 3],
+    }; 8];
     let mut n = 0;
-    let st = cudnnGetConvolutionForwardAlgorithm_v7(d.handle, d.x, d.w, d.conv, d.y, 8, &mut n, perfs.as_mut_ptr());
+    let st = cudnnGetConvolutionForwardAlgorithm_v7(
+        d.handle,
+        d.x,
+        d.w,
+        d.conv,
+        d.y,
+        8,
+        &mut n,
+        perfs.as_mut_ptr(),
+    );
     (st, perfs[..n as usize].to_vec())
 }
 
@@ -330,7 +486,10 @@ fn algorithm_queries_report_valid_algorithms_and_workspaces() {
         assert_eq!(st, SUCCESS);
         assert_eq!(perfs.len(), 8);
         let mut max = 0;
-        assert_eq!(cudnnGetConvolutionForwardAlgorithmMaxCount(d.handle, &mut max), SUCCESS);
+        assert_eq!(
+            cudnnGetConvolutionForwardAlgorithmMaxCount(d.handle, &mut max),
+            SUCCESS
+        );
         assert_eq!(max, 8);
         // Every algorithm once; the supported ones first, with the descriptor's math type and
         // workspace sizes the size query repeats.
@@ -340,7 +499,9 @@ fn algorithm_queries_report_valid_algorithms_and_workspaces() {
         assert_eq!(perfs[0].status, SUCCESS);
         for p in &perfs {
             let mut size = usize::MAX;
-            let st = cudnnGetConvolutionForwardWorkspaceSize(d.handle, d.x, d.w, d.conv, d.y, p.algo, &mut size);
+            let st = cudnnGetConvolutionForwardWorkspaceSize(
+                d.handle, d.x, d.w, d.conv, d.y, p.algo, &mut size,
+            );
             if p.status == SUCCESS {
                 assert_eq!((st, size, p.math_type), (SUCCESS, p.memory, TENSOR_OP_MATH));
             } else {
@@ -351,22 +512,69 @@ fn algorithm_queries_report_valid_algorithms_and_workspaces() {
         // deterministic one follows.
         let mut perfs = [perfs[0]; 8];
         let mut n = 0;
-        assert_eq!(cudnnGetConvolutionBackwardDataAlgorithm_v7(d.handle, d.w, d.y, d.conv, d.x, 8, &mut n, perfs.as_mut_ptr()), SUCCESS);
+        assert_eq!(
+            cudnnGetConvolutionBackwardDataAlgorithm_v7(
+                d.handle,
+                d.w,
+                d.y,
+                d.conv,
+                d.x,
+                8,
+                &mut n,
+                perfs.as_mut_ptr()
+            ),
+            SUCCESS
+        );
         assert_eq!(n, 6);
-        assert_eq!((perfs[0].determinism, perfs[1].determinism, perfs[1].status), (0, 1, SUCCESS));
-        assert_eq!(cudnnGetConvolutionBackwardFilterAlgorithm_v7(d.handle, d.x, d.y, d.conv, d.w, 2, &mut n, perfs.as_mut_ptr()), SUCCESS);
+        assert_eq!(
+            (perfs[0].determinism, perfs[1].determinism, perfs[1].status),
+            (0, 1, SUCCESS)
+        );
+        assert_eq!(
+            cudnnGetConvolutionBackwardFilterAlgorithm_v7(
+                d.handle,
+                d.x,
+                d.y,
+                d.conv,
+                d.w,
+                2,
+                &mut n,
+                perfs.as_mut_ptr()
+            ),
+            SUCCESS
+        );
         assert_eq!(n, 2);
-        assert_eq!((perfs[1].determinism, perfs[1].memory), (1, 6 * 4 * 3 * 3 * 4));
+        assert_eq!(
+            (perfs[1].determinism, perfs[1].memory),
+            (1, 6 * 4 * 3 * 3 * 4)
+        );
         let mut size = 0;
-        assert_eq!(cudnnGetConvolutionBackwardFilterWorkspaceSize(d.handle, d.x, d.y, d.conv, d.w, 1, &mut size), SUCCESS);
+        assert_eq!(
+            cudnnGetConvolutionBackwardFilterWorkspaceSize(
+                d.handle, d.x, d.y, d.conv, d.w, 1, &mut size
+            ),
+            SUCCESS
+        );
         assert_eq!(size, perfs[1].memory);
         // A wrong output shape, mixed types, a bf16 compute type: refused.
-        assert_eq!(cudnnSetTensor4dDescriptor(d.y, 0, DATA_BFLOAT16, 2, 6, 4, 5), SUCCESS);
+        assert_eq!(
+            cudnnSetTensor4dDescriptor(d.y, 0, DATA_BFLOAT16, 2, 6, 4, 5),
+            SUCCESS
+        );
         assert_eq!(fwd_v7(&d).0, BAD_PARAM);
-        assert_eq!(cudnnSetTensor4dDescriptor(d.y, 0, DATA_FLOAT, 2, 6, 4, 4), SUCCESS);
+        assert_eq!(
+            cudnnSetTensor4dDescriptor(d.y, 0, DATA_FLOAT, 2, 6, 4, 4),
+            SUCCESS
+        );
         assert_eq!(fwd_v7(&d).0, BAD_PARAM);
-        assert_eq!(cudnnSetTensor4dDescriptor(d.y, 0, DATA_BFLOAT16, 2, 6, 4, 4), SUCCESS);
-        assert_eq!(cudnnSetConvolution2dDescriptor(d.conv, 1, 1, 2, 2, 1, 1, 1, DATA_BFLOAT16), SUCCESS);
+        assert_eq!(
+            cudnnSetTensor4dDescriptor(d.y, 0, DATA_BFLOAT16, 2, 6, 4, 4),
+            SUCCESS
+        );
+        assert_eq!(
+            cudnnSetConvolution2dDescriptor(d.conv, 1, 1, 2, 2, 1, 1, 1, DATA_BFLOAT16),
+            SUCCESS
+        );
         assert_eq!(fwd_v7(&d).0, NOT_SUPPORTED);
     }
 }
@@ -394,14 +602,24 @@ fn a_call_checks_its_algorithm_and_workspace() {
         };
         assert!(check_call(Direction::Forward, &p, 1, &with_ws).is_ok());
         // FFT is not run by the mock.
-        assert_eq!(check_call(Direction::Forward, &p, 4, &with_ws).unwrap_err().0, NOT_SUPPORTED);
+        assert_eq!(
+            check_call(Direction::Forward, &p, 4, &with_ws)
+                .unwrap_err()
+                .0,
+            NOT_SUPPORTED
+        );
         // A null workspace with a size.
         let null_ws = Ptrs {
             workspace: 0,
             workspace_size: 64,
             ..ptrs
         };
-        assert_eq!(check_call(Direction::Forward, &p, 0, &null_ws).unwrap_err().0, BAD_PARAM);
+        assert_eq!(
+            check_call(Direction::Forward, &p, 0, &null_ws)
+                .unwrap_err()
+                .0,
+            BAD_PARAM
+        );
         // Stream binding.
         let mut s = null_mut();
         assert_eq!(cudnnSetStream(d.handle, 0x1234 as *mut c_void), SUCCESS);

@@ -83,7 +83,13 @@ impl Clique {
 
     /// Rank `rank`'s part of collective number `seq` (each rank numbers its collectives in
     /// call order, as NCCL matches them): waits for every rank, then returns the outcome.
-    pub fn all_reduce(&self, seq: u64, rank: usize, part: Part, timeout: Duration) -> Result<(), MockError> {
+    pub fn all_reduce(
+        &self,
+        seq: u64,
+        rank: usize,
+        part: Part,
+        timeout: Duration,
+    ) -> Result<(), MockError> {
         let mut rounds = self.rounds.lock().unwrap_or_else(|e| e.into_inner());
         let round = rounds.entry(seq).or_insert_with(|| Round {
             parts: vec![None; self.ranks],
@@ -101,7 +107,9 @@ impl Clique {
         }
         let start = Instant::now();
         loop {
-            let round = rounds.get_mut(&seq).expect("kept until every rank has seen it");
+            let round = rounds
+                .get_mut(&seq)
+                .expect("kept until every rank has seen it");
             if let Some(outcome) = round.outcome.clone() {
                 round.unseen -= 1;
                 if round.unseen == 0 {
@@ -111,7 +119,9 @@ impl Clique {
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                let missing: Vec<usize> = (0..self.ranks).filter(|r| round.parts[*r].is_none()).collect();
+                let missing: Vec<usize> = (0..self.ranks)
+                    .filter(|r| round.parts[*r].is_none())
+                    .collect();
                 round.parts[rank] = None;
                 return Err(MockError(format!(
                     "ncclAllReduce #{seq}: rank {rank} waited {} s for ranks {missing:?}, which never \

@@ -106,19 +106,26 @@ pub fn devices(ndev: c_int, devlist: Option<&[c_int]>) -> Result<Vec<i32>, Strin
     };
     for (i, d) in devs.iter().enumerate() {
         if *d < 0 || devs[..i].contains(d) {
-            return Err(format!("device list {devs:?}: device {d} is negative or appears twice"));
+            return Err(format!(
+                "device list {devs:?}: device {d} is negative or appears twice"
+            ));
         }
     }
     Ok(devs)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn ncclCommInitAll(comms: *mut *mut c_void, ndev: c_int, devlist: *const c_int) -> NcclResult {
+pub unsafe extern "C" fn ncclCommInitAll(
+    comms: *mut *mut c_void,
+    ndev: c_int,
+    devlist: *const c_int,
+) -> NcclResult {
     const F: &str = "ncclCommInitAll";
     if comms.is_null() {
         return refuse(F, INVALID_ARGUMENT, "null comms");
     }
-    let list = (!devlist.is_null() && ndev > 0).then(|| std::slice::from_raw_parts(devlist, ndev as usize));
+    let list = (!devlist.is_null() && ndev > 0)
+        .then(|| std::slice::from_raw_parts(devlist, ndev as usize));
     let devs = match devices(ndev, list) {
         Ok(d) => d,
         Err(m) => return refuse(F, INVALID_ARGUMENT, &m),
@@ -140,18 +147,31 @@ pub unsafe extern "C" fn ncclCommDestroy(comm: *mut c_void) -> NcclResult {
     if comm.is_null() || COMMS.remove(comm).is_some() {
         SUCCESS
     } else {
-        refuse("ncclCommDestroy", INVALID_ARGUMENT, &format!("{comm:?} is not a live communicator"))
+        refuse(
+            "ncclCommDestroy",
+            INVALID_ARGUMENT,
+            &format!("{comm:?} is not a live communicator"),
+        )
     }
 }
 
 /// Writes one property of a live communicator.
-unsafe fn comm_query(function: &str, comm: *mut c_void, out: *mut c_int, f: impl Fn(&Comm) -> c_int) -> NcclResult {
+unsafe fn comm_query(
+    function: &str,
+    comm: *mut c_void,
+    out: *mut c_int,
+    f: impl Fn(&Comm) -> c_int,
+) -> NcclResult {
     match (COMMS.get(comm), out.is_null()) {
         (Some(c), false) => {
             *out = f(&c);
             SUCCESS
         }
-        _ => refuse(function, INVALID_ARGUMENT, "a dead communicator or a null output"),
+        _ => refuse(
+            function,
+            INVALID_ARGUMENT,
+            "a dead communicator or a null output",
+        ),
     }
 }
 
@@ -184,10 +204,18 @@ pub extern "C" fn ncclGroupEnd() -> NcclResult {
             return None;
         }
         g.0 -= 1;
-        Some(if g.0 == 0 { std::mem::take(&mut g.1) } else { Vec::new() })
+        Some(if g.0 == 0 {
+            std::mem::take(&mut g.1)
+        } else {
+            Vec::new()
+        })
     });
     let Some(held) = held else {
-        return refuse("ncclGroupEnd", INVALID_USAGE, "no group was started on this thread");
+        return refuse(
+            "ncclGroupEnd",
+            INVALID_USAGE,
+            "no group was started on this thread",
+        );
     };
     let mut result = SUCCESS;
     for l in held {
@@ -203,7 +231,10 @@ fn elem_of(dtype: u32) -> Elem {
     match dtype {
         7 => Elem::F32,
         9 => Elem::Bf16,
-        other => unimplemented("ncclAllReduce", &format!("ncclDataType_t {other} (ncclFloat32 = 7 and ncclBfloat16 = 9 are modelled)")),
+        other => unimplemented(
+            "ncclAllReduce",
+            &format!("ncclDataType_t {other} (ncclFloat32 = 7 and ncclBfloat16 = 9 are modelled)"),
+        ),
     }
 }
 
@@ -230,11 +261,19 @@ pub unsafe extern "C" fn ncclAllReduce(
 ) -> NcclResult {
     const F: &str = "ncclAllReduce";
     let Some(op) = op_of(op) else {
-        return refuse(F, INVALID_ARGUMENT, &format!("reduction {op} (user-defined ones are not modelled)"));
+        return refuse(
+            F,
+            INVALID_ARGUMENT,
+            &format!("reduction {op} (user-defined ones are not modelled)"),
+        );
     };
     let elem = elem_of(dtype);
     if COMMS.get(comm).is_none() {
-        return refuse(F, INVALID_ARGUMENT, &format!("{comm:?} is not a live communicator"));
+        return refuse(
+            F,
+            INVALID_ARGUMENT,
+            &format!("{comm:?} is not a live communicator"),
+        );
     }
     let len = count * elem.size();
     if len > 0 && (send.is_null() || recv.is_null()) {
@@ -263,7 +302,10 @@ pub unsafe extern "C" fn ncclAllReduce(
     };
     let launch = Launch {
         stream: stream as usize,
-        name: format!("ncclAllReduce #{seq} rank {} of {} ({count} x {elem:?}, {op:?})", c.rank, c.clique.ranks),
+        name: format!(
+            "ncclAllReduce #{seq} rank {} of {} ({count} x {elem:?}, {op:?})",
+            c.rank, c.clique.ranks
+        ),
         accesses: vec![Access::Read(send, len), Access::Write(recv, len)],
         work: Box::new(move || c.clique.all_reduce(seq, c.rank, part, PEER_TIMEOUT)),
     };
