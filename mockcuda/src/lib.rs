@@ -9,8 +9,10 @@
 //!   kernel simulator.
 //! - `blaslt`, `dnn`, `nccl`: the libraries, written from NVIDIA's documented semantics.
 
+pub mod driver;
 pub mod error;
 pub mod memory;
+pub mod module;
 pub mod stream;
 
 pub mod blaslt;
