@@ -25,14 +25,26 @@ fn two_streams_sharing_a_workspace_race() {
         let (mut h, mut desc, mut l, mut pref) = (null_mut(), null_mut(), null_mut(), null_mut());
         assert_eq!(cublasLtCreate(&mut h), SUCCESS);
         assert_eq!(cublasLtMatmulDescCreate(&mut desc, 68, 0), SUCCESS);
-        assert_eq!(cublasLtMatrixLayoutCreate(&mut l, 0, n, n, n as i64), SUCCESS);
+        assert_eq!(
+            cublasLtMatrixLayoutCreate(&mut l, 0, n, n, n as i64),
+            SUCCESS
+        );
         assert_eq!(cublasLtMatmulPreferenceCreate(&mut pref), SUCCESS);
         let max = (1u64 << 20).to_le_bytes();
-        assert_eq!(cublasLtMatmulPreferenceSetAttribute(pref, 1, max.as_ptr() as *const c_void, 8), SUCCESS);
+        assert_eq!(
+            cublasLtMatmulPreferenceSetAttribute(pref, 1, max.as_ptr() as *const c_void, 8),
+            SUCCESS
+        );
         let mut r: HeuristicResult = std::mem::zeroed();
         let mut count = 0;
-        assert_eq!(cublasLtMatmulAlgoGetHeuristic(h, desc, l, l, l, l, pref, 1, &mut r, &mut count), SUCCESS);
-        assert!(r.workspace_size > 0, "the mock's algorithm wants a workspace here");
+        assert_eq!(
+            cublasLtMatmulAlgoGetHeuristic(h, desc, l, l, l, l, pref, 1, &mut r, &mut count),
+            SUCCESS
+        );
+        assert!(
+            r.workspace_size > 0,
+            "the mock's algorithm wants a workspace here"
+        );
         let ws = common::alloc_async(r.workspace_size, sa);
         // Everything above is finished and visible to both streams.
         assert_eq!(cuCtxSynchronize(), mockcuda::driver::SUCCESS);
@@ -63,5 +75,9 @@ fn two_streams_sharing_a_workspace_race() {
     }
     let e = mockcuda::stream::sticky().expect("the race must be sticky");
     assert!(e.0.contains("stream race"), "{e}");
-    assert_eq!(e.0.matches("cublasLtMatmul").count() >= 2, true, "names both products: {e}");
+    assert_eq!(
+        e.0.matches("cublasLtMatmul").count() >= 2,
+        true,
+        "names both products: {e}"
+    );
 }
