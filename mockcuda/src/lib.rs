@@ -16,4 +16,6 @@ pub mod module;
 pub mod stream;
 
 pub mod blaslt;
+pub mod dnn;
 pub mod libcommon;
+pub mod nccl;

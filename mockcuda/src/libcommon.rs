@@ -82,12 +82,10 @@ impl Elem {
     pub fn load(self, bytes: &[u8], i: usize) -> f32 {
         match self {
             Elem::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes")),
-            Elem::Bf16 => {
-                bf16::from_bits(u16::from_le_bytes(
-                    bytes[2 * i..2 * i + 2].try_into().expect("2 bytes"),
-                ))
-                .to_f32()
-            }
+            Elem::Bf16 => bf16::from_bits(u16::from_le_bytes(
+                bytes[2 * i..2 * i + 2].try_into().expect("2 bytes"),
+            ))
+            .to_f32(),
         }
     }
 

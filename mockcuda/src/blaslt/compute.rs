@@ -144,8 +144,11 @@ pub fn store(d: &Matrix, values: &[f32], bytes: &mut [u8]) {
     for batch in 0..d.batch.max(0) as usize {
         for j in 0..n {
             for i in 0..m {
-                d.elem
-                    .store(bytes, d.index(batch, i, j), values[batch * m * n + j * m + i]);
+                d.elem.store(
+                    bytes,
+                    d.index(batch, i, j),
+                    values[batch * m * n + j * m + i],
+                );
             }
         }
     }

@@ -33,7 +33,12 @@ pub fn elem_of(function: &str, t: i64) -> Elem {
     match t {
         R_32F => Elem::F32,
         R_16BF => Elem::Bf16,
-        other => unimplemented(function, &format!("cudaDataType {other} (only CUDA_R_32F = 0 and CUDA_R_16BF = 14 are modelled)")),
+        other => unimplemented(
+            function,
+            &format!(
+                "cudaDataType {other} (only CUDA_R_32F = 0 and CUDA_R_16BF = 14 are modelled)"
+            ),
+        ),
     }
 }
 
@@ -68,7 +73,10 @@ impl MatmulDesc {
 }
 
 fn check_compute(function: &str, compute: i32) {
-    if !matches!(compute, COMPUTE_32F | COMPUTE_32F_PEDANTIC | COMPUTE_32F_FAST_TF32) {
+    if !matches!(
+        compute,
+        COMPUTE_32F | COMPUTE_32F_PEDANTIC | COMPUTE_32F_FAST_TF32
+    ) {
         unimplemented(
             function,
             &format!("compute type {compute} (the mock models CUBLAS_COMPUTE_32F, its PEDANTIC and FAST_TF32 forms)"),
@@ -145,12 +153,21 @@ pub fn set_desc_attribute(d: &mut MatmulDesc, attr: u32, buf: &[u8]) -> Result<(
             }
         }
         3 | 4 => {
-            let name = if attr == 3 { "CUBLASLT_MATMUL_DESC_TRANSA" } else { "CUBLASLT_MATMUL_DESC_TRANSB" };
+            let name = if attr == 3 {
+                "CUBLASLT_MATMUL_DESC_TRANSA"
+            } else {
+                "CUBLASLT_MATMUL_DESC_TRANSB"
+            };
             // cublasOperation_t: N = 0, T = 1, C = 2 (the same as T for real types).
             let t = match i32_of(name, buf)? {
                 0 => false,
                 1 | 2 => true,
-                other => return Err((INVALID_VALUE, format!("{name} {other} is not a cublasOperation_t"))),
+                other => {
+                    return Err((
+                        INVALID_VALUE,
+                        format!("{name} {other} is not a cublasOperation_t"),
+                    ))
+                }
             };
             if attr == 3 {
                 d.trans_a = t;
@@ -165,7 +182,10 @@ pub fn set_desc_attribute(d: &mut MatmulDesc, attr: u32, buf: &[u8]) -> Result<(
             }
             d.epilogue = v;
         }
-        8 => d.bias_pointer = u64::from_le_bytes(value::<8>("CUBLASLT_MATMUL_DESC_BIAS_POINTER", buf)?),
+        8 => {
+            d.bias_pointer =
+                u64::from_le_bytes(value::<8>("CUBLASLT_MATMUL_DESC_BIAS_POINTER", buf)?)
+        }
         10 => d.bias_batch_stride = i64_of("CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE", buf)?,
         26 => {
             let v = i32_of("CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE", buf)? as i64;
@@ -174,7 +194,10 @@ pub fn set_desc_attribute(d: &mut MatmulDesc, attr: u32, buf: &[u8]) -> Result<(
             }
             d.bias_type = v;
         }
-        other => unimplemented(F, &format!("matmul descriptor attribute {other} (cublasLtMatmulDescAttributes_t)")),
+        other => unimplemented(
+            F,
+            &format!("matmul descriptor attribute {other} (cublasLtMatmulDescAttributes_t)"),
+        ),
     }
     Ok(())
 }
@@ -191,7 +214,12 @@ pub fn set_layout_attribute(l: &mut Layout, attr: u32, buf: &[u8]) -> Result<(),
             l.row_major = match i32_of("CUBLASLT_MATRIX_LAYOUT_ORDER", buf)? {
                 0 => false,
                 1 => true,
-                other => unimplemented(F, &format!("CUBLASLT_MATRIX_LAYOUT_ORDER {other} (the mock models COL = 0 and ROW = 1)")),
+                other => unimplemented(
+                    F,
+                    &format!(
+                    "CUBLASLT_MATRIX_LAYOUT_ORDER {other} (the mock models COL = 0 and ROW = 1)"
+                ),
+                ),
             }
         }
         2 => l.rows = u64::from_le_bytes(value::<8>("CUBLASLT_MATRIX_LAYOUT_ROWS", buf)?),
@@ -199,7 +227,10 @@ pub fn set_layout_attribute(l: &mut Layout, attr: u32, buf: &[u8]) -> Result<(),
         4 => l.ld = i64_of("CUBLASLT_MATRIX_LAYOUT_LD", buf)?,
         5 => l.batch = i32_of("CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT", buf)?,
         6 => l.stride = i64_of("CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET", buf)?,
-        other => unimplemented(F, &format!("matrix layout attribute {other} (cublasLtMatrixLayoutAttribute_t)")),
+        other => unimplemented(
+            F,
+            &format!("matrix layout attribute {other} (cublasLtMatrixLayoutAttribute_t)"),
+        ),
     }
     Ok(())
 }
@@ -211,15 +242,27 @@ pub fn set_pref_attribute(p: &mut Pref, attr: u32, buf: &[u8]) -> Result<(), Ref
         0 => {
             let v = u32::from_le_bytes(value::<4>("CUBLASLT_MATMUL_PREF_SEARCH_MODE", buf)?);
             if v != 0 {
-                unimplemented(F, &format!("CUBLASLT_MATMUL_PREF_SEARCH_MODE {v} (only BEST_FIT, 0)"));
+                unimplemented(
+                    F,
+                    &format!("CUBLASLT_MATMUL_PREF_SEARCH_MODE {v} (only BEST_FIT, 0)"),
+                );
             }
         }
-        1 => p.max_workspace = u64::from_le_bytes(value::<8>("CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES", buf)?),
+        1 => {
+            p.max_workspace =
+                u64::from_le_bytes(value::<8>("CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES", buf)?)
+        }
         5..=8 => {
-            let v = u32::from_le_bytes(value::<4>("CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES", buf)?);
+            let v = u32::from_le_bytes(value::<4>(
+                "CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES",
+                buf,
+            )?);
             p.align[(attr - 5) as usize] = v;
         }
-        other => unimplemented(F, &format!("preference attribute {other} (cublasLtMatmulPreferenceAttributes_t)")),
+        other => unimplemented(
+            F,
+            &format!("preference attribute {other} (cublasLtMatmulPreferenceAttributes_t)"),
+        ),
     }
     Ok(())
 }
@@ -248,41 +291,85 @@ pub fn problem(
     d: &Layout,
 ) -> Result<Problem, Refusal> {
     if desc.scale != R_32F {
-        return bad(NOT_SUPPORTED, format!("scale type {} with a 32F compute type (only CUDA_R_32F)", desc.scale));
+        return bad(
+            NOT_SUPPORTED,
+            format!(
+                "scale type {} with a 32F compute type (only CUDA_R_32F)",
+                desc.scale
+            ),
+        );
     }
     if a.elem != b.elem {
-        return bad(NOT_SUPPORTED, format!("A is {:?} and B {:?}: they must have one type", a.elem, b.elem));
+        return bad(
+            NOT_SUPPORTED,
+            format!(
+                "A is {:?} and B {:?}: they must have one type",
+                a.elem, b.elem
+            ),
+        );
     }
     if c.elem != d.elem {
-        return bad(NOT_SUPPORTED, format!("C is {:?} and D {:?}: they must have one type", c.elem, d.elem));
+        return bad(
+            NOT_SUPPORTED,
+            format!(
+                "C is {:?} and D {:?}: they must have one type",
+                c.elem, d.elem
+            ),
+        );
     }
     if a.elem == Elem::F32 && d.elem == Elem::Bf16 {
-        return bad(NOT_SUPPORTED, "fp32 A/B with a bf16 D is not a cuBLASLt type combination".into());
+        return bad(
+            NOT_SUPPORTED,
+            "fp32 A/B with a bf16 D is not a cuBLASLt type combination".into(),
+        );
     }
     for (name, l) in [("A", a), ("B", b), ("C", c), ("D", d)] {
         let min_ld = if l.row_major { l.cols } else { l.rows }.max(1);
         if l.ld < 0 || (l.ld as u64) < min_ld {
-            return bad(INVALID_VALUE, format!("{name}'s leading dimension {} is below {min_ld}", l.ld));
+            return bad(
+                INVALID_VALUE,
+                format!("{name}'s leading dimension {} is below {min_ld}", l.ld),
+            );
         }
         if l.batch < 1 || l.stride < 0 {
-            return bad(INVALID_VALUE, format!("{name}'s batch count {} / stride {}", l.batch, l.stride));
+            return bad(
+                INVALID_VALUE,
+                format!("{name}'s batch count {} / stride {}", l.batch, l.stride),
+            );
         }
     }
-    let (m, k) = if desc.trans_a { (a.cols, a.rows) } else { (a.rows, a.cols) };
-    let (kb, n) = if desc.trans_b { (b.cols, b.rows) } else { (b.rows, b.cols) };
+    let (m, k) = if desc.trans_a {
+        (a.cols, a.rows)
+    } else {
+        (a.rows, a.cols)
+    };
+    let (kb, n) = if desc.trans_b {
+        (b.cols, b.rows)
+    } else {
+        (b.rows, b.cols)
+    };
     if k != kb || d.rows != m || d.cols != n {
         return bad(
             INVALID_VALUE,
-            format!("op(A) is {m}x{k}, op(B) {kb}x{n} and D {}x{}: the shapes disagree", d.rows, d.cols),
+            format!(
+                "op(A) is {m}x{k}, op(B) {kb}x{n} and D {}x{}: the shapes disagree",
+                d.rows, d.cols
+            ),
         );
     }
     if (c.rows, c.cols, c.batch, c.row_major) != (d.rows, d.cols, d.batch, d.row_major) {
-        return bad(INVALID_VALUE, "C and D differ in rows, columns, batch count or order".into());
+        return bad(
+            INVALID_VALUE,
+            "C and D differ in rows, columns, batch count or order".into(),
+        );
     }
     if a.batch != d.batch || b.batch != d.batch {
         return bad(
             INVALID_VALUE,
-            format!("batch counts A {}, B {}, D {} differ", a.batch, b.batch, d.batch),
+            format!(
+                "batch counts A {}, B {}, D {} differ",
+                a.batch, b.batch, d.batch
+            ),
         );
     }
     let bias = match desc.epilogue {
@@ -297,7 +384,10 @@ pub fn problem(
         _ => None,
     };
     if desc.bias_batch_stride < 0 {
-        return bad(INVALID_VALUE, format!("bias batch stride {}", desc.bias_batch_stride));
+        return bad(
+            INVALID_VALUE,
+            format!("bias batch stride {}", desc.bias_batch_stride),
+        );
     }
     Ok(Problem {
         a: *a,

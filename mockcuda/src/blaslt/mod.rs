@@ -108,7 +108,10 @@ fn destroy<T: Clone>(reg: &Registry<T>, h: *mut c_void, function: &str) -> Statu
     if h.is_null() || reg.remove(h).is_some() {
         SUCCESS
     } else {
-        refuse(function, (INVALID_VALUE, format!("{h:?} is not a live object")))
+        refuse(
+            function,
+            (INVALID_VALUE, format!("{h:?} is not a live object")),
+        )
     }
 }
 
@@ -180,7 +183,10 @@ pub unsafe extern "C" fn cublasLtMatrixLayoutSetAttribute(
     const F: &str = "cublasLtMatrixLayoutSetAttribute";
     let bytes = attr_bytes(buf, size);
     match LAYOUTS.update(layout, |l| desc::set_layout_attribute(l, attr, bytes)) {
-        None => refuse(F, (INVALID_VALUE, format!("{layout:?} is not a live layout"))),
+        None => refuse(
+            F,
+            (INVALID_VALUE, format!("{layout:?} is not a live layout")),
+        ),
         Some(Err(r)) => refuse(F, r),
         Some(Ok(())) => SUCCESS,
     }
@@ -192,7 +198,11 @@ pub unsafe extern "C" fn cublasLtMatmulDescCreate(
     compute_type: u32,
     scale_type: u32,
 ) -> Status {
-    let d = MatmulDesc::new("cublasLtMatmulDescCreate", compute_type as i32, scale_type as i64);
+    let d = MatmulDesc::new(
+        "cublasLtMatmulDescCreate",
+        compute_type as i32,
+        scale_type as i64,
+    );
     make(&DESCS, desc, d)
 }
 
@@ -211,7 +221,13 @@ pub unsafe extern "C" fn cublasLtMatmulDescSetAttribute(
     const F: &str = "cublasLtMatmulDescSetAttribute";
     let bytes = attr_bytes(buf, size);
     match DESCS.update(desc, |d| desc::set_desc_attribute(d, attr, bytes)) {
-        None => refuse(F, (INVALID_VALUE, format!("{desc:?} is not a live matmul descriptor"))),
+        None => refuse(
+            F,
+            (
+                INVALID_VALUE,
+                format!("{desc:?} is not a live matmul descriptor"),
+            ),
+        ),
         Some(Err(r)) => refuse(F, r),
         Some(Ok(())) => SUCCESS,
     }
@@ -237,7 +253,10 @@ pub unsafe extern "C" fn cublasLtMatmulPreferenceSetAttribute(
     const F: &str = "cublasLtMatmulPreferenceSetAttribute";
     let bytes = attr_bytes(buf, size);
     match PREFS.update(pref, |p| desc::set_pref_attribute(p, attr, bytes)) {
-        None => refuse(F, (INVALID_VALUE, format!("{pref:?} is not a live preference"))),
+        None => refuse(
+            F,
+            (INVALID_VALUE, format!("{pref:?} is not a live preference")),
+        ),
         Some(Err(r)) => refuse(F, r),
         Some(Ok(())) => SUCCESS,
     }
@@ -250,16 +269,25 @@ fn lookup(
     layouts: [*mut c_void; 4],
 ) -> Result<(MatmulDesc, Problem), Refusal> {
     if HANDLES.get(handle).is_none() {
-        return Err((NOT_INITIALIZED, format!("{handle:?} is not a live cuBLASLt handle")));
+        return Err((
+            NOT_INITIALIZED,
+            format!("{handle:?} is not a live cuBLASLt handle"),
+        ));
     }
-    let d = DESCS
-        .get(desc)
-        .ok_or_else(|| (INVALID_VALUE, format!("{desc:?} is not a live matmul descriptor")))?;
+    let d = DESCS.get(desc).ok_or_else(|| {
+        (
+            INVALID_VALUE,
+            format!("{desc:?} is not a live matmul descriptor"),
+        )
+    })?;
     let mut ls = [desc::layout(crate::libcommon::Elem::F32, 0, 0, 0); 4];
     for (i, (l, name)) in layouts.iter().zip(["A", "B", "C", "D"]).enumerate() {
-        ls[i] = LAYOUTS
-            .get(*l)
-            .ok_or_else(|| (INVALID_VALUE, format!("{name}'s layout {l:?} is not a live layout")))?;
+        ls[i] = LAYOUTS.get(*l).ok_or_else(|| {
+            (
+                INVALID_VALUE,
+                format!("{name}'s layout {l:?} is not a live layout"),
+            )
+        })?;
     }
     let p = desc::problem(&d, &ls[0], &ls[1], &ls[2], &ls[3])?;
     Ok((d, p))
@@ -280,14 +308,23 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
 ) -> Status {
     const F: &str = "cublasLtMatmulAlgoGetHeuristic";
     if requested <= 0 || results.is_null() || returned.is_null() {
-        return refuse(F, (INVALID_VALUE, format!("requestedAlgoCount {requested}, or a null output")));
+        return refuse(
+            F,
+            (
+                INVALID_VALUE,
+                format!("requestedAlgoCount {requested}, or a null output"),
+            ),
+        );
     }
     let (_, problem) = match lookup(handle, desc, [a, b, c, d]) {
         Ok(v) => v,
         Err(r) => return refuse(F, r),
     };
     let Some(pref) = PREFS.get(pref) else {
-        return refuse(F, (INVALID_VALUE, format!("{pref:?} is not a live preference")));
+        return refuse(
+            F,
+            (INVALID_VALUE, format!("{pref:?} is not a live preference")),
+        );
     };
     let workspace = desc::workspace_wanted(&problem, &pref);
     *results = HeuristicResult {
@@ -342,7 +379,10 @@ pub unsafe extern "C" fn cublasLtMatmul(
             max_workspace: workspace_size as u64,
             align: [1; 4],
         };
-        Algo::new(desc::alignments(&problem, &pref), desc::workspace_wanted(&problem, &pref))
+        Algo::new(
+            desc::alignments(&problem, &pref),
+            desc::workspace_wanted(&problem, &pref),
+        )
     } else {
         *algo
     };
@@ -368,12 +408,18 @@ pub fn check_call(
     workspace_size: usize,
 ) -> Result<(), Refusal> {
     if algo.data[0] != ALGO_MAGIC {
-        return Err((INVALID_VALUE, "the algorithm was not returned by cublasLtMatmulAlgoGetHeuristic".into()));
+        return Err((
+            INVALID_VALUE,
+            "the algorithm was not returned by cublasLtMatmulAlgoGetHeuristic".into(),
+        ));
     }
     if workspace_size < algo.workspace() {
         return Err((
             INVALID_VALUE,
-            format!("the algorithm needs {} bytes of workspace, {workspace_size} were given", algo.workspace()),
+            format!(
+                "the algorithm needs {} bytes of workspace, {workspace_size} were given",
+                algo.workspace()
+            ),
         ));
     }
     if workspace == 0 && algo.workspace() > 0 {
@@ -392,10 +438,16 @@ pub fn check_call(
         }
     }
     if ptrs[2] == ptrs[3] && p.product.beta != 0.0 && p.c != p.d {
-        return Err((INVALID_VALUE, "in place (C == D) needs one layout for C and D".into()));
+        return Err((
+            INVALID_VALUE,
+            "in place (C == D) needs one layout for C and D".into(),
+        ));
     }
     if p.product.bias.is_some() && md.bias_pointer == 0 {
-        return Err((INVALID_VALUE, "the BIAS epilogue has no bias pointer".into()));
+        return Err((
+            INVALID_VALUE,
+            "the BIAS epilogue has no bias pointer".into(),
+        ));
     }
     Ok(())
 }

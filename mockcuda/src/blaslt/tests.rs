@@ -68,9 +68,7 @@ fn reference(
                     v += p.beta as f64 * element(cb, c, batch, i, j);
                 }
                 if let Some(bi) = p.bias {
-                    v += bi
-                        .elem
-                        .load(bias, batch * bi.batch_stride as usize + i) as f64;
+                    v += bi.elem.load(bias, batch * bi.batch_stride as usize + i) as f64;
                 }
                 out.push(v);
             }
@@ -81,7 +79,11 @@ fn reference(
 
 fn matrix(elem: Elem, rows: u64, cols: u64, row_major: bool, pad: i64, batch: i32) -> Matrix {
     let ld = if row_major { cols } else { rows } as i64 + pad;
-    let one = if row_major { rows as i64 * ld } else { cols as i64 * ld };
+    let one = if row_major {
+        rows as i64 * ld
+    } else {
+        cols as i64 * ld
+    };
     Matrix {
         elem,
         rows,
@@ -97,7 +99,11 @@ fn matrix(elem: Elem, rows: u64, cols: u64, row_major: bool, pad: i64, batch: i3
 fn products_follow_the_definition_for_every_layout_transpose_and_type() {
     let (m, n, k) = (5usize, 3usize, 7usize);
     let mut cases = 0;
-    for (ab_elem, d_elem) in [(Elem::F32, Elem::F32), (Elem::Bf16, Elem::Bf16), (Elem::Bf16, Elem::F32)] {
+    for (ab_elem, d_elem) in [
+        (Elem::F32, Elem::F32),
+        (Elem::Bf16, Elem::Bf16),
+        (Elem::Bf16, Elem::F32),
+    ] {
         for trans_a in [false, true] {
             for trans_b in [false, true] {
                 for row_major in [false, true] {
@@ -136,7 +142,11 @@ fn products_follow_the_definition_for_every_layout_transpose_and_type() {
                             let got = compute::product(&p, (&a, &ab), (&b, &bb), (&c, &cb), &bias);
                             let mut db = vec![0u8; d.span_bytes()];
                             compute::store(&d, &got, &mut db);
-                            let tol = if d_elem == Elem::Bf16 { 1.0 / 64.0 } else { 1e-5 };
+                            let tol = if d_elem == Elem::Bf16 {
+                                1.0 / 64.0
+                            } else {
+                                1e-5
+                            };
                             for batch in 0..p.batch {
                                 for j in 0..n {
                                     for i in 0..m {
@@ -186,8 +196,7 @@ fn in_place_reads_c_before_writing_d() {
     compute::store(&d, &got, &mut buf);
     for j in 0..2 {
         for i in 0..2 {
-            let want = (1 + i + 2 * j) as f32
-                + Elem::F32.load(&ab, i) * Elem::F32.load(&bb, j);
+            let want = (1 + i + 2 * j) as f32 + Elem::F32.load(&ab, i) * Elem::F32.load(&bb, j);
             assert_eq!(Elem::F32.load(&buf, i + 2 * j), want);
         }
     }
@@ -221,7 +230,10 @@ fn tf32_compute_rounds_the_operands() {
 
 unsafe fn make_layout(elem: u32, rows: u64, cols: u64, ld: i64) -> *mut c_void {
     let mut l = null_mut();
-    assert_eq!(cublasLtMatrixLayoutCreate(&mut l, elem, rows, cols, ld), SUCCESS);
+    assert_eq!(
+        cublasLtMatrixLayoutCreate(&mut l, elem, rows, cols, ld),
+        SUCCESS
+    );
     l
 }
 
@@ -262,7 +274,9 @@ unsafe fn setup() -> Setup {
 unsafe fn heuristic(s: &Setup) -> (Status, HeuristicResult, i32) {
     let mut r: HeuristicResult = std::mem::zeroed();
     let mut n = 0;
-    let st = cublasLtMatmulAlgoGetHeuristic(s.handle, s.desc, s.a, s.b, s.d, s.d, s.pref, 1, &mut r, &mut n);
+    let st = cublasLtMatmulAlgoGetHeuristic(
+        s.handle, s.desc, s.a, s.b, s.d, s.d, s.pref, 1, &mut r, &mut n,
+    );
     (st, r, n)
 }
 
@@ -289,7 +303,9 @@ fn the_heuristic_honours_the_preference() {
         let mut n = 0;
         let mut out: HeuristicResult = std::mem::zeroed();
         assert_eq!(
-            cublasLtMatmulAlgoGetHeuristic(s.handle, s.desc, s.a, s.b, s.d, s.d, s.pref, 0, &mut out, &mut n),
+            cublasLtMatmulAlgoGetHeuristic(
+                s.handle, s.desc, s.a, s.b, s.d, s.d, s.pref, 0, &mut out, &mut n
+            ),
             INVALID_VALUE
         );
     }
@@ -308,7 +324,10 @@ fn descriptors_are_checked_as_documented() {
         assert_eq!(heuristic(&s).0, SUCCESS);
         // A leading dimension below the rows.
         let ld = 3i64.to_le_bytes();
-        assert_eq!(cublasLtMatrixLayoutSetAttribute(s.a, 4, ld.as_ptr() as *const c_void, 8), SUCCESS);
+        assert_eq!(
+            cublasLtMatrixLayoutSetAttribute(s.a, 4, ld.as_ptr() as *const c_void, 8),
+            SUCCESS
+        );
         assert_eq!(heuristic(&s).0, INVALID_VALUE);
         let ld = 4i64.to_le_bytes();
         cublasLtMatrixLayoutSetAttribute(s.a, 4, ld.as_ptr() as *const c_void, 8);
@@ -345,7 +364,10 @@ fn a_call_checks_alignment_workspace_in_place_and_bias() {
         let base = 0x7000_0000_0000u64;
         let ptrs = [base, base + 0x1000, base + 0x2000, base + 0x2000];
         let ws = base + 0x3000;
-        assert_eq!(check_call(&md, &p, &r.algo, ptrs, ws, r.workspace_size), Ok(()));
+        assert_eq!(
+            check_call(&md, &p, &r.algo, ptrs, ws, r.workspace_size),
+            Ok(())
+        );
         // A at a 16-byte boundary, under an algorithm chosen for 256.
         let mut moved = ptrs;
         moved[0] += 16;
@@ -355,7 +377,10 @@ fn a_call_checks_alignment_workspace_in_place_and_bias() {
         // C misaligned is ignored when beta is 0 (C is not read).
         let mut c_off = ptrs;
         c_off[2] += 4;
-        assert_eq!(check_call(&md, &p, &r.algo, c_off, ws, r.workspace_size), Ok(()));
+        assert_eq!(
+            check_call(&md, &p, &r.algo, c_off, ws, r.workspace_size),
+            Ok(())
+        );
         // Too little workspace.
         let e = check_call(&md, &p, &r.algo, ptrs, ws, r.workspace_size - 1).unwrap_err();
         assert_eq!(e.0, INVALID_VALUE);
@@ -375,14 +400,27 @@ fn a_call_checks_alignment_workspace_in_place_and_bias() {
         assert!(e.1.contains("bias pointer"), "{}", e.1);
         assert_eq!(set_desc(s.desc, 8, &(base + 0x4000).to_le_bytes()), SUCCESS);
         let (md, p) = lookup(s.handle, s.desc, [s.a, s.b, s.d, s.d]).unwrap();
-        assert_eq!(check_call(&md, &p, &r.algo, ptrs, ws, r.workspace_size), Ok(()));
+        assert_eq!(
+            check_call(&md, &p, &r.algo, ptrs, ws, r.workspace_size),
+            Ok(())
+        );
     }
 }
 
 #[test]
 fn status_names_are_nul_terminated() {
-    for s in [SUCCESS, NOT_INITIALIZED, INVALID_VALUE, EXECUTION_FAILED, NOT_SUPPORTED, 99] {
+    for s in [
+        SUCCESS,
+        NOT_INITIALIZED,
+        INVALID_VALUE,
+        EXECUTION_FAILED,
+        NOT_SUPPORTED,
+        99,
+    ] {
         let name = status_name(s);
-        assert!(name.starts_with("CUBLAS_STATUS_") && name.ends_with('\0'), "{name}");
+        assert!(
+            name.starts_with("CUBLAS_STATUS_") && name.ends_with('\0'),
+            "{name}"
+        );
     }
 }
