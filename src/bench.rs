@@ -890,7 +890,10 @@ mod tests {
             mock: false,
         };
         let md = report.to_markdown();
-        assert!(md.contains("device: NVIDIA H100") && !md.contains("MOCK"), "{md}");
+        assert!(
+            md.contains("device: NVIDIA H100") && !md.contains("MOCK"),
+            "{md}"
+        );
         assert!(md.contains("| peak MiB |"), "{md}");
         assert!(
             md.contains("| kd-kl | 125.0 | 125.0–125.0 | 1.250 | 3300 |"),

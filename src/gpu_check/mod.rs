@@ -73,10 +73,10 @@ use recycle_engine::cuda::{self, AllocStats};
 use recycle_engine::{DType, Device, Error, Result};
 
 use checker::Checker;
-use runner::{Group, Progress};
-pub use runner::GroupsOutcome;
 pub use checker::{l2_norm, max_rel_err, rel_l2_err, scalar_rel_err};
 pub use models::{small_step_cases, STEP_BYTES_TO_HOST};
+pub use runner::GroupsOutcome;
+use runner::{Group, Progress};
 pub use throughput::{format_throughput, throughput, ThroughputOptions, ThroughputRow};
 
 /// One line of the report.
@@ -298,7 +298,10 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
     let synced = cuda::synchronize(device);
     let unpoisoned = cuda::set_poison_allocations(ordinal, false);
     if let Err(e) = synced.and(unpoisoned) {
-        c.push(runner::group_row("device at the end", format!("error: {e}")));
+        c.push(runner::group_row(
+            "device at the end",
+            format!("error: {e}"),
+        ));
     }
     let (allocations_per_step, step_description) =
         allocations.unwrap_or((0, "not measured: its group failed or did not run".into()));
