@@ -330,16 +330,16 @@ pub fn host_alloc(len: usize) -> Result<*mut u8, MockError> {
 }
 
 /// Frees pinned host memory from [`host_alloc`].
-pub fn host_free(p: *mut u8, what: &str) -> Result<(), MockError> {
-    let len = heap().pinned.remove(&(p as usize)).ok_or_else(|| {
+pub fn host_free(p: usize, what: &str) -> Result<(), MockError> {
+    let len = heap().pinned.remove(&p).ok_or_else(|| {
         MockError(format!(
-            "{what}: {p:?} is not pinned host memory from cuMemAllocHost/cuMemHostAlloc"
+            "{what}: {p:#x} is not pinned host memory from cuMemAllocHost/cuMemHostAlloc"
         ))
     })?;
     let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)
         .map_err(|e| MockError(format!("{what}: {e}")))?;
     // SAFETY: allocated by host_alloc with this layout, removed from the list just now.
-    unsafe { std::alloc::dealloc(p, layout) };
+    unsafe { std::alloc::dealloc(p as *mut u8, layout) };
     Ok(())
 }
 

@@ -242,7 +242,7 @@ fn id_of(handle: *mut c_void) -> Result<usize, MockError> {
         STREAM_PER_THREAD => Err(MockError(
             "CU_STREAM_PER_THREAD: the per-thread default stream is not modelled".into(),
         )),
-        _ if h >= 0x1000 && (h - 0x1000) % 16 == 0 => Ok((h - 0x1000) / 16),
+        _ if h >= 0x1000 && (h - 0x1000).is_multiple_of(16) => Ok((h - 0x1000) / 16),
         _ => Err(MockError(format!("{handle:?} is not a stream handle"))),
     }
 }
@@ -461,7 +461,7 @@ fn legacy_order(d: &mut Detector, s: &Arc<Stream>) {
         d.streams.get(&0).cloned().into_iter().collect()
     };
     for o in others {
-        if o.is_idle() && d.clocks.get(&o.id).is_none() {
+        if o.is_idle() && !d.clocks.contains_key(&o.id) {
             continue;
         }
         let n = o.queued();
