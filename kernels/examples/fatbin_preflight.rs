@@ -11,7 +11,7 @@ fn directive(ptx: &[u8], name: &str) -> Option<String> {
     String::from_utf8_lossy(ptx).lines().find_map(|l| {
         l.trim()
             .strip_prefix(name)
-            .map(|rest| rest.trim().split_whitespace().next().unwrap_or("").to_string())
+            .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
     })
 }
 

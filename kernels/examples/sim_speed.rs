@@ -47,7 +47,10 @@ fn main() {
 
     for (rows, cols) in [(64usize, 4096usize), (1024, 128)] {
         let x: Vec<f32> = (0..rows * cols).map(|i| (i % 97) as f32 * 0.01).collect();
-        let (bx, by) = (SimBuffer::from_slice(&x), SimBuffer::zeros::<f32>(rows * cols));
+        let (bx, by) = (
+            SimBuffer::from_slice(&x),
+            SimBuffer::zeros::<f32>(rows * cols),
+        );
         let cfg = launch::rows("softmax_fwd_f32", rows as u64, cols as u64)
             .expect("a valid shape")
             .expect("a non-empty launch");

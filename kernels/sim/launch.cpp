@@ -276,14 +276,14 @@ void run_blocks(Launch& l) {
 class Pool {
   public:
     static Pool& get() {
-        // Leaked on purpose: helpers may still be parked when the process exits.
+        // Leaked on purpose: workers may still be parked when the process exits.
         static Pool* pool = new Pool();
         return *pool;
     }
 
-    int helpers() const { return (int)threads_.size(); }
+    int workers() const { return (int)threads_.size(); }
 
-    // Runs `l` on the calling thread and up to `want` helpers; returns when all are done.
+    // Runs `l` on the calling thread and up to `want` workers; returns when all are done.
     void run(Launch& l, int want) {
         {
             std::lock_guard<std::mutex> g(m_);
@@ -294,7 +294,7 @@ class Pool {
         }
         cv_.notify_all();
         run_blocks(l);
-        // Every block is taken (or the launch failed): helpers not yet awake stay parked.
+        // Every block is taken (or the launch failed): workers not yet awake stay parked.
         std::unique_lock<std::mutex> g(m_);
         wanted_ = 0;
         done_.wait(g, [&] { return busy_ == 0; });
@@ -409,7 +409,7 @@ extern "C" int rk_sim_launch(const char* kernel, const unsigned grid[3], const u
     } else {
         Pool& pool = Pool::get();
         const uint64_t extra = blocks - 1;
-        const int want = extra < (uint64_t)pool.helpers() ? (int)extra : pool.helpers();
+        const int want = extra < (uint64_t)pool.workers() ? (int)extra : pool.workers();
         pool.run(l, want);
     }
     if (l.failed) return fail(l.error);

@@ -55,6 +55,7 @@
 //! count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
 //! row in `nccl`; the throughput measurement in `throughput`.
 
+pub mod alignment;
 mod allocations;
 mod checker;
 mod host_copy;
@@ -266,7 +267,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         c.echo = Some(runner::stdout_echo());
     }
     cuda::set_poison_allocations(ordinal, true)?;
-    let mut allocations = None;
+    let mut per_step = None;
     let groups = vec![
         Group::new("tensors", ops::tensor_checks),
         Group::new("host copies", host_copy::host_copy_checks),
@@ -281,7 +282,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         Group::new("optimizers", loss_optim::optimizer_checks),
         Group::new("distillation loss", loss_optim::kd_loss_checks),
         Group::new("allocations per step", |c: &mut Checker| {
-            allocations = Some(allocations::allocation_check(c)?);
+            per_step = Some(allocations::allocation_check(c)?);
             Ok(())
         }),
         Group::new("model steps", models::model_step_checks),
@@ -304,7 +305,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         ));
     }
     let (allocations_per_step, step_description) =
-        allocations.unwrap_or((0, "not measured: its group failed or did not run".into()));
+        per_step.unwrap_or((0, "not measured: its group failed or did not run".into()));
     Ok(GpuCheckReport {
         device: info,
         rows: c.rows,

@@ -118,7 +118,10 @@ pub(super) fn run_groups(
             }
         }
         if let Some(path) = &progress.table_file {
-            write_whole(path, &progress_text(&progress.header, &c.rows, i + 1, total))?;
+            write_whole(
+                path,
+                &progress_text(&progress.header, &c.rows, i + 1, total),
+            )?;
         }
     }
     Ok(outcome)
@@ -195,8 +198,16 @@ mod tests {
             ops,
             ["first", "before the error", "broken", "panicking", "last"]
         );
-        assert!(c.rows[2].note.as_deref().unwrap().contains("an injected failure"));
-        assert!(c.rows[3].note.as_deref().unwrap().contains("an injected panic"));
+        assert!(c.rows[2]
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("an injected failure"));
+        assert!(c.rows[3]
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("an injected panic"));
         assert!(!c.rows[2].pass && !c.rows[3].pass && c.rows[4].pass);
         let echoed = echoed.borrow();
         assert_eq!(echoed.len(), 5);
@@ -230,7 +241,10 @@ mod tests {
         };
         run_groups(&mut Checker::new(Device::Cpu), groups, &progress).unwrap();
         let seen = seen.borrow();
-        assert!(seen.contains("| one |") && seen.contains("1 of 2 groups done"), "{seen}");
+        assert!(
+            seen.contains("| one |") && seen.contains("1 of 2 groups done"),
+            "{seen}"
+        );
         let _ = std::fs::remove_dir_all(table.parent().unwrap());
     }
 
@@ -242,7 +256,7 @@ mod tests {
         let groups = vec![
             Group::new("slow", move |_: &mut Checker| {
                 *counter.borrow_mut() += 1;
-                std::thread::sleep(Duration::from_millis(60));
+                std::thread::sleep(Duration::from_millis(600));
                 Ok(())
             }),
             ok_group("late", 0.0),
@@ -251,7 +265,7 @@ mod tests {
         let progress = Progress {
             header: String::new(),
             table_file: None,
-            deadline: Some(Instant::now() + Duration::from_millis(30)),
+            deadline: Some(Instant::now() + Duration::from_millis(500)),
         };
         let mut c = Checker::new(Device::Cpu);
         let outcome = run_groups(&mut c, groups, &progress).unwrap();
@@ -260,7 +274,10 @@ mod tests {
         assert_eq!(c.rows.len(), 2);
         assert!(c.rows.iter().all(|r| !r.pass));
         let table = format_table(&c.rows);
-        assert!(table.contains("| late | not run: the deadline had passed |"), "{table}");
+        assert!(
+            table.contains("| late | not run: the deadline had passed |"),
+            "{table}"
+        );
         assert!(table.contains("NOT RUN"), "{table}");
     }
 }
