@@ -9,8 +9,13 @@
 //! the CPU op's. The error of an element is `|gpu - cpu| / max(|cpu|, 1e-3 · max|cpu|)` (near
 //! zero, relative to the tensor's scale), a NaN or infinity where the CPU has a finite value
 //! counts as infinite, and a check passes when the largest error is within its tolerance:
-//! 1e-6 where the kernel promises the CPU's bits, 1e-4 to 1e-5 where it uses a different
-//! `exp`/`erf` or summation order, 2e-2 for bf16 storage (8 bits of mantissa).
+//! 1e-6 where the kernel promises the CPU's bits, 1e-5 to 1e-3 where it uses a different
+//! `exp`/`erf` or summation order (one ulp of the tensor's scale at an element under the floor
+//! is already 2^-23 / 1e-3 ≈ 1.2e-4; long sums and cancelling backward formulas get the
+//! larger tolerances), 2e-2 for bf16 storage (8 bits of mantissa). A bf16 row measures each
+//! element against the tensor's scale, `|gpu - cpu| / max|cpu|`: the GPU stores every
+//! intermediate in bf16 while the CPU op keeps them in f32, so an element near zero carries
+//! the rounding of the larger values it was computed from.
 //!
 //! Also measured: allocations per training step (a synthetic step through the ops that run on
 //! CUDA), from the context's counters.
@@ -74,7 +79,7 @@ use recycle_engine::cuda::{self, AllocStats};
 use recycle_engine::{DType, Device, Error, Result};
 
 use checker::Checker;
-pub use checker::{l2_norm, max_rel_err, rel_l2_err, scalar_rel_err};
+pub use checker::{l2_norm, max_rel_err, max_scaled_err, rel_l2_err, scalar_rel_err};
 pub use models::{small_step_cases, STEP_BYTES_TO_HOST};
 pub use runner::GroupsOutcome;
 use runner::{Group, Progress};
