@@ -13,10 +13,13 @@ use recycle_engine::{DType, Error, Result};
 use super::checker::Checker;
 use super::{format_row, format_table, CheckRow};
 
+/// The body of a group: records rows on the checker, or fails.
+type GroupRun<'a> = Box<dyn FnOnce(&mut Checker) -> Result<()> + 'a>;
+
 /// One group of checks: rows recorded on the checker, or an error.
 pub(super) struct Group<'a> {
     pub(super) name: &'static str,
-    pub(super) run: Box<dyn FnOnce(&mut Checker) -> Result<()> + 'a>,
+    pub(super) run: GroupRun<'a>,
 }
 
 impl<'a> Group<'a> {
