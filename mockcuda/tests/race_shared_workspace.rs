@@ -75,9 +75,8 @@ fn two_streams_sharing_a_workspace_race() {
     }
     let e = mockcuda::stream::sticky().expect("the race must be sticky");
     assert!(e.0.contains("stream race"), "{e}");
-    assert_eq!(
+    assert!(
         e.0.matches("cublasLtMatmul").count() >= 2,
-        true,
         "names both products: {e}"
     );
 }
