@@ -448,7 +448,10 @@ impl KdBench {
         // What the pool holds after every variant ran: the device memory the run needs,
         // freed blocks kept for reuse included.
         let pool_reserved_bytes = ordinal.map(cuda::pool_reserved_bytes).transpose()?;
+        let info = ordinal.map(cuda::device_info).transpose()?;
         Ok(BenchReport {
+            device_name: info.as_ref().map(|i| i.name.clone()),
+            mock: info.as_ref().is_some_and(|i| i.is_mock()),
             model: self.model.clone(),
             device,
             teacher_resident_bytes: self.teacher_resident_bytes,
@@ -656,6 +659,10 @@ pub struct BenchReport {
     pub iters: usize,
     pub threads: usize,
     pub rows: Vec<BenchRow>,
+    /// The GPU's name on `cuda:N` (`None` on the CPU).
+    pub device_name: Option<String>,
+    /// The device is the mock CUDA on the CPU: the timings are not GPU figures.
+    pub mock: bool,
 }
 
 impl BenchReport {
@@ -690,6 +697,13 @@ impl BenchReport {
         if let Some(b) = self.pool_reserved_bytes {
             s += &format!("; memory pool at the end: {:.0} MiB", mib(b));
         }
+        if let Some(name) = &self.device_name {
+            s += &format!("; device: {name}");
+        }
+        if self.mock {
+            s += "\n\nMOCK: these timings are the mock CUDA's on the CPU (mockcuda), not a GPU's; \
+                  never record them as GPU figures";
+        }
         s += "\n\n";
         s += if peaks {
             "| step | median ms | min–max ms | / plain | peak MiB |\n|---|---:|---:|---:|---:|\n"
@@ -723,6 +737,12 @@ impl BenchReport {
         let mut m = serde_json::Map::new();
         m.insert("model".into(), self.model.clone().into());
         m.insert("device".into(), self.device.to_string().into());
+        if let Some(name) = &self.device_name {
+            m.insert("device_name".into(), name.clone().into());
+        }
+        if self.mock {
+            m.insert("mock".into(), true.into());
+        }
         m.insert("batch".into(), self.batch.into());
         m.insert("logit_rows".into(), self.logit_rows.into());
         m.insert("threads".into(), self.threads.into());
@@ -866,8 +886,14 @@ mod tests {
                 row(Variant::Plain, 100.0, 3000 << 20),
                 row(Variant::KdKl, 125.0, 3300 << 20),
             ],
+            device_name: Some("NVIDIA H100 80GB HBM3".into()),
+            mock: false,
         };
         let md = report.to_markdown();
+        assert!(
+            md.contains("device: NVIDIA H100") && !md.contains("MOCK"),
+            "{md}"
+        );
         assert!(md.contains("| peak MiB |"), "{md}");
         assert!(
             md.contains("| kd-kl | 125.0 | 125.0–125.0 | 1.250 | 3300 |"),
@@ -881,6 +907,15 @@ mod tests {
         assert_eq!(j["pool_reserved_mib"].as_f64(), Some(4000.0));
         assert!(md.contains("memory pool at the end: 4000 MiB"), "{md}");
         assert_eq!(j["kd_ratio"].as_f64(), Some(1.25));
+        assert!(j.get("mock").is_none());
+        // On the mock CUDA the timings are labelled, in the table and in the JSON.
+        let mock = BenchReport {
+            device_name: Some(cuda::MOCK_DEVICE_NAME.into()),
+            mock: true,
+            ..report
+        };
+        assert!(mock.to_markdown().contains("MOCK: these timings"));
+        assert_eq!(mock.to_json()["mock"], true);
     }
 
     #[test]

@@ -34,6 +34,34 @@ pub fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
     })
 }
 
+/// Largest element error of `gpu` against `cpu` relative to the tensor's scale,
+/// `|gpu - cpu| / max|cpu|` (non-finite values as in [`max_rel_err`]): the measure of bf16
+/// rows, whose intermediates the GPU rounds to bf16 while the CPU op keeps them in f32.
+pub fn max_scaled_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    if gpu.len() != cpu.len() {
+        return f64::INFINITY;
+    }
+    let scale = cpu
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, &v| m.max((v as f64).abs()))
+        .max(f64::MIN_POSITIVE);
+    gpu.iter().zip(cpu).fold(0f64, |worst, (&g, &c)| {
+        let e = if !c.is_finite() {
+            if g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()) {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else if !g.is_finite() {
+            f64::INFINITY
+        } else {
+            ((g as f64) - (c as f64)).abs() / scale
+        };
+        worst.max(e)
+    })
+}
+
 /// Called with every row as it is recorded (the runner prints it).
 pub(super) type RowEcho = Box<dyn FnMut(&CheckRow)>;
 
@@ -85,6 +113,9 @@ impl Checker {
     ) -> Result<()> {
         let err = if gpu.shape() != cpu.shape() {
             f64::INFINITY
+        } else if dtype == DType::BF16 {
+            // bf16 intermediates (GPU) against f32 ones (CPU): see `max_scaled_err`.
+            max_scaled_err(&gpu.to_vec_f32()?, &cpu.to_vec_f32()?)
         } else {
             max_rel_err(&gpu.to_vec_f32()?, &cpu.to_vec_f32()?)
         };
@@ -118,6 +149,19 @@ impl Checker {
         shapes: &[&[usize]],
         dtype: DType,
         tol: f64,
+        f: impl Fn(&Tape, &[Var]) -> Result<Var>,
+    ) -> Result<()> {
+        self.tape_op_tols(name, shapes, dtype, (tol, tol), f)
+    }
+
+    /// [`Checker::tape_op`] with one tolerance for the forward output and another for the
+    /// gradients (`(forward, backward)`).
+    pub(super) fn tape_op_tols(
+        &mut self,
+        name: &str,
+        shapes: &[&[usize]],
+        dtype: DType,
+        (tol, bwd_tol): (f64, f64),
         f: impl Fn(&Tape, &[Var]) -> Result<Var>,
     ) -> Result<()> {
         let mut cpu_in = Vec::new();
@@ -175,7 +219,7 @@ impl Checker {
             } else {
                 format!("{name} backward d{i}")
             };
-            self.record(&label, shape_text.clone(), dtype, g, c, tol)?;
+            self.record(&label, shape_text.clone(), dtype, g, c, bwd_tol)?;
         }
         Ok(())
     }
@@ -238,6 +282,18 @@ mod tests {
         // Where the oracle is NaN (a row of -inf), the GPU must be NaN too.
         assert_eq!(max_rel_err(&[f32::NAN], &[f32::NAN]), 0.0);
         assert_eq!(max_rel_err(&[0.0], &[f32::NAN]), f64::INFINITY);
+    }
+
+    #[test]
+    fn scaled_error_is_relative_to_the_tensor_scale() {
+        assert_eq!(max_scaled_err(&[1.0, -4.0], &[1.0, -4.0]), 0.0);
+        // An element near zero is measured against the largest value, not against itself.
+        assert!((max_scaled_err(&[0.02, 4.0], &[0.01, 4.0]) - 2.5e-3).abs() < 1e-9);
+        // A wrong element as large as 2% of the scale still fails a 2e-2 tolerance.
+        assert!(max_scaled_err(&[0.1, 4.0], &[0.0, 4.0]) > 2e-2);
+        assert_eq!(max_scaled_err(&[f32::NAN, 4.0], &[1.0, 4.0]), f64::INFINITY);
+        assert_eq!(max_scaled_err(&[f32::NAN], &[f32::NAN]), 0.0);
+        assert_eq!(max_scaled_err(&[1.0], &[1.0, 2.0]), f64::INFINITY);
     }
 
     #[test]

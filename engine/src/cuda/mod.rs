@@ -247,6 +247,17 @@ pub struct DeviceInfo {
     pub kernel_image: String,
 }
 
+/// The name the mock CUDA (`mockcuda/`, the GPU path on the CPU) gives its device.
+pub const MOCK_DEVICE_NAME: &str = "Recycle mock CUDA device (CPU)";
+
+impl DeviceInfo {
+    /// Whether this is the mock CUDA, not a GPU: its timings are the CPU's and must never be
+    /// reported as GPU figures.
+    pub fn is_mock(&self) -> bool {
+        self.name == MOCK_DEVICE_NAME
+    }
+}
+
 /// Device-memory counters of one context (stream-ordered allocations).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AllocStats {

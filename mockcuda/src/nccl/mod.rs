@@ -1,0 +1,328 @@
+//! The mock NCCL (`libnccl.so.2`): communicators of one process (`ncclCommInitAll`, one per
+//! device), groups, and all-reduce (sum, prod, max, min, avg) on fp32 and bf16, queued on the
+//! caller's stream with the bytes it reads and writes.
+//!
+//! Groups are per thread, as NCCL's are: the calls between `ncclGroupStart` and the
+//! outermost `ncclGroupEnd` are checked when made and queued on their streams at the end.
+//! The mock checks devices only for being distinct and non-negative (the driver owns the
+//! device count), and assumes each rank's stream has its own worker: the ranks meet inside
+//! the queued work.
+
+// The entry points' contracts are NVIDIA's documentation of the C API.
+#![allow(clippy::missing_safety_doc)]
+
+pub mod collective;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::Arc;
+
+use crate::error::unimplemented;
+use crate::libcommon::{explain, Elem, HostRange, Registry};
+use crate::stream::{enqueue, Access, Work};
+
+use collective::{Clique, Part, RedOp, PEER_TIMEOUT};
+
+/// `ncclResult_t`.
+pub type NcclResult = u32;
+pub const SUCCESS: NcclResult = 0;
+pub const UNHANDLED_CUDA_ERROR: NcclResult = 1;
+pub const INVALID_ARGUMENT: NcclResult = 4;
+pub const INVALID_USAGE: NcclResult = 5;
+
+/// The version reported: NCCL 2.30.0 (`major * 10000 + minor * 100 + patch`), the API the
+/// bindings are for.
+pub const VERSION: c_int = 2_30_00;
+
+/// One communicator: its clique, rank, device, and how many collectives it has issued.
+#[derive(Clone)]
+pub struct Comm {
+    pub clique: Arc<Clique>,
+    pub rank: usize,
+    pub device: i32,
+    pub issued: u64,
+}
+
+static COMMS: Registry<Comm> = Registry::new();
+
+/// An operation checked inside a group, queued when the group ends.
+struct Launch {
+    stream: usize,
+    name: String,
+    accesses: Vec<Access>,
+    work: Work,
+}
+
+thread_local! {
+    /// The group depth of this thread and the calls it holds.
+    static GROUP: RefCell<(usize, Vec<Launch>)> = const { RefCell::new((0, Vec::new())) };
+}
+
+fn refuse(function: &str, r: NcclResult, msg: &str) -> NcclResult {
+    explain("NCCL", function, msg);
+    r
+}
+
+/// The text of a result, NUL-terminated.
+pub fn result_text(r: NcclResult) -> &'static str {
+    match r {
+        SUCCESS => "no error\0",
+        UNHANDLED_CUDA_ERROR => "unhandled cuda error (run with NCCL_DEBUG=INFO for details)\0",
+        2 => "unhandled system error (run with NCCL_DEBUG=INFO for details)\0",
+        3 => "internal error - please report this issue to the NCCL developers\0",
+        INVALID_ARGUMENT => "invalid argument (run with NCCL_DEBUG=WARN for details)\0",
+        INVALID_USAGE => "invalid usage (run with NCCL_DEBUG=WARN for details)\0",
+        6 => "remote process exited or there was a network error\0",
+        7 => "NCCL operation in progress\0",
+        _ => "unknown result code\0",
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn ncclGetErrorString(r: NcclResult) -> *const c_char {
+    result_text(r).as_ptr() as *const c_char
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclGetVersion(version: *mut c_int) -> NcclResult {
+    if version.is_null() {
+        return refuse("ncclGetVersion", INVALID_ARGUMENT, "null version");
+    }
+    *version = VERSION;
+    SUCCESS
+}
+
+/// The devices of an `ncclCommInitAll`: `devlist`, or `0..ndev` when it is null; distinct
+/// and non-negative.
+pub fn devices(ndev: c_int, devlist: Option<&[c_int]>) -> Result<Vec<i32>, String> {
+    if ndev < 1 {
+        return Err(format!("ndev {ndev}: at least one device"));
+    }
+    let devs: Vec<i32> = match devlist {
+        Some(l) => l.to_vec(),
+        None => (0..ndev).collect(),
+    };
+    for (i, d) in devs.iter().enumerate() {
+        if *d < 0 || devs[..i].contains(d) {
+            return Err(format!(
+                "device list {devs:?}: device {d} is negative or appears twice"
+            ));
+        }
+    }
+    Ok(devs)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommInitAll(
+    comms: *mut *mut c_void,
+    ndev: c_int,
+    devlist: *const c_int,
+) -> NcclResult {
+    const F: &str = "ncclCommInitAll";
+    if comms.is_null() {
+        return refuse(F, INVALID_ARGUMENT, "null comms");
+    }
+    let list = (!devlist.is_null() && ndev > 0)
+        .then(|| std::slice::from_raw_parts(devlist, ndev as usize));
+    let devs = match devices(ndev, list) {
+        Ok(d) => d,
+        Err(m) => return refuse(F, INVALID_ARGUMENT, &m),
+    };
+    let clique = Arc::new(Clique::new(devs.len()));
+    for (rank, device) in devs.into_iter().enumerate() {
+        *comms.add(rank) = COMMS.insert(Comm {
+            clique: clique.clone(),
+            rank,
+            device,
+            issued: 0,
+        });
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommDestroy(comm: *mut c_void) -> NcclResult {
+    if comm.is_null() || COMMS.remove(comm).is_some() {
+        SUCCESS
+    } else {
+        refuse(
+            "ncclCommDestroy",
+            INVALID_ARGUMENT,
+            &format!("{comm:?} is not a live communicator"),
+        )
+    }
+}
+
+/// Writes one property of a live communicator.
+unsafe fn comm_query(
+    function: &str,
+    comm: *mut c_void,
+    out: *mut c_int,
+    f: impl Fn(&Comm) -> c_int,
+) -> NcclResult {
+    match (COMMS.get(comm), out.is_null()) {
+        (Some(c), false) => {
+            *out = f(&c);
+            SUCCESS
+        }
+        _ => refuse(
+            function,
+            INVALID_ARGUMENT,
+            "a dead communicator or a null output",
+        ),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommCount(comm: *mut c_void, count: *mut c_int) -> NcclResult {
+    comm_query("ncclCommCount", comm, count, |c| c.clique.ranks as c_int)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommCuDevice(comm: *mut c_void, device: *mut c_int) -> NcclResult {
+    comm_query("ncclCommCuDevice", comm, device, |c| c.device)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommUserRank(comm: *mut c_void, rank: *mut c_int) -> NcclResult {
+    comm_query("ncclCommUserRank", comm, rank, |c| c.rank as c_int)
+}
+
+#[no_mangle]
+pub extern "C" fn ncclGroupStart() -> NcclResult {
+    GROUP.with(|g| g.borrow_mut().0 += 1);
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn ncclGroupEnd() -> NcclResult {
+    let held = GROUP.with(|g| {
+        let mut g = g.borrow_mut();
+        if g.0 == 0 {
+            return None;
+        }
+        g.0 -= 1;
+        Some(if g.0 == 0 {
+            std::mem::take(&mut g.1)
+        } else {
+            Vec::new()
+        })
+    });
+    let Some(held) = held else {
+        return refuse(
+            "ncclGroupEnd",
+            INVALID_USAGE,
+            "no group was started on this thread",
+        );
+    };
+    let mut result = SUCCESS;
+    for l in held {
+        if let Err(e) = enqueue(l.stream as *mut c_void, l.name, l.accesses, l.work) {
+            result = refuse("ncclGroupEnd", UNHANDLED_CUDA_ERROR, &e.0);
+        }
+    }
+    result
+}
+
+/// `ncclDataType_t` as the mock's element types: fp32 (7) and bf16 (9).
+fn elem_of(dtype: u32) -> Elem {
+    match dtype {
+        7 => Elem::F32,
+        9 => Elem::Bf16,
+        other => unimplemented(
+            "ncclAllReduce",
+            &format!("ncclDataType_t {other} (ncclFloat32 = 7 and ncclBfloat16 = 9 are modelled)"),
+        ),
+    }
+}
+
+fn op_of(op: u32) -> Option<RedOp> {
+    Some(match op {
+        0 => RedOp::Sum,
+        1 => RedOp::Prod,
+        2 => RedOp::Max,
+        3 => RedOp::Min,
+        4 => RedOp::Avg,
+        _ => return None,
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclAllReduce(
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: u32,
+    op: u32,
+    comm: *mut c_void,
+    stream: *mut c_void,
+) -> NcclResult {
+    const F: &str = "ncclAllReduce";
+    let Some(op) = op_of(op) else {
+        return refuse(
+            F,
+            INVALID_ARGUMENT,
+            &format!("reduction {op} (user-defined ones are not modelled)"),
+        );
+    };
+    let elem = elem_of(dtype);
+    if COMMS.get(comm).is_none() {
+        return refuse(
+            F,
+            INVALID_ARGUMENT,
+            &format!("{comm:?} is not a live communicator"),
+        );
+    }
+    let len = count * elem.size();
+    if len > 0 && (send.is_null() || recv.is_null()) {
+        return refuse(F, INVALID_ARGUMENT, "a null buffer");
+    }
+    let (send, recv) = (send as u64, recv as u64);
+    let resolved = HostRange::resolve(send, len, "ncclAllReduce sendbuff")
+        .and_then(|s| Ok((s, HostRange::resolve(recv, len, "ncclAllReduce recvbuff")?)));
+    let (sr, rr) = match resolved {
+        Ok(v) => v,
+        Err(e) => return refuse(F, INVALID_ARGUMENT, &e.0),
+    };
+    let c = COMMS
+        .update(comm, |c| {
+            c.issued += 1;
+            c.clone()
+        })
+        .expect("checked above");
+    let seq = c.issued;
+    let part = Part {
+        send: sr,
+        recv: rr,
+        count,
+        elem,
+        op,
+    };
+    let launch = Launch {
+        stream: stream as usize,
+        name: format!(
+            "ncclAllReduce #{seq} rank {} of {} ({count} x {elem:?}, {op:?})",
+            c.rank, c.clique.ranks
+        ),
+        accesses: vec![Access::Read(send, len), Access::Write(recv, len)],
+        work: Box::new(move || c.clique.all_reduce(seq, c.rank, part, PEER_TIMEOUT)),
+    };
+    let in_group = GROUP.with(|g| {
+        let mut g = g.borrow_mut();
+        if g.0 > 0 {
+            g.1.push(launch);
+            None
+        } else {
+            Some(launch)
+        }
+    });
+    match in_group {
+        None => SUCCESS,
+        Some(l) => match enqueue(l.stream as *mut c_void, l.name, l.accesses, l.work) {
+            Ok(()) => SUCCESS,
+            Err(e) => refuse(F, UNHANDLED_CUDA_ERROR, &e.0),
+        },
+    }
+}

@@ -1,0 +1,109 @@
+//! Kernels from the engine's own fatbins run on the simulator through cuModuleLoadData,
+//! cuModuleGetFunction and cuLaunchKernel; a host pointer passed to a kernel is refused with
+//! the kernel's and the parameter's names.
+
+mod common;
+
+use std::ffi::c_void;
+
+use mockcuda::driver::*;
+use mockcuda::module::*;
+
+#[test]
+fn add_f32_runs_on_the_simulator_and_host_pointers_are_refused() {
+    if recycle_kernels::sim::HostSim::for_tests().is_none() {
+        return;
+    }
+    common::init();
+    let image = recycle_kernels::family("elementwise").expect("the elementwise family");
+    let mut module = std::ptr::null_mut();
+    let mut f = std::ptr::null_mut();
+    // SAFETY: a fatbin image and valid output pointers.
+    unsafe {
+        assert_eq!(
+            cuModuleLoadData(&mut module, image.as_ptr() as *const c_void),
+            SUCCESS
+        );
+        assert_eq!(
+            cuModuleGetFunction(&mut f, module, c"add_f32".as_ptr()),
+            SUCCESS
+        );
+        assert_eq!(
+            cuModuleGetFunction(&mut f, module, c"no_such_kernel".as_ptr()),
+            NOT_FOUND
+        );
+        assert_eq!(
+            cuModuleGetFunction(&mut f, module, c"add_f32".as_ptr()),
+            SUCCESS
+        );
+    }
+    let s = common::non_blocking_stream();
+    let n = 1000usize;
+    let (a, b, out) = (
+        common::alloc_async(n * 4, s),
+        common::alloc_async(n * 4, s),
+        common::alloc_async(n * 4, s),
+    );
+    let xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let ys: Vec<f32> = (0..n).map(|i| 0.5 * i as f32).collect();
+    common::upload(a, &xs, s);
+    common::upload(b, &ys, s);
+    let launch = |a: u64, b: u64, out: u64| {
+        let mut n64 = n as u64;
+        let (mut a, mut b, mut out) = (a, b, out);
+        let mut params: Vec<*mut c_void> = vec![
+            &mut a as *mut u64 as *mut c_void,
+            &mut b as *mut u64 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+            &mut n64 as *mut u64 as *mut c_void,
+        ];
+        // SAFETY: add_f32's four parameters, each pointing to its value.
+        unsafe {
+            cuLaunchKernel(
+                f,
+                4,
+                1,
+                1,
+                256,
+                1,
+                1,
+                0,
+                s,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    assert_eq!(launch(a, b, out), SUCCESS);
+    let got = common::download(out, n, s);
+    let want: Vec<f32> = xs.iter().zip(&ys).map(|(x, y)| x + y).collect();
+    assert_eq!(got, want);
+    // A host buffer as the output parameter.
+    let mut host = vec![0f32; n];
+    assert_eq!(launch(a, b, host.as_mut_ptr() as u64), INVALID_VALUE);
+    assert!(mockcuda::stream::sticky().is_none());
+    // add_f32 reads a and b (const) and writes out: found from the kernel's source.
+    assert_eq!(
+        params("add_f32").unwrap(),
+        [
+            Param::Ptr(true),
+            Param::Ptr(true),
+            Param::Ptr(false),
+            Param::Value(8)
+        ]
+    );
+}
+
+#[test]
+fn every_kernel_has_its_parameters_and_their_constness() {
+    for (_, kernels) in recycle_kernels::names::FAMILIES {
+        for k in *kernels {
+            let p = params(k).unwrap_or_else(|| panic!("{k}: no parameters"));
+            assert_eq!(
+                p.len(),
+                recycle_kernels::abi::params(k).unwrap().split(',').count(),
+                "{k}"
+            );
+        }
+    }
+}
