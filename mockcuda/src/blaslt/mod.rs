@@ -79,6 +79,9 @@ pub struct HeuristicResult {
     pub reserved: [c_int; 4],
 }
 
+// The C layout of cublasLt.h: a 64-byte algorithm, size_t, enum, float, int[4].
+const _: () = assert!(std::mem::size_of::<HeuristicResult>() == 96);
+
 fn refuse(function: &str, (status, msg): Refusal) -> Status {
     explain("cuBLASLt", function, &msg);
     status

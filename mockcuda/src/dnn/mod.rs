@@ -57,6 +57,9 @@ pub struct AlgoPerf {
     pub reserved: [c_int; 3],
 }
 
+// The C layout of cudnn.h: enum, status, float, (padding), size_t, two enums, int[3].
+const _: () = assert!(std::mem::size_of::<AlgoPerf>() == 48);
+
 fn refuse(function: &str, (status, msg): Refusal) -> Status {
     explain("cuDNN", function, &msg);
     status
