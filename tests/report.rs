@@ -29,6 +29,8 @@ fn record(step: u64, t: f64, eval: Option<f32>, kd: bool) -> RunLogRecord {
         loss: 1.0,
         teacher_forwards: if kd { step } else { 0 },
         eval,
+        skipped: None,
+        skipped_steps: 0,
     }
 }
 
@@ -59,6 +61,7 @@ fn write_run(dir: &Path, name: &str, method: &str, duration_samples: u64, evals:
         final_eval: evals.last().unwrap().1,
         train_seconds: end,
         teacher_forwards: if kd { step } else { 0 },
+        skipped_steps: 0,
         device: Some("cpu".to_string()),
         teachers: if kd { vec!["b90".to_string()] } else { vec![] },
         config: serde_json::json!({ "lr": 0.1, "duration_samples": duration_samples }),
@@ -477,6 +480,7 @@ fn write_stepped_run(
         final_eval: evals.last().map_or(0.6, |e| e.1),
         train_seconds: seconds(steps),
         teacher_forwards: if kd { steps } else { 0 },
+        skipped_steps: 0,
         device: Some("cpu".to_string()),
         teachers: if kd { vec!["base".to_string()] } else { vec![] },
         config: serde_json::Value::Null,

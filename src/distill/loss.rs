@@ -312,7 +312,8 @@ pub fn kd_loss_cpu(
 ) -> Result<KdLossOutput> {
     cfg.validate()?;
     let rows = labels.len();
-    if classes == 0 || student.len() != rows * classes {
+    // Checked: a caller's class count can be any size_t (the C ABI passes it through).
+    if classes == 0 || rows.checked_mul(classes) != Some(student.len()) {
         return Err(Error::shape(
             "kd_loss",
             format!(

@@ -93,6 +93,17 @@ pub struct RunLogRecord {
     /// Evaluation metric in [0, 1] when an evaluation ran at this step.
     #[serde(default)]
     pub eval: Option<f32>,
+    /// Set on a step skipped under `train.on_nonfinite = "skip"`: where its NaN or infinity
+    /// was (`input`, `teacher-logits`, `weights`, `logits`, `loss`, `gradients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Steps skipped so far (cumulative; absent while none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// serde_json writes a non-finite float as `null`; read it back as NaN instead of failing, so a
@@ -333,6 +344,9 @@ pub struct RunSummary {
     /// Total training seconds (the same clock as the log's `train_seconds`).
     pub train_seconds: f64,
     pub teacher_forwards: u64,
+    /// Steps skipped under `train.on_nonfinite = "skip"` (absent when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
     /// The device the run trained on: `cpu`, or the GPU's ordinal and name
     /// (`cuda:0 NVIDIA H200`); absent in summaries written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -556,6 +570,8 @@ mod tests {
             loss: 1.0,
             teacher_forwards: 0,
             eval,
+            skipped: None,
+            skipped_steps: 0,
         }
     }
 
@@ -617,6 +633,7 @@ mod tests {
                 final_eval: 0.7,
                 train_seconds: 30.0,
                 teacher_forwards: 0,
+                skipped_steps: 0,
                 device: None,
                 teachers: vec![],
                 config: serde_json::Value::Null,

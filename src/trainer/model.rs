@@ -74,12 +74,15 @@ impl Model {
         })
     }
 
-    /// A student loaded from a safetensors state dict.
+    /// A student loaded from a safetensors state dict. A NaN or infinity in it is an error
+    /// naming the file and the tensor.
     pub fn load(arch: &Architecture, path: &Path) -> Result<Model> {
-        Ok(match arch {
+        let m = match arch {
             Architecture::ResNet(c) => Model::ResNet(ResNet::load(c.clone(), path)?),
             Architecture::Bert(c) => Model::Bert(Bert::load(c.clone(), path)?),
-        })
+        };
+        reject_nonfinite(&m.state_dict()?, path)?;
+        Ok(m)
     }
 
     /// A frozen teacher loaded from a checkpoint: weights in `dtype`, BatchNorm folded.
@@ -173,6 +176,7 @@ impl Model {
 
     /// Restores parameters and buffers from a state dict taken from the same architecture.
     pub fn load_state_dict(&self, state: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
+        reject_nonfinite(&state, source)?;
         let fresh = match self {
             Model::ResNet(m) => {
                 Model::ResNet(ResNet::from_state_dict(m.config().clone(), state, source)?)
@@ -216,6 +220,31 @@ impl Model {
             )),
         }
     }
+}
+
+/// An error naming `source`, the tensor, the element and its value when a float tensor of
+/// `state` holds a NaN or an infinity: weights that would poison every step are refused when
+/// they are loaded, before a run trains on them (one scan per load).
+pub fn reject_nonfinite(state: &[(String, Tensor)], source: &Path) -> Result<()> {
+    for (name, t) in state {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values = t.to_vec_f32()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            return Err(Error::checkpoint(
+                source,
+                format!(
+                    "tensor `{name}` holds {} at element {i} ({bad} of its {} values are NaN or \
+                     infinite): the checkpoint is poisoned; load an earlier one",
+                    values[i],
+                    values.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

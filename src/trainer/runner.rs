@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use super::{
     architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
-    mlm_batch, open_device, progress_bar, total_steps, train_step, Batch, Model, RunOptions,
-    StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    mlm_batch, open_device, progress_bar, total_steps, train_step_guarded, Batch, Model, RunOptions,
+    StepGuard, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
@@ -25,6 +25,8 @@ struct Progress {
     samples: u64,
     train_seconds: f64,
     teacher_forwards: u64,
+    /// Steps skipped under `train.on_nonfinite = "skip"`.
+    skipped_steps: u64,
 }
 
 /// What a [`Trainer`] reports between steps.
@@ -151,6 +153,7 @@ impl Trainer {
                 samples: 0,
                 train_seconds: 0.0,
                 teacher_forwards: 0,
+                skipped_steps: 0,
             }
         };
         let log = if opts.resume {
@@ -275,12 +278,16 @@ impl Trainer {
             .pool
             .as_ref()
             .filter(|_| self.kd_schedule.is_active(step, self.total));
+        let guard = StepGuard {
+            clip_grad_norm: self.recipe.train.clip_grad_norm,
+            on_nonfinite: self.recipe.train.on_nonfinite,
+        };
         let t0 = Instant::now();
         // The loader's batch is on the CPU; on a GPU the upload is part of the step's time.
         let out = b
             .to_device(self.device)
             .and_then(|on_device| {
-                train_step(
+                train_step_guarded(
                     &self.student,
                     distill,
                     &self.loss,
@@ -289,6 +296,7 @@ impl Trainer {
                     lr,
                     step,
                     self.recipe.seed,
+                    &guard,
                 )
             })
             .and_then(|out| {
@@ -316,6 +324,7 @@ impl Trainer {
         state.step += 1;
         state.samples += b.samples() as u64;
         state.teacher_forwards += out.teacher_forwards as u64;
+        state.skipped_steps += out.skipped.is_some() as u64;
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
         let eval = if self.evals.contains(&self.state.step) {
@@ -336,6 +345,8 @@ impl Trainer {
             loss: out.loss,
             teacher_forwards: self.state.teacher_forwards,
             eval,
+            skipped: out.skipped.map(|s| s.tag().to_string()),
+            skipped_steps: self.state.skipped_steps,
         })?;
         let every = self.recipe.train.checkpoint_every;
         if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
@@ -386,6 +397,7 @@ impl Trainer {
                 "teacher_forwards".to_string(),
                 r.teacher_forwards.to_string(),
             ),
+            ("skipped_steps".to_string(), r.skipped_steps.to_string()),
         ]);
         checkpoint::save(path.as_ref(), &tensors, Some(meta))
     }
@@ -427,6 +439,7 @@ impl Trainer {
             final_eval,
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
+            skipped_steps: self.state.skipped_steps,
             device: Some(self.device_name.clone()),
             teachers: recipe
                 .distill
@@ -481,5 +494,10 @@ fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> 
             .parse()
             .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
         teacher_forwards: num("teacher_forwards")?,
+        // Checkpoints written before steps could be skipped have no count: none were.
+        skipped_steps: match ckpt.metadata.contains_key("skipped_steps") {
+            true => num("skipped_steps")?,
+            false => 0,
+        },
     })
 }
