@@ -70,4 +70,23 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
             .to_string();
         assert!(err.contains("8 values for 4 labels"), "{err}");
     }
+
+    // A tokenizer.json whose `decoder` holds a non-string key: the tokenizers crate panicked
+    // ("Helper: key must be a string"); now an error naming the file, line and column.
+    let seed = String::from_utf8(seeds("tokenizer").remove(0)).unwrap();
+    let bad = seed.replacen("\"decoder\": {", "\"decoder\": {1: 0, ", 1);
+    assert_ne!(bad, seed, "the seed has a decoder");
+    let dir = std::env::temp_dir().join(format!("recycle-fuzz-regress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, bad).unwrap();
+    let err = recycle::data::TextTokenizer::from_file(&path)
+        .err()
+        .expect("a malformed tokenizer.json is refused")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not valid JSON") && err.contains("line"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
