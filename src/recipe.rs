@@ -20,6 +20,8 @@
 //! batch_size = 128
 //! epochs = 2.0
 //! evals = 8
+//! clip_grad_norm = 1.0   # clip gradients to this global L2 norm (off when absent)
+//! on_nonfinite = "stop"  # or "skip": what a step with a NaN or infinity does
 //! [optimizer]
 //! kind = "sgdw"          # or "adamw"
 //! lr = 0.4
