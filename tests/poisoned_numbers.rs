@@ -38,7 +38,9 @@ fn arch() -> Architecture {
 
 /// Four 8x8 images with labels 0..3; `poison` puts a NaN in one pixel.
 fn batch(poison: bool) -> Batch {
-    let mut x: Vec<f32> = (0..4 * 64).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let mut x: Vec<f32> = (0..4 * 64)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     if poison {
         x[77] = f32::NAN;
     }
@@ -62,7 +64,8 @@ fn fill(model: &Model, name: &str, v: f32) {
     let p = model.params().unwrap();
     let shape = p.get(name).unwrap().shape().to_vec();
     let n = shape.iter().product();
-    p.set(name, &Tensor::f32(vec![v; n], &shape).unwrap()).unwrap();
+    p.set(name, &Tensor::f32(vec![v; n], &shape).unwrap())
+        .unwrap();
 }
 
 fn guard(on_nonfinite: OnNonFinite) -> StepGuard {
@@ -87,7 +90,10 @@ fn clip_grad_norm_scales_a_hand_computed_case() {
     let g = p.grads().to_vec_f32().unwrap();
     let coef = 1.0f32 / (5.0 + 1e-6);
     assert_eq!(g, vec![3.0 * coef, 4.0 * coef]);
-    assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+    assert!(
+        (g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6,
+        "{g:?}"
+    );
     assert!((grad_norm(&p).unwrap() - 1.0).abs() < 1e-6);
     // A non-finite norm leaves the gradients for the caller to refuse.
     p.grads()
@@ -115,15 +121,36 @@ fn a_clipped_step_moves_the_weights_by_the_clipped_norm_and_clipping_is_off_by_d
         clip_grad_norm: Some(norm * 2.0),
         ..StepGuard::default()
     };
-    train_step_guarded(&b, None, &loss, &batch(false), &mut sgd(&b), lr, 0, 1, &loose).unwrap();
+    train_step_guarded(
+        &b,
+        None,
+        &loss,
+        &batch(false),
+        &mut sgd(&b),
+        lr,
+        0,
+        1,
+        &loose,
+    )
+    .unwrap();
     assert_eq!(values(&a), values(&b));
     // A limit of a tenth of the norm: the update's norm is lr * limit.
     let tight = StepGuard {
         clip_grad_norm: Some(norm / 10.0),
         ..StepGuard::default()
     };
-    let out =
-        train_step_guarded(&c, None, &loss, &batch(false), &mut sgd(&c), lr, 0, 1, &tight).unwrap();
+    let out = train_step_guarded(
+        &c,
+        None,
+        &loss,
+        &batch(false),
+        &mut sgd(&c),
+        lr,
+        0,
+        1,
+        &tight,
+    )
+    .unwrap();
     assert_eq!(out.grad_norm, Some(norm), "the norm before clipping");
     let moved: f64 = values(&c)
         .iter()
@@ -150,7 +177,11 @@ fn a_clipped_step_moves_the_weights_by_the_clipped_norm_and_clipping_is_off_by_d
     assert_eq!(r.train.clip_grad_norm, Some(1.0));
     assert_eq!(r.train.on_nonfinite, OnNonFinite::Skip);
     assert_eq!(Recipe::from_toml(&r.to_toml().unwrap()).unwrap(), r);
-    for bad in ["clip_grad_norm = 0.0", "clip_grad_norm = -1.0", "clip_grad_norm = nan"] {
+    for bad in [
+        "clip_grad_norm = 0.0",
+        "clip_grad_norm = -1.0",
+        "clip_grad_norm = nan",
+    ] {
         let err = Recipe::from_toml(&toml(bad)).unwrap_err().to_string();
         assert!(err.contains("train.clip_grad_norm"), "{bad}: {err}");
     }
@@ -179,7 +210,10 @@ fn a_nan_in_the_input_batch_stops_the_step_or_is_skipped() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("step 5") && err.contains("input batch"), "{err}");
+    assert!(
+        err.contains("step 5") && err.contains("input batch"),
+        "{err}"
+    );
     assert!(err.contains("on_nonfinite"), "{err}");
 
     let out = train_step_guarded(
@@ -369,7 +403,10 @@ fn a_diverging_run_stops_keeping_a_finite_checkpoint_or_skips_and_counts() {
     let err = trainer::run(&stop, &RunOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("stopped at step") && err.contains("a NaN or infinity at step"), "{err}");
+    assert!(
+        err.contains("stopped at step") && err.contains("a NaN or infinity at step"),
+        "{err}"
+    );
     // Whatever checkpoint the run wrote before it stopped holds finite weights.
     let ckpt = out.join("stop").join(trainer::CHECKPOINT_FILE);
     if ckpt.exists() {
@@ -377,7 +414,10 @@ fn a_diverging_run_stops_keeping_a_finite_checkpoint_or_skips_and_counts() {
         for (name, t) in c.tensors.iter().filter(|(n, _)| n.starts_with("model.")) {
             if t.dtype().is_float() {
                 let v = t.to_vec_f32().unwrap();
-                assert!(v.iter().all(|x| x.is_finite()), "{name} in the last checkpoint");
+                assert!(
+                    v.iter().all(|x| x.is_finite()),
+                    "{name} in the last checkpoint"
+                );
             }
         }
     }
@@ -385,11 +425,17 @@ fn a_diverging_run_stops_keeping_a_finite_checkpoint_or_skips_and_counts() {
     let skip = diverging_recipe(&out, &data, "skip", "skip");
     let summary = trainer::run(&skip, &RunOptions::default()).unwrap();
     assert!(summary.skipped_steps > 0, "{summary:?}");
-    assert!(summary.skipped_steps < summary.steps, "the first step trains");
+    assert!(
+        summary.skipped_steps < summary.steps,
+        "the first step trains"
+    );
     let log = RunLog::read(out.join("skip").join(trainer::LOG_FILE)).unwrap();
     let marked = log.records.iter().filter(|r| r.skipped.is_some()).count() as u64;
     assert_eq!(marked, summary.skipped_steps);
-    assert_eq!(log.records.last().unwrap().skipped_steps, summary.skipped_steps);
+    assert_eq!(
+        log.records.last().unwrap().skipped_steps,
+        summary.skipped_steps
+    );
     assert_eq!(
         RunSummary::read(out.join("skip")).unwrap().skipped_steps,
         summary.skipped_steps

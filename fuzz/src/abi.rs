@@ -65,9 +65,17 @@ pub fn kd_loss_abi(data: &[u8]) {
     let labels_i32: Vec<i32> = (0..rows).map(|_| c.i32() % 24).collect();
     let labels_i64: Vec<i64> = labels_i32
         .iter()
-        .map(|&y| if flags & 8 != 0 { y as i64 } else { (y as i64) << 33 })
+        .map(|&y| {
+            if flags & 8 != 0 {
+                y as i64
+            } else {
+                (y as i64) << 33
+            }
+        })
         .collect();
-    let mask: Vec<u8> = (0..rows + (flags >> 6) as usize % 2).map(|_| c.u8()).collect();
+    let mask: Vec<u8> = (0..rows + (flags >> 6) as usize % 2)
+        .map(|_| c.u8())
+        .collect();
     let mut grad = vec![0f32; if flags & 16 != 0 { student_len } else { rows }];
 
     let mut out = RecycleLoss {
@@ -89,15 +97,27 @@ pub fn kd_loss_abi(data: &[u8]) {
             student.as_ptr(),
             student.len(),
             classes,
-            if teachers.is_empty() { std::ptr::null() } else { teachers.as_ptr() },
+            if teachers.is_empty() {
+                std::ptr::null()
+            } else {
+                teachers.as_ptr()
+            },
             teachers.len(),
             num_teachers,
             labels_ptr,
             rows,
             label_type,
-            if flags & 32 != 0 { mask.as_ptr() } else { std::ptr::null() },
+            if flags & 32 != 0 {
+                mask.as_ptr()
+            } else {
+                std::ptr::null()
+            },
             mask.len(),
-            if flags & 128 != 0 { grad.as_mut_ptr() } else { std::ptr::null_mut() },
+            if flags & 128 != 0 {
+                grad.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            },
             grad.len(),
             &mut out,
         )

@@ -22,9 +22,8 @@ use recycle::recipe::Recipe;
 /// the system's temporary directory, created once.
 fn scratch() -> PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
-    let base = BASE.get_or_init(|| {
-        std::env::temp_dir().join(format!("recycle-fuzz-{}", std::process::id()))
-    });
+    let base = BASE
+        .get_or_init(|| std::env::temp_dir().join(format!("recycle-fuzz-{}", std::process::id())));
     let thread = format!("{:?}", std::thread::current().id());
     base.join(thread.trim_start_matches("ThreadId(").trim_end_matches(')'))
 }
@@ -145,7 +144,10 @@ pub fn fortunes(data: &[u8]) {
     put("fortunes/b", b);
     if let Ok(entries) = load_fortunes(Some(parent(&path))) {
         for e in &entries {
-            assert!(!e.is_empty() && e.trim() == e, "entries are trimmed and non-empty");
+            assert!(
+                !e.is_empty() && e.trim() == e,
+                "entries are trimmed and non-empty"
+            );
         }
     }
 }

@@ -200,7 +200,8 @@ impl TextTokenizer {
                 "not a valid tokenizer.json (the tokenizers library failed on it)".to_string(),
             )
         })?;
-        let inner = parsed.map_err(|e| corrupt(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner =
+            parsed.map_err(|e| corrupt(path, format!("not a valid tokenizer.json: {e}")))?;
         Self::wrap(inner, path)
     }
 

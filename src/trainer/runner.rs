@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use super::{
     architecture, eval_steps, evaluate, image_batch, load_teachers, make_optimizer, make_schedule,
-    mlm_batch, open_device, progress_bar, total_steps, train_step_guarded, Batch, Model, RunOptions,
-    StepGuard, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
+    mlm_batch, open_device, progress_bar, total_steps, train_step_guarded, Batch, Model,
+    RunOptions, StepGuard, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
