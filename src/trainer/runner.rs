@@ -495,9 +495,10 @@ fn load_checkpoint(dir: &Path, model: &Model, optimizer: &mut dyn Optimizer) -> 
             .map_err(|_| Error::checkpoint(&path, "metadata `train_seconds` is not a number"))?,
         teacher_forwards: num("teacher_forwards")?,
         // Checkpoints written before steps could be skipped have no count: none were.
-        skipped_steps: match ckpt.metadata.contains_key("skipped_steps") {
-            true => num("skipped_steps")?,
-            false => 0,
+        skipped_steps: if ckpt.metadata.contains_key("skipped_steps") {
+            num("skipped_steps")?
+        } else {
+            0
         },
     })
 }
