@@ -72,7 +72,7 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
     }
 
     // A tokenizer.json whose `decoder` holds a non-string key: the tokenizers crate panicked
-    // ("Helper: key must be a string"); now an error naming the file, line and column.
+    // ("key must be a string"); now an error naming the file, line and column.
     let seed = String::from_utf8(seeds("tokenizer").remove(0)).unwrap();
     let bad = seed.replacen("\"decoder\": {", "\"decoder\": {1: 0, ", 1);
     assert_ne!(bad, seed, "the seed has a decoder");
