@@ -323,7 +323,7 @@ fn a_checkpoint_holding_nan_is_refused_when_loaded() {
     checkpoint::save(&path, &state, None).unwrap();
     for err in [
         Model::load(&arch(), &path).map(|_| ()),
-        trainer::load_teachers(&[path.clone()], &arch(), Device::Cpu, None).map(|_| ()),
+        trainer::load_teachers(std::slice::from_ref(&path), &arch(), Device::Cpu, None).map(|_| ()),
         m.load_state_dict(state.clone(), &path),
     ] {
         let err = err.unwrap_err().to_string();
