@@ -80,10 +80,10 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, bad).unwrap();
-    let err = recycle::data::TextTokenizer::from_file(&path)
-        .err()
-        .expect("a malformed tokenizer.json is refused")
-        .to_string();
+    let err = match recycle::data::TextTokenizer::from_file(&path) {
+        Ok(_) => panic!("a malformed tokenizer.json is refused"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains("tokenizer.json") && err.contains("not valid JSON") && err.contains("line"),
         "{err}"
