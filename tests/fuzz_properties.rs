@@ -69,6 +69,9 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("8 values for 4 labels"), "{err}");
+        // No rows and a huge class count: no allocation of `classes` floats (an abort).
+        let out = kd_loss_cpu(&KdLoss::kl(2.0, 1.0), &[], &[], &[], None, classes).unwrap();
+        assert!(out.grad.is_empty() && out.ce_rows == 0);
     }
 
     // A tokenizer.json whose `decoder` holds a non-string key: the tokenizers crate panicked
