@@ -20,6 +20,8 @@
 //! batch_size = 128
 //! epochs = 2.0
 //! evals = 8
+//! clip_grad_norm = 1.0   # clip gradients to this global L2 norm (off when absent)
+//! on_nonfinite = "stop"  # or "skip": what a step with a NaN or infinity does
 //! [optimizer]
 //! kind = "sgdw"          # or "adamw"
 //! lr = 0.4
@@ -229,6 +231,32 @@ pub struct TrainRecipe {
     /// Write a resumable checkpoint every N steps (0: only at evaluations and the end).
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Clip the gradients to this global L2 norm before each update (as PyTorch's
+    /// `clip_grad_norm_`); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f32>,
+    /// What a step that meets a NaN or infinity does: `stop` the run (the default) or `skip`
+    /// the update and count it.
+    #[serde(default, skip_serializing_if = "OnNonFinite::is_stop")]
+    pub on_nonfinite: OnNonFinite,
+}
+
+/// What a training step does when its input batch, a teacher's logits, the loss or the
+/// gradients hold a NaN or an infinity (see `trainer::step`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// End the run with an error naming the step and the source; the last checkpoint stays.
+    #[default]
+    Stop,
+    /// Leave the weights and optimizer state as they were, count the step as skipped, go on.
+    Skip,
+}
+
+impl OnNonFinite {
+    fn is_stop(&self) -> bool {
+        *self == OnNonFinite::Stop
+    }
 }
 
 fn default_evals() -> u64 {
@@ -474,6 +502,13 @@ impl Recipe {
         }
         if self.train.evals == 0 {
             return bad("train.evals must be at least 1".into());
+        }
+        if let Some(c) = self.train.clip_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad(format!(
+                    "train.clip_grad_norm {c} must be a positive number (or left out: no clipping)"
+                ));
+            }
         }
         let o = &self.optimizer;
         if !(o.lr > 0.0 && o.lr.is_finite()) {

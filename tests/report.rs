@@ -30,6 +30,8 @@ fn record(step: u64, t: f64, eval: Option<f32>, kd: bool) -> RunLogRecord {
         teacher_forwards: if kd { step } else { 0 },
         eval,
         validation: eval.map(|e| (e - 0.01).max(0.0)),
+        skipped: None,
+        skipped_steps: 0,
     }
 }
 
@@ -75,6 +77,7 @@ fn write_run_with(
         majority_floor: Some(0.1),
         train_seconds: end,
         teacher_forwards: if kd { step } else { 0 },
+        skipped_steps: 0,
         device: Some("cpu".to_string()),
         teachers: if kd { vec!["b90".to_string()] } else { vec![] },
         config,
@@ -538,6 +541,7 @@ fn write_stepped_run(
         majority_floor: None,
         train_seconds: seconds(steps),
         teacher_forwards: if kd { steps } else { 0 },
+        skipped_steps: 0,
         device: Some("cpu".to_string()),
         teachers: if kd { vec!["base".to_string()] } else { vec![] },
         config: serde_json::Value::Null,

@@ -198,9 +198,19 @@ impl TextTokenizer {
     /// names (`[PAD]`, `[CLS]`, ...) or, failing that, RoBERTa's (`<pad>`, `<s>`, ...).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let inner: Tokenizer = text
-            .parse()
-            .map_err(|e| corrupt(path, format!("not a valid tokenizer.json: {e}")))?;
+        // The JSON syntax first: the tokenizers crate panics (instead of failing) on some
+        // malformed JSON inside its `decoder` (found by fuzzing), and this names line and column.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| corrupt(path, format!("not valid JSON: {e}")))?;
+        // Any other panic of that crate's parser is an error here, not a crash of the caller.
+        let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>()).map_err(|_| {
+            corrupt(
+                path,
+                "not a valid tokenizer.json (the tokenizers library failed on it)".to_string(),
+            )
+        })?;
+        let inner =
+            parsed.map_err(|e| corrupt(path, format!("not a valid tokenizer.json: {e}")))?;
         Self::wrap(inner, path)
     }
 

@@ -312,7 +312,8 @@ pub fn kd_loss_cpu(
 ) -> Result<KdLossOutput> {
     cfg.validate()?;
     let rows = labels.len();
-    if classes == 0 || student.len() != rows * classes {
+    // Checked: a caller's class count can be any size_t (the C ABI passes it through).
+    if classes == 0 || rows.checked_mul(classes) != Some(student.len()) {
         return Err(Error::shape(
             "kd_loss",
             format!(
@@ -380,7 +381,8 @@ pub fn kd_loss_cpu(
         .par_chunks_mut(classes)
         .enumerate()
         .map_init(
-            || [(); 3].map(|_| vec![0f32; classes]),
+            // At most the student's length: with no rows, `classes` may be any size_t.
+            || [(); 3].map(|_| vec![0f32; classes.min(student.len())]),
             |[tmean, ps, pt], (r, g)| {
                 if !counts(r) {
                     return (0.0, 0.0);

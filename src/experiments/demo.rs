@@ -158,6 +158,8 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                     DemoPreset::Long => 16,
                 },
                 checkpoint_every: 0,
+                clip_grad_norm: None,
+                on_nonfinite: Default::default(),
             },
             optimizer: OptimizerRecipe {
                 kind: OptimizerKind::Sgdw,
@@ -210,6 +212,8 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 samples: None,
                 evals: if tiny { 2 } else { 8 },
                 checkpoint_every: 0,
+                clip_grad_norm: None,
+                on_nonfinite: Default::default(),
             },
             optimizer: OptimizerRecipe {
                 kind: OptimizerKind::Adamw,

@@ -99,6 +99,17 @@ pub struct RunLogRecord {
     /// The same evaluation on the validation split (absent without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<f32>,
+    /// Set on a step skipped under `train.on_nonfinite = "skip"`: where its NaN or infinity
+    /// was (`input`, `teacher-logits`, `weights`, `logits`, `loss`, `gradients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Steps skipped so far (cumulative; absent while none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// serde_json writes a non-finite float as `null`; read it back as NaN instead of failing, so a
@@ -350,6 +361,9 @@ pub struct RunSummary {
     /// Total training seconds (the same clock as the log's `train_seconds`).
     pub train_seconds: f64,
     pub teacher_forwards: u64,
+    /// Steps skipped under `train.on_nonfinite = "skip"` (absent when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
     /// The device the run trained on: `cpu`, or the GPU's ordinal and name
     /// (`cuda:0 NVIDIA H200`); absent in summaries written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -582,6 +596,8 @@ mod tests {
             teacher_forwards: 0,
             eval,
             validation: None,
+            skipped: None,
+            skipped_steps: 0,
         }
     }
 
@@ -645,6 +661,7 @@ mod tests {
                 majority_floor: None,
                 train_seconds: 30.0,
                 teacher_forwards: 0,
+                skipped_steps: 0,
                 device: None,
                 teachers: vec![],
                 config: serde_json::Value::Null,

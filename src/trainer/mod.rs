@@ -38,7 +38,9 @@ use crate::experiments::runlog::RunSummary;
 use crate::recipe::{ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
 pub use model::{Architecture, Batch, Model};
 pub use runner::{Trainer, TrainerMetrics};
-pub use step::{forward_backward, train_step, StepOutput};
+pub use step::{
+    forward_backward, train_step, train_step_guarded, NonFinite, StepGuard, StepOutput,
+};
 
 /// How a run is started.
 #[derive(Debug, Clone, Default)]

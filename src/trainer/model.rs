@@ -75,10 +75,12 @@ impl Model {
     }
 
     /// A student loaded from a safetensors state dict (whose weights must be floats: a tensor
-    /// tagged as integers is an error naming it, not weights).
+    /// tagged as integers is an error naming it, not weights; a NaN or infinity is an error
+    /// naming the file and the tensor).
     pub fn load(arch: &Architecture, path: &Path) -> Result<Model> {
         let state = recycle_engine::checkpoint::load(path)?.tensors;
         check_float_tensors(path, &state)?;
+        reject_nonfinite(&state, path)?;
         Ok(match arch {
             Architecture::ResNet(c) => {
                 Model::ResNet(ResNet::from_state_dict(c.clone(), state, path)?)
@@ -178,6 +180,7 @@ impl Model {
 
     /// Restores parameters and buffers from a state dict taken from the same architecture.
     pub fn load_state_dict(&self, state: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
+        reject_nonfinite(&state, source)?;
         let fresh = match self {
             Model::ResNet(m) => {
                 Model::ResNet(ResNet::from_state_dict(m.config().clone(), state, source)?)
@@ -242,6 +245,31 @@ pub(crate) fn check_float_tensors(path: &Path, state: &[(String, Tensor)]) -> Re
             wrong.join(", ")
         ),
     ))
+}
+
+/// An error naming `source`, the tensor, the element and its value when a float tensor of
+/// `state` holds a NaN or an infinity: weights that would poison every step are refused when
+/// they are loaded, before a run trains on them (one scan per load).
+pub fn reject_nonfinite(state: &[(String, Tensor)], source: &Path) -> Result<()> {
+    for (name, t) in state {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values = t.to_vec_f32()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            return Err(Error::checkpoint(
+                source,
+                format!(
+                    "tensor `{name}` holds {} at element {i} ({bad} of its {} values are NaN or \
+                     infinite): the checkpoint is poisoned; load an earlier one",
+                    values[i],
+                    values.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

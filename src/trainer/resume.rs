@@ -169,6 +169,12 @@ pub(super) fn load_checkpoint(
                 Error::checkpoint(&path, "metadata `train_seconds` is not a number of seconds")
             })?,
         teacher_forwards: num("teacher_forwards")?,
+        // Checkpoints written before steps could be skipped have no count: none were.
+        skipped_steps: if ckpt.metadata.contains_key("skipped_steps") {
+            num("skipped_steps")?
+        } else {
+            0
+        },
     };
     // A checkpoint whose counters do not fit this run would make the summary report steps or
     // samples never trained.

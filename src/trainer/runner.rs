@@ -15,9 +15,9 @@ use super::resume::{
 };
 use super::{
     architecture, eval_steps, evaluate, evaluate_on, image_batch, load_teachers, majority_floor,
-    make_optimizer, make_schedule, mlm_batch, open_device, progress_bar, total_steps, train_step,
-    Batch, EvalSplit, Model, RunOptions, StepOutput, TaskData, CHECKPOINT_FILE, FINAL_FILE,
-    LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
+    make_optimizer, make_schedule, mlm_batch, open_device, progress_bar, total_steps,
+    train_step_guarded, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput, TaskData,
+    CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
@@ -30,6 +30,8 @@ pub(super) struct Progress {
     pub(super) samples: u64,
     pub(super) train_seconds: f64,
     pub(super) teacher_forwards: u64,
+    /// Steps skipped under `train.on_nonfinite = "skip"`.
+    pub(super) skipped_steps: u64,
 }
 
 /// What a [`Trainer`] reports between steps.
@@ -188,6 +190,7 @@ impl Trainer {
                 samples: 0,
                 train_seconds: 0.0,
                 teacher_forwards: 0,
+                skipped_steps: 0,
             }
         };
         let log = if opts.resume {
@@ -314,12 +317,16 @@ impl Trainer {
             .pool
             .as_ref()
             .filter(|_| self.kd_schedule.is_active(step, self.total));
+        let guard = StepGuard {
+            clip_grad_norm: self.recipe.train.clip_grad_norm,
+            on_nonfinite: self.recipe.train.on_nonfinite,
+        };
         let t0 = Instant::now();
         // The loader's batch is on the CPU; on a GPU the upload is part of the step's time.
         let out = b
             .to_device(self.device)
             .and_then(|on_device| {
-                train_step(
+                train_step_guarded(
                     &self.student,
                     distill,
                     &self.loss,
@@ -328,6 +335,7 @@ impl Trainer {
                     lr,
                     step,
                     self.recipe.seed,
+                    &guard,
                 )
             })
             .and_then(|out| {
@@ -355,6 +363,7 @@ impl Trainer {
         state.step += 1;
         state.samples += b.samples() as u64;
         state.teacher_forwards += out.teacher_forwards as u64;
+        state.skipped_steps += out.skipped.is_some() as u64;
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
         let (eval, validation) = if self.evals.contains(&self.state.step) {
@@ -378,6 +387,8 @@ impl Trainer {
             teacher_forwards: self.state.teacher_forwards,
             eval,
             validation,
+            skipped: out.skipped.map(|s| s.tag().to_string()),
+            skipped_steps: self.state.skipped_steps,
         })?;
         let every = self.recipe.train.checkpoint_every;
         if eval.is_some() || (every > 0 && self.state.step.is_multiple_of(every)) {
@@ -491,6 +502,7 @@ impl Trainer {
                 "teacher_forwards".to_string(),
                 r.teacher_forwards.to_string(),
             ),
+            ("skipped_steps".to_string(), r.skipped_steps.to_string()),
         ]);
         checkpoint::save(path.as_ref(), &tensors, Some(meta))
     }
@@ -527,6 +539,7 @@ impl Trainer {
             majority_floor: Some(majority_floor(&self.data)?),
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
+            skipped_steps: self.state.skipped_steps,
             device: Some(self.device_name.clone()),
             teachers: recipe
                 .distill

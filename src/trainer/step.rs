@@ -10,12 +10,25 @@
 //! queued, and there would be little left to overlap. On the CPU the scope runs the teachers
 //! there and then: the same values as running them after the student (nothing they compute
 //! depends on the order), one code path for both devices.
+//!
+//! Non-finite numbers are caught where it costs little: the input batch once (floats only),
+//! the loss scalar (which the step reads back anyway) and the gradients' global norm (which
+//! clipping needs anyway). Only when the loss is not finite are the teachers' and the
+//! student's logits scanned, to say where the NaN or infinity came from. A poisoned step either
+//! ends the run ([`OnNonFinite::Stop`]) or is skipped with the weights and optimizer state
+//! untouched ([`OnNonFinite::Skip`]).
+
+use std::fmt;
+
+use rayon::prelude::*;
 
 use recycle_engine::cuda::{self, StreamRole};
+use recycle_engine::ops::elementwise::{mul, scale, sum};
 use recycle_engine::optim::Optimizer;
-use recycle_engine::{Error, Result, Tape};
+use recycle_engine::{DType, Error, FlatParams, Result, Tape, Tensor};
 
 use crate::distill::{kd_loss, KdLoss, TeacherPool};
+pub use crate::recipe::OnNonFinite;
 use crate::trainer::model::{Batch, Model};
 
 #[derive(Debug, Clone, Copy)]
@@ -25,10 +38,73 @@ pub struct StepOutput {
     pub kd: Option<f32>,
     pub loss: f32,
     pub teacher_forwards: usize,
+    /// The gradients' global L2 norm before clipping (`None` for a step skipped before
+    /// backward, and for [`forward_backward`], which leaves the gradients alone).
+    pub grad_norm: Option<f32>,
+    /// Where the NaN or infinity was, for a step skipped under [`OnNonFinite::Skip`].
+    pub skipped: Option<NonFinite>,
+}
+
+/// Where a step met a NaN or an infinity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonFinite {
+    /// The batch's inputs (image pixels).
+    InputBatch,
+    /// The logits of the `index`-th teacher of the pool.
+    TeacherLogits { index: usize },
+    /// The student's weights themselves (a checkpoint or an update poisoned them).
+    StudentWeights,
+    /// The student's logits, from finite weights and inputs: its activations overflowed.
+    StudentLogits { activations: DType },
+    /// The loss, from finite logits (an overflow inside the loss).
+    Loss,
+    /// The gradients after backward, from a finite loss.
+    Gradients,
+}
+
+impl fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NonFinite::InputBatch => write!(f, "the input batch"),
+            NonFinite::TeacherLogits { index } => write!(f, "the logits of teacher {index}"),
+            NonFinite::StudentWeights => write!(f, "the student's weights"),
+            NonFinite::StudentLogits { activations } => write!(
+                f,
+                "the student's logits (finite weights and inputs: its {activations} activations \
+                 overflowed)"
+            ),
+            NonFinite::Loss => write!(f, "the loss (from finite logits)"),
+            NonFinite::Gradients => write!(f, "the gradients (from a finite loss)"),
+        }
+    }
+}
+
+impl NonFinite {
+    /// A short tag for logs: `input`, `teacher-logits`, `weights`, `logits`, `loss`, `gradients`.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            NonFinite::InputBatch => "input",
+            NonFinite::TeacherLogits { .. } => "teacher-logits",
+            NonFinite::StudentWeights => "weights",
+            NonFinite::StudentLogits { .. } => "logits",
+            NonFinite::Loss => "loss",
+            NonFinite::Gradients => "gradients",
+        }
+    }
+}
+
+/// The recipe's guards of a step: gradient clipping and what a non-finite number does.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepGuard {
+    /// Clip the gradients to this global L2 norm (`train.clip_grad_norm`); off when `None`.
+    pub clip_grad_norm: Option<f32>,
+    /// `train.on_nonfinite`.
+    pub on_nonfinite: OnNonFinite,
 }
 
 /// Runs one step. `teachers` is `None` for a plain step or a step outside the distillation
-/// schedule: then no teacher runs at all.
+/// schedule: then no teacher runs at all. A NaN or infinity stops it with an error; no
+/// clipping (see [`train_step_guarded`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     student: &Model,
@@ -40,16 +116,95 @@ pub fn train_step(
     step: u64,
     seed: u64,
 ) -> Result<StepOutput> {
+    let guard = StepGuard::default();
+    train_step_guarded(
+        student, teachers, loss, batch, optimizer, lr, step, seed, &guard,
+    )
+}
+
+/// [`train_step`] with the recipe's guards: the gradients' global norm is computed after
+/// backward (and the gradients scaled down to `clip_grad_norm` when they exceed it); a NaN or
+/// infinity in the input batch, a teacher's logits, the loss or the gradients either ends the
+/// step with an error naming the step and the source, or (`OnNonFinite::Skip`) leaves the
+/// weights and optimizer state as they were and returns the output with `skipped` set.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_guarded(
+    student: &Model,
+    teachers: Option<&TeacherPool<Model>>,
+    loss: &KdLoss,
+    batch: &Batch,
+    optimizer: &mut dyn Optimizer,
+    lr: f32,
+    step: u64,
+    seed: u64,
+    guard: &StepGuard,
+) -> Result<StepOutput> {
     let params = student.params()?;
-    let out = forward_backward(student, teachers, loss, batch, lr, step, seed)?;
+    let poisoned = |out: StepOutput, source: NonFinite| -> Result<StepOutput> {
+        params.zero_grad()?;
+        match guard.on_nonfinite {
+            OnNonFinite::Stop => Err(nonfinite_error(step, source, &out, lr, teachers)),
+            OnNonFinite::Skip => Ok(StepOutput {
+                skipped: Some(source),
+                ..out
+            }),
+        }
+    };
+    let mut out = match forward_backward_checked(student, teachers, loss, batch, step, seed)? {
+        Ok(out) => out,
+        Err((out, source)) => return poisoned(out, source),
+    };
+    let norm = match guard.clip_grad_norm {
+        Some(max) => clip_grad_norm(params, max)?,
+        None => grad_norm(params)?,
+    };
+    out.grad_norm = Some(norm);
+    if !norm.is_finite() {
+        return poisoned(out, NonFinite::Gradients);
+    }
     optimizer.step(params, lr)?;
     params.zero_grad()?;
     Ok(out)
 }
 
+/// The error of a poisoned step: the step, the source, the losses, and what to try.
+fn nonfinite_error(
+    step: u64,
+    source: NonFinite,
+    out: &StepOutput,
+    lr: f32,
+    teachers: Option<&TeacherPool<Model>>,
+) -> Error {
+    let culprit = match (source, teachers) {
+        (NonFinite::TeacherLogits { index }, Some(pool)) => pool
+            .teachers()
+            .get(index)
+            .map_or(String::new(), |t| format!(" (`{}`)", t.name)),
+        _ => String::new(),
+    };
+    let kd = out.kd.map_or(String::new(), |kd| format!(", kd {kd}"));
+    let hint = match source {
+        NonFinite::InputBatch => "check the data set's files",
+        NonFinite::TeacherLogits { .. } => "check the teacher's checkpoint, or drop the teacher",
+        NonFinite::StudentWeights | NonFinite::StudentLogits { .. } | NonFinite::Gradients => {
+            "lower the learning rate or set train.clip_grad_norm"
+        }
+        NonFinite::Loss => "lower the learning rate or the distillation weight",
+    };
+    Error::invalid(
+        "train_step",
+        format!(
+            "a NaN or infinity at step {step} in {source}{culprit} (loss {}, ce {}{kd}, lr {lr}); \
+             {hint}, or set train.on_nonfinite = \"skip\" to skip such steps",
+            out.loss, out.ce
+        ),
+    )
+}
+
 /// The first half of [`train_step`]: forwards, the loss, and backward, leaving the gradients
 /// in the student's flat gradient buffer (added to what is there) and the parameters as they
-/// were. `lr` only appears in the error for a non-finite loss.
+/// were. A NaN or infinity in the inputs or the loss is an error naming the step and where it
+/// came from; `lr` only appears in that error.
 pub fn forward_backward(
     student: &Model,
     teachers: Option<&TeacherPool<Model>>,
@@ -59,6 +214,38 @@ pub fn forward_backward(
     step: u64,
     seed: u64,
 ) -> Result<StepOutput> {
+    match forward_backward_checked(student, teachers, loss, batch, step, seed)? {
+        Ok(out) => Ok(out),
+        Err((out, source)) => Err(nonfinite_error(step, source, &out, lr, teachers)),
+    }
+}
+
+/// A step's output so far and where a NaN or infinity stopped it.
+type Poisoned = (StepOutput, NonFinite);
+
+/// [`forward_backward`], returning a poisoned step as a value (nothing accumulated into the
+/// gradients then) rather than as an error.
+fn forward_backward_checked(
+    student: &Model,
+    teachers: Option<&TeacherPool<Model>>,
+    loss: &KdLoss,
+    batch: &Batch,
+    step: u64,
+    seed: u64,
+) -> Result<std::result::Result<StepOutput, Poisoned>> {
+    let empty = StepOutput {
+        ce: f32::NAN,
+        kd: None,
+        loss: f32::NAN,
+        teacher_forwards: 0,
+        grad_norm: None,
+        skipped: None,
+    };
+    if let Batch::Image { x, .. } = batch {
+        if !all_finite(x)? {
+            return Ok(Err((empty, NonFinite::InputBatch)));
+        }
+    }
     let device = student.params()?.device();
     // Inference tapes: nothing recorded, so each teacher activation is freed (on the teacher
     // stream) as soon as the next op has consumed it; only the logits leave the scope.
@@ -82,23 +269,95 @@ pub fn forward_backward(
     };
     let out = kd_loss(&tape, loss, &logits, &teacher_logits, batch.labels(), None)?;
     let value = out.total_value;
-    if !value.is_finite() {
-        return Err(Error::invalid(
-            "train_step",
-            format!(
-                "the loss is {value} at step {step} (ce {}, kd {}); lower the learning rate \
-                 (now {lr}) or the distillation weight",
-                out.ce, out.kd
-            ),
-        ));
-    }
-    tape.backward(&out.total)?;
-    Ok(StepOutput {
+    let result = StepOutput {
         ce: out.ce,
         kd: (!teacher_logits.is_empty()).then_some(out.kd),
         loss: value,
         teacher_forwards: teacher_logits.len(),
-    })
+        grad_norm: None,
+        skipped: None,
+    };
+    if !value.is_finite() {
+        // Only now look for the source: the teachers' logits, the student's weights, its
+        // logits, else the loss itself.
+        let selected = teachers.map_or(Vec::new(), |pool| pool.select(step));
+        for (t, index) in teacher_logits.iter().zip(selected) {
+            if !all_finite(t)? {
+                return Ok(Err((result, NonFinite::TeacherLogits { index })));
+            }
+        }
+        let source = if !all_finite(student.params()?.values())? {
+            NonFinite::StudentWeights
+        } else if !all_finite(logits.tensor())? {
+            NonFinite::StudentLogits {
+                activations: logits.tensor().dtype(),
+            }
+        } else {
+            NonFinite::Loss
+        };
+        return Ok(Err((result, source)));
+    }
+    tape.backward(&out.total)?;
+    Ok(Ok(result))
+}
+
+/// Whether every element of a float tensor is finite. On the CPU a scan; on a GPU one
+/// reduction whose only read-back is a scalar: `sum(0 * x)` is 0 unless some element is NaN or
+/// infinite (0 times either is NaN).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    if t.device().is_cpu() {
+        return Ok(t.read_f32()?.iter().all(|v| v.is_finite()));
+    }
+    let tape = Tape::inference();
+    let zeroed = scale(&tape, &tape.constant(t.clone()), 0.0)?;
+    Ok(sum(&tape, &zeroed)?.tensor().to_scalar_f32()?.is_finite())
+}
+
+/// The global L2 norm of the gradient buffer (summed in f64 on the CPU).
+pub fn grad_norm(params: &FlatParams) -> Result<f32> {
+    let grads = params.grads();
+    if grads.device().is_cpu() {
+        let g = grads.read_f32()?;
+        // Partial sums in parallel, added in chunk order: the same bits on every run (a
+        // resumed run clips exactly as the uninterrupted one did).
+        let partial: Vec<f64> = g
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum())
+            .collect();
+        return Ok(partial.iter().sum::<f64>().sqrt() as f32);
+    }
+    let tape = Tape::inference();
+    let g = tape.constant(grads.clone());
+    Ok(sum(&tape, &mul(&tape, &g, &g)?)?
+        .tensor()
+        .to_scalar_f32()?
+        .sqrt())
+}
+
+/// Scales the gradient buffer so that its global L2 norm is at most `max_norm`, as PyTorch's
+/// `clip_grad_norm_`: by `max_norm / (norm + 1e-6)` when that is below 1, else not at all.
+/// Returns the norm before clipping; a non-finite norm leaves the gradients alone.
+pub fn clip_grad_norm(params: &FlatParams, max_norm: f32) -> Result<f32> {
+    let norm = grad_norm(params)?;
+    let coef = max_norm / (norm + 1e-6);
+    if !norm.is_finite() || coef >= 1.0 {
+        return Ok(norm);
+    }
+    let grads = params.grads();
+    if grads.device().is_cpu() && grads.dtype() == DType::F32 {
+        grads
+            .write_f32()?
+            .par_chunks_mut(1 << 16)
+            .for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
+    } else {
+        let tape = Tape::inference();
+        let scaled = scale(&tape, &tape.constant(grads.clone()), coef)?;
+        grads.copy_from(scaled.tensor())?;
+    }
+    Ok(norm)
 }
 
 #[cfg(test)]
