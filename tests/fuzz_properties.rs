@@ -1,7 +1,7 @@
 //! The fuzz targets' bodies (`fuzz/src/targets.rs`) under `cargo test`: each parser on its
 //! seed files and a few thousand deterministic mutations of them. No input may panic, and
 //! every error from a file names it. The coverage-guided runs (cargo-fuzz, libFuzzer, with
-//! AddressSanitizer) go much further; see docs/reliability-fuzzing.md. Inputs those runs found
+//! AddressSanitizer) go much further; see docs/reliability.md (Fuzzing). Inputs those runs found
 //! crashing are replayed by `crashing_inputs_found_by_fuzzing_stay_fixed`.
 
 #[path = "../fuzz/src/mutate.rs"]

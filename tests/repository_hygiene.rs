@@ -34,8 +34,10 @@ const RULES: &[Rule] = &[
     Rule {
         what: "the people or programs that develop the project",
         find: |_, l| {
-            whole_word(l, &["agent", "agents", "lead engineer", "the lead"])
-                .or_else(|| helpers_at_work(l))
+            // `ureq::Agent` is an HTTP client's type, not a person at work.
+            let l = l.replace("::agent", "::");
+            whole_word(&l, &["agent", "agents", "lead engineer", "the lead"])
+                .or_else(|| helpers_at_work(&l))
         },
     },
     Rule {

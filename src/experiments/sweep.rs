@@ -106,6 +106,7 @@ mod tests {
                 majority_floor: Some(0.1),
                 train_seconds: 1.0,
                 teacher_forwards: 0,
+                skipped_steps: 0,
                 device: None,
                 teachers: vec![],
                 config: serde_json::Value::Null,

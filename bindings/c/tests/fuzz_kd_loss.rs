@@ -1,7 +1,7 @@
 //! The C ABI fuzz target's body (`fuzz/src/abi.rs`) under `cargo test`: `recycle_kd_loss` and
 //! `kd_loss_cpu` on the seed inputs, deterministic mutations of them and random bytes; no call
 //! may panic. The coverage-guided run (cargo-fuzz, AddressSanitizer) goes much further; see
-//! docs/reliability-fuzzing.md.
+//! docs/reliability.md (Fuzzing).
 
 #[path = "../../../fuzz/src/abi.rs"]
 mod abi;
