@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 /// A fresh directory for one test, removed when dropped.
 pub struct Scratch(pub PathBuf);
@@ -30,9 +31,21 @@ impl Drop for Scratch {
 }
 
 /// The `[data]` table of the tests' recipes: the one place that says where the images come
-/// from (Debian's `dataset-fashion-mnist`, the data module's default location).
+/// from (a small Fashion-MNIST-shaped set the tests write, once per process). No validation
+/// split, so that 256 images make the 16 steps of two epochs.
 pub fn data_table() -> String {
-    "[data]\ndataset = \"fashion-mnist\"\ntrain_limit = 256\neval_limit = 128\n".to_string()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let base = std::env::temp_dir().join(format!("recycle-rel-data-{}", std::process::id()));
+        recycle::data::test_support::fixture_data(&base)
+            .expect("writing the fixture data")
+            .0
+    });
+    format!(
+        "[data]\ndataset = \"fashion-mnist\"\ndir = \"{}\"\ntrain_limit = 256\neval_limit = 128\n\
+         validation_fraction = 0.0\n",
+        dir.display()
+    )
 }
 
 /// The tiny recipe: 16 steps of batch 32, an evaluation every 4 steps, a checkpoint every 2.
