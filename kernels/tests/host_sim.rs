@@ -131,9 +131,15 @@ fn a_stuck_block_and_a_shuffle_with_a_returned_lane_are_errors() {
     let Some(sim) = sim() else { return };
     let (r, _) = selftest(sim, "rk_sim_selftest_stuck", 3, 64);
     let e = r.unwrap_err();
+    // The three blocks run in parallel and all get stuck: whichever is found first is named.
+    let named_block = (0..3).any(|b| {
+        e.contains(&format!(
+            "block ({b}, 0, 0), thread (0, 0, 0) waits at a warp shuffle"
+        ))
+    });
     assert!(
         e.contains("rk_sim_selftest_stuck")
-            && e.contains("block (0, 0, 0), thread (0, 0, 0) waits at a warp shuffle")
+            && named_block
             && e.contains("16 running lanes of its warp never reach"),
         "{e}"
     );
