@@ -241,8 +241,10 @@ fn forward_backward_checked(
         grad_norm: None,
         skipped: None,
     };
+    // On the CPU the scan is cheap; on a GPU it would cost a read-back and a wait every step,
+    // so there a poisoned input is found from the non-finite loss below.
     if let Batch::Image { x, .. } = batch {
-        if !all_finite(x)? {
+        if x.device().is_cpu() && !all_finite(x)? {
             return Ok(Err((empty, NonFinite::InputBatch)));
         }
     }
@@ -278,8 +280,13 @@ fn forward_backward_checked(
         skipped: None,
     };
     if !value.is_finite() {
-        // Only now look for the source: the teachers' logits, the student's weights, its
-        // logits, else the loss itself.
+        // Only now look for the source: the input batch (on a GPU), the teachers' logits, the
+        // student's weights, its logits, else the loss itself.
+        if let Batch::Image { x, .. } = batch {
+            if !x.device().is_cpu() && !all_finite(x)? {
+                return Ok(Err((result, NonFinite::InputBatch)));
+            }
+        }
         let selected = teachers.map_or(Vec::new(), |pool| pool.select(step));
         for (t, index) in teacher_logits.iter().zip(selected) {
             if !all_finite(t)? {
