@@ -72,7 +72,7 @@ const RULES: &[Rule] = &[
             substring(
                 l,
                 &[
-                    "/work/",
+                    concat!("/wo", "rk/"),
                     "/root/",
                     "/home/",
                     concat!("../sha", "red"),
@@ -306,8 +306,8 @@ fn the_rules_catch_what_they_forbid() {
         "(Issue #12)",
         "issue item 8",
         concat!("python3 ../sha", "red/reference/peer.py"),
-        "PEER=/work/shared/reference/x.py",
-        "py=/opt/torch/.venv/bin/python",
+        concat!("PEER=/wo", "rk/shared/reference/x.py"),
+        concat!("py=/opt/torch/.ve", "nv/bin/python"),
         "out=/tmp/bench-out",
         "with three helpers compiling Rust",
         "ask the lead",
