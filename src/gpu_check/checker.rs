@@ -9,6 +9,21 @@ use super::CheckRow;
 /// Largest element error of `gpu` against the oracle `cpu` (see the module doc); infinite for
 /// a length mismatch or a non-finite value where the CPU has a finite one.
 pub fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    max_err_over(gpu, cpu, |c, scale| {
+        c.abs().max((1e-3 * scale).max(f64::MIN_POSITIVE))
+    })
+}
+
+/// Largest element error of `gpu` against `cpu` relative to the tensor's scale,
+/// `|gpu - cpu| / max|cpu|` (non-finite values as in [`max_rel_err`]): the measure of bf16
+/// rows, whose intermediates the GPU rounds to bf16 while the CPU op keeps them in f32.
+pub fn max_scaled_err(gpu: &[f32], cpu: &[f32]) -> f64 {
+    max_err_over(gpu, cpu, |_, scale| scale.max(f64::MIN_POSITIVE))
+}
+
+/// The largest `|gpu - cpu| / denominator(cpu, max|cpu|)`; infinite for a length mismatch or a
+/// non-finite value where the CPU has a finite one, zero where both agree on a non-finite one.
+fn max_err_over(gpu: &[f32], cpu: &[f32], denominator: impl Fn(f64, f64) -> f64) -> f64 {
     if gpu.len() != cpu.len() {
         return f64::INFINITY;
     }
@@ -16,7 +31,6 @@ pub fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
         .iter()
         .filter(|v| v.is_finite())
         .fold(0f64, |m, &v| m.max((v as f64).abs()));
-    let floor = (1e-3 * scale).max(f64::MIN_POSITIVE);
     gpu.iter().zip(cpu).fold(0f64, |worst, (&g, &c)| {
         let e = if !c.is_finite() {
             // The oracle itself is not finite (a NaN row by definition): the GPU must agree.
@@ -28,35 +42,7 @@ pub fn max_rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
         } else if !g.is_finite() {
             f64::INFINITY
         } else {
-            ((g as f64) - (c as f64)).abs() / (c as f64).abs().max(floor)
-        };
-        worst.max(e)
-    })
-}
-
-/// Largest element error of `gpu` against `cpu` relative to the tensor's scale,
-/// `|gpu - cpu| / max|cpu|` (non-finite values as in [`max_rel_err`]): the measure of bf16
-/// rows, whose intermediates the GPU rounds to bf16 while the CPU op keeps them in f32.
-pub fn max_scaled_err(gpu: &[f32], cpu: &[f32]) -> f64 {
-    if gpu.len() != cpu.len() {
-        return f64::INFINITY;
-    }
-    let scale = cpu
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f64, |m, &v| m.max((v as f64).abs()))
-        .max(f64::MIN_POSITIVE);
-    gpu.iter().zip(cpu).fold(0f64, |worst, (&g, &c)| {
-        let e = if !c.is_finite() {
-            if g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()) {
-                0.0
-            } else {
-                f64::INFINITY
-            }
-        } else if !g.is_finite() {
-            f64::INFINITY
-        } else {
-            ((g as f64) - (c as f64)).abs() / scale
+            ((g as f64) - (c as f64)).abs() / denominator(c as f64, scale)
         };
         worst.max(e)
     })
