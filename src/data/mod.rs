@@ -24,6 +24,7 @@ pub mod sources;
 pub mod test_support;
 pub mod text;
 pub mod validation;
+pub mod wordpiece;
 
 use std::path::Path;
 
