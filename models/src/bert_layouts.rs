@@ -63,7 +63,11 @@ impl LayoutReport {
                 "; ignored {} tensors not used for masked-language modelling ({}{})",
                 self.ignored.len(),
                 shown.join(", "),
-                if self.ignored.len() > shown.len() { ", ..." } else { "" }
+                if self.ignored.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
             ));
         }
         if self.fresh_head {
@@ -197,7 +201,10 @@ mod tests {
         );
         assert!(!has_mlm_head(&kept));
         let line = report.describe(src);
-        assert!(line.contains("BertModel") && line.contains("ignored 2"), "{line}");
+        assert!(
+            line.contains("BertModel") && line.contains("ignored 2"),
+            "{line}"
+        );
 
         let state: StateDict = vec![
             ("bert.embeddings.word_embeddings.weight".into(), t()),
@@ -213,7 +220,10 @@ mod tests {
         let err = normalise(vec![("fc.weight".into(), t())], src)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("m.safetensors") && err.contains("`fc.weight`"), "{err}");
+        assert!(
+            err.contains("m.safetensors") && err.contains("`fc.weight`"),
+            "{err}"
+        );
         let err = missing_head(src, BertLayout::Encoder).to_string();
         assert!(err.contains("init_head = \"fresh\"") && err.contains("m.safetensors"));
     }

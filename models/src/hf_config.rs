@@ -24,8 +24,8 @@ pub fn parse_bert_config(bytes: &[u8], source: &Path) -> Result<BertConfig> {
             std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
         )
     };
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| bad(format!("not a valid config.json: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not a valid config.json: {e}")))?;
     let Value::Object(map) = value else {
         return Err(bad("not a valid config.json: not a JSON object".into()));
     };
@@ -127,8 +127,16 @@ mod tests {
         let text = std::str::from_utf8(base).unwrap();
         for (from, to, needle) in [
             ("\"gelu\"", "\"relu\"", "hidden_act"),
-            ("\"model_type\": \"bert\"", "\"model_type\": \"gpt2\"", "gpt2"),
-            ("\"num_attention_heads\": 12", "\"num_attention_heads\": 7", "divisible"),
+            (
+                "\"model_type\": \"bert\"",
+                "\"model_type\": \"gpt2\"",
+                "gpt2",
+            ),
+            (
+                "\"num_attention_heads\": 12",
+                "\"num_attention_heads\": 7",
+                "divisible",
+            ),
             ("\"hidden_size\": 768", "\"hidden_size\": -1", "hidden_size"),
             ("\"vocab_size\": 30522", "\"vocab\": 30522", "vocab_size"),
             ("{", "[", "not a valid"),

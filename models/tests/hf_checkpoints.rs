@@ -53,11 +53,16 @@ fn every_layout_loads_and_says_what_it_ignored() {
     assert_eq!(r.layout, BertLayout::PreTraining);
     assert!(
         r.ignored.iter().any(|n| n.starts_with("bert.pooler."))
-            && r.ignored.iter().any(|n| n.starts_with("cls.seq_relationship.")),
+            && r.ignored
+                .iter()
+                .any(|n| n.starts_with("cls.seq_relationship.")),
         "{r:?}"
     );
     let line = r.describe(&fixture("hf_pretraining.safetensors"));
-    assert!(line.contains("BertForPreTraining") && line.contains("ignored"), "{line}");
+    assert!(
+        line.contains("BertForPreTraining") && line.contains("ignored"),
+        "{line}"
+    );
 
     let encoder = fixture("hf_encoder.safetensors");
     let err = Bert::from_pretrained(config(), &encoder, HeadInit::FromFile, 0)
@@ -74,7 +79,10 @@ fn every_layout_loads_and_says_what_it_ignored() {
     let (fresh, r) = Bert::from_pretrained(config(), &encoder, HeadInit::Fresh, 7).unwrap();
     assert_eq!(r.layout, BertLayout::Encoder);
     assert!(r.fresh_head);
-    assert!(r.ignored.contains(&"embeddings.position_ids".to_string()), "{r:?}");
+    assert!(
+        r.ignored.contains(&"embeddings.position_ids".to_string()),
+        "{r:?}"
+    );
     // The fresh head is what a new model of that seed draws.
     let new = Bert::new(config(), 7).unwrap();
     let get = |m: &Bert, n: &str| -> Vec<f32> {
@@ -97,7 +105,10 @@ fn every_layout_loads_and_says_what_it_ignored() {
     let err = Bert::from_pretrained(wrong, &encoder, HeadInit::Fresh, 0)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("hf_encoder.safetensors") && err.contains("[48"), "{err}");
+    assert!(
+        err.contains("hf_encoder.safetensors") && err.contains("[48"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -108,7 +119,12 @@ fn encoder_reproduces_hugging_face_last_hidden_state() {
         v[k].as_array()
             .unwrap()
             .iter()
-            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32))
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap() as i32)
+            })
             .collect()
     };
     let shape: Vec<usize> = v["shape"]
@@ -145,5 +161,8 @@ fn encoder_reproduces_hugging_face_last_hidden_state() {
         .zip(&expected)
         .map(|(a, e)| (a - e).abs())
         .fold(0.0f32, f32::max);
-    assert!(worst < 1e-4, "largest difference from Hugging Face: {worst}");
+    assert!(
+        worst < 1e-4,
+        "largest difference from Hugging Face: {worst}"
+    );
 }
