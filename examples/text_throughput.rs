@@ -3,7 +3,7 @@
 //! Hugging Face peer is `scripts/reference/text_shards_peer.py`; figures in docs/benchmarks.md.
 //!
 //! ```sh
-//! cargo run --release --example text_throughput -- TOKENIZER_JSON SEQ_LEN BATCH BATCHES SHARD...
+//! cargo run --example text_throughput -- TOKENIZER_JSON SEQ_LEN BATCH BATCHES SHARD...
 //! ```
 
 use std::path::PathBuf;

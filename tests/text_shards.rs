@@ -256,7 +256,11 @@ fn streamed_batches_are_packed_masked_and_reproduced_bit_for_bit() {
 }
 
 fn text_recipe(out: &Path, data: &Path, name: &str, extra_model: &str, distill: &str) -> Recipe {
-    let text = format!(
+    Recipe::from_toml(&text_toml(out, data, name, extra_model, distill)).unwrap()
+}
+
+fn text_toml(out: &Path, data: &Path, name: &str, extra_model: &str, distill: &str) -> String {
+    format!(
         r#"
 name = "{name}"
 seed = 3
@@ -289,12 +293,11 @@ warmup = 0.1
         data = data.display(),
         config = fixture("hf_config.json").display(),
         tok = fixture("hf_tokenizer.json").display(),
-    );
-    Recipe::from_toml(&text).unwrap()
+    )
 }
 
 fn losses(dir: &Path) -> Vec<(u64, f32, Option<f32>)> {
-    RunLog::read(&dir.join("log.jsonl"))
+    RunLog::read(dir.join("log.jsonl"))
         .unwrap()
         .records
         .iter()
@@ -378,4 +381,24 @@ fn the_shipped_c4_recipe_starts_on_tiny_shards() {
     let summary = trainer::run(&r, &RunOptions::default()).unwrap();
     assert_eq!(summary.steps, 3);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn text_recipes_name_what_is_missing() {
+    let out = Path::new("runs");
+    let good = text_toml(out, Path::new("data"), "r", "", "");
+    for (from, to, needle) in [
+        ("samples = 48", "epochs = 1.0", "train.samples"),
+        ("validation = [", "# validation = [", "data.validation"),
+        ("[data]\n", "[data]\npacking = \"shuffle\"\n", "shuffle"),
+    ] {
+        let text = good.replacen(from, to, 1);
+        assert_ne!(text, good, "{from}");
+        let err = Recipe::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // The new fields round-trip, and a recipe without them writes none of them.
+    let r = Recipe::from_toml(&good).unwrap();
+    assert_eq!(Recipe::from_toml(&r.to_toml().unwrap()).unwrap(), r);
+    assert!(good.contains("train = [") && !good.contains("packing"));
 }

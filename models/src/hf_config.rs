@@ -63,7 +63,7 @@ pub fn parse_bert_config(bytes: &[u8], source: &Path) -> Result<BertConfig> {
             (None, None) => Err(bad(format!("field `{field}` is missing"))),
             (Some(v), _) => v
                 .as_u64()
-                .filter(|&n| n >= 1 && n <= 1 << 31)
+                .filter(|n| (1..=1 << 31).contains(n))
                 .map(|n| n as usize)
                 .ok_or_else(|| bad(format!("field `{field}` is {v}, not a size of at least 1"))),
         }
@@ -90,7 +90,7 @@ pub fn parse_bert_config(bytes: &[u8], source: &Path) -> Result<BertConfig> {
         hidden_dropout: real("hidden_dropout_prob", 0.1)? as f32,
         attention_dropout: real("attention_probs_dropout_prob", 0.1)? as f32,
     };
-    if !(config.layer_norm_eps > 0.0) {
+    if !config.layer_norm_eps.is_finite() || config.layer_norm_eps <= 0.0 {
         return Err(bad(format!(
             "field `layer_norm_eps` is {}, not a positive number",
             config.layer_norm_eps

@@ -10,7 +10,7 @@ Writes, under models/tests/fixtures/:
 - hf_masked_lm.safetensors: `BertForMaskedLM` (names `bert.*`, `cls.predictions.*`).
 - hf_pretraining.safetensors: `BertForPreTraining` (adds `bert.pooler.*`, `cls.seq_relationship.*`).
 - hf_encoder.safetensors: `BertModel` as sentence-transformers ship it (no `bert.` prefix, a pooler,
-  no MLM head, and the int64 `embeddings.position_ids` buffer older checkpoints carry).
+  no MLM head, and the int64 `embeddings.position_ids` buffer older checkpoints hold).
 - hf_encoder_expected.json: input ids, attention mask and the `last_hidden_state` of the
   `BertModel` in evaluation mode (f32), which models/tests/hf_checkpoints.rs reproduces.
 
