@@ -337,6 +337,8 @@ fn produce(
     // One packer for every pass: the stream goes on from the end of the last shard into the
     // first one again.
     let mut packer = shards.packer();
+    // Set when the consumer is gone or a batch failed (its error was sent): nothing more to do.
+    let mut halted = false;
     loop {
         let pass = shards.for_each_sequence(&mut packer, false, |seq, n| {
             if stop.load(Ordering::Relaxed) {
@@ -357,12 +359,13 @@ fn produce(
                 step += 1;
                 let failed = batch.is_err();
                 if !send(batch) || failed {
+                    halted = true;
                     return Ok(false);
                 }
             }
             Ok(true)
         });
-        if stop.load(Ordering::Relaxed) {
+        if halted || stop.load(Ordering::Relaxed) {
             return;
         }
         match pass {
