@@ -93,3 +93,13 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn text_shard_reader_never_panics() {
+    fuzz("text_shards", targets::text_shards, 8);
+}
+
+#[test]
+fn hf_config_reader_never_panics() {
+    fuzz("hf_config", targets::hf_config, 9);
+}

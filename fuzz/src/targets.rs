@@ -182,3 +182,48 @@ pub fn runlog(data: &[u8]) {
         let _ = run.time_to_reach(run.summary.final_eval);
     }
 }
+
+/// Text shards (`[data] dataset = "text"`): one input is a JSON lines shard, gzip-compressed
+/// when its first byte is odd, read to its end, and the same bytes as a plain-text shard in
+/// blocks. Every document is non-empty, and an error names the file.
+pub fn text_shards(data: &[u8]) {
+    use recycle::data::text_shards::{documents, PlainDocuments, ShardFormat};
+    let (flag, body) = match data.split_first() {
+        Some((f, b)) => (*f, b),
+        None => (0, data),
+    };
+    let (name, bytes) = if flag & 1 == 1 {
+        ("shard.json.gz", gzip(body))
+    } else {
+        ("shard.jsonl", body.to_vec())
+    };
+    let json = put(name, &bytes);
+    let plain = put("shard.txt", body);
+    let blocks = ShardFormat {
+        plain: PlainDocuments::Blocks,
+        ..ShardFormat::default()
+    };
+    for (path, format) in [(&json, ShardFormat::default()), (&plain, blocks)] {
+        for doc in documents(std::slice::from_ref(path), &format) {
+            match doc {
+                Ok(d) => assert!(!d.trim().is_empty(), "an empty document"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&path.display().to_string()), "{msg}");
+                }
+            }
+        }
+    }
+}
+
+/// A Hugging Face BERT `config.json`: a valid configuration or an error naming the file.
+pub fn hf_config(data: &[u8]) {
+    let path = put("config.json", data);
+    match recycle::models::hf_config::read_bert_config(&path) {
+        Ok(c) => c.validate().expect("a parsed config is valid"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("config.json"), "{msg}");
+        }
+    }
+}

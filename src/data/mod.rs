@@ -4,6 +4,8 @@
 //! - [`text`]: English text from fortune-mod's fortunes, a WordPiece tokenizer (trained by the
 //!   `tokenizers` crate or loaded from any `tokenizer.json`), packed MLM sequences and BERT's
 //!   15% (80/10/10) masking.
+//! - [`text_shards`] / [`text_stream`]: a text data set of one's own (JSON lines or plain text,
+//!   gzip or not, C4's layout), streamed, tokenised on a thread pool, packed and masked.
 //! - [`validation`]: the validation split, a fixed slice of the training data held out for
 //!   choosing (the test split is only reported).
 //! - [`loader`]: a deterministic, resumable, shuffling batch loader that prepares the next
@@ -23,6 +25,8 @@ pub mod sources;
 #[doc(hidden)]
 pub mod test_support;
 pub mod text;
+pub mod text_shards;
+pub mod text_stream;
 pub mod validation;
 pub mod wordpiece;
 
