@@ -258,7 +258,10 @@ fn assert_agree(what: &str, gpu: &Trained, cpu: &Trained, tol: &Tolerances) {
     let mut worst = [0.0f64; 3];
     for (i, (g, c)) in gpu.steps.iter().zip(&cpu.steps).enumerate() {
         let step = i + 1;
-        assert_eq!(g.teacher_forwards, c.teacher_forwards, "{what}, step {step}");
+        assert_eq!(
+            g.teacher_forwards, c.teacher_forwards,
+            "{what}, step {step}"
+        );
         let ce = scalar_rel_err(g.ce as f64, c.ce as f64);
         assert!(
             ce <= tol.ce,
@@ -289,7 +292,8 @@ fn assert_agree(what: &str, gpu: &Trained, cpu: &Trained, tol: &Tolerances) {
         worst[0] = worst[0].max(ce);
         worst[2] = worst[2].max(norm);
     }
-    let update = |t: &Trained| -> Vec<f32> { t.after.iter().zip(&t.before).map(|(a, b)| a - b).collect() };
+    let update =
+        |t: &Trained| -> Vec<f32> { t.after.iter().zip(&t.before).map(|(a, b)| a - b).collect() };
     let (ug, uc) = (update(gpu), update(cpu));
     assert!(l2_norm(&uc) > 0.0, "{what}: the CPU run did not move");
     let (measure, err) = if tol.element {
@@ -399,7 +403,11 @@ fn cuda_bf16_activations_with_f32_masters_match_the_cpu() {
         return;
     }
     assert_eq!(r.activations.dtype(), DType::BF16);
-    train_both_and_compare("BERT-tiny, bf16 activations", &r, &Tolerances::bf16(&bert_arch()));
+    train_both_and_compare(
+        "BERT-tiny, bf16 activations",
+        &r,
+        &Tolerances::bf16(&bert_arch()),
+    );
     let ckpt = recycle_engine::checkpoint::load(&out.join("bf16/final.safetensors")).unwrap();
     assert!(ckpt.tensors.iter().all(|(_, t)| t.dtype() == DType::F32));
     let _ = std::fs::remove_dir_all(&out);

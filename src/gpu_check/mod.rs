@@ -71,9 +71,8 @@ mod ops;
 mod runner;
 mod throughput;
 
-// The measures and the model-step tolerances, for the pipeline tests that compare whole runs
-// on `cuda:0` with the CPU.
-pub use checker::{l2_norm, max_rel_err, rel_l2_err, scalar_rel_err};
+// The model-step tolerances, for the pipeline tests that compare whole runs on `cuda:0` with
+// the CPU.
 pub use models::{bf16_step_tolerances, F32_STEP_TOLERANCES};
 
 use std::fmt::Write as _;

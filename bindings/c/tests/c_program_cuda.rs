@@ -54,7 +54,14 @@ fn c_program_trains_on_cuda_like_the_cpu() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
     let exe = work.join("test_cuda");
     let status = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1"])
+        .args([
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-O1",
+        ])
         .arg("-I")
         .arg(crate_dir.join("include"))
         .arg(crate_dir.join("tests/test_cuda.c"))
@@ -93,7 +100,10 @@ fn c_program_trains_on_cuda_like_the_cpu() {
             "a run that could not open its device wrote its directory"
         );
     } else {
-        assert!(out.status.success(), "test_cuda failed:\n{stdout}\n{stderr}");
+        assert!(
+            out.status.success(),
+            "test_cuda failed:\n{stdout}\n{stderr}"
+        );
         assert!(stdout.contains(", 0 failed"), "{stdout}");
         let gpu = weights(&runs.join("c-cuda/final.safetensors"));
         let cpu = weights(&runs.join("c-cpu/final.safetensors"));
