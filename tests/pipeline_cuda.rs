@@ -183,6 +183,8 @@ fn train(r: &Recipe) -> Trained {
 /// f32; otherwise the relative L2 error, bf16).
 struct Tolerances {
     ce: f64,
+    /// The cross-entropy from the second step on, once the weights carry the first updates.
+    ce_later: f64,
     kd: f64,
     grad_norm: f64,
     update: f64,
@@ -195,6 +197,7 @@ impl Tolerances {
         let (loss, norm, vec) = F32_STEP_TOLERANCES;
         Tolerances {
             ce: loss,
+            ce_later: loss,
             kd: loss,
             grad_norm: norm,
             update: vec,
@@ -207,6 +210,7 @@ impl Tolerances {
         let (loss, norm, vec) = bf16_step_tolerances(arch);
         Tolerances {
             ce: loss,
+            ce_later: loss,
             kd: loss,
             grad_norm: norm,
             update: vec,
@@ -216,12 +220,16 @@ impl Tolerances {
 
     /// An f32 student distilled from bf16 teachers: on a GPU the teachers compute in bf16
     /// (`trainer::runner`'s teacher activations), on the CPU in f32 from the same bf16
-    /// weights. The cross-entropy term is the f32 student's (f32 tolerance); the distillation
-    /// term, the gradient and the update carry the teachers' bf16 rounding (bf16 tolerances).
+    /// weights. The first step's cross-entropy is the f32 student's from the same weights (f32
+    /// tolerance); the distillation term, the gradient and the update carry the teachers' bf16
+    /// rounding (bf16 tolerances), and so do the weights of the later steps and their
+    /// cross-entropy (the small ResNet's moved by 1.1e-3 at step 4 under the mock CUDA, its
+    /// BatchNorm amplifying the difference; BERT-tiny's by 3e-6).
     fn f32_student_bf16_teachers(arch: &Architecture) -> Tolerances {
         let (loss, norm, vec) = bf16_step_tolerances(arch);
         Tolerances {
             ce: F32_STEP_TOLERANCES.0,
+            ce_later: loss,
             kd: loss,
             grad_norm: norm,
             update: vec,
@@ -263,12 +271,13 @@ fn assert_agree(what: &str, gpu: &Trained, cpu: &Trained, tol: &Tolerances) {
             "{what}, step {step}"
         );
         let ce = scalar_rel_err(g.ce as f64, c.ce as f64);
+        let ce_tol = if step == 1 { tol.ce } else { tol.ce_later };
         assert!(
-            ce <= tol.ce,
+            ce <= ce_tol,
             "{what}, step {step}: cross-entropy {} on cuda:0, {} on the CPU: error {ce:.2e} > {}",
             g.ce,
             c.ce,
-            tol.ce
+            ce_tol
         );
         assert_eq!(g.kd.is_some(), c.kd.is_some(), "{what}, step {step}");
         if let (Some(gk), Some(ck)) = (g.kd, c.kd) {
