@@ -339,10 +339,11 @@ fn train_both_and_compare(what: &str, r: &Recipe, tol: &Tolerances) -> (Trained,
 fn cpu_teachers(out: &Path, base: fn(&Path, &str) -> String, n: u64) -> String {
     let mut dirs = Vec::new();
     for seed in 1..=n {
-        let mut t = recipe(&base(out, &format!("teacher{seed}")), Device::Cpu);
+        let name = format!("teacher{seed}");
+        let mut t = recipe(&base(out, &name), Device::Cpu);
         t.seed = seed;
         trainer::run(&t, &RunOptions::default()).unwrap();
-        dirs.push(format!("\"{}\"", out.join(&t.name).display()));
+        dirs.push(format!("\"{}\"", out.join(name).display()));
     }
     format!("[{}]", dirs.join(", "))
 }

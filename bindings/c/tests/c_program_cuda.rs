@@ -77,7 +77,7 @@ fn c_program_trains_on_cuda_like_the_cpu() {
     let runs = work.join("runs");
     let out = Command::new(&exe)
         .arg(&runs)
-        .env(FASHION_MNIST.dir_env, &images)
+        .env(FASHION_MNIST.dir_env, images)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
