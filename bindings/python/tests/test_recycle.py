@@ -332,3 +332,74 @@ def test_train_errors(tmp_path, fashion_dir):
         recycle.train(tmp_path / "nope.toml")
     with pytest.raises(RecycleError, match="not a directory"):
         recycle.report([tmp_path / "missing"])
+
+
+# ------------------------------------------------------------------------------------------
+# Training on cuda:0
+# ------------------------------------------------------------------------------------------
+
+
+def read_safetensors(path):
+    """The tensors of a safetensors file, by name: f32 ones as arrays, others as their bytes
+    (the format: an 8-byte little-endian header length, a JSON header of dtypes, shapes and
+    byte offsets, then the data)."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if info["dtype"] == "F32":
+            out[name] = np.frombuffer(data[start:end], np.float32).reshape(info["shape"])
+        else:
+            out[name] = data[start:end]
+    return out
+
+
+def test_train_on_cuda_matches_the_cpu(tmp_path, fashion_dir):
+    """A recipe with device = "cuda:0" trains there (a GPU, or the mock CUDA under which CI runs
+    this test with RECYCLE_EXPECT_CUDA=1, docs/mockcuda.md) and agrees with the same recipe on
+    the CPU within gpu-check's f32 model-step tolerances: each step's loss to 1e-4 (relative),
+    the final weights to 1e-3 (each element against the larger of itself and 1e-3 of the
+    tensor's largest). Where cuda:0 does not open (a build without the cuda feature, no
+    driver), the run must fail before writing anything, with what is missing."""
+
+    def small(name, device):
+        r = tiny_recipe(tmp_path, name, fashion_dir)
+        r["device"] = device
+        r["data"].update(train_limit=64, eval_limit=32, validation_fraction=0.0)
+        r["train"].update(batch_size=16, evals=1)
+        return r
+
+    try:
+        gpu = recycle.train(small("gpu", "cuda:0"))
+    except RecycleError as e:
+        assert os.environ.get("RECYCLE_EXPECT_CUDA") is None, (
+            f"RECYCLE_EXPECT_CUDA is set, but cuda:0 does not open: {e}"
+        )
+        assert any(
+            m in str(e) for m in ("no CUDA backend", "no NVIDIA driver found", "sees no GPU")
+        ), str(e)
+        assert not (tmp_path / "gpu").exists()
+        return
+    cpu = recycle.train(small("cpu", "cpu"))
+    assert gpu["device"].startswith("cuda:0 ") and cpu["device"] == "cpu"
+    assert gpu["steps"] == cpu["steps"] == 4
+    logs = [[json.loads(line) for line in open(s["log"])] for s in (gpu, cpu)]
+    for g, c in zip(*logs):
+        assert g["step"] == c["step"]
+        assert g["loss"] == pytest.approx(c["loss"], rel=1e-4), f"step {g['step']}"
+    wg = read_safetensors(os.path.join(gpu["run_dir"], "final.safetensors"))
+    wc = read_safetensors(os.path.join(cpu["run_dir"], "final.safetensors"))
+    assert wg.keys() == wc.keys()
+    for name, c in wc.items():
+        g = wg[name]
+        if isinstance(c, bytes):  # counters: equal
+            assert g == c, name
+            continue
+        floor = max(1e-3 * float(np.abs(c).max()), np.finfo(np.float64).tiny)
+        err = np.abs(g.astype(np.float64) - c) / np.maximum(np.abs(c), floor)
+        assert float(err.max()) <= 1e-3, f"{name}: largest error {err.max():.2e}"
