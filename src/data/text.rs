@@ -189,7 +189,9 @@ impl TextTokenizer {
             .map_err(|e| tk_err(OP, e))?;
         tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
         tokenizer.with_decoder(Some(WordPieceDecoder::default()));
-        tokenizer.add_special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)));
+        tokenizer
+            .add_special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)))
+            .map_err(|e| tk_err(OP, e))?;
         let tok = Self::wrap(tokenizer, Path::new("<trained>"))?;
         // The trainer adds the special tokens first, in order; the models rely on [PAD] = 0.
         for (id, name) in SPECIAL_TOKENS.iter().enumerate() {
