@@ -128,7 +128,11 @@ fn c_program_trains_on_cuda_like_the_cpu() {
 
 /// `|g - c|₂ / |c|₂` (0 when both are zero).
 fn rel_l2_err(g: &[f32], c: &[f32]) -> f64 {
-    let diff: f64 = g.iter().zip(c).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let diff: f64 = g
+        .iter()
+        .zip(c)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
     let norm: f64 = c.iter().map(|&b| (b as f64).powi(2)).sum();
     if norm == 0.0 {
         diff.sqrt()
