@@ -13,7 +13,7 @@
 //! width = 0.25
 //! small_stem = true
 //! [data]
-//! dataset = "fashion-mnist"   # or "fortunes" (masked language modelling)
+//! dataset = "fashion-mnist"   # or "fortunes" (masked language modelling), "image-folder"
 //! train_limit = 10000
 //! eval_limit = 2000
 //! [train]
@@ -177,7 +177,8 @@ fn default_bert_size() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataRecipe {
-    /// `fashion-mnist` or `fortunes`.
+    /// `fashion-mnist`, `fortunes` or `image-folder` (`dir` holding `train/<class>/*` and
+    /// `val/<class>/*`).
     pub dataset: String,
     /// Where the data set lives (default: found or downloaded, see `data::locate`).
     #[serde(default)]
@@ -203,6 +204,26 @@ pub struct DataRecipe {
     /// split. `eval_limit` caps it like the test split. 0 keeps no validation split.
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
+    /// Image folder: side of the square views (224 for ImageNet; evaluation resizes the short
+    /// side to `image_size * 256 / 224` first).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Image folder: skip (and count) files that cannot be decoded instead of stopping.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skip_bad: bool,
+    /// Image folder: decoding threads (0, the default: one per core).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decode_threads: usize,
+}
+
+fn default_image_size() -> usize {
+    224
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_seq_len() -> usize {
@@ -451,9 +472,21 @@ impl Recipe {
                     ));
                 }
             }
+            "image-folder" => {
+                if !matches!(self.model, ModelRecipe::Resnet { .. }) {
+                    return bad("dataset image-folder needs model kind = \"resnet\"".into());
+                }
+                if self.data.image_size < 8 {
+                    return bad(format!(
+                        "data.image_size {} must be at least 8 (224 for ImageNet)",
+                        self.data.image_size
+                    ));
+                }
+            }
             other => {
                 return bad(format!(
-                    "data.dataset `{other}` is not known: use fashion-mnist or fortunes"
+                    "data.dataset `{other}` is not known: use fashion-mnist, fortunes or \
+                     image-folder"
                 ))
             }
         }

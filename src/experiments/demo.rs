@@ -147,6 +147,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 vocab_size: 2000,
                 tokenizer: None,
                 validation_fraction: 0.1,
+                image_size: 224,
+                skip_bad: false,
+                decode_threads: 0,
             },
             train: TrainRecipe {
                 batch_size: if tiny { 64 } else { 128 },
@@ -203,6 +206,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 // A held-out slice of the corpus (10% of the texts outside the test split),
                 // capped at `eval_limit` sequences like the test split.
                 validation_fraction: 0.1,
+                image_size: 224,
+                skip_bad: false,
+                decode_threads: 0,
             },
             train: TrainRecipe {
                 // Quick: small batches for more steps in the same compute; leaving the
