@@ -19,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: image_folder_throughput DIR [THREADS] [SIZE] [PASSES]".into());
     };
     let arg = |i: usize, default: usize| -> Result<usize, Box<dyn std::error::Error>> {
-        Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(default))
+        Ok(args
+            .get(i)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(default))
     };
     let (threads, size, passes) = (arg(1, 1)?, arg(2, 224)?, arg(3, 2)?);
     let splits = open_splits(&FolderRequest {

@@ -123,7 +123,11 @@ fn write_folder(root: &Path, classes: &[&str], per_class: usize, corrupt: bool) 
         for k in 0..per_class {
             let (file, bytes) = image_file(c, k);
             // Some files one folder down: torchvision's walk finds them too.
-            let sub = if k % 5 == 4 { dir.join("nested") } else { dir.clone() };
+            let sub = if k % 5 == 4 {
+                dir.join("nested")
+            } else {
+                dir.clone()
+            };
             std::fs::write(sub.join(file), bytes).unwrap();
         }
         std::fs::write(dir.join("README.txt"), "not an image").unwrap();
@@ -177,8 +181,14 @@ fn a_folder_lists_sorted_classes_and_maps_val_by_name() {
     // Sorted by class, then by path; the nested files are found; the text file is not.
     let labels: Vec<i32> = index.train.iter().map(|i| i.label).collect();
     assert_eq!(labels, [[0; 7], [1; 7], [2; 7]].concat());
-    assert!(index.train.iter().any(|i| i.path.to_string_lossy().contains("nested")));
-    assert!(index.train.windows(2).all(|w| w[0].label < w[1].label || w[0].path < w[1].path));
+    assert!(index
+        .train
+        .iter()
+        .any(|i| i.path.to_string_lossy().contains("nested")));
+    assert!(index
+        .train
+        .windows(2)
+        .all(|w| w[0].label < w[1].label || w[0].path < w[1].path));
     // val/ holds `zebra` and `ant` (the last class written, `moth`, is left out), numbered
     // as in train/.
     let mut val_labels: Vec<i32> = index.val.iter().map(|i| i.label).collect();
@@ -193,9 +203,17 @@ fn a_folder_lists_sorted_classes_and_maps_val_by_name() {
     std::fs::remove_dir_all(root.join("val/wasp")).unwrap();
     std::fs::create_dir_all(root.join("train/empty")).unwrap();
     let err = FolderIndex::scan(&root).unwrap_err().to_string();
-    assert!(err.contains("train/empty") && err.contains("no .jpg"), "{err}");
-    let err = FolderIndex::scan(&root.join("nowhere")).unwrap_err().to_string();
-    assert!(err.contains("nowhere/train") && err.contains("--data"), "{err}");
+    assert!(
+        err.contains("train/empty") && err.contains("no .jpg"),
+        "{err}"
+    );
+    let err = FolderIndex::scan(&root.join("nowhere"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nowhere/train") && err.contains("--data"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -208,14 +226,15 @@ fn every_kind_of_file_decodes_to_rgb() {
         let want = rgb_pixels(img.width, img.height, 0, k);
         // Mean absolute difference from the pixels written (JPEG is lossy; grey files hold one
         // channel, copied to all three).
-        let channel = |p: &[u8], c: usize| -> Vec<i32> {
-            p.chunks(3)
-                .map(|q| q[c] as i32)
-                .collect()
-        };
+        let channel =
+            |p: &[u8], c: usize| -> Vec<i32> { p.chunks(3).map(|q| q[c] as i32).collect() };
         let compare = |got_c: usize, want_c: usize| -> f64 {
             let (g, w) = (channel(&img.pixels, got_c), channel(&want, want_c));
-            g.iter().zip(&w).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / g.len() as f64
+            g.iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .sum::<f64>()
+                / g.len() as f64
         };
         let err = match k % 6 {
             1 => compare(0, 0).max(compare(2, 0)),
@@ -243,7 +262,11 @@ fn a_corrupt_file_is_an_error_naming_it_or_skipped_and_counted() {
         .unwrap();
     let err = splits.train.view(at, 0).unwrap_err().to_string();
     assert!(err.contains(&bad.display().to_string()), "{err}");
-    let err = splits.train.make_batch(&[0, at], 0).unwrap_err().to_string();
+    let err = splits
+        .train
+        .make_batch(&[0, at], 0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("broken.jpg"), "{err}");
 
     // skip_bad: the training batch keeps its size (the next item stands in), counted once.
@@ -269,13 +292,21 @@ fn training_views_are_a_function_of_seed_epoch_and_index() {
         // A fresh listing and pool each time: nothing carries over but the folder.
         let s = open_splits(&request(&root, false, seed)).unwrap();
         let idx: Vec<usize> = (0..s.train.len()).collect();
-        s.train.make_batch(&idx, step).unwrap().x.to_vec_f32().unwrap()
+        s.train
+            .make_batch(&idx, step)
+            .unwrap()
+            .x
+            .to_vec_f32()
+            .unwrap()
     };
     let first = batch(7, 0);
     assert!(first.iter().all(|v| v.is_finite()));
     let again = batch(7, 0);
     assert!(
-        first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+        first
+            .iter()
+            .zip(&again)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
         "the same (seed, epoch, index) made another view"
     );
     // Steps of one epoch (batch 8 of 22 training items: 2 steps) share its views.
@@ -443,7 +474,10 @@ fn the_shipped_imagenet_recipe_starts_training_with_data_given_on_the_command_li
     let text = std::fs::read_to_string(recipes.join("resnet50-imagenet.toml")).unwrap();
     let mut doc: toml::Table = toml::from_str(&text).unwrap();
     doc.insert("device".into(), "cpu".into());
-    doc.insert("out_dir".into(), root.join("runs").display().to_string().into());
+    doc.insert(
+        "out_dir".into(),
+        root.join("runs").display().to_string().into(),
+    );
     let mut set = |table: &str, key: &str, value: toml::Value| {
         doc.get_mut(table)
             .and_then(|t| t.as_table_mut())
@@ -459,14 +493,21 @@ fn the_shipped_imagenet_recipe_starts_training_with_data_given_on_the_command_li
     let path = root.join("small.toml");
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_recycle"))
-        .args(["train", path.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args([
+            "train",
+            path.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("resnet50-imagenet: accuracy"), "{stdout}");
-    assert!(root.join("runs/resnet50-imagenet/final.safetensors").exists());
+    assert!(root
+        .join("runs/resnet50-imagenet/final.safetensors")
+        .exists());
     // Without --data (and no data.dir) the error says what to give.
     let run = Command::new(env!("CARGO_BIN_EXE_recycle"))
         .args(["train", path.to_str().unwrap(), "--overwrite"])
@@ -474,6 +515,9 @@ fn the_shipped_imagenet_recipe_starts_training_with_data_given_on_the_command_li
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
-    assert!(stderr.contains("--data") && stderr.contains("train/<class>"), "{stderr}");
+    assert!(
+        stderr.contains("--data") && stderr.contains("train/<class>"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -16,8 +16,19 @@ use zune_jpeg::JpegDecoder;
 
 /// Largest width or height accepted (larger than any photograph of a classification data set).
 pub const MAX_SIDE: usize = 16_384;
-/// Largest decoded image, in bytes of RGB (about 134 megapixels' worth of a PNG's buffers).
-const MAX_BYTES: usize = 400 << 20;
+/// Largest image in pixels: Pillow's limit for a decompression bomb (2 x 89,478,485).
+pub const MAX_PIXELS: usize = 178_956_970;
+/// Largest buffer the PNG decoder may allocate.
+const MAX_BYTES: usize = 4 * MAX_PIXELS;
+
+fn check_size(width: usize, height: usize) -> Result<(), String> {
+    if width > MAX_SIDE || height > MAX_SIDE || width * height > MAX_PIXELS {
+        return Err(format!(
+            "{width}x{height} is larger than allowed ({MAX_SIDE} on a side, {MAX_PIXELS} pixels)"
+        ));
+    }
+    Ok(())
+}
 
 /// A decoded image: `height * width * 3` bytes, row-major, RGB interleaved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,13 +80,14 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
     let (width, height) = d
         .dimensions()
         .ok_or_else(|| "JPEG without dimensions".to_string())?;
+    check_size(width, height)?;
     let pixels = d.decode().map_err(|e| format!("JPEG data: {e:?}"))?;
-    if d.get_output_colorspace() != Some(ColorSpace::RGB) {
-        return Err(format!(
-            "JPEG decoded to {:?}, not RGB",
-            d.get_output_colorspace()
-        ));
-    }
+    // Greyscale files come out as one channel: copied to the three.
+    let pixels = match d.get_output_colorspace() {
+        Some(ColorSpace::RGB) => pixels,
+        Some(ColorSpace::Luma) => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        other => return Err(format!("JPEG decoded to {other:?}, not RGB or grey")),
+    };
     Ok(RgbImage {
         width,
         height,
@@ -92,11 +104,7 @@ fn decode_png(bytes: &[u8]) -> Result<RgbImage, String> {
     let mut reader = d.read_info().map_err(|e| format!("PNG header: {e}"))?;
     let (w, h) = reader.info().size();
     let (width, height) = (w as usize, h as usize);
-    if width > MAX_SIDE || height > MAX_SIDE {
-        return Err(format!(
-            "PNG of {width}x{height} is larger than {MAX_SIDE} on a side"
-        ));
-    }
+    check_size(width, height)?;
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| "PNG too large for memory".to_string())?;

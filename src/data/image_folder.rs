@@ -85,7 +85,10 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
     if depth > 32 {
         return Err(Error::invalid(
             "image folder",
-            format!("{}: folders nested over 32 deep (a link loop?)", dir.display()),
+            format!(
+                "{}: folders nested over 32 deep (a link loop?)",
+                dir.display()
+            ),
         ));
     }
     for (_, path, is_dir) in read_dir_sorted(dir)? {
@@ -205,7 +208,10 @@ pub fn spread(items: Vec<Item>, n: Option<usize>) -> Vec<Item> {
 pub enum ViewKind {
     /// Random views from `(seed, epoch, index)`; the epoch of a batch is its step divided by
     /// `steps_per_epoch` (the loader's, for the training batch size).
-    Train { seed: u64, steps_per_epoch: u64 },
+    Train {
+        seed: u64,
+        steps_per_epoch: u64,
+    },
     Eval,
 }
 
@@ -288,7 +294,10 @@ impl FolderSplit {
 
     /// The generator of item `index`'s training view in `epoch`.
     pub fn view_rng(seed: u64, epoch: u64, index: usize) -> Rng {
-        Rng::new(rng::bits_at(rng::bits_at(seed ^ VIEW_TAG, epoch), index as u64))
+        Rng::new(rng::bits_at(
+            rng::bits_at(seed ^ VIEW_TAG, epoch),
+            index as u64,
+        ))
     }
 
     /// The view of item `index` (in `epoch` for a training split): decoded and transformed,

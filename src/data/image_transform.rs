@@ -91,7 +91,10 @@ pub fn random_resized_crop(
 pub fn centre_fallback(width: usize, height: usize, ratio: (f64, f64)) -> CropBox {
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio.0 {
-        (width, ((width as f64 / ratio.0).round_ties_even() as usize).max(1))
+        (
+            width,
+            ((width as f64 / ratio.0).round_ties_even() as usize).max(1),
+        )
     } else if in_ratio > ratio.1 {
         (
             ((height as f64 * ratio.1).round_ties_even() as usize).max(1),
@@ -271,7 +274,9 @@ mod tests {
     use super::*;
 
     fn image(width: usize, height: usize) -> RgbImage {
-        let pixels = (0..width * height * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let pixels = (0..width * height * 3)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         RgbImage {
             width,
             height,
@@ -285,7 +290,10 @@ mod tests {
         for (w, h) in [(1, 1), (5, 300), (300, 5), (64, 48), (500, 375)] {
             for _ in 0..200 {
                 let c = random_resized_crop(&mut rng, w, h, SCALE, RATIO);
-                assert!(c.w >= 1 && c.h >= 1 && c.j + c.w <= w && c.i + c.h <= h, "{c:?}");
+                assert!(
+                    c.w >= 1 && c.h >= 1 && c.j + c.w <= w && c.i + c.h <= h,
+                    "{c:?}"
+                );
             }
         }
         // A very tall image never fits a box of allowed aspect: the fallback crops it to 3/4.
@@ -335,8 +343,22 @@ mod tests {
             h: 8,
             w: 8,
         };
-        let plain = train_tensor(&img, TrainView { crop: whole, flip: false }, 8);
-        let flipped = train_tensor(&img, TrainView { crop: whole, flip: true }, 8);
+        let plain = train_tensor(
+            &img,
+            TrainView {
+                crop: whole,
+                flip: false,
+            },
+            8,
+        );
+        let flipped = train_tensor(
+            &img,
+            TrainView {
+                crop: whole,
+                flip: true,
+            },
+            8,
+        );
         for y in 0..8 {
             for x in 0..8 {
                 let v = img.pixels[(y * 8 + x) * 3] as f32;
