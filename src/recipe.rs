@@ -13,7 +13,7 @@
 //! width = 0.25
 //! small_stem = true
 //! [data]
-//! dataset = "fashion-mnist"   # or "fortunes", "text" (masked language modelling)
+//! dataset = "fashion-mnist"   # or "image-folder"; "fortunes", "text" (masked language modelling)
 //! train_limit = 10000
 //! eval_limit = 2000
 //! [train]
@@ -199,7 +199,8 @@ fn default_bert_size() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataRecipe {
-    /// `fashion-mnist` or `fortunes`.
+    /// `fashion-mnist`, `fortunes` or `image-folder` (`dir` holding `train/<class>/*` and
+    /// `val/<class>/*`).
     pub dataset: String,
     /// Where the data set lives (default: found or downloaded, see `data::locate`).
     #[serde(default)]
@@ -244,6 +245,26 @@ pub struct DataRecipe {
     /// each to one padded sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packing: Option<Packing>,
+    /// Image folder: side of the square views (224 for ImageNet; evaluation resizes the short
+    /// side to `image_size * 256 / 224` first).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Image folder: skip (and count) files that cannot be decoded instead of stopping.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skip_bad: bool,
+    /// Image folder: decoding threads (0, the default: one per core).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decode_threads: usize,
+}
+
+fn default_image_size() -> usize {
+    224
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_seq_len() -> usize {
@@ -520,9 +541,21 @@ impl Recipe {
                     return bad("data.text_field must name a JSON field".into());
                 }
             }
+            "image-folder" => {
+                if !matches!(self.model, ModelRecipe::Resnet { .. }) {
+                    return bad("dataset image-folder needs model kind = \"resnet\"".into());
+                }
+                if self.data.image_size < 8 {
+                    return bad(format!(
+                        "data.image_size {} must be at least 8 (224 for ImageNet)",
+                        self.data.image_size
+                    ));
+                }
+            }
             other => {
                 return bad(format!(
-                    "data.dataset `{other}` is not known: use fashion-mnist, fortunes or text"
+                    "data.dataset `{other}` is not known: use fashion-mnist, image-folder, \
+                     fortunes or text"
                 ))
             }
         }

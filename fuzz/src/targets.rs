@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use recycle::data::fashion_mnist::{read_idx_gz, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
+use recycle::data::image_folder::{FolderOptions, FolderSplit, Item, SkipLog, ViewKind};
 use recycle::data::{load_fashion_mnist, load_fortunes, BatchSource, Split, TextTokenizer};
 use recycle::engine::{checkpoint, Device, FlatParams};
 use recycle::experiments::runlog::Run;
@@ -224,6 +225,55 @@ pub fn hf_config(data: &[u8]) {
         Err(e) => {
             let msg = e.to_string();
             assert!(msg.contains("config.json"), "{msg}");
+        }
+    }
+}
+
+/// The decode path of image folders: any bytes, named `.jpg` (the format is told by the bytes,
+/// JPEG or PNG), give a decoded RGB image of consistent size or an error; through a folder's
+/// training and evaluation splits they give finite `3 x 8 x 8` views or an error naming the
+/// file.
+pub fn image(data: &[u8]) {
+    // decode_rgb checks its own output sizes; the views below decode through it.
+    static POOL: OnceLock<std::sync::Arc<rayon::ThreadPool>> = OnceLock::new();
+    let pool = POOL.get_or_init(|| FolderSplit::decode_pool(1).expect("one decoding thread"));
+    let path = put("image/train/c/input.jpg", data);
+    let options = FolderOptions {
+        image_size: 8,
+        skip_bad: false,
+        decode_threads: 1,
+    };
+    for kind in [
+        ViewKind::Train {
+            seed: 0,
+            steps_per_epoch: 1,
+        },
+        ViewKind::Eval,
+    ] {
+        let split = FolderSplit::new(
+            vec![Item {
+                path: path.clone(),
+                label: 0,
+            }],
+            1,
+            kind,
+            options.clone(),
+            pool.clone(),
+            std::sync::Arc::new(SkipLog::default()),
+        );
+        match split.make_batch(&[0], 3) {
+            Ok(b) => {
+                assert_eq!(b.x.shape(), &[1, 3, 8, 8]);
+                let x = b.x.to_vec_f32().expect("a CPU batch reads back");
+                assert!(
+                    x.iter().all(|v| v.is_finite()),
+                    "a view holds a non-finite value"
+                );
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("input.jpg"), "{msg}");
+            }
         }
     }
 }

@@ -152,6 +152,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 text_field: None,
                 documents: None,
                 packing: None,
+                image_size: 224,
+                skip_bad: false,
+                decode_threads: 0,
             },
             train: TrainRecipe {
                 batch_size: if tiny { 64 } else { 128 },
@@ -216,6 +219,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 text_field: None,
                 documents: None,
                 packing: None,
+                image_size: 224,
+                skip_bad: false,
+                decode_threads: 0,
             },
             train: TrainRecipe {
                 // Quick: small batches for more steps in the same compute; leaving the

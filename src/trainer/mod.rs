@@ -35,7 +35,7 @@ use recycle_models::{Bert, BertConfig, HeadInit, MlmBatch, ResNetConfig};
 
 use crate::data::text_shards::{self, ShardFormat};
 use crate::data::text_stream::{sample_documents, TextShards};
-use crate::data::{self, BatchSource, ImageDataset, Loader, LoaderConfig, MlmDataset, Split};
+use crate::data::{self, BatchSource, ImageSource, Loader, LoaderConfig, MlmDataset, Split};
 use crate::distill::TeacherEntry;
 use crate::experiments::runlog::RunSummary;
 use crate::recipe::{Activations, InitHead, ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
@@ -73,9 +73,9 @@ pub use crate::experiments::runlog::SUMMARY_FILE;
 /// (`eval`, for reporting).
 pub enum TaskData {
     Images {
-        train: Arc<ImageDataset>,
-        validation: Arc<ImageDataset>,
-        eval: Arc<ImageDataset>,
+        train: Arc<ImageSource>,
+        validation: Arc<ImageSource>,
+        eval: Arc<ImageSource>,
     },
     Text {
         train: TextTrain,
@@ -127,15 +127,16 @@ impl TaskData {
                     validation.labels.truncate(n);
                 }
                 Ok(TaskData::Images {
-                    train: Arc::new(train),
-                    validation: Arc::new(validation),
-                    eval: Arc::new(data::load_fashion_mnist(
+                    train: Arc::new(ImageSource::Memory(train)),
+                    validation: Arc::new(ImageSource::Memory(validation)),
+                    eval: Arc::new(ImageSource::Memory(data::load_fashion_mnist(
                         d.dir.as_deref(),
                         Split::Test,
                         d.eval_limit,
-                    )?),
+                    )?)),
                 })
             }
+            "image-folder" => image_folder_data(recipe),
             "fortunes" => {
                 let texts = data::load_fortunes(d.dir.as_deref())?;
                 let tokenizer = match &d.tokenizer {
@@ -283,6 +284,37 @@ fn load_text_shards(recipe: &Recipe) -> Result<TaskData> {
     })
 }
 
+/// An image folder's splits (see `data::image_folder`); `data.dir` (or `--data`) names it.
+fn image_folder_data(recipe: &Recipe) -> Result<TaskData> {
+    let d = &recipe.data;
+    let root = d.dir.as_deref().ok_or_else(|| {
+        Error::invalid(
+            "recipe",
+            "dataset image-folder needs data.dir (or `recycle train RECIPE --data DIR`): the \
+             folder holding train/<class>/* and val/<class>/*"
+                .to_string(),
+        )
+    })?;
+    let splits = data::image_folder::open_splits(&data::image_folder::FolderRequest {
+        root,
+        options: data::image_folder::FolderOptions {
+            image_size: d.image_size,
+            skip_bad: d.skip_bad,
+            decode_threads: d.decode_threads,
+        },
+        seed: recipe.seed,
+        batch_size: recipe.train.batch_size,
+        train_limit: d.train_limit,
+        eval_limit: d.eval_limit,
+        validation_fraction: d.validation_fraction,
+    })?;
+    Ok(TaskData::Images {
+        train: Arc::new(ImageSource::Folder(splits.train)),
+        validation: Arc::new(ImageSource::Folder(splits.validation)),
+        eval: Arc::new(ImageSource::Folder(splits.test)),
+    })
+}
+
 fn truncate_mlm(d: &mut MlmDataset, limit: Option<usize>) {
     if let Some(n) = limit {
         let keep = n.min(d.input_ids.len() / d.seq_len) * d.seq_len;
@@ -304,8 +336,8 @@ pub fn architecture(recipe: &Recipe, data: &TaskData) -> Result<Architecture> {
         ) => {
             let c = ResNetConfig {
                 depth: *depth,
-                num_classes: train.classes,
-                in_channels: train.channels,
+                num_classes: train.classes(),
+                in_channels: train.channels(),
                 small_stem: *small_stem,
                 width: *width,
             };
