@@ -258,6 +258,7 @@ def test_train_from_dict_and_toml_then_report(tmp_path, fashion_dir, monkeypatch
     assert 0.0 <= teacher["final_eval"] <= 1.0
     assert teacher["metric"] == "accuracy" and teacher["teacher_forwards"] == 0
     assert teacher["train_seconds"] > 0 and teacher["wall_seconds"] >= teacher["train_seconds"]
+    assert teacher["skipped_steps"] == 0
     records = [json.loads(line) for line in open(teacher["log"])]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["eval"] == pytest.approx(teacher["final_eval"])
@@ -332,3 +333,22 @@ def test_train_errors(tmp_path, fashion_dir):
         recycle.train(tmp_path / "nope.toml")
     with pytest.raises(RecycleError, match="not a directory"):
         recycle.report([tmp_path / "missing"])
+
+
+def test_steps_skipped_on_nonfinite_values_are_counted(tmp_path, fashion_dir):
+    # A learning rate that makes the weights overflow: under on_nonfinite = "skip" the steps that
+    # meet a NaN or infinity change nothing and are counted; under "stop" the run fails.
+    recipe = tiny_recipe(tmp_path, "diverging", fashion_dir)
+    recipe["data"].update(train_limit=96, eval_limit=32)
+    recipe["train"] = {"batch_size": 16, "samples": 96, "evals": 1, "on_nonfinite": "skip"}
+    recipe["optimizer"] = {"kind": "sgdw", "lr": 1e30, "schedule": "constant"}
+    summary = recycle.train(recipe)
+    assert summary["steps"] == 6
+    assert 0 < summary["skipped_steps"] < 6, summary
+    records = [json.loads(line) for line in open(summary["log"])]
+    assert sum(1 for r in records if r.get("skipped")) == summary["skipped_steps"]
+
+    recipe["name"] = "diverging-stop"
+    recipe["train"]["on_nonfinite"] = "stop"
+    with pytest.raises(RecycleError, match="step"):
+        recycle.train(recipe)
