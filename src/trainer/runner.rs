@@ -50,6 +50,8 @@ pub struct TrainerMetrics {
     pub wall_seconds: f64,
     /// Teacher forwards run.
     pub teacher_forwards: u64,
+    /// Steps skipped under `train.on_nonfinite = "skip"` (including those before a resume).
+    pub skipped_steps: u64,
     /// Learning rate, cross-entropy, distillation term (when the step distilled) and total loss
     /// of the last step this trainer ran; `None` before its first step.
     pub lr: Option<f32>,
@@ -288,6 +290,7 @@ impl Trainer {
             train_seconds: self.state.train_seconds,
             wall_seconds: self.wall_seconds(),
             teacher_forwards: self.state.teacher_forwards,
+            skipped_steps: self.state.skipped_steps,
             lr: self.last_step.map(|(lr, _)| lr),
             ce: self.last_step.map(|(_, o)| o.ce),
             kd: self.last_step.and_then(|(_, o)| o.kd),

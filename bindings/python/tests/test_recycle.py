@@ -258,6 +258,7 @@ def test_train_from_dict_and_toml_then_report(tmp_path, fashion_dir, monkeypatch
     assert 0.0 <= teacher["final_eval"] <= 1.0
     assert teacher["metric"] == "accuracy" and teacher["teacher_forwards"] == 0
     assert teacher["train_seconds"] > 0 and teacher["wall_seconds"] >= teacher["train_seconds"]
+    assert teacher["skipped_steps"] == 0
     records = [json.loads(line) for line in open(teacher["log"])]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["eval"] == pytest.approx(teacher["final_eval"])
@@ -365,8 +366,9 @@ def test_train_on_cuda_matches_the_cpu(tmp_path, fashion_dir):
     the CPU within gpu-check's f32 model-step tolerances: each step's loss to 1e-4 (relative),
     the final weights to 1e-2 as a relative L2 error per tensor (not element by element, and
     ten times the one-step tolerance: over four steps the libraries' summation orders compound,
-    most in the BatchNorm biases, whose gradients are sums that nearly cancel). Where cuda:0 does not open (a build without the cuda feature, no
-    driver), the run must fail before writing anything, with what is missing."""
+    most in the BatchNorm biases, whose gradients are sums that nearly cancel). Where cuda:0
+    does not open (a build without the cuda feature, no driver), the run must fail before
+    writing anything, with what is missing."""
 
     def small(name, device):
         r = tiny_recipe(tmp_path, name, fashion_dir)
@@ -405,3 +407,22 @@ def test_train_on_cuda_matches_the_cpu(tmp_path, fashion_dir):
         norm = float(np.linalg.norm(c.astype(np.float64)))
         err = diff / norm if norm > 0 else diff
         assert err <= 1e-2, f"{name}: relative L2 error {err:.2e}"
+
+
+def test_steps_skipped_on_nonfinite_values_are_counted(tmp_path, fashion_dir):
+    # A learning rate that makes the weights overflow: under on_nonfinite = "skip" the steps that
+    # meet a NaN or infinity change nothing and are counted; under "stop" the run fails.
+    recipe = tiny_recipe(tmp_path, "diverging", fashion_dir)
+    recipe["data"].update(train_limit=96, eval_limit=32)
+    recipe["train"] = {"batch_size": 16, "samples": 96, "evals": 1, "on_nonfinite": "skip"}
+    recipe["optimizer"] = {"kind": "sgdw", "lr": 1e30, "schedule": "constant"}
+    summary = recycle.train(recipe)
+    assert summary["steps"] == 6
+    assert 0 < summary["skipped_steps"] < 6, summary
+    records = [json.loads(line) for line in open(summary["log"])]
+    assert sum(1 for r in records if r.get("skipped")) == summary["skipped_steps"]
+
+    recipe["name"] = "diverging-stop"
+    recipe["train"]["on_nonfinite"] = "stop"
+    with pytest.raises(RecycleError, match="step"):
+        recycle.train(recipe)
