@@ -32,6 +32,9 @@ use super::loader::BatchSource;
 use super::{corrupt, ImageBatch};
 use crate::engine::{Device, Error, Result, Tensor};
 
+/// One decoded, transformed view (CHW floats) and its label.
+type LabelledView = (Vec<f32>, i32);
+
 /// Extensions of the files taken as images (compared without case).
 pub const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
@@ -324,7 +327,7 @@ impl FolderSplit {
 
     /// The view of `index`, or with `skip_bad` of the first readable item from it on
     /// (training) or nothing (evaluation).
-    fn view_or_skip(&self, index: usize, epoch: u64) -> Result<Option<(Vec<f32>, i32)>> {
+    fn view_or_skip(&self, index: usize, epoch: u64) -> Result<Option<LabelledView>> {
         let n = self.len();
         let tries = match self.kind {
             ViewKind::Train { .. } if self.options.skip_bad => n,
@@ -374,7 +377,7 @@ impl BatchSource for FolderSplit {
             } => step / steps_per_epoch.max(1),
             ViewKind::Eval => 0,
         };
-        let views: Vec<Result<Option<(Vec<f32>, i32)>>> = self.pool.install(|| {
+        let views: Vec<Result<Option<LabelledView>>> = self.pool.install(|| {
             indices
                 .par_iter()
                 .map(|&i| self.view_or_skip(i, epoch))
