@@ -19,7 +19,7 @@ use std::process::Command;
 use recycle::data::sources::FASHION_MNIST;
 use recycle::data::test_support::fixture_data;
 use recycle::engine::{checkpoint, DType};
-use recycle::gpu_check::F32_STEP_TOLERANCES;
+use recycle::gpu_check::{rel_l2_err, F32_STEP_TOLERANCES};
 
 /// The directory holding `librecycle_c.so` built for this test (`target/<profile>`).
 fn library_dir() -> PathBuf {
@@ -124,19 +124,4 @@ fn c_program_trains_on_cuda_like_the_cpu() {
         }
     }
     let _ = std::fs::remove_dir_all(&work);
-}
-
-/// `|g - c|₂ / |c|₂` (0 when both are zero).
-fn rel_l2_err(g: &[f32], c: &[f32]) -> f64 {
-    let diff: f64 = g
-        .iter()
-        .zip(c)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let norm: f64 = c.iter().map(|&b| (b as f64).powi(2)).sum();
-    if norm == 0.0 {
-        diff.sqrt()
-    } else {
-        (diff / norm).sqrt()
-    }
 }
