@@ -272,6 +272,55 @@ fn a_teacher_with_nan_logits_is_named() {
     assert_eq!(values(&student), before);
 }
 
+/// Every BatchNorm buffer's bytes, to compare before and after a step.
+fn buffer_bytes(model: &Model) -> Vec<(String, Vec<u8>)> {
+    model
+        .buffers()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_bytes().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_skipped_step_leaves_batchnorm_statistics_as_they_were() {
+    // The teacher's NaN is only found after the student's training forward has moved its
+    // running statistics and counters: skipping must put them back.
+    let student = Model::new(&arch(), 1).unwrap();
+    let poisoned = Model::new(&arch(), 2).unwrap();
+    fill(&poisoned, "fc.bias", f32::NAN);
+    let teachers = vec![TeacherEntry {
+        name: "poisoned".to_string(),
+        accuracy: 0.5,
+        model: poisoned.teacher(DType::F32).unwrap(),
+    }];
+    let pool = TeacherPool::new(teachers, TeacherStrategy::Single, 0).unwrap();
+    let loss = KdLoss::kl(4.0, 1.0);
+    let mut opt = sgd(&student);
+    let before = buffer_bytes(&student);
+    assert!(before.len() > 3, "the test model has BatchNorm buffers");
+    let out = train_step_guarded(
+        &student,
+        Some(&pool),
+        &loss,
+        &batch(false),
+        &mut opt,
+        0.1,
+        3,
+        1,
+        &guard(OnNonFinite::Skip),
+    )
+    .unwrap();
+    assert_eq!(out.skipped, Some(NonFinite::TeacherLogits { index: 0 }));
+    assert_eq!(buffer_bytes(&student), before);
+
+    // A clean step does move them (so the comparison above can fail).
+    train_step(&student, None, &loss, &batch(false), &mut opt, 0.1, 4, 1).unwrap();
+    let after = buffer_bytes(&student);
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        assert_ne!(a, b, "`{name}` moved by a trained step");
+    }
+}
+
 #[test]
 fn nan_weights_and_bf16_overflow_are_told_apart() {
     let loss = KdLoss::kl(1.0, 0.0);

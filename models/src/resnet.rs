@@ -374,6 +374,12 @@ impl ResNet {
         self.activations
     }
 
+    /// BatchNorm's running statistics and counters, in [`ResNetConfig::buffer_specs`] order
+    /// (empty for a teacher, whose BatchNorm is folded).
+    pub fn buffers(&self) -> &[(String, Tensor)] {
+        &self.buffers
+    }
+
     fn buffer(&self, name: &str) -> Result<&Tensor> {
         self.buffer_index
             .get(name)

@@ -171,6 +171,15 @@ impl Model {
         })
     }
 
+    /// State that a training forward changes outside the parameters: ResNet's BatchNorm
+    /// running statistics and counters (BERT has none).
+    pub fn buffers(&self) -> &[(String, Tensor)] {
+        match self {
+            Model::ResNet(m) => m.buffers(),
+            Model::Bert(_) => &[],
+        }
+    }
+
     pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         match self {
             Model::ResNet(m) => m.state_dict(),

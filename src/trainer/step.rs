@@ -140,14 +140,27 @@ pub fn train_step_guarded(
     guard: &StepGuard,
 ) -> Result<StepOutput> {
     let params = student.params()?;
+    // The training forward moves BatchNorm's running statistics before the loss is known; a
+    // skipped step must leave them as they were, so keep a copy (on the model's device).
+    let saved = match guard.on_nonfinite {
+        OnNonFinite::Skip => student
+            .buffers()
+            .iter()
+            .map(|(_, t)| t.deep_copy())
+            .collect::<Result<Vec<_>>>()?,
+        OnNonFinite::Stop => Vec::new(),
+    };
     let poisoned = |out: StepOutput, source: NonFinite| -> Result<StepOutput> {
         params.zero_grad()?;
         match guard.on_nonfinite {
             OnNonFinite::Stop => Err(nonfinite_error(step, source, &out, lr, teachers)),
-            OnNonFinite::Skip => Ok(StepOutput {
-                skipped: Some(source),
-                ..out
-            }),
+            OnNonFinite::Skip => {
+                restore_buffers(student, &saved)?;
+                Ok(StepOutput {
+                    skipped: Some(source),
+                    ..out
+                })
+            }
         }
     };
     let mut out = match forward_backward_checked(student, teachers, loss, batch, step, seed)? {
@@ -165,6 +178,18 @@ pub fn train_step_guarded(
     optimizer.step(params, lr)?;
     params.zero_grad()?;
     Ok(out)
+}
+
+/// Puts back the buffers [`train_step_guarded`] saved before a step it then skipped.
+fn restore_buffers(student: &Model, saved: &[Tensor]) -> Result<()> {
+    for ((_, dst), src) in student.buffers().iter().zip(saved) {
+        if dst.dtype() == DType::I32 {
+            dst.copy_from_i32(&src.to_vec::<i32>()?)?;
+        } else {
+            dst.copy_from(src)?;
+        }
+    }
+    Ok(())
 }
 
 /// The error of a poisoned step: the step, the source, the losses, and what to try.
