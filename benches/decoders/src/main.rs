@@ -49,19 +49,39 @@ fn jpeg_decoder(bytes: &[u8]) -> usize {
     }
 }
 
+fn libjpeg_turbo(bytes: &[u8]) -> usize {
+    turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB)
+        .expect("libjpeg-turbo decodes")
+        .pixels
+        .len()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().expect("usage: recycle-decoder-bench DIR [PASSES]"));
+    let dir = PathBuf::from(
+        args.first()
+            .expect("usage: recycle-decoder-bench DIR [PASSES]"),
+    );
     let passes: usize = args.get(1).map_or(3, |s| s.parse().expect("PASSES"));
     let mut paths = Vec::new();
     jpegs(&dir, &mut paths).expect("DIR lists");
-    let files: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).expect("read")).collect();
+    let files: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|p| std::fs::read(p).expect("read"))
+        .collect();
     let mb: f64 = files.iter().map(|f| f.len()).sum::<usize>() as f64 / 1e6;
-    println!("{} JPEGs, {mb:.1} MB, {passes} passes each, 1 thread", files.len());
-    let decoders: [(&str, fn(&[u8]) -> usize); 3] = [
+    println!(
+        "{} JPEGs, {mb:.1} MB, {passes} passes each, 1 thread",
+        files.len()
+    );
+    let decoders: [(&str, fn(&[u8]) -> usize); 4] = [
         ("zune-jpeg 0.4", zune),
         ("image 0.25.6 (zune-jpeg inside)", image_crate),
         ("jpeg-decoder 0.3", jpeg_decoder),
+        (
+            "libjpeg-turbo (turbojpeg 0.5, the system library)",
+            libjpeg_turbo,
+        ),
     ];
     for (name, decode) in decoders {
         let warm: usize = files.iter().map(|f| decode(f)).sum();
