@@ -7,6 +7,9 @@ use std::time::Instant;
 use zune_jpeg::zune_core::colorspace::ColorSpace;
 use zune_jpeg::zune_core::options::DecoderOptions;
 
+/// A decoder: JPEG bytes in, the number of RGB bytes out.
+type Decode = fn(&[u8]) -> usize;
+
 fn jpegs(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.path());
@@ -74,7 +77,7 @@ fn main() {
         "{} JPEGs, {mb:.1} MB, {passes} passes each, 1 thread",
         files.len()
     );
-    let decoders: [(&str, fn(&[u8]) -> usize); 4] = [
+    let decoders: [(&str, Decode); 4] = [
         ("zune-jpeg 0.4", zune),
         ("image 0.25.6 (zune-jpeg inside)", image_crate),
         ("jpeg-decoder 0.3", jpeg_decoder),
