@@ -97,6 +97,17 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+
+    // A baseline JPEG whose second scan selects a Huffman table no DHT defines: zune-jpeg 0.4
+    // unwrapped the missing table (caught, and reported only as "the decoder failed"); 0.5
+    // returns an error naming the table.
+    let jpeg = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/jpeg-scan-without-huffman-table.jpg"),
+    )
+    .unwrap();
+    let err = recycle::data::image_decode::decode_rgb(&jpeg).unwrap_err();
+    assert!(err.contains("table not found"), "{err}");
 }
 
 #[test]

@@ -10,6 +10,7 @@
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use zune_jpeg::zune_core::bytestream::ZCursor;
 use zune_jpeg::zune_core::colorspace::ColorSpace;
 use zune_jpeg::zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
@@ -74,7 +75,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
         .set_max_width(MAX_SIDE)
         .set_max_height(MAX_SIDE)
         .set_strict_mode(false);
-    let mut d = JpegDecoder::new_with_options(bytes, options);
+    let mut d = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     d.decode_headers()
         .map_err(|e| format!("JPEG header: {e:?}"))?;
     let (width, height) = d
@@ -83,7 +84,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
     check_size(width, height)?;
     let pixels = d.decode().map_err(|e| format!("JPEG data: {e:?}"))?;
     // Greyscale files come out as one channel: copied to the three.
-    let pixels = match d.get_output_colorspace() {
+    let pixels = match d.output_colorspace() {
         Some(ColorSpace::RGB) => pixels,
         Some(ColorSpace::Luma) => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
         other => return Err(format!("JPEG decoded to {other:?}, not RGB or grey")),
