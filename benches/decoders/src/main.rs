@@ -30,7 +30,10 @@ fn jpegs(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 fn zune(bytes: &[u8]) -> usize {
     let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
-    let mut d = zune_jpeg::JpegDecoder::new_with_options(bytes, options);
+    let mut d = zune_jpeg::JpegDecoder::new_with_options(
+        zune_jpeg::zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
     d.decode().expect("zune-jpeg decodes").len()
 }
 
@@ -78,8 +81,8 @@ fn main() {
         files.len()
     );
     let decoders: [(&str, Decode); 4] = [
-        ("zune-jpeg 0.4", zune),
-        ("image 0.25.6 (zune-jpeg inside)", image_crate),
+        ("zune-jpeg 0.5", zune),
+        ("image 0.25.10 (zune-jpeg 0.5 inside)", image_crate),
         ("jpeg-decoder 0.3", jpeg_decoder),
         (
             "libjpeg-turbo (turbojpeg 0.5, the system library)",
