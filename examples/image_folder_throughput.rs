@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             image_size: size,
             skip_bad: false,
             decode_threads: threads,
+            max_pixels: recycle::data::image_decode::MAX_PIXELS,
         },
         seed: 0,
         batch_size: 32,
@@ -57,7 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut pixels = 0usize;
     for _ in 0..passes {
         for f in &files {
-            pixels += decode_rgb(f)?.pixels.len();
+            pixels += decode_rgb(f, recycle::data::image_decode::MAX_PIXELS)?
+                .pixels
+                .len();
         }
     }
     let dt = t0.elapsed().as_secs_f64();

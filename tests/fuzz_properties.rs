@@ -11,6 +11,8 @@ mod targets;
 
 use std::path::PathBuf;
 
+use recycle::data::image_decode::MAX_PIXELS;
+
 /// Mutations per target: about a second each on two cores.
 const RUNS: usize = 2000;
 
@@ -106,8 +108,22 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
             .join("tests/fixtures/jpeg-scan-without-huffman-table.jpg"),
     )
     .unwrap();
-    let err = recycle::data::image_decode::decode_rgb(&jpeg).unwrap_err();
+    let err = recycle::data::image_decode::decode_rgb(&jpeg, MAX_PIXELS).unwrap_err();
     assert!(err.contains("table not found"), "{err}");
+
+    // 283 bytes declaring a 13824x8199 progressive JPEG (113 megapixels, under Pillow's
+    // limit): its decode outlasted libFuzzer's 10 s timeout. A caller's pixel limit refuses it
+    // from the header, before any allocation.
+    let bomb = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/jpeg-113-megapixels-in-283-bytes.jpg"),
+    )
+    .unwrap();
+    let err = recycle::data::image_decode::decode_rgb(&bomb, 1 << 20).unwrap_err();
+    assert!(
+        err.contains("13824x8199") && err.contains("larger than allowed"),
+        "{err}"
+    );
 }
 
 #[test]

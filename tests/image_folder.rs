@@ -156,6 +156,7 @@ fn options(skip_bad: bool) -> FolderOptions {
         image_size: 16,
         skip_bad,
         decode_threads: 2,
+        max_pixels: recycle::data::image_decode::MAX_PIXELS,
     }
 }
 
@@ -221,7 +222,8 @@ fn a_folder_lists_sorted_classes_and_maps_val_by_name() {
 fn every_kind_of_file_decodes_to_rgb() {
     for k in 0..6 {
         let (name, bytes) = image_file(0, k);
-        let img = decode_rgb(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let img = decode_rgb(&bytes, recycle::data::image_decode::MAX_PIXELS)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(img.pixels.len(), img.width * img.height * 3, "{name}");
         let want = rgb_pixels(img.width, img.height, 0, k);
         // Mean absolute difference from the pixels written (JPEG is lossy; grey files hold one

@@ -242,6 +242,10 @@ pub fn image(data: &[u8]) {
         image_size: 8,
         skip_bad: false,
         decode_threads: 1,
+        // A few hundred bytes can declare a 100-megapixel progressive JPEG, whose decode is
+        // legitimate but takes seconds (libFuzzer's timeout): what is fuzzed here is the
+        // parsing, which a megapixel covers.
+        max_pixels: 1 << 20,
     };
     for kind in [
         ViewKind::Train {

@@ -22,10 +22,10 @@ pub const MAX_PIXELS: usize = 178_956_970;
 /// Largest buffer the PNG decoder may allocate.
 const MAX_BYTES: usize = 4 * MAX_PIXELS;
 
-fn check_size(width: usize, height: usize) -> Result<(), String> {
-    if width > MAX_SIDE || height > MAX_SIDE || width * height > MAX_PIXELS {
+fn check_size(width: usize, height: usize, max_pixels: usize) -> Result<(), String> {
+    if width > MAX_SIDE || height > MAX_SIDE || width * height > max_pixels {
         return Err(format!(
-            "{width}x{height} is larger than allowed ({MAX_SIDE} on a side, {MAX_PIXELS} pixels)"
+            "{width}x{height} is larger than allowed ({MAX_SIDE} on a side, {max_pixels} pixels)"
         ));
     }
     Ok(())
@@ -39,14 +39,16 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
-/// Decodes a JPEG or PNG file's bytes into RGB. The error says what is wrong with the bytes
-/// (the caller names the file).
-pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+/// Decodes a JPEG or PNG file's bytes into RGB, refusing (before decoding) an image of more
+/// than `max_pixels` pixels ([`MAX_PIXELS`] as a default): a few hundred bytes can declare a
+/// hundred megapixels, whose decode costs seconds and a gigabyte. The error says what is wrong
+/// with the bytes (the caller names the file).
+pub fn decode_rgb(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, String> {
     let decoded = catch_unwind(AssertUnwindSafe(|| {
         if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-            decode_jpeg(bytes)
+            decode_jpeg(bytes, max_pixels)
         } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-            decode_png(bytes)
+            decode_png(bytes, max_pixels)
         } else {
             Err(format!(
                 "neither a JPEG nor a PNG (first bytes {:02x?})",
@@ -69,7 +71,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     Ok(image)
 }
 
-fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
+fn decode_jpeg(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, String> {
     let options = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(MAX_SIDE)
@@ -81,7 +83,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
     let (width, height) = d
         .dimensions()
         .ok_or_else(|| "JPEG without dimensions".to_string())?;
-    check_size(width, height)?;
+    check_size(width, height, max_pixels)?;
     let pixels = d.decode().map_err(|e| format!("JPEG data: {e:?}"))?;
     // Greyscale files come out as one channel: copied to the three.
     let pixels = match d.output_colorspace() {
@@ -96,7 +98,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
     })
 }
 
-fn decode_png(bytes: &[u8]) -> Result<RgbImage, String> {
+fn decode_png(bytes: &[u8], max_pixels: usize) -> Result<RgbImage, String> {
     use png::{BitDepth, ColorType, Transformations};
     let mut d = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: MAX_BYTES });
     // Palette and low bit depths expanded, 16 bits stripped to 8: every output is 8-bit grey,
@@ -105,7 +107,7 @@ fn decode_png(bytes: &[u8]) -> Result<RgbImage, String> {
     let mut reader = d.read_info().map_err(|e| format!("PNG header: {e}"))?;
     let (w, h) = reader.info().size();
     let (width, height) = (w as usize, h as usize);
-    check_size(width, height)?;
+    check_size(width, height, max_pixels)?;
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| "PNG too large for memory".to_string())?;
@@ -152,10 +154,10 @@ mod tests {
 
     #[test]
     fn unknown_and_truncated_bytes_are_errors() {
-        let err = decode_rgb(b"GIF89a....").unwrap_err();
+        let err = decode_rgb(b"GIF89a....", MAX_PIXELS).unwrap_err();
         assert!(err.contains("neither a JPEG nor a PNG"), "{err}");
-        assert!(decode_rgb(&[]).is_err());
-        assert!(decode_rgb(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10]).is_err());
-        assert!(decode_rgb(b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR").is_err());
+        assert!(decode_rgb(&[], MAX_PIXELS).is_err());
+        assert!(decode_rgb(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10], MAX_PIXELS).is_err());
+        assert!(decode_rgb(b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR", MAX_PIXELS).is_err());
     }
 }

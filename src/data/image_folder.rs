@@ -47,6 +47,10 @@ pub struct FolderOptions {
     pub skip_bad: bool,
     /// Decoding threads (0: one per core).
     pub decode_threads: usize,
+    /// Largest image decoded, in pixels; a larger one is a corrupt file (skipped with
+    /// `skip_bad`). [`image_decode::MAX_PIXELS`](super::image_decode::MAX_PIXELS), Pillow's
+    /// limit, unless a caller wants less.
+    pub max_pixels: usize,
 }
 
 /// One file of a split and its class.
@@ -313,7 +317,8 @@ impl FolderSplit {
             )
         })?;
         let bytes = std::fs::read(&item.path).map_err(|e| Error::io(&item.path, e))?;
-        let image = decode_rgb(&bytes).map_err(|why| corrupt(&item.path, why))?;
+        let image =
+            decode_rgb(&bytes, self.options.max_pixels).map_err(|why| corrupt(&item.path, why))?;
         let size = self.options.image_size;
         Ok(match self.kind {
             ViewKind::Train { seed, .. } => {

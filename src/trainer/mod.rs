@@ -301,6 +301,7 @@ fn image_folder_data(recipe: &Recipe) -> Result<TaskData> {
             image_size: d.image_size,
             skip_bad: d.skip_bad,
             decode_threads: d.decode_threads,
+            max_pixels: data::image_decode::MAX_PIXELS,
         },
         seed: recipe.seed,
         batch_size: recipe.train.batch_size,
