@@ -12,7 +12,9 @@
 
 use std::fmt;
 
-use crate::names::kd_loss as k;
+use crate::call::{KernelCall, Ptr};
+use crate::launch::LaunchConfig;
+use crate::launchers as k;
 
 /// Most teachers whose logits the kernel averages itself (`RK_MAX_TEACHERS`).
 pub const MAX_TEACHERS: usize = 8;
@@ -78,14 +80,14 @@ pub fn kernel_name(
 ) -> Result<&'static str, KdError> {
     use Storage::*;
     let name = match (term, student, teachers) {
-        (None, F32, _) => k::kd_loss_ce_f32,
-        (None, Bf16, _) => k::kd_loss_ce_bf16,
-        (Some(KdTerm::Kl { .. }), Bf16, Bf16) => k::kd_loss_kl_bf16_bf16,
-        (Some(KdTerm::Kl { .. }), F32, Bf16) => k::kd_loss_kl_f32_bf16,
-        (Some(KdTerm::Kl { .. }), F32, F32) => k::kd_loss_kl_f32_f32,
-        (Some(KdTerm::Mse), Bf16, Bf16) => k::kd_loss_mse_bf16_bf16,
-        (Some(KdTerm::Mse), F32, Bf16) => k::kd_loss_mse_f32_bf16,
-        (Some(KdTerm::Mse), F32, F32) => k::kd_loss_mse_f32_f32,
+        (None, F32, _) => "kd_loss_ce_f32",
+        (None, Bf16, _) => "kd_loss_ce_bf16",
+        (Some(KdTerm::Kl { .. }), Bf16, Bf16) => "kd_loss_kl_bf16_bf16",
+        (Some(KdTerm::Kl { .. }), F32, Bf16) => "kd_loss_kl_f32_bf16",
+        (Some(KdTerm::Kl { .. }), F32, F32) => "kd_loss_kl_f32_f32",
+        (Some(KdTerm::Mse), Bf16, Bf16) => "kd_loss_mse_bf16_bf16",
+        (Some(KdTerm::Mse), F32, Bf16) => "kd_loss_mse_f32_bf16",
+        (Some(KdTerm::Mse), F32, F32) => "kd_loss_mse_f32_f32",
         (Some(_), Bf16, F32) => {
             return Err(KdError(
                 "no kernel takes bf16 student logits with f32 teacher logits; cast the \
@@ -95,6 +97,67 @@ pub fn kernel_name(
         }
     };
     Ok(name)
+}
+
+/// The arguments of a row kernel (`kd_loss_kl_*`, `kd_loss_mse_*`, `kd_loss_ce_*`); `logits`
+/// and `grad` hold the student's storage type, which the kernel's name says.
+#[derive(Debug, Clone, Copy)]
+pub struct RowArgs {
+    pub logits: u64,
+    pub grad: u64,
+    pub teachers: TeacherLogits,
+    pub k: u32,
+    pub labels: Ptr<i32>,
+    pub mask: Ptr<i32>,
+    pub row_ce: Ptr<f32>,
+    pub row_kd: Ptr<f32>,
+    pub classes: u32,
+    pub ignore_index: i32,
+    pub inv_t: f32,
+    pub t_sq: f32,
+    pub ce_weight: f32,
+    pub kd_scale: f32,
+}
+
+/// The launch of the row kernel `kernel` (a name [`kernel_name`] gives), through its typed
+/// launcher.
+pub fn row_call(
+    kernel: &str,
+    config: LaunchConfig,
+    a: &RowArgs,
+) -> Result<KernelCall, KdError> {
+    macro_rules! call {
+        ($launcher:path) => {
+            $launcher(
+                config,
+                Ptr::new(a.logits),
+                Ptr::new(a.grad),
+                a.teachers,
+                a.k,
+                a.labels,
+                a.mask,
+                a.row_ce,
+                a.row_kd,
+                a.classes,
+                a.ignore_index,
+                a.inv_t,
+                a.t_sq,
+                a.ce_weight,
+                a.kd_scale,
+            )
+        };
+    }
+    Ok(match kernel {
+        "kd_loss_ce_f32" => call!(k::kd_loss_ce_f32),
+        "kd_loss_ce_bf16" => call!(k::kd_loss_ce_bf16),
+        "kd_loss_kl_bf16_bf16" => call!(k::kd_loss_kl_bf16_bf16),
+        "kd_loss_kl_f32_bf16" => call!(k::kd_loss_kl_f32_bf16),
+        "kd_loss_kl_f32_f32" => call!(k::kd_loss_kl_f32_f32),
+        "kd_loss_mse_bf16_bf16" => call!(k::kd_loss_mse_bf16_bf16),
+        "kd_loss_mse_f32_bf16" => call!(k::kd_loss_mse_f32_bf16),
+        "kd_loss_mse_f32_f32" => call!(k::kd_loss_mse_f32_f32),
+        other => return Err(KdError(format!("{other} is not a row kernel of kd_loss.cu"))),
+    })
 }
 
 /// `(ce_rows, kd_rows)` as `kd_loss_cpu` counts them: rows that count (mask non-zero, or no
@@ -306,6 +369,32 @@ mod tests {
         );
         assert_eq!(kernel_name(None, Bf16, F32).unwrap(), "kd_loss_ce_bf16");
         assert!(kernel_name(kl, Bf16, F32).is_err());
+        // Every name has its typed launcher.
+        let a = RowArgs {
+            logits: 1,
+            grad: 2,
+            teachers: TeacherLogits::default(),
+            k: 0,
+            labels: Ptr::new(3),
+            mask: Ptr::null(),
+            row_ce: Ptr::new(4),
+            row_kd: Ptr::null(),
+            classes: 10,
+            ignore_index: -100,
+            inv_t: 1.0,
+            t_sq: 1.0,
+            ce_weight: 1.0,
+            kd_scale: 0.0,
+        };
+        let cfg = crate::launch::single_block();
+        let (_, kernels) = crate::launchers::FAMILIES
+            .iter()
+            .find(|(f, _)| *f == "kd_loss")
+            .unwrap();
+        for kernel in kernels.iter().filter(|n| **n != "kd_loss_reduce") {
+            assert_eq!(row_call(kernel, cfg, &a).unwrap().kernel, *kernel);
+        }
+        assert!(row_call("kd_loss_reduce", cfg, &a).is_err());
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //! `elementwise` kernel family (`elementwise.cu`). Broadcasting binary ops go to `layout.rs`.
 
 use recycle_kernels::launch as kl;
-use recycle_kernels::names;
+use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
-use super::launch::{shape_err, Arg, KernelCall};
-use super::{common_device, kernel_suffix, DeviceBuffer};
+use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
+use super::launch::{fit_u32, shape_err, KernelCall};
+use super::{common_device, DeviceBuffer};
 use crate::ops::elementwise::BinaryOp;
 use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
@@ -17,9 +17,11 @@ use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 // ---------------------------------------------------------------------------------------------
 
 fn cast_plan(x: u64, y: u64, n: usize, from: DType, to: DType) -> Result<Vec<KernelCall>> {
-    let k = match (from, to) {
-        (DType::F32, DType::BF16) => names::elementwise::cast_f32_to_bf16,
-        (DType::BF16, DType::F32) => names::elementwise::cast_bf16_to_f32,
+    let cfg = grid_stride(n);
+    let len = n as u64;
+    let call = match (from, to) {
+        (DType::F32, DType::BF16) => cfg.map(|c| k::cast_f32_to_bf16(c, p(x), p(y), len)),
+        (DType::BF16, DType::F32) => cfg.map(|c| k::cast_bf16_to_f32(c, p(x), p(y), len)),
         _ => {
             return Err(Error::invalid(
                 "cast",
@@ -27,11 +29,7 @@ fn cast_plan(x: u64, y: u64, n: usize, from: DType, to: DType) -> Result<Vec<Ker
             ))
         }
     };
-    Ok(
-        grid_stride(k, n, vec![Arg::Ptr(x), Arg::Ptr(y), Arg::U64(n as u64)])
-            .into_iter()
-            .collect(),
-    )
+    Ok(call.into_iter().collect())
 }
 
 /// `Tensor::cast` on a GPU: f32 ↔ bf16 (round to nearest even, as the CPU).
@@ -93,12 +91,10 @@ pub(crate) fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
 }
 
 fn accumulate_plan(src: u64, dst: u64, n: usize, src_dtype: DType) -> Result<Vec<KernelCall>> {
-    let k = kernel("accumulate", kernel_suffix("add_assign", src_dtype)?)?;
-    Ok(
-        grid_stride(k, n, vec![Arg::Ptr(src), Arg::Ptr(dst), Arg::U64(n as u64)])
-            .into_iter()
-            .collect(),
-    )
+    with_float!("add_assign", src_dtype, |T| Ok(grid_stride(n)
+        .map(|c| k::accumulate::<T>(c, p(src), p(dst), n as u64))
+        .into_iter()
+        .collect()))
 }
 
 /// `Tensor::add_assign` on a GPU: `dst` (f32) += `src` (f32 or bf16).
@@ -142,9 +138,18 @@ fn binary_plan(
     n: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(op.name(), kernel_suffix(op.name(), dtype)?)?;
-    let args = vec![Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(out), Arg::U64(n as u64)];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let len = n as u64;
+    with_float!(op.name(), dtype, |T| Ok(grid_stride(n)
+        .map(|c| {
+            let launcher = match op {
+                BinaryOp::Add => k::add::<T>,
+                BinaryOp::Sub => k::sub::<T>,
+                BinaryOp::Mul => k::mul::<T>,
+            };
+            launcher(c, p(a), p(b), p(out), len)
+        })
+        .into_iter()
+        .collect()))
 }
 
 fn binary_raw(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -167,9 +172,23 @@ fn scalar_plan(
     s: f32,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(base, kernel_suffix(base, dtype)?)?;
-    let args = vec![Arg::Ptr(x), Arg::Ptr(out), Arg::U64(n as u64), Arg::F32(s)];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let len = n as u64;
+    with_float!(base, dtype, |T| {
+        let launcher = match base {
+            "scale" => k::scale::<T>,
+            "add_scalar" => k::add_scalar::<T>,
+            other => {
+                return Err(Error::invalid(
+                    other,
+                    "not a scalar op of the elementwise kernels (scale, add_scalar)",
+                ))
+            }
+        };
+        Ok(grid_stride(n)
+            .map(|c| launcher(c, p(x), p(out), len, s))
+            .into_iter()
+            .collect())
+    })
 }
 
 pub(crate) fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tensor> {
@@ -269,19 +288,16 @@ pub(crate) fn channel_add_plan(
     inner: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("channel_add", kernel_suffix("bias_add", dtype)?)?;
-    let cfg = kl::channel_rows(k, outer as u64, c as u64, inner as u64).map_err(shape_err)?;
-    let args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(v),
-        Arg::Ptr(out),
-        Arg::u32(k, "the number of channels", c)?,
-        Arg::u32(k, "the inner size", inner)?,
-    ];
-    Ok(cfg
-        .map(|cfg| KernelCall::new(k, cfg, args))
+    let name = "channel_add";
+    let cfg = kl::channel_rows(name, outer as u64, c as u64, inner as u64).map_err(shape_err)?;
+    let (c, inner) = (
+        fit_u32(name, "the number of channels", c)?,
+        fit_u32(name, "the inner size", inner)?,
+    );
+    with_float!("bias_add", dtype, |T| Ok(cfg
+        .map(|cfg| k::channel_add::<T>(cfg, p(x), p(v), p(out), c, inner))
         .into_iter()
-        .collect())
+        .collect()))
 }
 
 /// `bias_add` backward for the bias: the sum of `g` over `outer` and `inner` per channel, into
@@ -294,38 +310,30 @@ pub(crate) fn channel_sum_plan(
     inner: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let s = kernel_suffix("bias_add", dtype)?;
     if inner == 1 {
-        let k = kernel("channel_sum_last", s)?;
-        let cfg = kl::channel_sum_last(k, outer as u64, c as u64).map_err(shape_err)?;
-        let args = vec![
-            Arg::Ptr(g),
-            Arg::Ptr(0),
-            Arg::Ptr(out),
-            Arg::u32(k, "the number of rows", outer)?,
-            Arg::u32(k, "the number of columns", c)?,
-            Arg::I32(0),
-        ];
-        Ok(cfg
-            .map(|cfg| KernelCall::new(k, cfg, args))
+        let name = "channel_sum_last";
+        let cfg = kl::channel_sum_last(name, outer as u64, c as u64).map_err(shape_err)?;
+        let (rows, cols) = (
+            fit_u32(name, "the number of rows", outer)?,
+            fit_u32(name, "the number of columns", c)?,
+        );
+        with_float!("bias_add", dtype, |T| Ok(cfg
+            .map(|cfg| k::channel_sum_last::<T>(cfg, p(g), p(0), p(out), rows, cols, 0))
             .into_iter()
-            .collect())
+            .collect()))
     } else {
-        let k = kernel("channel_sum", s)?;
-        let cfg = kl::channel_sum(k, outer as u64, c as u64, inner as u64).map_err(shape_err)?;
-        let args = vec![
-            Arg::Ptr(g),
-            Arg::Ptr(0),
-            Arg::Ptr(out),
-            Arg::u32(k, "the number of planes", outer)?,
-            Arg::u32(k, "the number of channels", c)?,
-            Arg::u32(k, "the plane size", inner)?,
-            Arg::I32(0),
-        ];
-        Ok(cfg
-            .map(|cfg| KernelCall::new(k, cfg, args))
+        let name = "channel_sum";
+        let cfg =
+            kl::channel_sum(name, outer as u64, c as u64, inner as u64).map_err(shape_err)?;
+        let (planes, c, inner) = (
+            fit_u32(name, "the number of planes", outer)?,
+            fit_u32(name, "the number of channels", c)?,
+            fit_u32(name, "the plane size", inner)?,
+        );
+        with_float!("bias_add", dtype, |T| Ok(cfg
+            .map(|cfg| k::channel_sum::<T>(cfg, p(g), p(0), p(out), planes, c, inner, 0))
             .into_iter()
-            .collect())
+            .collect()))
     }
 }
 
@@ -388,11 +396,15 @@ fn activation_saved(op: &str) -> Result<Saved> {
     match op {
         "relu" | "tanh" => Ok(Saved::Output),
         "gelu" => Ok(Saved::Input),
-        other => Err(Error::invalid(
-            "activation",
-            format!("not implemented on CUDA yet: {other}"),
-        )),
+        other => Err(not_an_activation(other)),
     }
+}
+
+fn not_an_activation(op: &str) -> Error {
+    Error::invalid(
+        "activation",
+        format!("not implemented on CUDA yet: {op}"),
+    )
 }
 
 fn activation_fwd_plan(
@@ -402,12 +414,19 @@ fn activation_fwd_plan(
     n: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(&format!("{op}_fwd"), kernel_suffix("activation", dtype)?)?;
-    Ok(
-        grid_stride(k, n, vec![Arg::Ptr(x), Arg::Ptr(y), Arg::U64(n as u64)])
+    let len = n as u64;
+    with_float!("activation", dtype, |T| {
+        let launcher = match op {
+            "relu" => k::relu_fwd::<T>,
+            "gelu" => k::gelu_fwd::<T>,
+            "tanh" => k::tanh_fwd::<T>,
+            other => return Err(not_an_activation(other)),
+        };
+        Ok(grid_stride(n)
+            .map(|c| launcher(c, p(x), p(y), len))
             .into_iter()
-            .collect(),
-    )
+            .collect())
+    })
 }
 
 fn activation_bwd_plan(
@@ -418,14 +437,19 @@ fn activation_bwd_plan(
     n: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(&format!("{op}_bwd"), kernel_suffix("activation", dtype)?)?;
-    let args = vec![
-        Arg::Ptr(saved),
-        Arg::Ptr(g),
-        Arg::Ptr(dx),
-        Arg::U64(n as u64),
-    ];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let len = n as u64;
+    with_float!("activation", dtype, |T| {
+        let launcher = match op {
+            "relu" => k::relu_bwd::<T>,
+            "gelu" => k::gelu_bwd::<T>,
+            "tanh" => k::tanh_bwd::<T>,
+            other => return Err(not_an_activation(other)),
+        };
+        Ok(grid_stride(n)
+            .map(|c| launcher(c, p(saved), p(g), p(dx), len))
+            .into_iter()
+            .collect())
+    })
 }
 
 /// The CUDA arm of `relu`, `gelu`, `tanh`.
@@ -469,9 +493,9 @@ mod tests {
     use super::*;
     use crate::cuda::common::check_all;
 
-    /// Every plan, for both storage types and a few shapes, matches the kernels' ABI.
+    /// Every plan, for both storage types and a few shapes, has a launch shape a GPU runs.
     #[test]
-    fn every_plan_matches_the_kernel_abi() {
+    fn every_plan_has_a_valid_launch_shape() {
         for dt in [DType::F32, DType::BF16] {
             for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
                 check_all(&binary_plan(op, 1, 2, 3, 1000, dt).unwrap());
@@ -497,6 +521,7 @@ mod tests {
     use crate::cuda::sim_check::{
         as_stored, assert_close, download, host_sim, run_plan, sample, upload,
     };
+    use recycle_kernels::call::Value;
     use recycle_kernels::sim::SimBuffer;
 
     /// The plan with its grids cut to `blocks` blocks, so that a grid-stride kernel's threads
@@ -668,7 +693,11 @@ mod tests {
                 let (xs, vs) = (as_stored(&x, dt), as_stored(&v, dt));
                 let (bx, bv) = (upload(&x, dt), upload(&v, dt));
                 // channel_add / channel_mul: one operation per element: exact.
-                let mul = kernel("channel_mul", kernel_suffix("mul", dt).unwrap()).unwrap();
+                let mul = if dt == DType::BF16 {
+                    "channel_mul_bf16"
+                } else {
+                    "channel_mul_f32"
+                };
                 for is_mul in [false, true] {
                     let out = upload(&vec![0.0; n], dt);
                     let mut plan =
@@ -711,9 +740,9 @@ mod tests {
                         let mut plan =
                             channel_sum_plan(bg.ptr(), out.ptr(), outer, c, inner, dt).unwrap();
                         if with_x {
-                            plan[0].args[1] = Arg::Ptr(bx.ptr());
+                            plan[0].args[1] = Value::U64(bx.ptr());
                         }
-                        *plan[0].args.last_mut().unwrap() = Arg::I32(accumulate);
+                        *plan[0].args.last_mut().unwrap() = Value::I32(accumulate);
                         run_plan(sim, &plan);
                         let summed = if with_x {
                             let gx: Vec<f32> = gs.iter().zip(&xs).map(|(g, x)| g * x).collect();

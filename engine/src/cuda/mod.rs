@@ -2,7 +2,7 @@
 //! cuBLASLt, cuDNN and the kernels of `recycle-kernels` behind the ops.
 //!
 //! What has run on a GPU is said in one place, the status line of `docs/cuda.md`. The
-//! host-side logic (argument lists against the kernels' ABI, launch shapes, the no-driver
+//! host-side logic (the kernel calls' plans on the kernel simulator, launch shapes, the no-driver
 //! errors) is tested on the CPU; `recycle gpu-check` compares every CUDA op with its CPU twin
 //! on a device.
 //!
@@ -32,9 +32,10 @@
 //!   difference around a step). Host↔device copies go through a pinned staging buffer per
 //!   context (the batches: `Tensor::to_device`), so a pageable `Vec` never blocks the stream.
 //! - **Launch** (`launch`): a kernel call is data — kernel, grid/block from
-//!   [`recycle_kernels::launch`], typed arguments — checked against
-//!   [`recycle_kernels::abi::params`] before `cuLaunchKernel`, so a wrong argument list is an
-//!   error, never a corrupted launch.
+//!   [`recycle_kernels::launch`], typed arguments — built by the kernel's launcher, which
+//!   `recycle-kernels` generates from the `.cu` signature ([`recycle_kernels::launchers`]), so
+//!   an argument list cannot disagree with its kernel; the launch checks the shape and sends
+//!   the parameter array to `cuLaunchKernel`.
 //! - **Ops**: the CUDA arm of every op, one file per family —
 //!   `elementwise` (elementwise ops, activations, copies, casts, accumulation), `softmax`,
 //!   `loss` (cross-entropy and the fused distillation loss [`kd_loss`]), `optim` (the SGDW and
