@@ -10,8 +10,9 @@
 
 use half::bf16;
 use recycle::distill::{kd_loss_cpu, KdLoss};
+use recycle_engine::kd::{self, KdKind, KdScalars, Storage};
 use recycle_kernels::call::{KernelCall, Ptr};
-use recycle_kernels::kd::{self, row_call, KdTerm, KdScalars, RowArgs, Storage, TeacherLogits};
+use recycle_kernels::kd::{row_call, RowArgs, TeacherLogits};
 use recycle_kernels::launch;
 use recycle_kernels::launchers;
 use recycle_kernels::sim::{HostSim, SimBuffer};
@@ -60,7 +61,7 @@ fn logits(rows: usize, classes: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 struct Case {
-    term: Option<KdTerm>,
+    term: Option<KdKind>,
     teachers: usize,
     student: Storage,
     teacher: Storage,
@@ -83,8 +84,8 @@ fn check(sim: &HostSim, c: &Case) {
     let (rows, classes) = (c.rows, c.classes);
     let lambda = 0.7f32;
     let cfg = match c.term {
-        Some(KdTerm::Kl { temperature }) => KdLoss::kl(temperature, lambda),
-        Some(KdTerm::Mse) => KdLoss::mse(lambda),
+        Some(KdKind::Kl { temperature }) => KdLoss::kl(temperature, lambda),
+        Some(KdKind::Mse) => KdLoss::mse(lambda),
         None => KdLoss::kl(2.0, lambda),
     };
     // Row 1 has no label (CE ignores it, KD counts it); the last row is masked off.
@@ -234,9 +235,9 @@ fn sim() -> Option<&'static HostSim> {
 #[test]
 fn the_kernel_matches_kd_loss_cpu_at_small_and_medium_vocabularies() {
     let Some(sim) = sim() else { return };
-    let kl = KdTerm::Kl { temperature: 2.0 };
+    let kl = KdKind::Kl { temperature: 2.0 };
     for (rows, classes, ensembles) in [(13, 10, &[1, 2, 3, 4, 8][..]), (5, 1000, &[1, 2, 4][..])] {
-        for term in [Some(kl), Some(KdTerm::Mse), None] {
+        for term in [Some(kl), Some(KdKind::Mse), None] {
             for &teachers in ensembles {
                 if term.is_none() && teachers > 1 {
                     continue;
@@ -270,20 +271,20 @@ fn the_kernel_matches_kd_loss_cpu_at_bert_vocabulary() {
     let Some(sim) = sim() else { return };
     for (term, teachers, student, teacher, in_place) in [
         (
-            Some(KdTerm::Kl { temperature: 4.0 }),
+            Some(KdKind::Kl { temperature: 4.0 }),
             1,
             Storage::Bf16,
             Storage::Bf16,
             true,
         ),
         (
-            Some(KdTerm::Kl { temperature: 1.0 }),
+            Some(KdKind::Kl { temperature: 1.0 }),
             4,
             Storage::F32,
             Storage::Bf16,
             false,
         ),
-        (Some(KdTerm::Mse), 2, Storage::F32, Storage::F32, true),
+        (Some(KdKind::Mse), 2, Storage::F32, Storage::F32, true),
         (None, 0, Storage::Bf16, Storage::Bf16, false),
     ] {
         check(

@@ -205,7 +205,12 @@ mod tests {
         assert_eq!(c.family, "elementwise");
         assert_eq!(
             c.args,
-            [Value::U64(1), Value::U64(2), Value::U64(10), Value::F32(0.5)]
+            [
+                Value::U64(1),
+                Value::U64(2),
+                Value::U64(10),
+                Value::F32(0.5)
+            ]
         );
         c.check().unwrap();
         let sig = Signature::of("scale_bf16").unwrap();

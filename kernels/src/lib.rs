@@ -12,7 +12,8 @@
 //! - [`launchers`]: one typed launcher per kernel and every kernel's signature, generated from
 //!   the `.cu` files ([`call`]: what a launcher builds);
 //! - [`launch`]: grid, block and scratch sizes from shapes;
-//! - [`kd`]: the fused loss's host-side arguments (row counts, normalisers, teacher pointers);
+//! - [`kd`]: the fused loss's teacher pointers as the kernel takes them and its typed row launch
+//!   (the other host-side arguments are in `recycle_engine::kd`);
 //! - [`fatbin`]: reading a fatbin (its images, their kernels, which one a GPU runs);
 //! - [`sim`]: the host simulator, which runs the kernels' source on CPU threads (no GPU needed).
 //!

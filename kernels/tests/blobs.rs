@@ -2,8 +2,8 @@
 //! architecture plus PTX, and defining every kernel `names` lists (so every name the engine
 //! looks up resolves on every GPU the crate targets).
 
-use recycle_kernels::fatbin::{self, EntryKind};
 use recycle_kernels::call::Signature;
+use recycle_kernels::fatbin::{self, EntryKind};
 use recycle_kernels::launchers::FAMILIES;
 use recycle_kernels::{all, available, CUBIN_ARCHS, PTX_ARCH};
 

@@ -52,7 +52,9 @@ fn failure(src: &str) -> String {
     panic::set_hook(Box::new(|_| {}));
     let r = panic::catch_unwind(|| launchers::family("bad", src));
     panic::set_hook(hook);
-    let e = r.err().expect("the generator accepted a signature it should refuse");
+    let e = r
+        .err()
+        .expect("the generator accepted a signature it should refuse");
     e.downcast_ref::<String>().cloned().unwrap_or_default()
 }
 
@@ -60,13 +62,22 @@ fn failure(src: &str) -> String {
 fn signatures_it_cannot_read_stop_the_build_with_the_file_kernel_and_parameter() {
     let e = failure(r#"extern "C" __global__ void k(const half* x, uint32_t n) {}"#);
     assert!(e.contains("src/bad.cu"), "{e}");
-    assert!(e.contains("k: parameter `x` has the type `const half*`"), "{e}");
+    assert!(
+        e.contains("k: parameter `x` has the type `const half*`"),
+        "{e}"
+    );
     let e = failure(r#"extern "C" __global__ void k(float*) {}"#);
     assert!(e.contains("cannot read the parameter `float*`"), "{e}");
     let e = failure("__global__ void helper(float* x) {}");
-    assert!(e.contains("no `extern \"C\" __global__ void` entry point"), "{e}");
+    assert!(
+        e.contains("no `extern \"C\" __global__ void` entry point"),
+        "{e}"
+    );
     let e = failure(
         "#define M(T, S) extern \"C\" __global__ void k_##S(T* x) {}\nM(float, f32)\nM(char, i8)\n",
     );
-    assert!(e.contains("k_i8: parameter `x` has the type `char*`"), "{e}");
+    assert!(
+        e.contains("k_i8: parameter `x` has the type `char*`"),
+        "{e}"
+    );
 }

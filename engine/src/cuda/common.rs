@@ -23,7 +23,7 @@ use super::elementwise::cast;
 use super::launch::{launch, shape_err, KernelCall};
 use super::{CudaContext, CudaView, DeviceBuffer};
 use crate::tensor::elem_count;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Device, Result, Tensor};
 
 /// Runs `$body` with the type `$T` standing for the storage type of `$dtype` (`f32` or
 /// `half::bf16`), the `T` of a generic launcher; an i32 `$dtype` is an error naming `$op`.

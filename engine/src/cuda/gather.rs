@@ -68,9 +68,22 @@ pub(crate) fn gather_bwd_plan(
     let (counts, totals, starts, order) = (p(s.counts), p(s.totals), p(s.starts), p(s.order));
     let mut calls = Vec::new();
     if n_ids > 0 {
-        calls.push(k::embedding_bwd_count(cfg.count, p(ids), n, v, segs, counts));
+        calls.push(k::embedding_bwd_count(
+            cfg.count,
+            p(ids),
+            n,
+            v,
+            segs,
+            counts,
+        ));
     }
-    calls.push(k::embedding_bwd_offsets(cfg.offsets, counts, totals, v, segs));
+    calls.push(k::embedding_bwd_offsets(
+        cfg.offsets,
+        counts,
+        totals,
+        v,
+        segs,
+    ));
     calls.push(k::embedding_bwd_scan(cfg.scan, totals, starts, v));
     if n_ids > 0 {
         calls.push(k::embedding_bwd_place(

@@ -2,14 +2,15 @@
 //! fused distillation loss behind [`super::kd_loss`] (the `kd_loss` family; its CPU twin is
 //! the root crate's `kd_loss_cpu`).
 
-use recycle_kernels::kd::{self as kdh, KdScalars, TeacherLogits};
+use recycle_kernels::kd::{row_call, RowArgs, TeacherLogits};
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
 use super::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view, with_float};
 use super::elementwise::float_inputs;
 use super::launch::{fit_u32, KernelCall};
-use super::{common_device, KdLossDevice, KdTerm};
+use super::{common_device, KdLossDevice};
+use crate::kd::{self as kdh, KdKind, KdScalars};
 use crate::ops::loss::{
     cross_entropy_check_labels_cpu, cross_entropy_grad_scale, CrossEntropyOptions,
 };
@@ -83,18 +84,20 @@ fn cross_entropy_bwd_plan(
         return Ok(vec![]);
     };
     let n_classes = fit_u32(name, "the number of classes", classes)?;
-    with_float!("cross_entropy", dtype, |T| Ok(vec![k::cross_entropy_bwd::<T>(
-        cfg,
-        p(logits),
-        p(labels),
-        p(lse),
-        p(dlogits),
-        n_classes,
-        opts.ignore_index.unwrap_or(0),
-        opts.ignore_index.is_some() as i32,
-        opts.label_smoothing,
-        scale,
-    )]))
+    with_float!("cross_entropy", dtype, |T| Ok(vec![
+        k::cross_entropy_bwd::<T>(
+            cfg,
+            p(logits),
+            p(labels),
+            p(lse),
+            p(dlogits),
+            n_classes,
+            opts.ignore_index.unwrap_or(0),
+            opts.ignore_index.is_some() as i32,
+            opts.label_smoothing,
+            scale,
+        )
+    ]))
 }
 
 /// The CUDA arm of `cross_entropy` (shapes and options validated by the caller). The labels
@@ -200,7 +203,7 @@ fn kd_loss_plan(
     };
     let mut calls = Vec::new();
     if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
-        let args = kdh::RowArgs {
+        let args = RowArgs {
             logits,
             grad,
             teachers: tl,
@@ -217,8 +220,7 @@ fn kd_loss_plan(
             kd_scale: s.grad_kd_scale,
         };
         calls.push(
-            kdh::row_call(kernel, cfg, &args)
-                .map_err(|e| Error::invalid("kd_loss", e.to_string()))?,
+            row_call(kernel, cfg, &args).map_err(|e| Error::invalid("kd_loss", e.to_string()))?,
         );
     }
     calls.push(k::kd_loss_reduce(
@@ -237,7 +239,7 @@ fn kd_loss_plan(
 /// See [`super::kd_loss`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kd_loss(
-    term: Option<KdTerm>,
+    term: Option<KdKind>,
     lambda: f32,
     ignore_index: i32,
     student: &Tensor,
@@ -291,21 +293,15 @@ pub(crate) fn kd_loss(
             })
         }
     };
-    let ker_term = match (term, teachers.is_empty() || lambda == 0.0) {
-        (_, true) | (None, _) => None,
-        (Some(KdTerm::Kl { temperature }), false) => Some(kdh::KdTerm::Kl { temperature }),
-        (Some(KdTerm::Mse), false) => Some(kdh::KdTerm::Mse),
-    };
-    let kd = |e: kdh::KdError| Error::invalid(OP, e.0);
+    let ker_term = term.filter(|_| !(teachers.is_empty() || lambda == 0.0));
     let (ce_rows, kd_rows) = kdh::row_counts(
         &labels_host,
         mask_host.as_deref(),
         classes,
         ignore_index,
         ker_term.is_some(),
-    )
-    .map_err(kd)?;
-    let s = KdScalars::new(ker_term, lambda, ce_rows, kd_rows, classes, upstream).map_err(kd)?;
+    )?;
+    let s = KdScalars::new(ker_term, lambda, ce_rows, kd_rows, classes, upstream)?;
     let student_storage = storage_of(OP, student.dtype())?;
     let teacher_storage = match teachers.first() {
         Some(t) => {
@@ -321,7 +317,7 @@ pub(crate) fn kd_loss(
         None => student_storage,
     };
     let active_term = if s.kd_active() { ker_term } else { None };
-    let kernel = kdh::kernel_name(active_term, student_storage, teacher_storage).map_err(kd)?;
+    let kernel = kdh::kernel_name(active_term, student_storage, teacher_storage)?;
 
     let sv = view(student, OP)?;
     let ctx = sv.ctx.clone();
@@ -551,8 +547,8 @@ mod tests {
         {
             let temperature = [1.0f32, 2.0, 4.0][vi];
             let upstream = if vi == 1 { 0.5f32 } else { 1.0 };
-            let mut cases: Vec<(Option<kdh::KdTerm>, DType, DType)> = Vec::new();
-            for term in [kdh::KdTerm::Kl { temperature }, kdh::KdTerm::Mse] {
+            let mut cases: Vec<(Option<KdKind>, DType, DType)> = Vec::new();
+            for term in [KdKind::Kl { temperature }, KdKind::Mse] {
                 for (sdt, tdt) in dtypes {
                     cases.push((Some(term), sdt, tdt));
                 }
@@ -736,31 +732,19 @@ mod tests {
 
     #[test]
     fn kd_loss_plans_for_every_kernel() {
-        let s = KdScalars::new(
-            Some(kdh::KdTerm::Kl { temperature: 2.0 }),
-            0.5,
-            3,
-            4,
-            10,
-            1.0,
-        )
-        .unwrap();
+        let s = KdScalars::new(Some(KdKind::Kl { temperature: 2.0 }), 0.5, 3, 4, 10, 1.0).unwrap();
         for (term, st, tt) in [
             (
-                Some(kdh::KdTerm::Kl { temperature: 2.0 }),
+                Some(KdKind::Kl { temperature: 2.0 }),
                 kdh::Storage::Bf16,
                 kdh::Storage::Bf16,
             ),
             (
-                Some(kdh::KdTerm::Kl { temperature: 2.0 }),
+                Some(KdKind::Kl { temperature: 2.0 }),
                 kdh::Storage::F32,
                 kdh::Storage::F32,
             ),
-            (
-                Some(kdh::KdTerm::Mse),
-                kdh::Storage::F32,
-                kdh::Storage::Bf16,
-            ),
+            (Some(KdKind::Mse), kdh::Storage::F32, kdh::Storage::Bf16),
             (None, kdh::Storage::F32, kdh::Storage::F32),
         ] {
             let k = kdh::kernel_name(term, st, tt).unwrap();

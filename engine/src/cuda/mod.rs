@@ -398,13 +398,6 @@ pub fn set_poison_allocations(ordinal: usize, on: bool) -> Result<()> {
     }
 }
 
-/// Which distillation term the fused loss computes (mirrors the root crate's `KdKind`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KdTerm {
-    Kl { temperature: f32 },
-    Mse,
-}
-
 /// The fused distillation loss on a GPU: what `kd_loss_cpu` returns, with the gradient left on
 /// the device.
 #[derive(Debug, Clone)]
@@ -425,7 +418,7 @@ pub struct KdLossDevice {
 /// `backward(loss)`). The CPU twin is the root crate's `kd_loss_cpu`.
 #[allow(clippy::too_many_arguments)]
 pub fn kd_loss(
-    term: Option<KdTerm>,
+    term: Option<crate::kd::KdKind>,
     lambda: f32,
     ignore_index: i32,
     student: &Tensor,
@@ -456,19 +449,6 @@ pub fn kd_loss(
                 "kd_loss (CUDA): the student logits are on the CPU; use kd_loss_cpu".into(),
             )),
         }
-    }
-}
-
-/// The kernel-name suffix of an activation dtype (`f32`, `bf16`); i32 has no kernels.
-pub fn kernel_suffix(op: &'static str, dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        DType::I32 => Err(Error::DType {
-            op,
-            expected: DType::F32,
-            got: DType::I32,
-        }),
     }
 }
 
@@ -517,8 +497,6 @@ mod tests {
         let b = Tensor::f32(vec![2.0], &[1]).unwrap();
         assert_eq!(common_device("add", &[&a, &b]).unwrap(), Device::Cpu);
         assert!(cpu_only("conv2d", [&a, &b]).is_ok());
-        assert_eq!(kernel_suffix("relu", DType::BF16).unwrap(), "bf16");
-        assert!(kernel_suffix("relu", DType::I32).is_err());
     }
 
     #[test]

@@ -16,7 +16,11 @@ fn softmax_fwd_plan(
     cols: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let name = if log { "log_softmax_fwd" } else { "softmax_fwd" };
+    let name = if log {
+        "log_softmax_fwd"
+    } else {
+        "softmax_fwd"
+    };
     let Some(cfg) = rows_cfg(name, rows, cols)? else {
         return Ok(vec![]);
     };
@@ -37,7 +41,11 @@ fn softmax_bwd_plan(
     cols: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let name = if log { "log_softmax_bwd" } else { "softmax_bwd" };
+    let name = if log {
+        "log_softmax_bwd"
+    } else {
+        "softmax_bwd"
+    };
     let Some(cfg) = rows_cfg(name, rows, cols)? else {
         return Ok(vec![]);
     };
