@@ -4,8 +4,8 @@
 //! kernel reads and writes, and runs it on the stream's worker through the kernel simulator.
 //!
 //! Which parameters are pointers, and which pointers are read only (`const T*`), comes from
-//! the kernels' signatures as `recycle_kernels` read them from the `.cu` files. Each pointer stands for the whole
-//! allocation it points into (a sound, conservative range).
+//! the kernels' signatures as `recycle_kernels` read them from the `.cu` files. Each pointer
+//! stands for the whole allocation it points into (a sound, conservative range).
 
 // The entry points' safety contracts are CUDA's documented ones.
 #![allow(clippy::missing_safety_doc)]

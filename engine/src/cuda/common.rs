@@ -1,6 +1,7 @@
-//! The helpers every CUDA op family file uses: the storage type of a launch, launch shapes, running a plan,
-//! device views, uninitialised outputs, dtype conversion, and i32 labels and masks on the host
-//! and the GPU. No kernel family of its own (`as_dtype` casts through `elementwise.rs`).
+//! The helpers every CUDA op family file uses: the storage type of a launch, launch shapes,
+//! running a plan, device views, uninitialised outputs, dtype conversion, and i32 labels and
+//! masks on the host and the GPU. No kernel family of its own (`as_dtype` casts through
+//! `elementwise.rs`).
 //!
 //! Each op comes in two layers:
 //! - a *plan*: the kernel calls for given device addresses and shapes (pure data, built by
