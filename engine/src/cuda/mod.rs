@@ -51,7 +51,7 @@
 //! Without the `cuda` feature this module keeps only its front: the functions below exist and
 //! return the "no CUDA backend in this build" error, so callers need no `cfg`.
 
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 #[cfg(feature = "cuda")]
 pub(crate) mod attention;
@@ -115,7 +115,7 @@ pub(crate) struct CudaView {
     pub ctx: std::sync::Arc<CudaContext>,
     pub ptr: u64,
     pub len: usize,
-    pub dtype: DType,
+    pub dtype: crate::DType,
 }
 
 #[cfg(feature = "cuda")]
