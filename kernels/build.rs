@@ -22,6 +22,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+#[path = "build/launchers.rs"]
+mod launchers;
+
 /// The families, one `src/<family>.cu` each. Listed rather than globbed: adding a family edits
 /// this file, which reruns the script (a new `.cu` alone would not), and the script checks that
 /// this list and the directory agree.
@@ -76,6 +79,7 @@ fn main() {
     }
 
     check_family_list(&src);
+    write_launchers(&src, &out);
 
     let require = flag("RECYCLE_REQUIRE_NVCC");
     let found = if flag("RECYCLE_NO_NVCC") {
@@ -107,6 +111,24 @@ fn main() {
         }
     };
     fs::write(out.join("kernels.rs"), module).expect("write $OUT_DIR/kernels.rs");
+}
+
+/// `$OUT_DIR/launchers.rs`: every kernel's signature and typed launcher, read from the `.cu`
+/// files (with or without nvcc).
+fn write_launchers(src: &Path, out: &Path) {
+    let families: Vec<_> = FAMILIES
+        .iter()
+        .map(|f| {
+            let path = src.join(format!("{f}.cu"));
+            let text = fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("recycle-kernels: reading {}: {e}", path.display()));
+            let (ls, ks) = launchers::family(f, &text);
+            (f.to_string(), ls, ks)
+        })
+        .collect();
+    let tmp = out.join("launchers.rs.tmp");
+    fs::write(&tmp, launchers::module(&families)).expect("write $OUT_DIR/launchers.rs.tmp");
+    fs::rename(&tmp, out.join("launchers.rs")).expect("rename to $OUT_DIR/launchers.rs");
 }
 
 fn flag(name: &str) -> bool {

@@ -8,37 +8,19 @@
 //! engine's launcher. What the simulator cannot show is the GPU's own `expf`/`logf`; gpu-check
 //! compares the same loss on a real GPU.
 
-use std::ffi::c_void;
-
 use half::bf16;
 use recycle::distill::{kd_loss_cpu, KdLoss};
-use recycle_kernels::kd::{self, KdScalars, KdTerm, Storage, TeacherLogits};
+use recycle_engine::kd::{self, KdKind, KdScalars, Storage};
+use recycle_kernels::call::{KernelCall, Ptr};
+use recycle_kernels::kd::{row_call, RowArgs, TeacherLogits};
 use recycle_kernels::launch;
+use recycle_kernels::launchers;
 use recycle_kernels::sim::{HostSim, SimBuffer};
 
-/// One kernel argument, as cuLaunchKernel reads it (through a pointer to its value).
-enum Arg {
-    U64(u64),
-    U32(u32),
-    I32(i32),
-    F32(f32),
-    Teachers(TeacherLogits),
-}
-
-fn launch_on_sim(sim: &HostSim, kernel: &str, cfg: &launch::LaunchConfig, mut args: Vec<Arg>) {
-    let mut ptrs: Vec<*mut c_void> = args
-        .iter_mut()
-        .map(|a| match a {
-            Arg::U64(v) => v as *mut u64 as *mut c_void,
-            Arg::U32(v) => v as *mut u32 as *mut c_void,
-            Arg::I32(v) => v as *mut i32 as *mut c_void,
-            Arg::F32(v) => v as *mut f32 as *mut c_void,
-            Arg::Teachers(v) => v as *mut TeacherLogits as *mut c_void,
-        })
-        .collect();
-    // SAFETY: the argument lists below follow the kernels' signatures (kd_loss.cu), and every
-    // pointer is a live SimBuffer sized for rows x classes.
-    unsafe { sim.launch(kernel, cfg, &mut ptrs) }.unwrap_or_else(|e| panic!("{e}"));
+fn launch_on_sim(sim: &HostSim, call: &KernelCall) {
+    // SAFETY: the calls come from the kernels' typed launchers, and every pointer is a live
+    // SimBuffer sized for rows x classes.
+    unsafe { sim.run(call) }.unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn stored(values: &[f32], s: Storage) -> (SimBuffer, Vec<f32>) {
@@ -79,7 +61,7 @@ fn logits(rows: usize, classes: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 struct Case {
-    term: Option<KdTerm>,
+    term: Option<KdKind>,
     teachers: usize,
     student: Storage,
     teacher: Storage,
@@ -102,8 +84,8 @@ fn check(sim: &HostSim, c: &Case) {
     let (rows, classes) = (c.rows, c.classes);
     let lambda = 0.7f32;
     let cfg = match c.term {
-        Some(KdTerm::Kl { temperature }) => KdLoss::kl(temperature, lambda),
-        Some(KdTerm::Mse) => KdLoss::mse(lambda),
+        Some(KdKind::Kl { temperature }) => KdLoss::kl(temperature, lambda),
+        Some(KdKind::Mse) => KdLoss::mse(lambda),
         None => KdLoss::kl(2.0, lambda),
     };
     // Row 1 has no label (CE ignores it, KD counts it); the last row is masked off.
@@ -174,40 +156,35 @@ fn check(sim: &HostSim, c: &Case) {
     let row_cfg = launch::rows(kernel, rows as u64, classes as u64)
         .unwrap()
         .unwrap();
+    let args = RowArgs {
+        logits: student_buf.ptr(),
+        grad: grad_buf.ptr(),
+        teachers,
+        k,
+        labels: Ptr::new(labels_buf.ptr()),
+        mask: Ptr::new(mask_buf.ptr()),
+        row_ce: Ptr::new(row_ce.ptr()),
+        row_kd: Ptr::new(row_kd_ptr),
+        classes: classes as u32,
+        ignore_index: cfg.ignore_index,
+        inv_t: sc.inv_t,
+        t_sq: sc.t_sq,
+        ce_weight: sc.grad_ce_weight,
+        kd_scale: sc.grad_kd_scale,
+    };
+    launch_on_sim(sim, &row_call(kernel, row_cfg, &args).unwrap());
     launch_on_sim(
         sim,
-        kernel,
-        &row_cfg,
-        vec![
-            Arg::U64(student_buf.ptr()),
-            Arg::U64(grad_buf.ptr()),
-            Arg::Teachers(teachers),
-            Arg::U32(k),
-            Arg::U64(labels_buf.ptr()),
-            Arg::U64(mask_buf.ptr()),
-            Arg::U64(row_ce.ptr()),
-            Arg::U64(row_kd_ptr),
-            Arg::U32(classes as u32),
-            Arg::I32(cfg.ignore_index),
-            Arg::F32(sc.inv_t),
-            Arg::F32(sc.t_sq),
-            Arg::F32(sc.grad_ce_weight),
-            Arg::F32(sc.grad_kd_scale),
-        ],
-    );
-    launch_on_sim(
-        sim,
-        "kd_loss_reduce",
-        &launch::single_block(),
-        vec![
-            Arg::U64(row_ce.ptr()),
-            Arg::U64(row_kd_ptr),
-            Arg::U32(rows as u32),
-            Arg::F32(sc.ce_weight),
-            Arg::F32(sc.kd_weight),
-            Arg::F32(sc.lambda),
-            Arg::U64(out.ptr()),
-        ],
+        &launchers::kd_loss_reduce(
+            launch::single_block(),
+            Ptr::new(row_ce.ptr()),
+            Ptr::new(row_kd_ptr),
+            rows as u32,
+            sc.ce_weight,
+            sc.kd_weight,
+            sc.lambda,
+            Ptr::new(out.ptr()),
+        ),
     );
 
     // Losses: per-row values agree to a few ulp (libm's expf against the kernel's order of
@@ -258,9 +235,9 @@ fn sim() -> Option<&'static HostSim> {
 #[test]
 fn the_kernel_matches_kd_loss_cpu_at_small_and_medium_vocabularies() {
     let Some(sim) = sim() else { return };
-    let kl = KdTerm::Kl { temperature: 2.0 };
+    let kl = KdKind::Kl { temperature: 2.0 };
     for (rows, classes, ensembles) in [(13, 10, &[1, 2, 3, 4, 8][..]), (5, 1000, &[1, 2, 4][..])] {
-        for term in [Some(kl), Some(KdTerm::Mse), None] {
+        for term in [Some(kl), Some(KdKind::Mse), None] {
             for &teachers in ensembles {
                 if term.is_none() && teachers > 1 {
                     continue;
@@ -294,20 +271,20 @@ fn the_kernel_matches_kd_loss_cpu_at_bert_vocabulary() {
     let Some(sim) = sim() else { return };
     for (term, teachers, student, teacher, in_place) in [
         (
-            Some(KdTerm::Kl { temperature: 4.0 }),
+            Some(KdKind::Kl { temperature: 4.0 }),
             1,
             Storage::Bf16,
             Storage::Bf16,
             true,
         ),
         (
-            Some(KdTerm::Kl { temperature: 1.0 }),
+            Some(KdKind::Kl { temperature: 1.0 }),
             4,
             Storage::F32,
             Storage::Bf16,
             false,
         ),
-        (Some(KdTerm::Mse), 2, Storage::F32, Storage::F32, true),
+        (Some(KdKind::Mse), 2, Storage::F32, Storage::F32, true),
         (None, 0, Storage::Bf16, Storage::Bf16, false),
     ] {
         check(

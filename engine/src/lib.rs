@@ -10,6 +10,8 @@
 //! - `checkpoint`: safetensors save/load;
 //! - `gradcheck`: finite-difference checks used by every op's tests;
 //! - `host_copy`: the host's copy of a device storage's i32 values (no downloads to read ids);
+//! - `kd`: the fused distillation loss's host side (the one `KdKind`, kernel choice, row
+//!   counts, scalars, the f64 reference of a row), shared by its CPU and CUDA arms;
 //! - `memory`: allocator settings for the large short-lived buffers of a step, and an opt-in
 //!   counting allocator (heap bytes in use and their peak).
 
@@ -20,6 +22,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gradcheck;
+pub mod kd;
 // Without the `cuda` feature no device storage exists to hold a host copy; the module is
 // still built (and tested) there, since its logic is plain host code.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

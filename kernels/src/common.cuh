@@ -2,7 +2,8 @@
 // CPU twins, the counter-based random numbers of engine/src/rng.rs, and block reductions.
 //
 // Conventions of every family:
-// - Kernels are `extern "C"` (unmangled names, looked up by `recycle_kernels::names`).
+// - Kernels are `extern "C"` (unmangled names; build.rs reads their signatures into the
+//   typed launchers of `recycle_kernels::launchers`).
 // - A suffix names the storage type of the activation tensors a kernel reads and writes:
 //   `_f32` (float) or `_bf16` (__nv_bfloat16). Arithmetic is always fp32 (wider where a CPU
 //   twin accumulates in f64); parameters, statistics and parameter gradients are fp32.

@@ -6,10 +6,8 @@
 //   scale_T, add_scalar_T   ops::elementwise::scale / add_scalar   bit-exact for f32
 //   accumulate_T            Tensor::add_assign (dst f32 += src)    bit-exact
 //   channel_add_T           bias_add_forward_cpu                   bit-exact for f32
-//   channel_mul_T           binary_forward_cpu, b of shape [c] broadcast over [outer, c, inner]
-//   channel_sum_T           bias_add_backward_cpu (inner > 1); with `x` given, the gradient of
-//                           channel_mul's vector: sum of g * x per channel
-//   channel_sum_last_T      bias_add_backward_cpu (inner == 1), same optional `x`
+//   channel_sum_T           bias_add_backward_cpu (inner > 1)
+//   channel_sum_last_T      bias_add_backward_cpu (inner == 1)
 //   relu_fwd/bwd_T          relu_forward_cpu / relu_backward_cpu (from the output)  bit-exact
 //   gelu_fwd/bwd_T          gelu_forward_cpu / gelu_backward_cpu (from the input); the CPU
 //                           evaluates in f64, the GPU in f32 through normcdff (an erfc, so the
@@ -24,7 +22,7 @@
 // inner = 1 for the last axis of a linear layer's output. The channel kernels run one block per
 // row: with inner > 1 a row is one plane (outer * c rows of inner values, one channel each);
 // with inner == 1 a row is one sample (outer rows of c values).
-// Launch: grid-stride kernels take `launch::elementwise(n)`; channel_add/mul
+// Launch: grid-stride kernels take `launch::elementwise(n)`; channel_add
 // `launch::channel_rows(.., outer, c, inner)`; channel_sum `launch::channel_sum(.., outer, c,
 // inner)` (one block per channel); channel_sum_last `launch::channel_sum_last(.., outer, c)`.
 
@@ -69,16 +67,14 @@ __device__ __forceinline__ void channel_binary(const T* x, const T* v, T* out, u
 
 // One block per channel; the block's threads stride over the channel's outer * inner values.
 template <typename T>
-__device__ __forceinline__ void channel_sum(const T* g, const T* x, float* out, uint32_t outer,
-                                            uint32_t c, uint32_t inner, int accumulate) {
+__device__ __forceinline__ void channel_sum(const T* g, float* out, uint32_t outer, uint32_t c,
+                                            uint32_t inner) {
     __shared__ float scratch[32];
     const uint32_t ch = blockIdx.x;
     const uint64_t count = (uint64_t)outer * inner;
     float acc = 0.0f;
     auto add = [&](uint64_t o, uint64_t j) {
-        const uint64_t idx = (o * c + ch) * inner + j;
-        const float gv = to_f32(g[idx]);
-        acc += x ? gv * to_f32(x[idx]) : gv;
+        acc += to_f32(g[(o * c + ch) * inner + j]);
     };
     if (count <= 0xffffffffull) {
         // 32-bit division: a 64-bit one costs several times more per element.
@@ -93,23 +89,19 @@ __device__ __forceinline__ void channel_sum(const T* g, const T* x, float* out, 
         }
     }
     acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[ch] = accumulate ? out[ch] + acc : acc;
+    if (threadIdx.x == 0) out[ch] = acc;
 }
 
 // Column sums of [outer, c]: a block of 32 x 8 threads owns 32 consecutive columns, each of its
 // 8 rows of threads sums every 8th row (coalesced reads), then the 8 partials are added in order.
 template <typename T>
-__device__ __forceinline__ void channel_sum_last(const T* g, const T* x, float* out,
-                                                 uint32_t outer, uint32_t c, int accumulate) {
+__device__ __forceinline__ void channel_sum_last(const T* g, float* out, uint32_t outer,
+                                                 uint32_t c) {
     __shared__ float part[8][33];
     const uint32_t col = blockIdx.x * 32 + threadIdx.x;
     float acc = 0.0f;
     if (col < c) {
-        for (uint32_t r = threadIdx.y; r < outer; r += 8) {
-            const uint64_t idx = (uint64_t)r * c + col;
-            const float gv = to_f32(g[idx]);
-            acc += x ? gv * to_f32(x[idx]) : gv;
-        }
+        for (uint32_t r = threadIdx.y; r < outer; r += 8) acc += to_f32(g[(uint64_t)r * c + col]);
     }
     part[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
@@ -117,7 +109,7 @@ __device__ __forceinline__ void channel_sum_last(const T* g, const T* x, float* 
         float s = part[0][threadIdx.x];
 #pragma unroll
         for (int k = 1; k < 8; ++k) s += part[k][threadIdx.x];
-        out[col] = accumulate ? out[col] + s : s;
+        out[col] = s;
     }
 }
 
@@ -160,20 +152,14 @@ __device__ __forceinline__ float gelu_grad(float x) {
                                                uint32_t inner) {                                \
         channel_binary<T, Add>(x, v, out, c, inner);                                            \
     }                                                                                           \
-    extern "C" __global__ void channel_mul_##S(const T* x, const T* v, T* out, uint32_t c,     \
-                                               uint32_t inner) {                                \
-        channel_binary<T, Mul>(x, v, out, c, inner);                                            \
+    /* out[ch] = sum over outer, inner of g */                                                  \
+    extern "C" __global__ void channel_sum_##S(const T* g, float* out, uint32_t outer,         \
+                                               uint32_t c, uint32_t inner) {                    \
+        channel_sum<T>(g, out, outer, c, inner);                                                \
     }                                                                                           \
-    /* out[ch] (+)= sum over outer, inner of g (or g * x when x is not null) */                 \
-    extern "C" __global__ void channel_sum_##S(const T* g, const T* x, float* out,             \
-                                               uint32_t outer, uint32_t c, uint32_t inner,     \
-                                               int accumulate) {                                \
-        channel_sum<T>(g, x, out, outer, c, inner, accumulate);                                 \
-    }                                                                                           \
-    extern "C" __global__ void channel_sum_last_##S(const T* g, const T* x, float* out,        \
-                                                    uint32_t outer, uint32_t c,                 \
-                                                    int accumulate) {                           \
-        channel_sum_last<T>(g, x, out, outer, c, accumulate);                                   \
+    extern "C" __global__ void channel_sum_last_##S(const T* g, float* out, uint32_t outer,    \
+                                                    uint32_t c) {                               \
+        channel_sum_last<T>(g, out, outer, c);                                                  \
     }                                                                                           \
     /* max(x, 0); NaN stays NaN */                                                              \
     extern "C" __global__ void relu_fwd_##S(const T* x, T* y, uint64_t n) {                    \

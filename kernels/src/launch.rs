@@ -145,7 +145,7 @@ pub fn planes(kernel: &'static str, planes: u64, plane_len: u64) -> LaunchResult
     )))
 }
 
-/// `channel_add_*` / `channel_mul_*` over `[outer, c, inner]`: one block per plane when
+/// `channel_add_*` over `[outer, c, inner]`: one block per plane when
 /// `inner > 1`, per row of `c` values when `inner == 1`.
 pub fn channel_rows(
     kernel: &'static str,

@@ -1,11 +1,9 @@
-// Layer normalisation over the last dimension, with an optional fused residual add.
+// Layer normalisation over the last dimension.
 //
 // CPU twins (engine/src/ops/norm.rs):
-//   layernorm_fwd_T         layer_norm_stats_cpu + layer_norm_forward_cpu; with `residual`,
-//                           preceded by the same-shape add of ops::elementwise (h = x + residual,
-//                           rounded to T, is what gets normalised and what `sum_out` receives)
-//   layernorm_bwd_T         layer_norm_backward_cpu's dx (plus `dresidual` when given) and its
-//                           per-block partial sums of dweight / dbias
+//   layernorm_fwd_T         layer_norm_stats_cpu + layer_norm_forward_cpu
+//   layernorm_bwd_T         layer_norm_backward_cpu's dx and its per-block partial sums of
+//                           dweight / dbias
 //   layernorm_bwd_reduce    the sum of those partials in block order (dweight, dbias)
 // Statistics are accumulated in f64 as on the CPU (mean, biased variance, then
 // rstd = 1 / sqrt(var + eps) in f64, rounded to f32); the affine map rounds after every
@@ -22,40 +20,22 @@ using namespace rk;
 
 namespace {
 
-// Row element j of the normalised input h, for passes after the first.
 template <typename T>
-__device__ __forceinline__ float load_h(const T* x, const T* residual, const T* sum_out,
-                                        uint64_t idx) {
-    if (residual == nullptr) return to_f32(x[idx]);
-    if (sum_out != nullptr) return to_f32(sum_out[idx]);
-    return to_f32(from_f32<T>(add_rn(to_f32(x[idx]), to_f32(residual[idx]))));
-}
-
-template <typename T>
-__device__ __forceinline__ void layernorm_fwd(const T* x, const T* residual, T* sum_out,
-                                              const T* weight, const T* bias, T* y,
+__device__ __forceinline__ void layernorm_fwd(const T* x, const T* weight, const T* bias, T* y,
                                               float* mean_out, float* rstd_out, uint32_t d,
                                               float eps) {
     __shared__ double scratch[32];
     const uint64_t row = blockIdx.x, base = row * d;
 
-    // Pass 1: h (written out when fused with a residual) and its sum.
+    // Pass 1: the sum.
     double acc = 0.0;
-    for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) {
-        float h = to_f32(x[base + j]);
-        if (residual != nullptr) {
-            const T hr = from_f32<T>(add_rn(h, to_f32(residual[base + j])));
-            if (sum_out != nullptr) sum_out[base + j] = hr;
-            h = to_f32(hr);
-        }
-        acc += (double)h;
-    }
+    for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) acc += (double)to_f32(x[base + j]);
     const double mean = block_sum(acc, scratch) / (double)d;
 
     // Pass 2: sum of squared deviations (two passes, as the CPU: no cancellation).
     acc = 0.0;
     for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) {
-        const double dv = (double)load_h(x, residual, sum_out, base + j) - mean;
+        const double dv = (double)to_f32(x[base + j]) - mean;
         acc += dv * dv;
     }
     const double var = block_sum(acc, scratch) / (double)d;
@@ -66,17 +46,17 @@ __device__ __forceinline__ void layernorm_fwd(const T* x, const T* residual, T* 
         if (rstd_out != nullptr) rstd_out[row] = rstd;
     }
 
-    // Pass 3: (h - mean) * rstd * weight + bias, rounded after each operation.
+    // Pass 3: (x - mean) * rstd * weight + bias, rounded after each operation.
     for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) {
-        const float h = load_h(x, residual, sum_out, base + j);
+        const float h = to_f32(x[base + j]);
         const float v = mul_rn(mul_rn(sub_rn(h, mean_f), rstd), to_f32(weight[j]));
         y[base + j] = from_f32<T>(add_rn(v, to_f32(bias[j])));
     }
 }
 
 template <typename T>
-__device__ __forceinline__ void layernorm_bwd(const T* x, const T* dy, const T* dresidual,
-                                              const float* mean, const float* rstd,
+__device__ __forceinline__ void layernorm_bwd(const T* x, const T* dy, const float* mean,
+                                              const float* rstd,
                                               const T* weight, T* dx, float* partial,
                                               uint32_t rows, uint32_t d) {
     __shared__ float scratch[32];
@@ -106,9 +86,7 @@ __device__ __forceinline__ void layernorm_bwd(const T* x, const T* dy, const T* 
             const float g = to_f32(dy[base + j]);
             const float xhat = mul_rn(sub_rn(to_f32(x[base + j]), m), rs);
             const float gw = mul_rn(g, to_f32(weight[j]));
-            float v = mul_rn(rs, sub_rn(sub_rn(gw, mg), mul_rn(xhat, mgx)));
-            if (dresidual != nullptr) v = add_rn(v, to_f32(dresidual[base + j]));
-            dx[base + j] = from_f32<T>(v);
+            dx[base + j] = from_f32<T>(mul_rn(rs, sub_rn(sub_rn(gw, mg), mul_rn(xhat, mgx))));
         }
     }
 }
@@ -116,17 +94,17 @@ __device__ __forceinline__ void layernorm_bwd(const T* x, const T* dy, const T* 
 }  // namespace
 
 #define RK_LAYERNORM_TYPED(T, S)                                                              \
-    /* residual, sum_out, mean_out and rstd_out may be null (no fusion / inference) */        \
-    extern "C" __global__ void layernorm_fwd_##S(                                             \
-        const T* x, const T* residual, T* sum_out, const T* weight, const T* bias, T* y,     \
-        float* mean_out, float* rstd_out, uint32_t d, float eps) {                            \
-        layernorm_fwd<T>(x, residual, sum_out, weight, bias, y, mean_out, rstd_out, d, eps);  \
+    /* mean_out and rstd_out may be null (inference) */                                      \
+    extern "C" __global__ void layernorm_fwd_##S(const T* x, const T* weight, const T* bias,  \
+                                                 T* y, float* mean_out, float* rstd_out,      \
+                                                 uint32_t d, float eps) {                     \
+        layernorm_fwd<T>(x, weight, bias, y, mean_out, rstd_out, d, eps);                     \
     }                                                                                         \
-    /* dresidual may be null; partial is [gridDim.x, 2, d] f32 scratch */                     \
-    extern "C" __global__ void layernorm_bwd_##S(                                             \
-        const T* x, const T* dy, const T* dresidual, const float* mean, const float* rstd,   \
-        const T* weight, T* dx, float* partial, uint32_t rows, uint32_t d) {                  \
-        layernorm_bwd<T>(x, dy, dresidual, mean, rstd, weight, dx, partial, rows, d);         \
+    /* partial is [gridDim.x, 2, d] f32 scratch */                                            \
+    extern "C" __global__ void layernorm_bwd_##S(const T* x, const T* dy, const float* mean,  \
+                                                 const float* rstd, const T* weight, T* dx,   \
+                                                 float* partial, uint32_t rows, uint32_t d) { \
+        layernorm_bwd<T>(x, dy, mean, rstd, weight, dx, partial, rows, d);                    \
     }
 
 RK_LAYERNORM_TYPED(float, f32)

@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use crate::launch::LaunchConfig;
 
-/// Every family's source, for the build (a test checks this list against `names::FAMILIES`).
+/// Every family's source, for the build (a test checks this list against `launchers::FAMILIES`).
 const FAMILY_SOURCES: &[(&str, &str)] = &[
     ("elementwise", include_str!("elementwise.cu")),
     ("softmax", include_str!("softmax.cu")),
@@ -189,7 +189,7 @@ impl HostSim {
     /// # Safety
     ///
     /// `params` must match the kernel's parameter list (count and types; the engine checks its
-    /// calls against [`crate::abi`]), and every pointer value in it must address live memory
+    /// calls with the generated launchers, [`crate::launchers`]), and every pointer value in it must address live memory
     /// large enough for what the kernel reads and writes with that shape.
     pub unsafe fn launch(
         &self,
@@ -215,6 +215,17 @@ impl HostSim {
                 CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned(),
             ))
         }
+    }
+
+    /// Runs one call of a generated launcher to completion (see [`HostSim::launch`]).
+    ///
+    /// # Safety
+    ///
+    /// Every pointer argument must be null where the kernel accepts it, or the address of a
+    /// live buffer ([`SimBuffer::ptr`]) large enough for what the kernel does with this shape.
+    pub unsafe fn run(&self, call: &crate::call::KernelCall) -> Result<(), SimError> {
+        call.check().map_err(|e| SimError(e.0))?;
+        call.with_params(|params| self.launch(call.kernel, &call.config, params))
     }
 }
 
@@ -282,11 +293,11 @@ fn build_library() -> Result<PathBuf, SimError> {
         ),
     ];
     for (family, source) in FAMILY_SOURCES {
-        let kernels = crate::names::FAMILIES
+        let kernels = crate::launchers::FAMILIES
             .iter()
             .find(|(f, _)| f == family)
             .map(|(_, k)| *k)
-            .ok_or_else(|| SimError(format!("family {family} is not in names::FAMILIES")))?;
+            .ok_or_else(|| SimError(format!("family {family} is not in launchers::FAMILIES")))?;
         units.push((format!("{family}.cu"), (*source).into()));
         units.push((format!("sim_{family}.cpp"), family_unit(family, kernels)));
     }
@@ -536,7 +547,7 @@ mod tests {
     #[test]
     fn every_family_has_its_source_here() {
         let here: Vec<&str> = FAMILY_SOURCES.iter().map(|(f, _)| *f).collect();
-        let named: Vec<&str> = crate::names::FAMILIES.iter().map(|(f, _)| *f).collect();
+        let named: Vec<&str> = crate::launchers::FAMILIES.iter().map(|(f, _)| *f).collect();
         assert_eq!(here, named);
     }
 

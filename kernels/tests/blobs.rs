@@ -2,8 +2,10 @@
 //! architecture plus PTX, and defining every kernel `names` lists (so every name the engine
 //! looks up resolves on every GPU the crate targets).
 
+use recycle_kernels::call::Signature;
 use recycle_kernels::fatbin::{self, EntryKind};
-use recycle_kernels::{abi, all, available, names, CUBIN_ARCHS, PTX_ARCH};
+use recycle_kernels::launchers::FAMILIES;
+use recycle_kernels::{all, available, CUBIN_ARCHS, PTX_ARCH};
 
 /// Without nvcc the crate embeds nothing; these tests then check only that.
 fn built() -> bool {
@@ -92,7 +94,7 @@ fn every_named_kernel_is_in_every_image() {
     if !built() {
         return;
     }
-    for (family, kernels) in names::FAMILIES {
+    for (family, kernels) in FAMILIES {
         let blob = recycle_kernels::family(family).unwrap();
         for entry in fatbin::entries(blob).unwrap() {
             let mut defined = fatbin::kernel_names(&entry).unwrap();
@@ -114,19 +116,19 @@ fn parameter_lists_match_the_compiled_kernels() {
     if !built() {
         return;
     }
-    for (family, kernels) in names::FAMILIES {
+    for (family, kernels) in FAMILIES {
         let blob = recycle_kernels::family(family).unwrap();
         let entries = fatbin::entries(blob).unwrap();
         let ptx = entries.iter().find(|e| e.kind == EntryKind::Ptx).unwrap();
         for k in *kernels {
             let compiled = fatbin::ptx_kernel_params(ptx.payload, k)
                 .unwrap_or_else(|| panic!("{family}: no .entry {k} in the PTX"));
-            let declared = abi::ptx_types(k).unwrap();
+            let sig = Signature::of(k).unwrap();
             assert_eq!(
                 compiled,
-                declared,
-                "{k}: the PTX parameters differ from abi::PARAMS ({})",
-                abi::params(k).unwrap()
+                sig.ptx_types(),
+                "{k}: the PTX parameters differ from the signature read from {family}.cu ({:?})",
+                sig.params
             );
         }
     }

@@ -16,11 +16,11 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use half::bf16;
+use recycle_engine::kd::{self, KdKind, KdScalars};
 use recycle_engine::ops::dropout;
 use recycle_engine::ops::loss::log_sum_exp_row_cpu;
 use recycle_engine::optim::{adamw_update_cpu, sgdw_update_cpu, AdamWStep, SgdwStep};
 use recycle_engine::rng::{self, Rng};
-use recycle_kernels::kd::{self, KdScalars, KdTerm};
 
 /// The compiled harness, built once per test run (cached by a hash of its sources).
 fn harness() -> Option<&'static PathBuf> {
@@ -365,8 +365,8 @@ fn reference_gradient_is_the_derivative_of_the_reference_loss() {
     let s = randn(&mut r, 7, 2.0);
     let t = randn(&mut r, 7, 2.0);
     for term in [
-        Some(KdTerm::Kl { temperature: 2.5 }),
-        Some(KdTerm::Mse),
+        Some(KdKind::Kl { temperature: 2.5 }),
+        Some(KdKind::Mse),
         None,
     ] {
         let (cw, lkw) = (0.25, 0.6);
@@ -394,15 +394,15 @@ fn reference_gradient_is_the_derivative_of_the_reference_loss() {
 #[test]
 fn fused_loss_row_math_matches_the_definition() {
     let mut r = Rng::new(51);
-    let kl = |temperature| Some(KdTerm::Kl { temperature });
+    let kl = |temperature| Some(KdKind::Kl { temperature });
     // (term, classes, teachers, label, threads)
-    let cases: Vec<(Option<KdTerm>, usize, usize, i32, u32)> = vec![
+    let cases: Vec<(Option<KdKind>, usize, usize, i32, u32)> = vec![
         (kl(1.0), 10, 1, 3, 32),
         (kl(2.0), 1000, 3, 999, 128),
         (kl(4.0), 30_522, 2, 17, 1024),
         (kl(2.0), 300, 1, -100, 64), // no label: KD only
-        (Some(KdTerm::Mse), 1000, 1, 0, 128),
-        (Some(KdTerm::Mse), 257, 4, -100, 64),
+        (Some(KdKind::Mse), 1000, 1, 0, 128),
+        (Some(KdKind::Mse), 257, 4, -100, 64),
         (None, 1000, 0, 5, 128),
         (None, 50, 0, -100, 32), // neither: a zero row
     ];
@@ -418,8 +418,8 @@ fn fused_loss_row_math_matches_the_definition() {
         let sc = KdScalars::new(term, lambda, ce_rows, kd_rows, c, 1.0).unwrap();
         let kind = match term {
             None => 0,
-            Some(KdTerm::Kl { .. }) => 1,
-            Some(KdTerm::Mse) => 2,
+            Some(KdKind::Kl { .. }) => 1,
+            Some(KdKind::Mse) => 2,
         };
         let mut input = format!(
             "{kind} {c} {k} {label} -100 {threads}\n{} {} {} {}\n",

@@ -3,9 +3,9 @@
 //! values, translates the device pointers among them to the kernel view, records what the
 //! kernel reads and writes, and runs it on the stream's worker through the kernel simulator.
 //!
-//! Which parameters are pointers comes from `recycle_kernels::abi`; whether a pointer is read
-//! only (`const T*`) from the kernels' own source. Each pointer stands for the whole
-//! allocation it points into (a sound, conservative range).
+//! Which parameters are pointers, and which pointers are read only (`const T*`), comes from
+//! the kernels' signatures as `recycle_kernels` read them from the `.cu` files. Each pointer
+//! stands for the whole allocation it points into (a sound, conservative range).
 
 // The entry points' safety contracts are CUDA's documented ones.
 #![allow(clippy::missing_safety_doc)]
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::{Mutex, OnceLock};
 
-use recycle_kernels::abi;
+use recycle_kernels::call::Signature;
 use recycle_kernels::launch::LaunchConfig;
 use recycle_kernels::sim::HostSim;
 
@@ -24,21 +24,6 @@ use crate::driver::{
 use crate::error::{unimplemented, MockError};
 use crate::memory;
 use crate::stream::{self, Access};
-
-/// The kernels' sources, to read which pointer parameters are `const`.
-const SOURCES: &[&str] = &[
-    include_str!("../../kernels/src/elementwise.cu"),
-    include_str!("../../kernels/src/softmax.cu"),
-    include_str!("../../kernels/src/layernorm.cu"),
-    include_str!("../../kernels/src/batchnorm.cu"),
-    include_str!("../../kernels/src/embedding.cu"),
-    include_str!("../../kernels/src/dropout.cu"),
-    include_str!("../../kernels/src/cross_entropy.cu"),
-    include_str!("../../kernels/src/optimizers.cu"),
-    include_str!("../../kernels/src/kd_loss.cu"),
-    include_str!("../../kernels/src/pool.cu"),
-    include_str!("../../kernels/src/layout.cu"),
-];
 
 /// One kernel parameter as the launch handles it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,71 +46,15 @@ impl Param {
     }
 }
 
-/// Every `__global__` declaration: (name as written, whether each parameter is a const
-/// pointer).
-fn declarations() -> &'static Vec<(String, Vec<bool>)> {
-    static D: OnceLock<Vec<(String, Vec<bool>)>> = OnceLock::new();
-    D.get_or_init(|| {
-        let mut out = Vec::new();
-        for src in SOURCES {
-            let text = src.replace("\\\n", " ");
-            let mut rest = text.as_str();
-            while let Some(i) = rest.find("__global__ void ") {
-                rest = &rest[i + "__global__ void ".len()..];
-                let Some(open) = rest.find('(') else { break };
-                let name = rest[..open].trim().to_string();
-                let Some(close) = rest[open..].find(')') else {
-                    break;
-                };
-                let list = &rest[open + 1..open + close];
-                let consts = list
-                    .split(',')
-                    .map(|p| {
-                        let p = p.trim();
-                        p.contains('*') && p.starts_with("const")
-                    })
-                    .collect();
-                out.push((name, consts));
-                rest = &rest[open + close..];
-            }
-        }
-        out
-    })
-}
-
-/// Whether each parameter of `kernel` is a const pointer, from its declaration.
-fn const_flags(kernel: &str, count: usize) -> Option<Vec<bool>> {
-    let decls = declarations();
-    let exact = decls.iter().find(|(n, c)| {
-        c.len() == count
-            && match n.split_once("##") {
-                Some((pre, _)) => kernel
-                    .strip_prefix(pre)
-                    .is_some_and(|t| t == "f32" || t == "bf16"),
-                None => n == kernel,
-            }
-    });
-    // A declaration named by a macro argument (`NAME`) serves the kernels no other names.
-    exact
-        .or_else(|| decls.iter().find(|(n, c)| n == "NAME" && c.len() == count))
-        .map(|(_, c)| c.clone())
-}
-
 /// The parameters of `kernel`, if the kernels crate knows it.
 pub fn params(kernel: &str) -> Option<Vec<Param>> {
-    let list = abi::params(kernel)?;
-    let types: Vec<&str> = list
-        .split(',')
-        .map(|p| p.split_whitespace().next().unwrap_or(""))
-        .collect();
-    let consts = const_flags(kernel, types.len())?;
-    types
+    Signature::of(kernel)?
+        .params
         .iter()
-        .zip(consts)
-        .map(|(t, c)| match *t {
-            "ptr" => Some(Param::Ptr(c)),
-            "u64" => Some(Param::Value(8)),
-            "u32" | "i32" | "f32" => Some(Param::Value(4)),
+        .map(|(_, ty)| match *ty {
+            t if t.ends_with('*') => Some(Param::Ptr(t.starts_with("const "))),
+            "uint64_t" => Some(Param::Value(8)),
+            "uint32_t" | "int32_t" | "int" | "float" => Some(Param::Value(4)),
             "TeacherLogits" => Some(Param::Teachers),
             _ => None,
         })

@@ -96,14 +96,16 @@ fn add_f32_runs_on_the_simulator_and_host_pointers_are_refused() {
 
 #[test]
 fn every_kernel_has_its_parameters_and_their_constness() {
-    for (_, kernels) in recycle_kernels::names::FAMILIES {
+    for (_, kernels) in recycle_kernels::launchers::FAMILIES {
         for k in *kernels {
             let p = params(k).unwrap_or_else(|| panic!("{k}: no parameters"));
-            assert_eq!(
-                p.len(),
-                recycle_kernels::abi::params(k).unwrap().split(',').count(),
-                "{k}"
-            );
+            let sig = recycle_kernels::call::Signature::of(k).unwrap();
+            assert_eq!(p.len(), sig.params.len(), "{k}");
         }
     }
+    // The row kernels of the fused loss: logits read, grad written, teachers by value.
+    assert_eq!(
+        params("kd_loss_kl_f32_bf16").unwrap()[..3],
+        [Param::Ptr(true), Param::Ptr(false), Param::Teachers]
+    );
 }

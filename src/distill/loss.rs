@@ -17,14 +17,8 @@ use rayon::prelude::*;
 use recycle_engine::ops::elementwise::scale;
 use recycle_engine::{cuda, DType, Device, Error, Result, Tape, Tensor, Var};
 
-/// Which distillation term.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KdKind {
-    /// KL(p_teacher ‖ p_student) at `temperature`, scaled by T².
-    Kl { temperature: f32 },
-    /// Mean squared error between logits.
-    Mse,
-}
+/// Which distillation term: the engine's, shared with the fused kernel's host side.
+pub use recycle_engine::kd::KdKind;
 
 /// `L = L_ce + weight · L_kd`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -529,12 +523,8 @@ fn kd_loss_cuda(
     mask: Option<&Tensor>,
 ) -> Result<KdLossVars> {
     cfg.validate()?;
-    let term = match cfg.kind {
-        KdKind::Kl { temperature } => cuda::KdTerm::Kl { temperature },
-        KdKind::Mse => cuda::KdTerm::Mse,
-    };
     let out = cuda::kd_loss(
-        Some(term),
+        Some(cfg.kind),
         cfg.weight,
         cfg.ignore_index,
         student.tensor(),

@@ -1,10 +1,11 @@
-//! The helpers every CUDA op family file uses: kernel names, launch shapes, running a plan,
-//! device views, uninitialised outputs, dtype conversion, and i32 labels and masks on the host
-//! and the GPU. No kernel family of its own (`as_dtype` casts through `elementwise.rs`).
+//! The helpers every CUDA op family file uses: the storage type of a launch, launch shapes,
+//! running a plan, device views, uninitialised outputs, dtype conversion, and i32 labels and
+//! masks on the host and the GPU. No kernel family of its own (`as_dtype` casts through
+//! `elementwise.rs`).
 //!
 //! Each op comes in two layers:
-//! - a *plan*: the kernel calls for given device addresses and shapes (pure data, checked
-//!   against the kernels' ABI; the tests build them for sample shapes on the CPU);
+//! - a *plan*: the kernel calls for given device addresses and shapes (pure data, built by
+//!   the kernels' typed launchers; the tests build them for sample shapes on the CPU);
 //! - the tensor-level function, which validates inputs as the CPU op does, allocates the
 //!   outputs, launches the plan on the current stream (the student's, or a scope's) and, for
 //!   tape ops, records a backward that launches the backward kernels.
@@ -18,28 +19,44 @@
 use std::sync::Arc;
 
 use recycle_kernels::launch::{self as kl, LaunchConfig};
-use recycle_kernels::names;
 
 use super::elementwise::cast;
-use super::launch::{shape_err, Arg, KernelCall};
+use super::launch::{launch, shape_err, KernelCall};
 use super::{CudaContext, CudaView, DeviceBuffer};
 use crate::tensor::elem_count;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Device, Result, Tensor};
 
-/// The kernel `{base}_{suffix}` as the `'static` name of the kernels crate.
-pub(crate) fn kernel(base: &str, suffix: &str) -> Result<&'static str> {
-    let want = format!("{base}_{suffix}");
-    names::FAMILIES
-        .iter()
-        .flat_map(|(_, ks)| ks.iter())
-        .find(|k| **k == want)
-        .copied()
-        .ok_or_else(|| Error::invalid("cuda launch", format!("no kernel named {want}")))
+/// Runs `$body` with the type `$T` standing for the storage type of `$dtype` (`f32` or
+/// `half::bf16`), the `T` of a generic launcher; an i32 `$dtype` is an error naming `$op`.
+macro_rules! with_float {
+    ($op:expr, $dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            got => Err($crate::Error::DType {
+                op: $op,
+                expected: $crate::DType::F32,
+                got,
+            }),
+        }
+    };
+}
+pub(crate) use with_float;
+
+/// A grid-stride launch shape over `n` elements; `None` when there is nothing to do.
+pub(crate) fn grid_stride(n: usize) -> Option<LaunchConfig> {
+    kl::elementwise(n as u64)
 }
 
-/// A grid-stride call over `n` elements; `None` when there is nothing to do.
-pub(crate) fn grid_stride(kernel: &'static str, n: usize, args: Vec<Arg>) -> Option<KernelCall> {
-    kl::elementwise(n as u64).map(|cfg| KernelCall::new(kernel, cfg, args))
+/// A device pointer from an address.
+pub(crate) fn p<T>(addr: u64) -> super::launch::Ptr<T> {
+    super::launch::Ptr::new(addr)
 }
 
 pub(crate) fn rows_cfg(
@@ -51,7 +68,7 @@ pub(crate) fn rows_cfg(
 }
 
 pub(crate) fn run(ctx: &CudaContext, calls: &[KernelCall]) -> Result<()> {
-    calls.iter().try_for_each(|c| c.launch(ctx))
+    calls.iter().try_for_each(|c| launch(ctx, c))
 }
 
 pub(crate) fn view(t: &Tensor, op: &'static str) -> Result<CudaView> {
@@ -90,22 +107,11 @@ pub(crate) fn on_gpu_i32(ctx: &Arc<CudaContext>, t: &Tensor, host: &[i32]) -> Re
     Tensor::from_slice(host, t.shape(), Device::Cuda(ctx.ordinal()))
 }
 
-/// Checks every call of a plan against the kernels' ABI (the family files' tests).
+/// Checks the launch shape of every call of a plan (the family files' tests).
 #[cfg(test)]
 pub(crate) fn check_all(calls: &[KernelCall]) {
     assert!(!calls.is_empty());
     for c in calls {
         c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_names_are_the_kernels_crates() {
-        assert_eq!(kernel("relu_fwd", "bf16").unwrap(), "relu_fwd_bf16");
-        assert!(kernel("relu_fwd", "f16").is_err());
     }
 }

@@ -6,11 +6,12 @@
 //! drops for the same seed, whatever the launch shape. Nothing is stored: the backward applies
 //! the same kernel, with the same seed, to the gradient.
 
-use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
-use super::kernel_suffix;
-use super::launch::{Arg, KernelCall};
+use recycle_kernels::launchers as k;
+
+use super::common::{as_dtype, empty, grid_stride, p as ptr, run, view};
+use super::launch::KernelCall;
 use crate::ops::dropout::keep_scale;
-use crate::{DType, Result, Tape, Tensor, Var};
+use crate::{DType, Error, Result, Tape, Tensor, Var};
 
 pub(crate) fn dropout_plan(
     x: u64,
@@ -20,18 +21,23 @@ pub(crate) fn dropout_plan(
     seed: u64,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("dropout", kernel_suffix("dropout", dtype)?)?;
-    let args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(y),
-        Arg::U64(n as u64),
-        Arg::F32(p),
-        // The scale the CPU computes (in f32, on the host).
-        Arg::F32(keep_scale(p)),
-        Arg::U64(seed),
-        Arg::U64(0), // the whole tensor: element 0 is index 0 of the mask
-    ];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let Some(cfg) = grid_stride(n) else {
+        return Ok(vec![]);
+    };
+    // The scale the CPU computes (in f32, on the host); index base 0: the whole tensor, its
+    // element 0 is index 0 of the mask.
+    let (n, scale) = (n as u64, keep_scale(p));
+    Ok(vec![match dtype {
+        DType::F32 => k::dropout_f32(cfg, ptr(x), ptr(y), n, p, scale, seed, 0),
+        DType::BF16 => k::dropout_bf16(cfg, ptr(x), ptr(y), n, p, scale, seed, 0),
+        got => {
+            return Err(Error::DType {
+                op: "dropout",
+                expected: DType::F32,
+                got,
+            })
+        }
+    }])
 }
 
 fn apply(t: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -72,12 +78,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dropout_plans_match_the_kernel_abi() {
+    fn dropout_plans_pass_the_cpu_scale() {
         for dt in [DType::F32, DType::BF16] {
             let plan = dropout_plan(1, 2, 1 << 20, 0.1, 42, dt).unwrap();
             assert_eq!(plan.len(), 1);
             plan[0].check().unwrap();
-            assert_eq!(plan[0].args[4], Arg::F32(keep_scale(0.1)));
+            assert_eq!(
+                plan[0].args[4],
+                recycle_kernels::call::Value::F32(keep_scale(0.1))
+            );
         }
         assert!(dropout_plan(1, 2, 0, 0.1, 42, DType::F32)
             .unwrap()
@@ -154,7 +163,7 @@ mod tests {
                 DType::F32,
             )
             .unwrap();
-            plan[0].args[6] = Arg::U64(start as u64);
+            plan[0].args[6] = recycle_kernels::call::Value::U64(start as u64);
             run_plan(sim, &plan);
         }
         let want = cpu::dropout_forward_cpu(&x, p, seed);

@@ -12,11 +12,11 @@
 //! Only the counts use integer atomics, whose result does not depend on their order.
 
 use recycle_kernels::launch::{self as kl, EmbeddingBackward};
-use recycle_kernels::names::embedding as k;
+use recycle_kernels::launchers as k;
 
-use super::common::{empty, kernel, on_gpu_i32, run, view};
-use super::launch::{shape_err, Arg, KernelCall};
-use super::{kernel_suffix, DeviceBuffer};
+use super::common::{empty, on_gpu_i32, p, run, view, with_float};
+use super::launch::{fit_u32, shape_err, KernelCall};
+use super::DeviceBuffer;
 use crate::{DType, Result, Tape, Tensor, Var};
 
 pub(crate) fn gather_fwd_plan(
@@ -28,19 +28,16 @@ pub(crate) fn gather_fwd_plan(
     vocab: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let kf = kernel("embedding_fwd", kernel_suffix("embedding", dtype)?)?;
+    let name = "embedding_fwd";
     let cfg = kl::embedding_forward(n_ids as u64, dim as u64).map_err(shape_err)?;
-    let args = vec![
-        Arg::Ptr(table),
-        Arg::Ptr(ids),
-        Arg::Ptr(out),
-        Arg::u32(kf, "the row length", dim)?,
-        Arg::u32(kf, "the number of rows", vocab)?,
-    ];
-    Ok(cfg
-        .map(|cfg| KernelCall::new(kf, cfg, args))
+    let (dim, vocab) = (
+        fit_u32(name, "the row length", dim)?,
+        fit_u32(name, "the number of rows", vocab)?,
+    );
+    with_float!("embedding", dtype, |T| Ok(cfg
+        .map(|cfg| k::embedding_fwd::<T>(cfg, p(table), p(ids), p(out), dim, vocab))
         .into_iter()
-        .collect())
+        .collect()))
 }
 
 /// The scratch of the backward (u32 buffers; `counts` zeroed).
@@ -64,58 +61,45 @@ pub(crate) fn gather_bwd_plan(
     vocab: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let ka = kernel(
-        "embedding_bwd_accumulate",
-        kernel_suffix("embedding", dtype)?,
-    )?;
-    let n = Arg::u32(k::embedding_bwd_count, "the number of ids", n_ids)?;
-    let v = Arg::u32(k::embedding_bwd_count, "the vocabulary size", vocab)?;
-    let segs = Arg::U32(cfg.segments);
+    let n = fit_u32("embedding_bwd_count", "the number of ids", n_ids)?;
+    let v = fit_u32("embedding_bwd_count", "the vocabulary size", vocab)?;
+    let dim = fit_u32("embedding_bwd_accumulate", "the row length", dim)?;
+    let segs = cfg.segments;
+    let (counts, totals, starts, order) = (p(s.counts), p(s.totals), p(s.starts), p(s.order));
     let mut calls = Vec::new();
     if n_ids > 0 {
-        calls.push(KernelCall::new(
-            k::embedding_bwd_count,
+        calls.push(k::embedding_bwd_count(
             cfg.count,
-            vec![Arg::Ptr(ids), n, v, segs, Arg::Ptr(s.counts)],
+            p(ids),
+            n,
+            v,
+            segs,
+            counts,
         ));
     }
-    calls.push(KernelCall::new(
-        k::embedding_bwd_offsets,
+    calls.push(k::embedding_bwd_offsets(
         cfg.offsets,
-        vec![Arg::Ptr(s.counts), Arg::Ptr(s.totals), v, segs],
+        counts,
+        totals,
+        v,
+        segs,
     ));
-    calls.push(KernelCall::new(
-        k::embedding_bwd_scan,
-        cfg.scan,
-        vec![Arg::Ptr(s.totals), Arg::Ptr(s.starts), v],
-    ));
+    calls.push(k::embedding_bwd_scan(cfg.scan, totals, starts, v));
     if n_ids > 0 {
-        calls.push(KernelCall::new(
-            k::embedding_bwd_place,
+        calls.push(k::embedding_bwd_place(
             cfg.place,
-            vec![
-                Arg::Ptr(ids),
-                Arg::Ptr(s.counts),
-                Arg::Ptr(s.starts),
-                Arg::Ptr(s.order),
-                n,
-                v,
-                segs,
-            ],
+            p(ids),
+            counts,
+            starts,
+            order,
+            n,
+            v,
+            segs,
         ));
     }
-    calls.push(KernelCall::new(
-        ka,
-        cfg.accumulate,
-        vec![
-            Arg::Ptr(g),
-            Arg::Ptr(s.order),
-            Arg::Ptr(s.starts),
-            Arg::Ptr(dweight),
-            Arg::u32(ka, "the row length", dim)?,
-            Arg::I32(0),
-        ],
-    ));
+    calls.push(with_float!("embedding", dtype, |T| Ok(
+        k::embedding_bwd_accumulate::<T>(cfg.accumulate, p(g), order, starts, p(dweight), dim, 0)
+    ))?);
     Ok(calls)
 }
 
@@ -199,7 +183,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gather_plans_match_the_kernel_abi() {
+    fn gather_plans_have_valid_launch_shapes() {
         for dt in [DType::F32, DType::BF16] {
             let plan = gather_fwd_plan(1, 2, 3, 4096, 768, 30_522, dt).unwrap();
             assert_eq!(plan.len(), 1);
@@ -330,8 +314,8 @@ mod tests {
             let acc = SimBuffer::from_slice(&prior);
             let mut last = plan[4].clone();
             assert!(last.kernel.starts_with("embedding_bwd_accumulate"));
-            last.args[3] = Arg::Ptr(acc.ptr());
-            last.args[5] = Arg::I32(1);
+            last.args[3] = recycle_kernels::call::Value::U64(acc.ptr());
+            last.args[5] = recycle_kernels::call::Value::I32(1);
             run_plan(sim, &[last]);
             let want_acc: Vec<f32> = prior
                 .iter()

@@ -12,10 +12,12 @@
 
 use std::sync::Arc;
 
-use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
+use recycle_kernels::launchers as k;
+
+use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
 use super::elementwise::scalar_raw;
-use super::launch::{Arg, KernelCall};
-use super::{kernel_suffix, memory, CudaContext, DeviceBuffer};
+use super::launch::KernelCall;
+use super::{memory, CudaContext, DeviceBuffer};
 use crate::ops::elementwise::{contiguous_strides, BinaryOp};
 use crate::{DType, Error, Result, Tape, Tensor, Var};
 
@@ -53,16 +55,12 @@ pub(crate) fn copy_plan(
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
     check_rank("strided_copy", dims.len())?;
-    let k = kernel("strided_copy", kernel_suffix("layout", dtype)?)?;
     let n: usize = dims.iter().product();
-    let args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(y),
-        Arg::U64(n as u64),
-        Arg::U32(dims.len() as u32),
-        Arg::Ptr(meta),
-    ];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let rank = dims.len() as u32;
+    with_float!("layout", dtype, |T| Ok(grid_stride(n)
+        .map(|c| k::strided_copy::<T>(c, p(x), p(y), n as u64, rank, p(meta)))
+        .into_iter()
+        .collect()))
 }
 
 /// Copies `x` (at element offset `x_off`) into `y` (at `y_off`) over `dims` with the given
@@ -217,19 +215,13 @@ pub(crate) fn reduce_plan(
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
     check_rank("reduce", kept.len().max(reduced.len()))?;
-    let k = kernel("reduce_to", kernel_suffix("sum", dtype)?)?;
     let n: usize = kept.iter().product();
     let m: usize = reduced.iter().product();
-    let args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(y),
-        Arg::U64(n as u64),
-        Arg::U64(m as u64),
-        Arg::U32(kept.len() as u32),
-        Arg::U32(reduced.len() as u32),
-        Arg::Ptr(meta),
-    ];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let (rank, rrank) = (kept.len() as u32, reduced.len() as u32);
+    with_float!("sum", dtype, |T| Ok(grid_stride(n)
+        .map(|c| k::reduce_to::<T>(c, p(x), p(y), n as u64, m as u64, rank, rrank, p(meta)))
+        .into_iter()
+        .collect()))
 }
 
 /// `reduce_to`'s shapes for summing a contiguous `gs` down to `target`: the kept dims, the
@@ -330,17 +322,14 @@ pub(crate) fn sum_all_plan(
     divisor: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("sum_all", kernel_suffix("sum", dtype)?)?;
-    Ok(vec![KernelCall::new(
-        k,
-        recycle_kernels::launch::single_block(),
-        vec![
-            Arg::Ptr(x),
-            Arg::Ptr(out),
-            Arg::U64(n as u64),
-            Arg::U64(divisor as u64),
-        ],
-    )])
+    let cfg = recycle_kernels::launch::single_block();
+    with_float!("sum", dtype, |T| Ok(vec![k::sum_all::<T>(
+        cfg,
+        p(x),
+        p(out),
+        n as u64,
+        divisor as u64
+    )]))
 }
 
 /// The CUDA arm of `sum` (`mean`: divided by the element count, validated non-zero by the
@@ -403,20 +392,19 @@ pub(crate) fn broadcast_plan(
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
     check_rank(op.name(), dims.len())?;
-    let k = kernel(
-        &format!("broadcast_{}", op.name()),
-        kernel_suffix(op.name(), dtype)?,
-    )?;
     let n: usize = dims.iter().product();
-    let args = vec![
-        Arg::Ptr(a),
-        Arg::Ptr(b),
-        Arg::Ptr(y),
-        Arg::U64(n as u64),
-        Arg::U32(dims.len() as u32),
-        Arg::Ptr(meta),
-    ];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let rank = dims.len() as u32;
+    with_float!(op.name(), dtype, |T| {
+        let launcher = match op {
+            BinaryOp::Add => k::broadcast_add::<T>,
+            BinaryOp::Sub => k::broadcast_sub::<T>,
+            BinaryOp::Mul => k::broadcast_mul::<T>,
+        };
+        Ok(grid_stride(n)
+            .map(|c| launcher(c, p(a), p(b), p(y), n as u64, rank, p(meta)))
+            .into_iter()
+            .collect())
+    })
 }
 
 /// The strides reading a tensor of `shape` broadcast to `out` (0 along broadcast dims).
@@ -527,7 +515,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_plans_match_the_kernel_abi() {
+    fn layout_plans_have_valid_launch_shapes() {
         for dt in [DType::F32, DType::BF16] {
             check_all(&copy_plan(1, 2, &[2, 12, 128, 64], 3, dt).unwrap());
             check_all(&reduce_plan(1, 2, &[4, 768], &[128], 3, dt).unwrap());

@@ -2,14 +2,15 @@
 //! fused distillation loss behind [`super::kd_loss`] (the `kd_loss` family; its CPU twin is
 //! the root crate's `kd_loss_cpu`).
 
-use recycle_kernels::kd::{self as kdh, KdScalars, TeacherLogits};
+use recycle_kernels::kd::{row_call, RowArgs, TeacherLogits};
 use recycle_kernels::launch as kl;
-use recycle_kernels::names;
+use recycle_kernels::launchers as k;
 
-use super::common::{empty, host_i32, kernel, on_gpu_i32, rows_cfg, run, view};
+use super::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view, with_float};
 use super::elementwise::float_inputs;
-use super::launch::{Arg, KernelCall};
-use super::{common_device, kernel_suffix, KdLossDevice, KdTerm};
+use super::launch::{fit_u32, KernelCall};
+use super::{common_device, KdLossDevice};
+use crate::kd::{self as kdh, KdKind, KdScalars};
 use crate::ops::loss::{
     cross_entropy_check_labels_cpu, cross_entropy_grad_scale, CrossEntropyOptions,
 };
@@ -33,34 +34,35 @@ fn cross_entropy_fwd_plan(
     opts: &CrossEntropyOptions,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("cross_entropy_fwd", kernel_suffix("cross_entropy", dtype)?)?;
+    let name = "cross_entropy_fwd";
+    let n_classes = fit_u32(name, "the number of classes", classes)?;
+    let (ignore, has_ignore) = (
+        opts.ignore_index.unwrap_or(0),
+        opts.ignore_index.is_some() as i32,
+    );
     let mut calls = Vec::new();
-    if let Some(cfg) = rows_cfg(k, rows, classes)? {
-        calls.push(KernelCall::new(
-            k,
-            cfg,
-            vec![
-                Arg::Ptr(logits),
-                Arg::Ptr(labels),
-                Arg::Ptr(lse),
-                Arg::Ptr(row_loss),
-                Arg::u32(k, "the number of classes", classes)?,
-                Arg::I32(opts.ignore_index.unwrap_or(0)),
-                Arg::I32(opts.ignore_index.is_some() as i32),
-                Arg::F32(opts.label_smoothing),
-            ],
-        ));
+    if let Some(cfg) = rows_cfg(name, rows, classes)? {
+        calls.push(with_float!("cross_entropy", dtype, |T| Ok(
+            k::cross_entropy_fwd::<T>(
+                cfg,
+                p(logits),
+                p(labels),
+                p(lse),
+                p(row_loss),
+                n_classes,
+                ignore,
+                has_ignore,
+                opts.label_smoothing,
+            )
+        ))?);
     }
-    let r = names::cross_entropy::cross_entropy_reduce;
-    calls.push(KernelCall::new(
-        r,
+    let r = "cross_entropy_reduce";
+    calls.push(k::cross_entropy_reduce(
         kl::single_block(),
-        vec![
-            Arg::Ptr(row_loss),
-            Arg::u32(r, "the number of rows", rows)?,
-            Arg::u32(r, "the number of kept rows", kept)?,
-            Arg::Ptr(out),
-        ],
+        p(row_loss),
+        fit_u32(r, "the number of rows", rows)?,
+        fit_u32(r, "the number of kept rows", kept)?,
+        p(out),
     ));
     Ok(calls)
 }
@@ -77,22 +79,25 @@ fn cross_entropy_bwd_plan(
     scale: f32,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("cross_entropy_bwd", kernel_suffix("cross_entropy", dtype)?)?;
-    let args = vec![
-        Arg::Ptr(logits),
-        Arg::Ptr(labels),
-        Arg::Ptr(lse),
-        Arg::Ptr(dlogits),
-        Arg::u32(k, "the number of classes", classes)?,
-        Arg::I32(opts.ignore_index.unwrap_or(0)),
-        Arg::I32(opts.ignore_index.is_some() as i32),
-        Arg::F32(opts.label_smoothing),
-        Arg::F32(scale),
-    ];
-    Ok(rows_cfg(k, rows, classes)?
-        .map(|cfg| KernelCall::new(k, cfg, args))
-        .into_iter()
-        .collect())
+    let name = "cross_entropy_bwd";
+    let Some(cfg) = rows_cfg(name, rows, classes)? else {
+        return Ok(vec![]);
+    };
+    let n_classes = fit_u32(name, "the number of classes", classes)?;
+    with_float!("cross_entropy", dtype, |T| Ok(vec![
+        k::cross_entropy_bwd::<T>(
+            cfg,
+            p(logits),
+            p(labels),
+            p(lse),
+            p(dlogits),
+            n_classes,
+            opts.ignore_index.unwrap_or(0),
+            opts.ignore_index.is_some() as i32,
+            opts.label_smoothing,
+            scale,
+        )
+    ]))
 }
 
 /// The CUDA arm of `cross_entropy` (shapes and options validated by the caller). The labels
@@ -198,40 +203,35 @@ fn kd_loss_plan(
     };
     let mut calls = Vec::new();
     if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
-        calls.push(KernelCall::new(
-            kernel,
-            cfg,
-            vec![
-                Arg::Ptr(logits),
-                Arg::Ptr(grad),
-                Arg::Teachers(tl),
-                Arg::U32(teachers.len() as u32),
-                Arg::Ptr(labels),
-                Arg::Ptr(mask),
-                Arg::Ptr(row_ce),
-                Arg::Ptr(row_kd),
-                Arg::u32(kernel, "the number of classes", classes)?,
-                Arg::I32(ignore_index),
-                Arg::F32(s.inv_t),
-                Arg::F32(s.t_sq),
-                Arg::F32(s.grad_ce_weight),
-                Arg::F32(s.grad_kd_scale),
-            ],
-        ));
+        let args = RowArgs {
+            logits,
+            grad,
+            teachers: tl,
+            k: teachers.len() as u32,
+            labels: p(labels),
+            mask: p(mask),
+            row_ce: p(row_ce),
+            row_kd: p(row_kd),
+            classes: fit_u32(kernel, "the number of classes", classes)?,
+            ignore_index,
+            inv_t: s.inv_t,
+            t_sq: s.t_sq,
+            ce_weight: s.grad_ce_weight,
+            kd_scale: s.grad_kd_scale,
+        };
+        calls.push(
+            row_call(kernel, cfg, &args).map_err(|e| Error::invalid("kd_loss", e.to_string()))?,
+        );
     }
-    let r = names::kd_loss::kd_loss_reduce;
-    calls.push(KernelCall::new(
-        r,
+    calls.push(k::kd_loss_reduce(
         kl::single_block(),
-        vec![
-            Arg::Ptr(row_ce),
-            Arg::Ptr(row_kd),
-            Arg::u32(r, "the number of rows", rows)?,
-            Arg::F32(s.ce_weight),
-            Arg::F32(s.kd_weight),
-            Arg::F32(s.lambda),
-            Arg::Ptr(out),
-        ],
+        p(row_ce),
+        p(row_kd),
+        fit_u32("kd_loss_reduce", "the number of rows", rows)?,
+        s.ce_weight,
+        s.kd_weight,
+        s.lambda,
+        p(out),
     ));
     Ok(calls)
 }
@@ -239,7 +239,7 @@ fn kd_loss_plan(
 /// See [`super::kd_loss`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kd_loss(
-    term: Option<KdTerm>,
+    term: Option<KdKind>,
     lambda: f32,
     ignore_index: i32,
     student: &Tensor,
@@ -293,21 +293,15 @@ pub(crate) fn kd_loss(
             })
         }
     };
-    let ker_term = match (term, teachers.is_empty() || lambda == 0.0) {
-        (_, true) | (None, _) => None,
-        (Some(KdTerm::Kl { temperature }), false) => Some(kdh::KdTerm::Kl { temperature }),
-        (Some(KdTerm::Mse), false) => Some(kdh::KdTerm::Mse),
-    };
-    let kd = |e: kdh::KdError| Error::invalid(OP, e.0);
+    let ker_term = term.filter(|_| !(teachers.is_empty() || lambda == 0.0));
     let (ce_rows, kd_rows) = kdh::row_counts(
         &labels_host,
         mask_host.as_deref(),
         classes,
         ignore_index,
         ker_term.is_some(),
-    )
-    .map_err(kd)?;
-    let s = KdScalars::new(ker_term, lambda, ce_rows, kd_rows, classes, upstream).map_err(kd)?;
+    )?;
+    let s = KdScalars::new(ker_term, lambda, ce_rows, kd_rows, classes, upstream)?;
     let student_storage = storage_of(OP, student.dtype())?;
     let teacher_storage = match teachers.first() {
         Some(t) => {
@@ -323,7 +317,7 @@ pub(crate) fn kd_loss(
         None => student_storage,
     };
     let active_term = if s.kd_active() { ker_term } else { None };
-    let kernel = kdh::kernel_name(active_term, student_storage, teacher_storage).map_err(kd)?;
+    let kernel = kdh::kernel_name(active_term, student_storage, teacher_storage)?;
 
     let sv = view(student, OP)?;
     let ctx = sv.ctx.clone();
@@ -387,7 +381,7 @@ mod tests {
 
     /// Every plan, for both storage types and a few shapes, matches the kernels' ABI.
     #[test]
-    fn every_plan_matches_the_kernel_abi() {
+    fn every_plan_has_a_valid_launch_shape() {
         for dt in [DType::F32, DType::BF16] {
             let opts = CrossEntropyOptions::default();
             check_all(&cross_entropy_fwd_plan(1, 2, 3, 4, 5, 8, 10, 7, &opts, dt).unwrap());
@@ -553,8 +547,8 @@ mod tests {
         {
             let temperature = [1.0f32, 2.0, 4.0][vi];
             let upstream = if vi == 1 { 0.5f32 } else { 1.0 };
-            let mut cases: Vec<(Option<kdh::KdTerm>, DType, DType)> = Vec::new();
-            for term in [kdh::KdTerm::Kl { temperature }, kdh::KdTerm::Mse] {
+            let mut cases: Vec<(Option<KdKind>, DType, DType)> = Vec::new();
+            for term in [KdKind::Kl { temperature }, KdKind::Mse] {
                 for (sdt, tdt) in dtypes {
                     cases.push((Some(term), sdt, tdt));
                 }
@@ -738,31 +732,19 @@ mod tests {
 
     #[test]
     fn kd_loss_plans_for_every_kernel() {
-        let s = KdScalars::new(
-            Some(kdh::KdTerm::Kl { temperature: 2.0 }),
-            0.5,
-            3,
-            4,
-            10,
-            1.0,
-        )
-        .unwrap();
+        let s = KdScalars::new(Some(KdKind::Kl { temperature: 2.0 }), 0.5, 3, 4, 10, 1.0).unwrap();
         for (term, st, tt) in [
             (
-                Some(kdh::KdTerm::Kl { temperature: 2.0 }),
+                Some(KdKind::Kl { temperature: 2.0 }),
                 kdh::Storage::Bf16,
                 kdh::Storage::Bf16,
             ),
             (
-                Some(kdh::KdTerm::Kl { temperature: 2.0 }),
+                Some(KdKind::Kl { temperature: 2.0 }),
                 kdh::Storage::F32,
                 kdh::Storage::F32,
             ),
-            (
-                Some(kdh::KdTerm::Mse),
-                kdh::Storage::F32,
-                kdh::Storage::Bf16,
-            ),
+            (Some(KdKind::Mse), kdh::Storage::F32, kdh::Storage::Bf16),
             (None, kdh::Storage::F32, kdh::Storage::F32),
         ] {
             let k = kdh::kernel_name(term, st, tt).unwrap();
@@ -772,7 +754,7 @@ mod tests {
             check_all(&plan);
         }
         // Nine teachers: more than the kernel averages.
-        let k = names::kd_loss::kd_loss_kl_f32_f32;
+        let k = "kd_loss_kl_f32_f32";
         assert!(kd_loss_plan(k, 1, 2, &[1; 9], 3, 0, 4, 5, 6, 8, 10, -100, &s).is_err());
         // No rows: only the reduction runs (it writes zeros).
         let plan = kd_loss_plan(k, 1, 2, &[1], 3, 0, 4, 5, 6, 0, 10, -100, &s).unwrap();

@@ -2,7 +2,7 @@
 //! cuBLASLt, cuDNN and the kernels of `recycle-kernels` behind the ops.
 //!
 //! What has run on a GPU is said in one place, the status line of `docs/cuda.md`. The
-//! host-side logic (argument lists against the kernels' ABI, launch shapes, the no-driver
+//! host-side logic (the kernel calls' plans on the kernel simulator, launch shapes, the no-driver
 //! errors) is tested on the CPU; `recycle gpu-check` compares every CUDA op with its CPU twin
 //! on a device.
 //!
@@ -32,9 +32,10 @@
 //!   difference around a step). Host↔device copies go through a pinned staging buffer per
 //!   context (the batches: `Tensor::to_device`), so a pageable `Vec` never blocks the stream.
 //! - **Launch** (`launch`): a kernel call is data — kernel, grid/block from
-//!   [`recycle_kernels::launch`], typed arguments — checked against
-//!   [`recycle_kernels::abi::params`] before `cuLaunchKernel`, so a wrong argument list is an
-//!   error, never a corrupted launch.
+//!   [`recycle_kernels::launch`], typed arguments — built by the kernel's launcher, which
+//!   `recycle-kernels` generates from the `.cu` signature ([`recycle_kernels::launchers`]), so
+//!   an argument list cannot disagree with its kernel; the launch checks the shape and sends
+//!   the parameter array to `cuLaunchKernel`.
 //! - **Ops**: the CUDA arm of every op, one file per family —
 //!   `elementwise` (elementwise ops, activations, copies, casts, accumulation), `softmax`,
 //!   `loss` (cross-entropy and the fused distillation loss [`kd_loss`]), `optim` (the SGDW and
@@ -50,7 +51,7 @@
 //! Without the `cuda` feature this module keeps only its front: the functions below exist and
 //! return the "no CUDA backend in this build" error, so callers need no `cfg`.
 
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 #[cfg(feature = "cuda")]
 pub(crate) mod attention;
@@ -114,7 +115,7 @@ pub(crate) struct CudaView {
     pub ctx: std::sync::Arc<CudaContext>,
     pub ptr: u64,
     pub len: usize,
-    pub dtype: DType,
+    pub dtype: crate::DType,
 }
 
 #[cfg(feature = "cuda")]
@@ -397,13 +398,6 @@ pub fn set_poison_allocations(ordinal: usize, on: bool) -> Result<()> {
     }
 }
 
-/// Which distillation term the fused loss computes (mirrors the root crate's `KdKind`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KdTerm {
-    Kl { temperature: f32 },
-    Mse,
-}
-
 /// The fused distillation loss on a GPU: what `kd_loss_cpu` returns, with the gradient left on
 /// the device.
 #[derive(Debug, Clone)]
@@ -424,7 +418,7 @@ pub struct KdLossDevice {
 /// `backward(loss)`). The CPU twin is the root crate's `kd_loss_cpu`.
 #[allow(clippy::too_many_arguments)]
 pub fn kd_loss(
-    term: Option<KdTerm>,
+    term: Option<crate::kd::KdKind>,
     lambda: f32,
     ignore_index: i32,
     student: &Tensor,
@@ -455,19 +449,6 @@ pub fn kd_loss(
                 "kd_loss (CUDA): the student logits are on the CPU; use kd_loss_cpu".into(),
             )),
         }
-    }
-}
-
-/// The kernel-name suffix of an activation dtype (`f32`, `bf16`); i32 has no kernels.
-pub fn kernel_suffix(op: &'static str, dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        DType::I32 => Err(Error::DType {
-            op,
-            expected: DType::F32,
-            got: DType::I32,
-        }),
     }
 }
 
@@ -516,8 +497,6 @@ mod tests {
         let b = Tensor::f32(vec![2.0], &[1]).unwrap();
         assert_eq!(common_device("add", &[&a, &b]).unwrap(), Device::Cpu);
         assert!(cpu_only("conv2d", [&a, &b]).is_ok());
-        assert_eq!(kernel_suffix("relu", DType::BF16).unwrap(), "bf16");
-        assert!(kernel_suffix("relu", DType::I32).is_err());
     }
 
     #[test]

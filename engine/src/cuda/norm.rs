@@ -8,12 +8,12 @@
 //! updates the running statistics on the device, as the CPU op does on any tape.
 
 use recycle_kernels::launch::{self as kl, BatchnormReduce, LayernormBackward};
-use recycle_kernels::names;
+use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, kernel, rows_cfg, run, view};
+use super::common::{as_dtype, empty, p, rows_cfg, run, view, with_float};
 use super::elementwise::{cast, deep_copy};
-use super::launch::{shape_err, Arg, KernelCall};
-use super::{common_device, kernel_suffix, DeviceBuffer};
+use super::launch::{fit_u32, shape_err, KernelCall};
+use super::{common_device, DeviceBuffer};
 use crate::ops::norm::BatchNormOptions;
 use crate::{DType, Device, Result, Tape, Tensor, Var};
 
@@ -34,23 +34,22 @@ pub(crate) fn layernorm_fwd_plan(
     eps: f32,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("layernorm_fwd", kernel_suffix("layer_norm", dtype)?)?;
-    let args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(0), // no fused residual
-        Arg::Ptr(0),
-        Arg::Ptr(weight),
-        Arg::Ptr(bias),
-        Arg::Ptr(y),
-        Arg::Ptr(mean),
-        Arg::Ptr(rstd),
-        Arg::u32(k, "the row length", d)?,
-        Arg::F32(eps),
-    ];
-    Ok(rows_cfg(k, rows, d)?
-        .map(|cfg| KernelCall::new(k, cfg, args))
-        .into_iter()
-        .collect())
+    let name = "layernorm_fwd";
+    let Some(cfg) = rows_cfg(name, rows, d)? else {
+        return Ok(vec![]);
+    };
+    let d = fit_u32(name, "the row length", d)?;
+    with_float!("layer_norm", dtype, |T| Ok(vec![k::layernorm_fwd::<T>(
+        cfg,
+        p(x),
+        p(weight),
+        p(bias),
+        p(y),
+        p(mean),
+        p(rstd),
+        d,
+        eps,
+    )]))
 }
 
 /// dx (always written) and the parameter gradients (f32, overwritten) from `partial`
@@ -71,38 +70,30 @@ pub(crate) fn layernorm_bwd_plan(
     d: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("layernorm_bwd", kernel_suffix("layer_norm", dtype)?)?;
-    let r = names::layernorm::layernorm_bwd_reduce;
-    Ok(vec![
-        KernelCall::new(
-            k,
-            cfg.main,
-            vec![
-                Arg::Ptr(x),
-                Arg::Ptr(dy),
-                Arg::Ptr(0), // no residual gradient to add
-                Arg::Ptr(mean),
-                Arg::Ptr(rstd),
-                Arg::Ptr(weight),
-                Arg::Ptr(dx),
-                Arg::Ptr(partial),
-                Arg::u32(k, "the number of rows", rows)?,
-                Arg::u32(k, "the row length", d)?,
-            ],
-        ),
-        KernelCall::new(
-            r,
-            cfg.reduce,
-            vec![
-                Arg::Ptr(partial),
-                Arg::U32(cfg.blocks),
-                Arg::u32(r, "the row length", d)?,
-                Arg::Ptr(dweight),
-                Arg::Ptr(dbias),
-                Arg::I32(0),
-            ],
-        ),
-    ])
+    let rows = fit_u32("layernorm_bwd", "the number of rows", rows)?;
+    let d = fit_u32("layernorm_bwd", "the row length", d)?;
+    let main = with_float!("layer_norm", dtype, |T| Ok(k::layernorm_bwd::<T>(
+        cfg.main,
+        p(x),
+        p(dy),
+        p(mean),
+        p(rstd),
+        p(weight),
+        p(dx),
+        p(partial),
+        rows,
+        d,
+    )))?;
+    let reduce = k::layernorm_bwd_reduce(
+        cfg.reduce,
+        p(partial),
+        cfg.blocks,
+        d,
+        p(dweight),
+        p(dbias),
+        0,
+    );
+    Ok(vec![main, reduce])
 }
 
 /// An f32 tensor of `len` zeros or `dtype` zeros, for the gradients of empty shapes.
@@ -214,42 +205,31 @@ pub(crate) fn batchnorm_stats_plan(
     opts: &BatchNormOptions,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(
-        "batchnorm_stats_partial",
-        kernel_suffix("batch_norm2d", dtype)?,
-    )?;
-    let f = names::batchnorm::batchnorm_stats_finish;
-    Ok(vec![
-        KernelCall::new(
-            k,
-            r.partial,
-            vec![
-                Arg::Ptr(x),
-                Arg::Ptr(partial),
-                Arg::u32(k, "the batch size", n)?,
-                Arg::u32(k, "the number of channels", c)?,
-                Arg::u32(k, "the plane size", hw)?,
-            ],
-        ),
-        KernelCall::new(
-            f,
-            r.finish,
-            vec![
-                Arg::Ptr(partial),
-                Arg::u32(f, "the number of channels", c)?,
-                Arg::U32(r.splits),
-                Arg::u32(f, "the values per channel", n * hw)?,
-                Arg::F32(opts.eps),
-                Arg::F32(opts.momentum),
-                Arg::I32(1),
-                Arg::Ptr(mean),
-                Arg::Ptr(var),
-                Arg::Ptr(inv_std),
-                Arg::Ptr(running_mean),
-                Arg::Ptr(running_var),
-            ],
-        ),
-    ])
+    let (bn, bc, bhw) = (
+        fit_u32("batchnorm_stats_partial", "the batch size", n)?,
+        fit_u32("batchnorm_stats_partial", "the number of channels", c)?,
+        fit_u32("batchnorm_stats_partial", "the plane size", hw)?,
+    );
+    let count = fit_u32("batchnorm_stats_finish", "the values per channel", n * hw)?;
+    let partial_call = with_float!("batch_norm2d", dtype, |T| Ok(
+        k::batchnorm_stats_partial::<T>(r.partial, p(x), p(partial), bn, bc, bhw)
+    ))?;
+    let finish = k::batchnorm_stats_finish(
+        r.finish,
+        p(partial),
+        bc,
+        r.splits,
+        count,
+        opts.eps,
+        opts.momentum,
+        1,
+        p(mean),
+        p(var),
+        p(inv_std),
+        p(running_mean),
+        p(running_var),
+    );
+    Ok(vec![partial_call, finish])
 }
 
 /// The affine map: from batch statistics (`eval` None) or from the running ones (`eval`
@@ -266,33 +246,26 @@ pub(crate) fn batchnorm_fwd_plan(
     eval: Option<f32>,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let s = kernel_suffix("batch_norm2d", dtype)?;
-    let k = kernel(
-        if eval.is_some() {
-            "batchnorm_eval_fwd"
-        } else {
-            "batchnorm_fwd"
-        },
-        s,
-    )?;
-    let mut args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(y),
-        Arg::Ptr(mean),
-        Arg::Ptr(stat),
-        Arg::Ptr(weight),
-        Arg::Ptr(bias),
-        Arg::u32(k, "the number of channels", c)?,
-        Arg::u32(k, "the plane size", hw)?,
-    ];
-    if let Some(eps) = eval {
-        args.push(Arg::F32(eps));
-    }
-    Ok(kl::planes(k, (n * c) as u64, hw as u64)
-        .map_err(shape_err)?
-        .map(|cfg| KernelCall::new(k, cfg, args))
-        .into_iter()
-        .collect())
+    let name = if eval.is_some() {
+        "batchnorm_eval_fwd"
+    } else {
+        "batchnorm_fwd"
+    };
+    let Some(cfg) = kl::planes(name, (n * c) as u64, hw as u64).map_err(shape_err)? else {
+        return Ok(vec![]);
+    };
+    let (c, hw) = (
+        fit_u32(name, "the number of channels", c)?,
+        fit_u32(name, "the plane size", hw)?,
+    );
+    let (mean, stat, weight, bias) = (p(mean), p(stat), p(weight), p(bias));
+    with_float!("batch_norm2d", dtype, |T| {
+        let (x, y) = (p::<T>(x), p::<T>(y));
+        Ok(vec![match eval {
+            Some(eps) => k::batchnorm_eval_fwd(cfg, x, y, mean, stat, weight, bias, c, hw, eps),
+            None => k::batchnorm_fwd(cfg, x, y, mean, stat, weight, bias, c, hw),
+        }])
+    })
 }
 
 /// Backward: the per-channel sums (into `sum_dy`, `sum_dyx`, and the parameter gradients
@@ -314,61 +287,50 @@ pub(crate) fn batchnorm_bwd_plan(
     training: bool,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let s = kernel_suffix("batch_norm2d", dtype)?;
-    let kp = kernel("batchnorm_bwd_partial", s)?;
-    let kf = names::batchnorm::batchnorm_bwd_finish;
-    let kx = kernel("batchnorm_bwd_dx", s)?;
-    let mut calls = vec![
-        KernelCall::new(
-            kp,
-            r.partial,
-            vec![
-                Arg::Ptr(x),
-                Arg::Ptr(dy),
-                Arg::Ptr(mean),
-                Arg::Ptr(inv_std),
-                Arg::Ptr(partial),
-                Arg::u32(kp, "the batch size", n)?,
-                Arg::u32(kp, "the number of channels", c)?,
-                Arg::u32(kp, "the plane size", hw)?,
-            ],
-        ),
-        KernelCall::new(
-            kf,
-            r.finish,
-            vec![
-                Arg::Ptr(partial),
-                Arg::u32(kf, "the number of channels", c)?,
-                Arg::U32(r.splits),
-                Arg::Ptr(sums.0),
-                Arg::Ptr(sums.1),
-                Arg::Ptr(dweight),
-                Arg::Ptr(dbias),
-                Arg::I32(0),
-            ],
-        ),
-    ];
-    if let Some(cfg) = kl::planes(kx, (n * c) as u64, hw as u64).map_err(shape_err)? {
-        calls.push(KernelCall::new(
-            kx,
-            cfg,
-            vec![
-                Arg::Ptr(x),
-                Arg::Ptr(dy),
-                Arg::Ptr(mean),
-                Arg::Ptr(inv_std),
-                Arg::Ptr(weight),
-                Arg::Ptr(sums.0),
-                Arg::Ptr(sums.1),
-                Arg::Ptr(dx),
-                Arg::u32(kx, "the number of channels", c)?,
-                Arg::u32(kx, "the plane size", hw)?,
-                Arg::u32(kx, "the values per channel", n * hw)?,
-                Arg::I32(training as i32),
-            ],
-        ));
-    }
-    Ok(calls)
+    let (bn, bc, bhw) = (
+        fit_u32("batchnorm_bwd_partial", "the batch size", n)?,
+        fit_u32("batchnorm_bwd_partial", "the number of channels", c)?,
+        fit_u32("batchnorm_bwd_partial", "the plane size", hw)?,
+    );
+    let count = fit_u32("batchnorm_bwd_dx", "the values per channel", n * hw)?;
+    let (mean, inv_std, partial) = (p(mean), p(inv_std), p(partial));
+    let (sum_dy, sum_dyx) = (p(sums.0), p(sums.1));
+    let dx_cfg = kl::planes("batchnorm_bwd_dx", (n * c) as u64, hw as u64).map_err(shape_err)?;
+    with_float!("batch_norm2d", dtype, |T| {
+        let (x, dy) = (p::<T>(x), p::<T>(dy));
+        let mut calls = vec![
+            k::batchnorm_bwd_partial::<T>(r.partial, x, dy, mean, inv_std, partial, bn, bc, bhw),
+            k::batchnorm_bwd_finish(
+                r.finish,
+                partial,
+                bc,
+                r.splits,
+                sum_dy,
+                sum_dyx,
+                p(dweight),
+                p(dbias),
+                0,
+            ),
+        ];
+        if let Some(cfg) = dx_cfg {
+            calls.push(k::batchnorm_bwd_dx::<T>(
+                cfg,
+                x,
+                dy,
+                mean,
+                inv_std,
+                p(weight),
+                sum_dy,
+                sum_dyx,
+                p(dx),
+                bc,
+                bhw,
+                count,
+                training as i32,
+            ));
+        }
+        Ok(calls)
+    })
 }
 
 /// f64 scratch of the batch-norm reductions.
@@ -535,6 +497,7 @@ pub(crate) fn batch_norm2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use recycle_kernels::call::Value;
 
     fn check_all(calls: &[KernelCall]) {
         assert!(!calls.is_empty());
@@ -544,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn norm_plans_match_the_kernel_abi() {
+    fn norm_plans_have_valid_launch_shapes() {
         for dt in [DType::F32, DType::BF16] {
             check_all(&layernorm_fwd_plan(1, 2, 3, 4, 5, 6, 512, 768, 1e-12, dt).unwrap());
             let cfg = kl::layernorm_backward(512, 768).unwrap().unwrap();
@@ -605,9 +568,9 @@ mod tests {
         );
         let mut finish = call.clone();
         assert_eq!(finish.kernel, kernel);
-        finish.args[args[0]] = Arg::Ptr(aw.ptr());
-        finish.args[args[1]] = Arg::Ptr(ab.ptr());
-        finish.args[args[2]] = Arg::I32(1);
+        finish.args[args[0]] = Value::U64(aw.ptr());
+        finish.args[args[1]] = Value::U64(ab.ptr());
+        finish.args[args[2]] = Value::I32(1);
         run_plan(sim, &[finish]);
         let add =
             |p: &[f32], s: &[f32]| -> Vec<f32> { p.iter().zip(s).map(|(a, b)| a + b).collect() };
@@ -629,9 +592,7 @@ mod tests {
     }
 
     /// The layer-norm forward plan on the kernel simulator against the CPU twins
-    /// (`layer_norm_stats_cpu`, `layer_norm_forward_cpu`), f32 and bf16 storage, with and
-    /// without the fused residual (a kernel option the engine's plan does not use yet: its
-    /// call is edited here).
+    /// (`layer_norm_stats_cpu`, `layer_norm_forward_cpu`), f32 and bf16 storage.
     #[test]
     fn layernorm_forward_on_the_simulator_matches_the_cpu_twins() {
         use crate::cuda::sim_check::{
@@ -654,22 +615,14 @@ mod tests {
                         .collect::<Vec<_>>(),
                     dt,
                 );
-                let res = as_stored(&sample(n, 14, 2.0), dt);
                 let w = as_stored(&sample(d, 12, 1.0), dt);
                 let b = as_stored(&sample(d, 13, 0.5), dt);
-                let (bx, bres, bw, bb) = (
-                    upload(&x, dt),
-                    upload(&res, dt),
-                    upload(&w, dt),
-                    upload(&b, dt),
-                );
-                // residual: None, Some(without sum_out), Some(with sum_out).
-                for fused in [0, 1, 2] {
-                    let what = format!("{what} forward (residual mode {fused})");
+                let (bx, bw, bb) = (upload(&x, dt), upload(&w, dt), upload(&b, dt));
+                {
+                    let what = format!("{what} forward");
                     let by = upload(&vec![0.0; n], dt);
-                    let bsum = upload(&vec![0.0; n], dt);
                     let (bm, br) = (SimBuffer::zeros::<f32>(rows), SimBuffer::zeros::<f32>(rows));
-                    let mut plan = layernorm_fwd_plan(
+                    let plan = layernorm_fwd_plan(
                         bx.ptr(),
                         bw.ptr(),
                         bb.ptr(),
@@ -683,28 +636,10 @@ mod tests {
                     )
                     .unwrap();
                     assert_eq!(plan.len(), 1);
-                    if fused > 0 {
-                        plan[0].args[1] = Arg::Ptr(bres.ptr());
-                    }
-                    if fused > 1 {
-                        plan[0].args[2] = Arg::Ptr(bsum.ptr());
-                    }
                     run_plan(sim, &plan);
-                    // What is normalised: x, or x + residual rounded to the storage type (the
-                    // elementwise add of the CPU ops, then the cast).
-                    let h: Vec<f32> = if fused > 0 {
-                        as_stored(
-                            &x.iter().zip(&res).map(|(a, r)| a + r).collect::<Vec<_>>(),
-                            dt,
-                        )
-                    } else {
-                        x.clone()
-                    };
-                    if fused > 1 {
-                        assert_bits(&format!("{what} sum_out"), &download(&bsum, dt), &h);
-                    }
+                    let h = &x;
                     let (mean, rstd) = (download(&bm, DType::F32), download(&br, DType::F32));
-                    let (want_mean, want_rstd) = cpu::layer_norm_stats_cpu(&h, d, eps);
+                    let (want_mean, want_rstd) = cpu::layer_norm_stats_cpu(h, d, eps);
                     // Both accumulate in f64 (in different orders, errors ~1e-16 relative)
                     // and round to f32 once: at most one f32 ulp apart.
                     assert_close(
@@ -724,7 +659,7 @@ mod tests {
                     // With equal statistics the affine map rounds as the CPU does (layernorm.cu):
                     // the CPU's bits, rounded once to the storage type.
                     let mut want = vec![0.0; n];
-                    cpu::layer_norm_forward_cpu(&h, d, &mean, &rstd, &w, &b, &mut want);
+                    cpu::layer_norm_forward_cpu(h, d, &mean, &rstd, &w, &b, &mut want);
                     assert_bits(
                         &format!("{what} y"),
                         &download(&by, dt),

@@ -6,23 +6,35 @@
 //! the outputs whose windows cover it, in output order), so overlapping windows add without
 //! atomics and in the CPU's order.
 
-use super::common::{as_dtype, empty, grid_stride, kernel, run, view};
-use super::launch::{Arg, KernelCall};
-use super::{kernel_suffix, DeviceBuffer};
+use recycle_kernels::launchers as k;
+
+use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
+use super::launch::{fit_u32, KernelCall};
+use super::DeviceBuffer;
 use crate::ops::pool::Pool2dGeometry;
 use crate::{DType, Result, Tape, Tensor, Var};
 
-/// The geometry arguments shared by the max-pooling kernels.
-fn geometry_args(k: &str, g: &Pool2dGeometry) -> Result<Vec<Arg>> {
-    Ok(vec![
-        Arg::u32(k, "the height", g.h)?,
-        Arg::u32(k, "the width", g.w)?,
-        Arg::u32(k, "the output height", g.oh)?,
-        Arg::u32(k, "the output width", g.ow)?,
-        Arg::u32(k, "the kernel size", g.kernel)?,
-        Arg::u32(k, "the stride", g.stride)?,
-        Arg::u32(k, "the padding", g.padding)?,
-    ])
+/// The geometry arguments of the max-pooling kernels, as their `uint32_t` parameters.
+struct Geometry {
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kernel: u32,
+    stride: u32,
+    padding: u32,
+}
+
+fn geometry(k: &str, g: &Pool2dGeometry) -> Result<Geometry> {
+    Ok(Geometry {
+        h: fit_u32(k, "the height", g.h)?,
+        w: fit_u32(k, "the width", g.w)?,
+        oh: fit_u32(k, "the output height", g.oh)?,
+        ow: fit_u32(k, "the output width", g.ow)?,
+        kernel: fit_u32(k, "the kernel size", g.kernel)?,
+        stride: fit_u32(k, "the stride", g.stride)?,
+        padding: fit_u32(k, "the padding", g.padding)?,
+    })
 }
 
 pub(crate) fn max_pool_fwd_plan(
@@ -32,16 +44,25 @@ pub(crate) fn max_pool_fwd_plan(
     g: &Pool2dGeometry,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("max_pool2d_fwd", kernel_suffix("max_pool2d", dtype)?)?;
     let n = g.n * g.c * g.oh * g.ow;
-    let mut args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(y),
-        Arg::Ptr(argmax),
-        Arg::U64(n as u64),
-    ];
-    args.extend(geometry_args(k, g)?);
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let q = geometry("max_pool2d_fwd", g)?;
+    with_float!("max_pool2d", dtype, |T| Ok(grid_stride(n)
+        .map(|c| k::max_pool2d_fwd::<T>(
+            c,
+            p(x),
+            p(y),
+            p(argmax),
+            n as u64,
+            q.h,
+            q.w,
+            q.oh,
+            q.ow,
+            q.kernel,
+            q.stride,
+            q.padding,
+        ))
+        .into_iter()
+        .collect()))
 }
 
 pub(crate) fn max_pool_bwd_plan(
@@ -51,16 +72,25 @@ pub(crate) fn max_pool_bwd_plan(
     g: &Pool2dGeometry,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel("max_pool2d_bwd", kernel_suffix("max_pool2d", dtype)?)?;
     let n = g.n * g.c * g.h * g.w;
-    let mut args = vec![
-        Arg::Ptr(grad),
-        Arg::Ptr(argmax),
-        Arg::Ptr(dx),
-        Arg::U64(n as u64),
-    ];
-    args.extend(geometry_args(k, g)?);
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let q = geometry("max_pool2d_bwd", g)?;
+    with_float!("max_pool2d", dtype, |T| Ok(grid_stride(n)
+        .map(|c| k::max_pool2d_bwd::<T>(
+            c,
+            p(grad),
+            p(argmax),
+            p(dx),
+            n as u64,
+            q.h,
+            q.w,
+            q.oh,
+            q.ow,
+            q.kernel,
+            q.stride,
+            q.padding,
+        ))
+        .into_iter()
+        .collect()))
 }
 
 /// The CUDA arm of `max_pool2d` (validated by the caller).
@@ -111,17 +141,11 @@ pub(crate) fn avg_pool_fwd_plan(
     plane: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(
-        "global_avg_pool_fwd",
-        kernel_suffix("global_avg_pool2d", dtype)?,
-    )?;
-    let args = vec![
-        Arg::Ptr(x),
-        Arg::Ptr(y),
-        Arg::U64(planes as u64),
-        Arg::u32(k, "the plane size", plane)?,
-    ];
-    Ok(grid_stride(k, planes, args).into_iter().collect())
+    let plane_len = fit_u32("global_avg_pool_fwd", "the plane size", plane)?;
+    with_float!("global_avg_pool2d", dtype, |T| Ok(grid_stride(planes)
+        .map(|c| k::global_avg_pool_fwd::<T>(c, p(x), p(y), planes as u64, plane_len))
+        .into_iter()
+        .collect()))
 }
 
 pub(crate) fn avg_pool_bwd_plan(
@@ -131,20 +155,14 @@ pub(crate) fn avg_pool_bwd_plan(
     plane: usize,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    let k = kernel(
-        "global_avg_pool_bwd",
-        kernel_suffix("global_avg_pool2d", dtype)?,
-    )?;
     let n = planes * plane;
-    let args = vec![
-        Arg::Ptr(grad),
-        Arg::Ptr(dx),
-        Arg::U64(n as u64),
-        Arg::u32(k, "the plane size", plane)?,
-        // The CPU's scale, in f32 on the host.
-        Arg::F32(1.0 / plane as f32),
-    ];
-    Ok(grid_stride(k, n, args).into_iter().collect())
+    let plane_len = fit_u32("global_avg_pool_bwd", "the plane size", plane)?;
+    // The CPU's scale, in f32 on the host.
+    let scale = 1.0 / plane as f32;
+    with_float!("global_avg_pool2d", dtype, |T| Ok(grid_stride(n)
+        .map(|c| k::global_avg_pool_bwd::<T>(c, p(grad), p(dx), n as u64, plane_len, scale))
+        .into_iter()
+        .collect()))
 }
 
 /// The CUDA arm of `global_avg_pool2d` (validated by the caller): `[N, C, H, W] -> [N, C]`.
@@ -190,7 +208,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pool_plans_match_the_kernel_abi() {
+    fn pool_plans_have_valid_launch_shapes() {
         let g = Pool2dGeometry::new(&[8, 64, 112, 112], 3, 2, 1).unwrap();
         for dt in [DType::F32, DType::BF16] {
             for plan in [

@@ -22,7 +22,7 @@ pub(crate) fn host_sim() -> Option<&'static HostSim> {
 pub(crate) fn run_plan(sim: &HostSim, plan: &[KernelCall]) {
     for call in plan {
         // SAFETY: the tests pass addresses of SimBuffers sized for the plan's shapes.
-        unsafe { call.run_on_host_sim(sim) }.unwrap_or_else(|e| panic!("{}: {e}", call.kernel));
+        unsafe { sim.run(call) }.unwrap_or_else(|e| panic!("{}: {e}", call.kernel));
     }
 }
 

@@ -1,0 +1,503 @@
+//! Reads the `extern "C" __global__` entry points of every `src/<family>.cu` and writes one
+//! typed Rust launcher per kernel, plus the table of every kernel's signature: the `.cu` files
+//! are the only place a kernel's parameter list is written.
+//!
+//! What is understood: C comments and line continuations; entry points at file level; entry
+//! points inside a `#define M(A, B, ...)` body, expanded for each `M(...)` line at file level. A
+//! macro whose kernel names end in `##S` and that is instantiated exactly as `M(float, f32)` and
+//! `M(bf16, bf16)` (in either order) gives one launcher generic over the storage type; any
+//! other macro gives one launcher per instantiation. Parameter types: `[const] X*` with X one
+//! of `float`, `double`, `bf16`, `int32_t`, `int`, `uint32_t`, `uint64_t` or the macro's
+//! storage type, and by value `float`, `int32_t`, `int`, `uint32_t`, `uint64_t`,
+//! `TeacherLogits`. Anything else stops the build with the file, the kernel and the parameter.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One parameter: its name and C type as written (`const T*`, `uint32_t`).
+#[derive(Clone, Debug)]
+pub struct CParam {
+    pub name: String,
+    pub ty: String,
+}
+
+/// One entry point as written in the source.
+#[derive(Clone, Debug)]
+struct Entry {
+    name: String,
+    params: Vec<CParam>,
+}
+
+/// A launcher to write: generic over the storage type `generic` (a macro's parameter name) or
+/// concrete (`None`), its Rust name and, per concrete kernel, the name and C parameters.
+pub struct Launcher {
+    family: String,
+    rust_name: String,
+    generic: Option<String>,
+    params: Vec<CParam>,
+    /// `(kernel name, storage suffix)`; one entry for a concrete launcher.
+    kernels: Vec<(String, &'static str)>,
+}
+
+/// Every concrete kernel of a family, with its parameters (storage types substituted).
+pub struct Kernel {
+    pub family: String,
+    pub name: String,
+    pub params: Vec<CParam>,
+}
+
+fn fail(file: &str, msg: impl std::fmt::Display) -> ! {
+    panic!("recycle-kernels: cannot generate the launchers from src/{file}.cu: {msg}")
+}
+
+/// C translation phases 2 and 3: splice continued lines, then drop comments.
+fn preprocess(src: &str) -> String {
+    let spliced = src.replace("\\\r\n", " ").replace("\\\n", " ");
+    let mut out = String::with_capacity(spliced.len());
+    let b = spliced.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"//") {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if b[i..].starts_with(b"/*") {
+            i += 2;
+            while i < b.len() && !b[i..].starts_with(b"*/") {
+                i += 1;
+            }
+            i += 2;
+            out.push(' ');
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The text between the parenthesis at `open` and its match.
+fn parenthesised<'a>(file: &str, text: &'a str, open: usize) -> &'a str {
+    let mut depth = 0;
+    for (i, c) in text[open..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &text[open + 1..open + i];
+                }
+            }
+            _ => {}
+        }
+    }
+    fail(
+        file,
+        format!("unbalanced parentheses after {:?}", &text[open..]),
+    )
+}
+
+fn split_list(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Every `extern "C" __global__ void name(params)` in `text`.
+fn entries(file: &str, text: &str) -> Vec<Entry> {
+    const MARK: &str = "extern \"C\" __global__ void";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let open = after
+            .find('(')
+            .unwrap_or_else(|| fail(file, format!("no parameter list after {after:.60}")));
+        let name: String = after[..open].split_whitespace().collect();
+        let list = parenthesised(file, after, open);
+        let params = split_list(list)
+            .iter()
+            .map(|p| param(file, &name, p))
+            .collect();
+        out.push(Entry { name, params });
+        rest = &after[open + list.len()..];
+    }
+    out
+}
+
+/// `const float* x` → `("x", "const float*")`.
+fn param(file: &str, kernel: &str, text: &str) -> CParam {
+    let spaced = text.replace('*', "* ");
+    let words: Vec<&str> = spaced.split_whitespace().collect();
+    let Some((name, ty)) = words.split_last() else {
+        fail(file, format!("{kernel}: an empty parameter"))
+    };
+    let ok_name = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !ty.is_empty();
+    if !ok_name {
+        fail(
+            file,
+            format!("{kernel}: cannot read the parameter `{text}` as `<type> <name>`"),
+        );
+    }
+    CParam {
+        name: name.to_string(),
+        ty: ty.join(" ").replace(" *", "*"),
+    }
+}
+
+/// A `#define NAME(args) body` of the file.
+struct Macro {
+    params: Vec<String>,
+    body: String,
+}
+
+/// Replaces whole identifiers `from` by `to`, and `##from` by `to` glued to what precedes.
+fn substitute(text: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut i = 0;
+    let chars: Vec<char> = text.chars().collect();
+    while i < chars.len() {
+        let starts = !(i > 0 && ident(chars[i - 1]));
+        let matches = text_at(&chars, i, from);
+        let ends = chars
+            .get(i + from.chars().count())
+            .is_none_or(|c| !ident(*c));
+        if starts && matches && ends {
+            if out.ends_with("##") {
+                out.truncate(out.len() - 2);
+                while out.ends_with(' ') {
+                    out.pop();
+                }
+            }
+            out.push_str(to);
+            i += from.chars().count();
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn text_at(chars: &[char], i: usize, s: &str) -> bool {
+    s.chars()
+        .enumerate()
+        .all(|(j, c)| chars.get(i + j) == Some(&c))
+}
+
+/// The launchers and kernels of one family's source.
+pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
+    let text = preprocess(src);
+    let mut macros: BTreeMap<String, Macro> = BTreeMap::new();
+    let mut top = String::new();
+    let mut instances: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(def) = t.strip_prefix("#define") {
+            let def = def.trim_start();
+            let name_end = def
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(def.len());
+            let name = &def[..name_end];
+            if def[name_end..].starts_with('(') {
+                let args = parenthesised(file, def, name_end);
+                let body = def[name_end + args.len() + 2..].to_string();
+                macros.insert(
+                    name.to_string(),
+                    Macro {
+                        params: split_list(args),
+                        body,
+                    },
+                );
+            }
+            continue;
+        }
+        let call = t.trim_end_matches(';');
+        if let Some(open) = call.find('(') {
+            let name = &call[..open];
+            if macros.contains_key(name) && call.ends_with(')') {
+                let args = split_list(parenthesised(file, call, open));
+                instances.push((name.to_string(), args));
+                continue;
+            }
+        }
+        top.push_str(line);
+        top.push('\n');
+    }
+    let mut launchers = Vec::new();
+    let mut kernels = Vec::new();
+    for e in entries(file, &top) {
+        for p in &e.params {
+            rust_type(file, &e.name, p, None);
+        }
+        kernels.push(Kernel {
+            family: file.to_string(),
+            name: e.name.clone(),
+            params: e.params.clone(),
+        });
+        launchers.push(Launcher {
+            family: file.to_string(),
+            rust_name: e.name.clone(),
+            generic: None,
+            params: e.params,
+            kernels: vec![(e.name, "")],
+        });
+    }
+    for (mname, m) in &macros {
+        let uses: Vec<&Vec<String>> = instances
+            .iter()
+            .filter(|(n, _)| n == mname)
+            .map(|(_, a)| a)
+            .collect();
+        let raw = entries(file, &m.body);
+        if raw.is_empty() {
+            continue;
+        }
+        if uses.is_empty() {
+            fail(
+                file,
+                format!("the macro {mname} defines kernels but is never used"),
+            );
+        }
+        for args in &uses {
+            if args.len() != m.params.len() {
+                fail(
+                    file,
+                    format!("{mname} takes {} arguments, given {args:?}", m.params.len()),
+                );
+            }
+        }
+        match storage_generic(m, &uses) {
+            Some((ty_param, suffix_param)) => {
+                for e in &raw {
+                    let base = e
+                        .name
+                        .strip_suffix(&format!("##{suffix_param}"))
+                        .map(str::trim);
+                    let Some(base) = base else {
+                        fail(
+                            file,
+                            format!(
+                                "{mname}: kernel {} does not end in ##{suffix_param}",
+                                e.name
+                            ),
+                        )
+                    };
+                    for p in &e.params {
+                        rust_type(file, &e.name, p, Some(ty_param));
+                    }
+                    let mut names = Vec::new();
+                    for (suffix, c) in [("f32", "float"), ("bf16", "bf16")] {
+                        let name = format!("{base}{suffix}");
+                        let params = e
+                            .params
+                            .iter()
+                            .map(|p| CParam {
+                                name: p.name.clone(),
+                                ty: substitute(&p.ty, ty_param, c),
+                            })
+                            .collect();
+                        kernels.push(Kernel {
+                            family: file.to_string(),
+                            name: name.clone(),
+                            params,
+                        });
+                        names.push((name, suffix));
+                    }
+                    launchers.push(Launcher {
+                        family: file.to_string(),
+                        rust_name: base.trim_end_matches('_').to_string(),
+                        generic: Some(ty_param.to_string()),
+                        params: e.params.clone(),
+                        kernels: names,
+                    });
+                }
+            }
+            None => {
+                for args in &uses {
+                    let mut body = m.body.clone();
+                    for (p, a) in m.params.iter().zip(args.iter()) {
+                        body = substitute(&body, p, a);
+                    }
+                    for e in entries(file, &body) {
+                        for p in &e.params {
+                            rust_type(file, &e.name, p, None);
+                        }
+                        kernels.push(Kernel {
+                            family: file.to_string(),
+                            name: e.name.clone(),
+                            params: e.params.clone(),
+                        });
+                        launchers.push(Launcher {
+                            family: file.to_string(),
+                            rust_name: e.name.clone(),
+                            generic: None,
+                            params: e.params,
+                            kernels: vec![(e.name, "")],
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if kernels.is_empty() {
+        fail(file, "no `extern \"C\" __global__ void` entry point");
+    }
+    (launchers, kernels)
+}
+
+/// `(type parameter, suffix parameter)` when the macro is instantiated exactly for
+/// `(float, f32)` and `(bf16, bf16)` and names its kernels `..._##suffix`.
+fn storage_generic<'a>(m: &'a Macro, uses: &[&Vec<String>]) -> Option<(&'a str, &'a str)> {
+    if uses.len() != 2 || m.params.len() != 2 {
+        return None;
+    }
+    let (t, s) = (&m.params[0], &m.params[1]);
+    let mut pairs: Vec<(&str, &str)> = uses
+        .iter()
+        .map(|a| (a[0].as_str(), a[1].as_str()))
+        .collect();
+    pairs.sort();
+    let named = m.body.contains(&format!("##{s}"));
+    (pairs == [("bf16", "bf16"), ("float", "f32")] && named).then_some((t.as_str(), s.as_str()))
+}
+
+/// The Rust type of a parameter, or a build failure naming it. `generic`: the macro's storage
+/// type parameter, written `T` in Rust.
+fn rust_type(file: &str, kernel: &str, p: &CParam, generic: Option<&str>) -> String {
+    let ty = p.ty.strip_prefix("const ").unwrap_or(&p.ty);
+    let (base, pointer) = match ty.strip_suffix('*') {
+        Some(b) => (b.trim(), true),
+        None => (ty, false),
+    };
+    let scalar = match base {
+        "float" => Some("f32"),
+        "double" if pointer => Some("f64"),
+        "bf16" if pointer => Some("::half::bf16"),
+        "int32_t" | "int" => Some("i32"),
+        "uint32_t" => Some("u32"),
+        "uint64_t" => Some("u64"),
+        "TeacherLogits" if !pointer => Some("crate::kd::TeacherLogits"),
+        b if pointer && Some(b) == generic => Some("T"),
+        _ => None,
+    };
+    match (scalar, pointer) {
+        (Some(s), true) => format!("crate::call::Ptr<{s}>"),
+        (Some(s), false) => s.to_string(),
+        (None, _) => fail(
+            file,
+            format!(
+                "{kernel}: parameter `{}` has the type `{}`, which the launcher generator does \
+                 not know (see kernels/build/launchers.rs for the types it reads)",
+                p.name, p.ty
+            ),
+        ),
+    }
+}
+
+/// How the launcher passes a parameter: `Value::U64(x.addr())` and the like.
+fn value_expr(p: &CParam, rust: &str) -> String {
+    let n = rust_ident(&p.name);
+    if rust.starts_with("crate::call::Ptr<") {
+        format!("crate::call::Value::U64({n}.addr())")
+    } else {
+        match rust {
+            "u64" => format!("crate::call::Value::U64({n})"),
+            "u32" => format!("crate::call::Value::U32({n})"),
+            "i32" => format!("crate::call::Value::I32({n})"),
+            "f32" => format!("crate::call::Value::F32({n})"),
+            _ => format!("crate::call::Value::Teachers({n})"),
+        }
+    }
+}
+
+fn rust_ident(name: &str) -> String {
+    match name {
+        "type" | "ref" | "mod" | "fn" | "loop" | "move" | "match" | "in" | "use" | "where"
+        | "box" | "final" => format!("r#{name}"),
+        _ => name.to_string(),
+    }
+}
+
+/// The generated module: `FAMILIES`, `SIGNATURES` and one launcher per kernel (generic ones
+/// over `T: Float`).
+pub fn module(families: &[(String, Vec<Launcher>, Vec<Kernel>)]) -> String {
+    let mut m =
+        String::from("// Generated by kernels/build.rs from the `.cu` files; do not edit.\n\n");
+    m.push_str("/// Every family and its kernels, in build order.\npub static FAMILIES: &[(&str, &[&str])] = &[\n");
+    for (f, _, ks) in families {
+        let names: Vec<String> = ks.iter().map(|k| format!("{:?}", k.name)).collect();
+        writeln!(m, "    ({f:?}, &[{}]),", names.join(", ")).unwrap();
+    }
+    m.push_str("];\n\n/// Every kernel's parameters as its `.cu` file declares them.\npub static SIGNATURES: &[crate::call::Signature] = &[\n");
+    for (_, _, ks) in families {
+        for k in ks {
+            let ps: Vec<String> = k
+                .params
+                .iter()
+                .map(|p| format!("({:?}, {:?})", p.name, p.ty))
+                .collect();
+            writeln!(
+                m,
+                "    crate::call::Signature {{ kernel: {:?}, family: {:?}, params: &[{}] }},",
+                k.name,
+                k.family,
+                ps.join(", ")
+            )
+            .unwrap();
+        }
+    }
+    m.push_str("];\n");
+    for (_, ls, _) in families {
+        for l in ls {
+            let generic = l.generic.as_deref();
+            let file = l.family.as_str();
+            let typed: Vec<(String, String)> = l
+                .params
+                .iter()
+                .map(|p| {
+                    (
+                        rust_ident(&p.name),
+                        rust_type(file, &l.rust_name, p, generic),
+                    )
+                })
+                .collect();
+            let args: Vec<String> = typed.iter().map(|(n, t)| format!("{n}: {t}")).collect();
+            let values: Vec<String> = l
+                .params
+                .iter()
+                .zip(&typed)
+                .map(|(p, (_, t))| value_expr(p, t))
+                .collect();
+            let c_sig: Vec<String> = l
+                .params
+                .iter()
+                .map(|p| format!("{} {}", p.ty, p.name))
+                .collect();
+            let (gen, kernel) = match generic {
+                Some(_) => (
+                    "<T: crate::call::Float>",
+                    format!("T::pick({:?}, {:?})", l.kernels[0].0, l.kernels[1].0),
+                ),
+                None => ("", format!("{:?}", l.kernels[0].0)),
+            };
+            let doc_kernels: Vec<String> =
+                l.kernels.iter().map(|(k, _)| format!("`{k}`")).collect();
+            writeln!(
+                m,
+                "\n/// {} (`src/{file}.cu`): `({})`.\npub fn {}{gen}(config: crate::launch::LaunchConfig, {}) -> crate::call::KernelCall {{\n    crate::call::KernelCall::new({kernel}, {file:?}, config, vec![{}])\n}}",
+                doc_kernels.join(" / "),
+                c_sig.join(", "),
+                l.rust_name,
+                args.join(", "),
+                values.join(", ")
+            )
+            .unwrap();
+        }
+    }
+    m
+}

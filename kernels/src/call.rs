@@ -1,0 +1,245 @@
+//! What the generated launchers ([`crate::launchers`]) build: a [`KernelCall`] — kernel, family,
+//! launch shape and the argument values, typed as the `.cu` signature declares them — and the
+//! types their parameters take ([`Ptr`], [`Float`]). A call is data until it is sent: the
+//! engine sends it to the driver (`cuLaunchKernel`), the tests to the host simulator; both
+//! take the same parameter array ([`KernelCall::with_params`]).
+
+use std::ffi::c_void;
+use std::fmt;
+use std::marker::PhantomData;
+
+use crate::kd::TeacherLogits;
+use crate::launch::{LaunchConfig, MAX_BLOCK};
+
+/// A device pointer to `T` values (`CUdeviceptr`; 0 is a null pointer, which only the
+/// parameters a kernel's file calls nullable accept).
+pub struct Ptr<T> {
+    addr: u64,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Ptr<T> {
+    pub const fn new(addr: u64) -> Self {
+        Ptr {
+            addr,
+            _t: PhantomData,
+        }
+    }
+
+    pub const fn null() -> Self {
+        Ptr::new(0)
+    }
+
+    pub const fn addr(&self) -> u64 {
+        self.addr
+    }
+}
+
+impl<T> Clone for Ptr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Ptr<T> {}
+
+impl<T> fmt::Debug for Ptr<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ptr({:#x})", self.addr)
+    }
+}
+
+impl<T> PartialEq for Ptr<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr
+    }
+}
+
+/// A storage type of activations, the `T` of a kernel family's `(float, f32)` / `(bf16, bf16)`
+/// instantiations: picks the kernel of a generic launcher.
+pub trait Float: Copy + 'static {
+    /// `f32` or `bf16`, the kernel names' suffix.
+    const SUFFIX: &'static str;
+
+    /// The f32 kernel or the bf16 one.
+    fn pick(f32_kernel: &'static str, bf16_kernel: &'static str) -> &'static str;
+}
+
+impl Float for f32 {
+    const SUFFIX: &'static str = "f32";
+    fn pick(f32_kernel: &'static str, _: &'static str) -> &'static str {
+        f32_kernel
+    }
+}
+
+impl Float for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    fn pick(_: &'static str, bf16_kernel: &'static str) -> &'static str {
+        bf16_kernel
+    }
+}
+
+/// One argument value, as the kernel's parameter stores it (pointers are `U64`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    U64(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Teachers(TeacherLogits),
+}
+
+/// A kernel's parameters as its `.cu` file declares them: `(name, C type)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signature {
+    pub kernel: &'static str,
+    pub family: &'static str,
+    pub params: &'static [(&'static str, &'static str)],
+}
+
+impl Signature {
+    /// The signature of `kernel`, if it is a kernel of this crate.
+    pub fn of(kernel: &str) -> Option<&'static Signature> {
+        crate::launchers::SIGNATURES
+            .iter()
+            .find(|s| s.kernel == kernel)
+    }
+
+    /// The PTX declaration (`u64`, `u32`, `f32`, `b8[64]`) each parameter compiles to.
+    pub fn ptx_types(&self) -> Vec<&'static str> {
+        self.params
+            .iter()
+            .map(|(_, ty)| match *ty {
+                t if t.ends_with('*') => "u64",
+                "uint64_t" => "u64",
+                "uint32_t" | "int32_t" | "int" => "u32",
+                "float" => "f32",
+                "TeacherLogits" => "b8[64]",
+                other => unreachable!("the generator accepts no parameter type {other}"),
+            })
+            .collect()
+    }
+}
+
+/// One kernel launch, not yet sent: built by a generated launcher, so its arguments match the
+/// kernel's parameters in number, order and type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelCall {
+    pub kernel: &'static str,
+    pub family: &'static str,
+    pub config: LaunchConfig,
+    pub args: Vec<Value>,
+}
+
+/// A launch shape no GPU runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+impl KernelCall {
+    /// For the generated launchers.
+    pub fn new(
+        kernel: &'static str,
+        family: &'static str,
+        config: LaunchConfig,
+        args: Vec<Value>,
+    ) -> Self {
+        KernelCall {
+            kernel,
+            family,
+            config,
+            args,
+        }
+    }
+
+    /// Errors on a block of 0 or more than [`MAX_BLOCK`] threads, or an empty grid.
+    pub fn check(&self) -> Result<(), ShapeError> {
+        let threads = self.config.block_threads();
+        if threads == 0 || threads > MAX_BLOCK {
+            return Err(ShapeError(format!(
+                "{}: a block of {threads} threads (1 to {MAX_BLOCK})",
+                self.kernel
+            )));
+        }
+        if self.config.grid_blocks() == 0 {
+            return Err(ShapeError(format!("{}: an empty grid", self.kernel)));
+        }
+        Ok(())
+    }
+
+    /// Calls `send` with `cuLaunchKernel`'s parameter array: one pointer per argument, to a
+    /// copy of its value that lives until `send` returns.
+    pub fn with_params<R>(&self, send: impl FnOnce(&mut [*mut c_void]) -> R) -> R {
+        let mut values = self.args.clone();
+        let mut ptrs: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|a| match a {
+                Value::U64(v) => v as *mut u64 as *mut c_void,
+                Value::U32(v) => v as *mut u32 as *mut c_void,
+                Value::I32(v) => v as *mut i32 as *mut c_void,
+                Value::F32(v) => v as *mut f32 as *mut c_void,
+                Value::Teachers(v) => v as *mut TeacherLogits as *mut c_void,
+            })
+            .collect();
+        send(&mut ptrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launchers as k;
+
+    #[test]
+    fn a_generated_launcher_passes_its_arguments_in_the_kernels_order() {
+        let cfg = crate::launch::elementwise(10).unwrap();
+        let c = k::scale::<half::bf16>(cfg, Ptr::new(1), Ptr::new(2), 10, 0.5);
+        assert_eq!(c.kernel, "scale_bf16");
+        assert_eq!(c.family, "elementwise");
+        assert_eq!(
+            c.args,
+            [
+                Value::U64(1),
+                Value::U64(2),
+                Value::U64(10),
+                Value::F32(0.5)
+            ]
+        );
+        c.check().unwrap();
+        let sig = Signature::of("scale_bf16").unwrap();
+        assert_eq!(sig.params[0], ("x", "const bf16*"));
+        assert_eq!(sig.ptx_types(), ["u64", "u64", "u64", "f32"]);
+        assert_eq!(
+            Signature::of("kd_loss_kl_bf16_bf16").unwrap().ptx_types()[..4],
+            ["u64", "u64", "b8[64]", "u32"]
+        );
+        assert!(Signature::of("add_f16").is_none());
+        let mut bad = c.clone();
+        bad.config.block = [2048, 1, 1];
+        assert!(bad.check().unwrap_err().0.contains("2048 threads"));
+        c.with_params(|p| {
+            assert_eq!(p.len(), 4);
+            // SAFETY: the fourth parameter is the f32 scale.
+            assert_eq!(unsafe { *(p[3] as *const f32) }, 0.5);
+        });
+    }
+
+    #[test]
+    fn every_kernel_has_one_signature_in_its_family() {
+        let mut seen = std::collections::HashSet::new();
+        for (family, kernels) in crate::launchers::FAMILIES {
+            for kernel in *kernels {
+                assert!(seen.insert(*kernel), "{kernel} is listed twice");
+                assert_eq!(Signature::of(kernel).unwrap().family, *family);
+            }
+        }
+        assert_eq!(seen.len(), crate::launchers::SIGNATURES.len());
+    }
+}
