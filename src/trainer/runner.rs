@@ -39,6 +39,9 @@ pub(super) struct Progress {
     pub(super) teacher_forwards: u64,
     /// Steps skipped under `train.on_nonfinite = "skip"`.
     pub(super) skipped_steps: u64,
+    /// Steps fed by the caller ([`Trainer::step_batch`]) and the samples they brought.
+    pub(super) caller_steps: u64,
+    pub(super) caller_samples: u64,
 }
 
 /// What a [`Trainer`] reports between steps.
@@ -200,6 +203,8 @@ impl Trainer {
                 train_seconds: 0.0,
                 teacher_forwards: 0,
                 skipped_steps: 0,
+                caller_steps: 0,
+                caller_samples: 0,
             }
         };
         let log = if opts.resume {
@@ -304,7 +309,7 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepOutput> {
         self.check_not_done()?;
         let b = self.next_data_batch()?;
-        Ok(self.run_step(&b)?.output)
+        Ok(self.run_step(&b, false)?.output)
     }
 
     /// Runs the next step on the caller's `batch` (built with [`Batch::images`] or
@@ -320,7 +325,7 @@ impl Trainer {
         check_batch(&self.student, batch).map_err(|e| {
             Error::invalid("Trainer::step_batch", format!("{e}; nothing was trained"))
         })?;
-        self.run_step(batch)
+        self.run_step(batch, true)
     }
 
     /// The student's loss (mean cross-entropy) and correct rows on a caller batch, in
@@ -393,7 +398,7 @@ impl Trainer {
     }
 
     /// One step on `b`, whichever fed it.
-    fn run_step(&mut self, b: &Batch) -> Result<StepReport> {
+    fn run_step(&mut self, b: &Batch, fed_by_caller: bool) -> Result<StepReport> {
         let step = self.state.step;
         let lr = self.schedule.lr_at(step);
         let distill = self
@@ -447,6 +452,10 @@ impl Trainer {
         state.samples += b.samples() as u64;
         state.teacher_forwards += out.teacher_forwards as u64;
         state.skipped_steps += out.skipped.is_some() as u64;
+        if fed_by_caller {
+            state.caller_steps += 1;
+            state.caller_samples += b.samples() as u64;
+        }
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
         let (eval, validation) = if self.evals.contains(&self.state.step) {
@@ -590,6 +599,8 @@ impl Trainer {
                 r.teacher_forwards.to_string(),
             ),
             ("skipped_steps".to_string(), r.skipped_steps.to_string()),
+            ("caller_steps".to_string(), r.caller_steps.to_string()),
+            ("caller_samples".to_string(), r.caller_samples.to_string()),
         ]);
         checkpoint::save(path.as_ref(), &tensors, Some(meta))
     }

@@ -95,12 +95,12 @@ def test_arrays_are_read_in_place_or_copied_with_a_warning(tmp_path, fashion_dir
         warnings.simplefilter("error")
         want = [a.step(x, y), a.step(x[:, 0], y64)]  # [n, h, w]: one channel, a view
     # float64 images, strided images, uint8 labels: copied, with a warning each; same steps.
-    wide = np.zeros((8, 1, 28, 56))
+    wide = np.zeros((8, 1, 28, 56), np.float32)
     wide[..., ::2] = x
     with pytest.warns(CopyWarning, match="float64 copied to float32"):
         got = [b.step(x.astype(np.float64), y)]
     with pytest.warns(CopyWarning, match="strided"):
-        got.append(b.step(wide[..., ::2].astype(np.float32), y.astype(np.uint8)))
+        got.append(b.step(wide[..., ::2], y.astype(np.uint8)))
     for w, g in zip(want, got):
         assert bits(w["loss"]) == bits(g["loss"]) and w["step"] == g["step"]
     assert a.metrics["step"] == 2 and a.metrics["samples"] == 16
