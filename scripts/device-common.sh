@@ -204,6 +204,29 @@ device_peer() {
     done
 }
 
+# The newest glibc symbol version the binary $1 needs (`objdump -T`, else the version strings
+# in the file) against the host's glibc (`ldd --version`): a host older than the binary's need
+# cannot start it ("version `GLIBC_2.xx' not found"), so this is said before anything runs.
+device_glibc() {
+    local bin="$1" need host
+    if command -v objdump >/dev/null; then
+        need="$(objdump -T "$bin" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n1)"
+    else
+        need="$(grep -ao 'GLIBC_2\.[0-9.]*[0-9]' "$bin" | sort -uV | tail -n1)"
+    fi
+    host="$(ldd --version 2>&1 | head -n1)"
+    echo "glibc: the binary needs ${need:-(unknown)}; the host: ${host:-(ldd missing)}"
+    local have="${host##* }"
+    if [ -n "$need" ] && [ -n "$have" ] && [ "${have#*.}" != "$have" ]; then
+        if [ "$(printf '%s\n%s\n' "${need#GLIBC_}" "$have" | sort -V | head -n1)" = "$have" ] &&
+            [ "${need#GLIBC_}" != "$have" ]; then
+            echo "glibc: the host's $have is older than the binary's ${need#GLIBC_}: it will not start; build it (scripts/$2 prepare) on a machine with glibc $have or older"
+        else
+            echo "glibc: $have >= ${need#GLIBC_}: the binary can start"
+        fi
+    fi
+}
+
 # There: the binary ($RECYCLE_BIN, else .device/recycle), checked, and the machine described
 # into $2/env.txt (made here). $1 names the calling script (for the hint). Prints the binary's
 # path; exits 2 without it.
@@ -220,6 +243,7 @@ device_start() {
         date -u
         uname -a
         echo "binary: $bin"
+        device_glibc "$bin" "$script"
         if command -v nvidia-smi >/dev/null; then
             timeout 15 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
             timeout 15 nvidia-smi 2>&1 | head -n 15

@@ -41,6 +41,10 @@ enum Command {
         /// Train on this device instead of the recipe's `device`: cpu, cuda or cuda:N.
         #[arg(long)]
         device: Option<String>,
+        /// The data set's root folder, in place of the recipe's `data.dir` (an image folder
+        /// holds train/<class>/* and val/<class>/*).
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
     },
     /// Train the recipe at several learning rates: the teachers of later runs.
     Sweep {
@@ -175,8 +179,12 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             overwrite,
             device,
+            data,
         } => {
-            let r = recipe_on_device(&recipe, device.as_deref())?;
+            let mut r = recipe_on_device(&recipe, device.as_deref())?;
+            if let Some(dir) = data {
+                r.data.dir = Some(dir);
+            }
             let s = trainer::run(
                 &r,
                 &RunOptions {

@@ -13,7 +13,7 @@
 //! width = 0.25
 //! small_stem = true
 //! [data]
-//! dataset = "fashion-mnist"   # or "fortunes" (masked language modelling)
+//! dataset = "fashion-mnist"   # or "image-folder"; "fortunes", "text" (masked language modelling)
 //! train_limit = 10000
 //! eval_limit = 2000
 //! [train]
@@ -42,6 +42,8 @@ use std::path::{Path, PathBuf};
 use recycle_engine::{DType, Device, Error, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::data::text_shards::PlainDocuments;
+use crate::data::text_stream::Packing;
 use crate::distill::{KdLoss, KdSchedule, TeacherStrategy};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -158,7 +160,27 @@ pub enum ModelRecipe {
         /// tiny, mini, small or base.
         #[serde(default = "default_bert_size")]
         size: String,
+        /// A Hugging Face BERT `config.json` giving the sizes (instead of `size`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<PathBuf>,
+        /// A checkpoint the student starts from: a BertForMaskedLM, BertForPreTraining or
+        /// BertModel / sentence-transformers safetensors file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        init: Option<PathBuf>,
+        /// `fresh`: the MLM head starts from random values (needed for an encoder-only `init`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        init_head: Option<InitHead>,
     },
+}
+
+/// How the MLM head of a BERT started from `init` begins.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InitHead {
+    /// From the checkpoint (which must hold one); the same as leaving it out.
+    File,
+    /// Freshly initialised, whatever the checkpoint holds.
+    Fresh,
 }
 
 fn default_depth() -> usize {
@@ -177,7 +199,8 @@ fn default_bert_size() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataRecipe {
-    /// `fashion-mnist` or `fortunes`.
+    /// `fashion-mnist`, `fortunes` or `image-folder` (`dir` holding `train/<class>/*` and
+    /// `val/<class>/*`).
     pub dataset: String,
     /// Where the data set lives (default: found or downloaded, see `data::locate`).
     #[serde(default)]
@@ -203,6 +226,45 @@ pub struct DataRecipe {
     /// split. `eval_limit` caps it like the test split. 0 keeps no validation split.
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
+    /// Text shards (`dataset = "text"`): the training files, as paths or globs (`*`, `?` in
+    /// the file name), relative to `dir` when it is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train: Vec<String>,
+    /// Text shards: the held-out files; `validation_fraction` of their sequences form the
+    /// validation split, the rest the test split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation: Vec<String>,
+    /// Text shards: the JSON field holding a document (default `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_field: Option<String>,
+    /// Text shards: a plain-text file holds one document per line (`lines`, the default) or
+    /// per blank-line-separated block (`blocks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<PlainDocuments>,
+    /// Text shards: `concatenate` documents into full sequences (the default) or `truncate`
+    /// each to one padded sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packing: Option<Packing>,
+    /// Image folder: side of the square views (224 for ImageNet; evaluation resizes the short
+    /// side to `image_size * 256 / 224` first).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Image folder: skip (and count) files that cannot be decoded instead of stopping.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skip_bad: bool,
+    /// Image folder: decoding threads (0, the default: one per core).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decode_threads: usize,
+}
+
+fn default_image_size() -> usize {
+    224
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_seq_len() -> usize {
@@ -451,9 +513,49 @@ impl Recipe {
                     ));
                 }
             }
+            "text" => {
+                if !matches!(self.model, ModelRecipe::Bert { .. }) {
+                    return bad("dataset text needs model kind = \"bert\"".into());
+                }
+                if self.data.seq_len < 8 {
+                    return bad(format!(
+                        "data.seq_len {} must be at least 8",
+                        self.data.seq_len
+                    ));
+                }
+                if self.data.train.is_empty() || self.data.validation.is_empty() {
+                    return bad(
+                        "dataset text needs data.train and data.validation: lists of files or \
+                         globs (e.g. train = [\"c4-train.*.json.gz\"])"
+                            .into(),
+                    );
+                }
+                if self.train.epochs.is_some() {
+                    return bad(
+                        "dataset text is streamed and its size unknown: give train.samples \
+                         (sequences to train on) instead of train.epochs"
+                            .into(),
+                    );
+                }
+                if self.data.text_field.as_deref() == Some("") {
+                    return bad("data.text_field must name a JSON field".into());
+                }
+            }
+            "image-folder" => {
+                if !matches!(self.model, ModelRecipe::Resnet { .. }) {
+                    return bad("dataset image-folder needs model kind = \"resnet\"".into());
+                }
+                if self.data.image_size < 8 {
+                    return bad(format!(
+                        "data.image_size {} must be at least 8 (224 for ImageNet)",
+                        self.data.image_size
+                    ));
+                }
+            }
             other => {
                 return bad(format!(
-                    "data.dataset `{other}` is not known: use fashion-mnist or fortunes"
+                    "data.dataset `{other}` is not known: use fashion-mnist, image-folder, \
+                     fortunes or text"
                 ))
             }
         }
@@ -466,7 +568,7 @@ impl Recipe {
                     return bad(format!("model.width {width} must be a positive number"));
                 }
             }
-            ModelRecipe::Bert { size } => {
+            ModelRecipe::Bert { size, .. } => {
                 if !["tiny", "mini", "small", "base"].contains(&size.as_str()) {
                     return bad(format!(
                         "model.size `{size}` is not one of tiny, mini, small or base"

@@ -255,6 +255,21 @@ fn corpus() -> Vec<String> {
 }
 
 #[test]
+fn wordpiece_training_gives_the_same_vocabulary_every_time() {
+    // Two experiments on the same corpus must see the same token ids (a teacher's logits index
+    // them); hash-map order once made each training differ.
+    let texts = corpus();
+    let a = TextTokenizer::train(&texts, 1000).unwrap();
+    let b = TextTokenizer::train(&texts, 1000).unwrap();
+    assert_eq!(a.vocab_size(), b.vocab_size());
+    let (va, vb) = (a.inner().get_vocab(true), b.inner().get_vocab(true));
+    assert_eq!(va, vb);
+    for t in texts.iter().take(200) {
+        assert_eq!(a.encode(t).unwrap(), b.encode(t).unwrap());
+    }
+}
+
+#[test]
 fn wordpiece_train_save_load() {
     let texts = corpus();
     let tok = TextTokenizer::train(&texts, 1000).unwrap();

@@ -57,6 +57,11 @@ fn run_log_reader_never_panics() {
     fuzz("runlog", targets::runlog, 6);
 }
 
+#[test]
+fn image_decode_path_never_panics() {
+    fuzz("image", targets::image, 7);
+}
+
 /// Inputs that panicked before their fix, kept as regression tests.
 #[test]
 fn crashing_inputs_found_by_fuzzing_stay_fixed() {
@@ -92,4 +97,14 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn text_shard_reader_never_panics() {
+    fuzz("text_shards", targets::text_shards, 8);
+}
+
+#[test]
+fn hf_config_reader_never_panics() {
+    fuzz("hf_config", targets::hf_config, 9);
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use recycle::data::fashion_mnist::{read_idx_gz, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
+use recycle::data::image_folder::{FolderOptions, FolderSplit, Item, SkipLog, ViewKind};
 use recycle::data::{load_fashion_mnist, load_fortunes, BatchSource, Split, TextTokenizer};
 use recycle::engine::{checkpoint, Device, FlatParams};
 use recycle::experiments::runlog::Run;
@@ -180,5 +181,99 @@ pub fn runlog(data: &[u8]) {
         let _ = run.samples_seen();
         let _ = run.seconds_per_sample();
         let _ = run.time_to_reach(run.summary.final_eval);
+    }
+}
+
+/// Text shards (`[data] dataset = "text"`): one input is a JSON lines shard, gzip-compressed
+/// when its first byte is odd, read to its end, and the same bytes as a plain-text shard in
+/// blocks. Every document is non-empty, and an error names the file.
+pub fn text_shards(data: &[u8]) {
+    use recycle::data::text_shards::{documents, PlainDocuments, ShardFormat};
+    let (flag, body) = match data.split_first() {
+        Some((f, b)) => (*f, b),
+        None => (0, data),
+    };
+    let (name, bytes) = if flag & 1 == 1 {
+        ("shard.json.gz", gzip(body))
+    } else {
+        ("shard.jsonl", body.to_vec())
+    };
+    let json = put(name, &bytes);
+    let plain = put("shard.txt", body);
+    let blocks = ShardFormat {
+        plain: PlainDocuments::Blocks,
+        ..ShardFormat::default()
+    };
+    for (path, format) in [(&json, ShardFormat::default()), (&plain, blocks)] {
+        for doc in documents(std::slice::from_ref(path), &format) {
+            match doc {
+                Ok(d) => assert!(!d.trim().is_empty(), "an empty document"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&path.display().to_string()), "{msg}");
+                }
+            }
+        }
+    }
+}
+
+/// A Hugging Face BERT `config.json`: a valid configuration or an error naming the file.
+pub fn hf_config(data: &[u8]) {
+    let path = put("config.json", data);
+    match recycle::models::hf_config::read_bert_config(&path) {
+        Ok(c) => c.validate().expect("a parsed config is valid"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("config.json"), "{msg}");
+        }
+    }
+}
+
+/// The decode path of image folders: any bytes, named `.jpg` (the format is told by the bytes,
+/// JPEG or PNG), give a decoded RGB image of consistent size or an error; through a folder's
+/// training and evaluation splits they give finite `3 x 8 x 8` views or an error naming the
+/// file.
+pub fn image(data: &[u8]) {
+    // decode_rgb checks its own output sizes; the views below decode through it.
+    static POOL: OnceLock<std::sync::Arc<rayon::ThreadPool>> = OnceLock::new();
+    let pool = POOL.get_or_init(|| FolderSplit::decode_pool(1).expect("one decoding thread"));
+    let path = put("image/train/c/input.jpg", data);
+    let options = FolderOptions {
+        image_size: 8,
+        skip_bad: false,
+        decode_threads: 1,
+    };
+    for kind in [
+        ViewKind::Train {
+            seed: 0,
+            steps_per_epoch: 1,
+        },
+        ViewKind::Eval,
+    ] {
+        let split = FolderSplit::new(
+            vec![Item {
+                path: path.clone(),
+                label: 0,
+            }],
+            1,
+            kind,
+            options.clone(),
+            pool.clone(),
+            std::sync::Arc::new(SkipLog::default()),
+        );
+        match split.make_batch(&[0], 3) {
+            Ok(b) => {
+                assert_eq!(b.x.shape(), &[1, 3, 8, 8]);
+                let x = b.x.to_vec_f32().expect("a CPU batch reads back");
+                assert!(
+                    x.iter().all(|v| v.is_finite()),
+                    "a view holds a non-finite value"
+                );
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("input.jpg"), "{msg}");
+            }
+        }
     }
 }

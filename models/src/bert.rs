@@ -15,6 +15,7 @@ use recycle_engine::ops::{
 };
 use recycle_engine::{DType, Device, Error, FlatParams, Result, Tape, Tensor, Var};
 
+use crate::bert_layouts::{self, HeadInit, LayoutReport};
 use crate::weights::{check_activations, match_state_dict, to_activations, StateDict, Weights};
 
 /// Names that Hugging Face state dicts may carry for the tied decoder; accepted and ignored.
@@ -582,17 +583,58 @@ impl Bert {
         self.weights.named_tensors()
     }
 
-    /// A student from a state dict (f32, bf16 or f16); the tied decoder names may be present.
+    /// A student from a state dict (f32, bf16 or f16) in any of the layouts of
+    /// [`crate::bert_layouts`] that holds the MLM head; the tied decoder names may be present.
     pub fn from_state_dict(config: BertConfig, state: StateDict, source: &Path) -> Result<Self> {
+        Ok(Self::from_layout(config, state, source, HeadInit::FromFile, 0)?.0)
+    }
+
+    /// A student from a Hugging Face checkpoint of any layout ([`crate::bert_layouts`]): the
+    /// encoder from the file; the MLM head from the file, or (with [`HeadInit::Fresh`]) fresh
+    /// from `seed` as [`Bert::new`] draws it. An encoder-only file without `Fresh` is an error
+    /// saying how to proceed. The report says what was ignored, for the run's log.
+    pub fn from_pretrained(
+        config: BertConfig,
+        path: &Path,
+        head: HeadInit,
+        seed: u64,
+    ) -> Result<(Self, LayoutReport)> {
+        let ckpt = recycle_engine::checkpoint::load(path)?;
+        Self::from_layout(config, ckpt.tensors, path, head, seed)
+    }
+
+    fn from_layout(
+        config: BertConfig,
+        state: StateDict,
+        source: &Path,
+        head: HeadInit,
+        seed: u64,
+    ) -> Result<(Self, LayoutReport)> {
         config.validate()?;
-        let specs = config.param_specs();
-        let tensors = match_state_dict(&config.name(), source, &specs, state, &TIED_NAMES)?;
-        let model = Bert::new(config, 0)?;
+        let (mut state, mut report) = bert_layouts::normalise(state, source)?;
+        let model = Bert::new(config, seed)?;
+        match head {
+            HeadInit::FromFile if !bert_layouts::has_mlm_head(&state) => {
+                return Err(bert_layouts::missing_head(source, report.layout));
+            }
+            HeadInit::FromFile => {}
+            HeadInit::Fresh => {
+                state.retain(|(n, _)| !n.starts_with(bert_layouts::MLM_HEAD_PREFIX));
+                for (name, t) in model.weights.named_tensors()? {
+                    if name.starts_with(bert_layouts::MLM_HEAD_PREFIX) {
+                        state.push((name, t.deep_copy()?));
+                    }
+                }
+                report.fresh_head = true;
+            }
+        }
+        let specs = model.config.param_specs();
+        let tensors = match_state_dict(&model.config.name(), source, &specs, state, &TIED_NAMES)?;
         let flat = model.params().expect("a new Bert is trainable");
         for ((name, _), t) in specs.iter().zip(&tensors) {
             flat.set(name, t)?;
         }
-        Ok(model)
+        Ok((model, report))
     }
 
     pub fn load(config: BertConfig, path: &Path) -> Result<Self> {

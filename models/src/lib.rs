@@ -6,13 +6,19 @@
 //!   stem for 28x28 / 32x32 images and a width multiplier;
 //! - `bert`: BERT for masked language modelling with Hugging Face `BertForMaskedLM` names, the
 //!   decoder tied to the word embeddings and the vocabulary projection only at masked positions;
+//! - `bert_layouts`: the Hugging Face checkpoint layouts (BertForMaskedLM, BertForPreTraining,
+//!   BertModel / sentence-transformers) brought to the model's names; `hf_config`: a Hugging
+//!   Face BERT `config.json` read into a [`BertConfig`];
 //! - `weights`: where a model's tensors live (trainable flat buffer or frozen named tensors) and
 //!   how state dicts are matched against a model, by name and shape.
 
 pub mod bert;
+pub mod bert_layouts;
+pub mod hf_config;
 pub mod resnet;
 pub mod weights;
 
 pub use bert::{Bert, BertConfig, MlmBatch};
+pub use bert_layouts::{BertLayout, HeadInit, LayoutReport};
 pub use resnet::{ResNet, ResNetConfig};
 pub use weights::{StateDict, Weights};

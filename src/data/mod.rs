@@ -4,6 +4,11 @@
 //! - [`text`]: English text from fortune-mod's fortunes, a WordPiece tokenizer (trained by the
 //!   `tokenizers` crate or loaded from any `tokenizer.json`), packed MLM sequences and BERT's
 //!   15% (80/10/10) masking.
+//! - [`text_shards`] / [`text_stream`]: a text data set of one's own (JSON lines or plain text,
+//!   gzip or not, C4's layout), streamed, tokenised on a thread pool, packed and masked.
+//! - [`image_folder`]: folders of JPEG and PNG files in ImageNet's layout, decoded
+//!   ([`image_decode`]) and cropped, flipped and normalised ([`image_transform`]) batch by batch
+//!   on a pool of threads; [`image_source`] puts them and Fashion-MNIST behind one source.
 //! - [`validation`]: the validation split, a fixed slice of the training data held out for
 //!   choosing (the test split is only reported).
 //! - [`loader`]: a deterministic, resumable, shuffling batch loader that prepares the next
@@ -17,13 +22,20 @@
 
 pub mod download;
 pub mod fashion_mnist;
+pub mod image_decode;
+pub mod image_folder;
+pub mod image_source;
+pub mod image_transform;
 pub mod loader;
 pub mod locate;
 pub mod sources;
 #[doc(hidden)]
 pub mod test_support;
 pub mod text;
+pub mod text_shards;
+pub mod text_stream;
 pub mod validation;
+pub mod wordpiece;
 
 use std::path::Path;
 
@@ -31,6 +43,7 @@ use crate::engine::Error;
 use sources::DataSource;
 
 pub use fashion_mnist::{load_fashion_mnist, ImageBatch, ImageDataset, Split};
+pub use image_source::ImageSource;
 pub use loader::{BatchSource, Loader, LoaderConfig};
 pub use text::{load_fortunes, mask_tokens, MlmBatch, MlmDataset, TextTokenizer};
 

@@ -3,8 +3,8 @@
 //! masking.
 //!
 //! - [`load_fortunes`] reads the fortune files (entries separated by lines holding only `%`).
-//! - [`TextTokenizer`] wraps a Hugging Face tokenizer: either a BERT-style WordPiece trained
-//!   here by the `tokenizers` crate (lower-casing, BERT pre-tokenisation, special tokens
+//! - [`TextTokenizer`] wraps a Hugging Face tokenizer: either a BERT-style WordPiece learned
+//!   here deterministically ([`super::wordpiece`]; lower-casing, BERT pre-tokenisation, special tokens
 //!   `[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`) or any `tokenizer.json`.
 //! - [`MlmDataset`] packs consecutive texts into `[CLS] a [SEP] b [SEP] ... [PAD]...` sequences
 //!   of a fixed length, split into train and eval by a fixed rule.
@@ -18,8 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::{AddedToken, Tokenizer};
@@ -27,6 +26,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::loader::BatchSource;
 use super::locate::locate;
 use super::sources::FORTUNES;
+use super::wordpiece::{learn_vocab, WordPieceOptions, CONTINUATION};
 use super::{corrupt, missing};
 use crate::engine::rng;
 use crate::engine::{Device, Error, Result, Tensor};
@@ -110,8 +110,9 @@ fn push_entry(out: &mut Vec<String>, entry: &mut String) {
 
 /// A text tokenizer with the special tokens masked-language modelling needs.
 ///
-/// Training is not bit-reproducible across processes (see [`TextTokenizer::load_or_train`]):
-/// train once, save, and load the saved file everywhere the same vocabulary is needed.
+/// Training is deterministic (see [`super::wordpiece`]); a run still saves its vocabulary and
+/// loads it everywhere (see [`TextTokenizer::load_or_train`]), so that a teacher trained by an
+/// older version keeps the vocabulary its weights were trained with.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -140,7 +141,8 @@ fn tk_err(op: &'static str, e: impl std::fmt::Display) -> Error {
 impl TextTokenizer {
     /// Trains a BERT-style WordPiece vocabulary of (at most, alphabet permitting) `vocab_size`
     /// tokens on `texts`: `BertNormalizer` (clean, lower-case, strip accents),
-    /// `BertPreTokenizer` (whitespace and punctuation), WordPiece with `##` continuations.
+    /// `BertPreTokenizer` (whitespace and punctuation), WordPiece with `##` continuations,
+    /// learned by [`learn_vocab`]: the same texts give the same vocabulary in every process.
     pub fn train<S: AsRef<str> + Sync>(texts: &[S], vocab_size: usize) -> Result<Self> {
         const OP: &str = "TextTokenizer::train";
         if vocab_size <= SPECIAL_TOKENS.len() {
@@ -155,31 +157,40 @@ impl TextTokenizer {
         if texts.is_empty() {
             return Err(Error::invalid(OP, "no texts to train on"));
         }
-        let model = WordPiece::builder()
-            .unk_token("[UNK]".to_string())
-            .build()
-            .map_err(|e| tk_err(OP, e))?;
+        let vocab = learn_vocab(
+            texts,
+            &SPECIAL_TOKENS,
+            WordPieceOptions {
+                vocab_size,
+                min_frequency: 2,
+                limit_alphabet: 1000,
+            },
+        )?;
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(id, piece)| (piece, serde_json::Value::from(id)))
+            .collect();
+        // Through text: the model's deserializer borrows its strings from the input.
+        let model: WordPiece = serde_json::from_str(
+            &serde_json::json!({
+            "type": "WordPiece",
+            "unk_token": "[UNK]",
+            "continuing_subword_prefix": CONTINUATION,
+            "max_input_chars_per_word": 100,
+            "vocab": vocab,
+            })
+            .to_string(),
+        )
+        .map_err(|e| tk_err(OP, e))?;
         let mut tokenizer = Tokenizer::new(model);
         tokenizer
             .with_normalizer(Some(BertNormalizer::default()))
             .map_err(|e| tk_err(OP, e))?;
         tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
         tokenizer.with_decoder(Some(WordPieceDecoder::default()));
-        let mut trainer: TrainerWrapper = WordPieceTrainer::builder()
-            .vocab_size(vocab_size)
-            .min_frequency(2)
-            .limit_alphabet(1000)
-            .show_progress(false)
-            .special_tokens(
-                SPECIAL_TOKENS
-                    .iter()
-                    .map(|t| AddedToken::from(*t, true))
-                    .collect(),
-            )
-            .build()
-            .into();
         tokenizer
-            .train(&mut trainer, texts.iter().map(|t| t.as_ref()))
+            .add_special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)))
             .map_err(|e| tk_err(OP, e))?;
         let tok = Self::wrap(tokenizer, Path::new("<trained>"))?;
         // The trainer adds the special tokens first, in order; the models rely on [PAD] = 0.
@@ -259,11 +270,10 @@ impl TextTokenizer {
     }
 
     /// Loads the tokenizer at `path` if there is one; otherwise trains one on `texts` and
-    /// publishes it there. This is how runs should get their vocabulary: training is not
-    /// bit-reproducible across processes (the `tokenizers` trainer breaks ties between equally
-    /// frequent pairs through randomly seeded hash maps), while a teacher and its students must
-    /// share one vocabulary. Publishing never overwrites: when several processes race, the first
-    /// file wins and every process returns what is on disk.
+    /// publishes it there. This is how runs should get their vocabulary: a teacher and its
+    /// students must share one, including a teacher trained by an older version whose
+    /// vocabulary training differed. Publishing never overwrites: when several processes race,
+    /// the first file wins and every process returns what is on disk.
     pub fn load_or_train<S: AsRef<str> + Sync>(
         path: &Path,
         texts: &[S],

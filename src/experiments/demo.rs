@@ -147,6 +147,14 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 vocab_size: 2000,
                 tokenizer: None,
                 validation_fraction: 0.1,
+                train: Vec::new(),
+                validation: Vec::new(),
+                text_field: None,
+                documents: None,
+                packing: None,
+                image_size: 224,
+                skip_bad: false,
+                decode_threads: 0,
             },
             train: TrainRecipe {
                 batch_size: if tiny { 64 } else { 128 },
@@ -184,6 +192,9 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
             activations: Activations::F32,
             model: ModelRecipe::Bert {
                 size: "tiny".into(),
+                config: None,
+                init: None,
+                init_head: None,
             },
             data: DataRecipe {
                 dataset: "fortunes".into(),
@@ -203,6 +214,14 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
                 // A held-out slice of the corpus (10% of the texts outside the test split),
                 // capped at `eval_limit` sequences like the test split.
                 validation_fraction: 0.1,
+                train: Vec::new(),
+                validation: Vec::new(),
+                text_field: None,
+                documents: None,
+                packing: None,
+                image_size: 224,
+                skip_bad: false,
+                decode_threads: 0,
             },
             train: TrainRecipe {
                 // Quick: small batches for more steps in the same compute; leaving the

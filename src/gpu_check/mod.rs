@@ -71,6 +71,10 @@ mod ops;
 mod runner;
 mod throughput;
 
+// The model-step tolerances, for the pipeline tests that compare whole runs on `cuda:0` with
+// the CPU.
+pub use models::{bf16_step_tolerances, F32_STEP_TOLERANCES};
+
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -85,8 +85,9 @@ pub(super) fn batch_text(batch: &Batch) -> String {
 ///   norm and 0.75 on the gradient and the update: that still fails a missing, zero,
 ///   sign-flipped or unrelated gradient (relative L2 ≥ 1), not a wrong layer among twenty.
 ///
-/// First estimates, to revise once the check has run on a GPU.
-fn bf16_step_tolerances(arch: &Architecture) -> (f64, f64, f64) {
+/// First estimates, to revise once the check has run on a GPU. The pipeline tests on `cuda:0`
+/// (`tests/pipeline_cuda.rs`) hold a few steps of training to the same tolerances.
+pub fn bf16_step_tolerances(arch: &Architecture) -> (f64, f64, f64) {
     match arch {
         Architecture::ResNet(_) => (1e-2, 1e-1, 0.75),
         Architecture::Bert(_) => (1e-2, 2e-2, 5e-2),
@@ -107,6 +108,10 @@ fn bf16_step_tolerances(arch: &Architecture) -> (f64, f64, f64) {
 /// from its tensor). Any id or mask read that downloads is at least 4 bytes per element (76
 /// bytes for BERT-tiny's ~19 masked positions, 80 for ResNet's 20 step counters), so it shows.
 pub const STEP_BYTES_TO_HOST: u64 = 12 + 4;
+
+/// Tolerances of the f32 model-step rows: (loss, gradient norm, gradient and parameters after
+/// the update, element by element). [`model_step_checks`] says why.
+pub const F32_STEP_TOLERANCES: (f64, f64, f64) = (1e-4, 1e-4, 1e-3);
 
 /// One training step of each small model on the GPU and on the CPU, from the same weights and
 /// batch: loss, gradient norm, flat gradient, and the parameters after an SGDW update; first
@@ -148,7 +153,7 @@ pub(super) fn model_step_checks(c: &mut Checker) -> Result<()> {
             let (t_loss, t_norm, t_vec) = if bf16 {
                 bf16_step_tolerances(&arch)
             } else {
-                (1e-4, 1e-4, 1e-3)
+                F32_STEP_TOLERANCES
             };
             c.record_err(
                 &format!("{name} step: loss"),

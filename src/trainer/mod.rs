@@ -33,12 +33,15 @@ use std::sync::Arc;
 
 use recycle_engine::optim::{AdamW, LrSchedule, Optimizer, Sgdw};
 use recycle_engine::{DType, Device, Error, Result, Tape};
-use recycle_models::{BertConfig, MlmBatch, ResNetConfig};
+use recycle_models::hf_config::read_bert_config;
+use recycle_models::{Bert, BertConfig, HeadInit, MlmBatch, ResNetConfig};
 
-use crate::data::{self, BatchSource, ImageDataset, Loader, LoaderConfig, MlmDataset, Split};
+use crate::data::text_shards::{self, ShardFormat};
+use crate::data::text_stream::{sample_documents, TextShards};
+use crate::data::{self, BatchSource, ImageSource, Loader, LoaderConfig, MlmDataset, Split};
 use crate::distill::TeacherEntry;
 use crate::experiments::runlog::RunSummary;
-use crate::recipe::{ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
+use crate::recipe::{Activations, InitHead, ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
 pub use caller::{check_batch, BatchEval, StepReport, IGNORE_LABEL};
 pub use model::{Architecture, Batch, Model};
 pub use runner::{Trainer, TrainerMetrics};
@@ -74,17 +77,31 @@ pub use crate::experiments::runlog::SUMMARY_FILE;
 /// (`eval`, for reporting).
 pub enum TaskData {
     Images {
-        train: Arc<ImageDataset>,
-        validation: Arc<ImageDataset>,
-        eval: Arc<ImageDataset>,
+        train: Arc<ImageSource>,
+        validation: Arc<ImageSource>,
+        eval: Arc<ImageSource>,
     },
     Text {
-        train: Arc<MlmDataset>,
+        train: TextTrain,
         validation: Arc<MlmDataset>,
         eval: Arc<MlmDataset>,
         vocab_size: usize,
     },
 }
+
+/// The training set of a text run: packed in memory (the fortunes) or streamed from shards.
+#[derive(Clone)]
+pub enum TextTrain {
+    Packed(Arc<MlmDataset>),
+    Stream(Arc<TextShards>),
+}
+
+/// Text shards: sequences of the validation files kept for evaluation when `data.eval_limit`
+/// is not set (for each of the validation and test splits).
+const TEXT_EVAL_DEFAULT: usize = 10_000;
+/// Text shards without a tokenizer: the documents a WordPiece vocabulary is trained on.
+const TOKENIZER_SAMPLE_DOCS: usize = 20_000;
+const TOKENIZER_SAMPLE_BYTES: usize = 16 << 20;
 
 /// Every `TEXT_TEST_EVERY`-th corpus text is a test text (5%, spread over the corpus).
 const TEXT_TEST_EVERY: usize = 20;
@@ -114,15 +131,16 @@ impl TaskData {
                     validation.labels.truncate(n);
                 }
                 Ok(TaskData::Images {
-                    train: Arc::new(train),
-                    validation: Arc::new(validation),
-                    eval: Arc::new(data::load_fashion_mnist(
+                    train: Arc::new(ImageSource::Memory(train)),
+                    validation: Arc::new(ImageSource::Memory(validation)),
+                    eval: Arc::new(ImageSource::Memory(data::load_fashion_mnist(
                         d.dir.as_deref(),
                         Split::Test,
                         d.eval_limit,
-                    )?),
+                    )?)),
                 })
             }
+            "image-folder" => image_folder_data(recipe),
             "fortunes" => {
                 let texts = data::load_fortunes(d.dir.as_deref())?;
                 let tokenizer = match &d.tokenizer {
@@ -145,12 +163,13 @@ impl TaskData {
                     Ok(ds)
                 };
                 Ok(TaskData::Text {
-                    train: Arc::new(pack(&train, d.train_limit)?),
+                    train: TextTrain::Packed(Arc::new(pack(&train, d.train_limit)?)),
                     validation: Arc::new(pack(&validation, d.eval_limit)?),
                     eval: Arc::new(pack(&test, d.eval_limit)?),
                     vocab_size: tokenizer.vocab_size(),
                 })
             }
+            "text" => load_text_shards(recipe),
             other => Err(Error::invalid(
                 "TaskData::load",
                 format!("unknown data set `{other}`"),
@@ -169,7 +188,15 @@ impl TaskData {
     pub fn train_len(&self) -> usize {
         match self {
             TaskData::Images { train, .. } => train.len(),
-            TaskData::Text { train, .. } => BatchSource::len(&**train),
+            TaskData::Text {
+                train: TextTrain::Packed(train),
+                ..
+            } => BatchSource::len(&**train),
+            // A stream's size is unknown (its recipes give train.samples).
+            TaskData::Text {
+                train: TextTrain::Stream(_),
+                ..
+            } => usize::MAX,
         }
     }
 
@@ -179,6 +206,117 @@ impl TaskData {
             TaskData::Text { .. } => "mlm-accuracy",
         }
     }
+}
+
+/// The text shards of a `dataset = "text"` recipe: the training files streamed; the first
+/// sequences of the validation files split between the validation split (every sequence whose
+/// share of `validation_fraction` ticks over) and the test split (the others), each capped at
+/// `eval_limit` (default [`TEXT_EVAL_DEFAULT`]). Without `tokenizer`, a WordPiece vocabulary is
+/// trained on the first documents of the training files and kept in `out_dir`, named by the
+/// vocabulary size and the files, so every run on the same shards shares it.
+fn load_text_shards(recipe: &Recipe) -> Result<TaskData> {
+    let d = &recipe.data;
+    let base = d.dir.as_deref();
+    let train_files = text_shards::resolve(&d.train, base)?;
+    let validation_files = text_shards::resolve(&d.validation, base)?;
+    let format = ShardFormat {
+        text_field: d.text_field.clone().unwrap_or_else(|| "text".into()),
+        plain: d.documents.unwrap_or_default(),
+    };
+    let tokenizer = match &d.tokenizer {
+        Some(path) => data::TextTokenizer::from_file(path)?,
+        None => {
+            std::fs::create_dir_all(&recipe.out_dir).map_err(|e| Error::io(&recipe.out_dir, e))?;
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for f in &train_files {
+                for b in f.to_string_lossy().bytes().chain([0]) {
+                    h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+            let path = recipe
+                .out_dir
+                .join(format!("tokenizer-{}-{h:016x}.json", d.vocab_size));
+            let texts = if path.exists() {
+                Vec::new()
+            } else {
+                sample_documents(
+                    &train_files,
+                    &format,
+                    TOKENIZER_SAMPLE_DOCS,
+                    TOKENIZER_SAMPLE_BYTES,
+                )?
+            };
+            if texts.is_empty() && !path.exists() {
+                return Err(Error::invalid(
+                    "data.train",
+                    format!(
+                        "the training files (first {}) hold no text to train a tokenizer on",
+                        train_files[0].display()
+                    ),
+                ));
+            }
+            data::TextTokenizer::load_or_train(&path, &texts, d.vocab_size)?
+        }
+    };
+    let shards = |files: Vec<PathBuf>, seed: u64| TextShards {
+        files,
+        format: format.clone(),
+        tokenizer: tokenizer.clone(),
+        seq_len: d.seq_len,
+        packing: d.packing.unwrap_or_default(),
+        seed,
+    };
+    let cap = d.eval_limit.unwrap_or(TEXT_EVAL_DEFAULT);
+    // A fixed data seed for the held-out sequences: every run of a comparison sees the same
+    // evaluation masks.
+    let held = shards(validation_files, 0);
+    let (validation, test) = held.split_held_out(d.validation_fraction, cap)?;
+    if test.is_empty() {
+        return Err(Error::invalid(
+            "data.validation",
+            format!(
+                "the validation files (first {}) hold no text for the test split",
+                held.files[0].display()
+            ),
+        ));
+    }
+    Ok(TaskData::Text {
+        train: TextTrain::Stream(Arc::new(shards(train_files, recipe.seed))),
+        validation: Arc::new(validation),
+        eval: Arc::new(test),
+        vocab_size: tokenizer.vocab_size(),
+    })
+}
+
+/// An image folder's splits (see `data::image_folder`); `data.dir` (or `--data`) names it.
+fn image_folder_data(recipe: &Recipe) -> Result<TaskData> {
+    let d = &recipe.data;
+    let root = d.dir.as_deref().ok_or_else(|| {
+        Error::invalid(
+            "recipe",
+            "dataset image-folder needs data.dir (or `recycle train RECIPE --data DIR`): the \
+             folder holding train/<class>/* and val/<class>/*"
+                .to_string(),
+        )
+    })?;
+    let splits = data::image_folder::open_splits(&data::image_folder::FolderRequest {
+        root,
+        options: data::image_folder::FolderOptions {
+            image_size: d.image_size,
+            skip_bad: d.skip_bad,
+            decode_threads: d.decode_threads,
+        },
+        seed: recipe.seed,
+        batch_size: recipe.train.batch_size,
+        train_limit: d.train_limit,
+        eval_limit: d.eval_limit,
+        validation_fraction: d.validation_fraction,
+    })?;
+    Ok(TaskData::Images {
+        train: Arc::new(ImageSource::Folder(splits.train)),
+        validation: Arc::new(ImageSource::Folder(splits.validation)),
+        eval: Arc::new(ImageSource::Folder(splits.test)),
+    })
 }
 
 fn truncate_mlm(d: &mut MlmDataset, limit: Option<usize>) {
@@ -202,24 +340,80 @@ pub fn architecture(recipe: &Recipe, data: &TaskData) -> Result<Architecture> {
         ) => {
             let c = ResNetConfig {
                 depth: *depth,
-                num_classes: train.classes,
-                in_channels: train.channels,
+                num_classes: train.classes(),
+                in_channels: train.channels(),
                 small_stem: *small_stem,
                 width: *width,
             };
             c.validate()?;
             Ok(Architecture::ResNet(c))
         }
-        (ModelRecipe::Bert { size }, TaskData::Text { vocab_size, .. }) => {
+        (
+            ModelRecipe::Bert {
+                config: None, size, ..
+            },
+            TaskData::Text { vocab_size, .. },
+        ) => {
             let mut c = BertConfig::by_name(size, *vocab_size)?;
             c.max_position_embeddings = c.max_position_embeddings.max(recipe.data.seq_len);
             c.validate()?;
+            Ok(Architecture::Bert(c))
+        }
+        (
+            ModelRecipe::Bert {
+                config: Some(path), ..
+            },
+            TaskData::Text { vocab_size, .. },
+        ) => {
+            let c = read_bert_config(path)?;
+            let bad = |msg: String| Err(Error::checkpoint(path, msg));
+            if c.vocab_size < *vocab_size {
+                return bad(format!(
+                    "vocab_size {} is smaller than the tokenizer's {} ids: use the tokenizer                      this model was trained with (data.tokenizer)",
+                    c.vocab_size, vocab_size
+                ));
+            }
+            if c.max_position_embeddings < recipe.data.seq_len {
+                return bad(format!(
+                    "max_position_embeddings {} is below data.seq_len {}: shorten the sequences",
+                    c.max_position_embeddings, recipe.data.seq_len
+                ));
+            }
             Ok(Architecture::Bert(c))
         }
         _ => Err(Error::invalid(
             "recipe",
             "the model does not fit the data set (ResNet for images, BERT for text)".to_string(),
         )),
+    }
+}
+
+/// The student a run starts from: fresh from the recipe's seed, or (BERT with `model.init`) a
+/// checkpoint of any Hugging Face layout, what it left out said once on standard error; in the
+/// recipe's compute dtype.
+pub fn initial_student(recipe: &Recipe, arch: &Architecture) -> Result<Model> {
+    let model = match (&recipe.model, arch) {
+        (
+            ModelRecipe::Bert {
+                init: Some(path),
+                init_head,
+                ..
+            },
+            Architecture::Bert(c),
+        ) => {
+            let head = match init_head {
+                Some(InitHead::Fresh) => HeadInit::Fresh,
+                _ => HeadInit::FromFile,
+            };
+            let (bert, report) = Bert::from_pretrained(c.clone(), path, head, recipe.seed)?;
+            eprintln!("{}: student from {}", recipe.name, report.describe(path));
+            Model::Bert(bert)
+        }
+        _ => Model::new(arch, recipe.seed)?,
+    };
+    match recipe.activations {
+        Activations::F32 => Ok(model),
+        Activations::Bf16 => model.with_activations(DType::BF16),
     }
 }
 

@@ -14,11 +14,12 @@ use super::resume::{
     check_allocatable, check_same_recipe, checkpoint_step, load_checkpoint, remove_temp_files,
 };
 use super::{
-    architecture, eval_steps, evaluate, evaluate_on, image_batch, load_teachers, majority_floor,
-    make_optimizer, make_schedule, mlm_batch, open_device, progress_bar, total_steps,
-    train_step_guarded, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput, TaskData,
-    CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
+    architecture, eval_steps, evaluate, evaluate_on, image_batch, initial_student, load_teachers,
+    majority_floor, make_optimizer, make_schedule, mlm_batch, open_device, progress_bar,
+    total_steps, train_step_guarded, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput,
+    TaskData, TextTrain, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
+use crate::data::text_stream::TextStreamLoader;
 use crate::data::{Loader, LoaderConfig};
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
@@ -59,6 +60,8 @@ pub struct TrainerMetrics {
     pub wall_seconds: f64,
     /// Teacher forwards run.
     pub teacher_forwards: u64,
+    /// Steps skipped under `train.on_nonfinite = "skip"` (including those before a resume).
+    pub skipped_steps: u64,
     /// Learning rate, cross-entropy, distillation term (when the step distilled) and total loss
     /// of the last step this trainer ran; `None` before its first step.
     pub lr: Option<f32>,
@@ -123,11 +126,7 @@ impl Trainer {
         let arch = architecture(recipe, &data)?;
         let total = total_steps(recipe, data.train_len())?;
         check_allocatable(recipe, &arch)?;
-        let student = match recipe.activations {
-            Activations::F32 => Model::new(&arch, recipe.seed)?,
-            Activations::Bf16 => Model::new(&arch, recipe.seed)?.with_activations(DType::BF16)?,
-        }
-        .to_device(device)?;
+        let student = initial_student(recipe, &arch)?.to_device(device)?;
         let num_params = student.params()?.len();
         let mut optimizer = make_optimizer(recipe, num_params)?;
         let schedule = make_schedule(recipe, total)?;
@@ -290,6 +289,7 @@ impl Trainer {
             train_seconds: self.state.train_seconds,
             wall_seconds: self.wall_seconds(),
             teacher_forwards: self.state.teacher_forwards,
+            skipped_steps: self.state.skipped_steps,
             lr: self.last_step.map(|(lr, _)| lr),
             ce: self.last_step.map(|(_, o)| o.ce),
             kd: self.last_step.and_then(|(_, o)| o.kd),
@@ -671,9 +671,17 @@ fn data_batches(data: &TaskData, batch: usize, seed: u64, step: u64) -> Result<B
         TaskData::Images { train, .. } => {
             Box::new(Loader::new(train.clone(), config, step)?.map(|b| b.map(image_batch)))
         }
-        TaskData::Text { train, .. } => {
-            Box::new(Loader::new(train.clone(), config, step)?.map(|b| b.and_then(mlm_batch)))
-        }
+        TaskData::Text {
+            train: TextTrain::Packed(train),
+            ..
+        } => Box::new(Loader::new(train.clone(), config, step)?.map(|b| b.and_then(mlm_batch))),
+        TaskData::Text {
+            train: TextTrain::Stream(shards),
+            ..
+        } => Box::new(
+            TextStreamLoader::new(shards.clone(), batch, step, config.prefetch)?
+                .map(|b| b.and_then(mlm_batch)),
+        ),
     })
 }
 

@@ -102,6 +102,12 @@ typedef struct RecycleMetrics {
    */
   uint64_t teacher_forwards;
   /**
+   * Steps skipped because a value was NaN or infinite (`train.on_nonfinite = "skip"`;
+   * always 0 under the default `"stop"`), including those before a resume. A skipped step
+   * counts in `step` but changed no weight.
+   */
+  uint64_t skipped_steps;
+  /**
    * Seconds spent in training steps.
    */
   double train_seconds;

@@ -81,6 +81,10 @@ pub struct RecycleMetrics {
     pub samples: u64,
     /// Teacher forwards run.
     pub teacher_forwards: u64,
+    /// Steps skipped because a value was NaN or infinite (`train.on_nonfinite = "skip"`;
+    /// always 0 under the default `"stop"`), including those before a resume. A skipped step
+    /// counts in `step` but changed no weight.
+    pub skipped_steps: u64,
     /// Seconds spent in training steps.
     pub train_seconds: f64,
     /// Seconds since the run started, across resumes.
@@ -239,6 +243,7 @@ fn metrics_to_c(m: &TrainerMetrics) -> RecycleMetrics {
         total_steps: m.total_steps,
         samples: m.samples,
         teacher_forwards: m.teacher_forwards,
+        skipped_steps: m.skipped_steps,
         train_seconds: m.train_seconds,
         wall_seconds: m.wall_seconds,
         lr: nan(m.lr),

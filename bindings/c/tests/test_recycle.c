@@ -260,6 +260,8 @@ static void test_training(const char *out_dir) {
     CHECK(m.step == 0 && m.total_steps == 8, "step %llu of %llu, expected 0 of 8",
           (unsigned long long)m.step, (unsigned long long)m.total_steps);
     CHECK(isnan(m.ce) && isnan(m.last_eval), "no loss or evaluation before the first step");
+    CHECK(m.skipped_steps == 0, "skipped %llu steps before the first",
+          (unsigned long long)m.skipped_steps);
 
     uint64_t ran = 0;
     expect_status(recycle_trainer_run_steps(t, 3, &ran), RECYCLE_OK, "run 3 steps");
@@ -293,6 +295,8 @@ static void test_training(const char *out_dir) {
     CHECK(ran == 5 && m.step == 8 && m.done, "ran %llu, step %llu, done %d",
           (unsigned long long)ran, (unsigned long long)m.step, m.done);
     CHECK(m.last_eval >= 0.0f && m.last_eval <= 1.0f, "last_eval %f", m.last_eval);
+    CHECK(m.skipped_steps == 0, "a finite run skipped %llu steps",
+          (unsigned long long)m.skipped_steps);
     expect_status(recycle_trainer_finish(t, &final_eval), RECYCLE_OK, "finish");
     CHECK(final_eval == m.last_eval, "final eval %f, last eval %f", final_eval, m.last_eval);
     printf("  finished: accuracy %.4f after %llu steps\n", final_eval,
@@ -369,6 +373,62 @@ static void test_failed_finish(const char *out_dir) {
     free(blocker);
 }
 
+/* A run whose learning rate makes the weights overflow, with on_nonfinite = "skip": the steps
+ * that meet a NaN or infinity are skipped and counted in the metrics (the first step, on finite
+ * initial weights, is not); under the default "stop" the same run fails at a step. */
+static char *diverging_recipe(const char *name, const char *out_dir, const char *on_nonfinite) {
+    const char *fmt =
+        "name = \"%s\"\n"
+        "out_dir = \"%s\"\n"
+        "[model]\nkind = \"resnet\"\nwidth = 0.0625\n"
+        "[data]\ndataset = \"fashion-mnist\"\ntrain_limit = 96\neval_limit = 32\n"
+        "[train]\nbatch_size = 16\nsamples = 96\nevals = 1\non_nonfinite = \"%s\"\n"
+        "[optimizer]\nkind = \"sgdw\"\nlr = 1e30\nschedule = \"constant\"\n";
+    size_t n = strlen(fmt) + strlen(name) + strlen(out_dir) + strlen(on_nonfinite) + 1;
+    char *s = malloc(n);
+    snprintf(s, n, fmt, name, out_dir, on_nonfinite);
+    return s;
+}
+
+static void test_skipped_steps(const char *out_dir) {
+    printf("skipped steps in the metrics\n");
+    RecycleTrainer *t = NULL;
+    char *recipe = diverging_recipe("c-abi-skip", out_dir, "skip");
+    expect_status(recycle_trainer_new(recipe, RECYCLE_OVERWRITE, &t), RECYCLE_OK, "new (skip)");
+    free(recipe);
+    if (t == NULL) return;
+    uint64_t ran = 0;
+    RecycleMetrics m;
+    expect_status(recycle_trainer_run_steps(t, 1, &ran), RECYCLE_OK, "the first step");
+    expect_status(recycle_trainer_metrics(t, &m), RECYCLE_OK, "metrics after the first step");
+    CHECK(m.step == 1 && m.skipped_steps == 0, "step %llu, skipped %llu",
+          (unsigned long long)m.step, (unsigned long long)m.skipped_steps);
+    expect_status(recycle_trainer_run_steps(t, 100, &ran), RECYCLE_OK, "run the rest (skip)");
+    expect_status(recycle_trainer_metrics(t, &m), RECYCLE_OK, "metrics at the end (skip)");
+    CHECK(m.done && m.step == 6 && m.skipped_steps > 0 && m.skipped_steps < m.step,
+          "done %d, step %llu, skipped %llu", m.done, (unsigned long long)m.step,
+          (unsigned long long)m.skipped_steps);
+    printf("  %llu of %llu steps skipped\n", (unsigned long long)m.skipped_steps,
+           (unsigned long long)m.step);
+    float final_eval = -1.0f;
+    expect_status(recycle_trainer_finish(t, &final_eval), RECYCLE_OK, "finish (skip)");
+    expect_status(recycle_trainer_metrics(t, &m), RECYCLE_OK, "metrics after finish (skip)");
+    CHECK(m.skipped_steps > 0, "the count is kept after finish: %llu",
+          (unsigned long long)m.skipped_steps);
+    expect_status(recycle_trainer_free(t), RECYCLE_OK, "free (skip)");
+
+    t = NULL;
+    recipe = diverging_recipe("c-abi-stop", out_dir, "stop");
+    expect_status(recycle_trainer_new(recipe, RECYCLE_OVERWRITE, &t), RECYCLE_OK, "new (stop)");
+    free(recipe);
+    if (t == NULL) return;
+    expect_status(recycle_trainer_run_steps(t, 100, &ran), RECYCLE_ERROR_ENGINE,
+                  "a non-finite step under stop");
+    CHECK(strstr(recycle_last_error(), "step") != NULL, "the error names the step: %s",
+          recycle_last_error());
+    expect_status(recycle_trainer_free(t), RECYCLE_OK, "free (stop)");
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
@@ -378,6 +438,7 @@ int main(int argc, char **argv) {
     test_loss_errors();
     test_training(argv[1]);
     test_failed_finish(argv[1]);
+    test_skipped_steps(argv[1]);
     printf("%d checks, %d failed\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -233,6 +233,7 @@ def test_train_from_dict_and_toml_then_report(tmp_path, fashion_dir, monkeypatch
     assert 0.0 <= teacher["final_eval"] <= 1.0
     assert teacher["metric"] == "accuracy" and teacher["teacher_forwards"] == 0
     assert teacher["train_seconds"] > 0 and teacher["wall_seconds"] >= teacher["train_seconds"]
+    assert teacher["skipped_steps"] == 0
     records = [json.loads(line) for line in open(teacher["log"])]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["eval"] == pytest.approx(teacher["final_eval"])
@@ -307,3 +308,96 @@ def test_train_errors(tmp_path, fashion_dir):
         recycle.train(tmp_path / "nope.toml")
     with pytest.raises(RecycleError, match="not a directory"):
         recycle.report([tmp_path / "missing"])
+
+
+# ------------------------------------------------------------------------------------------
+# Training on cuda:0
+# ------------------------------------------------------------------------------------------
+
+
+def read_safetensors(path):
+    """The tensors of a safetensors file, by name: f32 ones as arrays, others as their bytes
+    (the format: an 8-byte little-endian header length, a JSON header of dtypes, shapes and
+    byte offsets, then the data)."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if info["dtype"] == "F32":
+            out[name] = np.frombuffer(data[start:end], np.float32).reshape(info["shape"])
+        else:
+            out[name] = data[start:end]
+    return out
+
+
+def test_train_on_cuda_matches_the_cpu(tmp_path, fashion_dir):
+    """A recipe with device = "cuda:0" trains there (a GPU, or the mock CUDA under which CI runs
+    this test with RECYCLE_EXPECT_CUDA=1, docs/mockcuda.md) and agrees with the same recipe on
+    the CPU within gpu-check's f32 model-step tolerances: each step's loss to 1e-4 (relative),
+    the final weights to 1e-2 as a relative L2 error per tensor (not element by element, and
+    ten times the one-step tolerance: over four steps the libraries' summation orders compound,
+    most in the BatchNorm biases, whose gradients are sums that nearly cancel). Where cuda:0
+    does not open (a build without the cuda feature, no driver), the run must fail before
+    writing anything, with what is missing."""
+
+    def small(name, device):
+        r = tiny_recipe(tmp_path, name, fashion_dir)
+        r["device"] = device
+        r["data"].update(train_limit=64, eval_limit=32, validation_fraction=0.0)
+        r["train"].update(batch_size=16, evals=1)
+        return r
+
+    try:
+        gpu = recycle.train(small("gpu", "cuda:0"))
+    except RecycleError as e:
+        assert os.environ.get("RECYCLE_EXPECT_CUDA") is None, (
+            f"RECYCLE_EXPECT_CUDA is set, but cuda:0 does not open: {e}"
+        )
+        assert any(
+            m in str(e) for m in ("no CUDA backend", "no NVIDIA driver found", "sees no GPU")
+        ), str(e)
+        assert not (tmp_path / "gpu").exists()
+        return
+    cpu = recycle.train(small("cpu", "cpu"))
+    assert gpu["device"].startswith("cuda:0 ") and cpu["device"] == "cpu"
+    assert gpu["steps"] == cpu["steps"] == 4
+    logs = [[json.loads(line) for line in open(s["log"])] for s in (gpu, cpu)]
+    for g, c in zip(*logs):
+        assert g["step"] == c["step"]
+        assert g["loss"] == pytest.approx(c["loss"], rel=1e-4), f"step {g['step']}"
+    wg = read_safetensors(os.path.join(gpu["run_dir"], "final.safetensors"))
+    wc = read_safetensors(os.path.join(cpu["run_dir"], "final.safetensors"))
+    assert wg.keys() == wc.keys()
+    for name, c in wc.items():
+        g = wg[name]
+        if isinstance(c, bytes):  # counters: equal
+            assert g == c, name
+            continue
+        diff = float(np.linalg.norm(g.astype(np.float64) - c))
+        norm = float(np.linalg.norm(c.astype(np.float64)))
+        err = diff / norm if norm > 0 else diff
+        assert err <= 1e-2, f"{name}: relative L2 error {err:.2e}"
+
+
+def test_steps_skipped_on_nonfinite_values_are_counted(tmp_path, fashion_dir):
+    # A learning rate that makes the weights overflow: under on_nonfinite = "skip" the steps that
+    # meet a NaN or infinity change nothing and are counted; under "stop" the run fails.
+    recipe = tiny_recipe(tmp_path, "diverging", fashion_dir)
+    recipe["data"].update(train_limit=96, eval_limit=32)
+    recipe["train"] = {"batch_size": 16, "samples": 96, "evals": 1, "on_nonfinite": "skip"}
+    recipe["optimizer"] = {"kind": "sgdw", "lr": 1e30, "schedule": "constant"}
+    summary = recycle.train(recipe)
+    assert summary["steps"] == 6
+    assert 0 < summary["skipped_steps"] < 6, summary
+    records = [json.loads(line) for line in open(summary["log"])]
+    assert sum(1 for r in records if r.get("skipped")) == summary["skipped_steps"]
+
+    recipe["name"] = "diverging-stop"
+    recipe["train"]["on_nonfinite"] = "stop"
+    with pytest.raises(RecycleError, match="step"):
+        recycle.train(recipe)

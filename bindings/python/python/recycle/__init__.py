@@ -52,9 +52,11 @@ def train(
 
     The returned dict is the run's ``summary.json`` (``name``, ``method``, ``metric``,
     ``final_eval``, ``steps``, ``duration_samples``, ``train_seconds``, ``teacher_forwards``,
-    ``teachers``, ``config``) plus ``run_dir``, ``log`` (the ``log.jsonl`` path) and
-    ``wall_seconds`` (the wall-clock time the log records at the last step). The GIL is released
-    while training.
+    ``teachers``, ``config``) plus ``run_dir``, ``log`` (the ``log.jsonl`` path),
+    ``wall_seconds`` (the wall-clock time the log records at the last step) and
+    ``skipped_steps``: the steps skipped because a value was NaN or infinite under
+    ``train.on_nonfinite = "skip"`` (0 when none; ``summary.json`` leaves it out then). The GIL
+    is released while training.
     """
     if isinstance(recipe, Mapping):
         text, is_json = json.dumps(dict(recipe), default=_jsonable), True
@@ -72,6 +74,7 @@ def train(
     summary["run_dir"] = run_dir
     summary["log"] = log
     summary["wall_seconds"] = _last_wall_seconds(log)
+    summary.setdefault("skipped_steps", 0)
     return summary
 
 
