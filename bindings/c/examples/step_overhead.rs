@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use recycle::data::test_support::write_fortunes;
 use recycle::recipe::Recipe;
-use recycle::trainer::{Batch, RunOptions, Trainer, IGNORE_LABEL};
+use recycle::trainer::{Batch, Model, RunOptions, Trainer, IGNORE_LABEL};
 use recycle_c::{
     recycle_last_error, recycle_trainer_free, recycle_trainer_new, recycle_trainer_step_tokens,
     RecycleTrainer, RECYCLE_LABELS_I32, RECYCLE_OK, RECYCLE_OVERWRITE,
@@ -55,8 +55,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let msg = unsafe { std::ffi::CStr::from_ptr(recycle_last_error()) };
             return Err(format!("recycle_trainer_new: {msg:?}").into());
         }
+        // Token ids inside the model's vocabulary: that of the tokenizer trained on the
+        // generated text, which `vocab_size` only caps.
+        let vocab = match rust.model() {
+            Model::Bert(m) => m.config().vocab_size,
+            Model::ResNet(_) => return Err("the recipe must build a BERT".into()),
+        };
         let n = b * s;
-        let ids: Vec<i32> = (0..n).map(|i| 5 + ((i * 37) % 900) as i32).collect();
+        let ids: Vec<i32> = (0..n)
+            .map(|i| 5 + ((i * 37) % (vocab - 5)) as i32)
+            .collect();
         let mask = vec![1i32; n];
         let labels: Vec<i32> = (0..n)
             .map(|i| if i % 7 == 3 { ids[i] } else { IGNORE_LABEL })
