@@ -13,6 +13,15 @@ use std::path::PathBuf;
 #[test]
 fn batch_entry_points_never_panic() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/trainer_abi");
+    // The seeds of well-formed image batches train and evaluate, so that the inputs reach
+    // past the checks.
+    for name in ["step-images", "evaluate-images"] {
+        let seed = std::fs::read(dir.join(name)).unwrap();
+        let status = trainer_abi::status(&seed);
+        assert_eq!(status, recycle_c::RECYCLE_OK, "seed {name}: {:?}", unsafe {
+            std::ffi::CStr::from_ptr(recycle_c::recycle_last_error())
+        });
+    }
     let seeds = mutate::seeds(&dir);
     mutate::run(trainer_abi::trainer_abi, &seeds, 800, 11);
     let mut rng = mutate::Rng(12);
