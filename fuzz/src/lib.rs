@@ -4,3 +4,4 @@
 
 pub mod abi;
 pub mod targets;
+pub mod trainer_abi;

@@ -16,8 +16,11 @@
 //! before it, stays intact.
 //!
 //! [`Trainer`] runs a recipe one step at a time (services drive it through the C ABI, reading
-//! its metrics and checkpointing between steps); [`run`] is a loop over it.
+//! its metrics and checkpointing between steps), each step's batch pulled from the recipe's
+//! data set or handed over by the caller ([`caller`]: the same step either way); [`run`] is a
+//! loop over it.
 
+pub mod caller;
 pub mod interrupt;
 pub mod lock;
 pub mod model;
@@ -39,6 +42,7 @@ use crate::data::{self, BatchSource, ImageSource, Loader, LoaderConfig, MlmDatas
 use crate::distill::TeacherEntry;
 use crate::experiments::runlog::RunSummary;
 use crate::recipe::{Activations, InitHead, ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
+pub use caller::{check_batch, BatchEval, StepReport, IGNORE_LABEL};
 pub use model::{Architecture, Batch, Model};
 pub use runner::{Trainer, TrainerMetrics};
 pub use step::{
@@ -435,7 +439,7 @@ pub fn total_steps(recipe: &Recipe, train_len: usize) -> Result<u64> {
     Ok(steps)
 }
 
-fn make_optimizer(recipe: &Recipe, num_params: usize) -> Result<Box<dyn Optimizer>> {
+fn make_optimizer(recipe: &Recipe, num_params: usize) -> Result<Box<dyn Optimizer + Send>> {
     let o = &recipe.optimizer;
     Ok(match o.kind {
         OptimizerKind::Sgdw => Box::new(Sgdw::new(

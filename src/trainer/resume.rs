@@ -175,6 +175,17 @@ pub(super) fn load_checkpoint(
         } else {
             0
         },
+        // Checkpoints written before caller-fed steps existed have none.
+        caller_steps: if ckpt.metadata.contains_key("caller_steps") {
+            num("caller_steps")?
+        } else {
+            0
+        },
+        caller_samples: if ckpt.metadata.contains_key("caller_samples") {
+            num("caller_samples")?
+        } else {
+            0
+        },
     };
     // A checkpoint whose counters do not fit this run would make the summary report steps or
     // samples never trained.
@@ -189,15 +200,23 @@ pub(super) fn load_checkpoint(
             ),
         ));
     }
-    if Some(progress.samples) != progress.step.checked_mul(batch) {
+    // Data-set steps bring `batch` samples each; caller-fed steps what they brought.
+    let (caller_steps, caller_samples) = (progress.caller_steps, progress.caller_samples);
+    let expected = progress
+        .step
+        .checked_sub(caller_steps)
+        .and_then(|own| own.checked_mul(batch))
+        .and_then(|s| s.checked_add(caller_samples));
+    if Some(progress.samples) != expected || caller_samples < caller_steps {
         return Err(Error::checkpoint(
             &path,
             format!(
-                "metadata `samples` is {}, but {} steps of batch {batch} are {} samples: the \
-                 file is not this run's checkpoint; start again with --overwrite",
+                "metadata `samples` is {}, but {} steps of batch {batch} ({caller_steps} of them \
+                 fed by the caller, with {caller_samples} samples) are {} samples: the file is \
+                 not this run's checkpoint; start again with --overwrite",
                 progress.samples,
                 progress.step,
-                progress.step.saturating_mul(batch)
+                expected.map_or("more than counted".to_string(), |e| e.to_string())
             ),
         ));
     }

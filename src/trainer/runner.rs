@@ -25,6 +25,13 @@ use crate::distill::{KdLoss, KdSchedule, TeacherPool};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
 use crate::recipe::{Activations, Recipe};
 
+use super::caller::{check_batch, BatchEval, StepReport};
+use super::count_correct;
+use crate::distill::kd_loss_cpu;
+use recycle_engine::Tape;
+
+type BatchIter = Box<dyn Iterator<Item = Result<Batch>> + Send>;
+
 /// Where a run stands: what a checkpoint records besides the weights and optimizer state.
 pub(super) struct Progress {
     pub(super) step: u64,
@@ -33,6 +40,9 @@ pub(super) struct Progress {
     pub(super) teacher_forwards: u64,
     /// Steps skipped under `train.on_nonfinite = "skip"`.
     pub(super) skipped_steps: u64,
+    /// Steps fed by the caller ([`Trainer::step_batch`]) and the samples they brought.
+    pub(super) caller_steps: u64,
+    pub(super) caller_samples: u64,
 }
 
 /// What a [`Trainer`] reports between steps.
@@ -73,7 +83,7 @@ pub struct Trainer {
     device_name: String,
     data: TaskData,
     student: Model,
-    optimizer: Box<dyn Optimizer>,
+    optimizer: Box<dyn Optimizer + Send>,
     schedule: LrSchedule,
     loss: KdLoss,
     kd_schedule: KdSchedule,
@@ -88,7 +98,9 @@ pub struct Trainer {
     /// The validation metric of the last evaluation (`None` without a validation split).
     last_validation: Option<f32>,
     last_step: Option<(f32, StepOutput)>,
-    batches: Box<dyn Iterator<Item = Result<Batch>>>,
+    /// The data set's batches and the step the next one is for: rebuilt (from `(seed, step)`)
+    /// when caller-fed steps have moved the run past it, so the two kinds of step interleave.
+    batches: Option<(u64, BatchIter)>,
     progress: Option<indicatif::ProgressBar>,
     /// Held for the trainer's life: one process per run directory.
     _lock: RunLock,
@@ -190,6 +202,8 @@ impl Trainer {
                 train_seconds: 0.0,
                 teacher_forwards: 0,
                 skipped_steps: 0,
+                caller_steps: 0,
+                caller_samples: 0,
             }
         };
         let log = if opts.resume {
@@ -201,25 +215,10 @@ impl Trainer {
         let batch = recipe.train.batch_size;
         let wall_offset = log.last().map(|r| r.wall_seconds).unwrap_or(0.0);
         let progress = progress_bar(opts.progress, total, state.step, &recipe.name);
-        let config = LoaderConfig::train(batch, recipe.seed);
-        let batches: Box<dyn Iterator<Item = Result<Batch>>> = match &data {
-            TaskData::Images { train, .. } => Box::new(
-                Loader::new(train.clone(), config, state.step)?.map(|b| b.map(image_batch)),
-            ),
-            TaskData::Text {
-                train: TextTrain::Packed(train),
-                ..
-            } => Box::new(
-                Loader::new(train.clone(), config, state.step)?.map(|b| b.and_then(mlm_batch)),
-            ),
-            TaskData::Text {
-                train: TextTrain::Stream(shards),
-                ..
-            } => Box::new(
-                TextStreamLoader::new(shards.clone(), batch, state.step, config.prefetch)?
-                    .map(|b| b.and_then(mlm_batch)),
-            ),
-        };
+        let batches = Some((
+            state.step,
+            data_batches(&data, batch, recipe.seed, state.step)?,
+        ));
         Ok(Trainer {
             recipe: recipe.clone(),
             dir,
@@ -308,6 +307,69 @@ impl Trainer {
     /// log record, and the evaluation and checkpoint when one is due. A non-finite loss is an
     /// error naming the step and the last good checkpoint.
     pub fn step(&mut self) -> Result<StepOutput> {
+        self.check_not_done()?;
+        let b = self.next_data_batch()?;
+        Ok(self.run_step(&b, false)?.output)
+    }
+
+    /// Runs the next step on the caller's `batch` (built with [`Batch::images`] or
+    /// [`Batch::mlm`], or by hand): the same step as [`Trainer::step`] — the learning rate, the
+    /// distillation schedule and teachers, the guards, dropout and teacher sampling are those
+    /// of this step's index — then the log record, and the evaluation (on the recipe's
+    /// evaluation splits) and checkpoint when one is due. Caller-fed and data-set steps
+    /// interleave freely, and a run resumed from a checkpoint and fed the same batches reaches
+    /// the same weights bit for bit (on the CPU). The batch is checked against the student
+    /// first ([`check_batch`]); a batch of any size counts its own samples.
+    pub fn step_batch(&mut self, batch: &Batch) -> Result<StepReport> {
+        self.check_not_done()?;
+        check_batch(&self.student, batch).map_err(|e| {
+            Error::invalid("Trainer::step_batch", format!("{e}; nothing was trained"))
+        })?;
+        self.run_step(batch, true)
+    }
+
+    /// The student's loss (mean cross-entropy) and correct rows on a caller batch, in
+    /// evaluation mode (no dropout, BatchNorm's running statistics); nothing changes.
+    pub fn evaluate_batch(&self, batch: &Batch) -> Result<BatchEval> {
+        check_batch(&self.student, batch)?;
+        let logits =
+            self.student
+                .logits(&Tape::inference(), &batch.to_device(self.device)?, false, 0)?;
+        let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+        let logits = logits.tensor().to_vec_f32()?;
+        let labels = batch.labels().to_vec::<i32>()?;
+        let ce = kd_loss_cpu(&KdLoss::kl(1.0, 0.0), &logits, &[], &labels, None, classes)?;
+        Ok(BatchEval {
+            loss: ce.ce,
+            correct: count_correct(&logits, classes, &labels),
+            rows,
+        })
+    }
+
+    /// The logits of the teachers the next step would run (the pool's selection for this
+    /// step index), one `[rows, classes]` f32 tensor each on the CPU: the targets whose mean
+    /// the distillation term compares the student with. An error for a run without teachers.
+    /// The step counter does not move (the forwards are not counted as training's).
+    pub fn teacher_logits(&self, batch: &Batch) -> Result<Vec<Tensor>> {
+        let pool = self.pool.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "Trainer::teacher_logits",
+                format!(
+                    "run `{}` has no teachers: add a [distill] section with teachers",
+                    self.recipe.name
+                ),
+            )
+        })?;
+        check_batch(&self.student, batch)?;
+        let on_device = batch.to_device(self.device)?;
+        pool.logits(self.state.step, |t| {
+            let l = t.logits(&Tape::inference(), &on_device, false, 0)?;
+            let (rows, classes) = (l.shape()[0], l.shape()[1]);
+            Tensor::f32(l.tensor().to_vec_f32()?, &[rows, classes])
+        })
+    }
+
+    fn check_not_done(&self) -> Result<()> {
         if self.is_done() {
             return Err(Error::invalid(
                 "train",
@@ -317,11 +379,27 @@ impl Trainer {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The data set's batch for the current step.
+    fn next_data_batch(&mut self) -> Result<Batch> {
         let step = self.state.step;
-        let b = self
-            .batches
-            .next()
-            .ok_or_else(|| Error::invalid("train", "the data loader ended early".to_string()))??;
+        if self.batches.as_ref().map(|(at, _)| *at) != Some(step) {
+            let (batch, seed) = (self.recipe.train.batch_size, self.recipe.seed);
+            self.batches = Some((step, data_batches(&self.data, batch, seed, step)?));
+        }
+        let Some((at, it)) = self.batches.as_mut() else {
+            return Err(Error::invalid("train", "no data loader".to_string()));
+        };
+        *at += 1;
+        it.next()
+            .ok_or_else(|| Error::invalid("train", "the data loader ended early".to_string()))?
+    }
+
+    /// One step on `b`, whichever fed it.
+    fn run_step(&mut self, b: &Batch, fed_by_caller: bool) -> Result<StepReport> {
+        let step = self.state.step;
         let lr = self.schedule.lr_at(step);
         let distill = self
             .pool
@@ -374,6 +452,10 @@ impl Trainer {
         state.samples += b.samples() as u64;
         state.teacher_forwards += out.teacher_forwards as u64;
         state.skipped_steps += out.skipped.is_some() as u64;
+        if fed_by_caller {
+            state.caller_steps += 1;
+            state.caller_samples += b.samples() as u64;
+        }
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
         let (eval, validation) = if self.evals.contains(&self.state.step) {
@@ -414,7 +496,11 @@ impl Trainer {
                     .map_or(String::new(), |v| format!(", eval {v:.3}"))
             ));
         }
-        Ok(out)
+        Ok(StepReport {
+            step,
+            lr,
+            output: out,
+        })
     }
 
     /// The student's metric on the test split and, when the run keeps one, on the validation
@@ -513,6 +599,8 @@ impl Trainer {
                 r.teacher_forwards.to_string(),
             ),
             ("skipped_steps".to_string(), r.skipped_steps.to_string()),
+            ("caller_steps".to_string(), r.caller_steps.to_string()),
+            ("caller_samples".to_string(), r.caller_samples.to_string()),
         ]);
         checkpoint::save(path.as_ref(), &tensors, Some(meta))
     }
@@ -574,4 +662,32 @@ fn teacher_activations(device: Device, activations: Activations) -> Option<DType
         (Device::Cpu, Activations::F32) => None,
         _ => Some(DType::BF16),
     }
+}
+
+/// The training set's batches from `step` on (a function of `(seed, step)`).
+fn data_batches(data: &TaskData, batch: usize, seed: u64, step: u64) -> Result<BatchIter> {
+    let config = LoaderConfig::train(batch, seed);
+    Ok(match data {
+        TaskData::Images { train, .. } => {
+            Box::new(Loader::new(train.clone(), config, step)?.map(|b| b.map(image_batch)))
+        }
+        TaskData::Text {
+            train: TextTrain::Packed(train),
+            ..
+        } => Box::new(Loader::new(train.clone(), config, step)?.map(|b| b.and_then(mlm_batch))),
+        TaskData::Text {
+            train: TextTrain::Stream(shards),
+            ..
+        } => Box::new(
+            TextStreamLoader::new(shards.clone(), batch, step, config.prefetch)?
+                .map(|b| b.and_then(mlm_batch)),
+        ),
+    })
+}
+
+/// A service may move a trainer to another thread (one thread at a time drives it).
+#[allow(dead_code)]
+fn trainer_is_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Trainer>();
 }

@@ -3,6 +3,10 @@
  *
  * Every function returns a status (RECYCLE_OK = 0 on success) and never unwinds into C; on
  * failure recycle_last_error() gives a message for the calling thread. See README.md.
+ *
+ * Threads: a trainer is driven by one thread at a time (calls on the same trainer must not
+ * overlap; it may move to another thread between calls); different trainers may train in
+ * different threads at the same time. recycle_kd_loss may be called from any thread.
  */
 
 #ifndef RECYCLE_H
@@ -186,6 +190,66 @@ typedef struct RecycleLoss {
   size_t kd_rows;
 } RecycleLoss;
 
+/**
+ * What one step did. `kd` is NaN on a step that did not distill.
+ */
+typedef struct RecycleStep {
+  /**
+   * The index of the step that ran (0-based).
+   */
+  uint64_t step;
+  /**
+   * Its learning rate.
+   */
+  float lr;
+  /**
+   * Cross-entropy.
+   */
+  float ce;
+  /**
+   * The distillation term before its weight (NaN when the step did not distill).
+   */
+  float kd;
+  /**
+   * `ce + weight * kd`.
+   */
+  float loss;
+  /**
+   * Teacher forwards this step ran.
+   */
+  uint64_t teacher_forwards;
+  /**
+   * 1 when the step met a NaN or infinity and was skipped (`train.on_nonfinite = "skip"`).
+   */
+  int32_t skipped;
+} RecycleStep;
+
+/**
+ * The student on one batch, in evaluation mode.
+ */
+typedef struct RecycleEval {
+  /**
+   * Mean cross-entropy over the rows (images, or labelled positions).
+   */
+  float loss;
+  /**
+   * `correct / rows`: top-1 accuracy, or masked-token accuracy.
+   */
+  float accuracy;
+  uint64_t correct;
+  uint64_t rows;
+} RecycleEval;
+
+/**
+ * The shape of the teacher logits `recycle_trainer_teacher_logits_*` writes:
+ * `[teachers, rows, classes]` floats.
+ */
+typedef struct RecycleLogitsShape {
+  uint64_t teachers;
+  uint64_t rows;
+  uint64_t classes;
+} RecycleLogitsShape;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -291,6 +355,137 @@ int32_t recycle_kd_loss(const struct RecycleLossConfig *config,
                         float *grad,
                         size_t grad_len,
                         struct RecycleLoss *out);
+
+/**
+ * Runs the next training step on the caller's images: `images` holds `images_len` floats,
+ * `[n, channels, height, width]` row-major (`images_len` must be their product); `labels`
+ * holds `labels_len = n` class indices, `int32_t` or `int64_t` as `label_type` says
+ * (`RECYCLE_LABELS_I32` / `RECYCLE_LABELS_I64`). The step is the one `recycle_trainer_run_steps`
+ * runs (learning rate, distillation, logging, evaluations and checkpoints as the recipe
+ * says), on this batch instead of the data set's. Writes what it did to `*out` unless NULL.
+ * Wrong sizes, a label outside the model's classes or a channel count it does not take are
+ * `RECYCLE_ERROR_INVALID_ARGUMENT` or `RECYCLE_ERROR_ENGINE` with a message, and nothing trains.
+ *
+ * # Safety
+ * `trainer` comes from `recycle_trainer_new` and no other thread uses it during the call;
+ * `images` points to `images_len` readable floats, `labels` to `labels_len` readable
+ * integers of the stated type; `out` is NULL or writable.
+ */
+int32_t recycle_trainer_step_images(struct RecycleTrainer *trainer,
+                                    const float *images,
+                                    uint64_t images_len,
+                                    const void *labels,
+                                    uint64_t labels_len,
+                                    int32_t label_type,
+                                    uint64_t n,
+                                    uint64_t channels,
+                                    uint64_t height,
+                                    uint64_t width,
+                                    struct RecycleStep *out);
+
+/**
+ * Runs the next training step on the caller's token batch (masked language modelling):
+ * `input_ids`, `attention_mask` (1 for tokens, 0 for padding) and `labels` (the token to
+ * predict at each position, -100 where nothing is predicted) each hold `len = batch *
+ * seq_len` integers, row-major, `int32_t` or `int64_t` as `index_type` says. Otherwise as
+ * `recycle_trainer_step_images`.
+ *
+ * # Safety
+ * `trainer` comes from `recycle_trainer_new` and no other thread uses it during the call;
+ * each buffer points to `len` readable integers of the stated type; `out` is NULL or
+ * writable.
+ */
+int32_t recycle_trainer_step_tokens(struct RecycleTrainer *trainer,
+                                    const void *input_ids,
+                                    const void *attention_mask,
+                                    const void *labels,
+                                    uint64_t len,
+                                    int32_t index_type,
+                                    uint64_t batch,
+                                    uint64_t seq_len,
+                                    struct RecycleStep *out);
+
+/**
+ * The student's loss and accuracy on the caller's images (arguments as
+ * `recycle_trainer_step_images`), in evaluation mode; nothing trains. Writes `*out`.
+ *
+ * # Safety
+ * As `recycle_trainer_step_images`; `out` is writable.
+ */
+int32_t recycle_trainer_evaluate_images(struct RecycleTrainer *trainer,
+                                        const float *images,
+                                        uint64_t images_len,
+                                        const void *labels,
+                                        uint64_t labels_len,
+                                        int32_t label_type,
+                                        uint64_t n,
+                                        uint64_t channels,
+                                        uint64_t height,
+                                        uint64_t width,
+                                        struct RecycleEval *out);
+
+/**
+ * The student's loss and masked-token accuracy on the caller's token batch (arguments as
+ * `recycle_trainer_step_tokens`), in evaluation mode; nothing trains. Writes `*out`.
+ *
+ * # Safety
+ * As `recycle_trainer_step_tokens`; `out` is writable.
+ */
+int32_t recycle_trainer_evaluate_tokens(struct RecycleTrainer *trainer,
+                                        const void *input_ids,
+                                        const void *attention_mask,
+                                        const void *labels,
+                                        uint64_t len,
+                                        int32_t index_type,
+                                        uint64_t batch,
+                                        uint64_t seq_len,
+                                        struct RecycleEval *out);
+
+/**
+ * The logits of the teachers the next step would run, on the caller's images (arguments as
+ * `recycle_trainer_step_images`): written to `logits`, `[teachers, rows = n, classes]` floats
+ * (`logits_len` at least their product), their shape to `*shape`. Pass `logits` NULL and
+ * `logits_len` 0 to learn the shape alone. A run without teachers is an error.
+ *
+ * # Safety
+ * As `recycle_trainer_step_images`; `logits` is NULL or points to `logits_len` writable
+ * floats; `shape` is writable.
+ */
+int32_t recycle_trainer_teacher_logits_images(struct RecycleTrainer *trainer,
+                                              const float *images,
+                                              uint64_t images_len,
+                                              const void *labels,
+                                              uint64_t labels_len,
+                                              int32_t label_type,
+                                              uint64_t n,
+                                              uint64_t channels,
+                                              uint64_t height,
+                                              uint64_t width,
+                                              float *logits,
+                                              uint64_t logits_len,
+                                              struct RecycleLogitsShape *shape);
+
+/**
+ * The logits of the teachers the next step would run, on the caller's token batch
+ * (arguments as `recycle_trainer_step_tokens`), at the labelled positions: `[teachers, rows,
+ * vocab]` floats, `rows` the number of labels other than -100. Otherwise as
+ * `recycle_trainer_teacher_logits_images`.
+ *
+ * # Safety
+ * As `recycle_trainer_step_tokens`; `logits` is NULL or points to `logits_len` writable
+ * floats; `shape` is writable.
+ */
+int32_t recycle_trainer_teacher_logits_tokens(struct RecycleTrainer *trainer,
+                                              const void *input_ids,
+                                              const void *attention_mask,
+                                              const void *labels,
+                                              uint64_t len,
+                                              int32_t index_type,
+                                              uint64_t batch,
+                                              uint64_t seq_len,
+                                              float *logits,
+                                              uint64_t logits_len,
+                                              struct RecycleLogitsShape *shape);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -7,6 +7,10 @@
 //! `recycle_last_error()` gives a message for the calling thread naming the argument and what
 //! to do. Nothing unwinds into C: each body runs under `catch_unwind`, and a panic (a bug)
 //! becomes `RECYCLE_ERROR_PANIC`. The functions are thin: the work is the `recycle` crate's.
+//!
+//! Threads: a trainer is driven by one thread at a time (calls on the same trainer must not
+//! overlap; it may move between threads between calls); different trainers may train in
+//! different threads at once. `recycle_kd_loss` may be called from any number of threads.
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -16,6 +20,9 @@ use std::path::Path;
 use recycle::distill::{kd_loss_cpu, KdLoss};
 use recycle::recipe::Recipe;
 use recycle::trainer::{RunOptions, Trainer, TrainerMetrics};
+
+mod batches;
+pub use batches::*;
 
 /// Success.
 pub const RECYCLE_OK: i32 = 0;
@@ -221,6 +228,12 @@ unsafe fn trainer_mut<'a>(t: *mut RecycleTrainer, func: &str) -> Result<&'a mut 
             ),
         ),
     }
+}
+
+/// # Safety
+/// As [`trainer_mut`]; the call only reads the trainer.
+unsafe fn trainer_ref<'a>(t: *mut RecycleTrainer, func: &str) -> Result<&'a Trainer, Failure> {
+    trainer_mut(t, func).map(|t| &*t)
 }
 
 fn metrics_to_c(m: &TrainerMetrics) -> RecycleMetrics {

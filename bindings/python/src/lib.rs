@@ -14,6 +14,8 @@ use recycle::experiments::{build_report, find_runs, PlotOptions};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
 
+mod trainer_class;
+
 static RECYCLE_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
 
 /// `recycle.RecycleError`: a subclass of both RuntimeError and ValueError, so that either
@@ -366,5 +368,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kd_loss_raw, m)?)?;
     m.add_class::<PyTeacherStrategy>()?;
     m.add_class::<PyKdSchedule>()?;
+    m.add_class::<trainer_class::PyTrainer>()?;
+    m.add_function(wrap_pyfunction!(trainer_class::replay_steps, m)?)?;
     Ok(())
 }

@@ -2,10 +2,8 @@
 and schedule, and a tiny training run (on a small Fashion-MNIST-shaped data set written here)
 with its report."""
 
-import gzip
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -211,29 +209,6 @@ def test_kd_schedule():
 # ------------------------------------------------------------------------------------------
 # Training and the report
 # ------------------------------------------------------------------------------------------
-
-
-def write_idx_gz(path, magic, array):
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    """A Fashion-MNIST-shaped folder: 28x28 images, 10 balanced classes, each class a bright
-    square at its own place on a noisy background (so that training has something to learn)."""
-    d = tmp_path_factory.mktemp("fashion-mnist")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 300), ("t10k", 150)):
-        labels = ((np.arange(n) * 7 + 3) % 10).astype(np.uint8)
-        images = rng.integers(0, 48, size=(n, 28, 28), dtype=np.uint8)
-        for i, c in enumerate(labels):
-            top, left = 2 + (c // 4) * 8, 1 + (c % 4) * 6
-            images[i, top : top + 7, left : left + 7] = rng.integers(180, 256, size=(7, 7))
-        write_idx_gz(d / f"{prefix}-images-idx3-ubyte.gz", 0x0803, images)
-        write_idx_gz(d / f"{prefix}-labels-idx1-ubyte.gz", 0x0801, labels)
-    return d
 
 
 def tiny_recipe(out_dir, name, data_dir):
