@@ -10,8 +10,9 @@
 //! - `checkpoint`: safetensors save/load;
 //! - `gradcheck`: finite-difference checks used by every op's tests;
 //! - `host_copy`: the host's copy of a device storage's i32 values (no downloads to read ids);
-//! - `kd`: the fused distillation loss's host side (the one `KdKind`, kernel choice, row
-//!   counts, scalars, the f64 reference of a row), shared by its CPU and CUDA arms;
+//! - `kd_loss`: the fused distillation loss, its family in one place: the one `KdKind`, the
+//!   host side both arms share (kernel choice, row counts, scalars), the f64 reference of a
+//!   row, the CPU twin and the op on the tape (its CUDA arm is `cuda::kd_loss`);
 //! - `memory`: allocator settings for the large short-lived buffers of a step, and an opt-in
 //!   counting allocator (heap bytes in use and their peak).
 
@@ -22,7 +23,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gradcheck;
-pub mod kd;
+pub mod kd_loss;
 // Without the `cuda` feature no device storage exists to hold a host copy; the module is
 // still built (and tested) there, since its logic is plain host code.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
