@@ -5,6 +5,8 @@
 //! - `tensor`, `storage`, `dtype`, `device`: values and where they live;
 //! - `autograd`: the recording / inference tape;
 //! - `ops`: one file per op family, forward and backward, CPU reference implementations;
+//! - `backend`: backend-level functions beneath the ops, each dispatching by device to a CPU
+//!   arm or a CUDA arm, with no tape (the softmax family so far);
 //! - `params`: a model's flat parameter and gradient buffers;
 //! - `optim`: SGDW, AdamW and learning-rate schedules over flat buffers;
 //! - `checkpoint`: safetensors save/load;
@@ -17,6 +19,7 @@
 //!   counting allocator (heap bytes in use and their peak).
 
 pub mod autograd;
+pub mod backend;
 pub mod checkpoint;
 pub mod cuda;
 pub mod device;
