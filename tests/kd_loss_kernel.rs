@@ -4,15 +4,15 @@
 //! and BERT's 30522 — for KL and MSE, one to four teachers averaged in the kernel, f32 and bf16
 //! logits, a row mask, ignored labels, and the gradient written in place or beside the logits.
 //!
-//! The kernel's scalars come from `recycle_kernels::kd` (row counts, normalisers), as in the
+//! The kernel's scalars come from `recycle_kernels::kd_loss` (row counts, normalisers), as in the
 //! engine's launcher. What the simulator cannot show is the GPU's own `expf`/`logf`; gpu-check
 //! compares the same loss on a real GPU.
 
 use half::bf16;
 use recycle::distill::{kd_loss_cpu, KdLoss};
-use recycle_engine::kd::{self, KdKind, KdScalars, Storage};
+use recycle_engine::kd_loss::{self as kd, KdKind, KdScalars, Storage};
 use recycle_kernels::call::{KernelCall, Ptr};
-use recycle_kernels::kd::{row_call, RowArgs, TeacherLogits};
+use recycle_kernels::kd_loss::{row_call, RowArgs, TeacherLogits};
 use recycle_kernels::launch;
 use recycle_kernels::launchers;
 use recycle_kernels::sim::{HostSim, SimBuffer};

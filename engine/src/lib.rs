@@ -5,24 +5,28 @@
 //! - `tensor`, `storage`, `dtype`, `device`: values and where they live;
 //! - `autograd`: the recording / inference tape;
 //! - `ops`: one file per op family, forward and backward, CPU reference implementations;
+//! - `backend`: backend-level functions beneath the ops, each dispatching by device to a CPU
+//!   arm or a CUDA arm, with no tape (the softmax family so far);
 //! - `params`: a model's flat parameter and gradient buffers;
 //! - `optim`: SGDW, AdamW and learning-rate schedules over flat buffers;
 //! - `checkpoint`: safetensors save/load;
 //! - `gradcheck`: finite-difference checks used by every op's tests;
 //! - `host_copy`: the host's copy of a device storage's i32 values (no downloads to read ids);
-//! - `kd`: the fused distillation loss's host side (the one `KdKind`, kernel choice, row
-//!   counts, scalars, the f64 reference of a row), shared by its CPU and CUDA arms;
+//! - `kd_loss`: the fused distillation loss, its family in one place: the one `KdKind`, the
+//!   host side both arms share (kernel choice, row counts, scalars), the f64 reference of a
+//!   row, the CPU twin and the op on the tape (its CUDA arm is `cuda::kd_loss`);
 //! - `memory`: allocator settings for the large short-lived buffers of a step, and an opt-in
 //!   counting allocator (heap bytes in use and their peak).
 
 pub mod autograd;
+pub mod backend;
 pub mod checkpoint;
 pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gradcheck;
-pub mod kd;
+pub mod kd_loss;
 // Without the `cuda` feature no device storage exists to hold a host copy; the module is
 // still built (and tested) there, since its logic is plain host code.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

@@ -381,7 +381,7 @@ fn rust_type(file: &str, kernel: &str, p: &CParam, generic: Option<&str>) -> Str
         "int32_t" | "int" => Some("i32"),
         "uint32_t" => Some("u32"),
         "uint64_t" => Some("u64"),
-        "TeacherLogits" if !pointer => Some("crate::kd::TeacherLogits"),
+        "TeacherLogits" if !pointer => Some("crate::kd_loss::TeacherLogits"),
         b if pointer && Some(b) == generic => Some("T"),
         _ => None,
     };

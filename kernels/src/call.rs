@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
 
-use crate::kd::TeacherLogits;
+use crate::kd_loss::TeacherLogits;
 use crate::launch::{LaunchConfig, MAX_BLOCK};
 
 /// A device pointer to `T` values (`CUdeviceptr`; 0 is a null pointer, which only the

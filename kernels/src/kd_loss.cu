@@ -2,7 +2,7 @@
 // per row (two sweeps over the row, which stays in L2 between them), without storing any
 // probability matrix.
 //
-// CPU twin: src/distill/loss.rs, `kd_loss_cpu` (root crate `recycle`). Per row r of C classes,
+// CPU twin: engine/src/kd_loss/cpu.rs, `kd_loss_cpu` (`recycle_engine::kd_loss`). Per row r of C classes,
 // with student logits s, the mean t of k teachers' logits (summed in teacher order, then divided
 // by k, in f32), label y and mask m:
 //   - rows with m[r] == 0 count for nothing: zero gradient, zero losses;
@@ -18,7 +18,7 @@
 // before launching (it validates them) while the kernel sees one row: ce_weight = 1 / (rows
 // with a label), kd_weight = 1 / (counted rows), and kd_scale = lambda * T * kd_weight (KL) or
 // lambda * 2 * kd_weight / C (MSE), each computed in f32 in the CPU's order
-// (`recycle_kernels::kd::KdScalars`); an upstream gradient other than 1 is folded into
+// (`recycle_engine::kd_loss::KdScalars`); an upstream gradient other than 1 is folded into
 // ce_weight and kd_scale. The gradient is written as the student's type (bf16 or f32) to
 // `grad`, which may be the logits buffer itself (in place): each element is read, in both
 // sweeps, by the thread that writes it.

@@ -12,8 +12,8 @@
 //! - [`launchers`]: one typed launcher per kernel and every kernel's signature, generated from
 //!   the `.cu` files ([`call`]: what a launcher builds);
 //! - [`launch`]: grid, block and scratch sizes from shapes;
-//! - [`kd`]: the fused loss's teacher pointers as the kernel takes them and its typed row launch
-//!   (the other host-side arguments are in `recycle_engine::kd`);
+//! - [`kd_loss`]: the fused loss's teacher pointers as the kernel takes them and its typed row launch
+//!   (the other host-side arguments are in `recycle_engine::kd_loss`);
 //! - [`fatbin`]: reading a fatbin (its images, their kernels, which one a GPU runs);
 //! - [`sim`]: the host simulator, which runs the kernels' source on CPU threads (no GPU needed).
 //!
@@ -73,7 +73,7 @@ pub use generated::{
 
 pub mod call;
 pub mod fatbin;
-pub mod kd;
+pub mod kd_loss;
 pub mod launch;
 pub mod sim;
 

@@ -1,6 +1,6 @@
 // Softmax family: softmax and log-softmax over the last dimension, forward and backward.
 //
-// CPU twins (engine/src/ops/softmax.rs):
+// CPU twins (engine/src/backend/softmax.rs):
 //   softmax_fwd_T          softmax_forward_cpu:      y = exp(x - max) * (1 / sum)
 //   log_softmax_fwd_T      log_softmax_forward_cpu:  y = (x - max) - ln(sum)
 //   softmax_bwd_T          softmax_backward_cpu:     dx = y * (dy - <dy, y>)

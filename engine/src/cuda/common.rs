@@ -13,7 +13,7 @@
 //! Conventions that differ from the CPU ops: an op's output has its input's dtype (bf16
 //! activations stay bf16; the CPU ops widen everything to f32), and the inputs of one kernel
 //! share a dtype (a gradient of another dtype is cast first). Each family has its own file
-//! (`elementwise.rs`, `softmax.rs`, `loss.rs`, `optim.rs`, `matmul.rs`, `conv.rs`, `norm.rs`,
+//! (`elementwise.rs`, `softmax.rs`, `loss.rs`, `kd_loss.rs`, `optim.rs`, `matmul.rs`, `conv.rs`, `norm.rs`,
 //! `gather.rs`, `dropout.rs`, `pool.rs`, `layout.rs`); this file keeps the shared helpers.
 
 use std::sync::Arc;

@@ -38,8 +38,8 @@
 //!   the parameter array to `cuLaunchKernel`.
 //! - **Ops**: the CUDA arm of every op, one file per family —
 //!   `elementwise` (elementwise ops, activations, copies, casts, accumulation), `softmax`,
-//!   `loss` (cross-entropy and the fused distillation loss [`kd_loss`]), `optim` (the SGDW and
-//!   AdamW steps), `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN
+//!   `loss` (cross-entropy), `kd_loss` (the fused distillation loss [`kd_loss`]), `optim`
+//!   (the SGDW and AdamW steps), `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN
 //!   convolutions), `norm` (layer and batch norm), `gather` (embedding, gather_rows),
 //!   `dropout`, `pool`, `layout` (permute/narrow/concat, reductions, broadcasting),
 //!   `attention` (composed of those).
@@ -71,6 +71,8 @@ pub(crate) mod dropout;
 pub(crate) mod elementwise;
 #[cfg(feature = "cuda")]
 pub(crate) mod gather;
+#[cfg(feature = "cuda")]
+mod kd_loss;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 #[cfg(feature = "cuda")]
@@ -415,10 +417,10 @@ pub struct KdLossDevice {
 /// `teachers` (1 to 8 `[N, C]` logits on the same GPU; none, or `lambda == 0`, for CE alone),
 /// `labels` i32 `[N]` and an optional row `mask` `[N]` (non-zero = the row counts; labels and
 /// mask may be on the host or the GPU), with `upstream` the gradient of the total (1 for
-/// `backward(loss)`). The CPU twin is the root crate's `kd_loss_cpu`.
+/// `backward(loss)`). The CPU twin is `crate::kd_loss::kd_loss_cpu`.
 #[allow(clippy::too_many_arguments)]
 pub fn kd_loss(
-    term: Option<crate::kd::KdKind>,
+    term: Option<crate::kd_loss::KdKind>,
     lambda: f32,
     ignore_index: i32,
     student: &Tensor,
@@ -429,7 +431,7 @@ pub fn kd_loss(
 ) -> Result<KdLossDevice> {
     #[cfg(feature = "cuda")]
     {
-        loss::kd_loss(
+        kd_loss::kd_loss(
             term,
             lambda,
             ignore_index,

@@ -1,12 +1,14 @@
-//! The CUDA arm of `softmax` and `log_softmax` over the last dimension: the `softmax` kernel
-//! family (`softmax.cu`).
+//! The CUDA arm of the softmax family's backend-level functions (`crate::backend::softmax`):
+//! the `softmax` kernels (`softmax.cu`). No tape here: the op and its one backward are in
+//! `crate::ops::softmax`.
 
 use recycle_kernels::launchers as k;
 
 use super::common::{as_dtype, empty, p, rows_cfg, run, view, with_float};
 use super::elementwise::float_inputs;
 use super::launch::{fit_u32, KernelCall};
-use crate::{DType, Result, Tape, Tensor, Var};
+use crate::backend::SoftmaxKind;
+use crate::{DType, Result, Tensor};
 
 fn softmax_fwd_plan(
     log: bool,
@@ -57,45 +59,39 @@ fn softmax_bwd_plan(
     }]))
 }
 
-/// The CUDA arm of `softmax` / `log_softmax` over the last dimension (rank checked by the
-/// caller).
-pub(crate) fn softmax(tape: &Tape, x: &Var, log: bool) -> Result<Var> {
-    let op = if log { "log_softmax" } else { "softmax" };
-    let dtype = float_inputs(op, &[x.tensor()])?;
-    let cols = *x.shape().last().unwrap_or(&1);
-    let rows = x.tensor().elem_count().checked_div(cols).unwrap_or(0);
-    let xv = view(x.tensor(), op)?;
+/// The CUDA arm of [`crate::backend::softmax::softmax_fwd`] (rank and dtype checked there):
+/// the output keeps the input's dtype.
+pub(crate) fn softmax_fwd(x: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
+    let (op, log) = (kind.op_name(), kind == SoftmaxKind::LogSoftmax);
+    let dtype = float_inputs(op, &[x])?;
+    let (rows, cols) = rows_and_cols(x);
+    let xv = view(x, op)?;
     let out = empty(&xv.ctx, dtype, x.shape())?;
     run(
         &xv.ctx,
         &softmax_fwd_plan(log, xv.ptr, view(&out, op)?.ptr, rows, cols, dtype)?,
     )?;
-    let y = out.clone();
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            let gx = needs[0]
-                .then(|| -> Result<Tensor> {
-                    let g = as_dtype(g, dtype)?;
-                    let (yv, gv) = (view(&y, op)?, view(&g, op)?);
-                    let dx = empty(&yv.ctx, dtype, g.shape())?;
-                    let plan = softmax_bwd_plan(
-                        log,
-                        yv.ptr,
-                        gv.ptr,
-                        view(&dx, op)?.ptr,
-                        rows,
-                        cols,
-                        dtype,
-                    )?;
-                    run(&yv.ctx, &plan)?;
-                    Ok(dx)
-                })
-                .transpose()?;
-            Ok(vec![gx])
-        }),
-    ))
+    Ok(out)
+}
+
+/// The CUDA arm of [`crate::backend::softmax::softmax_bwd`]: `dy` is cast to the output's
+/// dtype, and so is the gradient.
+pub(crate) fn softmax_bwd(y: &Tensor, dy: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
+    let (op, log) = (kind.op_name(), kind == SoftmaxKind::LogSoftmax);
+    let dtype = float_inputs(op, &[y])?;
+    let (rows, cols) = rows_and_cols(y);
+    let g = as_dtype(dy, dtype)?;
+    let (yv, gv) = (view(y, op)?, view(&g, op)?);
+    let dx = empty(&yv.ctx, dtype, g.shape())?;
+    let plan = softmax_bwd_plan(log, yv.ptr, gv.ptr, view(&dx, op)?.ptr, rows, cols, dtype)?;
+    run(&yv.ctx, &plan)?;
+    Ok(dx)
+}
+
+/// Rows and row length of a tensor normalised over its last dimension.
+fn rows_and_cols(t: &Tensor) -> (usize, usize) {
+    let cols = *t.shape().last().unwrap_or(&1);
+    (t.elem_count().checked_div(cols).unwrap_or(0), cols)
 }
 
 #[cfg(test)]
@@ -118,10 +114,10 @@ mod tests {
     /// lengths from one warp's worth to BERT's vocabulary (strided rows), forward and backward.
     #[test]
     fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::backend::softmax as cpu;
         use crate::cuda::sim_check::{
             as_stored, assert_close, download, host_sim, run_plan, sample, upload,
         };
-        use crate::ops::softmax as cpu;
         let Some(sim) = host_sim() else { return };
         for (rows, cols) in [(3usize, 10usize), (2, 1000), (2, 30_522)] {
             for dt in [DType::F32, DType::BF16] {

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::softmax::rows_per_task;
+use crate::backend::softmax::rows_per_task;
 use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,7 +1,7 @@
 //! The ABI of the fused distillation loss (`src/kd_loss.cu`) that the generated launchers do
 //! not spell: the teachers' pointers as the kernel takes them (by value), and the typed launch
 //! of the row kernel a name picks. The host-side arguments (kernel choice, row counts, scalars)
-//! and the f64 reference live with the loss's other host code in `recycle_engine::kd`.
+//! and the f64 reference live with the loss's other host code in `recycle_engine::kd_loss`.
 
 use std::fmt;
 
@@ -69,7 +69,7 @@ pub struct RowArgs {
     pub kd_scale: f32,
 }
 
-/// The launch of the row kernel `kernel` (a name `recycle_engine::kd::kernel_name` gives), through its typed
+/// The launch of the row kernel `kernel` (a name `recycle_engine::kd_loss::kernel_name` gives), through its typed
 /// launcher.
 pub fn row_call(kernel: &str, config: LaunchConfig, a: &RowArgs) -> Result<KernelCall, KdError> {
     macro_rules! call {
