@@ -267,3 +267,32 @@ def test_dlpack_tensors_feed_the_trainer_in_place(tmp_path, fashion_dir, example
     assert a.evaluate(Tensor(xs[0]), Tensor(ys[0]))["rows"] == 8
     with pytest.raises(RecycleError, match="on meta"):
         a.step(Tensor(xs[0], device="meta"), Tensor(ys[0]))
+
+
+torch = None
+try:
+    import torch
+except ImportError:
+    pass
+
+
+# The same through PyTorch itself, where it is installed (CI does not install it; the test above
+# covers the binding's side of the exchange without it).
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+def test_a_torch_dataloader_feeds_the_trainer(tmp_path, fashion_dir, example):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    xs, ys = zip(*(example.batch(s, 8) for s in range(8)))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y).long()), batch_size=8)
+    a = recycle.Trainer(image_recipe(tmp_path, "torch", fashion_dir), overwrite=True)
+    b = recycle.Trainer(image_recipe(tmp_path, "numpy", fashion_dir), overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 and int64 tensors: read in place
+        got = [a.step(images.requires_grad_(), labels) for images, labels in loader]
+    want = [b.step(xi, yi) for xi, yi in zip(xs, ys)]
+    assert [bits(g["loss"]) for g in got] == [bits(w["loss"]) for w in want]
+    assert a.evaluate(torch.from_numpy(x[:8]), torch.from_numpy(y[:8]))["rows"] == 8
+    with pytest.raises(RecycleError, match="on meta"):
+        a.step(torch.zeros((8, 1, 28, 28), device="meta"), torch.zeros(8, dtype=torch.long))
+
