@@ -10,11 +10,13 @@ use std::process::Command;
 use recycle::data::sources::FASHION_MNIST;
 use recycle::data::test_support::{fixture_data, use_fixture_data};
 
-/// The directory holding `librecycle_c.so` built for this test (`target/<profile>`).
+/// The directory holding `librecycle_c.so` built for this test: `target/<profile>/deps`, where
+/// `cargo test` puts it (the copy in `target/<profile>` is only refreshed by `cargo build`, so
+/// it may be older than the sources).
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    for dir in [deps.parent().unwrap(), deps] {
+    for dir in [deps, deps.parent().unwrap()] {
         if dir.join(library_name()).exists() {
             return dir.to_path_buf();
         }
@@ -119,6 +121,9 @@ fn compile_shared(src: &Path, exe: &Path) {
         .arg("-o")
         .arg(exe)
         .arg(format!("-L{}", lib.display()))
+        // DT_RPATH, not DT_RUNPATH: searched before LD_LIBRARY_PATH, which `cargo test` points
+        // at `target/<profile>` too, where an older copy of the library may lie.
+        .arg("-Wl,--disable-new-dtags")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .args(["-lrecycle_c", "-lm", "-pthread"])
         .status()
