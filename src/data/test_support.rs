@@ -29,12 +29,15 @@ pub const FIXTURE_TEST_IMAGES: usize = 300;
 /// Fortunes written by [`use_fixture_data`]: enough for the tiny MLM demo preset.
 pub const FIXTURE_FORTUNES: usize = 2400;
 
-/// Writes `bytes` to `path` through a temporary file in the same folder.
+/// Writes `bytes` to `path` through a temporary file in the same folder, named by process and
+/// by call, so that tests of one binary writing the same fixture at once do not share it.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{call}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
