@@ -4,6 +4,7 @@ with its report."""
 
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
