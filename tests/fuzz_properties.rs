@@ -111,6 +111,14 @@ fn crashing_inputs_found_by_fuzzing_stay_fixed() {
     let err = recycle::data::image_decode::decode_rgb(&jpeg, MAX_PIXELS).unwrap_err();
     assert!(err.contains("table not found"), "{err}");
 
+    // A JPEG on which zune-jpeg 0.5.15 panics (an unwrap in its AVX2 IDCT): caught, an error
+    // ("the decoder failed on this file"; on a CPU without AVX2 the decoder's own error).
+    let jpeg = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg-avx2-idct-panic.jpg"),
+    )
+    .unwrap();
+    assert!(recycle::data::image_decode::decode_rgb(&jpeg, MAX_PIXELS).is_err());
+
     // 283 bytes declaring a 13824x8199 progressive JPEG (113 megapixels, under Pillow's
     // limit): its decode outlasted libFuzzer's 10 s timeout. A caller's pixel limit refuses it
     // from the header, before any allocation.

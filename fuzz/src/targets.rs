@@ -234,6 +234,7 @@ pub fn hf_config(data: &[u8]) {
 /// training and evaluation splits they give finite `3 x 8 x 8` views or an error naming the
 /// file.
 pub fn image(data: &[u8]) {
+    let_decoder_panics_unwind();
     // decode_rgb checks its own output sizes; the views below decode through it.
     static POOL: OnceLock<std::sync::Arc<rayon::ThreadPool>> = OnceLock::new();
     let pool = POOL.get_or_init(|| FolderSplit::decode_pool(1).expect("one decoding thread"));
@@ -280,4 +281,27 @@ pub fn image(data: &[u8]) {
             }
         }
     }
+}
+
+/// The JPEG and PNG decoders are third-party code that can panic on hostile bytes (zune-jpeg
+/// 0.5.15 unwraps in its AVX2 IDCT): `decode_rgb` runs them inside `catch_unwind` and turns a
+/// panic into an error naming the file, which the target then checks. libFuzzer's panic hook
+/// aborts on every panic, before any unwinding; this hook lets a panic raised inside those
+/// crates unwind to that catch, and hands every other panic to libFuzzer's hook, a finding.
+fn let_decoder_panics_unwind() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let fuzzer_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_decoder = info.location().is_some_and(|l| {
+                let file = l.file();
+                ["/zune-jpeg-", "/zune-core-", "/png-"]
+                    .iter()
+                    .any(|c| file.contains(c))
+            });
+            if !in_decoder {
+                fuzzer_hook(info);
+            }
+        }));
+    });
 }
