@@ -7,32 +7,11 @@
 //! `RECYCLE_ERROR_PANIC`, which counts as a finding here). The C binding's property test
 //! (`bindings/c/tests/fuzz_kd_loss.rs`) includes this file.
 
+use crate::cursor::Cursor;
 use recycle::distill::{kd_loss_cpu, KdLoss};
 use recycle_c::{
     recycle_kd_loss, RecycleLoss, RecycleLossConfig, RECYCLE_ERROR_PANIC, RECYCLE_LABELS_I32,
 };
-
-/// Reads fields off the front of the input, zero when it runs out.
-struct Cursor<'a>(&'a [u8]);
-
-impl Cursor<'_> {
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.bytes::<1>()[0]
-    }
-    fn f32(&mut self) -> f32 {
-        f32::from_le_bytes(self.bytes())
-    }
-    fn i32(&mut self) -> i32 {
-        i32::from_le_bytes(self.bytes())
-    }
-}
 
 /// One call of `recycle_kd_loss` and one of `kd_loss_cpu` on fields decoded from `data`.
 pub fn kd_loss_abi(data: &[u8]) {

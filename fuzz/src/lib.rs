@@ -3,5 +3,6 @@
 //! `docs/reliability.md (Fuzzing)` for how to run them and what they found.
 
 pub mod abi;
+pub mod cursor;
 pub mod targets;
 pub mod trainer_abi;

@@ -12,6 +12,7 @@
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
 
+use crate::cursor::Cursor;
 use recycle::data::test_support::write_fashion_mnist;
 use recycle_c::{
     recycle_last_error, recycle_trainer_evaluate_images, recycle_trainer_evaluate_tokens,
@@ -21,26 +22,7 @@ use recycle_c::{
     RECYCLE_OVERWRITE,
 };
 
-/// Reads fields off the front of the input, zero when it runs out.
-struct Cursor<'a>(&'a [u8]);
-
 impl Cursor<'_> {
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.bytes::<1>()[0]
-    }
-    fn f32(&mut self) -> f32 {
-        f32::from_le_bytes(self.bytes())
-    }
-    fn i32(&mut self) -> i32 {
-        i32::from_le_bytes(self.bytes())
-    }
     /// A dimension: small mostly, sometimes 0, huge, or the image side the model expects.
     /// Two bytes (a tag and a value), or the tag and eight bytes for a huge one.
     fn dim(&mut self) -> u64 {

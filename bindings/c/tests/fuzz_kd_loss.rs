@@ -5,6 +5,8 @@
 
 #[path = "../../../fuzz/src/abi.rs"]
 mod abi;
+#[path = "../../../fuzz/src/cursor.rs"]
+mod cursor;
 #[path = "../../../fuzz/src/mutate.rs"]
 mod mutate;
 

@@ -3,6 +3,8 @@
 //! trainer; no call may panic. The coverage-guided run (cargo-fuzz, AddressSanitizer) goes
 //! further; see docs/reliability.md (Fuzzing).
 
+#[path = "../../../fuzz/src/cursor.rs"]
+mod cursor;
 #[path = "../../../fuzz/src/mutate.rs"]
 mod mutate;
 #[path = "../../../fuzz/src/trainer_abi.rs"]
