@@ -253,6 +253,9 @@ impl KdBench {
         if let Device::Cuda(n) = device {
             cuda::device_info(n)?;
         }
+        // The heap is counted from here on (where the binary installed the counter): what the
+        // bench builds and steps, not what came before.
+        memory::start_heap_counting();
         let place = |m: Model| -> Result<Model> {
             let m = match activations {
                 Some(dtype) => m.with_activations(dtype)?,

@@ -475,8 +475,8 @@ fn recipe_on_device(path: &Path, device: Option<&str>) -> Result<Recipe> {
 }
 
 /// Counts heap bytes so that `recycle bench` on the CPU reports each variant's peak, as the
-/// GPU's allocator does on a device (`recycle_engine::memory`; a few relaxed atomic operations
-/// per allocation).
+/// GPU's allocator does on a device (`recycle_engine::memory`). Only the bench switches the
+/// counting on; every other command pays one relaxed load per allocation.
 #[global_allocator]
 static HEAP: recycle_engine::memory::CountingAllocator = recycle_engine::memory::CountingAllocator;
 

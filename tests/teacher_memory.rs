@@ -27,7 +27,9 @@ use std::sync::Mutex;
 use recycle::bench::{run_bench, BenchSpec, Variant};
 use recycle::distill::{kd_loss, KdLoss, TeacherEntry, TeacherPool, TeacherStrategy};
 use recycle::trainer::{train_step, Architecture, Batch, Model};
-use recycle_engine::memory::{heap_stats, reset_heap_peak, CountingAllocator, HeapStats};
+use recycle_engine::memory::{
+    heap_stats, reset_heap_peak, start_heap_counting, CountingAllocator, HeapStats,
+};
 use recycle_engine::optim::{AdamW, Optimizer, Sgdw};
 use recycle_engine::rng::Rng;
 use recycle_engine::{DType, Device, Tape, Tensor};
@@ -168,6 +170,9 @@ fn settled_forward(teacher: &Model, batch: &Batch) -> ForwardFigures {
 /// model with more layers), checks the bounds, and shows that a leaky teacher breaks them.
 /// Prints the figures (`--nocapture`).
 fn check_teacher_memory(setup: impl FnOnce() -> Setup + Send, deeper: Architecture, label: &str) {
+    // Before anything measured is allocated: a block allocated before counting starts and
+    // freed after would lower the count.
+    start_heap_counting();
     rayon::ThreadPoolBuilder::new()
         .num_threads(THREADS)
         .build()

@@ -15,7 +15,9 @@
 
 mod counting;
 
-pub use counting::{heap_stats, reset_heap_peak, CountingAllocator, HeapStats};
+pub use counting::{
+    heap_stats, reset_heap_peak, start_heap_counting, CountingAllocator, HeapStats,
+};
 
 /// Asks glibc's malloc to serve large blocks from its heap and never trim it, so that memory
 /// freed by one step is reused by the next without page faults. Returns whether the allocator

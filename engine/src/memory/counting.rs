@@ -10,18 +10,24 @@
 //! static HEAP: recycle_engine::memory::CountingAllocator = recycle_engine::memory::CountingAllocator;
 //! ```
 //!
-//! and reads it with [`heap_stats`], which is `None` when the allocator is not installed (a
-//! library used from a binary that did not install it): a missing figure is never reported as
-//! zero. The counters are relaxed atomics, exact in total (every update is one atomic
-//! read-modify-write) but shared by every thread: a measurement window sees what all threads
-//! allocate, so keep other work out of it (tests: one measuring test per binary, or a lock).
+//! and switches counting on with [`start_heap_counting`] (a measurement does, once, before it
+//! allocates what it measures), then reads it with [`heap_stats`], which is `None` when the
+//! allocator is not installed (a library used from a binary that did not install it) or
+//! counting was never started: a missing figure is never reported as zero.
+//!
+//! Until counting starts, an allocation costs one relaxed load beside `System`'s work: the
+//! counters are shared by every thread, and their read-modify-writes, bouncing one cache line
+//! between cores, made allocation-heavy work (a tokenizer on two threads) nearly twice as
+//! slow in a binary that never read them. Once started, the counters are relaxed atomics,
+//! exact in total (every update is one atomic read-modify-write) for the blocks allocated
+//! since: a block allocated before the start and freed after lowers the count by its size
+//! (the figures never go below zero). A measurement window sees what all threads allocate, so
+//! keep other work out of it (tests: one measuring test per binary, or a lock).
 //! `realloc` counts the change of size only: the moment a moving `realloc` holds both blocks
 //! is not counted (the engine's buffers are allocated at their size, so it hardly matters).
-//! Cost: two or three uncontended atomic operations per allocation, invisible beside the
-//! engine's buffers of kilobytes to megabytes.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// The counting global allocator (see the module doc for how to install it).
 #[derive(Debug, Default, Clone, Copy)]
@@ -30,8 +36,11 @@ pub struct CountingAllocator;
 /// Set by the first allocation through [`CountingAllocator`]: the runtime allocates before
 /// `main`, so in a binary that installed it this is true by the time anyone reads.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
-static IN_USE: AtomicU64 = AtomicU64::new(0);
-static PEAK: AtomicU64 = AtomicU64::new(0);
+/// Set by [`start_heap_counting`]; never cleared.
+static COUNTING: AtomicBool = AtomicBool::new(false);
+/// Signed: a block counted nowhere (allocated before counting started) may be freed after.
+static IN_USE: AtomicI64 = AtomicI64::new(0);
+static PEAK: AtomicI64 = AtomicI64::new(0);
 static ALLOCATED: AtomicU64 = AtomicU64::new(0);
 static LARGEST: AtomicU64 = AtomicU64::new(0);
 
@@ -49,11 +58,19 @@ pub struct HeapStats {
     pub largest_alloc_bytes: u64,
 }
 
-/// The counters, or `None` when [`CountingAllocator`] is not this process's global allocator.
+/// Switches counting on (from now; see the module doc) and returns whether
+/// [`CountingAllocator`] is this process's global allocator. Calling it again does nothing.
+pub fn start_heap_counting() -> bool {
+    COUNTING.store(true, Relaxed);
+    INSTALLED.load(Relaxed)
+}
+
+/// The counters, or `None` when [`CountingAllocator`] is not this process's global allocator
+/// or [`start_heap_counting`] was not called.
 pub fn heap_stats() -> Option<HeapStats> {
-    INSTALLED.load(Relaxed).then(|| HeapStats {
-        bytes_in_use: IN_USE.load(Relaxed),
-        peak_bytes_in_use: PEAK.load(Relaxed),
+    (INSTALLED.load(Relaxed) && COUNTING.load(Relaxed)).then(|| HeapStats {
+        bytes_in_use: IN_USE.load(Relaxed).max(0) as u64,
+        peak_bytes_in_use: PEAK.load(Relaxed).max(0) as u64,
         allocated_bytes: ALLOCATED.load(Relaxed),
         largest_alloc_bytes: LARGEST.load(Relaxed),
     })
@@ -61,12 +78,12 @@ pub fn heap_stats() -> Option<HeapStats> {
 
 /// Starts a measurement window: the peak becomes the bytes in use now, and the allocated
 /// bytes and the largest allocation start again from zero. Returns false (and does nothing
-/// that matters) when the allocator is not installed.
+/// that matters) when the allocator is not installed or counting was not started.
 pub fn reset_heap_peak() -> bool {
     PEAK.store(IN_USE.load(Relaxed), Relaxed);
     ALLOCATED.store(0, Relaxed);
     LARGEST.store(0, Relaxed);
-    INSTALLED.load(Relaxed)
+    INSTALLED.load(Relaxed) && COUNTING.load(Relaxed)
 }
 
 /// Counts `size` more bytes in use; `block` when they are one new allocation (not the growth
@@ -75,7 +92,10 @@ fn on_alloc(size: u64, block: bool) {
     if !INSTALLED.load(Relaxed) {
         INSTALLED.store(true, Relaxed);
     }
-    let now = IN_USE.fetch_add(size, Relaxed) + size;
+    if !COUNTING.load(Relaxed) {
+        return;
+    }
+    let now = IN_USE.fetch_add(size as i64, Relaxed) + size as i64;
     // Loads first: the read-modify-writes (a contended cache line) only when a record falls.
     if now > PEAK.load(Relaxed) {
         PEAK.fetch_max(now, Relaxed);
@@ -87,7 +107,9 @@ fn on_alloc(size: u64, block: bool) {
 }
 
 fn on_free(size: u64) {
-    IN_USE.fetch_sub(size, Relaxed);
+    if COUNTING.load(Relaxed) {
+        IN_USE.fetch_sub(size as i64, Relaxed);
+    }
 }
 
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged and only
