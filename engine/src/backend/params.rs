@@ -19,3 +19,25 @@ impl SoftmaxKind {
         }
     }
 }
+
+/// Options of `batch_norm2d`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNormOptions {
+    /// Batch statistics and running-statistics update (true) or running statistics (false).
+    pub training: bool,
+    /// Weight of the batch statistics in the running-statistics update.
+    pub momentum: f32,
+    /// Added to the variance before the square root.
+    pub eps: f32,
+}
+
+impl Default for BatchNormOptions {
+    /// PyTorch's defaults.
+    fn default() -> Self {
+        BatchNormOptions {
+            training: true,
+            momentum: 0.1,
+            eps: 1e-5,
+        }
+    }
+}
