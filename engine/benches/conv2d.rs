@@ -11,10 +11,11 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use recycle_engine::ops::conv::{
-    conv2d, conv2d_backward_cpu_with, conv2d_forward_cpu_with, Conv2dGeometry, Conv2dOptions,
-    ConvSchedule,
+use recycle_engine::backend::conv::{
+    conv2d_backward_cpu_with, conv2d_forward_cpu_with, ConvSchedule,
 };
+use recycle_engine::backend::{Conv2dGeometry, Conv2dOptions};
+use recycle_engine::ops::conv::conv2d;
 use recycle_engine::{DType, Device, Tape, Tensor};
 
 const X: [usize; 4] = [128, 64, 28, 28];

@@ -98,3 +98,120 @@ impl Pool2dGeometry {
         })
     }
 }
+
+/// Stride and zero padding of `conv2d`, the same on both spatial axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dOptions {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Default for Conv2dOptions {
+    fn default() -> Self {
+        Conv2dOptions {
+            stride: 1,
+            padding: 0,
+        }
+    }
+}
+
+/// Every size of one convolution, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Conv2dGeometry {
+    /// From an input shape `[N, C, H, W]` and a weight shape `[O, C, kh, kw]`.
+    pub fn new(x: &[usize], weight: &[usize], opts: Conv2dOptions) -> Result<Self> {
+        if x.len() != 4 || weight.len() != 4 {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input {x:?} must be [N, C, H, W] and weight {weight:?} [O, C, kh, kw]"),
+            ));
+        }
+        if x[1] != weight[1] {
+            return Err(Error::shape(
+                "conv2d",
+                format!(
+                    "input {x:?} has {} channels, weight {weight:?} expects {}",
+                    x[1], weight[1]
+                ),
+            ));
+        }
+        if opts.stride == 0 {
+            return Err(Error::invalid("conv2d", "stride must be at least 1, got 0"));
+        }
+        if x[2] == 0 || x[3] == 0 {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input {x:?} has an empty image"),
+            ));
+        }
+        let (kh, kw) = (weight[2], weight[3]);
+        if kh == 0 || kw == 0 {
+            return Err(Error::shape(
+                "conv2d",
+                format!("weight {weight:?} has an empty kernel"),
+            ));
+        }
+        let (hp, wp) = (x[2] + 2 * opts.padding, x[3] + 2 * opts.padding);
+        if hp < kh || wp < kw {
+            return Err(Error::shape(
+                "conv2d",
+                format!(
+                    "input {x:?} with padding {} is smaller than the kernel of weight {weight:?}",
+                    opts.padding
+                ),
+            ));
+        }
+        Ok(Conv2dGeometry {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            o: weight[0],
+            kh,
+            kw,
+            stride: opts.stride,
+            padding: opts.padding,
+            oh: (hp - kh) / opts.stride + 1,
+            ow: (wp - kw) / opts.stride + 1,
+        })
+    }
+
+    /// Rows of the column matrix: `C * kh * kw`.
+    pub fn patch(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output pixels per image: `OH * OW`.
+    pub fn pixels(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Elements of one input image `C * H * W`.
+    pub fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// A 1x1, stride-1, unpadded convolution: a plain product with the image.
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Multiply-adds times two of the forward pass.
+    pub fn forward_flops(&self) -> u64 {
+        2 * (self.n * self.o * self.patch() * self.pixels()) as u64
+    }
+}
