@@ -215,3 +215,80 @@ impl Conv2dGeometry {
         2 * (self.n * self.o * self.patch() * self.pixels()) as u64
     }
 }
+
+/// The sizes of one product `D = op(A) op(B)` (`[m, k] x [k, n]`), or of `batch` such products
+/// stored back to back, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductDims {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// `A` is stored `[k, m]`.
+    pub trans_a: bool,
+    /// `B` is stored `[n, k]`.
+    pub trans_b: bool,
+    /// The output's shape: the batch dimensions, then `[m, n]`.
+    pub out_shape: Vec<usize>,
+}
+
+impl ProductDims {
+    /// From the stored shapes of `A` and `B`: both 2-D (one product), or of one rank >= 3 with
+    /// identical leading (batch) dimensions (no broadcasting).
+    pub fn new(
+        op: &'static str,
+        a: &[usize],
+        b: &[usize],
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Result<Self> {
+        if a.len() < 2 || b.len() != a.len() || a[..a.len() - 2] != b[..b.len() - 2] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "needs operands of the same rank >= 2 with identical leading (batch) dims, \
+                     got a {a:?} and b {b:?}"
+                ),
+            ));
+        }
+        let op_dims = |r: usize, c: usize, trans: bool| if trans { (c, r) } else { (r, c) };
+        let (m, k) = op_dims(a[a.len() - 2], a[a.len() - 1], trans_a);
+        let (k2, n) = op_dims(b[b.len() - 2], b[b.len() - 1], trans_b);
+        if k != k2 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "a {a:?}{} and b {b:?}{}: inner dimensions {k} and {k2} differ",
+                    if trans_a { " (transposed)" } else { "" },
+                    if trans_b { " (transposed)" } else { "" },
+                ),
+            ));
+        }
+        let lead = &a[..a.len() - 2];
+        let mut out_shape = lead.to_vec();
+        out_shape.extend([m, n]);
+        Ok(ProductDims {
+            batch: lead.iter().product(),
+            m,
+            k,
+            n,
+            trans_a,
+            trans_b,
+            out_shape,
+        })
+    }
+
+    /// A dense layer's product `x [rows, in_f] W^T` (`W` stored `[out_f, in_f]`), with the
+    /// output shape `out_shape` (`x`'s leading dimensions, then `out_f`).
+    pub fn linear(rows: usize, in_f: usize, out_f: usize, out_shape: Vec<usize>) -> Self {
+        ProductDims {
+            batch: 1,
+            m: rows,
+            k: in_f,
+            n: out_f,
+            trans_a: false,
+            trans_b: true,
+            out_shape,
+        }
+    }
+}
