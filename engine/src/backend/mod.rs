@@ -4,11 +4,12 @@
 //! op in `crate::ops` records one backward, written once, that calls them whatever the device.
 //! Their parameter types sit in [`params`], a leaf module both the ops and the backends use.
 //!
-//! Families that dispatch here so far: [`softmax`], [`norm`], [`pool`], [`conv`], [`matmul`]. The
-//! others still dispatch at the op (`ops::<family>` hands a GPU tensor to `cuda::<family>`, which
-//! records its own backward).
+//! Families that dispatch here so far: [`softmax`], [`norm`], [`pool`], [`conv`], [`matmul`],
+//! [`loss`]. The others still dispatch at the op (`ops::<family>` hands a GPU tensor to
+//! `cuda::<family>`, which records its own backward).
 
 pub mod conv;
+pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod params;
@@ -16,5 +17,6 @@ pub mod pool;
 pub mod softmax;
 
 pub use params::{
-    BatchNormOptions, Conv2dGeometry, Conv2dOptions, Pool2dGeometry, ProductDims, SoftmaxKind,
+    BatchNormOptions, Conv2dGeometry, Conv2dOptions, CrossEntropyOptions, Pool2dGeometry,
+    ProductDims, SoftmaxKind,
 };

@@ -292,3 +292,22 @@ impl ProductDims {
         }
     }
 }
+
+/// Options of `cross_entropy`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossEntropyOptions {
+    /// Rows whose label equals this value contribute neither loss nor gradient.
+    pub ignore_index: Option<i32>,
+    /// Weight `eps` in [0, 1] of the uniform distribution mixed into the target.
+    pub label_smoothing: f32,
+}
+
+impl Default for CrossEntropyOptions {
+    /// PyTorch's defaults: `ignore_index = -100`, no smoothing.
+    fn default() -> Self {
+        CrossEntropyOptions {
+            ignore_index: Some(-100),
+            label_smoothing: 0.0,
+        }
+    }
+}
