@@ -5,10 +5,11 @@
 //! Their parameter types sit in [`params`], a leaf module both the ops and the backends use.
 //!
 //! Families that dispatch here so far: [`softmax`], [`norm`], [`pool`], [`conv`], [`matmul`],
-//! [`loss`], [`gather`]. The others still dispatch at the op (`ops::<family>` hands a GPU tensor to
-//! `cuda::<family>`, which records its own backward).
+//! [`loss`], [`gather`], [`dropout`]. The others still dispatch at the op (`ops::<family>` hands a
+//! GPU tensor to `cuda::<family>`, which records its own backward).
 
 pub mod conv;
+pub mod dropout;
 pub mod gather;
 pub mod loss;
 pub mod matmul;
