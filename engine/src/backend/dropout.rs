@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::elementwise::PARALLEL_MIN;
+use super::elementwise::PARALLEL_MIN;
 use crate::{rng, DType, Device, Result, Tensor};
 
 /// `x` with each element dropped (0) or kept and scaled by the rule above, for drop

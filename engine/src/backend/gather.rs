@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use crate::ops::elementwise::PARALLEL_MIN;
+use super::elementwise::PARALLEL_MIN;
 use crate::{DType, Device, Result, Tensor};
 
 /// The ids of a gather as its backward needs them: their values on the host, and the ids on

@@ -4,13 +4,17 @@
 //! op in `crate::ops` records one backward, written once, that calls them whatever the device.
 //! Their parameter types sit in [`params`], a leaf module both the ops and the backends use.
 //!
-//! Families that dispatch here so far: [`softmax`], [`norm`], [`pool`], [`conv`], [`matmul`],
-//! [`loss`], [`gather`], [`dropout`]. The others still dispatch at the op (`ops::<family>` hands a
-//! GPU tensor to `cuda::<family>`, which records its own backward).
+//! Every op family with a CUDA arm dispatches here: [`softmax`], [`norm`], [`pool`], [`conv`],
+//! [`matmul`], [`loss`], [`gather`], [`dropout`], [`elementwise`], [`activation`] and
+//! [`layout`]. Attention still dispatches at the op (`ops::attention` hands a GPU tensor to
+//! `cuda::attention`, which composes it from the tape ops).
 
+pub mod activation;
 pub mod conv;
 pub mod dropout;
+pub mod elementwise;
 pub mod gather;
+pub mod layout;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
@@ -19,6 +23,6 @@ pub mod pool;
 pub mod softmax;
 
 pub use params::{
-    BatchNormOptions, Conv2dGeometry, Conv2dOptions, CrossEntropyOptions, Pool2dGeometry,
-    ProductDims, SoftmaxKind,
+    Activation, BatchNormOptions, BinaryOp, Conv2dGeometry, Conv2dOptions, CrossEntropyOptions,
+    Pool2dGeometry, ProductDims, SoftmaxKind,
 };

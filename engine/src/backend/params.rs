@@ -311,3 +311,57 @@ impl Default for CrossEntropyOptions {
         }
     }
 }
+
+/// The three broadcasting binary ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+}
+
+impl BinaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+        }
+    }
+
+    #[inline]
+    pub fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+        }
+    }
+}
+
+/// The pointwise activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `max(x, 0)`; its backward reads the output.
+    Relu,
+    /// Exact (erf) GELU; its backward reads the input.
+    Gelu,
+    /// `tanh(x)`; its backward reads the output.
+    Tanh,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::Gelu => "gelu",
+            Activation::Tanh => "tanh",
+        }
+    }
+
+    /// Whether the backward reads the output (else the input): saving the output lets relu
+    /// and tanh skip recomputation.
+    pub fn backward_reads_output(self) -> bool {
+        matches!(self, Activation::Relu | Activation::Tanh)
+    }
+}
