@@ -3,14 +3,14 @@
 //! `crate::cuda::conv` (cuDNN, the bias through `bias_add.cu`). It dominates a ResNet step on
 //! the CPU.
 //!
-//! The CPU arm: //! It is lowered to matrix products (im2col): the patches of one image form a column matrix
-//! `cols [C*kh*kw, OH*OW]`, and `out = W [O, C*kh*kw] x cols`. A 1x1 stride-1 unpadded
+//! The CPU arm lowers it to matrix products (im2col): the patches of one image form a column
+//! matrix `cols [C*kh*kw, OH*OW]`, and `out = W [O, C*kh*kw] x cols`. A 1x1 stride-1 unpadded
 //! convolution needs no lowering: the image itself is the column matrix. Backward reuses the
 //! same lowering: `dW += dY_n x cols_n^T`, `dcols = W^T x dY_n` scattered back by col2im, and
 //! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
 //! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
 //! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
-//! (`ops::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
+//! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
 //!
 //! Three schedules (measured in docs/benchmarks.md and docs/benchmarks-steps.md), picked by
 //! `ConvSchedule::auto`:
@@ -37,7 +37,7 @@ use rayon::prelude::*;
 use half::bf16;
 
 use super::Conv2dGeometry;
-use crate::ops::gemm::{
+use crate::backend::gemm::{
     bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE,
 };
 use crate::{DType, Device, Error, Result, Tensor};

@@ -3,11 +3,12 @@
 //! (PyTorch's `x W^T + b`), dispatched by device, with the CPU arm below them and the CUDA arm
 //! in `crate::cuda::matmul` (cuBLASLt).
 //!
-//! On the CPU every product, forward and backward, goes through `ops::gemm::sgemm` with
+//! On the CPU every product, forward and backward, goes through [`super::gemm::sgemm`] with
 //! transpose flags instead of materialised transposes: for `C = op(A) op(B)` the gradients are
 //! again products of the stored operands, `dA = dC op(B)^T` and `dB = op(A)^T dC`, each written
 //! in the layout its operand is stored in. One exception: `linear` with bf16 weights (a frozen
-//! teacher's) runs its forward in bf16 products (`ops::gemm::gemm_bf16`) where the CPU has them.
+//! teacher's) runs its forward in bf16 products ([`super::gemm::gemm_bf16`]) where the CPU has
+//! them.
 //!
 //! Storage types: the CPU arm reads f32 or bf16 and writes f32; the CUDA arm runs in the first
 //! operand's dtype (the other cast to it), writes the output and `dA` in it, `dB` in `B`'s
@@ -16,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::ProductDims;
-use crate::ops::gemm::{
+use crate::backend::gemm::{
     bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE, SERIAL_MNK,
 };
 use crate::{DType, Device, Error, Result, Tensor};

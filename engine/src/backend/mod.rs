@@ -14,6 +14,7 @@ pub mod conv;
 pub mod dropout;
 pub mod elementwise;
 pub mod gather;
+pub mod gemm;
 pub mod layout;
 pub mod loss;
 pub mod matmul;

@@ -3,9 +3,9 @@
 //! `crate::ops::pool`.
 //!
 //! Max pooling keeps the arg-max of every output (its index in the plane, an i32 tensor the
-//! kernels write as `uint32_t`, planes being under 2^31) for the backward, as the CPU arm does; the backward is a gather (one thread per input element over
-//! the outputs whose windows cover it, in output order), so overlapping windows add without
-//! atomics and in the CPU's order.
+//! kernels write as `uint32_t`, planes being under 2^31) for the backward, as the CPU arm does;
+//! the backward is a gather (one thread per input element over the outputs whose windows cover
+//! it, in output order), so overlapping windows add without atomics and in the CPU's order.
 
 use recycle_kernels::launchers as k;
 

@@ -40,8 +40,8 @@ pub fn conv2d(
 mod tests {
     use super::*;
     use crate::backend::conv::*;
+    use crate::backend::gemm::{bf16_products_active, SERIAL_GEMM_AVAILABLE};
     use crate::gradcheck::GradCheck;
-    use crate::ops::gemm::{bf16_products_active, SERIAL_GEMM_AVAILABLE};
     use crate::{DType, Device, Tensor};
     use half::bf16;
 

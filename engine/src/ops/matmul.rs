@@ -99,8 +99,8 @@ pub fn linear(tape: &Tape, x: &Var, weight: &Var, bias: Option<&Var>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::gemm::bf16_products_active;
     use crate::gradcheck::GradCheck;
-    use crate::ops::gemm::bf16_products_active;
     use crate::{DType, Device};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -13,7 +13,6 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gather;
-pub mod gemm;
 pub mod layout;
 pub mod loss;
 pub mod matmul;
