@@ -1,7 +1,7 @@
 //! conv2d forward + backward at ResNet's CPU-sized shape: batch 128, 64 -> 64 channels, 3x3,
 //! stride 1, padding 1, 28x28. Throughput counts 2·multiply-adds (forward: 2·N·O·C·9·28·28;
 //! forward + backward with input, weight and bias gradients: 3x that), so "elem/s" reads as
-//! FLOP/s. The `conv2d_schedule` group times the lowering schedules of `ops::conv` on the raw
+//! FLOP/s. The `conv2d_schedule` group times the lowering schedules of `backend::conv` on the raw
 //! kernels, so the choice `ConvSchedule::auto` makes (`PerItem` here) is measured, not assumed.
 //! Flat sampling, 10 samples: a run takes about half a minute.
 //!
@@ -11,10 +11,11 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use recycle_engine::ops::conv::{
-    conv2d, conv2d_backward_cpu_with, conv2d_forward_cpu_with, Conv2dGeometry, Conv2dOptions,
-    ConvSchedule,
+use recycle_engine::backend::conv::{
+    conv2d_backward_cpu_with, conv2d_forward_cpu_with, ConvSchedule,
 };
+use recycle_engine::backend::{Conv2dGeometry, Conv2dOptions};
+use recycle_engine::ops::conv::conv2d;
 use recycle_engine::{DType, Device, Tape, Tensor};
 
 const X: [usize; 4] = [128, 64, 28, 28];

@@ -1,4 +1,4 @@
-//! Square f32 matmul through `ops::gemm::sgemm` at 512, 1024 and 2048. Throughput is counted
+//! Square f32 matmul through `backend::gemm::sgemm` at 512, 1024 and 2048. Throughput is counted
 //! as 2·n³ elements, so criterion's "elem/s" reads as FLOP/s. With `--features openblas` the
 //! `gemm` crate path is measured in the same run (`gemm_crate/n`) for a side-by-side ratio.
 //!
@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{
     black_box, criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use recycle_engine::ops::gemm;
+use recycle_engine::backend::gemm;
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
     (0..len as u64)

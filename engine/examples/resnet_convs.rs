@@ -8,9 +8,8 @@
 
 use std::time::Instant;
 
-use recycle_engine::ops::conv::{
-    conv2d_backward_cpu, conv2d_forward_cpu, Conv2dGeometry, Conv2dOptions,
-};
+use recycle_engine::backend::conv::{conv2d_backward_cpu, conv2d_forward_cpu};
+use recycle_engine::backend::{Conv2dGeometry, Conv2dOptions};
 use recycle_engine::{DType, Device, Tensor};
 
 /// (in channels, out channels, kernel, stride, input size, uses in the network)

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use recycle_engine::ops::gemm::{avx512_active, set_avx512, sgemm, sgemm_serial};
+use recycle_engine::backend::gemm::{avx512_active, set_avx512, sgemm, sgemm_serial};
 
 fn main() {
     let reps: usize = std::env::args()

@@ -16,9 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use half::bf16;
+use recycle_engine::backend::dropout;
+use recycle_engine::backend::loss::log_sum_exp_row_cpu;
 use recycle_engine::kd_loss::{self as kd, KdKind, KdScalars};
-use recycle_engine::ops::dropout;
-use recycle_engine::ops::loss::log_sum_exp_row_cpu;
 use recycle_engine::optim::{adamw_update_cpu, sgdw_update_cpu, AdamWStep, SgdwStep};
 use recycle_engine::rng::{self, Rng};
 

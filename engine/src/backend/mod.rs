@@ -4,10 +4,26 @@
 //! op in `crate::ops` records one backward, written once, that calls them whatever the device.
 //! Their parameter types sit in [`params`], a leaf module both the ops and the backends use.
 //!
-//! Families that dispatch here so far: [`softmax`]. The others still dispatch at the op
-//! (`ops::<family>` hands a GPU tensor to `cuda::<family>`, which records its own backward).
+//! Every op family with a CUDA arm dispatches here: [`softmax`], [`norm`], [`pool`], [`conv`],
+//! [`matmul`], [`loss`], [`gather`], [`dropout`], [`elementwise`], [`activation`] and
+//! [`layout`]. Attention still dispatches at the op (`ops::attention` hands a GPU tensor to
+//! `cuda::attention`, which composes it from the tape ops).
 
+pub mod activation;
+pub mod conv;
+pub mod dropout;
+pub mod elementwise;
+pub mod gather;
+pub mod gemm;
+pub mod layout;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
 pub mod params;
+pub mod pool;
 pub mod softmax;
 
-pub use params::SoftmaxKind;
+pub use params::{
+    Activation, BatchNormOptions, BinaryOp, Conv2dGeometry, Conv2dOptions, CrossEntropyOptions,
+    Pool2dGeometry, ProductDims, SoftmaxKind,
+};

@@ -417,7 +417,7 @@ pub(crate) fn gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::matmul::{batched_matmul_forward_cpu, matmul_forward_cpu};
+    use crate::backend::matmul::{batched_matmul_forward_cpu, matmul_forward_cpu};
 
     /// What cuBLASLt computes for `p`, column-major, from its documentation:
     /// `D = op(A) op(B) + bias` (bias along D's rows), batch by batch.

@@ -29,7 +29,7 @@ use cudarc::cudnn::{result as dnn, sys};
 
 use super::libs::{self, Library};
 use super::{CudaContext, DeviceBuffer, StreamRole};
-use crate::ops::conv::Conv2dGeometry;
+use crate::backend::Conv2dGeometry;
 use crate::{DType, Error, Result};
 
 /// The most workspace an algorithm may ask for.
@@ -554,7 +554,7 @@ pub(crate) fn convolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::conv::Conv2dOptions;
+    use crate::backend::Conv2dOptions;
 
     #[test]
     fn keys_follow_the_cpu_geometry() {

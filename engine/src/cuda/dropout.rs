@@ -1,4 +1,5 @@
-//! The CUDA arm of `dropout` (kernel `dropout.cu`).
+//! The CUDA arm of dropout's backend-level functions (`crate::backend::dropout`): kernel
+//! `dropout.cu`. No tape here: the op and its one backward are in `crate::ops::dropout`.
 //!
 //! The mask is the engine's counter-based rule (`rng::uniform_at(seed, i) >= p` for element `i`
 //! of the tensor in row-major order; the kernels share the hash with `rng.rs`, checked bit for
@@ -10,8 +11,8 @@ use recycle_kernels::launchers as k;
 
 use super::common::{as_dtype, empty, grid_stride, p as ptr, run, view};
 use super::launch::KernelCall;
-use crate::ops::dropout::keep_scale;
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::backend::dropout::keep_scale;
+use crate::{DType, Error, Result, Tensor};
 
 pub(crate) fn dropout_plan(
     x: u64,
@@ -40,7 +41,9 @@ pub(crate) fn dropout_plan(
     }])
 }
 
-fn apply(t: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+/// The CUDA arm of [`crate::backend::dropout::dropout_fwd`] and, applied to the gradient, of
+/// its backward (`0 < p < 1`): the output in `t`'s dtype.
+pub(crate) fn dropout(t: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let xv = view(t, "dropout")?;
     let out = empty(&xv.ctx, t.dtype(), t.shape())?;
     run(
@@ -57,20 +60,10 @@ fn apply(t: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     Ok(out)
 }
 
-/// The CUDA arm of `dropout` in training with `0 < p < 1` (validated by the caller).
-pub(crate) fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64) -> Result<Var> {
-    let dtype = x.tensor().dtype();
-    let out = apply(x.tensor(), p, seed)?;
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            let gx = needs[0]
-                .then(|| apply(&as_dtype(g, dtype)?, p, seed))
-                .transpose()?;
-            Ok(vec![gx])
-        }),
-    ))
+/// The CUDA arm of [`crate::backend::dropout::dropout_bwd`]: the mask of the forward on `dy`
+/// read in `dtype`.
+pub(crate) fn dropout_bwd(dy: &Tensor, p: f32, seed: u64, dtype: DType) -> Result<Tensor> {
+    dropout(&as_dtype(dy, dtype)?, p, seed)
 }
 
 #[cfg(test)]
@@ -98,10 +91,10 @@ mod tests {
     /// CPU's bits (in bf16: the CPU's f32 product rounded once), forward and backward.
     #[test]
     fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::backend::dropout as cpu;
         use crate::cuda::sim_check::{
             as_stored, assert_close, download, host_sim, run_plan, sample, upload,
         };
-        use crate::ops::dropout as cpu;
         let Some(sim) = host_sim() else { return };
         for n in [3usize, 1000, 4099] {
             for dt in [DType::F32, DType::BF16] {

@@ -8,9 +8,9 @@ use recycle_kernels::launchers as k;
 
 use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
 use super::launch::{fit_u32, shape_err, KernelCall};
-use super::{common_device, DeviceBuffer};
-use crate::ops::elementwise::BinaryOp;
-use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
+use super::DeviceBuffer;
+use crate::backend::{Activation, BinaryOp};
+use crate::{DType, Device, Error, Result, Tensor};
 
 // ---------------------------------------------------------------------------------------------
 // Copies, casts, accumulation
@@ -202,80 +202,25 @@ pub(crate) fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tenso
     Ok(out)
 }
 
-/// The CUDA arm of `add` / `sub` / `mul`: same shapes and dtypes (broadcasting: not yet).
-pub(crate) fn binary(tape: &Tape, op: BinaryOp, a: &Var, b: &Var) -> Result<Var> {
-    let name = op.name();
-    common_device(name, &[a.tensor(), b.tensor()])?;
-    if a.shape() != b.shape() {
-        let out_shape =
-            crate::ops::elementwise::broadcast_shape(a.shape(), b.shape()).ok_or_else(|| {
-                Error::shape(
-                    name,
-                    format!(
-                        "shapes {:?} and {:?} do not broadcast",
-                        a.shape(),
-                        b.shape()
-                    ),
-                )
-            })?;
-        return super::layout::broadcast_binary(tape, op, a, b, out_shape);
-    }
-    let out = binary_raw(op, a.tensor(), b.tensor())?;
-    let dtype = out.dtype();
-    let saved = (op == BinaryOp::Mul).then(|| (a.tensor().clone(), b.tensor().clone()));
-    Ok(tape.record(
-        out,
-        &[a, b],
-        Box::new(move |g, needs| {
-            let g = as_dtype(g, dtype)?;
-            let (ga, gb) = match (&saved, op) {
-                (Some((av, bv)), BinaryOp::Mul) => (
-                    needs[0]
-                        .then(|| binary_raw(BinaryOp::Mul, &g, bv))
-                        .transpose()?,
-                    needs[1]
-                        .then(|| binary_raw(BinaryOp::Mul, &g, av))
-                        .transpose()?,
-                ),
-                _ => (
-                    needs[0].then(|| g.clone()),
-                    needs[1]
-                        .then(|| {
-                            if op == BinaryOp::Sub {
-                                scalar_raw("scale", &g, -1.0)
-                            } else {
-                                Ok(g.clone())
-                            }
-                        })
-                        .transpose()?,
-                ),
-            };
-            Ok(vec![ga, gb])
-        }),
-    ))
+/// `t` in `dtype` (itself when it has it): the CUDA arm of
+/// [`crate::backend::elementwise::to_compute_dtype`].
+pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    as_dtype(t, dtype)
 }
 
-/// The CUDA arm of `scale` (`s * x`) and `add_scalar` (`x + s`).
-pub(crate) fn scalar_op(tape: &Tape, base: &'static str, x: &Var, s: f32) -> Result<Var> {
-    let out = scalar_raw(base, x.tensor(), s)?;
-    let dtype = out.dtype();
-    let is_scale = base == "scale";
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            let gx = needs[0]
-                .then(|| {
-                    if is_scale {
-                        scalar_raw("scale", &as_dtype(g, dtype)?, s)
-                    } else {
-                        Ok(g.clone())
-                    }
-                })
-                .transpose()?;
-            Ok(vec![gx])
-        }),
-    ))
+/// The CUDA arm of [`crate::backend::elementwise::binary_fwd`]: same dtypes; same shapes in one
+/// launch, broadcast ones (`out_shape`, validated by the caller) through `layout.cu`.
+pub(crate) fn binary_fwd(
+    op: BinaryOp,
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    if a.shape() == b.shape() {
+        binary_raw(op, a, b)
+    } else {
+        super::layout::broadcast(op, a, b, out_shape)
+    }
 }
 
 /// `bias_add` forward: `channel_add` over `[outer, c, inner]`.
@@ -336,12 +281,12 @@ pub(crate) fn channel_sum_plan(
     }
 }
 
-/// The CUDA arm of `bias_add` (shapes already validated by the caller).
-pub(crate) fn bias_add(tape: &Tape, x: &Var, bias: &Var, c: usize, inner: usize) -> Result<Var> {
-    common_device("bias_add", &[x.tensor(), bias.tensor()])?;
-    let dtype = float_inputs("bias_add", &[x.tensor(), bias.tensor()])?;
-    let xv = view(x.tensor(), "bias_add")?;
-    let bv = view(bias.tensor(), "bias_add")?;
+/// The CUDA arm of [`crate::backend::elementwise::bias_add_fwd`] (shapes validated by the
+/// caller): `x` and `bias` of one dtype, kept.
+pub(crate) fn bias_add_fwd(x: &Tensor, bias: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
+    let dtype = float_inputs("bias_add", &[x, bias])?;
+    let xv = view(x, "bias_add")?;
+    let bv = view(bias, "bias_add")?;
     let outer = xv.len.checked_div(c * inner).unwrap_or(0);
     let out = empty(&xv.ctx, dtype, x.shape())?;
     run(
@@ -356,27 +301,21 @@ pub(crate) fn bias_add(tape: &Tape, x: &Var, bias: &Var, c: usize, inner: usize)
             dtype,
         )?,
     )?;
-    Ok(tape.record(
-        out,
-        &[x, bias],
-        Box::new(move |g, needs| {
-            let g = as_dtype(g, dtype)?;
-            let gx = needs[0].then(|| g.clone());
-            let gb = needs[1]
-                .then(|| -> Result<Tensor> {
-                    let gv = view(&g, "bias_add backward")?;
-                    let db = empty(&gv.ctx, DType::F32, &[c])?;
-                    let dv = view(&db, "bias_add backward")?;
-                    run(
-                        &gv.ctx,
-                        &channel_sum_plan(gv.ptr, dv.ptr, outer, c, inner, dtype)?,
-                    )?;
-                    Ok(db)
-                })
-                .transpose()?;
-            Ok(vec![gx, gb])
-        }),
-    ))
+    Ok(out)
+}
+
+/// The CUDA arm of [`crate::backend::elementwise::bias_add_bwd`]: f32 `[c]`.
+pub(crate) fn bias_add_bwd(g: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
+    let dtype = float_inputs("bias_add backward", &[g])?;
+    let gv = view(g, "bias_add backward")?;
+    let outer = gv.len.checked_div(c * inner).unwrap_or(0);
+    let db = empty(&gv.ctx, DType::F32, &[c])?;
+    let dv = view(&db, "bias_add backward")?;
+    run(
+        &gv.ctx,
+        &channel_sum_plan(gv.ptr, dv.ptr, outer, c, inner, dtype)?,
+    )?;
+    Ok(db)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,6 +323,7 @@ pub(crate) fn bias_add(tape: &Tape, x: &Var, bias: &Var, c: usize, inner: usize)
 // ---------------------------------------------------------------------------------------------
 
 /// Which saved value an activation's backward kernel reads.
+#[cfg(test)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Saved {
     Input,
@@ -391,6 +331,7 @@ enum Saved {
 }
 
 /// The saved value of each activation kernel's backward.
+#[cfg(test)]
 fn activation_saved(op: &str) -> Result<Saved> {
     match op {
         "relu" | "tanh" => Ok(Saved::Output),
@@ -448,40 +389,32 @@ fn activation_bwd_plan(
     })
 }
 
-/// The CUDA arm of `relu`, `gelu`, `tanh`.
-pub(crate) fn activation(tape: &Tape, op: &'static str, x: &Var) -> Result<Var> {
-    let saved_kind = activation_saved(op)?;
-    let dtype = float_inputs(op, &[x.tensor()])?;
-    let xv = view(x.tensor(), op)?;
+/// The CUDA arm of [`crate::backend::activation::activation_fwd`]: the output in `x`'s dtype.
+pub(crate) fn activation_fwd(kind: Activation, x: &Tensor) -> Result<Tensor> {
+    let op = kind.name();
+    let dtype = float_inputs(op, &[x])?;
+    let xv = view(x, op)?;
     let out = empty(&xv.ctx, dtype, x.shape())?;
     run(
         &xv.ctx,
         &activation_fwd_plan(op, xv.ptr, view(&out, op)?.ptr, xv.len, dtype)?,
     )?;
-    let keep = match saved_kind {
-        Saved::Input => x.tensor().clone(),
-        Saved::Output => out.clone(),
-    };
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            let gx = needs[0]
-                .then(|| -> Result<Tensor> {
-                    let g = as_dtype(g, dtype)?;
-                    let (sv, gv) = (view(&keep, op)?, view(&g, op)?);
-                    let dx = empty(&sv.ctx, dtype, g.shape())?;
-                    let dv = view(&dx, op)?;
-                    run(
-                        &sv.ctx,
-                        &activation_bwd_plan(op, sv.ptr, gv.ptr, dv.ptr, sv.len, dtype)?,
-                    )?;
-                    Ok(dx)
-                })
-                .transpose()?;
-            Ok(vec![gx])
-        }),
-    ))
+    Ok(out)
+}
+
+/// The CUDA arm of [`crate::backend::activation::activation_bwd`]: `saved` and `g` of one
+/// dtype, which the gradient keeps.
+pub(crate) fn activation_bwd(kind: Activation, saved: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let op = kind.name();
+    let dtype = float_inputs(op, &[saved, g])?;
+    let (sv, gv) = (view(saved, op)?, view(g, op)?);
+    let dx = empty(&sv.ctx, dtype, g.shape())?;
+    let dv = view(&dx, op)?;
+    run(
+        &sv.ctx,
+        &activation_bwd_plan(op, sv.ptr, gv.ptr, dv.ptr, sv.len, dtype)?,
+    )?;
+    Ok(dx)
 }
 
 #[cfg(test)]
@@ -608,7 +541,7 @@ mod tests {
 
     #[test]
     fn arithmetic_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::ops::elementwise as cpu;
+        use crate::backend::elementwise as cpu;
         let Some(sim) = host_sim() else { return };
         for n in SIZES {
             for dt in [DType::F32, DType::BF16] {
@@ -669,7 +602,7 @@ mod tests {
 
     #[test]
     fn channel_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::ops::elementwise as cpu;
+        use crate::backend::elementwise as cpu;
         let Some(sim) = host_sim() else { return };
         // [outer, c, inner]: planes not a multiple of the block, one plane per block; rows of a
         // last-axis bias (inner 1) with c below 32, above 256 and not a multiple of 32, and
@@ -723,7 +656,7 @@ mod tests {
 
     #[test]
     fn activation_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::ops::activation as cpu;
+        use crate::backend::activation as cpu;
         let Some(sim) = host_sim() else { return };
         for n in SIZES {
             for dt in [DType::F32, DType::BF16] {

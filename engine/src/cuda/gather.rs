@@ -1,8 +1,9 @@
-//! The CUDA arm of `embedding` and `gather_rows` (kernels `embedding.cu`).
+//! The CUDA arm of the row gathers' backend-level functions (`crate::backend::gather`, behind
+//! `embedding` and `gather_rows`): kernels `embedding.cu`. No tape here.
 //!
 //! Both are row gathers: `out[p] = table[ids[p]]`, one block per position. The ids are checked
-//! on the host first (the CPU op's error for an id out of range), so they are copied back when
-//! they live on the GPU, and uploaded when they live on the host.
+//! on the host first (by the ops, with their errors for an id out of range), so they are copied
+//! back when they live on the GPU, and uploaded when they live on the host.
 //!
 //! The backward is deterministic without a sort library and without floating-point atomics:
 //! a stable counting sort of positions by id in four integer launches (count per segment of
@@ -17,7 +18,8 @@ use recycle_kernels::launchers as k;
 use super::common::{empty, on_gpu_i32, p, run, view, with_float};
 use super::launch::{fit_u32, shape_err, KernelCall};
 use super::DeviceBuffer;
-use crate::{DType, Result, Tape, Tensor, Var};
+use crate::backend::gather::GatherIds;
+use crate::{DType, Result, Tensor};
 
 pub(crate) fn gather_fwd_plan(
     table: u64,
@@ -103,79 +105,83 @@ pub(crate) fn gather_bwd_plan(
     Ok(calls)
 }
 
-/// `table [vocab, ...]` gathered at `ids` (whose values the caller has read into `ids_host` and
-/// validated: every id in range), into `out_shape`; backward scatters into a gradient of the
-/// table's shape and type.
-pub(crate) fn gather(
-    tape: &Tape,
+/// The CUDA arm of [`crate::backend::gather::gather_fwd`]: `table [vocab, ...]` gathered at
+/// `ids` (whose values the caller has read into `ids_host` and validated), into `out_shape`,
+/// in the table's dtype.
+pub(crate) fn gather_fwd(
     op: &'static str,
-    table: &Var,
+    table: &Tensor,
     ids: &Tensor,
-    ids_host: &[i32],
-    out_shape: Vec<usize>,
-) -> Result<Var> {
-    let tt = table.tensor().clone();
-    tt.expect_float(op)?;
-    let dtype = tt.dtype();
-    let vocab = tt.shape()[0];
-    let dim: usize = tt.shape()[1..].iter().product();
-    let ctx = view(&tt, op)?.ctx;
+    ids_host: Vec<i32>,
+    out_shape: &[usize],
+) -> Result<(Tensor, GatherIds)> {
+    let dtype = table.dtype();
+    let vocab = table.shape()[0];
+    let dim: usize = table.shape()[1..].iter().product();
+    let ctx = view(table, op)?.ctx;
     // Ids on the host (or another GPU) are uploaded from their host copy.
-    let ids_dev = on_gpu_i32(&ctx, ids, ids_host)?;
+    let ids_dev = on_gpu_i32(&ctx, ids, &ids_host)?;
     let n_ids = ids_host.len();
-    let out = empty(&ctx, dtype, &out_shape)?;
-    let v = move |t: &Tensor| view(t, op).map(|v| v.ptr);
+    let out = empty(&ctx, dtype, out_shape)?;
+    let v = |t: &Tensor| view(t, op).map(|v| v.ptr);
     run(
         &ctx,
-        &gather_fwd_plan(v(&tt)?, v(&ids_dev)?, v(&out)?, n_ids, dim, vocab, dtype)?,
+        &gather_fwd_plan(v(table)?, v(&ids_dev)?, v(&out)?, n_ids, dim, vocab, dtype)?,
     )?;
-    let table_shape = tt.shape().to_vec();
-    Ok(tape.record(
-        out,
-        &[table],
-        Box::new(move |g, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            let g = super::common::as_dtype(g, dtype)?;
-            let Some(cfg) = kl::embedding_backward(n_ids as u64, vocab as u64, dim as u64)
-                .map_err(shape_err)?
-            else {
-                return Ok(vec![Some(Tensor::zeros(&table_shape, dtype, g.device())?)]);
-            };
-            let u32s = |len: u64| DeviceBuffer::alloc(&ctx, len as usize * 4);
-            let counts = DeviceBuffer::zeroed(&ctx, cfg.counts_len as usize * 4)?;
-            let (totals, starts, order) = (
-                u32s(cfg.totals_len)?,
-                u32s(cfg.starts_len)?,
-                u32s(cfg.order_len)?,
-            );
-            let s = Scratch {
-                counts: counts.ptr(),
-                totals: totals.ptr(),
-                starts: starts.ptr(),
-                order: order.ptr(),
-            };
-            let dw = empty(&ctx, DType::F32, &table_shape)?;
-            let plan = gather_bwd_plan(
-                &cfg,
-                &s,
-                v(&ids_dev)?,
-                v(&g)?,
-                v(&dw)?,
-                n_ids,
-                dim,
-                vocab,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-            Ok(vec![Some(if dtype == DType::F32 {
-                dw
-            } else {
-                super::elementwise::cast(&dw, dtype)?
-            })])
-        }),
-    ))
+    let ids = GatherIds {
+        host: ids_host,
+        on_device: ids_dev,
+    };
+    Ok((out, ids))
+}
+
+/// The CUDA arm of [`crate::backend::gather::gather_bwd`]: `dy` read in `dtype` (the table's),
+/// the gradient f32 of `table_shape`.
+pub(crate) fn gather_bwd(
+    op: &'static str,
+    dy: &Tensor,
+    ids: &GatherIds,
+    table_shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    let vocab = table_shape[0];
+    let dim: usize = table_shape[1..].iter().product();
+    let n_ids = ids.host.len();
+    let g = super::common::as_dtype(dy, dtype)?;
+    let Some(cfg) =
+        kl::embedding_backward(n_ids as u64, vocab as u64, dim as u64).map_err(shape_err)?
+    else {
+        return Tensor::zeros(table_shape, DType::F32, g.device());
+    };
+    let ctx = view(&g, op)?.ctx;
+    let v = |t: &Tensor| view(t, op).map(|v| v.ptr);
+    let u32s = |len: u64| DeviceBuffer::alloc(&ctx, len as usize * 4);
+    let counts = DeviceBuffer::zeroed(&ctx, cfg.counts_len as usize * 4)?;
+    let (totals, starts, order) = (
+        u32s(cfg.totals_len)?,
+        u32s(cfg.starts_len)?,
+        u32s(cfg.order_len)?,
+    );
+    let s = Scratch {
+        counts: counts.ptr(),
+        totals: totals.ptr(),
+        starts: starts.ptr(),
+        order: order.ptr(),
+    };
+    let dw = empty(&ctx, DType::F32, table_shape)?;
+    let plan = gather_bwd_plan(
+        &cfg,
+        &s,
+        v(&ids.on_device)?,
+        v(&g)?,
+        v(&dw)?,
+        n_ids,
+        dim,
+        vocab,
+        dtype,
+    )?;
+    run(&ctx, &plan)?;
+    Ok(dw)
 }
 
 #[cfg(test)]
@@ -233,8 +239,8 @@ mod tests {
     /// f32 and bf16 gradients; the accumulate overwriting and adding.
     #[test]
     fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::backend::gather as cpu;
         use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
-        use crate::ops::embedding as cpu;
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let (n_ids, vocab, dim) = (2500usize, 53usize, 20usize);

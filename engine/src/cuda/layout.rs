@@ -1,6 +1,6 @@
-//! The CUDA arm of the layout ops (`permute`/`transpose`, `narrow`, `concat`), the
-//! reductions (`sum`, `mean`, `sum_axis`) and broadcasting `add`/`sub`/`mul` (kernels
-//! `layout.cu`).
+//! The CUDA arm of the layout changes and reductions of `crate::backend::layout` (`permute`,
+//! `narrow`, `concat`, `sum`, `mean`, `sum_axis`) and of broadcasting `add`/`sub`/`mul` and its
+//! `sum_to_shape` (`crate::backend::elementwise`): kernels `layout.cu`. No tape here.
 //!
 //! Every layout change is one kernel, `strided_copy`: an iteration shape, the strides to read
 //! with and the strides to write with (a permuted read for `permute`, a window read for
@@ -18,8 +18,9 @@ use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
 use super::elementwise::scalar_raw;
 use super::launch::KernelCall;
 use super::{memory, CudaContext, DeviceBuffer};
-use crate::ops::elementwise::{contiguous_strides, BinaryOp};
-use crate::{DType, Error, Result, Tape, Tensor, Var};
+use crate::backend::elementwise::contiguous_strides;
+use crate::backend::BinaryOp;
+use crate::{DType, Error, Result, Tensor};
 
 /// The most dimensions the kernels index.
 pub(crate) const MAX_RANK: usize = 8;
@@ -89,84 +90,60 @@ fn strided_copy(
     run(ctx, &plan)
 }
 
-/// The CUDA arm of `permute` (validated by the caller).
-pub(crate) fn permute(
-    tape: &Tape,
-    x: &Var,
-    perm: Vec<usize>,
-    out_shape: Vec<usize>,
-) -> Result<Var> {
-    let xt = x.tensor().clone();
+/// The CUDA arm of [`crate::backend::layout::permute_fwd`] (validated by the caller).
+pub(crate) fn permute(x: &Tensor, perm: Vec<usize>, out_shape: Vec<usize>) -> Result<Tensor> {
     check_rank("permute", out_shape.len())?;
-    let ctx = view(&xt, "permute")?.ctx;
-    let dtype = xt.dtype();
-    let in_shape = xt.shape().to_vec();
-    let xs = contiguous_strides(&in_shape);
+    let ctx = view(x, "permute")?.ctx;
+    let xs = contiguous_strides(x.shape());
     // Output dimension d reads input dimension perm[d].
     let read: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
-    let out = empty(&ctx, dtype, &out_shape)?;
+    let out = empty(&ctx, x.dtype(), &out_shape)?;
     let os = contiguous_strides(&out_shape);
-    strided_copy(&ctx, &xt, 0, &out, 0, &out_shape, &read, &os)?;
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            // The same iteration, reading g contiguously and writing the permuted places.
-            let g = as_dtype(g, dtype)?;
-            let dx = empty(&ctx, dtype, &in_shape)?;
-            strided_copy(&ctx, &g, 0, &dx, 0, &out_shape, &os, &read)?;
-            Ok(vec![Some(dx)])
-        }),
-    ))
+    strided_copy(&ctx, x, 0, &out, 0, &out_shape, &read, &os)?;
+    Ok(out)
 }
 
-/// The CUDA arm of `narrow` (validated by the caller).
-pub(crate) fn narrow(tape: &Tape, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
-    let xt = x.tensor().clone();
-    check_rank("narrow", xt.rank())?;
-    let ctx = view(&xt, "narrow")?.ctx;
-    let dtype = xt.dtype();
-    let in_shape = xt.shape().to_vec();
-    let xs = contiguous_strides(&in_shape);
-    let mut out_shape = in_shape.clone();
+/// The CUDA arm of [`crate::backend::layout::narrow_fwd`] (validated by the caller).
+pub(crate) fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    check_rank("narrow", x.rank())?;
+    let ctx = view(x, "narrow")?.ctx;
+    let xs = contiguous_strides(x.shape());
+    let mut out_shape = x.shape().to_vec();
     out_shape[axis] = len;
     let os = contiguous_strides(&out_shape);
-    let off = start * xs[axis];
-    let out = empty(&ctx, dtype, &out_shape)?;
-    strided_copy(&ctx, &xt, off, &out, 0, &out_shape, &xs, &os)?;
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            let g = as_dtype(g, dtype)?;
-            let dx = Tensor::zeros(&in_shape, dtype, g.device())?;
-            strided_copy(&ctx, &g, 0, &dx, off, &out_shape, &os, &xs)?;
-            Ok(vec![Some(dx)])
-        }),
-    ))
+    let out = empty(&ctx, x.dtype(), &out_shape)?;
+    strided_copy(&ctx, x, start * xs[axis], &out, 0, &out_shape, &xs, &os)?;
+    Ok(out)
 }
 
-/// The CUDA arm of `concat` (validated by the caller: same rank and sizes outside `axis`).
-pub(crate) fn concat(tape: &Tape, xs: &[&Var], axis: usize, out_shape: Vec<usize>) -> Result<Var> {
+/// The CUDA arm of [`crate::backend::layout::narrow_bwd`]: `g` written at `start` along `axis`
+/// into zeros of `in_shape`, in `g`'s dtype.
+pub(crate) fn narrow_bwd(
+    g: &Tensor,
+    in_shape: &[usize],
+    axis: usize,
+    start: usize,
+) -> Result<Tensor> {
+    check_rank("narrow", in_shape.len())?;
+    let ctx = view(g, "narrow")?.ctx;
+    let xs = contiguous_strides(in_shape);
+    let os = contiguous_strides(g.shape());
+    let dx = Tensor::zeros(in_shape, g.dtype(), g.device())?;
+    strided_copy(&ctx, g, 0, &dx, start * xs[axis], g.shape(), &os, &xs)?;
+    Ok(dx)
+}
+
+/// The CUDA arm of [`crate::backend::layout::concat_fwd`] (validated by the caller: same rank
+/// and sizes outside `axis`): every part cast to the first one's dtype.
+pub(crate) fn concat(xs: &[&Tensor], axis: usize, out_shape: Vec<usize>) -> Result<Tensor> {
     check_rank("concat", out_shape.len())?;
-    let tensors: Vec<Tensor> = xs.iter().map(|x| x.tensor().clone()).collect();
-    super::common_device("concat", &tensors.iter().collect::<Vec<_>>())?;
-    let dtype = tensors[0].dtype();
-    let ctx = view(&tensors[0], "concat")?.ctx;
+    let dtype = xs[0].dtype();
+    let ctx = view(xs[0], "concat")?.ctx;
     let os = contiguous_strides(&out_shape);
     let out = empty(&ctx, dtype, &out_shape)?;
-    // Input k occupies [starts[k], starts[k] + size) along `axis`.
-    let mut starts = Vec::with_capacity(tensors.len());
+    // Input k occupies [at, at + size) along `axis`.
     let mut at = 0;
-    for t in &tensors {
-        starts.push(at);
-        at += t.shape()[axis];
+    for t in xs {
         let t = as_dtype(t, dtype)?;
         let dims = t.shape().to_vec();
         strided_copy(
@@ -174,35 +151,14 @@ pub(crate) fn concat(tape: &Tape, xs: &[&Var], axis: usize, out_shape: Vec<usize
             &t,
             0,
             &out,
-            starts.last().copied().unwrap_or(0) * os[axis],
+            at * os[axis],
             &dims,
             &contiguous_strides(&dims),
             &os,
         )?;
+        at += dims[axis];
     }
-    let in_shapes: Vec<Vec<usize>> = tensors.iter().map(|t| t.shape().to_vec()).collect();
-    let in_dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
-    Ok(tape.record(
-        out,
-        xs,
-        Box::new(move |g, needs| {
-            let g = as_dtype(g, dtype)?;
-            needs
-                .iter()
-                .enumerate()
-                .map(|(k, &need)| {
-                    need.then(|| -> Result<Tensor> {
-                        let dims = &in_shapes[k];
-                        let d = empty(&ctx, dtype, dims)?;
-                        let off = starts[k] * os[axis];
-                        strided_copy(&ctx, &g, off, &d, 0, dims, &os, &contiguous_strides(dims))?;
-                        as_dtype(&d, in_dtypes[k])
-                    })
-                    .transpose()
-                })
-                .collect()
-        }),
-    ))
+    Ok(out)
 }
 
 /// `reduce_to`: the kept dims and their strides in `x`, the reduced dims and theirs.
@@ -244,13 +200,15 @@ fn sum_to_shape_meta(gs: &[usize], target: &[usize]) -> (Vec<usize>, Vec<usize>,
     (kd, rd, meta)
 }
 
-/// `g` (contiguous, `g_shape`) summed down to `target` (broadcast-compatible: missing leading
-/// dims and dims of 1 are summed over): the backward of a broadcast.
-fn sum_to_shape(ctx: &Arc<CudaContext>, g: &Tensor, target: &[usize]) -> Result<Tensor> {
+/// The CUDA arm of [`crate::backend::elementwise::sum_to_shape`]: `g` (contiguous) summed down
+/// to `target` (broadcast-compatible: missing leading dims and dims of 1 are summed over), the
+/// backward of a broadcast, in `g`'s dtype.
+pub(crate) fn sum_to_shape(g: &Tensor, target: &[usize]) -> Result<Tensor> {
     let gs = g.shape().to_vec();
     if gs == target {
         return Ok(g.clone());
     }
+    let ctx = &view(g, "sum_to_shape")?.ctx;
     let (kd, rd, words) = sum_to_shape_meta(&gs, target);
     let out = empty(ctx, g.dtype(), target)?;
     let meta = upload(ctx, &words)?;
@@ -266,21 +224,20 @@ fn sum_to_shape(ctx: &Arc<CudaContext>, g: &Tensor, target: &[usize]) -> Result<
     Ok(out)
 }
 
-/// The CUDA arm of `sum_axis` (validated by the caller).
+/// The CUDA arm of [`crate::backend::layout::sum_axis_fwd`] (validated by the caller), in
+/// `x`'s dtype.
 pub(crate) fn sum_axis(
-    tape: &Tape,
-    x: &Var,
+    x: &Tensor,
     (outer, n, inner): (usize, usize, usize),
     out_shape: Vec<usize>,
-) -> Result<Var> {
-    let xt = x.tensor().clone();
-    let ctx = view(&xt, "sum_axis")?.ctx;
-    let dtype = xt.dtype();
+) -> Result<Tensor> {
+    let ctx = view(x, "sum_axis")?.ctx;
+    let dtype = x.dtype();
     let out = empty(&ctx, dtype, &out_shape)?;
     // [outer, n, inner] -> [outer, inner]: the rows added in order, as the CPU.
     let meta = upload(&ctx, &[outer, inner, n * inner, 1, n, inner])?;
     let plan = reduce_plan(
-        view(&xt, "sum_axis")?.ptr,
+        view(x, "sum_axis")?.ptr,
         view(&out, "sum_axis")?.ptr,
         &[outer, inner],
         &[n],
@@ -288,31 +245,30 @@ pub(crate) fn sum_axis(
         dtype,
     )?;
     run(&ctx, &plan)?;
-    let in_shape = xt.shape().to_vec();
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            // g [outer, inner] spread over n: a read with stride 0 along n.
-            let g = as_dtype(g, dtype)?;
-            let dx = empty(&ctx, dtype, &in_shape)?;
-            let dims = [outer, n, inner];
-            strided_copy(
-                &ctx,
-                &g,
-                0,
-                &dx,
-                0,
-                &dims,
-                &[inner, 0, 1],
-                &contiguous_strides(&dims),
-            )?;
-            Ok(vec![Some(dx)])
-        }),
-    ))
+    Ok(out)
+}
+
+/// The CUDA arm of [`crate::backend::layout::sum_axis_bwd`]: `g` (`[outer, inner]`) spread
+/// over `n` (a read with stride 0 along it), in `g`'s dtype.
+pub(crate) fn sum_axis_bwd(
+    g: &Tensor,
+    (outer, n, inner): (usize, usize, usize),
+    in_shape: &[usize],
+) -> Result<Tensor> {
+    let ctx = view(g, "sum_axis")?.ctx;
+    let dx = empty(&ctx, g.dtype(), in_shape)?;
+    let dims = [outer, n, inner];
+    strided_copy(
+        &ctx,
+        g,
+        0,
+        &dx,
+        0,
+        &dims,
+        &[inner, 0, 1],
+        &contiguous_strides(&dims),
+    )?;
+    Ok(dx)
 }
 
 pub(crate) fn sum_all_plan(
@@ -332,54 +288,47 @@ pub(crate) fn sum_all_plan(
     )]))
 }
 
-/// The CUDA arm of `sum` (`mean`: divided by the element count, validated non-zero by the
-/// caller): an f32 scalar.
-pub(crate) fn sum_all(tape: &Tape, x: &Var, mean: bool) -> Result<Var> {
-    let xt = x.tensor().clone();
-    let ctx = view(&xt, "sum")?.ctx;
-    let dtype = xt.dtype();
-    let n = xt.elem_count();
+/// The CUDA arm of [`crate::backend::layout::sum_fwd`] (`mean`: divided by the element count,
+/// validated non-zero by the caller): an f32 scalar.
+pub(crate) fn sum_all(x: &Tensor, mean: bool) -> Result<Tensor> {
+    let ctx = view(x, "sum")?.ctx;
+    let n = x.elem_count();
     let out = empty(&ctx, DType::F32, &[])?;
     let plan = sum_all_plan(
-        view(&xt, "sum")?.ptr,
+        view(x, "sum")?.ptr,
         view(&out, "sum")?.ptr,
         n,
         if mean { n } else { 1 },
-        dtype,
+        x.dtype(),
     )?;
     run(&ctx, &plan)?;
-    let shape = xt.shape().to_vec();
-    let factor = if mean { 1.0 / n as f32 } else { 1.0 };
-    Ok(tape.record(
-        out,
-        &[x],
-        Box::new(move |g, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            // g * factor (in f32, as the CPU's fill_like), spread with stride 0.
-            let g = as_dtype(g, DType::F32)?.reshape(&[1])?;
-            let v = if mean {
-                scalar_raw("scale", &g, factor)?
-            } else {
-                g
-            };
-            let v = as_dtype(&v, dtype)?;
-            let dx = empty(&ctx, dtype, &shape)?;
-            let zeros = vec![0; shape.len()];
-            strided_copy(
-                &ctx,
-                &v,
-                0,
-                &dx,
-                0,
-                &shape,
-                &zeros,
-                &contiguous_strides(&shape),
-            )?;
-            Ok(vec![Some(dx)])
-        }),
-    ))
+    Ok(out)
+}
+
+/// The CUDA arm of [`crate::backend::layout::fill_bwd`]: the scalar `g` times `factor` (in
+/// f32, as the CPU), cast to `dtype` and spread with stride 0 over `shape`.
+pub(crate) fn fill(g: &Tensor, shape: &[usize], factor: f32, dtype: DType) -> Result<Tensor> {
+    let ctx = view(g, "sum")?.ctx;
+    let g = as_dtype(g, DType::F32)?.reshape(&[1])?;
+    let v = if factor != 1.0 {
+        scalar_raw("scale", &g, factor)?
+    } else {
+        g
+    };
+    let v = as_dtype(&v, dtype)?;
+    let dx = empty(&ctx, dtype, shape)?;
+    let zeros = vec![0; shape.len()];
+    strided_copy(
+        &ctx,
+        &v,
+        0,
+        &dx,
+        0,
+        shape,
+        &zeros,
+        &contiguous_strides(shape),
+    )?;
+    Ok(dx)
 }
 
 pub(crate) fn broadcast_plan(
@@ -455,52 +404,17 @@ fn broadcast_raw(
     Ok(y)
 }
 
-/// The CUDA arm of `add`/`sub`/`mul` with broadcasting (shapes differ; `out_shape` is their
-/// broadcast, validated by the caller).
-pub(crate) fn broadcast_binary(
-    tape: &Tape,
+/// The CUDA arm of a broadcasting `add`/`sub`/`mul` (shapes differ; `out_shape` is their
+/// broadcast, validated by the caller): both operands of one dtype, kept.
+pub(crate) fn broadcast(
     op: BinaryOp,
-    a: &Var,
-    b: &Var,
-    out_shape: Vec<usize>,
-) -> Result<Var> {
-    let name = op.name();
-    super::common_device(name, &[a.tensor(), b.tensor()])?;
-    let dtype = super::elementwise::float_inputs(name, &[a.tensor(), b.tensor()])?;
-    let (at, bt) = (a.tensor().clone(), b.tensor().clone());
-    let ctx = view(&at, name)?.ctx;
-    let y = broadcast_raw(&ctx, op, &at, &bt, &out_shape)?;
-    Ok(tape.record(
-        y,
-        &[a, b],
-        Box::new(move |g, needs| {
-            let g = as_dtype(g, dtype)?;
-            let ga = needs[0]
-                .then(|| match op {
-                    BinaryOp::Mul => sum_to_shape(
-                        &ctx,
-                        &broadcast_raw(&ctx, BinaryOp::Mul, &g, &bt, &out_shape)?,
-                        at.shape(),
-                    ),
-                    _ => sum_to_shape(&ctx, &g, at.shape()),
-                })
-                .transpose()?;
-            let gb = needs[1]
-                .then(|| match op {
-                    BinaryOp::Mul => sum_to_shape(
-                        &ctx,
-                        &broadcast_raw(&ctx, BinaryOp::Mul, &g, &at, &out_shape)?,
-                        bt.shape(),
-                    ),
-                    BinaryOp::Sub => {
-                        scalar_raw("scale", &sum_to_shape(&ctx, &g, bt.shape())?, -1.0)
-                    }
-                    BinaryOp::Add => sum_to_shape(&ctx, &g, bt.shape()),
-                })
-                .transpose()?;
-            Ok(vec![ga, gb])
-        }),
-    ))
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    super::elementwise::float_inputs(op.name(), &[a, b])?;
+    let ctx = view(a, op.name())?.ctx;
+    broadcast_raw(&ctx, op, a, b, out_shape)
 }
 
 #[cfg(test)]
@@ -568,8 +482,8 @@ mod tests {
     /// Copies move values: every comparison is exact (f32 and bf16 alike).
     #[test]
     fn copy_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::ops::elementwise::sum_axis_backward_cpu;
-        use crate::ops::layout as cpu;
+        use crate::backend::layout as cpu;
+        use crate::backend::layout::sum_axis_backward_cpu;
         let Some(sim) = host_sim() else { return };
         for dt in [DType::F32, DType::BF16] {
             // permute / transpose and their backwards, as `permute` builds them.
@@ -699,7 +613,7 @@ mod tests {
 
     #[test]
     fn reduction_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::ops::elementwise as cpu;
+        use crate::backend::layout as cpu;
         let Some(sim) = host_sim() else { return };
         for dt in [DType::F32, DType::BF16] {
             // sum_axis: the rows added in order, as the CPU: exact in f32, and in bf16 the
@@ -751,7 +665,7 @@ mod tests {
                     sim,
                     &reduce_plan(bg.ptr(), by.ptr(), &kd, &rd, m.ptr(), dt).unwrap(),
                 );
-                let want = cpu::sum_to_shape_cpu(&gs, &gshape, &target);
+                let want = crate::backend::elementwise::sum_to_shape_cpu(&gs, &gshape, &target);
                 assert_close(
                     &format!("sum_to_shape {gshape:?} -> {target:?} {dt:?}"),
                     &download(&by, dt),
@@ -788,7 +702,7 @@ mod tests {
     /// rounded once).
     #[test]
     fn broadcast_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::ops::elementwise::{binary_forward_cpu, broadcast_shape};
+        use crate::backend::elementwise::{binary_forward_cpu, broadcast_shape};
         let Some(sim) = host_sim() else { return };
         for (a_shape, b_shape) in [
             (vec![4usize, 1, 35], vec![6usize, 1]),

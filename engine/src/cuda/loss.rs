@@ -1,5 +1,6 @@
-//! The CUDA arm of `cross_entropy` (the `cross_entropy` kernel family). The fused
-//! distillation loss has its own file, `kd_loss.rs`.
+//! The CUDA arm of the cross-entropy's backend-level functions (`crate::backend::loss`): the
+//! `cross_entropy` kernel family. No tape here: the op and its one backward are in
+//! `crate::ops::loss`. The fused distillation loss has its own file, `kd_loss.rs`.
 
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
@@ -7,10 +8,9 @@ use recycle_kernels::launchers as k;
 use super::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view, with_float};
 use super::elementwise::float_inputs;
 use super::launch::{fit_u32, KernelCall};
-use crate::ops::loss::{
-    cross_entropy_check_labels_cpu, cross_entropy_grad_scale, CrossEntropyOptions,
-};
-use crate::{DType, Result, Tape, Tensor, Var};
+use crate::backend::loss::{cross_entropy_check_labels_cpu, CrossEntropySaved};
+use crate::backend::CrossEntropyOptions;
+use crate::{DType, Result, Tensor};
 
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy
@@ -96,22 +96,20 @@ fn cross_entropy_bwd_plan(
     ]))
 }
 
-/// The CUDA arm of `cross_entropy` (shapes and options validated by the caller). The labels
-/// are checked on the host (copied back when they are on the GPU), as the CPU op does; the
-/// backward reads the upstream gradient (a scalar) back to the host to fold it into the scale.
-pub(crate) fn cross_entropy(
-    tape: &Tape,
-    logits: &Var,
+/// The CUDA arm of [`crate::backend::loss::cross_entropy_fwd`] (shapes and options validated
+/// there). The labels are checked on the host (copied back when they are on the GPU), as the
+/// CPU arm does.
+pub(crate) fn cross_entropy_fwd(
+    logits: &Tensor,
     labels: &Tensor,
-    opts: CrossEntropyOptions,
-) -> Result<Var> {
+    opts: &CrossEntropyOptions,
+) -> Result<(Tensor, CrossEntropySaved)> {
     const OP: &str = "cross_entropy";
-    let lt = logits.tensor();
-    let dtype = float_inputs(OP, &[lt])?;
-    let (rows, classes) = (lt.shape()[0], lt.shape()[1]);
+    let dtype = float_inputs(OP, &[logits])?;
+    let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
     let labels_host = host_i32(labels)?;
     let kept = cross_entropy_check_labels_cpu(&labels_host, classes, opts.ignore_index)?;
-    let lv = view(lt, OP)?;
+    let lv = view(logits, OP)?;
     let ctx = lv.ctx.clone();
     let labels_dev = on_gpu_i32(&ctx, labels, &labels_host)?;
     let lse = empty(&ctx, DType::F32, &[rows])?;
@@ -126,36 +124,44 @@ pub(crate) fn cross_entropy(
         rows,
         classes,
         kept,
-        &opts,
+        opts,
         dtype,
     )?;
     run(&ctx, &plan)?;
-    let saved = lt.clone();
-    Ok(tape.record(
-        out,
-        &[logits],
-        Box::new(move |g, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            let scale = cross_entropy_grad_scale(g.to_scalar_f32()?, kept);
-            let sv = view(&saved, OP)?;
-            let d = empty(&sv.ctx, dtype, saved.shape())?;
-            let plan = cross_entropy_bwd_plan(
-                sv.ptr,
-                view(&labels_dev, OP)?.ptr,
-                view(&lse, OP)?.ptr,
-                view(&d, OP)?.ptr,
-                rows,
-                classes,
-                &opts,
-                scale,
-                dtype,
-            )?;
-            run(&sv.ctx, &plan)?;
-            Ok(vec![Some(d)])
-        }),
-    ))
+    let saved = CrossEntropySaved {
+        labels: labels_dev,
+        lse,
+        kept,
+    };
+    Ok((out, saved))
+}
+
+/// The CUDA arm of [`crate::backend::loss::cross_entropy_bwd`]: the gradient in the logits'
+/// dtype, `scale` the upstream gradient over the kept rows.
+pub(crate) fn cross_entropy_bwd(
+    logits: &Tensor,
+    saved: &CrossEntropySaved,
+    opts: &CrossEntropyOptions,
+    scale: f32,
+) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    let dtype = float_inputs(OP, &[logits])?;
+    let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+    let sv = view(logits, OP)?;
+    let d = empty(&sv.ctx, dtype, logits.shape())?;
+    let plan = cross_entropy_bwd_plan(
+        sv.ptr,
+        view(&saved.labels, OP)?.ptr,
+        view(&saved.lse, OP)?.ptr,
+        view(&d, OP)?.ptr,
+        rows,
+        classes,
+        opts,
+        scale,
+        dtype,
+    )?;
+    run(&sv.ctx, &plan)?;
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -190,10 +196,12 @@ mod tests {
     /// bf16 logits, the gradient in a separate buffer and in place.
     #[test]
     fn cross_entropy_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::backend::loss::{
+            cross_entropy_backward_cpu, cross_entropy_forward_cpu, cross_entropy_grad_scale,
+        };
         use crate::cuda::sim_check::{
             as_stored, assert_close, download, host_sim, run_plan, sample, upload,
         };
-        use crate::ops::loss::{cross_entropy_backward_cpu, cross_entropy_forward_cpu};
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         for (rows, classes) in [(7usize, 10usize), (4, 1000), (2, 30_522)] {

@@ -1,20 +1,22 @@
-//! The CUDA arm of `matmul`, `batched_matmul` and `linear`: cuBLASLt products ([`super::blas`])
-//! forward and backward.
+//! The CUDA arm of the products' backend-level functions (`crate::backend::matmul`): cuBLASLt
+//! products ([`super::blas`]) forward and backward. No tape here: the ops and their one
+//! backward each are in `crate::ops::matmul`.
 //!
 //! Types: the product runs in the first operand's type (the activations'); the other operand
 //! is cast to it when it differs (a bf16 weight under f32 activations). The output has that
-//! type; each gradient has the type of the tensor it is the gradient of (a bf16 product writes
-//! an f32 weight gradient directly, cuBLASLt's bf16-in/f32-out combination). Backward is the
-//! two products of the gradient ([`grad_products`]), with transposes chosen so that nothing
-//! is copied; `linear`'s bias gradient is the column sum kernel of `bias_add`.
+//! type; each operand's gradient has the type of its operand (a bf16 product writes an f32
+//! weight gradient directly, cuBLASLt's bf16-in/f32-out combination), the bias gradient is f32.
+//! Backward is the two products of the gradient ([`grad_products`]), with transposes chosen so
+//! that nothing is copied; `linear`'s bias gradient is the column sum kernel of `bias_add`.
 
 use std::sync::Arc;
 
 use super::blas::{self, Gemm};
 use super::common::{as_dtype, empty, run, view};
-use super::elementwise::{cast, channel_add_plan, channel_sum_plan};
-use super::{common_device, CudaContext};
-use crate::{DType, Result, Tape, Tensor, Var};
+use super::elementwise::{channel_add_plan, channel_sum_plan};
+use super::CudaContext;
+use crate::backend::ProductDims;
+use crate::{DType, Result, Tensor};
 
 /// Which tensor a product of the backward reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,172 +147,90 @@ fn product(
     as_dtype(&out, output)
 }
 
-/// Forward and backward of `D = op(A) op(B) (+ bias along the last axis)` for `batch` products;
-/// the caller has validated the shapes. `a`'s type is the compute type.
-#[allow(clippy::too_many_arguments)]
-fn record_product(
-    tape: &Tape,
+/// The CUDA arm of the products' forwards (validated by the caller): `D = op(A) op(B) (+ bias
+/// along the last axis)` in `a`'s type, `b` cast to it.
+pub(crate) fn product_fwd(
     op: &'static str,
-    a: &Var,
-    b: &Var,
-    bias: Option<&Var>,
-    batch: usize,
-    (m, k, n): (usize, usize, usize),
-    (trans_a, trans_b): (bool, bool),
-    out_shape: Vec<usize>,
-) -> Result<Var> {
-    let mut all = vec![a.tensor(), b.tensor()];
-    all.extend(bias.map(|v| v.tensor()));
-    common_device(op, &all)?;
-    for t in &all {
-        t.expect_float(op)?;
-    }
-    let dtype = a.tensor().dtype();
-    let ctx = view(a.tensor(), op)?.ctx;
-    let (ta, tb) = (a.tensor().clone(), as_dtype(b.tensor(), dtype)?);
-    let out = product(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    d: &ProductDims,
+) -> Result<Tensor> {
+    let dtype = a.dtype();
+    let ctx = view(a, op)?.ctx;
+    let tb = as_dtype(b, dtype)?;
+    product(
         &ctx,
-        &ta,
+        a,
         &tb,
-        bias.map(|v| v.tensor()),
-        batch,
-        (m, k, n, trans_a, trans_b),
-        dtype,
-        &out_shape,
-    )?;
-    let (b_dtype, b_shape) = (b.tensor().dtype(), b.tensor().shape().to_vec());
-    let bias_dtype = bias.map(|v| v.tensor().dtype());
-    let backward = Box::new(move |g: &Tensor, needs: &[bool]| {
-        let g = as_dtype(g, dtype)?;
-        let (pa, pb) = grad_products(m, k, n, trans_a, trans_b);
-        let pick = |o: Operand| match o {
-            Operand::A => &ta,
-            Operand::B => &tb,
-            Operand::G => &g,
-        };
-        let grad = |p: Product, output: DType, shape: &[usize]| {
-            product(
-                &ctx,
-                pick(p.lhs),
-                pick(p.rhs),
-                None,
-                batch,
-                (p.m, p.k, p.n, p.trans_l, p.trans_r),
-                output,
-                shape,
-            )
-        };
-        let da = needs[0].then(|| grad(pa, dtype, ta.shape())).transpose()?;
-        let db = needs[1].then(|| grad(pb, b_dtype, &b_shape)).transpose()?;
-        let mut grads = vec![da, db];
-        if let Some(bd) = bias_dtype {
-            let dbias = needs
-                .get(2)
-                .copied()
-                .unwrap_or(false)
-                .then(|| -> Result<Tensor> {
-                    // The column sums of G over all rows: f32 `[n]`.
-                    let gv = view(&g, op)?;
-                    let rows = gv.len.checked_div(n).unwrap_or(0);
-                    if rows == 0 {
-                        return Tensor::zeros(&[n], bd, g.device());
-                    }
-                    let s = empty(&ctx, DType::F32, &[n])?;
-                    run(
-                        &ctx,
-                        &channel_sum_plan(gv.ptr, view(&s, op)?.ptr, rows, n, 1, dtype)?,
-                    )?;
-                    if bd == DType::F32 {
-                        Ok(s)
-                    } else {
-                        cast(&s, bd)
-                    }
-                })
-                .transpose()?;
-            grads.push(dbias);
-        }
-        Ok(grads)
-    });
-    Ok(match bias {
-        Some(v) => tape.record(out, &[a, b, v], backward),
-        None => tape.record(out, &[a, b], backward),
-    })
-}
-
-/// The CUDA arm of `matmul` (2-D operands, shapes validated by the caller).
-pub(crate) fn matmul(
-    tape: &Tape,
-    a: &Var,
-    b: &Var,
-    mkn: (usize, usize, usize),
-    trans: (bool, bool),
-) -> Result<Var> {
-    record_product(
-        tape,
-        "matmul",
-        a,
-        b,
-        None,
-        1,
-        mkn,
-        trans,
-        vec![mkn.0, mkn.2],
-    )
-}
-
-/// The CUDA arm of `batched_matmul` (validated by the caller): one strided-batched product.
-pub(crate) fn batched_matmul(
-    tape: &Tape,
-    a: &Var,
-    b: &Var,
-    batch: usize,
-    mkn: (usize, usize, usize),
-    trans: (bool, bool),
-    out_shape: Vec<usize>,
-) -> Result<Var> {
-    record_product(
-        tape,
-        "batched_matmul",
-        a,
-        b,
-        None,
-        batch,
-        mkn,
-        trans,
-        out_shape,
-    )
-}
-
-/// The CUDA arm of `linear`: `x [rows, in] W^T [in, out] + bias` with cuBLASLt's bias
-/// epilogue (validated by the caller).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn linear(
-    tape: &Tape,
-    x: &Var,
-    weight: &Var,
-    bias: Option<&Var>,
-    rows: usize,
-    in_f: usize,
-    out_f: usize,
-    out_shape: Vec<usize>,
-) -> Result<Var> {
-    record_product(
-        tape,
-        "linear",
-        x,
-        weight,
         bias,
-        1,
-        (rows, in_f, out_f),
-        (false, true),
-        out_shape,
+        d.batch,
+        (d.m, d.k, d.n, d.trans_a, d.trans_b),
+        dtype,
+        &d.out_shape,
     )
+}
+
+/// The CUDA arm of the products' backwards: `[dA, dB, dbias]` from the operands and the output
+/// gradient `dy`, each when `need` asks for it; `dA` in `a`'s type, `dB` in `b`'s, `dbias`
+/// (the column sums of `dy`) f32.
+pub(crate) fn product_bwd(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    d: &ProductDims,
+    need: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    let dtype = a.dtype();
+    let ctx = view(a, op)?.ctx;
+    let tb = as_dtype(b, dtype)?;
+    let g = as_dtype(dy, dtype)?;
+    let (pa, pb) = grad_products(d.m, d.k, d.n, d.trans_a, d.trans_b);
+    let pick = |o: Operand| match o {
+        Operand::A => a,
+        Operand::B => &tb,
+        Operand::G => &g,
+    };
+    let grad = |p: Product, output: DType, shape: &[usize]| {
+        product(
+            &ctx,
+            pick(p.lhs),
+            pick(p.rhs),
+            None,
+            d.batch,
+            (p.m, p.k, p.n, p.trans_l, p.trans_r),
+            output,
+            shape,
+        )
+    };
+    let da = need[0].then(|| grad(pa, dtype, a.shape())).transpose()?;
+    let db = need[1]
+        .then(|| grad(pb, b.dtype(), b.shape()))
+        .transpose()?;
+    let dbias = need[2]
+        .then(|| -> Result<Tensor> {
+            // The column sums of G over all rows: f32 `[n]`.
+            let gv = view(&g, op)?;
+            let rows = gv.len.checked_div(d.n).unwrap_or(0);
+            if rows == 0 {
+                return Tensor::zeros(&[d.n], DType::F32, g.device());
+            }
+            let s = empty(&ctx, DType::F32, &[d.n])?;
+            run(
+                &ctx,
+                &channel_sum_plan(gv.ptr, view(&s, op)?.ptr, rows, d.n, 1, dtype)?,
+            )?;
+            Ok(s)
+        })
+        .transpose()?;
+    Ok([da, db, dbias])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::matmul::{matmul_backward_cpu, matmul_forward_cpu};
+    use crate::backend::matmul::{matmul_backward_cpu, matmul_forward_cpu};
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)

@@ -1,4 +1,6 @@
-//! The CUDA arm of `layer_norm` and `batch_norm2d` (kernels `layernorm.cu`, `batchnorm.cu`).
+//! The CUDA arm of the normalisation family's backend-level functions (`crate::backend::norm`):
+//! kernels `layernorm.cu`, `batchnorm.cu`. No tape here: the ops and their one backward each
+//! are in `crate::ops::norm`.
 //!
 //! Layer norm: the kernels take the affine parameters in the activations' type (a bf16
 //! activation casts f32 parameters to bf16), keep the per-row mean and 1/std (f32) for the
@@ -11,11 +13,12 @@ use recycle_kernels::launch::{self as kl, BatchnormReduce, LayernormBackward};
 use recycle_kernels::launchers as k;
 
 use super::common::{as_dtype, empty, p, rows_cfg, run, view, with_float};
-use super::elementwise::{cast, deep_copy};
+use super::elementwise::deep_copy;
 use super::launch::{fit_u32, shape_err, KernelCall};
-use super::{common_device, DeviceBuffer};
-use crate::ops::norm::BatchNormOptions;
-use crate::{DType, Device, Result, Tape, Tensor, Var};
+use super::DeviceBuffer;
+use crate::backend::norm::BatchNormStats;
+use crate::backend::BatchNormOptions;
+use crate::{DType, Result, Tensor};
 
 // ---------------------------------------------------------------------------------------------
 // Layer norm
@@ -96,41 +99,27 @@ pub(crate) fn layernorm_bwd_plan(
     Ok(vec![main, reduce])
 }
 
-/// An f32 tensor of `len` zeros or `dtype` zeros, for the gradients of empty shapes.
-fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
-    Tensor::zeros(shape, dtype, device)
-}
-
-/// `t` (f32 on the device) in `dtype`.
-fn to(t: Tensor, dtype: DType) -> Result<Tensor> {
-    if dtype == DType::F32 {
-        Ok(t)
-    } else {
-        cast(&t, dtype)
-    }
-}
-
-/// The CUDA arm of `layer_norm` (validated by the caller).
-pub(crate) fn layer_norm(tape: &Tape, x: &Var, weight: &Var, bias: &Var, eps: f32) -> Result<Var> {
+/// The CUDA arm of [`crate::backend::norm::layer_norm_fwd`] (validated there): `y` in `x`'s
+/// dtype, the affine parameters cast to it; `mean` and `rstd` f32.
+pub(crate) fn layer_norm_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "layer_norm";
-    common_device(OP, &[x.tensor(), weight.tensor(), bias.tensor()])?;
-    let xt = x.tensor().clone();
-    let dtype = xt.dtype();
-    let shape = xt.shape().to_vec();
+    let dtype = x.dtype();
+    let shape = x.shape();
     let d = *shape.last().expect("validated: rank >= 1");
-    let rows = xt.elem_count().checked_div(d).unwrap_or(0);
-    let device = xt.device();
-    let ctx = view(&xt, OP)?.ctx;
-    let (w, b) = (
-        as_dtype(weight.tensor(), dtype)?,
-        as_dtype(bias.tensor(), dtype)?,
-    );
-    let y = empty(&ctx, dtype, &shape)?;
+    let rows = x.elem_count().checked_div(d).unwrap_or(0);
+    let ctx = view(x, OP)?.ctx;
+    let (w, b) = (as_dtype(weight, dtype)?, as_dtype(bias, dtype)?);
+    let y = empty(&ctx, dtype, shape)?;
     let mean = empty(&ctx, DType::F32, &[rows])?;
     let rstd = empty(&ctx, DType::F32, &[rows])?;
     let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
     let plan = layernorm_fwd_plan(
-        v(&xt)?,
+        v(x)?,
         v(&w)?,
         v(&b)?,
         v(&y)?,
@@ -142,47 +131,55 @@ pub(crate) fn layer_norm(tape: &Tape, x: &Var, weight: &Var, bias: &Var, eps: f3
         dtype,
     )?;
     run(&ctx, &plan)?;
-    let (w_dtype, b_dtype) = (weight.tensor().dtype(), bias.tensor().dtype());
-    Ok(tape.record(
-        y,
-        &[x, weight, bias],
-        Box::new(move |g, needs| {
-            let dy = as_dtype(g, dtype)?;
-            let Some(cfg) = kl::layernorm_backward(rows as u64, d as u64).map_err(shape_err)?
-            else {
-                return Ok(vec![
-                    needs[0].then(|| zeros(&shape, dtype, device)).transpose()?,
-                    needs[1].then(|| zeros(&[d], w_dtype, device)).transpose()?,
-                    needs[2].then(|| zeros(&[d], b_dtype, device)).transpose()?,
-                ]);
-            };
-            let dx = empty(&ctx, dtype, &shape)?;
-            let partial = empty(&ctx, DType::F32, &[cfg.partial_len as usize])?;
-            let dw = empty(&ctx, DType::F32, &[d])?;
-            let db = empty(&ctx, DType::F32, &[d])?;
-            let plan = layernorm_bwd_plan(
-                &cfg,
-                v(&xt)?,
-                v(&dy)?,
-                v(&mean)?,
-                v(&rstd)?,
-                v(&w)?,
-                v(&dx)?,
-                v(&partial)?,
-                v(&dw)?,
-                v(&db)?,
-                rows,
-                d,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-            Ok(vec![
-                needs[0].then_some(dx),
-                needs[1].then(|| to(dw, w_dtype)).transpose()?,
-                needs[2].then(|| to(db, b_dtype)).transpose()?,
-            ])
-        }),
-    ))
+    Ok((y, mean, rstd))
+}
+
+/// The CUDA arm of [`crate::backend::norm::layer_norm_bwd`]: `(dx, dweight, dbias)`, `dx` in
+/// `x`'s dtype (`dy` cast to it), the parameter gradients f32 (the kernels sum in f32).
+pub(crate) fn layer_norm_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "layer_norm";
+    let (dtype, device) = (x.dtype(), x.device());
+    let shape = x.shape();
+    let d = *shape.last().expect("validated: rank >= 1");
+    let rows = x.elem_count().checked_div(d).unwrap_or(0);
+    let dy = as_dtype(dy, dtype)?;
+    let Some(cfg) = kl::layernorm_backward(rows as u64, d as u64).map_err(shape_err)? else {
+        return Ok((
+            Tensor::zeros(shape, dtype, device)?,
+            Tensor::zeros(&[d], DType::F32, device)?,
+            Tensor::zeros(&[d], DType::F32, device)?,
+        ));
+    };
+    let ctx = view(x, OP)?.ctx;
+    let w = as_dtype(weight, dtype)?;
+    let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
+    let dx = empty(&ctx, dtype, shape)?;
+    let partial = empty(&ctx, DType::F32, &[cfg.partial_len as usize])?;
+    let dw = empty(&ctx, DType::F32, &[d])?;
+    let db = empty(&ctx, DType::F32, &[d])?;
+    let plan = layernorm_bwd_plan(
+        &cfg,
+        v(x)?,
+        v(&dy)?,
+        v(mean)?,
+        v(rstd)?,
+        v(&w)?,
+        v(&dx)?,
+        v(&partial)?,
+        v(&dw)?,
+        v(&db)?,
+        rows,
+        d,
+        dtype,
+    )?;
+    run(&ctx, &plan)?;
+    Ok((dx, dw, db))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -338,83 +335,33 @@ fn scratch_f64(ctx: &std::sync::Arc<super::CudaContext>, len: u64) -> Result<Dev
     DeviceBuffer::alloc(ctx, len as usize * 8)
 }
 
-/// The CUDA arm of `batch_norm2d` (validated by the caller, `n * hw >= 2` when training).
-pub(crate) fn batch_norm2d(
-    tape: &Tape,
-    x: &Var,
-    weight: &Var,
-    bias: &Var,
+/// The CUDA arm of [`crate::backend::norm::batch_norm2d_fwd`] (validated there, `n * hw >= 2`
+/// when training): `y` in `x`'s dtype; parameters and statistics f32 (cast when they are not);
+/// in training the batch statistics, and the running ones updated in place on the device.
+pub(crate) fn batch_norm2d_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
     running_mean: &Tensor,
     running_var: &Tensor,
     opts: BatchNormOptions,
-) -> Result<Var> {
+) -> Result<(Tensor, Option<BatchNormStats>)> {
     const OP: &str = "batch_norm2d";
-    common_device(
-        OP,
-        &[
-            x.tensor(),
-            weight.tensor(),
-            bias.tensor(),
-            running_mean,
-            running_var,
-        ],
-    )?;
-    let xt = x.tensor().clone();
-    let dtype = xt.dtype();
-    let shape = xt.shape().to_vec();
+    let dtype = x.dtype();
+    let shape = x.shape();
     let dims = (shape[0], shape[1], shape[2] * shape[3]);
     let (n, c, hw) = dims;
-    let device = xt.device();
-    let ctx = view(&xt, OP)?.ctx;
+    let ctx = view(x, OP)?.ctx;
     let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
-    let (w, b) = (
-        as_dtype(weight.tensor(), DType::F32)?,
-        as_dtype(bias.tensor(), DType::F32)?,
-    );
-    let y = empty(&ctx, dtype, &shape)?;
-    // The statistics the backward uses: the batch's (training) or the running ones (eval).
-    let (mean, inv_std) = if opts.training {
-        let mean = empty(&ctx, DType::F32, &[c])?;
-        let var = empty(&ctx, DType::F32, &[c])?;
-        let inv_std = empty(&ctx, DType::F32, &[c])?;
-        if let Some(r) = kl::batchnorm_reduce(n as u64, c as u64, hw as u64).map_err(shape_err)? {
-            let partial = scratch_f64(&ctx, r.scratch_f64)?;
-            let plan = batchnorm_stats_plan(
-                &r,
-                v(&xt)?,
-                partial.ptr(),
-                v(&mean)?,
-                v(&var)?,
-                v(&inv_std)?,
-                // Updated in place by the statistics kernel.
-                running_mean.cuda_view_mut(OP)?.ptr,
-                running_var.cuda_view_mut(OP)?.ptr,
-                dims,
-                &opts,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-        }
-        let plan = batchnorm_fwd_plan(
-            v(&xt)?,
-            v(&y)?,
-            v(&mean)?,
-            v(&inv_std)?,
-            v(&w)?,
-            v(&b)?,
-            dims,
-            None,
-            dtype,
-        )?;
-        run(&ctx, &plan)?;
-        (Some(mean), Some(inv_std))
-    } else {
+    let (w, b) = (as_dtype(weight, DType::F32)?, as_dtype(bias, DType::F32)?);
+    let y = empty(&ctx, dtype, shape)?;
+    if !opts.training {
         let (rm, rv) = (
             as_dtype(running_mean, DType::F32)?,
             as_dtype(running_var, DType::F32)?,
         );
         let plan = batchnorm_fwd_plan(
-            v(&xt)?,
+            v(x)?,
             v(&y)?,
             v(&rm)?,
             v(&rv)?,
@@ -425,73 +372,99 @@ pub(crate) fn batch_norm2d(
             dtype,
         )?;
         run(&ctx, &plan)?;
-        (None, None)
+        return Ok((y, None));
+    }
+    let mean = empty(&ctx, DType::F32, &[c])?;
+    let var = empty(&ctx, DType::F32, &[c])?;
+    let inv_std = empty(&ctx, DType::F32, &[c])?;
+    if let Some(r) = kl::batchnorm_reduce(n as u64, c as u64, hw as u64).map_err(shape_err)? {
+        let partial = scratch_f64(&ctx, r.scratch_f64)?;
+        let plan = batchnorm_stats_plan(
+            &r,
+            v(x)?,
+            partial.ptr(),
+            v(&mean)?,
+            v(&var)?,
+            v(&inv_std)?,
+            // Updated in place by the statistics kernel.
+            running_mean.cuda_view_mut(OP)?.ptr,
+            running_var.cuda_view_mut(OP)?.ptr,
+            dims,
+            &opts,
+            dtype,
+        )?;
+        run(&ctx, &plan)?;
+    }
+    let plan = batchnorm_fwd_plan(
+        v(x)?,
+        v(&y)?,
+        v(&mean)?,
+        v(&inv_std)?,
+        v(&w)?,
+        v(&b)?,
+        dims,
+        None,
+        dtype,
+    )?;
+    run(&ctx, &plan)?;
+    Ok((y, Some(BatchNormStats { mean, inv_std })))
+}
+
+/// An f32 copy of `t` on its device that later writes to `t` do not reach.
+pub(crate) fn f32_copy(t: &Tensor) -> Result<Tensor> {
+    deep_copy(&as_dtype(t, DType::F32)?)
+}
+
+/// The CUDA arm of [`crate::backend::norm::batch_norm2d_bwd`]: `(dx, dweight, dbias)`, `dx` in
+/// `x`'s dtype (`dy` cast to it), the parameter gradients f32 (the kernels sum in f64).
+pub(crate) fn batch_norm2d_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    mean: &Tensor,
+    inv_std: &Tensor,
+    weight: &Tensor,
+    training: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "batch_norm2d";
+    let (dtype, device) = (x.dtype(), x.device());
+    let shape = x.shape();
+    let dims = (shape[0], shape[1], shape[2] * shape[3]);
+    let (n, c, hw) = dims;
+    let dy = as_dtype(dy, dtype)?;
+    let Some(r) = kl::batchnorm_reduce(n as u64, c as u64, hw as u64).map_err(shape_err)? else {
+        return Ok((
+            Tensor::zeros(shape, dtype, device)?,
+            Tensor::zeros(&[c], DType::F32, device)?,
+            Tensor::zeros(&[c], DType::F32, device)?,
+        ));
     };
-    // Evaluation: the running statistics as they are now (the backward may run after they
-    // changed), copied only when a backward can need them.
-    let eval_stats = if !opts.training && tape.is_recording() {
-        Some((
-            deep_copy(&as_dtype(running_mean, DType::F32)?)?,
-            running_var.to_vec_f32()?,
-        ))
-    } else {
-        None
-    };
-    let training = opts.training;
-    let eps = opts.eps;
-    let (w_dtype, b_dtype) = (weight.tensor().dtype(), bias.tensor().dtype());
-    Ok(tape.record(
-        y,
-        &[x, weight, bias],
-        Box::new(move |g, needs| {
-            let dy = as_dtype(g, dtype)?;
-            let Some(r) = kl::batchnorm_reduce(n as u64, c as u64, hw as u64).map_err(shape_err)?
-            else {
-                return Ok(vec![
-                    needs[0].then(|| zeros(&shape, dtype, device)).transpose()?,
-                    needs[1].then(|| zeros(&[c], w_dtype, device)).transpose()?,
-                    needs[2].then(|| zeros(&[c], b_dtype, device)).transpose()?,
-                ]);
-            };
-            let (mean, inv_std) = match (&mean, &inv_std, &eval_stats) {
-                (Some(m), Some(s), _) => (m.clone(), s.clone()),
-                (_, _, Some((m, var))) => {
-                    // inv_std as the CPU computes it, in f32 on the host (a [c] vector).
-                    let s: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-                    (m.clone(), Tensor::from_slice(&s, &[c], device)?)
-                }
-                _ => unreachable!("training keeps batch statistics, eval running ones"),
-            };
-            let partial = scratch_f64(&ctx, r.scratch_f64)?;
-            let sum_dy = empty(&ctx, DType::F32, &[c])?;
-            let sum_dyx = empty(&ctx, DType::F32, &[c])?;
-            let dw = empty(&ctx, DType::F32, &[c])?;
-            let db = empty(&ctx, DType::F32, &[c])?;
-            let dx = empty(&ctx, dtype, &shape)?;
-            let plan = batchnorm_bwd_plan(
-                &r,
-                v(&xt)?,
-                v(&dy)?,
-                v(&mean)?,
-                v(&inv_std)?,
-                v(&w)?,
-                partial.ptr(),
-                (v(&sum_dy)?, v(&sum_dyx)?),
-                v(&dw)?,
-                v(&db)?,
-                v(&dx)?,
-                dims,
-                training,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-            Ok(vec![
-                needs[0].then_some(dx),
-                needs[1].then(|| to(dw, w_dtype)).transpose()?,
-                needs[2].then(|| to(db, b_dtype)).transpose()?,
-            ])
-        }),
-    ))
+    let ctx = view(x, OP)?.ctx;
+    let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
+    let w = as_dtype(weight, DType::F32)?;
+    let partial = scratch_f64(&ctx, r.scratch_f64)?;
+    let sum_dy = empty(&ctx, DType::F32, &[c])?;
+    let sum_dyx = empty(&ctx, DType::F32, &[c])?;
+    let dw = empty(&ctx, DType::F32, &[c])?;
+    let db = empty(&ctx, DType::F32, &[c])?;
+    let dx = empty(&ctx, dtype, shape)?;
+    let plan = batchnorm_bwd_plan(
+        &r,
+        v(x)?,
+        v(&dy)?,
+        v(mean)?,
+        v(inv_std)?,
+        v(&w)?,
+        partial.ptr(),
+        (v(&sum_dy)?, v(&sum_dyx)?),
+        v(&dw)?,
+        v(&db)?,
+        v(&dx)?,
+        dims,
+        training,
+        dtype,
+    )?;
+    run(&ctx, &plan)?;
+    Ok((dx, dw, db))
 }
 
 #[cfg(test)]
@@ -595,10 +568,10 @@ mod tests {
     /// (`layer_norm_stats_cpu`, `layer_norm_forward_cpu`), f32 and bf16 storage.
     #[test]
     fn layernorm_forward_on_the_simulator_matches_the_cpu_twins() {
+        use crate::backend::norm as cpu;
         use crate::cuda::sim_check::{
             as_stored, assert_close, download, host_sim, run_plan, sample, upload,
         };
-        use crate::ops::norm as cpu;
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let eps = 1e-5;
@@ -675,10 +648,10 @@ mod tests {
     /// loop over rows, the reduce overwriting and accumulating.
     #[test]
     fn layernorm_backward_on_the_simulator_matches_the_cpu_twin() {
+        use crate::backend::norm as cpu;
         use crate::cuda::sim_check::{
             as_stored, assert_close, download, host_sim, run_plan, sample, upload,
         };
-        use crate::ops::norm as cpu;
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let eps = 1e-5;
@@ -783,10 +756,10 @@ mod tests {
     /// per channel and two (a split boundary inside a plane).
     #[test]
     fn batchnorm_plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::backend::norm as cpu;
         use crate::cuda::sim_check::{
             as_stored, assert_close, download, host_sim, run_plan, sample, upload,
         };
-        use crate::ops::norm as cpu;
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let opts = BatchNormOptions {

@@ -1,18 +1,18 @@
-//! The CUDA arm of `max_pool2d` and `global_avg_pool2d` (kernels `pool.cu`). **Compiled, not
-//! run on a GPU.**
+//! The CUDA arm of the pooling family's backend-level functions (`crate::backend::pool`):
+//! kernels `pool.cu`. No tape here: the ops and their one backward each are in
+//! `crate::ops::pool`.
 //!
-//! Max pooling keeps the arg-max of every output (u32, its index in the plane) for the
-//! backward, as the CPU op does; the backward is a gather (one thread per input element over
-//! the outputs whose windows cover it, in output order), so overlapping windows add without
-//! atomics and in the CPU's order.
+//! Max pooling keeps the arg-max of every output (its index in the plane, an i32 tensor the
+//! kernels write as `uint32_t`, planes being under 2^31) for the backward, as the CPU arm does;
+//! the backward is a gather (one thread per input element over the outputs whose windows cover
+//! it, in output order), so overlapping windows add without atomics and in the CPU's order.
 
 use recycle_kernels::launchers as k;
 
 use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
 use super::launch::{fit_u32, KernelCall};
-use super::DeviceBuffer;
-use crate::ops::pool::Pool2dGeometry;
-use crate::{DType, Result, Tape, Tensor, Var};
+use crate::backend::Pool2dGeometry;
+use crate::{DType, Result, Tensor};
 
 /// The geometry arguments of the max-pooling kernels, as their `uint32_t` parameters.
 struct Geometry {
@@ -93,45 +93,34 @@ pub(crate) fn max_pool_bwd_plan(
         .collect()))
 }
 
-/// The CUDA arm of `max_pool2d` (validated by the caller).
-pub(crate) fn max_pool2d(tape: &Tape, x: &Var, g: Pool2dGeometry) -> Result<Var> {
+/// The CUDA arm of [`crate::backend::pool::max_pool2d_fwd`] (validated there): `y` in `x`'s
+/// dtype and the arg-max.
+pub(crate) fn max_pool2d_fwd(x: &Tensor, g: &Pool2dGeometry) -> Result<(Tensor, Tensor)> {
     const OP: &str = "max_pool2d";
-    let xt = x.tensor();
-    let dtype = xt.dtype();
-    let ctx = view(xt, OP)?.ctx;
-    let y = empty(&ctx, dtype, &[g.n, g.c, g.oh, g.ow])?;
-    let argmax = DeviceBuffer::alloc(&ctx, g.n * g.c * g.oh * g.ow * 4)?;
-    run(
-        &ctx,
-        &max_pool_fwd_plan(
-            view(xt, OP)?.ptr,
-            view(&y, OP)?.ptr,
-            argmax.ptr(),
-            &g,
-            dtype,
-        )?,
-    )?;
-    let in_shape = xt.shape().to_vec();
-    Ok(tape.record(
-        y,
-        &[x],
-        Box::new(move |grad, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            let grad = as_dtype(grad, dtype)?;
-            let dx = empty(&ctx, dtype, &in_shape)?;
-            let plan = max_pool_bwd_plan(
-                view(&grad, OP)?.ptr,
-                argmax.ptr(),
-                view(&dx, OP)?.ptr,
-                &g,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-            Ok(vec![Some(dx)])
-        }),
-    ))
+    let dtype = x.dtype();
+    let xv = view(x, OP)?;
+    let out_shape = [g.n, g.c, g.oh, g.ow];
+    let y = empty(&xv.ctx, dtype, &out_shape)?;
+    let argmax = empty(&xv.ctx, DType::I32, &out_shape)?;
+    let plan = max_pool_fwd_plan(xv.ptr, view(&y, OP)?.ptr, view(&argmax, OP)?.ptr, g, dtype)?;
+    run(&xv.ctx, &plan)?;
+    Ok((y, argmax))
+}
+
+/// The CUDA arm of [`crate::backend::pool::max_pool2d_bwd`]: `dx` in `dtype`, `dy` cast to it.
+pub(crate) fn max_pool2d_bwd(
+    dy: &Tensor,
+    argmax: &Tensor,
+    g: &Pool2dGeometry,
+    dtype: DType,
+) -> Result<Tensor> {
+    const OP: &str = "max_pool2d";
+    let dy = as_dtype(dy, dtype)?;
+    let gv = view(&dy, OP)?;
+    let dx = empty(&gv.ctx, dtype, &[g.n, g.c, g.h, g.w])?;
+    let plan = max_pool_bwd_plan(gv.ptr, view(argmax, OP)?.ptr, view(&dx, OP)?.ptr, g, dtype)?;
+    run(&gv.ctx, &plan)?;
+    Ok(dx)
 }
 
 pub(crate) fn avg_pool_fwd_plan(
@@ -165,42 +154,40 @@ pub(crate) fn avg_pool_bwd_plan(
         .collect()))
 }
 
-/// The CUDA arm of `global_avg_pool2d` (validated by the caller): `[N, C, H, W] -> [N, C]`.
-pub(crate) fn global_avg_pool2d(tape: &Tape, x: &Var) -> Result<Var> {
+/// The CUDA arm of [`crate::backend::pool::global_avg_pool2d_fwd`] (validated there):
+/// `[N, C, H, W] -> [N, C]` in `x`'s dtype.
+pub(crate) fn global_avg_pool2d_fwd(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "global_avg_pool2d";
-    let xt = x.tensor();
-    let dtype = xt.dtype();
-    let s = xt.shape().to_vec();
+    let dtype = x.dtype();
+    let s = x.shape();
     let (planes, plane) = (s[0] * s[1], s[2] * s[3]);
-    let ctx = view(xt, OP)?.ctx;
-    let y = empty(&ctx, dtype, &[s[0], s[1]])?;
+    let xv = view(x, OP)?;
+    let y = empty(&xv.ctx, dtype, &[s[0], s[1]])?;
     run(
-        &ctx,
-        &avg_pool_fwd_plan(view(xt, OP)?.ptr, view(&y, OP)?.ptr, planes, plane, dtype)?,
+        &xv.ctx,
+        &avg_pool_fwd_plan(xv.ptr, view(&y, OP)?.ptr, planes, plane, dtype)?,
     )?;
-    Ok(tape.record(
-        y,
-        &[x],
-        Box::new(move |grad, needs| {
-            if !needs[0] {
-                return Ok(vec![None]);
-            }
-            let grad = as_dtype(grad, dtype)?;
-            if plane == 0 {
-                return Ok(vec![Some(Tensor::zeros(&s, dtype, grad.device())?)]);
-            }
-            let dx = empty(&ctx, dtype, &s)?;
-            let plan = avg_pool_bwd_plan(
-                view(&grad, OP)?.ptr,
-                view(&dx, OP)?.ptr,
-                planes,
-                plane,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-            Ok(vec![Some(dx)])
-        }),
-    ))
+    Ok(y)
+}
+
+/// The CUDA arm of [`crate::backend::pool::global_avg_pool2d_bwd`]: `dx` (`in_shape`) in
+/// `dtype`, `dy` cast to it.
+pub(crate) fn global_avg_pool2d_bwd(
+    dy: &Tensor,
+    in_shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    const OP: &str = "global_avg_pool2d";
+    let (planes, plane) = (in_shape[0] * in_shape[1], in_shape[2] * in_shape[3]);
+    let dy = as_dtype(dy, dtype)?;
+    if plane == 0 {
+        return Tensor::zeros(in_shape, dtype, dy.device());
+    }
+    let gv = view(&dy, OP)?;
+    let dx = empty(&gv.ctx, dtype, in_shape)?;
+    let plan = avg_pool_bwd_plan(gv.ptr, view(&dx, OP)?.ptr, planes, plane, dtype)?;
+    run(&gv.ctx, &plan)?;
+    Ok(dx)
 }
 
 #[cfg(test)]
@@ -237,15 +224,15 @@ mod tests {
         }
     }
 
-    /// The pooling plans on the kernel simulator against the CPU twins (`ops::pool`), which
+    /// The pooling plans on the kernel simulator against the CPU twins (`backend::pool`), which
     /// they match bit for bit (pool.cu): every kernel computes in f32 in the CPU's order and
     /// rounds once to the storage type. Max pooling with overlapping windows (so the backward
     /// adds several gradients into one input), padding, stride, ties and a NaN; global
     /// average pooling over more planes than one block has threads.
     #[test]
     fn plans_on_the_simulator_match_the_cpu_twins() {
+        use crate::backend::pool as cpu;
         use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
-        use crate::ops::pool as cpu;
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         // (shape, kernel, stride, padding): ResNet's stem (3, 2, 1) on odd sizes, a dense

@@ -18,8 +18,8 @@
 
 use rayon::prelude::*;
 
+use crate::backend::gemm::sgemm;
 use crate::backend::softmax::{softmax_backward_row_cpu, softmax_row_cpu};
-use crate::ops::gemm::sgemm;
 use crate::{rng, DType, Error, Result, Tape, Tensor, Var};
 
 /// Score given to padded keys before the softmax.

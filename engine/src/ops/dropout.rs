@@ -1,62 +1,16 @@
-//! Inverted dropout (BERT's hidden and attention dropout).
-//!
-//! The mask is not stored: it is a pure function of `(seed, element index)`, so backward
-//! recomputes it, and the attention op and the CUDA kernel reproduce it exactly. The rule,
-//! shared by every implementation, is:
-//!
-//! > element `i` (its flat row-major index in the tensor, as a `u64`) is **kept** iff
-//! > `crate::rng::uniform_at(seed, i) >= p`; a kept value is multiplied by
-//! > `scale = 1.0f32 / (1.0f32 - p)` (computed in f32), a dropped one becomes 0.
-//!
-//! `uniform_at` has 24 bits of resolution, so the drop probability is `p` rounded up to a
-//! multiple of 2^-24. The caller chooses a fresh `seed` per step and per dropout site.
+//! Inverted dropout on the tape (BERT's hidden and attention dropout): one forward and one
+//! backward for every device. The mask rule (a pure function of the seed and the element's
+//! index, so the backward recomputes it and nothing is stored), the kernels and the numerics
+//! are in `crate::backend::dropout`.
 
-use rayon::prelude::*;
+pub use crate::backend::dropout::{keep, keep_scale};
 
-use crate::ops::elementwise::PARALLEL_MIN;
-use crate::{rng, Error, Result, Tape, Tensor, Var};
-
-/// Whether element `index` survives dropout with probability `p` under `seed` (the shared rule).
-#[inline]
-pub fn keep(seed: u64, index: u64, p: f32) -> bool {
-    rng::uniform_at(seed, index) >= p
-}
-
-/// The factor applied to kept values.
-#[inline]
-pub fn keep_scale(p: f32) -> f32 {
-    1.0 / (1.0 - p)
-}
-
-/// `x[i] * scale` where element `i` is kept, 0 where it is dropped.
-pub fn dropout_forward_cpu(x: &[f32], p: f32, seed: u64) -> Vec<f32> {
-    let scale = keep_scale(p);
-    let apply = |(i, &v): (usize, &f32)| {
-        if keep(seed, i as u64, p) {
-            v * scale
-        } else {
-            0.0
-        }
-    };
-    if x.len() >= PARALLEL_MIN {
-        x.par_iter()
-            .enumerate()
-            .with_min_len(1 << 12)
-            .map(apply)
-            .collect()
-    } else {
-        x.iter().enumerate().map(apply).collect()
-    }
-}
-
-/// The same mask and scale applied to the output gradient.
-pub fn dropout_backward_cpu(g: &[f32], p: f32, seed: u64) -> Vec<f32> {
-    dropout_forward_cpu(g, p, seed)
-}
+use crate::backend::dropout::{dropout_bwd, dropout_fwd};
+use crate::{Error, Result, Tape, Var};
 
 /// Dropout with drop probability `p` in `[0, 1)`. With `!training` or `p == 0` it is the
-/// identity (the input itself is returned, nothing is recorded); otherwise see the module doc
-/// for the exact mask rule.
+/// identity (the input itself is returned, nothing is recorded); otherwise see
+/// `crate::backend::dropout` for the exact mask rule.
 pub fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64, training: bool) -> Result<Var> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(
@@ -68,19 +22,14 @@ pub fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64, training: bool) -> Resul
     if !training || p == 0.0 {
         return Ok(x.clone());
     }
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::dropout::dropout(tape, x, p, seed));
-    }
-    let out = Tensor::f32(
-        dropout_forward_cpu(&x.tensor().read_f32()?, p, seed),
-        x.shape(),
-    )?;
+    let out = dropout_fwd(x.tensor(), p, seed)?;
+    let dtype = x.tensor().dtype();
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             let gx = needs[0]
-                .then(|| Tensor::f32(dropout_backward_cpu(&g.read_f32()?, p, seed), g.shape()))
+                .then(|| dropout_bwd(g, p, seed, dtype))
                 .transpose()?;
             Ok(vec![gx])
         }),
@@ -91,6 +40,7 @@ pub fn dropout(tape: &Tape, x: &Var, p: f32, seed: u64, training: bool) -> Resul
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
+    use crate::{rng, Tensor};
     use crate::{DType, Device};
 
     fn ones(shape: &[usize]) -> Tensor {

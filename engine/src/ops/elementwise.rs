@@ -10,309 +10,52 @@
 //! BERT) are same-shape `add`s, so that path runs on all threads without any index arithmetic,
 //! and its backward hands the output gradient through without copying it.
 //!
-//! The helpers `map_cpu` / `zip_map_cpu` are the shared same-shape kernels: activations and
-//! dropout use them too.
+//! Each op records one backward for every device; the kernels, the broadcasting rule and the
+//! dispatch of the arithmetic are in `crate::backend::elementwise`, the reductions' in
+//! `crate::backend::layout`.
 
-use rayon::prelude::*;
-
-use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
-
-/// Tensors with at least this many elements are processed on all rayon threads; below it,
-/// splitting the work costs more than it saves.
-pub const PARALLEL_MIN: usize = 1 << 16;
-
-/// The smallest piece of work handed to one rayon task.
-const PAR_GRAIN: usize = 1 << 12;
-
-/// Block size of the f64 partial sums in `sum_cpu`. Fixed (not derived from the number of
-/// threads) so that the result is bit-identical on every machine.
-const SUM_BLOCK: usize = 1 << 14;
-
-/// Rows per partial sum in the bias gradient of a last-axis `bias_add`; fixed for
-/// determinism, like `SUM_BLOCK`.
-const BIAS_ROWS_PER_BLOCK: usize = 256;
-
-// ---------------------------------------------------------------------------------------------
-// Shared same-shape kernels
-// ---------------------------------------------------------------------------------------------
-
-/// `f` applied to every element, in parallel on large inputs.
-pub fn map_cpu(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-    if x.len() >= PARALLEL_MIN {
-        x.par_iter()
-            .with_min_len(PAR_GRAIN)
-            .map(|&v| f(v))
-            .collect()
-    } else {
-        x.iter().map(|&v| f(v)).collect()
-    }
-}
-
-/// `f` applied to every pair of elements of two equally long slices, in parallel on large inputs.
-pub fn zip_map_cpu(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
-    assert_eq!(
-        a.len(),
-        b.len(),
-        "zip_map_cpu on slices of different lengths"
-    );
-    if a.len() >= PARALLEL_MIN {
-        a.par_iter()
-            .with_min_len(PAR_GRAIN)
-            .zip(b.par_iter())
-            .map(|(&x, &y)| f(x, y))
-            .collect()
-    } else {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Broadcasting
-// ---------------------------------------------------------------------------------------------
-
-/// The shape both `a` and `b` broadcast to, or `None` when they are incompatible.
-pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    let mut out = vec![0; rank];
-    for i in 0..rank {
-        // Dimension i counted from the right; a missing dimension is 1.
-        let da = if i < a.len() { a[a.len() - 1 - i] } else { 1 };
-        let db = if i < b.len() { b[b.len() - 1 - i] } else { 1 };
-        out[rank - 1 - i] = if da == db || db == 1 {
-            da
-        } else if da == 1 {
-            db
-        } else {
-            return None;
-        };
-    }
-    Some(out)
-}
-
-/// Row-major strides of a contiguous tensor of `shape`.
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
-}
-
-/// For each dimension of `out`, the step in a contiguous tensor of `shape` (which broadcasts
-/// to `out`) when that output coordinate grows by one: its own stride, or 0 along dimensions
-/// it is stretched over.
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
-    let own = contiguous_strides(shape);
-    let lead = out.len() - shape.len();
-    (0..out.len())
-        .map(|d| {
-            if d < lead || (shape[d - lead] == 1 && out[d] != 1) {
-                0
-            } else {
-                own[d - lead]
-            }
-        })
-        .collect()
-}
-
-/// Offsets into the inputs of the first element of output row `row` (a row is a run along the
-/// last output dimension); `strides[k]` are the broadcast strides of input k.
-fn row_offsets<const K: usize>(row: usize, out: &[usize], strides: [&[usize]; K]) -> [usize; K] {
-    let mut offsets = [0; K];
-    let mut rest = row;
-    for d in (0..out.len().saturating_sub(1)).rev() {
-        let coord = rest % out[d];
-        rest /= out[d];
-        for k in 0..K {
-            offsets[k] += coord * strides[k][d];
-        }
-    }
-    offsets
-}
-
-/// The three broadcasting binary ops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BinaryOp {
-    Add,
-    Sub,
-    Mul,
-}
-
-impl BinaryOp {
-    pub fn name(self) -> &'static str {
-        match self {
-            BinaryOp::Add => "add",
-            BinaryOp::Sub => "sub",
-            BinaryOp::Mul => "mul",
-        }
-    }
-
-    #[inline]
-    pub fn apply(self, a: f32, b: f32) -> f32 {
-        match self {
-            BinaryOp::Add => a + b,
-            BinaryOp::Sub => a - b,
-            BinaryOp::Mul => a * b,
-        }
-    }
-}
-
-/// `out = a (op) b` with NumPy broadcasting; `out_shape` is `broadcast_shape(a_shape, b_shape)`.
-pub fn binary_forward_cpu(
-    op: BinaryOp,
-    a: &[f32],
-    a_shape: &[usize],
-    b: &[f32],
-    b_shape: &[usize],
-    out_shape: &[usize],
-) -> Vec<f32> {
-    if a_shape == b_shape {
-        // The fast path (residual additions): no index arithmetic, and the match on `op` is
-        // outside the loop so each loop vectorises.
-        return match op {
-            BinaryOp::Add => zip_map_cpu(a, b, |x, y| x + y),
-            BinaryOp::Sub => zip_map_cpu(a, b, |x, y| x - y),
-            BinaryOp::Mul => zip_map_cpu(a, b, |x, y| x * y),
-        };
-    }
-    let n: usize = out_shape.iter().product();
-    let mut out = vec![0f32; n];
-    if n == 0 {
-        return out;
-    }
-    let inner = *out_shape.last().unwrap_or(&1);
-    let sa = broadcast_strides(a_shape, out_shape);
-    let sb = broadcast_strides(b_shape, out_shape);
-    // Step along the last dimension: 1, or 0 for an input broadcast along it.
-    let (la, lb) = (*sa.last().unwrap_or(&0), *sb.last().unwrap_or(&0));
-    let fill_row = |row: usize, dst: &mut [f32]| {
-        let [oa, ob] = row_offsets(row, out_shape, [&sa, &sb]);
-        for (j, d) in dst.iter_mut().enumerate() {
-            *d = op.apply(a[oa + j * la], b[ob + j * lb]);
-        }
-    };
-    if n >= PARALLEL_MIN {
-        out.par_chunks_mut(inner)
-            .with_min_len((PAR_GRAIN / inner).max(1))
-            .enumerate()
-            .for_each(|(row, dst)| fill_row(row, dst));
-    } else {
-        out.chunks_mut(inner)
-            .enumerate()
-            .for_each(|(row, dst)| fill_row(row, dst));
-    }
-    out
-}
-
-/// The gradient `g` of a broadcast result (shape `g_shape`), summed back to `target`, a shape
-/// that broadcasts to `g_shape`. Sequential in a fixed order, hence deterministic.
-pub fn sum_to_shape_cpu(g: &[f32], g_shape: &[usize], target: &[usize]) -> Vec<f32> {
-    if g_shape == target {
-        return g.to_vec();
-    }
-    let mut out = vec![0f32; target.iter().product()];
-    if g.is_empty() {
-        return out;
-    }
-    let inner = *g_shape.last().unwrap_or(&1);
-    let st = broadcast_strides(target, g_shape);
-    let last = *st.last().unwrap_or(&0);
-    for (row, src) in g.chunks(inner).enumerate() {
-        let [o] = row_offsets(row, g_shape, [&st]);
-        if last == 0 {
-            out[o] += src.iter().sum::<f32>();
-        } else {
-            for (d, s) in out[o..o + inner].iter_mut().zip(src) {
-                *d += s;
-            }
-        }
-    }
-    out
-}
+use crate::backend::elementwise::{
+    add_scalar_fwd, bias_add_bwd, bias_add_fwd, binary_fwd, scale_fwd, sum_to_shape,
+    to_compute_dtype,
+};
+use crate::backend::layout::{fill_bwd, sum_axis_bwd, sum_axis_fwd, sum_fwd};
+use crate::backend::BinaryOp;
+use crate::{DType, Error, Result, Tape, Tensor, Var};
 
 fn check_float(op: &'static str, xs: &[&Var]) -> Result<()> {
     xs.iter().try_for_each(|x| x.tensor().expect_float(op))
 }
 
 fn binary(tape: &Tape, op: BinaryOp, a: &Var, b: &Var) -> Result<Var> {
-    let name = op.name();
-    check_float(name, &[a, b])?;
-    match crate::cuda::common_device(name, &[a.tensor(), b.tensor()])? {
-        Device::Cpu => {}
-        d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::elementwise::binary(tape, op, a, b));
-        }
-    }
+    check_float(op.name(), &[a, b])?;
+    let out = binary_fwd(op, a.tensor(), b.tensor())?;
     let (a_shape, b_shape) = (a.shape().to_vec(), b.shape().to_vec());
-    let out_shape = broadcast_shape(&a_shape, &b_shape).ok_or_else(|| {
-        Error::shape(
-            name,
-            format!("cannot broadcast {a_shape:?} with {b_shape:?}"),
-        )
-    })?;
-    let out = {
-        let (av, bv) = (a.tensor().read_f32()?, b.tensor().read_f32()?);
-        binary_forward_cpu(op, &av, &a_shape, &bv, &b_shape, &out_shape)
-    };
-    let out = Tensor::f32(out, &out_shape)?;
+    let dtype = out.dtype();
     // Only mul needs the input values for its gradient.
     let saved = (op == BinaryOp::Mul).then(|| (a.tensor().clone(), b.tensor().clone()));
     Ok(tape.record(
         out,
         &[a, b],
         Box::new(move |g, needs| {
-            // A gradient over the output's shape, summed back to one input's shape.
-            let reduce = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-                if shape == out_shape.as_slice() {
-                    return Tensor::f32(v, shape);
-                }
-                Tensor::f32(sum_to_shape_cpu(&v, &out_shape, shape), shape)
+            let g = to_compute_dtype(g, dtype)?;
+            // d(a * b)/da = g * b, summed back to a's shape (and the other way round); d(a ± b)
+            // is g (negated for the subtrahend), summed back: a same-shape residual hands the
+            // gradient through without copying it.
+            let grad = |other: Option<&Tensor>, shape: &[usize], negate: bool| match other {
+                Some(o) => sum_to_shape(&binary_fwd(BinaryOp::Mul, &g, o)?, shape),
+                None if negate => scale_fwd(&sum_to_shape(&g, shape)?, -1.0),
+                None => sum_to_shape(&g, shape),
             };
-            // d(a ± b)/d input: the output gradient (negated for the subtrahend), reduced.
-            let pass = |shape: &[usize], negate: bool| -> Result<Tensor> {
-                if shape == out_shape.as_slice() && !negate {
-                    return Ok(g.clone()); // residual path: hand the gradient through
-                }
-                let gv = g.read_f32()?;
-                if shape == out_shape.as_slice() {
-                    return Tensor::f32(map_cpu(&gv, |x| -x), shape);
-                }
-                let mut r = sum_to_shape_cpu(&gv, &out_shape, shape);
-                if negate {
-                    r.iter_mut().for_each(|x| *x = -*x);
-                }
-                Tensor::f32(r, shape)
+            let (sa, sb) = match &saved {
+                Some((av, bv)) => (Some(bv), Some(av)),
+                None => (None, None),
             };
-            let times =
-                |other: &Tensor, other_shape: &[usize], shape: &[usize]| -> Result<Tensor> {
-                    let (gv, ov) = (g.read_f32()?, other.read_f32()?);
-                    let prod = binary_forward_cpu(
-                        BinaryOp::Mul,
-                        &gv,
-                        &out_shape,
-                        &ov,
-                        other_shape,
-                        &out_shape,
-                    );
-                    reduce(prod, shape)
-                };
-            let (ga, gb) = match (&saved, op) {
-                (Some((av, bv)), BinaryOp::Mul) => (
-                    needs[0]
-                        .then(|| times(bv, &b_shape, &a_shape))
-                        .transpose()?,
-                    needs[1]
-                        .then(|| times(av, &a_shape, &b_shape))
-                        .transpose()?,
-                ),
-                _ => (
-                    needs[0].then(|| pass(&a_shape, false)).transpose()?,
-                    needs[1]
-                        .then(|| pass(&b_shape, op == BinaryOp::Sub))
-                        .transpose()?,
-                ),
-            };
-            Ok(vec![ga, gb])
+            Ok(vec![
+                needs[0].then(|| grad(sa, &a_shape, false)).transpose()?,
+                needs[1]
+                    .then(|| grad(sb, &b_shape, op == BinaryOp::Sub))
+                    .transpose()?,
+            ])
         }),
     ))
 }
@@ -338,20 +81,14 @@ pub fn mul(tape: &Tape, a: &Var, b: &Var) -> Result<Var> {
 
 /// `s * x`.
 pub fn scale(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
-    x.tensor().expect_float("scale")?;
-    match x.tensor().device() {
-        Device::Cpu => {}
-        d @ Device::Cuda(_) => {
-            return crate::on_cuda!(d, crate::cuda::elementwise::scalar_op(tape, "scale", x, s));
-        }
-    }
-    let out = Tensor::f32(map_cpu(&x.tensor().read_f32()?, |v| v * s), x.shape())?;
+    let out = scale_fwd(x.tensor(), s)?;
+    let dtype = out.dtype();
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             let gx = needs[0]
-                .then(|| Tensor::f32(map_cpu(&g.read_f32()?, |v| v * s), g.shape()))
+                .then(|| scale_fwd(&to_compute_dtype(g, dtype)?, s))
                 .transpose()?;
             Ok(vec![gx])
         }),
@@ -360,17 +97,7 @@ pub fn scale(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
 
 /// `x + s`.
 pub fn add_scalar(tape: &Tape, x: &Var, s: f32) -> Result<Var> {
-    x.tensor().expect_float("add_scalar")?;
-    match x.tensor().device() {
-        Device::Cpu => {}
-        d @ Device::Cuda(_) => {
-            return crate::on_cuda!(
-                d,
-                crate::cuda::elementwise::scalar_op(tape, "add_scalar", x, s)
-            );
-        }
-    }
-    let out = Tensor::f32(map_cpu(&x.tensor().read_f32()?, |v| v + s), x.shape())?;
+    let out = add_scalar_fwd(x.tensor(), s)?;
     Ok(tape.record(
         out,
         &[x],
@@ -418,83 +145,6 @@ pub fn cast(tape: &Tape, x: &Var, dtype: DType) -> Result<Var> {
 // Bias
 // ---------------------------------------------------------------------------------------------
 
-/// `x` viewed as `[outer, c, inner]` plus `bias[c]`: axis 1 of an NCHW convolution output
-/// (`inner` = H*W), or the last axis of a linear output (`inner` = 1).
-pub fn bias_add_forward_cpu(x: &[f32], bias: &[f32], c: usize, inner: usize) -> Vec<f32> {
-    let mut out = x.to_vec();
-    if out.is_empty() {
-        return out;
-    }
-    let big = out.len() >= PARALLEL_MIN;
-    if inner == 1 {
-        // Rows of `c` features: add the bias vector to each row.
-        let add_row = |row: &mut [f32]| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-        if big {
-            out.par_chunks_mut(c)
-                .with_min_len((PAR_GRAIN / c).max(1))
-                .for_each(add_row);
-        } else {
-            out.chunks_mut(c).for_each(add_row);
-        }
-    } else {
-        // Planes of `inner` values (one channel of one image): add that channel's constant.
-        let add_plane = |(k, plane): (usize, &mut [f32])| {
-            let b = bias[k % c];
-            plane.iter_mut().for_each(|v| *v += b);
-        };
-        if big {
-            out.par_chunks_mut(inner)
-                .with_min_len((PAR_GRAIN / inner).max(1))
-                .enumerate()
-                .for_each(add_plane);
-        } else {
-            out.chunks_mut(inner).enumerate().for_each(add_plane);
-        }
-    }
-    out
-}
-
-/// Gradient of the bias: `g` viewed as `[outer, c, inner]`, summed over `outer` and `inner`.
-/// Deterministic: the blocks of partial sums are fixed, whatever the number of threads.
-pub fn bias_add_backward_cpu(g: &[f32], c: usize, inner: usize) -> Vec<f32> {
-    let mut db = vec![0f32; c];
-    if g.is_empty() {
-        return db;
-    }
-    if inner == 1 {
-        // Partial sums over fixed blocks of rows (contiguous reads), added in block order.
-        let partial = |block: &[f32]| {
-            let mut acc = vec![0f32; c];
-            for row in block.chunks(c) {
-                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-            }
-            acc
-        };
-        let partials: Vec<Vec<f32>> = if g.len() >= PARALLEL_MIN {
-            g.par_chunks(c * BIAS_ROWS_PER_BLOCK).map(partial).collect()
-        } else {
-            g.chunks(c * BIAS_ROWS_PER_BLOCK).map(partial).collect()
-        };
-        for p in partials {
-            db.iter_mut().zip(p).for_each(|(d, v)| *d += v);
-        }
-    } else {
-        // One channel per task: sum its plane in every image, images in order.
-        let outer = g.len() / (c * inner);
-        let channel_sum = |(k, d): (usize, &mut f32)| {
-            *d = (0..outer)
-                .map(|o| g[(o * c + k) * inner..][..inner].iter().sum::<f32>())
-                .sum();
-        };
-        if g.len() >= PARALLEL_MIN {
-            db.par_iter_mut().enumerate().for_each(channel_sum);
-        } else {
-            db.iter_mut().enumerate().for_each(channel_sum);
-        }
-    }
-    db
-}
-
 /// `x + bias` along `axis` (`bias` has shape `[x.shape[axis]]`): axis 1 for NCHW convolution
 /// outputs, the last axis for linear outputs. A dedicated loop, cheaper than broadcasting.
 pub fn bias_add(tape: &Tape, x: &Var, bias: &Var, axis: usize) -> Result<Var> {
@@ -517,29 +167,15 @@ pub fn bias_add(tape: &Tape, x: &Var, bias: &Var, axis: usize) -> Result<Var> {
         ));
     }
     let inner: usize = shape[axis + 1..].iter().product();
-    match crate::cuda::common_device("bias_add", &[x.tensor(), bias.tensor()])? {
-        Device::Cpu => {}
-        d @ Device::Cuda(_) => {
-            return crate::on_cuda!(
-                d,
-                crate::cuda::elementwise::bias_add(tape, x, bias, c, inner)
-            );
-        }
-    }
-    let out = {
-        let (xv, bv) = (x.tensor().read_f32()?, bias.tensor().read_f32()?);
-        bias_add_forward_cpu(&xv, &bv, c, inner)
-    };
-    let out = Tensor::f32(out, &shape)?;
+    let out = bias_add_fwd(x.tensor(), bias.tensor(), c, inner)?;
+    let dtype = out.dtype();
     Ok(tape.record(
         out,
         &[x, bias],
         Box::new(move |g, needs| {
-            let gx = needs[0].then(|| g.clone());
-            let gb = needs[1]
-                .then(|| Tensor::f32(bias_add_backward_cpu(&g.read_f32()?, c, inner), &[c]))
-                .transpose()?;
-            Ok(vec![gx, gb])
+            let g = to_compute_dtype(g, dtype)?;
+            let gb = needs[1].then(|| bias_add_bwd(&g, c, inner)).transpose()?;
+            Ok(vec![needs[0].then_some(g), gb])
         }),
     ))
 }
@@ -548,44 +184,16 @@ pub fn bias_add(tape: &Tape, x: &Var, bias: &Var, axis: usize) -> Result<Var> {
 // Reductions
 // ---------------------------------------------------------------------------------------------
 
-/// Sum of all elements, accumulated in f64 over fixed blocks (accurate, and the same result on
-/// any number of threads).
-pub fn sum_cpu(x: &[f32]) -> f64 {
-    let block = |b: &[f32]| b.iter().map(|&v| v as f64).sum::<f64>();
-    if x.len() >= PARALLEL_MIN {
-        let partials: Vec<f64> = x.par_chunks(SUM_BLOCK).map(block).collect();
-        partials.iter().sum()
-    } else {
-        x.chunks(SUM_BLOCK).map(block).sum()
-    }
-}
-
-/// A scalar (shape `[]`) holding `value`.
-fn scalar(value: f32) -> Result<Tensor> {
-    Tensor::f32(vec![value], &[])
-}
-
-/// `g` spread over every element of a tensor of `shape`, times `factor` (the backward of
-/// `sum` and `mean`).
-fn fill_like(g: &Tensor, shape: &[usize], factor: f32) -> Result<Tensor> {
-    let v = g.to_scalar_f32()? * factor;
-    Tensor::f32(vec![v; shape.iter().product()], shape)
-}
-
 /// Sum of all elements, as a scalar (shape `[]`).
 pub fn sum(tape: &Tape, x: &Var) -> Result<Var> {
-    x.tensor().expect_float("sum")?;
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::layout::sum_all(tape, x, false));
-    }
-    let out = scalar(sum_cpu(&x.tensor().read_f32()?) as f32)?;
-    let shape = x.shape().to_vec();
+    let out = sum_fwd(x.tensor(), false)?;
+    let (shape, dtype) = (x.shape().to_vec(), x.tensor().dtype());
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             Ok(vec![needs[0]
-                .then(|| fill_like(g, &shape, 1.0))
+                .then(|| fill_bwd(g, &shape, 1.0, dtype))
                 .transpose()?])
         }),
     ))
@@ -601,61 +209,17 @@ pub fn mean(tape: &Tape, x: &Var) -> Result<Var> {
             format!("mean of an empty tensor of shape {:?}", x.shape()),
         ));
     }
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::layout::sum_all(tape, x, true));
-    }
-    let out = scalar((sum_cpu(&x.tensor().read_f32()?) / n as f64) as f32)?;
-    let shape = x.shape().to_vec();
+    let out = sum_fwd(x.tensor(), true)?;
+    let (shape, dtype) = (x.shape().to_vec(), x.tensor().dtype());
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             Ok(vec![needs[0]
-                .then(|| fill_like(g, &shape, 1.0 / n as f32))
+                .then(|| fill_bwd(g, &shape, 1.0 / n as f32, dtype))
                 .transpose()?])
         }),
     ))
-}
-
-/// `x` viewed as `[outer, n, inner]`, summed over the middle dimension: `[outer, inner]`
-/// (zeros when `n` is 0).
-pub fn sum_axis_forward_cpu(x: &[f32], outer: usize, n: usize, inner: usize) -> Vec<f32> {
-    let mut out = vec![0f32; outer * inner];
-    if out.is_empty() {
-        return out;
-    }
-    // Add whole rows of `inner` values, so the inner loop is contiguous and vectorises.
-    let reduce = |(o, dst): (usize, &mut [f32])| {
-        for row in x[o * n * inner..(o + 1) * n * inner].chunks(inner) {
-            dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
-        }
-    };
-    if x.len() >= PARALLEL_MIN && outer > 1 {
-        out.par_chunks_mut(inner).enumerate().for_each(reduce);
-    } else {
-        out.chunks_mut(inner).enumerate().for_each(reduce);
-    }
-    out
-}
-
-/// Backward of `sum_axis_forward_cpu`: `g` (`[outer, inner]`) copied to each of the `n`
-/// positions of the reduced dimension.
-pub fn sum_axis_backward_cpu(g: &[f32], n: usize, inner: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; g.len() * n];
-    if dx.is_empty() {
-        return dx;
-    }
-    let spread = |(o, dst): (usize, &mut [f32])| {
-        for row in dst.chunks_mut(inner) {
-            row.copy_from_slice(&g[o * inner..(o + 1) * inner]);
-        }
-    };
-    if dx.len() >= PARALLEL_MIN {
-        dx.par_chunks_mut(n * inner).enumerate().for_each(spread);
-    } else {
-        dx.chunks_mut(n * inner).enumerate().for_each(spread);
-    }
-    dx
 }
 
 /// Sum over dimension `axis`; with `keep_dim` the dimension stays, with size 1.
@@ -668,29 +232,14 @@ pub fn sum_axis(tape: &Tape, x: &Var, axis: usize, keep_dim: bool) -> Result<Var
             format!("axis {axis} out of range for input {shape:?}"),
         ));
     }
-    let n = shape[axis];
-    let outer: usize = shape[..axis].iter().product();
-    let inner: usize = shape[axis + 1..].iter().product();
-    let mut out_shape = shape.clone();
-    if keep_dim {
-        out_shape[axis] = 1;
-    } else {
-        out_shape.remove(axis);
-    }
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(
-            d,
-            crate::cuda::layout::sum_axis(tape, x, (outer, n, inner), out_shape)
-        );
-    }
-    let out = sum_axis_forward_cpu(&x.tensor().read_f32()?, outer, n, inner);
-    let out = Tensor::f32(out, &out_shape)?;
+    let out = sum_axis_fwd(x.tensor(), axis, keep_dim)?;
+    let dtype = out.dtype();
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             let gx = needs[0]
-                .then(|| Tensor::f32(sum_axis_backward_cpu(&g.read_f32()?, n, inner), &shape))
+                .then(|| sum_axis_bwd(&to_compute_dtype(g, dtype)?, &shape, axis))
                 .transpose()?;
             Ok(vec![gx])
         }),
@@ -700,7 +249,9 @@ pub fn sum_axis(tape: &Tape, x: &Var, axis: usize, keep_dim: bool) -> Result<Var
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::elementwise::*;
     use crate::gradcheck::GradCheck;
+    use crate::Device;
     use half::bf16;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -1,27 +1,15 @@
-//! Embedding lookup: rows of a `[V, D]` weight selected by integer ids of any shape (BERT's
-//! word, position and token-type embeddings).
+//! Embedding lookup on the tape: rows of a `[V, D]` weight selected by integer ids of any shape
+//! (BERT's word, position and token-type embeddings), one forward and one backward for every
+//! device.
 //!
-//! A lookup is a row gather, so the kernels are `gather`'s: the forward copies rows, and the
-//! backward scatter-adds the output gradient into a `[V, D]` gradient deterministically (the
-//! positions are bucketed by id, then each vocabulary row adds its positions in order, rows in
-//! parallel: no two threads write one row). With BERT's tied decoder, the weight's gradient
-//! from the lookup and from the output projection are summed by the tape.
+//! A lookup is a row gather, so the work is `crate::backend::gather`'s: the forward copies rows,
+//! and the backward scatter-adds the output gradient into a `[V, D]` gradient deterministically
+//! (the positions are bucketed by id, then each vocabulary row adds its positions in order,
+//! rows in parallel: no two threads write one row). With BERT's tied decoder, the weight's
+//! gradient from the lookup and from the output projection are summed by the tape.
 
-use rayon::prelude::*;
-
-use crate::ops::gather::{first_out_of_range, gather_rows_forward_cpu, scatter_add_rows_cpu};
-use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
-
-/// Rows `ids[p]` of `weight` (`[V, dim]`), one after the other: `[ids.len(), dim]`. Every id
-/// must be in `[0, V)` (the tape op checks).
-pub fn embedding_forward_cpu(weight: &[f32], dim: usize, ids: &[i32]) -> Vec<f32> {
-    gather_rows_forward_cpu(weight, dim, ids)
-}
-
-/// The weight gradient `[vocab, dim]`: `dW[ids[p]] += g[p]`, in increasing `p` for each row.
-pub fn embedding_backward_cpu(g: &[f32], dim: usize, ids: &[i32], vocab: usize) -> Vec<f32> {
-    scatter_add_rows_cpu(g, dim, ids, vocab)
-}
+use crate::backend::gather::{first_out_of_range, gather_bwd, gather_fwd};
+use crate::{DType, Error, Result, Tape, Tensor, Var};
 
 /// Coordinates of flat position `p` in a tensor of `shape`.
 fn unravel(mut p: usize, shape: &[usize]) -> Vec<usize> {
@@ -53,37 +41,14 @@ pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
     }
     let mut out_shape = ids.shape().to_vec();
     out_shape.push(dim);
-    if let d @ Device::Cuda(_) = weight.tensor().device() {
-        return crate::on_cuda!(
-            d,
-            crate::cuda::gather::gather(tape, "embedding", weight, ids, &idv, out_shape)
-        );
-    }
-    crate::cuda::cpu_only("embedding", [ids])?;
-    let out = if weight.tensor().dtype() == DType::BF16 {
-        // A bf16 teacher's table: widen only the rows looked up, not all of it.
-        let table = weight.tensor().read_bf16()?;
-        let mut out = vec![0f32; idv.len() * dim];
-        out.par_chunks_mut(dim.max(1))
-            .zip(&idv)
-            .for_each(|(row, &id)| {
-                let src = &table[id as usize * dim..][..dim];
-                row.iter_mut().zip(src).for_each(|(o, v)| *o = v.to_f32());
-            });
-        out
-    } else {
-        embedding_forward_cpu(&weight.tensor().read_f32()?, dim, &idv)
-    };
-    let out = Tensor::f32(out, &out_shape)?;
+    let (out, ids) = gather_fwd("embedding", weight.tensor(), ids, idv, &out_shape)?;
+    let dtype = weight.tensor().dtype();
     Ok(tape.record(
         out,
         &[weight],
         Box::new(move |g, needs| {
             let gw = needs[0]
-                .then(|| {
-                    let dw = embedding_backward_cpu(&g.read_f32()?, dim, &idv, vocab);
-                    Tensor::f32(dw, &[vocab, dim])
-                })
+                .then(|| gather_bwd("embedding", g, &ids, &[vocab, dim], dtype))
                 .transpose()?;
             Ok(vec![gw])
         }),
@@ -93,7 +58,9 @@ pub fn embedding(tape: &Tape, weight: &Var, ids: &Tensor) -> Result<Var> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::gather::embedding_forward_cpu;
     use crate::gradcheck::GradCheck;
+    use crate::Device;
 
     fn ids(v: &[i32], shape: &[usize]) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()

@@ -1,80 +1,12 @@
-//! Row gathers: `gather_rows` selects rows of a tensor by index, e.g. the masked positions of a
-//! flattened `[B*S, H]` activation before BERT's MLM vocabulary projection, so the most
-//! expensive matmul of the model runs on ~15% of the tokens.
-//!
-//! Backward is a scatter-add into the gradient of the source, and it must be deterministic
-//! (bit-identical from run to run, whatever the number of threads) even when an index repeats:
-//! the positions are first bucketed by the row they read (a counting sort, which keeps them in
-//! increasing order), then each row of the gradient, independently and in parallel, adds its
-//! positions in that order. No two threads ever write the same row. `embedding` uses the same
-//! two kernels, since a lookup is a gather of the weight's rows.
+//! Row gathers on the tape: `gather_rows` selects rows of a tensor by index, e.g. the masked
+//! positions of a flattened `[B*S, H]` activation before BERT's MLM vocabulary projection, so
+//! the most expensive matmul of the model runs on ~15% of the tokens. One forward and one
+//! backward (a deterministic scatter-add) for every device; the work is done by
+//! `crate::backend::gather`, which `embedding` uses too, since a lookup is a gather of the
+//! weight's rows.
 
-use rayon::prelude::*;
-
-use crate::ops::elementwise::PARALLEL_MIN;
-use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
-
-/// The first position whose index is outside `[0, n)`, with its value.
-pub fn first_out_of_range(indices: &[i32], n: usize) -> Option<(usize, i32)> {
-    indices
-        .iter()
-        .position(|&i| i < 0 || i as usize >= n)
-        .map(|p| (p, indices[p]))
-}
-
-/// Rows `indices[m]` of `x` (rows of `row_len` values), one after the other. Every index must
-/// be in range (the tape ops check).
-pub fn gather_rows_forward_cpu(x: &[f32], row_len: usize, indices: &[i32]) -> Vec<f32> {
-    let mut out = vec![0f32; indices.len() * row_len];
-    if out.is_empty() {
-        return out;
-    }
-    let copy = |(m, dst): (usize, &mut [f32])| {
-        let r = indices[m] as usize;
-        dst.copy_from_slice(&x[r * row_len..(r + 1) * row_len]);
-    };
-    if out.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(row_len).enumerate().for_each(copy);
-    } else {
-        out.chunks_mut(row_len).enumerate().for_each(copy);
-    }
-    out
-}
-
-/// Backward of a row gather: `dx[indices[m]] += g[m]` for a source of `n_rows` rows, repeated
-/// indices accumulating. Deterministic: each row adds its positions in increasing order.
-pub fn scatter_add_rows_cpu(g: &[f32], row_len: usize, indices: &[i32], n_rows: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; n_rows * row_len];
-    if dx.is_empty() || indices.is_empty() {
-        return dx;
-    }
-    // Counting sort of positions by row: positions of row r are order[start[r]..start[r + 1]].
-    let mut start = vec![0usize; n_rows + 1];
-    for &i in indices {
-        start[i as usize + 1] += 1;
-    }
-    for r in 0..n_rows {
-        start[r + 1] += start[r];
-    }
-    let mut next = start.clone();
-    let mut order = vec![0usize; indices.len()];
-    for (p, &i) in indices.iter().enumerate() {
-        order[next[i as usize]] = p;
-        next[i as usize] += 1;
-    }
-    let accumulate = |(r, dst): (usize, &mut [f32])| {
-        for &p in &order[start[r]..start[r + 1]] {
-            let src = &g[p * row_len..(p + 1) * row_len];
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-        }
-    };
-    if dx.len().max(g.len()) >= PARALLEL_MIN {
-        dx.par_chunks_mut(row_len).enumerate().for_each(accumulate);
-    } else {
-        dx.chunks_mut(row_len).enumerate().for_each(accumulate);
-    }
-    dx
-}
+use crate::backend::gather::{first_out_of_range, gather_bwd, gather_fwd};
+use crate::{DType, Error, Result, Tape, Tensor, Var};
 
 /// Rows of `x` (`[N, ...]`) selected by `indices` (i32 `[M]`): shape `[M, ...]`. An index
 /// outside `[0, N)` is an error naming its position and value.
@@ -90,7 +22,6 @@ pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
     }
     indices.expect_rank("gather_rows", "indices", 1)?;
     let n = shape[0];
-    let row_len: usize = shape[1..].iter().product();
     let idx = indices.to_vec::<i32>()?;
     if let Some((p, v)) = first_out_of_range(&idx, n) {
         return Err(Error::invalid(
@@ -100,26 +31,14 @@ pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
     }
     let mut out_shape = shape.clone();
     out_shape[0] = idx.len();
-    if let d @ Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(
-            d,
-            crate::cuda::gather::gather(tape, "gather_rows", x, indices, &idx, out_shape)
-        );
-    }
-    crate::cuda::cpu_only("gather_rows", [indices])?;
-    let out = gather_rows_forward_cpu(&x.tensor().read_f32()?, row_len, &idx);
-    let out = Tensor::f32(out, &out_shape)?;
+    let (out, ids) = gather_fwd("gather_rows", x.tensor(), indices, idx, &out_shape)?;
+    let dtype = x.tensor().dtype();
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             let gx = needs[0]
-                .then(|| {
-                    Tensor::f32(
-                        scatter_add_rows_cpu(&g.read_f32()?, row_len, &idx, n),
-                        &shape,
-                    )
-                })
+                .then(|| gather_bwd("gather_rows", g, &ids, &shape, dtype))
                 .transpose()?;
             Ok(vec![gx])
         }),
@@ -129,7 +48,9 @@ pub fn gather_rows(tape: &Tape, x: &Var, indices: &Tensor) -> Result<Var> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::gather::*;
     use crate::gradcheck::GradCheck;
+    use crate::Device;
 
     fn ids(v: &[i32]) -> Tensor {
         Tensor::from_vec(v.to_vec(), &[v.len()], Device::Cpu).unwrap()

@@ -4,151 +4,14 @@
 //! Tensors are always contiguous row-major, so only `reshape` can share storage; a new order of
 //! dimensions (attention heads `[B, S, H, D] -> [B, H, S, D]`), a concatenation or a slice along
 //! an inner dimension is materialised by a copy. Backward of each copy is the matching copy the
-//! other way: the inverse permutation, the slices of a concatenation, a zero-padded slice.
+//! other way: the inverse permutation, the slices of a concatenation, a zero-padded slice, each
+//! recorded once for every device; the copies themselves are `crate::backend::layout`'s.
 
-use rayon::prelude::*;
-
-use crate::ops::elementwise::{contiguous_strides, PARALLEL_MIN};
+use crate::backend::elementwise::to_compute_dtype;
+use crate::backend::layout::{
+    concat_fwd, inverse_permutation, narrow_bwd, narrow_fwd, permute_fwd,
+};
 use crate::{Error, Result, Tape, Tensor, Var};
-
-/// Smallest piece of a copy handed to one rayon task, in elements.
-const PAR_GRAIN: usize = 1 << 12;
-
-/// `x` (shape `shape`) with its dimensions reordered: output dimension `i` is input dimension
-/// `dims[i]`. `dims` must be a permutation of `0..shape.len()`.
-pub fn permute_forward_cpu(x: &[f32], shape: &[usize], dims: &[usize]) -> Vec<f32> {
-    let rank = shape.len();
-    let out_shape: Vec<usize> = dims.iter().map(|&d| shape[d]).collect();
-    let in_strides = contiguous_strides(shape);
-    // Step in the input when output coordinate i grows by one.
-    let steps: Vec<usize> = dims.iter().map(|&d| in_strides[d]).collect();
-    let mut out = vec![0f32; x.len()];
-    if out.is_empty() {
-        return out;
-    }
-    let inner = if rank == 0 { 1 } else { out_shape[rank - 1] };
-    let inner_step = if rank == 0 { 0 } else { steps[rank - 1] };
-    // One output row (a run along the last output dimension) at a time: its start in the input
-    // from the row's coordinates, then a strided walk (contiguous when the last dimension stays
-    // last, as in the attention head split).
-    let fill_row = |(row, dst): (usize, &mut [f32])| {
-        let mut rest = row;
-        let mut src = 0;
-        for d in (0..rank.saturating_sub(1)).rev() {
-            src += (rest % out_shape[d]) * steps[d];
-            rest /= out_shape[d];
-        }
-        if inner_step == 1 {
-            dst.copy_from_slice(&x[src..src + inner]);
-        } else {
-            for (j, v) in dst.iter_mut().enumerate() {
-                *v = x[src + j * inner_step];
-            }
-        }
-    };
-    if out.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(inner)
-            .with_min_len((PAR_GRAIN / inner).max(1))
-            .enumerate()
-            .for_each(fill_row);
-    } else {
-        out.chunks_mut(inner).enumerate().for_each(fill_row);
-    }
-    out
-}
-
-/// The permutation that undoes `dims`.
-pub fn inverse_permutation(dims: &[usize]) -> Vec<usize> {
-    let mut inv = vec![0; dims.len()];
-    for (i, &d) in dims.iter().enumerate() {
-        inv[d] = i;
-    }
-    inv
-}
-
-/// Backward of `permute_forward_cpu`: `g` has the permuted shape `out_shape`; the result has the
-/// input's shape.
-pub fn permute_backward_cpu(g: &[f32], out_shape: &[usize], dims: &[usize]) -> Vec<f32> {
-    permute_forward_cpu(g, out_shape, &inverse_permutation(dims))
-}
-
-/// `x` viewed as `[outer, n, inner]`: elements `[start, start + len)` of the middle dimension,
-/// shape `[outer, len, inner]`.
-pub fn narrow_forward_cpu(x: &[f32], n: usize, inner: usize, start: usize, len: usize) -> Vec<f32> {
-    let (block, piece) = (n * inner, len * inner);
-    if block == 0 || piece == 0 {
-        return Vec::new();
-    }
-    let mut out = vec![0f32; x.len() / block * piece];
-    let copy = |(o, dst): (usize, &mut [f32])| {
-        dst.copy_from_slice(&x[o * block + start * inner..][..piece]);
-    };
-    if out.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(piece).enumerate().for_each(copy);
-    } else {
-        out.chunks_mut(piece).enumerate().for_each(copy);
-    }
-    out
-}
-
-/// Backward of `narrow_forward_cpu`: `g` (`[outer, len, inner]`) placed back at `start` in a
-/// zero tensor `[outer, n, inner]`.
-pub fn narrow_backward_cpu(
-    g: &[f32],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    start: usize,
-    len: usize,
-) -> Vec<f32> {
-    let (block, piece) = (n * inner, len * inner);
-    let mut dx = vec![0f32; outer * block];
-    if piece == 0 {
-        return dx;
-    }
-    let place = |(o, dst): (usize, &mut [f32])| {
-        dst[start * inner..][..piece].copy_from_slice(&g[o * piece..][..piece]);
-    };
-    if dx.len() >= PARALLEL_MIN {
-        dx.par_chunks_mut(block).enumerate().for_each(place);
-    } else {
-        dx.chunks_mut(block).enumerate().for_each(place);
-    }
-    dx
-}
-
-/// Concatenation of `parts`, each viewed as `[outer, sizes[k], inner]`, along the middle
-/// dimension: `[outer, sum(sizes), inner]`.
-pub fn concat_forward_cpu(parts: &[&[f32]], sizes: &[usize], inner: usize) -> Vec<f32> {
-    let total: usize = sizes.iter().sum();
-    let block = total * inner;
-    let outer = match parts.iter().zip(sizes).find(|(_, &s)| s * inner > 0) {
-        Some((p, &s)) => p.len() / (s * inner),
-        None => return Vec::new(),
-    };
-    let mut out = vec![0f32; outer * block];
-    let fill = |(o, dst): (usize, &mut [f32])| {
-        let mut at = 0;
-        for (p, &s) in parts.iter().zip(sizes) {
-            let piece = s * inner;
-            dst[at..at + piece].copy_from_slice(&p[o * piece..][..piece]);
-            at += piece;
-        }
-    };
-    if out.len() >= PARALLEL_MIN {
-        out.par_chunks_mut(block).enumerate().for_each(fill);
-    } else {
-        out.chunks_mut(block).enumerate().for_each(fill);
-    }
-    out
-}
-
-/// Backward of `concat_forward_cpu`: the slice of `g` that came from part `k`.
-pub fn concat_backward_cpu(g: &[f32], sizes: &[usize], inner: usize, k: usize) -> Vec<f32> {
-    let total: usize = sizes.iter().sum();
-    let start: usize = sizes[..k].iter().sum();
-    narrow_forward_cpu(g, total, inner, start, sizes[k])
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tape ops
@@ -180,22 +43,14 @@ pub fn permute(tape: &Tape, x: &Var, dims: &[usize]) -> Result<Var> {
             format!("dims {dims:?} are not a permutation of the dimensions of input {shape:?}"),
         ));
     }
-    let dims = dims.to_vec();
-    let out_shape: Vec<usize> = dims.iter().map(|&d| shape[d]).collect();
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::layout::permute(tape, x, dims, out_shape));
-    }
-    let out = permute_forward_cpu(&x.tensor().read_f32()?, &shape, &dims);
-    let out = Tensor::f32(out, &out_shape)?;
+    let out = permute_fwd(x.tensor(), dims)?;
+    let (inverse, dtype) = (inverse_permutation(dims), out.dtype());
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             let gx = needs[0]
-                .then(|| {
-                    let dx = permute_backward_cpu(&g.read_f32()?, &out_shape, &dims);
-                    Tensor::f32(dx, &shape)
-                })
+                .then(|| permute_fwd(&to_compute_dtype(g, dtype)?, &inverse))
                 .transpose()?;
             Ok(vec![gx])
         }),
@@ -244,37 +99,23 @@ pub fn concat(tape: &Tape, xs: &[&Var], axis: usize) -> Result<Var> {
         }
     }
     let sizes: Vec<usize> = xs.iter().map(|x| x.shape()[axis]).collect();
-    let inner: usize = shape[axis + 1..].iter().product();
-    let mut out_shape = shape.clone();
-    out_shape[axis] = sizes.iter().sum();
     let tensors: Vec<&Tensor> = xs.iter().map(|x| x.tensor()).collect();
-    match crate::cuda::common_device("concat", &tensors)? {
-        crate::Device::Cpu => {}
-        d => return crate::on_cuda!(d, crate::cuda::layout::concat(tape, xs, axis, out_shape)),
-    }
-    let out = {
-        let guards = xs
-            .iter()
-            .map(|x| x.tensor().read_f32())
-            .collect::<Result<Vec<_>>>()?;
-        let parts: Vec<&[f32]> = guards.iter().map(|g| &**g).collect();
-        concat_forward_cpu(&parts, &sizes, inner)
-    };
-    let out = Tensor::f32(out, &out_shape)?;
-    let in_shapes: Vec<Vec<usize>> = xs.iter().map(|x| x.shape().to_vec()).collect();
+    let out = concat_fwd(&tensors, axis)?;
+    let dtype = out.dtype();
     Ok(tape.record(
         out,
         xs,
         Box::new(move |g, needs| {
-            let gv = g.read_f32()?;
+            // Input k's gradient: its slice of g along `axis`.
+            let g = to_compute_dtype(g, dtype)?;
+            let mut start = 0;
             needs
                 .iter()
-                .enumerate()
-                .map(|(k, &need)| {
-                    need.then(|| {
-                        Tensor::f32(concat_backward_cpu(&gv, &sizes, inner, k), &in_shapes[k])
-                    })
-                    .transpose()
+                .zip(&sizes)
+                .map(|(&need, &size)| {
+                    let at = start;
+                    start += size;
+                    need.then(|| narrow_fwd(&g, axis, at, size)).transpose()
                 })
                 .collect()
         }),
@@ -301,24 +142,14 @@ pub fn narrow(tape: &Tape, x: &Var, axis: usize, start: usize, len: usize) -> Re
             ),
         ));
     }
-    let outer: usize = shape[..axis].iter().product();
-    let inner: usize = shape[axis + 1..].iter().product();
-    let mut out_shape = shape.clone();
-    out_shape[axis] = len;
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::layout::narrow(tape, x, axis, start, len));
-    }
-    let out = narrow_forward_cpu(&x.tensor().read_f32()?, n, inner, start, len);
-    let out = Tensor::f32(out, &out_shape)?;
+    let out = narrow_fwd(x.tensor(), axis, start, len)?;
+    let dtype = out.dtype();
     Ok(tape.record(
         out,
         &[x],
         Box::new(move |g, needs| {
             let gx = needs[0]
-                .then(|| {
-                    let dx = narrow_backward_cpu(&g.read_f32()?, outer, n, inner, start, len);
-                    Tensor::f32(dx, &shape)
-                })
+                .then(|| narrow_bwd(&to_compute_dtype(g, dtype)?, &shape, axis, start))
                 .transpose()?;
             Ok(vec![gx])
         }),
@@ -328,6 +159,7 @@ pub fn narrow(tape: &Tape, x: &Var, axis: usize, start: usize, len: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::elementwise::contiguous_strides;
     use crate::gradcheck::GradCheck;
     use crate::{DType, Device};
 

@@ -1,6 +1,8 @@
-//! Ops, one file per family. Each file holds, in this order: the plain CPU kernels over
-//! slices (the oracle every GPU kernel is checked against), and the tape ops that compute a
-//! forward value and record the backward. Gradient checks live beside each family's tests.
+//! Ops, one file per family: the tape ops, each computing its forward and recording its one
+//! backward through the backend-level functions of `crate::backend` (which hold the plain CPU
+//! kernels, the oracle every GPU kernel is checked against, and dispatch by device). Attention
+//! still holds its fused CPU kernel here and hands a GPU tensor to `crate::cuda::attention`.
+//! Gradient checks live beside each family's tests.
 //!
 //! Calling convention: `ops::<name>(tape, inputs..., options) -> Result<Var>`.
 
@@ -11,7 +13,6 @@ pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod gather;
-pub mod gemm;
 pub mod layout;
 pub mod loss;
 pub mod matmul;

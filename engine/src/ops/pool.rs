@@ -1,164 +1,14 @@
-//! Pooling over NCHW images: `max_pool2d` (ResNet's stem) and `global_avg_pool2d` (ResNet's
-//! head, `[N, C, H, W] -> [N, C]`).
-//!
-//! `max_pool2d` follows PyTorch: padding counts as -inf (never selected), the gradient goes to
-//! the position of the maximum, the first one in row-major window order on ties, and a NaN in
-//! a window wins (propagates). The forward pass records the arg-max of every output, so the
-//! backward pass is a scatter and needs neither the input nor a second search.
+//! Pooling over NCHW images on the tape: `max_pool2d` (ResNet's stem) and `global_avg_pool2d`
+//! (ResNet's head, `[N, C, H, W] -> [N, C]`), each with one forward and one backward for every
+//! device. The work is done by the backend-level functions of `crate::backend::pool` (CPU arm
+//! and CUDA arm beneath them), which also hold the kernels and the numerics.
 
-use rayon::prelude::*;
+pub use crate::backend::Pool2dGeometry;
 
-use crate::{Error, Result, Tape, Tensor, Var};
-
-/// Sizes of one max-pooling, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pool2dGeometry {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
-
-impl Pool2dGeometry {
-    pub fn new(x: &[usize], kernel: usize, stride: usize, padding: usize) -> Result<Self> {
-        if x.len() != 4 {
-            return Err(Error::shape(
-                "max_pool2d",
-                format!("input {x:?} must be [N, C, H, W]"),
-            ));
-        }
-        if kernel == 0 || stride == 0 {
-            return Err(Error::invalid(
-                "max_pool2d",
-                format!("kernel ({kernel}) and stride ({stride}) must be at least 1"),
-            ));
-        }
-        if 2 * padding > kernel {
-            return Err(Error::invalid(
-                "max_pool2d",
-                format!("padding {padding} must be at most half the kernel size {kernel}"),
-            ));
-        }
-        let (hp, wp) = (x[2] + 2 * padding, x[3] + 2 * padding);
-        if hp < kernel || wp < kernel {
-            return Err(Error::shape(
-                "max_pool2d",
-                format!("input {x:?} with padding {padding} is smaller than the kernel {kernel}"),
-            ));
-        }
-        Ok(Pool2dGeometry {
-            n: x[0],
-            c: x[1],
-            h: x[2],
-            w: x[3],
-            kernel,
-            stride,
-            padding,
-            oh: (hp - kernel) / stride + 1,
-            ow: (wp - kernel) / stride + 1,
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU kernels
-// ---------------------------------------------------------------------------------------------
-
-/// Range of input positions `[lo, hi)` covered by output position `o` along one axis.
-fn window(o: usize, len: usize, g: &Pool2dGeometry) -> (usize, usize) {
-    let start = (o * g.stride) as isize - g.padding as isize;
-    let lo = start.max(0) as usize;
-    let hi = ((start + g.kernel as isize) as usize).min(len);
-    (lo, hi)
-}
-
-/// `out [N, C, OH, OW]` and, per output, the index of its maximum within its `H*W` plane.
-pub fn max_pool2d_forward_cpu(x: &[f32], g: &Pool2dGeometry, out: &mut [f32], argmax: &mut [u32]) {
-    let (plane, oplane) = (g.h * g.w, g.oh * g.ow);
-    if oplane == 0 || plane == 0 {
-        return;
-    }
-    let planes = g.n * g.c;
-    out[..planes * oplane]
-        .par_chunks_mut(oplane)
-        .zip(argmax[..planes * oplane].par_chunks_mut(oplane))
-        .enumerate()
-        .for_each(|(pi, (out, arg))| {
-            let xp = &x[pi * plane..][..plane];
-            for oh in 0..g.oh {
-                // With padding <= kernel / 2 every window holds at least one real element.
-                let (h0, h1) = window(oh, g.h, g);
-                for ow in 0..g.ow {
-                    let (w0, w1) = window(ow, g.w, g);
-                    let mut best = h0 * g.w + w0;
-                    let mut max = xp[best];
-                    for ih in h0..h1 {
-                        for iw in w0..w1 {
-                            let v = xp[ih * g.w + iw];
-                            // Strictly greater keeps the first maximum; NaN wins, as in PyTorch.
-                            if v > max || (v.is_nan() && !max.is_nan()) {
-                                max = v;
-                                best = ih * g.w + iw;
-                            }
-                        }
-                    }
-                    out[oh * g.ow + ow] = max;
-                    arg[oh * g.ow + ow] = best as u32;
-                }
-            }
-        });
-}
-
-/// `dx [N, C, H, W]`: each output gradient added at its arg-max (overlapping windows add up).
-pub fn max_pool2d_backward_cpu(grad: &[f32], argmax: &[u32], g: &Pool2dGeometry) -> Vec<f32> {
-    let (plane, oplane) = (g.h * g.w, g.oh * g.ow);
-    let mut dx = vec![0f32; g.n * g.c * plane];
-    if plane == 0 || oplane == 0 {
-        return dx;
-    }
-    dx.par_chunks_mut(plane).enumerate().for_each(|(pi, dxp)| {
-        let (gp, ap) = (
-            &grad[pi * oplane..][..oplane],
-            &argmax[pi * oplane..][..oplane],
-        );
-        for (gv, &a) in gp.iter().zip(ap) {
-            dxp[a as usize] += gv;
-        }
-    });
-    dx
-}
-
-/// `out[n, c] = mean of x[n, c, :, :]` over `planes = N*C` planes of `plane` elements.
-pub fn global_avg_pool2d_forward_cpu(x: &[f32], planes: usize, plane: usize) -> Vec<f32> {
-    if plane == 0 {
-        return vec![f32::NAN; planes]; // mean of nothing, as PyTorch
-    }
-    x[..planes * plane]
-        .par_chunks(plane)
-        .map(|p| p.iter().sum::<f32>() / plane as f32)
-        .collect()
-}
-
-/// `dx[n, c, h, w] = grad[n, c] / (H*W)`.
-pub fn global_avg_pool2d_backward_cpu(grad: &[f32], planes: usize, plane: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; planes * plane];
-    if plane > 0 {
-        let scale = 1.0 / plane as f32;
-        dx.par_chunks_mut(plane)
-            .zip(grad[..planes].par_iter())
-            .for_each(|(d, g)| d.fill(g * scale));
-    }
-    dx
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tape ops
-// ---------------------------------------------------------------------------------------------
+use crate::backend::pool::{
+    global_avg_pool2d_bwd, global_avg_pool2d_fwd, max_pool2d_bwd, max_pool2d_fwd,
+};
+use crate::{Result, Tape, Var};
 
 /// Max pooling with a square `kernel`, `stride` and implicit -inf `padding` (at most
 /// `kernel / 2`, as PyTorch requires): `[N, C, H, W] -> [N, C, OH, OW]`,
@@ -172,59 +22,32 @@ pub fn max_pool2d(
 ) -> Result<Var> {
     x.tensor().expect_float("max_pool2d")?;
     let g = Pool2dGeometry::new(x.shape(), kernel, stride, padding)?;
-    if g.h * g.w > u32::MAX as usize {
-        return Err(Error::invalid(
-            "max_pool2d",
-            format!(
-                "input {:?}: planes above 2^32 elements are not supported",
-                x.shape()
-            ),
-        ));
-    }
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::pool::max_pool2d(tape, x, g));
-    }
-    let len = g.n * g.c * g.oh * g.ow;
-    let mut out = vec![0f32; len];
-    let mut argmax = vec![0u32; len];
-    max_pool2d_forward_cpu(&x.tensor().read_f32()?, &g, &mut out, &mut argmax);
-    let out = Tensor::f32(out, &[g.n, g.c, g.oh, g.ow])?;
-    let in_shape = x.shape().to_vec();
+    let (y, argmax) = max_pool2d_fwd(x.tensor(), &g)?;
+    let dtype = x.tensor().dtype();
     Ok(tape.record(
-        out,
+        y,
         &[x],
-        Box::new(move |grad, needs| {
+        Box::new(move |dy, needs| {
             if !needs[0] {
                 return Ok(vec![None]);
             }
-            let dx = max_pool2d_backward_cpu(&grad.read_f32()?, &argmax, &g);
-            Ok(vec![Some(Tensor::f32(dx, &in_shape)?)])
+            Ok(vec![Some(max_pool2d_bwd(dy, &argmax, &g, dtype)?)])
         }),
     ))
 }
 
 /// Mean over each image plane: `[N, C, H, W] -> [N, C]`.
 pub fn global_avg_pool2d(tape: &Tape, x: &Var) -> Result<Var> {
-    x.tensor().expect_float("global_avg_pool2d")?;
-    x.tensor()
-        .expect_rank("global_avg_pool2d", "input [N, C, H, W]", 4)?;
-    if let d @ crate::Device::Cuda(_) = x.tensor().device() {
-        return crate::on_cuda!(d, crate::cuda::pool::global_avg_pool2d(tape, x));
-    }
-    let s = x.shape();
-    let (planes, plane) = (s[0] * s[1], s[2] * s[3]);
-    let out = global_avg_pool2d_forward_cpu(&x.tensor().read_f32()?, planes, plane);
-    let out = Tensor::f32(out, &[s[0], s[1]])?;
-    let in_shape = s.to_vec();
+    let y = global_avg_pool2d_fwd(x.tensor())?;
+    let (in_shape, dtype) = (x.shape().to_vec(), x.tensor().dtype());
     Ok(tape.record(
-        out,
+        y,
         &[x],
-        Box::new(move |grad, needs| {
+        Box::new(move |dy, needs| {
             if !needs[0] {
                 return Ok(vec![None]);
             }
-            let dx = global_avg_pool2d_backward_cpu(&grad.read_f32()?, planes, plane);
-            Ok(vec![Some(Tensor::f32(dx, &in_shape)?)])
+            Ok(vec![Some(global_avg_pool2d_bwd(dy, &in_shape, dtype)?)])
         }),
     ))
 }
@@ -233,7 +56,7 @@ pub fn global_avg_pool2d(tape: &Tape, x: &Var) -> Result<Var> {
 mod tests {
     use super::*;
     use crate::gradcheck::GradCheck;
-    use crate::{rng, DType, Device};
+    use crate::{rng, DType, Device, Tensor};
 
     /// Distinct values 0.1 apart in a shuffled order: no two elements of a window are within
     /// a finite-difference step of each other, so the arg-max is stable under the check.

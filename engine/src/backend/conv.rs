@@ -1,0 +1,755 @@
+//! 2-D convolution (NCHW, groups 1, dilation 1) at the backend level: [`conv2d_fwd`] and
+//! [`conv2d_bwd`], dispatched by device, with the CPU arm below them and the CUDA arm in
+//! `crate::cuda::conv` (cuDNN, the bias through `bias_add.cu`). It dominates a ResNet step on
+//! the CPU.
+//!
+//! The CPU arm lowers it to matrix products (im2col): the patches of one image form a column
+//! matrix `cols [C*kh*kw, OH*OW]`, and `out = W [O, C*kh*kw] x cols`. A 1x1 stride-1 unpadded
+//! convolution needs no lowering: the image itself is the column matrix. Backward reuses the
+//! same lowering: `dW += dY_n x cols_n^T`, `dcols = W^T x dY_n` scattered back by col2im, and
+//! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
+//! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
+//! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
+//! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
+//!
+//! Three schedules (measured in docs/benchmarks.md and docs/benchmarks-steps.md), picked by
+//! `ConvSchedule::auto`:
+//! - `PerItem`: batch items spread over rayon threads, each product on one thread
+//!   (`sgemm_serial`), and per-thread partial sums of `dW` added at the end. No
+//!   synchronisation inside a step, so it is the fastest when the batch covers the threads.
+//! - `Grouped { items }`: the same, but each single-thread product covers a group of `items`
+//!   images, their columns side by side (`[C*kh*kw, items*OH*OW]`). For small images (ResNet's
+//!   last stages: 7x7 and 4x4 pixels) a product per image is too narrow: the forward and the
+//!   input gradient stream the whole weight matrix once per image, and `dW` reads and writes
+//!   all of itself once per image (k = 16 for 4x4), so those products run at memory speed. A
+//!   group of images reads the weight once and accumulates `dW` over `items * OH * OW` pixels
+//!   at a time. `PerItem` is `Grouped { items: 1 }`.
+//! - `Batched { items }`: a group of items' columns side by side, one threaded product per
+//!   group. Used for batches smaller than the thread count.
+
+//!
+//! Storage types: the CPU arm reads f32 or bf16 and writes f32; the CUDA arm runs in the
+//! input's dtype (the weight cast to it), writes the output, `dx` and `dweight` in it, and
+//! `dbias` in f32 (its kernel sums in f32).
+
+use rayon::prelude::*;
+
+use half::bf16;
+
+use super::Conv2dGeometry;
+use crate::backend::gemm::{
+    bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE,
+};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The operands of a convolution as the backend keeps them for its backward: the input and the
+/// weight themselves on the CPU; on a GPU the weight in the input's dtype, and either copied
+/// to a 16-byte aligned address when it was not (once per forward, not again per backward).
+#[derive(Debug, Clone)]
+pub struct ConvOperands {
+    pub x: Tensor,
+    pub weight: Tensor,
+}
+
+/// `conv2d(x [N, C, H, W], weight [O, C, kh, kw], bias [O]) -> [N, O, OH, OW]` for the geometry
+/// `g` made from their shapes, on their device, and the operands its backward needs.
+pub fn conv2d_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    g: &Conv2dGeometry,
+) -> Result<(Tensor, ConvOperands)> {
+    const OP: &str = "conv2d";
+    x.expect_float(OP)?;
+    weight.expect_float(OP)?;
+    if x.shape() != [g.n, g.c, g.h, g.w] || weight.shape() != [g.o, g.c, g.kh, g.kw] {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {:?} and weight {:?} are not the shapes their geometry was made for",
+                x.shape(),
+                weight.shape()
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        b.expect_float(OP)?;
+        if b.shape() != [g.o] {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "bias {:?} does not fit weight {:?} (expected [{}])",
+                    b.shape(),
+                    weight.shape(),
+                    g.o
+                ),
+            ));
+        }
+    }
+    let mut on: Vec<&Tensor> = vec![x, weight];
+    on.extend(bias);
+    match crate::cuda::common_device(OP, &on)? {
+        Device::Cpu => {}
+        d => return crate::on_cuda!(d, crate::cuda::conv::conv2d_fwd(x, weight, bias, g)),
+    }
+    let mut out = vec![0f32; g.n * g.o * g.pixels()];
+    {
+        let bias_read = bias.map(|b| b.read_f32()).transpose()?;
+        if weight.dtype() == DType::BF16 && bf16_products_active() {
+            // A frozen bf16 teacher: bf16 products, f32 accumulation.
+            conv2d_forward_bf16_cpu(
+                &x.read_f32()?,
+                &weight.read_bf16()?,
+                bias_read.as_deref(),
+                g,
+                &mut out,
+            )?;
+        } else {
+            conv2d_forward_cpu(
+                &x.read_f32()?,
+                &weight.read_f32()?,
+                bias_read.as_deref(),
+                g,
+                &mut out,
+            )?;
+        }
+    }
+    let operands = ConvOperands {
+        x: x.clone(),
+        weight: weight.clone(),
+    };
+    Ok((Tensor::f32(out, &[g.n, g.o, g.oh, g.ow])?, operands))
+}
+
+/// The gradients of [`conv2d_fwd`] from its kept operands and the output gradient `dy`
+/// (`[N, O, OH, OW]`): `[dx, dweight, dbias]`, each only when `need` asks for it.
+pub fn conv2d_bwd(
+    operands: &ConvOperands,
+    dy: &Tensor,
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    const OP: &str = "conv2d";
+    if dy.shape() != [g.n, g.o, g.oh, g.ow] {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "the output gradient {:?} differs from the output {:?}",
+                dy.shape(),
+                [g.n, g.o, g.oh, g.ow]
+            ),
+        ));
+    }
+    let (x, w) = (&operands.x, &operands.weight);
+    match crate::cuda::common_device(OP, &[x, w, dy])? {
+        Device::Cpu => {
+            let grads =
+                conv2d_backward_cpu(&x.read_f32()?, &w.read_f32()?, &dy.read_f32()?, g, need)?;
+            Ok([
+                grads.x.map(|d| Tensor::f32(d, x.shape())).transpose()?,
+                grads
+                    .weight
+                    .map(|d| Tensor::f32(d, w.shape()))
+                    .transpose()?,
+                grads.bias.map(|d| Tensor::f32(d, &[g.o])).transpose()?,
+            ])
+        }
+        d => crate::on_cuda!(d, crate::cuda::conv::conv2d_bwd(x, w, dy, g, need)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CPU arm
+// ---------------------------------------------------------------------------------------------
+
+/// How the batch is split into matrix products (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvSchedule {
+    PerItem,
+    Grouped { items: usize },
+    Batched { items: usize },
+}
+
+/// Output pixels a `Grouped` product aims at (`items * OH * OW`): 256 makes the narrowest
+/// products of a ResNet (4x4 images) as wide as a 16x16 image's, past the point where the
+/// weight's traffic dominates.
+const GROUP_PIXELS: usize = 256;
+
+/// Column-matrix elements a `Batched` group aims at (16 MiB of f32): large enough to keep a
+/// threaded product busy, small enough not to grow memory with the batch.
+const BATCHED_COLS_BUDGET: usize = 4 << 20;
+
+/// Elements of per-run partial weight gradients `PerItem` may hold at once (32 MiB of f32).
+const PARTIAL_DW_BUDGET: usize = 8 << 20;
+
+impl ConvSchedule {
+    pub fn auto(g: &Conv2dGeometry) -> ConvSchedule {
+        let threads = rayon::current_num_threads().max(1);
+        // Per-thread products need an sgemm that stays on its thread (not OpenBLAS).
+        if SERIAL_GEMM_AVAILABLE && g.n >= threads {
+            // Groups never larger than one thread's share of the batch.
+            let items = GROUP_PIXELS
+                .div_ceil(g.pixels().max(1))
+                .clamp(1, g.n.div_ceil(threads));
+            if items == 1 {
+                ConvSchedule::PerItem
+            } else {
+                ConvSchedule::Grouped { items }
+            }
+        } else {
+            let per_item = (g.patch() * g.pixels()).max(1);
+            ConvSchedule::Batched {
+                items: (BATCHED_COLS_BUDGET / per_item).clamp(1, g.n.max(1)),
+            }
+        }
+    }
+
+    /// Images per single-thread product of `PerItem` / `Grouped`.
+    fn group(self) -> usize {
+        match self {
+            ConvSchedule::Grouped { items } => items.max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// `[cnt, O, P]` -> `[O, cnt * P]`: a group's output gradient in the layout of its columns.
+fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
+    for (oc, row) in dst[..o * cnt * p].chunks_mut(cnt * p).enumerate() {
+        for (b, d) in row.chunks_mut(p).enumerate() {
+            d.copy_from_slice(&src[(b * o + oc) * p..][..p]);
+        }
+    }
+}
+
+/// Valid output columns `[lo, hi)` of kernel column `j`: those whose input column
+/// `ow * stride + j - padding` lies inside `[0, w)`.
+fn valid_range(out_len: usize, in_len: usize, k: usize, g: &Conv2dGeometry) -> (usize, usize) {
+    let (s, p) = (g.stride, g.padding);
+    let lo = if p > k { (p - k).div_ceil(s) } else { 0 };
+    let hi = if in_len + p > k {
+        ((in_len + p - k - 1) / s + 1).min(out_len)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Fills row `r = (c, i, j)` of the column matrix of `items` images (`x` holds them back to
+/// back): `row[b * P + oh * OW + ow] = x[b, c, oh*s + i - p, ow*s + j - p]`, zero in the padding.
+fn im2col_row(x: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [f32]) {
+    let (c, i, j) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
+    let (lo, hi) = valid_range(g.ow, g.w, j, g);
+    let (ih_lo, ih_hi) = valid_range(g.oh, g.h, i, g);
+    for b in 0..items {
+        let plane = &x[b * g.image() + c * g.h * g.w..][..g.h * g.w];
+        let dst_img = &mut row[b * g.pixels()..(b + 1) * g.pixels()];
+        for (oh, dst) in dst_img.chunks_mut(g.ow).enumerate() {
+            if oh < ih_lo || oh >= ih_hi {
+                dst.fill(0.0);
+                continue;
+            }
+            let src = &plane[(oh * g.stride + i - g.padding) * g.w..][..g.w];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            if lo < hi {
+                let first = lo * g.stride + j - g.padding;
+                if g.stride == 1 {
+                    dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                } else {
+                    for (d, s) in dst[lo..hi]
+                        .iter_mut()
+                        .zip(src[first..].iter().step_by(g.stride))
+                    {
+                        *d = *s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The column matrix `[C*kh*kw, items*OH*OW]` of `items` images (`x` = `[items, C, H, W]`).
+pub fn im2col_cpu(x: &[f32], g: &Conv2dGeometry, items: usize, cols: &mut [f32], parallel: bool) {
+    let row_len = items * g.pixels();
+    if row_len == 0 {
+        return;
+    }
+    let cols = &mut cols[..g.patch() * row_len];
+    if parallel {
+        cols.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, row)| im2col_row(x, g, items, r, row));
+    } else {
+        for (r, row) in cols.chunks_mut(row_len).enumerate() {
+            im2col_row(x, g, items, r, row);
+        }
+    }
+}
+
+/// Adds the column-matrix entries that came from plane `(b, c)` back onto it (`plane` is
+/// overwritten): the adjoint of `im2col_row` for the `kh*kw` rows of channel `c`.
+fn col2im_plane(
+    cols: &[f32],
+    g: &Conv2dGeometry,
+    items: usize,
+    b: usize,
+    c: usize,
+    plane: &mut [f32],
+) {
+    plane.fill(0.0);
+    let row_len = items * g.pixels();
+    for i in 0..g.kh {
+        let (ih_lo, ih_hi) = valid_range(g.oh, g.h, i, g);
+        for j in 0..g.kw {
+            let (lo, hi) = valid_range(g.ow, g.w, j, g);
+            if lo >= hi {
+                continue;
+            }
+            let r = (c * g.kh + i) * g.kw + j;
+            let src_img = &cols[r * row_len + b * g.pixels()..][..g.pixels()];
+            for oh in ih_lo..ih_hi {
+                let src = &src_img[oh * g.ow..][lo..hi];
+                let dst = &mut plane[(oh * g.stride + i - g.padding) * g.w..][..g.w];
+                let first = lo * g.stride + j - g.padding;
+                if g.stride == 1 {
+                    dst[first..first + hi - lo]
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, s)| *d += s);
+                } else {
+                    for (d, s) in dst[first..].iter_mut().step_by(g.stride).zip(src) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dx [items, C, H, W]` from the gradient of the column matrix (overwrites `dx`).
+pub fn col2im_cpu(cols: &[f32], g: &Conv2dGeometry, items: usize, dx: &mut [f32], parallel: bool) {
+    let plane = g.h * g.w;
+    if plane == 0 || g.c == 0 {
+        return;
+    }
+    let dx = &mut dx[..items * g.image()];
+    let one = |(idx, p): (usize, &mut [f32])| col2im_plane(cols, g, items, idx / g.c, idx % g.c, p);
+    if parallel {
+        dx.par_chunks_mut(plane).enumerate().for_each(one);
+    } else {
+        dx.chunks_mut(plane).enumerate().for_each(one);
+    }
+}
+
+fn add_bias(out_item: &mut [f32], bias: Option<&[f32]>, pixels: usize) {
+    if let Some(bias) = bias {
+        for (row, b) in out_item.chunks_mut(pixels).zip(bias) {
+            row.iter_mut().for_each(|v| *v += b);
+        }
+    }
+}
+
+fn check_buffers(g: &Conv2dGeometry, x: usize, w: usize, out: usize, out_name: &str) -> Result<()> {
+    let (want_x, want_w, want_out) = (g.n * g.image(), g.o * g.patch(), g.n * g.o * g.pixels());
+    if x < want_x || w < want_w || out < want_out {
+        return Err(Error::shape(
+            "conv2d",
+            format!(
+                "buffers of {x}, {w}, {out} elements for input, weight, {out_name}; \
+                 {g:?} needs {want_x}, {want_w}, {want_out}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `out [N, O, OH, OW] = conv(x [N, C, H, W], weight [O, C, kh, kw]) + bias [O]`, with the
+/// schedule `ConvSchedule::auto` picks.
+pub fn conv2d_forward_cpu(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+) -> Result<()> {
+    conv2d_forward_cpu_with(x, weight, bias, g, out, ConvSchedule::auto(g))
+}
+
+/// `conv2d_forward_cpu` with an explicit schedule (benchmarks, tests).
+pub fn conv2d_forward_cpu_with(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+    schedule: ConvSchedule,
+) -> Result<()> {
+    check_buffers(g, x.len(), weight.len(), out.len(), "output")?;
+    if let Some(b) = bias {
+        if b.len() < g.o {
+            return Err(Error::shape(
+                "conv2d",
+                format!("bias of {} elements for {} output channels", b.len(), g.o),
+            ));
+        }
+    }
+    let (ck, p, img, oimg) = (g.patch(), g.pixels(), g.image(), g.o * g.pixels());
+    if g.n == 0 || oimg == 0 {
+        return Ok(());
+    }
+    let out = &mut out[..g.n * oimg];
+    if ck == 0 {
+        // No input channels: the output is the bias alone.
+        out.chunks_mut(oimg).for_each(|o| {
+            o.fill(0.0);
+            add_bias(o, bias, p);
+        });
+        return Ok(());
+    }
+    match schedule {
+        ConvSchedule::PerItem | ConvSchedule::Grouped { .. } => {
+            grouped_forward(x, bias, g, out, schedule.group(), |cols, columns, out| {
+                sgemm_serial(false, false, g.o, columns, ck, 1.0, weight, cols, 0.0, out)
+            })
+        }
+        ConvSchedule::Batched { items } => {
+            let items = items.clamp(1, g.n);
+            let mut cols = vec![
+                0f32;
+                if g.is_pointwise() && items == 1 {
+                    0
+                } else {
+                    ck * items * p
+                }
+            ];
+            let mut tmp = vec![0f32; if items == 1 { 0 } else { g.o * items * p }];
+            for (gi, out_g) in out.chunks_mut(items * oimg).enumerate() {
+                let cnt = out_g.len() / oimg;
+                let x_g = &x[gi * items * img..][..cnt * img];
+                let cols: &[f32] = if g.is_pointwise() && items == 1 {
+                    x_g
+                } else {
+                    im2col_cpu(x_g, g, cnt, &mut cols, true);
+                    &cols
+                };
+                if cnt == 1 {
+                    sgemm(false, false, g.o, p, ck, 1.0, weight, cols, 0.0, out_g)?;
+                    add_bias(out_g, bias, p);
+                    continue;
+                }
+                let tmp = &mut tmp[..g.o * cnt * p];
+                sgemm(false, false, g.o, cnt * p, ck, 1.0, weight, cols, 0.0, tmp)?;
+                // [O, cnt*P] -> [cnt, O, P]
+                out_g
+                    .par_chunks_mut(oimg)
+                    .enumerate()
+                    .for_each(|(b, out_n)| {
+                        for (o, dst) in out_n.chunks_mut(p).enumerate() {
+                            dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                        }
+                        add_bias(out_n, bias, p);
+                    });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The forward of `PerItem` / `Grouped { items }`: groups of `items` images spread over the
+/// rayon threads, each group's columns side by side, `mm(cols, columns, out)` computing
+/// `out [O, columns] = W x cols [C*kh*kw, columns]` on the calling thread.
+fn grouped_forward(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+    items: usize,
+    mm: impl Fn(&[f32], usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let (ck, p, img, oimg) = (g.patch(), g.pixels(), g.image(), g.o * g.pixels());
+    let items = items.clamp(1, g.n);
+    // One pointwise image is its own column matrix.
+    let direct = items == 1 && g.is_pointwise();
+    out.par_chunks_mut(items * oimg)
+        .zip(x.par_chunks(items * img.max(1)))
+        .try_for_each_init(
+            || {
+                (
+                    vec![0f32; if direct { 0 } else { ck * items * p }],
+                    vec![0f32; if items == 1 { 0 } else { g.o * items * p }],
+                )
+            },
+            |(cols, tmp), (out_g, x_g)| {
+                let cnt = out_g.len() / oimg;
+                let cols: &[f32] = if direct {
+                    x_g
+                } else {
+                    im2col_cpu(x_g, g, cnt, cols, false);
+                    &cols[..ck * cnt * p]
+                };
+                if cnt == 1 {
+                    mm(cols, p, out_g)?;
+                    add_bias(out_g, bias, p);
+                    return Ok(());
+                }
+                let tmp = &mut tmp[..g.o * cnt * p];
+                mm(cols, cnt * p, tmp)?;
+                // [O, cnt*P] -> [cnt, O, P]
+                for (b, out_n) in out_g.chunks_mut(oimg).enumerate() {
+                    for (o, dst) in out_n.chunks_mut(p).enumerate() {
+                        dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                    }
+                    add_bias(out_n, bias, p);
+                }
+                Ok(())
+            },
+        )
+}
+
+/// `conv2d_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
+/// rounded to bf16, see `gemm_bf16`): how `conv2d` runs a bf16 teacher where
+/// `bf16_products_active()`. Groups images as `ConvSchedule::auto` would.
+pub fn conv2d_forward_bf16_cpu(
+    x: &[f32],
+    weight: &[bf16],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+) -> Result<()> {
+    if x.len() < g.n * g.image()
+        || weight.len() < g.o * g.patch()
+        || out.len() < g.n * g.o * g.pixels()
+    {
+        return Err(Error::shape(
+            "conv2d",
+            format!(
+                "buffers of {}, {}, {} elements for input, weight, output; {g:?} needs {}, {}, {}",
+                x.len(),
+                weight.len(),
+                out.len(),
+                g.n * g.image(),
+                g.o * g.patch(),
+                g.n * g.o * g.pixels()
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len() < g.o {
+            return Err(Error::shape(
+                "conv2d",
+                format!("bias of {} elements for {} output channels", b.len(), g.o),
+            ));
+        }
+    }
+    let (ck, oimg) = (g.patch(), g.o * g.pixels());
+    if g.n == 0 || oimg == 0 {
+        return Ok(());
+    }
+    let out = &mut out[..g.n * oimg];
+    if ck == 0 {
+        out.chunks_mut(oimg).for_each(|o| {
+            o.fill(0.0);
+            add_bias(o, bias, g.pixels());
+        });
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let items = ConvSchedule::auto(g).group();
+    // Fewer images than threads: spread each product over the threads instead.
+    let parallel = g.n < threads;
+    grouped_forward(x, bias, g, out, items, |cols, columns, out| {
+        gemm_bf16(
+            g.o,
+            columns,
+            ck,
+            Half::Bf16(weight),
+            Half::F32(cols),
+            false,
+            out,
+            parallel,
+        )
+    })
+}
+
+/// Gradients of `conv2d`: input `[N, C, H, W]`, weight `[O, C, kh, kw]`, bias `[O]`, each
+/// computed only when asked for.
+#[derive(Debug, Default)]
+pub struct Conv2dGrads {
+    pub x: Option<Vec<f32>>,
+    pub weight: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Backward of `conv2d_forward_cpu` given `grad = dL/dout [N, O, OH, OW]`; `need` says which
+/// of (input, weight, bias) to compute.
+pub fn conv2d_backward_cpu(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+) -> Result<Conv2dGrads> {
+    conv2d_backward_cpu_with(x, weight, grad, g, need, ConvSchedule::auto(g))
+}
+
+/// `conv2d_backward_cpu` with an explicit schedule (benchmarks, tests).
+pub fn conv2d_backward_cpu_with(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+    schedule: ConvSchedule,
+) -> Result<Conv2dGrads> {
+    check_buffers(g, x.len(), weight.len(), grad.len(), "output gradient")?;
+    let (ck, p, img, oimg) = (g.patch(), g.pixels(), g.image(), g.o * g.pixels());
+    let [need_x, need_w, need_b] = need;
+    let mut dx = need_x.then(|| vec![0f32; g.n * img]);
+    let mut dw = need_w.then(|| vec![0f32; g.o * ck]);
+    let db = need_b.then(|| bias_grad_cpu(grad, g.n, g.o, p));
+    if g.n == 0 || oimg == 0 || ck == 0 || !(need_x || need_w) {
+        return Ok(Conv2dGrads {
+            x: dx,
+            weight: dw,
+            bias: db,
+        });
+    }
+    let grad = &grad[..g.n * oimg];
+    match schedule {
+        ConvSchedule::PerItem | ConvSchedule::Grouped { .. } => {
+            // Contiguous runs of items, each with its own column buffers and partial dW, so
+            // threads never wait on each other until the final sum. A few runs per thread
+            // (as memory for the partial sums allows) let a thread that other work slowed
+            // down hand runs to the others. Within a run, one product per group of `items`
+            // images.
+            let threads = rayon::current_num_threads().max(1);
+            let runs = (PARTIAL_DW_BUDGET / (g.o * ck)).clamp(threads, 4 * threads);
+            let per = g.n.div_ceil(runs.min(g.n));
+            let items = schedule.group().clamp(1, per);
+            let direct = items == 1 && g.is_pointwise();
+            let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
+                let first = t * per;
+                let cnt = per.min(g.n - first);
+                let cols_len = if direct { 0 } else { ck * items * p };
+                let mut cols = vec![0f32; if need_w { cols_len } else { 0 }];
+                let mut dcols = vec![0f32; if need_x { cols_len } else { 0 }];
+                let mut dyt = vec![0f32; if items > 1 { oimg * items } else { 0 }];
+                let mut dw_part = need_w.then(|| vec![0f32; g.o * ck]);
+                let mut dx_run = dx_run;
+                for (gi, b) in (0..cnt).step_by(items).enumerate() {
+                    let c = items.min(cnt - b);
+                    let x_g = &x[(first + b) * img..][..c * img];
+                    let dy_g = &grad[(first + b) * oimg..][..c * oimg];
+                    let dy: &[f32] = if c == 1 {
+                        dy_g
+                    } else {
+                        gather_group(dy_g, c, g.o, p, &mut dyt);
+                        &dyt[..c * oimg]
+                    };
+                    if let Some(dw_part) = dw_part.as_mut() {
+                        let cols: &[f32] = if direct {
+                            x_g
+                        } else {
+                            im2col_cpu(x_g, g, c, &mut cols, false);
+                            &cols[..ck * c * p]
+                        };
+                        let beta = if gi == 0 { 0.0 } else { 1.0 };
+                        sgemm_serial(false, true, g.o, ck, c * p, 1.0, dy, cols, beta, dw_part)?;
+                    }
+                    if let Some(dx_run) = dx_run.as_deref_mut() {
+                        let dx_g = &mut dx_run[b * img..][..c * img];
+                        if direct {
+                            sgemm_serial(true, false, ck, p, g.o, 1.0, weight, dy, 0.0, dx_g)?;
+                        } else {
+                            let dcols = &mut dcols[..ck * c * p];
+                            sgemm_serial(true, false, ck, c * p, g.o, 1.0, weight, dy, 0.0, dcols)?;
+                            col2im_cpu(dcols, g, c, dx_g, false);
+                        }
+                    }
+                }
+                Ok(dw_part)
+            };
+            let parts: Vec<Option<Vec<f32>>> = match dx.as_mut() {
+                Some(dx) => dx
+                    .par_chunks_mut(per * img)
+                    .enumerate()
+                    .map(|(t, d)| run(t, Some(d)))
+                    .collect::<Result<_>>()?,
+                None => (0..g.n.div_ceil(per))
+                    .into_par_iter()
+                    .map(|t| run(t, None))
+                    .collect::<Result<_>>()?,
+            };
+            if let Some(dw) = dw.as_mut() {
+                for part in parts.into_iter().flatten() {
+                    dw.par_iter_mut()
+                        .zip(part.par_iter())
+                        .for_each(|(d, s)| *d += s);
+                }
+            }
+        }
+        ConvSchedule::Batched { items } => {
+            let items = items.clamp(1, g.n);
+            let mut cols = vec![0f32; if need_w { ck * items * p } else { 0 }];
+            let mut dcols = vec![0f32; if need_x { ck * items * p } else { 0 }];
+            let mut dyt = vec![0f32; if items > 1 { oimg * items } else { 0 }];
+            for (gi, dy_g) in grad.chunks(items * oimg).enumerate() {
+                let cnt = dy_g.len() / oimg;
+                let first = gi * items;
+                // [cnt, O, P] -> [O, cnt*P], the layout of the columns.
+                let dy: &[f32] = if cnt == 1 {
+                    dy_g
+                } else {
+                    let dyt = &mut dyt[..oimg * cnt];
+                    dyt.par_chunks_mut(cnt * p)
+                        .enumerate()
+                        .for_each(|(o, row)| {
+                            for (b, dst) in row.chunks_mut(p).enumerate() {
+                                dst.copy_from_slice(&dy_g[b * oimg + o * p..][..p]);
+                            }
+                        });
+                    dyt
+                };
+                if let Some(dw) = dw.as_mut() {
+                    let x_g = &x[first * img..][..cnt * img];
+                    let cols: &[f32] = if g.is_pointwise() && cnt == 1 {
+                        x_g
+                    } else {
+                        im2col_cpu(x_g, g, cnt, &mut cols, true);
+                        &cols
+                    };
+                    let beta = if gi == 0 { 0.0 } else { 1.0 };
+                    sgemm(false, true, g.o, ck, cnt * p, 1.0, dy, cols, beta, dw)?;
+                }
+                if let Some(dx) = dx.as_mut() {
+                    let dx_g = &mut dx[first * img..][..cnt * img];
+                    if g.is_pointwise() && cnt == 1 {
+                        sgemm(true, false, ck, p, g.o, 1.0, weight, dy, 0.0, dx_g)?;
+                    } else {
+                        let dcols = &mut dcols[..ck * cnt * p];
+                        sgemm(true, false, ck, cnt * p, g.o, 1.0, weight, dy, 0.0, dcols)?;
+                        col2im_cpu(dcols, g, cnt, dx_g, true);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Conv2dGrads {
+        x: dx,
+        weight: dw,
+        bias: db,
+    })
+}
+
+/// `dbias[o] = sum over n and pixels of grad[n, o, :]`.
+pub fn bias_grad_cpu(grad: &[f32], n: usize, o: usize, pixels: usize) -> Vec<f32> {
+    (0..o)
+        .into_par_iter()
+        .map(|oc| {
+            (0..n)
+                .map(|b| grad[(b * o + oc) * pixels..][..pixels].iter().sum::<f32>())
+                .sum()
+        })
+        .collect()
+}
