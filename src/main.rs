@@ -46,6 +46,21 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
     },
+    /// Build the teacher cache of a recipe with `[distill] cache = "DIR"`: every teacher's
+    /// top-k logits for every step of the first E epochs, for its students to replay.
+    CacheTeacher {
+        /// The recipe (TOML) of a student.
+        recipe: PathBuf,
+        /// Epochs of the recipe's batches to cover.
+        #[arg(long)]
+        epochs: f64,
+        /// Logits kept per row [default: the recipe's distill.cache_k, else 10].
+        #[arg(long)]
+        k: Option<usize>,
+        /// Run the teachers on this device instead of the recipe's `device`.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Train the recipe at several learning rates: the teachers of later runs.
     Sweep {
         recipe: PathBuf,
@@ -210,6 +225,27 @@ fn run(cli: Cli) -> Result<()> {
                 s.train_seconds,
                 s.device.as_deref().unwrap_or("cpu"),
                 s.teacher_forwards
+            );
+        }
+        Command::CacheTeacher {
+            recipe,
+            epochs,
+            k,
+            device,
+        } => {
+            let r = recipe_on_device(&recipe, device.as_deref())?;
+            let b = trainer::cache_teacher(&r, epochs, k, progress)?;
+            println!(
+                "{}: {} teachers x {} steps at k = {}: {} forwards ({} already cached) in {:.1}                  s, {} bytes ({:.1} per sample and teacher)",
+                r.name,
+                b.teachers,
+                b.steps,
+                b.k,
+                b.forwards,
+                b.already_cached,
+                b.seconds,
+                b.bytes,
+                b.bytes_per_sample()
             );
         }
         Command::Sweep {
