@@ -447,7 +447,9 @@ mod tests {
         };
         for k in [1, 5, 10, 32] {
             let c = CachedTargets::from_logits(&t, classes, k, tau).unwrap();
-            let got = kd_loss_cached_cpu(&cfg, &s, &[c.clone()], &labels, None, classes).unwrap();
+            let got =
+                kd_loss_cached_cpu(&cfg, &s, std::slice::from_ref(&c), &labels, None, classes)
+                    .unwrap();
             let mut gap = 0f64;
             for r in 0..rows {
                 let (p, q) = (
