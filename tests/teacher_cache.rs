@@ -209,3 +209,55 @@ fn ensemble_from_a_full_cache_matches_online() {
     assert_eq!(weights(&out, "cached"), weights(&out, "online"));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// BERT-tiny (masked language modelling): the cache holds the rows of the masked positions
+/// only; at k = C a reading student ends where the online one does, bit for bit, and at k = 5
+/// one reads every step without a teacher forward.
+#[test]
+fn mlm_student_replays_its_masked_positions() {
+    let out = temp_dir("mlm");
+    let mlm = |name: &str, teacher: &Path, extra: &str| {
+        Recipe::from_toml(&format!(
+            "name = \"{name}\"\nout_dir = \"{}\"\n\
+             [model]\nkind = \"bert\"\nsize = \"tiny\"\n\
+             [data]\ndataset = \"fortunes\"\nseq_len = 16\nvocab_size = 200\ntrain_limit = 64\n\
+             eval_limit = 16\n\
+             [train]\nbatch_size = 4\nsamples = 24\nevals = 1\n\
+             [optimizer]\nkind = \"adamw\"\nlr = 3e-3\nweight_decay = 0.0\n\
+             [distill]\nteachers = [\"{}\"]\ntemperature = 2.0\n{extra}\n",
+            out.display(),
+            teacher.display()
+        ))
+        .unwrap()
+    };
+    let probe = mlm("probe", &out.join("none"), "");
+    let arch = trainer::architecture(&probe, &TaskData::load(&probe).unwrap()).unwrap();
+    let teacher = out.join("bert-teacher.safetensors");
+    let m = Model::new(&arch, 5).unwrap();
+    recycle_engine::checkpoint::save(&teacher, &m.state_dict().unwrap(), None).unwrap();
+
+    let full = format!(
+        "cache = \"{}\"\ncache_k = 100000\ncache_values = \"f32\"",
+        out.join("full").display()
+    );
+    let (fw, _) = train(&mlm("online", &teacher, ""));
+    assert_eq!(fw, 6);
+    train(&mlm("recorder", &teacher, &full));
+    let (fw, stats) = train(&mlm("reader", &teacher, &full));
+    assert_eq!((fw, stats.reads), (0, 6));
+    assert_eq!(weights(&out, "reader"), weights(&out, "online"));
+
+    let top5 = format!("cache = \"{}\"\ncache_k = 5", out.join("top5").display());
+    let r = mlm("top5", &teacher, &top5);
+    // A quarter epoch ahead (fewer than the run's 6 steps): the student reads those and
+    // records the rest from its teacher's forwards (cache_mode "record", the default).
+    let built = cache_teacher(&r, 0.25, None, false).unwrap();
+    assert_eq!(built.k, 5);
+    assert!(built.steps > 0 && built.steps < 6, "{built:?}");
+    let (fw, stats) = train(&r);
+    assert_eq!(
+        (fw, stats.reads, stats.writes),
+        (6 - built.steps, built.steps, 6 - built.steps)
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
