@@ -144,8 +144,9 @@ enum Command {
         deadline_s: Option<f64>,
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
-    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step
-    /// and each variant's peak memory (device memory on a GPU, heap bytes on the CPU).
+    /// 4, an off-schedule step, a teacher forward and a step from a teacher cache (k = 10), as
+    /// a table of ratios to the plain step and each variant's peak memory (device memory on a
+    /// GPU, heap bytes on the CPU).
     Bench {
         /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125), bert-tiny, or
         /// the GPU sizes resnet50-imagenet (batch 256, bf16) and bert-base (batch 128, bf16);
@@ -170,7 +171,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         /// Only these variants (plain, kd-kl, kd-mse, ensemble-2, ensemble-4, random-one-4,
-        /// off-schedule, teacher-fwd), comma-separated.
+        /// off-schedule, teacher-fwd, cached-k10), comma-separated.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
         /// Also print each result as one JSON line (keys like the PyTorch peer's).
