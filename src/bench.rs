@@ -60,10 +60,10 @@ use recycle_engine::rng::Rng;
 use recycle_engine::{DType, Device, Error, Result, Tape, Tensor};
 use recycle_models::{BertConfig, MlmBatch, ResNetConfig};
 
-use crate::distill::{kd_loss, KdLoss, KdSchedule, TeacherEntry, TeacherPool, TeacherStrategy};
-use crate::trainer::model::{Architecture, Batch, Model};
 use crate::distill::cache::shard::{encode, Shard};
 use crate::distill::cache::ValueType;
+use crate::distill::{kd_loss, KdLoss, KdSchedule, TeacherEntry, TeacherPool, TeacherStrategy};
+use crate::trainer::model::{Architecture, Batch, Model};
 use crate::trainer::{train_step, train_step_with, StepGuard, Teachers};
 use recycle_engine::kd_loss::CachedTargets;
 

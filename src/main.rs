@@ -237,7 +237,8 @@ fn run(cli: Cli) -> Result<()> {
             let r = recipe_on_device(&recipe, device.as_deref())?;
             let b = trainer::cache_teacher(&r, epochs, k, progress)?;
             println!(
-                "{}: {} teachers x {} steps at k = {}: {} forwards ({} already cached) in {:.1}                  s, {} bytes ({:.1} per sample and teacher)",
+                "{}: {} teachers x {} steps at k = {}: {} forwards ({} already cached) in \
+                 {:.1} s, {} bytes ({:.1} per sample and teacher)",
                 r.name,
                 b.teachers,
                 b.steps,

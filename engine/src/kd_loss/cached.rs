@@ -286,9 +286,47 @@ pub fn kd_loss_buckets_cpu(
     Ok(out)
 }
 
-/// One row's bucket KL (times T²), adding `scale · d KL / d s` (scale = λ·T / rows) into `g`.
+/// [`kl_row_generic`] compiled for AVX-512 when the CPU has it (as the online loss's rows are:
+/// BERT's rows are vocabulary-wide, and the loops over them vectorise).
 #[allow(clippy::too_many_arguments)]
 fn kl_row(
+    s: &[f32],
+    idx: &[u32],
+    v: &[f32],
+    tail_lse: f32,
+    temperature: f32,
+    scale: f32,
+    g: &mut [f32],
+    e: &mut [f32],
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { kl_row_avx512(s, idx, v, tail_lse, temperature, scale, g, e) };
+    }
+    kl_row_generic(s, idx, v, tail_lse, temperature, scale, g, e)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn kl_row_avx512(
+    s: &[f32],
+    idx: &[u32],
+    v: &[f32],
+    tail_lse: f32,
+    temperature: f32,
+    scale: f32,
+    g: &mut [f32],
+    e: &mut [f32],
+) -> f64 {
+    kl_row_generic(s, idx, v, tail_lse, temperature, scale, g, e)
+}
+
+/// One row's bucket KL (times T²), adding `scale · d KL / d s` (scale = λ·T / rows) into `g`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn kl_row_generic(
     s: &[f32],
     idx: &[u32],
     v: &[f32],
