@@ -33,10 +33,16 @@ pub fn kd_loss_cached(
         Some(m) => Some(m.to_vec_f32()?.iter().map(|&v| v != 0.0).collect()),
         None => None,
     };
-    let s = student.tensor().to_vec_f32()?;
-    let y = labels.to_vec::<i32>()?;
-    let out = kd_loss_cached_cpu(cfg, &s, teachers, &y, mask_rows.as_deref(), c)?;
     let device = student.tensor().device();
+    let y = labels.to_vec::<i32>()?;
+    // On the CPU the logits are read in place (a BERT step's are tens of MB); from a GPU once.
+    let out = if device.is_cpu() {
+        let s = student.tensor().read_f32()?;
+        kd_loss_cached_cpu(cfg, &s, teachers, &y, mask_rows.as_deref(), c)?
+    } else {
+        let s = student.tensor().to_vec_f32()?;
+        kd_loss_cached_cpu(cfg, &s, teachers, &y, mask_rows.as_deref(), c)?
+    };
     let grad = Tensor::from_vec(out.grad, &[n, c], device)?;
     let total = tape.record(
         Tensor::from_vec(vec![out.total], &[], device)?,
