@@ -11,6 +11,10 @@
 //! there and then: the same values as running them after the student (nothing they compute
 //! depends on the order), one code path for both devices.
 //!
+//! The targets may instead come from a teacher cache ([`Teachers::Cached`]: no teacher runs,
+//! the loss is `kd_loss_cached`), and a step whose teachers run may hand their logits to a
+//! cache that records them ([`Teachers::Online`]'s `record`).
+//!
 //! Non-finite numbers are caught where it costs little: the input batch once (floats only),
 //! the loss scalar (which the step reads back anyway) and the gradients' global norm (which
 //! clipping needs anyway). Only when the loss is not finite are the teachers' and the
@@ -346,11 +350,6 @@ fn forward_backward_checked(
         Some(p) => p.join()?,
         None => Vec::new(),
     };
-    if let (Some(record), Some(pool)) = (record, teachers) {
-        for (t, index) in teacher_logits.iter().zip(pool.select(step)) {
-            record(index, t)?;
-        }
-    }
     let out = match cached {
         Some(rows) => kd_loss_cached(&tape, loss, &logits, rows, batch.labels(), None)?,
         None => kd_loss(&tape, loss, &logits, &teacher_logits, batch.labels(), None)?,
@@ -388,6 +387,13 @@ fn forward_backward_checked(
             NonFinite::Loss
         };
         return Ok(Err((result, source)));
+    }
+    // Recorded only from a step whose loss is finite: a NaN in a teacher's logits never
+    // reaches a cache, where it would poison every student that replays it.
+    if let (Some(record), Some(pool)) = (record, teachers) {
+        for (t, index) in teacher_logits.iter().zip(pool.select(step)) {
+            record(index, t)?;
+        }
     }
     tape.backward(&out.total)?;
     Ok(Ok(result))
