@@ -150,8 +150,29 @@ fn cache_teacher_then_random_one_and_schedules_read_it() {
         &t,
         &format!("{cache}\nstrategy = \"random-one\""),
     );
+    // Half an epoch first: a student that only reads stops where the cache ends.
+    let half = cache_teacher(&one, 0.5, None, false).unwrap();
+    assert_eq!((half.steps, half.forwards), (4, 8));
+    let mut partial = Trainer::new(&one, &RunOptions::default()).unwrap();
+    for _ in 0..4 {
+        partial.step().unwrap();
+    }
+    let e = partial.step().unwrap_err().to_string();
+    assert!(
+        e.contains("stopped at step 4") && e.contains("does not hold step 4"),
+        "{e}"
+    );
+    drop(partial);
     let built = cache_teacher(&one, 1.0, None, false).unwrap();
-    assert_eq!((built.steps, built.teachers, built.forwards), (8, 2, 16));
+    assert_eq!(
+        (
+            built.steps,
+            built.teachers,
+            built.forwards,
+            built.already_cached
+        ),
+        (8, 2, 8, 8)
+    );
     assert_eq!(built.k, 3);
     // 32 rows a step, each 3 × (2-byte index + 2-byte value) + 4 bytes, plus headers.
     let rows = 8 * 32 * 2;

@@ -425,11 +425,28 @@ impl Trainer {
         // With a teacher cache, a data-set step reads the selected teachers' rows when the
         // cache holds them all, else runs the teachers and records their rows. A caller's batch
         // is not the data set's batch of this step: its teachers always run.
-        let cache = self.cache.as_mut().filter(|_| !fed_by_caller);
-        let (cached, mut cache) = match (distill, cache) {
-            (Some(pool), Some(c)) => (c.read(step, &pool.select(step))?, Some(c)),
-            _ => (None, None),
+        let read = match (distill, self.cache.as_mut()) {
+            (Some(pool), Some(c)) if !fed_by_caller => Some(c.read(step, &pool.select(step))),
+            _ => None,
         };
+        let cached = match read {
+            Some(Err(e)) => {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "run `{}` stopped at step {step}: {e}; {}",
+                        self.recipe.name,
+                        self.how_to_continue()
+                    ),
+                ))
+            }
+            Some(Ok(rows)) => rows,
+            None => None,
+        };
+        let mut cache = self
+            .cache
+            .as_mut()
+            .filter(|_| distill.is_some() && !fed_by_caller);
         let mut record = |teacher: usize, logits: &Tensor| -> Result<()> {
             match cache.as_mut() {
                 Some(c) => c.record(step, teacher, logits),
