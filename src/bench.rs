@@ -16,7 +16,11 @@
 //!   the trainer chooses (`pool.filter(|_| schedule.is_active(step, total))`): no teacher runs,
 //!   so it must cost what `plain` costs;
 //! - `teacher-fwd`: one teacher forward alone (inference tape), the cost distillation adds at
-//!   the least.
+//!   the least;
+//! - `cached-k10`: the `kd-kl` step with the teacher's targets replayed from a teacher cache
+//!   (`distill::cache`) at k = 10, bf16 values: no teacher runs; the step decodes the rows from
+//!   a shard held in memory (the page cache's part of reading one) and computes the loss on
+//!   them (`kd_loss_cached`).
 //!
 //! Variants run in alternation, round after round, and each one's median is reported with its
 //! ratio to `plain`: drift on a shared machine then hits every variant alike (the peer does the
@@ -56,9 +60,12 @@ use recycle_engine::rng::Rng;
 use recycle_engine::{DType, Device, Error, Result, Tape, Tensor};
 use recycle_models::{BertConfig, MlmBatch, ResNetConfig};
 
+use crate::distill::cache::shard::{encode, Shard};
+use crate::distill::cache::ValueType;
 use crate::distill::{kd_loss, KdLoss, KdSchedule, TeacherEntry, TeacherPool, TeacherStrategy};
 use crate::trainer::model::{Architecture, Batch, Model};
-use crate::trainer::train_step;
+use crate::trainer::{train_step, train_step_with, StepGuard, Teachers};
+use recycle_engine::kd_loss::CachedTargets;
 
 /// Configurations `bench` knows, with what each one is.
 pub const CONFIGS: [(&str, &str); 5] = [
@@ -134,10 +141,11 @@ pub enum Variant {
     RandomOne4,
     OffSchedule,
     TeacherForward,
+    Cached10,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 8] = [
+    pub const ALL: [Variant; 9] = [
         Variant::Plain,
         Variant::KdKl,
         Variant::KdMse,
@@ -146,6 +154,7 @@ impl Variant {
         Variant::RandomOne4,
         Variant::OffSchedule,
         Variant::TeacherForward,
+        Variant::Cached10,
     ];
 
     pub fn name(self) -> &'static str {
@@ -158,6 +167,7 @@ impl Variant {
             Variant::RandomOne4 => "random-one-4",
             Variant::OffSchedule => "off-schedule",
             Variant::TeacherForward => "teacher-fwd",
+            Variant::Cached10 => "cached-k10",
         }
     }
 
@@ -197,7 +207,12 @@ pub struct KdBench {
     schedule: KdSchedule,
     total_steps: u64,
     step: u64,
+    /// The single teacher's rows for the batch, top-[`CACHED_K`], as a cache shard holds them.
+    cached: Shard,
 }
+
+/// Logits per row of the `cached-k10` variant.
+pub const CACHED_K: usize = 10;
 
 /// A configuration's architecture, default batch and compute dtype (`None`: the inputs').
 pub fn config(name: &str) -> Result<(Architecture, usize, Option<DType>)> {
@@ -226,6 +241,27 @@ pub fn config(name: &str) -> Result<(Architecture, usize, Option<DType>)> {
         ),
         other => return Err(bad_model(other)),
     })
+}
+
+/// A shard holding, as step 0, `teacher`'s top-[`CACHED_K`] rows for `batch` at temperature
+/// `t` (bf16 values).
+fn cached_shard(teacher: &Model, batch: &Batch, t: f32) -> Result<Shard> {
+    let logits = teacher.logits(&Tape::inference(), batch, false, 0)?;
+    let classes = logits.shape()[1];
+    let rows = CachedTargets::from_logits(
+        &logits.tensor().to_vec_f32()?,
+        classes,
+        CACHED_K.min(classes),
+        t,
+    )?;
+    let k = rows.k;
+    let entries = std::collections::BTreeMap::from([(0u64, rows)]);
+    let digest = [0u8; 32];
+    Shard::decode(
+        encode(&digest, k, classes, ValueType::Bf16, &entries),
+        &digest,
+    )
+    .map_err(|why| Error::invalid("bench", format!("the cached shard: {why}")))
 }
 
 fn bad_model(name: &str) -> Error {
@@ -296,6 +332,7 @@ impl KdBench {
                 mlm_batch(batch_size, spec.seq, c.vocab_size)?.to_device(device)?
             }
         };
+        let cached = cached_shard(&teachers[0].model, &batch, 4.0)?;
         let num_params = student.params()?.len();
         let (optimizer, lr): (Box<dyn Optimizer>, f32) = if is_bert {
             (
@@ -329,6 +366,7 @@ impl KdBench {
             },
             total_steps: 1_000_000,
             step: 0,
+            cached,
         })
     }
 
@@ -349,6 +387,29 @@ impl KdBench {
                 let pool =
                     Some(&self.single).filter(|_| self.schedule.is_active(off, self.total_steps));
                 (pool, self.kl)
+            }
+            Variant::Cached10 => {
+                let rows = self.cached.get(0).ok_or_else(|| {
+                    Error::invalid("bench", "the cached shard lost its step".to_string())
+                })?;
+                let out = train_step_with(
+                    &self.student,
+                    Some(Teachers::Cached(std::slice::from_ref(&rows))),
+                    &self.kl,
+                    &self.batch,
+                    self.optimizer.as_mut(),
+                    self.lr,
+                    step,
+                    0,
+                    &StepGuard::default(),
+                )?;
+                if out.teacher_forwards != 0 || out.kd.is_none() {
+                    return Err(Error::invalid(
+                        "bench",
+                        "cached-k10 ran a teacher or did not distill".to_string(),
+                    ));
+                }
+                return Ok(());
             }
             Variant::TeacherForward => {
                 // As train_step runs it: on the teacher stream, joined.

@@ -46,6 +46,21 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
     },
+    /// Build the teacher cache of a recipe with `[distill] cache = "DIR"`: every teacher's
+    /// top-k logits for every step of the first E epochs, for its students to replay.
+    CacheTeacher {
+        /// The recipe (TOML) of a student.
+        recipe: PathBuf,
+        /// Epochs of the recipe's batches to cover.
+        #[arg(long)]
+        epochs: f64,
+        /// Logits kept per row [default: the recipe's distill.cache_k, else 10].
+        #[arg(long)]
+        k: Option<usize>,
+        /// Run the teachers on this device instead of the recipe's `device`.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Train the recipe at several learning rates: the teachers of later runs.
     Sweep {
         recipe: PathBuf,
@@ -129,8 +144,9 @@ enum Command {
         deadline_s: Option<f64>,
     },
     /// Per-step cost of distillation: plain, KD (KL, MSE), ensembles of 2 and 4, RandomOne of
-    /// 4, an off-schedule step and a teacher forward, as a table of ratios to the plain step
-    /// and each variant's peak memory (device memory on a GPU, heap bytes on the CPU).
+    /// 4, an off-schedule step, a teacher forward and a step from a teacher cache (k = 10), as
+    /// a table of ratios to the plain step and each variant's peak memory (device memory on a
+    /// GPU, heap bytes on the CPU).
     Bench {
         /// resnet18-fmnist (full width), resnet18-fmnist-small (width 0.125), bert-tiny, or
         /// the GPU sizes resnet50-imagenet (batch 256, bf16) and bert-base (batch 128, bf16);
@@ -155,7 +171,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         /// Only these variants (plain, kd-kl, kd-mse, ensemble-2, ensemble-4, random-one-4,
-        /// off-schedule, teacher-fwd), comma-separated.
+        /// off-schedule, teacher-fwd, cached-k10), comma-separated.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
         /// Also print each result as one JSON line (keys like the PyTorch peer's).
@@ -210,6 +226,28 @@ fn run(cli: Cli) -> Result<()> {
                 s.train_seconds,
                 s.device.as_deref().unwrap_or("cpu"),
                 s.teacher_forwards
+            );
+        }
+        Command::CacheTeacher {
+            recipe,
+            epochs,
+            k,
+            device,
+        } => {
+            let r = recipe_on_device(&recipe, device.as_deref())?;
+            let b = trainer::cache_teacher(&r, epochs, k, progress)?;
+            println!(
+                "{}: {} teachers x {} steps at k = {}: {} forwards ({} already cached) in \
+                 {:.1} s, {} bytes ({:.1} per sample and teacher)",
+                r.name,
+                b.teachers,
+                b.steps,
+                b.k,
+                b.forwards,
+                b.already_cached,
+                b.seconds,
+                b.bytes,
+                b.bytes_per_sample()
             );
         }
         Command::Sweep {

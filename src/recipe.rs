@@ -44,6 +44,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::data::text_shards::PlainDocuments;
 use crate::data::text_stream::Packing;
+use crate::distill::cache::{CacheMode, ValueType};
 use crate::distill::{KdLoss, KdSchedule, TeacherStrategy};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -409,6 +410,28 @@ pub struct DistillRecipe {
     pub stop: f32,
     #[serde(default = "default_every")]
     pub every: u64,
+    /// A directory of teacher caches (`distill::cache`): the teachers' targets are read from
+    /// it instead of running their forwards; steps it lacks are recorded as the run goes
+    /// (unless `cache_mode = "read"`). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
+    /// Logits kept per row in the cache (default [`DEFAULT_CACHE_K`]; at least the number of
+    /// classes keeps every logit, and the loss is then the online one exactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_k: Option<usize>,
+    /// How the cached logits are stored: `bf16` (the default) or `f32`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cache_values: ValueType,
+    /// `record` (the default: read what the cache holds, record the rest) or `read`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cache_mode: CacheMode,
+}
+
+/// Logits per row a teacher cache keeps unless the recipe says `cache_k`.
+pub const DEFAULT_CACHE_K: usize = 10;
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_kd_loss() -> KdLossKind {
@@ -448,6 +471,11 @@ impl DistillRecipe {
 
     pub fn strategy(&self) -> Result<TeacherStrategy> {
         TeacherStrategy::parse(&self.strategy)
+    }
+
+    /// Logits kept per row when caching: `cache_k`, else [`DEFAULT_CACHE_K`].
+    pub fn cache_k(&self) -> usize {
+        self.cache_k.unwrap_or(DEFAULT_CACHE_K)
     }
 }
 
@@ -678,6 +706,20 @@ impl Recipe {
             }
             if d.every == 0 {
                 return bad("distill.every must be at least 1".into());
+            }
+            if d.cache_k == Some(0) {
+                return bad("distill.cache_k must be at least 1".into());
+            }
+            if d.cache.is_none()
+                && (d.cache_k.is_some()
+                    || d.cache_values != ValueType::default()
+                    || d.cache_mode != CacheMode::default())
+            {
+                return bad(
+                    "distill.cache_k, cache_values and cache_mode need distill.cache (the cache \
+                     directory)"
+                        .into(),
+                );
             }
             d.loss().validate()?;
             d.schedule().validate()?;

@@ -1,6 +1,7 @@
 //! Distillation: the fused loss, the teacher pool and its strategies, and the schedule that
 //! says which steps distill.
 
+pub mod cache;
 pub mod loss;
 pub mod pool;
 pub mod schedule;

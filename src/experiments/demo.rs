@@ -335,6 +335,10 @@ pub fn run_demo(
             start: 0.0,
             stop,
             every: 1,
+            cache: None,
+            cache_k: None,
+            cache_values: Default::default(),
+            cache_mode: Default::default(),
         };
     let e = knobs.student_epochs.unwrap_or(p.student_epochs);
     // Students are named by what varies, so experiments with other knobs sit beside them;

@@ -20,6 +20,7 @@
 //! data set or handed over by the caller ([`caller`]: the same step either way); [`run`] is a
 //! loop over it.
 
+pub mod cache_build;
 pub mod caller;
 pub mod interrupt;
 pub mod lock;
@@ -27,6 +28,7 @@ pub mod model;
 mod resume;
 mod runner;
 pub mod step;
+pub mod teacher_cache;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,11 +44,13 @@ use crate::data::{self, BatchSource, ImageSource, Loader, LoaderConfig, MlmDatas
 use crate::distill::TeacherEntry;
 use crate::experiments::runlog::RunSummary;
 use crate::recipe::{Activations, InitHead, ModelRecipe, OptimizerKind, Recipe, ScheduleKind};
+pub use cache_build::{cache_teacher, CacheBuild};
 pub use caller::{check_batch, BatchEval, StepReport, IGNORE_LABEL};
 pub use model::{Architecture, Batch, Model};
 pub use runner::{Trainer, TrainerMetrics};
 pub use step::{
-    forward_backward, train_step, train_step_guarded, NonFinite, StepGuard, StepOutput,
+    forward_backward, train_step, train_step_guarded, train_step_with, NonFinite, Recorder,
+    StepGuard, StepOutput, Teachers,
 };
 
 /// How a run is started.
@@ -475,6 +479,16 @@ fn make_schedule(recipe: &Recipe, total: u64) -> Result<LrSchedule> {
     }
 }
 
+/// The checkpoint file of a teacher a recipe names: a run directory's `final.safetensors`, or
+/// the file itself.
+pub fn teacher_checkpoint(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join(FINAL_FILE)
+    } else {
+        p.to_path_buf()
+    }
+}
+
 /// Loads the teachers a recipe names: run directories (their `final.safetensors`, ranked by
 /// the validation metric of their `summary.json`, never the test one; a run without it ranks
 /// as given) or checkpoint files. Each is loaded on the CPU as a
@@ -489,13 +503,11 @@ pub fn load_teachers(
     paths
         .iter()
         .map(|p| {
-            let (file, dir) = if p.is_dir() {
-                (p.join(FINAL_FILE), p.clone())
+            let file = teacher_checkpoint(p);
+            let dir = if p.is_dir() {
+                p.clone()
             } else {
-                (
-                    p.clone(),
-                    p.parent().unwrap_or(Path::new(".")).to_path_buf(),
-                )
+                p.parent().unwrap_or(Path::new(".")).to_path_buf()
             };
             if !file.exists() {
                 return Err(Error::io(

@@ -13,14 +13,17 @@ use super::lock::RunLock;
 use super::resume::{
     check_allocatable, check_same_recipe, checkpoint_step, load_checkpoint, remove_temp_files,
 };
+use super::teacher_cache::PoolCache;
+use super::Teachers;
 use super::{
     architecture, eval_steps, evaluate, evaluate_on, image_batch, initial_student, load_teachers,
     majority_floor, make_optimizer, make_schedule, mlm_batch, open_device, progress_bar,
-    total_steps, train_step_guarded, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput,
+    total_steps, train_step_with, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput,
     TaskData, TextTrain, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
 use crate::data::text_stream::TextStreamLoader;
 use crate::data::{Loader, LoaderConfig};
+use crate::distill::cache::CacheStats;
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
 use crate::recipe::{Activations, Recipe};
@@ -30,7 +33,7 @@ use super::count_correct;
 use crate::distill::kd_loss_cpu;
 use recycle_engine::Tape;
 
-type BatchIter = Box<dyn Iterator<Item = Result<Batch>> + Send>;
+pub(super) type BatchIter = Box<dyn Iterator<Item = Result<Batch>> + Send>;
 
 /// Where a run stands: what a checkpoint records besides the weights and optimizer state.
 pub(super) struct Progress {
@@ -88,6 +91,8 @@ pub struct Trainer {
     loss: KdLoss,
     kd_schedule: KdSchedule,
     pool: Option<TeacherPool<Model>>,
+    /// The teachers' cache (`[distill] cache`): read at the steps it holds, recorded at others.
+    cache: Option<PoolCache>,
     state: Progress,
     log: RunLogWriter,
     evals: Vec<u64>,
@@ -147,6 +152,7 @@ impl Trainer {
             ),
             None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
         };
+        let cache = PoolCache::open(recipe, &arch, device, None, None)?;
 
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let lock = RunLock::acquire(&dir)?;
@@ -231,6 +237,7 @@ impl Trainer {
             loss,
             kd_schedule,
             pool,
+            cache,
             state,
             log,
             evals,
@@ -274,6 +281,11 @@ impl Trainer {
     /// The device's name as the summary records it: `cpu`, or `cuda:0 NVIDIA H200`.
     pub fn device_name(&self) -> &str {
         &self.device_name
+    }
+
+    /// What the teacher cache did so far (`None` without `[distill] cache`).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(PoolCache::stats)
     }
 
     /// The student being trained.
@@ -410,13 +422,52 @@ impl Trainer {
             on_nonfinite: self.recipe.train.on_nonfinite,
         };
         let t0 = Instant::now();
+        // With a teacher cache, a data-set step reads the selected teachers' rows when the
+        // cache holds them all, else runs the teachers and records their rows. A caller's batch
+        // is not the data set's batch of this step: its teachers always run.
+        let read = match (distill, self.cache.as_mut()) {
+            (Some(pool), Some(c)) if !fed_by_caller => Some(c.read(step, &pool.select(step))),
+            _ => None,
+        };
+        let cached = match read {
+            Some(Err(e)) => {
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "run `{}` stopped at step {step}: {e}; {}",
+                        self.recipe.name,
+                        self.how_to_continue()
+                    ),
+                ))
+            }
+            Some(Ok(rows)) => rows,
+            None => None,
+        };
+        let mut cache = self
+            .cache
+            .as_mut()
+            .filter(|_| distill.is_some() && !fed_by_caller);
+        let mut record = |teacher: usize, logits: &Tensor| -> Result<()> {
+            match cache.as_mut() {
+                Some(c) => c.record(step, teacher, logits),
+                None => Ok(()),
+            }
+        };
+        let teachers = match (&cached, distill) {
+            (Some(rows), _) => Some(Teachers::Cached(rows)),
+            (None, Some(pool)) => Some(Teachers::Online {
+                pool,
+                record: Some(&mut record),
+            }),
+            (None, None) => None,
+        };
         // The loader's batch is on the CPU; on a GPU the upload is part of the step's time.
         let out = b
             .to_device(self.device)
             .and_then(|on_device| {
-                train_step_guarded(
+                train_step_with(
                     &self.student,
-                    distill,
+                    teachers,
                     &self.loss,
                     &on_device,
                     self.optimizer.as_mut(),
@@ -608,9 +659,12 @@ impl Trainer {
     /// Ends the run. When every step is done: the final evaluation (unless the last step ran
     /// one), `final.safetensors` and `summary.json`, and the summary. Otherwise the checkpoint
     /// is written and the result is an error saying how to continue (`--resume`).
-    pub fn finish(self) -> Result<RunSummary> {
+    pub fn finish(mut self) -> Result<RunSummary> {
         if let Some(p) = &self.progress {
             p.finish_and_clear();
+        }
+        if let Some(c) = self.cache.as_mut() {
+            c.flush()?;
         }
         let (total, batch) = (self.total, self.recipe.train.batch_size);
         if self.state.step < total {
@@ -657,7 +711,7 @@ impl Trainer {
 /// forward), and wherever the recipe asks for bf16; on the CPU with f32 activations, the
 /// default (the input's type), since CPU ops compute in f32 whatever the type and bf16 would
 /// only round.
-fn teacher_activations(device: Device, activations: Activations) -> Option<DType> {
+pub(super) fn teacher_activations(device: Device, activations: Activations) -> Option<DType> {
     match (device, activations) {
         (Device::Cpu, Activations::F32) => None,
         _ => Some(DType::BF16),
@@ -665,7 +719,12 @@ fn teacher_activations(device: Device, activations: Activations) -> Option<DType
 }
 
 /// The training set's batches from `step` on (a function of `(seed, step)`).
-fn data_batches(data: &TaskData, batch: usize, seed: u64, step: u64) -> Result<BatchIter> {
+pub(super) fn data_batches(
+    data: &TaskData,
+    batch: usize,
+    seed: u64,
+    step: u64,
+) -> Result<BatchIter> {
     let config = LoaderConfig::train(batch, seed);
     Ok(match data {
         TaskData::Images { train, .. } => {

@@ -11,6 +11,10 @@
 //! there and then: the same values as running them after the student (nothing they compute
 //! depends on the order), one code path for both devices.
 //!
+//! The targets may instead come from a teacher cache ([`Teachers::Cached`]: no teacher runs,
+//! the loss is `kd_loss_cached`), and a step whose teachers run may hand their logits to a
+//! cache that records them ([`Teachers::Online`]'s `record`).
+//!
 //! Non-finite numbers are caught where it costs little: the input batch once (floats only),
 //! the loss scalar (which the step reads back anyway) and the gradients' global norm (which
 //! clipping needs anyway). Only when the loss is not finite are the teachers' and the
@@ -30,6 +34,7 @@ use recycle_engine::{DType, Error, FlatParams, Result, Tape, Tensor};
 use crate::distill::{kd_loss, KdLoss, TeacherPool};
 pub use crate::recipe::OnNonFinite;
 use crate::trainer::model::{Batch, Model};
+use recycle_engine::kd_loss::{kd_loss_cached, CachedTargets};
 
 #[derive(Debug, Clone, Copy)]
 pub struct StepOutput {
@@ -93,6 +98,30 @@ impl NonFinite {
     }
 }
 
+/// Where a distilled step's targets come from.
+pub enum Teachers<'a> {
+    /// The forwards of the teachers the pool selects at this step; `record`, when given, is
+    /// handed each one's logits with its index in the pool (a teacher cache recording).
+    Online {
+        pool: &'a TeacherPool<Model>,
+        record: Option<Recorder<'a>>,
+    },
+    /// The selected teachers' rows read from a teacher cache: no teacher forward runs.
+    Cached(&'a [CachedTargets]),
+}
+
+/// What receives the teachers' logits of a recorded step: `(teacher index, logits)`.
+pub type Recorder<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
+
+impl<'a> Teachers<'a> {
+    fn pool(&self) -> Option<&'a TeacherPool<Model>> {
+        match self {
+            Teachers::Online { pool, .. } => Some(pool),
+            Teachers::Cached(_) => None,
+        }
+    }
+}
+
 /// The recipe's guards of a step: gradient clipping and what a non-finite number does.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepGuard {
@@ -139,6 +168,27 @@ pub fn train_step_guarded(
     seed: u64,
     guard: &StepGuard,
 ) -> Result<StepOutput> {
+    let teachers = teachers.map(|pool| Teachers::Online { pool, record: None });
+    train_step_with(
+        student, teachers, loss, batch, optimizer, lr, step, seed, guard,
+    )
+}
+
+/// [`train_step_guarded`] with the targets from any source ([`Teachers`]): the pool's
+/// forwards, recorded or not, or a teacher cache's rows.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_with(
+    student: &Model,
+    teachers: Option<Teachers<'_>>,
+    loss: &KdLoss,
+    batch: &Batch,
+    optimizer: &mut dyn Optimizer,
+    lr: f32,
+    step: u64,
+    seed: u64,
+    guard: &StepGuard,
+) -> Result<StepOutput> {
+    let pool = teachers.as_ref().and_then(Teachers::pool);
     let params = student.params()?;
     // The training forward moves BatchNorm's running statistics before the loss is known; a
     // skipped step must leave them as they were, so keep a copy (on the model's device).
@@ -153,7 +203,7 @@ pub fn train_step_guarded(
     let poisoned = |out: StepOutput, source: NonFinite| -> Result<StepOutput> {
         params.zero_grad()?;
         match guard.on_nonfinite {
-            OnNonFinite::Stop => Err(nonfinite_error(step, source, &out, lr, teachers)),
+            OnNonFinite::Stop => Err(nonfinite_error(step, source, &out, lr, pool)),
             OnNonFinite::Skip => {
                 restore_buffers(student, &saved)?;
                 Ok(StepOutput {
@@ -239,7 +289,8 @@ pub fn forward_backward(
     step: u64,
     seed: u64,
 ) -> Result<StepOutput> {
-    match forward_backward_checked(student, teachers, loss, batch, step, seed)? {
+    let online = teachers.map(|pool| Teachers::Online { pool, record: None });
+    match forward_backward_checked(student, online, loss, batch, step, seed)? {
         Ok(out) => Ok(out),
         Err((out, source)) => Err(nonfinite_error(step, source, &out, lr, teachers)),
     }
@@ -252,7 +303,7 @@ type Poisoned = (StepOutput, NonFinite);
 /// gradients then) rather than as an error.
 fn forward_backward_checked(
     student: &Model,
-    teachers: Option<&TeacherPool<Model>>,
+    teachers: Option<Teachers<'_>>,
     loss: &KdLoss,
     batch: &Batch,
     step: u64,
@@ -273,6 +324,11 @@ fn forward_backward_checked(
             return Ok(Err((empty, NonFinite::InputBatch)));
         }
     }
+    let (teachers, record, cached) = match teachers {
+        None => (None, None, None),
+        Some(Teachers::Online { pool, record }) => (Some(pool), record, None),
+        Some(Teachers::Cached(rows)) => (None, None, Some(rows)),
+    };
     let device = student.params()?.device();
     // Inference tapes: nothing recorded, so each teacher activation is freed (on the teacher
     // stream) as soon as the next op has consumed it; only the logits leave the scope.
@@ -294,11 +350,14 @@ fn forward_backward_checked(
         Some(p) => p.join()?,
         None => Vec::new(),
     };
-    let out = kd_loss(&tape, loss, &logits, &teacher_logits, batch.labels(), None)?;
+    let out = match cached {
+        Some(rows) => kd_loss_cached(&tape, loss, &logits, rows, batch.labels(), None)?,
+        None => kd_loss(&tape, loss, &logits, &teacher_logits, batch.labels(), None)?,
+    };
     let value = out.total_value;
     let result = StepOutput {
         ce: out.ce,
-        kd: (!teacher_logits.is_empty()).then_some(out.kd),
+        kd: (!teacher_logits.is_empty() || cached.is_some()).then_some(out.kd),
         loss: value,
         teacher_forwards: teacher_logits.len(),
         grad_norm: None,
@@ -328,6 +387,13 @@ fn forward_backward_checked(
             NonFinite::Loss
         };
         return Ok(Err((result, source)));
+    }
+    // Recorded only from a step whose loss is finite: a NaN in a teacher's logits never
+    // reaches a cache, where it would poison every student that replays it.
+    if let (Some(record), Some(pool)) = (record, teachers) {
+        for (t, index) in teacher_logits.iter().zip(pool.select(step)) {
+            record(index, t)?;
+        }
     }
     tape.backward(&out.total)?;
     Ok(Ok(result))

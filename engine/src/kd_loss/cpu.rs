@@ -91,7 +91,7 @@ fn lanes(x: &[f32]) -> &[f32; LANES] {
 
 /// The largest value (NaN ignored, as `f32::max`; -inf for an empty row).
 #[inline(always)]
-fn row_max(x: &[f32]) -> f32 {
+pub(super) fn row_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
@@ -110,7 +110,7 @@ fn row_max(x: &[f32]) -> f32 {
 /// `Σ_c f(c)` over a row, `f` given the index range of one lane chunk: f32 lanes within a
 /// block, f64 across blocks.
 #[inline(always)]
-fn row_sum(len: usize, mut f: impl FnMut(usize) -> f32) -> f64 {
+pub(super) fn row_sum(len: usize, mut f: impl FnMut(usize) -> f32) -> f64 {
     let mut total = 0f64;
     for b0 in (0..len).step_by(BLOCK) {
         let b1 = (b0 + BLOCK).min(len);
@@ -129,7 +129,7 @@ fn row_sum(len: usize, mut f: impl FnMut(usize) -> f32) -> f64 {
 
 /// `out[c] = e^((x[c] - shift) * scale)`; returns `Σ out`.
 #[inline(always)]
-fn exp_row(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
+pub(super) fn exp_row(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f64 {
     let out = &mut out[..x.len()];
     let mut oc = out.chunks_exact_mut(LANES);
     for (o, xs) in (&mut oc).zip(x.chunks_exact(LANES)) {

@@ -8,6 +8,7 @@
 //! | what both arms share: [`KdLoss`], [`KdKind`], kernel choice, row counts, scalars | `host.rs` |
 //! | the f64 reference of one row | `reference.rs` |
 //! | the CPU twin, the oracle of the kernels | `cpu.rs` |
+//! | the loss on cached top-k targets (CPU) and its op | `cached.rs`, `cached_op.rs` |
 //! | the op on the tape, dispatching to the CPU or the CUDA arm | `op.rs` |
 //! | the CUDA arm (plans and launch) | `engine/src/cuda/kd_loss.rs` |
 //!
@@ -17,11 +18,15 @@
 //! the kernels against the CPU twin (`tests/kd_loss_kernel.rs`), PyTorch parity
 //! (`tests/kd_loss.rs`), and `recycle gpu-check` on a device.
 
+mod cached;
+mod cached_op;
 mod cpu;
 mod host;
 mod op;
 mod reference;
 
+pub use cached::{kd_loss_buckets_cpu, kd_loss_cached_cpu, CachedTargets};
+pub use cached_op::kd_loss_cached;
 pub use cpu::{kd_loss_cpu, KdLossOutput};
 pub use host::{kernel_name, row_counts, KdKind, KdLoss, KdScalars, Storage};
 pub use op::{kd_loss, KdLossVars};
