@@ -224,10 +224,15 @@ fn measure_and_check(mut setup: Setup, deeper: Architecture, label: &str) {
         mib(deep.peak),
         mib(deep.allocated)
     );
+    // Allowance: one largest block per thread. Work stealing can leave a thread's buffer (an
+    // im2col workspace) live across ops of every forward of one teacher and not of another;
+    // an activation kept per layer would add megabytes (ResNet-34: 16 more convolutions).
+    let stolen = THREADS as u64 * fwd.largest;
     assert!(
-        deep.allocated > fwd.allocated * 3 / 2 && deep.peak * 20 <= fwd.peak * 21,
+        deep.allocated > fwd.allocated * 3 / 2 && deep.peak <= fwd.peak + stolen,
         "{label}: the deeper teacher allocates {} bytes (the shallow one {}) and peaks {} \
-         above what was in use (the shallow one {}): its workspace grows with depth",
+         above what was in use (the shallow one {}, allowance {stolen}): its workspace grows \
+         with depth",
         deep.allocated,
         fwd.allocated,
         deep.peak,
