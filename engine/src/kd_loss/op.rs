@@ -2,7 +2,7 @@
 //! CUDA arm (`crate::cuda::kd_loss`, the kernels of `kd_loss.cu`).
 
 use super::{kd_loss_cpu, KdLoss};
-use crate::ops::elementwise::scale;
+use crate::backend::elementwise::scale_fwd;
 use crate::{cuda, DType, Device, Error, Result, Tape, Tensor, Var};
 
 /// The three scalars of a distillation step, as values on the tape.
@@ -29,19 +29,7 @@ pub fn kd_loss(
     mask: Option<&Tensor>,
 ) -> Result<KdLossVars> {
     let op = "kd_loss";
-    student.tensor().expect_rank(op, "student logits", 2)?;
-    labels.expect_dtype(op, DType::I32)?;
-    let (n, c) = (student.shape()[0], student.shape()[1]);
-    if labels.shape() != [n] {
-        return Err(Error::shape(
-            op,
-            format!(
-                "labels {:?} do not match student logits {:?}",
-                labels.shape(),
-                student.shape()
-            ),
-        ));
-    }
+    let (n, c) = check_student_and_labels(op, student, labels)?;
     for (j, t) in teachers.iter().enumerate() {
         if t.shape() != student.shape() {
             return Err(Error::shape(
@@ -57,10 +45,7 @@ pub fn kd_loss(
     if let Device::Cuda(_) = student.tensor().device() {
         return kd_loss_cuda(tape, cfg, student, teachers, labels, mask);
     }
-    let mask_rows: Option<Vec<bool>> = match mask {
-        Some(m) => Some(m.to_vec_f32()?.iter().map(|&v| v != 0.0).collect()),
-        None => None,
-    };
+    let mask_rows = mask_rows(mask)?;
     let s = student.tensor().read_f32()?;
     let t_reads = teachers
         .iter()
@@ -71,24 +56,7 @@ pub fn kd_loss(
     let out = kd_loss_cpu(cfg, &s, &t_slices, &y, mask_rows.as_deref(), c)?;
     drop((s, t_reads, y));
     let grad = Tensor::f32(out.grad, &[n, c])?;
-    let total = tape.record(
-        Tensor::f32(vec![out.total], &[])?,
-        &[student],
-        Box::new(move |g, _| {
-            let scale = g.to_scalar_f32()?;
-            if scale == 1.0 {
-                return Ok(vec![Some(grad)]);
-            }
-            let scaled: Vec<f32> = grad.read_f32()?.iter().map(|v| v * scale).collect();
-            Ok(vec![Some(Tensor::f32(scaled, &[n, c])?)])
-        }),
-    );
-    Ok(KdLossVars {
-        total,
-        total_value: out.total,
-        ce: out.ce,
-        kd: out.kd,
-    })
+    record_with_gradient(tape, student, grad, out.total, out.ce, out.kd)
 }
 
 /// The CUDA arm of [`kd_loss`]: the fused kernel (`kd_loss.cu`, through
@@ -112,24 +80,64 @@ fn kd_loss_cuda(
         mask,
         1.0,
     )?;
-    let device = student.tensor().device();
-    let grad = out.grad;
-    let total = tape.record(
-        Tensor::from_vec(vec![out.total], &[], device)?,
+    record_with_gradient(tape, student, out.grad, out.total, out.ce, out.kd)
+}
+
+/// The checks both loss ops (online and cached) make: `student` `[N, C]` logits and `labels`
+/// i32 `[N]`. Returns `(N, C)`.
+pub(super) fn check_student_and_labels(
+    op: &'static str,
+    student: &Var,
+    labels: &Tensor,
+) -> Result<(usize, usize)> {
+    student.tensor().expect_rank(op, "student logits", 2)?;
+    labels.expect_dtype(op, DType::I32)?;
+    let (n, c) = (student.shape()[0], student.shape()[1]);
+    if labels.shape() != [n] {
+        return Err(Error::shape(
+            op,
+            format!(
+                "labels {:?} do not match student logits {:?}",
+                labels.shape(),
+                student.shape()
+            ),
+        ));
+    }
+    Ok((n, c))
+}
+
+/// Which rows count (non-zero in `mask`), read to the host; `None` = every row.
+pub(super) fn mask_rows(mask: Option<&Tensor>) -> Result<Option<Vec<bool>>> {
+    mask.map(|m| Ok(m.to_vec_f32()?.iter().map(|&v| v != 0.0).collect()))
+        .transpose()
+}
+
+/// Records the loss `total` with its gradient `grad` already computed (on the student's
+/// device): the backward scales it by the upstream gradient, so nothing is recomputed.
+pub(super) fn record_with_gradient(
+    tape: &Tape,
+    student: &Var,
+    grad: Tensor,
+    total: f32,
+    ce: f32,
+    kd: f32,
+) -> Result<KdLossVars> {
+    let value = Tensor::from_vec(vec![total], &[], grad.device())?;
+    let total_var = tape.record(
+        value,
         &[student],
         Box::new(move |g, _| {
             let s = g.to_scalar_f32()?;
             if s == 1.0 {
                 return Ok(vec![Some(grad)]);
             }
-            let scaled = scale(&Tape::inference(), &Tape::inference().constant(grad), s)?;
-            Ok(vec![Some(scaled.into_tensor())])
+            Ok(vec![Some(scale_fwd(&grad, s)?)])
         }),
     );
     Ok(KdLossVars {
-        total,
-        total_value: out.total,
-        ce: out.ce,
-        kd: out.kd,
+        total: total_var,
+        total_value: total,
+        ce,
+        kd,
     })
 }
