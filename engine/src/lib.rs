@@ -6,7 +6,7 @@
 //! - `autograd`: the recording / inference tape;
 //! - `ops`: one file per op family, forward and backward, CPU reference implementations;
 //! - `backend`: backend-level functions beneath the ops, each dispatching by device to a CPU
-//!   arm (the plain f32 kernels) or a CUDA arm, with no tape (every family but attention);
+//!   arm (the plain f32 kernels) or a CUDA arm, with no tape;
 //! - `params`: a model's flat parameter and gradient buffers;
 //! - `optim`: SGDW, AdamW and learning-rate schedules over flat buffers;
 //! - `checkpoint`: safetensors save/load;

@@ -42,7 +42,8 @@
 //!   (the SGDW and AdamW steps), `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN
 //!   convolutions), `norm` (layer and batch norm), `gather` (embedding, gather_rows),
 //!   `dropout`, `pool`, `layout` (permute/narrow/concat, reductions, broadcasting),
-//!   `attention` (composed of those).
+//!   `attention` (the padding mask in its additive form; the attention itself is the
+//!   composition of the others in `crate::backend::attention`).
 //!   `libs` finds cuBLASLt and cuDNN at run time and turns their absence into an error naming
 //!   the library; `common` holds the helpers every family uses (kernel names, running a plan,
 //!   views, outputs). Any op without an arm given a CUDA tensor returns "not implemented on
