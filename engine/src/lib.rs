@@ -14,7 +14,7 @@
 //! - `host_copy`: the host's copy of a device storage's i32 values (no downloads to read ids);
 //! - `kd_loss`: the fused distillation loss, its family in one place: the one `KdKind`, the
 //!   host side both arms share (kernel choice, row counts, scalars), the f64 reference of a
-//!   row, the CPU twin and the op on the tape (its CUDA arm is `cuda::kd_loss`);
+//!   row, the CPU twin, the op on the tape and the CUDA arm (`kd_loss::cuda`, feature `cuda`);
 //! - `memory`: allocator settings for the large short-lived buffers of a step, and an opt-in
 //!   counting allocator (heap bytes in use and their peak).
 
