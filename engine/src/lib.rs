@@ -5,6 +5,8 @@
 //! - `tensor`, `storage`, `dtype`, `device`: values and where they live;
 //! - `autograd`: the recording / inference tape;
 //! - `ops`: one file per op family, forward and backward, CPU reference implementations;
+//! - `op_table`: every op's test cases, written once and run on the CPU (gradient checks) and
+//!   on a device against the CPU (the engine's tests, `recycle gpu-check`);
 //! - `backend`: backend-level functions beneath the ops, each dispatching by device to a CPU
 //!   arm (the plain f32 kernels) or a CUDA arm, with no tape;
 //! - `params`: a model's flat parameter and gradient buffers;
@@ -32,6 +34,7 @@ pub mod kd_loss;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) mod host_copy;
 pub mod memory;
+pub mod op_table;
 pub mod ops;
 pub mod optim;
 pub mod params;

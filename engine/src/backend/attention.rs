@@ -4,9 +4,9 @@
 //!
 //! - The CPU arm is fused per (batch, head): two sgemm calls around a row softmax, run in
 //!   parallel over `B * H` with rayon, keeping only the probabilities (before dropout) for the
-//!   backward. It stays fused because it is faster than the composition on the CPU (no
-//!   `[B, H, Sq, Sk]` tensors written and read back between steps) and its results are the
-//!   ones the engine's tests and PyTorch fixtures pin.
+//!   backward. It stays fused: each (batch, head) keeps its scores in cache instead of
+//!   writing and reading back whole `[B, H, Sq, Sk]` tensors between steps, and its results
+//!   are the ones the engine's tests and PyTorch fixtures pin.
 //! - Every other device runs the composition of backend primitives ([`composed_fwd`],
 //!   [`composed_bwd`]): `matmul_fwd` (batched), `scale_fwd`, a broadcast `binary_fwd` add of
 //!   the additive mask, `softmax_fwd`, `dropout_fwd`, `matmul_fwd`, and their backward
@@ -135,7 +135,6 @@ pub fn attention_fwd(
 
 /// The gradients of [`attention_fwd`] with respect to `q`, `k` and `v` from the output
 /// gradient `g`, each only when `need` asks for it.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     saved: &AttentionSaved,
