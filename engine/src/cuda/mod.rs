@@ -74,6 +74,8 @@ pub(crate) mod gather;
 #[cfg(feature = "cuda")]
 mod kd_loss;
 #[cfg(feature = "cuda")]
+mod kd_loss_cached;
+#[cfg(feature = "cuda")]
 pub(crate) mod launch;
 #[cfg(feature = "cuda")]
 pub(crate) mod layout;
@@ -449,6 +451,37 @@ pub fn kd_loss(
             Device::Cuda(n) => Err(no_backend_error(n)),
             Device::Cpu => Err(Error::Device(
                 "kd_loss (CUDA): the student logits are on the CPU; use kd_loss_cpu".into(),
+            )),
+        }
+    }
+}
+
+/// The loss on one teacher's cached targets below k = C (`kd_loss.cu`'s `kd_loss_cached_*`)
+/// over `student` `[N, C]` logits on a GPU (C at most 65,536), `labels` i32 `[N]` and an
+/// optional row `mask` `[N]`, with `upstream` the gradient of the total. The CPU twin is
+/// `crate::kd_loss::kd_loss_buckets_cpu`; the route at k = C is the online kernel
+/// ([`kd_loss`]) on the rows scattered back (`crate::kd_loss::kd_loss_cached` picks it).
+pub fn kd_loss_cached(
+    cfg: &crate::kd_loss::KdLoss,
+    student: &Tensor,
+    teacher: &crate::kd_loss::CachedTargets,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    upstream: f32,
+) -> Result<KdLossDevice> {
+    #[cfg(feature = "cuda")]
+    {
+        kd_loss_cached::kd_loss_cached(cfg, student, teacher, labels, mask, upstream)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (cfg, teacher, labels, mask, upstream);
+        match student.device() {
+            Device::Cuda(n) => Err(no_backend_error(n)),
+            Device::Cpu => Err(Error::Device(
+                "kd_loss_cached (CUDA): the student logits are on the CPU; use \
+                 kd_loss_cached_cpu"
+                    .into(),
             )),
         }
     }
