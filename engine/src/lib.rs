@@ -5,8 +5,10 @@
 //! - `tensor`, `storage`, `dtype`, `device`: values and where they live;
 //! - `autograd`: the recording / inference tape;
 //! - `ops`: one file per op family, forward and backward, CPU reference implementations;
+//! - `op_table`: every op's test cases, written once and run on the CPU (gradient checks) and
+//!   on a device against the CPU (the engine's tests, `recycle gpu-check`);
 //! - `backend`: backend-level functions beneath the ops, each dispatching by device to a CPU
-//!   arm (the plain f32 kernels) or a CUDA arm, with no tape (every family but attention);
+//!   arm (the plain f32 kernels) or a CUDA arm, with no tape;
 //! - `params`: a model's flat parameter and gradient buffers;
 //! - `optim`: SGDW, AdamW and learning-rate schedules over flat buffers;
 //! - `checkpoint`: safetensors save/load;
@@ -14,7 +16,7 @@
 //! - `host_copy`: the host's copy of a device storage's i32 values (no downloads to read ids);
 //! - `kd_loss`: the fused distillation loss, its family in one place: the one `KdKind`, the
 //!   host side both arms share (kernel choice, row counts, scalars), the f64 reference of a
-//!   row, the CPU twin and the op on the tape (its CUDA arm is `cuda::kd_loss`);
+//!   row, the CPU twin, the op on the tape and the CUDA arm (`kd_loss::cuda`, feature `cuda`);
 //! - `memory`: allocator settings for the large short-lived buffers of a step, and an opt-in
 //!   counting allocator (heap bytes in use and their peak).
 
@@ -32,6 +34,7 @@ pub mod kd_loss;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) mod host_copy;
 pub mod memory;
+pub mod op_table;
 pub mod ops;
 pub mod optim;
 pub mod params;

@@ -54,9 +54,10 @@
 //! groups not yet started as "not run" rows.
 //!
 //! Layout: the report and its table here, with [`run`]; the comparison machinery and the
-//! error measures in `checker`; the per-op checks in `ops` (tensors, elementwise, products,
-//! convolutions, norms, gathers, layouts, attention) and `loss_optim` (cross-entropy, the
-//! optimizers, the fused distillation loss); the host-copy rows in `host_copy`; the allocation
+//! error measures in `checker`; the ops through the op table (`recycle_engine::op_table`: the
+//! same cases the engine's tests run on the CPU and on `cuda:0`), with the tensor copies and
+//! casts and the batch-norm statistics in `ops`; `loss_optim` (the optimizers, the fused
+//! distillation loss); the host-copy rows in `host_copy`; the allocation
 //! count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
 //! row in `nccl`; the throughput measurement in `throughput`.
 
@@ -80,6 +81,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use recycle_engine::cuda::{self, AllocStats};
+use recycle_engine::op_table;
 use recycle_engine::{DType, Device, Error, Result};
 
 use checker::Checker;
@@ -277,17 +279,16 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
     }
     cuda::set_poison_allocations(ordinal, true)?;
     let mut per_step = None;
-    let groups = vec![
+    let mut groups = vec![
         Group::new("tensors", ops::tensor_checks),
         Group::new("host copies", host_copy::host_copy_checks),
-        Group::new("elementwise", ops::elementwise_checks),
-        Group::new("matmul", ops::matmul_checks),
-        Group::new("convolutions", ops::conv_checks),
-        Group::new("norms", ops::norm_checks),
-        Group::new("gathers and dropout", ops::gather_dropout_checks),
-        Group::new("pools and layouts", ops::pool_layout_checks),
-        Group::new("attention", ops::attention_checks),
-        Group::new("cross-entropy", loss_optim::cross_entropy_checks),
+    ];
+    // The op table, one group per family (`recycle_engine::op_table`).
+    for family in op_table::FAMILIES {
+        groups.push(Group::new(family, move |c: &mut Checker| c.table(family)));
+    }
+    groups.extend([
+        Group::new("batch-norm statistics", ops::batch_norm_stats_checks),
         Group::new("optimizers", loss_optim::optimizer_checks),
         Group::new("distillation loss", loss_optim::kd_loss_checks),
         Group::new("allocations per step", |c: &mut Checker| {
@@ -297,7 +298,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
         Group::new("model steps", models::model_step_checks),
         Group::new("teacher stream", models::teacher_stream_checks),
         Group::new("nccl", nccl::all_reduce_checks),
-    ];
+    ]);
     let progress = Progress {
         header,
         table_file: opts.table_file.clone(),

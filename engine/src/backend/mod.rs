@@ -5,11 +5,12 @@
 //! Their parameter types sit in [`params`], a leaf module both the ops and the backends use.
 //!
 //! Every op family with a CUDA arm dispatches here: [`softmax`], [`norm`], [`pool`], [`conv`],
-//! [`matmul`], [`loss`], [`gather`], [`dropout`], [`elementwise`], [`activation`] and
-//! [`layout`]. Attention still dispatches at the op (`ops::attention` hands a GPU tensor to
-//! `cuda::attention`, which composes it from the tape ops).
+//! [`matmul`], [`loss`], [`gather`], [`dropout`], [`elementwise`], [`activation`],
+//! [`layout`] and [`attention`] (a fused CPU arm; on a GPU, a composition of the other
+//! families' functions).
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;
@@ -24,6 +25,6 @@ pub mod pool;
 pub mod softmax;
 
 pub use params::{
-    Activation, BatchNormOptions, BinaryOp, Conv2dGeometry, Conv2dOptions, CrossEntropyOptions,
-    Pool2dGeometry, ProductDims, SoftmaxKind,
+    Activation, AttentionDims, AttentionOptions, BatchNormOptions, BinaryOp, Conv2dGeometry,
+    Conv2dOptions, CrossEntropyOptions, Pool2dGeometry, ProductDims, SoftmaxKind,
 };

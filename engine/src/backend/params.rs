@@ -365,3 +365,36 @@ impl Activation {
         matches!(self, Activation::Relu | Activation::Tanh)
     }
 }
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionOptions {
+    /// Probability of dropping an attention weight (used only when `training`).
+    pub dropout: f32,
+    /// Stream of the dropout mask; use a fresh one per step and layer.
+    pub seed: u64,
+    pub training: bool,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions {
+            dropout: 0.0,
+            seed: 0,
+            training: false,
+        }
+    }
+}
+
+/// Sizes of one attention call: q is `[b, h, sq, dh]`, k `[b, h, sk, dh]`, v `[b, h, sk, dv]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub b: usize,
+    pub h: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub dh: usize,
+    pub dv: usize,
+}
+
+/// Dropout of the attention probabilities: `Some((p, seed))` when active.
+pub type ProbDropout = Option<(f32, u64)>;

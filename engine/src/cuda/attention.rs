@@ -1,24 +1,9 @@
-//! The CUDA arm of `scaled_dot_product_attention`, composed of ops that have CUDA arms:
-//! `batched_matmul` (cuBLASLt), `scale`, a broadcast `add` of the padding mask, `softmax`,
-//! `dropout` and `batched_matmul`.
-//!
-//! Unlike the fused CPU op it keeps the scores as well as the probabilities for the backward
-//! (each part records its own backward on the tape); a fused kernel (flash attention) is the
-//! later optimisation. Agreement with the CPU twin:
-//! - padding: the CPU *replaces* a padded key's score by `MASKED_SCORE` (-1e30); here the mask
-//!   adds -1e30, which in f32 (and bf16) rounds to -1e30 itself for any score below ~1e22, so
-//!   the softmax sees the same values (and a row of padding only gets uniform weights); the
-//!   masked scores get no gradient since their probabilities are exactly 0 (or uniform and
-//!   constant);
-//! - dropout: the same rule on the same `[B, H, Sq, Sk]` row-major indices, so the same mask;
-//! - scale: applied after the product rather than as the product's alpha: a rounding apart.
+//! The CUDA side of `scaled_dot_product_attention` (`crate::backend::attention`, whose
+//! composition of backend primitives runs on a GPU): the padding mask made into its additive
+//! form on the device once per mask. No tape here.
 
-use crate::ops::attention::{check_key_mask_shape, read_key_mask, MASKED_SCORE};
-use crate::ops::dropout::dropout;
-use crate::ops::elementwise::{add, scale};
-use crate::ops::matmul::batched_matmul;
-use crate::ops::softmax::softmax;
-use crate::{DType, Device, Result, Tape, Tensor, Var};
+use crate::backend::attention::{additive_mask, check_key_mask_shape, read_key_mask};
+use crate::{DType, Device, Result, Tensor};
 
 /// What the additive mask is called among the tensors derived from a mask's storage.
 const PADDING_BIAS: &str = "attention padding bias";
@@ -62,10 +47,7 @@ pub(crate) fn padding_bias(
     }
     // Without a download when the mask was uploaded from the host (`host_copy`).
     let keep = read_key_mask(&mask.to_device(Device::Cpu)?, b, sk)?;
-    let bias: Vec<f32> = keep
-        .iter()
-        .map(|&k| if k { 0.0 } else { MASKED_SCORE })
-        .collect();
+    let bias = additive_mask(&keep);
     let bias = Tensor::from_slice(&bias, &[b, 1, 1, sk], device)?.cast(dtype)?;
     if kept {
         mask.keep_derived(key, bias.clone());
@@ -73,35 +55,10 @@ pub(crate) fn padding_bias(
     Ok(bias)
 }
 
-/// `softmax(q k^T / sqrt(dh) + bias) v` with optional dropout on the probabilities; shapes,
-/// the additive mask (`[B, 1, 1, Sk]`, from [`padding_bias`]) and options validated by the
-/// caller.
-pub(crate) fn attention(
-    tape: &Tape,
-    (q, k, v): (&Var, &Var, &Var),
-    bias: Option<Tensor>,
-    dh: usize,
-    drop: Option<(f32, u64)>,
-) -> Result<Var> {
-    let scores = batched_matmul(tape, q, k, false, true)?;
-    let scores = scale(tape, &scores, 1.0 / (dh as f32).sqrt())?;
-    let scores = match bias {
-        // A constant: nothing writes into it (the tape gives constants no gradient), so the
-        // copy kept with the mask stays valid.
-        Some(bias) => add(tape, &scores, &tape.constant(bias))?,
-        None => scores,
-    };
-    let probs = softmax(tape, &scores)?;
-    let probs = match drop {
-        Some((p, seed)) => dropout(tape, &probs, p, seed, true)?,
-        None => probs,
-    };
-    batched_matmul(tape, &probs, v, false, false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::attention::MASKED_SCORE;
 
     fn mask(v: &[i32], shape: &[usize]) -> Tensor {
         Tensor::from_slice(v, shape, Device::Cpu).unwrap()

@@ -38,11 +38,13 @@
 //!   the parameter array to `cuLaunchKernel`.
 //! - **Ops**: the CUDA arm of every op, one file per family —
 //!   `elementwise` (elementwise ops, activations, copies, casts, accumulation), `softmax`,
-//!   `loss` (cross-entropy), `kd_loss` (the fused distillation loss [`kd_loss`]), `optim`
+//!   `loss` (cross-entropy), the fused distillation loss [`kd_loss`] (its arm in
+//!   `crate::kd_loss::cuda`, beside the rest of its family), `optim`
 //!   (the SGDW and AdamW steps), `matmul` + `blas` (cuBLASLt products), `conv` + `dnn` (cuDNN
 //!   convolutions), `norm` (layer and batch norm), `gather` (embedding, gather_rows),
 //!   `dropout`, `pool`, `layout` (permute/narrow/concat, reductions, broadcasting),
-//!   `attention` (composed of those).
+//!   `attention` (the padding mask in its additive form; the attention itself is the
+//!   composition of the others in `crate::backend::attention`).
 //!   `libs` finds cuBLASLt and cuDNN at run time and turns their absence into an error naming
 //!   the library; `common` holds the helpers every family uses (kernel names, running a plan,
 //!   views, outputs). Any op without an arm given a CUDA tensor returns "not implemented on
@@ -58,7 +60,7 @@ pub(crate) mod attention;
 #[cfg(feature = "cuda")]
 mod blas;
 #[cfg(feature = "cuda")]
-mod common;
+pub(crate) mod common;
 #[cfg(feature = "cuda")]
 mod context;
 #[cfg(feature = "cuda")]
@@ -71,10 +73,6 @@ pub(crate) mod dropout;
 pub(crate) mod elementwise;
 #[cfg(feature = "cuda")]
 pub(crate) mod gather;
-#[cfg(feature = "cuda")]
-mod kd_loss;
-#[cfg(feature = "cuda")]
-mod kd_loss_cached;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 #[cfg(feature = "cuda")]
@@ -433,7 +431,7 @@ pub fn kd_loss(
 ) -> Result<KdLossDevice> {
     #[cfg(feature = "cuda")]
     {
-        kd_loss::kd_loss(
+        crate::kd_loss::cuda::kd_loss(
             term,
             lambda,
             ignore_index,
@@ -471,7 +469,7 @@ pub fn kd_loss_cached(
 ) -> Result<KdLossDevice> {
     #[cfg(feature = "cuda")]
     {
-        kd_loss_cached::kd_loss_cached(cfg, student, teacher, labels, mask, upstream)
+        crate::kd_loss::cached_cuda::kd_loss_cached(cfg, student, teacher, labels, mask, upstream)
     }
     #[cfg(not(feature = "cuda"))]
     {

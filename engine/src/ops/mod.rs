@@ -1,8 +1,7 @@
 //! Ops, one file per family: the tape ops, each computing its forward and recording its one
 //! backward through the backend-level functions of `crate::backend` (which hold the plain CPU
-//! kernels, the oracle every GPU kernel is checked against, and dispatch by device). Attention
-//! still holds its fused CPU kernel here and hands a GPU tensor to `crate::cuda::attention`.
-//! Gradient checks live beside each family's tests.
+//! kernels, the oracle every GPU kernel is checked against, and dispatch by device). Gradient
+//! checks live beside each family's tests.
 //!
 //! Calling convention: `ops::<name>(tape, inputs..., options) -> Result<Var>`.
 

@@ -8,10 +8,10 @@ use recycle_kernels::kd_loss::{cached_kernel_name, cached_row_call, CachedRowArg
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
-use super::common::{empty, on_gpu_i32, p, rows_cfg, run, view};
-use super::kd_loss::{host_labels_and_mask, storage_of};
-use super::launch::{fit_u32, KernelCall};
-use super::KdLossDevice;
+use super::cuda::{host_labels_and_mask, storage_of};
+use crate::cuda::common::{empty, on_gpu_i32, p, rows_cfg, run, view};
+use crate::cuda::launch::{fit_u32, KernelCall};
+use crate::cuda::KdLossDevice;
 use crate::kd_loss::{self as kdh, CachedTargets, KdKind, KdLoss, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -100,7 +100,7 @@ fn cached_scalars(
     )
 }
 
-/// See [`super::kd_loss_cached`].
+/// See [`crate::cuda::kd_loss_cached`].
 pub(crate) fn kd_loss_cached(
     cfg: &KdLoss,
     student: &Tensor,
@@ -138,7 +138,7 @@ pub(crate) fn kd_loss_cached(
     let s = cached_scalars(cfg, ce_rows, kd_rows, classes, teacher.k, upstream)?;
     if !s.kd_active() {
         // λ = 0 or no row counts: CE alone, as the CPU twin.
-        return super::kd_loss::kd_loss(
+        return super::cuda::kd_loss(
             None,
             cfg.weight,
             cfg.ignore_index,

@@ -6,9 +6,9 @@ use recycle_kernels::kd_loss::{row_call, RowArgs, TeacherLogits};
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
-use super::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view};
-use super::launch::{fit_u32, KernelCall};
-use super::{common_device, KdLossDevice};
+use crate::cuda::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view};
+use crate::cuda::launch::{fit_u32, KernelCall};
+use crate::cuda::{common_device, KdLossDevice};
 use crate::kd_loss::{self as kdh, KdKind, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -109,7 +109,7 @@ pub(super) fn host_labels_and_mask(
     Ok((labels_host, mask_host))
 }
 
-/// See [`super::kd_loss`].
+/// See [`crate::cuda::kd_loss`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kd_loss(
     term: Option<KdKind>,
