@@ -4,6 +4,9 @@
 //! and BERT's 30522 — for KL and MSE, one to four teachers averaged in the kernel, f32 and bf16
 //! logits, a row mask, ignored labels, and the gradient written in place or beside the logits.
 //!
+//! The loss on cached top-k targets (`kd_loss_cached_*`) is held to its CPU twin
+//! `kd_loss_buckets_cpu` the same way, at several k below C.
+//!
 //! The kernel's scalars come from `recycle_kernels::kd_loss` (row counts, normalisers), as in the
 //! engine's launcher. What the simulator cannot show is the GPU's own `expf`/`logf`; gpu-check
 //! compares the same loss on a real GPU.
@@ -11,8 +14,11 @@
 use half::bf16;
 use recycle::distill::{kd_loss_cpu, KdLoss};
 use recycle_engine::kd_loss::{self as kd, KdKind, KdScalars, Storage};
+use recycle_engine::kd_loss::{kd_loss_buckets_cpu, CachedTargets};
 use recycle_kernels::call::{KernelCall, Ptr};
-use recycle_kernels::kd_loss::{row_call, RowArgs, TeacherLogits};
+use recycle_kernels::kd_loss::{
+    cached_kernel_name, cached_row_call, row_call, CachedRowArgs, RowArgs, TeacherLogits,
+};
 use recycle_kernels::launch;
 use recycle_kernels::launchers;
 use recycle_kernels::sim::{HostSim, SimBuffer};
@@ -296,6 +302,208 @@ fn the_kernel_matches_kd_loss_cpu_at_bert_vocabulary() {
                 teacher,
                 rows: 3,
                 classes: 30_522,
+                in_place,
+            },
+        );
+    }
+}
+
+struct CachedCase {
+    mse: bool,
+    temperature: f32,
+    student: Storage,
+    rows: usize,
+    classes: usize,
+    k: usize,
+    in_place: bool,
+}
+
+/// The cached-target kernel and `kd_loss_reduce` against `kd_loss_buckets_cpu` on the same
+/// student values (bf16 rounded where the student is bf16) and cached rows.
+fn check_cached(sim: &HostSim, c: &CachedCase) {
+    let (rows, classes, k) = (c.rows, c.classes, c.k);
+    let what = format!(
+        "cached {} T={} k={k} {:?} {rows}x{classes}{}",
+        if c.mse { "MSE" } else { "KL" },
+        c.temperature,
+        c.student,
+        if c.in_place { " in place" } else { "" }
+    );
+    let lambda = 0.7f32;
+    let cfg = if c.mse {
+        KdLoss::mse(lambda)
+    } else {
+        KdLoss::kl(c.temperature, lambda)
+    };
+    // Row 1 has no label; the last row is masked off; the others' labels fall inside and
+    // outside the teacher's top k (row 0's label is its top class).
+    let mut teacher = logits(rows, classes, 20, 2.0);
+    for r in 0..rows {
+        teacher[r * classes + (r * 13) % classes] += 6.0;
+    }
+    let targets = CachedTargets::from_logits(&teacher, classes, k, c.temperature).unwrap();
+    let labels: Vec<i32> = (0..rows)
+        .map(|r| match r {
+            0 => targets.indices[0] as i32,
+            1 => cfg.ignore_index,
+            _ => ((r * 7919) % classes) as i32,
+        })
+        .collect();
+    let mask: Vec<i32> = (0..rows).map(|r| i32::from(r + 1 != rows)).collect();
+    let mask_bool: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
+    let (student_buf, student) = stored(&logits(rows, classes, 2, 3.0), c.student);
+    let want =
+        kd_loss_buckets_cpu(&cfg, &student, &targets, &labels, Some(&mask_bool), classes).unwrap();
+
+    let (ce_rows, kd_rows) =
+        kd::row_counts(&labels, Some(&mask), classes, cfg.ignore_index, true).unwrap();
+    // MSE averages over the k cached classes (the CUDA arm's scalars).
+    let per_row = if c.mse { k } else { classes };
+    let sc = KdScalars::new(Some(cfg.kind), lambda, ce_rows, kd_rows, per_row, 1.0).unwrap();
+    assert_eq!((ce_rows, kd_rows), (want.ce_rows, want.kd_rows), "{what}");
+    let kernel = cached_kernel_name(c.mse, c.student == Storage::Bf16);
+    let separate_grad = SimBuffer::zeroed(student_buf.len());
+    let grad_buf = if c.in_place {
+        &student_buf
+    } else {
+        &separate_grad
+    };
+    let (labels_buf, mask_buf) = (SimBuffer::from_slice(&labels), SimBuffer::from_slice(&mask));
+    let (indices_buf, values_buf, tail_buf) = (
+        SimBuffer::from_slice(&targets.indices),
+        SimBuffer::from_slice(&targets.values),
+        SimBuffer::from_slice(&targets.tail_lse),
+    );
+    let (row_ce, row_kd, out) = (
+        SimBuffer::zeros::<f32>(rows),
+        SimBuffer::zeros::<f32>(rows),
+        SimBuffer::zeros::<f32>(3),
+    );
+    let row_cfg = launch::rows(kernel, rows as u64, classes as u64)
+        .unwrap()
+        .unwrap();
+    let args = CachedRowArgs {
+        logits: student_buf.ptr(),
+        grad: grad_buf.ptr(),
+        indices: Ptr::new(indices_buf.ptr()),
+        values: Ptr::new(values_buf.ptr()),
+        tail_lse: Ptr::new(tail_buf.ptr()),
+        k: k as u32,
+        labels: Ptr::new(labels_buf.ptr()),
+        mask: Ptr::new(mask_buf.ptr()),
+        row_ce: Ptr::new(row_ce.ptr()),
+        row_kd: Ptr::new(row_kd.ptr()),
+        classes: classes as u32,
+        ignore_index: cfg.ignore_index,
+        inv_t: sc.inv_t,
+        t_sq: sc.t_sq,
+        ce_weight: sc.grad_ce_weight,
+        kd_scale: sc.grad_kd_scale,
+    };
+    launch_on_sim(sim, &cached_row_call(kernel, row_cfg, &args).unwrap());
+    launch_on_sim(
+        sim,
+        &launchers::kd_loss_reduce(
+            launch::single_block(),
+            Ptr::new(row_ce.ptr()),
+            Ptr::new(row_kd.ptr()),
+            rows as u32,
+            sc.ce_weight,
+            sc.kd_weight,
+            sc.lambda,
+            Ptr::new(out.ptr()),
+        ),
+    );
+    // The kernel works in f32 where the CPU twin sums the k + 1 buckets in f64: each row's KL
+    // carries the f32 rounding of the student's log-normaliser (a few ulp of ln C + max s/T,
+    // about 1e-6 at 30522 classes) times T², which dominates a small KL; the gradient is held
+    // as the online kernel's.
+    let got = out.read::<f32>().unwrap();
+    let t_sq = if c.mse { 0.0 } else { sc.t_sq };
+    for (name, g, w, floor) in [
+        ("ce", got[0], want.ce, 0.0),
+        ("kd", got[1], want.kd, t_sq * 2e-6),
+        ("total", got[2], want.total, lambda * t_sq * 2e-6),
+    ] {
+        let tol = 2e-5 * w.abs().max(1e-3) + floor;
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: {name} {g}, the CPU gives {w}"
+        );
+    }
+    let grad = read(grad_buf, c.student);
+    let scale = want.grad.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    for (i, (&g, &w)) in grad.iter().zip(&want.grad).enumerate() {
+        let tol = match c.student {
+            Storage::F32 => 1e-5 * scale,
+            Storage::Bf16 => w.abs() / 256.0 + 1e-5 * scale,
+        };
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: gradient element {i} (row {}, class {}) is {g}, the CPU gives {w}",
+            i / classes,
+            i % classes
+        );
+    }
+    for b in [
+        &row_ce,
+        &row_kd,
+        &labels_buf,
+        &mask_buf,
+        &indices_buf,
+        &values_buf,
+        &tail_buf,
+        &separate_grad,
+    ] {
+        b.check_guards().unwrap();
+    }
+}
+
+/// The cached-target kernels: KL at T = 1 and 4 and MSE, f32 and bf16 students, in place and
+/// not, k from 1 to C - 1 at vocabulary 10, and k = 5 and 32 at vocabulary 1000.
+#[test]
+fn the_cached_kernel_matches_kd_loss_buckets_cpu() {
+    let Some(sim) = sim() else { return };
+    for (rows, classes, ks) in [(9, 10, &[1, 3, 9][..]), (5, 1000, &[5, 32][..])] {
+        for &k in ks {
+            for (mse, temperature) in [(false, 1.0), (false, 4.0), (true, 1.0)] {
+                for student in [Storage::F32, Storage::Bf16] {
+                    check_cached(
+                        sim,
+                        &CachedCase {
+                            mse,
+                            temperature,
+                            student,
+                            rows,
+                            classes,
+                            k,
+                            in_place: (k + usize::from(mse)) % 2 == 1,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// BERT's vocabulary: the bitmap of 954 words, 1024 threads over 30522 classes per row.
+#[test]
+fn the_cached_kernel_matches_kd_loss_buckets_cpu_at_bert_vocabulary() {
+    let Some(sim) = sim() else { return };
+    for (mse, student, k, in_place) in [
+        (false, Storage::Bf16, 10, true),
+        (false, Storage::F32, 128, false),
+        (true, Storage::F32, 10, false),
+    ] {
+        check_cached(
+            sim,
+            &CachedCase {
+                mse,
+                temperature: 2.0,
+                student,
+                rows: 3,
+                classes: 30_522,
+                k,
                 in_place,
             },
         );

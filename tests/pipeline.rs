@@ -112,13 +112,33 @@ fn sweep_distill_report_numbers_match_the_logs() {
         assert_eq!(row.train_seconds, last.train_seconds, "{}", row.run);
         assert_eq!(row.steps, last.step);
         assert_eq!(row.teacher_forwards, last.teacher_forwards);
-        // One teacher forward per step for every distilled method here (single, random-one).
+        // One teacher forward per step for every distilled method here (single, random-one),
+        // run or replayed from the KL students' shared cache: the KL student records every
+        // step, RandomOne replays those where it draws the same teacher.
+        let replayed = row.cache_reads.map_or(0, |c| c.forwards);
         let expected_forwards = if row.method.starts_with("kd-") {
             row.steps
         } else {
             0
         };
-        assert_eq!(row.teacher_forwards, expected_forwards, "{}", row.run);
+        assert_eq!(
+            row.teacher_forwards + replayed,
+            expected_forwards,
+            "{}",
+            row.run
+        );
+        if row.method == "kd-kl-t1" {
+            assert_eq!(replayed, 0, "the first KL student records");
+        }
+        if row.method.starts_with("kd-random-one") {
+            assert!(replayed > 0, "RandomOne replays the best teacher's steps");
+        }
+        assert_eq!(
+            row.cache_reads.is_some(),
+            !row.method.starts_with("kd-mse") && row.method.starts_with("kd-"),
+            "{}",
+            row.run
+        );
         for t in &row.vs_baselines {
             let first = evals.iter().find(|(_, e)| *e >= t.target).map(|(s, _)| *s);
             assert_eq!(t.seconds, first, "{} vs {}", row.run, t.baseline);
@@ -307,12 +327,62 @@ fn mlm_demo_runs_end_to_end_with_early_stopped_distillation() {
         every: 1,
     }
     .window(early.steps);
+    // The early student shares the KL student's cache: it replays every step it distils and
+    // runs no teacher forward.
+    assert_eq!(early.teacher_forwards, 0, "every distilled step replayed");
+    let reads = early
+        .cache_reads
+        .expect("the early student reads the cache");
     assert_eq!(
-        early.teacher_forwards,
-        end - first,
+        (reads.steps, reads.forwards),
+        (end - first, end - first),
         "teachers only in the first 30%"
     );
+    assert!(reads.rows > 0 && reads.bytes > reads.rows);
     assert!(report.rows.iter().all(|r| r.metric == "mlm-accuracy"));
+
+    // The report's account of the cache, from the runs' summary.json files: the replays of
+    // every reader, priced at the recorders' measured teacher seconds per forward.
+    let summaries: Vec<RunSummary> = report
+        .rows
+        .iter()
+        .map(|r| {
+            let text = std::fs::read_to_string(r.dir.join("summary.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
+        })
+        .collect();
+    let early_summary = summaries.iter().find(|s| s.name == early.run).unwrap();
+    assert_eq!(early_summary.cache_reads, Some(reads));
+    let (mut replayed, mut recorded_forwards, mut recorded_seconds) = (0, 0, 0.0);
+    for s in &summaries {
+        if let Some(c) = s.cache_reads {
+            replayed += c.forwards;
+            if s.teacher_forwards > 0 {
+                recorded_forwards += s.teacher_forwards;
+                recorded_seconds += s.teacher_seconds.expect("a recorder's teacher time");
+            }
+        }
+    }
+    let saving = report.teacher_cache.as_ref().expect("the cache's account");
+    assert_eq!(saving.reads.forwards, replayed);
+    assert_eq!(saving.recorded_forwards, recorded_forwards);
+    assert!(recorded_forwards > 0 && recorded_seconds > 0.0);
+    let saved = replayed as f64 * recorded_seconds / recorded_forwards as f64;
+    assert!((saving.seconds_saved.unwrap() - saved).abs() <= 1e-9 * saved);
+    let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(md.contains("## Teacher cache"), "{md}");
+    assert!(
+        md.contains(&format!("{replayed} teacher forwards replayed")),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!("the cache saved {saved:.1} s of teacher time")),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!("{} (teacher cache)", early.run)),
+        "{md}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

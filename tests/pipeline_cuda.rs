@@ -1,8 +1,9 @@
 //! Training on `cuda:0` against the same recipe on the CPU, held to the tolerances of
 //! `recycle gpu-check`'s model-step rows (`recycle::gpu_check::F32_STEP_TOLERANCES`,
 //! `bf16_step_tolerances`): BERT-tiny plain; distillation with the teacher on the teacher
-//! stream; random-one over a pool of two teachers; bf16 activations with f32 master weights.
-//! Each run is a few steps of a tiny model; every step's loss, its cross-entropy and
+//! stream; random-one over a pool of two teachers; students read from a teacher cache (the
+//! cached-target kernel below k = C, the online one at k = C); bf16 activations with f32
+//! master weights. Each run is a few steps of a tiny model; every step's loss, its cross-entropy and
 //! distillation terms and its gradient norm are compared, then the update the whole run made.
 //!
 //! Where `cuda:0` opens (a GPU, or the mock CUDA of `docs/mockcuda.md`, which CI runs these
@@ -396,6 +397,60 @@ fn cuda_random_one_of_two_teachers_matches_the_cpu() {
             &Tolerances::f32_student_bf16_teachers(&resnet_arch()),
         );
         assert_eq!(gpu.teacher_forwards, 4, "one teacher per step");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Students distilled from a teacher cache built ahead (`cache_teacher`, once on each device:
+/// the teacher computes in bf16 on `cuda:0`, in f32 on the CPU, so each device has its own
+/// cache) and read only: BERT-tiny at k = 10 of 500 classes runs the cached-target kernel,
+/// the ResNet at k = C = 10 the online kernel on the rows scattered back. Neither device runs a
+/// teacher forward, and each step agrees within the tolerances of a student distilled online
+/// from bf16 teachers.
+#[test]
+fn cuda_distillation_from_a_teacher_cache_matches_the_cpu() {
+    let out = temp_dir("cache");
+    let probe = recipe(&bert_toml(&out, "probe"), Device::Cuda(0));
+    if !cuda_or_clean_failure(&probe) {
+        let _ = std::fs::remove_dir_all(&out);
+        return;
+    }
+    type Base = fn(&Path, &str) -> String;
+    let cases: [(&str, Base, Architecture); 2] = [
+        ("BERT-tiny, cached k = 10 of 500", bert_toml, bert_arch()),
+        ("ResNet, cached k = C = 10", resnet_toml, resnet_arch()),
+    ];
+    for (i, (what, base, arch)) in cases.into_iter().enumerate() {
+        let dir = out.join(format!("case{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let teachers = cpu_teachers(&dir, base, 1);
+        let student = |device: Device, tag: &str| {
+            let cache = dir.join(format!("cache-{tag}"));
+            let text = format!(
+                "{}\n[distill]\nteachers = {teachers}\ntemperature = 2.0\ncache = \"{}\"\n\
+                 cache_k = 10\ncache_mode = \"read\"\n",
+                base(&dir, &format!("student-{tag}")),
+                cache.display()
+            );
+            recipe(&text, device)
+        };
+        let (r_gpu, r_cpu) = (student(Device::Cuda(0), "gpu"), student(Device::Cpu, "cpu"));
+        for r in [&r_gpu, &r_cpu] {
+            let built = trainer::cache_teacher(r, 1.0, None, false).unwrap();
+            assert_eq!((built.steps, built.forwards), (4, 4), "{}", r.name);
+        }
+        let (gpu, cpu) = (train(&r_gpu), train(&r_cpu));
+        assert_eq!(
+            (gpu.teacher_forwards, cpu.teacher_forwards),
+            (0, 0),
+            "{what}"
+        );
+        assert_agree(
+            what,
+            &gpu,
+            &cpu,
+            &Tolerances::f32_student_bf16_teachers(&arch),
+        );
     }
     let _ = std::fs::remove_dir_all(&out);
 }

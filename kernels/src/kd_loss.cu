@@ -210,3 +210,165 @@ extern "C" __global__ void kd_loss_reduce(const float* row_ce, const float* row_
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The loss on cached teacher targets (CPU twin: engine/src/kd_loss/cached.rs,
+// `kd_loss_buckets_cpu`). A row of the cache holds the teacher's k largest logits v_i at classes
+// I (`indices`, `values`, [rows, k]) and L = log sum_{j not in I} e^{t_j / T} (`tail_lse`,
+// [rows]; -inf when k = C). Per row:
+//   - masked rows and CE: as the kernels above (row_ce, the CE gradient);
+//   - KL (kd_loss_cached_kl_*): the teacher's k + 1 buckets q_i = e^{v_i/T} / Z, q_rest = e^L / Z,
+//     the student's p_j = softmax(s/T)_j and P_rest summed over the classes not in I (directly,
+//     not 1 - sum p_i, as the CPU: a small rest keeps its digits);
+//     row_kd = T^2 * [sum_i q_i (log q_i - log p_i) + q_rest (log q_rest - log P_rest)],
+//     gradient += kd_scale * (p_j - q_j) on I and kd_scale * p_j * (1 - q_rest / P_rest) on
+//     the rest (kd_scale = lambda * T / kd_rows);
+//   - MSE (kd_loss_cached_mse_*): row_kd = (1/k) sum_i (s_i - v_i)^2, gradient += kd_scale *
+//     (s_i - v_i) on I (kd_scale = lambda * 2 / (kd_rows * k)).
+// Which classes are in I is a bitmap of the row in shared memory (RK_CACHED_MAX_CLASSES
+// classes at most, the range of the cache's u16 indices; the host refuses more), built without
+// atomics: each thread owns words of the bitmap and scans the row's k indices for them. The
+// indices of a row are distinct (the host validates them), so each class's gradient is written
+// once: the classes not in I in the sweep over the row, those in I in the loop over the k
+// cached entries. The gradient may be the logits buffer itself (in place): every read of a
+// class happens before its write, by the thread that writes it. Reduced by kd_loss_reduce.
+
+#define RK_CACHED_MAX_CLASSES 65536
+
+namespace {
+
+template <typename S, int KIND>
+__device__ __forceinline__ void kd_loss_cached_row(
+    const S* logits, S* grad, const uint32_t* indices, const float* values,
+    const float* tail_lse, uint32_t k, const int32_t* labels, const int32_t* mask, float* row_ce,
+    float* row_kd, uint32_t classes, int32_t ignore_index, float inv_t, float t_sq,
+    float ce_weight, float kd_scale) {
+    __shared__ uint32_t in_top[RK_CACHED_MAX_CLASSES / 32];
+    __shared__ Lse lse_scratch[32];
+    __shared__ float sum_scratch[32];
+    __shared__ float label_logit;
+    const uint64_t row = blockIdx.x, base = row * classes;
+    const S* s = logits + base;
+    S* gr = grad + base;
+    const uint32_t* idx = indices + row * (uint64_t)k;
+    const float* v = values + row * (uint64_t)k;
+
+    if (mask != nullptr && mask[row] == 0) {
+        for (uint32_t j = threadIdx.x; j < classes; j += blockDim.x) gr[j] = from_f32<S>(0.0f);
+        if (threadIdx.x == 0) {
+            row_ce[row] = 0.0f;
+            row_kd[row] = 0.0f;
+        }
+        return;
+    }
+    const int32_t y = labels[row];
+    const bool has_label = y != ignore_index;
+    const bool valid = has_label && y >= 0 && (uint32_t)y < classes;
+
+    // The bitmap of the cached classes.
+    const uint32_t words = (classes + 31) / 32;
+    for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) {
+        uint32_t bits = 0;
+        for (uint32_t i = 0; i < k; ++i)
+            if (idx[i] / 32 == w) bits |= 1u << (idx[i] % 32);
+        in_top[w] = bits;
+    }
+    __syncthreads();
+
+    // Sweep 1: log-normalisers of s, s / T and of s / T over the classes not cached.
+    Lse a_s = lse_empty(), a_ss = lse_empty(), a_rest = lse_empty();
+    for (uint32_t j = threadIdx.x; j < classes; j += blockDim.x) {
+        const float sv = to_f32(s[j]);
+        if (valid) {
+            a_s = lse_push(a_s, sv);
+            if (j == (uint32_t)y) label_logit = sv;
+        }
+        if (KIND == KD_KL) {
+            const float x = mul_rn(sv, inv_t);
+            a_ss = lse_push(a_ss, x);
+            if (((in_top[j / 32] >> (j % 32)) & 1u) == 0) a_rest = lse_push(a_rest, x);
+        }
+    }
+    // The teacher's normaliser over its k values and the rest: log Z = lse(v / T, L).
+    Lse a_t = lse_empty();
+    if (KIND == KD_KL)
+        for (uint32_t i = threadIdx.x; i < k; i += blockDim.x)
+            a_t = lse_push(a_t, mul_rn(v[i], inv_t));
+    float lse = 0.0f, lse_s = 0.0f, lse_rest = -INFINITY, lse_t = 0.0f, q_rest = 0.0f;
+    const float tail = KIND == KD_KL ? tail_lse[row] : -INFINITY;
+    if (valid) lse = lse_value(block_lse(a_s, lse_scratch));
+    if (KIND == KD_KL) {
+        lse_s = lse_value(block_lse(a_ss, lse_scratch));
+        lse_rest = lse_value(block_lse(a_rest, lse_scratch));
+        lse_t = lse_value(lse_push(block_lse(a_t, lse_scratch), tail));
+        q_rest = expf(sub_rn(tail, lse_t));
+    }
+    // The tail classes' KL gradient factor p_j * (1 - q_rest / P_rest), as kd_scale * e^(x -
+    // lse_s) * rest_coef; a rest the student gives no mass leaves p_j (as the CPU).
+    const float p_rest = expf(sub_rn(lse_rest, lse_s));
+    const float rest_coef = p_rest > 0.0f ? sub_rn(1.0f, div_rn(q_rest, p_rest)) : 1.0f;
+    // Every read of sweep 1 (and the label's logit) happens before any write of sweep 2.
+    __syncthreads();
+
+    // Sweep 2: the gradient of the classes not cached.
+    for (uint32_t j = threadIdx.x; j < classes; j += blockDim.x) {
+        if ((in_top[j / 32] >> (j % 32)) & 1u) continue;
+        const float sv = to_f32(s[j]);
+        float g = valid ? kd_grad_ce(sv, lse, j == (uint32_t)y, ce_weight) : 0.0f;
+        if (KIND == KD_KL) {
+            const float p = expf(sub_rn(mul_rn(sv, inv_t), lse_s));
+            g = add_rn(g, mul_rn(kd_scale, mul_rn(p, rest_coef)));
+        }
+        gr[j] = from_f32<S>(g);
+    }
+    // The cached classes: their gradient and the row's KD sum.
+    float acc = 0.0f;
+    for (uint32_t i = threadIdx.x; i < k; i += blockDim.x) {
+        const uint32_t j = idx[i];
+        const float sv = to_f32(s[j]);
+        float g = valid ? kd_grad_ce(sv, lse, j == (uint32_t)y, ce_weight) : 0.0f;
+        if (KIND == KD_KL) {
+            const float log_q = sub_rn(mul_rn(v[i], inv_t), lse_t);
+            const float log_p = sub_rn(mul_rn(sv, inv_t), lse_s);
+            const float q = expf(log_q);
+            g = add_rn(g, mul_rn(kd_scale, sub_rn(expf(log_p), q)));
+            if (q > 0.0f) acc += mul_rn(q, sub_rn(log_q, log_p));
+        }
+        if (KIND == KD_MSE) acc += kd_mse_element(sv, v[i], kd_scale, &g);
+        gr[j] = from_f32<S>(g);
+    }
+    acc = block_sum(acc, sum_scratch);
+    if (threadIdx.x == 0) {
+        row_ce[row] = valid ? sub_rn(lse, label_logit) : (has_label ? NAN : 0.0f);
+        if (KIND == KD_KL) {
+            if (q_rest > 0.0f)
+                acc += mul_rn(q_rest, sub_rn(sub_rn(tail, lse_t), sub_rn(lse_rest, lse_s)));
+            row_kd[row] = mul_rn(acc, t_sq);
+        }
+        if (KIND == KD_MSE) row_kd[row] = div_rn(acc, (float)k);
+    }
+}
+
+}  // namespace
+
+// Every entry point has the same signature:
+//   logits [rows, C] (student, S), grad [rows, C] (S; may equal logits), indices u32 [rows, k]
+//   (distinct classes per row), values f32 [rows, k], tail_lse f32 [rows] (read by KL only),
+//   k (1..=C), labels i32 [rows], mask i32 [rows] or null, row_ce f32 [rows], row_kd f32
+//   [rows], C (at most RK_CACHED_MAX_CLASSES), ignore_index, inv_t = 1 / T, t_sq = T * T,
+//   ce_weight, kd_scale.
+#define RK_KD_CACHED_ENTRY(NAME, S, KIND)                                                       \
+    extern "C" __global__ void NAME(const S* logits, S* grad, const uint32_t* indices,          \
+                                    const float* values, const float* tail_lse, uint32_t k,     \
+                                    const int32_t* labels, const int32_t* mask, float* row_ce,  \
+                                    float* row_kd, uint32_t classes, int32_t ignore_index,      \
+                                    float inv_t, float t_sq, float ce_weight, float kd_scale) { \
+        kd_loss_cached_row<S, KIND>(logits, grad, indices, values, tail_lse, k, labels, mask,   \
+                                    row_ce, row_kd, classes, ignore_index, inv_t, t_sq,         \
+                                    ce_weight, kd_scale);                                       \
+    }
+
+RK_KD_CACHED_ENTRY(kd_loss_cached_kl_f32, float, KD_KL)
+RK_KD_CACHED_ENTRY(kd_loss_cached_kl_bf16, bf16, KD_KL)
+RK_KD_CACHED_ENTRY(kd_loss_cached_mse_f32, float, KD_MSE)
+RK_KD_CACHED_ENTRY(kd_loss_cached_mse_bf16, bf16, KD_MSE)

@@ -3,6 +3,24 @@
 //! the best teacher with KL and with MSE, `RandomOne` over every teacher (and, for MLM,
 //! distillation stopped at 30% of training), then the time-to-accuracy report.
 //!
+//! The students distilled with KL from the same teacher (the KL student, RandomOne when it
+//! draws the best teacher, and the MLM student that stops distilling at 30%) see the same
+//! batches (same seed and batch size) at the same temperature, so they share one teacher cache
+//! under the output directory ([`teacher_cache_dir`]): the first records the teachers' outputs
+//! as it distills online (its own steps and wall-clock are those of online distillation), the
+//! later ones replay them without a teacher forward, and the report says how many forwards
+//! were replayed and what teacher time that saved. Recording as the first student trains was
+//! chosen over building the cache ahead (`recycle cache-teacher`): the forwards are the ones
+//! the first student needs anyway, so the sweep pays them once, with no extra pass, and the
+//! recording student's measured teacher time is the price the report puts on each replay. The
+//! MSE student's key differs (no temperature in its rows) and nothing shares it: it distills
+//! online without a cache.
+//!
+//! Images keep every class in f32 (k = C = 10): a replaying student gets the online student's
+//! bits. MLM keeps the top 10 of the vocabulary in bf16 with the exact mass of the rest
+//! (`docs/teacher-cache.md`): the replaying students' loss is the k + 1 bucket KL, not the
+//! online one.
+//!
 //! Every choice is made on the validation split held out of the training data (the sweep's
 //! best teacher, and so the baselines' and students' learning rate); the report's figures are
 //! on the test split. The long preset trains every baseline with two seeds, so the report can
@@ -15,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 use recycle_engine::{Device, Error, Result};
 
+use crate::distill::cache::ValueType;
 use crate::experiments::report::{build_report, Report};
 use crate::experiments::sweep::run_sweep;
 use crate::experiments::PlotOptions;
@@ -270,6 +289,12 @@ fn plan(task: DemoTask, preset: DemoPreset, out_dir: &Path) -> Plan {
     }
 }
 
+/// The teacher cache the KL students of a demo share: one per temperature (a cache's rows hold
+/// the tail's mass at one temperature, and its key refuses another).
+pub fn teacher_cache_dir(out_dir: &Path, temperature: f32) -> PathBuf {
+    out_dir.join(format!("teacher-cache-t{temperature}"))
+}
+
 fn with_epochs(r: &Recipe, name: String, epochs: f64) -> Recipe {
     let mut r = r.clone();
     r.name = name;
@@ -337,9 +362,13 @@ pub fn run_demo(
             start: 0.0,
             stop,
             every: 1,
-            cache: None,
+            // KL students share a cache (the module's notes); MSE distills online.
+            cache: (loss == KdLossKind::Kl).then(|| teacher_cache_dir(out_dir, knobs.temperature)),
             cache_k: None,
-            cache_values: Default::default(),
+            cache_values: match (task, loss) {
+                (DemoTask::Image, KdLossKind::Kl) => ValueType::F32,
+                _ => ValueType::default(),
+            },
             cache_mode: Default::default(),
         };
     let e = knobs.student_epochs.unwrap_or(p.student_epochs);

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 pub use plot::{plot_accuracy_vs_time, PlotOptions, PlotOutcome};
 pub use report::{build_report, find_runs, Report};
-pub use runlog::{RunLog, RunLogRecord, RunLogWriter, RunSummary};
+pub use runlog::{CacheReads, RunLog, RunLogRecord, RunLogWriter, RunSummary};
 
 pub type Result<T> = std::result::Result<T, Error>;
 

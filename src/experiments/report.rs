@@ -42,8 +42,8 @@ use serde::Serialize;
 
 use super::plot::{plot_accuracy_vs_time, PlotOptions, PlotOutcome};
 use super::runlog::{
-    first_point_reaching, EvalPoint, Run, BASELINE_METHOD, LOG_FILE, METRIC_MLM_ACCURACY,
-    SUMMARY_FILE,
+    first_point_reaching, CacheReads, EvalPoint, Run, BASELINE_METHOD, LOG_FILE,
+    METRIC_MLM_ACCURACY, SUMMARY_FILE,
 };
 use super::seeds::{config_key, seed_of, ReplicaPoint, SeedSpread};
 use super::{Error, Result};
@@ -132,6 +132,10 @@ pub struct ReportRow {
     /// Training seconds per sample over the run, from the log's last record.
     pub seconds_per_sample: Option<f64>,
     pub teacher_forwards: u64,
+    /// Host seconds in teacher forwards (the summary's `teacher_seconds`).
+    pub teacher_seconds: Option<f64>,
+    /// What the run read from a teacher cache (the summary's `cache_reads`).
+    pub cache_reads: Option<CacheReads>,
     pub teachers: Vec<String>,
     /// Evaluation curve: logged evaluations, then the final one if it was not logged.
     pub curve: Vec<CurvePoint>,
@@ -143,6 +147,30 @@ impl ReportRow {
     pub fn is_baseline(&self) -> bool {
         self.method == BASELINE_METHOD
     }
+
+    /// Whether the run replayed teacher forwards from a teacher cache (its training time then
+    /// lacks their cost, which the run that recorded them paid).
+    pub fn read_cache(&self) -> bool {
+        self.cache_reads.is_some_and(|c| c.forwards > 0)
+    }
+}
+
+/// The teacher time a teacher cache saved the runs of a report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheSaving {
+    /// Runs that replayed teacher forwards from a cache.
+    pub readers: Vec<String>,
+    /// Their reads, summed.
+    pub reads: CacheReads,
+    /// Runs with a cache that ran (and so recorded) teacher forwards, whose teacher time gives
+    /// the rate.
+    pub recorders: Vec<String>,
+    /// Their teacher forwards and the host seconds those took.
+    pub recorded_forwards: u64,
+    pub recorded_seconds: f64,
+    /// `reads.forwards × recorded_seconds / recorded_forwards`: the teacher time the replayed
+    /// forwards would have cost at the recorders' measured rate; `None` without a recorder.
+    pub seconds_saved: Option<f64>,
 }
 
 /// The report over a set of runs. Build it with [`build_report`].
@@ -157,6 +185,8 @@ pub struct Report {
     pub findings: Vec<String>,
     /// Directories with a `log.jsonl` but no `summary.json` (running or died), not included.
     pub incomplete: Vec<PathBuf>,
+    /// What the teacher cache replayed and saved; `None` when no run read one.
+    pub teacher_cache: Option<CacheSaving>,
     /// Anything else the reader should know (a torn last log line that was dropped, ...).
     pub notes: Vec<String>,
 }
@@ -406,6 +436,8 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
                 samples_seen: run.samples_seen(),
                 seconds_per_sample: costs[i],
                 teacher_forwards: s.teacher_forwards,
+                teacher_seconds: s.teacher_seconds,
+                cache_reads: s.cache_reads,
                 teachers: s.teachers.clone(),
                 curve: curves[i]
                     .iter()
@@ -422,12 +454,101 @@ pub fn report_from_runs(runs: &[Run]) -> Report {
     let targets: Vec<Target> = targets.into_iter().map(|(_, t)| t).collect();
     notes.extend(floor_notes(&rows));
     let findings = findings(&rows, &targets);
+    let teacher_cache = cache_saving(&rows);
     Report {
         targets,
         rows,
         findings,
         incomplete: Vec::new(),
+        teacher_cache,
         notes,
+    }
+}
+
+/// The teacher cache's account over `rows`: the forwards the readers replayed, priced at the
+/// teacher seconds per forward the recording runs measured.
+fn cache_saving(rows: &[ReportRow]) -> Option<CacheSaving> {
+    let readers: Vec<&ReportRow> = rows.iter().filter(|r| r.read_cache()).collect();
+    if readers.is_empty() {
+        return None;
+    }
+    let mut reads = CacheReads::default();
+    for r in &readers {
+        reads.add(&r.cache_reads.unwrap_or_default());
+    }
+    let recorders: Vec<&ReportRow> = rows
+        .iter()
+        .filter(|r| r.cache_reads.is_some() && r.teacher_forwards > 0)
+        .filter(|r| r.teacher_seconds.is_some())
+        .collect();
+    let recorded_forwards: u64 = recorders.iter().map(|r| r.teacher_forwards).sum();
+    let recorded_seconds: f64 = recorders.iter().filter_map(|r| r.teacher_seconds).sum();
+    let seconds_saved = (recorded_forwards > 0)
+        .then(|| reads.forwards as f64 * recorded_seconds / recorded_forwards as f64);
+    Some(CacheSaving {
+        readers: readers.iter().map(|r| r.run.clone()).collect(),
+        reads,
+        recorders: recorders.iter().map(|r| r.run.clone()).collect(),
+        recorded_forwards,
+        recorded_seconds,
+        seconds_saved,
+    })
+}
+
+/// The run's name in a table, marked when its time lacks the teachers' cost.
+fn run_cell(r: &ReportRow) -> String {
+    if r.read_cache() {
+        cell(&format!("{} (teacher cache)", r.run))
+    } else {
+        cell(&r.run)
+    }
+}
+
+impl CacheSaving {
+    /// The report's paragraph on the cache.
+    fn markdown(&self) -> String {
+        let mut md = format!(
+            "{} read their teachers' outputs from a teacher cache instead of running the \
+             teachers ({}): {} teacher forwards replayed at {} steps, {} rows of teacher logits \
+             ({}) read. ",
+            plural(self.readers.len(), "run", "runs"),
+            self.readers.join(", "),
+            self.reads.forwards,
+            self.reads.steps,
+            self.reads.rows,
+            bytes_text(self.reads.bytes),
+        );
+        match self.seconds_saved {
+            Some(saved) => md.push_str(&format!(
+                "The runs that ran the teachers and recorded the cache ({}) spent {:.1} s in {} \
+                 teacher forwards ({:.1} ms each, measured around the forwards on the host \
+                 clock); at that rate the cache saved {saved:.1} s of teacher time. ",
+                self.recorders.join(", "),
+                self.recorded_seconds,
+                self.recorded_forwards,
+                1e3 * self.recorded_seconds / self.recorded_forwards as f64,
+            )),
+            None => md.push_str(
+                "No run here recorded the cache with its teachers' time measured, so the \
+                 teacher time saved is not known. ",
+            ),
+        }
+        md.push_str(
+            "A run marked \"(teacher cache)\" in the tables trained without the teachers' \
+             forwards: its wall-clock does not include their cost, which the recording runs \
+             paid.\n\n",
+        );
+        md
+    }
+}
+
+fn bytes_text(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.1} MB", b as f64 / (1u64 << 20) as f64)
+    } else if b >= 1 << 10 {
+        format!("{:.1} KB", b as f64 / 1024.0)
+    } else {
+        format!("{b} bytes")
     }
 }
 
@@ -684,7 +805,7 @@ impl Report {
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {} {} | {} | {:.1} | {} | {} | {} | {} |\n",
                 cell(&r.method),
-                cell(&r.run),
+                run_cell(r),
                 r.duration_samples,
                 r.steps,
                 pct(r.final_eval),
@@ -786,7 +907,7 @@ impl Report {
                 md.push_str(&format!(
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     cell(&r.method),
-                    cell(&r.run),
+                    run_cell(r),
                     r.duration_samples,
                     pct(r.final_eval),
                     time,
@@ -797,6 +918,11 @@ impl Report {
                 ));
             }
             md.push('\n');
+        }
+
+        if let Some(c) = &self.teacher_cache {
+            md.push_str("## Teacher cache\n\n");
+            md.push_str(&c.markdown());
         }
 
         md.push_str("## Findings\n\n");

@@ -336,6 +336,28 @@ impl RunLogWriter {
 }
 
 /// What a finished run records about itself, in `summary.json`.
+/// What a run read from a teacher cache (`summary.json`'s `cache_reads`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheReads {
+    /// Steps whose every selected teacher's rows came from the cache.
+    pub steps: u64,
+    /// Teacher forwards those steps replayed (one per teacher read at a step).
+    pub forwards: u64,
+    /// Rows of teacher logits read (images, or masked positions).
+    pub rows: u64,
+    /// Bytes of those rows as the cache's shards store them.
+    pub bytes: u64,
+}
+
+impl CacheReads {
+    pub fn add(&mut self, other: &CacheReads) {
+        self.steps += other.steps;
+        self.forwards += other.forwards;
+        self.rows += other.rows;
+        self.bytes += other.bytes;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     /// Unique name of the run, shown in the report.
@@ -361,6 +383,15 @@ pub struct RunSummary {
     /// Total training seconds (the same clock as the log's `train_seconds`).
     pub train_seconds: f64,
     pub teacher_forwards: u64,
+    /// Host seconds the run spent in its teachers' forwards: on the CPU the forwards
+    /// themselves, on a GPU the time to queue them. Absent for a run without teachers, and in
+    /// summaries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_seconds: Option<f64>,
+    /// What the run read from its teacher cache instead of running teachers; absent for a run
+    /// without `[distill] cache`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_reads: Option<CacheReads>,
     /// Steps skipped under `train.on_nonfinite = "skip"` (absent when none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped_steps: u64,
@@ -661,6 +692,8 @@ mod tests {
                 majority_floor: None,
                 train_seconds: 30.0,
                 teacher_forwards: 0,
+                teacher_seconds: None,
+                cache_reads: None,
                 skipped_steps: 0,
                 device: None,
                 teachers: vec![],

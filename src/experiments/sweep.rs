@@ -106,6 +106,8 @@ mod tests {
                 majority_floor: Some(0.1),
                 train_seconds: 1.0,
                 teacher_forwards: 0,
+                teacher_seconds: None,
+                cache_reads: None,
                 skipped_steps: 0,
                 device: None,
                 teachers: vec![],

@@ -11,6 +11,7 @@ use recycle_engine::{checkpoint, Device, Error, Result, Tensor};
 use super::model::check_float_tensors;
 use super::runner::Progress;
 use super::{Architecture, Model, CHECKPOINT_FILE};
+use crate::experiments::CacheReads;
 use crate::recipe::{ModelRecipe, Recipe};
 
 /// The step a run directory's checkpoint records, when it has a readable one.
@@ -169,6 +170,38 @@ pub(super) fn load_checkpoint(
                 Error::checkpoint(&path, "metadata `train_seconds` is not a number of seconds")
             })?,
         teacher_forwards: num("teacher_forwards")?,
+        // Checkpoints written before these were recorded: none measured, none read.
+        teacher_seconds: ckpt
+            .metadata
+            .get("teacher_seconds")
+            .map(|s| {
+                s.parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| {
+                        Error::checkpoint(
+                            &path,
+                            "metadata `teacher_seconds` is not a number of seconds",
+                        )
+                    })
+            })
+            .transpose()?
+            .unwrap_or(0.0),
+        cache_reads: {
+            let opt = |k: &str| -> Result<u64> {
+                if ckpt.metadata.contains_key(k) {
+                    num(k)
+                } else {
+                    Ok(0)
+                }
+            };
+            CacheReads {
+                steps: opt("cache_steps_read")?,
+                forwards: opt("cache_forwards_replayed")?,
+                rows: opt("cache_rows_read")?,
+                bytes: opt("cache_bytes_read")?,
+            }
+        },
         // Checkpoints written before steps could be skipped have no count: none were.
         skipped_steps: if ckpt.metadata.contains_key("skipped_steps") {
             num("skipped_steps")?

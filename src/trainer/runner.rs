@@ -26,6 +26,7 @@ use crate::data::{Loader, LoaderConfig};
 use crate::distill::cache::CacheStats;
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
+use crate::experiments::CacheReads;
 use crate::recipe::{Activations, Recipe};
 
 use super::caller::{check_batch, BatchEval, StepReport};
@@ -41,6 +42,10 @@ pub(super) struct Progress {
     pub(super) samples: u64,
     pub(super) train_seconds: f64,
     pub(super) teacher_forwards: u64,
+    /// Host seconds in the teachers' forwards ([`super::StepOutput::teacher_seconds`]).
+    pub(super) teacher_seconds: f64,
+    /// What the teacher cache replayed instead of teacher forwards.
+    pub(super) cache_reads: CacheReads,
     /// Steps skipped under `train.on_nonfinite = "skip"`.
     pub(super) skipped_steps: u64,
     /// Steps fed by the caller ([`Trainer::step_batch`]) and the samples they brought.
@@ -207,6 +212,8 @@ impl Trainer {
                 samples: 0,
                 train_seconds: 0.0,
                 teacher_forwards: 0,
+                teacher_seconds: 0.0,
+                cache_reads: CacheReads::default(),
                 skipped_steps: 0,
                 caller_steps: 0,
                 caller_samples: 0,
@@ -443,6 +450,15 @@ impl Trainer {
             Some(Ok(rows)) => rows,
             None => None,
         };
+        let replayed = match (&cached, self.cache.as_ref()) {
+            (Some(rows), Some(c)) => CacheReads {
+                steps: 1,
+                forwards: rows.len() as u64,
+                rows: rows.iter().map(|t| t.rows as u64).sum(),
+                bytes: rows.iter().map(|t| c.bytes_of(t)).sum(),
+            },
+            _ => CacheReads::default(),
+        };
         let mut cache = self
             .cache
             .as_mut()
@@ -502,6 +518,8 @@ impl Trainer {
         state.step += 1;
         state.samples += b.samples() as u64;
         state.teacher_forwards += out.teacher_forwards as u64;
+        state.teacher_seconds += out.teacher_seconds;
+        state.cache_reads.add(&replayed);
         state.skipped_steps += out.skipped.is_some() as u64;
         if fed_by_caller {
             state.caller_steps += 1;
@@ -649,6 +667,26 @@ impl Trainer {
                 "teacher_forwards".to_string(),
                 r.teacher_forwards.to_string(),
             ),
+            (
+                "teacher_seconds".to_string(),
+                format!("{:.17e}", r.teacher_seconds),
+            ),
+            (
+                "cache_steps_read".to_string(),
+                r.cache_reads.steps.to_string(),
+            ),
+            (
+                "cache_forwards_replayed".to_string(),
+                r.cache_reads.forwards.to_string(),
+            ),
+            (
+                "cache_rows_read".to_string(),
+                r.cache_reads.rows.to_string(),
+            ),
+            (
+                "cache_bytes_read".to_string(),
+                r.cache_reads.bytes.to_string(),
+            ),
             ("skipped_steps".to_string(), r.skipped_steps.to_string()),
             ("caller_steps".to_string(), r.caller_steps.to_string()),
             ("caller_samples".to_string(), r.caller_samples.to_string()),
@@ -691,6 +729,8 @@ impl Trainer {
             majority_floor: Some(majority_floor(&self.data)?),
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
+            teacher_seconds: self.pool.is_some().then_some(self.state.teacher_seconds),
+            cache_reads: self.cache.is_some().then_some(self.state.cache_reads),
             skipped_steps: self.state.skipped_steps,
             device: Some(self.device_name.clone()),
             teachers: recipe

@@ -43,6 +43,9 @@ pub struct StepOutput {
     pub kd: Option<f32>,
     pub loss: f32,
     pub teacher_forwards: usize,
+    /// Host seconds in the teachers' forwards: on the CPU the forwards themselves; on a GPU
+    /// the time to queue them on the teacher stream (they run beside the student's forward).
+    pub teacher_seconds: f64,
     /// The gradients' global L2 norm before clipping (`None` for a step skipped before
     /// backward, and for [`forward_backward`], which leaves the gradients alone).
     pub grad_norm: Option<f32>,
@@ -314,6 +317,7 @@ fn forward_backward_checked(
         kd: None,
         loss: f32::NAN,
         teacher_forwards: 0,
+        teacher_seconds: 0.0,
         grad_norm: None,
         skipped: None,
     };
@@ -332,6 +336,7 @@ fn forward_backward_checked(
     let device = student.params()?.device();
     // Inference tapes: nothing recorded, so each teacher activation is freed (on the teacher
     // stream) as soon as the next op has consumed it; only the logits leave the scope.
+    let t0 = std::time::Instant::now();
     let pending = teachers
         .map(|pool| {
             cuda::on_stream(device, StreamRole::Teacher, || {
@@ -341,6 +346,11 @@ fn forward_backward_checked(
             })
         })
         .transpose()?;
+    let teacher_seconds = if pending.is_some() {
+        t0.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
     let tape = Tape::recording();
     let dropout_seed = recycle_engine::rng::bits_at(seed, step);
     // Should this fail, dropping `pending` joins the teachers' work before freeing their
@@ -360,6 +370,7 @@ fn forward_backward_checked(
         kd: (!teacher_logits.is_empty() || cached.is_some()).then_some(out.kd),
         loss: value,
         teacher_forwards: teacher_logits.len(),
+        teacher_seconds,
         grad_norm: None,
         skipped: None,
     };

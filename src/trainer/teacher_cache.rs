@@ -9,6 +9,7 @@ use recycle_engine::{DType, Device, Error, Result, Tensor};
 
 use super::runner::teacher_activations;
 use super::{teacher_checkpoint, Architecture};
+use crate::distill::cache::shard::row_bytes;
 use crate::distill::cache::{teacher_dir, CacheKey, CacheMode, CacheStats, RowSpec, TeacherCache};
 use crate::distill::TeacherStrategy;
 use crate::recipe::Recipe;
@@ -101,6 +102,11 @@ impl PoolCache {
 
     pub fn dirs(&self) -> Vec<&Path> {
         self.caches.iter().map(|c| c.dir()).collect()
+    }
+
+    /// The shard bytes of `targets` (rows of this cache).
+    pub fn bytes_of(&self, targets: &CachedTargets) -> u64 {
+        (targets.rows * row_bytes(targets.k, targets.classes, self.rows.values)) as u64
     }
 
     /// The targets of the `selected` teachers at `step`, when the cache holds all of them.

@@ -454,6 +454,37 @@ pub fn kd_loss(
     }
 }
 
+/// The loss on one teacher's cached targets below k = C (`kd_loss.cu`'s `kd_loss_cached_*`)
+/// over `student` `[N, C]` logits on a GPU (C at most 65,536), `labels` i32 `[N]` and an
+/// optional row `mask` `[N]`, with `upstream` the gradient of the total. The CPU twin is
+/// `crate::kd_loss::kd_loss_buckets_cpu`; the route at k = C is the online kernel
+/// ([`kd_loss`]) on the rows scattered back (`crate::kd_loss::kd_loss_cached` picks it).
+pub fn kd_loss_cached(
+    cfg: &crate::kd_loss::KdLoss,
+    student: &Tensor,
+    teacher: &crate::kd_loss::CachedTargets,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    upstream: f32,
+) -> Result<KdLossDevice> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kd_loss::cached_cuda::kd_loss_cached(cfg, student, teacher, labels, mask, upstream)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (cfg, teacher, labels, mask, upstream);
+        match student.device() {
+            Device::Cuda(n) => Err(no_backend_error(n)),
+            Device::Cpu => Err(Error::Device(
+                "kd_loss_cached (CUDA): the student logits are on the CPU; use \
+                 kd_loss_cached_cpu"
+                    .into(),
+            )),
+        }
+    }
+}
+
 /// The CUDA arm of an op: the expression with the `cuda` feature; without it no tensor can be
 /// on a GPU, and the arm returns the "no CUDA backend" error.
 #[macro_export]

@@ -153,7 +153,7 @@ impl CachedTargets {
     }
 
     /// The full rows of logits, when every class is cached (k = C).
-    fn dense(&self) -> Vec<f32> {
+    pub(super) fn dense(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.classes];
         for (r, (idx, vals)) in self
             .indices
@@ -183,16 +183,37 @@ pub fn kd_loss_cached_cpu(
     mask: Option<&[bool]>,
     classes: usize,
 ) -> Result<KdLossOutput> {
-    for (j, t) in teachers.iter().enumerate() {
-        check_targets(j, t, labels.len(), classes)?;
-    }
-    match teachers {
-        [one] if one.k < classes => kd_loss_buckets_cpu(cfg, student, one, labels, mask, classes),
-        many if many.iter().all(|t| t.k == classes) => {
-            let dense: Vec<Vec<f32>> = many.iter().map(CachedTargets::dense).collect();
+    match cached_route(teachers, labels.len(), classes)? {
+        CachedRoute::Buckets(one) => kd_loss_buckets_cpu(cfg, student, one, labels, mask, classes),
+        CachedRoute::Dense => {
+            let dense: Vec<Vec<f32>> = teachers.iter().map(CachedTargets::dense).collect();
             let refs: Vec<&[f32]> = dense.iter().map(|d| &d[..]).collect();
             kd_loss_cpu(cfg, student, &refs, labels, mask, classes)
         }
+    }
+}
+
+/// How the loss on cached targets is computed, on every device.
+pub(super) enum CachedRoute<'a> {
+    /// One teacher below k = C: the k + 1 bucket loss.
+    Buckets(&'a CachedTargets),
+    /// Every teacher at k = C (or none): the online loss on the rows scattered back.
+    Dense,
+}
+
+/// Checks `teachers` against `rows` rows of `classes` classes and picks the route; several
+/// teachers below k = C are an error (their mean logits cannot be rebuilt).
+pub(super) fn cached_route(
+    teachers: &[CachedTargets],
+    rows: usize,
+    classes: usize,
+) -> Result<CachedRoute<'_>> {
+    for (j, t) in teachers.iter().enumerate() {
+        check_targets(j, t, rows, classes)?;
+    }
+    match teachers {
+        [one] if one.k < classes => Ok(CachedRoute::Buckets(one)),
+        many if many.iter().all(|t| t.k == classes) => Ok(CachedRoute::Dense),
         many => Err(cache_err(format!(
             "{} teachers cached at k = {:?} of {classes} classes: the mean of several \
              teachers' logits needs every class cached (k = {classes}); cache them at k = \

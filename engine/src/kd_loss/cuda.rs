@@ -12,7 +12,7 @@ use crate::cuda::{common_device, KdLossDevice};
 use crate::kd_loss::{self as kdh, KdKind, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
-fn storage_of(op: &'static str, dtype: DType) -> Result<kdh::Storage> {
+pub(super) fn storage_of(op: &'static str, dtype: DType) -> Result<kdh::Storage> {
     match dtype {
         DType::F32 => Ok(kdh::Storage::F32),
         DType::BF16 => Ok(kdh::Storage::Bf16),
@@ -82,6 +82,33 @@ fn kd_loss_plan(
     Ok(calls)
 }
 
+/// The labels and the row mask (as i32, non-zero = the row counts) on the host, where the row
+/// counts are taken.
+pub(super) fn host_labels_and_mask(
+    op: &'static str,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    rows: usize,
+) -> Result<(Vec<i32>, Option<Vec<i32>>)> {
+    let labels_host = host_i32(labels)?;
+    let mask_host = match mask {
+        None => None,
+        Some(m) => {
+            if m.shape() != [rows] {
+                return Err(Error::shape(
+                    op,
+                    format!("mask {:?} does not match {rows} rows", m.shape()),
+                ));
+            }
+            Some(match m.dtype() {
+                DType::I32 => host_i32(m)?,
+                _ => m.to_vec_f32()?.iter().map(|&v| (v != 0.0) as i32).collect(),
+            })
+        }
+    };
+    Ok((labels_host, mask_host))
+}
+
 /// See [`crate::cuda::kd_loss`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kd_loss(
@@ -123,22 +150,7 @@ pub(crate) fn kd_loss(
             ));
         }
     }
-    let labels_host = host_i32(labels)?;
-    let mask_host: Option<Vec<i32>> = match mask {
-        None => None,
-        Some(m) => {
-            if m.shape() != [rows] {
-                return Err(Error::shape(
-                    OP,
-                    format!("mask {:?} does not match {rows} rows", m.shape()),
-                ));
-            }
-            Some(match m.dtype() {
-                DType::I32 => host_i32(m)?,
-                _ => m.to_vec_f32()?.iter().map(|&v| (v != 0.0) as i32).collect(),
-            })
-        }
-    };
+    let (labels_host, mask_host) = host_labels_and_mask(OP, labels, mask, rows)?;
     let ker_term = term.filter(|_| !(teachers.is_empty() || lambda == 0.0));
     let (ce_rows, kd_rows) = kdh::row_counts(
         &labels_host,

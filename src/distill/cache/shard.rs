@@ -63,6 +63,16 @@ fn index_bytes(classes: usize) -> usize {
     }
 }
 
+/// The bytes a row of `k` kept classes out of `classes` takes in a shard: the indices, the
+/// values and the tail's f32 log-sum-exp.
+pub fn row_bytes(k: usize, classes: usize, values: ValueType) -> usize {
+    let value = match values {
+        ValueType::Bf16 => 2,
+        ValueType::F32 => 4,
+    };
+    k * (index_bytes(classes) + value) + 4
+}
+
 /// Rounds a value as the cache stores it.
 pub fn round_value(v: f32, values: ValueType) -> f32 {
     match values {

@@ -1,0 +1,259 @@
+//! The CUDA arm of the loss on cached teacher targets below k = C (`crate::kd_loss::
+//! kd_loss_cached`): the `kd_loss_cached_*` row kernels of `kd_loss.cu` and `kd_loss_reduce`.
+//! The cached rows come from the cache's files on the host and are uploaded per step (k
+//! indices and values and one f32 per row: a few KB, where the student's logits stay on the
+//! GPU). Its CPU twin is `crate::kd_loss::kd_loss_buckets_cpu`.
+
+use recycle_kernels::kd_loss::{cached_kernel_name, cached_row_call, CachedRowArgs};
+use recycle_kernels::launch as kl;
+use recycle_kernels::launchers as k;
+
+use super::cuda::{host_labels_and_mask, storage_of};
+use crate::cuda::common::{empty, on_gpu_i32, p, rows_cfg, run, view};
+use crate::cuda::launch::{fit_u32, KernelCall};
+use crate::cuda::KdLossDevice;
+use crate::kd_loss::{self as kdh, CachedTargets, KdKind, KdLoss, KdScalars};
+use crate::{DType, Device, Error, Result, Tensor};
+
+const OP: &str = "kd_loss_cached";
+
+/// Device addresses of one cached step's buffers.
+struct CachedPtrs {
+    logits: u64,
+    grad: u64,
+    indices: u64,
+    values: u64,
+    tail_lse: u64,
+    labels: u64,
+    mask: u64,
+    row_ce: u64,
+    row_kd: u64,
+    out: u64,
+}
+
+/// The row kernel and the reduction of the loss on cached targets.
+fn kd_loss_cached_plan(
+    kernel: &'static str,
+    b: &CachedPtrs,
+    rows: usize,
+    classes: usize,
+    k: usize,
+    ignore_index: i32,
+    s: &KdScalars,
+) -> Result<Vec<KernelCall>> {
+    let mut calls = Vec::new();
+    if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
+        let args = CachedRowArgs {
+            logits: b.logits,
+            grad: b.grad,
+            indices: p(b.indices),
+            values: p(b.values),
+            tail_lse: p(b.tail_lse),
+            k: fit_u32(kernel, "k, the cached classes per row", k)?,
+            labels: p(b.labels),
+            mask: p(b.mask),
+            row_ce: p(b.row_ce),
+            row_kd: p(b.row_kd),
+            classes: fit_u32(kernel, "the number of classes", classes)?,
+            ignore_index,
+            inv_t: s.inv_t,
+            t_sq: s.t_sq,
+            ce_weight: s.grad_ce_weight,
+            kd_scale: s.grad_kd_scale,
+        };
+        calls.push(cached_row_call(kernel, cfg, &args).map_err(|e| Error::invalid(OP, e.0))?);
+    }
+    calls.push(k::kd_loss_reduce(
+        kl::single_block(),
+        p(b.row_ce),
+        p(b.row_kd),
+        fit_u32("kd_loss_reduce", "the number of rows", rows)?,
+        s.ce_weight,
+        s.kd_weight,
+        s.lambda,
+        p(b.out),
+    ));
+    Ok(calls)
+}
+
+/// The kernel's scalars: those of the online loss, except that MSE averages over the k cached
+/// classes (`λ·2/(rows·k)`, in the CPU twin's order), not over C.
+fn cached_scalars(
+    cfg: &KdLoss,
+    ce_rows: usize,
+    kd_rows: usize,
+    classes: usize,
+    k: usize,
+    upstream: f32,
+) -> Result<KdScalars> {
+    let per_row = match cfg.kind {
+        KdKind::Mse => k,
+        KdKind::Kl { .. } => classes,
+    };
+    KdScalars::new(
+        Some(cfg.kind),
+        cfg.weight,
+        ce_rows,
+        kd_rows,
+        per_row,
+        upstream,
+    )
+}
+
+/// See [`crate::cuda::kd_loss_cached`].
+pub(crate) fn kd_loss_cached(
+    cfg: &KdLoss,
+    student: &Tensor,
+    teacher: &CachedTargets,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+    upstream: f32,
+) -> Result<KdLossDevice> {
+    cfg.validate()?;
+    student.expect_rank(OP, "student logits", 2)?;
+    labels.expect_dtype(OP, DType::I32)?;
+    let (rows, classes) = (student.shape()[0], student.shape()[1]);
+    if labels.shape() != [rows] || teacher.rows != rows || teacher.classes != classes {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "student logits {:?}, labels {:?} and cached targets of {} rows of {} classes \
+                 do not match: the cache is not of this step's batch",
+                student.shape(),
+                labels.shape(),
+                teacher.rows,
+                teacher.classes
+            ),
+        ));
+    }
+    teacher.validate()?;
+    let (labels_host, mask_host) = host_labels_and_mask(OP, labels, mask, rows)?;
+    let (ce_rows, kd_rows) = kdh::row_counts(
+        &labels_host,
+        mask_host.as_deref(),
+        classes,
+        cfg.ignore_index,
+        true,
+    )?;
+    let s = cached_scalars(cfg, ce_rows, kd_rows, classes, teacher.k, upstream)?;
+    if !s.kd_active() {
+        // λ = 0 or no row counts: CE alone, as the CPU twin.
+        return super::cuda::kd_loss(
+            None,
+            cfg.weight,
+            cfg.ignore_index,
+            student,
+            &[],
+            labels,
+            mask,
+            upstream,
+        );
+    }
+    let bf16 = storage_of(OP, student.dtype())? == kdh::Storage::Bf16;
+    let kernel = cached_kernel_name(cfg.kind == KdKind::Mse, bf16);
+
+    let sv = view(student, OP)?;
+    let ctx = sv.ctx.clone();
+    let dev = Device::Cuda(ctx.ordinal());
+    let labels_dev = on_gpu_i32(&ctx, labels, &labels_host)?;
+    let mask_dev = match &mask_host {
+        Some(m) => Some(Tensor::from_slice(m, &[rows], dev)?),
+        None => None,
+    };
+    // Classes fit i32 (the kernel takes at most 65,536); the kernel reads them as u32.
+    let indices: Vec<i32> = teacher.indices.iter().map(|&j| j as i32).collect();
+    let indices = Tensor::from_vec(indices, &[rows, teacher.k], dev)?;
+    let values = Tensor::from_slice(&teacher.values, &[rows, teacher.k], dev)?;
+    let tail_lse = Tensor::from_slice(&teacher.tail_lse, &[rows], dev)?;
+    let grad = empty(&ctx, student.dtype(), student.shape())?;
+    let row_ce = empty(&ctx, DType::F32, &[rows])?;
+    let row_kd = empty(&ctx, DType::F32, &[rows])?;
+    let out = empty(&ctx, DType::F32, &[3])?;
+    let ptr = |t: &Tensor| view(t, OP).map(|v| v.ptr);
+    let ptrs = CachedPtrs {
+        logits: sv.ptr,
+        grad: ptr(&grad)?,
+        indices: ptr(&indices)?,
+        values: ptr(&values)?,
+        tail_lse: ptr(&tail_lse)?,
+        labels: ptr(&labels_dev)?,
+        mask: mask_dev.as_ref().map_or(Ok(0), ptr)?,
+        row_ce: ptr(&row_ce)?,
+        row_kd: ptr(&row_kd)?,
+        out: ptr(&out)?,
+    };
+    let plan = kd_loss_cached_plan(
+        kernel,
+        &ptrs,
+        rows,
+        classes,
+        teacher.k,
+        cfg.ignore_index,
+        &s,
+    )?;
+    run(&ctx, &plan)?;
+    let totals = out.to_vec::<f32>()?;
+    Ok(KdLossDevice {
+        ce: totals[0],
+        kd: totals[1],
+        total: totals[2],
+        grad,
+        ce_rows,
+        kd_rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::common::check_all;
+
+    fn ptrs() -> CachedPtrs {
+        CachedPtrs {
+            logits: 1,
+            grad: 2,
+            indices: 3,
+            values: 4,
+            tail_lse: 5,
+            labels: 6,
+            mask: 0,
+            row_ce: 7,
+            row_kd: 8,
+            out: 9,
+        }
+    }
+
+    #[test]
+    fn kd_loss_cached_plans_for_every_kernel() {
+        let cfg = KdLoss::kl(2.0, 0.5);
+        let s = cached_scalars(&cfg, 3, 4, 30_522, 10, 1.0).unwrap();
+        for (mse, bf16) in [(false, false), (false, true), (true, false), (true, true)] {
+            let kernel = cached_kernel_name(mse, bf16);
+            let plan = kd_loss_cached_plan(kernel, &ptrs(), 8, 30_522, 10, -100, &s).unwrap();
+            assert_eq!(plan.len(), 2);
+            assert_eq!(plan[0].kernel, kernel);
+            check_all(&plan);
+        }
+        let kernel = cached_kernel_name(false, false);
+        // More classes than the kernel's bitmap holds, and k outside 1..=C.
+        assert!(kd_loss_cached_plan(kernel, &ptrs(), 8, 65_537, 10, -100, &s).is_err());
+        assert!(kd_loss_cached_plan(kernel, &ptrs(), 8, 10, 11, -100, &s).is_err());
+        // No rows: only the reduction runs (it writes zeros).
+        let plan = kd_loss_cached_plan(kernel, &ptrs(), 0, 10, 3, -100, &s).unwrap();
+        assert_eq!(plan.len(), 1);
+    }
+
+    /// MSE averages over the k cached classes, KL's scale is the online loss's.
+    #[test]
+    fn cached_scalars_follow_the_cpu_twin() {
+        let (lambda, w_kd) = (0.6f32, 1.0 / 7.0f32);
+        let s = cached_scalars(&KdLoss::mse(lambda), 3, 7, 100, 4, 1.0).unwrap();
+        assert_eq!(
+            s.grad_kd_scale.to_bits(),
+            (lambda * 2.0 * w_kd / 4.0).to_bits()
+        );
+        let s = cached_scalars(&KdLoss::kl(3.0, lambda), 3, 7, 100, 4, 1.0).unwrap();
+        assert_eq!(s.grad_kd_scale.to_bits(), (lambda * 3.0 * w_kd).to_bits());
+        assert_eq!(s.t_sq, 9.0);
+    }
+}
