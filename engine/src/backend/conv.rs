@@ -244,6 +244,10 @@ fn im2col_row(x: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [
     for b in 0..items {
         let plane = &x[b * g.image() + c * g.h * g.w..][..g.h * g.w];
         let dst_img = &mut row[b * g.pixels()..(b + 1) * g.pixels()];
+        if g.stride == 1 && g.ow == g.w {
+            shifted_plane(plane, g, (i, j), (ih_lo, ih_hi), (lo, hi), dst_img);
+            continue;
+        }
         for (oh, dst) in dst_img.chunks_mut(g.ow).enumerate() {
             if oh < ih_lo || oh >= ih_hi {
                 dst.fill(0.0);
@@ -266,6 +270,38 @@ fn im2col_row(x: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [
                 }
             }
         }
+    }
+}
+
+/// `im2col_row` for one image when the stride is 1 and output rows are as long as input rows
+/// (a "same" convolution): the valid output rows `[ih_lo, ih_hi)` are then the input plane
+/// shifted by `(i - p) * W + (j - p)`, one copy instead of one per row (the rows of small
+/// images are only 4-28 floats long), and the `kw - 1` columns that wrapped around from the
+/// neighbouring row are zeroed after it.
+fn shifted_plane(
+    plane: &[f32],
+    g: &Conv2dGeometry,
+    (i, j): (usize, usize),
+    (ih_lo, ih_hi): (usize, usize),
+    (lo, hi): (usize, usize),
+    dst: &mut [f32],
+) {
+    let ow = g.ow;
+    if ih_lo >= ih_hi || lo >= hi {
+        dst.fill(0.0);
+        return;
+    }
+    dst[..ih_lo * ow].fill(0.0);
+    dst[ih_hi * ow..].fill(0.0);
+    // Output pixel `q` of the valid rows reads input element `q + i*W + j - p*(W + 1)`; the
+    // copied span runs from the first valid pixel to the last one.
+    let (first, last) = (ih_lo * ow + lo, (ih_hi - 1) * ow + hi);
+    let src_first = first + i * g.w + j - g.padding * (g.w + 1);
+    dst[first..last].copy_from_slice(&plane[src_first..src_first + last - first]);
+    for oh in ih_lo..ih_hi {
+        let r = &mut dst[oh * ow..(oh + 1) * ow];
+        r[..lo].iter_mut().for_each(|v| *v = 0.0);
+        r[hi..].iter_mut().for_each(|v| *v = 0.0);
     }
 }
 
@@ -602,9 +638,88 @@ pub fn conv2d_backward_cpu_with(
     need: [bool; 3],
     schedule: ConvSchedule,
 ) -> Result<Conv2dGrads> {
+    backward_cpu(x, weight, grad, g, need, schedule, true)
+}
+
+/// `conv2d_backward_cpu_with` lowering every gradient to products on the column matrix, the
+/// input gradient included (`W^T x dY` scattered back by col2im): the oracle the other input
+/// gradient path is checked against.
+pub fn conv2d_backward_cpu_lowered(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+    schedule: ConvSchedule,
+) -> Result<Conv2dGrads> {
+    backward_cpu(x, weight, grad, g, need, schedule, false)
+}
+
+/// The geometry of the input gradient of a stride-1 convolution run as a forward one: `dx` is
+/// the convolution of `dy [N, O, OH, OW]` with the weight flipped in space and its channel
+/// axes swapped (`[C, O, kh, kw]`, [`flipped_weight`]) at padding `k - 1 - p`. As a forward it
+/// is one product per group of images with depth `O*kh*kw` and a gather (im2col) instead of
+/// products of depth `O` and a scatter-add (col2im): the products of few-channel layers are
+/// as deep as the forward's, and the scatter goes. `None` where that does not hold (strided,
+/// non-square kernels, padding of a kernel's size or more, 1x1 pointwise: already one product).
+pub fn transposed_geometry(g: &Conv2dGeometry) -> Option<Conv2dGeometry> {
+    if g.stride != 1 || g.kh != g.kw || g.padding >= g.kh || g.is_pointwise() {
+        return None;
+    }
+    let opts = super::Conv2dOptions {
+        stride: 1,
+        padding: g.kh - 1 - g.padding,
+    };
+    let t = Conv2dGeometry::new(&[g.n, g.o, g.oh, g.ow], &[g.c, g.o, g.kh, g.kw], opts).ok()?;
+    (t.oh == g.h && t.ow == g.w).then_some(t)
+}
+
+/// `w'[c, o, i, j] = w[o, c, kh-1-i, kw-1-j]`: the weight of [`transposed_geometry`].
+pub fn flipped_weight(weight: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
+    let k = g.kh * g.kw;
+    let mut out = vec![0f32; g.c * g.o * k];
+    for (co, dst) in out.chunks_mut(k).enumerate() {
+        let (c, o) = (co / g.o, co % g.o);
+        let src = &weight[(o * g.c + c) * k..][..k];
+        for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+            *d = *s;
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_cpu(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+    schedule: ConvSchedule,
+    dx_by_forward: bool,
+) -> Result<Conv2dGrads> {
     check_buffers(g, x.len(), weight.len(), grad.len(), "output gradient")?;
     let (ck, p, img, oimg) = (g.patch(), g.pixels(), g.image(), g.o * g.pixels());
     let [need_x, need_w, need_b] = need;
+    let transposed = if need_x && dx_by_forward && g.n > 0 && ck > 0 && oimg > 0 {
+        transposed_geometry(g)
+    } else {
+        None
+    };
+    if let Some(t) = transposed {
+        let mut dx = vec![0f32; g.n * img];
+        conv2d_forward_cpu_with(
+            grad,
+            &flipped_weight(weight, g),
+            None,
+            &t,
+            &mut dx,
+            schedule,
+        )?;
+        let mut rest = backward_cpu(x, weight, grad, g, [false, need_w, need_b], schedule, false)?;
+        rest.x = Some(dx);
+        return Ok(rest);
+    }
     let mut dx = need_x.then(|| vec![0f32; g.n * img]);
     let mut dw = need_w.then(|| vec![0f32; g.o * ck]);
     let db = need_b.then(|| bias_grad_cpu(grad, g.n, g.o, p));
