@@ -217,7 +217,7 @@ impl ConvSchedule {
 fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
     for (oc, row) in dst[..o * cnt * p].chunks_mut(cnt * p).enumerate() {
         for (b, d) in row.chunks_mut(p).enumerate() {
-            d.copy_from_slice(&src[(b * o + oc) * p..][..p]);
+            copy_short(d, &src[(b * o + oc) * p..][..p]);
         }
     }
 }
@@ -244,64 +244,114 @@ fn im2col_row(x: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [
     for b in 0..items {
         let plane = &x[b * g.image() + c * g.h * g.w..][..g.h * g.w];
         let dst_img = &mut row[b * g.pixels()..(b + 1) * g.pixels()];
-        if g.stride == 1 && g.ow == g.w {
-            shifted_plane(plane, g, (i, j), (ih_lo, ih_hi), (lo, hi), dst_img);
+        // Rows are short (4-28 floats): one fill of the image, then the valid spans, rather
+        // than a fill call per row margin.
+        if lo > 0 || hi < g.ow || ih_lo > 0 || ih_hi < g.oh {
+            dst_img.fill(0.0);
+        }
+        if lo >= hi {
             continue;
         }
-        for (oh, dst) in dst_img.chunks_mut(g.ow).enumerate() {
+        let first = lo * g.stride + j - g.padding;
+        for (oh, dst) in dst_img.chunks_exact_mut(g.ow).enumerate() {
             if oh < ih_lo || oh >= ih_hi {
-                dst.fill(0.0);
                 continue;
             }
             let src = &plane[(oh * g.stride + i - g.padding) * g.w..][..g.w];
-            dst[..lo].fill(0.0);
-            dst[hi..].fill(0.0);
-            if lo < hi {
-                let first = lo * g.stride + j - g.padding;
-                if g.stride == 1 {
-                    dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                } else {
-                    for (d, s) in dst[lo..hi]
-                        .iter_mut()
-                        .zip(src[first..].iter().step_by(g.stride))
-                    {
-                        *d = *s;
-                    }
-                }
+            match g.stride {
+                1 => copy_short(&mut dst[lo..hi], &src[first..first + hi - lo]),
+                2 => gather_strided::<2>(&mut dst[lo..hi], &src[first..]),
+                s => gather_strided_any(&mut dst[lo..hi], &src[first..], s),
             }
         }
     }
 }
 
-/// `im2col_row` for one image when the stride is 1 and output rows are as long as input rows
-/// (a "same" convolution): the valid output rows `[ih_lo, ih_hi)` are then the input plane
-/// shifted by `(i - p) * W + (j - p)`, one copy instead of one per row (the rows of small
-/// images are only 4-28 floats long), and the `kw - 1` columns that wrapped around from the
-/// neighbouring row are zeroed after it.
-fn shifted_plane(
-    plane: &[f32],
-    g: &Conv2dGeometry,
-    (i, j): (usize, usize),
-    (ih_lo, ih_hi): (usize, usize),
-    (lo, hi): (usize, usize),
-    dst: &mut [f32],
-) {
-    let ow = g.ow;
-    if ih_lo >= ih_hi || lo >= hi {
-        dst.fill(0.0);
+/// `dst[k] = src[S * k]`, with the stride known to the compiler (it vectorises this).
+fn gather_strided<const S: usize>(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    if n == 0 {
         return;
     }
-    dst[..ih_lo * ow].fill(0.0);
-    dst[ih_hi * ow..].fill(0.0);
-    // Output pixel `q` of the valid rows reads input element `q + i*W + j - p*(W + 1)`; the
-    // copied span runs from the first valid pixel to the last one.
-    let (first, last) = (ih_lo * ow + lo, (ih_hi - 1) * ow + hi);
+    let src = &src[..S * (n - 1) + 1];
+    for (k, d) in dst.iter_mut().enumerate() {
+        *d = src[S * k];
+    }
+}
+
+fn gather_strided_any(dst: &mut [f32], src: &[f32], stride: usize) {
+    for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+        *d = *s;
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the short rows of small images, in fixed 8-float blocks the
+/// compiler copies inline (a library `memmove` call costs more than moving 16-64 bytes).
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    if dst.len() >= 64 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let src = &src[..dst.len()];
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d8, s8) in (&mut d).zip(&mut s) {
+        let s8: [f32; 8] = s8.try_into().expect("8-float block");
+        d8.copy_from_slice(&s8);
+    }
+    for (x, y) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *x = *y;
+    }
+}
+
+/// Whether the rows of the column matrix are shifted copies of the input (`same_row`): stride
+/// 1 and output rows as long as input rows (a "same" convolution, ResNet's 3x3 ones).
+fn shifts_rows(g: &Conv2dGeometry) -> bool {
+    g.stride == 1 && g.ow == g.w && g.oh == g.h
+}
+
+/// `[items, C, H, W]` -> `[C, items, H, W]`: each channel of a group of images as one tall
+/// image, so that a row of their column matrix is one shifted copy (`same_row`).
+fn channel_major(x: &[f32], g: &Conv2dGeometry, items: usize) -> Vec<f32> {
+    let hw = g.h * g.w;
+    let mut out = Vec::with_capacity(items * g.image());
+    for c in 0..g.c {
+        for b in 0..items {
+            out.extend_from_slice(&x[b * g.image() + c * hw..][..hw]);
+        }
+    }
+    out
+}
+
+/// Row `r = (c, i, j)` of the column matrix of a "same" convolution (`shifts_rows`) from
+/// `tall`, channel `c` of `items` images back to back (`[items, H, W]`): output pixel `q` of
+/// the group reads `tall[q + (i - p) * W + (j - p)]`, so the row is one copy of `tall` shifted
+/// (instead of one per image row: the rows of small images are 4-28 floats long), then the
+/// pixels whose source lies in the padding (and so was read from a neighbouring row or image)
+/// are zeroed.
+fn same_row(tall: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [f32]) {
+    let (i, j) = ((r / g.kw) % g.kh, r % g.kw);
+    let (lo, hi) = valid_range(g.ow, g.w, j, g);
+    let (ih_lo, ih_hi) = valid_range(g.oh, g.h, i, g);
+    let (ow, pix) = (g.ow, g.pixels());
+    if ih_lo >= ih_hi || lo >= hi {
+        row.fill(0.0);
+        return;
+    }
+    let (first, last) = (ih_lo * ow + lo, (items - 1) * pix + (ih_hi - 1) * ow + hi);
     let src_first = first + i * g.w + j - g.padding * (g.w + 1);
-    dst[first..last].copy_from_slice(&plane[src_first..src_first + last - first]);
-    for oh in ih_lo..ih_hi {
-        let r = &mut dst[oh * ow..(oh + 1) * ow];
-        r[..lo].iter_mut().for_each(|v| *v = 0.0);
-        r[hi..].iter_mut().for_each(|v| *v = 0.0);
+    row[first..last].copy_from_slice(&tall[src_first..src_first + last - first]);
+    for img in row.chunks_exact_mut(pix) {
+        img[..ih_lo * ow].fill(0.0);
+        img[ih_hi * ow..].fill(0.0);
+        for r in img[ih_lo * ow..ih_hi * ow].chunks_exact_mut(ow) {
+            for v in &mut r[..lo] {
+                *v = 0.0;
+            }
+            for v in &mut r[hi..] {
+                *v = 0.0;
+            }
+        }
     }
 }
 
@@ -312,6 +362,24 @@ pub fn im2col_cpu(x: &[f32], g: &Conv2dGeometry, items: usize, cols: &mut [f32],
         return;
     }
     let cols = &mut cols[..g.patch() * row_len];
+    if shifts_rows(g) {
+        let tall = if items == 1 {
+            std::borrow::Cow::Borrowed(&x[..g.image()])
+        } else {
+            std::borrow::Cow::Owned(channel_major(x, g, items))
+        };
+        let plane = items * g.h * g.w;
+        let one = |(r, row): (usize, &mut [f32])| {
+            let c = r / (g.kh * g.kw);
+            same_row(&tall[c * plane..][..plane], g, items, r, row)
+        };
+        if parallel {
+            cols.par_chunks_mut(row_len).enumerate().for_each(one);
+        } else {
+            cols.chunks_mut(row_len).enumerate().for_each(one);
+        }
+        return;
+    }
     if parallel {
         cols.par_chunks_mut(row_len)
             .enumerate()
@@ -482,7 +550,7 @@ pub fn conv2d_forward_cpu_with(
                     .enumerate()
                     .for_each(|(b, out_n)| {
                         for (o, dst) in out_n.chunks_mut(p).enumerate() {
-                            dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                            copy_short(dst, &tmp[o * cnt * p + b * p..][..p]);
                         }
                         add_bias(out_n, bias, p);
                     });
@@ -534,7 +602,7 @@ fn grouped_forward(
                 // [O, cnt*P] -> [cnt, O, P]
                 for (b, out_n) in out_g.chunks_mut(oimg).enumerate() {
                     for (o, dst) in out_n.chunks_mut(p).enumerate() {
-                        dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                        copy_short(dst, &tmp[o * cnt * p + b * p..][..p]);
                     }
                     add_bias(out_n, bias, p);
                 }
@@ -821,7 +889,7 @@ fn backward_cpu(
                         .enumerate()
                         .for_each(|(o, row)| {
                             for (b, dst) in row.chunks_mut(p).enumerate() {
-                                dst.copy_from_slice(&dy_g[b * oimg + o * p..][..p]);
+                                copy_short(dst, &dy_g[b * oimg + o * p..][..p]);
                             }
                         });
                     dyt
