@@ -5,7 +5,7 @@
 //! step runs them (no bias: BatchNorm follows every convolution). Medians over `reps` rounds.
 //!
 //!     cargo run --release -p recycle-engine --example resnet_convs -- [batch] [reps] [width] \
-//!         [--cpu-time] [--json]
+//!         [--cpu-time] [--json] [--only=TEXT]
 //!
 //! `--cpu-time` times CPU time instead of the clock (see `time_ms`). Prints a table and, with
 //! `--json`, one JSON line per convolution instead (milliseconds),
@@ -79,6 +79,8 @@ fn time_ms(reps: usize, cpu: bool, mut f: impl FnMut()) -> f64 {
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
     let cpu = std::env::args().any(|a| a == "--cpu-time");
+    // `--only=TEXT`: the convolutions whose name (as printed) contains TEXT.
+    let only = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_string));
     let nums: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -109,6 +111,10 @@ fn main() {
                 .to_vec_f32()
                 .unwrap()
         };
+        let name = format!("{c}->{o} {k}x{k} s{s} {hw}x{hw}");
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let x = randn(&[n, c, hw, hw], 1);
         let w = randn(&[o, c, k, k], 2);
         let dy = randn(&[n, o, g.oh, g.ow], 3);
@@ -129,7 +135,7 @@ fn main() {
         };
         let dw = backward([false, true, false]);
         let gflops = |ms: f64| g.forward_flops() as f64 / ms / 1e6;
-        let name = format!("{c}->{o} {k}x{k} s{s} {hw}x{hw}");
+
         if json {
             println!(
                 "{{\"conv\": \"{name}\", \"uses\": {uses}, \"threads\": {threads}, \

@@ -305,52 +305,58 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 }
 
 /// Whether the rows of the column matrix are shifted copies of the input (`same_row`): stride
-/// 1 and output rows as long as input rows (a "same" convolution, ResNet's 3x3 ones).
+/// 1 and output images as large as input ones (a "same" convolution, ResNet's 3x3 ones).
 fn shifts_rows(g: &Conv2dGeometry) -> bool {
     g.stride == 1 && g.ow == g.w && g.oh == g.h
 }
 
-/// `[items, C, H, W]` -> `[C, items, H, W]`: each channel of a group of images as one tall
-/// image, so that a row of their column matrix is one shifted copy (`same_row`).
-fn channel_major(x: &[f32], g: &Conv2dGeometry, items: usize) -> Vec<f32> {
+/// `[items, C, H, W]` -> `[C, items, H, W]` with zero margins: each channel of a group of
+/// images as one tall image, `padding * (W + 1)` zeros before it and `kh * W + kw` after, the
+/// channels `plane` floats apart. Pixel `q` of the group's output reads
+/// `tall[c * plane + q + i * W + j]` for kernel offset `(i, j)` of a "same" convolution
+/// (`shifts_rows`), always inside the buffer.
+fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize) -> (Vec<f32>, usize) {
     let hw = g.h * g.w;
-    let mut out = Vec::with_capacity(items * g.image());
-    for c in 0..g.c {
-        for b in 0..items {
-            out.extend_from_slice(&x[b * g.image() + c * hw..][..hw]);
+    let front = g.padding * (g.w + 1);
+    let plane = front + items * hw + g.kh * g.w + g.kw;
+    let mut out = vec![0f32; g.c * plane];
+    for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
+        for (b, d) in dst[front..front + items * hw]
+            .chunks_exact_mut(hw)
+            .enumerate()
+        {
+            d.copy_from_slice(&x[b * g.image() + c * hw..][..hw]);
+        }
+    }
+    (out, plane)
+}
+
+/// Per kernel offset `(i, j)` (row `i * kw + j`), all bits set at the output pixels of an image
+/// whose source lies inside it and none at those that fall in the padding.
+fn inside_masks(g: &Conv2dGeometry) -> Vec<u32> {
+    let mut out = vec![0u32; g.kh * g.kw * g.pixels()];
+    for (k, mask) in out.chunks_exact_mut(g.pixels()).enumerate() {
+        let (lo, hi) = valid_range(g.ow, g.w, k % g.kw, g);
+        let (ih_lo, ih_hi) = valid_range(g.oh, g.h, k / g.kw, g);
+        for oh in ih_lo..ih_hi {
+            mask[oh * g.ow + lo..oh * g.ow + hi].fill(u32::MAX);
         }
     }
     out
 }
 
-/// Row `r = (c, i, j)` of the column matrix of a "same" convolution (`shifts_rows`) from
-/// `tall`, channel `c` of `items` images back to back (`[items, H, W]`): output pixel `q` of
-/// the group reads `tall[q + (i - p) * W + (j - p)]`, so the row is one copy of `tall` shifted
-/// (instead of one per image row: the rows of small images are 4-28 floats long), then the
-/// pixels whose source lies in the padding (and so was read from a neighbouring row or image)
-/// are zeroed.
-fn same_row(tall: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [f32]) {
-    let (i, j) = ((r / g.kw) % g.kh, r % g.kw);
-    let (lo, hi) = valid_range(g.ow, g.w, j, g);
-    let (ih_lo, ih_hi) = valid_range(g.oh, g.h, i, g);
-    let (ow, pix) = (g.ow, g.pixels());
-    if ih_lo >= ih_hi || lo >= hi {
-        row.fill(0.0);
-        return;
-    }
-    let (first, last) = (ih_lo * ow + lo, (items - 1) * pix + (ih_hi - 1) * ow + hi);
-    let src_first = first + i * g.w + j - g.padding * (g.w + 1);
-    row[first..last].copy_from_slice(&tall[src_first..src_first + last - first]);
-    for img in row.chunks_exact_mut(pix) {
-        img[..ih_lo * ow].fill(0.0);
-        img[ih_hi * ow..].fill(0.0);
-        for r in img[ih_lo * ow..ih_hi * ow].chunks_exact_mut(ow) {
-            for v in &mut r[..lo] {
-                *v = 0.0;
-            }
-            for v in &mut r[hi..] {
-                *v = 0.0;
-            }
+/// Row `r = (c, i, j)` of the column matrix of a "same" convolution (`shifts_rows`): per
+/// image, one pass that copies the shifted tall image (`tall_images`, channel `c`) where
+/// `mask` (`inside_masks`, offset `(i, j)`) is set and writes 0 in the padding, instead of a
+/// copy and fills per image row (the rows of small images are 4-28 floats long).
+fn same_row(tall: &[f32], g: &Conv2dGeometry, r: usize, mask: &[u32], row: &mut [f32]) {
+    let base = ((r / g.kw) % g.kh) * g.w + r % g.kw;
+    let pix = g.pixels();
+    for (b, img) in row.chunks_exact_mut(pix).enumerate() {
+        let src = &tall[b * pix + base..][..pix];
+        // A bitwise AND with all ones or zeros: exact for every value, and vectorised.
+        for ((d, s), m) in img.iter_mut().zip(src).zip(mask) {
+            *d = f32::from_bits(s.to_bits() & m);
         }
     }
 }
@@ -363,15 +369,12 @@ pub fn im2col_cpu(x: &[f32], g: &Conv2dGeometry, items: usize, cols: &mut [f32],
     }
     let cols = &mut cols[..g.patch() * row_len];
     if shifts_rows(g) {
-        let tall = if items == 1 {
-            std::borrow::Cow::Borrowed(&x[..g.image()])
-        } else {
-            std::borrow::Cow::Owned(channel_major(x, g, items))
-        };
-        let plane = items * g.h * g.w;
+        let (tall, plane) = tall_images(x, g, items);
+        let masks = inside_masks(g);
+        let k = g.kh * g.kw;
         let one = |(r, row): (usize, &mut [f32])| {
-            let c = r / (g.kh * g.kw);
-            same_row(&tall[c * plane..][..plane], g, items, r, row)
+            let mask = &masks[(r % k) * g.pixels()..][..g.pixels()];
+            same_row(&tall[(r / k) * plane..][..plane], g, r, mask, row)
         };
         if parallel {
             cols.par_chunks_mut(row_len).enumerate().for_each(one);
