@@ -939,3 +939,7 @@ pub fn bias_grad_cpu(grad: &[f32], n: usize, o: usize, pixels: usize) -> Vec<f32
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "conv_paths_tests.rs"]
+mod paths_tests;
