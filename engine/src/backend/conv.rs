@@ -9,6 +9,17 @@
 //! same lowering: `dW += dY_n x cols_n^T`, `dcols = W^T x dY_n` scattered back by col2im, and
 //! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
 //! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
+//!
+//! Two specialisations for the small images and few channels of a CPU-sized ResNet (each
+//! checked against the general path it replaces, `conv_paths_tests.rs`):
+//! - a "same" convolution (stride 1, output as large as the input: ResNet's 3x3) builds each
+//!   column row in one masked pass per image over the group's channel laid out as one tall,
+//!   zero-margined image (`tall_images`, `same_row`), not a copy and fills per 4-28-float row;
+//! - the input gradient of a stride-1 convolution runs as the forward convolution of `dY` with
+//!   the flipped weight (`transposed_geometry`): products of depth `O*kh*kw` and a gather,
+//!   instead of depth `O` (8 for the demo's first stage) and the col2im scatter-add.
+//!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle.
+//!
 //! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
 //! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
 //!

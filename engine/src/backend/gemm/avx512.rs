@@ -285,9 +285,9 @@ unsafe fn serial(
 /// where that wastes fewer rows (8 filters: one 8-row tile, not two thirds of a 12-row one;
 /// 16 or 32: tiles of 8). Packed A is laid out in `MR`-row panels: always `MR`.
 fn tile_rows(left: usize, packed_a: bool) -> usize {
-    if packed_a || left % MR == 0 {
+    if packed_a || left.is_multiple_of(MR) {
         MR
-    } else if left <= MR_SMALL || (left % MR_SMALL == 0 && left <= 6 * MR_SMALL) {
+    } else if left <= MR_SMALL || (left.is_multiple_of(MR_SMALL) && left <= 6 * MR_SMALL) {
         MR_SMALL
     } else {
         MR
