@@ -39,6 +39,8 @@ use super::Half;
 pub const MR: usize = 12;
 /// Rows of the smaller tile `tile_rows` picks for few-row products.
 const MR_SMALL: usize = 8;
+/// Elements of the largest B that `serial` reads in place (1 MiB of f32).
+const IN_PLACE_B: usize = 1 << 18;
 /// Columns of the register tile: two 16-lane vectors.
 pub const NR: usize = 32;
 /// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 4/5
@@ -214,7 +216,9 @@ unsafe fn serial(
         let (bbuf, abuf) = &mut *bufs;
         // A row-major B used by at most two row tiles is read where it lies: packing it would
         // cost about as much as the products that use it (convolutions with 8-24 filters).
-        let pack_b_rows = b.cs != 1 || m > 2 * MR;
+        // Only a B that stays in L2 (1 MiB): the rows of a larger one are far apart, and a
+        // panel read in place would miss in cache on every k step.
+        let pack_b_rows = b.cs != 1 || m > 2 * MR || k * n > IN_PLACE_B;
         let nc_max = n.min(NC).div_ceil(NR) * NR;
         let bpack = bbuf.get(if pack_b_rows { k.min(KC) * nc_max } else { 0 });
         let pack_a_rows = a.cs == 1 && rows_alias(a.rs) && n > NR;
@@ -984,6 +988,8 @@ mod tests {
             (20, 45, 300),
             (32, 50, 9),
             (64, 37, 40),
+            // 8-row tiles on a packed B (too large to read in place).
+            (8, 2100, 130),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             let a: Vec<f32> = (0..m * k)
