@@ -43,6 +43,8 @@
 //! input's dtype (the weight cast to it), writes the output, `dx` and `dweight` in it, and
 //! `dbias` in f32 (its kernel sums in f32).
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use half::bf16;
@@ -326,11 +328,12 @@ fn shifts_rows(g: &Conv2dGeometry) -> bool {
 /// channels `plane` floats apart. Pixel `q` of the group's output reads
 /// `tall[c * plane + q + i * W + j]` for kernel offset `(i, j)` of a "same" convolution
 /// (`shifts_rows`), always inside the buffer.
-fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize) -> (Vec<f32>, usize) {
+fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize, out: &mut Vec<f32>) -> usize {
     let hw = g.h * g.w;
     let front = g.padding * (g.w + 1);
     let plane = front + items * hw + g.kh * g.w + g.kw;
-    let mut out = vec![0f32; g.c * plane];
+    out.clear();
+    out.resize(g.c * plane, 0.0);
     for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
         for (b, d) in dst[front..front + items * hw]
             .chunks_exact_mut(hw)
@@ -339,13 +342,14 @@ fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize) -> (Vec<f32>, usize)
             d.copy_from_slice(&x[b * g.image() + c * hw..][..hw]);
         }
     }
-    (out, plane)
+    plane
 }
 
 /// Per kernel offset `(i, j)` (row `i * kw + j`), all bits set at the output pixels of an image
 /// whose source lies inside it and none at those that fall in the padding.
-fn inside_masks(g: &Conv2dGeometry) -> Vec<u32> {
-    let mut out = vec![0u32; g.kh * g.kw * g.pixels()];
+fn inside_masks(g: &Conv2dGeometry, out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(g.kh * g.kw * g.pixels(), 0);
     for (k, mask) in out.chunks_exact_mut(g.pixels()).enumerate() {
         let (lo, hi) = valid_range(g.ow, g.w, k % g.kw, g);
         let (ih_lo, ih_hi) = valid_range(g.oh, g.h, k / g.kw, g);
@@ -353,7 +357,38 @@ fn inside_masks(g: &Conv2dGeometry) -> Vec<u32> {
             mask[oh * g.ow + lo..oh * g.ow + hi].fill(u32::MAX);
         }
     }
-    out
+}
+
+thread_local! {
+    /// Each thread's tall images and masks of `same_rows`, kept from call to call (as the
+    /// sgemm keeps its packing buffers): no allocation per call, and no temporary besides the
+    /// columns themselves once a thread has run its largest convolution.
+    static SAME_ROW_BUFS: RefCell<(Vec<f32>, Vec<u32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `im2col_cpu` of a "same" convolution (`shifts_rows`), row by row with `same_row`.
+fn same_rows(
+    x: &[f32],
+    g: &Conv2dGeometry,
+    items: usize,
+    cols: &mut [f32],
+    parallel: bool,
+    (tall, masks): (&mut Vec<f32>, &mut Vec<u32>),
+) {
+    let plane = tall_images(x, g, items, tall);
+    inside_masks(g, masks);
+    let (tall, masks) = (&tall[..], &masks[..]);
+    let (k, row_len) = (g.kh * g.kw, items * g.pixels());
+    let one = |(r, row): (usize, &mut [f32])| {
+        let mask = &masks[(r % k) * g.pixels()..][..g.pixels()];
+        same_row(&tall[(r / k) * plane..][..plane], g, r, mask, row)
+    };
+    if parallel {
+        cols.par_chunks_mut(row_len).enumerate().for_each(one);
+    } else {
+        cols.chunks_mut(row_len).enumerate().for_each(one);
+    }
 }
 
 /// Row `r = (c, i, j)` of the column matrix of a "same" convolution (`shifts_rows`): per
@@ -380,18 +415,22 @@ pub fn im2col_cpu(x: &[f32], g: &Conv2dGeometry, items: usize, cols: &mut [f32],
     }
     let cols = &mut cols[..g.patch() * row_len];
     if shifts_rows(g) {
-        let (tall, plane) = tall_images(x, g, items);
-        let masks = inside_masks(g);
-        let k = g.kh * g.kw;
-        let one = |(r, row): (usize, &mut [f32])| {
-            let mask = &masks[(r % k) * g.pixels()..][..g.pixels()];
-            same_row(&tall[(r / k) * plane..][..plane], g, r, mask, row)
-        };
-        if parallel {
-            cols.par_chunks_mut(row_len).enumerate().for_each(one);
-        } else {
-            cols.chunks_mut(row_len).enumerate().for_each(one);
-        }
+        // A thread that runs another convolution while this one's rows are built (work
+        // stealing inside the parallel loop) finds the buffers taken and uses fresh ones.
+        SAME_ROW_BUFS.with(|bufs| match bufs.try_borrow_mut() {
+            Ok(mut b) => {
+                let (tall, masks) = &mut *b;
+                same_rows(x, g, items, cols, parallel, (tall, masks))
+            }
+            Err(_) => same_rows(
+                x,
+                g,
+                items,
+                cols,
+                parallel,
+                (&mut Vec::new(), &mut Vec::new()),
+            ),
+        });
         return;
     }
     if parallel {
