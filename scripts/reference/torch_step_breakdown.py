@@ -12,6 +12,8 @@ masked positions only in it (torch_kd_overhead.py --mlm-head masked measures the
 with its KD variants).
 
     python3 scripts/reference/torch_step_breakdown.py --model resnet18-fmnist --batch 128
+    python3 scripts/reference/torch_step_breakdown.py --model resnet18-fmnist --batch 128 \
+        --width 0.125   # the peer of `recycle bench --model resnet18-fmnist-small`
     python3 scripts/reference/torch_step_breakdown.py --model bert-tiny --batch 32
 
 Prints one JSON line (milliseconds, medians).
@@ -38,6 +40,28 @@ def bench_interleaved(steps, iters, warmup):
     return [sorted(ts)[len(ts) // 2] * 1e3 for ts in times]
 
 
+def small_resnet18(width):
+    """ResNet-18 with the small stem (3x3 stride-1 convolution, no max-pool, 1 input channel)
+    and every channel count scaled by `width`, rounded as Recycle's ResNet rounds it."""
+    from torchvision.models.resnet import BasicBlock
+
+    widths = [max(1, int(c * width + 0.5)) for c in (64, 128, 256, 512)]
+    layers = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+              nn.ReLU(inplace=True)]
+    inplanes = widths[0]
+    for stage, planes in enumerate(widths):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            down = None
+            if stride != 1 or inplanes != planes:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                     nn.BatchNorm2d(planes))
+            layers.append(BasicBlock(inplanes, planes, stride, down))
+            inplanes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, 10)]
+    return nn.Sequential(*layers)
+
+
 def kl(s, t, T=4.0):
     return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1),
                     log_target=True, reduction="batchmean") * T * T
@@ -48,6 +72,8 @@ def main():
     ap.add_argument("--model", default="resnet18-fmnist", choices=["resnet18-fmnist", "bert-tiny"])
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--width", type=float, default=1.0,
+                    help="ResNet channel multiplier (0.125: recycle bench's resnet18-fmnist-small)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     a = ap.parse_args()
@@ -55,9 +81,13 @@ def main():
     out = {"model": a.model, "batch": a.batch, "torch": torch.__version__,
            "threads": torch.get_num_threads()}
     if a.model == "resnet18-fmnist":
+        out["width"] = a.width
+    if a.model == "resnet18-fmnist":
         import torchvision
 
         def make():
+            if a.width != 1.0:
+                return small_resnet18(a.width)
             m = torchvision.models.resnet18(num_classes=10)
             m.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
             m.maxpool = nn.Identity()

@@ -9,6 +9,17 @@
 //! same lowering: `dW += dY_n x cols_n^T`, `dcols = W^T x dY_n` scattered back by col2im, and
 //! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
 //! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
+//!
+//! Two specialisations for the small images and few channels of a CPU-sized ResNet (each
+//! checked against the general path it replaces, `conv_paths_tests.rs`):
+//! - a "same" convolution (stride 1, output as large as the input: ResNet's 3x3) builds each
+//!   column row in one masked pass per image over the group's channel laid out as one tall,
+//!   zero-margined image (`tall_images`, `same_row`), not a copy and fills per 4-28-float row;
+//! - the input gradient of a stride-1 convolution runs as the forward convolution of `dY` with
+//!   the flipped weight (`transposed_geometry`): products of depth `O*kh*kw` and a gather,
+//!   instead of depth `O` (8 for the demo's first stage) and the col2im scatter-add.
+//!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle.
+//!
 //! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
 //! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
 //!
@@ -31,6 +42,8 @@
 //! Storage types: the CPU arm reads f32 or bf16 and writes f32; the CUDA arm runs in the
 //! input's dtype (the weight cast to it), writes the output, `dx` and `dweight` in it, and
 //! `dbias` in f32 (its kernel sums in f32).
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -217,7 +230,7 @@ impl ConvSchedule {
 fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
     for (oc, row) in dst[..o * cnt * p].chunks_mut(cnt * p).enumerate() {
         for (b, d) in row.chunks_mut(p).enumerate() {
-            d.copy_from_slice(&src[(b * o + oc) * p..][..p]);
+            copy_short(d, &src[(b * o + oc) * p..][..p]);
         }
     }
 }
@@ -244,27 +257,152 @@ fn im2col_row(x: &[f32], g: &Conv2dGeometry, items: usize, r: usize, row: &mut [
     for b in 0..items {
         let plane = &x[b * g.image() + c * g.h * g.w..][..g.h * g.w];
         let dst_img = &mut row[b * g.pixels()..(b + 1) * g.pixels()];
-        for (oh, dst) in dst_img.chunks_mut(g.ow).enumerate() {
+        // Rows are short (4-28 floats): one fill of the image, then the valid spans, rather
+        // than a fill call per row margin.
+        if lo > 0 || hi < g.ow || ih_lo > 0 || ih_hi < g.oh {
+            dst_img.fill(0.0);
+        }
+        if lo >= hi {
+            continue;
+        }
+        let first = lo * g.stride + j - g.padding;
+        for (oh, dst) in dst_img.chunks_exact_mut(g.ow).enumerate() {
             if oh < ih_lo || oh >= ih_hi {
-                dst.fill(0.0);
                 continue;
             }
             let src = &plane[(oh * g.stride + i - g.padding) * g.w..][..g.w];
-            dst[..lo].fill(0.0);
-            dst[hi..].fill(0.0);
-            if lo < hi {
-                let first = lo * g.stride + j - g.padding;
-                if g.stride == 1 {
-                    dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                } else {
-                    for (d, s) in dst[lo..hi]
-                        .iter_mut()
-                        .zip(src[first..].iter().step_by(g.stride))
-                    {
-                        *d = *s;
-                    }
-                }
+            match g.stride {
+                1 => copy_short(&mut dst[lo..hi], &src[first..first + hi - lo]),
+                2 => gather_strided::<2>(&mut dst[lo..hi], &src[first..]),
+                s => gather_strided_any(&mut dst[lo..hi], &src[first..], s),
             }
+        }
+    }
+}
+
+/// `dst[k] = src[S * k]`, with the stride known to the compiler (it vectorises this).
+fn gather_strided<const S: usize>(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    if n == 0 {
+        return;
+    }
+    let src = &src[..S * (n - 1) + 1];
+    for (k, d) in dst.iter_mut().enumerate() {
+        *d = src[S * k];
+    }
+}
+
+fn gather_strided_any(dst: &mut [f32], src: &[f32], stride: usize) {
+    for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+        *d = *s;
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the short rows of small images, in fixed 8-float blocks the
+/// compiler copies inline (a library `memmove` call costs more than moving 16-64 bytes).
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    if dst.len() >= 64 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let src = &src[..dst.len()];
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d8, s8) in (&mut d).zip(&mut s) {
+        let s8: [f32; 8] = s8.try_into().expect("8-float block");
+        d8.copy_from_slice(&s8);
+    }
+    for (x, y) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *x = *y;
+    }
+}
+
+/// Whether the rows of the column matrix are shifted copies of the input (`same_row`): stride
+/// 1 and output images as large as input ones (a "same" convolution, ResNet's 3x3 ones).
+fn shifts_rows(g: &Conv2dGeometry) -> bool {
+    g.stride == 1 && g.ow == g.w && g.oh == g.h
+}
+
+/// `[items, C, H, W]` -> `[C, items, H, W]` with zero margins: each channel of a group of
+/// images as one tall image, `padding * (W + 1)` zeros before it and `kh * W + kw` after, the
+/// channels `plane` floats apart. Pixel `q` of the group's output reads
+/// `tall[c * plane + q + i * W + j]` for kernel offset `(i, j)` of a "same" convolution
+/// (`shifts_rows`), always inside the buffer.
+fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize, out: &mut Vec<f32>) -> usize {
+    let hw = g.h * g.w;
+    let front = g.padding * (g.w + 1);
+    let plane = front + items * hw + g.kh * g.w + g.kw;
+    out.clear();
+    out.resize(g.c * plane, 0.0);
+    for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
+        for (b, d) in dst[front..front + items * hw]
+            .chunks_exact_mut(hw)
+            .enumerate()
+        {
+            d.copy_from_slice(&x[b * g.image() + c * hw..][..hw]);
+        }
+    }
+    plane
+}
+
+/// Per kernel offset `(i, j)` (row `i * kw + j`), all bits set at the output pixels of an image
+/// whose source lies inside it and none at those that fall in the padding.
+fn inside_masks(g: &Conv2dGeometry, out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(g.kh * g.kw * g.pixels(), 0);
+    for (k, mask) in out.chunks_exact_mut(g.pixels()).enumerate() {
+        let (lo, hi) = valid_range(g.ow, g.w, k % g.kw, g);
+        let (ih_lo, ih_hi) = valid_range(g.oh, g.h, k / g.kw, g);
+        for oh in ih_lo..ih_hi {
+            mask[oh * g.ow + lo..oh * g.ow + hi].fill(u32::MAX);
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's tall images and masks of `same_rows`, kept from call to call (as the
+    /// sgemm keeps its packing buffers): no allocation per call, and no temporary besides the
+    /// columns themselves once a thread has run its largest convolution.
+    static SAME_ROW_BUFS: RefCell<(Vec<f32>, Vec<u32>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `im2col_cpu` of a "same" convolution (`shifts_rows`), row by row with `same_row`.
+fn same_rows(
+    x: &[f32],
+    g: &Conv2dGeometry,
+    items: usize,
+    cols: &mut [f32],
+    parallel: bool,
+    (tall, masks): (&mut Vec<f32>, &mut Vec<u32>),
+) {
+    let plane = tall_images(x, g, items, tall);
+    inside_masks(g, masks);
+    let (tall, masks) = (&tall[..], &masks[..]);
+    let (k, row_len) = (g.kh * g.kw, items * g.pixels());
+    let one = |(r, row): (usize, &mut [f32])| {
+        let mask = &masks[(r % k) * g.pixels()..][..g.pixels()];
+        same_row(&tall[(r / k) * plane..][..plane], g, r, mask, row)
+    };
+    if parallel {
+        cols.par_chunks_mut(row_len).enumerate().for_each(one);
+    } else {
+        cols.chunks_mut(row_len).enumerate().for_each(one);
+    }
+}
+
+/// Row `r = (c, i, j)` of the column matrix of a "same" convolution (`shifts_rows`): per
+/// image, one pass that copies the shifted tall image (`tall_images`, channel `c`) where
+/// `mask` (`inside_masks`, offset `(i, j)`) is set and writes 0 in the padding, instead of a
+/// copy and fills per image row (the rows of small images are 4-28 floats long).
+fn same_row(tall: &[f32], g: &Conv2dGeometry, r: usize, mask: &[u32], row: &mut [f32]) {
+    let base = ((r / g.kw) % g.kh) * g.w + r % g.kw;
+    let pix = g.pixels();
+    for (b, img) in row.chunks_exact_mut(pix).enumerate() {
+        let src = &tall[b * pix + base..][..pix];
+        // A bitwise AND with all ones or zeros: exact for every value, and vectorised.
+        for ((d, s), m) in img.iter_mut().zip(src).zip(mask) {
+            *d = f32::from_bits(s.to_bits() & m);
         }
     }
 }
@@ -276,6 +414,25 @@ pub fn im2col_cpu(x: &[f32], g: &Conv2dGeometry, items: usize, cols: &mut [f32],
         return;
     }
     let cols = &mut cols[..g.patch() * row_len];
+    if shifts_rows(g) {
+        // A thread that runs another convolution while this one's rows are built (work
+        // stealing inside the parallel loop) finds the buffers taken and uses fresh ones.
+        SAME_ROW_BUFS.with(|bufs| match bufs.try_borrow_mut() {
+            Ok(mut b) => {
+                let (tall, masks) = &mut *b;
+                same_rows(x, g, items, cols, parallel, (tall, masks))
+            }
+            Err(_) => same_rows(
+                x,
+                g,
+                items,
+                cols,
+                parallel,
+                (&mut Vec::new(), &mut Vec::new()),
+            ),
+        });
+        return;
+    }
     if parallel {
         cols.par_chunks_mut(row_len)
             .enumerate()
@@ -446,7 +603,7 @@ pub fn conv2d_forward_cpu_with(
                     .enumerate()
                     .for_each(|(b, out_n)| {
                         for (o, dst) in out_n.chunks_mut(p).enumerate() {
-                            dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                            copy_short(dst, &tmp[o * cnt * p + b * p..][..p]);
                         }
                         add_bias(out_n, bias, p);
                     });
@@ -498,7 +655,7 @@ fn grouped_forward(
                 // [O, cnt*P] -> [cnt, O, P]
                 for (b, out_n) in out_g.chunks_mut(oimg).enumerate() {
                     for (o, dst) in out_n.chunks_mut(p).enumerate() {
-                        dst.copy_from_slice(&tmp[o * cnt * p + b * p..][..p]);
+                        copy_short(dst, &tmp[o * cnt * p + b * p..][..p]);
                     }
                     add_bias(out_n, bias, p);
                 }
@@ -602,9 +759,88 @@ pub fn conv2d_backward_cpu_with(
     need: [bool; 3],
     schedule: ConvSchedule,
 ) -> Result<Conv2dGrads> {
+    backward_cpu(x, weight, grad, g, need, schedule, true)
+}
+
+/// `conv2d_backward_cpu_with` lowering every gradient to products on the column matrix, the
+/// input gradient included (`W^T x dY` scattered back by col2im): the oracle the other input
+/// gradient path is checked against.
+pub fn conv2d_backward_cpu_lowered(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+    schedule: ConvSchedule,
+) -> Result<Conv2dGrads> {
+    backward_cpu(x, weight, grad, g, need, schedule, false)
+}
+
+/// The geometry of the input gradient of a stride-1 convolution run as a forward one: `dx` is
+/// the convolution of `dy [N, O, OH, OW]` with the weight flipped in space and its channel
+/// axes swapped (`[C, O, kh, kw]`, [`flipped_weight`]) at padding `k - 1 - p`. As a forward it
+/// is one product per group of images with depth `O*kh*kw` and a gather (im2col) instead of
+/// products of depth `O` and a scatter-add (col2im): the products of few-channel layers are
+/// as deep as the forward's, and the scatter goes. `None` where that does not hold (strided,
+/// non-square kernels, padding of a kernel's size or more, 1x1 pointwise: already one product).
+pub fn transposed_geometry(g: &Conv2dGeometry) -> Option<Conv2dGeometry> {
+    if g.stride != 1 || g.kh != g.kw || g.padding >= g.kh || g.is_pointwise() {
+        return None;
+    }
+    let opts = super::Conv2dOptions {
+        stride: 1,
+        padding: g.kh - 1 - g.padding,
+    };
+    let t = Conv2dGeometry::new(&[g.n, g.o, g.oh, g.ow], &[g.c, g.o, g.kh, g.kw], opts).ok()?;
+    (t.oh == g.h && t.ow == g.w).then_some(t)
+}
+
+/// `w'[c, o, i, j] = w[o, c, kh-1-i, kw-1-j]`: the weight of [`transposed_geometry`].
+pub fn flipped_weight(weight: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
+    let k = g.kh * g.kw;
+    let mut out = vec![0f32; g.c * g.o * k];
+    for (co, dst) in out.chunks_mut(k).enumerate() {
+        let (c, o) = (co / g.o, co % g.o);
+        let src = &weight[(o * g.c + c) * k..][..k];
+        for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+            *d = *s;
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_cpu(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    g: &Conv2dGeometry,
+    need: [bool; 3],
+    schedule: ConvSchedule,
+    dx_by_forward: bool,
+) -> Result<Conv2dGrads> {
     check_buffers(g, x.len(), weight.len(), grad.len(), "output gradient")?;
     let (ck, p, img, oimg) = (g.patch(), g.pixels(), g.image(), g.o * g.pixels());
     let [need_x, need_w, need_b] = need;
+    let transposed = if need_x && dx_by_forward && g.n > 0 && ck > 0 && oimg > 0 {
+        transposed_geometry(g)
+    } else {
+        None
+    };
+    if let Some(t) = transposed {
+        let mut dx = vec![0f32; g.n * img];
+        conv2d_forward_cpu_with(
+            grad,
+            &flipped_weight(weight, g),
+            None,
+            &t,
+            &mut dx,
+            schedule,
+        )?;
+        let mut rest = backward_cpu(x, weight, grad, g, [false, need_w, need_b], schedule, false)?;
+        rest.x = Some(dx);
+        return Ok(rest);
+    }
     let mut dx = need_x.then(|| vec![0f32; g.n * img]);
     let mut dw = need_w.then(|| vec![0f32; g.o * ck]);
     let db = need_b.then(|| bias_grad_cpu(grad, g.n, g.o, p));
@@ -706,7 +942,7 @@ pub fn conv2d_backward_cpu_with(
                         .enumerate()
                         .for_each(|(o, row)| {
                             for (b, dst) in row.chunks_mut(p).enumerate() {
-                                dst.copy_from_slice(&dy_g[b * oimg + o * p..][..p]);
+                                copy_short(dst, &dy_g[b * oimg + o * p..][..p]);
                             }
                         });
                     dyt
@@ -753,3 +989,7 @@ pub fn bias_grad_cpu(grad: &[f32], n: usize, o: usize, pixels: usize) -> Vec<f32
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "conv_paths_tests.rs"]
+mod paths_tests;

@@ -14,7 +14,10 @@
 //!   and within it, for each B panel, in `MR`-row tiles;
 //! - the microkernel multiplies `MR` rows of `op(A)`, read where they lie, by one `KC x NR`
 //!   panel of B into an `MR x NR` tile of 12 x 2 registers (12 rows, 32 columns): per k step
-//!   two vector loads of B, twelve broadcasts of A and 24 FMAs. The B panel (32 KiB) stays in
+//!   two vector loads of B, twelve broadcasts of A and 24 FMAs. Products of 8, 16 or 32 rows
+//!   (convolutions with few filters) use 8-row tiles where 12-row ones would compute rows that
+//!   are thrown away, and read a row-major B in place instead of packing it when at most two
+//!   row tiles use it. The B panel (32 KiB) stays in
 //!   L1 while the rows of A stream from L2. Packing A (the textbook step) measured no faster
 //!   for most shapes of a ResNet or BERT step, and much slower for those whose A is used by
 //!   one or two B panels (narrow C), so A is packed only when its rows would alias in L1
@@ -34,6 +37,10 @@ use super::Half;
 
 /// Rows of the register tile (broadcasts of A).
 pub const MR: usize = 12;
+/// Rows of the smaller tile `tile_rows` picks for few-row products.
+const MR_SMALL: usize = 8;
+/// Elements of the largest B that `serial` reads in place (1 MiB of f32).
+const IN_PLACE_B: usize = 1 << 18;
 /// Columns of the register tile: two 16-lane vectors.
 pub const NR: usize = 32;
 /// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 4/5
@@ -207,8 +214,13 @@ unsafe fn serial(
     PACK.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let (bbuf, abuf) = &mut *bufs;
+        // A row-major B used by at most two row tiles is read where it lies: packing it would
+        // cost about as much as the products that use it (convolutions with 8-24 filters).
+        // Only a B that stays in L2 (1 MiB): the rows of a larger one are far apart, and a
+        // panel read in place would miss in cache on every k step.
+        let pack_b_rows = b.cs != 1 || m > 2 * MR || k * n > IN_PLACE_B;
         let nc_max = n.min(NC).div_ceil(NR) * NR;
-        let bpack = bbuf.get(k.min(KC) * nc_max);
+        let bpack = bbuf.get(if pack_b_rows { k.min(KC) * nc_max } else { 0 });
         let pack_a_rows = a.cs == 1 && rows_alias(a.rs) && n > NR;
         let apack = abuf.get(if pack_a_rows {
             k.min(KC) * m.min(MC).div_ceil(MR) * MR
@@ -221,7 +233,9 @@ unsafe fn serial(
                 let kc = KC.min(k - p0);
                 // Later k slices accumulate onto the first one's result.
                 let beta_here = if p0 == 0 { beta } else { 1.0 };
-                pack_b(b.at(p0, j0), kc, nc, bpack);
+                if pack_b_rows {
+                    pack_b(b.at(p0, j0), kc, nc, bpack);
+                }
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
                     if pack_a_rows {
@@ -229,9 +243,15 @@ unsafe fn serial(
                     }
                     for jr in (0..nc).step_by(NR) {
                         let nr = NR.min(nc - jr);
-                        let bp = bpack.as_ptr().add(jr * kc);
-                        for ir in (0..mc).step_by(MR) {
-                            let mr = MR.min(mc - ir);
+                        let (bp, ldb) = if pack_b_rows {
+                            (bpack.as_ptr().add(jr * kc), NR)
+                        } else {
+                            (b.at(p0, j0 + jr).ptr, b.rs)
+                        };
+                        let mut ir = 0;
+                        while ir < mc {
+                            let rows = tile_rows(mc - ir, pack_a_rows);
+                            let mr = rows.min(mc - ir);
                             let ar = if pack_a_rows {
                                 View {
                                     ptr: apack.as_ptr().add(ir * kc),
@@ -242,17 +262,40 @@ unsafe fn serial(
                                 a.at(i0 + ir, p0)
                             };
                             let ct = c.add((i0 + ir) * ldc + j0 + jr);
-                            if nr > 16 {
-                                kernel::<2>(kc, ar, bp, ct, ldc, mr, nr, alpha, beta_here);
-                            } else {
-                                kernel::<1>(kc, ar, bp, ct, ldc, mr, nr, alpha, beta_here);
+                            let t = Tile {
+                                b: bp,
+                                ldb,
+                                c: ct,
+                                ldc,
+                                mr,
+                                nr,
+                            };
+                            match (rows, nr > 16) {
+                                (MR, true) => kernel::<MR, 2>(kc, ar, t, alpha, beta_here),
+                                (MR, false) => kernel::<MR, 1>(kc, ar, t, alpha, beta_here),
+                                (_, true) => kernel::<MR_SMALL, 2>(kc, ar, t, alpha, beta_here),
+                                (_, false) => kernel::<MR_SMALL, 1>(kc, ar, t, alpha, beta_here),
                             }
+                            ir += mr;
                         }
                     }
                 }
             }
         }
     });
+}
+
+/// Rows of the next register tile when `left` rows of the block remain: `MR`, or `MR_SMALL`
+/// where that wastes fewer rows (8 filters: one 8-row tile, not two thirds of a 12-row one;
+/// 16 or 32: tiles of 8). Packed A is laid out in `MR`-row panels: always `MR`.
+fn tile_rows(left: usize, packed_a: bool) -> usize {
+    if packed_a || left.is_multiple_of(MR) {
+        MR
+    } else if left <= MR_SMALL || (left.is_multiple_of(MR_SMALL) && left <= 6 * MR_SMALL) {
+        MR_SMALL
+    } else {
+        MR
+    }
 }
 
 /// Whether `MR` rows of A read in place, `rs` floats apart, would crowd few L1 sets: the set
@@ -319,11 +362,18 @@ unsafe fn pack_b(b: View, kc: usize, nc: usize, dst: &mut [f32]) {
         let j0 = pj * NR;
         let cols = NR.min(nc - j0);
         if b.cs == 1 {
+            // Vector copies (a 32-float `copy_from_slice` is a call to memmove).
+            let masks: [__mmask16; NR / 16] = std::array::from_fn(|v| {
+                let live = cols.saturating_sub(16 * v).min(16);
+                ((1u32 << live) - 1) as __mmask16
+            });
             for (p, d) in panel.chunks_exact_mut(NR).enumerate() {
-                // SAFETY: row p, columns j0..j0+cols of the view lie inside the operand.
-                let src = std::slice::from_raw_parts(b.ptr.add(p * b.rs + j0), cols);
-                d[..cols].copy_from_slice(src);
-                d[cols..].fill(0.0);
+                for (v, &m) in masks.iter().enumerate() {
+                    // SAFETY: row p, columns j0..j0+cols of the view lie inside the operand
+                    // (masked); the panel row holds NR floats.
+                    let x = _mm512_maskz_loadu_ps(m, b.ptr.add(p * b.rs + j0 + 16 * v));
+                    _mm512_storeu_ps(d.as_mut_ptr().add(16 * v), x);
+                }
             }
         } else {
             // Transposed B: each column of op(B) is contiguous in memory, the panel wants rows.
@@ -388,48 +438,47 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
-/// `C[0..mr, 0..nr] = alpha * op(A)[0..mr, 0..kc] * Bpanel + beta * C` for one tile of `MR`
-/// rows and `16 * NV` columns (`NV` = 2 for full panels, 1 when at most 16 columns remain:
-/// half the FMAs). A is read where it lies, through its strides: each of its `MR` rows is a
-/// sequential stream (or, transposed, each k step reads `MR` adjacent floats), which measured
-/// as fast as reading a packed copy, without the cost of packing. `mr`, `nr` may be smaller at
-/// the edges: rows past `mr` re-read row 0 and are not stored, the B panel is zero-padded, C is
-/// masked.
-///
-/// # Safety
-/// AVX-512F; `a` valid for `mr` rows of `kc` columns; `b` holds `kc * NR` floats; `c` is valid
-/// for `mr` rows of `nr` columns at stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn kernel<const NV: usize>(
-    kc: usize,
-    a: View,
+/// Where one register tile reads B and writes C: `b` holds `kc` rows of `NR` floats, `ldb`
+/// apart (a packed panel: `ldb == NR`, zero past `nr`; B in place: its row stride, masked past
+/// `nr`); `c` is valid for `mr` rows of `nr` columns at stride `ldc`.
+#[derive(Clone, Copy)]
+struct Tile {
     b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     mr: usize,
     nr: usize,
+}
+
+/// `C[0..mr, 0..nr] = alpha * op(A)[0..mr, 0..kc] * B + beta * C` for one register tile of `R`
+/// rows (`MR` or `MR_SMALL`) and `16 * NV` columns (`NV` = 2 for full panels, 1 when at most
+/// 16 columns remain: half the FMAs): per k step `NV` vector loads of B, `R` broadcasts of A
+/// and `R * NV` FMAs. A is read where it lies, through its strides: each of its rows is a
+/// sequential stream (or, transposed, each k step reads adjacent floats), which measured as
+/// fast as reading a packed copy, without the cost of packing. Rows past `mr` re-read row 0
+/// and are not stored; columns past `nr` are masked.
+///
+/// # Safety
+/// AVX-512F; `a` valid for `mr <= R` rows of `kc` columns; `t` as [`Tile`] says.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel<const R: usize, const NV: usize>(
+    kc: usize,
+    a: View,
+    t: Tile,
     alpha: f32,
     beta: f32,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    let rows: [*const f32; MR] =
-        std::array::from_fn(|r| a.ptr.add(if r < mr { r * a.rs } else { 0 }));
-    let mut b = b;
-    for p in 0..kc {
-        let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(16 * v)));
-        for (r, row) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*rows[r].add(p * a.cs));
-            for v in 0..NV {
-                row[v] = _mm512_fmadd_ps(av, bv[v], row[v]);
-            }
-        }
-        b = b.add(NR);
-    }
-    let valpha = _mm512_set1_ps(alpha);
-    let vbeta = _mm512_set1_ps(beta);
-    // Lanes of each column vector that lie inside C.
+    let Tile {
+        b,
+        ldb,
+        c,
+        ldc,
+        mr,
+        nr,
+    } = t;
+    // Lanes of each column vector that lie inside C (and inside B read in place).
     let masks: [__mmask16; NV] = std::array::from_fn(|v| {
         let cols = nr.saturating_sub(16 * v).min(16);
         if cols == 16 {
@@ -438,6 +487,23 @@ unsafe fn kernel<const NV: usize>(
             ((1u32 << cols) - 1) as __mmask16
         }
     });
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    let rows: [*const f32; R] =
+        std::array::from_fn(|r| a.ptr.add(if r < mr { r * a.rs } else { 0 }));
+    let mut b = b;
+    for p in 0..kc {
+        let bv: [__m512; NV] =
+            std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], b.add(16 * v)));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*rows[r].add(p * a.cs));
+            for v in 0..NV {
+                row[v] = _mm512_fmadd_ps(av, bv[v], row[v]);
+            }
+        }
+        b = b.add(ldb);
+    }
+    let valpha = _mm512_set1_ps(alpha);
+    let vbeta = _mm512_set1_ps(beta);
     for (r, row) in acc.iter().enumerate().take(mr) {
         let crow = c.add(r * ldc);
         for (v, &m) in masks.iter().enumerate() {
@@ -916,6 +982,14 @@ mod tests {
             (64, 100, 49),
             (40, 70, 512),
             (30, 50, 1024),
+            // 8-row tiles, B read in place (at most two row tiles), k sliced past KC.
+            (8, 784, 72),
+            (16, 200, 144),
+            (20, 45, 300),
+            (32, 50, 9),
+            (64, 37, 40),
+            // 8-row tiles on a packed B (too large to read in place).
+            (8, 2100, 130),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             let a: Vec<f32> = (0..m * k)

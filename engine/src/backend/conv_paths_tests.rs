@@ -1,0 +1,168 @@
+//! The CPU convolution's specialised paths against their readable oracles, on many shapes
+//! (odd sizes, every padding a kernel allows, strides, groups of images with a partial last
+//! one): the one-copy im2col rows of "same" convolutions against the per-row `im2col_row`, and
+//! the input gradient run as a forward convolution of the flipped weight against the lowered
+//! one (`W^T x dY` scattered back by col2im).
+
+use super::*;
+use crate::backend::Conv2dOptions;
+use crate::gradcheck::GradCheck;
+use crate::ops::conv::conv2d;
+
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    (0..len)
+        .map(|i| crate::rng::normal_at(seed, i as u64))
+        .collect()
+}
+
+fn geometry(x: [usize; 4], o: usize, k: usize, stride: usize, padding: usize) -> Conv2dGeometry {
+    Conv2dGeometry::new(&x, &[o, x[1], k, k], Conv2dOptions { stride, padding }).unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (x, y)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}: element {i}: {x} vs {y}"
+        );
+    }
+}
+
+/// (input, output channels, kernel, stride, padding): "same" convolutions of odd and even
+/// sizes (1-wide images, one-pixel images, non-square images), kernels 1-5 at each padding
+/// they allow, and shapes outside the specialised paths (strided, padding of a kernel's size).
+const SHAPES: &[([usize; 4], usize, usize, usize, usize)] = &[
+    ([3, 2, 5, 5], 3, 3, 1, 1),
+    ([4, 3, 4, 7], 5, 3, 1, 1),
+    ([5, 2, 1, 6], 3, 3, 1, 1),
+    ([3, 3, 1, 1], 4, 3, 1, 1),
+    ([2, 4, 9, 3], 2, 5, 1, 2),
+    ([3, 1, 6, 6], 2, 5, 1, 1),
+    ([2, 3, 7, 5], 4, 3, 1, 0),
+    ([3, 2, 6, 6], 3, 4, 1, 2),
+    ([3, 2, 6, 6], 3, 4, 1, 3),
+    ([2, 2, 8, 8], 3, 2, 1, 0),
+    ([4, 3, 7, 7], 2, 1, 1, 0),
+    ([3, 2, 9, 9], 3, 3, 2, 1),
+    ([2, 3, 8, 8], 4, 1, 2, 0),
+    ([9, 3, 4, 4], 5, 3, 1, 1),
+];
+
+#[test]
+fn same_rows_match_per_row_im2col() {
+    for (si, &(xs, o, k, s, p)) in SHAPES.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        for items in [1, 2, g.n] {
+            let x = values(items * g.image(), 1 + si as u64);
+            let row_len = items * g.pixels();
+            let mut want = vec![f32::NAN; g.patch() * row_len];
+            for (r, row) in want.chunks_mut(row_len).enumerate() {
+                im2col_row(&x, &g, items, r, row);
+            }
+            for parallel in [false, true] {
+                let mut got = vec![f32::NAN; want.len()];
+                im2col_cpu(&x, &g, items, &mut got, parallel);
+                // Copies: bit-identical, the padding included.
+                assert_eq!(got, want, "shape {si}, {items} images, parallel {parallel}");
+            }
+        }
+    }
+}
+
+#[test]
+fn shifted_rows_cover_same_convolutions_only() {
+    assert!(shifts_rows(&geometry([1, 1, 5, 5], 1, 3, 1, 1)));
+    assert!(shifts_rows(&geometry([1, 1, 5, 5], 1, 5, 1, 2)));
+    assert!(!shifts_rows(&geometry([1, 1, 5, 5], 1, 3, 1, 0)));
+    assert!(!shifts_rows(&geometry([1, 1, 5, 5], 1, 3, 2, 1)));
+}
+
+#[test]
+fn input_gradient_by_forward_matches_lowered() {
+    let schedules = [
+        ConvSchedule::PerItem,
+        ConvSchedule::Grouped { items: 2 },
+        ConvSchedule::Grouped { items: 4 },
+        ConvSchedule::Batched { items: 1 },
+        ConvSchedule::Batched { items: 3 },
+    ];
+    for (si, &(xs, o, k, s, p)) in SHAPES.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        let expect_forward = s == 1 && p < k && k > 1;
+        assert_eq!(
+            transposed_geometry(&g).is_some(),
+            expect_forward,
+            "shape {si}"
+        );
+        let x = values(g.n * g.image(), 10 + si as u64);
+        let w = values(g.o * g.patch(), 20 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 30 + si as u64);
+        for sched in schedules {
+            let want = conv2d_backward_cpu_lowered(&x, &w, &dy, &g, [true; 3], sched).unwrap();
+            let got = conv2d_backward_cpu_with(&x, &w, &dy, &g, [true; 3], sched).unwrap();
+            let what = format!("shape {si} {sched:?}");
+            assert_close(
+                got.x.as_ref().unwrap(),
+                want.x.as_ref().unwrap(),
+                1e-5,
+                &what,
+            );
+            // The weight and bias gradients take the same path either way.
+            assert_eq!(got.weight, want.weight, "{what}");
+            assert_eq!(got.bias, want.bias, "{what}");
+            let only_x =
+                conv2d_backward_cpu_with(&x, &w, &dy, &g, [true, false, false], sched).unwrap();
+            assert_eq!(only_x.x, got.x, "{what}");
+            assert!(only_x.weight.is_none() && only_x.bias.is_none(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn flipped_weight_swaps_channels_and_turns_the_kernel() {
+    let g = geometry([1, 2, 4, 4], 3, 2, 1, 1);
+    let w: Vec<f32> = (0..g.o * g.patch()).map(|v| v as f32).collect();
+    let f = flipped_weight(&w, &g);
+    for o in 0..3 {
+        for c in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    assert_eq!(
+                        f[((c * 3 + o) * 2 + i) * 2 + j],
+                        w[((o * 2 + c) * 2 + (1 - i)) * 2 + (1 - j)]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Finite differences through the tape for the shapes whose input gradient runs as a forward
+/// convolution with a padding other than 1 (5x5 at padding 1 and 2, 3x3 unpadded, 4x4).
+#[test]
+fn forward_input_gradient_matches_finite_differences() {
+    for (si, &(xs, o, k, s, p)) in [SHAPES[4], SHAPES[5], SHAPES[6], SHAPES[7]]
+        .iter()
+        .enumerate()
+    {
+        let g = geometry(xs, o, k, s, p);
+        assert!(transposed_geometry(&g).is_some());
+        let x = crate::Tensor::f32(values(g.n * g.image(), 40 + si as u64), &xs).unwrap();
+        let w = crate::Tensor::f32(values(g.o * g.patch(), 50), &[o, xs[1], k, k]).unwrap();
+        GradCheck::default()
+            .run(&[x, w], &[0, 1], |tape, v| {
+                conv2d(
+                    tape,
+                    &v[0],
+                    &v[1],
+                    None,
+                    Conv2dOptions {
+                        stride: s,
+                        padding: p,
+                    },
+                )
+            })
+            .unwrap_or_else(|e| panic!("shape {si}: {e}"));
+    }
+}
