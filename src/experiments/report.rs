@@ -508,8 +508,8 @@ impl CacheSaving {
     /// The report's paragraph on the cache.
     fn markdown(&self) -> String {
         let mut md = format!(
-            "{} read their teachers' outputs from a teacher cache instead of running the \
-             teachers ({}): {} teacher forwards replayed at {} steps, {} rows of teacher logits \
+            "{} read teacher outputs from a teacher cache instead of running the teachers \
+             ({}): {} teacher forwards replayed at {} steps, {} rows of teacher logits \
              ({}) read. ",
             plural(self.readers.len(), "run", "runs"),
             self.readers.join(", "),
