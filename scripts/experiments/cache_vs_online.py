@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from samples_to_target import first_reaching, load
+
 BIN = os.environ.get("RECYCLE_BIN", "target/release/recycle")
 
 
@@ -101,26 +103,6 @@ def build_cache(timer, out, name, text, epochs):
         print(f"# building the cache of {name}", file=sys.stderr, flush=True)
         timer.run(label, [BIN, "cache-teacher", path, "--epochs", f"{epochs:g}"])
     return timer.times[label]
-
-
-def load(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    curve = []
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if r.get("eval") is not None:
-                    curve.append((r["samples"], r["train_seconds"], r["eval"]))
-    return summary, curve
-
-
-def first_reaching(curve, target):
-    for samples, seconds, value in curve:
-        if value >= target:
-            return samples, seconds
-    return None, None
 
 
 def epochs_of(text):

@@ -23,10 +23,11 @@ target/release/recycle (build it with `cargo build --release --bin recycle`) unl
 RECYCLE_BIN says otherwise.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
+
+from samples_to_target import first_reaching, load
 
 BIN = os.environ.get("RECYCLE_BIN", "target/release/recycle")
 
@@ -96,26 +97,6 @@ def train(recipe_text, out_dir, name):
     return run_dir
 
 
-def curve(run_dir):
-    points = []
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if r.get("eval") is not None:
-                    points.append((r["samples"], r["train_seconds"], r["eval"]))
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        s = json.load(f)
-    return s, points
-
-
-def first_reaching(points, target):
-    for samples, seconds, value in points:
-        if value >= target:
-            return samples, seconds
-    return None, None
-
-
 def parse_student(spec):
     st = {"e": None, "loss": "kl", "T": 1.0, "w": 1.0, "stop": 1.0, "strategy": "single",
           "seed": 1, "lr": 1.0}
@@ -159,7 +140,7 @@ def main():
                               out, name))
     graded = []
     for t in teachers:
-        s = curve(t)[0]
+        s = load(t)[0]
         if s.get("final_validation") is None:
             sys.exit(f"{t}/summary.json has no final_validation: the run was trained without a "
                      "validation split; delete it and run again to rank it on validation")
@@ -188,7 +169,7 @@ def main():
                               out, name))
 
     # The table: every run against every baseline's final accuracy.
-    runs = [(os.path.basename(r), *curve(r)) for r in baselines + students]
+    runs = [(os.path.basename(r), *load(r)) for r in baselines + students]
     targets = [(n, s["final_eval"], first_reaching(pts, s["final_eval"]))
                for n, s, pts in runs if n.startswith("baseline")]
     head = "| run | final (test) | validation | " + " | ".join(
