@@ -35,8 +35,9 @@ weights to bf16 and runs its forward in bf16 (Recycle's teachers are bf16 on eve
         --kd-positions all
 
 Prints one JSON line per loss (`--loss both`, the default, prints two from the same
-interleaved rounds): model, device, shapes, loss, positions, dtypes, torch version and
-threads, plain_ms, kd_ms, kd_ratio, teacher_fwd_ms, teacher_ratio (medians, ms).
+interleaved rounds; `--loss none` times the plain step alone and prints one line with
+plain_ms only): model, device, shapes, loss, positions, dtypes, torch version and threads,
+plain_ms, kd_ms, kd_ratio, teacher_fwd_ms, teacher_ratio (medians, ms).
 Needs torch, and torchvision (ResNet) or transformers (BERT).
 """
 import argparse
@@ -64,7 +65,8 @@ def parse_args(argv):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, help="samples per step (default: per model)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (BERT)")
-    ap.add_argument("--loss", default="both", choices=["kl", "mse", "both"])
+    ap.add_argument("--loss", default="both", choices=["kl", "mse", "both", "none"],
+                    help="the distillation term(s) timed beside the plain step (none: plain only)")
     ap.add_argument("--mlm-head", default="all", choices=["all", "masked"],
                     help="BERT: project every position, or the masked ones only")
     ap.add_argument("--kd-positions", default="masked", choices=["masked", "all"],
@@ -246,8 +248,8 @@ def main(argv=None):
     dev = torch.device(a.device)
     task = (BertTask if a.model.startswith("bert") else ResNetTask)(a, dev)
     steps = make_steps(task, a, dev)
-    losses = ["kl", "mse"] if a.loss == "both" else [a.loss]
-    wanted = ["plain"] + [f"kd-{k}" for k in losses] + ["teacher-fwd"]
+    losses = {"both": ["kl", "mse"], "none": []}.get(a.loss, [a.loss])
+    wanted = ["plain"] + [f"kd-{k}" for k in losses] + (["teacher-fwd"] if losses else [])
     ms = measure({k: steps[k] for k in wanted}, a.iters, a.warmup, dev)
     base = {
         "model": a.model, "device": a.device, "batch": a.batch,
@@ -261,6 +263,8 @@ def main(argv=None):
                     masked_positions=int(task.mask.sum()))
     if dev.type == "cuda":
         base["gpu"] = torch.cuda.get_device_name(dev)
+    if not losses:
+        print(json.dumps(dict(base, loss=None, plain_ms=round(ms["plain"], 3))), flush=True)
     for kind in losses:
         plain, kd, teacher = ms["plain"], ms[f"kd-{kind}"], ms["teacher-fwd"]
         line = dict(base, loss=kind, plain_ms=round(plain, 3), kd_ms=round(kd, 3),

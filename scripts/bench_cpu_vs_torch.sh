@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The four CPU training steps against PyTorch's, side by side in one run: ResNet-18 on 28x28
+# images (full width and the demo's width 1/8, batch 128), ResNet-50 at 224x224 (batch 16),
+# BERT-tiny (batch 32) and BERT-base (batch 4), sequence 128. Each round runs `recycle bench`
+# (plain step) and its PyTorch peer (scripts/reference/torch_kd_overhead.py --loss none;
+# torch_step_breakdown.py for the width-1/8 ResNet) for every model back to back, so both programs of a row see the same load; the table gives each
+# model's median step over the rounds and the ratio Recycle / PyTorch (below 1: Recycle faster).
+#
+#   PYTHON=/path/to/python scripts/bench_cpu_vs_torch.sh [rounds] > steps.log
+#
+# Equal work: the BERT peers apply the MLM head at the masked positions only, as Recycle does
+# (`--mlm-head masked`). ResNet-50 and BERT-base keep their activations in bf16 in Recycle
+# (`recycle bench`'s GPU sizes) and compute in f32; the peer runs them in f32. Threads: both
+# programs use every core unless RAYON_NUM_THREADS / OMP_NUM_THREADS say otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+PEER="scripts/reference/torch_kd_overhead.py --device cpu --loss none"
+SMALL_PEER="scripts/reference/torch_step_breakdown.py --width 0.125"
+
+if [ -z "${PYTHON:-}" ] || ! "$PYTHON" -c 'import torch, torchvision, transformers' 2>/dev/null; then
+    echo "bench_cpu_vs_torch.sh: set PYTHON to a Python with torch, torchvision and transformers" >&2
+    echo "  (PYTHON=${PYTHON:-unset}; install them with: \$PYTHON -m pip install torch torchvision transformers)" >&2
+    exit 2
+fi
+BIN=${RECYCLE_BIN:-target/release/recycle}
+if [ ! -x "$BIN" ]; then
+    echo "# building $BIN" >&2
+    cargo build --release --bin recycle >&2
+fi
+
+# name | recycle bench arguments | peer script and arguments
+MODELS=(
+    "resnet18-fmnist|--model resnet18-fmnist --batch 128 --iters 5 --warmup 1|$PEER --model resnet18-fmnist --batch 128 --iters 5 --warmup 1"
+    "resnet18-fmnist-small|--model resnet18-fmnist-small --batch 128 --iters 10 --warmup 2|$SMALL_PEER --model resnet18-fmnist --batch 128 --iters 10 --warmup 2"
+    "resnet50-224|--model resnet50-imagenet --batch 16 --iters 3 --warmup 1|$PEER --model resnet50 --batch 16 --iters 3 --warmup 1"
+    "bert-tiny|--model bert-tiny --batch 32 --iters 10 --warmup 3|$PEER --model bert-tiny --batch 32 --mlm-head masked --iters 10 --warmup 3"
+    "bert-base|--model bert-base --batch 4 --iters 3 --warmup 1|$PEER --model bert-base --batch 4 --mlm-head masked --iters 3 --warmup 1"
+)
+
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"
+echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs; $("$BIN" --version); torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+for round in $(seq 1 "$ROUNDS"); do
+    for spec in "${MODELS[@]}"; do
+        IFS='|' read -r name ours theirs <<<"$spec"
+        echo "# round $round $name, load $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%H:%M:%S)"
+        # shellcheck disable=SC2086
+        r=$("$BIN" bench $ours --variants plain --json | grep '^{' | tail -1)
+        # shellcheck disable=SC2086
+        p=$("$PYTHON" $theirs | grep '^{' | tail -1)
+        echo "{\"round\": $round, \"name\": \"$name\", \"recycle\": $r, \"torch\": $p}" | tee -a "$log"
+    done
+done
+"$PYTHON" - "$log" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows.setdefault(r["name"], []).append((r["recycle"]["plain_ms"], r["torch"]["plain_ms"]))
+print("| plain step | Recycle ms (median) | PyTorch ms (median) | Recycle / PyTorch | per round |")
+print("|---|---:|---:|---:|---|")
+for name, pairs in rows.items():
+    ours = statistics.median(a for a, _ in pairs)
+    theirs = statistics.median(b for _, b in pairs)
+    each = ", ".join(f"{a / b:.2f}" for a, b in pairs)
+    print(f"| {name} | {ours:,.1f} | {theirs:,.1f} | **{ours / theirs:.2f}** | {each} |")
+PY
