@@ -538,12 +538,16 @@ mod tests {
         let mut slots: Vec<usize> = roles.iter().map(|r| r.index()).collect();
         slots.sort();
         assert_eq!(slots, (0..StreamRole::COUNT).collect::<Vec<_>>());
-        // No GPU here: an error naming the device, not a panic.
+        // A GPU that is not there: an error naming the device, not a panic.
+        use crate::device::tests::MISSING_GPU;
         for e in [
-            reset_peak_memory(0).unwrap_err(),
-            pool_reserved_bytes(0).unwrap_err(),
+            reset_peak_memory(MISSING_GPU).unwrap_err(),
+            pool_reserved_bytes(MISSING_GPU).unwrap_err(),
         ] {
-            assert!(e.to_string().contains("cuda:0"), "{e}");
+            assert!(
+                e.to_string().contains(&format!("cuda:{MISSING_GPU}")),
+                "{e}"
+            );
         }
     }
 

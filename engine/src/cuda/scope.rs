@@ -346,15 +346,16 @@ mod tests {
 
     #[test]
     fn a_gpu_scope_without_a_gpu_is_an_error_before_the_closure_runs() {
+        use crate::device::tests::MISSING_GPU;
         let mut ran = false;
-        let e = on_stream(Device::Cuda(0), StreamRole::Teacher, || {
+        let e = on_stream(Device::Cuda(MISSING_GPU), StreamRole::Teacher, || {
             ran = true;
             Ok(())
         })
         .unwrap_err()
         .to_string();
         assert!(!ran, "nothing runs when the device cannot be opened");
-        assert!(e.contains("cuda:0"), "{e}");
+        assert!(e.contains(&format!("cuda:{MISSING_GPU}")), "{e}");
         #[cfg(not(feature = "cuda"))]
         assert!(e.contains("no CUDA backend"), "{e}");
         #[cfg(feature = "cuda")]
