@@ -23,6 +23,7 @@ pub mod norm;
 pub mod params;
 pub mod pool;
 pub mod softmax;
+pub mod vmath;
 
 pub use params::{
     Activation, AttentionDims, AttentionOptions, BatchNormOptions, BinaryOp, Conv2dGeometry,
