@@ -19,6 +19,7 @@ pub mod gemm;
 pub mod layout;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod norm;
 pub mod params;
 pub mod pool;
