@@ -114,6 +114,9 @@ pub struct BenchSpec {
     pub variants: Vec<Variant>,
     /// Where the student, the teachers and the batch live.
     pub device: Device,
+    /// The compute dtype of student and teachers (`Model::with_activations`); `None` takes
+    /// the configuration's (bf16 for the GPU sizes, the inputs' dtype otherwise).
+    pub activations: Option<DType>,
 }
 
 impl BenchSpec {
@@ -126,6 +129,7 @@ impl BenchSpec {
             warmup: 3,
             variants: Vec::new(),
             device: Device::Cpu,
+            activations: None,
         }
     }
 }
@@ -275,7 +279,8 @@ fn bad_model(name: &str) -> Error {
 impl KdBench {
     /// Builds everything for `spec.model` at `spec.batch` (see the module doc).
     pub fn new(spec: &BenchSpec) -> Result<KdBench> {
-        let (arch, default_batch, activations) = config(&spec.model)?;
+        let (arch, default_batch, default_activations) = config(&spec.model)?;
+        let activations = spec.activations.or(default_activations);
         let is_bert = matches!(arch, Architecture::Bert(_));
         let batch_size = spec.batch.unwrap_or(default_batch);
         if batch_size == 0 || spec.seq == 0 {

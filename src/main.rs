@@ -184,6 +184,10 @@ enum Command {
         /// synchronisations).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The compute dtype of student and teachers, f32 or bf16 (default: bf16 for
+        /// resnet50-imagenet and bert-base, f32 otherwise).
+        #[arg(long)]
+        activations: Option<String>,
     },
 }
 
@@ -417,8 +421,19 @@ fn run(cli: Cli) -> Result<()> {
             json,
             phases,
             device,
+            activations,
         } => {
             let device = recycle_engine::Device::parse(&device)?;
+            let activations = activations
+                .map(|a| match a.as_str() {
+                    "f32" => Ok(recycle_engine::DType::F32),
+                    "bf16" => Ok(recycle_engine::DType::BF16),
+                    other => Err(recycle_engine::Error::invalid(
+                        "bench",
+                        format!("--activations {other}: use f32 or bf16"),
+                    )),
+                })
+                .transpose()?;
             let variants = variants
                 .iter()
                 .map(|v| Variant::parse(v))
@@ -432,6 +447,7 @@ fn run(cli: Cli) -> Result<()> {
                     warmup,
                     variants: variants.clone(),
                     device,
+                    activations,
                 };
                 if phases {
                     let report = KdBench::new(&spec)?.phases(iters, warmup)?;

@@ -7,8 +7,8 @@
 //! transpose flags instead of materialised transposes: for `C = op(A) op(B)` the gradients are
 //! again products of the stored operands, `dA = dC op(B)^T` and `dB = op(A)^T dC`, each written
 //! in the layout its operand is stored in. One exception: `linear` with bf16 weights (a frozen
-//! teacher's) runs its forward in bf16 products ([`super::gemm::gemm_bf16`]) where the CPU has
-//! them.
+//! teacher's, or a bf16 student's working copy) runs in bf16 products where the CPU has them
+//! (`super::matmul_bf16`, on [`super::gemm::gemm_bf16`]).
 //!
 //! Storage types: the CPU arm reads f32 or bf16 and writes f32; the CUDA arm runs in the first
 //! operand's dtype (the other cast to it), writes the output and `dA` in it, `dB` in `B`'s
@@ -16,11 +16,19 @@
 
 use rayon::prelude::*;
 
+use super::matmul_bf16::{linear_backward_bf16_cpu, linear_forward_bf16_cpu};
 use super::ProductDims;
 use crate::backend::gemm::{
-    bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE, SERIAL_MNK,
+    bf16_products_active, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE, SERIAL_MNK,
 };
 use crate::{DType, Device, Error, Result, Tensor};
+
+/// The fewest output features for which `linear`'s backward with bf16 weights runs in bf16
+/// products: on narrower layers the bf16 kernel's packing (rounding each f32 operand) costs
+/// more than it saves, and widening the weights for `sgemm` is faster (the example
+/// `linear_bf16` on an AVX512_BF16 Xeon, 2026-12-07: 1.1-2.7x slower for BERT's 128- to
+/// 3072-wide layers, 0.8x for the 30522-wide vocabulary projection).
+pub const BF16_BACKWARD_MIN_OUT: usize = 8192;
 
 /// `op(a) op(b)` for the product(s) `d` made from their shapes (2-D operands: one product;
 /// rank >= 3: a batch), on their device.
@@ -106,9 +114,11 @@ pub fn linear_fwd(
     let mut out = vec![0f32; rows * out_f];
     let bias_read = bias.map(|b| b.read_f32()).transpose()?;
     if weight.dtype() == DType::BF16 && bf16_products_active() {
-        // A frozen bf16 teacher: bf16 products, f32 accumulation (see `gemm_bf16`).
+        // bf16 weights (a frozen teacher's, or the working copy of a student computing in
+        // bf16): bf16 products, f32 accumulation (see `matmul_bf16`).
+        let xb = BorrowedHalf::read(x)?;
         linear_forward_bf16_cpu(
-            &x.read_f32()?,
+            xb.half(),
             &weight.read_bf16()?,
             bias_read.as_deref(),
             rows,
@@ -144,15 +154,31 @@ pub fn linear_bwd(
     check_output_grad(OP, dy, d)?;
     match crate::cuda::common_device(OP, &[x, weight, dy])? {
         Device::Cpu => {
-            let (dx, dw, db) = linear_backward_cpu(
-                &x.read_f32()?,
-                &weight.read_f32()?,
-                &dy.read_f32()?,
-                d.m,
-                d.k,
-                d.n,
-                need,
-            )?;
+            let bf16_backward = weight.dtype() == DType::BF16
+                && bf16_products_active()
+                && d.n >= BF16_BACKWARD_MIN_OUT;
+            let (dx, dw, db) = if bf16_backward {
+                // The backward of the bf16 forward above, in bf16 products as well.
+                linear_backward_bf16_cpu(
+                    BorrowedHalf::read(x)?.half(),
+                    &weight.read_bf16()?,
+                    &dy.read_f32()?,
+                    d.m,
+                    d.k,
+                    d.n,
+                    need,
+                )?
+            } else {
+                linear_backward_cpu(
+                    &x.read_f32()?,
+                    &weight.read_f32()?,
+                    &dy.read_f32()?,
+                    d.m,
+                    d.k,
+                    d.n,
+                    need,
+                )?
+            };
             Ok([
                 dx.map(|v| Tensor::f32(v, x.shape())).transpose()?,
                 dw.map(|v| Tensor::f32(v, weight.shape())).transpose()?,
@@ -487,39 +513,6 @@ pub fn linear_forward_cpu(
     Ok(())
 }
 
-/// `linear_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
-/// rounded to bf16): how `linear` runs a bf16 teacher where `bf16_products_active()`.
-pub fn linear_forward_bf16_cpu(
-    x: &[f32],
-    weight: &[half::bf16],
-    bias: Option<&[f32]>,
-    rows: usize,
-    in_f: usize,
-    out_f: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    let parallel = rows * out_f * in_f >= SERIAL_MNK;
-    gemm_bf16(
-        rows,
-        out_f,
-        in_f,
-        Half::F32(x),
-        Half::Bf16(weight),
-        true,
-        out,
-        parallel,
-    )?;
-    if let Some(bias) = bias {
-        check_len("linear", bias.len(), out_f)?;
-        if out_f > 0 {
-            out[..rows * out_f]
-                .par_chunks_mut(out_f)
-                .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
-        }
-    }
-    Ok(())
-}
-
 /// Gradients of (input, weight, bias) of a dense layer, `None` where not asked for.
 pub type LinearGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
 
@@ -553,15 +546,88 @@ pub fn linear_backward_cpu(
     };
     let db = if need[2] {
         check_len("linear backward", grad.len(), rows * out_f)?;
-        let mut d = vec![0f32; out_f];
-        if out_f > 0 {
-            for row in grad[..rows * out_f].chunks(out_f) {
-                d.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-            }
-        }
-        Some(d)
+        Some(column_sums_cpu(grad, rows, out_f))
     } else {
         None
     };
     Ok((dx, dw, db))
+}
+
+/// The column sums of `a [rows, cols]` (a bias gradient): each column summed over the rows in
+/// order, so the result is that of the plain row-by-row loop ([`column_sums_ref`]) bit for
+/// bit; blocks of columns in parallel, the rows of a block added as vectors.
+pub fn column_sums_cpu(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    /// Columns per task: a block's sums stay in L1 while the rows stream past.
+    const COLS_PER_TASK: usize = 1024;
+    let mut sums = vec![0f32; cols];
+    if rows * cols < (1 << 15) {
+        for row in a[..rows * cols].chunks(cols.max(1)) {
+            sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        }
+        return sums;
+    }
+    sums.par_chunks_mut(COLS_PER_TASK)
+        .enumerate()
+        .for_each(|(blk, s)| {
+            let c0 = blk * COLS_PER_TASK;
+            for r in 0..rows {
+                let row = &a[r * cols + c0..][..s.len()];
+                s.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+        });
+    sums
+}
+
+/// [`column_sums_cpu`]'s reference: one row after the other, serially.
+pub fn column_sums_ref(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            sums[c] += a[r * cols + c];
+        }
+    }
+    sums
+}
+
+/// A tensor's values as a [`Half`] operand: bf16 storage in place, anything else read as f32.
+enum BorrowedHalf<'a> {
+    F32(crate::tensor::F32Read<'a>),
+    Bf16(crate::tensor::Bf16Read<'a>),
+}
+
+impl<'a> BorrowedHalf<'a> {
+    fn read(t: &'a Tensor) -> Result<Self> {
+        Ok(if t.dtype() == DType::BF16 {
+            BorrowedHalf::Bf16(t.read_bf16()?)
+        } else {
+            BorrowedHalf::F32(t.read_f32()?)
+        })
+    }
+
+    fn half(&self) -> Half<'_> {
+        match self {
+            BorrowedHalf::F32(v) => Half::F32(v),
+            BorrowedHalf::Bf16(v) => Half::Bf16(v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_sums_match_the_serial_loop_bit_for_bit() {
+        // Below and above the parallel threshold, with a partial last block of columns.
+        for (rows, cols) in [(3, 5), (600, 3000), (40, 1), (0, 7)] {
+            let a: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.4)
+                .collect();
+            assert_eq!(
+                column_sums_cpu(&a, rows, cols),
+                column_sums_ref(&a, rows, cols),
+                "{rows} x {cols}"
+            );
+        }
+    }
 }

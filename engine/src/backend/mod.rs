@@ -19,10 +19,12 @@ pub mod gemm;
 pub mod layout;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod norm;
 pub mod params;
 pub mod pool;
 pub mod softmax;
+pub mod vmath;
 
 pub use params::{
     Activation, AttentionDims, AttentionOptions, BatchNormOptions, BinaryOp, Conv2dGeometry,

@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use super::{KdKind, KdLoss};
+use crate::backend::vmath::exp_fast;
 use crate::{Error, Result};
 
 /// What the fused loss computes.
@@ -51,38 +52,6 @@ const LANES: usize = 16;
 /// Elements summed in f32 lanes before the partial sum moves to f64: the f32 error stays that
 /// of 64 terms per lane whatever the row length.
 const BLOCK: usize = 1024;
-
-/// `e^x` in f32 to about 2 ulp for `x <= 88` (Cephes' `expf`: `x = n ln 2 + r`, a degree-6
-/// polynomial for `e^r`, `2^n` written into the exponent), 0 below -87.3 (where the exact
-/// value is subnormal), +inf above 88. Branch-free, so loops over it vectorise.
-#[inline(always)]
-fn exp_fast(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    /// 1.5 * 2^23: adding it rounds to an integer, held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
-    const LO: f32 = -87.336_55;
-    const HI: f32 = 88.0;
-    let xc = x.clamp(LO, HI);
-    let t = xc * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23) as u32);
-    let y = e * two_n;
-    if x < LO {
-        0.0
-    } else if x > HI {
-        f32::INFINITY
-    } else {
-        y
-    }
-}
 
 #[inline(always)]
 fn lanes(x: &[f32]) -> &[f32; LANES] {
@@ -381,23 +350,6 @@ pub fn kd_loss_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_fast_is_within_two_ulp() {
-        let mut worst = 0f64;
-        for i in 0..=2_000_000 {
-            let x = -87.0 + 175.0 * i as f32 / 2_000_000.0;
-            let want = (x as f64).exp();
-            let got = exp_fast(x) as f64;
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 2.5e-7, "worst relative error {worst}");
-        assert_eq!(exp_fast(0.0), 1.0);
-        assert_eq!(exp_fast(-100.0), 0.0);
-        assert_eq!(exp_fast(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_fast(100.0), f32::INFINITY);
-        assert!(exp_fast(f32::NAN).is_nan());
-    }
 
     /// The textbook formulas in f64, one element at a time.
     fn reference(
