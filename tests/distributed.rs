@@ -183,8 +183,8 @@ fn two_ranks_distill_to_the_weights_of_one_process() {
     let log = std::fs::read_to_string(out.join("two/log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 8, "rank 0 alone logs: {log}");
     let d = max_difference(&out.join("one"), &out.join("two"));
+    eprintln!("two ranks against one process: largest difference {d:e} of the largest weight");
     assert!(d < TOLERANCE, "two ranks differ from one process by {d}");
-    assert!(d > 0.0 || said.contains("2 ranks"));
 }
 
 /// A one-process run stopped at step 4 resumes on two ranks (the same global batch) and ends
@@ -211,11 +211,13 @@ fn a_one_process_checkpoint_resumes_on_two_ranks() {
     );
     assert!(in_time && o.status.success(), "{}", text(&o));
     let d = max_difference(&out.join("whole"), &out.join("split"));
+    eprintln!("resumed on two ranks against one process: {d:e}");
     assert!(d < TOLERANCE, "resumed on two ranks: {d} from one process");
 }
 
 /// Rank 1 dies after step 2 (no MPI shutdown): the run ends within the time limit, not hung,
-/// with a failure status and a report naming the rank, and each rank drew its own teacher.
+/// with a failure status and a report naming the rank. (Distilled with each rank drawing its
+/// own teacher: the per-rank strategy runs under a launcher.)
 #[test]
 fn a_rank_that_dies_ends_the_run_naming_it() {
     let out = temp_dir("dies");
@@ -240,9 +242,12 @@ fn a_rank_that_dies_ends_the_run_naming_it() {
     assert!(in_time, "the run hung after rank 1 died: {said}");
     assert!(!o.status.success(), "{said}");
     assert!(said.contains("rank 1 of 2: exiting after step 2"), "{said}");
-    // Open MPI's report of the process that ended without MPI's shutdown: rank 1.
-    assert!(
-        said.contains("rank 1") || said.contains(",1]"),
-        "the report names rank 1: {said}"
-    );
+    // The launcher's report of the process that ended without MPI's shutdown: Open MPI names
+    // it `[[job,1],1]` (rank 1), MPICH `rank 1`.
+    let named = said.lines().any(|l| {
+        let l = l.trim();
+        (l.starts_with("Process name:") && l.ends_with(",1]"))
+            || (l.contains("rank 1") && !l.contains("exiting after step"))
+    });
+    assert!(named, "the launcher's report names rank 1: {said}");
 }

@@ -264,8 +264,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(
-            (ompi.launcher, ompi.rank, ompi.world_size, ompi.local_rank),
-            (Launcher::OpenMpi, 3, 8, 1)
+            (&ompi.launcher, ompi.rank, ompi.world_size, ompi.local_rank),
+            (&Launcher::OpenMpi, 3, 8, 1)
         );
         let hydra = Launch::detect(&env(&[("PMI_RANK", "1"), ("PMI_SIZE", "2")])).unwrap();
         assert_eq!(
@@ -285,12 +285,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             (
-                slurm.launcher,
+                &slurm.launcher,
                 slurm.rank,
                 slurm.world_size,
                 slurm.local_rank
             ),
-            (Launcher::Slurm, 5, 16, 1)
+            (&Launcher::Slurm, 5, 16, 1)
         );
         let torch = Launch::detect(&env(&[
             ("RANK", "1"),

@@ -29,6 +29,15 @@ impl Shard {
     }
 }
 
+/// The seed of a rank's teacher draws: the recipe's on every rank (the same draw everywhere),
+/// or, with `per_rank` (`random-one-per-rank`), one of its own.
+pub fn draw_seed(seed: u64, rank: usize, per_rank: bool) -> u64 {
+    match per_rank {
+        true => recycle_engine::rng::bits_at(seed, rank as u64 + 1),
+        false => seed,
+    }
+}
+
 /// The global batch size must split into equal shards: each rank's mean loss then counts its
 /// rows with the same weight the one-process mean would.
 pub fn check_divides(batch: usize, size: usize) -> Result<()> {
@@ -264,6 +273,97 @@ pub fn check_same_weights(group: &dyn Group, student: &Model, step: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::{TeacherEntry, TeacherPool, TeacherStrategy};
+    use crate::distributed::{GradReducer, Group};
+
+    #[test]
+    fn ranks_share_the_draw_unless_each_draws_its_own() {
+        let pool = |seed| {
+            let teachers = (0..4)
+                .map(|i| TeacherEntry {
+                    name: format!("t{i}"),
+                    accuracy: 0.5,
+                    model: i,
+                })
+                .collect();
+            TeacherPool::new(teachers, TeacherStrategy::RandomOne, seed).unwrap()
+        };
+        let shared: Vec<_> = (0..2).map(|r| pool(draw_seed(7, r, false))).collect();
+        let own: Vec<_> = (0..2).map(|r| pool(draw_seed(7, r, true))).collect();
+        let steps = 0..64u64;
+        assert!(steps
+            .clone()
+            .all(|s| shared[0].select(s) == shared[1].select(s)));
+        let differ = steps.filter(|&s| own[0].select(s) != own[1].select(s)).count();
+        // Independent draws of 1 in 4 agree a quarter of the time.
+        assert!((24..=64).contains(&differ), "{differ} of 64 draws differ");
+    }
+
+    /// Two ranks in one process, the other rank's hash off by one bit.
+    struct Diverged;
+
+    impl Group for Diverged {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_u64(&self, _: &mut [u64]) -> Result<()> {
+            Ok(())
+        }
+        fn all_reduce_sum_f32(&self, data: &mut [f32]) -> Result<()> {
+            data.iter_mut().for_each(|v| *v *= 2.0);
+            Ok(())
+        }
+        fn all_gather_u64(&self, value: u64) -> Result<Vec<u64>> {
+            Ok(vec![value, value ^ 1])
+        }
+        fn grad_reducer(&self, _: std::time::Duration) -> Result<Box<dyn GradReducer>> {
+            Ok(Box::new(crate::distributed::reducer::SingleProcess::default()))
+        }
+        fn abort(&self, code: i32) -> ! {
+            std::process::exit(code)
+        }
+    }
+
+    #[test]
+    fn diverged_weights_are_an_error_naming_the_rank() {
+        let arch = super::super::Architecture::ResNet(recycle_models::ResNetConfig {
+            depth: 18,
+            num_classes: 10,
+            in_channels: 1,
+            small_stem: true,
+            width: 0.0625,
+        });
+        let student = Model::new(&arch, 1).unwrap();
+        let e = check_same_weights(&Diverged, &student, 12)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("after step 12") && e.contains("rank(s) 1 differ"), "{e}");
+        // Buffers: the running statistics become the ranks' mean (here: each rank's own).
+        let before: Vec<Vec<f32>> = student
+            .buffers()
+            .iter()
+            .filter(|(_, t)| t.dtype() == DType::F32)
+            .map(|(_, t)| t.to_vec_f32().unwrap())
+            .collect();
+        assert!(!before.is_empty());
+        average_buffers(&Diverged, &student).unwrap();
+        let after: Vec<Vec<f32>> = student
+            .buffers()
+            .iter()
+            .filter(|(_, t)| t.dtype() == DType::F32)
+            .map(|(_, t)| t.to_vec_f32().unwrap())
+            .collect();
+        assert_eq!(before, after);
+    }
 
     #[test]
     fn shards_are_disjoint_equal_and_cover_the_batch_with_weights_summing_to_one() {

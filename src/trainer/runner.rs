@@ -187,10 +187,7 @@ impl Trainer {
         let (loss, kd_schedule, pool) = match &recipe.distill {
             Some(d) => {
                 // Every rank runs the same draw, unless each draws its own.
-                let seed = match d.draws_per_rank() {
-                    true => recycle_engine::rng::bits_at(recipe.seed, rank as u64 + 1),
-                    false => recipe.seed,
-                };
+                let seed = ranks::draw_seed(recipe.seed, rank, d.draws_per_rank());
                 (
                     d.loss(),
                     d.schedule(),
