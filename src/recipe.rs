@@ -813,6 +813,25 @@ strategy = "random-one"
     }
 
     #[test]
+    fn random_one_per_rank_draws_one_teacher_per_rank() {
+        let r =
+            Recipe::from_toml(&GOOD.replace("\"random-one\"", "\"random-one-per-rank\"")).unwrap();
+        let d = r.distill.as_ref().unwrap();
+        assert!(d.draws_per_rank());
+        assert_eq!(d.strategy().unwrap(), TeacherStrategy::RandomOne);
+        assert_eq!(r.method(), "kd-kl-t4-random-one-per-rank");
+        assert!(!Recipe::from_toml(GOOD)
+            .unwrap()
+            .distill
+            .unwrap()
+            .draws_per_rank());
+        let err = Recipe::from_toml(&GOOD.replace("\"random-one\"", "\"random-two-per-rank\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("random-one-per-rank"), "{err}");
+    }
+
+    #[test]
     fn json_gives_the_recipe_toml_gives() {
         let json = r#"{"name": "kd", "model": {"kind": "resnet", "width": 0.25},
             "data": {"dataset": "fashion-mnist", "train_limit": 1000},

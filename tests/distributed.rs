@@ -149,8 +149,10 @@ fn max_difference(a: &Path, b: &Path) -> f32 {
 /// dropout, no BatchNorm; each rank's loss is weighted by its share of the masked tokens): a
 /// rank sums its half of the batch's gradient and the all-reduce adds the halves, where one
 /// process sums the whole batch at once. Each step's gradients then differ in their last bits
-/// (about 1e-7 relative); eight AdamW steps carry that to about 1e-6 of the largest weight;
-/// 1e-4 leaves a wide margin, and a wrong weighting or shard (tested at 1e-2 and more) fails it.
+/// (about 1e-7 relative); eight AdamW steps carried that to 1.6e-6 of the largest weight
+/// (2026-12-07; 1.2e-7 for the resume below, 4 steps on two ranks). 1e-4 leaves room for other
+/// CPUs' rounding while a step on the wrong rows or with the wrong weights (a change of the
+/// gradient itself, not of its last bits) moves weights by about the learning rate, 2e-3.
 const TOLERANCE: f32 = 1e-4;
 
 /// A teacher, then a distilled student in one process and on two ranks: the two ranks end

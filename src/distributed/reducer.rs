@@ -170,10 +170,13 @@ mod tests {
     use recycle_engine::ops::elementwise::{mul, sum};
     use recycle_engine::{FlatParams, Tape};
 
+    /// The buckets a reducer saw, in order, with what they held.
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(Range<usize>, Vec<f32>)>>>;
+
     /// A reducer that records the order buckets arrive in and what they held when they did.
     struct Recording {
         grads: Option<Tensor>,
-        seen: std::sync::Arc<std::sync::Mutex<Vec<(Range<usize>, Vec<f32>)>>>,
+        seen: Seen,
     }
 
     impl GradReducer for Recording {

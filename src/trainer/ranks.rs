@@ -294,7 +294,9 @@ mod tests {
         assert!(steps
             .clone()
             .all(|s| shared[0].select(s) == shared[1].select(s)));
-        let differ = steps.filter(|&s| own[0].select(s) != own[1].select(s)).count();
+        let differ = steps
+            .filter(|&s| own[0].select(s) != own[1].select(s))
+            .count();
         // Independent draws of 1 in 4 agree a quarter of the time.
         assert!((24..=64).contains(&differ), "{differ} of 64 draws differ");
     }
@@ -326,7 +328,9 @@ mod tests {
             Ok(vec![value, value ^ 1])
         }
         fn grad_reducer(&self, _: std::time::Duration) -> Result<Box<dyn GradReducer>> {
-            Ok(Box::new(crate::distributed::reducer::SingleProcess::default()))
+            Ok(Box::new(
+                crate::distributed::reducer::SingleProcess::default(),
+            ))
         }
         fn abort(&self, code: i32) -> ! {
             std::process::exit(code)
@@ -346,7 +350,10 @@ mod tests {
         let e = check_same_weights(&Diverged, &student, 12)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("after step 12") && e.contains("rank(s) 1 differ"), "{e}");
+        assert!(
+            e.contains("after step 12") && e.contains("rank(s) 1 differ"),
+            "{e}"
+        );
         // Buffers: the running statistics become the ranks' mean (here: each rank's own).
         let before: Vec<Vec<f32>> = student
             .buffers()

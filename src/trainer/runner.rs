@@ -157,7 +157,7 @@ impl Trainer {
     pub fn new_in(recipe: &Recipe, opts: &RunOptions, world: World) -> Result<Trainer> {
         recipe.validate()?;
         let (rank, ranks) = (world.rank(), world.size());
-        let lead = rank == 0;
+        let root = rank == 0;
         if ranks > 1 {
             check_distributable(recipe, ranks)?;
         }
@@ -166,7 +166,7 @@ impl Trainer {
 
         let group = world.group.clone();
         let data = match &group {
-            Some(g) if !lead => {
+            Some(g) if !root => {
                 g.barrier()?;
                 TaskData::load(recipe)?
             }
@@ -218,7 +218,7 @@ impl Trainer {
             caller_steps: 0,
             caller_samples: 0,
         };
-        let (lock, mut state, log) = if lead {
+        let (lock, mut state, log) = if root {
             let (lock, state, log) =
                 prepare_run_dir(recipe, opts, &dir, &student, optimizer.as_mut(), total)?;
             (Some(lock), state, Some(log))
@@ -253,7 +253,7 @@ impl Trainer {
             .and_then(|l| l.last())
             .map(|r| r.wall_seconds)
             .unwrap_or(0.0);
-        let progress = progress_bar(opts.progress && lead, total, state.step, &recipe.name);
+        let progress = progress_bar(opts.progress && root, total, state.step, &recipe.name);
         let shard = Shard { rank, size: ranks };
         let batches = Some((
             state.step,
