@@ -75,7 +75,9 @@ impl Launch {
 
     /// Reads the launch from `env` (the variables a launcher sets). Open MPI's variables win
     /// over Slurm's (an `mpirun` inside an allocation sees both), then Hydra's, Slurm's, and
-    /// torchrun's. A Slurm allocation without `srun` (`SLURM_NTASKS` unset) is one process.
+    /// torchrun's. Slurm's task variables count only inside a job step (`srun` sets
+    /// `SLURM_STEP_ID`): a batch script that runs `recycle` directly is one process, even in an
+    /// allocation of several tasks.
     pub fn detect(env: &HashMap<String, String>) -> Result<Launch> {
         let has = |k: &str| env.contains_key(k);
         let launch = if has("OMPI_COMM_WORLD_RANK") || has("OMPI_COMM_WORLD_SIZE") {
@@ -95,7 +97,10 @@ impl Launch {
                 "PMI_SIZE",
                 Some("MPI_LOCALRANKID"),
             )?
-        } else if has("SLURM_PROCID") && has("SLURM_NTASKS") {
+        } else if has("SLURM_PROCID")
+            && has("SLURM_NTASKS")
+            && (has("SLURM_STEP_ID") || has("SLURM_STEPID"))
+        {
             read(
                 env,
                 Launcher::Slurm,
@@ -246,8 +251,13 @@ mod tests {
     #[test]
     fn no_launcher_is_one_process() {
         assert_eq!(Launch::detect(&env(&[])).unwrap(), Launch::single());
-        // An allocation without srun sets SLURM_JOB_ID but no task variables.
-        let l = Launch::detect(&env(&[("SLURM_JOB_ID", "7"), ("SLURM_PROCID", "0")])).unwrap();
+        // A batch script of a 4-task allocation, outside srun: no job step.
+        let l = Launch::detect(&env(&[
+            ("SLURM_JOB_ID", "7"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+        ]))
+        .unwrap();
         assert_eq!(l, Launch::single());
         assert!(l.check_supported().is_ok());
     }
@@ -281,6 +291,7 @@ mod tests {
             ("SLURM_PROCID", "5"),
             ("SLURM_NTASKS", "16"),
             ("SLURM_LOCALID", "1"),
+            ("SLURM_STEP_ID", "0"),
         ]))
         .unwrap();
         assert_eq!(
@@ -320,7 +331,11 @@ mod tests {
         assert!(e.contains("OMPI_COMM_WORLD_RANK is `x1`"), "{e}");
         let e = err(&[("PMI_RANK", "2"), ("PMI_SIZE", "2")]);
         assert!(e.contains("PMI_RANK is 2 but PMI_SIZE is 2"), "{e}");
-        let e = err(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "0")]);
+        let e = err(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "0"),
+            ("SLURM_STEP_ID", "0"),
+        ]);
         assert!(e.contains("SLURM_NTASKS is 0"), "{e}");
         let e = err(&[("OMPI_COMM_WORLD_SIZE", "2")]);
         assert!(e.contains("OMPI_COMM_WORLD_RANK is not"), "{e}");
