@@ -184,6 +184,26 @@ fn two_ranks_distill_to_the_weights_of_one_process() {
     assert!(said.contains("data-parallel over 2 ranks"), "{said}");
     let log = std::fs::read_to_string(out.join("two/log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 8, "rank 0 alone logs: {log}");
+    // The logged losses are the global batch's: those of one process, up to rounding.
+    let losses = |run: &str| -> Vec<f64> {
+        std::fs::read_to_string(out.join(run).join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (l1, l2) = (losses("one"), losses("two"));
+    assert_eq!(l1.len(), l2.len());
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!(
+            (a - b).abs() < 1e-4 * a.abs().max(1.0),
+            "loss {a} in one process, {b} on two ranks"
+        );
+    }
     let d = max_difference(&out.join("one"), &out.join("two"));
     eprintln!("two ranks against one process: largest difference {d:e} of the largest weight");
     assert!(d < TOLERANCE, "two ranks differ from one process by {d}");

@@ -534,7 +534,7 @@ impl Trainer {
             .to_device(self.device)
             .and_then(|on_device| {
                 let sync = self.sync.as_mut().map(|sync| RankSync { sync, weight });
-                let out = train_step_synced(
+                let mut out = train_step_synced(
                     &self.student,
                     teachers,
                     &self.loss,
@@ -547,6 +547,11 @@ impl Trainer {
                     sync,
                 )?;
                 if let Some(g) = &self.world.group {
+                    // The global batch's losses: the ranks' means, weighted as the gradients.
+                    let mut l = [out.ce, out.kd.unwrap_or(0.0), out.loss].map(|v| v * weight);
+                    g.all_reduce_sum_f32(&mut l)?;
+                    (out.ce, out.loss) = (l[0], l[2]);
+                    out.kd = out.kd.map(|_| l[1]);
                     ranks::average_buffers(g.as_ref(), &self.student)?;
                     if (step + 1).is_multiple_of(self.check_every) || step + 1 == self.total {
                         ranks::check_same_weights(g.as_ref(), &self.student, step + 1)?;
