@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use recycle::bench::{run_bench, BenchSpec, KdBench, Variant};
+use recycle::distributed::world::finalize;
+use recycle::distributed::World;
 use recycle::experiments::demo::{run_demo, DemoKnobs, DemoPreset, DemoTask};
 use recycle::experiments::sweep::run_sweep;
 use recycle::experiments::{build_report, PlotOptions};
@@ -205,6 +207,8 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(dir) = data {
                 r.data.dir = Some(dir);
             }
+            // mpirun / srun: this process is one rank of a data-parallel run.
+            let world = World::init()?;
             let s = trainer::run(
                 &r,
                 &RunOptions {
@@ -221,8 +225,15 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 e => e,
             })?;
+            if world.rank() != 0 {
+                return Ok(());
+            }
+            let ranks = match world.size() {
+                1 => String::new(),
+                n => format!(" ({n} ranks)"),
+            };
             println!(
-                "{}: {} {:.4} after {} steps, {:.1} s of training on {}, {} teacher forwards",
+                "{}: {} {:.4} after {} steps, {:.1} s of training on {}{ranks}, {} teacher forwards",
                 s.name,
                 s.metric,
                 s.final_eval,
@@ -546,10 +557,19 @@ fn main() -> ExitCode {
     if let Err(e) = trainer::interrupt::install_signal_handlers() {
         eprintln!("warning: SIGINT/SIGTERM will end runs without a checkpoint: {e}");
     }
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = run(cli);
+    let world = World::current();
+    match result {
+        Ok(()) => {
+            finalize();
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}{e}", world.prefix());
+            // The other ranks may be waiting for this one in a collective: end them all.
+            if let Some(g) = world.group.as_ref() {
+                g.abort(1);
+            }
             // Interrupted: the shell's convention, 128 + the signal's number.
             match trainer::interrupt::stop_requested() {
                 Some(signal) => ExitCode::from(128u8.saturating_add(signal as u8)),

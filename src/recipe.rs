@@ -32,7 +32,7 @@
 //! loss = "kl"            # or "mse"
 //! temperature = 4.0
 //! weight = 1.0
-//! strategy = "single"    # ensemble:K, random-subset:K, random-one
+//! strategy = "single"    # ensemble:K, random-subset:K, random-one, random-one-per-rank
 //! start = 0.0
 //! stop = 1.0
 //! ```
@@ -401,7 +401,8 @@ pub struct DistillRecipe {
     /// λ.
     #[serde(default = "default_weight")]
     pub weight: f32,
-    /// single, ensemble:K, random-subset:K or random-one.
+    /// single, ensemble:K, random-subset:K, random-one, or random-one-per-rank (data-parallel
+    /// runs: each rank draws its own teacher for its shard; one process: random-one).
     #[serde(default = "default_strategy")]
     pub strategy: String,
     #[serde(default)]
@@ -426,6 +427,9 @@ pub struct DistillRecipe {
     #[serde(default, skip_serializing_if = "is_default")]
     pub cache_mode: CacheMode,
 }
+
+/// The strategy whose draws differ between the ranks of a data-parallel run.
+pub const PER_RANK_STRATEGY: &str = "random-one-per-rank";
 
 /// Logits per row a teacher cache keeps unless the recipe says `cache_k`.
 pub const DEFAULT_CACHE_K: usize = 10;
@@ -470,7 +474,22 @@ impl DistillRecipe {
     }
 
     pub fn strategy(&self) -> Result<TeacherStrategy> {
-        TeacherStrategy::parse(&self.strategy)
+        if self.draws_per_rank() {
+            return Ok(TeacherStrategy::RandomOne);
+        }
+        TeacherStrategy::parse(&self.strategy).map_err(|e| match e {
+            Error::Invalid { op, msg } => Error::invalid(
+                op,
+                format!("{msg} (or random-one-per-rank for data-parallel runs)"),
+            ),
+            e => e,
+        })
+    }
+
+    /// Whether each rank of a data-parallel run draws its own teacher (`random-one-per-rank`)
+    /// instead of every rank running the same draw.
+    pub fn draws_per_rank(&self) -> bool {
+        self.strategy == PER_RANK_STRATEGY
     }
 
     /// Logits kept per row when caching: `cache_k`, else [`DEFAULT_CACHE_K`].
@@ -791,6 +810,25 @@ strategy = "random-one"
         assert_eq!(r.method(), "kd-kl-t4-random-one");
         let again = Recipe::from_toml(&r.to_toml().unwrap()).unwrap();
         assert_eq!(r, again);
+    }
+
+    #[test]
+    fn random_one_per_rank_draws_one_teacher_per_rank() {
+        let r =
+            Recipe::from_toml(&GOOD.replace("\"random-one\"", "\"random-one-per-rank\"")).unwrap();
+        let d = r.distill.as_ref().unwrap();
+        assert!(d.draws_per_rank());
+        assert_eq!(d.strategy().unwrap(), TeacherStrategy::RandomOne);
+        assert_eq!(r.method(), "kd-kl-t4-random-one-per-rank");
+        assert!(!Recipe::from_toml(GOOD)
+            .unwrap()
+            .distill
+            .unwrap()
+            .draws_per_rank());
+        let err = Recipe::from_toml(&GOOD.replace("\"random-one\"", "\"random-two-per-rank\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("random-one-per-rank"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,11 @@ use crate::{Error, Result, Tensor};
 /// an entry is `None` when not needed.
 pub type BackwardFn = Box<dyn FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send>;
 
+/// Called by [`Tape::backward_hooked`] with a parameter's gradient (its view of the flat
+/// gradient buffer) as soon as backward has added the last contribution to it: a data-parallel
+/// trainer starts reducing a bucket of the buffer once every parameter in it is final.
+pub type GradReadyHook<'a> = &'a mut dyn FnMut(&Tensor) -> Result<()>;
+
 /// A value in a computation: a tensor, and its id on the tape when it needs a gradient.
 #[derive(Clone, Debug)]
 pub struct Var {
@@ -187,9 +192,34 @@ impl Tape {
         self.backward_with(loss, seed)
     }
 
+    /// [`Tape::backward`], calling `ready` with each parameter's gradient view once it is
+    /// final: right after the node of the parameter's first use in the forward (the last one
+    /// backward reaches) has run. Views shared by several parameter leaves (tied weights) are
+    /// reported once, after the last of them; parameters the loss does not depend on are
+    /// reported at the end, unchanged.
+    pub fn backward_hooked(&self, loss: &Var, ready: GradReadyHook<'_>) -> Result<Gradients> {
+        if loss.tensor.elem_count() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward needs a scalar loss, got shape {:?}",
+                loss.shape()
+            )));
+        }
+        let seed = Tensor::ones(loss.shape(), crate::DType::F32, loss.tensor.device())?;
+        self.walk(loss, seed, Some(ready))
+    }
+
     /// Backpropagates `grad` (the gradient of some scalar with respect to `output`).
     /// A tape can be walked once: the nodes are consumed so their saved values are freed.
     pub fn backward_with(&self, output: &Var, grad: Tensor) -> Result<Gradients> {
+        self.walk(output, grad, None)
+    }
+
+    fn walk(
+        &self,
+        output: &Var,
+        grad: Tensor,
+        mut ready: Option<GradReadyHook<'_>>,
+    ) -> Result<Gradients> {
         if !self.recording {
             return Err(Error::Autograd(
                 "backward on an inference tape: nothing was recorded; use Tape::recording()".into(),
@@ -216,11 +246,24 @@ impl Tape {
             )
         };
 
+        let mut finals = ready
+            .is_some()
+            .then(|| FinalGrads::new(&nodes, &param_grads));
+        let mut report = |i: usize, param_grads: &HashMap<usize, Tensor>| -> Result<()> {
+            match (finals.as_mut(), ready.as_mut()) {
+                (Some(f), Some(hook)) => f.node_done(i, param_grads, hook),
+                _ => Ok(()),
+            }
+        };
+
         let mut grads: HashMap<usize, Tensor> = HashMap::new();
         grads.insert(root, grad);
-        for node in nodes.into_iter().rev() {
+        for (i, node) in nodes.into_iter().enumerate().rev() {
             let Some(g) = grads.remove(&node.output) else {
-                continue; // this node does not lead to the output
+                // This node does not lead to the output; a parameter first used here may
+                // still be final.
+                report(i, &param_grads)?;
+                continue;
             };
             let needs: Vec<bool> = node.inputs.iter().map(|i| i.is_some()).collect();
             let input_grads = (node.backward)(&g, &needs)?;
@@ -251,6 +294,7 @@ impl Tape {
                     grads.insert(*id, ig);
                 }
             }
+            report(i, &param_grads)?;
         }
         // A parameter used directly as the output (rare): its seed gradient is still in `grads`.
         for (id, dst) in &param_grads {
@@ -258,12 +302,100 @@ impl Tape {
                 dst.add_assign(&g.reshape(dst.shape())?)?;
             }
         }
+        // Leaves no node used: final as they are.
+        if let (Some(f), Some(hook)) = (finals.as_mut(), ready.as_mut()) {
+            f.unused(&param_grads, hook)?;
+        }
         let by_id = watched
             .into_iter()
             .filter_map(|id| grads.remove(&id).map(|g| (id, g)))
             .collect();
         Ok(Gradients { by_id })
     }
+}
+
+/// Which parameter gradients are final after each node of a backward walk.
+struct FinalGrads {
+    /// Node index -> the parameter leaves first used there (final once it has run).
+    first_use: HashMap<usize, Vec<usize>>,
+    /// Leaves no node uses.
+    unused: Vec<usize>,
+    /// Leaves not yet final per gradient view (tied weights share one).
+    left: HashMap<(usize, usize), usize>,
+}
+
+impl FinalGrads {
+    fn new(nodes: &[Node], param_grads: &HashMap<usize, Tensor>) -> FinalGrads {
+        let mut first_use: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, node) in nodes.iter().enumerate() {
+            for id in node.inputs.iter().flatten() {
+                if param_grads.contains_key(id) && seen.insert(*id) {
+                    first_use.entry(i).or_default().push(*id);
+                }
+            }
+        }
+        let mut unused: Vec<usize> = param_grads
+            .keys()
+            .filter(|id| !seen.contains(id))
+            .copied()
+            .collect();
+        unused.sort_unstable();
+        let mut left = HashMap::new();
+        for dst in param_grads.values() {
+            *left.entry(view_key(dst)).or_default() += 1;
+        }
+        FinalGrads {
+            first_use,
+            unused,
+            left,
+        }
+    }
+
+    fn node_done(
+        &mut self,
+        node: usize,
+        param_grads: &HashMap<usize, Tensor>,
+        hook: &mut GradReadyHook<'_>,
+    ) -> Result<()> {
+        for id in self.first_use.remove(&node).unwrap_or_default() {
+            self.leaf_final(id, param_grads, hook)?;
+        }
+        Ok(())
+    }
+
+    fn unused(
+        &mut self,
+        param_grads: &HashMap<usize, Tensor>,
+        hook: &mut GradReadyHook<'_>,
+    ) -> Result<()> {
+        for id in std::mem::take(&mut self.unused) {
+            self.leaf_final(id, param_grads, hook)?;
+        }
+        Ok(())
+    }
+
+    fn leaf_final(
+        &mut self,
+        id: usize,
+        param_grads: &HashMap<usize, Tensor>,
+        hook: &mut GradReadyHook<'_>,
+    ) -> Result<()> {
+        let Some(dst) = param_grads.get(&id) else {
+            return Ok(());
+        };
+        let left = self.left.entry(view_key(dst)).or_default();
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            hook(dst)?;
+        }
+        Ok(())
+    }
+}
+
+/// A gradient view's place in its buffer: the leaves of tied parameters share it.
+fn view_key(t: &Tensor) -> (usize, usize) {
+    (t.offset(), t.elem_count())
 }
 
 #[cfg(test)]
@@ -309,6 +441,44 @@ mod tests {
         assert!(g.get(&x).is_none(), "x does not lead to y2");
         assert!(g.get(&z).is_none());
         assert!(tape.backward_with(&y2, t(&[1.0, 1.0, 1.0])).is_err());
+    }
+
+    /// The hook sees each gradient view once, already holding its final value: `a` is used
+    /// first and last, `b` only in the middle; `c` shares `b`'s view (tied); `d` is unused.
+    #[test]
+    fn the_hook_reports_each_gradient_once_when_final() {
+        let tape = Tape::recording();
+        let flat = Tensor::zeros(&[4], DType::F32, Device::Cpu).unwrap();
+        let view = |o: usize| flat.view(o, &[1]).unwrap();
+        let a = tape.param(t(&[2.0]), view(0)).unwrap();
+        let b = tape.param(t(&[3.0]), view(1)).unwrap();
+        let c = tape.param(t(&[3.0]), view(1)).unwrap();
+        let d = tape.param(t(&[1.0]), view(3)).unwrap();
+        let a2 = square(&tape, &a); // a^2
+        let b2 = square(&tape, &b); // b^2
+        let c2 = square(&tape, &c); // c^2 (tied to b)
+        let sum = |x: &Var, y: &Var| {
+            let v = x.tensor().to_vec_f32().unwrap()[0] + y.tensor().to_vec_f32().unwrap()[0];
+            tape.record(
+                t(&[v]),
+                &[x, y],
+                Box::new(|g, _| Ok(vec![Some(g.clone()), Some(g.clone())])),
+            )
+        };
+        let s1 = sum(&a2, &b2);
+        let s2 = sum(&s1, &c2);
+        let s3 = sum(&s2, &a); // + a
+        let _ = &d;
+        let mut seen = Vec::new();
+        tape.backward_hooked(&s3, &mut |g: &Tensor| {
+            seen.push((g.offset(), g.to_vec_f32()?[0]));
+            Ok(())
+        })
+        .unwrap();
+        // d(a^2 + a)/da = 5 (a = 2), d(2 b^2)/db = 12 (b = c = 3), d is untouched.
+        seen.sort_by_key(|s| s.0);
+        assert_eq!(seen, vec![(0, 5.0), (1, 12.0), (3, 0.0)]);
+        assert_eq!(flat.to_vec_f32().unwrap(), vec![5.0, 12.0, 0.0, 0.0]);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod caller;
 pub mod interrupt;
 pub mod lock;
 pub mod model;
+mod ranks;
 mod resume;
 mod runner;
 pub mod step;

@@ -10,21 +10,26 @@ use recycle_engine::{checkpoint, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
 use super::lock::RunLock;
+use super::ranks::{self, Shard};
 use super::resume::{
     check_allocatable, check_same_recipe, checkpoint_step, load_checkpoint, remove_temp_files,
 };
+use super::step::{train_step_synced, RankSync};
 use super::teacher_cache::PoolCache;
 use super::Teachers;
 use super::{
     architecture, eval_steps, evaluate, evaluate_on, image_batch, initial_student, load_teachers,
     majority_floor, make_optimizer, make_schedule, mlm_batch, open_device, progress_bar,
-    total_steps, train_step_with, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput,
-    TaskData, TextTrain, CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
+    total_steps, Batch, EvalSplit, Model, RunOptions, StepGuard, StepOutput, TaskData, TextTrain,
+    CHECKPOINT_FILE, FINAL_FILE, LOG_FILE, RECIPE_FILE, SUMMARY_FILE,
 };
 use crate::data::text_stream::TextStreamLoader;
-use crate::data::{Loader, LoaderConfig};
+use crate::data::{self, Loader, LoaderConfig};
 use crate::distill::cache::CacheStats;
 use crate::distill::{KdLoss, KdSchedule, TeacherPool};
+use crate::distributed::buckets::DEFAULT_BUCKET_BYTES;
+use crate::distributed::world::{env_seconds, env_usize};
+use crate::distributed::{GradSync, World};
 use crate::experiments::runlog::{write_atomic, RunLogRecord, RunLogWriter, RunSummary};
 use crate::experiments::CacheReads;
 use crate::recipe::{Activations, Recipe};
@@ -35,6 +40,12 @@ use crate::distill::kd_loss_cpu;
 use recycle_engine::Tape;
 
 pub(super) type BatchIter = Box<dyn Iterator<Item = Result<Batch>> + Send>;
+/// Batches of this rank's shard, each with its weight ([`ranks::shard_images`]).
+type ShardIter = Box<dyn Iterator<Item = Result<(Batch, f32)>> + Send>;
+
+/// Steps between checks that every rank holds the same weights (`RECYCLE_CHECK_EVERY`; every
+/// step in debug builds). Each costs a hash of the weights and an all-gather of one number.
+const CHECK_EVERY: usize = 100;
 
 /// Where a run stands: what a checkpoint records besides the weights and optimizer state.
 pub(super) struct Progress {
@@ -99,7 +110,8 @@ pub struct Trainer {
     /// The teachers' cache (`[distill] cache`): read at the steps it holds, recorded at others.
     cache: Option<PoolCache>,
     state: Progress,
-    log: RunLogWriter,
+    /// The run's log; only rank 0 of a data-parallel run writes one.
+    log: Option<RunLogWriter>,
     evals: Vec<u64>,
     total: u64,
     started: Instant,
@@ -110,10 +122,17 @@ pub struct Trainer {
     last_step: Option<(f32, StepOutput)>,
     /// The data set's batches and the step the next one is for: rebuilt (from `(seed, step)`)
     /// when caller-fed steps have moved the run past it, so the two kinds of step interleave.
-    batches: Option<(u64, BatchIter)>,
+    batches: Option<(u64, ShardIter)>,
     progress: Option<indicatif::ProgressBar>,
-    /// Held for the trainer's life: one process per run directory.
-    _lock: RunLock,
+    /// Held for the trainer's life: one process per run directory (rank 0's, in a
+    /// data-parallel run: the other ranks never write there).
+    _lock: Option<RunLock>,
+    /// The ranks of a data-parallel run (one process: none).
+    world: World,
+    shard: Shard,
+    /// The gradient reduction across the ranks.
+    sync: Option<GradSync>,
+    check_every: u64,
 }
 
 impl Trainer {
@@ -128,11 +147,36 @@ impl Trainer {
     /// live there; the loader builds each batch on the CPU and the step uploads it.
     /// `opts.stop_after` and `opts.reuse_finished` are for [`super::run`]; this ignores them.
     pub fn new(recipe: &Recipe, opts: &RunOptions) -> Result<Trainer> {
+        Trainer::new_in(recipe, opts, World::current())
+    }
+
+    /// [`Trainer::new`] as one rank of `world` (`docs/distributed.md`): every rank loads the
+    /// data (rank 0 first: it may write the tokenizer the others read), builds the student,
+    /// optimizer and teachers; rank 0 alone touches the run directory, and hands its state (a
+    /// fresh start or the checkpoint it resumed from) to the others.
+    pub fn new_in(recipe: &Recipe, opts: &RunOptions, world: World) -> Result<Trainer> {
         recipe.validate()?;
+        let (rank, ranks) = (world.rank(), world.size());
+        let root = rank == 0;
+        if ranks > 1 {
+            check_distributable(recipe, ranks)?;
+        }
         let (device, device_name) = open_device(recipe)?;
         let dir = recipe.out_dir.join(&recipe.name);
 
-        let data = TaskData::load(recipe)?;
+        let group = world.group.clone();
+        let data = match &group {
+            Some(g) if !root => {
+                g.barrier()?;
+                TaskData::load(recipe)?
+            }
+            Some(g) => {
+                let data = TaskData::load(recipe);
+                g.barrier()?;
+                data?
+            }
+            None => TaskData::load(recipe)?,
+        };
         let arch = architecture(recipe, &data)?;
         let total = total_steps(recipe, data.train_len())?;
         check_allocatable(recipe, &arch)?;
@@ -141,96 +185,79 @@ impl Trainer {
         let mut optimizer = make_optimizer(recipe, num_params)?;
         let schedule = make_schedule(recipe, total)?;
         let (loss, kd_schedule, pool) = match &recipe.distill {
-            Some(d) => (
-                d.loss(),
-                d.schedule(),
-                Some(TeacherPool::new(
-                    load_teachers(
-                        &d.teachers,
-                        &arch,
-                        device,
-                        teacher_activations(device, recipe.activations),
-                    )?,
-                    d.strategy()?,
-                    recipe.seed,
-                )?),
-            ),
+            Some(d) => {
+                // Every rank runs the same draw, unless each draws its own.
+                let seed = ranks::draw_seed(recipe.seed, rank, d.draws_per_rank());
+                (
+                    d.loss(),
+                    d.schedule(),
+                    Some(TeacherPool::new(
+                        load_teachers(
+                            &d.teachers,
+                            &arch,
+                            device,
+                            teacher_activations(device, recipe.activations),
+                        )?,
+                        d.strategy()?,
+                        seed,
+                    )?),
+                )
+            }
             None => (KdLoss::kl(1.0, 0.0), KdSchedule::default(), None),
         };
         let cache = PoolCache::open(recipe, &arch, device, None, None)?;
 
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let lock = RunLock::acquire(&dir)?;
-        remove_temp_files(&dir)?;
-        let recorded = dir.join(RECIPE_FILE);
-        let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
-        if opts.resume {
-            if !has_checkpoint && !recorded.exists() {
-                return Err(Error::invalid(
-                    "train",
-                    format!(
-                        "--resume: {} holds no run to resume (no {CHECKPOINT_FILE}, no \
-                         {RECIPE_FILE}): train it without --resume",
-                        dir.display()
-                    ),
-                ));
-            }
-            if recorded.exists() {
-                check_same_recipe(&recorded, recipe)?;
-            }
-        } else if dir.join(LOG_FILE).exists() && !opts.overwrite {
-            return Err(Error::invalid(
-                "train",
-                format!(
-                    "{} already holds a run: pass --resume to continue it or --overwrite to start again",
-                    dir.display()
-                ),
-            ));
-        } else {
-            // A fresh start: nothing of a previous run in this directory may be resumed or
-            // reported as this one's.
-            for stale in [CHECKPOINT_FILE, FINAL_FILE, SUMMARY_FILE] {
-                match std::fs::remove_file(dir.join(stale)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(Error::io(dir.join(stale), e))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        // On resume the recorded recipe stays (it was checked to be this one).
-        if !opts.resume || !recorded.exists() {
-            write_atomic(&recorded, recipe.to_toml()?.as_bytes())?;
-        }
-
-        // Resuming a run that stopped before its first checkpoint starts it from step 0.
-        let state = if opts.resume && has_checkpoint {
-            load_checkpoint(&dir, &student, optimizer.as_mut(), total, recipe)?
-        } else {
-            Progress {
-                step: 0,
-                samples: 0,
-                train_seconds: 0.0,
-                teacher_forwards: 0,
-                teacher_seconds: 0.0,
-                cache_reads: CacheReads::default(),
-                skipped_steps: 0,
-                caller_steps: 0,
-                caller_samples: 0,
-            }
+        let fresh = Progress {
+            step: 0,
+            samples: 0,
+            train_seconds: 0.0,
+            teacher_forwards: 0,
+            teacher_seconds: 0.0,
+            cache_reads: CacheReads::default(),
+            skipped_steps: 0,
+            caller_steps: 0,
+            caller_samples: 0,
         };
-        let log = if opts.resume {
-            RunLogWriter::open_for_resume(dir.join(LOG_FILE), state.step)?
+        let (lock, mut state, log) = if root {
+            let (lock, state, log) =
+                prepare_run_dir(recipe, opts, &dir, &student, optimizer.as_mut(), total)?;
+            (Some(lock), state, Some(log))
         } else {
-            RunLogWriter::create(dir.join(LOG_FILE))?
+            (None, fresh, None)
+        };
+        let sync = match &group {
+            Some(g) => {
+                ranks::broadcast_state(g.as_ref(), &student, optimizer.as_mut(), &mut state)?;
+                let params = student.params()?;
+                let bucket_kib = env_usize("RECYCLE_BUCKET_KIB", DEFAULT_BUCKET_BYTES >> 10)?;
+                let overlap = env_usize("RECYCLE_GRAD_OVERLAP", 1)? != 0;
+                let timeout = env_seconds("RECYCLE_COLLECTIVE_TIMEOUT", 600.0)?;
+                Some(GradSync::new(
+                    g.grad_reducer(timeout)?,
+                    params.entries(),
+                    params.len(),
+                    (bucket_kib << 10) / 4,
+                    overlap,
+                ))
+            }
+            None => None,
+        };
+        let check_every = match cfg!(debug_assertions) {
+            true => 1,
+            false => env_usize("RECYCLE_CHECK_EVERY", CHECK_EVERY)?.max(1) as u64,
         };
         let evals = eval_steps(total, recipe.train.evals);
         let batch = recipe.train.batch_size;
-        let wall_offset = log.last().map(|r| r.wall_seconds).unwrap_or(0.0);
-        let progress = progress_bar(opts.progress, total, state.step, &recipe.name);
+        let wall_offset = log
+            .as_ref()
+            .and_then(|l| l.last())
+            .map(|r| r.wall_seconds)
+            .unwrap_or(0.0);
+        let progress = progress_bar(opts.progress && root, total, state.step, &recipe.name);
+        let shard = Shard { rank, size: ranks };
         let batches = Some((
             state.step,
-            data_batches(&data, batch, recipe.seed, state.step)?,
+            shard_batches(&data, batch, recipe.seed, state.step, shard)?,
         ));
         Ok(Trainer {
             recipe: recipe.clone(),
@@ -257,7 +284,21 @@ impl Trainer {
             batches,
             progress,
             _lock: lock,
+            world,
+            shard,
+            sync,
+            check_every,
         })
+    }
+
+    /// The ranks this trainer runs with.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Whether this process writes the run's files (one process, or rank 0).
+    fn writes(&self) -> bool {
+        self.world.rank() == 0
     }
 
     /// The run directory, `<out_dir>/<name>`.
@@ -327,8 +368,8 @@ impl Trainer {
     /// error naming the step and the last good checkpoint.
     pub fn step(&mut self) -> Result<StepOutput> {
         self.check_not_done()?;
-        let b = self.next_data_batch()?;
-        Ok(self.run_step(&b, false)?.output)
+        let (b, weight) = self.next_data_batch()?;
+        Ok(self.run_step(&b, false, weight)?.output)
     }
 
     /// Runs the next step on the caller's `batch` (built with [`Batch::images`] or
@@ -341,10 +382,18 @@ impl Trainer {
     /// first ([`check_batch`]); a batch of any size counts its own samples.
     pub fn step_batch(&mut self, batch: &Batch) -> Result<StepReport> {
         self.check_not_done()?;
+        if self.world.is_distributed() {
+            return Err(Error::invalid(
+                "Trainer::step_batch",
+                "a data-parallel run trains on its data set's shards; a caller's batch would \
+                 be one rank's alone: feed batches to a one-process run"
+                    .to_string(),
+            ));
+        }
         check_batch(&self.student, batch).map_err(|e| {
             Error::invalid("Trainer::step_batch", format!("{e}; nothing was trained"))
         })?;
-        self.run_step(batch, true)
+        self.run_step(batch, true, 1.0)
     }
 
     /// The student's loss (mean cross-entropy) and correct rows on a caller batch, in
@@ -402,11 +451,14 @@ impl Trainer {
     }
 
     /// The data set's batch for the current step.
-    fn next_data_batch(&mut self) -> Result<Batch> {
+    fn next_data_batch(&mut self) -> Result<(Batch, f32)> {
         let step = self.state.step;
         if self.batches.as_ref().map(|(at, _)| *at) != Some(step) {
             let (batch, seed) = (self.recipe.train.batch_size, self.recipe.seed);
-            self.batches = Some((step, data_batches(&self.data, batch, seed, step)?));
+            self.batches = Some((
+                step,
+                shard_batches(&self.data, batch, seed, step, self.shard)?,
+            ));
         }
         let Some((at, it)) = self.batches.as_mut() else {
             return Err(Error::invalid("train", "no data loader".to_string()));
@@ -417,7 +469,7 @@ impl Trainer {
     }
 
     /// One step on `b`, whichever fed it.
-    fn run_step(&mut self, b: &Batch, fed_by_caller: bool) -> Result<StepReport> {
+    fn run_step(&mut self, b: &Batch, fed_by_caller: bool, weight: f32) -> Result<StepReport> {
         let step = self.state.step;
         let lr = self.schedule.lr_at(step);
         let distill = self
@@ -481,7 +533,8 @@ impl Trainer {
         let out = b
             .to_device(self.device)
             .and_then(|on_device| {
-                train_step_with(
+                let sync = self.sync.as_mut().map(|sync| RankSync { sync, weight });
+                let mut out = train_step_synced(
                     &self.student,
                     teachers,
                     &self.loss,
@@ -491,7 +544,21 @@ impl Trainer {
                     step,
                     self.recipe.seed,
                     &guard,
-                )
+                    sync,
+                )?;
+                if let Some(g) = &self.world.group {
+                    // The global batch's losses: the ranks' means, weighted as the gradients.
+                    let mut l = [out.ce, out.kd.unwrap_or(0.0), out.loss].map(|v| v * weight);
+                    g.all_reduce_sum_f32(&mut l)?;
+                    (out.ce, out.loss) = (l[0], l[2]);
+                    out.kd = out.kd.map(|_| l[1]);
+                    ranks::average_buffers(g.as_ref(), &self.student)?;
+                    if (step + 1).is_multiple_of(self.check_every) || step + 1 == self.total {
+                        ranks::check_same_weights(g.as_ref(), &self.student, step + 1)?;
+                    }
+                }
+                test_exit(&self.world, step + 1);
+                Ok(out)
             })
             .and_then(|out| {
                 // A GPU may still be running this step's backward and update (the loss came
@@ -507,7 +574,8 @@ impl Trainer {
                 Error::invalid(
                     "train",
                     format!(
-                        "run `{}` stopped at step {step}: {e}; {}",
+                        "{}run `{}` stopped at step {step}: {e}; {}",
+                        self.world.prefix(),
                         self.recipe.name,
                         self.how_to_continue()
                     ),
@@ -527,7 +595,7 @@ impl Trainer {
         }
         self.last_step = Some((lr, out));
         let batch = self.recipe.train.batch_size;
-        let (eval, validation) = if self.evals.contains(&self.state.step) {
+        let (eval, validation) = if self.evals.contains(&self.state.step) && self.writes() {
             checkpoint::test_pause(&format!("evaluation after step {}", self.state.step));
             let (test, validation) = self.evaluate_both(batch)?;
             self.last_eval = Some(test);
@@ -536,11 +604,20 @@ impl Trainer {
         } else {
             (None, None)
         };
-        self.log.append(&RunLogRecord {
+        let wall_seconds = self.wall_seconds();
+        let Some(log) = self.log.as_mut() else {
+            // Another rank: rank 0 logs, evaluates and checkpoints.
+            return Ok(StepReport {
+                step,
+                lr,
+                output: out,
+            });
+        };
+        log.append(&RunLogRecord {
             step: self.state.step,
             samples: self.state.samples,
             train_seconds: self.state.train_seconds,
-            wall_seconds: self.wall_seconds(),
+            wall_seconds,
             lr,
             ce: out.ce,
             kd: out.kd,
@@ -608,6 +685,16 @@ impl Trainer {
             p.finish_and_clear();
         }
         let (name, step, total) = (&self.recipe.name, self.state.step, self.total);
+        if !self.writes() {
+            return Error::invalid(
+                "train",
+                format!(
+                    "{}run `{name}` {why} after step {step} of {total}; rank 0 writes its \
+                     checkpoint",
+                    self.world.prefix()
+                ),
+            );
+        }
         match self.save_checkpoint(self.dir.join(CHECKPOINT_FILE)) {
             Ok(()) => Error::invalid(
                 "train",
@@ -694,6 +781,44 @@ impl Trainer {
         checkpoint::save(path.as_ref(), &tensors, Some(meta))
     }
 
+    /// A rank other than 0 at the end of a run: the summary rank 0 wrote, with its
+    /// evaluation numbers (broadcast), nothing written here.
+    fn follow_summary(&self) -> Result<RunSummary> {
+        let Some(g) = &self.world.group else {
+            return Err(Error::invalid(
+                "train",
+                "a rank without a group has nothing to follow".to_string(),
+            ));
+        };
+        let mut numbers = [0f32; 3];
+        g.broadcast_f32(&mut numbers)?;
+        let [final_eval, validation, floor] = numbers;
+        let recipe = &self.recipe;
+        Ok(RunSummary {
+            name: recipe.name.clone(),
+            method: recipe.method(),
+            metric: self.data.metric().to_string(),
+            duration_samples: self.total * recipe.train.batch_size as u64,
+            steps: self.total,
+            final_eval,
+            final_validation: (!validation.is_nan()).then_some(validation),
+            majority_floor: Some(floor),
+            train_seconds: self.state.train_seconds,
+            teacher_forwards: self.state.teacher_forwards,
+            teacher_seconds: self.pool.is_some().then_some(self.state.teacher_seconds),
+            cache_reads: None,
+            skipped_steps: self.state.skipped_steps,
+            device: Some(self.device_name.clone()),
+            teachers: recipe
+                .distill
+                .as_ref()
+                .map(|d| d.teachers.iter().map(|p| p.display().to_string()).collect())
+                .unwrap_or_default(),
+            config: serde_json::to_value(recipe)
+                .map_err(|e| Error::invalid("train", format!("recipe as JSON: {e}")))?,
+        })
+    }
+
     /// Ends the run. When every step is done: the final evaluation (unless the last step ran
     /// one), `final.safetensors` and `summary.json`, and the summary. Otherwise the checkpoint
     /// is written and the result is an error saying how to continue (`--resume`).
@@ -708,6 +833,12 @@ impl Trainer {
         if self.state.step < total {
             return Err(self.stop("stopped"));
         }
+        if let Some(sync) = &self.sync {
+            report_reduce_times(&self.world, sync, &self.state);
+        }
+        if !self.writes() {
+            return self.follow_summary();
+        }
         let (final_eval, final_validation) = match self.last_eval {
             Some(v) => (v, self.last_validation),
             None => self.evaluate_both(batch)?,
@@ -717,6 +848,12 @@ impl Trainer {
             &self.student.state_dict()?,
             None,
         )?;
+        let floor = majority_floor(&self.data)?;
+        if let Some(g) = &self.world.group {
+            // The other ranks return the same summary.
+            let mut numbers = [final_eval, final_validation.unwrap_or(f32::NAN), floor];
+            g.broadcast_f32(&mut numbers)?;
+        }
         let recipe = &self.recipe;
         let summary = RunSummary {
             name: recipe.name.clone(),
@@ -726,7 +863,7 @@ impl Trainer {
             steps: total,
             final_eval,
             final_validation,
-            majority_floor: Some(majority_floor(&self.data)?),
+            majority_floor: Some(floor),
             train_seconds: self.state.train_seconds,
             teacher_forwards: self.state.teacher_forwards,
             teacher_seconds: self.pool.is_some().then_some(self.state.teacher_seconds),
@@ -744,6 +881,130 @@ impl Trainer {
         summary.write(&self.dir)?;
         Ok(summary)
     }
+}
+
+/// What a data-parallel run cannot do yet: the GPU path, the teacher cache (its rows are the
+/// global batch's), a global batch that does not split evenly.
+fn check_distributable(recipe: &Recipe, ranks: usize) -> Result<()> {
+    let refuse = |what: &str| {
+        Err(Error::invalid(
+            "train",
+            format!("run `{}` on {ranks} ranks: {what}", recipe.name),
+        ))
+    };
+    if recipe.device != Device::Cpu {
+        return refuse(
+            "data-parallel training runs on the CPU (device = \"cpu\"); train on one GPU \
+             with one process",
+        );
+    }
+    if recipe.distill.as_ref().is_some_and(|d| d.cache.is_some()) {
+        return refuse(
+            "a teacher cache holds the rows of whole batches, not of a rank's shard: drop \
+             distill.cache or train with one process",
+        );
+    }
+    ranks::check_divides(recipe.train.batch_size, ranks)
+}
+
+/// Rank 0's (or the one process's) side of starting a run: creates and locks the run
+/// directory, removes the temporary files of killed writes, checks an existing run against
+/// `opts` (resume or overwrite), records the recipe, and reads the checkpoint to resume from.
+fn prepare_run_dir(
+    recipe: &Recipe,
+    opts: &RunOptions,
+    dir: &Path,
+    student: &Model,
+    optimizer: &mut dyn Optimizer,
+    total: u64,
+) -> Result<(RunLock, Progress, RunLogWriter)> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let lock = RunLock::acquire(dir)?;
+    remove_temp_files(dir)?;
+    let recorded = dir.join(RECIPE_FILE);
+    let has_checkpoint = dir.join(CHECKPOINT_FILE).exists();
+    if opts.resume {
+        if !has_checkpoint && !recorded.exists() {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "--resume: {} holds no run to resume (no {CHECKPOINT_FILE}, no \
+                     {RECIPE_FILE}): train it without --resume",
+                    dir.display()
+                ),
+            ));
+        }
+        if recorded.exists() {
+            check_same_recipe(&recorded, recipe)?;
+        }
+    } else if dir.join(LOG_FILE).exists() && !opts.overwrite {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "{} already holds a run: pass --resume to continue it or --overwrite to start again",
+                dir.display()
+            ),
+        ));
+    } else {
+        // A fresh start: nothing of a previous run in this directory may be resumed or
+        // reported as this one's.
+        for stale in [CHECKPOINT_FILE, FINAL_FILE, SUMMARY_FILE] {
+            match std::fs::remove_file(dir.join(stale)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(dir.join(stale), e))
+                }
+                _ => {}
+            }
+        }
+    }
+    // On resume the recorded recipe stays (it was checked to be this one).
+    if !opts.resume || !recorded.exists() {
+        write_atomic(&recorded, recipe.to_toml()?.as_bytes())?;
+    }
+
+    // Resuming a run that stopped before its first checkpoint starts it from step 0.
+    let state = if opts.resume && has_checkpoint {
+        load_checkpoint(dir, student, optimizer, total, recipe)?
+    } else {
+        Progress {
+            step: 0,
+            samples: 0,
+            train_seconds: 0.0,
+            teacher_forwards: 0,
+            teacher_seconds: 0.0,
+            cache_reads: CacheReads::default(),
+            skipped_steps: 0,
+            caller_steps: 0,
+            caller_samples: 0,
+        }
+    };
+    let log = if opts.resume {
+        RunLogWriter::open_for_resume(dir.join(LOG_FILE), state.step)?
+    } else {
+        RunLogWriter::create(dir.join(LOG_FILE))?
+    };
+    Ok((lock, state, log))
+}
+
+/// What a data-parallel run's reductions cost, said once by rank 0 on standard error: the
+/// all-reduce time per step (on the communication thread) and what of it backward did not hide.
+fn report_reduce_times(world: &World, sync: &GradSync, state: &Progress) {
+    let t = sync.times();
+    if world.rank() != 0 || t.steps == 0 {
+        return;
+    }
+    let ms = |s: f64| 1e3 * s / t.steps as f64;
+    eprintln!(
+        "data-parallel over {} ranks, {} bucket(s): {:.2} ms/step training, backward with \
+         reduction {:.2} ms/step, all-reduce {:.2} ms/step, of which {:.2} ms/step waited for \
+         after backward",
+        world.size(),
+        sync.plan().ranges().len(),
+        1e3 * state.train_seconds / state.step.max(1) as f64,
+        ms(t.backward_seconds),
+        ms(t.reduce_seconds),
+        ms(t.wait_seconds)
+    );
 }
 
 /// The compute dtype of the teachers (whose weights are bf16): bf16 on a GPU, where an op
@@ -782,6 +1043,66 @@ pub(super) fn data_batches(
                 .map(|b| b.and_then(mlm_batch)),
         ),
     })
+}
+
+/// This rank's shard of the training set's batches from `step` on, each with its weight: the
+/// global batch (a function of `(seed, step)`, the same on every rank) cut into `shard.size`
+/// slices. Every rank builds the whole batch and keeps its slice: loading costs as much as in
+/// one process, and the data order, MLM masks and augmentations are those of a one-process
+/// run.
+fn shard_batches(
+    data: &TaskData,
+    batch: usize,
+    seed: u64,
+    step: u64,
+    shard: Shard,
+) -> Result<ShardIter> {
+    let config = LoaderConfig::train(batch, seed);
+    let image = move |b: data::ImageBatch| -> Result<(Batch, f32)> {
+        let (b, w) = ranks::shard_images(b, shard)?;
+        Ok((image_batch(b), w))
+    };
+    let mlm = move |b: data::MlmBatch| -> Result<(Batch, f32)> {
+        let (b, w) = ranks::shard_mlm(b, shard)?;
+        Ok((mlm_batch(b)?, w))
+    };
+    Ok(match data {
+        TaskData::Images { train, .. } => {
+            Box::new(Loader::new(train.clone(), config, step)?.map(move |b| b.and_then(image)))
+        }
+        TaskData::Text {
+            train: TextTrain::Packed(train),
+            ..
+        } => Box::new(Loader::new(train.clone(), config, step)?.map(move |b| b.and_then(mlm))),
+        TaskData::Text {
+            train: TextTrain::Stream(shards),
+            ..
+        } => Box::new(
+            TextStreamLoader::new(shards.clone(), batch, step, config.prefetch)?
+                .map(move |b| b.and_then(mlm)),
+        ),
+    })
+}
+
+/// For the tests of a rank that dies: `RECYCLE_TEST_EXIT_AT=RANK:STEP` ends rank RANK of a
+/// data-parallel run abruptly (no MPI shutdown) once it has finished step STEP.
+fn test_exit(world: &World, step: u64) {
+    if !world.is_distributed() {
+        return;
+    }
+    let Ok(spec) = std::env::var("RECYCLE_TEST_EXIT_AT") else {
+        return;
+    };
+    let at = spec
+        .split_once(':')
+        .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
+    if at == Some((world.rank(), step)) {
+        eprintln!(
+            "{}exiting after step {step} (RECYCLE_TEST_EXIT_AT={spec})",
+            world.prefix()
+        );
+        std::process::exit(3);
+    }
 }
 
 /// A service may move a trainer to another thread (one thread at a time drives it).

@@ -32,6 +32,7 @@ use recycle_engine::optim::Optimizer;
 use recycle_engine::{DType, Error, FlatParams, Result, Tape, Tensor};
 
 use crate::distill::{kd_loss, KdLoss, TeacherPool};
+use crate::distributed::GradSync;
 pub use crate::recipe::OnNonFinite;
 use crate::trainer::model::{Batch, Model};
 use recycle_engine::kd_loss::{kd_loss_cached, CachedTargets};
@@ -191,6 +192,37 @@ pub fn train_step_with(
     seed: u64,
     guard: &StepGuard,
 ) -> Result<StepOutput> {
+    train_step_synced(
+        student, teachers, loss, batch, optimizer, lr, step, seed, guard, None,
+    )
+}
+
+/// A data-parallel step's reduction: the gradients are averaged over the ranks during
+/// backward (`docs/distributed.md`), this rank's counting with `weight`.
+pub struct RankSync<'a> {
+    pub sync: &'a mut GradSync,
+    /// This rank's share of the global batch's loss terms.
+    pub weight: f32,
+}
+
+/// [`train_step_with`] on one rank of several: backward hands each bucket of the gradient
+/// buffer to `sync` as soon as it is final, and the clipping, the non-finite check and the
+/// update see the ranks' average. A rank whose step is poisoned before backward still takes
+/// part in the reduction, with NaN gradients, so that every rank sees a non-finite norm and
+/// stops or skips the step with it.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_synced(
+    student: &Model,
+    teachers: Option<Teachers<'_>>,
+    loss: &KdLoss,
+    batch: &Batch,
+    optimizer: &mut dyn Optimizer,
+    lr: f32,
+    step: u64,
+    seed: u64,
+    guard: &StepGuard,
+    mut sync: Option<RankSync<'_>>,
+) -> Result<StepOutput> {
     let pool = teachers.as_ref().and_then(Teachers::pool);
     let params = student.params()?;
     // The training forward moves BatchNorm's running statistics before the loss is known; a
@@ -216,9 +248,28 @@ pub fn train_step_with(
             }
         }
     };
-    let mut out = match forward_backward_checked(student, teachers, loss, batch, step, seed)? {
+    let mut out = match forward_backward_checked(
+        student,
+        teachers,
+        loss,
+        batch,
+        step,
+        seed,
+        sync.as_mut(),
+    )? {
         Ok(out) => out,
-        Err((out, source)) => return poisoned(out, source),
+        Err((out, source)) => {
+            if let Some(s) = sync.as_mut() {
+                params
+                    .grads()
+                    .write_f32()?
+                    .iter_mut()
+                    .for_each(|g| *g = f32::NAN);
+                s.sync.begin(params.grads(), 1.0)?;
+                s.sync.finish()?;
+            }
+            return poisoned(out, source);
+        }
     };
     let norm = match guard.clip_grad_norm {
         Some(max) => clip_grad_norm(params, max)?,
@@ -293,7 +344,7 @@ pub fn forward_backward(
     seed: u64,
 ) -> Result<StepOutput> {
     let online = teachers.map(|pool| Teachers::Online { pool, record: None });
-    match forward_backward_checked(student, online, loss, batch, step, seed)? {
+    match forward_backward_checked(student, online, loss, batch, step, seed, None)? {
         Ok(out) => Ok(out),
         Err((out, source)) => Err(nonfinite_error(step, source, &out, lr, teachers)),
     }
@@ -311,6 +362,7 @@ fn forward_backward_checked(
     batch: &Batch,
     step: u64,
     seed: u64,
+    sync: Option<&mut RankSync<'_>>,
 ) -> Result<std::result::Result<StepOutput, Poisoned>> {
     let empty = StepOutput {
         ce: f32::NAN,
@@ -406,7 +458,16 @@ fn forward_backward_checked(
             record(index, t)?;
         }
     }
-    tape.backward(&out.total)?;
+    match sync {
+        Some(s) => {
+            s.sync.begin(student.params()?.grads(), s.weight)?;
+            tape.backward_hooked(&out.total, &mut |g| s.sync.param_ready(g))?;
+            s.sync.finish()?;
+        }
+        None => {
+            tape.backward(&out.total)?;
+        }
+    }
     Ok(Ok(result))
 }
 

@@ -1,0 +1,20 @@
+//! Data-parallel training across processes (`docs/distributed.md`): how this process was
+//! launched ([`launch`]), the ranks' collectives ([`Group`]: MPI behind the `mpi` feature, or
+//! one process), and the gradient reduction the backward pass feeds bucket by bucket
+//! ([`reducer`], [`buckets`]).
+//!
+//! Every rank trains on its shard of each global batch; the gradients are averaged (weighted
+//! by each rank's share of the batch's loss terms), so every rank applies the same update and
+//! ends each step with the same weights.
+
+pub mod buckets;
+pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi_group;
+pub mod reducer;
+pub mod world;
+
+pub use buckets::BucketPlan;
+pub use launch::{Launch, Launcher};
+pub use reducer::{GradReducer, GradSync, ReduceTimes};
+pub use world::{Group, World};
