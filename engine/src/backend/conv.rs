@@ -49,7 +49,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::Conv2dGeometry;
+use super::{scratch, Conv2dGeometry};
 use crate::backend::gemm::{
     bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE,
 };
@@ -332,13 +332,15 @@ fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize, out: &mut Vec<f32>) 
     let hw = g.h * g.w;
     let front = g.padding * (g.w + 1);
     let plane = front + items * hw + g.kh * g.w + g.kw;
-    out.clear();
+    // Only the margins are zeroed: the images overwrite the rest of a reused buffer.
+    out.truncate(g.c * plane);
     out.resize(g.c * plane, 0.0);
     for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
-        for (b, d) in dst[front..front + items * hw]
-            .chunks_exact_mut(hw)
-            .enumerate()
-        {
+        let (head, rest) = dst.split_at_mut(front);
+        let (body, tail) = rest.split_at_mut(items * hw);
+        head.fill(0.0);
+        tail.fill(0.0);
+        for (b, d) in body.chunks_exact_mut(hw).enumerate() {
             d.copy_from_slice(&x[b * g.image() + c * hw..][..hw]);
         }
     }
@@ -359,12 +361,39 @@ fn inside_masks(g: &Conv2dGeometry, out: &mut Vec<u32>) {
     }
 }
 
+/// The sizes [`inside_masks`] depends on: kernel, image, stride, padding.
+type MaskKey = [usize; 6];
+
+/// Mask tables a thread keeps: more than the distinct "same" shapes of a ResNet.
+const MASK_SHAPES: usize = 16;
+
+/// Per-shape tables of [`inside_masks`], made once per shape and thread and kept.
+type MaskCache = Vec<(MaskKey, Vec<u32>)>;
+
 thread_local! {
-    /// Each thread's tall images and masks of `same_rows`, kept from call to call (as the
-    /// sgemm keeps its packing buffers): no allocation per call, and no temporary besides the
-    /// columns themselves once a thread has run its largest convolution.
-    static SAME_ROW_BUFS: RefCell<(Vec<f32>, Vec<u32>)> =
+    /// Each thread's tall images and mask tables of `same_rows`, kept from call to call (as
+    /// the sgemm keeps its packing buffers): no allocation per call, and no temporary besides
+    /// the columns themselves once a thread has run its largest convolution.
+    static SAME_ROW_BUFS: RefCell<(Vec<f32>, MaskCache)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The masks of `g` from `cache`, made (and the oldest table dropped when full) if missing.
+fn cached_masks<'a>(g: &Conv2dGeometry, cache: &'a mut MaskCache) -> &'a [u32] {
+    let key = [g.kh, g.kw, g.h, g.w, g.stride, g.padding];
+    let at = match cache.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            if cache.len() >= MASK_SHAPES {
+                cache.remove(0);
+            }
+            let mut masks = Vec::new();
+            inside_masks(g, &mut masks);
+            cache.push((key, masks));
+            cache.len() - 1
+        }
+    };
+    &cache[at].1
 }
 
 /// `im2col_cpu` of a "same" convolution (`shifts_rows`), row by row with `same_row`.
@@ -374,11 +403,10 @@ fn same_rows(
     items: usize,
     cols: &mut [f32],
     parallel: bool,
-    (tall, masks): (&mut Vec<f32>, &mut Vec<u32>),
+    (tall, masks): (&mut Vec<f32>, &mut MaskCache),
 ) {
     let plane = tall_images(x, g, items, tall);
-    inside_masks(g, masks);
-    let (tall, masks) = (&tall[..], &masks[..]);
+    let (tall, masks) = (&tall[..], cached_masks(g, masks));
     let (k, row_len) = (g.kh * g.kw, items * g.pixels());
     let one = |(r, row): (usize, &mut [f32])| {
         let mask = &masks[(r % k) * g.pixels()..][..g.pixels()];
@@ -633,8 +661,8 @@ fn grouped_forward(
         .try_for_each_init(
             || {
                 (
-                    vec![0f32; if direct { 0 } else { ck * items * p }],
-                    vec![0f32; if items == 1 { 0 } else { g.o * items * p }],
+                    scratch::take(if direct { 0 } else { ck * items * p }),
+                    scratch::take(if items == 1 { 0 } else { g.o * items * p }),
                 )
             },
             |(cols, tmp), (out_g, x_g)| {
@@ -868,9 +896,9 @@ fn backward_cpu(
                 let first = t * per;
                 let cnt = per.min(g.n - first);
                 let cols_len = if direct { 0 } else { ck * items * p };
-                let mut cols = vec![0f32; if need_w { cols_len } else { 0 }];
-                let mut dcols = vec![0f32; if need_x { cols_len } else { 0 }];
-                let mut dyt = vec![0f32; if items > 1 { oimg * items } else { 0 }];
+                let mut cols = scratch::take(if need_w { cols_len } else { 0 });
+                let mut dcols = scratch::take(if need_x { cols_len } else { 0 });
+                let mut dyt = scratch::take(if items > 1 { oimg * items } else { 0 });
                 let mut dw_part = need_w.then(|| vec![0f32; g.o * ck]);
                 let mut dx_run = dx_run;
                 for (gi, b) in (0..cnt).step_by(items).enumerate() {

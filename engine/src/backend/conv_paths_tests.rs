@@ -70,6 +70,32 @@ fn same_rows_match_per_row_im2col() {
     }
 }
 
+/// More "same" shapes than a thread keeps mask tables for, twice over, large images before
+/// small ones: evicted tables are rebuilt right, and a reused tall buffer's stale contents
+/// never reach the columns.
+#[test]
+fn same_rows_stay_right_past_the_mask_cache() {
+    let shapes: Vec<Conv2dGeometry> = (1..=6)
+        .flat_map(|h| (1..=6).map(move |w| (h, w)))
+        .rev()
+        .map(|(h, w)| geometry([2, 2, h, w], 2, 3, 1, 1))
+        .collect();
+    assert!(shapes.len() > 2 * MASK_SHAPES);
+    for round in 0..2 {
+        for (si, g) in shapes.iter().enumerate() {
+            let x = values(g.n * g.image(), 50 + si as u64);
+            let row_len = g.n * g.pixels();
+            let mut want = vec![f32::NAN; g.patch() * row_len];
+            for (r, row) in want.chunks_mut(row_len).enumerate() {
+                im2col_row(&x, g, g.n, r, row);
+            }
+            let mut got = vec![f32::NAN; want.len()];
+            im2col_cpu(&x, g, g.n, &mut got, false);
+            assert_eq!(got, want, "round {round}, {g:?}");
+        }
+    }
+}
+
 #[test]
 fn shifted_rows_cover_same_convolutions_only() {
     assert!(shifts_rows(&geometry([1, 1, 5, 5], 1, 3, 1, 1)));

@@ -22,6 +22,7 @@ pub mod matmul;
 pub mod norm;
 pub mod params;
 pub mod pool;
+pub(crate) mod scratch;
 pub mod softmax;
 
 pub use params::{
