@@ -892,6 +892,7 @@ fn backward_cpu(
             let per = g.n.div_ceil(runs.min(g.n));
             let items = schedule.group().clamp(1, per);
             let direct = items == 1 && g.is_pointwise();
+            let dw_transposed = dw_by_columns_in_place(g);
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
                 let first = t * per;
                 let cnt = per.min(g.n - first);
@@ -919,7 +920,34 @@ fn backward_cpu(
                             &cols[..ck * c * p]
                         };
                         let beta = if gi == 0 { 0.0 } else { 1.0 };
-                        sgemm_serial(false, true, g.o, ck, c * p, 1.0, dy, cols, beta, dw_part)?;
+                        if dw_transposed {
+                            // dW^T [C*kh*kw, O] = cols x dY^T: the columns read in place.
+                            sgemm_serial(
+                                false,
+                                true,
+                                ck,
+                                g.o,
+                                c * p,
+                                1.0,
+                                cols,
+                                dy,
+                                beta,
+                                dw_part,
+                            )?;
+                        } else {
+                            sgemm_serial(
+                                false,
+                                true,
+                                g.o,
+                                ck,
+                                c * p,
+                                1.0,
+                                dy,
+                                cols,
+                                beta,
+                                dw_part,
+                            )?;
+                        }
                     }
                     if let Some(dx_run) = dx_run.as_deref_mut() {
                         let dx_g = &mut dx_run[b * img..][..c * img];
@@ -932,7 +960,13 @@ fn backward_cpu(
                         }
                     }
                 }
-                Ok(dw_part)
+                Ok(dw_part.map(|d| {
+                    if dw_transposed {
+                        transpose(&d, ck, g.o)
+                    } else {
+                        d
+                    }
+                }))
             };
             let parts: Vec<Option<Vec<f32>>> = match dx.as_mut() {
                 Some(dx) => dx
@@ -1004,6 +1038,30 @@ fn backward_cpu(
         weight: dw,
         bias: db,
     })
+}
+
+/// Whether the weight gradient of `PerItem` / `Grouped` runs as `dW^T = cols x dY^T` (the
+/// column matrix read in place as the product's A, `dY` transposed into the packed B) rather
+/// than `dW = dY x cols^T` (the whole column matrix transposed into packed B panels, `kh*kw`
+/// times the size of `dY` for a 3x3 convolution). The product's columns are then the `O`
+/// filters. A rule from per-shape timings of ResNet-18's convolutions at widths 1/8 and 1
+/// (docs/benchmarks.md): it wins 10-25% for kernels larger than 1x1 with a patch of 64 or
+/// more and 16 to 256 filters; with fewer filters the product's 32-column tiles are mostly
+/// empty, with more the packing it saves is amortised over enough rows of `dY` and streaming
+/// the tall column matrix as A loses.
+fn dw_by_columns_in_place(g: &Conv2dGeometry) -> bool {
+    g.kh * g.kw > 1 && g.patch() >= 64 && (16..=256).contains(&g.o)
+}
+
+/// `[rows, cols]` -> `[cols, rows]`.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in src.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
 }
 
 /// `dbias[o] = sum over n and pixels of grad[n, o, :]`.

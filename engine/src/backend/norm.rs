@@ -365,57 +365,22 @@ pub fn batch_norm2d_stats_cpu(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<
         .into_par_iter()
         .map(|ch| {
             let plane = |b: usize| &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
-            let sum: f64 = (0..n).map(|b| lane_sum(plane(b), |v| v)).sum();
+            let sum: f64 = (0..n)
+                .map(|b| plane(b).iter().map(|&v| v as f64).sum::<f64>())
+                .sum();
             let mean = sum / count;
             // Two passes: the sum of squared deviations does not cancel like E[x^2] - E[x]^2.
             let sq: f64 = (0..n)
-                .map(|b| lane_sum(plane(b), |v| (v - mean) * (v - mean)))
+                .map(|b| {
+                    plane(b)
+                        .iter()
+                        .map(|&v| (v as f64 - mean).powi(2))
+                        .sum::<f64>()
+                })
                 .sum();
             (mean as f32, (sq / count) as f32)
         })
         .unzip()
-}
-
-/// Partial sums a BatchNorm plane reduction keeps side by side: independent chains of f64
-/// adds that the compiler vectorises, where one running sum waits on each add's latency.
-const LANES: usize = 8;
-
-/// `sum f(xs[i])` in f64, over `LANES` interleaved partial sums.
-#[inline]
-fn lane_sum(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let mut blocks = xs.chunks_exact(LANES);
-    for b in &mut blocks {
-        for (a, &v) in acc.iter_mut().zip(b) {
-            *a += f(v as f64);
-        }
-    }
-    let tail: f64 = blocks.remainder().iter().map(|&v| f(v as f64)).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// `(sum dy, sum dy * (x - mean) * inv_std)` in f64 over one plane, as [`lane_sum`].
-#[inline]
-fn lane_sums_dy(dy: &[f32], x: &[f32], mean: f64, inv_std: f64) -> (f64, f64) {
-    let (mut sdy, mut sdyx) = ([0f64; LANES], [0f64; LANES]);
-    let mut gs = dy.chunks_exact(LANES);
-    let mut vs = x.chunks_exact(LANES);
-    for (g8, v8) in (&mut gs).zip(&mut vs) {
-        for k in 0..LANES {
-            let g = g8[k] as f64;
-            sdy[k] += g;
-            sdyx[k] += g * ((v8[k] as f64 - mean) * inv_std);
-        }
-    }
-    let (mut tdy, mut tdyx) = (0f64, 0f64);
-    for (&g, &v) in gs.remainder().iter().zip(vs.remainder()) {
-        tdy += g as f64;
-        tdyx += g as f64 * ((v as f64 - mean) * inv_std);
-    }
-    (
-        sdy.iter().sum::<f64>() + tdy,
-        sdyx.iter().sum::<f64>() + tdyx,
-    )
 }
 
 /// `out = (x - mean[c]) * inv_std[c] * weight[c] + bias[c]` over `[n, c, hw]` (planes in parallel).
@@ -473,9 +438,10 @@ pub fn batch_norm2d_backward_cpu(
             let (mut sdy, mut sdyx) = (0f64, 0f64);
             let (m, is) = (mean[ch] as f64, inv_std[ch] as f64);
             for b in 0..n {
-                let (a, b) = lane_sums_dy(&dy[idx(b, ch)], &x[idx(b, ch)], m, is);
-                sdy += a;
-                sdyx += b;
+                for (&g, &v) in dy[idx(b, ch)].iter().zip(&x[idx(b, ch)]) {
+                    sdy += g as f64;
+                    sdyx += g as f64 * ((v as f64 - m) * is);
+                }
             }
             (sdy, sdyx)
         })
@@ -640,42 +606,4 @@ pub fn layer_norm_backward_cpu(
             });
     }
     (dweight, dbias)
-}
-
-#[cfg(test)]
-mod lane_tests {
-    use super::*;
-
-    /// The lane sums against one running f64 sum, every tail length (0-7) and lengths below
-    /// one block included.
-    #[test]
-    fn lane_sums_match_one_running_sum() {
-        for len in 0..45 {
-            let x: Vec<f32> = (0..len)
-                .map(|i| crate::rng::normal_at(7, i as u64) * 3.0 + 1.5)
-                .collect();
-            let dy: Vec<f32> = (0..len)
-                .map(|i| crate::rng::normal_at(8, i as u64))
-                .collect();
-            let (mean, inv_std) = (0.25f64, 1.75f64);
-            let want_sq: f64 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
-            let got_sq = lane_sum(&x, |v| (v - mean) * (v - mean));
-            assert!((got_sq - want_sq).abs() <= 1e-12 * (1.0 + want_sq), "{len}");
-            let want_dy: f64 = dy.iter().map(|&g| g as f64).sum();
-            let want_dyx: f64 = dy
-                .iter()
-                .zip(&x)
-                .map(|(&g, &v)| g as f64 * ((v as f64 - mean) * inv_std))
-                .sum();
-            let (got_dy, got_dyx) = lane_sums_dy(&dy, &x, mean, inv_std);
-            assert!(
-                (got_dy - want_dy).abs() <= 1e-12 * (1.0 + want_dy.abs()),
-                "{len}"
-            );
-            assert!(
-                (got_dyx - want_dyx).abs() <= 1e-12 * (1.0 + want_dyx.abs()),
-                "{len}"
-            );
-        }
-    }
 }
