@@ -10,7 +10,7 @@
 //! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
 //! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
 //!
-//! Two specialisations for the small images and few channels of a CPU-sized ResNet (each
+//! Specialisations for the small images and few channels of a CPU-sized ResNet (each
 //! checked against the general path it replaces, `conv_paths_tests.rs`):
 //! - a "same" convolution (stride 1, output as large as the input: ResNet's 3x3) builds each
 //!   column row in one masked pass per image over the group's channel laid out as one tall,
@@ -18,7 +18,12 @@
 //! - the input gradient of a stride-1 convolution runs as the forward convolution of `dY` with
 //!   the flipped weight (`transposed_geometry`): products of depth `O*kh*kw` and a gather,
 //!   instead of depth `O` (8 for the demo's first stage) and the col2im scatter-add.
-//!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle.
+//!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle;
+//! - the weight gradient of most 3x3 layers runs as `dW^T = cols x dY^T`, the column matrix
+//!   read in place, instead of packing its transpose (`dw_by_columns_in_place`).
+//!
+//! Temporaries (columns, their gradients, gathered output gradients) come from the per-thread
+//! pool of `backend::scratch`, not a fresh zeroed allocation per call.
 //!
 //! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
 //! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
