@@ -1,5 +1,5 @@
 //! Reusable f32 scratch buffers for the CPU kernels' temporaries (column matrices, product
-//! outputs): a few buffers kept per thread and lent out by [`take`], so a hot path neither
+//! outputs): a few buffers kept per thread and handed out by [`take`], so a hot path neither
 //! allocates nor zeroes its temporaries on every call (a fresh `vec![0.0; n]` of a column
 //! matrix costs a page-faulting allocation and a fill that the im2col overwrites anyway).
 
@@ -18,7 +18,7 @@ thread_local! {
     static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A buffer of `len` floats lent from this thread's pool; it goes back on drop.
+/// A buffer of `len` floats from this thread's pool; it goes back on drop.
 pub struct Scratch {
     buf: Vec<f32>,
     len: usize,
