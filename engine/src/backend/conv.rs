@@ -10,7 +10,7 @@
 //! `dbias` sums `dY` over the batch and pixels. Columns are recomputed in backward rather than
 //! kept from forward: they are `kh*kw` times the input, too much memory to hold per layer.
 //!
-//! Two specialisations for the small images and few channels of a CPU-sized ResNet (each
+//! Specialisations for the small images and few channels of a CPU-sized ResNet (each
 //! checked against the general path it replaces, `conv_paths_tests.rs`):
 //! - a "same" convolution (stride 1, output as large as the input: ResNet's 3x3) builds each
 //!   column row in one masked pass per image over the group's channel laid out as one tall,
@@ -18,7 +18,12 @@
 //! - the input gradient of a stride-1 convolution runs as the forward convolution of `dY` with
 //!   the flipped weight (`transposed_geometry`): products of depth `O*kh*kw` and a gather,
 //!   instead of depth `O` (8 for the demo's first stage) and the col2im scatter-add.
-//!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle.
+//!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle;
+//! - the weight gradient of most 3x3 layers runs as `dW^T = cols x dY^T`, the column matrix
+//!   read in place, instead of packing its transpose (`dw_by_columns_in_place`).
+//!
+//! Temporaries (columns, their gradients, gathered output gradients) come from the per-thread
+//! pool of `backend::scratch`, not a fresh zeroed allocation per call.
 //!
 //! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
 //! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
@@ -49,7 +54,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::Conv2dGeometry;
+use super::{scratch, Conv2dGeometry};
 use crate::backend::gemm::{
     bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE,
 };
@@ -332,13 +337,15 @@ fn tall_images(x: &[f32], g: &Conv2dGeometry, items: usize, out: &mut Vec<f32>) 
     let hw = g.h * g.w;
     let front = g.padding * (g.w + 1);
     let plane = front + items * hw + g.kh * g.w + g.kw;
-    out.clear();
+    // Only the margins are zeroed: the images overwrite the rest of a reused buffer.
+    out.truncate(g.c * plane);
     out.resize(g.c * plane, 0.0);
     for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
-        for (b, d) in dst[front..front + items * hw]
-            .chunks_exact_mut(hw)
-            .enumerate()
-        {
+        let (head, rest) = dst.split_at_mut(front);
+        let (body, tail) = rest.split_at_mut(items * hw);
+        head.fill(0.0);
+        tail.fill(0.0);
+        for (b, d) in body.chunks_exact_mut(hw).enumerate() {
             d.copy_from_slice(&x[b * g.image() + c * hw..][..hw]);
         }
     }
@@ -359,12 +366,39 @@ fn inside_masks(g: &Conv2dGeometry, out: &mut Vec<u32>) {
     }
 }
 
+/// The sizes [`inside_masks`] depends on: kernel, image, stride, padding.
+type MaskKey = [usize; 6];
+
+/// Mask tables a thread keeps: more than the distinct "same" shapes of a ResNet.
+const MASK_SHAPES: usize = 16;
+
+/// Per-shape tables of [`inside_masks`], made once per shape and thread and kept.
+type MaskCache = Vec<(MaskKey, Vec<u32>)>;
+
 thread_local! {
-    /// Each thread's tall images and masks of `same_rows`, kept from call to call (as the
-    /// sgemm keeps its packing buffers): no allocation per call, and no temporary besides the
-    /// columns themselves once a thread has run its largest convolution.
-    static SAME_ROW_BUFS: RefCell<(Vec<f32>, Vec<u32>)> =
+    /// Each thread's tall images and mask tables of `same_rows`, kept from call to call (as
+    /// the sgemm keeps its packing buffers): no allocation per call, and no temporary besides
+    /// the columns themselves once a thread has run its largest convolution.
+    static SAME_ROW_BUFS: RefCell<(Vec<f32>, MaskCache)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The masks of `g` from `cache`, made (and the oldest table dropped when full) if missing.
+fn cached_masks<'a>(g: &Conv2dGeometry, cache: &'a mut MaskCache) -> &'a [u32] {
+    let key = [g.kh, g.kw, g.h, g.w, g.stride, g.padding];
+    let at = match cache.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            if cache.len() >= MASK_SHAPES {
+                cache.remove(0);
+            }
+            let mut masks = Vec::new();
+            inside_masks(g, &mut masks);
+            cache.push((key, masks));
+            cache.len() - 1
+        }
+    };
+    &cache[at].1
 }
 
 /// `im2col_cpu` of a "same" convolution (`shifts_rows`), row by row with `same_row`.
@@ -374,11 +408,10 @@ fn same_rows(
     items: usize,
     cols: &mut [f32],
     parallel: bool,
-    (tall, masks): (&mut Vec<f32>, &mut Vec<u32>),
+    (tall, masks): (&mut Vec<f32>, &mut MaskCache),
 ) {
     let plane = tall_images(x, g, items, tall);
-    inside_masks(g, masks);
-    let (tall, masks) = (&tall[..], &masks[..]);
+    let (tall, masks) = (&tall[..], cached_masks(g, masks));
     let (k, row_len) = (g.kh * g.kw, items * g.pixels());
     let one = |(r, row): (usize, &mut [f32])| {
         let mask = &masks[(r % k) * g.pixels()..][..g.pixels()];
@@ -633,8 +666,8 @@ fn grouped_forward(
         .try_for_each_init(
             || {
                 (
-                    vec![0f32; if direct { 0 } else { ck * items * p }],
-                    vec![0f32; if items == 1 { 0 } else { g.o * items * p }],
+                    scratch::take(if direct { 0 } else { ck * items * p }),
+                    scratch::take(if items == 1 { 0 } else { g.o * items * p }),
                 )
             },
             |(cols, tmp), (out_g, x_g)| {
@@ -864,13 +897,14 @@ fn backward_cpu(
             let per = g.n.div_ceil(runs.min(g.n));
             let items = schedule.group().clamp(1, per);
             let direct = items == 1 && g.is_pointwise();
+            let dw_transposed = dw_by_columns_in_place(g);
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
                 let first = t * per;
                 let cnt = per.min(g.n - first);
                 let cols_len = if direct { 0 } else { ck * items * p };
-                let mut cols = vec![0f32; if need_w { cols_len } else { 0 }];
-                let mut dcols = vec![0f32; if need_x { cols_len } else { 0 }];
-                let mut dyt = vec![0f32; if items > 1 { oimg * items } else { 0 }];
+                let mut cols = scratch::take(if need_w { cols_len } else { 0 });
+                let mut dcols = scratch::take(if need_x { cols_len } else { 0 });
+                let mut dyt = scratch::take(if items > 1 { oimg * items } else { 0 });
                 let mut dw_part = need_w.then(|| vec![0f32; g.o * ck]);
                 let mut dx_run = dx_run;
                 for (gi, b) in (0..cnt).step_by(items).enumerate() {
@@ -891,7 +925,34 @@ fn backward_cpu(
                             &cols[..ck * c * p]
                         };
                         let beta = if gi == 0 { 0.0 } else { 1.0 };
-                        sgemm_serial(false, true, g.o, ck, c * p, 1.0, dy, cols, beta, dw_part)?;
+                        if dw_transposed {
+                            // dW^T [C*kh*kw, O] = cols x dY^T: the columns read in place.
+                            sgemm_serial(
+                                false,
+                                true,
+                                ck,
+                                g.o,
+                                c * p,
+                                1.0,
+                                cols,
+                                dy,
+                                beta,
+                                dw_part,
+                            )?;
+                        } else {
+                            sgemm_serial(
+                                false,
+                                true,
+                                g.o,
+                                ck,
+                                c * p,
+                                1.0,
+                                dy,
+                                cols,
+                                beta,
+                                dw_part,
+                            )?;
+                        }
                     }
                     if let Some(dx_run) = dx_run.as_deref_mut() {
                         let dx_g = &mut dx_run[b * img..][..c * img];
@@ -904,7 +965,13 @@ fn backward_cpu(
                         }
                     }
                 }
-                Ok(dw_part)
+                Ok(dw_part.map(|d| {
+                    if dw_transposed {
+                        transpose(&d, ck, g.o)
+                    } else {
+                        d
+                    }
+                }))
             };
             let parts: Vec<Option<Vec<f32>>> = match dx.as_mut() {
                 Some(dx) => dx
@@ -976,6 +1043,30 @@ fn backward_cpu(
         weight: dw,
         bias: db,
     })
+}
+
+/// Whether the weight gradient of `PerItem` / `Grouped` runs as `dW^T = cols x dY^T` (the
+/// column matrix read in place as the product's A, `dY` transposed into the packed B) rather
+/// than `dW = dY x cols^T` (the whole column matrix transposed into packed B panels, `kh*kw`
+/// times the size of `dY` for a 3x3 convolution). The product's columns are then the `O`
+/// filters. A rule from per-shape timings of ResNet-18's convolutions at widths 1/8 and 1
+/// (docs/benchmarks.md): it wins 10-25% for kernels larger than 1x1 with a patch of 64 or
+/// more and 16 to 256 filters; with fewer filters the product's 32-column tiles are mostly
+/// empty, with more the packing it saves is amortised over enough rows of `dY` and streaming
+/// the tall column matrix as A loses.
+fn dw_by_columns_in_place(g: &Conv2dGeometry) -> bool {
+    g.kh * g.kw > 1 && g.patch() >= 64 && (16..=256).contains(&g.o)
+}
+
+/// `[rows, cols]` -> `[cols, rows]`.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in src.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
 }
 
 /// `dbias[o] = sum over n and pixels of grad[n, o, :]`.

@@ -70,6 +70,32 @@ fn same_rows_match_per_row_im2col() {
     }
 }
 
+/// More "same" shapes than a thread keeps mask tables for, twice over, large images before
+/// small ones: evicted tables are rebuilt right, and a reused tall buffer's stale contents
+/// never reach the columns.
+#[test]
+fn same_rows_stay_right_past_the_mask_cache() {
+    let shapes: Vec<Conv2dGeometry> = (1..=6)
+        .flat_map(|h| (1..=6).map(move |w| (h, w)))
+        .rev()
+        .map(|(h, w)| geometry([2, 2, h, w], 2, 3, 1, 1))
+        .collect();
+    assert!(shapes.len() > 2 * MASK_SHAPES);
+    for round in 0..2 {
+        for (si, g) in shapes.iter().enumerate() {
+            let x = values(g.n * g.image(), 50 + si as u64);
+            let row_len = g.n * g.pixels();
+            let mut want = vec![f32::NAN; g.patch() * row_len];
+            for (r, row) in want.chunks_mut(row_len).enumerate() {
+                im2col_row(&x, g, g.n, r, row);
+            }
+            let mut got = vec![f32::NAN; want.len()];
+            im2col_cpu(&x, g, g.n, &mut got, false);
+            assert_eq!(got, want, "round {round}, {g:?}");
+        }
+    }
+}
+
 #[test]
 fn shifted_rows_cover_same_convolutions_only() {
     assert!(shifts_rows(&geometry([1, 1, 5, 5], 1, 3, 1, 1)));
@@ -165,4 +191,76 @@ fn forward_input_gradient_matches_finite_differences() {
             })
             .unwrap_or_else(|e| panic!("shape {si}: {e}"));
     }
+}
+
+/// `dW[o, c, i, j] = sum over n, oh, ow of dY[n, o, oh, ow] * x[n, c, oh*s + i - p, ow*s + j - p]`,
+/// by loops: the oracle of the weight gradient's two product forms.
+fn naive_dw(x: &[f32], dy: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
+    let mut dw = vec![0f64; g.o * g.patch()];
+    for n in 0..g.n {
+        for o in 0..g.o {
+            for c in 0..g.c {
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let mut acc = 0f64;
+                        for oh in 0..g.oh {
+                            for ow in 0..g.ow {
+                                let (ih, iw) = (oh * g.stride + i, ow * g.stride + j);
+                                if ih < g.padding || iw < g.padding {
+                                    continue;
+                                }
+                                let (ih, iw) = (ih - g.padding, iw - g.padding);
+                                if ih >= g.h || iw >= g.w {
+                                    continue;
+                                }
+                                acc += dy[((n * g.o + o) * g.oh + oh) * g.ow + ow] as f64
+                                    * x[((n * g.c + c) * g.h + ih) * g.w + iw] as f64;
+                            }
+                        }
+                        dw[((o * g.c + c) * g.kh + i) * g.kw + j] += acc;
+                    }
+                }
+            }
+        }
+    }
+    dw.into_iter().map(|v| v as f32).collect()
+}
+
+/// The weight gradient in both product forms (`dW = dY x cols^T`, and `dW^T = cols x dY^T`
+/// where `dw_by_columns_in_place` picks it), every schedule, against the loops: shapes on
+/// both sides of the rule (filters 8-300, patches below and above 64, strides, odd sizes).
+#[test]
+fn weight_gradient_forms_match_loops() {
+    let shapes: &[([usize; 4], usize, usize, usize, usize)] = &[
+        ([3, 8, 7, 5], 16, 3, 1, 1),
+        ([5, 8, 4, 4], 40, 3, 1, 1),
+        ([2, 9, 9, 9], 17, 3, 2, 1),
+        ([7, 16, 3, 3], 33, 3, 1, 1),
+        ([2, 8, 5, 6], 300, 3, 1, 1),
+        ([3, 8, 6, 6], 8, 3, 1, 1),
+        ([3, 1, 6, 6], 32, 3, 1, 1),
+        ([3, 70, 5, 5], 24, 1, 1, 0),
+        ([2, 4, 9, 7], 20, 5, 1, 2),
+    ];
+    let mut saw = [false; 2];
+    for (si, &(xs, o, k, s, p)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        saw[usize::from(dw_by_columns_in_place(&g))] = true;
+        let x = values(g.n * g.image(), 70 + si as u64);
+        let w = values(g.o * g.patch(), 80 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 90 + si as u64);
+        let want = naive_dw(&x, &dy, &g);
+        for schedule in [
+            ConvSchedule::PerItem,
+            ConvSchedule::Grouped { items: 2 },
+            ConvSchedule::Grouped { items: 3 },
+            ConvSchedule::Batched { items: 2 },
+        ] {
+            let got =
+                conv2d_backward_cpu_with(&x, &w, &dy, &g, [false, true, false], schedule).unwrap();
+            let what = format!("shape {si}, {schedule:?}");
+            assert_close(&got.weight.unwrap(), &want, 1e-4, &what);
+        }
+    }
+    assert_eq!(saw, [true, true], "both forms exercised");
 }

@@ -23,6 +23,7 @@ pub mod matmul_bf16;
 pub mod norm;
 pub mod params;
 pub mod pool;
+pub(crate) mod scratch;
 pub mod softmax;
 pub mod vmath;
 
