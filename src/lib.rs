@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod data;
 pub mod distill;
+pub mod distributed;
 pub mod experiments;
 pub mod gpu_check;
 pub mod recipe;
