@@ -312,19 +312,20 @@ impl NetComm {
         );
         let mut msg = header(seq, &part).to_vec();
         msg.extend_from_slice(part.send.bytes());
-        root.write_all(&msg)
-            .map_err(|e| peer_gone(&what, 0, self.timeout, &e))?;
+        if let Err(e) = root.write_all(&msg) {
+            // Rank 0 may have closed after telling this rank why (see `tell_all`).
+            let _ = root.set_read_timeout(Some(Duration::from_millis(200)));
+            return Err(read_failure(root).unwrap_or_else(|| peer_gone(&what, 0, self.timeout, &e)));
+        }
         // Rank 0 may wait up to the timeout for another rank before it answers.
         root.set_read_timeout(Some(self.timeout * 2))
             .map_err(|e| e.to_string())?;
         let status =
             read_array::<1>(root).map_err(|e| peer_gone(&what, 0, self.timeout * 2, &e))?;
         if status[0] != 0 {
-            let len = read_array::<4>(root).map_err(|e| peer_gone(&what, 0, self.timeout, &e))?;
-            let mut m = vec![0u8; u32::from_le_bytes(len) as usize];
-            root.read_exact(&mut m)
-                .map_err(|e| peer_gone(&what, 0, self.timeout, &e))?;
-            return Err(String::from_utf8_lossy(&m).into_owned());
+            return Err(
+                read_message(root).unwrap_or_else(|e| peer_gone(&what, 0, self.timeout, &e))
+            );
         }
         root.read_exact(part.recv.bytes_mut())
             .map_err(|e| peer_gone(&what, 0, self.timeout, &e))
@@ -376,13 +377,7 @@ impl NetComm {
             }
         }
         if let Some(m) = failure {
-            // The live ranks learn which rank failed before the connections close.
-            let mut msg = vec![1u8];
-            msg.extend_from_slice(&(m.len() as u32).to_le_bytes());
-            msg.extend_from_slice(m.as_bytes());
-            for s in peers.iter_mut().flatten() {
-                let _ = s.write_all(&msg);
-            }
+            tell_all(peers, &m);
             return Err(m);
         }
         let views: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
@@ -393,13 +388,46 @@ impl NetComm {
         }
         let mut msg = vec![0u8];
         msg.extend_from_slice(out);
-        for (r, p) in peers.iter_mut().enumerate().skip(1) {
-            p.as_mut()
+        for r in 1..peers.len() {
+            let sent = peers[r]
+                .as_mut()
                 .expect("every rank connected")
-                .write_all(&msg)
-                .map_err(|e| peer_gone(&what, r, self.timeout, &e))?;
+                .write_all(&msg);
+            if let Err(e) = sent {
+                // The ranks already answered read this as the answer to their next call.
+                let m = peer_gone(&what, r, self.timeout, &e);
+                tell_all(peers, &m);
+                return Err(m);
+            }
         }
         Ok(())
+    }
+}
+
+/// The failure message after a status byte of 1.
+fn read_message(root: &mut UnixStream) -> io::Result<String> {
+    let len = read_array::<4>(root)?;
+    let mut m = vec![0u8; u32::from_le_bytes(len) as usize];
+    root.read_exact(&mut m)?;
+    Ok(String::from_utf8_lossy(&m).into_owned())
+}
+
+/// The failure rank 0 sent before closing, if it did.
+fn read_failure(root: &mut UnixStream) -> Option<String> {
+    match read_array::<1>(root) {
+        Ok([1]) => read_message(root).ok(),
+        _ => None,
+    }
+}
+
+/// Rank 0 tells every other rank why the communicator failed, before the connections close:
+/// each reads it as the answer to the collective it is in, or its next one.
+fn tell_all(peers: &mut [Option<UnixStream>], m: &str) {
+    let mut msg = vec![1u8];
+    msg.extend_from_slice(&(m.len() as u32).to_le_bytes());
+    msg.extend_from_slice(m.as_bytes());
+    for s in peers.iter_mut().flatten() {
+        let _ = s.write_all(&msg);
     }
 }
 
