@@ -18,7 +18,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +98,32 @@ pub struct NetComm {
 }
 
 const HELLO: usize = 8 + 4 + 4;
+
+/// Writes all of `buf` without raising SIGPIPE when the peer is gone (a host program that
+/// keeps the default SIGPIPE action would otherwise die instead of seeing the error).
+fn send_all(s: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live slice; the descriptor belongs to `s`.
+        let n = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -225,8 +251,7 @@ impl NetComm {
         accepted?;
         for (r, p) in peers.iter_mut().enumerate().skip(1) {
             let s = p.as_mut().expect("every rank arrived");
-            s.write_all(&[1])
-                .map_err(|e| peer_gone("ncclCommInitRank", r, timeout, &e))?;
+            send_all(s, &[1]).map_err(|e| peer_gone("ncclCommInitRank", r, timeout, &e))?;
         }
         Ok(())
     }
@@ -259,7 +284,7 @@ impl NetComm {
         hello[..8].copy_from_slice(&ID_MAGIC);
         hello[8..12].copy_from_slice(&(rank as u32).to_le_bytes());
         hello[12..16].copy_from_slice(&(ranks as u32).to_le_bytes());
-        s.write_all(&hello)
+        send_all(&s, &hello)
             .and_then(|_| s.set_read_timeout(Some(timeout * 2)))
             .and_then(|_| read_array::<1>(&mut s))
             .map_err(|e| peer_gone("ncclCommInitRank", 0, timeout * 2, &e))?;
@@ -312,7 +337,7 @@ impl NetComm {
         );
         let mut msg = header(seq, &part).to_vec();
         msg.extend_from_slice(part.send.bytes());
-        if let Err(e) = root.write_all(&msg) {
+        if let Err(e) = send_all(root, &msg) {
             // Rank 0 may have closed after telling this rank why (see `tell_all`).
             let _ = root.set_read_timeout(Some(Duration::from_millis(200)));
             return Err(read_failure(root).unwrap_or_else(|| peer_gone(&what, 0, self.timeout, &e)));
@@ -389,10 +414,7 @@ impl NetComm {
         let mut msg = vec![0u8];
         msg.extend_from_slice(out);
         for r in 1..peers.len() {
-            let sent = peers[r]
-                .as_mut()
-                .expect("every rank connected")
-                .write_all(&msg);
+            let sent = send_all(peers[r].as_ref().expect("every rank connected"), &msg);
             if let Err(e) = sent {
                 // The ranks already answered read this as the answer to their next call.
                 let m = peer_gone(&what, r, self.timeout, &e);
@@ -427,7 +449,7 @@ fn tell_all(peers: &mut [Option<UnixStream>], m: &str) {
     msg.extend_from_slice(&(m.len() as u32).to_le_bytes());
     msg.extend_from_slice(m.as_bytes());
     for s in peers.iter_mut().flatten() {
-        let _ = s.write_all(&msg);
+        let _ = send_all(s, &msg);
     }
 }
 
