@@ -93,6 +93,7 @@ fn run(args: &Args) -> Result<()> {
     }
     let timeout = Duration::from_secs_f64(args.timeout_s);
     let device = Device::Cuda(local_rank);
+    let port = rendezvous::port_from_env(port, |k| std::env::var(k).ok())?;
     let addr = rendezvous::join_host_port(&host, port);
     let id = rendezvous::exchange(&addr, rank, world, timeout, || {
         NcclId::new(device)

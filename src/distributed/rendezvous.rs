@@ -40,7 +40,7 @@ pub enum Error {
     /// Rank 0 could not listen.
     #[error(
         "rendezvous: rank 0 could not listen on {addr}: {reason}; set MASTER_ADDR to an \
-         address of rank 0's machine and MASTER_PORT to a free port"
+         address of rank 0's machine and MASTER_PORT (or RECYCLE_RENDEZVOUS_PORT) to a free port"
     )]
     Bind { addr: String, reason: String },
 
@@ -138,6 +138,35 @@ pub fn join_host_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// Sets the rendezvous port explicitly.
+pub const PORT_ENV: &str = "RECYCLE_RENDEZVOUS_PORT";
+
+/// The port rank 0 listens on, given `MASTER_PORT` and a reader of the environment:
+/// `RECYCLE_RENDEZVOUS_PORT` when set; otherwise `MASTER_PORT`, except when torchrun's agent
+/// already serves its own store there (it says so with `TORCHELASTIC_USE_AGENT_STORE=True`),
+/// in which case the next port, `MASTER_PORT + 1`.
+pub fn port_from_env(master_port: u16, env: impl Fn(&str) -> Option<String>) -> Result<u16> {
+    if let Some(v) = env(PORT_ENV) {
+        return match v.trim().parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(Error::Invalid(format!(
+                "{PORT_ENV}={v:?}: give a TCP port, 1 to 65535"
+            ))),
+        };
+    }
+    let agent_store = env("TORCHELASTIC_USE_AGENT_STORE")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1");
+    if !agent_store {
+        return Ok(master_port);
+    }
+    master_port.checked_add(1).ok_or_else(|| {
+        Error::Invalid(format!(
+            "MASTER_PORT={master_port} is held by torchrun's store and there is no next port; \
+             set {PORT_ENV} to a free port"
+        ))
+    })
 }
 
 fn check_rank(rank: usize, world: usize) -> Result<()> {

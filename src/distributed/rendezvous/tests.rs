@@ -209,3 +209,30 @@ fn launch_arguments_are_checked() {
     let got = exchange("127.0.0.1:0", 0, 1, Duration::from_secs(1), || Ok(id())).unwrap();
     assert_eq!(got, id());
 }
+
+#[test]
+fn the_port_follows_the_launcher() {
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+    assert_eq!(port_from_env(29500, env(&[])).unwrap(), 29500);
+    // torchrun's agent serves its store on MASTER_PORT: the next one.
+    let agent = [("TORCHELASTIC_USE_AGENT_STORE", "True")];
+    assert_eq!(port_from_env(29500, env(&agent)).unwrap(), 29501);
+    let set = [
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        (PORT_ENV, "40000"),
+    ];
+    assert_eq!(port_from_env(29500, env(&set)).unwrap(), 40000);
+    let e = port_from_env(29500, env(&[(PORT_ENV, "0")])).unwrap_err();
+    assert!(
+        e.to_string().contains("RECYCLE_RENDEZVOUS_PORT=\"0\""),
+        "{e}"
+    );
+    assert!(port_from_env(65535, env(&agent)).is_err());
+}
