@@ -144,7 +144,7 @@ pub fn join_host_port(host: &str, port: u16) -> String {
 pub const PORT_ENV: &str = "RECYCLE_RENDEZVOUS_PORT";
 
 /// The port rank 0 listens on, given `MASTER_PORT` and a reader of the environment:
-/// `RECYCLE_RENDEZVOUS_PORT` when set; otherwise `MASTER_PORT`, except when torchrun's agent
+/// `RECYCLE_RENDEZVOUS_PORT` when set; otherwise `MASTER_PORT`, except when torchrun's launcher
 /// already serves its own store there (it says so with `TORCHELASTIC_USE_AGENT_STORE=True`),
 /// in which case the next port, `MASTER_PORT + 1`.
 pub fn port_from_env(master_port: u16, env: impl Fn(&str) -> Option<String>) -> Result<u16> {
@@ -156,9 +156,9 @@ pub fn port_from_env(master_port: u16, env: impl Fn(&str) -> Option<String>) -> 
             ))),
         };
     }
-    let agent_store = env("TORCHELASTIC_USE_AGENT_STORE")
+    let shared_store = env("TORCHELASTIC_USE_AGENT_STORE")
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1");
-    if !agent_store {
+    if !shared_store {
         return Ok(master_port);
     }
     master_port.checked_add(1).ok_or_else(|| {

@@ -221,9 +221,9 @@ fn the_port_follows_the_launcher() {
         }
     }
     assert_eq!(port_from_env(29500, env(&[])).unwrap(), 29500);
-    // torchrun's agent serves its store on MASTER_PORT: the next one.
-    let agent = [("TORCHELASTIC_USE_AGENT_STORE", "True")];
-    assert_eq!(port_from_env(29500, env(&agent)).unwrap(), 29501);
+    // torchrun's launcher serves its own store on MASTER_PORT: the next one.
+    let shared_store = [("TORCHELASTIC_USE_AGENT_STORE", "True")];
+    assert_eq!(port_from_env(29500, env(&shared_store)).unwrap(), 29501);
     let set = [
         ("TORCHELASTIC_USE_AGENT_STORE", "True"),
         (PORT_ENV, "40000"),
@@ -234,5 +234,5 @@ fn the_port_follows_the_launcher() {
         e.to_string().contains("RECYCLE_RENDEZVOUS_PORT=\"0\""),
         "{e}"
     );
-    assert!(port_from_env(65535, env(&agent)).is_err());
+    assert!(port_from_env(65535, env(&shared_store)).is_err());
 }
