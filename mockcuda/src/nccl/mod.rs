@@ -27,7 +27,7 @@ use crate::error::{unimplemented, MockError};
 use crate::libcommon::{explain, Elem, HostRange, Registry};
 use crate::stream::{enqueue, Access, Work};
 
-use collective::{Clique, Part, RedOp, PEER_TIMEOUT};
+use collective::{Clique, Part, RedOp};
 
 /// `ncclResult_t`.
 pub type NcclResult = u32;
@@ -417,6 +417,11 @@ pub unsafe extern "C" fn ncclAllReduce(
     if len > 0 && (send.is_null() || recv.is_null()) {
         return refuse(F, INVALID_ARGUMENT, "a null buffer");
     }
+    // The in-process clique waits for its peers as long as the ranks of other processes do.
+    let timeout = match net::peer_timeout() {
+        Ok(t) => t,
+        Err(m) => return refuse(F, INVALID_ARGUMENT, &m),
+    };
     let (send, recv) = (send as u64, recv as u64);
     let resolved = HostRange::resolve(send, len, "ncclAllReduce sendbuff")
         .and_then(|s| Ok((s, HostRange::resolve(recv, len, "ncclAllReduce recvbuff")?)));
@@ -448,7 +453,7 @@ pub unsafe extern "C" fn ncclAllReduce(
         accesses: vec![Access::Read(send, len), Access::Write(recv, len)],
         work: Box::new(move || {
             let r = match &c.link {
-                Link::Local(clique) => clique.all_reduce(seq, c.rank, part, PEER_TIMEOUT),
+                Link::Local(clique) => clique.all_reduce(seq, c.rank, part, timeout),
                 // SAFETY: the ranges were resolved inside live allocations at the call, and
                 // the stream runs nothing else until this returns.
                 Link::Net(n) => unsafe { n.all_reduce(seq, part) }.map_err(MockError),

@@ -33,8 +33,11 @@ pub const ID_BYTES: usize = 128;
 /// The first bytes of an id this mock made.
 pub const ID_MAGIC: [u8; 8] = *b"RCYMNCL1";
 const TOKEN_BYTES: usize = 16;
+/// How long a rank waits for its peers before the collective fails (a peer whose stream never
+/// reaches the call, or a call a peer never made), unless the environment says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
-/// The environment variable that sets the peer timeout, in seconds.
+/// The environment variable that sets the peer timeout, in seconds (for every communicator,
+/// in-process cliques included).
 pub const TIMEOUT_ENV: &str = "RECYCLE_MOCK_NCCL_TIMEOUT_S";
 
 /// The peer timeout: `RECYCLE_MOCK_NCCL_TIMEOUT_S` when set to a positive number.
