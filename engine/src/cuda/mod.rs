@@ -86,6 +86,7 @@ pub(crate) mod matmul;
 #[cfg(feature = "cuda")]
 mod memory;
 pub mod nccl;
+pub mod nccl_rank;
 #[cfg(feature = "cuda")]
 pub(crate) mod norm;
 #[cfg(feature = "cuda")]
@@ -108,6 +109,7 @@ pub(crate) use context::CudaContext;
 #[cfg(feature = "cuda")]
 pub(crate) use memory::DeviceBuffer;
 pub use nccl::AllReduceGroup;
+pub use nccl_rank::{NcclId, RankComm};
 
 /// Where a GPU tensor's elements are: its context, the address of its first element, how many
 /// elements and of which type.

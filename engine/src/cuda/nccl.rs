@@ -5,8 +5,8 @@
 //! data-parallel step needs exactly one collective per step: the mean of N equally sized
 //! buffers, written back in place on every GPU. [`AllReduceGroup`] is that collective for the
 //! GPUs this process drives (NCCL's `ncclCommInitAll`: one communicator per GPU, no network
-//! rendezvous). Launching one process per GPU (torchrun-style rank variables, the NCCL id over
-//! TCP) is the scale-out step of DESIGN.md and is not here yet.
+//! rendezvous). One process per GPU, with a communicator made from a unique id that a launcher
+//! hands to every rank, is `nccl_rank`'s [`super::RankComm`].
 //!
 //! Ordering: a reduce must see the finished backward, and the optimizer must see the reduced
 //! gradients, without stalling the host. So per GPU the communication stream first waits on an

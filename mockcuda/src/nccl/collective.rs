@@ -61,10 +61,6 @@ struct Round {
     unseen: usize,
 }
 
-/// How long a rank waits for its peers before the collective fails (a peer whose stream
-/// never reaches the call, or a call a peer never made).
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// The communicators of one `ncclCommInitAll`.
 pub struct Clique {
     pub ranks: usize,

@@ -1,6 +1,9 @@
 //! The mock NCCL (`libnccl.so.2`): communicators of one process (`ncclCommInitAll`, one per
-//! device), groups, and all-reduce (sum, prod, max, min, avg) on fp32 and bf16, queued on the
-//! caller's stream with the bytes it reads and writes.
+//! device) and across processes (`ncclGetUniqueId`, `ncclCommInitRank`: `net`), groups, and
+//! all-reduce (sum, prod, max, min, avg) on fp32 and bf16, queued on the caller's stream with
+//! the bytes it reads and writes. A collective that fails (a peer gone or late) fails its
+//! stream's work, and `ncclCommGetAsyncError` reports it, as NCCL does; `ncclCommAbort` closes
+//! the communicator so its peers fail at once.
 //!
 //! Groups are per thread, as NCCL's are: the calls between `ncclGroupStart` and the
 //! outermost `ncclGroupEnd` are checked when made and queued on their streams at the end.
@@ -12,18 +15,19 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod collective;
+pub mod net;
 #[cfg(test)]
 mod tests;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crate::error::unimplemented;
+use crate::error::{unimplemented, MockError};
 use crate::libcommon::{explain, Elem, HostRange, Registry};
 use crate::stream::{enqueue, Access, Work};
 
-use collective::{Clique, Part, RedOp, PEER_TIMEOUT};
+use collective::{Clique, Part, RedOp};
 
 /// `ncclResult_t`.
 pub type NcclResult = u32;
@@ -36,14 +40,37 @@ pub const INVALID_USAGE: NcclResult = 5;
 /// bindings are for.
 pub const VERSION: c_int = 2_30_00;
 
-/// One communicator: its clique, rank, device, and how many collectives it has issued.
+/// How a communicator meets its peers.
+#[derive(Clone)]
+pub enum Link {
+    /// The communicators of one `ncclCommInitAll`, in this process.
+    Local(Arc<Clique>),
+    /// One rank of an `ncclCommInitRank` communicator, whose peers may be other processes.
+    Net(Arc<net::NetComm>),
+}
+
+/// One communicator: its link, rank, device, how many collectives it has issued, and the
+/// first error of its queued work (what `ncclCommGetAsyncError` reports).
 #[derive(Clone)]
 pub struct Comm {
-    pub clique: Arc<Clique>,
+    pub link: Link,
     pub rank: usize,
     pub device: i32,
     pub issued: u64,
+    pub failed: Arc<Mutex<Option<String>>>,
 }
+
+impl Comm {
+    pub fn ranks(&self) -> usize {
+        match &self.link {
+            Link::Local(c) => c.ranks,
+            Link::Net(n) => n.ranks,
+        }
+    }
+}
+
+/// `ncclRemoteError`: a peer failed or is gone.
+pub const REMOTE_ERROR: NcclResult = 6;
 
 static COMMS: Registry<Comm> = Registry::new();
 
@@ -74,7 +101,7 @@ pub fn result_text(r: NcclResult) -> &'static str {
         3 => "internal error - please report this issue to the NCCL developers\0",
         INVALID_ARGUMENT => "invalid argument (run with NCCL_DEBUG=WARN for details)\0",
         INVALID_USAGE => "invalid usage (run with NCCL_DEBUG=WARN for details)\0",
-        6 => "remote process exited or there was a network error\0",
+        REMOTE_ERROR => "remote process exited or there was a network error\0",
         7 => "NCCL operation in progress\0",
         _ => "unknown result code\0",
     }
@@ -133,25 +160,136 @@ pub unsafe extern "C" fn ncclCommInitAll(
     let clique = Arc::new(Clique::new(devs.len()));
     for (rank, device) in devs.into_iter().enumerate() {
         *comms.add(rank) = COMMS.insert(Comm {
-            clique: clique.clone(),
+            link: Link::Local(clique.clone()),
             rank,
             device,
             issued: 0,
+            failed: Arc::default(),
         });
     }
     SUCCESS
 }
 
+/// `ncclUniqueId`: 128 opaque bytes, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UniqueId {
+    pub internal: [u8; net::ID_BYTES],
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ncclGetUniqueId(id: *mut UniqueId) -> NcclResult {
+    if id.is_null() {
+        return refuse("ncclGetUniqueId", INVALID_ARGUMENT, "null id");
+    }
+    (*id).internal = net::new_id();
+    SUCCESS
+}
+
+/// `ncclCommInitRank`: blocks until all `nranks` ranks have called it with the same id (or
+/// the peer timeout passes). The device is the calling thread's, the mock's only one.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommInitRank(
+    comm: *mut *mut c_void,
+    nranks: c_int,
+    id: UniqueId,
+    rank: c_int,
+) -> NcclResult {
+    const F: &str = "ncclCommInitRank";
+    if comm.is_null() {
+        return refuse(F, INVALID_ARGUMENT, "null comm");
+    }
+    if nranks < 1 || rank < 0 || rank >= nranks {
+        return refuse(
+            F,
+            INVALID_ARGUMENT,
+            &format!("rank {rank} of nranks {nranks}: ranks are 0..nranks"),
+        );
+    }
+    let timeout = match net::peer_timeout() {
+        Ok(t) => t,
+        Err(m) => return refuse(F, INVALID_ARGUMENT, &m),
+    };
+    match net::NetComm::init(&id.internal, nranks as usize, rank as usize, timeout) {
+        Ok(n) => {
+            *comm = COMMS.insert(Comm {
+                link: Link::Net(Arc::new(n)),
+                rank: rank as usize,
+                device: 0,
+                issued: 0,
+                failed: Arc::default(),
+            });
+            SUCCESS
+        }
+        // A bad id is the caller's; a peer that never came is a remote failure.
+        Err(m) if m.contains("magic") => refuse(F, INVALID_ARGUMENT, &m),
+        Err(m) => refuse(F, REMOTE_ERROR, &m),
+    }
+}
+
+/// Closes a communicator's connections (its peers fail at once rather than at the timeout).
+fn close(c: &Comm) {
+    if let Link::Net(n) = &c.link {
+        n.shut_down();
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn ncclCommDestroy(comm: *mut c_void) -> NcclResult {
-    if comm.is_null() || COMMS.remove(comm).is_some() {
-        SUCCESS
-    } else {
-        refuse(
+    if comm.is_null() {
+        return SUCCESS;
+    }
+    match COMMS.remove(comm) {
+        Some(c) => {
+            close(&c);
+            SUCCESS
+        }
+        None => refuse(
             "ncclCommDestroy",
             INVALID_ARGUMENT,
             &format!("{comm:?} is not a live communicator"),
-        )
+        ),
+    }
+}
+
+/// `ncclCommAbort`: frees the communicator without waiting for its queued work, which then
+/// fails (its peers see the connections close).
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommAbort(comm: *mut c_void) -> NcclResult {
+    if comm.is_null() {
+        return SUCCESS;
+    }
+    match COMMS.remove(comm) {
+        Some(c) => {
+            close(&c);
+            SUCCESS
+        }
+        None => refuse(
+            "ncclCommAbort",
+            INVALID_ARGUMENT,
+            &format!("{comm:?} is not a live communicator"),
+        ),
+    }
+}
+
+/// `ncclCommGetAsyncError`: `ncclRemoteError` once a collective of this communicator failed
+/// on its stream (the message went to stderr then), else `ncclSuccess`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommGetAsyncError(
+    comm: *mut c_void,
+    async_error: *mut NcclResult,
+) -> NcclResult {
+    match (COMMS.get(comm), async_error.is_null()) {
+        (Some(c), false) => {
+            let failed = c.failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            *async_error = if failed { REMOTE_ERROR } else { SUCCESS };
+            SUCCESS
+        }
+        _ => refuse(
+            "ncclCommGetAsyncError",
+            INVALID_ARGUMENT,
+            "a dead communicator or a null output",
+        ),
     }
 }
 
@@ -177,7 +315,7 @@ unsafe fn comm_query(
 
 #[no_mangle]
 pub unsafe extern "C" fn ncclCommCount(comm: *mut c_void, count: *mut c_int) -> NcclResult {
-    comm_query("ncclCommCount", comm, count, |c| c.clique.ranks as c_int)
+    comm_query("ncclCommCount", comm, count, |c| c.ranks() as c_int)
 }
 
 #[no_mangle]
@@ -279,6 +417,11 @@ pub unsafe extern "C" fn ncclAllReduce(
     if len > 0 && (send.is_null() || recv.is_null()) {
         return refuse(F, INVALID_ARGUMENT, "a null buffer");
     }
+    // The in-process clique waits for its peers as long as the ranks of other processes do.
+    let timeout = match net::peer_timeout() {
+        Ok(t) => t,
+        Err(m) => return refuse(F, INVALID_ARGUMENT, &m),
+    };
     let (send, recv) = (send as u64, recv as u64);
     let resolved = HostRange::resolve(send, len, "ncclAllReduce sendbuff")
         .and_then(|s| Ok((s, HostRange::resolve(recv, len, "ncclAllReduce recvbuff")?)));
@@ -304,10 +447,23 @@ pub unsafe extern "C" fn ncclAllReduce(
         stream: stream as usize,
         name: format!(
             "ncclAllReduce #{seq} rank {} of {} ({count} x {elem:?}, {op:?})",
-            c.rank, c.clique.ranks
+            c.rank,
+            c.ranks()
         ),
         accesses: vec![Access::Read(send, len), Access::Write(recv, len)],
-        work: Box::new(move || c.clique.all_reduce(seq, c.rank, part, PEER_TIMEOUT)),
+        work: Box::new(move || {
+            let r = match &c.link {
+                Link::Local(clique) => clique.all_reduce(seq, c.rank, part, timeout),
+                // SAFETY: the ranges were resolved inside live allocations at the call, and
+                // the stream runs nothing else until this returns.
+                Link::Net(n) => unsafe { n.all_reduce(seq, part) }.map_err(MockError),
+            };
+            if let Err(e) = &r {
+                let mut failed = c.failed.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get_or_insert_with(|| e.0.clone());
+            }
+            r
+        }),
     };
     let in_group = GROUP.with(|g| {
         let mut g = g.borrow_mut();

@@ -200,3 +200,160 @@ fn communicators_groups_and_results_as_documented() {
         assert_eq!(devices(3, None).unwrap(), vec![0, 1, 2]);
     }
 }
+
+/// Ranks `0..ranks` of one id, each initialised on its own thread (as separate processes
+/// would), in rank order.
+fn net_comms(ranks: usize, timeout: Duration) -> Vec<net::NetComm> {
+    let id = net::new_id();
+    std::thread::scope(|s| {
+        let h: Vec<_> = (0..ranks)
+            .map(|r| s.spawn(move || net::NetComm::init(&id, ranks, r, timeout)))
+            .collect();
+        h.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    })
+}
+
+#[test]
+fn ranks_of_one_id_meet_and_store_the_same_bits() {
+    let ranks = 3;
+    let comms = net_comms(ranks, Duration::from_secs(20));
+    let mut seq = 0;
+    for elem in [Elem::F32, Elem::Bf16] {
+        for op in [RedOp::Avg, RedOp::Sum, RedOp::Max] {
+            seq += 1;
+            let count = 1000;
+            let inputs: Vec<Vec<u8>> = (0..ranks)
+                .map(|r| bytes_of(elem, &rank_values(r, count)))
+                .collect();
+            // Rank 0 and 2 in place, rank 1 into another buffer.
+            let mut sends = inputs.clone();
+            let mut recvs: Vec<Vec<u8>> =
+                (0..ranks).map(|_| vec![0u8; count * elem.size()]).collect();
+            let parts: Vec<Part> = (0..ranks)
+                .map(|r| Part {
+                    send: range(&mut sends[r]),
+                    recv: if r == 1 {
+                        range(&mut recvs[r])
+                    } else {
+                        range(&mut sends[r])
+                    },
+                    count,
+                    elem,
+                    op,
+                })
+                .collect();
+            std::thread::scope(|s| {
+                for (c, p) in comms.iter().zip(parts) {
+                    // SAFETY: each thread's buffers are its own until the scope ends.
+                    s.spawn(move || unsafe { c.all_reduce(seq, p) }.unwrap());
+                }
+            });
+            let views: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+            let want = bytes_of(elem, &reduce(op, elem, &views, count));
+            assert_eq!(sends[0], want, "rank 0 {elem:?} {op:?}");
+            assert_eq!(recvs[1], want, "rank 1 {elem:?} {op:?}");
+            assert_eq!(sends[2], want, "rank 2 {elem:?} {op:?}");
+            // Rank 1's send buffer is untouched.
+            assert_eq!(sends[1], inputs[1]);
+        }
+    }
+}
+
+#[test]
+fn a_rank_that_never_arrives_fails_the_others_after_the_timeout() {
+    let id = net::new_id();
+    let start = std::time::Instant::now();
+    let e = net::NetComm::init(&id, 3, 0, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert!(e.contains("ranks [1, 2] of 3, which never arrived"), "{e}");
+    assert!(e.contains(net::TIMEOUT_ENV), "{e}");
+    let e = net::NetComm::init(&net::new_id(), 2, 1, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert!(e.contains("rank 1 of 2 could not reach rank 0"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // Not this mock's id.
+    let e = net::NetComm::init(&[0u8; 128], 2, 1, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert!(e.contains("magic"), "{e}");
+}
+
+#[test]
+fn a_rank_gone_mid_run_fails_the_collective_on_every_other_rank() {
+    let ranks = 3;
+    let mut comms = net_comms(ranks, Duration::from_secs(20));
+    // Rank 2 leaves (as its process would on exit: the kernel closes its sockets).
+    let gone = comms.pop().unwrap();
+    gone.shut_down();
+    drop(gone);
+    let count = 8;
+    let mut bufs: Vec<Vec<u8>> = (0..2)
+        .map(|r| bytes_of(Elem::F32, &rank_values(r, count)))
+        .collect();
+    let parts: Vec<Part> = bufs
+        .iter_mut()
+        .map(|b| Part {
+            send: range(b),
+            recv: range(b),
+            count,
+            elem: Elem::F32,
+            op: RedOp::Avg,
+        })
+        .collect();
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let h: Vec<_> = comms
+            .iter()
+            .zip(parts)
+            // SAFETY: each thread's buffer is its own.
+            .map(|(c, p)| s.spawn(move || unsafe { c.all_reduce(1, p) }.unwrap_err()))
+            .collect();
+        h.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errs {
+        assert!(e.contains("rank 2 is gone"), "{e}");
+    }
+    // The communicator is broken from then on.
+    let mut b = vec![0u8; 4];
+    let p = Part {
+        send: range(&mut b),
+        recv: range(&mut b),
+        count: 1,
+        elem: Elem::F32,
+        op: RedOp::Sum,
+    };
+    let e = unsafe { comms[0].all_reduce(2, p) }.unwrap_err();
+    assert!(e.contains("broken"), "{e}");
+}
+
+#[test]
+fn unique_ids_and_rank_communicators_through_the_entry_points() {
+    unsafe {
+        let mut a = UniqueId { internal: [0; 128] };
+        let mut b = UniqueId { internal: [0; 128] };
+        assert_eq!(ncclGetUniqueId(&mut a), SUCCESS);
+        assert_eq!(ncclGetUniqueId(&mut b), SUCCESS);
+        assert_eq!(a.internal[..8], net::ID_MAGIC);
+        assert_ne!(a.internal[..], b.internal[..], "two ids name two meetings");
+        assert_ne!(net::meeting_dir(&a.internal), net::meeting_dir(&b.internal));
+        // One rank alone needs nobody.
+        let mut comm = null_mut();
+        assert_eq!(ncclCommInitRank(&mut comm, 1, a, 0), SUCCESS);
+        let (mut n, mut r, mut err) = (0 as c_int, 0 as c_int, 99u32);
+        assert_eq!(ncclCommCount(comm, &mut n), SUCCESS);
+        assert_eq!(ncclCommUserRank(comm, &mut r), SUCCESS);
+        assert_eq!(ncclCommGetAsyncError(comm, &mut err), SUCCESS);
+        assert_eq!((n, r, err), (1, 0, SUCCESS));
+        assert_eq!(ncclCommAbort(comm), SUCCESS);
+        assert_eq!(ncclCommGetAsyncError(comm, &mut err), INVALID_ARGUMENT);
+        // A rank outside the world, or an id this mock did not make.
+        assert_eq!(ncclCommInitRank(&mut comm, 2, a, 2), INVALID_ARGUMENT);
+        let zero = UniqueId { internal: [0; 128] };
+        assert_eq!(ncclCommInitRank(&mut comm, 2, zero, 1), INVALID_ARGUMENT);
+        let text = CStr::from_ptr(ncclGetErrorString(REMOTE_ERROR))
+            .to_str()
+            .unwrap();
+        assert!(text.starts_with("remote process exited"), "{text}");
+    }
+}

@@ -1,0 +1,579 @@
+//! One rank per process: an NCCL communicator made from a unique id that rank 0 created and a
+//! launcher handed to every rank (the torchrun-style rendezvous, or MPI), and the in-place mean
+//! of a flat gradient buffer, or of a contiguous range of it (a bucket), across the ranks.
+//!
+//! Rank 0 calls [`NcclId::new`] (`ncclGetUniqueId`); every rank then makes its
+//! [`RankComm`] with the same id (`ncclCommInitRank`, which blocks until all ranks have
+//! called it) on its own GPU, `cuda:LOCAL_RANK` ([`RankComm::for_local_rank`]).
+//!
+//! Ordering, as in [`super::AllReduceGroup`]: [`RankComm::reduce_bucket`] makes the
+//! communication stream wait on an event recorded on the student stream (where the backward
+//! that wrote the bucket was queued) and queues the reduction there, without blocking the host
+//! or the student stream, so the rest of the backward can run beside it.
+//! [`RankComm::join_student`] then makes the student stream wait for every reduction queued
+//! so far (before the optimizer reads the gradients). The buffers are kept alive until then.
+//!
+//! NCCL reports a peer that is gone asynchronously: its collective never completes on this
+//! rank's stream. [`RankComm::wait`] waits on the host for the queued reductions while polling
+//! `ncclCommGetAsyncError`; an error or the timeout aborts the communicator (`ncclCommAbort`)
+//! and becomes an error naming this rank and what to do, never a hang. After that the
+//! communicator refuses further work.
+//!
+//! The argument rules (rank, world, id length, device, dtype, bucket range) run before any
+//! library is touched and are unit-tested on the CPU.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::{DType, Device, Error, Result, Tensor};
+
+const OP: &str = "RankComm";
+
+/// `NCCL_UNIQUE_ID_BYTES`.
+pub const NCCL_ID_BYTES: usize = 128;
+
+/// The unique id that names one communicator: made on rank 0, sent to every rank as bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NcclId(pub [u8; NCCL_ID_BYTES]);
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclId({:02x?}..)", &self.0[..8])
+    }
+}
+
+impl NcclId {
+    /// The id as received from rank 0: exactly [`NCCL_ID_BYTES`] bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<NcclId> {
+        let id: [u8; NCCL_ID_BYTES] = bytes.try_into().map_err(|_| {
+            Error::invalid(
+                OP,
+                format!(
+                    "an NCCL unique id of {} bytes; it is {NCCL_ID_BYTES} bytes, made by \
+                     ncclGetUniqueId on rank 0 and sent unchanged to every rank",
+                    bytes.len()
+                ),
+            )
+        })?;
+        Ok(NcclId(id))
+    }
+
+    /// A new id (`ncclGetUniqueId`), on rank 0, with `device` (rank 0's GPU) opened first so
+    /// that a missing driver or GPU is reported as such.
+    pub fn new(device: Device) -> Result<NcclId> {
+        let ordinal = gpu_ordinal(device)?;
+        #[cfg(feature = "cuda")]
+        {
+            cuda_impl::unique_id(ordinal)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(super::no_backend_error(ordinal))
+        }
+    }
+}
+
+fn gpu_ordinal(device: Device) -> Result<usize> {
+    match device {
+        Device::Cuda(n) => Ok(n),
+        Device::Cpu => Err(Error::invalid(
+            OP,
+            "cpu: an NCCL communicator reduces on a GPU (cuda:N); CPU ranks reduce with MPI"
+                .to_string(),
+        )),
+    }
+}
+
+/// `rank` of `world`: at least one rank, the rank below the world size.
+pub fn check_rank(rank: usize, world: usize) -> Result<()> {
+    if world == 0 {
+        return Err(Error::invalid(
+            OP,
+            "world size 0: a communicator has at least one rank".to_string(),
+        ));
+    }
+    if rank >= world {
+        return Err(Error::invalid(
+            OP,
+            format!("rank {rank} of world size {world}: ranks are 0..{world}"),
+        ));
+    }
+    if world > i32::MAX as usize {
+        return Err(Error::invalid(
+            OP,
+            format!("world size {world} is too large"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `grads` can be reduced by the communicator of `device`, over `range` of its
+/// elements: on that GPU, f32 or bf16, the range non-empty and inside the buffer.
+pub fn check_bucket(device: Device, grads: &Tensor, range: &Range<usize>) -> Result<()> {
+    if grads.device() != device {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the gradient buffer is on {}, but this rank's communicator is on {device}",
+                grads.device()
+            ),
+        ));
+    }
+    if !matches!(grads.dtype(), DType::F32 | DType::BF16) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "a {:?} buffer: gradients are reduced in f32 or bf16",
+                grads.dtype()
+            ),
+        ));
+    }
+    let len = grads.elem_count();
+    if range.start >= range.end || range.end > len {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "bucket {range:?} of a buffer of {len} elements: a bucket is a non-empty range \
+                 inside the buffer"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// This process's rank of an NCCL communicator across processes.
+pub struct RankComm {
+    rank: usize,
+    world: usize,
+    device: Device,
+    #[cfg(feature = "cuda")]
+    inner: cuda_impl::Inner,
+}
+
+impl std::fmt::Debug for RankComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RankComm(rank {} of {}, {})",
+            self.rank, self.world, self.device
+        )
+    }
+}
+
+impl RankComm {
+    /// Rank `rank` of `world` on `device`, from rank 0's `id`. Blocks until every rank has
+    /// made its part (NCCL's rule), or fails.
+    pub fn new(device: Device, rank: usize, world: usize, id: &NcclId) -> Result<RankComm> {
+        let ordinal = gpu_ordinal(device)?;
+        check_rank(rank, world)?;
+        #[cfg(feature = "cuda")]
+        {
+            let inner = cuda_impl::Inner::init(ordinal, rank, world, id)?;
+            Ok(RankComm {
+                rank,
+                world,
+                device,
+                inner,
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = id;
+            Err(super::no_backend_error(ordinal))
+        }
+    }
+
+    /// The same on this machine's GPU number `local_rank` (`LOCAL_RANK`: one GPU per process).
+    pub fn for_local_rank(
+        local_rank: usize,
+        rank: usize,
+        world: usize,
+        id: &NcclId,
+    ) -> Result<RankComm> {
+        RankComm::new(Device::Cuda(local_rank), rank, world, id).map_err(|e| match e {
+            Error::Device(m) => Error::Device(format!(
+                "LOCAL_RANK={local_rank} (rank {rank} of {world}): {m}; each process of a \
+                 machine takes the GPU numbered by its LOCAL_RANK, so start at most as many \
+                 processes per machine as it has GPUs"
+            )),
+            other => other,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Queues the in-place mean over the ranks of `grads[range]` on the communication stream,
+    /// after the work queued so far on the student stream. Returns without waiting; call
+    /// [`RankComm::join_student`] before the student stream uses the buffer again.
+    pub fn reduce_bucket(&mut self, grads: &Tensor, range: Range<usize>) -> Result<()> {
+        check_bucket(self.device, grads, &range)?;
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.reduce(self.rank, self.world, grads, range)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(super::no_backend_error(gpu_ordinal(self.device)?))
+        }
+    }
+
+    /// Makes the student stream's later work wait for every reduction queued so far.
+    pub fn join_student(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.join_student(self.rank, self.world)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(super::no_backend_error(gpu_ordinal(self.device)?))
+        }
+    }
+
+    /// The whole buffer's mean, ordered before the student stream's later work.
+    pub fn all_reduce_mean(&mut self, grads: &Tensor) -> Result<()> {
+        self.reduce_bucket(grads, 0..grads.elem_count())?;
+        self.join_student()
+    }
+
+    /// Waits on the host until the reductions queued so far have finished, watching for
+    /// NCCL's asynchronous errors; an error, or `timeout` passing, aborts the communicator.
+    pub fn wait(&mut self, timeout: Duration) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.wait(self.rank, self.world, timeout)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = timeout;
+            Err(super::no_backend_error(gpu_ordinal(self.device)?))
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_impl {
+    use std::ops::Range;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use cudarc::nccl::{result, sys};
+
+    use super::super::libs::{self, Library};
+    use super::super::{context, CudaContext, StreamRole};
+    use super::{NcclId, NCCL_ID_BYTES};
+    use crate::{DType, Error, Result, Tensor};
+
+    fn nccl_err(
+        ordinal: usize,
+        rank: usize,
+        world: usize,
+        what: &str,
+        e: sys::ncclResult_t,
+    ) -> Error {
+        Error::Device(format!(
+            "cuda:{ordinal}, rank {rank} of {world}: NCCL failed {what}: {e:?}; check that every \
+             rank was started with the same WORLD_SIZE and the same id, that the other ranks are \
+             still running (their logs say why one stopped), and that libnccl.so.2 matches the \
+             driver"
+        ))
+    }
+
+    pub(super) fn unique_id(ordinal: usize) -> Result<NcclId> {
+        let ctx = context::get(ordinal)?;
+        libs::require(Library::Nccl, ordinal)?;
+        libs::guarded(Library::Nccl, ordinal, || {
+            ctx.bind()?;
+            let id = result::get_uniqueid()
+                .map_err(|e| nccl_err(ordinal, 0, 1, "making the unique id", e.0))?;
+            let mut bytes = [0u8; NCCL_ID_BYTES];
+            for (b, c) in bytes.iter_mut().zip(id.internal) {
+                *b = c as u8;
+            }
+            Ok(NcclId(bytes))
+        })
+    }
+
+    /// The communicator (null once aborted), its context, and the buffers of reductions the
+    /// student stream has not joined yet.
+    pub(super) struct Inner {
+        ctx: Arc<CudaContext>,
+        comm: sys::ncclComm_t,
+        pending: Vec<Tensor>,
+    }
+
+    // SAFETY: a communicator may be used from any thread, one call at a time; `RankComm` uses
+    // it only through `&mut self` and `Drop`.
+    unsafe impl Send for Inner {}
+
+    impl Inner {
+        pub(super) fn init(
+            ordinal: usize,
+            rank: usize,
+            world: usize,
+            id: &NcclId,
+        ) -> Result<Inner> {
+            let ctx = context::get(ordinal)?;
+            libs::require(Library::Nccl, ordinal)?;
+            let mut internal = [0 as std::ffi::c_char; NCCL_ID_BYTES];
+            for (c, b) in internal.iter_mut().zip(id.0) {
+                *c = b as std::ffi::c_char;
+            }
+            let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+            libs::guarded(Library::Nccl, ordinal, || {
+                ctx.bind()?;
+                // SAFETY: `comm` receives one communicator; the id is passed by value.
+                unsafe {
+                    result::comm_init_rank(
+                        &mut comm,
+                        world as i32,
+                        sys::ncclUniqueId { internal },
+                        rank as i32,
+                    )
+                }
+                .map_err(|e| nccl_err(ordinal, rank, world, "joining the communicator", e.0))?;
+                Ok(())
+            })?;
+            Ok(Inner {
+                ctx,
+                comm,
+                pending: Vec::new(),
+            })
+        }
+
+        fn live(&self, rank: usize, world: usize) -> Result<()> {
+            if self.comm.is_null() {
+                return Err(Error::Device(format!(
+                    "cuda:{}, rank {rank} of {world}: the NCCL communicator was aborted after an \
+                     earlier error; stop this rank and restart the launch",
+                    self.ctx.ordinal()
+                )));
+            }
+            Ok(())
+        }
+
+        pub(super) fn reduce(
+            &mut self,
+            rank: usize,
+            world: usize,
+            grads: &Tensor,
+            range: Range<usize>,
+        ) -> Result<()> {
+            self.live(rank, world)?;
+            // Reduced in place.
+            let v = grads.cuda_view_mut("RankComm::reduce_bucket")?;
+            let ptr = v.ptr + (range.start * v.dtype.size_in_bytes()) as u64;
+            let count = range.end - range.start;
+            if let Err(e) = self.ctx.join(StreamRole::Comm, StreamRole::Student) {
+                return Err(self.explain(rank, world, e));
+            }
+            // Kept alive until the student stream has waited for this reduction.
+            self.pending.push(grads.clone());
+            let ordinal = self.ctx.ordinal();
+            let stream = self.ctx.stream(StreamRole::Comm).cu_stream();
+            let comm = self.comm;
+            let queued = libs::guarded(Library::Nccl, ordinal, || {
+                self.ctx.bind()?;
+                // SAFETY: `ptr` spans `count` elements of the buffer on this communicator's
+                // GPU, kept alive by `pending` until the student stream has waited for the
+                // communication stream; in place (send = receive buffer) is allowed by NCCL.
+                unsafe {
+                    result::all_reduce(
+                        ptr as *const std::ffi::c_void,
+                        ptr as *mut std::ffi::c_void,
+                        count,
+                        match v.dtype {
+                            DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+                            _ => sys::ncclDataType_t::ncclFloat32,
+                        },
+                        sys::ncclRedOp_t::ncclAvg,
+                        comm,
+                        stream as sys::cudaStream_t,
+                    )
+                }
+                .map_err(|e| nccl_err(ordinal, rank, world, "queueing an all-reduce", e.0))?;
+                Ok(())
+            });
+            queued.map_err(|e| self.explain(rank, world, e))
+        }
+
+        pub(super) fn join_student(&mut self, rank: usize, world: usize) -> Result<()> {
+            self.live(rank, world)?;
+            if let Err(e) = self.ctx.join(StreamRole::Student, StreamRole::Comm) {
+                return Err(self.explain(rank, world, e));
+            }
+            // The student stream now orders every later free of these buffers after the
+            // reductions.
+            self.pending.clear();
+            Ok(())
+        }
+
+        /// NCCL's asynchronous error, if it has one (or cannot be asked).
+        fn async_error(&self) -> Option<String> {
+            let mut async_err = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator; `async_err` receives one result.
+            let asked = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_err) };
+            if asked != sys::ncclResult_t::ncclSuccess {
+                Some(format!("asking NCCL for errors failed: {asked:?}"))
+            } else if !matches!(
+                async_err,
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+            ) {
+                Some(format!(
+                    "NCCL reported {async_err:?} for a queued all-reduce (ncclRemoteError: \
+                     another rank's process exited or the network between them failed)"
+                ))
+            } else {
+                None
+            }
+        }
+
+        /// Aborts the communicator and says why, for the user.
+        fn fail(&mut self, rank: usize, world: usize, why: String) -> Error {
+            self.abort();
+            Error::Device(format!(
+                "cuda:{}, rank {rank} of {world}: {why}; the communicator was aborted; the other \
+                 ranks' logs name the one that stopped; restart the launch",
+                self.ctx.ordinal()
+            ))
+        }
+
+        /// A driver error met while queueing: a failed collective makes every later call on
+        /// the context fail, so NCCL's own account, when it has one, replaces the driver's.
+        fn explain(&mut self, rank: usize, world: usize, e: Error) -> Error {
+            match self.async_error() {
+                Some(why) => self.fail(rank, world, format!("{why} (then: {e})")),
+                None => e,
+            }
+        }
+
+        /// Polls the communication stream's progress and NCCL's asynchronous error.
+        pub(super) fn wait(&mut self, rank: usize, world: usize, timeout: Duration) -> Result<()> {
+            self.live(rank, world)?;
+            let event = match self.ctx.record(StreamRole::Comm) {
+                Ok(e) => e,
+                Err(e) => return Err(self.explain(rank, world, e)),
+            };
+            let start = Instant::now();
+            loop {
+                let done = event.try_is_complete();
+                let failure = match (self.async_error(), done) {
+                    (Some(why), _) => Some(why),
+                    (None, Ok(true)) => {
+                        self.pending.clear();
+                        return Ok(());
+                    }
+                    (None, Ok(false)) if start.elapsed() >= timeout => Some(format!(
+                        "the queued all-reduces did not finish within {:.1} s (a rank stalled \
+                         or never reached the same collective)",
+                        timeout.as_secs_f64()
+                    )),
+                    (None, Ok(false)) => None,
+                    (None, Err(e)) => Some(format!(
+                        "the communication stream failed ({e:?}) and NCCL reported no error of \
+                         its own"
+                    )),
+                };
+                if let Some(why) = failure {
+                    return Err(self.fail(rank, world, why));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        fn abort(&mut self) {
+            if !self.comm.is_null() {
+                // SAFETY: a live communicator, aborted once; its queued work is abandoned
+                // (the buffers in `pending` stay alive with `self`).
+                let _ = unsafe { result::comm_abort(self.comm) };
+                self.comm = std::ptr::null_mut();
+            }
+        }
+    }
+
+    impl Drop for Inner {
+        fn drop(&mut self) {
+            if !self.comm.is_null() {
+                // SAFETY: made by `ncclCommInitRank`, destroyed once, here. A failure cannot
+                // be reported from a destructor.
+                let _ = unsafe { result::comm_destroy(self.comm) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_and_ids_are_checked() {
+        assert!(check_rank(0, 1).is_ok() && check_rank(3, 4).is_ok());
+        let e = check_rank(0, 0).unwrap_err().to_string();
+        assert!(e.contains("at least one rank"), "{e}");
+        let e = check_rank(4, 4).unwrap_err().to_string();
+        assert!(e.contains("rank 4 of world size 4"), "{e}");
+        let e = NcclId::from_bytes(&[0u8; 127]).unwrap_err().to_string();
+        assert!(e.contains("127 bytes") && e.contains("128"), "{e}");
+        let id = NcclId::from_bytes(&[7u8; 128]).unwrap();
+        assert_eq!(id.0, [7u8; 128]);
+        let e = NcclId::new(Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn buckets_are_checked() {
+        let t = Tensor::zeros(&[10], DType::F32, Device::Cpu).unwrap();
+        // The rules other than the device, against a communicator "on" the CPU tensor's device.
+        assert!(check_bucket(Device::Cpu, &t, &(0..10)).is_ok());
+        assert!(check_bucket(Device::Cpu, &t, &(3..4)).is_ok());
+        let e = check_bucket(Device::Cpu, &t, &(4..11))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bucket 4..11 of a buffer of 10"), "{e}");
+        let e = check_bucket(Device::Cpu, &t, &(5..5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-empty"), "{e}");
+        let e = check_bucket(Device::Cuda(0), &t, &(0..10))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("on cpu") && e.contains("cuda:0"), "{e}");
+        let i = Tensor::zeros(&[10], DType::I32, Device::Cpu).unwrap();
+        let e = check_bucket(Device::Cpu, &i, &(0..10))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f32 or bf16"), "{e}");
+    }
+
+    #[test]
+    fn without_a_gpu_making_a_rank_is_an_error() {
+        // No driver here (or no backend in this build): an error naming the device, never a
+        // panic; where the mock or a GPU is present, one rank alone needs nobody.
+        let id = match NcclId::new(Device::Cuda(0)) {
+            Ok(id) => id,
+            Err(e) => {
+                assert!(
+                    std::env::var_os("RECYCLE_EXPECT_CUDA").is_none(),
+                    "RECYCLE_EXPECT_CUDA is set, but cuda:0 does not open: {e}"
+                );
+                assert!(e.to_string().contains("cuda:0"), "{e}");
+                return;
+            }
+        };
+        let c = RankComm::for_local_rank(0, 0, 1, &id).unwrap();
+        assert_eq!(
+            (c.rank(), c.world_size(), c.device()),
+            (0, 1, Device::Cuda(0))
+        );
+    }
+}
