@@ -68,7 +68,8 @@ impl NcclGroup {
     }
 
     fn sum(&self, data: &mut [f32]) -> Result<()> {
-        self.comm()?.all_reduce_sum_host(data, self.timeout)
+        let done = self.comm()?.all_reduce_sum_host(data, self.timeout);
+        done.map_err(|e| name_peer(e, self.rank, self.size))
     }
 
     /// Every rank's `values` replaced by rank 0's, bit for bit.
@@ -91,6 +92,18 @@ fn lock(comm: &Mutex<RankComm>) -> Result<MutexGuard<'_, RankComm>> {
     comm.lock().map_err(|_| {
         Error::Device("the NCCL communicator's lock was poisoned by a failed collective".into())
     })
+}
+
+/// A failed collective, with the rank that stopped when there is only one other: NCCL says
+/// that a peer failed, not which.
+fn name_peer(e: Error, rank: usize, size: usize) -> Error {
+    match e {
+        Error::Device(m) if size == 2 && m.contains("aborted") => Error::Device(format!(
+            "{m} (of 2 ranks, the one that stopped is rank {})",
+            1 - rank
+        )),
+        e => e,
+    }
 }
 
 /// `v` as `pieces` 16-bit pieces, low first, each an exact f32.
@@ -200,8 +213,10 @@ impl GradReducer for NcclReducer {
         }
         let t = Instant::now();
         let mut comm = lock(&self.comm)?;
-        comm.join_student()?;
-        comm.wait(self.timeout)?;
+        let (rank, size) = (comm.rank(), self.size);
+        comm.join_student()
+            .and_then(|()| comm.wait(self.timeout))
+            .map_err(|e| name_peer(e, rank, size))?;
         self.seconds += t.elapsed().as_secs_f64();
         Ok(())
     }
