@@ -242,7 +242,7 @@ mod tests {
                 .all(|x| *x >= 0.0 && *x < 65536.0 && x.fract() == 0.0));
             assert_eq!(join(&p), v);
         }
-        let f = -0.0f32.to_bits() as u64;
+        let f = (-0.0f32).to_bits() as u64;
         let mut p = [0f32; 2];
         split(f, &mut p);
         assert_eq!(
