@@ -203,12 +203,13 @@ fn run(cli: Cli) -> Result<()> {
             device,
             data,
         } => {
+            // mpirun / srun / torchrun: this process is one rank of a data-parallel run (first,
+            // so that every error names the rank).
+            let world = World::init()?;
             let mut r = recipe_on_device(&recipe, device.as_deref())?;
             if let Some(dir) = data {
                 r.data.dir = Some(dir);
             }
-            // mpirun / srun: this process is one rank of a data-parallel run.
-            let world = World::init()?;
             let s = trainer::run(
                 &r,
                 &RunOptions {

@@ -33,6 +33,10 @@ impl Launcher {
         matches!(self, Launcher::OpenMpi | Launcher::Hydra | Launcher::Slurm)
     }
 
+    pub fn is_torchrun(&self) -> bool {
+        matches!(self, Launcher::Torchrun { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Launcher::Single => "none",
@@ -57,6 +61,10 @@ pub struct Launch {
 }
 
 impl Launch {
+    pub fn is_torchrun(&self) -> bool {
+        self.launcher.is_torchrun()
+    }
+
     /// One process, no launcher.
     pub fn single() -> Launch {
         Launch {

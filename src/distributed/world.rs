@@ -69,17 +69,46 @@ impl World {
         WORLD.get().cloned().unwrap_or_else(World::single)
     }
 
+    /// This process's rank: its group's, else its launch's (GPU ranks before they meet).
     pub fn rank(&self) -> usize {
-        self.group.as_ref().map_or(0, |g| g.rank())
+        self.group.as_ref().map_or(self.launch.rank, |g| g.rank())
     }
 
     pub fn size(&self) -> usize {
-        self.group.as_ref().map_or(1, |g| g.size())
+        self.group
+            .as_ref()
+            .map_or(self.launch.world_size, |g| g.size())
     }
 
     /// Whether this is one of several ranks.
     pub fn is_distributed(&self) -> bool {
         self.size() > 1
+    }
+
+    /// Whether this is one of several processes of a torchrun-style launch whose ranks have
+    /// not met yet (GPU ranks meet in [`World::with_gpu_group`]).
+    pub fn awaits_gpu_group(&self) -> bool {
+        self.group.is_none()
+            && self.launch.world_size > 1
+            && matches!(self.launch.launcher, Launcher::Torchrun { .. })
+    }
+
+    /// The world of a torchrun-style launch of GPU ranks, with the NCCL group of its ranks on
+    /// `device` (waiting up to `timeout` for every rank to arrive); any other world as it is.
+    #[cfg(feature = "cuda")]
+    pub fn with_gpu_group(
+        self,
+        device: recycle_engine::Device,
+        timeout: Duration,
+    ) -> Result<World> {
+        if !self.awaits_gpu_group() {
+            return Ok(self);
+        }
+        let group = super::nccl_group::NcclGroup::start(&self.launch, device, timeout)?;
+        Ok(World {
+            group: Some(Arc::new(group)),
+            ..self
+        })
     }
 
     /// `rank r of n: ` for messages of a distributed run, empty for one process.
@@ -97,13 +126,16 @@ fn start_group(launch: &Launch) -> Result<Option<Arc<dyn Group>>> {
         return Ok(None);
     }
     match &launch.launcher {
+        // GPU ranks: the trainer meets the others once it knows its device
+        // ([`World::with_gpu_group`]).
+        #[cfg(feature = "cuda")]
+        Launcher::Torchrun { .. } => Ok(None),
+        #[cfg(not(feature = "cuda"))]
         Launcher::Torchrun { .. } => Err(Error::invalid(
             "launch",
             format!(
-                "this process is rank {} of {} of a torchrun-style launch: training on the CPU \
-                 across processes reduces gradients with MPI; launch with `mpirun -np {}` or \
-                 `srun` on a build with `--features mpi`",
-                launch.rank, launch.world_size, launch.world_size
+                "{}; GPU ranks of a torchrun-style launch need a build with `--features cuda`",
+                torchrun_on_cpu(launch)
             ),
         )),
         #[cfg(feature = "mpi")]
@@ -114,6 +146,16 @@ fn start_group(launch: &Launch) -> Result<Option<Arc<dyn Group>>> {
             Ok(None)
         }
     }
+}
+
+/// Why several CPU processes of a torchrun-style launch cannot train together.
+pub fn torchrun_on_cpu(launch: &Launch) -> String {
+    format!(
+        "this process is rank {} of {} of a torchrun-style launch: training on the CPU across \
+         processes reduces gradients with MPI; launch with `mpirun -np {}` or `srun` on a build \
+         with `--features mpi`",
+        launch.rank, launch.world_size, launch.world_size
+    )
 }
 
 /// Shuts the run's communication down (MPI_Finalize) once every reducer is gone; nothing for

@@ -156,10 +156,12 @@ impl Trainer {
     /// fresh start or the checkpoint it resumed from) to the others.
     pub fn new_in(recipe: &Recipe, opts: &RunOptions, world: World) -> Result<Trainer> {
         recipe.validate()?;
+        let (world, recipe) = meet_gpu_ranks(recipe, world)?;
+        let recipe = &recipe;
         let (rank, ranks) = (world.rank(), world.size());
         let root = rank == 0;
         if ranks > 1 {
-            check_distributable(recipe, ranks)?;
+            check_distributable(recipe, ranks, world.launch.is_torchrun())?;
         }
         let (device, device_name) = open_device(recipe)?;
         let dir = recipe.out_dir.join(&recipe.name);
@@ -883,19 +885,21 @@ impl Trainer {
     }
 }
 
-/// What a data-parallel run cannot do yet: the GPU path, the teacher cache (its rows are the
-/// global batch's), a global batch that does not split evenly.
-fn check_distributable(recipe: &Recipe, ranks: usize) -> Result<()> {
+/// What a data-parallel run cannot do yet: GPU ranks under MPI (they meet through a
+/// torchrun-style launch), the teacher cache (its rows are the global batch's), a global batch
+/// that does not split evenly.
+fn check_distributable(recipe: &Recipe, ranks: usize, torchrun: bool) -> Result<()> {
     let refuse = |what: &str| {
         Err(Error::invalid(
             "train",
             format!("run `{}` on {ranks} ranks: {what}", recipe.name),
         ))
     };
-    if recipe.device != Device::Cpu {
+    if recipe.device != Device::Cpu && !torchrun {
         return refuse(
-            "data-parallel training runs on the CPU (device = \"cpu\"); train on one GPU \
-             with one process",
+            "GPU ranks meet through a torchrun-style launch (RANK, WORLD_SIZE, LOCAL_RANK, \
+             MASTER_ADDR, MASTER_PORT) on a build with `--features cuda`; under mpirun or srun \
+             the ranks train on the CPU (device = \"cpu\")",
         );
     }
     if recipe.distill.as_ref().is_some_and(|d| d.cache.is_some()) {
@@ -905,6 +909,55 @@ fn check_distributable(recipe: &Recipe, ranks: usize) -> Result<()> {
         );
     }
     ranks::check_divides(recipe.train.batch_size, ranks)
+}
+
+/// Several processes of a torchrun-style launch: GPU ranks, each on `cuda:LOCAL_RANK` (the
+/// recipe names `cuda:0`, the machine's first GPU), meet their peers here and share one NCCL
+/// communicator; CPU ranks cannot train so (they reduce with MPI). Returns the world and the
+/// recipe on this rank's device; any other launch as it is.
+fn meet_gpu_ranks(recipe: &Recipe, world: World) -> Result<(World, Recipe)> {
+    if !world.awaits_gpu_group() {
+        return Ok((world, recipe.clone()));
+    }
+    let launch = world.launch.clone();
+    match recipe.device {
+        Device::Cpu => Err(Error::invalid(
+            "launch",
+            crate::distributed::world::torchrun_on_cpu(&launch),
+        )),
+        Device::Cuda(n) if n != 0 => Err(Error::invalid(
+            "train",
+            format!(
+                "run `{}` has device = \"cuda:{n}\" but is rank {} of {} of a torchrun-style \
+                 launch, where each rank trains on cuda:LOCAL_RANK: set device = \"cuda:0\"",
+                recipe.name, launch.rank, launch.world_size
+            ),
+        )),
+        Device::Cuda(_) => {
+            let device = Device::Cuda(launch.local_rank);
+            let here = Recipe {
+                device,
+                ..recipe.clone()
+            };
+            // A device that does not open fails here, on every rank, before any waits.
+            open_device(&here)?;
+            #[cfg(feature = "cuda")]
+            {
+                let timeout = env_seconds("RECYCLE_COLLECTIVE_TIMEOUT", 600.0)?;
+                Ok((world.with_gpu_group(device, timeout)?, here))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                Err(Error::invalid(
+                    "launch",
+                    format!(
+                        "rank {} of {}: GPU ranks need a build with `--features cuda`",
+                        launch.rank, launch.world_size
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// Rank 0's (or the one process's) side of starting a run: creates and locks the run

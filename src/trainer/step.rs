@@ -260,11 +260,13 @@ pub fn train_step_synced(
         Ok(out) => out,
         Err((out, source)) => {
             if let Some(s) = sync.as_mut() {
-                params
-                    .grads()
-                    .write_f32()?
-                    .iter_mut()
-                    .for_each(|g| *g = f32::NAN);
+                let g = params.grads();
+                // On a GPU rank too: the others see the NaN and skip or stop with this one.
+                g.copy_from(&Tensor::from_vec(
+                    vec![f32::NAN; g.elem_count()],
+                    g.shape(),
+                    g.device(),
+                )?)?;
                 s.sync.begin(params.grads(), 1.0)?;
                 s.sync.finish()?;
             }

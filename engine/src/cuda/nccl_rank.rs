@@ -219,10 +219,42 @@ impl RankComm {
         check_bucket(self.device, grads, &range)?;
         #[cfg(feature = "cuda")]
         {
-            self.inner.reduce(self.rank, self.world, grads, range)
+            self.inner
+                .reduce(self.rank, self.world, grads, range, cuda_impl::Op::Avg)
         }
         #[cfg(not(feature = "cuda"))]
         {
+            Err(super::no_backend_error(gpu_ordinal(self.device)?))
+        }
+    }
+
+    /// Replaces the host values `data` with their elementwise sum over the ranks (the same bits
+    /// on every rank), through a buffer on this rank's GPU: for the small collectives of a run
+    /// (a broadcast is a sum where only the root's values are not zero). Blocks until done or
+    /// `timeout` passes, as [`RankComm::wait`].
+    pub fn all_reduce_sum_host(&mut self, data: &mut [f32], timeout: Duration) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let buf = Tensor::from_vec(data.to_vec(), &[data.len()], self.device)?;
+        check_bucket(self.device, &buf, &(0..data.len()))?;
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.reduce(
+                self.rank,
+                self.world,
+                &buf,
+                0..data.len(),
+                cuda_impl::Op::Sum,
+            )?;
+            self.join_student()?;
+            self.wait(timeout)?;
+            data.copy_from_slice(&buf.to_vec_f32()?);
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = timeout;
             Err(super::no_backend_error(gpu_ordinal(self.device)?))
         }
     }
@@ -303,6 +335,13 @@ mod cuda_impl {
         })
     }
 
+    /// The reduction of a collective.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Op {
+        Sum,
+        Avg,
+    }
+
     /// The communicator (null once aborted), its context, and the buffers of reductions the
     /// student stream has not joined yet.
     pub(super) struct Inner {
@@ -367,6 +406,7 @@ mod cuda_impl {
             world: usize,
             grads: &Tensor,
             range: Range<usize>,
+            op: Op,
         ) -> Result<()> {
             self.live(rank, world)?;
             // Reduced in place.
@@ -395,7 +435,10 @@ mod cuda_impl {
                             DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
                             _ => sys::ncclDataType_t::ncclFloat32,
                         },
-                        sys::ncclRedOp_t::ncclAvg,
+                        match op {
+                            Op::Sum => sys::ncclRedOp_t::ncclSum,
+                            Op::Avg => sys::ncclRedOp_t::ncclAvg,
+                        },
                         comm,
                         stream as sys::cudaStream_t,
                     )
