@@ -155,14 +155,16 @@ fn matmul() -> Vec<OpCase> {
 
 /// cuDNN convolutions (forward, backward-data, backward-filter) and the bias kernels: a 3x3
 /// same convolution with bias, a strided padded one, ResNet's 7x7 stride-2 stem, a 1x1
-/// stride-2 downsample. f32 runs without TF32 (FMA math), so 1e-4 covers the summation order
-/// of the forward; the backward sums longer (backward-filter over N·H·W, up to 2048 terms
-/// here): 1e-3, a few ulp of the scale at an element under the floor.
+/// stride-2 downsample. f32 runs without TF32 (FMA math); the forward sums up to 147 products
+/// (7x7x3, 3x3x16) in another order than the CPU's: as for the products of `matmul`, ~1.2e-4
+/// of the floor at an element under it, so 3e-4; the backward sums longer (backward-filter
+/// over N·H·W, up to 2048 terms here): 1e-3, a few ulp of the scale at an element under the
+/// floor.
 fn conv() -> Vec<OpCase> {
     use ops::conv::{conv2d, Conv2dOptions};
     const F: &str = "convolutions";
     let o = |stride, padding| Conv2dOptions { stride, padding };
-    let tol = (1e-4, 1e-3);
+    let tol = (3e-4, 1e-3);
     vec![
         case(
             F,
