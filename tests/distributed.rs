@@ -4,22 +4,15 @@
 //! dies. Needs an MPI launcher (`mpirun`) and a build with `--features mpi`.
 #![cfg(feature = "mpi")]
 
+mod ranks_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use recycle::data::test_support::use_fixture_data;
+use ranks_support::{max_difference, temp_dir, text};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
-use recycle_engine::checkpoint;
-
-fn temp_dir(tag: &str) -> PathBuf {
-    use_fixture_data(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
-    let d = std::env::temp_dir().join(format!("recycle-distributed-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A BERT small enough for a few steps in seconds, without dropout: a rank's shard then sees
 /// exactly the computation the same rows see in one process.
@@ -110,41 +103,6 @@ fn mpirun(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output, bool
     (child.wait_with_output().unwrap(), true)
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut t: Vec<(String, Vec<f32>)> = checkpoint::load(&run_dir.join("final.safetensors"))
-        .unwrap()
-        .tensors
-        .into_iter()
-        .map(|(n, t)| (n, t.to_vec_f32().unwrap()))
-        .collect();
-    t.sort_by(|a, b| a.0.cmp(&b.0));
-    t
-}
-
-/// The largest difference between two runs' final weights, relative to the largest weight.
-fn max_difference(a: &Path, b: &Path) -> f32 {
-    let (a, b) = (weights(a), weights(b));
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f32;
-    let mut scale = 0f32;
-    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            worst = worst.max((x - y).abs());
-            scale = scale.max(x.abs());
-        }
-    }
-    worst / scale
-}
-
 /// The summation order is the only difference between two ranks and one process here (no
 /// dropout, no BatchNorm; each rank's loss is weighted by its share of the masked tokens): a
 /// rank sums its half of the batch's gradient and the all-reduce adds the halves, where one
@@ -161,7 +119,7 @@ const TOLERANCE: f32 = 1e-4;
 /// the one-process run's within [`TOLERANCE`]; rank 0 alone wrote the run's files.
 #[test]
 fn two_ranks_distill_to_the_weights_of_one_process() {
-    let out = temp_dir("match");
+    let out = temp_dir("distributed", "match");
     let teacher = recipe(&out, "teacher", &[], "single");
     trainer::run(
         &Recipe::from_file(&teacher).unwrap(),
@@ -213,7 +171,7 @@ fn two_ranks_distill_to_the_weights_of_one_process() {
 /// where the uninterrupted one-process run does, within [`TOLERANCE`].
 #[test]
 fn a_one_process_checkpoint_resumes_on_two_ranks() {
-    let out = temp_dir("resume");
+    let out = temp_dir("distributed", "resume");
     let whole = recipe(&out, "whole", &[], "single");
     trainer::run(&Recipe::from_file(&whole).unwrap(), &RunOptions::default()).unwrap();
 
@@ -242,7 +200,7 @@ fn a_one_process_checkpoint_resumes_on_two_ranks() {
 /// own teacher: the per-rank strategy runs under a launcher.)
 #[test]
 fn a_rank_that_dies_ends_the_run_naming_it() {
-    let out = temp_dir("dies");
+    let out = temp_dir("distributed", "dies");
     let teacher = recipe(&out, "teacher", &[], "single");
     trainer::run(
         &Recipe::from_file(&teacher).unwrap(),

@@ -10,23 +10,16 @@
 //! `RECYCLE_EXPECT_CUDA=1` turns a missing device into a failure.
 #![cfg(feature = "cuda")]
 
+mod ranks_support;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use recycle::data::test_support::use_fixture_data;
+use ranks_support::{max_difference, temp_dir, text};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
-use recycle_engine::checkpoint;
-
-fn temp_dir(tag: &str) -> PathBuf {
-    use_fixture_data(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
-    let d = std::env::temp_dir().join(format!("recycle-gpu-ranks-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Whether `cuda:0` opens; when it does not, the engine's message (and `RECYCLE_EXPECT_CUDA`
 /// must be unset).
@@ -161,14 +154,6 @@ fn finish(ranks: Vec<Child>, limit: Duration) -> Vec<Output> {
         .collect()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Where `cuda:0` does not open: both ranks fail at once (before they would wait for each
 /// other) with the engine's message, each naming itself.
 fn check_clean_failure(engine: &str, out: &Path) {
@@ -187,33 +172,6 @@ fn check_clean_failure(engine: &str, out: &Path) {
     assert!(!out.join("student").exists(), "a failed rank wrote the run");
 }
 
-/// The final weights of a run.
-fn weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut t: Vec<(String, Vec<f32>)> = checkpoint::load(&run_dir.join("final.safetensors"))
-        .unwrap()
-        .tensors
-        .into_iter()
-        .map(|(n, t)| (n, t.to_vec_f32().unwrap()))
-        .collect();
-    t.sort_by(|a, b| a.0.cmp(&b.0));
-    t
-}
-
-/// The largest difference between two runs' final weights, relative to the largest weight.
-fn max_difference(a: &Path, b: &Path) -> f32 {
-    let (a, b) = (weights(a), weights(b));
-    assert_eq!(a.len(), b.len());
-    let (mut worst, mut scale) = (0f32, 0f32);
-    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            worst = worst.max((x - y).abs());
-            scale = scale.max(x.abs());
-        }
-    }
-    worst / scale
-}
-
 /// As on the CPU path (`tests/distributed.rs`), the order of the sums is the only difference
 /// between two ranks and one process: each rank sums its half of the batch's gradient, scaled
 /// by its share of the masked tokens, and NCCL's mean adds the halves, where one process sums
@@ -228,7 +186,7 @@ const TOLERANCE: f32 = 1e-4;
 /// alone wrote the run, whose final weights equal the one-process run's within [`TOLERANCE`].
 #[test]
 fn two_gpu_ranks_distill_to_the_weights_of_one_process() {
-    let out = temp_dir("match");
+    let out = temp_dir("gpu-ranks", "match");
     if let Err(engine) = cuda_opens() {
         return check_clean_failure(&engine, &out);
     }
@@ -267,7 +225,7 @@ fn two_gpu_ranks_distill_to_the_weights_of_one_process() {
 /// within the time limit (not at a timeout) with an error that names rank 1.
 #[test]
 fn a_gpu_rank_that_dies_ends_the_other_naming_it() {
-    let out = temp_dir("dies");
+    let out = temp_dir("gpu-ranks", "dies");
     if let Err(engine) = cuda_opens() {
         return check_clean_failure(&engine, &out);
     }

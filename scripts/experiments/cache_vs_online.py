@@ -81,7 +81,9 @@ class Timer:
         os.replace(tmp, self.path)
 
 
-def train(timer, out, name, text):
+def train(timer, out, name, text, launcher=()):
+    """Trains `text` as run `name` under `out` unless it has finished; `launcher` goes before
+    the trainer's command line (e.g. `mpirun -np 2`)."""
     run_dir = os.path.join(out, name)
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         os.makedirs(os.path.join(out, "recipes"), exist_ok=True)
@@ -89,7 +91,7 @@ def train(timer, out, name, text):
         with open(path, "w") as f:
             f.write(text)
         print(f"# training {name}", file=sys.stderr, flush=True)
-        timer.run(name, [BIN, "train", path, "--overwrite"])
+        timer.run(name, [*launcher, BIN, "train", path, "--overwrite"])
     return run_dir
 
 

@@ -15,19 +15,17 @@ validation accuracy, train seconds and teacher forwards, and the mean over the s
       --baseline runs/demo-q-img/baseline-e1/recipe.toml --seeds 1,2,3 --epochs 2
 
 Needs a recycle built with `--features mpi` (RECYCLE_BIN, default target/release/recycle) and
-mpirun. Finished runs (a run directory holding summary.json) are kept and reused.
+mpirun. Finished runs (a run directory holding summary.json) are kept and reused; their times
+are in `times.json`. Each rank uses RAYON_NUM_THREADS threads (default 1).
 """
 import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 
-from cache_vs_online import variant
+from cache_vs_online import Timer, train, variant
 from samples_to_target import load
-
-BIN = os.environ.get("RECYCLE_BIN", "target/release/recycle")
 
 
 def set_strategy(text, strategy):
@@ -44,23 +42,6 @@ def set_epochs(text, epochs):
     if n != 1:
         sys.exit("recipe has no `epochs = ...` line in [train]")
     return text
-
-
-def train(out, name, text, ranks):
-    run_dir = os.path.join(out, name)
-    if not os.path.exists(os.path.join(run_dir, "summary.json")):
-        os.makedirs(os.path.join(out, "recipes"), exist_ok=True)
-        path = os.path.join(out, "recipes", name + ".toml")
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"# training {name} on {ranks} ranks", file=sys.stderr, flush=True)
-        argv = ["mpirun", "--oversubscribe", "-np", str(ranks)]
-        if os.geteuid() == 0:
-            argv.append("--allow-run-as-root")
-        subprocess.run(argv + ["-x", "RAYON_NUM_THREADS", BIN, "train", path, "--overwrite"],
-                       check=True, stdout=subprocess.DEVNULL,
-                       env=dict(os.environ, RAYON_NUM_THREADS=os.environ.get("RAYON_NUM_THREADS", "1")))
-    return run_dir
 
 
 def main():
@@ -86,10 +67,16 @@ def main():
         ("per-rank draw", set_strategy(student, "random-one-per-rank")),
     ]
     results = {kind: [] for kind, _ in kinds}
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    launcher = ["mpirun", "--oversubscribe", "-np", str(a.ranks), "-x", "RAYON_NUM_THREADS"]
+    if os.geteuid() == 0:
+        launcher.append("--allow-run-as-root")
+    timer = Timer(out)
     for seed in [int(s) for s in a.seeds.split(",")]:
         for kind, text in kinds:
             name = f"{kind.split()[0]}-s{seed}"
-            summary, _ = load(train(out, name, variant(text, name, seed, out), a.ranks))
+            run = train(timer, out, name, variant(text, name, seed, out), launcher)
+            summary, _ = load(run)
             results[kind].append((seed, summary))
 
     print(f"| {a.ranks} ranks | seed | test acc. | validation acc. | train s | teacher forwards |")

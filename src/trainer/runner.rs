@@ -47,7 +47,9 @@ type ShardIter = Box<dyn Iterator<Item = Result<(Batch, f32)>> + Send>;
 /// step in debug builds). Each costs a hash of the weights and an all-gather of one number.
 const CHECK_EVERY: usize = 100;
 
-/// Where a run stands: what a checkpoint records besides the weights and optimizer state.
+/// Where a run stands: what a checkpoint records besides the weights and optimizer state
+/// (`Progress::default()`: a fresh run, at step 0).
+#[derive(Default)]
 pub(super) struct Progress {
     pub(super) step: u64,
     pub(super) samples: u64,
@@ -209,17 +211,7 @@ impl Trainer {
         };
         let cache = PoolCache::open(recipe, &arch, device, None, None)?;
 
-        let fresh = Progress {
-            step: 0,
-            samples: 0,
-            train_seconds: 0.0,
-            teacher_forwards: 0,
-            teacher_seconds: 0.0,
-            cache_reads: CacheReads::default(),
-            skipped_steps: 0,
-            caller_steps: 0,
-            caller_samples: 0,
-        };
+        let fresh = Progress::default();
         let (lock, mut state, log) = if root {
             let (lock, state, log) =
                 prepare_run_dir(recipe, opts, &dir, &student, optimizer.as_mut(), total)?;
@@ -1019,17 +1011,7 @@ fn prepare_run_dir(
     let state = if opts.resume && has_checkpoint {
         load_checkpoint(dir, student, optimizer, total, recipe)?
     } else {
-        Progress {
-            step: 0,
-            samples: 0,
-            train_seconds: 0.0,
-            teacher_forwards: 0,
-            teacher_seconds: 0.0,
-            cache_reads: CacheReads::default(),
-            skipped_steps: 0,
-            caller_steps: 0,
-            caller_samples: 0,
-        }
+        Progress::default()
     };
     let log = if opts.resume {
         RunLogWriter::open_for_resume(dir.join(LOG_FILE), state.step)?
