@@ -200,15 +200,25 @@ const BATCHED_COLS_BUDGET: usize = 4 << 20;
 /// Elements of per-run partial weight gradients `PerItem` may hold at once (32 MiB of f32).
 const PARTIAL_DW_BUDGET: usize = 8 << 20;
 
+/// Fewest and most runs of images the backward of `PerItem` / `Grouped` splits a batch into.
+/// Runs are shared dynamically (rayon work stealing), so more runs than threads let a thread
+/// that other work slowed down leave runs to the others; each run holds a partial `dW`.
+const BACKWARD_RUNS: (usize, usize) = (4, 16);
+
+/// Groups `ConvSchedule::auto` leaves at least (when the batch allows): enough to share among
+/// the threads dynamically, fixed so that the grouping never depends on the thread count.
+const MIN_GROUPS: usize = 8;
+
 impl ConvSchedule {
     pub fn auto(g: &Conv2dGeometry) -> ConvSchedule {
         let threads = rayon::current_num_threads().max(1);
         // Per-thread products need an sgemm that stays on its thread (not OpenBLAS).
         if SERIAL_GEMM_AVAILABLE && g.n >= threads {
-            // Groups never larger than one thread's share of the batch.
+            // Groups small enough to share among threads, of a size set by the shape and
+            // the batch alone: the backward's sums then run in one order on any pool.
             let items = GROUP_PIXELS
                 .div_ceil(g.pixels().max(1))
-                .clamp(1, g.n.div_ceil(threads));
+                .clamp(1, g.n.div_ceil(MIN_GROUPS));
             if items == 1 {
                 ConvSchedule::PerItem
             } else {
@@ -888,14 +898,11 @@ fn backward_cpu(
     match schedule {
         ConvSchedule::PerItem | ConvSchedule::Grouped { .. } => {
             // Contiguous runs of items, each with its own column buffers and partial dW, so
-            // threads never wait on each other until the final sum. A few runs per thread
-            // (as memory for the partial sums allows) let a thread that other work slowed
-            // down hand runs to the others. Within a run, one product per group of `items`
-            // images.
-            let threads = rayon::current_num_threads().max(1);
-            let runs = (PARTIAL_DW_BUDGET / (g.o * ck)).clamp(threads, 4 * threads);
-            let per = g.n.div_ceil(runs.min(g.n));
-            let items = schedule.group().clamp(1, per);
+            // threads never wait on each other until the final sum, taken by whichever
+            // thread is free (work stealing). Within a run, one product per group of
+            // `items` images. The runs depend on the shape and batch alone, and their
+            // partial sums are added in run order: the same gradient on any thread count.
+            let (per, items) = backward_runs(g, schedule);
             let direct = items == 1 && g.is_pointwise();
             let dw_transposed = dw_by_columns_in_place(g);
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
@@ -985,11 +992,8 @@ fn backward_cpu(
                     .collect::<Result<_>>()?,
             };
             if let Some(dw) = dw.as_mut() {
-                for part in parts.into_iter().flatten() {
-                    dw.par_iter_mut()
-                        .zip(part.par_iter())
-                        .for_each(|(d, s)| *d += s);
-                }
+                let parts: Vec<Vec<f32>> = parts.into_iter().flatten().collect();
+                sum_in_order(dw, &parts);
             }
         }
         ConvSchedule::Batched { items } => {
@@ -1043,6 +1047,30 @@ fn backward_cpu(
         weight: dw,
         bias: db,
     })
+}
+
+/// `(images per run, images per product)` of the backward of `PerItem` / `Grouped`: runs as
+/// many as memory for their partial weight gradients allows within `BACKWARD_RUNS`, each a
+/// whole number of groups (but the last), from the shape, batch and schedule alone.
+fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
+    let (lo, hi) = BACKWARD_RUNS;
+    let runs = (PARTIAL_DW_BUDGET / (g.o * g.patch()).max(1)).clamp(lo, hi);
+    let items = schedule.group().clamp(1, g.n.max(1));
+    let per = g.n.div_ceil(runs.min(g.n).max(1)).div_ceil(items) * items;
+    (per.min(g.n).max(1), items)
+}
+
+/// `dst = parts[0] + parts[1] + ...`, each element summed in the order of `parts` (blocks of
+/// `dst` in parallel): the same bits however the blocks are scheduled.
+fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
+    const BLOCK: usize = 4096;
+    dst.par_chunks_mut(BLOCK).enumerate().for_each(|(b, d)| {
+        d.fill(0.0);
+        for part in parts {
+            let src = &part[b * BLOCK..][..d.len()];
+            d.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        }
+    });
 }
 
 /// Whether the weight gradient of `PerItem` / `Grouped` runs as `dW^T = cols x dY^T` (the

@@ -264,3 +264,53 @@ fn weight_gradient_forms_match_loops() {
     }
     assert_eq!(saw, [true, true], "both forms exercised");
 }
+
+/// The forward and every gradient of the automatic schedule on pools of 1, 2 and 3 threads:
+/// bit-identical, whichever thread runs which images (batches at least as large as the pool,
+/// where the products stay on their threads): "same", strided, pointwise and small-image
+/// shapes, batches that split into uneven runs and groups.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let shapes: &[([usize; 4], usize, usize, usize, usize)] = &[
+        ([13, 3, 6, 6], 4, 3, 1, 1),
+        ([11, 2, 9, 7], 3, 3, 2, 1),
+        ([10, 4, 5, 5], 6, 1, 1, 0),
+        ([9, 3, 7, 7], 5, 1, 2, 0),
+        ([37, 5, 4, 4], 7, 3, 1, 1),
+        ([29, 4, 3, 3], 3, 3, 2, 1),
+    ];
+    for (si, &(xs, o, k, s, p)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        let x = values(g.n * g.image(), 70 + si as u64);
+        let w = values(g.o * g.patch(), 80 + si as u64);
+        let b = values(g.o, 90 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 100 + si as u64);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut out = vec![f32::NAN; g.n * g.o * g.pixels()];
+                conv2d_forward_cpu(&x, &w, Some(&b), &g, &mut out).unwrap();
+                let grads = conv2d_backward_cpu(&x, &w, &dy, &g, [true; 3]).unwrap();
+                (out, grads)
+            })
+        };
+        let (out1, grads1) = run(1);
+        for threads in [2, 3] {
+            let (out, grads) = run(threads);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let what = format!("shape {si}, {threads} threads");
+            assert_eq!(bits(&out), bits(&out1), "forward, {what}");
+            for (got, want, name) in [
+                (&grads.x, &grads1.x, "dx"),
+                (&grads.weight, &grads1.weight, "dw"),
+                (&grads.bias, &grads1.bias, "dbias"),
+            ] {
+                let (got, want) = (got.as_ref().unwrap(), want.as_ref().unwrap());
+                assert_eq!(bits(got), bits(want), "{name}, {what}");
+            }
+        }
+    }
+}
