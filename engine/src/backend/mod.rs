@@ -11,6 +11,7 @@
 
 pub mod activation;
 pub mod attention;
+mod batch_norm_lanes;
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;

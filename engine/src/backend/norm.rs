@@ -12,8 +12,10 @@
 //! `layer_norm` normalises each row of the last dimension with its own mean and biased variance,
 //! then applies a per-feature scale and shift, as `nn.LayerNorm`.
 //!
-//! Statistics are accumulated in f64: a channel of a ResNet batch holds up to millions of values,
-//! and f32 sums of that many would lose the digits the variance depends on.
+//! Batch norm's statistics and gradient sums run in f32 lanes per plane (one image's channel),
+//! widened to f64 across planes (`batch_norm_lanes`): a channel of a ResNet batch holds up to
+//! millions of values, and f32 sums of that many would lose the digits the variance depends
+//! on. The readable f64 loops stay below as the reference (`batch_norm2d_*_reference`).
 //!
 //! Storage types: the CPU arm reads f32 or bf16 and writes f32 (parameter gradients f32); the
 //! CUDA arm keeps the activations' dtype and returns parameter gradients in the parameters'
@@ -21,6 +23,7 @@
 
 use rayon::prelude::*;
 
+use super::batch_norm_lanes;
 use super::softmax::rows_per_task;
 use super::BatchNormOptions;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -358,8 +361,57 @@ fn check_same_shape(op: &'static str, what: &str, t: &Tensor, like: &Tensor) -> 
 // The CPU arm: kernels over slices
 // ---------------------------------------------------------------------------------------------
 
-/// Per-channel mean and biased variance of `x` laid out `[n, c, hw]` (channels in parallel).
+/// Per-channel mean and biased variance of `x` laid out `[n, c, hw]` (planes in parallel, f32
+/// lanes within a plane, f64 across planes; [`batch_norm2d_stats_reference`] is the f64 loop).
 pub fn batch_norm2d_stats_cpu(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    batch_norm_lanes::stats(x, n, c, hw)
+}
+
+/// `out = (x - mean[c]) * inv_std[c] * weight[c] + bias[c]` over `[n, c, hw]` (planes in
+/// parallel, in vectors; bit-identical to [`batch_norm2d_forward_reference`]).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d_forward_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    mean: &[f32],
+    inv_std: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    batch_norm_lanes::forward(x, c, hw, mean, inv_std, weight, bias, out)
+}
+
+/// Gradients of batch norm over `[n, c, hw]`. `mean`/`inv_std` are the statistics the forward
+/// used: the batch ones when `training` (then they depend on `x`, which adds the two mean terms
+/// to `dx`), the running ones otherwise. Returns `(dweight, dbias)` and fills `dx` when given.
+/// Both sums in one pass per plane in f32 lanes, f64 across planes, `dx` in f32: within f32
+/// rounding of [`batch_norm2d_backward_reference`] (its sums and `dx` in f64).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d_backward_cpu(
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    mean: &[f32],
+    inv_std: &[f32],
+    weight: &[f32],
+    training: bool,
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    batch_norm_lanes::backward(x, dy, n, c, hw, mean, inv_std, weight, training, dx)
+}
+
+/// The reference of [`batch_norm2d_stats_cpu`]: per-channel mean and biased variance, two
+/// passes in f64 (channels in parallel).
+pub fn batch_norm2d_stats_reference(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let count = (n * hw) as f64;
     (0..c)
         .into_par_iter()
@@ -383,9 +435,9 @@ pub fn batch_norm2d_stats_cpu(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<
         .unzip()
 }
 
-/// `out = (x - mean[c]) * inv_std[c] * weight[c] + bias[c]` over `[n, c, hw]` (planes in parallel).
+/// The reference of [`batch_norm2d_forward_cpu`]: the loop, planes in parallel.
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm2d_forward_cpu(
+pub fn batch_norm2d_forward_reference(
     x: &[f32],
     c: usize,
     hw: usize,
@@ -414,11 +466,10 @@ pub fn batch_norm2d_forward_cpu(
         });
 }
 
-/// Gradients of batch norm over `[n, c, hw]`. `mean`/`inv_std` are the statistics the forward
-/// used: the batch ones when `training` (then they depend on `x`, which adds the two mean terms
-/// to `dx`), the running ones otherwise. Returns `(dweight, dbias)` and fills `dx` when given.
+/// The reference of [`batch_norm2d_backward_cpu`]: one running f64 sum per channel, `dx` in
+/// f64.
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm2d_backward_cpu(
+pub fn batch_norm2d_backward_reference(
     x: &[f32],
     dy: &[f32],
     n: usize,
