@@ -11,7 +11,6 @@
 
 pub mod activation;
 pub mod attention;
-mod batch_norm_lanes;
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;
@@ -22,6 +21,7 @@ pub mod loss;
 pub mod matmul;
 pub mod matmul_bf16;
 pub mod norm;
+mod norm_lanes;
 pub mod params;
 pub mod pool;
 pub(crate) mod scratch;

@@ -13,7 +13,7 @@
 //! then applies a per-feature scale and shift, as `nn.LayerNorm`.
 //!
 //! Batch norm's statistics and gradient sums run in f32 lanes per plane (one image's channel),
-//! widened to f64 across planes (`batch_norm_lanes`): a channel of a ResNet batch holds up to
+//! widened to f64 across planes (`norm_lanes`): a channel of a ResNet batch holds up to
 //! millions of values, and f32 sums of that many would lose the digits the variance depends
 //! on. The readable f64 loops stay below as the reference (`batch_norm2d_*_reference`).
 //!
@@ -23,7 +23,7 @@
 
 use rayon::prelude::*;
 
-use super::batch_norm_lanes;
+use super::norm_lanes;
 use super::softmax::rows_per_task;
 use super::BatchNormOptions;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -364,7 +364,7 @@ fn check_same_shape(op: &'static str, what: &str, t: &Tensor, like: &Tensor) -> 
 /// Per-channel mean and biased variance of `x` laid out `[n, c, hw]` (planes in parallel, f32
 /// lanes within a plane, f64 across planes; [`batch_norm2d_stats_reference`] is the f64 loop).
 pub fn batch_norm2d_stats_cpu(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
-    batch_norm_lanes::stats(x, n, c, hw)
+    norm_lanes::stats(x, n, c, hw)
 }
 
 /// `out = (x - mean[c]) * inv_std[c] * weight[c] + bias[c]` over `[n, c, hw]` (planes in
@@ -380,7 +380,7 @@ pub fn batch_norm2d_forward_cpu(
     bias: &[f32],
     out: &mut [f32],
 ) {
-    batch_norm_lanes::forward(x, c, hw, mean, inv_std, weight, bias, out)
+    norm_lanes::forward(x, c, hw, mean, inv_std, weight, bias, out)
 }
 
 /// Gradients of batch norm over `[n, c, hw]`. `mean`/`inv_std` are the statistics the forward
@@ -401,7 +401,7 @@ pub fn batch_norm2d_backward_cpu(
     training: bool,
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
-    batch_norm_lanes::backward(x, dy, n, c, hw, mean, inv_std, weight, training, dx)
+    norm_lanes::backward(x, dy, n, c, hw, mean, inv_std, weight, training, dx)
 }
 
 /// The reference of [`batch_norm2d_stats_cpu`]: per-channel mean and biased variance, two
@@ -557,8 +557,46 @@ pub fn batch_norm_running_update_cpu(
     (mean, var)
 }
 
-/// Per-row mean and `1 / sqrt(biased variance + eps)` of `x` viewed as rows of length `d`.
+/// Per-row mean and `1 / sqrt(biased variance + eps)` of `x` viewed as rows of length `d`
+/// (rows in parallel, f32 lanes about each row's mean, the variance put together in f64;
+/// [`layer_norm_stats_reference`] is the f64 loop).
 pub fn layer_norm_stats_cpu(x: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    norm_lanes::layer_stats(x, d, eps)
+}
+
+/// `out = (x - mean) * rstd * weight + bias`, row by row, in vectors (bit-identical to
+/// [`layer_norm_forward_reference`]).
+pub fn layer_norm_forward_cpu(
+    x: &[f32],
+    d: usize,
+    mean: &[f32],
+    rstd: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    norm_lanes::layer_forward(x, d, mean, rstd, weight, bias, out)
+}
+
+/// Gradients of layer norm: fills `dx` when given, returns `(dweight, dbias)`.
+/// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * weight`. The parameter
+/// gradients are bit-identical to [`layer_norm_backward_reference`]; `dx`'s two row sums run
+/// in lanes, within f32 rounding of the reference's running sums.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward_cpu(
+    x: &[f32],
+    dy: &[f32],
+    d: usize,
+    mean: &[f32],
+    rstd: &[f32],
+    weight: &[f32],
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    norm_lanes::layer_backward(x, dy, d, mean, rstd, weight, dx)
+}
+
+/// The reference of [`layer_norm_stats_cpu`]: two passes per row in f64.
+pub fn layer_norm_stats_reference(x: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     if d == 0 {
         return (Vec::new(), Vec::new());
     }
@@ -572,8 +610,8 @@ pub fn layer_norm_stats_cpu(x: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32
         .unzip()
 }
 
-/// `out = (x - mean) * rstd * weight + bias`, row by row.
-pub fn layer_norm_forward_cpu(
+/// The reference of [`layer_norm_forward_cpu`].
+pub fn layer_norm_forward_reference(
     x: &[f32],
     d: usize,
     mean: &[f32],
@@ -596,10 +634,9 @@ pub fn layer_norm_forward_cpu(
         });
 }
 
-/// Gradients of layer norm: fills `dx` when given, returns `(dweight, dbias)`.
-/// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * weight`.
+/// The reference of [`layer_norm_backward_cpu`]: running f32 sums per row.
 #[allow(clippy::too_many_arguments)]
-pub fn layer_norm_backward_cpu(
+pub fn layer_norm_backward_reference(
     x: &[f32],
     dy: &[f32],
     d: usize,

@@ -1,10 +1,11 @@
-//! The lane kernels of batch norm against the f64 reference loops of `norm.rs`, on planes of
-//! every size around the lane width, channels far from zero mean, and pools of 1 and 3
-//! threads.
+//! The lane kernels of batch norm and layer norm against the reference loops of `norm.rs`, on
+//! planes and rows of every size around the lane width, values far from zero mean, and pools
+//! of 1 and 3 threads.
 
 use super::*;
 use crate::backend::norm::{
     batch_norm2d_backward_reference, batch_norm2d_forward_reference, batch_norm2d_stats_reference,
+    layer_norm_backward_reference, layer_norm_forward_reference, layer_norm_stats_reference,
 };
 
 fn values(len: usize, seed: u64, offset: f32, scale: f32) -> Vec<f32> {
@@ -168,6 +169,86 @@ fn gradients_match_the_reference() {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// `(rows, d)`: rows shorter than, equal to and longer than the lanes, BERT-tiny's 128, and
+/// more rows than one parameter-gradient block holds.
+const ROWS: &[(usize, usize)] = &[(3, 1), (5, 7), (4, 16), (6, 17), (9, 128), (300, 100)];
+
+#[test]
+fn layer_norm_matches_the_reference() {
+    for (si, &(rows, d)) in ROWS.iter().enumerate() {
+        for &(offset, scale) in SPREADS {
+            let what = format!("rows {rows}, d {d}, offset {offset}");
+            let x = values(rows * d, 50 + si as u64, offset, scale);
+            let dy = values(rows * d, 60 + si as u64, 0.1, 1.0);
+            let (w, b) = (values(d, 61, 1.0, 0.3), values(d, 62, 0.0, 0.3));
+            // Statistics: the mean to the rounding of the values' spread, 1/std to 1e-5.
+            let (want_m, want_r) = layer_norm_stats_reference(&x, d, 1e-5);
+            let (m, r) = layer_stats(&x, d, 1e-5);
+            for i in 0..rows {
+                let sd = 1.0 / want_r[i];
+                assert!(
+                    (m[i] - want_m[i]).abs() <= 2e-7 * want_m[i].abs() + 1e-5 * sd,
+                    "{what}: mean {i} {} vs {}",
+                    m[i],
+                    want_m[i]
+                );
+                assert!(
+                    (r[i] - want_r[i]).abs() <= 1e-5 * want_r[i],
+                    "{what}: rstd {i} {} vs {}",
+                    r[i],
+                    want_r[i]
+                );
+            }
+            // The rest from the reference's statistics, to compare the kernels alone.
+            let mut want = vec![0f32; x.len()];
+            layer_norm_forward_reference(&x, d, &want_m, &want_r, &w, &b, &mut want);
+            let mut got = vec![f32::NAN; x.len()];
+            layer_forward(&x, d, &want_m, &want_r, &w, &b, &mut got);
+            assert_eq!(got, want, "{what}: forward");
+            let mut want_dx = vec![0f32; x.len()];
+            let (want_dw, want_db) =
+                layer_norm_backward_reference(&x, &dy, d, &want_m, &want_r, &w, Some(&mut want_dx));
+            let run = || {
+                let mut dx = vec![f32::NAN; x.len()];
+                let (dw, db) = layer_backward(&x, &dy, d, &want_m, &want_r, &w, Some(&mut dx));
+                (dx, dw, db)
+            };
+            let (dx, dw, db) = in_pool(1, run);
+            assert_eq!(
+                in_pool(3, run),
+                (dx.clone(), dw.clone(), db.clone()),
+                "{what}"
+            );
+            assert_eq!((dw, db), (want_dw, want_db), "{what}: parameter gradients");
+            // dx: to 1e-5 of its terms' magnitudes, r * (|g| + mean|g| + |xhat| mean|g xhat|).
+            for i in 0..rows {
+                let row = i * d..(i + 1) * d;
+                let xhat = |j: usize| (x[j] - want_m[i]) * want_r[i];
+                let mg = row
+                    .clone()
+                    .map(|j| (dy[j] * w[j - i * d]).abs())
+                    .sum::<f32>()
+                    / d as f32;
+                let mgx = row
+                    .clone()
+                    .map(|j| (dy[j] * w[j - i * d] * xhat(j)).abs())
+                    .sum::<f32>()
+                    / d as f32;
+                for j in row {
+                    let terms =
+                        want_r[i] * ((dy[j] * w[j - i * d]).abs() + mg + xhat(j).abs() * mgx);
+                    assert!(
+                        (dx[j] - want_dx[j]).abs() <= 1e-5 * terms + 1e-30,
+                        "{what}: dx[{j}] {} vs {}",
+                        dx[j],
+                        want_dx[j]
+                    );
                 }
             }
         }
