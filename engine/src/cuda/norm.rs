@@ -565,7 +565,7 @@ mod tests {
     }
 
     /// The layer-norm forward plan on the kernel simulator against the CPU twins
-    /// (`layer_norm_stats_cpu`, `layer_norm_forward_cpu`), f32 and bf16 storage.
+    /// (`layer_norm_stats_reference`, `layer_norm_forward_cpu`), f32 and bf16 storage.
     #[test]
     fn layernorm_forward_on_the_simulator_matches_the_cpu_twins() {
         use crate::backend::norm as cpu;
@@ -612,7 +612,7 @@ mod tests {
                     run_plan(sim, &plan);
                     let h = &x;
                     let (mean, rstd) = (download(&bm, DType::F32), download(&br, DType::F32));
-                    let (want_mean, want_rstd) = cpu::layer_norm_stats_cpu(h, d, eps);
+                    let (want_mean, want_rstd) = cpu::layer_norm_stats_reference(h, d, eps);
                     // Both accumulate in f64 (in different orders, errors ~1e-16 relative)
                     // and round to f32 once: at most one f32 ulp apart.
                     assert_close(
@@ -644,7 +644,7 @@ mod tests {
     }
 
     /// The layer-norm backward plan (per-block partials, then their reduce) on the kernel
-    /// simulator against `layer_norm_backward_cpu`: more than one partial block, blocks that
+    /// simulator against `layer_norm_backward_reference`: more than one partial block, blocks that
     /// loop over rows, the reduce overwriting and accumulating.
     #[test]
     fn layernorm_backward_on_the_simulator_matches_the_cpu_twin() {
@@ -675,7 +675,7 @@ mod tests {
                 let x = as_stored(&sample(n, 21, 2.0), dt);
                 let dy = as_stored(&sample(n, 22, 1.0), dt);
                 let w = as_stored(&sample(d, 23, 1.5), dt);
-                let (mean, rstd) = cpu::layer_norm_stats_cpu(&x, d, eps);
+                let (mean, rstd) = cpu::layer_norm_stats_reference(&x, d, eps);
                 let (bx, bdy, bw) = (upload(&x, dt), upload(&dy, dt), upload(&w, dt));
                 let (bm, br) = (SimBuffer::from_slice(&mean), SimBuffer::from_slice(&rstd));
                 let bdx = upload(&vec![0.0; n], dt);
@@ -699,8 +699,15 @@ mod tests {
                 .unwrap();
                 run_plan(sim, &plan);
                 let mut want_dx = vec![0.0; n];
-                let (want_dw, want_db) =
-                    cpu::layer_norm_backward_cpu(&x, &dy, d, &mean, &rstd, &w, Some(&mut want_dx));
+                let (want_dw, want_db) = cpu::layer_norm_backward_reference(
+                    &x,
+                    &dy,
+                    d,
+                    &mean,
+                    &rstd,
+                    &w,
+                    Some(&mut want_dx),
+                );
                 // dx: the row means of g and g * xhat are f32 sums in another order (a block
                 // tree, not a sequential loop), each off by a few ulps of the row's scale, so
                 // the slack is absolute, 1e-5 of the largest |dx|; bf16 storage adds one
@@ -822,7 +829,7 @@ mod tests {
                     .unwrap(),
                 );
                 let (mean, var, inv_std) = (f32s(&bmean), f32s(&bvar), f32s(&bis));
-                let (want_mean, want_var) = cpu::batch_norm2d_stats_cpu(&x, n, c, hw);
+                let (want_mean, want_var) = cpu::batch_norm2d_stats_reference(&x, n, c, hw);
                 // f64 both: two passes on the CPU, one shifted pass here (errors ~1e-15
                 // relative), rounded to f32 once: at most one f32 ulp apart.
                 assert_close(
@@ -925,7 +932,7 @@ mod tests {
                     .unwrap();
                     run_plan(sim, &plan);
                     let mut want_dx = vec![0.0; len];
-                    let (want_dw, want_db) = cpu::batch_norm2d_backward_cpu(
+                    let (want_dw, want_db) = cpu::batch_norm2d_backward_reference(
                         &x,
                         &dy,
                         n,
