@@ -9,7 +9,7 @@ use recycle_kernels::launchers as k;
 use crate::cuda::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view};
 use crate::cuda::launch::{fit_u32, KernelCall};
 use crate::cuda::{common_device, KdLossDevice};
-use crate::kd_loss::{self as kdh, KdKind, KdLoss, KdScalars};
+use crate::kd_loss::{self as kdh, KdLoss, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
 pub(super) fn storage_of(op: &'static str, dtype: DType) -> Result<kdh::Storage> {
@@ -234,6 +234,7 @@ pub(crate) fn kd_loss(
 mod tests {
     use super::*;
     use crate::cuda::common::check_all;
+    use crate::kd_loss::KdKind;
 
     /// The fused distillation loss (`kd_loss_plan`, with the scalars and row counts the
     /// launcher computes) on the kernel simulator against an f64 reference from the kernel's
