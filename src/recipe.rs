@@ -45,7 +45,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::data::text_shards::PlainDocuments;
 use crate::data::text_stream::Packing;
 use crate::distill::cache::{CacheMode, ValueType};
-use crate::distill::{KdLoss, KdSchedule, TeacherStrategy};
+use crate::distill::{KdKind, KdLoss, KdSchedule, TeacherStrategy};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -381,21 +381,15 @@ fn default_schedule() -> ScheduleKind {
     ScheduleKind::Cosine
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum KdLossKind {
-    Kl,
-    Mse,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DistillRecipe {
     /// Teacher run directories (their `final.safetensors` and recorded accuracy) or
     /// checkpoint files.
     pub teachers: Vec<PathBuf>,
-    #[serde(default = "default_kd_loss")]
-    pub loss: KdLossKind,
+    /// The distillation term: `kl` (at `temperature`) or `mse` ([`KdKind::NAMES`]).
+    #[serde(default = "default_kd_loss", deserialize_with = "kd_loss_name")]
+    pub loss: String,
     #[serde(default = "default_temperature")]
     pub temperature: f32,
     /// λ.
@@ -438,8 +432,18 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-fn default_kd_loss() -> KdLossKind {
-    KdLossKind::Kl
+fn default_kd_loss() -> String {
+    "kl".into()
+}
+
+/// `distill.loss`: a name of [`KdKind::NAMES`] (serde's message for a name that is not).
+fn kd_loss_name<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if KdKind::NAMES.contains(&name.as_str()) {
+        Ok(name)
+    } else {
+        Err(serde::de::Error::unknown_variant(&name, &KdKind::NAMES))
+    }
 }
 fn default_temperature() -> f32 {
     4.0
@@ -458,11 +462,25 @@ fn default_every() -> u64 {
 }
 
 impl DistillRecipe {
-    pub fn loss(&self) -> KdLoss {
-        match self.loss {
-            KdLossKind::Kl => KdLoss::kl(self.temperature, self.weight),
-            KdLossKind::Mse => KdLoss::mse(self.weight),
-        }
+    /// The distillation term `loss` names, at `temperature` for KL.
+    pub fn kind(&self) -> Result<KdKind> {
+        KdKind::from_name(&self.loss, self.temperature).ok_or_else(|| {
+            Error::invalid(
+                "recipe",
+                format!(
+                    "distill.loss {:?} is not one of {:?}",
+                    self.loss,
+                    KdKind::NAMES
+                ),
+            )
+        })
+    }
+
+    pub fn loss(&self) -> Result<KdLoss> {
+        Ok(match self.kind()? {
+            KdKind::Kl { temperature } => KdLoss::kl(temperature, self.weight),
+            KdKind::Mse => KdLoss::mse(self.weight),
+        })
     }
 
     pub fn schedule(&self) -> KdSchedule {
@@ -740,7 +758,7 @@ impl Recipe {
                         .into(),
                 );
             }
-            d.loss().validate()?;
+            d.loss()?.validate()?;
             d.schedule().validate()?;
             d.strategy().map_err(|e| match e {
                 Error::Invalid { msg, .. } => {
@@ -760,9 +778,9 @@ impl Recipe {
         match &self.distill {
             None => "baseline".into(),
             Some(d) => {
-                let loss = match d.loss {
-                    KdLossKind::Kl => format!("kl-t{}", d.temperature),
-                    KdLossKind::Mse => "mse".into(),
+                let loss = match d.kind() {
+                    Ok(KdKind::Kl { temperature }) => format!("kl-t{temperature}"),
+                    _ => d.loss.clone(),
                 };
                 let mut m = if d.strategy == "single" {
                     format!("kd-{loss}")
@@ -801,6 +819,24 @@ warmup = 0.1
 teachers = ["runs/t1", "runs/t2"]
 strategy = "random-one"
 "#;
+
+    /// `distill.loss` names the engine's term; another name gets serde's own message.
+    #[test]
+    fn the_loss_name_maps_onto_the_engines_term() {
+        let d = Recipe::from_toml(GOOD).unwrap().distill.unwrap();
+        assert_eq!(d.kind().unwrap(), KdKind::Kl { temperature: 4.0 });
+        let mse = GOOD.replace("strategy", "loss = \"mse\"\nstrategy");
+        let r = Recipe::from_toml(&mse).unwrap();
+        assert_eq!(r.distill.as_ref().unwrap().kind().unwrap(), KdKind::Mse);
+        assert_eq!(r.method(), "kd-mse-random-one");
+        assert_eq!(Recipe::from_toml(&r.to_toml().unwrap()).unwrap(), r);
+        let bad = GOOD.replace("strategy", "loss = \"kd\"\nstrategy");
+        let e = Recipe::from_toml(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown variant `kd`, expected `kl` or `mse`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_with_defaults_and_round_trips() {

@@ -174,13 +174,13 @@ __device__ __forceinline__ void bwd_dx(const T* x, const T* dy, const float* mea
 RK_BATCHNORM_TYPED(float, f32)
 RK_BATCHNORM_TYPED(bf16, bf16)
 
-// Per channel: mean, biased variance, inv_std; with update_running, the running statistics
-// move towards the batch ones: running = (1 - momentum) * running + momentum * batch, with the
-// variance made unbiased (* count / (count - 1), in f32 as on the CPU). Any output may be null.
+// Per channel: mean, biased variance, inv_std; the running statistics move towards the batch
+// ones: running = (1 - momentum) * running + momentum * batch, with the variance made unbiased
+// (* count / (count - 1), in f32 as on the CPU).
 extern "C" __global__ void batchnorm_stats_finish(const double* partial, uint32_t c,
                                                   uint32_t splits, uint32_t count, float eps,
-                                                  float momentum, int update_running,
-                                                  float* mean, float* var, float* inv_std,
+                                                  float momentum, float* mean, float* var,
+                                                  float* inv_std,
                                                   float* running_mean, float* running_var) {
     RK_GRID_STRIDE(ch, c) {
         const double* p = partial + ch * (1 + 2 * (uint64_t)splits);
@@ -192,24 +192,22 @@ extern "C" __global__ void batchnorm_stats_finish(const double* partial, uint32_
         const double nd = (double)count, d1 = s1 / nd;
         const float m = (float)(p[0] + d1);
         const float v = (float)fmax(s2 / nd - d1 * d1, 0.0);
-        if (mean != nullptr) mean[ch] = m;
-        if (var != nullptr) var[ch] = v;
-        if (inv_std != nullptr) inv_std[ch] = div_rn(1.0f, sqrt_rn(add_rn(v, eps)));
-        if (update_running) {
-            const float unbias = div_rn((float)count, sub_rn((float)count, 1.0f));
-            const float keep = sub_rn(1.0f, momentum);
-            running_mean[ch] = add_rn(mul_rn(keep, running_mean[ch]), mul_rn(momentum, m));
-            running_var[ch] =
-                add_rn(mul_rn(keep, running_var[ch]), mul_rn(momentum, mul_rn(v, unbias)));
-        }
+        mean[ch] = m;
+        var[ch] = v;
+        inv_std[ch] = div_rn(1.0f, sqrt_rn(add_rn(v, eps)));
+        const float unbias = div_rn((float)count, sub_rn((float)count, 1.0f));
+        const float keep = sub_rn(1.0f, momentum);
+        running_mean[ch] = add_rn(mul_rn(keep, running_mean[ch]), mul_rn(momentum, m));
+        running_var[ch] =
+            add_rn(mul_rn(keep, running_var[ch]), mul_rn(momentum, mul_rn(v, unbias)));
     }
 }
 
 // sum_dy[ch] = sum(dy), sum_dyx[ch] = sum(dy * xhat) (the scratch batchnorm_bwd_dx reads);
-// dbias / dweight (+)= the same (each may be null).
+// dbias / dweight = the same.
 extern "C" __global__ void batchnorm_bwd_finish(const double* partial, uint32_t c,
                                                 uint32_t splits, float* sum_dy, float* sum_dyx,
-                                                float* dweight, float* dbias, int accumulate) {
+                                                float* dweight, float* dbias) {
     RK_GRID_STRIDE(ch, c) {
         const double* p = partial + ch * (1 + 2 * (uint64_t)splits);
         double sdy = 0.0, sdyx = 0.0;
@@ -218,9 +216,9 @@ extern "C" __global__ void batchnorm_bwd_finish(const double* partial, uint32_t 
             sdyx += p[2 + 2 * s];
         }
         const float fdy = (float)sdy, fdyx = (float)sdyx;
-        if (sum_dy != nullptr) sum_dy[ch] = fdy;
-        if (sum_dyx != nullptr) sum_dyx[ch] = fdyx;
-        if (dbias != nullptr) dbias[ch] = accumulate ? add_rn(dbias[ch], fdy) : fdy;
-        if (dweight != nullptr) dweight[ch] = accumulate ? add_rn(dweight[ch], fdyx) : fdyx;
+        sum_dy[ch] = fdy;
+        sum_dyx[ch] = fdyx;
+        dbias[ch] = fdy;
+        dweight[ch] = fdyx;
     }
 }

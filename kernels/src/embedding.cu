@@ -23,7 +23,7 @@
 //                             order[starts[id] + counts[id][segment] + (earlier positions of the
 //                             segment with the same id)], the stable place of the CPU's sort
 //   5. embedding_bwd_accumulate_T  one block per vocabulary row: sums g[order[k]] for its k in
-//                             order, then writes (or adds to) dW[v]
+//                             order, then writes dW[v]
 // Ids outside [0, vocab) are the caller's to reject (the CPU op checks them); the kernels skip
 // them rather than write out of bounds, and the forward writes NaN for them.
 
@@ -50,21 +50,16 @@ __device__ __forceinline__ void gather(const T* weight, const int32_t* ids, T* o
 
 template <typename T>
 __device__ __forceinline__ void accumulate(const T* g, const uint32_t* order,
-                                           const uint32_t* starts, float* dweight, uint32_t dim,
-                                           int accumulate) {
+                                           const uint32_t* starts, float* dweight,
+                                           uint32_t dim) {
     const uint32_t v = blockIdx.x;
     const uint32_t lo = starts[v], hi = starts[v + 1];
     float* dst = dweight + (uint64_t)v * dim;
-    if (lo == hi) {
-        if (!accumulate)
-            for (uint32_t j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = 0.0f;
-        return;
-    }
     for (uint32_t j = threadIdx.x; j < dim; j += blockDim.x) {
         // The CPU sums into a zeroed row, then the tape adds that row to the gradient.
         float acc = 0.0f;
         for (uint32_t k = lo; k < hi; ++k) acc = add_rn(acc, to_f32(g[(uint64_t)order[k] * dim + j]));
-        dst[j] = accumulate ? add_rn(dst[j], acc) : acc;
+        dst[j] = acc;
     }
 }
 
@@ -79,8 +74,8 @@ __device__ __forceinline__ void accumulate(const T* g, const uint32_t* order,
     /* one block per vocabulary row; dweight is f32 [vocab, dim] */                           \
     extern "C" __global__ void embedding_bwd_accumulate_##S(                                  \
         const T* g, const uint32_t* order, const uint32_t* starts, float* dweight,            \
-        uint32_t dim, int accumulate_into) {                                                  \
-        accumulate<T>(g, order, starts, dweight, dim, accumulate_into);                       \
+        uint32_t dim) {                                                                       \
+        accumulate<T>(g, order, starts, dweight, dim);                                        \
     }
 
 RK_EMBEDDING_TYPED(float, f32)

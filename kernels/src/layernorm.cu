@@ -110,18 +110,17 @@ __device__ __forceinline__ void layernorm_bwd(const T* x, const T* dy, const flo
 RK_LAYERNORM_TYPED(float, f32)
 RK_LAYERNORM_TYPED(bf16, bf16)
 
-// dweight[j] (+)= sum over blocks of partial[b][j], dbias[j] (+)= ... partial[b][d + j], blocks
-// in order (the CPU adds its row blocks in order too).
+// dweight[j] = sum over blocks of partial[b][j], dbias[j] = ... partial[b][d + j], blocks in
+// order (the CPU adds its row blocks in order too).
 extern "C" __global__ void layernorm_bwd_reduce(const float* partial, uint32_t blocks,
-                                                uint32_t d, float* dweight, float* dbias,
-                                                int accumulate) {
+                                                uint32_t d, float* dweight, float* dbias) {
     RK_GRID_STRIDE(j, d) {
         float sw = 0.0f, sb = 0.0f;
         for (uint32_t b = 0; b < blocks; ++b) {
             sw = add_rn(sw, partial[(uint64_t)b * 2 * d + j]);
             sb = add_rn(sb, partial[(uint64_t)b * 2 * d + d + j]);
         }
-        if (dweight != nullptr) dweight[j] = accumulate ? add_rn(dweight[j], sw) : sw;
-        if (dbias != nullptr) dbias[j] = accumulate ? add_rn(dbias[j], sb) : sb;
+        dweight[j] = sw;
+        dbias[j] = sb;
     }
 }

@@ -38,8 +38,8 @@ use crate::experiments::report::{build_report, Report};
 use crate::experiments::sweep::run_sweep;
 use crate::experiments::PlotOptions;
 use crate::recipe::{
-    Activations, DataRecipe, DistillRecipe, KdLossKind, ModelRecipe, OptimizerKind,
-    OptimizerRecipe, Recipe, ScheduleKind, TrainRecipe,
+    Activations, DataRecipe, DistillRecipe, ModelRecipe, OptimizerKind, OptimizerRecipe, Recipe,
+    ScheduleKind, TrainRecipe,
 };
 use crate::trainer::{self, RunOptions};
 
@@ -346,31 +346,30 @@ pub fn run_demo(
     }
     let mut student = tuned.clone();
     student.optimizer.lr = student_lr;
-    let distill =
-        |loss: KdLossKind, teachers: Vec<PathBuf>, strategy: &str, stop: f32| DistillRecipe {
-            teachers,
-            loss,
-            // MSE has no temperature: keep its recipe independent of the KL knob, so a
-            // finished MSE student is reused across temperature experiments.
-            temperature: if loss == KdLossKind::Mse {
-                1.0
-            } else {
-                knobs.temperature
-            },
-            weight: knobs.weight,
-            strategy: strategy.into(),
-            start: 0.0,
-            stop,
-            every: 1,
-            // KL students share a cache (the module's notes); MSE distills online.
-            cache: (loss == KdLossKind::Kl).then(|| teacher_cache_dir(out_dir, knobs.temperature)),
-            cache_k: None,
-            cache_values: match (task, loss) {
-                (DemoTask::Image, KdLossKind::Kl) => ValueType::F32,
-                _ => ValueType::default(),
-            },
-            cache_mode: Default::default(),
-        };
+    let distill = |loss: &str, teachers: Vec<PathBuf>, strategy: &str, stop: f32| DistillRecipe {
+        teachers,
+        loss: loss.into(),
+        // MSE has no temperature: keep its recipe independent of the KL knob, so a
+        // finished MSE student is reused across temperature experiments.
+        temperature: if loss == "mse" {
+            1.0
+        } else {
+            knobs.temperature
+        },
+        weight: knobs.weight,
+        strategy: strategy.into(),
+        start: 0.0,
+        stop,
+        every: 1,
+        // KL students share a cache (the module's notes); MSE distills online.
+        cache: (loss == "kl").then(|| teacher_cache_dir(out_dir, knobs.temperature)),
+        cache_k: None,
+        cache_values: match (task, loss) {
+            (DemoTask::Image, "kl") => ValueType::F32,
+            _ => ValueType::default(),
+        },
+        cache_mode: Default::default(),
+    };
     let e = knobs.student_epochs.unwrap_or(p.student_epochs);
     // Students are named by what varies, so experiments with other knobs sit beside them;
     // `lrx` is a multiple of the best sweep rate (a sweep run's `lr` is the rate itself).
@@ -387,34 +386,24 @@ pub fn run_demo(
     let tuned = student;
     let mut kl = with_epochs(&tuned, format!("kd-kl-{tag}"), e);
     kl.distill = Some(distill(
-        KdLossKind::Kl,
+        "kl",
         vec![best.dir.clone()],
         "single",
         knobs.kd_stop,
     ));
     let mut mse = with_epochs(&tuned, format!("kd-mse-{mse_tag}"), e);
     mse.distill = Some(distill(
-        KdLossKind::Mse,
+        "mse",
         vec![best.dir.clone()],
         "single",
         knobs.kd_stop,
     ));
     let mut one = with_epochs(&tuned, format!("kd-random-one-{tag}"), e);
-    one.distill = Some(distill(
-        KdLossKind::Kl,
-        teachers.clone(),
-        "random-one",
-        knobs.kd_stop,
-    ));
+    one.distill = Some(distill("kl", teachers.clone(), "random-one", knobs.kd_stop));
     runs.extend([kl, mse, one]);
     if task == DemoTask::Mlm {
         let mut early = with_epochs(&tuned, format!("kd-kl-until0.3-{tag}"), e);
-        early.distill = Some(distill(
-            KdLossKind::Kl,
-            vec![best.dir.clone()],
-            "single",
-            0.3,
-        ));
+        early.distill = Some(distill("kl", vec![best.dir.clone()], "single", 0.3));
         runs.push(early);
     }
     for r in &runs {

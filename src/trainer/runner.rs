@@ -193,7 +193,7 @@ impl Trainer {
                 // Every rank runs the same draw, unless each draws its own.
                 let seed = ranks::draw_seed(recipe.seed, rank, d.draws_per_rank());
                 (
-                    d.loss(),
+                    d.loss()?,
                     d.schedule(),
                     Some(TeacherPool::new(
                         load_teachers(

@@ -49,8 +49,7 @@ impl PoolCache {
         let classes = classes(arch);
         let rows = RowSpec {
             k: k.unwrap_or(d.cache_k()),
-            loss: d.loss,
-            temperature: d.temperature,
+            term: d.kind()?,
             values: d.cache_values,
         };
         if rows.k == 0 {

@@ -111,9 +111,7 @@ pub fn attention_fwd(
             let mut probs = vec![0f32; dims.b * dims.h * dims.sq * dims.sk];
             let mut out = vec![0f32; dims.b * dims.h * dims.sq * dims.dv];
             attention_forward_cpu(
-                &q.read_f32()?,
-                &k.read_f32()?,
-                &v.read_f32()?,
+                (&q.read_f32()?, &k.read_f32()?, &v.read_f32()?),
                 keep,
                 dims,
                 dropout,
@@ -151,17 +149,13 @@ pub fn attention_bwd(
             let mut dk = need[1].then(|| vec![0f32; k.elem_count()]);
             let mut dv = need[2].then(|| vec![0f32; v.elem_count()]);
             attention_backward_cpu(
-                &q.read_f32()?,
-                &k.read_f32()?,
-                &v.read_f32()?,
+                (&q.read_f32()?, &k.read_f32()?, &v.read_f32()?),
                 &saved.probs.read_f32()?,
                 &g.read_f32()?,
                 keep,
                 dims,
                 dropout,
-                dq.as_deref_mut(),
-                dk.as_deref_mut(),
-                dv.as_deref_mut(),
+                [dq.as_deref_mut(), dk.as_deref_mut(), dv.as_deref_mut()],
             )?;
             Ok([
                 dq.map(|d| Tensor::f32(d, q.shape())).transpose()?,
@@ -304,11 +298,8 @@ pub fn dropout_factor(p: f32, seed: u64, index: u64) -> f32 {
 /// Forward for all (batch, head) pairs. `keep[b * sk + j]` says whether key `j` of batch item
 /// `b` is attended (None: all are). Fills `probs` (`[b, h, sq, sk]`, before dropout) and `out`
 /// (`[b, h, sq, dv]`).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward_cpu(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
     keep: Option<&[bool]>,
     dims: AttentionDims,
     dropout: ProbDropout,
@@ -365,19 +356,14 @@ pub fn attention_forward_cpu(
 
 /// Backward for all (batch, head) pairs from the saved probabilities (before dropout) and the
 /// upstream `dout`. Fills whichever of `dq`, `dk`, `dv_out` are given.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward_cpu(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
     probs: &[f32],
     dout: &[f32],
     keep: Option<&[bool]>,
     dims: AttentionDims,
     dropout: ProbDropout,
-    dq: Option<&mut [f32]>,
-    dk: Option<&mut [f32]>,
-    dv_out: Option<&mut [f32]>,
+    [dq, dk, dv_out]: [Option<&mut [f32]>; 3],
 ) -> Result<()> {
     let AttentionDims {
         b,

@@ -54,6 +54,14 @@ pub(crate) fn grid_stride(n: usize) -> Option<LaunchConfig> {
     kl::elementwise(n as u64)
 }
 
+/// The one launch `call` makes on [`grid_stride`]'s shape over `n` elements; none for `n` 0.
+pub(crate) fn grid_stride_call(
+    n: usize,
+    call: impl FnOnce(LaunchConfig) -> KernelCall,
+) -> Vec<KernelCall> {
+    grid_stride(n).map(call).into_iter().collect()
+}
+
 /// A device pointer from an address.
 pub(crate) fn p<T>(addr: u64) -> super::launch::Ptr<T> {
     super::launch::Ptr::new(addr)

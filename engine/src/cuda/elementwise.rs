@@ -6,7 +6,7 @@
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
+use super::common::{as_dtype, empty, grid_stride, grid_stride_call, p, run, view, with_float};
 use super::launch::{fit_u32, shape_err, KernelCall};
 use super::DeviceBuffer;
 use crate::backend::{Activation, BinaryOp};
@@ -91,10 +91,9 @@ pub(crate) fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
 }
 
 fn accumulate_plan(src: u64, dst: u64, n: usize, src_dtype: DType) -> Result<Vec<KernelCall>> {
-    with_float!("add_assign", src_dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::accumulate::<T>(c, p(src), p(dst), n as u64))
-        .into_iter()
-        .collect()))
+    with_float!("add_assign", src_dtype, |T| Ok(grid_stride_call(n, |c| {
+        k::accumulate::<T>(c, p(src), p(dst), n as u64)
+    })))
 }
 
 /// `Tensor::add_assign` on a GPU: `dst` (f32) += `src` (f32 or bf16).
@@ -139,17 +138,14 @@ fn binary_plan(
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
     let len = n as u64;
-    with_float!(op.name(), dtype, |T| Ok(grid_stride(n)
-        .map(|c| {
-            let launcher = match op {
-                BinaryOp::Add => k::add::<T>,
-                BinaryOp::Sub => k::sub::<T>,
-                BinaryOp::Mul => k::mul::<T>,
-            };
-            launcher(c, p(a), p(b), p(out), len)
-        })
-        .into_iter()
-        .collect()))
+    with_float!(op.name(), dtype, |T| Ok(grid_stride_call(n, |c| {
+        let launcher = match op {
+            BinaryOp::Add => k::add::<T>,
+            BinaryOp::Sub => k::sub::<T>,
+            BinaryOp::Mul => k::mul::<T>,
+        };
+        launcher(c, p(a), p(b), p(out), len)
+    })))
 }
 
 fn binary_raw(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -184,10 +180,7 @@ fn scalar_plan(
                 ))
             }
         };
-        Ok(grid_stride(n)
-            .map(|c| launcher(c, p(x), p(out), len, s))
-            .into_iter()
-            .collect())
+        Ok(grid_stride_call(n, |c| launcher(c, p(x), p(out), len, s)))
     })
 }
 
@@ -359,10 +352,7 @@ fn activation_fwd_plan(
             "tanh" => k::tanh_fwd::<T>,
             other => return Err(not_an_activation(other)),
         };
-        Ok(grid_stride(n)
-            .map(|c| launcher(c, p(x), p(y), len))
-            .into_iter()
-            .collect())
+        Ok(grid_stride_call(n, |c| launcher(c, p(x), p(y), len)))
     })
 }
 
@@ -382,10 +372,9 @@ fn activation_bwd_plan(
             "tanh" => k::tanh_bwd::<T>,
             other => return Err(not_an_activation(other)),
         };
-        Ok(grid_stride(n)
-            .map(|c| launcher(c, p(saved), p(g), p(dx), len))
-            .into_iter()
-            .collect())
+        Ok(grid_stride_call(n, |c| {
+            launcher(c, p(saved), p(g), p(dx), len)
+        }))
     })
 }
 

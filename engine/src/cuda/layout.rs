@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
+use super::common::{as_dtype, empty, grid_stride_call, p, run, view, with_float};
 use super::elementwise::scalar_raw;
 use super::launch::KernelCall;
 use super::{memory, CudaContext, DeviceBuffer};
@@ -58,32 +58,64 @@ pub(crate) fn copy_plan(
     check_rank("strided_copy", dims.len())?;
     let n: usize = dims.iter().product();
     let rank = dims.len() as u32;
-    with_float!("layout", dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::strided_copy::<T>(c, p(x), p(y), n as u64, rank, p(meta)))
-        .into_iter()
-        .collect()))
+    with_float!("layout", dtype, |T| Ok(grid_stride_call(n, |c| {
+        k::strided_copy::<T>(c, p(x), p(y), n as u64, rank, p(meta))
+    })))
 }
 
-/// Copies `x` (at element offset `x_off`) into `y` (at `y_off`) over `dims` with the given
-/// strides.
-#[allow(clippy::too_many_arguments)]
-fn strided_copy(
-    ctx: &Arc<CudaContext>,
-    x: &Tensor,
-    x_off: usize,
-    y: &Tensor,
-    y_off: usize,
-    dims: &[usize],
-    src: &[usize],
-    dst: &[usize],
-) -> Result<()> {
+/// A strided copy's walk over `dims` in row-major order: the element at index `i` is read at
+/// `src_off + sum(i[d] * src[d])` and written at `dst_off + sum(i[d] * dst[d])` (in elements).
+pub(crate) struct Walk<'a> {
+    pub dims: &'a [usize],
+    pub src: &'a [usize],
+    pub src_off: usize,
+    pub dst: &'a [usize],
+    pub dst_off: usize,
+}
+
+impl<'a> Walk<'a> {
+    /// From element 0 of both sides.
+    pub fn new(dims: &'a [usize], src: &'a [usize], dst: &'a [usize]) -> Self {
+        Walk {
+            dims,
+            src,
+            src_off: 0,
+            dst,
+            dst_off: 0,
+        }
+    }
+
+    /// Reading from element `off` of the source.
+    pub fn src_at(self, off: usize) -> Self {
+        Walk {
+            src_off: off,
+            ..self
+        }
+    }
+
+    /// Writing from element `off` of the destination.
+    pub fn dst_at(self, off: usize) -> Self {
+        Walk {
+            dst_off: off,
+            ..self
+        }
+    }
+
+    /// The kernel's `meta` words: the dims, then both strides.
+    fn meta(&self) -> Vec<usize> {
+        [self.dims, self.src, self.dst].concat()
+    }
+}
+
+/// Copies `x` into `y` along `w`.
+fn strided_copy(ctx: &Arc<CudaContext>, x: &Tensor, y: &Tensor, w: &Walk) -> Result<()> {
     let dtype = x.dtype();
     let size = dtype.size_in_bytes() as u64;
-    let meta = upload(ctx, &[dims, src, dst].concat())?;
+    let meta = upload(ctx, &w.meta())?;
     let plan = copy_plan(
-        view(x, "strided_copy")?.ptr + x_off as u64 * size,
-        view(y, "strided_copy")?.ptr + y_off as u64 * size,
-        dims,
+        view(x, "strided_copy")?.ptr + w.src_off as u64 * size,
+        view(y, "strided_copy")?.ptr + w.dst_off as u64 * size,
+        w.dims,
         meta.ptr(),
         dtype,
     )?;
@@ -99,7 +131,7 @@ pub(crate) fn permute(x: &Tensor, perm: Vec<usize>, out_shape: Vec<usize>) -> Re
     let read: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
     let out = empty(&ctx, x.dtype(), &out_shape)?;
     let os = contiguous_strides(&out_shape);
-    strided_copy(&ctx, x, 0, &out, 0, &out_shape, &read, &os)?;
+    strided_copy(&ctx, x, &out, &Walk::new(&out_shape, &read, &os))?;
     Ok(out)
 }
 
@@ -112,7 +144,12 @@ pub(crate) fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Resul
     out_shape[axis] = len;
     let os = contiguous_strides(&out_shape);
     let out = empty(&ctx, x.dtype(), &out_shape)?;
-    strided_copy(&ctx, x, start * xs[axis], &out, 0, &out_shape, &xs, &os)?;
+    strided_copy(
+        &ctx,
+        x,
+        &out,
+        &Walk::new(&out_shape, &xs, &os).src_at(start * xs[axis]),
+    )?;
     Ok(out)
 }
 
@@ -129,7 +166,12 @@ pub(crate) fn narrow_bwd(
     let xs = contiguous_strides(in_shape);
     let os = contiguous_strides(g.shape());
     let dx = Tensor::zeros(in_shape, g.dtype(), g.device())?;
-    strided_copy(&ctx, g, 0, &dx, start * xs[axis], g.shape(), &os, &xs)?;
+    strided_copy(
+        &ctx,
+        g,
+        &dx,
+        &Walk::new(g.shape(), &os, &xs).dst_at(start * xs[axis]),
+    )?;
     Ok(dx)
 }
 
@@ -149,12 +191,8 @@ pub(crate) fn concat(xs: &[&Tensor], axis: usize, out_shape: Vec<usize>) -> Resu
         strided_copy(
             &ctx,
             &t,
-            0,
             &out,
-            at * os[axis],
-            &dims,
-            &contiguous_strides(&dims),
-            &os,
+            &Walk::new(&dims, &contiguous_strides(&dims), &os).dst_at(at * os[axis]),
         )?;
         at += dims[axis];
     }
@@ -174,10 +212,10 @@ pub(crate) fn reduce_plan(
     let n: usize = kept.iter().product();
     let m: usize = reduced.iter().product();
     let (rank, rrank) = (kept.len() as u32, reduced.len() as u32);
-    with_float!("sum", dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::reduce_to::<T>(c, p(x), p(y), n as u64, m as u64, rank, rrank, p(meta)))
-        .into_iter()
-        .collect()))
+    with_float!("sum", dtype, |T| Ok(grid_stride_call(
+        n,
+        |c| k::reduce_to::<T>(c, p(x), p(y), n as u64, m as u64, rank, rrank, p(meta))
+    )))
 }
 
 /// `reduce_to`'s shapes for summing a contiguous `gs` down to `target`: the kept dims, the
@@ -261,12 +299,8 @@ pub(crate) fn sum_axis_bwd(
     strided_copy(
         &ctx,
         g,
-        0,
         &dx,
-        0,
-        &dims,
-        &[inner, 0, 1],
-        &contiguous_strides(&dims),
+        &Walk::new(&dims, &[inner, 0, 1], &contiguous_strides(&dims)),
     )?;
     Ok(dx)
 }
@@ -321,12 +355,8 @@ pub(crate) fn fill(g: &Tensor, shape: &[usize], factor: f32, dtype: DType) -> Re
     strided_copy(
         &ctx,
         &v,
-        0,
         &dx,
-        0,
-        shape,
-        &zeros,
-        &contiguous_strides(shape),
+        &Walk::new(shape, &zeros, &contiguous_strides(shape)),
     )?;
     Ok(dx)
 }
@@ -349,10 +379,9 @@ pub(crate) fn broadcast_plan(
             BinaryOp::Sub => k::broadcast_sub::<T>,
             BinaryOp::Mul => k::broadcast_mul::<T>,
         };
-        Ok(grid_stride(n)
-            .map(|c| launcher(c, p(a), p(b), p(y), n as u64, rank, p(meta)))
-            .into_iter()
-            .collect())
+        Ok(grid_stride_call(n, |c| {
+            launcher(c, p(a), p(b), p(y), n as u64, rank, p(meta))
+        }))
     })
 }
 
@@ -420,13 +449,7 @@ pub(crate) fn broadcast(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check_all(calls: &[KernelCall]) {
-        assert!(!calls.is_empty());
-        for c in calls {
-            c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
-        }
-    }
+    use crate::cuda::common::check_all;
 
     #[test]
     fn layout_plans_have_valid_launch_shapes() {
@@ -445,7 +468,7 @@ mod tests {
     use crate::cuda::sim_check::{
         as_stored, assert_close, download, host_sim, run_plan, sample, upload,
     };
-    use recycle_kernels::sim::SimBuffer;
+    use recycle_kernels::sim::{HostSim, SimBuffer};
 
     /// `meta` words in a simulator buffer (as `upload` puts them on a GPU).
     fn meta(words: &[usize]) -> SimBuffer {
@@ -453,25 +476,14 @@ mod tests {
         SimBuffer::from_slice(&words)
     }
 
-    /// `strided_copy` of `x` (from element `x_off`) into `y` (from `y_off`), as `strided_copy`.
-    #[allow(clippy::too_many_arguments)]
-    fn sim_copy(
-        sim: &recycle_kernels::sim::HostSim,
-        x: &SimBuffer,
-        x_off: usize,
-        y: &SimBuffer,
-        y_off: usize,
-        dims: &[usize],
-        src: &[usize],
-        dst: &[usize],
-        dt: DType,
-    ) {
+    /// `x` copied into `y` along `w` on the simulator, as `strided_copy`.
+    fn sim_copy(sim: &HostSim, x: &SimBuffer, y: &SimBuffer, w: &Walk, dt: DType) {
         let size = dt.size_in_bytes() as u64;
-        let m = meta(&[dims, src, dst].concat());
+        let m = meta(&w.meta());
         let plan = copy_plan(
-            x.ptr() + x_off as u64 * size,
-            y.ptr() + y_off as u64 * size,
-            dims,
+            x.ptr() + w.src_off as u64 * size,
+            y.ptr() + w.dst_off as u64 * size,
+            w.dims,
             m.ptr(),
             dt,
         )
@@ -502,13 +514,13 @@ mod tests {
                 let read: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
                 let os = contiguous_strides(&out_shape);
                 let (bx, by) = (upload(&x, dt), upload(&vec![0.0; n], dt));
-                sim_copy(sim, &bx, 0, &by, 0, &out_shape, &read, &os, dt);
+                sim_copy(sim, &bx, &by, &Walk::new(&out_shape, &read, &os), dt);
                 let y = download(&by, dt);
                 let want = cpu::permute_forward_cpu(&xs, &shape, &perm);
                 assert_close(&what, &y, &want, 0.0, 0.0);
                 let g = sample(n, 2, 1.0);
                 let (bg, bdx) = (upload(&g, dt), upload(&vec![0.0; n], dt));
-                sim_copy(sim, &bg, 0, &bdx, 0, &out_shape, &os, &read, dt);
+                sim_copy(sim, &bg, &bdx, &Walk::new(&out_shape, &os, &read), dt);
                 let want = cpu::permute_backward_cpu(&as_stored(&g, dt), &out_shape, &perm);
                 assert_close(
                     &format!("{what} backward"),
@@ -526,7 +538,13 @@ mod tests {
             let off = start * xst[1];
             let x = sample(outer * n * inner, 3, 4.0);
             let (bx, by) = (upload(&x, dt), upload(&vec![0.0; outer * len * inner], dt));
-            sim_copy(sim, &bx, off, &by, 0, &out_shape, &xst, &os, dt);
+            sim_copy(
+                sim,
+                &bx,
+                &by,
+                &Walk::new(&out_shape, &xst, &os).src_at(off),
+                dt,
+            );
             let want = cpu::narrow_forward_cpu(&as_stored(&x, dt), n, inner, start, len);
             assert_close(
                 &format!("narrow {dt:?}"),
@@ -537,7 +555,13 @@ mod tests {
             );
             let g = sample(outer * len * inner, 4, 1.0);
             let (bg, bdx) = (upload(&g, dt), upload(&vec![0.0; outer * n * inner], dt));
-            sim_copy(sim, &bg, 0, &bdx, off, &out_shape, &os, &xst, dt);
+            sim_copy(
+                sim,
+                &bg,
+                &bdx,
+                &Walk::new(&out_shape, &os, &xst).dst_at(off),
+                dt,
+            );
             let want = cpu::narrow_backward_cpu(&as_stored(&g, dt), outer, n, inner, start, len);
             assert_close(
                 &format!("narrow backward {dt:?}"),
@@ -564,12 +588,8 @@ mod tests {
                 sim_copy(
                     sim,
                     &bp,
-                    0,
                     &by,
-                    at * os[1],
-                    &dims,
-                    &contiguous_strides(&dims),
-                    &os,
+                    &Walk::new(&dims, &contiguous_strides(&dims), &os).dst_at(at * os[1]),
                     dt,
                 );
                 at += s;
@@ -592,12 +612,8 @@ mod tests {
             sim_copy(
                 sim,
                 &bg,
-                0,
                 &bdx,
-                0,
-                &dims,
-                &[inner, 0, 1],
-                &contiguous_strides(&dims),
+                &Walk::new(&dims, &[inner, 0, 1], &contiguous_strides(&dims)),
                 dt,
             );
             let want = sum_axis_backward_cpu(&as_stored(&g, dt), n, inner);

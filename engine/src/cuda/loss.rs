@@ -16,17 +16,21 @@ use crate::{DType, Result, Tensor};
 // Cross-entropy
 // ---------------------------------------------------------------------------------------------
 
-/// Forward: per-row lse and loss, then the mean over `kept` rows into `out[0]`.
-#[allow(clippy::too_many_arguments)]
-fn cross_entropy_fwd_plan(
+/// The device buffers both passes read: the logits, the i32 labels and the rows' lse (f32,
+/// written by the forward).
+#[derive(Clone, Copy, Default)]
+struct Inputs {
     logits: u64,
     labels: u64,
     lse: u64,
+}
+
+/// Forward: per-row lse and loss, then the mean over `kept` rows into `out[0]`.
+fn cross_entropy_fwd_plan(
+    x: Inputs,
     row_loss: u64,
     out: u64,
-    rows: usize,
-    classes: usize,
-    kept: usize,
+    (rows, classes, kept): (usize, usize, usize),
     opts: &CrossEntropyOptions,
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
@@ -41,9 +45,9 @@ fn cross_entropy_fwd_plan(
         calls.push(with_float!("cross_entropy", dtype, |T| Ok(
             k::cross_entropy_fwd::<T>(
                 cfg,
-                p(logits),
-                p(labels),
-                p(lse),
+                p(x.logits),
+                p(x.labels),
+                p(x.lse),
                 p(row_loss),
                 n_classes,
                 ignore,
@@ -63,14 +67,10 @@ fn cross_entropy_fwd_plan(
     Ok(calls)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn cross_entropy_bwd_plan(
-    logits: u64,
-    labels: u64,
-    lse: u64,
+    x: Inputs,
     dlogits: u64,
-    rows: usize,
-    classes: usize,
+    (rows, classes): (usize, usize),
     opts: &CrossEntropyOptions,
     scale: f32,
     dtype: DType,
@@ -83,9 +83,9 @@ fn cross_entropy_bwd_plan(
     with_float!("cross_entropy", dtype, |T| Ok(vec![
         k::cross_entropy_bwd::<T>(
             cfg,
-            p(logits),
-            p(labels),
-            p(lse),
+            p(x.logits),
+            p(x.labels),
+            p(x.lse),
             p(dlogits),
             n_classes,
             opts.ignore_index.unwrap_or(0),
@@ -115,18 +115,14 @@ pub(crate) fn cross_entropy_fwd(
     let lse = empty(&ctx, DType::F32, &[rows])?;
     let row_loss = empty(&ctx, DType::F32, &[rows])?;
     let out = empty(&ctx, DType::F32, &[])?;
-    let plan = cross_entropy_fwd_plan(
-        lv.ptr,
-        view(&labels_dev, OP)?.ptr,
-        view(&lse, OP)?.ptr,
-        view(&row_loss, OP)?.ptr,
-        view(&out, OP)?.ptr,
-        rows,
-        classes,
-        kept,
-        opts,
-        dtype,
-    )?;
+    let x = Inputs {
+        logits: lv.ptr,
+        labels: view(&labels_dev, OP)?.ptr,
+        lse: view(&lse, OP)?.ptr,
+    };
+    let (row_loss_ptr, out_ptr) = (view(&row_loss, OP)?.ptr, view(&out, OP)?.ptr);
+    let dims = (rows, classes, kept);
+    let plan = cross_entropy_fwd_plan(x, row_loss_ptr, out_ptr, dims, opts, dtype)?;
     run(&ctx, &plan)?;
     let saved = CrossEntropySaved {
         labels: labels_dev,
@@ -149,17 +145,13 @@ pub(crate) fn cross_entropy_bwd(
     let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
     let sv = view(logits, OP)?;
     let d = empty(&sv.ctx, dtype, logits.shape())?;
-    let plan = cross_entropy_bwd_plan(
-        sv.ptr,
-        view(&saved.labels, OP)?.ptr,
-        view(&saved.lse, OP)?.ptr,
-        view(&d, OP)?.ptr,
-        rows,
-        classes,
-        opts,
-        scale,
-        dtype,
-    )?;
+    let x = Inputs {
+        logits: sv.ptr,
+        labels: view(&saved.labels, OP)?.ptr,
+        lse: view(&saved.lse, OP)?.ptr,
+    };
+    let dims = (rows, classes);
+    let plan = cross_entropy_bwd_plan(x, view(&d, OP)?.ptr, dims, opts, scale, dtype)?;
     run(&sv.ctx, &plan)?;
     Ok(d)
 }
@@ -174,8 +166,9 @@ mod tests {
     fn every_plan_has_a_valid_launch_shape() {
         for dt in [DType::F32, DType::BF16] {
             let opts = CrossEntropyOptions::default();
-            check_all(&cross_entropy_fwd_plan(1, 2, 3, 4, 5, 8, 10, 7, &opts, dt).unwrap());
-            check_all(&cross_entropy_bwd_plan(1, 2, 3, 4, 8, 10, &opts, 0.1, dt).unwrap());
+            let x = Inputs::default();
+            check_all(&cross_entropy_fwd_plan(x, 4, 5, (8, 10, 7), &opts, dt).unwrap());
+            check_all(&cross_entropy_bwd_plan(x, 4, (8, 10), &opts, 0.1, dt).unwrap());
         }
     }
 
@@ -235,15 +228,17 @@ mod tests {
                         SimBuffer::zeros::<f32>(rows),
                         SimBuffer::zeros::<f32>(1),
                     );
+                    let inputs = |logits: &SimBuffer| Inputs {
+                        logits: logits.ptr(),
+                        labels: bl.ptr(),
+                        lse: blse.ptr(),
+                    };
+                    let dims = (rows, classes, kept);
                     let plan = cross_entropy_fwd_plan(
-                        bx.ptr(),
-                        bl.ptr(),
-                        blse.ptr(),
+                        inputs(&bx),
                         brow.ptr(),
                         bout.ptr(),
-                        rows,
-                        classes,
-                        kept,
+                        dims,
                         &opts,
                         dt,
                     )
@@ -287,18 +282,10 @@ mod tests {
                             Some(upload(&vec![f32::NAN; rows * classes], dt))
                         };
                         let dptr = bd.as_ref().map_or(bx.ptr(), |b| b.ptr());
-                        let plan = cross_entropy_bwd_plan(
-                            bx.ptr(),
-                            bl.ptr(),
-                            blse.ptr(),
-                            dptr,
-                            rows,
-                            classes,
-                            &opts,
-                            scale,
-                            dt,
-                        )
-                        .unwrap();
+                        let dims = (rows, classes);
+                        let plan =
+                            cross_entropy_bwd_plan(inputs(&bx), dptr, dims, &opts, scale, dt)
+                                .unwrap();
                         run_plan(sim, &plan);
                         let d = download(bd.as_ref().unwrap_or(&bx), dt);
                         let what = format!("{what}: gradient (in place: {in_place})");

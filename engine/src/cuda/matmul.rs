@@ -74,21 +74,27 @@ pub(crate) fn grad_products(
     (da, db)
 }
 
-/// `op(lhs) op(rhs) (+ bias)` over `batch` products, into a new tensor of `shape` in `output`
-/// type. `lhs` and `rhs` share their type; `bias` has the output's.
-#[allow(clippy::too_many_arguments)]
+/// `op(lhs) op(rhs) (+ bias)` over `d.batch` products, into a new tensor of `d.out_shape` in
+/// `output` type. `lhs` and `rhs` share their type; `bias` has the output's.
 fn product(
     ctx: &Arc<CudaContext>,
     lhs: &Tensor,
     rhs: &Tensor,
     bias: Option<&Tensor>,
-    batch: usize,
-    p: (usize, usize, usize, bool, bool),
+    d: &ProductDims,
     output: DType,
-    shape: &[usize],
 ) -> Result<Tensor> {
     const OP: &str = "matmul";
-    let (m, k, n, trans_a, trans_b) = p;
+    let ProductDims {
+        batch,
+        m,
+        k,
+        n,
+        trans_a,
+        trans_b,
+        ref out_shape,
+    } = *d;
+    let shape = &out_shape[..];
     let input = lhs.dtype();
     // f32 operands with a bf16 result is not a cuBLASLt combination: f32, then a cast.
     let direct = if input == DType::F32 {
@@ -159,16 +165,7 @@ pub(crate) fn product_fwd(
     let dtype = a.dtype();
     let ctx = view(a, op)?.ctx;
     let tb = as_dtype(b, dtype)?;
-    product(
-        &ctx,
-        a,
-        &tb,
-        bias,
-        d.batch,
-        (d.m, d.k, d.n, d.trans_a, d.trans_b),
-        dtype,
-        &d.out_shape,
-    )
+    product(&ctx, a, &tb, bias, d, dtype)
 }
 
 /// The CUDA arm of the products' backwards: `[dA, dB, dbias]` from the operands and the output
@@ -193,16 +190,16 @@ pub(crate) fn product_bwd(
         Operand::G => &g,
     };
     let grad = |p: Product, output: DType, shape: &[usize]| {
-        product(
-            &ctx,
-            pick(p.lhs),
-            pick(p.rhs),
-            None,
-            d.batch,
-            (p.m, p.k, p.n, p.trans_l, p.trans_r),
-            output,
-            shape,
-        )
+        let dims = ProductDims {
+            batch: d.batch,
+            m: p.m,
+            k: p.k,
+            n: p.n,
+            trans_a: p.trans_l,
+            trans_b: p.trans_r,
+            out_shape: shape.to_vec(),
+        };
+        product(&ctx, pick(p.lhs), pick(p.rhs), None, &dims, output)
     };
     let da = need[0].then(|| grad(pa, dtype, a.shape())).transpose()?;
     let db = need[1]

@@ -415,16 +415,14 @@ pub struct KdLossDevice {
     pub kd_rows: usize,
 }
 
-/// The fused loss kernel (`kd_loss.cu`) over `student` `[N, C]` logits on a GPU, the mean of
-/// `teachers` (1 to 8 `[N, C]` logits on the same GPU; none, or `lambda == 0`, for CE alone),
+/// The fused loss kernel (`kd_loss.cu`) with `cfg`'s term, λ and ignored label over `student`
+/// `[N, C]` logits on a GPU, the mean of `teachers` (1 to 8 `[N, C]` logits on the same GPU;
+/// none, or λ = 0, for CE alone),
 /// `labels` i32 `[N]` and an optional row `mask` `[N]` (non-zero = the row counts; labels and
 /// mask may be on the host or the GPU), with `upstream` the gradient of the total (1 for
 /// `backward(loss)`). The CPU twin is `crate::kd_loss::kd_loss_cpu`.
-#[allow(clippy::too_many_arguments)]
 pub fn kd_loss(
-    term: Option<crate::kd_loss::KdKind>,
-    lambda: f32,
-    ignore_index: i32,
+    cfg: &crate::kd_loss::KdLoss,
     student: &Tensor,
     teachers: &[Tensor],
     labels: &Tensor,
@@ -433,20 +431,11 @@ pub fn kd_loss(
 ) -> Result<KdLossDevice> {
     #[cfg(feature = "cuda")]
     {
-        crate::kd_loss::cuda::kd_loss(
-            term,
-            lambda,
-            ignore_index,
-            student,
-            teachers,
-            labels,
-            mask,
-            upstream,
-        )
+        crate::kd_loss::cuda::kd_loss(cfg, student, teachers, labels, mask, upstream)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (term, lambda, ignore_index, teachers, labels, mask, upstream);
+        let _ = (cfg, teachers, labels, mask, upstream);
         match student.device() {
             Device::Cuda(n) => Err(no_backend_error(n)),
             Device::Cpu => Err(Error::Device(

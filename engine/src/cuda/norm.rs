@@ -24,14 +24,20 @@ use crate::{DType, Result, Tensor};
 // Layer norm
 // ---------------------------------------------------------------------------------------------
 
-#[allow(clippy::too_many_arguments)]
+/// The layer-norm forward's device buffers: `y` in `x`'s dtype, the rows' `mean` and `rstd`
+/// f32 (kept for the backward).
+#[derive(Default)]
+pub(crate) struct LayerNormFwd {
+    pub x: u64,
+    pub weight: u64,
+    pub bias: u64,
+    pub y: u64,
+    pub mean: u64,
+    pub rstd: u64,
+}
+
 pub(crate) fn layernorm_fwd_plan(
-    x: u64,
-    weight: u64,
-    bias: u64,
-    y: u64,
-    mean: u64,
-    rstd: u64,
+    b: &LayerNormFwd,
     rows: usize,
     d: usize,
     eps: f32,
@@ -44,31 +50,35 @@ pub(crate) fn layernorm_fwd_plan(
     let d = fit_u32(name, "the row length", d)?;
     with_float!("layer_norm", dtype, |T| Ok(vec![k::layernorm_fwd::<T>(
         cfg,
-        p(x),
-        p(weight),
-        p(bias),
-        p(y),
-        p(mean),
-        p(rstd),
+        p(b.x),
+        p(b.weight),
+        p(b.bias),
+        p(b.y),
+        p(b.mean),
+        p(b.rstd),
         d,
         eps,
     )]))
 }
 
-/// dx (always written) and the parameter gradients (f32, overwritten) from `partial`
-/// (`cfg.partial_len` f32 of scratch).
-#[allow(clippy::too_many_arguments)]
+/// The layer-norm backward's device buffers: `dx` (always written), the parameter gradients
+/// (f32, overwritten) and `partial` (`cfg.partial_len` f32 of scratch).
+#[derive(Default)]
+pub(crate) struct LayerNormBwd {
+    pub x: u64,
+    pub dy: u64,
+    pub mean: u64,
+    pub rstd: u64,
+    pub weight: u64,
+    pub dx: u64,
+    pub partial: u64,
+    pub dweight: u64,
+    pub dbias: u64,
+}
+
 pub(crate) fn layernorm_bwd_plan(
     cfg: &LayernormBackward,
-    x: u64,
-    dy: u64,
-    mean: u64,
-    rstd: u64,
-    weight: u64,
-    dx: u64,
-    partial: u64,
-    dweight: u64,
-    dbias: u64,
+    b: &LayerNormBwd,
     rows: usize,
     d: usize,
     dtype: DType,
@@ -77,24 +87,23 @@ pub(crate) fn layernorm_bwd_plan(
     let d = fit_u32("layernorm_bwd", "the row length", d)?;
     let main = with_float!("layer_norm", dtype, |T| Ok(k::layernorm_bwd::<T>(
         cfg.main,
-        p(x),
-        p(dy),
-        p(mean),
-        p(rstd),
-        p(weight),
-        p(dx),
-        p(partial),
+        p(b.x),
+        p(b.dy),
+        p(b.mean),
+        p(b.rstd),
+        p(b.weight),
+        p(b.dx),
+        p(b.partial),
         rows,
         d,
     )))?;
     let reduce = k::layernorm_bwd_reduce(
         cfg.reduce,
-        p(partial),
+        p(b.partial),
         cfg.blocks,
         d,
-        p(dweight),
-        p(dbias),
-        0,
+        p(b.dweight),
+        p(b.dbias),
     );
     Ok(vec![main, reduce])
 }
@@ -118,19 +127,15 @@ pub(crate) fn layer_norm_fwd(
     let mean = empty(&ctx, DType::F32, &[rows])?;
     let rstd = empty(&ctx, DType::F32, &[rows])?;
     let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
-    let plan = layernorm_fwd_plan(
-        v(x)?,
-        v(&w)?,
-        v(&b)?,
-        v(&y)?,
-        v(&mean)?,
-        v(&rstd)?,
-        rows,
-        d,
-        eps,
-        dtype,
-    )?;
-    run(&ctx, &plan)?;
+    let bufs = LayerNormFwd {
+        x: v(x)?,
+        weight: v(&w)?,
+        bias: v(&b)?,
+        y: v(&y)?,
+        mean: v(&mean)?,
+        rstd: v(&rstd)?,
+    };
+    run(&ctx, &layernorm_fwd_plan(&bufs, rows, d, eps, dtype)?)?;
     Ok((y, mean, rstd))
 }
 
@@ -163,22 +168,18 @@ pub(crate) fn layer_norm_bwd(
     let partial = empty(&ctx, DType::F32, &[cfg.partial_len as usize])?;
     let dw = empty(&ctx, DType::F32, &[d])?;
     let db = empty(&ctx, DType::F32, &[d])?;
-    let plan = layernorm_bwd_plan(
-        &cfg,
-        v(x)?,
-        v(&dy)?,
-        v(mean)?,
-        v(rstd)?,
-        v(&w)?,
-        v(&dx)?,
-        v(&partial)?,
-        v(&dw)?,
-        v(&db)?,
-        rows,
-        d,
-        dtype,
-    )?;
-    run(&ctx, &plan)?;
+    let bufs = LayerNormBwd {
+        x: v(x)?,
+        dy: v(&dy)?,
+        mean: v(mean)?,
+        rstd: v(rstd)?,
+        weight: v(&w)?,
+        dx: v(&dx)?,
+        partial: v(&partial)?,
+        dweight: v(&dw)?,
+        dbias: v(&db)?,
+    };
+    run(&ctx, &layernorm_bwd_plan(&cfg, &bufs, rows, d, dtype)?)?;
     Ok((dx, dw, db))
 }
 
@@ -186,18 +187,23 @@ pub(crate) fn layer_norm_bwd(
 // Batch norm
 // ---------------------------------------------------------------------------------------------
 
-/// Training statistics: per-channel mean, biased variance and inv_std (f32 `[c]`), and the
-/// running statistics updated in place. `partial` holds `r.scratch_f64` f64.
-#[allow(clippy::too_many_arguments)]
+/// The batch-norm training statistics' device buffers: per-channel `mean`, biased `var` and
+/// `inv_std` (f32 `[c]`), the running statistics (updated in place) and `partial`
+/// (`r.scratch_f64` f64).
+#[derive(Default)]
+pub(crate) struct BatchNormStatsBufs {
+    pub x: u64,
+    pub partial: u64,
+    pub mean: u64,
+    pub var: u64,
+    pub inv_std: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+}
+
 pub(crate) fn batchnorm_stats_plan(
     r: &BatchnormReduce,
-    x: u64,
-    partial: u64,
-    mean: u64,
-    var: u64,
-    inv_std: u64,
-    running_mean: u64,
-    running_var: u64,
+    b: &BatchNormStatsBufs,
     (n, c, hw): (usize, usize, usize),
     opts: &BatchNormOptions,
     dtype: DType,
@@ -209,36 +215,41 @@ pub(crate) fn batchnorm_stats_plan(
     );
     let count = fit_u32("batchnorm_stats_finish", "the values per channel", n * hw)?;
     let partial_call = with_float!("batch_norm2d", dtype, |T| Ok(
-        k::batchnorm_stats_partial::<T>(r.partial, p(x), p(partial), bn, bc, bhw)
+        k::batchnorm_stats_partial::<T>(r.partial, p(b.x), p(b.partial), bn, bc, bhw)
     ))?;
     let finish = k::batchnorm_stats_finish(
         r.finish,
-        p(partial),
+        p(b.partial),
         bc,
         r.splits,
         count,
         opts.eps,
         opts.momentum,
-        1,
-        p(mean),
-        p(var),
-        p(inv_std),
-        p(running_mean),
-        p(running_var),
+        p(b.mean),
+        p(b.var),
+        p(b.inv_std),
+        p(b.running_mean),
+        p(b.running_var),
     );
     Ok(vec![partial_call, finish])
 }
 
+/// The batch-norm affine map's device buffers: `mean` and `stat` are the batch mean and
+/// inv_std, or in evaluation the running mean and variance.
+#[derive(Default)]
+pub(crate) struct BatchNormFwd {
+    pub x: u64,
+    pub y: u64,
+    pub mean: u64,
+    pub stat: u64,
+    pub weight: u64,
+    pub bias: u64,
+}
+
 /// The affine map: from batch statistics (`eval` None) or from the running ones (`eval`
-/// Some(eps): `mean`/`stat` are the running mean and variance).
-#[allow(clippy::too_many_arguments)]
+/// Some(eps)).
 pub(crate) fn batchnorm_fwd_plan(
-    x: u64,
-    y: u64,
-    mean: u64,
-    stat: u64,
-    weight: u64,
-    bias: u64,
+    b: &BatchNormFwd,
     (n, c, hw): (usize, usize, usize),
     eval: Option<f32>,
     dtype: DType,
@@ -255,9 +266,9 @@ pub(crate) fn batchnorm_fwd_plan(
         fit_u32(name, "the number of channels", c)?,
         fit_u32(name, "the plane size", hw)?,
     );
-    let (mean, stat, weight, bias) = (p(mean), p(stat), p(weight), p(bias));
+    let (mean, stat, weight, bias) = (p(b.mean), p(b.stat), p(b.weight), p(b.bias));
     with_float!("batch_norm2d", dtype, |T| {
-        let (x, y) = (p::<T>(x), p::<T>(y));
+        let (x, y) = (p::<T>(b.x), p::<T>(b.y));
         Ok(vec![match eval {
             Some(eps) => k::batchnorm_eval_fwd(cfg, x, y, mean, stat, weight, bias, c, hw, eps),
             None => k::batchnorm_fwd(cfg, x, y, mean, stat, weight, bias, c, hw),
@@ -265,21 +276,27 @@ pub(crate) fn batchnorm_fwd_plan(
     })
 }
 
-/// Backward: the per-channel sums (into `sum_dy`, `sum_dyx`, and the parameter gradients
-/// `dweight`, `dbias`, f32 overwritten), then dx.
-#[allow(clippy::too_many_arguments)]
+/// The batch-norm backward's device buffers: the per-channel sums `sum_dy`, `sum_dyx` and the
+/// parameter gradients (f32, overwritten), `dx`, and `partial` (`r.scratch_f64` f64).
+#[derive(Default)]
+pub(crate) struct BatchNormBwd {
+    pub x: u64,
+    pub dy: u64,
+    pub mean: u64,
+    pub inv_std: u64,
+    pub weight: u64,
+    pub partial: u64,
+    pub sum_dy: u64,
+    pub sum_dyx: u64,
+    pub dweight: u64,
+    pub dbias: u64,
+    pub dx: u64,
+}
+
+/// Backward: the per-channel sums, then dx.
 pub(crate) fn batchnorm_bwd_plan(
     r: &BatchnormReduce,
-    x: u64,
-    dy: u64,
-    mean: u64,
-    inv_std: u64,
-    weight: u64,
-    partial: u64,
-    sums: (u64, u64),
-    dweight: u64,
-    dbias: u64,
-    dx: u64,
+    b: &BatchNormBwd,
     (n, c, hw): (usize, usize, usize),
     training: bool,
     dtype: DType,
@@ -290,11 +307,11 @@ pub(crate) fn batchnorm_bwd_plan(
         fit_u32("batchnorm_bwd_partial", "the plane size", hw)?,
     );
     let count = fit_u32("batchnorm_bwd_dx", "the values per channel", n * hw)?;
-    let (mean, inv_std, partial) = (p(mean), p(inv_std), p(partial));
-    let (sum_dy, sum_dyx) = (p(sums.0), p(sums.1));
+    let (mean, inv_std, partial) = (p(b.mean), p(b.inv_std), p(b.partial));
+    let (sum_dy, sum_dyx) = (p(b.sum_dy), p(b.sum_dyx));
     let dx_cfg = kl::planes("batchnorm_bwd_dx", (n * c) as u64, hw as u64).map_err(shape_err)?;
     with_float!("batch_norm2d", dtype, |T| {
-        let (x, dy) = (p::<T>(x), p::<T>(dy));
+        let (x, dy) = (p::<T>(b.x), p::<T>(b.dy));
         let mut calls = vec![
             k::batchnorm_bwd_partial::<T>(r.partial, x, dy, mean, inv_std, partial, bn, bc, bhw),
             k::batchnorm_bwd_finish(
@@ -304,9 +321,8 @@ pub(crate) fn batchnorm_bwd_plan(
                 r.splits,
                 sum_dy,
                 sum_dyx,
-                p(dweight),
-                p(dbias),
-                0,
+                p(b.dweight),
+                p(b.dbias),
             ),
         ];
         if let Some(cfg) = dx_cfg {
@@ -316,10 +332,10 @@ pub(crate) fn batchnorm_bwd_plan(
                 dy,
                 mean,
                 inv_std,
-                p(weight),
+                p(b.weight),
                 sum_dy,
                 sum_dyx,
-                p(dx),
+                p(b.dx),
                 bc,
                 bhw,
                 count,
@@ -355,23 +371,21 @@ pub(crate) fn batch_norm2d_fwd(
     let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
     let (w, b) = (as_dtype(weight, DType::F32)?, as_dtype(bias, DType::F32)?);
     let y = empty(&ctx, dtype, shape)?;
+    let affine = |mean: &Tensor, stat: &Tensor, eval: Option<f32>| -> Result<()> {
+        let bufs = BatchNormFwd {
+            x: v(x)?,
+            y: v(&y)?,
+            mean: v(mean)?,
+            stat: v(stat)?,
+            weight: v(&w)?,
+            bias: v(&b)?,
+        };
+        run(&ctx, &batchnorm_fwd_plan(&bufs, dims, eval, dtype)?)
+    };
     if !opts.training {
-        let (rm, rv) = (
-            as_dtype(running_mean, DType::F32)?,
-            as_dtype(running_var, DType::F32)?,
-        );
-        let plan = batchnorm_fwd_plan(
-            v(x)?,
-            v(&y)?,
-            v(&rm)?,
-            v(&rv)?,
-            v(&w)?,
-            v(&b)?,
-            dims,
-            Some(opts.eps),
-            dtype,
-        )?;
-        run(&ctx, &plan)?;
+        let rm = as_dtype(running_mean, DType::F32)?;
+        let rv = as_dtype(running_var, DType::F32)?;
+        affine(&rm, &rv, Some(opts.eps))?;
         return Ok((y, None));
     }
     let mean = empty(&ctx, DType::F32, &[c])?;
@@ -379,34 +393,19 @@ pub(crate) fn batch_norm2d_fwd(
     let inv_std = empty(&ctx, DType::F32, &[c])?;
     if let Some(r) = kl::batchnorm_reduce(n as u64, c as u64, hw as u64).map_err(shape_err)? {
         let partial = scratch_f64(&ctx, r.scratch_f64)?;
-        let plan = batchnorm_stats_plan(
-            &r,
-            v(x)?,
-            partial.ptr(),
-            v(&mean)?,
-            v(&var)?,
-            v(&inv_std)?,
+        let bufs = BatchNormStatsBufs {
+            x: v(x)?,
+            partial: partial.ptr(),
+            mean: v(&mean)?,
+            var: v(&var)?,
+            inv_std: v(&inv_std)?,
             // Updated in place by the statistics kernel.
-            running_mean.cuda_view_mut(OP)?.ptr,
-            running_var.cuda_view_mut(OP)?.ptr,
-            dims,
-            &opts,
-            dtype,
-        )?;
-        run(&ctx, &plan)?;
+            running_mean: running_mean.cuda_view_mut(OP)?.ptr,
+            running_var: running_var.cuda_view_mut(OP)?.ptr,
+        };
+        run(&ctx, &batchnorm_stats_plan(&r, &bufs, dims, &opts, dtype)?)?;
     }
-    let plan = batchnorm_fwd_plan(
-        v(x)?,
-        v(&y)?,
-        v(&mean)?,
-        v(&inv_std)?,
-        v(&w)?,
-        v(&b)?,
-        dims,
-        None,
-        dtype,
-    )?;
-    run(&ctx, &plan)?;
+    affine(&mean, &inv_std, None)?;
     Ok((y, Some(BatchNormStats { mean, inv_std })))
 }
 
@@ -442,122 +441,66 @@ pub(crate) fn batch_norm2d_bwd(
     let v = |t: &Tensor| view(t, OP).map(|v| v.ptr);
     let w = as_dtype(weight, DType::F32)?;
     let partial = scratch_f64(&ctx, r.scratch_f64)?;
-    let sum_dy = empty(&ctx, DType::F32, &[c])?;
-    let sum_dyx = empty(&ctx, DType::F32, &[c])?;
-    let dw = empty(&ctx, DType::F32, &[c])?;
-    let db = empty(&ctx, DType::F32, &[c])?;
+    let per_channel = || empty(&ctx, DType::F32, &[c]);
+    let (sum_dy, sum_dyx, dw, db) = (
+        per_channel()?,
+        per_channel()?,
+        per_channel()?,
+        per_channel()?,
+    );
     let dx = empty(&ctx, dtype, shape)?;
-    let plan = batchnorm_bwd_plan(
-        &r,
-        v(x)?,
-        v(&dy)?,
-        v(mean)?,
-        v(inv_std)?,
-        v(&w)?,
-        partial.ptr(),
-        (v(&sum_dy)?, v(&sum_dyx)?),
-        v(&dw)?,
-        v(&db)?,
-        v(&dx)?,
-        dims,
-        training,
-        dtype,
-    )?;
-    run(&ctx, &plan)?;
+    let bufs = BatchNormBwd {
+        x: v(x)?,
+        dy: v(&dy)?,
+        mean: v(mean)?,
+        inv_std: v(inv_std)?,
+        weight: v(&w)?,
+        partial: partial.ptr(),
+        sum_dy: v(&sum_dy)?,
+        sum_dyx: v(&sum_dyx)?,
+        dweight: v(&dw)?,
+        dbias: v(&db)?,
+        dx: v(&dx)?,
+    };
+    run(&ctx, &batchnorm_bwd_plan(&r, &bufs, dims, training, dtype)?)?;
     Ok((dx, dw, db))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use recycle_kernels::call::Value;
-
-    fn check_all(calls: &[KernelCall]) {
-        assert!(!calls.is_empty());
-        for c in calls {
-            c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
-        }
-    }
+    use crate::cuda::common::check_all;
+    use crate::cuda::sim_check::{
+        as_stored, assert_bits, assert_close, download, host_sim, run_plan, sample, upload,
+    };
+    use recycle_kernels::sim::SimBuffer;
 
     #[test]
     fn norm_plans_have_valid_launch_shapes() {
         for dt in [DType::F32, DType::BF16] {
-            check_all(&layernorm_fwd_plan(1, 2, 3, 4, 5, 6, 512, 768, 1e-12, dt).unwrap());
+            check_all(&layernorm_fwd_plan(&Default::default(), 512, 768, 1e-12, dt).unwrap());
             let cfg = kl::layernorm_backward(512, 768).unwrap().unwrap();
-            check_all(&layernorm_bwd_plan(&cfg, 1, 2, 3, 4, 5, 6, 7, 8, 9, 512, 768, dt).unwrap());
+            check_all(&layernorm_bwd_plan(&cfg, &Default::default(), 512, 768, dt).unwrap());
             let dims = (8, 64, 56 * 56);
             let r = kl::batchnorm_reduce(8, 64, 56 * 56).unwrap().unwrap();
             let opts = BatchNormOptions::default();
-            let plan = batchnorm_stats_plan(&r, 1, 2, 3, 4, 5, 6, 7, dims, &opts, dt).unwrap();
+            let plan = batchnorm_stats_plan(&r, &Default::default(), dims, &opts, dt).unwrap();
             assert_eq!(plan.len(), 2);
             check_all(&plan);
-            check_all(&batchnorm_fwd_plan(1, 2, 3, 4, 5, 6, dims, None, dt).unwrap());
-            check_all(&batchnorm_fwd_plan(1, 2, 3, 4, 5, 6, dims, Some(1e-5), dt).unwrap());
+            let fwd = BatchNormFwd::default();
+            check_all(&batchnorm_fwd_plan(&fwd, dims, None, dt).unwrap());
+            check_all(&batchnorm_fwd_plan(&fwd, dims, Some(1e-5), dt).unwrap());
             for training in [false, true] {
-                let plan =
-                    batchnorm_bwd_plan(&r, 1, 2, 3, 4, 5, 6, (7, 8), 9, 10, 11, dims, training, dt)
-                        .unwrap();
+                let plan = batchnorm_bwd_plan(&r, &Default::default(), dims, training, dt).unwrap();
                 assert_eq!(plan.len(), 3);
                 check_all(&plan);
             }
         }
-        assert!(
-            layernorm_fwd_plan(1, 2, 3, 4, 5, 6, 0, 768, 1e-5, DType::F32)
-                .unwrap()
-                .is_empty()
-        );
-        assert!(layernorm_fwd_plan(1, 2, 3, 4, 5, 6, 2, 8, 1e-5, DType::I32).is_err());
-    }
-
-    /// Asserts equal f32 bits element by element (any NaN matching any NaN).
-    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let ok = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
-            assert!(ok, "{what}: element {i} is {g:e}, the CPU twin gives {w:e}");
-        }
-    }
-
-    /// Runs the last launch of a backward (`call`, the kernel that writes the parameter
-    /// gradients) again with `accumulate` = 1 into gradients that already hold values: each must
-    /// become prior + the freshly computed sum, one f32 addition, bit for bit. `args` are the
-    /// indices of its dweight, dbias and accumulate arguments.
-    fn check_accumulating_finish(
-        sim: &recycle_kernels::sim::HostSim,
-        what: &str,
-        call: &KernelCall,
-        kernel: &str,
-        args: [usize; 3],
-        dw: &[f32],
-        db: &[f32],
-    ) {
-        use crate::cuda::sim_check::{run_plan, sample};
-        use recycle_kernels::sim::SimBuffer;
-        let prior_w = sample(dw.len(), 24, 1.0);
-        let prior_b = sample(db.len(), 25, 1.0);
-        let (aw, ab) = (
-            SimBuffer::from_slice(&prior_w),
-            SimBuffer::from_slice(&prior_b),
-        );
-        let mut finish = call.clone();
-        assert_eq!(finish.kernel, kernel);
-        finish.args[args[0]] = Value::U64(aw.ptr());
-        finish.args[args[1]] = Value::U64(ab.ptr());
-        finish.args[args[2]] = Value::I32(1);
-        run_plan(sim, &[finish]);
-        let add =
-            |p: &[f32], s: &[f32]| -> Vec<f32> { p.iter().zip(s).map(|(a, b)| a + b).collect() };
-        let (gw, gb) = (aw.read::<f32>().unwrap(), ab.read::<f32>().unwrap());
-        assert_bits(
-            &format!("{what} dweight accumulated"),
-            &gw,
-            &add(&prior_w, dw),
-        );
-        assert_bits(
-            &format!("{what} dbias accumulated"),
-            &gb,
-            &add(&prior_b, db),
-        );
+        let fwd = LayerNormFwd::default();
+        assert!(layernorm_fwd_plan(&fwd, 0, 768, 1e-5, DType::F32)
+            .unwrap()
+            .is_empty());
+        assert!(layernorm_fwd_plan(&fwd, 2, 8, 1e-5, DType::I32).is_err());
     }
 
     fn max_abs(v: &[f32]) -> f32 {
@@ -569,10 +512,6 @@ mod tests {
     #[test]
     fn layernorm_forward_on_the_simulator_matches_the_cpu_twins() {
         use crate::backend::norm as cpu;
-        use crate::cuda::sim_check::{
-            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
-        };
-        use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let eps = 1e-5;
         // One block per row: a row shorter than a warp (10), rows that are not a multiple of
@@ -595,19 +534,15 @@ mod tests {
                     let what = format!("{what} forward");
                     let by = upload(&vec![0.0; n], dt);
                     let (bm, br) = (SimBuffer::zeros::<f32>(rows), SimBuffer::zeros::<f32>(rows));
-                    let plan = layernorm_fwd_plan(
-                        bx.ptr(),
-                        bw.ptr(),
-                        bb.ptr(),
-                        by.ptr(),
-                        bm.ptr(),
-                        br.ptr(),
-                        rows,
-                        d,
-                        eps,
-                        dt,
-                    )
-                    .unwrap();
+                    let bufs = LayerNormFwd {
+                        x: bx.ptr(),
+                        weight: bw.ptr(),
+                        bias: bb.ptr(),
+                        y: by.ptr(),
+                        mean: bm.ptr(),
+                        rstd: br.ptr(),
+                    };
+                    let plan = layernorm_fwd_plan(&bufs, rows, d, eps, dt).unwrap();
                     assert_eq!(plan.len(), 1);
                     run_plan(sim, &plan);
                     let h = &x;
@@ -644,15 +579,11 @@ mod tests {
     }
 
     /// The layer-norm backward plan (per-block partials, then their reduce) on the kernel
-    /// simulator against `layer_norm_backward_reference`: more than one partial block, blocks that
-    /// loop over rows, the reduce overwriting and accumulating.
+    /// simulator against `layer_norm_backward_reference`: more than one partial block, blocks
+    /// that loop over rows.
     #[test]
     fn layernorm_backward_on_the_simulator_matches_the_cpu_twin() {
         use crate::backend::norm as cpu;
-        use crate::cuda::sim_check::{
-            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
-        };
-        use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let eps = 1e-5;
         // G = min(rows, 256) blocks, each owning a partial row pair: 3 rows of 1000 (128
@@ -681,22 +612,18 @@ mod tests {
                 let bdx = upload(&vec![0.0; n], dt);
                 let partial = SimBuffer::zeros::<f32>(cfg.partial_len as usize);
                 let (bdw, bdb) = (SimBuffer::zeros::<f32>(d), SimBuffer::zeros::<f32>(d));
-                let plan = layernorm_bwd_plan(
-                    &cfg,
-                    bx.ptr(),
-                    bdy.ptr(),
-                    bm.ptr(),
-                    br.ptr(),
-                    bw.ptr(),
-                    bdx.ptr(),
-                    partial.ptr(),
-                    bdw.ptr(),
-                    bdb.ptr(),
-                    rows,
-                    d,
-                    dt,
-                )
-                .unwrap();
+                let bufs = LayerNormBwd {
+                    x: bx.ptr(),
+                    dy: bdy.ptr(),
+                    mean: bm.ptr(),
+                    rstd: br.ptr(),
+                    weight: bw.ptr(),
+                    dx: bdx.ptr(),
+                    partial: partial.ptr(),
+                    dweight: bdw.ptr(),
+                    dbias: bdb.ptr(),
+                };
+                let plan = layernorm_bwd_plan(&cfg, &bufs, rows, d, dt).unwrap();
                 run_plan(sim, &plan);
                 let mut want_dx = vec![0.0; n];
                 let (want_dw, want_db) = cpu::layer_norm_backward_reference(
@@ -741,17 +668,6 @@ mod tests {
                     1e-5,
                     1e-5 * max_abs(&want_db),
                 );
-
-                // The reduce adding into existing gradients.
-                check_accumulating_finish(
-                    sim,
-                    &what,
-                    &plan[1],
-                    "layernorm_bwd_reduce",
-                    [3, 4, 5],
-                    &dw,
-                    &db,
-                );
             }
         }
     }
@@ -759,15 +675,11 @@ mod tests {
     /// The batch-norm plans on the kernel simulator against the CPU twins
     /// (`batch_norm2d_*_cpu`, `batch_norm_running_update_cpu`): statistics and the running
     /// update, the forward from batch and from running statistics, the backward in training and
-    /// evaluation, its finish overwriting and accumulating; f32 and bf16 storage; one split
+    /// evaluation; f32 and bf16 storage; one split
     /// per channel and two (a split boundary inside a plane).
     #[test]
     fn batchnorm_plans_on_the_simulator_match_the_cpu_twins() {
         use crate::backend::norm as cpu;
-        use crate::cuda::sim_check::{
-            as_stored, assert_close, download, host_sim, run_plan, sample, upload,
-        };
-        use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         let opts = BatchNormOptions {
             training: true,
@@ -811,22 +723,18 @@ mod tests {
                     SimBuffer::from_slice(&old_rm),
                     SimBuffer::from_slice(&old_rv),
                 );
+                let bufs = BatchNormStatsBufs {
+                    x: bx.ptr(),
+                    partial: partial.ptr(),
+                    mean: bmean.ptr(),
+                    var: bvar.ptr(),
+                    inv_std: bis.ptr(),
+                    running_mean: brm.ptr(),
+                    running_var: brv.ptr(),
+                };
                 run_plan(
                     sim,
-                    &batchnorm_stats_plan(
-                        &r,
-                        bx.ptr(),
-                        partial.ptr(),
-                        bmean.ptr(),
-                        bvar.ptr(),
-                        bis.ptr(),
-                        brm.ptr(),
-                        brv.ptr(),
-                        dims,
-                        &opts,
-                        dt,
-                    )
-                    .unwrap(),
+                    &batchnorm_stats_plan(&r, &bufs, dims, &opts, dt).unwrap(),
                 );
                 let (mean, var, inv_std) = (f32s(&bmean), f32s(&bvar), f32s(&bis));
                 let (want_mean, want_var) = cpu::batch_norm2d_stats_reference(&x, n, c, hw);
@@ -865,21 +773,16 @@ mod tests {
                     } else {
                         (bmean.ptr(), bis.ptr())
                     };
-                    run_plan(
-                        sim,
-                        &batchnorm_fwd_plan(
-                            bx.ptr(),
-                            by.ptr(),
-                            m_ptr,
-                            s_ptr,
-                            bw.ptr(),
-                            bb.ptr(),
-                            dims,
-                            eval.then_some(opts.eps),
-                            dt,
-                        )
-                        .unwrap(),
-                    );
+                    let bufs = BatchNormFwd {
+                        x: bx.ptr(),
+                        y: by.ptr(),
+                        mean: m_ptr,
+                        stat: s_ptr,
+                        weight: bw.ptr(),
+                        bias: bb.ptr(),
+                    };
+                    let eval_eps = eval.then_some(opts.eps);
+                    run_plan(sim, &batchnorm_fwd_plan(&bufs, dims, eval_eps, dt).unwrap());
                     let (m, s) = if eval {
                         (
                             rm.clone(),
@@ -913,23 +816,20 @@ mod tests {
                     let zeros_c = || SimBuffer::zeros::<f32>(c);
                     let (sdy, sdyx, bdw, bdb) = (zeros_c(), zeros_c(), zeros_c(), zeros_c());
                     let bdx = upload(&vec![0.0; len], dt);
-                    let plan = batchnorm_bwd_plan(
-                        &r,
-                        bx.ptr(),
-                        bdy.ptr(),
-                        bm.ptr(),
-                        bs.ptr(),
-                        bw.ptr(),
-                        partial.ptr(),
-                        (sdy.ptr(), sdyx.ptr()),
-                        bdw.ptr(),
-                        bdb.ptr(),
-                        bdx.ptr(),
-                        dims,
-                        training,
-                        dt,
-                    )
-                    .unwrap();
+                    let bufs = BatchNormBwd {
+                        x: bx.ptr(),
+                        dy: bdy.ptr(),
+                        mean: bm.ptr(),
+                        inv_std: bs.ptr(),
+                        weight: bw.ptr(),
+                        partial: partial.ptr(),
+                        sum_dy: sdy.ptr(),
+                        sum_dyx: sdyx.ptr(),
+                        dweight: bdw.ptr(),
+                        dbias: bdb.ptr(),
+                        dx: bdx.ptr(),
+                    };
+                    let plan = batchnorm_bwd_plan(&r, &bufs, dims, training, dt).unwrap();
                     run_plan(sim, &plan);
                     let mut want_dx = vec![0.0; len];
                     let (want_dw, want_db) = cpu::batch_norm2d_backward_reference(
@@ -1002,17 +902,6 @@ mod tests {
                         // Evaluation: (weight * inv_std) * dy, as the CPU rounds it.
                         assert_bits(&format!("{what} dx"), &dx, &as_stored(&want_dx, dt));
                     }
-
-                    // The finish adding into existing parameter gradients.
-                    check_accumulating_finish(
-                        sim,
-                        &what,
-                        &plan[1],
-                        "batchnorm_bwd_finish",
-                        [5, 6, 7],
-                        &dw,
-                        &db,
-                    );
                 }
             }
         }

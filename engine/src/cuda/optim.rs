@@ -4,14 +4,13 @@
 
 use recycle_kernels::launchers as k;
 
-use super::common::{grid_stride, p, run, view, with_float};
+use super::common::{grid_stride_call, p, run, view, with_float};
 use super::common_device;
 use super::launch::KernelCall;
 use crate::optim::{AdamWStep, SgdwStep};
 use crate::{DType, Error, Result, Tensor};
 
 /// `working`: the bf16 working copy the kernel rewrites in the same pass (0: none).
-#[allow(clippy::too_many_arguments)]
 fn sgdw_plan(
     param: u64,
     grad: u64,
@@ -21,8 +20,8 @@ fn sgdw_plan(
     s: &SgdwStep,
     grad_dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    with_float!("Sgdw::step", grad_dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::sgdw_step::<T>(
+    with_float!("Sgdw::step", grad_dtype, |T| Ok(grid_stride_call(n, |c| {
+        k::sgdw_step::<T>(
             c,
             p(param),
             p(grad),
@@ -35,24 +34,23 @@ fn sgdw_plan(
             s.grad_weight,
             s.nesterov as i32,
             s.first as i32,
-        ))
-        .into_iter()
-        .collect()))
+        )
+    })))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `moments`: the state buffers `[exp_avg, exp_avg_sq]`; `working` as for [`sgdw_plan`].
 fn adamw_plan(
     param: u64,
     grad: u64,
-    exp_avg: u64,
-    exp_avg_sq: u64,
+    [exp_avg, exp_avg_sq]: [u64; 2],
     working: u64,
     n: usize,
     s: &AdamWStep,
     grad_dtype: DType,
 ) -> Result<Vec<KernelCall>> {
-    with_float!("AdamW::step", grad_dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::adamw_step::<T>(
+    with_float!("AdamW::step", grad_dtype, |T| Ok(grid_stride_call(
+        n,
+        |c| k::adamw_step::<T>(
             c,
             p(param),
             p(grad),
@@ -67,9 +65,8 @@ fn adamw_plan(
             s.neg_step_size,
             s.bias_correction2_sqrt,
             s.eps,
-        ))
-        .into_iter()
-        .collect()))
+        )
+    )))
 }
 
 /// The device address of the bf16 working copy the optimizer kernels rewrite (0 without
@@ -139,7 +136,7 @@ pub(crate) fn adamw_step(
     );
     run(
         &p.ctx,
-        &adamw_plan(p.ptr, g.ptr, m.ptr, v.ptr, w, p.len, s, grads.dtype())?,
+        &adamw_plan(p.ptr, g.ptr, [m.ptr, v.ptr], w, p.len, s, grads.dtype())?,
     )
 }
 
@@ -172,8 +169,8 @@ mod tests {
                 bias_correction2_sqrt: 0.5,
                 eps: 1e-8,
             };
-            check_all(&adamw_plan(1, 2, 3, 4, 0, 100, &ad, dt).unwrap());
-            check_all(&adamw_plan(1, 2, 3, 4, 9, 100, &ad, dt).unwrap());
+            check_all(&adamw_plan(1, 2, [3, 4], 0, 100, &ad, dt).unwrap());
+            check_all(&adamw_plan(1, 2, [3, 4], 9, 100, &ad, dt).unwrap());
         }
     }
 
@@ -288,8 +285,7 @@ mod tests {
                         let plan = adamw_plan(
                             bp.ptr(),
                             bg.ptr(),
-                            bm.ptr(),
-                            bv.ptr(),
+                            [bm.ptr(), bv.ptr()],
                             bw.as_ref().map_or(0, |b| b.ptr()),
                             n,
                             &s,
@@ -334,7 +330,7 @@ mod tests {
         for dt in [DType::F32, DType::BF16] {
             for working in [0u64, 0xbf16_0000] {
                 let s = &sgdw_plan(1, 2, 3, working, 100, &sg, dt).unwrap()[0];
-                let a = &adamw_plan(1, 2, 3, 4, working, 100, &ad, dt).unwrap()[0];
+                let a = &adamw_plan(1, 2, [3, 4], working, 100, &ad, dt).unwrap()[0];
                 for (call, before) in [(s, vec![1, 2, 3]), (a, vec![1, 2, 3, 4])] {
                     let slot = recycle_kernels::call::Signature::of(call.kernel)
                         .unwrap()

@@ -9,7 +9,7 @@
 
 use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, grid_stride, p, run, view, with_float};
+use super::common::{as_dtype, empty, grid_stride_call, p, run, view, with_float};
 use super::launch::{fit_u32, KernelCall};
 use crate::backend::Pool2dGeometry;
 use crate::{DType, Result, Tensor};
@@ -46,8 +46,8 @@ pub(crate) fn max_pool_fwd_plan(
 ) -> Result<Vec<KernelCall>> {
     let n = g.n * g.c * g.oh * g.ow;
     let q = geometry("max_pool2d_fwd", g)?;
-    with_float!("max_pool2d", dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::max_pool2d_fwd::<T>(
+    with_float!("max_pool2d", dtype, |T| Ok(grid_stride_call(n, |c| {
+        k::max_pool2d_fwd::<T>(
             c,
             p(x),
             p(y),
@@ -60,9 +60,8 @@ pub(crate) fn max_pool_fwd_plan(
             q.kernel,
             q.stride,
             q.padding,
-        ))
-        .into_iter()
-        .collect()))
+        )
+    })))
 }
 
 pub(crate) fn max_pool_bwd_plan(
@@ -74,8 +73,8 @@ pub(crate) fn max_pool_bwd_plan(
 ) -> Result<Vec<KernelCall>> {
     let n = g.n * g.c * g.h * g.w;
     let q = geometry("max_pool2d_bwd", g)?;
-    with_float!("max_pool2d", dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::max_pool2d_bwd::<T>(
+    with_float!("max_pool2d", dtype, |T| Ok(grid_stride_call(n, |c| {
+        k::max_pool2d_bwd::<T>(
             c,
             p(grad),
             p(argmax),
@@ -88,9 +87,8 @@ pub(crate) fn max_pool_bwd_plan(
             q.kernel,
             q.stride,
             q.padding,
-        ))
-        .into_iter()
-        .collect()))
+        )
+    })))
 }
 
 /// The CUDA arm of [`crate::backend::pool::max_pool2d_fwd`] (validated there): `y` in `x`'s
@@ -131,10 +129,10 @@ pub(crate) fn avg_pool_fwd_plan(
     dtype: DType,
 ) -> Result<Vec<KernelCall>> {
     let plane_len = fit_u32("global_avg_pool_fwd", "the plane size", plane)?;
-    with_float!("global_avg_pool2d", dtype, |T| Ok(grid_stride(planes)
-        .map(|c| k::global_avg_pool_fwd::<T>(c, p(x), p(y), planes as u64, plane_len))
-        .into_iter()
-        .collect()))
+    with_float!("global_avg_pool2d", dtype, |T| Ok(grid_stride_call(
+        planes,
+        |c| k::global_avg_pool_fwd::<T>(c, p(x), p(y), planes as u64, plane_len)
+    )))
 }
 
 pub(crate) fn avg_pool_bwd_plan(
@@ -148,10 +146,10 @@ pub(crate) fn avg_pool_bwd_plan(
     let plane_len = fit_u32("global_avg_pool_bwd", "the plane size", plane)?;
     // The CPU's scale, in f32 on the host.
     let scale = 1.0 / plane as f32;
-    with_float!("global_avg_pool2d", dtype, |T| Ok(grid_stride(n)
-        .map(|c| k::global_avg_pool_bwd::<T>(c, p(grad), p(dx), n as u64, plane_len, scale))
-        .into_iter()
-        .collect()))
+    with_float!("global_avg_pool2d", dtype, |T| Ok(grid_stride_call(
+        n,
+        |c| k::global_avg_pool_bwd::<T>(c, p(grad), p(dx), n as u64, plane_len, scale)
+    )))
 }
 
 /// The CUDA arm of [`crate::backend::pool::global_avg_pool2d_fwd`] (validated there):
@@ -215,15 +213,6 @@ mod tests {
             .is_empty());
     }
 
-    /// Asserts equal f32 bits element by element (any NaN matching any NaN).
-    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let ok = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
-            assert!(ok, "{what}: element {i} is {g:e}, the CPU twin gives {w:e}");
-        }
-    }
-
     /// The pooling plans on the kernel simulator against the CPU twins (`backend::pool`), which
     /// they match bit for bit (pool.cu): every kernel computes in f32 in the CPU's order and
     /// rounds once to the storage type. Max pooling with overlapping windows (so the backward
@@ -232,7 +221,9 @@ mod tests {
     #[test]
     fn plans_on_the_simulator_match_the_cpu_twins() {
         use crate::backend::pool as cpu;
-        use crate::cuda::sim_check::{as_stored, download, host_sim, run_plan, sample, upload};
+        use crate::cuda::sim_check::{
+            as_stored, assert_bits, download, host_sim, run_plan, sample, upload,
+        };
         use recycle_kernels::sim::SimBuffer;
         let Some(sim) = host_sim() else { return };
         // (shape, kernel, stride, padding): ResNet's stem (3, 2, 1) on odd sizes, a dense

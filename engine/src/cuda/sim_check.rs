@@ -72,6 +72,15 @@ pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs:
     }
 }
 
+/// Asserts equal f32 bits element by element (any NaN matching any NaN).
+pub(crate) fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan());
+        assert!(ok, "{what}: element {i} is {g:e}, the CPU twin gives {w:e}");
+    }
+}
+
 /// Deterministic values in about [-scale, scale].
 pub(crate) fn sample(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut rng = crate::rng::Rng::new(seed);

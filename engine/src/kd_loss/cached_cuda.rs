@@ -138,16 +138,7 @@ pub(crate) fn kd_loss_cached(
     let s = cached_scalars(cfg, ce_rows, kd_rows, classes, teacher.k, upstream)?;
     if !s.kd_active() {
         // λ = 0 or no row counts: CE alone, as the CPU twin.
-        return super::cuda::kd_loss(
-            None,
-            cfg.weight,
-            cfg.ignore_index,
-            student,
-            &[],
-            labels,
-            mask,
-            upstream,
-        );
+        return super::cuda::kd_loss(cfg, student, &[], labels, mask, upstream);
     }
     let bf16 = storage_of(OP, student.dtype())? == kdh::Storage::Bf16;
     let kernel = cached_kernel_name(cfg.kind == KdKind::Mse, bf16);

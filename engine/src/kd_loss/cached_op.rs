@@ -41,17 +41,8 @@ pub fn kd_loss_cached(
                             .to_device(device)
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let term = (!rows.is_empty()).then_some(cfg.kind);
-                cuda::kd_loss(
-                    term,
-                    cfg.weight,
-                    cfg.ignore_index,
-                    student.tensor(),
-                    &rows,
-                    labels,
-                    mask,
-                    1.0,
-                )?
+                // No teachers: the kernel computes CE alone.
+                cuda::kd_loss(cfg, student.tensor(), &rows, labels, mask, 1.0)?
             }
         };
         return record_with_gradient(tape, student, out.grad, out.total, out.ce, out.kd);

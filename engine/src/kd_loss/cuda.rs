@@ -9,7 +9,7 @@ use recycle_kernels::launchers as k;
 use crate::cuda::common::{empty, host_i32, on_gpu_i32, p, rows_cfg, run, view};
 use crate::cuda::launch::{fit_u32, KernelCall};
 use crate::cuda::{common_device, KdLossDevice};
-use crate::kd_loss::{self as kdh, KdKind, KdScalars};
+use crate::kd_loss::{self as kdh, KdLoss, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
 pub(super) fn storage_of(op: &'static str, dtype: DType) -> Result<kdh::Storage> {
@@ -24,40 +24,44 @@ pub(super) fn storage_of(op: &'static str, dtype: DType) -> Result<kdh::Storage>
     }
 }
 
-/// The row kernel and the reduction of the fused loss. `teachers` empty (and `row_kd` 0) for
-/// the CE-only kernel; `mask` 0 when every row counts.
-#[allow(clippy::too_many_arguments)]
-fn kd_loss_plan(
-    kernel: &'static str,
+/// The fused loss's device buffers: `teachers` empty (and `row_kd` 0) for the CE-only kernel;
+/// `mask` 0 when every row counts; `grad` may be `logits` (in place); `out` the three totals.
+#[derive(Default)]
+struct Buffers<'a> {
     logits: u64,
     grad: u64,
-    teachers: &[u64],
+    teachers: &'a [u64],
     labels: u64,
     mask: u64,
     row_ce: u64,
     row_kd: u64,
     out: u64,
-    rows: usize,
-    classes: usize,
+}
+
+/// The row kernel and the reduction of the fused loss over `[rows, classes]` logits.
+fn kd_loss_plan(
+    kernel: &'static str,
+    b: &Buffers,
+    (rows, classes): (usize, usize),
     ignore_index: i32,
     s: &KdScalars,
 ) -> Result<Vec<KernelCall>> {
-    let tl = if teachers.is_empty() {
+    let tl = if b.teachers.is_empty() {
         TeacherLogits::default()
     } else {
-        TeacherLogits::new(teachers).map_err(|e| Error::invalid("kd_loss", e.to_string()))?
+        TeacherLogits::new(b.teachers).map_err(|e| Error::invalid("kd_loss", e.to_string()))?
     };
     let mut calls = Vec::new();
     if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
         let args = RowArgs {
-            logits,
-            grad,
+            logits: b.logits,
+            grad: b.grad,
             teachers: tl,
-            k: teachers.len() as u32,
-            labels: p(labels),
-            mask: p(mask),
-            row_ce: p(row_ce),
-            row_kd: p(row_kd),
+            k: b.teachers.len() as u32,
+            labels: p(b.labels),
+            mask: p(b.mask),
+            row_ce: p(b.row_ce),
+            row_kd: p(b.row_kd),
             classes: fit_u32(kernel, "the number of classes", classes)?,
             ignore_index,
             inv_t: s.inv_t,
@@ -71,13 +75,13 @@ fn kd_loss_plan(
     }
     calls.push(k::kd_loss_reduce(
         kl::single_block(),
-        p(row_ce),
-        p(row_kd),
+        p(b.row_ce),
+        p(b.row_kd),
         fit_u32("kd_loss_reduce", "the number of rows", rows)?,
         s.ce_weight,
         s.kd_weight,
         s.lambda,
-        p(out),
+        p(b.out),
     ));
     Ok(calls)
 }
@@ -110,11 +114,8 @@ pub(super) fn host_labels_and_mask(
 }
 
 /// See [`crate::cuda::kd_loss`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn kd_loss(
-    term: Option<KdKind>,
-    lambda: f32,
-    ignore_index: i32,
+    cfg: &KdLoss,
     student: &Tensor,
     teachers: &[Tensor],
     labels: &Tensor,
@@ -151,7 +152,8 @@ pub(crate) fn kd_loss(
         }
     }
     let (labels_host, mask_host) = host_labels_and_mask(OP, labels, mask, rows)?;
-    let ker_term = term.filter(|_| !(teachers.is_empty() || lambda == 0.0));
+    let (lambda, ignore_index) = (cfg.weight, cfg.ignore_index);
+    let ker_term = Some(cfg.kind).filter(|_| !(teachers.is_empty() || lambda == 0.0));
     let (ce_rows, kd_rows) = kdh::row_counts(
         &labels_host,
         mask_host.as_deref(),
@@ -205,21 +207,17 @@ pub(crate) fn kd_loss(
             .map(|t| view(t, OP).map(|v| v.ptr))
             .unwrap_or(Ok(0))
     };
-    let plan = kd_loss_plan(
-        kernel,
-        sv.ptr,
-        view(&grad, OP)?.ptr,
-        &teacher_ptrs,
-        view(&labels_dev, OP)?.ptr,
-        ptr(&mask_dev)?,
-        view(&row_ce, OP)?.ptr,
-        ptr(&row_kd)?,
-        view(&out, OP)?.ptr,
-        rows,
-        classes,
-        ignore_index,
-        &s,
-    )?;
+    let bufs = Buffers {
+        logits: sv.ptr,
+        grad: view(&grad, OP)?.ptr,
+        teachers: &teacher_ptrs,
+        labels: view(&labels_dev, OP)?.ptr,
+        mask: ptr(&mask_dev)?,
+        row_ce: view(&row_ce, OP)?.ptr,
+        row_kd: ptr(&row_kd)?,
+        out: view(&out, OP)?.ptr,
+    };
+    let plan = kd_loss_plan(kernel, &bufs, (rows, classes), ignore_index, &s)?;
     run(&ctx, &plan)?;
     let totals = out.to_vec::<f32>()?;
     Ok(KdLossDevice {
@@ -236,6 +234,7 @@ pub(crate) fn kd_loss(
 mod tests {
     use super::*;
     use crate::cuda::common::check_all;
+    use crate::kd_loss::KdKind;
 
     /// The fused distillation loss (`kd_loss_plan`, with the scalars and row counts the
     /// launcher computes) on the kernel simulator against an f64 reference from the kernel's
@@ -334,22 +333,17 @@ mod tests {
                     let brow_ce = SimBuffer::from_slice(&vec![f32::NAN; rows]);
                     let brow_kd = active.map(|_| SimBuffer::from_slice(&vec![f32::NAN; rows]));
                     let bout = SimBuffer::from_slice(&[f32::NAN; 3]);
-                    let plan = kd_loss_plan(
-                        kernel,
-                        bx.ptr(),
-                        bg.as_ref().map_or(bx.ptr(), |b| b.ptr()),
-                        &tptrs,
-                        bl.ptr(),
-                        bmask.as_ref().map_or(0, |b| b.ptr()),
-                        brow_ce.ptr(),
-                        brow_kd.as_ref().map_or(0, |b| b.ptr()),
-                        bout.ptr(),
-                        rows,
-                        classes,
-                        IGNORE,
-                        &sc,
-                    )
-                    .unwrap();
+                    let bufs = Buffers {
+                        logits: bx.ptr(),
+                        grad: bg.as_ref().map_or(bx.ptr(), |b| b.ptr()),
+                        teachers: &tptrs,
+                        labels: bl.ptr(),
+                        mask: bmask.as_ref().map_or(0, |b| b.ptr()),
+                        row_ce: brow_ce.ptr(),
+                        row_kd: brow_kd.as_ref().map_or(0, |b| b.ptr()),
+                        out: bout.ptr(),
+                    };
+                    let plan = kd_loss_plan(kernel, &bufs, (rows, classes), IGNORE, &sc).unwrap();
                     run_plan(sim, &plan);
                     (
                         download(bg.as_ref().unwrap_or(&bx), sdt),
@@ -463,15 +457,27 @@ mod tests {
         ] {
             let k = kdh::kernel_name(term, st, tt).unwrap();
             let teachers: &[u64] = if term.is_some() { &[10, 11] } else { &[] };
-            let plan = kd_loss_plan(k, 1, 2, teachers, 3, 0, 4, 5, 6, 8, 30_522, -100, &s).unwrap();
+            let b = Buffers {
+                teachers,
+                ..Default::default()
+            };
+            let plan = kd_loss_plan(k, &b, (8, 30_522), -100, &s).unwrap();
             assert_eq!(plan.len(), 2);
             check_all(&plan);
         }
         // Nine teachers: more than the kernel averages.
         let k = "kd_loss_kl_f32_f32";
-        assert!(kd_loss_plan(k, 1, 2, &[1; 9], 3, 0, 4, 5, 6, 8, 10, -100, &s).is_err());
+        let nine = Buffers {
+            teachers: &[1; 9],
+            ..Default::default()
+        };
+        assert!(kd_loss_plan(k, &nine, (8, 10), -100, &s).is_err());
         // No rows: only the reduction runs (it writes zeros).
-        let plan = kd_loss_plan(k, 1, 2, &[1], 3, 0, 4, 5, 6, 0, 10, -100, &s).unwrap();
+        let one = Buffers {
+            teachers: &[1],
+            ..Default::default()
+        };
+        let plan = kd_loss_plan(k, &one, (0, 10), -100, &s).unwrap();
         assert_eq!(plan.len(), 1);
         check_all(&plan);
     }

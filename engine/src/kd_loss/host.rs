@@ -22,6 +22,21 @@ pub enum KdKind {
     Mse,
 }
 
+impl KdKind {
+    /// The names a recipe gives the terms.
+    pub const NAMES: [&'static str; 2] = ["kl", "mse"];
+
+    /// The term named `name` (KL at `temperature`, or MSE, which has none); None for a name
+    /// not in [`KdKind::NAMES`].
+    pub fn from_name(name: &str, temperature: f32) -> Option<KdKind> {
+        match name {
+            "kl" => Some(KdKind::Kl { temperature }),
+            "mse" => Some(KdKind::Mse),
+            _ => None,
+        }
+    }
+}
+
 /// `L = L_ce + weight · L_kd`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KdLoss {

@@ -70,16 +70,7 @@ fn kd_loss_cuda(
     mask: Option<&Tensor>,
 ) -> Result<KdLossVars> {
     cfg.validate()?;
-    let out = cuda::kd_loss(
-        Some(cfg.kind),
-        cfg.weight,
-        cfg.ignore_index,
-        student.tensor(),
-        teachers,
-        labels,
-        mask,
-        1.0,
-    )?;
+    let out = cuda::kd_loss(cfg, student.tensor(), teachers, labels, mask, 1.0)?;
     record_with_gradient(tape, student, out.grad, out.total, out.ce, out.kd)
 }
 

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use recycle_engine::{Error, Result};
 use sha2::{Digest, Sha256};
 
+use crate::distill::KdKind;
 use crate::experiments::runlog::write_atomic;
-use crate::recipe::{KdLossKind, Recipe};
+use crate::recipe::Recipe;
 
 /// The key file of a teacher's cache directory.
 pub const KEY_FILE: &str = "key.json";
@@ -51,21 +52,21 @@ pub struct CacheKey {
     pub fields: BTreeMap<String, String>,
 }
 
-/// What the loss keeps of each teacher row: k, the term, its temperature, the value type.
+/// What the loss keeps of each teacher row: k, the term (with its temperature), the value
+/// type.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowSpec {
     pub k: usize,
-    pub loss: KdLossKind,
-    pub temperature: f32,
+    pub term: KdKind,
     pub values: ValueType,
 }
 
 impl RowSpec {
     /// The temperature the tail's log-sum-exp is taken at (MSE does not read it: 1).
     pub fn tail_temperature(&self) -> f32 {
-        match self.loss {
-            KdLossKind::Kl => self.temperature,
-            KdLossKind::Mse => 1.0,
+        match self.term {
+            KdKind::Kl { temperature } => temperature,
+            KdKind::Mse => 1.0,
         }
     }
 }
@@ -101,10 +102,10 @@ impl CacheKey {
         put("train.batch_size", recipe.train.batch_size.to_string());
         put("cache_k", rows.k.to_string());
         put("cache_values", rows.values.name().to_string());
-        let (loss, temperature) = match rows.loss {
-            KdLossKind::Kl => ("kl", format!("{}", rows.temperature)),
+        let (loss, temperature) = match rows.term {
+            KdKind::Kl { temperature } => ("kl", format!("{temperature}")),
             // MSE does not read the tail: any temperature will do.
-            KdLossKind::Mse => ("mse", "-".to_string()),
+            KdKind::Mse => ("mse", "-".to_string()),
         };
         put("distill.loss", loss.to_string());
         put("distill.temperature", temperature);

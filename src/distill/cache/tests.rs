@@ -7,7 +7,8 @@ use recycle_engine::rng::normal_at;
 
 use super::shard::{shard_name, STEPS_PER_SHARD};
 use super::*;
-use crate::recipe::{KdLossKind, Recipe};
+use crate::distill::KdKind;
+use crate::recipe::Recipe;
 
 fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("recycle-cache-{tag}-{}", std::process::id()));
@@ -41,8 +42,7 @@ lr = 0.1
 fn rows(k: usize, values: ValueType) -> RowSpec {
     RowSpec {
         k,
-        loss: KdLossKind::Kl,
-        temperature: 4.0,
+        term: KdKind::Kl { temperature: 4.0 },
         values,
     }
 }
@@ -126,11 +126,11 @@ fn each_key_field_mismatch_is_named() {
     let cdir = dir.join("c");
     drop(TeacherCache::open(&cdir, &base, base_rows, CacheMode::Record).unwrap());
     let mse = RowSpec {
-        loss: KdLossKind::Mse,
+        term: KdKind::Mse,
         ..base_rows
     };
     let hot = RowSpec {
-        temperature: 2.0,
+        term: KdKind::Kl { temperature: 2.0 },
         ..base_rows
     };
     let cases: Vec<(&str, CacheKey)> = vec![
