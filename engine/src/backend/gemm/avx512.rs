@@ -9,8 +9,8 @@
 //! The algorithm is the Goto/BLIS one:
 //! - `C` is cut into `NC`-column blocks; for each, `k` into `KC`-deep slices, and each slice of
 //!   `op(B)` (`KC x NC`) is packed into `NR`-column panels stored k-major (two cache lines of
-//!   the panel per k step; a row-major B is copied row by row, a transposed one through
-//!   16 x 16 register transposes);
+//!   the panel per k step; a row-major B is copied, a transposed one goes through 16 x 16
+//!   register transposes);
 //! - the rows of `C` are walked in `MC`-row blocks (the block of A, `MC x KC`, stays in L2),
 //!   packed into `MR`-row panels (k-major, `MR` floats per k step) where that pays
 //!   (`pack_a_first`: a transposed A, or a wide C), and within the block, for each B panel, in
@@ -28,9 +28,9 @@
 //! matmul and conv2d").
 //!
 //! Transposes are handled by packing (or strides, for an unpacked A), ragged edges by zero
-//! padding in the packed panels and masked loads and stores. With `beta == 0` the old `C` is never read (it
-//! may hold NaN). The parallel driver splits `C` into column (or row) ranges, one per rayon
-//! thread, each running the serial algorithm.
+//! padding in the packed panels and masked loads and stores. With `beta == 0` the old `C` is
+//! never read (it may hold NaN). The parallel driver splits `C` into column (or row) ranges,
+//! one per rayon thread, each running the serial algorithm.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
