@@ -67,7 +67,7 @@ fn cpu_seconds() -> Option<f64> {
     // SAFETY: `ts` is a valid timespec (two 64-bit fields on the 64-bit Linux targets this
     // example measures) that the call fills in.
     let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| ts.sec as f64 + ts.nsec as f64 * 1e-9)
+    (rc == 0).then_some(ts.sec as f64 + ts.nsec as f64 * 1e-9)
 }
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
