@@ -9,8 +9,9 @@
 #   PYTHON=/path/to/python scripts/bench_cpu_vs_torch.sh [rounds] > steps.log
 #
 # Equal work: the BERT peers apply the MLM head at the masked positions only, as Recycle does
-# (`--mlm-head masked`). ResNet-50 and BERT-base keep their activations in bf16 in Recycle
-# (`recycle bench`'s GPU sizes) and compute in f32; the peer runs them in f32. Threads: both
+# (`--mlm-head masked`). ResNet-50 and BERT-base run with `--activations f32`: `recycle bench`
+# keeps their activations in bf16 by default (the GPU sizes), which the CPU widens to f32 for
+# every op, and the peer runs them in f32; f32 against f32 is the equal work. Threads: both
 # programs use every core unless RAYON_NUM_THREADS / OMP_NUM_THREADS say otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +34,9 @@ fi
 MODELS=(
     "resnet18-fmnist|--model resnet18-fmnist --batch 128 --iters 5 --warmup 1|$PEER --model resnet18-fmnist --batch 128 --iters 5 --warmup 1"
     "resnet18-fmnist-small|--model resnet18-fmnist-small --batch 128 --iters 10 --warmup 2|$SMALL_PEER --model resnet18-fmnist --batch 128 --iters 10 --warmup 2"
-    "resnet50-224|--model resnet50-imagenet --batch 16 --iters 3 --warmup 1|$PEER --model resnet50 --batch 16 --iters 3 --warmup 1"
+    "resnet50-224|--model resnet50-imagenet --batch 16 --activations f32 --iters 3 --warmup 1|$PEER --model resnet50 --batch 16 --iters 3 --warmup 1"
     "bert-tiny|--model bert-tiny --batch 32 --iters 10 --warmup 3|$PEER --model bert-tiny --batch 32 --mlm-head masked --iters 10 --warmup 3"
-    "bert-base|--model bert-base --batch 4 --iters 3 --warmup 1|$PEER --model bert-base --batch 4 --mlm-head masked --iters 3 --warmup 1"
+    "bert-base|--model bert-base --batch 4 --activations f32 --iters 3 --warmup 1|$PEER --model bert-base --batch 4 --mlm-head masked --iters 3 --warmup 1"
 )
 
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"

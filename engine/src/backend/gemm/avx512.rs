@@ -6,27 +6,31 @@
 //! products (convolutions lowered by im2col), and PyTorch (oneDNN) runs them at AVX-512
 //! speed: this kernel closes that gap. AVX-512 intrinsics are stable since Rust 1.89.
 //!
-//! The algorithm is the Goto/BLIS one, mostly without packing A:
+//! The algorithm is the Goto/BLIS one:
 //! - `C` is cut into `NC`-column blocks; for each, `k` into `KC`-deep slices, and each slice of
 //!   `op(B)` (`KC x NC`) is packed into `NR`-column panels stored k-major (two cache lines of
-//!   the panel per k step; a transposed B is packed through 16 x 16 register transposes);
+//!   the panel per k step; a row-major B is copied, a transposed one goes through 16 x 16
+//!   register transposes);
 //! - the rows of `C` are walked in `MC`-row blocks (the block of A, `MC x KC`, stays in L2),
-//!   and within it, for each B panel, in `MR`-row tiles;
-//! - the microkernel multiplies `MR` rows of `op(A)`, read where they lie, by one `KC x NR`
-//!   panel of B into an `MR x NR` tile of 12 x 2 registers (12 rows, 32 columns): per k step
-//!   two vector loads of B, twelve broadcasts of A and 24 FMAs. Products of 8, 16 or 32 rows
-//!   (convolutions with few filters) use 8-row tiles where 12-row ones would compute rows that
-//!   are thrown away, and read a row-major B in place instead of packing it when at most two
-//!   row tiles use it. The B panel (32 KiB) stays in
-//!   L1 while the rows of A stream from L2. Packing A (the textbook step) measured no faster
-//!   for most shapes of a ResNet or BERT step, and much slower for those whose A is used by
-//!   one or two B panels (narrow C), so A is packed only when its rows would alias in L1
-//!   (`rows_alias`: row strides that are multiples of 2 KiB).
+//!   packed into `MR`-row panels (k-major, `MR` floats per k step) where that pays
+//!   (`pack_a_first`: a transposed A, or a wide C), and within the block, for each B panel, in
+//!   `MR`-row tiles;
+//! - the microkernel multiplies `MR` rows of `op(A)` by one `KC x NR` panel of B into an
+//!   `MR x NR` tile of 12 x 2 registers (12 rows, 32 columns): per k step two vector loads of
+//!   B, twelve broadcasts of A and 24 FMAs, the B panel (32 KiB) in L1 while the A panel (or
+//!   the rows of an unpacked A) stream from L2. Products of 8, 16 or 32 rows (convolutions
+//!   with few filters) use 8-row tiles where 12-row ones would compute rows that are thrown
+//!   away. A row-major B used by few rows of A (up to 64: a convolution's forward) is read in
+//!   place, prefetched, rather than packed: its packing cost 40% of such a product.
 //!
-//! Transposes are handled by strides (A) and packing (B), ragged edges by zero padding in the
-//! B panels and masked loads and stores on `C`. With `beta == 0` the old `C` is never read (it
-//! may hold NaN). The parallel driver splits `C` into column (or row) ranges, one per rayon
-//! thread, each running the serial algorithm.
+//! On one core of the development machine's Xeon (AVX-512, 236 GFLOP/s FMA peak) the kernel
+//! loop runs at about 86% of peak; packing is most of the rest (docs/benchmarks.md, "CPU
+//! matmul and conv2d").
+//!
+//! Transposes are handled by packing (or strides, for an unpacked A), ragged edges by zero
+//! padding in the packed panels and masked loads and stores. With `beta == 0` the old `C` is
+//! never read (it may hold NaN). The parallel driver splits `C` into column (or row) ranges,
+//! one per rayon thread, each running the serial algorithm.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -39,8 +43,17 @@ use super::Half;
 pub const MR: usize = 12;
 /// Rows of the smaller tile `tile_rows` picks for few-row products.
 const MR_SMALL: usize = 8;
-/// Elements of the largest B that `serial` reads in place (1 MiB of f32).
+/// Elements of the largest B that `serial` reads in place under the unpacked-A kernel (1 MiB
+/// of f32).
 const IN_PLACE_B: usize = 1 << 18;
+/// Rows of A up to which a row-major B is read in place beside a packed A.
+const IN_PLACE_B_ROWS: usize = 64;
+/// Columns of C from which a row-major A is packed: a narrower product uses each panel of A
+/// for too few B panels to pay for its 16 x 16 transposes (ResNet's `dw`, n = 64-256, ran
+/// 10-25% slower packed).
+const PACK_A_MIN_N: usize = 512;
+/// Rows of B ahead that the in-place-B kernel prefetches.
+const PF: usize = 8;
 /// Columns of the register tile: two 16-lane vectors.
 pub const NR: usize = 32;
 /// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 4/5
@@ -214,14 +227,16 @@ unsafe fn serial(
     PACK.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let (bbuf, abuf) = &mut *bufs;
-        // A row-major B used by at most two row tiles is read where it lies: packing it would
-        // cost about as much as the products that use it (convolutions with 8-24 filters).
-        // Only a B that stays in L2 (1 MiB): the rows of a larger one are far apart, and a
-        // panel read in place would miss in cache on every k step.
-        let pack_b_rows = b.cs != 1 || m > 2 * MR || k * n > IN_PLACE_B;
+        // A row-major B used by few rows of A is read where it lies: packing it would cost
+        // about as much as the products that use it (a convolution's columns times 8-64
+        // filters: 40% of the product at 64). Either at most two row tiles and a B that stays
+        // in L2 (1 MiB), or up to 64 rows on a packed A, whose kernel prefetches the rows of B
+        // ahead (their stride defeats the hardware prefetchers).
+        let pack_a_rows = pack_a_first(a, n);
+        let pack_b_rows = !(b.cs == 1
+            && ((m <= 2 * MR && k * n <= IN_PLACE_B) || (pack_a_rows && m <= IN_PLACE_B_ROWS)));
         let nc_max = n.min(NC).div_ceil(NR) * NR;
         let bpack = bbuf.get(if pack_b_rows { k.min(KC) * nc_max } else { 0 });
-        let pack_a_rows = a.cs == 1 && rows_alias(a.rs) && n > NR;
         let apack = abuf.get(if pack_a_rows {
             k.min(KC) * m.min(MC).div_ceil(MR) * MR
         } else {
@@ -240,6 +255,26 @@ unsafe fn serial(
                     let mc = MC.min(m - i0);
                     if pack_a_rows {
                         pack_a(a.at(i0, p0), mc, kc, apack);
+                    }
+                    if pack_a_rows {
+                        let (bp, ldb, panel) = if pack_b_rows {
+                            (bpack.as_ptr(), NR, NR * kc)
+                        } else {
+                            (b.at(p0, j0).ptr, b.rs, NR)
+                        };
+                        let blk = Block {
+                            a: apack.as_ptr(),
+                            b: bp,
+                            ldb,
+                            panel,
+                            c: c.add(i0 * ldc + j0),
+                            ldc,
+                            mc,
+                            nc,
+                            kc,
+                        };
+                        block_packed(blk, alpha, beta_here);
+                        continue;
                     }
                     for jr in (0..nc).step_by(NR) {
                         let nr = NR.min(nc - jr);
@@ -285,11 +320,35 @@ unsafe fn serial(
     });
 }
 
+/// Whether `serial` packs A into `MR`-row panels (then the kernel reads one contiguous panel
+/// with broadcasts at constant offsets, instead of `MR` rows through their strides). A
+/// transposed A always when more than one B panel uses it: read in place, each k step of a
+/// tile touches a new cache line `m` floats on, and with `m` a multiple of 512 those lines
+/// crowd two L1 sets (ResNet's `dx` at 4608 rows ran at 98 GFLOP/s in place, 149 packed). A
+/// row-major A from `PACK_A_MIN_N` columns of C on (BERT's products: 10-30% faster), or where
+/// its rows alias in L1 (`rows_alias`).
+fn pack_a_first(a: View, n: usize) -> bool {
+    if n <= NR {
+        return false;
+    }
+    if a.rs == 1 {
+        return true;
+    }
+    n >= PACK_A_MIN_N || rows_alias(a.rs)
+}
+
 /// Rows of the next register tile when `left` rows of the block remain: `MR`, or `MR_SMALL`
 /// where that wastes fewer rows (8 filters: one 8-row tile, not two thirds of a 12-row one;
-/// 16 or 32: tiles of 8). Packed A is laid out in `MR`-row panels: always `MR`.
+/// 16 or 32: tiles of 8). Packed A is laid out in `MR`-row panels: `MR`, or `MR_SMALL` for a
+/// last panel of at most that many rows.
 fn tile_rows(left: usize, packed_a: bool) -> usize {
-    if packed_a || left.is_multiple_of(MR) {
+    if packed_a {
+        if left <= MR_SMALL {
+            MR_SMALL
+        } else {
+            MR
+        }
+    } else if left.is_multiple_of(MR) {
         MR
     } else if left <= MR_SMALL || (left.is_multiple_of(MR_SMALL) && left <= 6 * MR_SMALL) {
         MR_SMALL
@@ -325,6 +384,28 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 /// `mc.div_ceil(MR) * MR * kc` floats.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a(a: View, mc: usize, kc: usize, dst: &mut [f32]) {
+    if a.rs == 1 {
+        // Transposed A: the rows of a panel are adjacent at each k step. Sixteen k steps at a
+        // time across all panels: the 16 stored rows' lines are read once and stay in L1
+        // while each panel gets 16 consecutive steps (panel by panel over all kc steps reads
+        // lines `m` floats apart, 23% of BERT's dW product; row by row stores 12 KiB apart).
+        let panels = mc.div_ceil(MR);
+        let dst = dst[..panels * MR * kc].as_mut_ptr();
+        let full: __mmask16 = (1u16 << MR) - 1;
+        let last: __mmask16 = (1u16 << (mc - (panels - 1) * MR)) - 1;
+        for p0 in (0..kc).step_by(16) {
+            for pi in 0..panels {
+                let m = if pi + 1 < panels { full } else { last };
+                for p in p0..kc.min(p0 + 16) {
+                    // SAFETY: k step p, rows pi*MR.. (masked to mc) lie inside the operand;
+                    // the panel holds MR floats per k step.
+                    let v = _mm512_maskz_loadu_ps(m, a.ptr.add(p * a.cs + pi * MR));
+                    _mm512_mask_storeu_ps(dst.add((pi * kc + p) * MR), full, v);
+                }
+            }
+        }
+        return;
+    }
     debug_assert_eq!(a.cs, 1);
     for (pi, panel) in dst[..mc.div_ceil(MR) * MR * kc]
         .chunks_exact_mut(MR * kc)
@@ -355,14 +436,17 @@ unsafe fn pack_a(a: View, mc: usize, kc: usize, dst: &mut [f32]) {
 /// AVX-512F; the view covers `kc x nc`; `dst` holds `nc.div_ceil(NR) * NR * kc` floats.
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b(b: View, kc: usize, nc: usize, dst: &mut [f32]) {
-    for (pj, panel) in dst[..nc.div_ceil(NR) * NR * kc]
-        .chunks_exact_mut(NR * kc)
-        .enumerate()
-    {
-        let j0 = pj * NR;
-        let cols = NR.min(nc - j0);
-        if b.cs == 1 {
-            // Vector copies (a 32-float `copy_from_slice` is a call to memmove).
+    let panels = nc.div_ceil(NR);
+    if b.cs == 1 {
+        for (pj, panel) in dst[..panels * NR * kc]
+            .chunks_exact_mut(NR * kc)
+            .enumerate()
+        {
+            let j0 = pj * NR;
+            let cols = NR.min(nc - j0);
+            // Vector copies (a 32-float `copy_from_slice` is a call to memmove). Panel by
+            // panel: row by row of B (one sequential read of each row, scattered to the panels)
+            // measured slower, its stores 32 KiB apart crowding one L1 set.
             let masks: [__mmask16; NR / 16] = std::array::from_fn(|v| {
                 let live = cols.saturating_sub(16 * v).min(16);
                 ((1u32 << live) - 1) as __mmask16
@@ -375,25 +459,32 @@ unsafe fn pack_b(b: View, kc: usize, nc: usize, dst: &mut [f32]) {
                     _mm512_storeu_ps(d.as_mut_ptr().add(16 * v), x);
                 }
             }
-        } else {
-            // Transposed B: each column of op(B) is contiguous in memory, the panel wants rows.
-            // Transpose 16 x 16 blocks in registers (a scalar gather costs about as much as
-            // the product itself when B is used by few rows of A, as in conv's dW).
-            for h in 0..NR / 16 {
-                let jh = j0 + 16 * h;
-                let live = cols.saturating_sub(16 * h).min(16);
-                for p0 in (0..kc).step_by(16) {
-                    let kp = 16.min(kc - p0);
-                    let kmask: __mmask16 = if kp == 16 { 0xffff } else { (1u16 << kp) - 1 };
-                    let mut block = [_mm512_setzero_ps(); 16];
-                    for (jj, v) in block.iter_mut().enumerate().take(live) {
-                        // SAFETY: column jh+jj, rows p0..p0+kp lie inside the operand (masked).
-                        *v = _mm512_maskz_loadu_ps(kmask, b.ptr.add((jh + jj) * b.cs + p0));
-                    }
-                    let t = transpose16(block);
-                    for (q, v) in t.iter().enumerate().take(kp) {
-                        _mm512_storeu_ps(panel.as_mut_ptr().add((p0 + q) * NR + 16 * h), *v);
-                    }
+        }
+        return;
+    }
+    for (pj, panel) in dst[..panels * NR * kc]
+        .chunks_exact_mut(NR * kc)
+        .enumerate()
+    {
+        let j0 = pj * NR;
+        let cols = NR.min(nc - j0);
+        // Transposed B: each column of op(B) is contiguous in memory, the panel wants rows.
+        // Transpose 16 x 16 blocks in registers (a scalar gather costs about as much as
+        // the product itself when B is used by few rows of A, as in conv's dW).
+        for h in 0..NR / 16 {
+            let jh = j0 + 16 * h;
+            let live = cols.saturating_sub(16 * h).min(16);
+            for p0 in (0..kc).step_by(16) {
+                let kp = 16.min(kc - p0);
+                let kmask: __mmask16 = if kp == 16 { 0xffff } else { (1u16 << kp) - 1 };
+                let mut block = [_mm512_setzero_ps(); 16];
+                for (jj, v) in block.iter_mut().enumerate().take(live) {
+                    // SAFETY: column jh+jj, rows p0..p0+kp lie inside the operand (masked).
+                    *v = _mm512_maskz_loadu_ps(kmask, b.ptr.add((jh + jj) * b.cs + p0));
+                }
+                let t = transpose16(block);
+                for (q, v) in t.iter().enumerate().take(kp) {
+                    _mm512_storeu_ps(panel.as_mut_ptr().add((p0 + q) * NR + 16 * h), *v);
                 }
             }
         }
@@ -502,6 +593,163 @@ unsafe fn kernel<const R: usize, const NV: usize>(
         }
         b = b.add(ldb);
     }
+    let valpha = _mm512_set1_ps(alpha);
+    let vbeta = _mm512_set1_ps(beta);
+    for (r, row) in acc.iter().enumerate().take(mr) {
+        let crow = c.add(r * ldc);
+        for (v, &m) in masks.iter().enumerate() {
+            if m == 0 {
+                continue;
+            }
+            let p = crow.add(16 * v);
+            let mut out = _mm512_mul_ps(valpha, row[v]);
+            if beta != 0.0 {
+                out = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(m, p), out);
+            }
+            _mm512_mask_storeu_ps(p, m, out);
+        }
+    }
+}
+
+/// One `mc x nc` block of C over one `kc` slice on a packed A: `a` in `MR`-row panels (`MR *
+/// kc` floats each); B's panel `j` starts at `b + j * panel` with rows `ldb` apart (packed:
+/// `panel = NR * kc`, `ldb = NR`; row-major B in place: `panel = NR`, `ldb` its row stride).
+#[derive(Clone, Copy)]
+struct Block {
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    mc: usize,
+    nc: usize,
+    kc: usize,
+}
+
+/// The register tiles of a [`Block`]: for each B panel (in L1, `kc x NR`), every A panel
+/// (streamed from L2). Swapping the two loops (the A panel in L1, B block in L2) measured the
+/// same.
+///
+/// # Safety
+/// AVX-512F; the block's pointers as [`Block`] says, `c` valid for `mc` rows of `nc` columns.
+#[target_feature(enable = "avx512f")]
+unsafe fn block_packed(blk: Block, alpha: f32, beta: f32) {
+    let Block {
+        a,
+        b,
+        ldb,
+        panel,
+        c,
+        ldc,
+        mc,
+        nc,
+        kc,
+    } = blk;
+    let tile = |ir: usize, jr: usize| {
+        let rows = tile_rows(mc - ir, true);
+        let mr = rows.min(mc - ir);
+        let nr = NR.min(nc - jr);
+        let t = Tile {
+            b: b.add(jr / NR * panel),
+            ldb,
+            c: c.add(ir * ldc + jr),
+            ldc,
+            mr,
+            nr,
+        };
+        let ap = a.add(ir * kc);
+        match (rows, nr > 16) {
+            (MR, true) => kernel_packed::<MR, 2>(kc, ap, t, alpha, beta),
+            (MR, false) => kernel_packed::<MR, 1>(kc, ap, t, alpha, beta),
+            (_, true) => kernel_packed::<MR_SMALL, 2>(kc, ap, t, alpha, beta),
+            (_, false) => kernel_packed::<MR_SMALL, 1>(kc, ap, t, alpha, beta),
+        }
+        mr
+    };
+    for jr in (0..nc).step_by(NR) {
+        let mut ir = 0;
+        while ir < mc {
+            ir += tile(ir, jr);
+        }
+    }
+}
+
+/// [`kernel`] on a packed A panel (`MR` floats per k step, rows past `mr` zero): one pointer
+/// into A, the broadcasts at constant offsets (folded into the FMAs or one `vbroadcastss`
+/// each; no general-purpose register per row). B read in place (`t.ldb != NR`) is prefetched
+/// `PF` rows ahead.
+///
+/// # Safety
+/// AVX-512F; `a` holds `kc * MR` floats; `t` as [`Tile`] says.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel_packed<const R: usize, const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    t: Tile,
+    alpha: f32,
+    beta: f32,
+) {
+    let Tile {
+        b,
+        ldb,
+        c,
+        ldc,
+        mr,
+        nr,
+    } = t;
+    let masks: [__mmask16; NV] = std::array::from_fn(|v| {
+        let cols = nr.saturating_sub(16 * v).min(16);
+        if cols == 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    });
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    let (mut a, mut b) = (a, b);
+    let in_place = ldb != NR;
+    for _ in 0..kc {
+        if in_place {
+            for v in 0..NV {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PF * ldb + 16 * v) as *const i8);
+            }
+        }
+        let bv: [__m512; NV] =
+            std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], b.add(16 * v)));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*a.add(r));
+            for v in 0..NV {
+                row[v] = _mm512_fmadd_ps(av, bv[v], row[v]);
+            }
+        }
+        a = a.add(MR);
+        b = b.add(ldb);
+    }
+    store_tile(&acc, c, ldc, mr, nr, alpha, beta);
+}
+
+/// `C[0..mr, 0..nr] = alpha * acc + beta * C` (C not read when `beta == 0`), masked past `nr`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_tile<const R: usize, const NV: usize>(
+    acc: &[[__m512; NV]; R],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    let masks: [__mmask16; NV] = std::array::from_fn(|v| {
+        let cols = nr.saturating_sub(16 * v).min(16);
+        if cols == 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    });
     let valpha = _mm512_set1_ps(alpha);
     let vbeta = _mm512_set1_ps(beta);
     for (r, row) in acc.iter().enumerate().take(mr) {
@@ -990,6 +1238,13 @@ mod tests {
             (64, 37, 40),
             // 8-row tiles on a packed B (too large to read in place).
             (8, 2100, 130),
+            // Packed A (a transposed one from 33 columns, a row-major one from PACK_A_MIN_N):
+            // a last panel of 8 rows or fewer, a row-major B read in place beside it (up to 64
+            // rows) across k slices, B packed above 64 rows, two MC blocks.
+            (44, 520, 40),
+            (64, 515, 270),
+            (70, 530, 300),
+            (250, 520, 20),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             let a: Vec<f32> = (0..m * k)
@@ -1004,8 +1259,8 @@ mod tests {
             for ta in [false, true] {
                 for tb in [false, true] {
                     for (alpha, beta) in [(1.0, 0.0), (-0.5, 1.0), (2.0, 0.25)] {
+                        let want = reference(ta, tb, (m, n, k), alpha, &a, &b, beta, &c0);
                         for parallel in [false, true] {
-                            let want = reference(ta, tb, (m, n, k), alpha, &a, &b, beta, &c0);
                             let mut got = if beta == 0.0 {
                                 vec![f32::NAN; m * n]
                             } else {
@@ -1047,6 +1302,69 @@ mod tests {
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
             for (i, &x) in lanes.iter().enumerate() {
                 assert_eq!(x, m[i * 16 + j], "out[{j}][{i}]");
+            }
+        }
+    }
+
+    /// The packing paths alone: a packed A panel holds `op(A)` k-major, `MR` rows per k step,
+    /// zero past the last row, for both storage orders; a packed B panel holds `op(B)` rows of
+    /// `NR`, zero past the last column.
+    #[test]
+    fn packed_panels_hold_the_operand() {
+        if !available() {
+            return;
+        }
+        let (mc, kc, nc) = (29, 21, 45);
+        let a: Vec<f32> = (0..mc * kc).map(|i| i as f32 + 1.0).collect();
+        for trans in [false, true] {
+            let v = if trans {
+                View {
+                    ptr: a.as_ptr(),
+                    rs: 1,
+                    cs: mc,
+                }
+            } else {
+                View {
+                    ptr: a.as_ptr(),
+                    rs: kc,
+                    cs: 1,
+                }
+            };
+            let mut dst = vec![f32::NAN; mc.div_ceil(MR) * MR * kc];
+            // SAFETY: AVX-512F checked above; the view covers mc x kc; dst sized as required.
+            unsafe { pack_a(v, mc, kc, &mut dst) };
+            for i in 0..mc.div_ceil(MR) * MR {
+                for p in 0..kc {
+                    let got = dst[(i / MR * kc + p) * MR + i % MR];
+                    let want = if i < mc { a[i * v.rs + p * v.cs] } else { 0.0 };
+                    assert_eq!(got, want, "trans={trans} row {i} k {p}");
+                }
+            }
+        }
+        let b: Vec<f32> = (0..kc * nc).map(|i| i as f32 + 1.0).collect();
+        for trans in [false, true] {
+            let v = if trans {
+                View {
+                    ptr: b.as_ptr(),
+                    rs: 1,
+                    cs: kc,
+                }
+            } else {
+                View {
+                    ptr: b.as_ptr(),
+                    rs: nc,
+                    cs: 1,
+                }
+            };
+            let mut dst = vec![f32::NAN; nc.div_ceil(NR) * NR * kc];
+            // SAFETY: AVX-512F checked above; the view covers kc x nc; dst sized as required.
+            unsafe { pack_b(v, kc, nc, &mut dst) };
+            for j in 0..nc.div_ceil(NR) * NR {
+                for p in 0..kc {
+                    let got = dst[(j / NR * kc + p) * NR + j % NR];
+                    let want = if j < nc { b[p * v.rs + j * v.cs] } else { 0.0 };
+                    assert_eq!(got, want, "trans={trans} column {j} k {p}");
+                }
             }
         }
     }
