@@ -235,7 +235,7 @@ fn a_rank_that_never_joins_the_communicator_fails_rank_0_at_its_timeout() {
         &format!("127.0.0.1:{port}"),
         1,
         2,
-        Duration::from_secs(20),
+        Duration::from_secs(8),
         || Err("only rank 0 makes the id".to_string()),
     );
     let started = Instant::now();
