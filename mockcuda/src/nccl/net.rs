@@ -449,6 +449,9 @@ impl NetComm {
     }
 }
 
+/// What a background meeting ends with: the communicator, or why there is none.
+type Outcome = Arc<Mutex<Option<Result<Arc<NetComm>, String>>>>;
+
 const ABORTED_WHILE_JOINING: &str =
     "ncclCommInitRankConfig: the communicator was aborted while it was joining";
 
@@ -459,13 +462,13 @@ const ABORTED_WHILE_JOINING: &str =
 pub struct Joining {
     pub ranks: usize,
     cancel: Arc<AtomicBool>,
-    outcome: Arc<Mutex<Option<Result<Arc<NetComm>, String>>>>,
+    outcome: Outcome,
 }
 
 impl Joining {
     pub fn start(id: [u8; ID_BYTES], ranks: usize, rank: usize, timeout: Duration) -> Joining {
         let cancel = Arc::new(AtomicBool::new(false));
-        let outcome: Arc<Mutex<Option<Result<Arc<NetComm>, String>>>> = Arc::default();
+        let outcome: Outcome = Arc::default();
         let (c, o) = (cancel.clone(), outcome.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("mock-nccl-join-{rank}"))
