@@ -7,10 +7,10 @@
 mod ranks_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ranks_support::{max_difference, temp_dir, text};
+use ranks_support::mpi::mpirun;
+use ranks_support::{max_difference, temp_dir, text, weights};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
 
@@ -32,6 +32,17 @@ fn write_config(dir: &Path) -> PathBuf {
 /// A recipe on the fixture fortunes: 8 steps of a global batch of 8 sequences; with
 /// `teachers`, distilled from them with `strategy`.
 fn recipe(out: &Path, name: &str, teachers: &[PathBuf], strategy: &str) -> PathBuf {
+    recipe_of_batch(out, name, teachers, strategy, 8)
+}
+
+/// [`recipe`] with a global batch of `batch` sequences (64 of them: 64 / `batch` steps).
+fn recipe_of_batch(
+    out: &Path,
+    name: &str,
+    teachers: &[PathBuf],
+    strategy: &str,
+    batch: usize,
+) -> PathBuf {
     let config = write_config(out);
     let distill = match teachers {
         [] => String::new(),
@@ -57,7 +68,7 @@ eval_limit = 16
 seq_len = 32
 vocab_size = 500
 [train]
-batch_size = 8
+batch_size = {batch}
 epochs = 1.0
 evals = 2
 checkpoint_every = 4
@@ -72,35 +83,6 @@ warmup = 0.1
     let path = out.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// `mpirun -np 2 recycle ARGS`, killed after `limit`: its output, and whether it ended in time.
-fn mpirun(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output, bool) {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_recycle")])
-        .args(args)
-        // Open MPI refuses to start as root without these (CI containers run as root).
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        // One thread per rank: two ranks share the machine's cores.
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
-        .expect("mpirun (Open MPI or MPICH) must be on PATH");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            return (child.wait_with_output().unwrap(), false);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child.wait_with_output().unwrap(), true)
 }
 
 /// The summation order is the only difference between two ranks and one process here (no
@@ -132,6 +114,7 @@ fn two_ranks_distill_to_the_weights_of_one_process() {
 
     let two = recipe(&out, "two", &teachers, "single");
     let (o, in_time) = mpirun(
+        2,
         &["train", two.to_str().unwrap()],
         &[],
         Duration::from_secs(60),
@@ -185,6 +168,7 @@ fn a_one_process_checkpoint_resumes_on_two_ranks() {
     );
     assert!(stopped.is_err(), "stopped after step 4 of 8");
     let (o, in_time) = mpirun(
+        2,
         &["train", split.to_str().unwrap(), "--resume"],
         &[],
         Duration::from_secs(60),
@@ -214,6 +198,7 @@ fn a_rank_that_dies_ends_the_run_naming_it() {
         "random-one-per-rank",
     );
     let (o, in_time) = mpirun(
+        2,
         &["train", student.to_str().unwrap()],
         &[("RECYCLE_TEST_EXIT_AT", "1:2")],
         Duration::from_secs(60),
@@ -230,4 +215,85 @@ fn a_rank_that_dies_ends_the_run_naming_it() {
             || (l.contains("rank 1") && !l.contains("exiting after step"))
     });
     assert!(named, "the launcher's report names rank 1: {said}");
+}
+
+/// Two ranks stopped mid-run (rank 0 dies after step 5, before that step's checkpoint, and
+/// mpirun ends rank 1) resume on two ranks from the checkpoint of step 4 and end with the
+/// weights of an uninterrupted two-rank run, bit for bit: the checkpoint holds the weights and
+/// the optimizer's state exactly, the data order is a function of the step, and two ranks
+/// reduce in the same order in both runs.
+#[test]
+fn two_ranks_stopped_mid_run_resume_on_two_ranks_bit_for_bit() {
+    let out = temp_dir("distributed", "resume-same-n");
+    let whole = recipe(&out, "whole", &[], "single");
+    let (o, in_time) = mpirun(
+        2,
+        &["train", whole.to_str().unwrap()],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(in_time && o.status.success(), "{}", text(&o));
+
+    let split = recipe(&out, "split", &[], "single");
+    let (o, in_time) = mpirun(
+        2,
+        &["train", split.to_str().unwrap()],
+        &[("RECYCLE_TEST_EXIT_AT", "0:5")],
+        Duration::from_secs(60),
+    );
+    let said = text(&o);
+    assert!(in_time && !o.status.success(), "{said}");
+    assert!(said.contains("rank 0 of 2: exiting after step 5"), "{said}");
+    assert!(!out.join("split/final.safetensors").exists(), "{said}");
+    let (o, in_time) = mpirun(
+        2,
+        &["train", split.to_str().unwrap(), "--resume"],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(in_time && o.status.success(), "{}", text(&o));
+    let log = std::fs::read_to_string(out.join("split/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 8, "steps 1-4, then 5-8 again: {log}");
+    let (a, b) = (weights(&out.join("whole")), weights(&out.join("split")));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "{name} differs after the resume on two ranks");
+    }
+}
+
+/// Three ranks, of which rank 2 dies after step 1: the run ends within the time limit with a
+/// failure status, and the report names rank 2 (Open MPI's `[[job,1],2]`, MPICH's `rank 2`),
+/// not one of the survivors.
+#[test]
+fn a_rank_that_dies_among_three_is_named() {
+    let out = temp_dir("distributed", "dies-of-three");
+    // A global batch of 6: two sequences per rank.
+    let student = recipe_of_batch(&out, "student", &[], "single", 6);
+    let (o, in_time) = mpirun(
+        3,
+        &["train", student.to_str().unwrap()],
+        &[("RECYCLE_TEST_EXIT_AT", "2:1")],
+        Duration::from_secs(60),
+    );
+    let said = text(&o);
+    assert!(in_time, "the run hung after rank 2 died: {said}");
+    assert!(!o.status.success(), "{said}");
+    assert!(said.contains("rank 2 of 3: exiting after step 1"), "{said}");
+    let names = |r: usize| {
+        said.lines().any(|l| {
+            let l = l.trim();
+            (l.starts_with("Process name:") && l.ends_with(&format!(",{r}]")))
+                || (l.contains(&format!("rank {r}")) && !l.contains("exiting after step"))
+        })
+    };
+    assert!(names(2), "the report names rank 2: {said}");
+    let reported = |r: usize| {
+        said.lines()
+            .any(|l| l.trim().starts_with("Process name:") && l.trim().ends_with(&format!(",{r}]")))
+    };
+    assert!(
+        !reported(0) && !reported(1),
+        "a survivor is reported as the one that died: {said}"
+    );
 }

@@ -110,7 +110,8 @@ fn finish(mut r: Rank, deadline: Instant) -> (bool, String, String) {
 }
 
 /// Every rank fails cleanly where `cuda:0` does not open: rank 0 with the engine's message,
-/// the others when rank 0 never serves them.
+/// the others when rank 0 never serves them (unreachable, or gone while they waited for its
+/// answer: a rank may connect between rank 0's failure and its exit).
 fn check_clean_failure(engine: &str, world: usize) {
     let port = free_port();
     let args = ["--timeout-s", "1"];
@@ -123,7 +124,8 @@ fn check_clean_failure(engine: &str, world: usize) {
             assert!(err.contains(engine), "rank 0: {err}\nvs {engine}");
         } else {
             assert!(
-                err.contains(&format!("rank {r} could not reach rank 0")),
+                err.contains(&format!("rank {r} could not reach rank 0"))
+                    || err.contains(&format!("rank {r}: waiting for the answer")),
                 "rank {r}: {err}"
             );
         }
@@ -221,4 +223,37 @@ fn a_killed_rank_makes_the_others_fail_naming_it() {
     }
     // Noticed when the connection closed, not at a timeout.
     assert!(killed_at.elapsed() < Duration::from_secs(10));
+}
+
+/// A rank that passes the rendezvous but never makes its communicator (this test is rank 1 of
+/// 2: it takes the NCCL id and stops there): rank 0's non-blocking `ncclCommInitRankConfig`
+/// stays in progress, and rank 0 gives up at its own timeout (3 s, before the mock's 15 s),
+/// aborts the half-made communicator and says why, naming itself.
+#[test]
+fn a_rank_that_never_joins_the_communicator_fails_rank_0_at_its_timeout() {
+    let port = free_port();
+    let rank0 = start(0, 2, port, &["--timeout-s", "3"]);
+    let id = recycle::distributed::rendezvous::exchange(
+        &format!("127.0.0.1:{port}"),
+        1,
+        2,
+        Duration::from_secs(8),
+        || Err("only rank 0 makes the id".to_string()),
+    );
+    let started = Instant::now();
+    let (ok, out, err) = finish(rank0, started + Duration::from_secs(30));
+    assert!(!ok, "rank 0 went on without rank 1: {out}");
+    if let Err(engine) = cuda_opens() {
+        // No id to hand out: rank 0 fails with the engine's message and tells rank 1.
+        assert!(id.is_err(), "rank 1 received an id without a device");
+        assert!(err.contains(&engine), "rank 0: {err}\nvs {engine}");
+        return;
+    }
+    assert_eq!(id.unwrap().len(), 128);
+    assert!(
+        err.contains("rank 0 of 2") && err.contains("never joined") && err.contains("aborted"),
+        "rank 0: {err}"
+    );
+    // Its own timeout, not the mock's.
+    assert!(started.elapsed() < Duration::from_secs(12), "rank 0: {err}");
 }

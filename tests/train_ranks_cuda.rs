@@ -13,84 +13,14 @@
 mod ranks_support;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ranks_support::gpu::{cuda_opens, recipe};
 use ranks_support::{max_difference, temp_dir, text};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
-
-/// Whether `cuda:0` opens; when it does not, the engine's message (and `RECYCLE_EXPECT_CUDA`
-/// must be unset).
-fn cuda_opens() -> Result<(), String> {
-    match recycle_engine::cuda::device_info(0) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            assert!(
-                std::env::var_os("RECYCLE_EXPECT_CUDA").is_none(),
-                "RECYCLE_EXPECT_CUDA is set, but cuda:0 does not open: {e} (build with \
-                 `--features cuda` and put a driver, or the mock CUDA's folder, on LD_LIBRARY_PATH)"
-            );
-            Err(match e {
-                recycle_engine::Error::Device(m) => m,
-                e => e.to_string(),
-            })
-        }
-    }
-}
-
-/// A BERT without dropout (a rank's shard sees exactly the computation the same rows see in
-/// one process) on the fixture fortunes: 4 steps of a global batch of 8 sequences on `device`;
-/// with `teacher`, distilled from it.
-fn recipe(out: &Path, name: &str, device: &str, teacher: Option<&Path>) -> PathBuf {
-    let config = out.join("bert-config.json");
-    std::fs::write(
-        &config,
-        r#"{"model_type": "bert", "hidden_act": "gelu", "vocab_size": 512, "hidden_size": 32,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-            "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0}"#,
-    )
-    .unwrap();
-    let distill = match teacher {
-        None => String::new(),
-        Some(t) => format!(
-            "[distill]\nteachers = [\"{}\"]\ntemperature = 2.0\nweight = 0.5\n",
-            t.display()
-        ),
-    };
-    let text = format!(
-        r#"
-name = "{name}"
-out_dir = "{out}"
-device = "{device}"
-[model]
-kind = "bert"
-config = "{config}"
-[data]
-dataset = "fortunes"
-train_limit = 32
-eval_limit = 8
-seq_len = 16
-vocab_size = 500
-validation_fraction = 0.0
-[train]
-batch_size = 8
-epochs = 1.0
-evals = 1
-[optimizer]
-kind = "adamw"
-lr = 2e-3
-warmup = 0.25
-{distill}"#,
-        out = out.display(),
-        config = config.display()
-    );
-    let path = out.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

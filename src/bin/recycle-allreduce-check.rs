@@ -42,7 +42,8 @@ struct Args {
     /// How many times the whole buffer is averaged (each time from the ranks' own values).
     #[arg(long, default_value_t = 1)]
     iters: usize,
-    /// Seconds the rendezvous waits for every rank, and a reduction for every peer.
+    /// Seconds the rendezvous waits for every rank, the communicator for every rank to join,
+    /// and a reduction for every peer.
     #[arg(long, default_value_t = 60.0)]
     timeout_s: f64,
 }
@@ -100,7 +101,8 @@ fn run(args: &Args) -> Result<()> {
             .map(|id| id.0.to_vec())
             .map_err(|e| e.to_string())
     })?;
-    let mut comm = RankComm::for_local_rank(local_rank, rank, world, &NcclId::from_bytes(&id)?)?;
+    let id = NcclId::from_bytes(&id)?;
+    let mut comm = RankComm::for_local_rank(local_rank, rank, world, &id, timeout)?;
     let info = recycle_engine::cuda::device_info(local_rank)?;
     println!(
         "rank {rank} of {world}: communicator ready on {device} ({}{})",

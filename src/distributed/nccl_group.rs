@@ -54,7 +54,7 @@ impl NcclGroup {
                 .map(|id| id.0.to_vec())
                 .map_err(|e| e.to_string())
         })?;
-        let comm = RankComm::new(device, rank, size, &NcclId::from_bytes(&id)?)?;
+        let comm = RankComm::new(device, rank, size, &NcclId::from_bytes(&id)?, timeout)?;
         Ok(NcclGroup {
             rank,
             size,
@@ -160,19 +160,29 @@ impl Group for NcclGroup {
     /// The gradient buckets go through the same communicator: they are queued on its stream
     /// in the same order on every rank, and joined before any host collective of the step.
     fn grad_reducer(&self, timeout: Duration) -> Result<Box<dyn GradReducer>> {
-        Ok(Box::new(NcclReducer {
-            comm: self.comm.clone(),
-            size: self.size,
-            timeout,
-            step: None,
-            seconds: 0.0,
-        }))
+        Ok(reducer(self.comm.clone(), self.size, timeout))
     }
 
     /// The other ranks' communicators report this process's exit as a remote error.
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
+}
+
+/// The gradient reducer of GPU ranks on `comm` (of `size` ranks): each bucket's mean on the
+/// communication stream, joined and waited for (up to `timeout`) when backward is done.
+pub(super) fn reducer(
+    comm: Arc<Mutex<RankComm>>,
+    size: usize,
+    timeout: Duration,
+) -> Box<dyn GradReducer> {
+    Box::new(NcclReducer {
+        comm,
+        size,
+        timeout,
+        step: None,
+        seconds: 0.0,
+    })
 }
 
 /// Each bucket's mean over the ranks, queued on the communication stream as soon as backward

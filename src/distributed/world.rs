@@ -93,22 +93,39 @@ impl World {
             && matches!(self.launch.launcher, Launcher::Torchrun { .. })
     }
 
-    /// The world of a torchrun-style launch of GPU ranks, with the NCCL group of its ranks on
-    /// `device` (waiting up to `timeout` for every rank to arrive); any other world as it is.
+    /// Whether a GPU recipe makes this world's ranks meet on NCCL: several processes of a
+    /// torchrun-style launch (they have no group yet), or of an MPI launch (MPI hands out the
+    /// NCCL id).
+    pub fn meets_on_gpus(&self) -> bool {
+        self.awaits_gpu_group() || (self.launch.launcher.is_mpi() && self.group.is_some())
+    }
+
+    /// The world of GPU ranks on `device`: for a torchrun-style launch, the NCCL group of its
+    /// ranks (rank 0's id handed out by the rendezvous, waiting up to `timeout` for every
+    /// rank); for an MPI launch, MPI's collectives with the gradients on NCCL (rank 0's id
+    /// broadcast by MPI); any other world as it is.
     #[cfg(feature = "cuda")]
     pub fn with_gpu_group(
         self,
         device: recycle_engine::Device,
         timeout: Duration,
     ) -> Result<World> {
-        if !self.awaits_gpu_group() {
-            return Ok(self);
+        if self.awaits_gpu_group() {
+            let group = super::nccl_group::NcclGroup::start(&self.launch, device, timeout)?;
+            return Ok(World {
+                group: Some(Arc::new(group)),
+                ..self
+            });
         }
-        let group = super::nccl_group::NcclGroup::start(&self.launch, device, timeout)?;
-        Ok(World {
-            group: Some(Arc::new(group)),
-            ..self
-        })
+        #[cfg(feature = "mpi")]
+        if let (true, Some(mpi)) = (self.launch.launcher.is_mpi(), &self.group) {
+            let group = super::mpi_gpu_group::MpiGpuGroup::start(mpi.clone(), device, timeout)?;
+            return Ok(World {
+                group: Some(Arc::new(group)),
+                ..self
+            });
+        }
+        Ok(self)
     }
 
     /// `rank r of n: ` for messages of a distributed run, empty for one process.

@@ -1,6 +1,6 @@
 //! NCCL over the checked GPU, one rank: the all-reduce group of one process
 //! (`ncclCommInitAll`) and the communicator a launch of one process per GPU makes from a
-//! unique id (`ncclGetUniqueId`, `ncclCommInitRank`), reducing the whole buffer and a bucket.
+//! unique id (`ncclGetUniqueId`, `ncclCommInitRankConfig`), reducing the whole buffer and a bucket.
 
 use std::time::Duration;
 
@@ -56,15 +56,16 @@ fn group_checks(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
-/// `RankComm` (one process per GPU, `ncclCommInitRank` from a unique id) as rank 0 of 1: the
+/// `RankComm` (one process per GPU, `ncclCommInitRankConfig` from a unique id) as rank 0 of 1: the
 /// whole buffer, then one bucket in the middle of it, waited for with the asynchronous-error
 /// watch a multi-rank launch uses.
 fn rank_checks(c: &mut Checker) -> Result<()> {
-    let made = NcclId::new(c.device).and_then(|id| RankComm::new(c.device, 0, 1, &id));
+    let made =
+        NcclId::new(c.device).and_then(|id| RankComm::new(c.device, 0, 1, &id, RANK_TIMEOUT));
     let mut comm = match made {
         Ok(comm) => comm,
         Err(e) => {
-            failed_row(c, "RankComm (ncclCommInitRank)", e);
+            failed_row(c, "RankComm (ncclCommInitRankConfig)", e);
             return Ok(());
         }
     };
@@ -76,7 +77,7 @@ fn rank_checks(c: &mut Checker) -> Result<()> {
         comm.join_student()?;
         comm.wait(RANK_TIMEOUT)?;
         c.record(
-            "RankComm all_reduce_mean + bucket (ncclCommInitRank), 1 rank",
+            "RankComm all_reduce_mean + bucket (ncclCommInitRankConfig), 1 rank",
             dims(&[n]),
             dt,
             &gpu,

@@ -163,7 +163,7 @@ impl Trainer {
         let (rank, ranks) = (world.rank(), world.size());
         let root = rank == 0;
         if ranks > 1 {
-            check_distributable(recipe, ranks, world.launch.is_torchrun())?;
+            check_distributable(recipe, ranks)?;
         }
         let (device, device_name) = open_device(recipe)?;
         let dir = recipe.out_dir.join(&recipe.name);
@@ -578,7 +578,9 @@ impl Trainer {
         let state = &mut self.state;
         state.train_seconds += t0.elapsed().as_secs_f64();
         state.step += 1;
-        state.samples += b.samples() as u64;
+        // The global batch's: every rank's shard holds the same number of samples (the batch
+        // divides evenly), and a checkpoint's count must be that of any N.
+        state.samples += (b.samples() * self.world.size()) as u64;
         state.teacher_forwards += out.teacher_forwards as u64;
         state.teacher_seconds += out.teacher_seconds;
         state.cache_reads.add(&replayed);
@@ -877,23 +879,15 @@ impl Trainer {
     }
 }
 
-/// What a data-parallel run cannot do yet: GPU ranks under MPI (they meet through a
-/// torchrun-style launch), the teacher cache (its rows are the global batch's), a global batch
-/// that does not split evenly.
-fn check_distributable(recipe: &Recipe, ranks: usize, torchrun: bool) -> Result<()> {
+/// What a data-parallel run cannot do yet: the teacher cache (its rows are the global
+/// batch's), a global batch that does not split evenly.
+fn check_distributable(recipe: &Recipe, ranks: usize) -> Result<()> {
     let refuse = |what: &str| {
         Err(Error::invalid(
             "train",
             format!("run `{}` on {ranks} ranks: {what}", recipe.name),
         ))
     };
-    if recipe.device != Device::Cpu && !torchrun {
-        return refuse(
-            "GPU ranks meet through a torchrun-style launch (RANK, WORLD_SIZE, LOCAL_RANK, \
-             MASTER_ADDR, MASTER_PORT) on a build with `--features cuda`; under mpirun or srun \
-             the ranks train on the CPU (device = \"cpu\")",
-        );
-    }
     if recipe.distill.as_ref().is_some_and(|d| d.cache.is_some()) {
         return refuse(
             "a teacher cache holds the rows of whole batches, not of a rank's shard: drop \
@@ -903,30 +897,35 @@ fn check_distributable(recipe: &Recipe, ranks: usize, torchrun: bool) -> Result<
     ranks::check_divides(recipe.train.batch_size, ranks)
 }
 
-/// Several processes of a torchrun-style launch: GPU ranks, each on `cuda:LOCAL_RANK` (the
-/// recipe names `cuda:0`, the machine's first GPU), meet their peers here and share one NCCL
-/// communicator; CPU ranks cannot train so (they reduce with MPI). Returns the world and the
-/// recipe on this rank's device; any other launch as it is.
+/// Several processes of a torchrun-style or MPI launch with a GPU recipe: GPU ranks, each on
+/// `cuda:LOCAL_RANK` (the recipe names `cuda:0`, the machine's first GPU), meet their peers
+/// here and reduce their gradients on one NCCL communicator; CPU ranks of a torchrun-style
+/// launch cannot train (they reduce with MPI), those of an MPI launch keep MPI. Returns the
+/// world and the recipe on this rank's device; any other launch as it is.
 fn meet_gpu_ranks(recipe: &Recipe, world: World) -> Result<(World, Recipe)> {
-    if !world.awaits_gpu_group() {
+    if !world.meets_on_gpus() {
         return Ok((world, recipe.clone()));
     }
     let launch = world.launch.clone();
     match recipe.device {
-        Device::Cpu => Err(Error::invalid(
+        Device::Cpu if world.awaits_gpu_group() => Err(Error::invalid(
             "launch",
             crate::distributed::world::torchrun_on_cpu(&launch),
         )),
+        Device::Cpu => Ok((world, recipe.clone())),
         Device::Cuda(n) if n != 0 => Err(Error::invalid(
             "train",
             format!(
-                "run `{}` has device = \"cuda:{n}\" but is rank {} of {} of a torchrun-style \
-                 launch, where each rank trains on cuda:LOCAL_RANK: set device = \"cuda:0\"",
-                recipe.name, launch.rank, launch.world_size
+                "run `{}` has device = \"cuda:{n}\" but is rank {} of {} of a {} launch, where \
+                 each rank trains on cuda:LOCAL_RANK: set device = \"cuda:0\"",
+                recipe.name,
+                launch.rank,
+                launch.world_size,
+                launch.launcher.name()
             ),
         )),
         Device::Cuda(_) => {
-            let device = Device::Cuda(launch.local_rank);
+            let device = Device::Cuda(local_gpu(launch.local_rank));
             let here = Recipe {
                 device,
                 ..recipe.clone()
@@ -949,6 +948,18 @@ fn meet_gpu_ranks(recipe: &Recipe, world: World) -> Result<(World, Recipe)> {
                 ))
             }
         }
+    }
+}
+
+/// The GPU of the process of local rank `local_rank`: `cuda:LOCAL_RANK`, except where the
+/// process sees one GPU only (a scheduler gave each rank its own with `CUDA_VISIBLE_DEVICES`,
+/// or the mock CUDA): then that one, `cuda:0`. Without a driver, `cuda:LOCAL_RANK`, whose
+/// opening says what is missing.
+fn local_gpu(local_rank: usize) -> usize {
+    if local_rank > 0 && recycle_engine::cuda::device_count() == 1 {
+        0
+    } else {
+        local_rank
     }
 }
 

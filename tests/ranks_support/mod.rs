@@ -1,8 +1,14 @@
 //! What the data-parallel tests share (`tests/distributed.rs` on MPI, `tests/train_ranks_cuda.rs`
-//! on GPU ranks): a scratch directory beside the fixture data, a finished process's output, and
-//! the comparison of two runs' final weights.
+//! and `tests/train_ranks_mpi_cuda.rs` on GPU ranks): a scratch directory beside the fixture
+//! data, a finished process's output, the comparison of two runs' final weights, an `mpirun`
+//! launch ([`mpi`]) and a GPU recipe ([`gpu`]).
 
 #![allow(dead_code)]
+
+#[cfg(feature = "cuda")]
+pub mod gpu;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

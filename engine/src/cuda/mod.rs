@@ -311,6 +311,19 @@ impl StreamRole {
     }
 }
 
+/// How many GPUs this process sees (after `CUDA_VISIBLE_DEVICES`): 0 without a driver or in
+/// a build without the backend.
+pub fn device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        probe::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 /// Opens `cuda:N` (driver, GPU, kernels) and describes it; the error says what is missing.
 pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
     #[cfg(feature = "cuda")]

@@ -3,8 +3,11 @@
 //! of a flat gradient buffer, or of a contiguous range of it (a bucket), across the ranks.
 //!
 //! Rank 0 calls [`NcclId::new`] (`ncclGetUniqueId`); every rank then makes its
-//! [`RankComm`] with the same id (`ncclCommInitRank`, which blocks until all ranks have
-//! called it) on its own GPU, `cuda:LOCAL_RANK` ([`RankComm::for_local_rank`]).
+//! [`RankComm`] with the same id on its own GPU, `cuda:LOCAL_RANK`
+//! ([`RankComm::for_local_rank`]). The communicator is made without blocking
+//! (`ncclCommInitRankConfig` with `blocking = 0`) and polled (`ncclCommGetAsyncError`) until it
+//! is ready or the timeout passes: a rank that received the id but never joins makes the others
+//! abort (`ncclCommAbort`) with an error, not wait forever inside NCCL.
 //!
 //! Ordering, as in [`super::AllReduceGroup`]: [`RankComm::reduce_bucket`] makes the
 //! communication stream wait on an event recorded on the student stream (where the backward
@@ -161,14 +164,21 @@ impl std::fmt::Debug for RankComm {
 }
 
 impl RankComm {
-    /// Rank `rank` of `world` on `device`, from rank 0's `id`. Blocks until every rank has
-    /// made its part (NCCL's rule), or fails.
-    pub fn new(device: Device, rank: usize, world: usize, id: &NcclId) -> Result<RankComm> {
+    /// Rank `rank` of `world` on `device`, from rank 0's `id`. Returns once every rank has
+    /// made its part (NCCL's rule); after `timeout` without them, aborts the half-made
+    /// communicator and fails naming this rank.
+    pub fn new(
+        device: Device,
+        rank: usize,
+        world: usize,
+        id: &NcclId,
+        timeout: Duration,
+    ) -> Result<RankComm> {
         let ordinal = gpu_ordinal(device)?;
         check_rank(rank, world)?;
         #[cfg(feature = "cuda")]
         {
-            let inner = cuda_impl::Inner::init(ordinal, rank, world, id)?;
+            let inner = cuda_impl::Inner::init(ordinal, rank, world, id, timeout)?;
             Ok(RankComm {
                 rank,
                 world,
@@ -178,7 +188,7 @@ impl RankComm {
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = id;
+            let _ = (id, timeout);
             Err(super::no_backend_error(ordinal))
         }
     }
@@ -189,8 +199,9 @@ impl RankComm {
         rank: usize,
         world: usize,
         id: &NcclId,
+        timeout: Duration,
     ) -> Result<RankComm> {
-        RankComm::new(Device::Cuda(local_rank), rank, world, id).map_err(|e| match e {
+        RankComm::new(Device::Cuda(local_rank), rank, world, id, timeout).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!(
                 "LOCAL_RANK={local_rank} (rank {rank} of {world}): {m}; each process of a \
                  machine takes the GPU numbered by its LOCAL_RANK, so start at most as many \
@@ -335,6 +346,34 @@ mod cuda_impl {
         })
     }
 
+    /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: every other field undefined (NCCL's
+    /// defaults), the struct's size, magic and the API version the bindings describe.
+    fn nonblocking_config() -> sys::ncclConfig_t {
+        const UNDEF: std::ffi::c_int = i32::MIN;
+        sys::ncclConfig_t {
+            size: std::mem::size_of::<sys::ncclConfig_t>(),
+            magic: 0xcafe_beef,
+            version: 2_30_00,
+            blocking: 0,
+            cgaClusterSize: UNDEF,
+            minCTAs: UNDEF,
+            maxCTAs: UNDEF,
+            netName: std::ptr::null(),
+            splitShare: UNDEF,
+            trafficClass: UNDEF,
+            commName: std::ptr::null(),
+            collnetEnable: UNDEF,
+            CTAPolicy: UNDEF,
+            shrinkShare: UNDEF,
+            nvlsCTAs: UNDEF,
+            nChannelsPerNetPeer: UNDEF,
+            nvlinkCentricSched: UNDEF,
+            graphUsageMode: UNDEF,
+            numRmaCtx: UNDEF,
+            maxP2pPeers: UNDEF,
+        }
+    }
+
     /// The reduction of a collective.
     #[derive(Debug, Clone, Copy)]
     pub(super) enum Op {
@@ -348,6 +387,8 @@ mod cuda_impl {
         ctx: Arc<CudaContext>,
         comm: sys::ncclComm_t,
         pending: Vec<Tensor>,
+        /// How long a call of this non-blocking communicator may stay in progress.
+        timeout: Duration,
     }
 
     // SAFETY: a communicator may be used from any thread, one call at a time; `RankComm` uses
@@ -355,11 +396,14 @@ mod cuda_impl {
     unsafe impl Send for Inner {}
 
     impl Inner {
+        /// `ncclCommInitRankConfig` without blocking, then polls until the communicator is
+        /// ready, fails, or `timeout` passes (then it is aborted).
         pub(super) fn init(
             ordinal: usize,
             rank: usize,
             world: usize,
             id: &NcclId,
+            timeout: Duration,
         ) -> Result<Inner> {
             let ctx = context::get(ordinal)?;
             libs::require(Library::Nccl, ordinal)?;
@@ -367,26 +411,94 @@ mod cuda_impl {
             for (c, b) in internal.iter_mut().zip(id.0) {
                 *c = b as std::ffi::c_char;
             }
+            let mut config = nonblocking_config();
             let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-            libs::guarded(Library::Nccl, ordinal, || {
+            let started = libs::guarded(Library::Nccl, ordinal, || {
                 ctx.bind()?;
-                // SAFETY: `comm` receives one communicator; the id is passed by value.
-                unsafe {
-                    result::comm_init_rank(
+                // SAFETY: `comm` receives one communicator; the id is passed by value and the
+                // config is read during the call.
+                let r = unsafe {
+                    sys::ncclCommInitRankConfig(
                         &mut comm,
                         world as i32,
                         sys::ncclUniqueId { internal },
                         rank as i32,
+                        &mut config,
                     )
+                };
+                match r {
+                    sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
+                    e => Err(nccl_err(
+                        ordinal,
+                        rank,
+                        world,
+                        "joining the communicator",
+                        e,
+                    )),
                 }
-                .map_err(|e| nccl_err(ordinal, rank, world, "joining the communicator", e.0))?;
-                Ok(())
-            })?;
-            Ok(Inner {
+            });
+            let mut inner = Inner {
                 ctx,
                 comm,
                 pending: Vec::new(),
-            })
+                timeout,
+            };
+            if let Err(e) = started {
+                inner.abort();
+                return Err(e);
+            }
+            inner.settle(
+                rank,
+                world,
+                timeout,
+                "joining the communicator",
+                "a rank that received the id never joined (it stopped, hangs, or was given \
+                 another id or world size); check the other ranks' logs, or allow a longer \
+                 timeout for slow starts",
+            )?;
+            Ok(inner)
+        }
+
+        /// Waits until the communicator has no NCCL call in progress (a non-blocking
+        /// communicator's calls may return before their work is done): polls
+        /// `ncclCommGetAsyncError` until it reports success; an error, or `timeout` passing,
+        /// aborts the communicator.
+        fn settle(
+            &mut self,
+            rank: usize,
+            world: usize,
+            timeout: Duration,
+            what: &str,
+            stalled: &str,
+        ) -> Result<()> {
+            let start = Instant::now();
+            loop {
+                let mut state = sys::ncclResult_t::ncclInProgress;
+                // SAFETY: a communicator made by ncclCommInitRankConfig; `state` receives one
+                // result.
+                let asked = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+                let why = match (asked, state) {
+                    (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess) => {
+                        return Ok(())
+                    }
+                    (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclInProgress) => {
+                        if start.elapsed() < timeout {
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        format!(
+                            "NCCL was still {what} after {:.1} s: {stalled}",
+                            timeout.as_secs_f64()
+                        )
+                    }
+                    (sys::ncclResult_t::ncclSuccess, e) => format!(
+                        "NCCL failed {what}: {e:?} (ncclRemoteError: another rank's process \
+                         exited or the network between them failed)"
+                    ),
+                    (e, _) => format!("asking NCCL for errors failed while {what}: {e:?}"),
+                };
+                return Err(self.fail(rank, world, why));
+            }
         }
 
         fn live(&self, rank: usize, world: usize) -> Result<()> {
@@ -443,10 +555,20 @@ mod cuda_impl {
                         stream as sys::cudaStream_t,
                     )
                 }
-                .map_err(|e| nccl_err(ordinal, rank, world, "queueing an all-reduce", e.0))?;
-                Ok(())
+                .map_err(|e| nccl_err(ordinal, rank, world, "queueing an all-reduce", e.0))
             });
-            queued.map_err(|e| self.explain(rank, world, e))
+            match queued {
+                // A non-blocking communicator may still be queueing the collective.
+                Ok(result::NcclStatus::InProgress) => self.settle(
+                    rank,
+                    world,
+                    self.timeout,
+                    "queueing an all-reduce",
+                    "a rank stalled or never reached the same collective",
+                ),
+                Ok(_) => Ok(()),
+                Err(e) => Err(self.explain(rank, world, e)),
+            }
         }
 
         pub(super) fn join_student(&mut self, rank: usize, world: usize) -> Result<()> {
@@ -613,7 +735,7 @@ mod tests {
                 return;
             }
         };
-        let c = RankComm::for_local_rank(0, 0, 1, &id).unwrap();
+        let c = RankComm::for_local_rank(0, 0, 1, &id, Duration::from_secs(30)).unwrap();
         assert_eq!(
             (c.rank(), c.world_size(), c.device()),
             (0, 1, Device::Cuda(0))

@@ -141,6 +141,15 @@ fn driver_error(ordinal: usize, call: &str, e: result::DriverError) -> String {
     format!("cuda:{ordinal}: {call} failed: {e}")
 }
 
+/// How many GPUs the driver shows this process (after `CUDA_VISIBLE_DEVICES`); 0 without a
+/// driver.
+pub(crate) fn device_count() -> usize {
+    if driver_library().is_err() || result::init().is_err() {
+        return 0;
+    }
+    result::device::get_count().map_or(0, |n| n.max(0) as usize)
+}
+
 /// Everything that must hold before a context is made on `cuda:ordinal`; the error says
 /// what is missing.
 pub(crate) fn probe(ordinal: usize) -> Result<Probe, String> {

@@ -1,5 +1,6 @@
 //! The mock NCCL (`libnccl.so.2`): communicators of one process (`ncclCommInitAll`, one per
-//! device) and across processes (`ncclGetUniqueId`, `ncclCommInitRank`: `net`), groups, and
+//! device) and across processes (`ncclGetUniqueId`, `ncclCommInitRank`, and
+//! `ncclCommInitRankConfig`, blocking or not: `net`), groups, and
 //! all-reduce (sum, prod, max, min, avg) on fp32 and bf16, queued on the caller's stream with
 //! the bytes it reads and writes. A collective that fails (a peer gone or late) fails its
 //! stream's work, and `ncclCommGetAsyncError` reports it, as NCCL does; `ncclCommAbort` closes
@@ -35,6 +36,8 @@ pub const SUCCESS: NcclResult = 0;
 pub const UNHANDLED_CUDA_ERROR: NcclResult = 1;
 pub const INVALID_ARGUMENT: NcclResult = 4;
 pub const INVALID_USAGE: NcclResult = 5;
+/// `ncclInProgress`: a non-blocking communicator's call is not done yet.
+pub const IN_PROGRESS: NcclResult = 7;
 
 /// The version reported: NCCL 2.30.0 (`major * 10000 + minor * 100 + patch`), the API the
 /// bindings are for.
@@ -47,6 +50,8 @@ pub enum Link {
     Local(Arc<Clique>),
     /// One rank of an `ncclCommInitRank` communicator, whose peers may be other processes.
     Net(Arc<net::NetComm>),
+    /// A non-blocking `ncclCommInitRankConfig` still meeting its peers.
+    Joining(Arc<net::Joining>),
 }
 
 /// One communicator: its link, rank, device, how many collectives it has issued, and the
@@ -65,6 +70,7 @@ impl Comm {
         match &self.link {
             Link::Local(c) => c.ranks,
             Link::Net(n) => n.ranks,
+            Link::Joining(j) => j.ranks,
         }
     }
 }
@@ -102,7 +108,7 @@ pub fn result_text(r: NcclResult) -> &'static str {
         INVALID_ARGUMENT => "invalid argument (run with NCCL_DEBUG=WARN for details)\0",
         INVALID_USAGE => "invalid usage (run with NCCL_DEBUG=WARN for details)\0",
         REMOTE_ERROR => "remote process exited or there was a network error\0",
-        7 => "NCCL operation in progress\0",
+        IN_PROGRESS => "NCCL operation in progress\0",
         _ => "unknown result code\0",
     }
 }
@@ -227,10 +233,113 @@ pub unsafe extern "C" fn ncclCommInitRank(
     }
 }
 
-/// Closes a communicator's connections (its peers fail at once rather than at the timeout).
+/// The head of `ncclConfig_t` (every version starts so): the fields the mock reads.
+#[repr(C)]
+pub struct ConfigHead {
+    pub size: usize,
+    pub magic: u32,
+    pub version: u32,
+    pub blocking: c_int,
+}
+
+/// `NCCL_CONFIG_INITIALIZER`'s magic.
+pub const CONFIG_MAGIC: u32 = 0xcafe_beef;
+
+/// `ncclCommInitRankConfig`: `ncclCommInitRank`, unless `config.blocking` is 0: then the
+/// communicator is returned at once and meets its peers on a thread of its own;
+/// `ncclCommGetAsyncError` says `ncclInProgress` until it has, then `ncclSuccess` (or the
+/// failure), and `ncclCommAbort` gives the meeting up. Other calls on it meanwhile are
+/// refused (`ncclInvalidUsage`), as NCCL asks callers to wait.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommInitRankConfig(
+    comm: *mut *mut c_void,
+    nranks: c_int,
+    id: UniqueId,
+    rank: c_int,
+    config: *const ConfigHead,
+) -> NcclResult {
+    const F: &str = "ncclCommInitRankConfig";
+    // NCCL_CONFIG_UNDEF_INT (or no config) leaves NCCL's default: blocking.
+    let blocking = match config.as_ref() {
+        None => true,
+        Some(c) if c.magic != CONFIG_MAGIC || c.size < std::mem::size_of::<ConfigHead>() => {
+            return refuse(
+                F,
+                INVALID_ARGUMENT,
+                &format!(
+                    "config magic {:#x}, size {}: start from NCCL_CONFIG_INITIALIZER",
+                    c.magic, c.size
+                ),
+            )
+        }
+        Some(c) => c.blocking != 0,
+    };
+    if blocking {
+        return ncclCommInitRank(comm, nranks, id, rank);
+    }
+    if comm.is_null() {
+        return refuse(F, INVALID_ARGUMENT, "null comm");
+    }
+    if nranks < 1 || rank < 0 || rank >= nranks {
+        return refuse(
+            F,
+            INVALID_ARGUMENT,
+            &format!("rank {rank} of nranks {nranks}: ranks are 0..nranks"),
+        );
+    }
+    if let Err(m) = net::meeting_dir(&id.internal) {
+        return refuse(F, INVALID_ARGUMENT, &m);
+    }
+    let timeout = match net::peer_timeout() {
+        Ok(t) => t,
+        Err(m) => return refuse(F, INVALID_ARGUMENT, &m),
+    };
+    let joining = net::Joining::start(id.internal, nranks as usize, rank as usize, timeout);
+    *comm = COMMS.insert(Comm {
+        link: Link::Joining(Arc::new(joining)),
+        rank: rank as usize,
+        device: 0,
+        issued: 0,
+        failed: Arc::default(),
+    });
+    IN_PROGRESS
+}
+
+/// Closes a communicator's connections (its peers fail at once rather than at the timeout),
+/// or gives up the meeting of one still joining.
 fn close(c: &Comm) {
-    if let Link::Net(n) = &c.link {
-        n.shut_down();
+    match &c.link {
+        Link::Net(n) => n.shut_down(),
+        Link::Joining(j) => j.cancel(),
+        Link::Local(_) => {}
+    }
+}
+
+/// The state of a communicator made without blocking: `None` once it has joined (now a
+/// `Link::Net`), else its `ncclCommGetAsyncError` result (in progress, or the failure, which
+/// went to stderr).
+fn joined(comm: *mut c_void, c: &Comm) -> Option<NcclResult> {
+    let Link::Joining(j) = &c.link else {
+        return None;
+    };
+    match j.outcome() {
+        None => Some(IN_PROGRESS),
+        Some(Ok(n)) => {
+            COMMS.update(comm, |c| c.link = Link::Net(n));
+            None
+        }
+        Some(Err(m)) => {
+            let mut failed = c.failed.lock().unwrap_or_else(|e| e.into_inner());
+            if failed.is_none() {
+                explain("NCCL", "ncclCommInitRankConfig", &m);
+                *failed = Some(m.clone());
+            }
+            Some(if m.contains("magic") {
+                INVALID_ARGUMENT
+            } else {
+                REMOTE_ERROR
+            })
+        }
     }
 }
 
@@ -272,8 +381,10 @@ pub unsafe extern "C" fn ncclCommAbort(comm: *mut c_void) -> NcclResult {
     }
 }
 
-/// `ncclCommGetAsyncError`: `ncclRemoteError` once a collective of this communicator failed
-/// on its stream (the message went to stderr then), else `ncclSuccess`.
+/// `ncclCommGetAsyncError`: for a communicator made without blocking, `ncclInProgress` until
+/// it has joined its peers (or why it could not); then `ncclRemoteError` once a collective of
+/// this communicator failed on its stream (the message went to stderr then), else
+/// `ncclSuccess`.
 #[no_mangle]
 pub unsafe extern "C" fn ncclCommGetAsyncError(
     comm: *mut c_void,
@@ -281,6 +392,10 @@ pub unsafe extern "C" fn ncclCommGetAsyncError(
 ) -> NcclResult {
     match (COMMS.get(comm), async_error.is_null()) {
         (Some(c), false) => {
+            if let Some(state) = joined(comm, &c) {
+                *async_error = state;
+                return SUCCESS;
+            }
             let failed = c.failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
             *async_error = if failed { REMOTE_ERROR } else { SUCCESS };
             SUCCESS
@@ -406,12 +521,26 @@ pub unsafe extern "C" fn ncclAllReduce(
         );
     };
     let elem = elem_of(dtype);
-    if COMMS.get(comm).is_none() {
-        return refuse(
-            F,
-            INVALID_ARGUMENT,
-            &format!("{comm:?} is not a live communicator"),
-        );
+    match COMMS.get(comm) {
+        None => {
+            return refuse(
+                F,
+                INVALID_ARGUMENT,
+                &format!("{comm:?} is not a live communicator"),
+            )
+        }
+        Some(Comm {
+            link: Link::Joining(_),
+            ..
+        }) => {
+            return refuse(
+                F,
+                INVALID_USAGE,
+                "the communicator is still joining its peers: poll ncclCommGetAsyncError until \
+                 ncclSuccess first",
+            )
+        }
+        Some(_) => {}
     }
     let len = count * elem.size();
     if len > 0 && (send.is_null() || recv.is_null()) {
@@ -457,6 +586,9 @@ pub unsafe extern "C" fn ncclAllReduce(
                 // SAFETY: the ranges were resolved inside live allocations at the call, and
                 // the stream runs nothing else until this returns.
                 Link::Net(n) => unsafe { n.all_reduce(seq, part) }.map_err(MockError),
+                Link::Joining(_) => Err(MockError(
+                    "ncclAllReduce on a communicator still joining".into(),
+                )),
             };
             if let Err(e) = &r {
                 let mut failed = c.failed.lock().unwrap_or_else(|p| p.into_inner());

@@ -21,8 +21,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::collective::{reduce, Part, RedOp};
@@ -160,6 +160,18 @@ impl NetComm {
         rank: usize,
         timeout: Duration,
     ) -> Result<NetComm, String> {
+        Self::init_unless(id, ranks, rank, timeout, &AtomicBool::new(false))
+    }
+
+    /// [`NetComm::init`], given up as soon as `cancel` is set (`ncclCommAbort` of a
+    /// communicator still joining).
+    pub fn init_unless(
+        id: &[u8; ID_BYTES],
+        ranks: usize,
+        rank: usize,
+        timeout: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<NetComm, String> {
         if ranks == 0 || rank >= ranks {
             return Err(format!(
                 "rank {rank} of {ranks}: ranks are 0..nranks, nranks >= 1"
@@ -171,10 +183,10 @@ impl NetComm {
         let mut peers: Vec<Option<UnixStream>> = (0..ranks).map(|_| None).collect();
         if rank == 0 {
             if ranks > 1 {
-                Self::host(&dir, &sock, ranks, deadline, timeout, &mut peers)?;
+                Self::host(&dir, &sock, ranks, deadline, timeout, cancel, &mut peers)?;
             }
         } else {
-            peers[0] = Some(Self::join(&sock, ranks, rank, deadline, timeout)?);
+            peers[0] = Some(Self::join(&sock, ranks, rank, deadline, timeout, cancel)?);
         }
         Ok(NetComm {
             rank,
@@ -190,6 +202,7 @@ impl NetComm {
         ranks: usize,
         deadline: Instant,
         timeout: Duration,
+        cancel: &AtomicBool,
         peers: &mut [Option<UnixStream>],
     ) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -204,6 +217,9 @@ impl NetComm {
             .map_err(|e| format!("rank 0 could not listen on {}: {e}", sock.display()));
         let accepted = listener.and_then(|l| {
             while peers[1..].iter().any(Option::is_none) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(ABORTED_WHILE_JOINING.to_string());
+                }
                 let now = Instant::now();
                 if now >= deadline {
                     let missing: Vec<usize> = (1..ranks).filter(|r| peers[*r].is_none()).collect();
@@ -265,10 +281,14 @@ impl NetComm {
         rank: usize,
         deadline: Instant,
         timeout: Duration,
+        cancel: &AtomicBool,
     ) -> Result<UnixStream, String> {
         let mut s = loop {
             match UnixStream::connect(sock) {
                 Ok(s) => break s,
+                Err(_) if cancel.load(Ordering::Relaxed) => {
+                    return Err(ABORTED_WHILE_JOINING.to_string())
+                }
                 Err(e) => {
                     if Instant::now() >= deadline {
                         return Err(format!(
@@ -426,6 +446,68 @@ impl NetComm {
             }
         }
         Ok(())
+    }
+}
+
+/// What a background meeting ends with: the communicator, or why there is none.
+type Outcome = Arc<Mutex<Option<Result<Arc<NetComm>, String>>>>;
+
+const ABORTED_WHILE_JOINING: &str =
+    "ncclCommInitRankConfig: the communicator was aborted while it was joining";
+
+/// A communicator being made on a thread of its own (`ncclCommInitRankConfig` with
+/// `blocking = 0`): `ncclCommGetAsyncError` reports `ncclInProgress` until [`Joining::outcome`]
+/// has one, as NCCL's non-blocking initialisation does. The meeting is [`NetComm::init`]'s,
+/// with its timeout.
+pub struct Joining {
+    pub ranks: usize,
+    cancel: Arc<AtomicBool>,
+    outcome: Outcome,
+}
+
+impl Joining {
+    pub fn start(id: [u8; ID_BYTES], ranks: usize, rank: usize, timeout: Duration) -> Joining {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let outcome: Outcome = Arc::default();
+        let (c, o) = (cancel.clone(), outcome.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("mock-nccl-join-{rank}"))
+            .spawn(move || {
+                let r = NetComm::init_unless(&id, ranks, rank, timeout, &c).map(Arc::new);
+                let mut slot = o.lock().unwrap_or_else(|e| e.into_inner());
+                // Aborted meanwhile: nobody will use the connections.
+                if let (true, Ok(n)) = (c.load(Ordering::Relaxed), &r) {
+                    n.shut_down();
+                }
+                *slot = Some(r);
+            });
+        if let Err(e) = spawned {
+            *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(format!(
+                "ncclCommInitRankConfig: no thread to join on: {e}"
+            )));
+        }
+        Joining {
+            ranks,
+            cancel,
+            outcome,
+        }
+    }
+
+    /// The communicator, or why it could not be made; `None` while it is still joining.
+    pub fn outcome(&self) -> Option<Result<Arc<NetComm>, String>> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Gives the meeting up (or closes the communicator it made).
+    pub fn cancel(&self) {
+        let slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Some(Ok(n)) = slot.as_ref() {
+            n.shut_down();
+        }
     }
 }
 

@@ -357,3 +357,94 @@ fn unique_ids_and_rank_communicators_through_the_entry_points() {
         assert!(text.starts_with("remote process exited"), "{text}");
     }
 }
+
+/// `NCCL_CONFIG_INITIALIZER` with `blocking` set.
+fn config(blocking: c_int) -> ConfigHead {
+    ConfigHead {
+        size: std::mem::size_of::<ConfigHead>(),
+        magic: CONFIG_MAGIC,
+        version: VERSION as u32,
+        blocking,
+    }
+}
+
+/// Polls a communicator made without blocking until it is no longer in progress, or `limit`.
+unsafe fn poll(comm: *mut c_void, limit: Duration) -> NcclResult {
+    let start = std::time::Instant::now();
+    loop {
+        let mut state = 99u32;
+        assert_eq!(ncclCommGetAsyncError(comm, &mut state), SUCCESS);
+        if state != IN_PROGRESS || start.elapsed() > limit {
+            return state;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_nonblocking_communicator_is_in_progress_until_every_rank_joins() {
+    unsafe {
+        let mut id = UniqueId { internal: [0; 128] };
+        assert_eq!(ncclGetUniqueId(&mut id), SUCCESS);
+        // Rank 0 of 2 alone: returned at once, in progress while rank 1 is away, and no
+        // collective until it has joined.
+        let mut zero = null_mut();
+        let c0 = config(0);
+        assert_eq!(
+            ncclCommInitRankConfig(&mut zero, 2, id, 0, &c0),
+            IN_PROGRESS
+        );
+        assert_eq!(poll(zero, Duration::from_millis(200)), IN_PROGRESS);
+        let mut v = [1f32];
+        let p = v.as_mut_ptr() as *mut c_void;
+        assert_eq!(
+            ncclAllReduce(p, p, 1, 7, 0, zero, null_mut()),
+            INVALID_USAGE
+        );
+        // Rank 1 comes (blocking, on another thread, as another process would): both joined.
+        let one = std::thread::spawn(move || {
+            let mut comm = null_mut();
+            let r = ncclCommInitRankConfig(&mut comm, 2, id, 1, &config(1));
+            (r, comm as usize)
+        });
+        assert_eq!(poll(zero, Duration::from_secs(20)), SUCCESS);
+        let (r, one) = one.join().unwrap();
+        assert_eq!(r, SUCCESS);
+        let mut n = 0 as c_int;
+        assert_eq!(ncclCommCount(zero, &mut n), SUCCESS);
+        assert_eq!(n, 2);
+        assert_eq!(ncclCommDestroy(zero), SUCCESS);
+        assert_eq!(ncclCommDestroy(one as *mut c_void), SUCCESS);
+
+        // A rank that never joins: in progress until the caller gives up and aborts; the
+        // meeting is then given up (its directory removed), not left to the peer timeout.
+        let mut id = UniqueId { internal: [0; 128] };
+        assert_eq!(ncclGetUniqueId(&mut id), SUCCESS);
+        let mut lone = null_mut();
+        assert_eq!(
+            ncclCommInitRankConfig(&mut lone, 3, id, 0, &c0),
+            IN_PROGRESS
+        );
+        assert_eq!(poll(lone, Duration::from_millis(300)), IN_PROGRESS);
+        let dir = net::meeting_dir(&id.internal).unwrap();
+        assert!(dir.exists());
+        assert_eq!(ncclCommAbort(lone), SUCCESS);
+        let start = std::time::Instant::now();
+        while dir.exists() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!dir.exists(), "the aborted meeting was left behind");
+        let mut state = 0u32;
+        assert_eq!(ncclCommGetAsyncError(lone, &mut state), INVALID_ARGUMENT);
+
+        // A config that does not start from NCCL_CONFIG_INITIALIZER.
+        let bad = ConfigHead {
+            magic: 0,
+            ..config(0)
+        };
+        assert_eq!(
+            ncclCommInitRankConfig(&mut lone, 2, id, 0, &bad),
+            INVALID_ARGUMENT
+        );
+    }
+}
