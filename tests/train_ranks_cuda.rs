@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ranks_support::gpu::{cuda_opens, recipe};
+use ranks_support::gpu::{cuda_opens, recipe, train_teacher, TOLERANCE};
 use ranks_support::{max_difference, temp_dir, text};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
@@ -102,14 +102,6 @@ fn check_clean_failure(engine: &str, out: &Path) {
     assert!(!out.join("student").exists(), "a failed rank wrote the run");
 }
 
-/// As on the CPU path (`tests/distributed.rs`), the order of the sums is the only difference
-/// between two ranks and one process: each rank sums its half of the batch's gradient, scaled
-/// by its share of the masked tokens, and NCCL's mean adds the halves, where one process sums
-/// the whole batch at once; the last bits of each step's gradients differ and AdamW carries
-/// them into the weights. A step on the wrong rows or with the wrong weighting changes the
-/// gradient itself and moves weights by about the learning rate, 2e-3.
-const TOLERANCE: f32 = 1e-4;
-
 /// A teacher (on the CPU), then a student distilled from it on `cuda:0` in one process and on
 /// two ranks. The ranks compare a hash of their weights after every step of this debug build
 /// and fail on a difference, so a run that succeeds ended with the same bits on both; rank 0
@@ -120,13 +112,7 @@ fn two_gpu_ranks_distill_to_the_weights_of_one_process() {
     if let Err(engine) = cuda_opens() {
         return check_clean_failure(&engine, &out);
     }
-    let teacher = recipe(&out, "teacher", "cpu", None);
-    trainer::run(
-        &Recipe::from_file(&teacher).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    let teacher = out.join("teacher");
+    let teacher = train_teacher(&out);
     let one = recipe(&out, "one", "cuda:0", Some(&teacher));
     trainer::run(&Recipe::from_file(&one).unwrap(), &RunOptions::default()).unwrap();
 
@@ -159,13 +145,8 @@ fn a_gpu_rank_that_dies_ends_the_other_naming_it() {
     if let Err(engine) = cuda_opens() {
         return check_clean_failure(&engine, &out);
     }
-    let teacher = recipe(&out, "teacher", "cpu", None);
-    trainer::run(
-        &Recipe::from_file(&teacher).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    let student = recipe(&out, "student", "cuda:0", Some(&out.join("teacher")));
+    let teacher = train_teacher(&out);
+    let student = recipe(&out, "student", "cuda:0", Some(&teacher));
     let port = free_port();
     let exit = [("RECYCLE_TEST_EXIT_AT", "1:1")];
     let started = Instant::now();

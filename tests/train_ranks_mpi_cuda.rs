@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use ranks_support::gpu::{cuda_opens, recipe};
+use ranks_support::gpu::{cuda_opens, recipe, train_teacher, TOLERANCE};
 use ranks_support::mpi::mpirun;
 use ranks_support::{max_difference, temp_dir, text};
 use recycle::recipe::Recipe;
@@ -50,11 +50,6 @@ fn check_clean_failure(engine: &str, out: &Path) {
     assert!(!out.join("student").exists(), "a failed rank wrote the run");
 }
 
-/// As on the torchrun-style path (`tests/train_ranks_cuda.rs`): the order of the sums is the
-/// only difference between two ranks and one process; a step on the wrong rows or with the
-/// wrong weighting moves weights by about the learning rate, 2e-3.
-const TOLERANCE: f32 = 1e-4;
-
 /// A teacher (on the CPU), then a student distilled from it on `cuda:0` in one process and on
 /// two ranks under mpirun. The ranks compare a hash of their weights (over MPI) after every
 /// step of this debug build and fail on a difference, so a run that succeeds ended with the
@@ -66,13 +61,7 @@ fn two_gpu_ranks_under_mpirun_distill_to_the_weights_of_one_process() {
     if let Err(engine) = cuda_opens() {
         return check_clean_failure(&engine, &out);
     }
-    let teacher = recipe(&out, "teacher", "cpu", None);
-    trainer::run(
-        &Recipe::from_file(&teacher).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    let teacher = out.join("teacher");
+    let teacher = train_teacher(&out);
     let one = recipe(&out, "one", "cuda:0", Some(&teacher));
     trainer::run(&Recipe::from_file(&one).unwrap(), &RunOptions::default()).unwrap();
 
@@ -102,13 +91,8 @@ fn a_gpu_rank_under_mpirun_that_dies_ends_the_run_naming_it() {
     if let Err(engine) = cuda_opens() {
         return check_clean_failure(&engine, &out);
     }
-    let teacher = recipe(&out, "teacher", "cpu", None);
-    trainer::run(
-        &Recipe::from_file(&teacher).unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    let student = recipe(&out, "student", "cuda:0", Some(&out.join("teacher")));
+    let teacher = train_teacher(&out);
+    let student = recipe(&out, "student", "cuda:0", Some(&teacher));
     let started = Instant::now();
     let (o, in_time) = train_on_two(
         &student,

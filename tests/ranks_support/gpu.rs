@@ -1,8 +1,17 @@
 //! What the tests of GPU ranks share (`tests/train_ranks_cuda.rs` torchrun-style,
-//! `tests/train_ranks_mpi_cuda.rs` under mpirun): whether `cuda:0` opens, and the recipe of a
-//! small BERT distilled on `cuda:0`.
+//! `tests/train_ranks_mpi_cuda.rs` under mpirun): whether `cuda:0` opens, the recipe of a
+//! small BERT distilled on `cuda:0`, its teacher, and how close two ranks must end to one
+//! process.
 
 use std::path::{Path, PathBuf};
+
+/// As on the CPU path (`tests/distributed.rs`), the order of the sums is the only difference
+/// between two ranks and one process: each rank sums its half of the batch's gradient, scaled
+/// by its share of the masked tokens, and NCCL's mean adds the halves, where one process sums
+/// the whole batch at once; the last bits of each step's gradients differ and AdamW carries
+/// them into the weights. A step on the wrong rows or with the wrong weighting changes the
+/// gradient itself and moves weights by about the learning rate, 2e-3.
+pub const TOLERANCE: f32 = 1e-4;
 
 /// Whether `cuda:0` opens; when it does not, the engine's message (and `RECYCLE_EXPECT_CUDA`
 /// must be unset).
@@ -73,4 +82,12 @@ warmup = 0.25
     let path = out.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The teacher of the GPU students: [`recipe`] trained on the CPU in `out/teacher`.
+pub fn train_teacher(out: &Path) -> PathBuf {
+    let teacher = recipe(out, "teacher", "cpu", None);
+    let recipe = recycle::recipe::Recipe::from_file(&teacher).unwrap();
+    recycle::trainer::run(&recipe, &recycle::trainer::RunOptions::default()).unwrap();
+    out.join("teacher")
 }
