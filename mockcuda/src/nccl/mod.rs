@@ -192,6 +192,24 @@ pub unsafe extern "C" fn ncclGetUniqueId(id: *mut UniqueId) -> NcclResult {
     SUCCESS
 }
 
+/// The arguments both init functions check: a place for the communicator, `rank` in
+/// `0..nranks`.
+fn check_init(
+    f: &str,
+    comm: *mut *mut c_void,
+    nranks: c_int,
+    rank: c_int,
+) -> Result<(), NcclResult> {
+    if comm.is_null() {
+        return Err(refuse(f, INVALID_ARGUMENT, "null comm"));
+    }
+    if nranks < 1 || rank < 0 || rank >= nranks {
+        let m = format!("rank {rank} of nranks {nranks}: ranks are 0..nranks");
+        return Err(refuse(f, INVALID_ARGUMENT, &m));
+    }
+    Ok(())
+}
+
 /// `ncclCommInitRank`: blocks until all `nranks` ranks have called it with the same id (or
 /// the peer timeout passes). The device is the calling thread's, the mock's only one.
 #[no_mangle]
@@ -202,15 +220,8 @@ pub unsafe extern "C" fn ncclCommInitRank(
     rank: c_int,
 ) -> NcclResult {
     const F: &str = "ncclCommInitRank";
-    if comm.is_null() {
-        return refuse(F, INVALID_ARGUMENT, "null comm");
-    }
-    if nranks < 1 || rank < 0 || rank >= nranks {
-        return refuse(
-            F,
-            INVALID_ARGUMENT,
-            &format!("rank {rank} of nranks {nranks}: ranks are 0..nranks"),
-        );
+    if let Err(r) = check_init(F, comm, nranks, rank) {
+        return r;
     }
     let timeout = match net::peer_timeout() {
         Ok(t) => t,
@@ -277,15 +288,8 @@ pub unsafe extern "C" fn ncclCommInitRankConfig(
     if blocking {
         return ncclCommInitRank(comm, nranks, id, rank);
     }
-    if comm.is_null() {
-        return refuse(F, INVALID_ARGUMENT, "null comm");
-    }
-    if nranks < 1 || rank < 0 || rank >= nranks {
-        return refuse(
-            F,
-            INVALID_ARGUMENT,
-            &format!("rank {rank} of nranks {nranks}: ranks are 0..nranks"),
-        );
+    if let Err(r) = check_init(F, comm, nranks, rank) {
+        return r;
     }
     if let Err(m) = net::meeting_dir(&id.internal) {
         return refuse(F, INVALID_ARGUMENT, &m);
