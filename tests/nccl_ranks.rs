@@ -10,12 +10,15 @@
 //! that every rank fails with the engine's account of what is missing;
 //! `RECYCLE_EXPECT_CUDA=1` turns a missing device into a failure.
 
+mod ranks_support;
+
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use ranks_support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_recycle-allreduce-check");
 
@@ -33,14 +36,6 @@ fn cuda_opens() -> Result<(), String> {
             Err(e.to_string())
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A rank: its process, its stdout lines as they come, and its stderr when it ends.

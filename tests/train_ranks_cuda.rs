@@ -12,23 +12,14 @@
 
 mod ranks_support;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ranks_support::gpu::{cuda_opens, recipe, train_teacher, TOLERANCE};
-use ranks_support::{max_difference, temp_dir, text};
+use ranks_support::{free_port, max_difference, temp_dir, text};
 use recycle::recipe::Recipe;
 use recycle::trainer::{self, RunOptions};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Rank `rank` of 2 of `recycle train RECIPE`, torchrun-style.
 fn start(rank: usize, port: u16, recipe: &Path, env: &[(&str, &str)]) -> Child {

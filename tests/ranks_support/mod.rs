@@ -1,6 +1,6 @@
 //! What the data-parallel tests share (`tests/distributed.rs` on MPI, `tests/train_ranks_cuda.rs`
 //! and `tests/train_ranks_mpi_cuda.rs` on GPU ranks): a scratch directory beside the fixture
-//! data, a finished process's output, the comparison of two runs' final weights, an `mpirun`
+//! data, a free port on loopback, a finished process's output, the comparison of two runs' final weights, an `mpirun`
 //! launch ([`mpi`]) and a GPU recipe ([`gpu`]).
 
 #![allow(dead_code)]
@@ -10,11 +10,21 @@ pub mod gpu;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use recycle::data::test_support::use_fixture_data;
 use recycle_engine::checkpoint;
+
+/// A port on loopback that nothing listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// A fresh directory `recycle-<prefix>-<tag>-<pid>`, with the fixture data written first.
 pub fn temp_dir(prefix: &str, tag: &str) -> PathBuf {
