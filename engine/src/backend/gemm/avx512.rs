@@ -54,14 +54,11 @@ const IN_PLACE_B_ROWS: usize = 64;
 const PACK_A_MIN_N: usize = 512;
 /// Rows of B ahead that the in-place-B kernel prefetches.
 const PF: usize = 8;
-/// Ranges of C per thread that the parallel driver cuts a large product into.
-const PIECES_PER_THREAD: usize = 4;
-/// Multiply-adds below which a range is not cut further (about 0.1 ms of one core).
-const MIN_PIECE_MNK: usize = 1 << 23;
 /// Columns of the register tile: two 16-lane vectors.
 pub const NR: usize = 32;
-/// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 4/5
-/// and Sapphire Rapids beside the 12 KiB that one tile reads of A.
+/// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 5
+/// and Sapphire Rapids beside the 12 KiB that one tile reads of A (Zen 4's L1d is 32 KiB, yet
+/// KC = 128, 192 or 384 measured no faster there).
 const KC: usize = 256;
 /// Rows of C per block (a multiple of `MR`): their `MC x KC` of A, 240 KiB, stays in L2.
 const MC: usize = 240;
@@ -153,14 +150,10 @@ pub unsafe fn sgemm(
         serial(m, n, k, alpha, av, bv, beta, c.as_mut_ptr(), n);
         return;
     }
-    // Split the larger side of C into ranges of whole register tiles, a few per thread where
-    // the product is large: rayon hands them out as threads come free, so a thread that the
-    // OS takes off its core (another process on a loaded machine) delays the product by one
-    // small range, not by a whole half of it.
+    // Split the larger side of C into one range per thread, in whole register tiles.
     let cp = CPtr(c.as_mut_ptr());
-    let pieces = threads * PIECES_PER_THREAD.min((m * n * k / MIN_PIECE_MNK).max(1));
     if n >= m {
-        let per = n.div_ceil(pieces).div_ceil(NR) * NR;
+        let per = n.div_ceil(threads).div_ceil(NR) * NR;
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             let j0 = t * per;
             let nn = per.min(n - j0);
@@ -168,7 +161,7 @@ pub unsafe fn sgemm(
             unsafe { serial(m, nn, k, alpha, av, bv.at(0, j0), beta, cp.add(j0), n) };
         });
     } else {
-        let per = m.div_ceil(pieces).div_ceil(MR) * MR;
+        let per = m.div_ceil(threads).div_ceil(MR) * MR;
         (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
             let i0 = t * per;
             let mm = per.min(m - i0);
