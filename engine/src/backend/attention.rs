@@ -32,11 +32,11 @@ use rayon::prelude::*;
 
 use super::dropout::{dropout_bwd, dropout_fwd};
 use super::elementwise::{binary_fwd, scale_fwd, to_compute_dtype};
-use super::gemm::sgemm;
+use super::gemm::{sgemm, sgemm_serial, SERIAL_GEMM_AVAILABLE};
 use super::matmul::{matmul_bwd, matmul_fwd};
 use super::params::{AttentionDims, ProbDropout};
 use super::softmax::{softmax_backward_row_cpu, softmax_bwd, softmax_fwd, softmax_row_cpu};
-use super::{BinaryOp, ProductDims, SoftmaxKind};
+use super::{scratch, BinaryOp, ProductDims, SoftmaxKind};
 use crate::{rng, DType, Device, Error, Result, Tensor};
 
 /// The op's name, for errors.
@@ -315,6 +315,7 @@ pub fn attention_forward_cpu(
         return Ok(());
     }
     let scale = 1.0 / (dh as f32).sqrt();
+    let product = head_product(dims.b * h);
     probs
         .par_chunks_mut(sq * sk)
         .zip(out.par_chunks_mut(sq * dv))
@@ -326,8 +327,8 @@ pub fn attention_forward_cpu(
                 &v[bh * sk * dv..(bh + 1) * sk * dv],
             );
             let keep = keep.map(|m| &m[(bh / h) * sk..(bh / h + 1) * sk]);
-            sgemm(false, true, sq, sk, dh, scale, qs, ks, 0.0, p)?;
-            let mut row_buf = vec![0f32; sk];
+            product(false, true, sq, sk, dh, scale, qs, ks, 0.0, p)?;
+            let mut row_buf = scratch::take(sk);
             for row in p.chunks_mut(sk) {
                 if let Some(keep) = keep {
                     for (s, &kept) in row.iter_mut().zip(keep) {
@@ -342,14 +343,13 @@ pub fn attention_forward_cpu(
             match dropout {
                 Some((rate, seed)) => {
                     let base = (bh * sq * sk) as u64;
-                    let dropped: Vec<f32> = p
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &x)| x * dropout_factor(rate, seed, base + i as u64))
-                        .collect();
-                    sgemm(false, false, sq, dv, sk, 1.0, &dropped, vs, 0.0, o)
+                    let mut dropped = scratch::take(sq * sk);
+                    for (i, (d, &x)) in dropped.iter_mut().zip(p.iter()).enumerate() {
+                        *d = x * dropout_factor(rate, seed, base + i as u64);
+                    }
+                    product(false, false, sq, dv, sk, 1.0, &dropped, vs, 0.0, o)
                 }
-                None => sgemm(false, false, sq, dv, sk, 1.0, p, vs, 0.0, o),
+                None => product(false, false, sq, dv, sk, 1.0, p, vs, 0.0, o),
             }
         })
 }
@@ -380,6 +380,7 @@ pub fn attention_backward_cpu(
     }
     let bh_count = b * h;
     let scale = 1.0 / (dh as f32).sqrt();
+    let product = head_product(bh_count);
     let (dqs, dks, dvs) = (
         split_per_head(dq, sq * dh, bh_count),
         split_per_head(dk, sk * dh, bh_count),
@@ -405,22 +406,27 @@ pub fn attention_backward_cpu(
             };
             if let Some(dvv) = dvv {
                 // dV = dropout(P)^T dOut
-                let pd: Vec<f32> = match dropout {
-                    Some(_) => p.iter().enumerate().map(|(i, &x)| x * factor(i)).collect(),
-                    None => p.to_vec(),
-                };
-                sgemm(true, false, sk, dv, sq, 1.0, &pd, g, 0.0, dvv)?;
+                match dropout {
+                    Some(_) => {
+                        let mut pd = scratch::take(sq * sk);
+                        for (i, (d, &x)) in pd.iter_mut().zip(p).enumerate() {
+                            *d = x * factor(i);
+                        }
+                        product(true, false, sk, dv, sq, 1.0, &pd, g, 0.0, dvv)?;
+                    }
+                    None => product(true, false, sk, dv, sq, 1.0, p, g, 0.0, dvv)?,
+                }
             }
             if dq.is_none() && dk.is_none() {
                 return Ok(());
             }
             // dP = (dOut V^T) * dropout factor, then through the softmax row by row.
-            let mut dp = vec![0f32; sq * sk];
-            sgemm(false, true, sq, sk, dv, 1.0, g, vs, 0.0, &mut dp)?;
+            let mut dp = scratch::take(sq * sk);
+            product(false, true, sq, sk, dv, 1.0, g, vs, 0.0, &mut dp)?;
             if dropout.is_some() {
                 dp.iter_mut().enumerate().for_each(|(i, d)| *d *= factor(i));
             }
-            let mut ds = vec![0f32; sq * sk];
+            let mut ds = scratch::take(sq * sk);
             for ((ds_row, dp_row), p_row) in ds.chunks_mut(sk).zip(dp.chunks(sk)).zip(p.chunks(sk))
             {
                 softmax_backward_row_cpu(p_row, dp_row, ds_row);
@@ -435,13 +441,27 @@ pub fn attention_backward_cpu(
             }
             // S = scale * Q K^T  =>  dQ = scale * dS K,  dK = scale * dS^T Q.
             if let Some(dq) = dq {
-                sgemm(false, false, sq, dh, sk, scale, &ds, ks, 0.0, dq)?;
+                product(false, false, sq, dh, sk, scale, &ds, ks, 0.0, dq)?;
             }
             if let Some(dk) = dk {
-                sgemm(true, false, sk, dh, sq, scale, &ds, qs, 0.0, dk)?;
+                product(true, false, sk, dh, sq, scale, &ds, qs, 0.0, dk)?;
             }
             Ok(())
         })
+}
+
+/// The product the per-(batch, head) tasks run: on the calling thread when there are at least
+/// as many heads as threads (the heads already fill the pool; a threaded product inside each
+/// would only add rayon's hand-offs), else threaded.
+type HeadProduct =
+    fn(bool, bool, usize, usize, usize, f32, &[f32], &[f32], f32, &mut [f32]) -> Result<()>;
+
+fn head_product(heads: usize) -> HeadProduct {
+    if SERIAL_GEMM_AVAILABLE && heads >= rayon::current_num_threads() {
+        sgemm_serial
+    } else {
+        sgemm
+    }
 }
 
 /// One chunk per (batch, head) of an optional gradient buffer (all `None` when absent), so the

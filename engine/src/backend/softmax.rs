@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use super::vmath::{exp_fast, LANES};
 use super::SoftmaxKind;
 use crate::{Device, Error, Result, Tensor};
 
@@ -100,8 +101,35 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16 * 1024 / row_len.max(1)).max(1)
 }
 
+// The row kernels in f32 lanes: sums and maxima in `LANES` partial results folded pairwise,
+// exponentials through `vmath::exp_fast` (2 ulp), compiled for AVX-512 and for the baseline
+// and picked at run time (as `norm_lanes` does). The scalar loops below them,
+// `*_row_reference` (libm's `exp`, sums in order), are their oracle: the tests hold the two
+// within a few ulp of each other.
+
 /// `out = softmax(input)` for one row.
 pub fn softmax_row_cpu(input: &[f32], out: &mut [f32]) {
+    pick::softmax_row(input, out)
+}
+
+/// `out = log_softmax(input) = (input - max) - ln(sum(exp(input - max)))` for one row.
+/// Subtracting `max` first keeps the digits of `input - max` when the logits are large.
+pub fn log_softmax_row_cpu(input: &[f32], out: &mut [f32]) {
+    pick::log_softmax_row(input, out)
+}
+
+/// Gradient of softmax for one row, from its output `y`: `dx = y * (dy - <dy, y>)`.
+pub fn softmax_backward_row_cpu(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    pick::softmax_backward_row(y, dy, dx)
+}
+
+/// Gradient of log-softmax for one row, from its output `y`: `dx = dy - exp(y) * sum(dy)`.
+pub fn log_softmax_backward_row_cpu(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    pick::log_softmax_backward_row(y, dy, dx)
+}
+
+/// [`softmax_row_cpu`] as plain scalar loops (the oracle of the lane kernels).
+pub fn softmax_row_reference(input: &[f32], out: &mut [f32]) {
     let max = input.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0f32;
     for (o, &x) in out.iter_mut().zip(input) {
@@ -112,9 +140,8 @@ pub fn softmax_row_cpu(input: &[f32], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-/// `out = log_softmax(input) = (input - max) - ln(sum(exp(input - max)))` for one row.
-/// Subtracting `max` first keeps the digits of `input - max` when the logits are large.
-pub fn log_softmax_row_cpu(input: &[f32], out: &mut [f32]) {
+/// [`log_softmax_row_cpu`] as plain scalar loops.
+pub fn log_softmax_row_reference(input: &[f32], out: &mut [f32]) {
     let max = input.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let sum: f32 = input.iter().map(|&x| (x - max).exp()).sum();
     let log_sum = sum.ln();
@@ -123,20 +150,159 @@ pub fn log_softmax_row_cpu(input: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Gradient of softmax for one row, from its output `y`: `dx = y * (dy - <dy, y>)`.
-pub fn softmax_backward_row_cpu(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+/// [`softmax_backward_row_cpu`] as plain scalar loops.
+pub fn softmax_backward_row_reference(y: &[f32], dy: &[f32], dx: &mut [f32]) {
     let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
     for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(dy) {
         *d = yi * (gi - dot);
     }
 }
 
-/// Gradient of log-softmax for one row, from its output `y`: `dx = dy - exp(y) * sum(dy)`.
-pub fn log_softmax_backward_row_cpu(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+/// [`log_softmax_backward_row_cpu`] as plain scalar loops.
+pub fn log_softmax_backward_row_reference(y: &[f32], dy: &[f32], dx: &mut [f32]) {
     let sum: f32 = dy.iter().sum();
     for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(dy) {
         *d = gi - yi.exp() * sum;
     }
+}
+
+/// `[LANES]` partial sums folded pairwise into one.
+#[inline(always)]
+fn fold_sum(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// The largest value of `x` (NaN ignored, as `f32::max` does; `-inf` when empty).
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for xs in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(xs[i]);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `out = exp(x - max)`, returning the sum of `out`.
+#[inline(always)]
+fn exp_shifted(x: &[f32], max: f32, out: &mut [f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut oc = out.chunks_exact_mut(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for (os, xs) in (&mut oc).zip(&mut xc) {
+        for i in 0..LANES {
+            os[i] = exp_fast(xs[i] - max);
+            acc[i] += os[i];
+        }
+    }
+    let mut tail = 0f32;
+    for (o, &v) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = exp_fast(v - max);
+        tail += *o;
+    }
+    fold_sum(acc) + tail
+}
+
+#[inline(always)]
+fn softmax_row_generic(input: &[f32], out: &mut [f32]) {
+    let max = row_max(input);
+    let inv = 1.0 / exp_shifted(input, max, out);
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+#[inline(always)]
+fn log_softmax_row_generic(input: &[f32], out: &mut [f32]) {
+    let max = row_max(input);
+    // `out` holds the exponentials until the log of their sum is known.
+    let log_sum = exp_shifted(input, max, out).ln();
+    for (o, &x) in out.iter_mut().zip(input) {
+        *o = (x - max) - log_sum;
+    }
+}
+
+#[inline(always)]
+fn softmax_backward_row_generic(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let mut acc = [0f32; LANES];
+    let mut yc = y.chunks_exact(LANES);
+    let mut gc = dy.chunks_exact(LANES);
+    for (ys, gs) in (&mut yc).zip(&mut gc) {
+        for i in 0..LANES {
+            acc[i] += ys[i] * gs[i];
+        }
+    }
+    let tail: f32 = yc
+        .remainder()
+        .iter()
+        .zip(gc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    let dot = fold_sum(acc) + tail;
+    for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(dy) {
+        *d = yi * (gi - dot);
+    }
+}
+
+#[inline(always)]
+fn log_softmax_backward_row_generic(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let mut acc = [0f32; LANES];
+    let mut gc = dy.chunks_exact(LANES);
+    for gs in &mut gc {
+        for i in 0..LANES {
+            acc[i] += gs[i];
+        }
+    }
+    let sum = fold_sum(acc) + gc.remainder().iter().sum::<f32>();
+    for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(dy) {
+        *d = gi - exp_fast(yi) * sum;
+    }
+}
+
+/// The AVX-512 copies of the row kernels (the same code, compiled for 16-lane vectors) and the
+/// functions that pick them where the CPU has AVX-512F.
+mod pick {
+    use super::*;
+
+    macro_rules! lanes_fn {
+        ($name:ident, $fast:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            fn $fast($($arg: $ty),*) {
+                $generic($($arg),*)
+            }
+
+            #[inline]
+            pub(super) fn $name($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { $fast($($arg),*) };
+                }
+                $generic($($arg),*)
+            }
+        };
+    }
+
+    lanes_fn!(softmax_row, softmax_row_avx512, softmax_row_generic,
+        (input: &[f32], out: &mut [f32]));
+    lanes_fn!(log_softmax_row, log_softmax_row_avx512, log_softmax_row_generic,
+        (input: &[f32], out: &mut [f32]));
+    lanes_fn!(softmax_backward_row, softmax_backward_row_avx512, softmax_backward_row_generic,
+        (y: &[f32], dy: &[f32], dx: &mut [f32]));
+    lanes_fn!(log_softmax_backward_row, log_softmax_backward_row_avx512,
+        log_softmax_backward_row_generic, (y: &[f32], dy: &[f32], dx: &mut [f32]));
 }
 
 /// Softmax of every row of length `row_len` in `x` (rows in parallel).
@@ -183,4 +349,88 @@ fn apply_rows2(
         .zip(a.par_chunks(row_len).zip(b.par_chunks(row_len)))
         .with_min_len(rows_per_task(row_len))
         .for_each(|(o, (a, b))| f(a, b, o));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of every length up to a few vectors (tails included) and the attention and
+    /// vocabulary widths: small and large logits, masked entries, a single huge one.
+    fn rows() -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        for (seed, len) in [1, 2, 7, 15, 16, 17, 31, 33, 64, 128, 129, 1000, 30522]
+            .into_iter()
+            .enumerate()
+        {
+            let scale = [0.1, 1.0, 8.0, 40.0][seed % 4];
+            let mut row: Vec<f32> = (0..len)
+                .map(|i| scale * crate::rng::normal_at(seed as u64 + 11, i as u64))
+                .collect();
+            if len > 3 {
+                row[len / 2] = -1e9; // a masked key
+                row[1] += 80.0;
+            }
+            out.push(row);
+        }
+        out
+    }
+
+    /// `|got - want| <= rel * |want| + slack[i]` (plus a floor of `rel` times a thousandth of
+    /// the row's largest value, for entries that underflow).
+    fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, slack: &[f32]) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let err = (g - w).abs();
+            let bound = rel * (w.abs() + 1e-3 * scale) + slack.get(i).copied().unwrap_or(0.0);
+            assert!(err <= bound, "{what}[{i}] of {}: {g} vs {w}", got.len());
+        }
+    }
+
+    #[test]
+    fn lane_kernels_match_the_scalar_reference() {
+        for x in rows() {
+            let n = x.len();
+            let dy: Vec<f32> = (0..n).map(|i| crate::rng::normal_at(5, i as u64)).collect();
+            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+            softmax_row_cpu(&x, &mut got);
+            softmax_row_reference(&x, &mut want);
+            assert_close("softmax", &got, &want, 4e-6, &[]);
+            // The backward passes reduce `dy` (or `dy * y`) to one sum, in lanes here and in
+            // order in the reference: either may be off by the summation bound
+            // `n * 2^-24 * sum |terms|`, times the factor the sum is multiplied by.
+            let sum_bound = |terms: f32| n as f32 * f32::EPSILON / 2.0 * terms;
+            let y = want.clone();
+            let abs_dot: f32 = y.iter().zip(&dy).map(|(a, b)| (a * b).abs()).sum();
+            let slack: Vec<f32> = y.iter().map(|v| v.abs() * sum_bound(abs_dot)).collect();
+            softmax_backward_row_cpu(&y, &dy, &mut got);
+            softmax_backward_row_reference(&y, &dy, &mut want);
+            assert_close("softmax backward", &got, &want, 1e-5, &slack);
+
+            log_softmax_row_cpu(&x, &mut got);
+            log_softmax_row_reference(&x, &mut want);
+            assert_close("log_softmax", &got, &want, 2e-6, &[]);
+            let y = want.clone();
+            let abs_sum: f32 = dy.iter().map(|v| v.abs()).sum();
+            let slack: Vec<f32> = y.iter().map(|v| v.exp() * sum_bound(abs_sum)).collect();
+            log_softmax_backward_row_cpu(&y, &dy, &mut got);
+            log_softmax_backward_row_reference(&y, &dy, &mut want);
+            assert_close("log_softmax backward", &got, &want, 1e-5, &slack);
+        }
+    }
+
+    #[test]
+    fn undefined_rows_stay_nan_as_in_the_reference() {
+        let x = [f32::NEG_INFINITY; 20];
+        let mut out = [0f32; 20];
+        softmax_row_cpu(&x, &mut out);
+        assert!(out.iter().all(|v| v.is_nan()));
+        let mut x = [0.5f32; 20];
+        x[3] = f32::INFINITY;
+        softmax_row_cpu(&x, &mut out);
+        assert!(out[3].is_nan());
+        // A row of one value: exactly 1.
+        softmax_row_cpu(&[3.0], &mut out[..1]);
+        assert_eq!(out[0], 1.0);
+    }
 }

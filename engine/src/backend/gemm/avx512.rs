@@ -56,8 +56,9 @@ const PACK_A_MIN_N: usize = 512;
 const PF: usize = 8;
 /// Columns of the register tile: two 16-lane vectors.
 pub const NR: usize = 32;
-/// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 4/5
-/// and Sapphire Rapids beside the 12 KiB that one tile reads of A.
+/// Depth of a packed slice: the B panel `KC x NR` is 32 KiB, within the 48 KiB L1d of Zen 5
+/// and Sapphire Rapids beside the 12 KiB that one tile reads of A (Zen 4's L1d is 32 KiB, yet
+/// KC = 128, 192 or 384 measured no faster there).
 const KC: usize = 256;
 /// Rows of C per block (a multiple of `MR`): their `MC x KC` of A, 240 KiB, stays in L2.
 const MC: usize = 240;
