@@ -1,0 +1,99 @@
+//! The weight gradient of a `phase_rows` convolution (ResNet's 3x3, stride 1 or 2) computed
+//! directly from the input's stride phases, without a column matrix: for few filters the
+//! im2col product `dW = dY x cols^T` spends most of its time writing the column matrix and
+//! packing its transpose (8 filters: each column element is used by 8 multiply-adds), where
+//! this kernel reads each shifted phase plane once per block of 8 filters.
+//!
+//! `dW[o, r] = sum over q of dY[o, q] * col[r, q]`, where row `r = (c, i, j)` of the column
+//! matrix is the phase plane of channel `c` shifted by `phase_of(i, j)` and masked by
+//! `inside_masks` (the same values `same_row` copies). The kernel keeps 8 filters x 3 rows
+//! of 16-lane sums in registers, over all pixels of a group of images, then adds the lanes.
+
+use std::arch::x86_64::*;
+
+use super::{phase_margins, phase_of, Conv2dGeometry};
+
+/// Filters per register block; `direct_weight_gradient_fits` asks for a multiple of it.
+const FILTERS: usize = super::DIRECT_DW_FILTERS;
+
+/// Rows of the column matrix per register block (a 3x3 kernel's row of offsets).
+const ROWS: usize = 3;
+
+/// `dw [O, C*kh*kw] = (beta ? dw : 0) + dY x cols^T` for one group of images: `planes` from
+/// `phase_images` (planes `plane` floats apart), `dy` the group's output gradient `[O, nq]`,
+/// `lanes` from `lane_masks`. `O` must be a multiple of `FILTERS`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the slices must hold what the geometry says (checked by
+/// assertions here, which also keep every load inside them).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn weight_gradient(
+    planes: &[f32],
+    plane: usize,
+    g: &Conv2dGeometry,
+    nq: usize,
+    dy: &[f32],
+    lanes: &[u16],
+    accumulate: bool,
+    dw: &mut [f32],
+) {
+    let (k, ck, s) = (g.kh * g.kw, g.patch(), g.stride);
+    let nv = nq.div_ceil(16);
+    assert!(g.o.is_multiple_of(FILTERS) && dy.len() >= g.o * nq && dw.len() >= g.o * ck);
+    assert!(lanes.len() >= k * nv && planes.len() >= g.c * s * s * plane);
+    let front = phase_margins(g).0 as isize;
+    // Row r's source: its channel's phase plane, shifted.
+    let source = |r: usize| -> usize {
+        let (phase, shift) = phase_of(g, (r % k) / g.kw, r % g.kw);
+        let at = ((r / k) * s * s + phase) * plane;
+        (at as isize + front + shift) as usize
+    };
+    // Every lane a masked load reads lies inside the plane (`phase_images`); the masked-off
+    // lanes of the last vector may not, and masked loads do not touch them.
+    let tail: u16 = if nq.is_multiple_of(16) {
+        u16::MAX
+    } else {
+        (1u16 << (nq % 16)) - 1
+    };
+    let mut r0 = 0;
+    while r0 < ck {
+        let rows = ROWS.min(ck - r0);
+        // A short last block repeats its last row (computed, not stored).
+        let (ra, rb, rc) = (r0, r0 + 1.min(rows - 1), r0 + 2.min(rows - 1));
+        let (xa, xb, xc) = (
+            planes.as_ptr().add(source(ra)),
+            planes.as_ptr().add(source(rb)),
+            planes.as_ptr().add(source(rc)),
+        );
+        let (la, lb, lc) = (
+            lanes.as_ptr().add((ra % k) * nv),
+            lanes.as_ptr().add((rb % k) * nv),
+            lanes.as_ptr().add((rc % k) * nv),
+        );
+        for o0 in (0..g.o).step_by(FILTERS) {
+            let mut acc = [[_mm512_setzero_ps(); ROWS]; FILTERS];
+            let dy0 = dy.as_ptr().add(o0 * nq);
+            for v in 0..nv {
+                let x0 = _mm512_maskz_loadu_ps(*la.add(v), xa.add(16 * v));
+                let x1 = _mm512_maskz_loadu_ps(*lb.add(v), xb.add(16 * v));
+                let x2 = _mm512_maskz_loadu_ps(*lc.add(v), xc.add(16 * v));
+                let m = if v + 1 == nv { tail } else { u16::MAX };
+                for (f, acc) in acc.iter_mut().enumerate() {
+                    let d = _mm512_maskz_loadu_ps(m, dy0.add(f * nq + 16 * v));
+                    acc[0] = _mm512_fmadd_ps(d, x0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(d, x1, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(d, x2, acc[2]);
+                }
+            }
+            for (f, acc) in acc.iter().enumerate() {
+                for (j, a) in acc.iter().enumerate().take(rows) {
+                    let at = (o0 + f) * ck + r0 + j;
+                    let sum = _mm512_reduce_add_ps(*a);
+                    dw[at] = if accumulate { dw[at] + sum } else { sum };
+                }
+            }
+        }
+        r0 += rows;
+    }
+}
