@@ -691,6 +691,10 @@ pub fn conv2d_forward_cpu_with(
         return Ok(());
     }
     match schedule {
+        ConvSchedule::PerItem | ConvSchedule::Grouped { .. } if direct_forward_fits(g) => {
+            direct_forward(x, weight, bias, g, out, schedule.group());
+            Ok(())
+        }
         ConvSchedule::PerItem | ConvSchedule::Grouped { .. } => {
             grouped_forward(x, bias, g, out, schedule.group(), |cols, columns, out| {
                 sgemm_serial(false, false, g.o, columns, ck, 1.0, weight, cols, 0.0, out)
@@ -788,6 +792,84 @@ fn grouped_forward(
                 Ok(())
             },
         )
+}
+
+/// Whether the forward of `PerItem` / `Grouped` (and with it the input gradient of a stride-1
+/// convolution, run as a forward) reads the input's stride phases directly in
+/// `direct::forward` instead of an im2col product, where the CPU has AVX-512F: a `phase_rows`
+/// convolution larger than 1x1 with a multiple of 8 filters, up to `DIRECT_FWD_MAX_FILTERS`.
+/// A rule on the shape alone, from per-shape timings (docs/benchmarks.md).
+fn direct_forward_fits(g: &Conv2dGeometry) -> bool {
+    cfg!(target_arch = "x86_64")
+        && avx512_active()
+        && phase_rows(g)
+        && !g.is_pointwise()
+        && g.o.is_multiple_of(DIRECT_DW_FILTERS)
+        && g.o <= DIRECT_FWD_MAX_FILTERS
+}
+
+/// Most filters `direct_forward_fits` takes.
+const DIRECT_FWD_MAX_FILTERS: usize = 64;
+
+/// The forward of `PerItem` / `Grouped { items }` by `direct::forward`: groups of `items`
+/// images spread over the rayon threads, each group's phase planes built once and read by
+/// the kernel for every block of filters.
+fn direct_forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+    items: usize,
+) {
+    let (p, img, oimg) = (g.pixels(), g.image(), g.o * g.pixels());
+    let items = items.clamp(1, g.n);
+    out.par_chunks_mut(items * oimg)
+        .zip(x.par_chunks(items * img.max(1)))
+        .for_each_init(
+            || {
+                let mut inside = Vec::new();
+                inside_masks(g, &mut inside);
+                (
+                    scratch::take(g.c * g.stride * g.stride * phase_plane(g, items)),
+                    scratch::take(if items == 1 { 0 } else { oimg * items }),
+                    inside,
+                    (Vec::new(), 0),
+                )
+            },
+            |(planes, tmp, inside, (lanes, lanes_for)), (out_g, x_g)| {
+                let cnt = out_g.len() / oimg;
+                let plane = phase_images(x_g, g, cnt, planes);
+                if *lanes_for != cnt {
+                    lane_masks(inside, g, cnt * p, lanes);
+                    *lanes_for = cnt;
+                }
+                let dst: &mut [f32] = if cnt == 1 {
+                    out_g
+                } else {
+                    &mut tmp[..cnt * oimg]
+                };
+                // SAFETY: AVX-512F is present (`direct_forward_fits`); the kernel checks the
+                // lengths.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    direct::forward(planes, plane, g, cnt * p, weight, lanes, dst)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("direct_forward_fits holds on x86-64 only {plane} {dst:?}");
+                if cnt == 1 {
+                    add_bias(out_g, bias, p);
+                    return;
+                }
+                // [O, cnt*P] -> [cnt, O, P]
+                for (b, out_n) in out_g.chunks_mut(oimg).enumerate() {
+                    for (o, d) in out_n.chunks_mut(p).enumerate() {
+                        copy_short(d, &tmp[o * cnt * p + b * p..][..p]);
+                    }
+                    add_bias(out_n, bias, p);
+                }
+            },
+        );
 }
 
 /// `conv2d_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input

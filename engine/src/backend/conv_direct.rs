@@ -97,3 +97,81 @@ pub(super) unsafe fn weight_gradient(
         r0 += rows;
     }
 }
+
+/// Output pixels (16-lane vectors) per register block of `forward`.
+const VECTORS: usize = 3;
+
+/// `out [O, nq] = W [O, C*kh*kw] x cols` for one group of images, the columns read from
+/// `planes` (`phase_images`, planes `plane` floats apart) and `lanes` (`lane_masks`) instead of
+/// a column matrix. `O` must be a multiple of `FILTERS`. Blocks of 8 filters x 48 pixels are
+/// summed in registers over the whole patch and stored once.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the slices must hold what the geometry says (checked by
+/// assertions here, which also keep every load inside them).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn forward(
+    planes: &[f32],
+    plane: usize,
+    g: &Conv2dGeometry,
+    nq: usize,
+    weight: &[f32],
+    lanes: &[u16],
+    out: &mut [f32],
+) {
+    let (k, ck, s) = (g.kh * g.kw, g.patch(), g.stride);
+    let nv = nq.div_ceil(16);
+    assert!(g.o.is_multiple_of(FILTERS) && weight.len() >= g.o * ck && out.len() >= g.o * nq);
+    assert!(lanes.len() >= k * nv && planes.len() >= g.c * s * s * plane);
+    let front = phase_margins(g).0 as isize;
+    // Per row of the column matrix: where it starts in `planes`, and its offset's masks.
+    let rows: Vec<(usize, usize)> = (0..ck)
+        .map(|r| {
+            let (phase, shift) = phase_of(g, (r % k) / g.kw, r % g.kw);
+            let at = ((r / k) * s * s + phase) * plane;
+            ((at as isize + front + shift) as usize, (r % k) * nv)
+        })
+        .collect();
+    let tail: u16 = if nq.is_multiple_of(16) {
+        u16::MAX
+    } else {
+        (1u16 << (nq % 16)) - 1
+    };
+    let (x, lane, out_ptr) = (planes.as_ptr(), lanes.as_ptr(), out.as_mut_ptr());
+    for o0 in (0..g.o).step_by(FILTERS) {
+        let w0 = weight.as_ptr().add(o0 * ck);
+        for v0 in (0..nv).step_by(VECTORS) {
+            // Vectors past the group's pixels load nothing and are not stored.
+            let live = |j: usize| v0 + j < nv;
+            let (v1, v2) = ((v0 + 1).min(nv - 1), (v0 + 2).min(nv - 1));
+            let (on1, on2) = (
+                if live(1) { u16::MAX } else { 0 },
+                if live(2) { u16::MAX } else { 0 },
+            );
+            let mut acc = [[_mm512_setzero_ps(); VECTORS]; FILTERS];
+            for (r, &(src, lrow)) in rows.iter().enumerate() {
+                let xa = x.add(src);
+                let x0 = _mm512_maskz_loadu_ps(*lane.add(lrow + v0), xa.add(16 * v0));
+                let x1 = _mm512_maskz_loadu_ps(*lane.add(lrow + v1) & on1, xa.add(16 * v1));
+                let x2 = _mm512_maskz_loadu_ps(*lane.add(lrow + v2) & on2, xa.add(16 * v2));
+                for (f, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*w0.add(f * ck + r));
+                    acc[0] = _mm512_fmadd_ps(w, x0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(w, x1, acc[1]);
+                    acc[2] = _mm512_fmadd_ps(w, x2, acc[2]);
+                }
+            }
+            for (f, acc) in acc.iter().enumerate() {
+                for (j, a) in acc.iter().enumerate() {
+                    let v = v0 + j;
+                    if v >= nv {
+                        break;
+                    }
+                    let m = if v + 1 == nv { tail } else { u16::MAX };
+                    _mm512_mask_storeu_ps(out_ptr.add((o0 + f) * nq + 16 * v), m, *a);
+                }
+            }
+        }
+    }
+}

@@ -444,3 +444,109 @@ fn direct_weight_gradient_matches_loops() {
     }
     assert!(saw[0] && saw[1] == avx512_active(), "both paths exercised");
 }
+
+/// `out[n, o, oh, ow] = bias[o] + sum over c, i, j of w[o, c, i, j] * x[n, c, oh*s + i - p,
+/// ow*s + j - p]`, by loops in f64: the oracle of the forward's paths.
+fn naive_forward(x: &[f32], w: &[f32], bias: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
+    let mut out = vec![0f32; g.n * g.o * g.pixels()];
+    for n in 0..g.n {
+        for o in 0..g.o {
+            for oh in 0..g.oh {
+                for ow in 0..g.ow {
+                    let mut acc = bias[o] as f64;
+                    for c in 0..g.c {
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let (ih, iw) = (oh * g.stride + i, ow * g.stride + j);
+                                if ih < g.padding || iw < g.padding {
+                                    continue;
+                                }
+                                let (ih, iw) = (ih - g.padding, iw - g.padding);
+                                if ih >= g.h || iw >= g.w {
+                                    continue;
+                                }
+                                acc += w[((o * g.c + c) * g.kh + i) * g.kw + j] as f64
+                                    * x[((n * g.c + c) * g.h + ih) * g.w + iw] as f64;
+                            }
+                        }
+                    }
+                    out[((n * g.o + o) * g.oh + oh) * g.ow + ow] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The forward read directly from the stride phases (`direct_forward_fits`) against the
+/// loops, with a bias, on shapes on both sides of the rule (8-72 filters, strides 1-3, kernels
+/// 3-5 and 4x4, one-pixel and odd images, groups with a partial last one, blocks of 48
+/// pixels past a group's end), every schedule; the input gradient of the stride-1 shapes (a
+/// forward through the same path) against the lowered oracle; and the automatic schedule
+/// bit-identical on 1, 2 and 3 threads (up to the batch size).
+#[test]
+fn direct_forward_matches_loops() {
+    let shapes: &[PickedShape] = &[
+        ([3, 1, 28, 28], 8, 3, 1, 1, true),
+        ([2, 8, 14, 14], 16, 3, 1, 1, true),
+        ([5, 4, 5, 7], 24, 3, 1, 1, true),
+        ([37, 3, 4, 4], 8, 3, 1, 1, true),
+        ([3, 8, 9, 9], 16, 3, 2, 1, true),
+        ([2, 4, 10, 11], 8, 3, 3, 1, true),
+        ([2, 3, 9, 9], 8, 5, 2, 2, true),
+        ([2, 1, 8, 8], 8, 4, 2, 1, true),
+        ([3, 2, 1, 1], 8, 3, 2, 1, true),
+        ([4, 5, 3, 3], 64, 3, 1, 1, true),
+        ([3, 2, 5, 5], 72, 3, 1, 1, false),
+        ([3, 4, 5, 5], 12, 3, 1, 1, false),
+        ([3, 8, 7, 7], 8, 1, 1, 0, false),
+        ([3, 2, 7, 7], 8, 3, 2, 0, false),
+    ];
+    let mut saw = [false; 2];
+    for (si, &(xs, o, k, s, p, direct)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        let fits = direct_forward_fits(&g);
+        assert_eq!(fits, direct && avx512_active(), "shape {si}: {g:?}");
+        saw[usize::from(fits)] = true;
+        let x = values(g.n * g.image(), 140 + si as u64);
+        let w = values(g.o * g.patch(), 150 + si as u64);
+        let b = values(g.o, 160 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 170 + si as u64);
+        let want = naive_forward(&x, &w, &b, &g);
+        for schedule in [
+            ConvSchedule::PerItem,
+            ConvSchedule::Grouped { items: 2 },
+            ConvSchedule::Grouped { items: 3 },
+            ConvSchedule::Batched { items: 2 },
+        ] {
+            let what = format!("shape {si}, {schedule:?}");
+            let mut got = vec![f32::NAN; want.len()];
+            conv2d_forward_cpu_with(&x, &w, Some(&b), &g, &mut got, schedule).unwrap();
+            assert_close(&got, &want, 1e-4, &what);
+            let dx = conv2d_backward_cpu_with(&x, &w, &dy, &g, [true, false, false], schedule)
+                .unwrap()
+                .x;
+            let lowered =
+                conv2d_backward_cpu_lowered(&x, &w, &dy, &g, [true, false, false], schedule)
+                    .unwrap()
+                    .x;
+            assert_close(&dx.unwrap(), &lowered.unwrap(), 1e-4, &what);
+        }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut out = vec![f32::NAN; want.len()];
+                conv2d_forward_cpu(&x, &w, Some(&b), &g, &mut out).unwrap();
+                out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3].into_iter().filter(|&t| t <= g.n) {
+            assert_eq!(run(threads), one, "shape {si}, {threads} threads");
+        }
+    }
+    assert!(saw[0] && saw[1] == avx512_active(), "both paths exercised");
+}
