@@ -22,7 +22,11 @@
 //!   instead of depth `O` (8 for the demo's first stage) and the col2im scatter-add.
 //!   `conv2d_backward_cpu_lowered` keeps the lowered input gradient as the oracle;
 //! - the weight gradient of most 3x3 layers runs as `dW^T = cols x dY^T`, the column matrix
-//!   read in place, instead of packing its transpose (`dw_by_columns_in_place`).
+//!   read in place, instead of packing its transpose (`dw_by_columns_in_place`);
+//! - with few filters (8-64 for the forward, 8-32 for the weight gradient) and AVX-512, no
+//!   column matrix at all: the kernels of `conv_direct.rs` read the shifted, masked phase
+//!   planes in place (`direct_forward_fits`, `direct_weight_gradient_fits`); the im2col
+//!   product spends most of its time on the columns when each is used by so few filters.
 //!
 //! Temporaries (columns, their gradients, gathered output gradients) come from the per-thread
 //! pool of `backend::scratch`, not a fresh zeroed allocation per call.
@@ -798,7 +802,10 @@ fn grouped_forward(
 /// convolution, run as a forward) reads the input's stride phases directly in
 /// `direct::forward` instead of an im2col product, where the CPU has AVX-512F: a `phase_rows`
 /// convolution larger than 1x1 with a multiple of 8 filters, up to `DIRECT_FWD_MAX_FILTERS`.
-/// A rule on the shape alone, from per-shape timings (docs/benchmarks.md).
+/// A rule on the shape alone, from per-shape timings of ResNet-18's convolutions (one
+/// thread): 1.1-1.6x faster with 8-32 filters (width 1/8, forward and stride-1 input
+/// gradient), 1.1-1.2x for 64 -> 64 channels at 28x28, even at 4x4; with 128-512 filters (full
+/// width) no faster than the im2col product, which keeps them.
 fn direct_forward_fits(g: &Conv2dGeometry) -> bool {
     cfg!(target_arch = "x86_64")
         && avx512_active()
@@ -1263,9 +1270,9 @@ fn dw_by_columns_in_place(g: &Conv2dGeometry) -> bool {
 /// the CPU has AVX-512F: a `phase_rows` convolution larger than 1x1 with a multiple of 8
 /// filters, few of them (the im2col product's cost per multiply-add beyond the kernel's
 /// grows as the filters get fewer, the direct kernel's does not). A rule on the shape alone,
-/// from per-shape timings of ResNet-18's convolutions at width 1/8 (docs/benchmarks.md): 2.1-2.5x
-/// faster with 8 filters, 1.1-1.3x with 16, 1.1x for 16 -> 32 channels at stride 2, 10-25%
-/// slower from 32 -> 32 channels on.
+/// from per-shape timings of ResNet-18's convolutions at width 1/8 (one thread): 2.2-2.5x
+/// faster with 8 filters, 1.2-1.5x for the stride-2 8 -> 16 and 16 -> 32 channels, about even
+/// for 16 -> 16, 10-25% slower from 32 -> 32 channels on.
 fn direct_weight_gradient_fits(g: &Conv2dGeometry) -> bool {
     cfg!(target_arch = "x86_64")
         && avx512_active()
