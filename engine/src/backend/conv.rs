@@ -856,14 +856,15 @@ fn direct_forward(
                 } else {
                     &mut tmp[..cnt * oimg]
                 };
-                // SAFETY: AVX-512F is present (`direct_forward_fits`); the kernel checks the
-                // lengths.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    direct::forward(planes, plane, g, cnt * p, weight, lanes, dst)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("direct_forward_fits holds on x86-64 only {plane} {dst:?}");
+                direct_kernel(
+                    Direct::Forward(weight),
+                    planes,
+                    plane,
+                    g,
+                    cnt * p,
+                    lanes,
+                    dst,
+                );
                 if cnt == 1 {
                     add_bias(out_g, bias, p);
                     return;
@@ -1318,14 +1319,11 @@ fn direct_weight_gradient_run(
             lane_masks(&inside, g, c * p, &mut lanes);
             lanes_for = c;
         }
-        // SAFETY: AVX-512F is present (`direct_weight_gradient_fits`); the kernel checks the
-        // lengths.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            direct::weight_gradient(&planes, plane, g, c * p, dy, &lanes, ci > 0, dw)
+        let what = Direct::WeightGradient {
+            dy,
+            accumulate: ci > 0,
         };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("direct_weight_gradient_fits holds on x86-64 only {plane} {dy:?} {dw:?}");
+        direct_kernel(what, &planes, plane, g, c * p, &lanes, dw);
     }
 }
 
@@ -1348,6 +1346,44 @@ fn lane_masks(masks: &[u32], g: &Conv2dGeometry, nq: usize, out: &mut Vec<u16>) 
         }
     }
     nv
+}
+
+/// Which kernel of `conv_direct.rs` `direct_kernel` runs, with its own operands.
+enum Direct<'a> {
+    /// `out [O, nq] = W x cols`, from the weight `[O, C*kh*kw]`.
+    Forward(&'a [f32]),
+    /// `out [O, C*kh*kw] (+)= dY x cols^T`, from the output gradient `[O, nq]`.
+    WeightGradient { dy: &'a [f32], accumulate: bool },
+}
+
+/// Runs a kernel of `conv_direct.rs` over the phase planes of a group of `nq` output pixels.
+/// Only called where `direct_forward_fits` / `direct_weight_gradient_fits` hold, which
+/// requires x86-64 with AVX-512F.
+fn direct_kernel(
+    what: Direct,
+    planes: &[f32],
+    plane: usize,
+    g: &Conv2dGeometry,
+    nq: usize,
+    lanes: &[u16],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (the rules above ask `avx512_active`); the kernels check
+    // the lengths.
+    unsafe {
+        match what {
+            Direct::Forward(w) => direct::forward(planes, plane, g, nq, w, lanes, out),
+            Direct::WeightGradient { dy, accumulate } => {
+                direct::weight_gradient(planes, plane, g, nq, dy, lanes, accumulate, out)
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (what, planes, plane, g, nq, lanes, out);
+        unreachable!("the direct convolution kernels run on x86-64 only");
+    }
 }
 
 /// Filters per block of `direct::weight_gradient` (a multiple of them is required).
