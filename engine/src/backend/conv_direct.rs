@@ -1,13 +1,14 @@
-//! The weight gradient of a `phase_rows` convolution (ResNet's 3x3, stride 1 or 2) computed
-//! directly from the input's stride phases, without a column matrix: for few filters the
-//! im2col product `dW = dY x cols^T` spends most of its time writing the column matrix and
-//! packing its transpose (8 filters: each column element is used by 8 multiply-adds), where
-//! this kernel reads each shifted phase plane once per block of 8 filters.
+//! The forward and the weight gradient of a `phase_rows` convolution (ResNet's 3x3, stride 1
+//! or 2) computed directly from the input's stride phases, without a column matrix: with few
+//! filters the im2col product spends most of its time writing the column matrix (and, for
+//! `dW = dY x cols^T`, packing its transpose): with 8 filters each column element feeds 8
+//! multiply-adds. These kernels read each shifted phase plane in place instead.
 //!
-//! `dW[o, r] = sum over q of dY[o, q] * col[r, q]`, where row `r = (c, i, j)` of the column
-//! matrix is the phase plane of channel `c` shifted by `phase_of(i, j)` and masked by
-//! `inside_masks` (the same values `same_row` copies). The kernel keeps 8 filters x 3 rows
-//! of 16-lane sums in registers, over all pixels of a group of images, then adds the lanes.
+//! Row `r = (c, i, j)` of the column matrix is the phase plane of channel `c` shifted by
+//! `phase_of(i, j)` and masked by `inside_masks` (the same values `same_row` copies), read
+//! 16 pixels at a time by masked loads (`lane_masks`). `forward` keeps 8 filters x 48 output
+//! pixels in registers over the whole patch; `weight_gradient` keeps 8 filters x 3 patch rows
+//! of 16-lane sums over all pixels of a group of images, then adds the lanes.
 
 use std::arch::x86_64::*;
 
@@ -19,13 +20,14 @@ const FILTERS: usize = super::DIRECT_DW_FILTERS;
 /// Rows of the column matrix per register block (a 3x3 kernel's row of offsets).
 const ROWS: usize = 3;
 
-/// `dw [O, C*kh*kw] = (beta ? dw : 0) + dY x cols^T` for one group of images: `planes` from
+/// `dw [O, C*kh*kw] = dY x cols^T` (added to `dw` when `accumulate`) for one group of images: `planes` from
 /// `phase_images` (planes `plane` floats apart), `dy` the group's output gradient `[O, nq]`,
 /// `lanes` from `lane_masks`. `O` must be a multiple of `FILTERS`.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; the slices must hold what the geometry says (checked by
-/// assertions here, which also keep every load inside them).
+/// The CPU must have AVX-512F, and `planes` must be laid out by `phase_images` for `g` and
+/// the group (its margins keep every unmasked lane of a load inside it); the lengths are
+/// asserted here.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn weight_gradient(
@@ -107,8 +109,9 @@ const VECTORS: usize = 3;
 /// summed in registers over the whole patch and stored once.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; the slices must hold what the geometry says (checked by
-/// assertions here, which also keep every load inside them).
+/// The CPU must have AVX-512F, and `planes` must be laid out by `phase_images` for `g` and
+/// the group (its margins keep every unmasked lane of a load inside it); the lengths are
+/// asserted here.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn forward(
