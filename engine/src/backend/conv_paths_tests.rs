@@ -96,6 +96,50 @@ fn same_rows_stay_right_past_the_mask_cache() {
     }
 }
 
+/// (input, output channels, kernel, stride, padding, whether the rule under test picks it).
+type PickedShape = ([usize; 4], usize, usize, usize, usize, bool);
+
+/// Strided shapes on both sides of `phase_rows` (strides 2 and 3, odd and even images, every
+/// padding a kernel allows, kernels narrower than the stride, outputs that are not the input
+/// divided by the stride): the rows built from the stride phases are bit-identical to the
+/// per-row gather, and the rule picks the phases exactly where it says.
+#[test]
+fn strided_phase_rows_match_per_row_im2col() {
+    let shapes: &[PickedShape] = &[
+        ([3, 2, 8, 8], 3, 3, 2, 1, true),
+        ([2, 3, 9, 7], 2, 3, 2, 1, true),
+        ([2, 2, 7, 7], 2, 3, 2, 0, false),
+        ([2, 2, 8, 8], 2, 2, 2, 0, true),
+        ([2, 2, 7, 9], 3, 4, 2, 2, true),
+        ([2, 2, 7, 9], 3, 4, 2, 1, false),
+        ([2, 2, 9, 9], 2, 5, 2, 2, true),
+        ([2, 2, 10, 11], 2, 3, 3, 1, true),
+        ([2, 2, 6, 6], 2, 5, 3, 2, true),
+        ([3, 2, 1, 1], 2, 3, 2, 1, true),
+        ([2, 3, 2, 3], 2, 3, 2, 1, true),
+        ([2, 2, 8, 8], 2, 1, 2, 0, false),
+        ([2, 2, 9, 9], 2, 3, 2, 2, false),
+        ([2, 2, 9, 9], 2, 2, 3, 1, false),
+    ];
+    for (si, &(xs, o, k, s, p, phases)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        assert_eq!(phase_rows(&g), phases, "shape {si}: {g:?}");
+        for items in [1, 2, g.n] {
+            let x = values(items * g.image(), 60 + si as u64);
+            let row_len = items * g.pixels();
+            let mut want = vec![f32::NAN; g.patch() * row_len];
+            for (r, row) in want.chunks_mut(row_len).enumerate() {
+                im2col_row(&x, &g, items, r, row);
+            }
+            for parallel in [false, true] {
+                let mut got = vec![f32::NAN; want.len()];
+                im2col_cpu(&x, &g, items, &mut got, parallel);
+                assert_eq!(got, want, "shape {si}, {items} images, parallel {parallel}");
+            }
+        }
+    }
+}
+
 #[test]
 fn shifted_rows_cover_same_convolutions_only() {
     assert!(shifts_rows(&geometry([1, 1, 5, 5], 1, 3, 1, 1)));
@@ -313,4 +357,196 @@ fn results_do_not_depend_on_the_thread_count() {
             }
         }
     }
+}
+
+/// The weight gradient computed directly from the stride phases (`direct_weight_gradient_fits`)
+/// against the loops, on shapes on both sides of the rule (1-32 filters, 1-17 channels,
+/// strides 1-3, kernels 3-5 and a 4x4 one whose rows end in a short block, one-pixel and
+/// odd images, batches that split into partial chunks of images), every schedule; the other
+/// gradients beside it against the lowered oracle; and the automatic schedule bit-identical on
+/// 1, 2 and 3 threads (up to the batch size).
+#[test]
+fn direct_weight_gradient_matches_loops() {
+    let shapes: &[PickedShape] = &[
+        ([3, 1, 28, 28], 8, 3, 1, 1, true),
+        ([2, 8, 14, 14], 8, 3, 1, 1, true),
+        ([5, 4, 5, 7], 16, 3, 1, 1, true),
+        ([37, 3, 4, 4], 8, 3, 1, 1, true),
+        ([3, 8, 9, 9], 16, 3, 2, 1, true),
+        ([2, 4, 10, 11], 8, 3, 3, 1, true),
+        ([2, 3, 9, 9], 8, 5, 2, 2, true),
+        ([2, 1, 8, 8], 8, 4, 2, 1, true),
+        ([3, 2, 1, 1], 8, 3, 2, 1, true),
+        ([3, 16, 5, 5], 32, 3, 1, 1, true),
+        ([3, 17, 5, 5], 32, 3, 1, 1, false),
+        ([3, 4, 5, 5], 12, 3, 1, 1, false),
+        ([3, 2, 5, 5], 40, 3, 1, 1, false),
+        ([3, 8, 7, 7], 8, 1, 1, 0, false),
+        ([3, 2, 7, 7], 8, 3, 2, 0, false),
+    ];
+    let mut saw = [false; 2];
+    for (si, &(xs, o, k, s, p, direct)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        let fits = direct_weight_gradient_fits(&g);
+        assert_eq!(fits, direct && avx512_active(), "shape {si}: {g:?}");
+        saw[usize::from(fits)] = true;
+        let x = values(g.n * g.image(), 110 + si as u64);
+        let w = values(g.o * g.patch(), 120 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 130 + si as u64);
+        let want = naive_dw(&x, &dy, &g);
+        for schedule in [
+            ConvSchedule::PerItem,
+            ConvSchedule::Grouped { items: 2 },
+            ConvSchedule::Grouped { items: 3 },
+            ConvSchedule::Batched { items: 2 },
+        ] {
+            let what = format!("shape {si}, {schedule:?}");
+            let got = conv2d_backward_cpu_with(&x, &w, &dy, &g, [true; 3], schedule).unwrap();
+            assert_close(got.weight.as_ref().unwrap(), &want, 1e-4, &what);
+            let only_w =
+                conv2d_backward_cpu_with(&x, &w, &dy, &g, [false, true, false], schedule).unwrap();
+            assert_eq!(only_w.weight, got.weight, "{what}");
+            let lowered =
+                conv2d_backward_cpu_lowered(&x, &w, &dy, &g, [true; 3], schedule).unwrap();
+            assert_close(
+                got.x.as_ref().unwrap(),
+                lowered.x.as_ref().unwrap(),
+                1e-4,
+                &what,
+            );
+            assert_eq!(got.bias, lowered.bias, "{what}");
+        }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| conv2d_backward_cpu(&x, &w, &dy, &g, [true; 3]).unwrap())
+        };
+        let one = run(1);
+        let bits = |v: &Option<Vec<f32>>| {
+            v.as_ref()
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect::<Vec<_>>()
+        };
+        // Pools no larger than the batch, where the products stay on their threads.
+        for threads in [2, 3].into_iter().filter(|&t| t <= g.n) {
+            let many = run(threads);
+            assert_eq!(
+                bits(&many.weight),
+                bits(&one.weight),
+                "shape {si}, {threads} threads"
+            );
+            assert_eq!(bits(&many.x), bits(&one.x), "shape {si}, {threads} threads");
+        }
+    }
+    assert!(saw[0] && saw[1] == avx512_active(), "both paths exercised");
+}
+
+/// `out[n, o, oh, ow] = bias[o] + sum over c, i, j of w[o, c, i, j] * x[n, c, oh*s + i - p,
+/// ow*s + j - p]`, by loops in f64: the oracle of the forward's paths.
+fn naive_forward(x: &[f32], w: &[f32], bias: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
+    let mut out = vec![0f32; g.n * g.o * g.pixels()];
+    for n in 0..g.n {
+        for o in 0..g.o {
+            for oh in 0..g.oh {
+                for ow in 0..g.ow {
+                    let mut acc = bias[o] as f64;
+                    for c in 0..g.c {
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let (ih, iw) = (oh * g.stride + i, ow * g.stride + j);
+                                if ih < g.padding || iw < g.padding {
+                                    continue;
+                                }
+                                let (ih, iw) = (ih - g.padding, iw - g.padding);
+                                if ih >= g.h || iw >= g.w {
+                                    continue;
+                                }
+                                acc += w[((o * g.c + c) * g.kh + i) * g.kw + j] as f64
+                                    * x[((n * g.c + c) * g.h + ih) * g.w + iw] as f64;
+                            }
+                        }
+                    }
+                    out[((n * g.o + o) * g.oh + oh) * g.ow + ow] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The forward read directly from the stride phases (`direct_forward_fits`) against the
+/// loops, with a bias, on shapes on both sides of the rule (8-72 filters, strides 1-3, kernels
+/// 3-5 and 4x4, one-pixel and odd images, groups with a partial last one, blocks of 48
+/// pixels past a group's end), every schedule; the input gradient of the stride-1 shapes (a
+/// forward through the same path) against the lowered oracle; and the automatic schedule
+/// bit-identical on 1, 2 and 3 threads (up to the batch size).
+#[test]
+fn direct_forward_matches_loops() {
+    let shapes: &[PickedShape] = &[
+        ([3, 1, 28, 28], 8, 3, 1, 1, true),
+        ([2, 8, 14, 14], 16, 3, 1, 1, true),
+        ([5, 4, 5, 7], 24, 3, 1, 1, true),
+        ([37, 3, 4, 4], 8, 3, 1, 1, true),
+        ([3, 8, 9, 9], 16, 3, 2, 1, true),
+        ([2, 4, 10, 11], 8, 3, 3, 1, true),
+        ([2, 3, 9, 9], 8, 5, 2, 2, true),
+        ([2, 1, 8, 8], 8, 4, 2, 1, true),
+        ([3, 2, 1, 1], 8, 3, 2, 1, true),
+        ([4, 5, 3, 3], 64, 3, 1, 1, true),
+        ([3, 2, 5, 5], 72, 3, 1, 1, false),
+        ([3, 4, 5, 5], 12, 3, 1, 1, false),
+        ([3, 8, 7, 7], 8, 1, 1, 0, false),
+        ([3, 2, 7, 7], 8, 3, 2, 0, false),
+    ];
+    let mut saw = [false; 2];
+    for (si, &(xs, o, k, s, p, direct)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        let fits = direct_forward_fits(&g);
+        assert_eq!(fits, direct && avx512_active(), "shape {si}: {g:?}");
+        saw[usize::from(fits)] = true;
+        let x = values(g.n * g.image(), 140 + si as u64);
+        let w = values(g.o * g.patch(), 150 + si as u64);
+        let b = values(g.o, 160 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 170 + si as u64);
+        let want = naive_forward(&x, &w, &b, &g);
+        for schedule in [
+            ConvSchedule::PerItem,
+            ConvSchedule::Grouped { items: 2 },
+            ConvSchedule::Grouped { items: 3 },
+            ConvSchedule::Batched { items: 2 },
+        ] {
+            let what = format!("shape {si}, {schedule:?}");
+            let mut got = vec![f32::NAN; want.len()];
+            conv2d_forward_cpu_with(&x, &w, Some(&b), &g, &mut got, schedule).unwrap();
+            assert_close(&got, &want, 1e-4, &what);
+            let dx = conv2d_backward_cpu_with(&x, &w, &dy, &g, [true, false, false], schedule)
+                .unwrap()
+                .x;
+            let lowered =
+                conv2d_backward_cpu_lowered(&x, &w, &dy, &g, [true, false, false], schedule)
+                    .unwrap()
+                    .x;
+            assert_close(&dx.unwrap(), &lowered.unwrap(), 1e-4, &what);
+        }
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut out = vec![f32::NAN; want.len()];
+                conv2d_forward_cpu(&x, &w, Some(&b), &g, &mut out).unwrap();
+                out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3].into_iter().filter(|&t| t <= g.n) {
+            assert_eq!(run(threads), one, "shape {si}, {threads} threads");
+        }
+    }
+    assert!(saw[0] && saw[1] == avx512_active(), "both paths exercised");
 }
