@@ -8,6 +8,10 @@
 #
 #   PYTHON=/path/to/python scripts/bench_cpu_vs_torch.sh [rounds] > steps.log
 #
+# RECYCLE_BIN names the binary (default target/release/recycle). BASELINE_BIN, if set, names a
+# second build (an earlier commit) that runs in the same rounds, right after the first, so a
+# before/after pair sees the same load as the peer; the table then gets its columns too.
+#
 # Equal work: the BERT peers apply the MLM head at the masked positions only, as Recycle does
 # (`--mlm-head masked`). ResNet-50 and BERT-base run with `--activations f32`: `recycle bench`
 # keeps their activations in bf16 by default (the GPU sizes), which the CPU widens to f32 for
@@ -25,6 +29,11 @@ if [ -z "${PYTHON:-}" ] || ! "$PYTHON" -c 'import torch, torchvision, transforme
     exit 2
 fi
 BIN=${RECYCLE_BIN:-target/release/recycle}
+BASE=${BASELINE_BIN:-}
+if [ -n "$BASE" ] && [ ! -x "$BASE" ]; then
+    echo "bench_cpu_vs_torch.sh: BASELINE_BIN=$BASE is not an executable" >&2
+    exit 2
+fi
 if [ ! -x "$BIN" ]; then
     echo "# building $BIN" >&2
     cargo build --release --bin recycle >&2
@@ -41,6 +50,7 @@ MODELS=(
 
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"
 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs; $("$BIN" --version); torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+[ -z "$BASE" ] || echo "# baseline: $("$BASE" --version) ($BASE)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for round in $(seq 1 "$ROUNDS"); do
@@ -51,7 +61,12 @@ for round in $(seq 1 "$ROUNDS"); do
         r=$("$BIN" bench $ours --variants plain --json | grep '^{' | tail -1)
         # shellcheck disable=SC2086
         p=$("$PYTHON" $theirs | grep '^{' | tail -1)
-        echo "{\"round\": $round, \"name\": \"$name\", \"recycle\": $r, \"torch\": $p}" | tee -a "$log"
+        b=null
+        if [ -n "$BASE" ]; then
+            # shellcheck disable=SC2086
+            b=$("$BASE" bench $ours --variants plain --json | grep '^{' | tail -1)
+        fi
+        echo "{\"round\": $round, \"name\": \"$name\", \"recycle\": $r, \"torch\": $p, \"baseline\": $b}" | tee -a "$log"
     done
 done
 "$PYTHON" - "$log" <<'PY'
@@ -59,12 +74,26 @@ import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    rows.setdefault(r["name"], []).append((r["recycle"]["plain_ms"], r["torch"]["plain_ms"]))
-print("| plain step | Recycle ms (median) | PyTorch ms (median) | Recycle / PyTorch | per round |")
-print("|---|---:|---:|---:|---|")
-for name, pairs in rows.items():
-    ours = statistics.median(a for a, _ in pairs)
-    theirs = statistics.median(b for _, b in pairs)
-    each = ", ".join(f"{a / b:.2f}" for a, b in pairs)
-    print(f"| {name} | {ours:,.1f} | {theirs:,.1f} | **{ours / theirs:.2f}** | {each} |")
+    base = r["baseline"]["plain_ms"] if r.get("baseline") else None
+    rows.setdefault(r["name"], []).append((r["recycle"]["plain_ms"], r["torch"]["plain_ms"], base))
+with_base = all(b is not None for pairs in rows.values() for _, _, b in pairs)
+head = "| plain step | Recycle ms (median) | PyTorch ms (median) | Recycle / PyTorch | per round |"
+rule = "|---|---:|---:|---:|---|"
+if with_base:
+    head += " baseline ms (median) | baseline / PyTorch | Recycle / baseline |"
+    rule += "---:|---:|---:|"
+print(head)
+print(rule)
+for name, rounds in rows.items():
+    ours = statistics.median(a for a, _, _ in rounds)
+    theirs = statistics.median(t for _, t, _ in rounds)
+    each = ", ".join(f"{a / t:.2f}" for a, t, _ in rounds)
+    line = f"| {name} | {ours:,.1f} | {theirs:,.1f} | **{ours / theirs:.2f}** | {each} |"
+    if with_base:
+        base = statistics.median(b for _, _, b in rounds)
+        # Ratios per round, then their median: each round's three programs saw the same load.
+        vs_peer = statistics.median(b / t for _, t, b in rounds)
+        vs_base = statistics.median(a / b for a, _, b in rounds)
+        line += f" {base:,.1f} | {vs_peer:.2f} | {vs_base:.2f} |"
+    print(line)
 PY
