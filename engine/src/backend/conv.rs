@@ -25,8 +25,9 @@
 //! Temporaries (columns, their gradients, gathered output gradients) come from the per-thread
 //! pool of `backend::scratch`, not a fresh zeroed allocation per call.
 //!
-//! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
-//! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
+//! With bf16 weights (a frozen teacher's, or a student's computing in bf16) the forward runs
+//! in bf16 products (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them,
+//! and the backward in `backend::conv_bf16`.
 //!
 //! Three schedules (measured in docs/benchmarks.md and docs/benchmarks-steps.md), picked by
 //! `ConvSchedule::auto`:
@@ -161,8 +162,13 @@ pub fn conv2d_bwd(
     let (x, w) = (&operands.x, &operands.weight);
     match crate::cuda::common_device(OP, &[x, w, dy])? {
         Device::Cpu => {
-            let grads =
-                conv2d_backward_cpu(&x.read_f32()?, &w.read_f32()?, &dy.read_f32()?, g, need)?;
+            let (xr, dyr) = (x.read_f32()?, dy.read_f32()?);
+            let grads = if w.dtype() == DType::BF16 && bf16_products_active() {
+                // bf16 weights (a student computing in bf16): bf16 products, as the forward.
+                super::conv_bf16::conv2d_backward_bf16_cpu(&xr, &w.read_bf16()?, &dyr, g, need)?
+            } else {
+                conv2d_backward_cpu(&xr, &w.read_f32()?, &dyr, g, need)?
+            };
             Ok([
                 grads.x.map(|d| Tensor::f32(d, x.shape())).transpose()?,
                 grads
@@ -242,7 +248,7 @@ impl ConvSchedule {
 }
 
 /// `[cnt, O, P]` -> `[O, cnt * P]`: a group's output gradient in the layout of its columns.
-fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
+pub(super) fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
     for (oc, row) in dst[..o * cnt * p].chunks_mut(cnt * p).enumerate() {
         for (b, d) in row.chunks_mut(p).enumerate() {
             copy_short(d, &src[(b * o + oc) * p..][..p]);
@@ -1052,7 +1058,7 @@ fn backward_cpu(
 /// `(images per run, images per product)` of the backward of `PerItem` / `Grouped`: runs as
 /// many as memory for their partial weight gradients allows within `BACKWARD_RUNS`, each a
 /// whole number of groups (but the last), from the shape, batch and schedule alone.
-fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
+pub(super) fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
     let (lo, hi) = BACKWARD_RUNS;
     let runs = (PARTIAL_DW_BUDGET / (g.o * g.patch()).max(1)).clamp(lo, hi);
     let items = schedule.group().clamp(1, g.n.max(1));
@@ -1062,7 +1068,7 @@ fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
 
 /// `dst = parts[0] + parts[1] + ...`, each element summed in the order of `parts` (blocks of
 /// `dst` in parallel): the same bits however the blocks are scheduled.
-fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
+pub(super) fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
     const BLOCK: usize = 4096;
     dst.par_chunks_mut(BLOCK).enumerate().for_each(|(b, d)| {
         d.fill(0.0);
