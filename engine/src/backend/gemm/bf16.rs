@@ -274,7 +274,9 @@ unsafe fn store_transposed(
     lanes: usize,
     qn: usize,
 ) {
-    let t = transpose16(rows.map(|r| _mm512_castsi512_ps(r)));
+    // SAFETY (transmute): 16 vectors of 512 plain bits either way (a `map` with a cast would
+    // be a closure without the target features, called per vector).
+    let t = transpose16(std::mem::transmute::<[__m512i; 16], [__m512; 16]>(rows));
     for (q, v) in t.iter().enumerate().take(qn) {
         _mm512_mask_storeu_ps(dst.add(q * stride) as *mut f32, mask16(lanes), *v);
     }
