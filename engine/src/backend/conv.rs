@@ -53,12 +53,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use half::bf16;
-
+pub use super::conv_bf16::conv2d_forward_bf16_cpu;
 use super::{scratch, Conv2dGeometry};
-use crate::backend::gemm::{
-    bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half, SERIAL_GEMM_AVAILABLE,
-};
+use crate::backend::gemm::{bf16_products_active, sgemm, sgemm_serial, SERIAL_GEMM_AVAILABLE};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The operands of a convolution as the backend keeps them for its backward: the input and the
@@ -239,7 +236,7 @@ impl ConvSchedule {
     }
 
     /// Images per single-thread product of `PerItem` / `Grouped`.
-    fn group(self) -> usize {
+    pub(super) fn group(self) -> usize {
         match self {
             ConvSchedule::Grouped { items } => items.max(1),
             _ => 1,
@@ -665,7 +662,7 @@ pub fn conv2d_forward_cpu_with(
 /// The forward of `PerItem` / `Grouped { items }`: groups of `items` images spread over the
 /// rayon threads, each group's columns side by side, `mm(cols, columns, out)` computing
 /// `out [O, columns] = W x cols [C*kh*kw, columns]` on the calling thread.
-fn grouped_forward(
+pub(super) fn grouped_forward(
     x: &[f32],
     bias: Option<&[f32]>,
     g: &Conv2dGeometry,
@@ -711,71 +708,6 @@ fn grouped_forward(
                 Ok(())
             },
         )
-}
-
-/// `conv2d_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
-/// rounded to bf16, see `gemm_bf16`): how `conv2d` runs a bf16 teacher where
-/// `bf16_products_active()`. Groups images as `ConvSchedule::auto` would.
-pub fn conv2d_forward_bf16_cpu(
-    x: &[f32],
-    weight: &[bf16],
-    bias: Option<&[f32]>,
-    g: &Conv2dGeometry,
-    out: &mut [f32],
-) -> Result<()> {
-    if x.len() < g.n * g.image()
-        || weight.len() < g.o * g.patch()
-        || out.len() < g.n * g.o * g.pixels()
-    {
-        return Err(Error::shape(
-            "conv2d",
-            format!(
-                "buffers of {}, {}, {} elements for input, weight, output; {g:?} needs {}, {}, {}",
-                x.len(),
-                weight.len(),
-                out.len(),
-                g.n * g.image(),
-                g.o * g.patch(),
-                g.n * g.o * g.pixels()
-            ),
-        ));
-    }
-    if let Some(b) = bias {
-        if b.len() < g.o {
-            return Err(Error::shape(
-                "conv2d",
-                format!("bias of {} elements for {} output channels", b.len(), g.o),
-            ));
-        }
-    }
-    let (ck, oimg) = (g.patch(), g.o * g.pixels());
-    if g.n == 0 || oimg == 0 {
-        return Ok(());
-    }
-    let out = &mut out[..g.n * oimg];
-    if ck == 0 {
-        out.chunks_mut(oimg).for_each(|o| {
-            o.fill(0.0);
-            add_bias(o, bias, g.pixels());
-        });
-        return Ok(());
-    }
-    let threads = rayon::current_num_threads();
-    let items = ConvSchedule::auto(g).group();
-    // Fewer images than threads: spread each product over the threads instead.
-    let parallel = g.n < threads;
-    grouped_forward(x, bias, g, out, items, |cols, columns, out| {
-        gemm_bf16(
-            g.o,
-            columns,
-            ck,
-            Half::Bf16(weight),
-            Half::F32(cols),
-            false,
-            out,
-            parallel,
-        )
-    })
 }
 
 /// Gradients of `conv2d`: input `[N, C, H, W]`, weight `[O, C, kh, kw]`, bias `[O]`, each

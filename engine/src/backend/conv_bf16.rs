@@ -1,9 +1,9 @@
-//! The backward of `conv2d` for bf16 weights in bf16 products (`gemm_bf16`: each product of
-//! two bf16 values, f32 accumulation) where the CPU has AVX512_BF16: how a student computing
-//! in bf16 (`activations = "bf16"`, a bf16 working copy of its weights) runs its
-//! convolutions' gradients, as its forward already runs in `conv2d_forward_bf16_cpu`,
-//! instead of widening the weight to f32 for `sgemm`. The input, the output gradient and the
-//! column matrix are rounded to bf16 as the kernel packs them.
+//! `conv2d` for bf16 weights in bf16 products (`gemm_bf16`: each product of two bf16 values,
+//! f32 accumulation) where the CPU has AVX512_BF16: a frozen teacher's forward, and a student
+//! computing in bf16 (`activations = "bf16"`, a bf16 working copy of its weights) forward and
+//! backward, instead of widening the weight to f32 for `sgemm`. The input, the output
+//! gradient and the column matrix are rounded to bf16 as the kernel packs them; the weight
+//! (or its transpose) is packed once per call, not per group of images.
 //!
 //! The schedule is the f32 backward's (`conv.rs`): runs of images, each with its own column
 //! buffers and partial `dW`, added in run order at the end; the input gradient of a stride-1
@@ -15,12 +15,78 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::conv::{
-    backward_runs, bias_grad_cpu, col2im_cpu, conv2d_forward_bf16_cpu, flipped_weight,
-    gather_group, im2col_cpu, sum_in_order, transposed_geometry, Conv2dGrads, ConvSchedule,
+    backward_runs, bias_grad_cpu, col2im_cpu, flipped_weight, gather_group, grouped_forward,
+    im2col_cpu, sum_in_order, transposed_geometry, Conv2dGrads, ConvSchedule,
 };
-use super::gemm::{gemm_bf16, gemm_bf16_accumulate, Half};
+use super::gemm::{gemm_bf16_accumulate, gemm_bf16_packed, Bf16Lhs, Half};
 use super::{scratch, Conv2dGeometry};
 use crate::{Error, Result};
+
+/// `conv2d_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
+/// rounded to bf16, see `gemm_bf16`): how `conv2d` runs bf16 weights (a frozen teacher's, a
+/// student's computing in bf16) where `bf16_products_active()`. Groups images as
+/// `ConvSchedule::auto` would; the weight is packed for the kernel once, not per group.
+pub fn conv2d_forward_bf16_cpu(
+    x: &[f32],
+    weight: &[bf16],
+    bias: Option<&[f32]>,
+    g: &Conv2dGeometry,
+    out: &mut [f32],
+) -> Result<()> {
+    if x.len() < g.n * g.image()
+        || weight.len() < g.o * g.patch()
+        || out.len() < g.n * g.o * g.pixels()
+    {
+        return Err(Error::shape(
+            "conv2d",
+            format!(
+                "buffers of {}, {}, {} elements for input, weight, output; {g:?} needs {}, {}, {}",
+                x.len(),
+                weight.len(),
+                out.len(),
+                g.n * g.image(),
+                g.o * g.patch(),
+                g.n * g.o * g.pixels()
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len() < g.o {
+            return Err(Error::shape(
+                "conv2d",
+                format!("bias of {} elements for {} output channels", b.len(), g.o),
+            ));
+        }
+    }
+    let (ck, oimg) = (g.patch(), g.o * g.pixels());
+    if g.n == 0 || oimg == 0 {
+        return Ok(());
+    }
+    let out = &mut out[..g.n * oimg];
+    if ck == 0 {
+        // No input channels: the output is the bias alone.
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = bias.map_or(0.0, |b| b[i / g.pixels() % g.o]);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let items = ConvSchedule::auto(g).group();
+    // Fewer images than threads: spread each product over the threads instead.
+    let parallel = g.n < threads;
+    let packed = Bf16Lhs::pack(g.o, ck, Half::Bf16(weight))?;
+    grouped_forward(x, bias, g, out, items, |cols, columns, out| {
+        gemm_bf16_packed(
+            &packed,
+            columns,
+            Half::F32(cols),
+            false,
+            out,
+            false,
+            parallel,
+        )
+    })
+}
 
 /// `conv2d_backward_cpu` for bf16 weights in bf16 products: the gradients of
 /// `conv2d_forward_bf16_cpu` given `grad = dL/dout [N, O, OH, OW]`; `need` says which of
@@ -76,17 +142,17 @@ pub fn conv2d_backward_bf16_cpu(
             bias: db,
         });
     }
-    // W^T [C*kh*kw, O]: the lowered input gradient's left operand (bf16 values, moved).
-    let wt: Vec<bf16> = if need_x {
+    // W^T [C*kh*kw, O]: the lowered input gradient's left operand, packed once.
+    let wt = if need_x {
         let mut t = vec![bf16::ZERO; ck * g.o];
         for (o, row) in weight[..g.o * ck].chunks_exact(ck).enumerate() {
             for (r, &v) in row.iter().enumerate() {
                 t[r * g.o + o] = v;
             }
         }
-        t
+        Some(Bf16Lhs::pack(ck, g.o, Half::Bf16(&t))?)
     } else {
-        Vec::new()
+        None
     };
     let schedule = ConvSchedule::auto(g);
     let (per, items) = backward_runs(g, schedule);
@@ -124,14 +190,14 @@ pub fn conv2d_backward_bf16_cpu(
                 let (lhs, rhs) = (Half::F32(dy), Half::F32(cols));
                 gemm_bf16_accumulate(g.o, ck, c * p, lhs, rhs, true, dw_part, parallel)?;
             }
-            if let Some(dx_run) = dx_run.as_deref_mut() {
+            if let (Some(dx_run), Some(wt)) = (dx_run.as_deref_mut(), wt.as_ref()) {
                 let dx_g = &mut dx_run[b * img..][..c * img];
-                let (lhs, rhs) = (Half::Bf16(&wt), Half::F32(dy));
+                let rhs = Half::F32(dy);
                 if direct {
-                    gemm_bf16(ck, p, g.o, lhs, rhs, false, dx_g, parallel)?;
+                    gemm_bf16_packed(wt, p, rhs, false, dx_g, false, parallel)?;
                 } else {
                     let dcols = &mut dcols[..ck * c * p];
-                    gemm_bf16(ck, c * p, g.o, lhs, rhs, false, dcols, parallel)?;
+                    gemm_bf16_packed(wt, c * p, rhs, false, dcols, false, parallel)?;
                     col2im_cpu(dcols, g, c, dx_g, parallel);
                 }
             }

@@ -103,6 +103,95 @@ pub fn gemm_bf16_accumulate(
     bf16_product(m, n, k, a, b, trans_b, c, true, parallel)
 }
 
+/// A left operand for [`gemm_bf16_packed`]: `A [m, k]` rounded to bf16 and laid out for the
+/// kernel once, for products that use it many times (a convolution's weight, once per group
+/// of images).
+pub struct Bf16Lhs {
+    m: usize,
+    k: usize,
+    #[cfg(target_arch = "x86_64")]
+    packed: bf16::PackedLhs,
+}
+
+impl Bf16Lhs {
+    /// `a [m, k]` (row-major) packed; an error where [`bf16_products_active`] is false.
+    pub fn pack(m: usize, k: usize, a: Half) -> Result<Bf16Lhs> {
+        if a.len() < m * k {
+            return Err(Error::shape(
+                "gemm_bf16",
+                format!("a left operand of {} elements for m={m} k={k}", a.len()),
+            ));
+        }
+        check_bf16_active()?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: AVX512_BF16 is present (checked above); the length too.
+            let packed = unsafe { bf16::PackedLhs::new(m, k, a) };
+            Ok(Bf16Lhs { m, k, packed })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 products are never active off x86_64")
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+}
+
+/// [`gemm_bf16`] (or, when `accumulate`, [`gemm_bf16_accumulate`]) on a packed left operand:
+/// `C[a.rows(), n] (+)= A * op(B)`.
+pub fn gemm_bf16_packed(
+    a: &Bf16Lhs,
+    n: usize,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) -> Result<()> {
+    let (m, k) = (a.m, a.k);
+    if b.len() < k * n || c.len() < m * n {
+        return Err(Error::shape(
+            "gemm_bf16",
+            format!(
+                "buffers of {}, {} elements for m={m} n={n} k={k}",
+                b.len(),
+                c.len()
+            ),
+        ));
+    }
+    check_bf16_active()?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512_BF16 is present (`check_bf16_active`); lengths checked above.
+    unsafe {
+        bf16::gemm_bf16_packed(&a.packed, n, b, trans_b, c, accumulate, parallel)
+    };
+    Ok(())
+}
+
+fn check_bf16_active() -> Result<()> {
+    if !bf16_products_active() {
+        return Err(Error::invalid(
+            "gemm_bf16",
+            "bf16 products need AVX512_BF16 (or were turned off): use sgemm".to_string(),
+        ));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bf16_product(
     m: usize,
@@ -126,12 +215,7 @@ fn bf16_product(
             ),
         ));
     }
-    if !bf16_products_active() {
-        return Err(Error::invalid(
-            "gemm_bf16",
-            "bf16 products need AVX512_BF16 (or were turned off): use sgemm".to_string(),
-        ));
-    }
+    check_bf16_active()?;
     if m == 0 || n == 0 {
         return Ok(());
     }

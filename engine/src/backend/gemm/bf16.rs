@@ -72,6 +72,61 @@ impl CPtr {
     }
 }
 
+/// A left operand packed once for many products: `MR`-row panels of all `k.div_ceil(2)` pairs,
+/// k-major (`pack_a_bf16`'s layout over the whole depth). A convolution's weight is used by
+/// every group of images: packed per product, it cost as much as the product where the
+/// images are small (ResNet-50's 7x7 layers: 2.4 M weights against 49 pixels an image).
+pub struct PackedLhs {
+    m: usize,
+    k: usize,
+    data: Vec<u32>,
+}
+
+impl PackedLhs {
+    /// `A [m, k]` (row-major) packed.
+    ///
+    /// # Safety
+    /// AVX512_BF16 (`bf16_available()`); `a` holds at least `m * k` elements.
+    pub unsafe fn new(m: usize, k: usize, a: Half) -> PackedLhs {
+        debug_assert!(a.len() >= m * k);
+        let mut data = vec![0u32; m.div_ceil(MR) * MR * k.div_ceil(2)];
+        if m > 0 && k > 0 {
+            let view = HView {
+                data: a,
+                off: 0,
+                rs: k,
+                cs: 1,
+            };
+            pack_a_bf16(view, m, k, &mut data);
+        }
+        PackedLhs { m, k, data }
+    }
+}
+
+/// Where `serial_bf16` reads A: rows to pack per block, or panels packed beforehand (from
+/// row `row0`, a multiple of `MR`, of a [`PackedLhs`]).
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    Rows(HView<'a>),
+    Packed { panels: &'a [u32], row0: usize },
+}
+
+// SAFETY: as `HView`: only read while the caller's operands stay borrowed.
+unsafe impl Send for Lhs<'_> {}
+unsafe impl Sync for Lhs<'_> {}
+
+impl Lhs<'_> {
+    fn from_row(self, i: usize) -> Self {
+        match self {
+            Lhs::Rows(v) => Lhs::Rows(v.at(i, 0)),
+            Lhs::Packed { panels, row0 } => Lhs::Packed {
+                panels,
+                row0: row0 + i,
+            },
+        }
+    }
+}
+
 /// A growable u32 buffer whose usable part starts on a 64-byte boundary (a panel row that
 /// straddles two cache lines costs the kernel a split load per vector).
 struct AlignedPairs {
@@ -124,6 +179,43 @@ pub unsafe fn gemm_bf16(
         rs: k,
         cs: 1,
     };
+    drive(m, n, k, Lhs::Rows(av), b, trans_b, c, accumulate, parallel);
+}
+
+/// [`gemm_bf16`] with A packed beforehand: `C[a.rows(), n] (+)= A * op(B)`.
+///
+/// # Safety
+/// As [`gemm_bf16`], with `m = a.rows()`, `k = a.depth()`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_packed(
+    a: &PackedLhs,
+    n: usize,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    let lhs = Lhs::Packed {
+        panels: &a.data,
+        row0: 0,
+    };
+    drive(a.m, n, a.k, lhs, b, trans_b, c, accumulate, parallel);
+}
+
+/// Splits C among the threads (columns, or rows in whole `MR` panels) for `serial_bf16`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Lhs,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     let (rs, cs) = if trans_b { (1, k) } else { (n, 1) };
     let bv = HView {
         data: b,
@@ -138,14 +230,14 @@ pub unsafe fn gemm_bf16(
     };
     let cp = CPtr(c.as_mut_ptr());
     if threads <= 1 {
-        serial_bf16(m, n, k, av, bv, cp.0, n, accumulate);
+        serial_bf16(m, n, k, a, bv, cp.0, n, accumulate);
     } else if n >= m {
         let per = n.div_ceil(threads).div_ceil(NR) * NR;
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             let j0 = t * per;
             let nn = per.min(n - j0);
             // SAFETY: threads write disjoint column ranges of C.
-            unsafe { serial_bf16(m, nn, k, av, bv.at(0, j0), cp.add(j0), n, accumulate) };
+            unsafe { serial_bf16(m, nn, k, a, bv.at(0, j0), cp.add(j0), n, accumulate) };
         });
     } else {
         let per = m.div_ceil(threads).div_ceil(MR) * MR;
@@ -154,7 +246,7 @@ pub unsafe fn gemm_bf16(
             let mm = per.min(m - i0);
             let ci = cp.add(i0 * n);
             // SAFETY: threads write disjoint row ranges of C.
-            unsafe { serial_bf16(mm, n, k, av.at(i0, 0), bv, ci, n, accumulate) };
+            unsafe { serial_bf16(mm, n, k, a.from_row(i0), bv, ci, n, accumulate) };
         });
     }
 }
@@ -166,18 +258,22 @@ unsafe fn serial_bf16(
     m: usize,
     n: usize,
     k: usize,
-    a: HView,
+    a: Lhs,
     b: HView,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
+    let kp_all = k.div_ceil(2);
     PACK16.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let (bbuf, abuf) = &mut *bufs;
         let kp_max = k.min(2 * KCP).div_ceil(2);
         let bpack = bbuf.get(kp_max * n.min(NC).div_ceil(NR) * NR);
-        let apack = abuf.get(kp_max * m.min(MC).div_ceil(MR) * MR);
+        let apack = match a {
+            Lhs::Rows(_) => abuf.get(kp_max * m.min(MC).div_ceil(MR) * MR),
+            Lhs::Packed { .. } => abuf.get(0),
+        };
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
             for p0 in (0..k).step_by(2 * KCP) {
@@ -188,7 +284,17 @@ unsafe fn serial_bf16(
                 pack_b_bf16(b.at(p0, j0), kc, nc, bpack);
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
-                    pack_a_bf16(a.at(i0, p0), mc, kc, apack);
+                    // Panel `ir / MR` of this block and slice: `MR` pairs a step from `ap`.
+                    let (ap, panel_len) = match a {
+                        Lhs::Rows(v) => {
+                            pack_a_bf16(v.at(i0, p0), mc, kc, apack);
+                            (apack.as_ptr(), MR * kp)
+                        }
+                        Lhs::Packed { panels, row0 } => {
+                            let first = (row0 + i0) / MR * MR * kp_all + p0 / 2 * MR;
+                            (panels.as_ptr().add(first), MR * kp_all)
+                        }
+                    };
                     for jr in (0..nc).step_by(NR) {
                         let nr = NR.min(nc - jr);
                         let bp = bpack.as_ptr().add(jr * kp);
@@ -202,7 +308,7 @@ unsafe fn serial_bf16(
                                 nr,
                                 add,
                             };
-                            let ap = apack.as_ptr().add(ir * kp);
+                            let ap = ap.add(ir / MR * panel_len);
                             match (rows, nr > 16) {
                                 (MR, true) => kernel_bf16::<MR, 2>(kp, ap, bp, t),
                                 (MR, false) => kernel_bf16::<MR, 1>(kp, ap, bp, t),
@@ -499,6 +605,42 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A left operand packed once gives the same bits as packed per product, on both drivers
+    /// (row splits start at whole panels) and with several row blocks and k slices.
+    #[test]
+    fn packed_lhs_matches_packing_per_product() {
+        if !bf16_available() {
+            return;
+        }
+        for (si, &(m, n, k)) in [(5, 7, 3), (250, 45, 1031), (40, 300, 64), (600, 20, 17)]
+            .iter()
+            .enumerate()
+        {
+            let af: Vec<f32> = (0..m * k)
+                .map(|i| crate::rng::normal_at(60 + si as u64, i as u64))
+                .collect();
+            let bf: Vec<f32> = (0..k * n)
+                .map(|i| crate::rng::normal_at(70 + si as u64, i as u64))
+                .collect();
+            let ab: Vec<half::bf16> = af.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            for a in [Half::F32(&af), Half::Bf16(&ab)] {
+                // SAFETY: AVX512_BF16 checked above; slices sized for m, n, k.
+                let packed = unsafe { PackedLhs::new(m, k, a) };
+                for (parallel, accumulate) in [(false, false), (true, false), (true, true)] {
+                    let mut want = vec![1f32; m * n];
+                    let mut got = want.clone();
+                    let b = Half::F32(&bf);
+                    // SAFETY: as above.
+                    unsafe {
+                        gemm_bf16(m, n, k, a, b, false, &mut want, accumulate, parallel);
+                        gemm_bf16_packed(&packed, n, b, false, &mut got, accumulate, parallel);
+                    }
+                    assert_eq!(got, want, "{m}x{n}x{k} parallel={parallel}");
                 }
             }
         }
