@@ -112,7 +112,8 @@ pub fn conv2d_fwd(
     {
         let bias_read = bias.map(|b| b.read_f32()).transpose()?;
         if weight.dtype() == DType::BF16 && bf16_products_active() {
-            // A frozen bf16 teacher: bf16 products, f32 accumulation.
+            // bf16 weights (a frozen teacher's, or a student's computing in bf16): bf16
+            // products, f32 accumulation.
             conv2d_forward_bf16_cpu(
                 &x.read_f32()?,
                 &weight.read_bf16()?,
