@@ -116,7 +116,7 @@ unsafe impl Send for Lhs<'_> {}
 unsafe impl Sync for Lhs<'_> {}
 
 impl Lhs<'_> {
-    fn from_row(self, i: usize) -> Self {
+    fn at_row(self, i: usize) -> Self {
         match self {
             Lhs::Rows(v) => Lhs::Rows(v.at(i, 0)),
             Lhs::Packed { panels, row0 } => Lhs::Packed {
@@ -246,7 +246,7 @@ unsafe fn drive(
             let mm = per.min(m - i0);
             let ci = cp.add(i0 * n);
             // SAFETY: threads write disjoint row ranges of C.
-            unsafe { serial_bf16(mm, n, k, a.from_row(i0), bv, ci, n, accumulate) };
+            unsafe { serial_bf16(mm, n, k, a.at_row(i0), bv, ci, n, accumulate) };
         });
     }
 }
