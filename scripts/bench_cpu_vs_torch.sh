@@ -15,7 +15,9 @@
 # Equal work: the BERT peers apply the MLM head at the masked positions only, as Recycle does
 # (`--mlm-head masked`). ResNet-50 and BERT-base run with `--activations f32`: `recycle bench`
 # keeps their activations in bf16 by default (the GPU sizes), which the CPU widens to f32 for
-# every op, and the peer runs them in f32; f32 against f32 is the equal work. Threads: both
+# every op, and the peer runs them in f32; f32 against f32 is the equal work. The `-bf16` rows
+# run them with bf16 products (`--activations bf16`; where the CPU has AVX512_BF16) against the
+# peer under bf16 autocast (`--autocast bf16`). Threads: both
 # programs use every core unless RAYON_NUM_THREADS / OMP_NUM_THREADS say otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,9 @@ MODELS=(
     "resnet50-224|--model resnet50-imagenet --batch 16 --activations f32 --iters 3 --warmup 1|$PEER --model resnet50 --batch 16 --iters 3 --warmup 1"
     "bert-tiny|--model bert-tiny --batch 32 --iters 10 --warmup 3|$PEER --model bert-tiny --batch 32 --mlm-head masked --iters 10 --warmup 3"
     "bert-base|--model bert-base --batch 4 --activations f32 --iters 3 --warmup 1|$PEER --model bert-base --batch 4 --mlm-head masked --iters 3 --warmup 1"
+    "resnet18-fmnist-bf16|--model resnet18-fmnist --batch 128 --activations bf16 --iters 5 --warmup 1|$PEER --model resnet18-fmnist --batch 128 --autocast bf16 --iters 5 --warmup 1"
+    "resnet50-224-bf16|--model resnet50-imagenet --batch 16 --activations bf16 --iters 3 --warmup 1|$PEER --model resnet50 --batch 16 --autocast bf16 --iters 3 --warmup 1"
+    "bert-base-bf16|--model bert-base --batch 4 --activations bf16 --iters 3 --warmup 1|$PEER --model bert-base --batch 4 --mlm-head masked --autocast bf16 --iters 3 --warmup 1"
 )
 
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"

@@ -25,8 +25,9 @@ projecting every position onto the vocabulary, plain or KD; `masked` applies the
 
 Precision: by default student and teacher are f32. `--bf16-teacher` converts the teacher's
 weights to bf16 and runs its forward in bf16 (Recycle's teachers are bf16 on every device);
-`--bf16` adds bf16 autocast for the student's forward (Recycle's `resnet50-imagenet` and
-`bert-base` compute their activations in bf16). The JSON line names what was used.
+`--autocast bf16` runs the student's forward under bf16 autocast (its matmuls and
+convolutions in bf16: the equal-work peer of Recycle's `--activations bf16`); `--bf16` is
+both. The JSON line names what was used.
 
     python3 scripts/reference/torch_kd_overhead.py --model resnet18-fmnist --device cpu --loss kl
     python3 scripts/reference/torch_kd_overhead.py --model bert-tiny --mlm-head masked \\
@@ -74,6 +75,10 @@ def parse_args(argv):
     ap.add_argument("--bf16-teacher", action="store_true", help="teacher weights and forward in bf16")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 teacher, and bf16 autocast for the student's forward")
+    ap.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                    help="the student's forward under torch.autocast(dtype=bfloat16) (its "
+                         "matmuls and convolutions, and their backward, in bf16), the teacher "
+                         "as --bf16-teacher says")
     ap.add_argument("--iters", type=int, default=10, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=3, help="rounds run first and not timed")
     a = ap.parse_args(argv)
@@ -89,6 +94,7 @@ def parse_args(argv):
                  f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
     if a.bf16:
         a.bf16_teacher = True
+        a.autocast = "bf16"
     return a
 
 
@@ -188,7 +194,8 @@ class BertTask:
 
 def make_steps(task, a, dev):
     """plain, kd-kl, kd-mse and teacher-fwd as closures, each one whole step."""
-    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.bf16)
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                              enabled=a.autocast == "bf16")
     is_bert = isinstance(task, BertTask)
 
     def forward_ce():
@@ -253,7 +260,7 @@ def main(argv=None):
     ms = measure({k: steps[k] for k in wanted}, a.iters, a.warmup, dev)
     base = {
         "model": a.model, "device": a.device, "batch": a.batch,
-        "student_dtype": "bf16-autocast" if a.bf16 else "f32",
+        "student_dtype": "bf16-autocast" if a.autocast == "bf16" else "f32",
         "teacher_dtype": "bf16" if a.bf16_teacher else "f32",
         "kd_rows": task.rows, "iters": a.iters, "warmup": a.warmup,
         "torch": torch.__version__, "threads": torch.get_num_threads(),

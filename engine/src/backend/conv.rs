@@ -31,8 +31,9 @@
 //! Temporaries (columns, their gradients, gathered output gradients) come from the per-thread
 //! pool of `backend::scratch`, not a fresh zeroed allocation per call.
 //!
-//! With bf16 weights (a frozen teacher's) the forward runs in bf16 products
-//! (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them.
+//! With bf16 weights (a frozen teacher's, or a student's computing in bf16) the forward runs
+//! in bf16 products (`backend::gemm::gemm_bf16`, f32 accumulation) where the CPU has them,
+//! and the backward in `backend::conv_bf16`.
 //!
 //! Three schedules (measured in docs/benchmarks.md and docs/benchmarks-steps.md), picked by
 //! `ConvSchedule::auto`:
@@ -58,12 +59,10 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use half::bf16;
-
+pub use super::conv_bf16::conv2d_forward_bf16_cpu;
 use super::{scratch, Conv2dGeometry};
 use crate::backend::gemm::{
-    avx512_active, bf16_products_active, gemm_bf16, sgemm, sgemm_serial, Half,
-    SERIAL_GEMM_AVAILABLE,
+    avx512_active, bf16_products_active, sgemm, sgemm_serial, SERIAL_GEMM_AVAILABLE,
 };
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -121,7 +120,8 @@ pub fn conv2d_fwd(
     {
         let bias_read = bias.map(|b| b.read_f32()).transpose()?;
         if weight.dtype() == DType::BF16 && bf16_products_active() {
-            // A frozen bf16 teacher: bf16 products, f32 accumulation.
+            // bf16 weights (a frozen teacher's, or a student's computing in bf16): bf16
+            // products, f32 accumulation.
             conv2d_forward_bf16_cpu(
                 &x.read_f32()?,
                 &weight.read_bf16()?,
@@ -168,8 +168,13 @@ pub fn conv2d_bwd(
     let (x, w) = (&operands.x, &operands.weight);
     match crate::cuda::common_device(OP, &[x, w, dy])? {
         Device::Cpu => {
-            let grads =
-                conv2d_backward_cpu(&x.read_f32()?, &w.read_f32()?, &dy.read_f32()?, g, need)?;
+            let (xr, dyr) = (x.read_f32()?, dy.read_f32()?);
+            let grads = if w.dtype() == DType::BF16 && bf16_products_active() {
+                // bf16 weights (a student computing in bf16): bf16 products, as the forward.
+                super::conv_bf16::conv2d_backward_bf16_cpu(&xr, &w.read_bf16()?, &dyr, g, need)?
+            } else {
+                conv2d_backward_cpu(&xr, &w.read_f32()?, &dyr, g, need)?
+            };
             Ok([
                 grads.x.map(|d| Tensor::f32(d, x.shape())).transpose()?,
                 grads
@@ -240,7 +245,7 @@ impl ConvSchedule {
     }
 
     /// Images per single-thread product of `PerItem` / `Grouped`.
-    fn group(self) -> usize {
+    pub(super) fn group(self) -> usize {
         match self {
             ConvSchedule::Grouped { items } => items.max(1),
             _ => 1,
@@ -249,7 +254,7 @@ impl ConvSchedule {
 }
 
 /// `[cnt, O, P]` -> `[O, cnt * P]`: a group's output gradient in the layout of its columns.
-fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
+pub(super) fn gather_group(src: &[f32], cnt: usize, o: usize, p: usize, dst: &mut [f32]) {
     for (oc, row) in dst[..o * cnt * p].chunks_mut(cnt * p).enumerate() {
         for (b, d) in row.chunks_mut(p).enumerate() {
             copy_short(d, &src[(b * o + oc) * p..][..p]);
@@ -750,7 +755,7 @@ pub fn conv2d_forward_cpu_with(
 /// The forward of `PerItem` / `Grouped { items }`: groups of `items` images spread over the
 /// rayon threads, each group's columns side by side, `mm(cols, columns, out)` computing
 /// `out [O, columns] = W x cols [C*kh*kw, columns]` on the calling thread.
-fn grouped_forward(
+pub(super) fn grouped_forward(
     x: &[f32],
     bias: Option<&[f32]>,
     g: &Conv2dGeometry,
@@ -900,71 +905,6 @@ fn direct_forward(
                 }
             },
         );
-}
-
-/// `conv2d_forward_cpu` for bf16 weights, in bf16 products with f32 accumulation (the input
-/// rounded to bf16, see `gemm_bf16`): how `conv2d` runs a bf16 teacher where
-/// `bf16_products_active()`. Groups images as `ConvSchedule::auto` would.
-pub fn conv2d_forward_bf16_cpu(
-    x: &[f32],
-    weight: &[bf16],
-    bias: Option<&[f32]>,
-    g: &Conv2dGeometry,
-    out: &mut [f32],
-) -> Result<()> {
-    if x.len() < g.n * g.image()
-        || weight.len() < g.o * g.patch()
-        || out.len() < g.n * g.o * g.pixels()
-    {
-        return Err(Error::shape(
-            "conv2d",
-            format!(
-                "buffers of {}, {}, {} elements for input, weight, output; {g:?} needs {}, {}, {}",
-                x.len(),
-                weight.len(),
-                out.len(),
-                g.n * g.image(),
-                g.o * g.patch(),
-                g.n * g.o * g.pixels()
-            ),
-        ));
-    }
-    if let Some(b) = bias {
-        if b.len() < g.o {
-            return Err(Error::shape(
-                "conv2d",
-                format!("bias of {} elements for {} output channels", b.len(), g.o),
-            ));
-        }
-    }
-    let (ck, oimg) = (g.patch(), g.o * g.pixels());
-    if g.n == 0 || oimg == 0 {
-        return Ok(());
-    }
-    let out = &mut out[..g.n * oimg];
-    if ck == 0 {
-        out.chunks_mut(oimg).for_each(|o| {
-            o.fill(0.0);
-            add_bias(o, bias, g.pixels());
-        });
-        return Ok(());
-    }
-    let threads = rayon::current_num_threads();
-    let items = ConvSchedule::auto(g).group();
-    // Fewer images than threads: spread each product over the threads instead.
-    let parallel = g.n < threads;
-    grouped_forward(x, bias, g, out, items, |cols, columns, out| {
-        gemm_bf16(
-            g.o,
-            columns,
-            ck,
-            Half::Bf16(weight),
-            Half::F32(cols),
-            false,
-            out,
-            parallel,
-        )
-    })
 }
 
 /// Gradients of `conv2d`: input `[N, C, H, W]`, weight `[O, C, kh, kw]`, bias `[O]`, each
@@ -1254,7 +1194,7 @@ fn backward_cpu(
 /// `(images per run, images per product)` of the backward of `PerItem` / `Grouped`: runs as
 /// many as memory for their partial weight gradients allows within `BACKWARD_RUNS`, each a
 /// whole number of groups (but the last), from the shape, batch and schedule alone.
-fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
+pub(super) fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
     let (lo, hi) = BACKWARD_RUNS;
     let runs = (PARTIAL_DW_BUDGET / (g.o * g.patch()).max(1)).clamp(lo, hi);
     let items = schedule.group().clamp(1, g.n.max(1));
@@ -1264,7 +1204,7 @@ fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usize, usize) {
 
 /// `dst = parts[0] + parts[1] + ...`, each element summed in the order of `parts` (blocks of
 /// `dst` in parallel): the same bits however the blocks are scheduled.
-fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
+pub(super) fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
     const BLOCK: usize = 4096;
     dst.par_chunks_mut(BLOCK).enumerate().for_each(|(b, d)| {
         d.fill(0.0);

@@ -16,6 +16,8 @@ use gemm::Parallelism;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 
 static AVX512_ENABLED: AtomicBool = AtomicBool::new(true);
 static AVX512_ENV: OnceLock<bool> = OnceLock::new();
@@ -56,10 +58,7 @@ pub fn bf16_products_active() -> bool {
     {
         let env_on =
             *BF16_ENV.get_or_init(|| std::env::var("RECYCLE_BF16_PRODUCTS").as_deref() != Ok("0"));
-        env_on
-            && BF16_ENABLED.load(Ordering::Relaxed)
-            && avx512_active()
-            && avx512::bf16_available()
+        env_on && BF16_ENABLED.load(Ordering::Relaxed) && avx512_active() && bf16::bf16_available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -69,10 +68,11 @@ pub fn bf16_products_active() -> bool {
 
 /// `C[m, n] = A[m, k] * op(B)` with each product of two bf16 values (f32 operands rounded to
 /// bf16, to nearest even) and f32 accumulation, as a GPU's bf16 matmul computes; `A` is
-/// row-major, `B` is `[k, n]` or, when `trans_b`, `[n, k]`; C is overwritten. This is how a
-/// frozen bf16 teacher multiplies (twice the f32 kernel's speed). `parallel` spreads it over
-/// the rayon threads. An error where [`bf16_products_active`] is false (callers check it and
-/// take the f32 path instead).
+/// row-major, `B` is `[k, n]` or, when `trans_b`, `[n, k]`; C is overwritten. This is how bf16
+/// weights multiply (a frozen teacher's, or a student's computing in bf16): twice the f32
+/// kernel's multiply-adds per instruction. `parallel` spreads it over the rayon threads. An
+/// error where [`bf16_products_active`] is false (callers check it and take the f32 path
+/// instead).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(
     m: usize,
@@ -82,6 +82,126 @@ pub fn gemm_bf16(
     b: Half,
     trans_b: bool,
     c: &mut [f32],
+    parallel: bool,
+) -> Result<()> {
+    bf16_product(m, n, k, a, b, trans_b, c, false, parallel)
+}
+
+/// [`gemm_bf16`] adding onto `C` (`C += A * op(B)`): a weight gradient summed over the groups
+/// of a batch.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_accumulate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Half,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    parallel: bool,
+) -> Result<()> {
+    bf16_product(m, n, k, a, b, trans_b, c, true, parallel)
+}
+
+/// A left operand for [`gemm_bf16_packed`]: `A [m, k]` rounded to bf16 and laid out for the
+/// kernel once, for products that use it many times (a convolution's weight, once per group
+/// of images).
+pub struct Bf16Lhs {
+    m: usize,
+    k: usize,
+    #[cfg(target_arch = "x86_64")]
+    packed: bf16::PackedLhs,
+}
+
+impl Bf16Lhs {
+    /// `a [m, k]` (row-major) packed; an error where [`bf16_products_active`] is false.
+    pub fn pack(m: usize, k: usize, a: Half) -> Result<Bf16Lhs> {
+        if a.len() < m * k {
+            return Err(Error::shape(
+                "gemm_bf16",
+                format!("a left operand of {} elements for m={m} k={k}", a.len()),
+            ));
+        }
+        check_bf16_active()?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: AVX512_BF16 is present (checked above); the length too.
+            let packed = unsafe { bf16::PackedLhs::new(m, k, a) };
+            Ok(Bf16Lhs { m, k, packed })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 products are never active off x86_64")
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+}
+
+/// [`gemm_bf16`] (or, when `accumulate`, [`gemm_bf16_accumulate`]) on a packed left operand:
+/// `C[a.rows(), n] (+)= A * op(B)`.
+pub fn gemm_bf16_packed(
+    a: &Bf16Lhs,
+    n: usize,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) -> Result<()> {
+    let (m, k) = (a.m, a.k);
+    if b.len() < k * n || c.len() < m * n {
+        return Err(Error::shape(
+            "gemm_bf16",
+            format!(
+                "buffers of {}, {} elements for m={m} n={n} k={k}",
+                b.len(),
+                c.len()
+            ),
+        ));
+    }
+    check_bf16_active()?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512_BF16 is present (`check_bf16_active`); lengths checked above.
+    unsafe {
+        bf16::gemm_bf16_packed(&a.packed, n, b, trans_b, c, accumulate, parallel)
+    };
+    Ok(())
+}
+
+fn check_bf16_active() -> Result<()> {
+    if !bf16_products_active() {
+        return Err(Error::invalid(
+            "gemm_bf16",
+            "bf16 products need AVX512_BF16 (or were turned off): use sgemm".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bf16_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Half,
+    b: Half,
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
     parallel: bool,
 ) -> Result<()> {
     if a.len() < m * k || b.len() < k * n || c.len() < m * n {
@@ -95,23 +215,20 @@ pub fn gemm_bf16(
             ),
         ));
     }
-    if !bf16_products_active() {
-        return Err(Error::invalid(
-            "gemm_bf16",
-            "bf16 products need AVX512_BF16 (or were turned off): use sgemm".to_string(),
-        ));
-    }
+    check_bf16_active()?;
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        c[..m * n].fill(0.0);
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX512_BF16 is present (`bf16_products_active`); lengths checked above.
     unsafe {
-        avx512::gemm_bf16(m, n, k, a, b, trans_b, c, parallel)
+        bf16::gemm_bf16(m, n, k, a, b, trans_b, c, accumulate, parallel)
     };
     Ok(())
 }

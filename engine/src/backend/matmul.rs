@@ -23,13 +23,6 @@ use crate::backend::gemm::{
 };
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// The fewest output features for which `linear`'s backward with bf16 weights runs in bf16
-/// products: on narrower layers the bf16 kernel's packing (rounding each f32 operand) costs
-/// more than it saves, and widening the weights for `sgemm` is faster (the example
-/// `linear_bf16` on an AVX512_BF16 Xeon, 2026-12-07: 1.1-2.7x slower for BERT's 128- to
-/// 3072-wide layers, 0.8x for the 30522-wide vocabulary projection).
-pub const BF16_BACKWARD_MIN_OUT: usize = 8192;
-
 /// `op(a) op(b)` for the product(s) `d` made from their shapes (2-D operands: one product;
 /// rank >= 3: a batch), on their device.
 pub fn matmul_fwd(a: &Tensor, b: &Tensor, d: &ProductDims) -> Result<Tensor> {
@@ -154,9 +147,7 @@ pub fn linear_bwd(
     check_output_grad(OP, dy, d)?;
     match crate::cuda::common_device(OP, &[x, weight, dy])? {
         Device::Cpu => {
-            let bf16_backward = weight.dtype() == DType::BF16
-                && bf16_products_active()
-                && d.n >= BF16_BACKWARD_MIN_OUT;
+            let bf16_backward = weight.dtype() == DType::BF16 && bf16_products_active();
             let (dx, dw, db) = if bf16_backward {
                 // The backward of the bf16 forward above, in bf16 products as well.
                 linear_backward_bf16_cpu(

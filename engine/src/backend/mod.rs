@@ -12,6 +12,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod conv_bf16;
 pub mod dropout;
 pub mod elementwise;
 pub mod gather;
