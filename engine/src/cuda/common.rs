@@ -102,7 +102,8 @@ pub(crate) fn output(
     Ok(out)
 }
 
-/// `t` in `dtype` (a cast on the device when it differs).
+/// `t` in `dtype` (a cast on the device when it differs); the CUDA arm of
+/// [`crate::backend::elementwise::to_compute_dtype`].
 pub(crate) fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
         Ok(t.clone())

@@ -6,9 +6,7 @@
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
-use super::common::{
-    as_dtype, empty, grid_stride, grid_stride_call, output, p, run, view, with_float,
-};
+use super::common::{empty, grid_stride, grid_stride_call, output, p, run, view, with_float};
 use super::launch::{fit_u32, shape_err, KernelCall};
 use super::DeviceBuffer;
 use crate::backend::{Activation, BinaryOp};
@@ -187,12 +185,6 @@ pub(crate) fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tenso
     output(&xv.ctx, dtype, x.shape(), |y| {
         scalar_plan(base, xv.ptr, y, xv.len, s, dtype)
     })
-}
-
-/// `t` in `dtype` (itself when it has it): the CUDA arm of
-/// [`crate::backend::elementwise::to_compute_dtype`].
-pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    as_dtype(t, dtype)
 }
 
 /// The CUDA arm of [`crate::backend::elementwise::binary_fwd`]: same dtypes; same shapes in one

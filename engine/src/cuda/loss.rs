@@ -18,7 +18,7 @@ use crate::{DType, Result, Tensor};
 
 /// The device buffers both passes read: the logits, the i32 labels and the rows' lse (f32,
 /// written by the forward).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Inputs {
     logits: u64,
     labels: u64,

@@ -63,7 +63,6 @@ pub(crate) fn layernorm_fwd_plan(
 
 /// The layer-norm backward's device buffers: `dx` (always written), the parameter gradients
 /// (f32, overwritten) and `partial` (`cfg.partial_len` f32 of scratch).
-#[derive(Default)]
 pub(crate) struct LayerNormBwd {
     pub x: u64,
     pub dy: u64,
@@ -190,7 +189,6 @@ pub(crate) fn layer_norm_bwd(
 /// The batch-norm training statistics' device buffers: per-channel `mean`, biased `var` and
 /// `inv_std` (f32 `[c]`), the running statistics (updated in place) and `partial`
 /// (`r.scratch_f64` f64).
-#[derive(Default)]
 pub(crate) struct BatchNormStatsBufs {
     pub x: u64,
     pub partial: u64,
@@ -236,7 +234,6 @@ pub(crate) fn batchnorm_stats_plan(
 
 /// The batch-norm affine map's device buffers: `mean` and `stat` are the batch mean and
 /// inv_std, or in evaluation the running mean and variance.
-#[derive(Default)]
 pub(crate) struct BatchNormFwd {
     pub x: u64,
     pub y: u64,
@@ -278,7 +275,6 @@ pub(crate) fn batchnorm_fwd_plan(
 
 /// The batch-norm backward's device buffers: the per-channel sums `sum_dy`, `sum_dyx` and the
 /// parameter gradients (f32, overwritten), `dx`, and `partial` (`r.scratch_f64` f64).
-#[derive(Default)]
 pub(crate) struct BatchNormBwd {
     pub x: u64,
     pub dy: u64,
