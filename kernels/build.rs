@@ -472,6 +472,12 @@ fn generated_module(built: Option<(&Path, &NvccInfo)>, out: &Path) -> String {
     for f in FAMILIES {
         writeln!(m, "    ({f:?}, {}),", f.to_uppercase()).unwrap();
     }
+    m.push_str("];\n\n/// Every family's source, in build order (the kernel simulator's input).\n");
+    m.push_str("pub static SOURCES: &[(&str, &str)] = &[\n");
+    for f in FAMILIES {
+        let src = format!("concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/src/{f}.cu\")");
+        writeln!(m, "    ({f:?}, include_str!({src})),").unwrap();
+    }
     m.push_str("];\n");
     m
 }

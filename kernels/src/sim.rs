@@ -28,21 +28,6 @@ use std::sync::OnceLock;
 
 use crate::launch::LaunchConfig;
 
-/// Every family's source, for the build (a test checks this list against `launchers::FAMILIES`).
-const FAMILY_SOURCES: &[(&str, &str)] = &[
-    ("elementwise", include_str!("elementwise.cu")),
-    ("softmax", include_str!("softmax.cu")),
-    ("layernorm", include_str!("layernorm.cu")),
-    ("batchnorm", include_str!("batchnorm.cu")),
-    ("embedding", include_str!("embedding.cu")),
-    ("dropout", include_str!("dropout.cu")),
-    ("cross_entropy", include_str!("cross_entropy.cu")),
-    ("optimizers", include_str!("optimizers.cu")),
-    ("kd_loss", include_str!("kd_loss.cu")),
-    ("pool", include_str!("pool.cu")),
-    ("layout", include_str!("layout.cu")),
-];
-
 const COMMON_CUH: &str = include_str!("common.cuh");
 const SIMT_HPP: &str = include_str!("../sim/simt.hpp");
 const LAUNCH_CPP: &str = include_str!("../sim/launch.cpp");
@@ -292,7 +277,7 @@ fn build_library() -> Result<PathBuf, SimError> {
             family_unit("selftest", SELFTEST_KERNELS),
         ),
     ];
-    for (family, source) in FAMILY_SOURCES {
+    for (family, source) in crate::generated::SOURCES {
         let kernels = crate::launchers::FAMILIES
             .iter()
             .find(|(f, _)| f == family)
@@ -543,13 +528,6 @@ impl fmt::Debug for SimBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_family_has_its_source_here() {
-        let here: Vec<&str> = FAMILY_SOURCES.iter().map(|(f, _)| *f).collect();
-        let named: Vec<&str> = crate::launchers::FAMILIES.iter().map(|(f, _)| *f).collect();
-        assert_eq!(here, named);
-    }
 
     #[test]
     fn guards_catch_writes_past_either_end() {

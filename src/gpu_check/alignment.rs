@@ -7,17 +7,9 @@
 //! the bias epilogue. Activations are whole allocations (256 bytes). cuBLASLt's heuristics may
 //! have no bf16 algorithm for an operand under 16 bytes of alignment, so those are listed.
 
-use crate::trainer::Architecture;
+use recycle_engine::cuda::operand_alignment as alignment;
 
-/// What cuBLASLt may assume for an address (as `cuda::blas::alignment`): the largest power
-/// of two dividing it, at most 256.
-pub fn alignment(byte_offset: u64) -> u32 {
-    if byte_offset == 0 {
-        256
-    } else {
-        (1u64 << byte_offset.trailing_zeros().min(8)) as u32
-    }
-}
+use crate::trainer::Architecture;
 
 /// One parameter that reaches cuBLASLt: its name, shape, role (a matmul operand or the bias
 /// of the epilogue) and its alignment in the f32 master buffer and the bf16 working copy.
@@ -95,15 +87,6 @@ mod tests {
             Architecture::Bert(BertConfig::base(30_522)),
         ));
         cases
-    }
-
-    #[test]
-    fn alignment_is_the_largest_power_of_two_up_to_256() {
-        assert_eq!(alignment(0), 256);
-        assert_eq!(alignment(4), 4);
-        assert_eq!(alignment(48), 16);
-        assert_eq!(alignment(1 << 20), 256);
-        assert_eq!(alignment(6), 2);
     }
 
     /// The table of docs/gpu-check.md ("Pre-flights"): per model, the operands and how many

@@ -42,13 +42,10 @@ pub(super) fn allocation_check(c: &mut Checker) -> Result<(u64, String)> {
     let p_gpu = FlatParams::new(&specs, c.device)?;
     let mut o_cpu = Sgdw::paper(p_cpu.len(), 0.05)?;
     let mut o_gpu = Sgdw::paper(p_gpu.len(), 0.05)?;
-    let ordinal = match c.device {
-        Device::Cuda(n) => n,
-        Device::Cpu => 0,
-    };
+    let ordinal = super::ordinal_of(c.device)?;
     let mut losses = (Vec::new(), Vec::new());
     let mut per_step = 0;
-    for step in 0..3 {
+    for _ in 0..3 {
         let before = cuda::alloc_stats(ordinal)?;
         losses
             .1
@@ -58,7 +55,6 @@ pub(super) fn allocation_check(c: &mut Checker) -> Result<(u64, String)> {
         losses
             .0
             .push(synthetic_step(&p_cpu, &mut o_cpu, &x_cpu, &labels_cpu)?);
-        let _ = step;
     }
     let l_gpu = Tensor::f32(losses.1, &[3])?;
     let l_cpu = Tensor::f32(losses.0, &[3])?;

@@ -57,14 +57,8 @@ impl Checker {
         cpu: &Tensor,
         tol: f64,
     ) -> Result<()> {
-        let err = if gpu.shape() != cpu.shape() {
-            f64::INFINITY
-        } else if dtype == DType::BF16 {
-            // bf16 intermediates (GPU) against f32 ones (CPU): see `max_scaled_err`.
-            max_scaled_err(&gpu.to_vec_f32()?, &cpu.to_vec_f32()?)
-        } else {
-            max_rel_err(&gpu.to_vec_f32()?, &cpu.to_vec_f32()?)
-        };
+        // bf16 intermediates (GPU) against f32 ones (CPU): see `max_scaled_err`.
+        let err = op_table::error(dtype, gpu, cpu)?;
         self.record_err(op, shapes, dtype, err, tol);
         Ok(())
     }

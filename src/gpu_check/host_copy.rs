@@ -3,20 +3,10 @@
 //! context's counters.
 
 use recycle_engine::ops;
-use recycle_engine::{cuda, DType, Device, Error, Result, Tape, Tensor};
+use recycle_engine::{cuda, DType, Device, Result, Tape, Tensor};
 
 use super::checker::{dims, Checker};
-
-/// The GPU behind `device` (`cuda:N`).
-fn ordinal_of(device: Device) -> Result<usize> {
-    match device {
-        Device::Cuda(n) => Ok(n),
-        Device::Cpu => Err(Error::invalid(
-            "gpu-check",
-            "compares a GPU with the CPU: give a CUDA device (cuda:N)".to_string(),
-        )),
-    }
-}
+use super::ordinal_of;
 
 /// Bytes copied device → host on `device` so far (the context's counter).
 pub(super) fn bytes_to_host(device: Device) -> Result<u64> {

@@ -252,6 +252,17 @@ pub struct RunOptions {
     pub deadline: Option<Instant>,
 }
 
+/// The GPU behind `device` (`cuda:N`).
+fn ordinal_of(device: Device) -> Result<usize> {
+    match device {
+        Device::Cuda(n) => Ok(n),
+        Device::Cpu => Err(Error::invalid(
+            "gpu-check",
+            "compares a GPU with the CPU: give a CUDA device (cuda:N)".to_string(),
+        )),
+    }
+}
+
 /// Runs every check on `device` (a GPU) and returns the report; the first error is opening
 /// the device when there is none.
 pub fn run(device: Device) -> Result<GpuCheckReport> {
@@ -261,15 +272,7 @@ pub fn run(device: Device) -> Result<GpuCheckReport> {
 /// [`run`], reporting as `opts` says. Errors: no GPU (opening the device), the table file
 /// cannot be written; a failing group is a row of the report, not an error.
 pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
-    let ordinal = match device {
-        Device::Cuda(n) => n,
-        Device::Cpu => {
-            return Err(Error::invalid(
-                "gpu-check",
-                "compares a GPU with the CPU: give a CUDA device (cuda:N)".to_string(),
-            ))
-        }
-    };
+    let ordinal = ordinal_of(device)?;
     let info = cuda::device_info(ordinal)?;
     let header = device_line(&info);
     let mut c = Checker::new(device);

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use recycle_engine::optim::Sgdw;
-use recycle_engine::{cuda, DType, Device, Error, Result};
+use recycle_engine::{cuda, DType, Device, Result};
 use recycle_models::{BertConfig, ResNetConfig};
 
 use super::models::{batch_text, image_batch};
@@ -130,15 +130,7 @@ fn time_steps(
 /// run after `run` (`recycle gpu-check` prints the table first). A model that fails to step
 /// gets its error in its row; the error returned is the device's (none, or not a GPU).
 pub fn throughput(device: Device, opts: &ThroughputOptions) -> Result<Vec<ThroughputRow>> {
-    let ordinal = match device {
-        Device::Cuda(n) => n,
-        Device::Cpu => {
-            return Err(Error::invalid(
-                "gpu-check",
-                "measures a GPU: give a CUDA device (cuda:N)".to_string(),
-            ))
-        }
-    };
+    let ordinal = super::ordinal_of(device)?;
     cuda::device_info(ordinal)?;
     let mut rows = Vec::new();
     for (model, arch, batch, activations) in throughput_cases()? {

@@ -40,7 +40,7 @@ const BIAS_ROWS_PER_BLOCK: usize = 256;
 pub fn to_compute_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     match t.device() {
         Device::Cpu => Ok(t.clone()),
-        d @ Device::Cuda(_) => crate::on_cuda!(d, crate::cuda::elementwise::to_dtype(t, dtype)),
+        d @ Device::Cuda(_) => crate::on_cuda!(d, crate::cuda::common::as_dtype(t, dtype)),
     }
 }
 

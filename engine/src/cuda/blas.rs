@@ -17,8 +17,8 @@
 //! not match the CPU twin.
 //!
 //! Plans: the descriptors and the heuristic's algorithm are made once per problem ([`Gemm`]:
-//! shape, transposes, types, epilogue) and operand alignment ([`alignment`]) and kept in the
-//! context; the workspace (at most [`MAX_WORKSPACE`]) is one buffer per stream role, grown
+//! shape, transposes, types, epilogue) and operand alignment
+//! ([`super::operand_alignment`]) and kept in the context; the workspace (at most [`MAX_WORKSPACE`]) is one buffer per stream role, grown
 //! when a plan needs more. A product runs on the calling thread's current stream (the
 //! student's, or the teacher's inside a `cuda::on_stream` scope) and uses that stream's
 //! workspace: products queued on one stream run one after another, so they can share a
@@ -34,6 +34,7 @@ use std::sync::Arc;
 use cudarc::cublaslt::{result as lt, sys};
 
 use super::libs::{self, Library};
+use super::operand_alignment as alignment;
 use super::{CudaContext, DeviceBuffer, StreamRole};
 use crate::{DType, Error, Result};
 
@@ -144,19 +145,6 @@ impl Gemm {
             },
             batch: self.batch as i32,
         }
-    }
-}
-
-/// The alignment cuBLASLt may assume for a device address: the largest power of two dividing
-/// it, at most 256. Its default assumption is 256 bytes, which a parameter (a view at any
-/// offset of the flat buffer) need not meet: an algorithm chosen for aligned operands would
-/// be refused at the call. So the plan is chosen for the operands' actual alignments, which
-/// are part of its key.
-pub(crate) fn alignment(ptr: u64) -> u32 {
-    if ptr == 0 {
-        256
-    } else {
-        (1u64 << ptr.trailing_zeros().min(8)) as u32
     }
 }
 
@@ -366,14 +354,8 @@ pub(crate) fn gemm(
             Plan::new(ordinal, handle, &key)
         })?),
     };
-    // The current stream's workspace: replacing a smaller one frees it on this stream, after
-    // the products that used it (all queued on this stream).
-    let workspace = &mut blas.workspaces[ctx.current_role().index()];
-    let have = workspace.as_ref().map_or(0, |w| w.bytes());
-    if plan.workspace > have {
-        *workspace = Some(DeviceBuffer::alloc(ctx, plan.workspace)?);
-    }
-    let ws = workspace.as_ref().map_or(0, |w| w.ptr());
+    let role = ctx.current_role().index();
+    let ws = DeviceBuffer::workspace(ctx, &mut blas.workspaces[role], plan.workspace)?;
     if g.bias {
         // SAFETY: the descriptor is alive; the attribute takes a device pointer.
         unsafe {
@@ -509,15 +491,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn alignments_are_the_largest_power_of_two_up_to_256() {
-        assert_eq!(alignment(0x7f00_0000_0000), 256);
-        assert_eq!(alignment(0x7f00_0000_0004), 4);
-        assert_eq!(alignment(0x7f00_0000_0010), 16);
-        assert_eq!(alignment(0x7f00_0000_0082), 2);
-        assert_eq!(alignment(0), 256);
     }
 
     #[test]

@@ -89,7 +89,21 @@ pub(crate) fn empty(ctx: &Arc<CudaContext>, dtype: DType, shape: &[usize]) -> Re
     Ok(Tensor::from_device_buffer(buf, dtype, shape))
 }
 
-/// `t` in `dtype` (a cast on the device when it differs).
+/// A new `dtype` tensor of `shape` on `ctx`'s GPU, written by the calls `plan` builds for its
+/// address.
+pub(crate) fn output(
+    ctx: &Arc<CudaContext>,
+    dtype: DType,
+    shape: &[usize],
+    plan: impl FnOnce(u64) -> Result<Vec<KernelCall>>,
+) -> Result<Tensor> {
+    let out = empty(ctx, dtype, shape)?;
+    run(ctx, &plan(out.cuda_view("output")?.ptr)?)?;
+    Ok(out)
+}
+
+/// `t` in `dtype` (a cast on the device when it differs); the CUDA arm of
+/// [`crate::backend::elementwise::to_compute_dtype`].
 pub(crate) fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype {
         Ok(t.clone())

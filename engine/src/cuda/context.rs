@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, sys, CudaEvent, CudaStream};
@@ -64,17 +63,9 @@ pub(crate) fn get(ordinal: usize) -> Result<Arc<CudaContext>> {
     let probe = probe::probe(ordinal).map_err(Error::Device)?;
     // The probe checked the driver version, so every symbol cudarc looks up exists; a panic
     // from it would still be a bug in this assumption, so it becomes an error, not an abort.
-    let made = catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal, probe))).unwrap_or_else(
-        |p| {
-            let what = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(Error::Device(format!(
-                "cuda:{ordinal}: the CUDA bindings failed while making the context: {what}"
-            )))
-        },
+    let made = super::libs::unpanicked(
+        || CudaContext::new(ordinal, probe),
+        |what| format!("cuda:{ordinal}: the CUDA bindings failed while making the context: {what}"),
     )?;
     let made = Arc::new(made);
     map.insert(ordinal, made.clone());

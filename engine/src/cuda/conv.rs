@@ -8,7 +8,7 @@
 
 use super::common::{as_dtype, empty, run, view};
 use super::dnn::{self, ConvKey, ConvPtrs, Direction};
-use super::elementwise::{channel_add_plan, channel_sum_plan};
+use super::elementwise::{bias_add_bwd, channel_add_plan};
 use crate::backend::conv::ConvOperands;
 use crate::backend::Conv2dGeometry;
 use crate::{DType, Result, Tensor};
@@ -122,17 +122,7 @@ pub(crate) fn conv2d_bwd(
                 return Tensor::zeros(&[g.o], DType::F32, device);
             }
             // Per channel, the sum over images and pixels: f32 `[O]`.
-            let s = empty(&ctx, DType::F32, &[g.o])?;
-            let plan = channel_sum_plan(
-                view(&dy, BW)?.ptr,
-                view(&s, BW)?.ptr,
-                g.n,
-                g.o,
-                g.oh * g.ow,
-                dtype,
-            )?;
-            run(&ctx, &plan)?;
-            Ok(s)
+            bias_add_bwd(&dy, g.o, g.oh * g.ow)
         })
         .transpose()?;
     Ok([dx, dw, db])

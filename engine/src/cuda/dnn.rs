@@ -185,37 +185,6 @@ fn dnn_err(ordinal: usize, what: &str) -> impl Fn(dnn::CudnnError) -> Error + '_
 const SUCCESS: sys::cudnnStatus_t = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
 const DETERMINISTIC: sys::cudnnDeterminism_t = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
 
-/// Picks from a heuristic's list (`perf` structs of one direction).
-macro_rules! pick {
-    ($ordinal:expr, $key:expr, $dir:expr, $perfs:expr, $count:expr) => {{
-        let perfs = &$perfs[..($count.max(0) as usize).min($perfs.len())];
-        let cands: Vec<Candidate> = perfs
-            .iter()
-            .map(|p| Candidate {
-                ok: p.status == SUCCESS,
-                deterministic: p.determinism == DETERMINISTIC,
-                memory: p.memory,
-                math_allowed: $key.math_allowed(p.mathType),
-            })
-            .collect();
-        let i = choose(&cands).ok_or_else(|| {
-            Error::Device(format!(
-                "cuda:{}: cuDNN offers no deterministic {:?} algorithm within {} MiB of \
-                 workspace for {:?}",
-                $ordinal,
-                $dir,
-                MAX_WORKSPACE >> 20,
-                $key
-            ))
-        })?;
-        Chosen {
-            algo: perfs[i].algo,
-            math: $key.run_math(perfs[i].mathType),
-            workspace: perfs[i].memory,
-        }
-    }};
-}
-
 impl Plan {
     fn new(ordinal: usize, key: &ConvKey) -> Result<Plan> {
         let err = |w| dnn_err(ordinal, w);
@@ -271,8 +240,9 @@ impl Plan {
             .map_err(dnn_err(ordinal, "setting the math type"))
     }
 
-    /// The algorithm of `dir`, chosen on first use; its workspace is the size cuDNN asks for
-    /// with the math type it runs with.
+    /// The algorithm of `dir`, chosen on first use: the first of the heuristic's list that
+    /// [`choose`] allows; its workspace is the size cuDNN asks for with the math type it runs
+    /// with.
     fn choose(
         &mut self,
         ordinal: usize,
@@ -281,76 +251,89 @@ impl Plan {
         dir: Direction,
     ) -> Result<()> {
         let err = |w| dnn_err(ordinal, w);
-        let mut count: c_int = 0;
+        // One direction: its slot, perf type, heuristic and workspace query (`cudnnGet…`), and
+        // the descriptors in the order both take.
+        macro_rules! choose_for {
+            ($slot:ident, $perf:ty, $get:ident, $size:ident, $what:literal, $d0:ident, $d1:ident, $d2:ident) => {{
+                if self.$slot.is_some() {
+                    return Ok(());
+                }
+                let mut perfs: [$perf; 8] = std::mem::zeroed();
+                let mut count: c_int = 0;
+                dnn::$get(
+                    handle,
+                    self.$d0,
+                    self.$d1,
+                    self.conv,
+                    self.$d2,
+                    perfs.len() as c_int,
+                    &mut count,
+                    perfs.as_mut_ptr(),
+                )
+                .map_err(err(concat!("cudnnGetConvolution", $what, "Algorithm_v7")))?;
+                let perfs = &perfs[..(count.max(0) as usize).min(perfs.len())];
+                let cands: Vec<Candidate> = perfs
+                    .iter()
+                    .map(|p| Candidate {
+                        ok: p.status == SUCCESS,
+                        deterministic: p.determinism == DETERMINISTIC,
+                        memory: p.memory,
+                        math_allowed: key.math_allowed(p.mathType),
+                    })
+                    .collect();
+                let i = choose(&cands).ok_or_else(|| {
+                    Error::Device(format!(
+                        "cuda:{ordinal}: cuDNN offers no deterministic {dir:?} algorithm \
+                         within {} MiB of workspace for {key:?}",
+                        MAX_WORKSPACE >> 20
+                    ))
+                })?;
+                let (algo, math) = (perfs[i].algo, key.run_math(perfs[i].mathType));
+                self.run_math(ordinal, math)?;
+                let workspace =
+                    dnn::$size(handle, self.$d0, self.$d1, self.conv, self.$d2, algo)
+                        .map_err(err(concat!("cudnnGetConvolution", $what, "WorkspaceSize")))?;
+                self.$slot = Some(Chosen {
+                    algo,
+                    math,
+                    workspace,
+                });
+            }};
+        }
         // SAFETY (each arm): the descriptors are alive; the perf arrays hold as many entries
         // as requested; zeroed perf structs are valid values (every enum has a 0 variant).
         unsafe {
             match dir {
-                Direction::Forward if self.fwd.is_none() => {
-                    let mut perfs: [sys::cudnnConvolutionFwdAlgoPerf_t; 8] = std::mem::zeroed();
-                    dnn::get_convolution_forward_algorithm(
-                        handle,
-                        self.x,
-                        self.w,
-                        self.conv,
-                        self.y,
-                        perfs.len() as c_int,
-                        &mut count,
-                        perfs.as_mut_ptr(),
-                    )
-                    .map_err(err("cudnnGetConvolutionForwardAlgorithm_v7"))?;
-                    let mut c = pick!(ordinal, key, dir, perfs, count);
-                    self.run_math(ordinal, c.math)?;
-                    c.workspace = dnn::get_convolution_forward_workspace_size(
-                        handle, self.x, self.w, self.conv, self.y, c.algo,
-                    )
-                    .map_err(err("cudnnGetConvolutionForwardWorkspaceSize"))?;
-                    self.fwd = Some(c);
-                }
-                Direction::BackwardData if self.bwd_data.is_none() => {
-                    let mut perfs: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
-                    dnn::get_convolution_backward_data_algorithm(
-                        handle,
-                        self.w,
-                        self.y,
-                        self.conv,
-                        self.x,
-                        perfs.len() as c_int,
-                        &mut count,
-                        perfs.as_mut_ptr(),
-                    )
-                    .map_err(err("cudnnGetConvolutionBackwardDataAlgorithm_v7"))?;
-                    let mut c = pick!(ordinal, key, dir, perfs, count);
-                    self.run_math(ordinal, c.math)?;
-                    c.workspace = dnn::get_convolution_backward_data_workspace_size(
-                        handle, self.w, self.y, self.conv, self.x, c.algo,
-                    )
-                    .map_err(err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?;
-                    self.bwd_data = Some(c);
-                }
-                Direction::BackwardFilter if self.bwd_filter.is_none() => {
-                    let mut perfs: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 8] =
-                        std::mem::zeroed();
-                    dnn::get_convolution_backward_filter_algorithm(
-                        handle,
-                        self.x,
-                        self.y,
-                        self.conv,
-                        self.w,
-                        perfs.len() as c_int,
-                        &mut count,
-                        perfs.as_mut_ptr(),
-                    )
-                    .map_err(err("cudnnGetConvolutionBackwardFilterAlgorithm_v7"))?;
-                    let mut c = pick!(ordinal, key, dir, perfs, count);
-                    self.run_math(ordinal, c.math)?;
-                    c.workspace = dnn::get_convolution_backward_filter_workspace_size(
-                        handle, self.x, self.y, self.conv, self.w, c.algo,
-                    )
-                    .map_err(err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?;
-                    self.bwd_filter = Some(c);
-                }
-                _ => {}
+                Direction::Forward => choose_for!(
+                    fwd,
+                    sys::cudnnConvolutionFwdAlgoPerf_t,
+                    get_convolution_forward_algorithm,
+                    get_convolution_forward_workspace_size,
+                    "Forward",
+                    x,
+                    w,
+                    y
+                ),
+                Direction::BackwardData => choose_for!(
+                    bwd_data,
+                    sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                    get_convolution_backward_data_algorithm,
+                    get_convolution_backward_data_workspace_size,
+                    "BackwardData",
+                    w,
+                    y,
+                    x
+                ),
+                Direction::BackwardFilter => choose_for!(
+                    bwd_filter,
+                    sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+                    get_convolution_backward_filter_algorithm,
+                    get_convolution_backward_filter_workspace_size,
+                    "BackwardFilter",
+                    x,
+                    y,
+                    w
+                ),
             }
         }
         Ok(())
@@ -478,14 +461,8 @@ pub(crate) fn convolve(
         Direction::BackwardFilter => plan.bwd_filter.map(|c| (c.math, c.workspace)),
     }
     .expect("chosen above");
-    // The current stream's workspace: replacing a smaller one frees it on this stream, after
-    // the convolutions that used it (all queued on this stream).
     let role = state.role_handle(ctx)?;
-    let have = role.workspace.as_ref().map_or(0, |w| w.bytes());
-    if workspace > have {
-        role.workspace = Some(DeviceBuffer::alloc(ctx, workspace)?);
-    }
-    let ws = role.workspace.as_ref().map_or(0, |w| w.ptr()) as *mut c_void;
+    let ws = DeviceBuffer::workspace(ctx, &mut role.workspace, workspace)? as *mut c_void;
     let plan = &state.plans[key];
     let err = dnn_err(ordinal, "convolution");
     let (alpha, beta) = (1f32, 0f32);
@@ -500,52 +477,30 @@ pub(crate) fn convolve(
     libs::guarded(Library::Cudnn, ordinal, || unsafe {
         // The heuristic's algorithm runs with the math type it was ranked with.
         dnn::set_convolution_math_type(plan.conv, math).map_err(dnn_err(ordinal, "math type"))?;
+        // Reads the first two, writes the third (descriptor and address alike).
+        macro_rules! run {
+            ($f:ident, $slot:ident, $in0:ident, $in1:ident, $out:ident) => {
+                dnn::$f(
+                    handle,
+                    a,
+                    plan.$in0,
+                    p.$in0 as *const c_void,
+                    plan.$in1,
+                    p.$in1 as *const c_void,
+                    plan.conv,
+                    plan.$slot.expect("chosen").algo,
+                    ws,
+                    workspace,
+                    b,
+                    plan.$out,
+                    p.$out as *mut c_void,
+                )
+            };
+        }
         match dir {
-            Direction::Forward => dnn::convolution_forward(
-                handle,
-                a,
-                plan.x,
-                p.x as *const c_void,
-                plan.w,
-                p.w as *const c_void,
-                plan.conv,
-                plan.fwd.expect("chosen").algo,
-                ws,
-                workspace,
-                b,
-                plan.y,
-                p.y as *mut c_void,
-            ),
-            Direction::BackwardData => dnn::convolution_backward_data(
-                handle,
-                a,
-                plan.w,
-                p.w as *const c_void,
-                plan.y,
-                p.y as *const c_void,
-                plan.conv,
-                plan.bwd_data.expect("chosen").algo,
-                ws,
-                workspace,
-                b,
-                plan.x,
-                p.x as *mut c_void,
-            ),
-            Direction::BackwardFilter => dnn::convolution_backward_filter(
-                handle,
-                a,
-                plan.x,
-                p.x as *const c_void,
-                plan.y,
-                p.y as *const c_void,
-                plan.conv,
-                plan.bwd_filter.expect("chosen").algo,
-                ws,
-                workspace,
-                b,
-                plan.w,
-                p.w as *mut c_void,
-            ),
+            Direction::Forward => run!(convolution_forward, fwd, x, w, y),
+            Direction::BackwardData => run!(convolution_backward_data, bwd_data, w, y, x),
+            Direction::BackwardFilter => run!(convolution_backward_filter, bwd_filter, x, y, w),
         }
         .map_err(err)
     })

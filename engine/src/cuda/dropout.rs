@@ -9,7 +9,7 @@
 
 use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, grid_stride, p as ptr, run, view};
+use super::common::{as_dtype, grid_stride, output, p as ptr, view};
 use super::launch::KernelCall;
 use crate::backend::dropout::keep_scale;
 use crate::{DType, Error, Result, Tensor};
@@ -45,19 +45,9 @@ pub(crate) fn dropout_plan(
 /// its backward (`0 < p < 1`): the output in `t`'s dtype.
 pub(crate) fn dropout(t: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let xv = view(t, "dropout")?;
-    let out = empty(&xv.ctx, t.dtype(), t.shape())?;
-    run(
-        &xv.ctx,
-        &dropout_plan(
-            xv.ptr,
-            view(&out, "dropout")?.ptr,
-            xv.len,
-            p,
-            seed,
-            t.dtype(),
-        )?,
-    )?;
-    Ok(out)
+    output(&xv.ctx, t.dtype(), t.shape(), |y| {
+        dropout_plan(xv.ptr, y, xv.len, p, seed, t.dtype())
+    })
 }
 
 /// The CUDA arm of [`crate::backend::dropout::dropout_bwd`]: the mask of the forward on `dy`

@@ -180,35 +180,23 @@ pub(crate) fn gather_bwd(
 mod tests {
     use super::*;
 
+    /// No ids: the table's gradient is zero; only the integer prefix and the accumulation
+    /// (which writes the zero rows) run. No ids forward: nothing.
     #[test]
-    fn gather_plans_have_valid_launch_shapes() {
+    fn no_ids_launch_only_what_zeroes_the_gradient() {
+        let s = BwdBuffers {
+            ids: 1,
+            g: 2,
+            dweight: 3,
+            counts: 10,
+            totals: 11,
+            starts: 12,
+            order: 13,
+        };
         for dt in [DType::F32, DType::BF16] {
-            let plan = gather_fwd_plan(1, 2, 3, 4096, 768, 30_522, dt).unwrap();
-            assert_eq!(plan.len(), 1);
-            plan[0].check().unwrap();
-            let cfg = kl::embedding_backward(4096, 30_522, 768).unwrap().unwrap();
-            let s = BwdBuffers {
-                ids: 1,
-                g: 2,
-                dweight: 3,
-                counts: 10,
-                totals: 11,
-                starts: 12,
-                order: 13,
-            };
-            let plan = gather_bwd_plan(&cfg, &s, 4096, 768, 30_522, dt).unwrap();
-            assert_eq!(plan.len(), 5);
-            for c in &plan {
-                c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
-            }
-            // No ids: the table's gradient is zero; only the integer prefix and the
-            // accumulation (which writes the zero rows) run.
             let cfg = kl::embedding_backward(0, 10, 4).unwrap().unwrap();
             let plan = gather_bwd_plan(&cfg, &s, 0, 4, 10, dt).unwrap();
             assert_eq!(plan.len(), 3);
-            for c in &plan {
-                c.check().unwrap_or_else(|e| panic!("{}: {e}", c.kernel));
-            }
         }
         assert!(gather_fwd_plan(1, 2, 3, 0, 8, 10, DType::F32)
             .unwrap()

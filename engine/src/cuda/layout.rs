@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, grid_stride_call, p, run, view, with_float};
+use super::common::{as_dtype, empty, grid_stride_call, output, p, run, view, with_float};
 use super::elementwise::scalar_raw;
 use super::launch::KernelCall;
 use super::{memory, CudaContext, DeviceBuffer};
@@ -248,18 +248,11 @@ pub(crate) fn sum_to_shape(g: &Tensor, target: &[usize]) -> Result<Tensor> {
     }
     let ctx = &view(g, "sum_to_shape")?.ctx;
     let (kd, rd, words) = sum_to_shape_meta(&gs, target);
-    let out = empty(ctx, g.dtype(), target)?;
     let meta = upload(ctx, &words)?;
-    let plan = reduce_plan(
-        view(g, "sum_to_shape")?.ptr,
-        view(&out, "sum_to_shape")?.ptr,
-        &kd,
-        &rd,
-        meta.ptr(),
-        g.dtype(),
-    )?;
-    run(ctx, &plan)?;
-    Ok(out)
+    let x = view(g, "sum_to_shape")?.ptr;
+    output(ctx, g.dtype(), target, |y| {
+        reduce_plan(x, y, &kd, &rd, meta.ptr(), g.dtype())
+    })
 }
 
 /// The CUDA arm of [`crate::backend::layout::sum_axis_fwd`] (validated by the caller), in
@@ -269,21 +262,12 @@ pub(crate) fn sum_axis(
     (outer, n, inner): (usize, usize, usize),
     out_shape: Vec<usize>,
 ) -> Result<Tensor> {
-    let ctx = view(x, "sum_axis")?.ctx;
-    let dtype = x.dtype();
-    let out = empty(&ctx, dtype, &out_shape)?;
+    let xv = view(x, "sum_axis")?;
     // [outer, n, inner] -> [outer, inner]: the rows added in order, as the CPU.
-    let meta = upload(&ctx, &[outer, inner, n * inner, 1, n, inner])?;
-    let plan = reduce_plan(
-        view(x, "sum_axis")?.ptr,
-        view(&out, "sum_axis")?.ptr,
-        &[outer, inner],
-        &[n],
-        meta.ptr(),
-        dtype,
-    )?;
-    run(&ctx, &plan)?;
-    Ok(out)
+    let meta = upload(&xv.ctx, &[outer, inner, n * inner, 1, n, inner])?;
+    output(&xv.ctx, x.dtype(), &out_shape, |y| {
+        reduce_plan(xv.ptr, y, &[outer, inner], &[n], meta.ptr(), x.dtype())
+    })
 }
 
 /// The CUDA arm of [`crate::backend::layout::sum_axis_bwd`]: `g` (`[outer, inner]`) spread
@@ -325,18 +309,11 @@ pub(crate) fn sum_all_plan(
 /// The CUDA arm of [`crate::backend::layout::sum_fwd`] (`mean`: divided by the element count,
 /// validated non-zero by the caller): an f32 scalar.
 pub(crate) fn sum_all(x: &Tensor, mean: bool) -> Result<Tensor> {
-    let ctx = view(x, "sum")?.ctx;
-    let n = x.elem_count();
-    let out = empty(&ctx, DType::F32, &[])?;
-    let plan = sum_all_plan(
-        view(x, "sum")?.ptr,
-        view(&out, "sum")?.ptr,
-        n,
-        if mean { n } else { 1 },
-        x.dtype(),
-    )?;
-    run(&ctx, &plan)?;
-    Ok(out)
+    let xv = view(x, "sum")?;
+    let divisor = if mean { xv.len } else { 1 };
+    output(&xv.ctx, DType::F32, &[], |y| {
+        sum_all_plan(xv.ptr, y, xv.len, divisor, x.dtype())
+    })
 }
 
 /// The CUDA arm of [`crate::backend::layout::fill_bwd`]: the scalar `g` times `factor` (in
@@ -417,20 +394,11 @@ fn broadcast_raw(
     b: &Tensor,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    let dtype = a.dtype();
-    let y = empty(ctx, dtype, out_shape)?;
     let meta = upload(ctx, &broadcast_meta(a.shape(), b.shape(), out_shape))?;
-    let plan = broadcast_plan(
-        op,
-        view(a, op.name())?.ptr,
-        view(b, op.name())?.ptr,
-        view(&y, op.name())?.ptr,
-        out_shape,
-        meta.ptr(),
-        dtype,
-    )?;
-    run(ctx, &plan)?;
-    Ok(y)
+    let (av, bv) = (view(a, op.name())?, view(b, op.name())?);
+    output(ctx, a.dtype(), out_shape, |y| {
+        broadcast_plan(op, av.ptr, bv.ptr, y, out_shape, meta.ptr(), a.dtype())
+    })
 }
 
 /// The CUDA arm of a broadcasting `add`/`sub`/`mul` (shapes differ; `out_shape` is their
@@ -449,18 +417,8 @@ pub(crate) fn broadcast(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::common::check_all;
-
     #[test]
-    fn layout_plans_have_valid_launch_shapes() {
-        for dt in [DType::F32, DType::BF16] {
-            check_all(&copy_plan(1, 2, &[2, 12, 128, 64], 3, dt).unwrap());
-            check_all(&reduce_plan(1, 2, &[4, 768], &[128], 3, dt).unwrap());
-            check_all(&sum_all_plan(1, 2, 1 << 20, 1 << 20, dt).unwrap());
-            for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
-                check_all(&broadcast_plan(op, 1, 2, 3, &[8, 12, 128, 128], 4, dt).unwrap());
-            }
-        }
+    fn ranks_beyond_eight_are_errors_and_empty_copies_launch_nothing() {
         assert!(copy_plan(1, 2, &[1; 9], 3, DType::F32).is_err());
         assert!(copy_plan(1, 2, &[4, 0], 3, DType::F32).unwrap().is_empty());
     }

@@ -106,16 +106,24 @@ pub(crate) fn guarded<T>(
     ordinal: usize,
     f: impl FnOnce() -> crate::Result<T>,
 ) -> crate::Result<T> {
+    unpanicked(f, |what| {
+        format!("cuda:{ordinal}: {} failed to load: {what}", lib.file())
+    })
+}
+
+/// Runs `f`, turning a panic (of the bindings: cudarc panics on what it cannot load) into an
+/// `Error::Device` with the message `describe` makes of the panic's.
+pub(crate) fn unpanicked<T>(
+    f: impl FnOnce() -> crate::Result<T>,
+    describe: impl FnOnce(&str) -> String,
+) -> crate::Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         let what = p
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".to_string());
-        Err(crate::Error::Device(format!(
-            "cuda:{ordinal}: {} failed to load: {what}",
-            lib.file()
-        )))
+        Err(crate::Error::Device(describe(&what)))
     })
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::blas::{self, Gemm};
 use super::common::{as_dtype, empty, run, view};
-use super::elementwise::{channel_add_plan, channel_sum_plan};
+use super::elementwise::{bias_add_bwd, channel_add_plan};
 use super::CudaContext;
 use crate::backend::ProductDims;
 use crate::{DType, Result, Tensor};
@@ -208,17 +208,10 @@ pub(crate) fn product_bwd(
     let dbias = need[2]
         .then(|| -> Result<Tensor> {
             // The column sums of G over all rows: f32 `[n]`.
-            let gv = view(&g, op)?;
-            let rows = gv.len.checked_div(d.n).unwrap_or(0);
-            if rows == 0 {
+            if g.elem_count().checked_div(d.n).unwrap_or(0) == 0 {
                 return Tensor::zeros(&[d.n], DType::F32, g.device());
             }
-            let s = empty(&ctx, DType::F32, &[d.n])?;
-            run(
-                &ctx,
-                &channel_sum_plan(gv.ptr, view(&s, op)?.ptr, rows, d.n, 1, dtype)?,
-            )?;
-            Ok(s)
+            bias_add_bwd(&g, d.n, 1)
         })
         .transpose()?;
     Ok([da, db, dbias])

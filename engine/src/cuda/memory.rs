@@ -188,12 +188,22 @@ impl DeviceBuffer {
         Ok(b)
     }
 
-    pub(crate) fn ptr(&self) -> u64 {
-        self.ptr
+    /// The address of the library workspace in `slot`, first grown to at least `bytes` on
+    /// `ctx`'s current stream: the smaller one it replaces is freed on that stream, after the
+    /// calls that used it (all queued there). 0 when no workspace was ever needed.
+    pub(crate) fn workspace(
+        ctx: &Arc<CudaContext>,
+        slot: &mut Option<DeviceBuffer>,
+        bytes: usize,
+    ) -> Result<u64> {
+        if bytes > slot.as_ref().map_or(0, |w| w.bytes) {
+            *slot = Some(Self::alloc(ctx, bytes)?);
+        }
+        Ok(slot.as_ref().map_or(0, |w| w.ptr))
     }
 
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
     }
 
     pub(crate) fn ordinal(&self) -> usize {

@@ -55,6 +55,21 @@
 
 use crate::{Device, Error, Result, Tensor};
 
+/// `$body` in a build with the backend; without it, the "no CUDA backend" error for
+/// `cuda:$ordinal` (the front functions, and the methods of values such a build never makes).
+macro_rules! with_backend {
+    ($ordinal:expr, $body:expr) => {{
+        #[cfg(feature = "cuda")]
+        {
+            $body
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err($crate::cuda::no_backend_error($ordinal))
+        }
+    }};
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod attention;
 #[cfg(feature = "cuda")]
@@ -185,6 +200,19 @@ pub(crate) fn copy_device_to_device(dst: &CudaView, src: &CudaView) -> Result<()
         ));
     }
     memory::dtod(&dst.ctx, dst.ptr, src.ptr, dst.bytes())
+}
+
+/// The alignment cuBLASLt may assume for a device address (or a byte offset from a 256-byte
+/// aligned base): the largest power of two dividing it, at most 256. Its default assumption is
+/// 256 bytes, which a parameter (a view at any offset of the flat buffer) need not meet: an
+/// algorithm chosen for aligned operands would be refused at the call. So a product's plan is
+/// chosen for the operands' actual alignments, which are part of its key.
+pub fn operand_alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        (1u64 << ptr.trailing_zeros().min(8)) as u32
+    }
 }
 
 /// The error for a CUDA device asked of a build without the backend.
@@ -326,14 +354,7 @@ pub fn device_count() -> usize {
 
 /// Opens `cuda:N` (driver, GPU, kernels) and describes it; the error says what is missing.
 pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
-    #[cfg(feature = "cuda")]
-    {
-        Ok(context::get(ordinal)?.info().clone())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(no_backend_error(ordinal))
-    }
+    with_backend!(ordinal, Ok(context::get(ordinal)?.info().clone()))
 }
 
 /// Waits until every stream of `device` is idle, and reports an error a deferred operation
@@ -341,29 +362,13 @@ pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
 pub fn synchronize(device: Device) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
-        Device::Cuda(n) => {
-            #[cfg(feature = "cuda")]
-            {
-                context::get(n)?.synchronize()
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                Err(no_backend_error(n))
-            }
-        }
+        Device::Cuda(n) => with_backend!(n, context::get(n)?.synchronize()),
     }
 }
 
 /// The allocation counters of `cuda:N`'s context.
 pub fn alloc_stats(ordinal: usize) -> Result<AllocStats> {
-    #[cfg(feature = "cuda")]
-    {
-        Ok(context::get(ordinal)?.alloc_stats())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(no_backend_error(ordinal))
-    }
+    with_backend!(ordinal, Ok(context::get(ordinal)?.alloc_stats()))
 }
 
 /// The device memory `cuda:N`'s pool holds now: every live buffer of the engine plus the
@@ -371,48 +376,29 @@ pub fn alloc_stats(ordinal: usize) -> Result<AllocStats> {
 /// it can exceed the engine's peak in use ([`AllocStats::peak_bytes_in_use`]) by the blocks
 /// one stream freed that the other could not reuse yet.
 pub fn pool_reserved_bytes(ordinal: usize) -> Result<u64> {
-    #[cfg(feature = "cuda")]
-    {
-        context::get(ordinal)?.pool_reserved_bytes()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(no_backend_error(ordinal))
-    }
+    with_backend!(ordinal, context::get(ordinal)?.pool_reserved_bytes())
 }
 
 /// Starts a new peak of `cuda:N`'s memory counters: `peak_bytes_in_use` becomes the bytes in
 /// use now, so a later [`alloc_stats`] gives the peak of what ran in between (the benchmark
 /// resets it before each variant's step).
 pub fn reset_peak_memory(ordinal: usize) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
+    with_backend!(ordinal, {
         context::get(ordinal)?.memory.reset_peak();
         Ok(())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(no_backend_error(ordinal))
-    }
+    })
 }
 
 /// While `on`, every new buffer on `cuda:N` starts as NaN (0xFF bytes) instead of whatever the
 /// pool held: the device check turns it on, so an output element a kernel never writes cannot
 /// pass for a value left by an earlier run.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn set_poison_allocations(ordinal: usize, on: bool) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        context::get(ordinal)?
-            .memory
-            .poison
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+    with_backend!(ordinal, {
+        let poison = &context::get(ordinal)?.memory.poison;
+        poison.store(on, std::sync::atomic::Ordering::Relaxed);
         Ok(())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = on;
-        Err(no_backend_error(ordinal))
-    }
+    })
 }
 
 /// The fused distillation loss on a GPU: what `kd_loss_cpu` returns, with the gradient left on
@@ -553,6 +539,15 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn alignments_are_the_largest_power_of_two_up_to_256() {
+        assert_eq!(operand_alignment(0x7f00_0000_0000), 256);
+        assert_eq!(operand_alignment(0x7f00_0000_0004), 4);
+        assert_eq!(operand_alignment(0x7f00_0000_0010), 16);
+        assert_eq!(operand_alignment(0x7f00_0000_0082), 2);
+        assert_eq!(operand_alignment(0), 256);
     }
 
     #[test]

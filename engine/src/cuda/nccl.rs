@@ -129,15 +129,10 @@ impl AllReduceGroup {
     /// checked in that order), then NCCL; each missing piece is an error saying what to do.
     pub fn new(devices: &[Device]) -> Result<AllReduceGroup> {
         let ordinals = group_ordinals(devices)?;
-        #[cfg(feature = "cuda")]
-        {
+        with_backend!(ordinals[0], {
             let comms = Comm::init_all(&ordinals)?;
             Ok(AllReduceGroup { ordinals, comms })
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(super::no_backend_error(ordinals[0]))
-        }
+        })
     }
 
     /// The number of GPUs in the group.
@@ -155,14 +150,7 @@ impl AllReduceGroup {
     /// student stream's later work (the optimizer) sees the result. Returns without waiting.
     pub fn all_reduce_mean(&mut self, tensors: &[&Tensor]) -> Result<()> {
         check_tensors(&self.ordinals, tensors)?;
-        #[cfg(feature = "cuda")]
-        {
-            all_reduce_mean_cuda(&self.comms, tensors)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(super::no_backend_error(self.ordinals[0]))
-        }
+        with_backend!(self.ordinals[0], all_reduce_mean_cuda(&self.comms, tensors))
     }
 }
 

@@ -45,6 +45,7 @@ impl std::fmt::Debug for NcclId {
     }
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 impl NcclId {
     /// The id as received from rank 0: exactly [`NCCL_ID_BYTES`] bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<NcclId> {
@@ -65,14 +66,7 @@ impl NcclId {
     /// that a missing driver or GPU is reported as such.
     pub fn new(device: Device) -> Result<NcclId> {
         let ordinal = gpu_ordinal(device)?;
-        #[cfg(feature = "cuda")]
-        {
-            cuda_impl::unique_id(ordinal)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(super::no_backend_error(ordinal))
-        }
+        with_backend!(ordinal, cuda_impl::unique_id(ordinal))
     }
 }
 
@@ -163,6 +157,7 @@ impl std::fmt::Debug for RankComm {
     }
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 impl RankComm {
     /// Rank `rank` of `world` on `device`, from rank 0's `id`. Returns once every rank has
     /// made its part (NCCL's rule); after `timeout` without them, aborts the half-made
@@ -176,8 +171,7 @@ impl RankComm {
     ) -> Result<RankComm> {
         let ordinal = gpu_ordinal(device)?;
         check_rank(rank, world)?;
-        #[cfg(feature = "cuda")]
-        {
+        with_backend!(ordinal, {
             let inner = cuda_impl::Inner::init(ordinal, rank, world, id, timeout)?;
             Ok(RankComm {
                 rank,
@@ -185,12 +179,7 @@ impl RankComm {
                 device,
                 inner,
             })
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (id, timeout);
-            Err(super::no_backend_error(ordinal))
-        }
+        })
     }
 
     /// The same on this machine's GPU number `local_rank` (`LOCAL_RANK`: one GPU per process).
@@ -228,15 +217,11 @@ impl RankComm {
     /// [`RankComm::join_student`] before the student stream uses the buffer again.
     pub fn reduce_bucket(&mut self, grads: &Tensor, range: Range<usize>) -> Result<()> {
         check_bucket(self.device, grads, &range)?;
-        #[cfg(feature = "cuda")]
-        {
+        with_backend!(
+            gpu_ordinal(self.device)?,
             self.inner
                 .reduce(self.rank, self.world, grads, range, cuda_impl::Op::Avg)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(super::no_backend_error(gpu_ordinal(self.device)?))
-        }
+        )
     }
 
     /// Replaces the host values `data` with their elementwise sum over the ranks (the same bits
@@ -249,37 +234,23 @@ impl RankComm {
         }
         let buf = Tensor::from_vec(data.to_vec(), &[data.len()], self.device)?;
         check_bucket(self.device, &buf, &(0..data.len()))?;
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.reduce(
-                self.rank,
-                self.world,
-                &buf,
-                0..data.len(),
-                cuda_impl::Op::Sum,
-            )?;
+        with_backend!(gpu_ordinal(self.device)?, {
+            let (rank, world) = (self.rank, self.world);
+            let sum = cuda_impl::Op::Sum;
+            self.inner.reduce(rank, world, &buf, 0..data.len(), sum)?;
             self.join_student()?;
             self.wait(timeout)?;
             data.copy_from_slice(&buf.to_vec_f32()?);
             Ok(())
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = timeout;
-            Err(super::no_backend_error(gpu_ordinal(self.device)?))
-        }
+        })
     }
 
     /// Makes the student stream's later work wait for every reduction queued so far.
     pub fn join_student(&mut self) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        {
+        with_backend!(
+            gpu_ordinal(self.device)?,
             self.inner.join_student(self.rank, self.world)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(super::no_backend_error(gpu_ordinal(self.device)?))
-        }
+        )
     }
 
     /// The whole buffer's mean, ordered before the student stream's later work.
@@ -291,15 +262,10 @@ impl RankComm {
     /// Waits on the host until the reductions queued so far have finished, watching for
     /// NCCL's asynchronous errors; an error, or `timeout` passing, aborts the communicator.
     pub fn wait(&mut self, timeout: Duration) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        {
+        with_backend!(
+            gpu_ordinal(self.device)?,
             self.inner.wait(self.rank, self.world, timeout)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = timeout;
-            Err(super::no_backend_error(gpu_ordinal(self.device)?))
-        }
+        )
     }
 }
 

@@ -63,7 +63,6 @@ pub(crate) fn layernorm_fwd_plan(
 
 /// The layer-norm backward's device buffers: `dx` (always written), the parameter gradients
 /// (f32, overwritten) and `partial` (`cfg.partial_len` f32 of scratch).
-#[derive(Default)]
 pub(crate) struct LayerNormBwd {
     pub x: u64,
     pub dy: u64,
@@ -190,7 +189,6 @@ pub(crate) fn layer_norm_bwd(
 /// The batch-norm training statistics' device buffers: per-channel `mean`, biased `var` and
 /// `inv_std` (f32 `[c]`), the running statistics (updated in place) and `partial`
 /// (`r.scratch_f64` f64).
-#[derive(Default)]
 pub(crate) struct BatchNormStatsBufs {
     pub x: u64,
     pub partial: u64,
@@ -236,7 +234,6 @@ pub(crate) fn batchnorm_stats_plan(
 
 /// The batch-norm affine map's device buffers: `mean` and `stat` are the batch mean and
 /// inv_std, or in evaluation the running mean and variance.
-#[derive(Default)]
 pub(crate) struct BatchNormFwd {
     pub x: u64,
     pub y: u64,
@@ -278,7 +275,6 @@ pub(crate) fn batchnorm_fwd_plan(
 
 /// The batch-norm backward's device buffers: the per-channel sums `sum_dy`, `sum_dyx` and the
 /// parameter gradients (f32, overwritten), `dx`, and `partial` (`r.scratch_f64` f64).
-#[derive(Default)]
 pub(crate) struct BatchNormBwd {
     pub x: u64,
     pub dy: u64,
@@ -469,33 +465,13 @@ pub(crate) fn batch_norm2d_bwd(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::common::check_all;
     use crate::cuda::sim_check::{
         as_stored, assert_bits, assert_close, download, host_sim, run_plan, sample, upload,
     };
     use recycle_kernels::sim::SimBuffer;
 
     #[test]
-    fn norm_plans_have_valid_launch_shapes() {
-        for dt in [DType::F32, DType::BF16] {
-            check_all(&layernorm_fwd_plan(&Default::default(), 512, 768, 1e-12, dt).unwrap());
-            let cfg = kl::layernorm_backward(512, 768).unwrap().unwrap();
-            check_all(&layernorm_bwd_plan(&cfg, &Default::default(), 512, 768, dt).unwrap());
-            let dims = (8, 64, 56 * 56);
-            let r = kl::batchnorm_reduce(8, 64, 56 * 56).unwrap().unwrap();
-            let opts = BatchNormOptions::default();
-            let plan = batchnorm_stats_plan(&r, &Default::default(), dims, &opts, dt).unwrap();
-            assert_eq!(plan.len(), 2);
-            check_all(&plan);
-            let fwd = BatchNormFwd::default();
-            check_all(&batchnorm_fwd_plan(&fwd, dims, None, dt).unwrap());
-            check_all(&batchnorm_fwd_plan(&fwd, dims, Some(1e-5), dt).unwrap());
-            for training in [false, true] {
-                let plan = batchnorm_bwd_plan(&r, &Default::default(), dims, training, dt).unwrap();
-                assert_eq!(plan.len(), 3);
-                check_all(&plan);
-            }
-        }
+    fn empty_layer_norms_launch_nothing_and_i32_is_an_error() {
         let fwd = LayerNormFwd::default();
         assert!(layernorm_fwd_plan(&fwd, 0, 768, 1e-5, DType::F32)
             .unwrap()

@@ -193,6 +193,7 @@ impl Join {
 ///
 /// Errors, before `f` runs, for a GPU this build or machine cannot open (the message says
 /// what is missing); an error of `f` is returned after joining what it queued.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn on_stream<T>(
     device: Device,
     role: StreamRole,
@@ -200,17 +201,7 @@ pub fn on_stream<T>(
 ) -> Result<Pending<T>> {
     match device {
         Device::Cpu => Ok(Pending::ready(f()?)),
-        Device::Cuda(n) => {
-            #[cfg(feature = "cuda")]
-            {
-                on_cuda_stream(n, role, f)
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                let _ = (role, f);
-                Err(super::no_backend_error(n))
-            }
-        }
+        Device::Cuda(n) => with_backend!(n, on_cuda_stream(n, role, f)),
     }
 }
 

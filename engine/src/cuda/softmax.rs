@@ -4,7 +4,7 @@
 
 use recycle_kernels::launchers as k;
 
-use super::common::{as_dtype, empty, p, rows_cfg, run, view, with_float};
+use super::common::{as_dtype, output, p, rows_cfg, view, with_float};
 use super::elementwise::float_inputs;
 use super::launch::{fit_u32, KernelCall};
 use crate::backend::SoftmaxKind;
@@ -66,12 +66,9 @@ pub(crate) fn softmax_fwd(x: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
     let dtype = float_inputs(op, &[x])?;
     let (rows, cols) = rows_and_cols(x);
     let xv = view(x, op)?;
-    let out = empty(&xv.ctx, dtype, x.shape())?;
-    run(
-        &xv.ctx,
-        &softmax_fwd_plan(log, xv.ptr, view(&out, op)?.ptr, rows, cols, dtype)?,
-    )?;
-    Ok(out)
+    output(&xv.ctx, dtype, x.shape(), |y| {
+        softmax_fwd_plan(log, xv.ptr, y, rows, cols, dtype)
+    })
 }
 
 /// The CUDA arm of [`crate::backend::softmax::softmax_bwd`]: `dy` is cast to the output's
@@ -82,10 +79,9 @@ pub(crate) fn softmax_bwd(y: &Tensor, dy: &Tensor, kind: SoftmaxKind) -> Result<
     let (rows, cols) = rows_and_cols(y);
     let g = as_dtype(dy, dtype)?;
     let (yv, gv) = (view(y, op)?, view(&g, op)?);
-    let dx = empty(&yv.ctx, dtype, g.shape())?;
-    let plan = softmax_bwd_plan(log, yv.ptr, gv.ptr, view(&dx, op)?.ptr, rows, cols, dtype)?;
-    run(&yv.ctx, &plan)?;
-    Ok(dx)
+    output(&yv.ctx, dtype, g.shape(), |dx| {
+        softmax_bwd_plan(log, yv.ptr, gv.ptr, dx, rows, cols, dtype)
+    })
 }
 
 /// Rows and row length of a tensor normalised over its last dimension.
@@ -97,18 +93,6 @@ fn rows_and_cols(t: &Tensor) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::common::check_all;
-
-    /// Every plan, for both storage types and a few shapes, has a launch shape a GPU runs.
-    #[test]
-    fn every_plan_has_a_valid_launch_shape() {
-        for dt in [DType::F32, DType::BF16] {
-            for log in [false, true] {
-                check_all(&softmax_fwd_plan(log, 1, 2, 4, 30_522, dt).unwrap());
-                check_all(&softmax_bwd_plan(log, 1, 2, 3, 4, 10, dt).unwrap());
-            }
-        }
-    }
 
     #[test]
     fn empty_shapes_launch_nothing_and_huge_ones_are_errors() {

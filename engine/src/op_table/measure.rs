@@ -5,7 +5,7 @@ use crate::{DType, Result, Tensor};
 
 /// The error of `device` against the CPU's `cpu` in `dtype` storage: infinite for another
 /// shape; [`max_scaled_err`] for bf16, [`max_rel_err`] otherwise.
-pub(super) fn error(dtype: DType, device: &Tensor, cpu: &Tensor) -> Result<f64> {
+pub fn error(dtype: DType, device: &Tensor, cpu: &Tensor) -> Result<f64> {
     if device.shape() != cpu.shape() {
         return Ok(f64::INFINITY);
     }

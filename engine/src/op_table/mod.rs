@@ -16,7 +16,7 @@ mod measure;
 
 use std::sync::Arc;
 
-pub use measure::{max_rel_err, max_scaled_err};
+pub use measure::{error, max_rel_err, max_scaled_err};
 
 use crate::gradcheck::GradCheck;
 use crate::{DType, Device, Error, Result, Tape, Tensor, Var};
@@ -180,7 +180,7 @@ pub fn compare(
             };
             Ok(Compared {
                 label,
-                err: measure::error(dtype, d, c)?,
+                err: error(dtype, d, c)?,
                 tol,
             })
         })
