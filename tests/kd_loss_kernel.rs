@@ -16,9 +16,7 @@ use recycle::distill::{kd_loss_cpu, KdLoss};
 use recycle_engine::kd_loss::{self as kd, KdKind, KdScalars, Storage};
 use recycle_engine::kd_loss::{kd_loss_buckets_cpu, CachedTargets};
 use recycle_kernels::call::{KernelCall, Ptr};
-use recycle_kernels::kd_loss::{
-    cached_kernel_name, cached_row_call, row_call, CachedRowArgs, RowArgs, TeacherLogits,
-};
+use recycle_kernels::kd_loss::{cached_kernel_name, TeacherLogits};
 use recycle_kernels::launch;
 use recycle_kernels::launchers;
 use recycle_kernels::sim::{HostSim, SimBuffer};
@@ -162,7 +160,7 @@ fn check(sim: &HostSim, c: &Case) {
     let row_cfg = launch::rows(kernel, rows as u64, classes as u64)
         .unwrap()
         .unwrap();
-    let args = RowArgs {
+    let args = launchers::KdRowArgs {
         logits: student_buf.ptr(),
         grad: grad_buf.ptr(),
         teachers,
@@ -178,7 +176,10 @@ fn check(sim: &HostSim, c: &Case) {
         ce_weight: sc.grad_ce_weight,
         kd_scale: sc.grad_kd_scale,
     };
-    launch_on_sim(sim, &row_call(kernel, row_cfg, &args).unwrap());
+    launch_on_sim(
+        sim,
+        &launchers::kd_row_call(kernel, row_cfg, &args).unwrap(),
+    );
     launch_on_sim(
         sim,
         &launchers::kd_loss_reduce(
@@ -382,7 +383,7 @@ fn check_cached(sim: &HostSim, c: &CachedCase) {
     let row_cfg = launch::rows(kernel, rows as u64, classes as u64)
         .unwrap()
         .unwrap();
-    let args = CachedRowArgs {
+    let args = launchers::KdCachedRowArgs {
         logits: student_buf.ptr(),
         grad: grad_buf.ptr(),
         indices: Ptr::new(indices_buf.ptr()),
@@ -400,7 +401,10 @@ fn check_cached(sim: &HostSim, c: &CachedCase) {
         ce_weight: sc.grad_ce_weight,
         kd_scale: sc.grad_kd_scale,
     };
-    launch_on_sim(sim, &cached_row_call(kernel, row_cfg, &args).unwrap());
+    launch_on_sim(
+        sim,
+        &launchers::kd_cached_row_call(kernel, row_cfg, &args).unwrap(),
+    );
     launch_on_sim(
         sim,
         &launchers::kd_loss_reduce(

@@ -6,10 +6,12 @@
 //! points inside a `#define M(A, B, ...)` body, expanded for each `M(...)` line at file level. A
 //! macro whose kernel names end in `##S` and that is instantiated exactly as `M(float, f32)` and
 //! `M(bf16, bf16)` (in either order) gives one launcher generic over the storage type; any
-//! other macro gives one launcher per instantiation. Parameter types: `[const] X*` with X one
-//! of `float`, `double`, `bf16`, `int32_t`, `int`, `uint32_t`, `uint64_t` or the macro's
-//! storage type, and by value `float`, `int32_t`, `int`, `uint32_t`, `uint64_t`,
-//! `TeacherLogits`. Anything else stops the build with the file, the kernel and the parameter.
+//! other macro gives one launcher per instantiation, and, when its body has one entry point and
+//! it is used more than once, an argument struct and a by-name launch over its kernels (see
+//! `dispatch`). Parameter types: `[const] X*` with X one of `float`, `double`, `bf16`,
+//! `int32_t`, `int`, `uint32_t`, `uint64_t` or the macro's storage type, and by value `float`,
+//! `int32_t`, `int`, `uint32_t`, `uint64_t`, `TeacherLogits`. Anything else stops the build
+//! with the file, the kernel and the parameter.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -37,6 +39,9 @@ pub struct Launcher {
     params: Vec<CParam>,
     /// `(kernel name, storage suffix)`; one entry for a concrete launcher.
     kernels: Vec<(String, &'static str)>,
+    /// The macro whose one entry point this kernel instantiates, when the macro is used for
+    /// several kernels: they share one argument struct and a by-name launch.
+    dispatch: Option<String>,
 }
 
 /// Every concrete kernel of a family, with its parameters (storage types substituted).
@@ -245,6 +250,7 @@ pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
             generic: None,
             params: e.params,
             kernels: vec![(e.name, "")],
+            dispatch: None,
         });
     }
     for (mname, m) in &macros {
@@ -314,10 +320,12 @@ pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
                         generic: Some(ty_param.to_string()),
                         params: e.params.clone(),
                         kernels: names,
+                        dispatch: None,
                     });
                 }
             }
             None => {
+                let dispatch = (raw.len() == 1 && uses.len() > 1).then(|| mname.clone());
                 for args in &uses {
                     let mut body = m.body.clone();
                     for (p, a) in m.params.iter().zip(args.iter()) {
@@ -338,6 +346,7 @@ pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
                             generic: None,
                             params: e.params,
                             kernels: vec![(e.name, "")],
+                            dispatch: dispatch.clone(),
                         });
                     }
                 }
@@ -498,6 +507,125 @@ pub fn module(families: &[(String, Vec<Launcher>, Vec<Kernel>)]) -> String {
             )
             .unwrap();
         }
+        let mut groups: BTreeMap<&str, Vec<&Launcher>> = BTreeMap::new();
+        for l in ls {
+            if let Some(d) = &l.dispatch {
+                groups.entry(d).or_default().push(l);
+            }
+        }
+        for (mname, group) in groups {
+            dispatch(&mut m, mname, &group);
+        }
     }
     m
+}
+
+/// For the kernels one macro instantiates (`RK_KD_ROW`): the argument struct `KdRowArgs` with
+/// the `.cu` parameter names, the list `KD_ROW_KERNELS` and the by-name launch `kd_row_call`.
+/// A pointer whose pointee differs between the kernels (the storage type the kernel's name
+/// says) is a plain device address (`u64`).
+fn dispatch(m: &mut String, mname: &str, group: &[&Launcher]) {
+    let file = group[0].family.as_str();
+    let Some(base) = mname.strip_prefix("RK_") else {
+        fail(
+            file,
+            format!("{mname}: a kernel macro's name starts with RK_"),
+        )
+    };
+    let snake = base.to_ascii_lowercase();
+    let camel: String = snake
+        .split('_')
+        .map(|w| w[..1].to_ascii_uppercase() + &w[1..])
+        .collect();
+    let typed = |l: &Launcher| -> Vec<String> {
+        l.params
+            .iter()
+            .map(|p| rust_type(file, &l.rust_name, p, None))
+            .collect()
+    };
+    let first = typed(group[0]);
+    let mut fields: Vec<String> = first.clone();
+    for l in group {
+        let names_agree = l.params.len() == group[0].params.len()
+            && l.params
+                .iter()
+                .zip(&group[0].params)
+                .all(|(a, b)| a.name == b.name);
+        if !names_agree {
+            fail(
+                file,
+                format!(
+                    "{mname}: {} names its parameters unlike {}",
+                    l.rust_name, group[0].rust_name
+                ),
+            );
+        }
+        for (i, t) in typed(l).into_iter().enumerate() {
+            if t != first[i] {
+                if !(t.starts_with("crate::call::Ptr<")
+                    && first[i].starts_with("crate::call::Ptr<"))
+                {
+                    fail(
+                        file,
+                        format!(
+                            "{mname}: parameter {} changes type between kernels",
+                            l.params[i].name
+                        ),
+                    );
+                }
+                fields[i] = "u64".to_string();
+            }
+        }
+    }
+    let kernels: Vec<String> = group.iter().map(|l| format!("{:?}", l.rust_name)).collect();
+    writeln!(
+        m,
+        "\n/// The kernels of `{mname}` (`src/{file}.cu`), which take [`{camel}Args`].\npub static {}_KERNELS: &[&str] = &[{}];",
+        base,
+        kernels.join(", ")
+    )
+    .unwrap();
+    writeln!(
+        m,
+        "\n/// The arguments of every `{mname}` kernel (`src/{file}.cu`); a `u64` is the device address of the storage type the kernel's name says.\n#[derive(Debug, Clone, Copy)]\npub struct {camel}Args {{"
+    )
+    .unwrap();
+    for (p, t) in group[0].params.iter().zip(&fields) {
+        writeln!(m, "    pub {}: {t},", rust_ident(&p.name)).unwrap();
+    }
+    m.push_str("}\n");
+    let args: Vec<String> = group[0]
+        .params
+        .iter()
+        .zip(fields.iter().zip(&first))
+        .map(|(p, (field, launcher))| {
+            let n = rust_ident(&p.name);
+            if field != launcher {
+                format!("crate::call::Ptr::new(a.{n})")
+            } else {
+                format!("a.{n}")
+            }
+        })
+        .collect();
+    writeln!(
+        m,
+        "\n/// The launch of the `{mname}` kernel `kernel` through its typed launcher; another name is an error.\npub fn {snake}_call(kernel: &str, config: crate::launch::LaunchConfig, a: &{camel}Args) -> Result<crate::call::KernelCall, crate::call::UnknownKernel> {{\n    Ok(match kernel {{"
+    )
+    .unwrap();
+    for l in group {
+        writeln!(
+            m,
+            "        {:?} => {}(config, {}),",
+            l.rust_name,
+            l.rust_name,
+            args.join(", ")
+        )
+        .unwrap();
+    }
+    writeln!(
+        m,
+        "        other => return Err(crate::call::UnknownKernel {{ kernel: other.to_string(), family: {:?} }}),\n    }})\n}}",
+        format!("{mname} (src/{file}.cu)")
+    )
+    .unwrap();
 }

@@ -89,6 +89,26 @@ pub enum Value {
     Teachers(TeacherLogits),
 }
 
+/// A kernel name that a by-name launch (`launchers::*_call`) does not dispatch over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKernel {
+    pub kernel: String,
+    /// The macro and file whose kernels the launch takes.
+    pub family: &'static str,
+}
+
+impl fmt::Display for UnknownKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is not one of the {} kernels",
+            self.kernel, self.family
+        )
+    }
+}
+
+impl std::error::Error for UnknownKernel {}
+
 /// A kernel's parameters as its `.cu` file declares them: `(name, C type)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signature {

@@ -169,7 +169,7 @@ __device__ __forceinline__ void kd_loss_row(const S* logits, S* grad, const Teac
 //   labels i32 [rows], mask i32 [rows] or null (non-zero = the row counts), row_ce f32 [rows],
 //   row_kd f32 [rows] (null for kd_loss_ce_*), C, ignore_index, inv_t = 1 / T, t_sq = T * T,
 //   ce_weight, kd_scale.
-#define RK_KD_ENTRY(NAME, S, T, KIND)                                                           \
+#define RK_KD_ROW(NAME, S, T, KIND)                                                             \
     extern "C" __global__ void NAME(const S* logits, S* grad, TeacherLogits teachers,           \
                                     uint32_t k, const int32_t* labels, const int32_t* mask,     \
                                     float* row_ce, float* row_kd, uint32_t classes,             \
@@ -179,14 +179,14 @@ __device__ __forceinline__ void kd_loss_row(const S* logits, S* grad, const Teac
                                 classes, ignore_index, inv_t, t_sq, ce_weight, kd_scale);       \
     }
 
-RK_KD_ENTRY(kd_loss_kl_bf16_bf16, bf16, bf16, KD_KL)
-RK_KD_ENTRY(kd_loss_kl_f32_bf16, float, bf16, KD_KL)
-RK_KD_ENTRY(kd_loss_kl_f32_f32, float, float, KD_KL)
-RK_KD_ENTRY(kd_loss_mse_bf16_bf16, bf16, bf16, KD_MSE)
-RK_KD_ENTRY(kd_loss_mse_f32_bf16, float, bf16, KD_MSE)
-RK_KD_ENTRY(kd_loss_mse_f32_f32, float, float, KD_MSE)
-RK_KD_ENTRY(kd_loss_ce_bf16, bf16, bf16, KD_CE_ONLY)
-RK_KD_ENTRY(kd_loss_ce_f32, float, float, KD_CE_ONLY)
+RK_KD_ROW(kd_loss_kl_bf16_bf16, bf16, bf16, KD_KL)
+RK_KD_ROW(kd_loss_kl_f32_bf16, float, bf16, KD_KL)
+RK_KD_ROW(kd_loss_kl_f32_f32, float, float, KD_KL)
+RK_KD_ROW(kd_loss_mse_bf16_bf16, bf16, bf16, KD_MSE)
+RK_KD_ROW(kd_loss_mse_f32_bf16, float, bf16, KD_MSE)
+RK_KD_ROW(kd_loss_mse_f32_f32, float, float, KD_MSE)
+RK_KD_ROW(kd_loss_ce_bf16, bf16, bf16, KD_CE_ONLY)
+RK_KD_ROW(kd_loss_ce_f32, float, float, KD_CE_ONLY)
 
 // out = [ce, kd, total]: ce = sum(row_ce) * ce_weight, kd = sum(row_kd) * kd_weight (0 when
 // row_kd is null), total = ce + lambda * kd. One block; rows in a fixed order, f64 sums.
@@ -357,7 +357,7 @@ __device__ __forceinline__ void kd_loss_cached_row(
 //   k (1..=C), labels i32 [rows], mask i32 [rows] or null, row_ce f32 [rows], row_kd f32
 //   [rows], C (at most RK_CACHED_MAX_CLASSES), ignore_index, inv_t = 1 / T, t_sq = T * T,
 //   ce_weight, kd_scale.
-#define RK_KD_CACHED_ENTRY(NAME, S, KIND)                                                       \
+#define RK_KD_CACHED_ROW(NAME, S, KIND)                                                         \
     extern "C" __global__ void NAME(const S* logits, S* grad, const uint32_t* indices,          \
                                     const float* values, const float* tail_lse, uint32_t k,     \
                                     const int32_t* labels, const int32_t* mask, float* row_ce,  \
@@ -368,7 +368,7 @@ __device__ __forceinline__ void kd_loss_cached_row(
                                     ce_weight, kd_scale);                                       \
     }
 
-RK_KD_CACHED_ENTRY(kd_loss_cached_kl_f32, float, KD_KL)
-RK_KD_CACHED_ENTRY(kd_loss_cached_kl_bf16, bf16, KD_KL)
-RK_KD_CACHED_ENTRY(kd_loss_cached_mse_f32, float, KD_MSE)
-RK_KD_CACHED_ENTRY(kd_loss_cached_mse_bf16, bf16, KD_MSE)
+RK_KD_CACHED_ROW(kd_loss_cached_kl_f32, float, KD_KL)
+RK_KD_CACHED_ROW(kd_loss_cached_kl_bf16, bf16, KD_KL)
+RK_KD_CACHED_ROW(kd_loss_cached_mse_f32, float, KD_MSE)
+RK_KD_CACHED_ROW(kd_loss_cached_mse_bf16, bf16, KD_MSE)

@@ -1,13 +1,11 @@
-//! The ABI of the fused distillation loss (`src/kd_loss.cu`) that the generated launchers do
-//! not spell: the teachers' pointers as the kernel takes them (by value), and the typed launch
-//! of the row kernel a name picks. The host-side arguments (kernel choice, row counts, scalars)
-//! and the f64 reference live with the loss's other host code in `recycle_engine::kd_loss`.
+//! What the generated launchers of the fused distillation loss (`src/kd_loss.cu`) do not
+//! spell: the teachers' pointers as the kernel takes them (by value), the cached-target
+//! kernels' names and limits. The row kernels' arguments and by-name launches are generated
+//! (`launchers::KdRowArgs`, `kd_row_call`; `KdCachedRowArgs`, `kd_cached_row_call`).
+//! The host-side arguments (kernel choice, row counts, scalars) and the f64 reference live
+//! with the loss's other host code in `recycle_engine::kd_loss`.
 
 use std::fmt;
-
-use crate::call::{KernelCall, Ptr};
-use crate::launch::LaunchConfig;
-use crate::launchers as k;
 
 /// Most teachers whose logits the kernel averages itself (`RK_MAX_TEACHERS`).
 pub const MAX_TEACHERS: usize = 8;
@@ -49,94 +47,9 @@ impl fmt::Display for KdError {
 
 impl std::error::Error for KdError {}
 
-/// The arguments of a row kernel (`kd_loss_kl_*`, `kd_loss_mse_*`, `kd_loss_ce_*`); `logits`
-/// and `grad` hold the student's storage type, which the kernel's name says.
-#[derive(Debug, Clone, Copy)]
-pub struct RowArgs {
-    pub logits: u64,
-    pub grad: u64,
-    pub teachers: TeacherLogits,
-    pub k: u32,
-    pub labels: Ptr<i32>,
-    pub mask: Ptr<i32>,
-    pub row_ce: Ptr<f32>,
-    pub row_kd: Ptr<f32>,
-    pub classes: u32,
-    pub ignore_index: i32,
-    pub inv_t: f32,
-    pub t_sq: f32,
-    pub ce_weight: f32,
-    pub kd_scale: f32,
-}
-
-/// The launch of the row kernel `kernel` (a name `recycle_engine::kd_loss::kernel_name` gives), through its typed
-/// launcher.
-pub fn row_call(kernel: &str, config: LaunchConfig, a: &RowArgs) -> Result<KernelCall, KdError> {
-    macro_rules! call {
-        ($launcher:path) => {
-            $launcher(
-                config,
-                Ptr::new(a.logits),
-                Ptr::new(a.grad),
-                a.teachers,
-                a.k,
-                a.labels,
-                a.mask,
-                a.row_ce,
-                a.row_kd,
-                a.classes,
-                a.ignore_index,
-                a.inv_t,
-                a.t_sq,
-                a.ce_weight,
-                a.kd_scale,
-            )
-        };
-    }
-    Ok(match kernel {
-        "kd_loss_ce_f32" => call!(k::kd_loss_ce_f32),
-        "kd_loss_ce_bf16" => call!(k::kd_loss_ce_bf16),
-        "kd_loss_kl_bf16_bf16" => call!(k::kd_loss_kl_bf16_bf16),
-        "kd_loss_kl_f32_bf16" => call!(k::kd_loss_kl_f32_bf16),
-        "kd_loss_kl_f32_f32" => call!(k::kd_loss_kl_f32_f32),
-        "kd_loss_mse_bf16_bf16" => call!(k::kd_loss_mse_bf16_bf16),
-        "kd_loss_mse_f32_bf16" => call!(k::kd_loss_mse_f32_bf16),
-        "kd_loss_mse_f32_f32" => call!(k::kd_loss_mse_f32_f32),
-        other => {
-            return Err(KdError(format!(
-                "{other} is not a row kernel of kd_loss.cu"
-            )))
-        }
-    })
-}
-
 /// Most classes the cached-target kernels take (`RK_CACHED_MAX_CLASSES`: a bitmap of the row
 /// in shared memory; the range of the cache's u16 indices).
 pub const CACHED_MAX_CLASSES: usize = 65_536;
-
-/// The arguments of a cached-target row kernel (`kd_loss_cached_kl_*`, `kd_loss_cached_mse_*`):
-/// the student's logits and gradient (its storage type in the kernel's name), and the cache's
-/// rows as `[rows, k]` class indices and teacher logits with the `[rows]` log-sum-exp of the
-/// rest at the loss's temperature.
-#[derive(Debug, Clone, Copy)]
-pub struct CachedRowArgs {
-    pub logits: u64,
-    pub grad: u64,
-    pub indices: Ptr<u32>,
-    pub values: Ptr<f32>,
-    pub tail_lse: Ptr<f32>,
-    pub k: u32,
-    pub labels: Ptr<i32>,
-    pub mask: Ptr<i32>,
-    pub row_ce: Ptr<f32>,
-    pub row_kd: Ptr<f32>,
-    pub classes: u32,
-    pub ignore_index: i32,
-    pub inv_t: f32,
-    pub t_sq: f32,
-    pub ce_weight: f32,
-    pub kd_scale: f32,
-}
 
 /// The cached-target row kernel for a term (`mse`: MSE, else KL) and the student's storage
 /// (`bf16`: bf16, else f32).
@@ -149,60 +62,22 @@ pub fn cached_kernel_name(mse: bool, bf16: bool) -> &'static str {
     }
 }
 
-/// The launch of the cached-target row kernel `kernel` (a name [`cached_kernel_name`] gives),
-/// through its typed launcher. A row longer than [`CACHED_MAX_CLASSES`] or `k` outside
+/// Whether the cached-target row kernel `kernel` (a name [`cached_kernel_name`] gives) takes
+/// `k` cached classes of `classes`: a row longer than [`CACHED_MAX_CLASSES`] or `k` outside
 /// `1..=classes` is an error.
-pub fn cached_row_call(
-    kernel: &str,
-    config: LaunchConfig,
-    a: &CachedRowArgs,
-) -> Result<KernelCall, KdError> {
-    if a.classes as usize > CACHED_MAX_CLASSES {
+pub fn check_cached_row(kernel: &str, k: u32, classes: u32) -> Result<(), KdError> {
+    if classes as usize > CACHED_MAX_CLASSES {
         return Err(KdError(format!(
-            "{kernel}: {} classes; the cached-target kernels take at most {CACHED_MAX_CLASSES}",
-            a.classes
+            "{kernel}: {classes} classes; the cached-target kernels take at most \
+             {CACHED_MAX_CLASSES}"
         )));
     }
-    if a.k == 0 || a.k > a.classes {
+    if k == 0 || k > classes {
         return Err(KdError(format!(
-            "{kernel}: k = {} cached classes of {}",
-            a.k, a.classes
+            "{kernel}: k = {k} cached classes of {classes}"
         )));
     }
-    macro_rules! call {
-        ($launcher:path) => {
-            $launcher(
-                config,
-                Ptr::new(a.logits),
-                Ptr::new(a.grad),
-                a.indices,
-                a.values,
-                a.tail_lse,
-                a.k,
-                a.labels,
-                a.mask,
-                a.row_ce,
-                a.row_kd,
-                a.classes,
-                a.ignore_index,
-                a.inv_t,
-                a.t_sq,
-                a.ce_weight,
-                a.kd_scale,
-            )
-        };
-    }
-    Ok(match kernel {
-        "kd_loss_cached_kl_f32" => call!(k::kd_loss_cached_kl_f32),
-        "kd_loss_cached_kl_bf16" => call!(k::kd_loss_cached_kl_bf16),
-        "kd_loss_cached_mse_f32" => call!(k::kd_loss_cached_mse_f32),
-        "kd_loss_cached_mse_bf16" => call!(k::kd_loss_cached_mse_bf16),
-        other => {
-            return Err(KdError(format!(
-                "{other} is not a cached-target row kernel of kd_loss.cu"
-            )))
-        }
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -222,8 +97,26 @@ mod tests {
     }
 
     #[test]
+    fn cached_row_shapes() {
+        let kernel = cached_kernel_name(false, false);
+        assert!(check_cached_row(kernel, 3, 10).is_ok());
+        assert!(check_cached_row(kernel, 1, 65_536).is_ok());
+        for (k, classes) in [(0, 10), (11, 10), (1, 65_537)] {
+            assert!(
+                check_cached_row(kernel, k, classes).is_err(),
+                "k {k} of {classes}"
+            );
+        }
+    }
+
+    #[test]
     fn every_row_kernel_has_its_typed_launch() {
-        let a = RowArgs {
+        use crate::call::Ptr;
+        use crate::launchers::{
+            kd_cached_row_call, kd_row_call, KdCachedRowArgs, KdRowArgs, KD_CACHED_ROW_KERNELS,
+            KD_ROW_KERNELS,
+        };
+        let a = KdRowArgs {
             logits: 1,
             grad: 2,
             teachers: TeacherLogits::default(),
@@ -239,12 +132,7 @@ mod tests {
             ce_weight: 1.0,
             kd_scale: 0.0,
         };
-        let cfg = crate::launch::single_block();
-        let (_, kernels) = crate::launchers::FAMILIES
-            .iter()
-            .find(|(f, _)| *f == "kd_loss")
-            .unwrap();
-        let c = CachedRowArgs {
+        let c = KdCachedRowArgs {
             logits: 1,
             grad: 2,
             indices: Ptr::new(5),
@@ -262,29 +150,37 @@ mod tests {
             ce_weight: 1.0,
             kd_scale: 0.1,
         };
-        let mut cached = 0;
+        let cfg = crate::launch::single_block();
+        let (_, kernels) = crate::launchers::FAMILIES
+            .iter()
+            .find(|(f, _)| *f == "kd_loss")
+            .unwrap();
+        // Every kernel of the family but the reduction is in exactly one of the two lists.
+        assert_eq!(KD_ROW_KERNELS.len(), 8);
+        assert_eq!(KD_CACHED_ROW_KERNELS.len(), 4);
         for kernel in kernels.iter().filter(|n| **n != "kd_loss_reduce") {
-            if kernel.starts_with("kd_loss_cached_") {
-                assert_eq!(cached_row_call(kernel, cfg, &c).unwrap().kernel, *kernel);
-                assert!(row_call(kernel, cfg, &a).is_err());
-                cached += 1;
+            let row = KD_ROW_KERNELS.contains(kernel);
+            assert_ne!(row, KD_CACHED_ROW_KERNELS.contains(kernel), "{kernel}");
+            if row {
+                let call = kd_row_call(kernel, cfg, &a).unwrap();
+                assert_eq!(call.kernel, *kernel);
+                assert_eq!(call.args[0], crate::call::Value::U64(1));
+                assert_eq!(call.args[2], crate::call::Value::Teachers(a.teachers));
+                assert!(kd_cached_row_call(kernel, cfg, &c).is_err());
             } else {
-                assert_eq!(row_call(kernel, cfg, &a).unwrap().kernel, *kernel);
-                assert!(cached_row_call(kernel, cfg, &c).is_err());
+                let call = kd_cached_row_call(kernel, cfg, &c).unwrap();
+                assert_eq!(call.kernel, *kernel);
+                assert_eq!(call.args[4], crate::call::Value::U64(7));
+                assert!(kd_row_call(kernel, cfg, &a).is_err());
             }
         }
-        assert_eq!(cached, 4);
         for (mse, bf16) in [(false, false), (false, true), (true, false), (true, true)] {
-            assert!(kernels.contains(&cached_kernel_name(mse, bf16)));
+            assert!(KD_CACHED_ROW_KERNELS.contains(&cached_kernel_name(mse, bf16)));
         }
-        assert!(row_call("kd_loss_reduce", cfg, &a).is_err());
-        let kernel = cached_kernel_name(false, false);
-        for (k, classes) in [(0, 10), (11, 10), (1, 65_537)] {
-            let bad = CachedRowArgs { k, classes, ..c };
-            assert!(
-                cached_row_call(kernel, cfg, &bad).is_err(),
-                "k {k} of {classes}"
-            );
-        }
+        let err = kd_row_call("kd_loss_reduce", cfg, &a).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kd_loss_reduce is not one of the RK_KD_ROW (src/kd_loss.cu) kernels"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! indices and values and one f32 per row: a few KB, where the student's logits stay on the
 //! GPU). Its CPU twin is `crate::kd_loss::kd_loss_buckets_cpu`.
 
-use recycle_kernels::kd_loss::{cached_kernel_name, cached_row_call, CachedRowArgs};
+use recycle_kernels::kd_loss::{cached_kernel_name, check_cached_row};
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
@@ -43,25 +43,31 @@ fn kd_loss_cached_plan(
 ) -> Result<Vec<KernelCall>> {
     let mut calls = Vec::new();
     if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
-        let args = CachedRowArgs {
+        let k = fit_u32(kernel, "k, the cached classes per row", k)?;
+        let classes = fit_u32(kernel, "the number of classes", classes)?;
+        check_cached_row(kernel, k, classes).map_err(|e| Error::invalid(OP, e.0))?;
+        let args = k::KdCachedRowArgs {
             logits: b.logits,
             grad: b.grad,
             indices: p(b.indices),
             values: p(b.values),
             tail_lse: p(b.tail_lse),
-            k: fit_u32(kernel, "k, the cached classes per row", k)?,
+            k,
             labels: p(b.labels),
             mask: p(b.mask),
             row_ce: p(b.row_ce),
             row_kd: p(b.row_kd),
-            classes: fit_u32(kernel, "the number of classes", classes)?,
+            classes,
             ignore_index,
             inv_t: s.inv_t,
             t_sq: s.t_sq,
             ce_weight: s.grad_ce_weight,
             kd_scale: s.grad_kd_scale,
         };
-        calls.push(cached_row_call(kernel, cfg, &args).map_err(|e| Error::invalid(OP, e.0))?);
+        calls.push(
+            k::kd_cached_row_call(kernel, cfg, &args)
+                .map_err(|e| Error::invalid(OP, e.to_string()))?,
+        );
     }
     calls.push(k::kd_loss_reduce(
         kl::single_block(),

@@ -2,7 +2,7 @@
 //! `kd_loss.cu`, with the host-side scalars and row counts of `crate::kd_loss::host`, held
 //! to the f64 reference on the kernel simulator. Its CPU twin is `crate::kd_loss::kd_loss_cpu`.
 
-use recycle_kernels::kd_loss::{row_call, RowArgs, TeacherLogits};
+use recycle_kernels::kd_loss::TeacherLogits;
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
@@ -53,7 +53,7 @@ fn kd_loss_plan(
     };
     let mut calls = Vec::new();
     if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
-        let args = RowArgs {
+        let args = k::KdRowArgs {
             logits: b.logits,
             grad: b.grad,
             teachers: tl,
@@ -70,7 +70,8 @@ fn kd_loss_plan(
             kd_scale: s.grad_kd_scale,
         };
         calls.push(
-            row_call(kernel, cfg, &args).map_err(|e| Error::invalid("kd_loss", e.to_string()))?,
+            k::kd_row_call(kernel, cfg, &args)
+                .map_err(|e| Error::invalid("kd_loss", e.to_string()))?,
         );
     }
     calls.push(k::kd_loss_reduce(
