@@ -70,8 +70,9 @@ pub struct Recipe {
     pub device: Device,
     /// The type the models compute their activations in: `f32` (the default) or `bf16`
     /// (parameters, gradients and optimizer state stay f32). On a GPU every op then computes in
-    /// bf16; the CPU ops widen bf16 to f32, so there only the values each layer hands to the
-    /// next are rounded to bf16 (a CPU run shows what the rounding does, not the speed).
+    /// bf16. On a CPU with AVX512_BF16 the matmuls and convolutions, forward and backward, run
+    /// in bf16 products with f32 accumulation; the other CPU ops widen bf16 to f32, so there the
+    /// values each layer hands to the next are rounded to bf16.
     #[serde(default)]
     pub activations: Activations,
     pub model: ModelRecipe,
