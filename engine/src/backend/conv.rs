@@ -1122,21 +1122,14 @@ fn backward_cpu(
                     }
                 }))
             };
-            let parts: Vec<Option<Vec<f32>>> = match dx.as_mut() {
-                Some(dx) => dx
-                    .par_chunks_mut(per * img)
-                    .enumerate()
-                    .map(|(t, d)| run(t, Some(d)))
-                    .collect::<Result<_>>()?,
-                None => (0..g.n.div_ceil(per))
-                    .into_par_iter()
-                    .map(|t| run(t, None))
-                    .collect::<Result<_>>()?,
-            };
-            if let Some(dw) = dw.as_mut() {
-                let parts: Vec<Vec<f32>> = parts.into_iter().flatten().collect();
-                sum_in_order(dw, &parts);
-            }
+            backward_over_runs(
+                dx.as_deref_mut(),
+                dw.as_deref_mut(),
+                per * img,
+                g.n,
+                per,
+                run,
+            )?;
         }
         ConvSchedule::Batched { items } => {
             let items = items.clamp(1, g.n);
@@ -1204,6 +1197,38 @@ pub(super) fn backward_runs(g: &Conv2dGeometry, schedule: ConvSchedule) -> (usiz
 
 /// `dst = parts[0] + parts[1] + ...`, each element summed in the order of `parts` (blocks of
 /// `dst` in parallel): the same bits however the blocks are scheduled.
+/// Runs `run(t, dx of run t)` for each run of `per` images (`chunk` floats of `dx` each), over
+/// the rayon threads, and sums the runs' partial weight gradients into `dw` in run order, so
+/// the result does not depend on the thread count.
+pub(super) fn backward_over_runs<F>(
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    chunk: usize,
+    n: usize,
+    per: usize,
+    run: F,
+) -> Result<()>
+where
+    F: Fn(usize, Option<&mut [f32]>) -> Result<Option<Vec<f32>>> + Sync,
+{
+    let parts: Vec<Option<Vec<f32>>> = match dx {
+        Some(dx) => dx
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .map(|(t, d)| run(t, Some(d)))
+            .collect::<Result<_>>()?,
+        None => (0..n.div_ceil(per))
+            .into_par_iter()
+            .map(|t| run(t, None))
+            .collect::<Result<_>>()?,
+    };
+    if let Some(dw) = dw {
+        let parts: Vec<Vec<f32>> = parts.into_iter().flatten().collect();
+        sum_in_order(dw, &parts);
+    }
+    Ok(())
+}
+
 pub(super) fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
     const BLOCK: usize = 4096;
     dst.par_chunks_mut(BLOCK).enumerate().for_each(|(b, d)| {

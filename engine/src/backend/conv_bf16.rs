@@ -12,11 +12,10 @@
 //! is the reference (tests below).
 
 use half::bf16;
-use rayon::prelude::*;
 
 use super::conv::{
-    backward_runs, bias_grad_cpu, col2im_cpu, flipped_weight, gather_group, grouped_forward,
-    im2col_cpu, sum_in_order, transposed_geometry, Conv2dGrads, ConvSchedule,
+    backward_over_runs, backward_runs, bias_grad_cpu, col2im_cpu, flipped_weight, gather_group,
+    grouped_forward, im2col_cpu, transposed_geometry, Conv2dGrads, ConvSchedule,
 };
 use super::gemm::{gemm_bf16_accumulate, gemm_bf16_packed, Bf16Lhs, Half};
 use super::{scratch, Conv2dGeometry};
@@ -204,21 +203,14 @@ pub fn conv2d_backward_bf16_cpu(
         }
         Ok(dw_part)
     };
-    let parts: Vec<Option<Vec<f32>>> = match dx.as_mut() {
-        Some(dx) => dx
-            .par_chunks_mut(per * img)
-            .enumerate()
-            .map(|(t, d)| run(t, Some(d)))
-            .collect::<Result<_>>()?,
-        None => (0..g.n.div_ceil(per))
-            .into_par_iter()
-            .map(|t| run(t, None))
-            .collect::<Result<_>>()?,
-    };
-    if let Some(dw) = dw.as_mut() {
-        let parts: Vec<Vec<f32>> = parts.into_iter().flatten().collect();
-        sum_in_order(dw, &parts);
-    }
+    backward_over_runs(
+        dx.as_deref_mut(),
+        dw.as_deref_mut(),
+        per * img,
+        g.n,
+        per,
+        run,
+    )?;
     Ok(Conv2dGrads {
         x: dx,
         weight: dw,
@@ -231,22 +223,8 @@ mod tests {
     use super::*;
     use crate::backend::conv::{conv2d_backward_cpu, conv2d_forward_cpu};
     use crate::backend::gemm::bf16_products_active;
+    use crate::backend::matmul_bf16::tests::{round, values};
     use crate::backend::Conv2dOptions;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed * 97);
-                ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn round(v: &[f32]) -> Vec<f32> {
-        v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-    }
 
     /// A sum of `depth` products of values in [-1, 1] in two summation orders: off by
     /// `depth * 2^-24` of the largest partial sum at most (the bound of `matmul_bf16`'s tests).

@@ -165,13 +165,7 @@ pub fn gemm_bf16_packed(
         ));
     }
     check_bf16_active()?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if empty_product(m, n, k, c, accumulate) {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
@@ -180,6 +174,15 @@ pub fn gemm_bf16_packed(
         bf16::gemm_bf16_packed(&a.packed, n, b, trans_b, c, accumulate, parallel)
     };
     Ok(())
+}
+
+/// A product with no terms: `C` is left as it is, or zeroed when it is not accumulated into.
+/// True when there is nothing more to do.
+fn empty_product(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool) -> bool {
+    if k == 0 && !accumulate {
+        c[..m * n].fill(0.0);
+    }
+    m == 0 || n == 0 || k == 0
 }
 
 fn check_bf16_active() -> Result<()> {
@@ -216,13 +219,7 @@ fn bf16_product(
         ));
     }
     check_bf16_active()?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
+    if empty_product(m, n, k, c, accumulate) {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]

@@ -136,12 +136,12 @@ fn transpose_to_bf16(a: &[f32], rows: usize, cols: usize) -> Vec<bf16> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::gemm::bf16_products_active;
     use crate::backend::matmul::{linear_backward_cpu, linear_forward_cpu};
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let h = (i as u32)
@@ -152,7 +152,7 @@ mod tests {
             .collect()
     }
 
-    fn round(v: &[f32]) -> Vec<f32> {
+    pub(crate) fn round(v: &[f32]) -> Vec<f32> {
         v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
     }
 
