@@ -6,9 +6,9 @@
 //! Types as for the products: the convolution runs in the input's type (the weight is cast to
 //! it when it differs); the output, `dx` and `dweight` have that type, `dbias` is f32.
 
-use super::common::{as_dtype, empty, run, view};
+use super::common::{as_dtype, empty, view};
 use super::dnn::{self, ConvKey, ConvPtrs, Direction};
-use super::elementwise::{bias_add_bwd, channel_add_plan};
+use super::elementwise::{bias_add_bwd, channel_add};
 use crate::backend::conv::ConvOperands;
 use crate::backend::Conv2dGeometry;
 use crate::{DType, Result, Tensor};
@@ -54,19 +54,7 @@ pub(crate) fn conv2d_fwd(
         y
     };
     if let Some(b) = bias {
-        let b = as_dtype(b, dtype)?;
-        let yv = view(&out, OP)?;
-        // In place: each element reads and writes its own address.
-        let plan = channel_add_plan(
-            yv.ptr,
-            view(&b, OP)?.ptr,
-            yv.ptr,
-            g.n,
-            g.o,
-            g.oh * g.ow,
-            dtype,
-        )?;
-        run(&ctx, &plan)?;
+        channel_add(&out, &as_dtype(b, dtype)?, &out, g.o, g.oh * g.ow)?;
     }
     Ok((out, ConvOperands { x: tx, weight: tw }))
 }

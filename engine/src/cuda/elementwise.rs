@@ -6,9 +6,9 @@
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
-use super::common::{empty, grid_stride, grid_stride_call, output, p, run, view, with_float};
-use super::launch::{fit_u32, shape_err, KernelCall};
-use super::DeviceBuffer;
+use super::common::{dptr, empty, grid_stride, p, view, with_float};
+use super::launch::{fit_u32, launch, shape_err};
+use super::{CudaContext, DeviceBuffer};
 use crate::backend::{Activation, BinaryOp};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -16,9 +16,10 @@ use crate::{DType, Device, Error, Result, Tensor};
 // Copies, casts, accumulation
 // ---------------------------------------------------------------------------------------------
 
-fn cast_plan(x: u64, y: u64, n: usize, from: DType, to: DType) -> Result<Vec<KernelCall>> {
-    let cfg = grid_stride(n);
-    let len = n as u64;
+/// Casts the `n` values at `x` (`from`) into `y` (`to`): f32 ↔ bf16 (round to nearest even,
+/// as the CPU).
+fn cast_into(ctx: &CudaContext, x: u64, y: u64, n: usize, from: DType, to: DType) -> Result<()> {
+    let (cfg, len) = (grid_stride(n), n as u64);
     let call = match (from, to) {
         (DType::F32, DType::BF16) => cfg.map(|c| k::cast_f32_to_bf16(c, p(x), p(y), len)),
         (DType::BF16, DType::F32) => cfg.map(|c| k::cast_bf16_to_f32(c, p(x), p(y), len)),
@@ -29,15 +30,22 @@ fn cast_plan(x: u64, y: u64, n: usize, from: DType, to: DType) -> Result<Vec<Ker
             ))
         }
     };
-    Ok(call.into_iter().collect())
+    call.map_or(Ok(()), |call| launch(ctx, &call))
 }
 
-/// `Tensor::cast` on a GPU: f32 ↔ bf16 (round to nearest even, as the CPU).
+/// `Tensor::cast` on a GPU.
 pub(crate) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     let x = view(t, "cast")?;
-    output(&x.ctx, dtype, t.shape(), |y| {
-        cast_plan(x.ptr, y, x.len, t.dtype(), dtype)
-    })
+    let y = empty(&x.ctx, dtype, t.shape())?;
+    cast_into(
+        &x.ctx,
+        x.ptr,
+        view(&y, "cast")?.ptr,
+        x.len,
+        t.dtype(),
+        dtype,
+    )?;
+    Ok(y)
 }
 
 /// `Tensor::deep_copy` on a GPU. A copy of i32 values the host knows is known too.
@@ -76,10 +84,7 @@ pub(crate) fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
                 }
                 super::copy_device_to_device(&d, &s)
             } else {
-                run(
-                    &d.ctx,
-                    &cast_plan(s.ptr, d.ptr, d.len, src.dtype(), dst.dtype())?,
-                )
+                cast_into(&d.ctx, s.ptr, d.ptr, d.len, src.dtype(), dst.dtype())
             }
         }
         _ => {
@@ -87,12 +92,6 @@ pub(crate) fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
             super::copy_to_device(&d, &host.to_bytes()?)
         }
     }
-}
-
-fn accumulate_plan(src: u64, dst: u64, n: usize, src_dtype: DType) -> Result<Vec<KernelCall>> {
-    with_float!("add_assign", src_dtype, |T| Ok(grid_stride_call(n, |c| {
-        k::accumulate::<T>(c, p(src), p(dst), n as u64)
-    })))
 }
 
 /// `Tensor::add_assign` on a GPU: `dst` (f32) += `src` (f32 or bf16).
@@ -106,7 +105,13 @@ pub(crate) fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
         src.clone()
     };
     let (d, s) = (dst.cuda_view_mut("add_assign")?, view(&src, "add_assign")?);
-    run(&d.ctx, &accumulate_plan(s.ptr, d.ptr, d.len, src.dtype())?)
+    let Some(cfg) = grid_stride(d.len) else {
+        return Ok(());
+    };
+    with_float!("add_assign", src.dtype(), |T| launch(
+        &d.ctx,
+        &k::accumulate::<T>(cfg, p(s.ptr), p(d.ptr), d.len as u64)
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -128,42 +133,9 @@ pub(crate) fn float_inputs(op: &'static str, xs: &[&Tensor]) -> Result<DType> {
     Ok(dtype)
 }
 
-fn binary_plan(
-    op: BinaryOp,
-    a: u64,
-    b: u64,
-    out: u64,
-    n: usize,
-    dtype: DType,
-) -> Result<Vec<KernelCall>> {
-    let len = n as u64;
-    with_float!(op.name(), dtype, |T| Ok(grid_stride_call(n, |c| {
-        let launcher = match op {
-            BinaryOp::Add => k::add::<T>,
-            BinaryOp::Sub => k::sub::<T>,
-            BinaryOp::Mul => k::mul::<T>,
-        };
-        launcher(c, p(a), p(b), p(out), len)
-    })))
-}
-
-fn binary_raw(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dtype = float_inputs(op.name(), &[a, b])?;
-    let (av, bv) = (view(a, op.name())?, view(b, op.name())?);
-    output(&av.ctx, dtype, a.shape(), |y| {
-        binary_plan(op, av.ptr, bv.ptr, y, av.len, dtype)
-    })
-}
-
-fn scalar_plan(
-    base: &'static str,
-    x: u64,
-    out: u64,
-    n: usize,
-    s: f32,
-    dtype: DType,
-) -> Result<Vec<KernelCall>> {
-    let len = n as u64;
+pub(crate) fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tensor> {
+    let dtype = float_inputs(base, &[x])?;
+    let xv = view(x, base)?;
     with_float!(base, dtype, |T| {
         let launcher = match base {
             "scale" => k::scale::<T>,
@@ -175,15 +147,12 @@ fn scalar_plan(
                 ))
             }
         };
-        Ok(grid_stride_call(n, |c| launcher(c, p(x), p(out), len, s)))
-    })
-}
-
-pub(crate) fn scalar_raw(base: &'static str, x: &Tensor, s: f32) -> Result<Tensor> {
-    let dtype = float_inputs(base, &[x])?;
-    let xv = view(x, base)?;
-    output(&xv.ctx, dtype, x.shape(), |y| {
-        scalar_plan(base, xv.ptr, y, xv.len, s, dtype)
+        let y = empty(&xv.ctx, dtype, x.shape())?;
+        if let Some(cfg) = grid_stride(xv.len) {
+            let out = dptr(&y, base)?;
+            launch(&xv.ctx, &launcher(cfg, p(xv.ptr), out, xv.len as u64, s))?;
+        }
+        Ok(y)
     })
 }
 
@@ -195,56 +164,84 @@ pub(crate) fn binary_fwd(
     b: &Tensor,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    if a.shape() == b.shape() {
-        binary_raw(op, a, b)
-    } else {
-        super::layout::broadcast(op, a, b, out_shape)
+    if a.shape() != b.shape() {
+        return super::layout::broadcast(op, a, b, out_shape);
     }
+    let name = op.name();
+    let dtype = float_inputs(name, &[a, b])?;
+    let av = view(a, name)?;
+    let y = empty(&av.ctx, dtype, a.shape())?;
+    if let Some(cfg) = grid_stride(av.len) {
+        with_float!(name, dtype, |T| {
+            let launcher = match op {
+                BinaryOp::Add => k::add::<T>,
+                BinaryOp::Sub => k::sub::<T>,
+                BinaryOp::Mul => k::mul::<T>,
+            };
+            let (a, b, out) = (dptr(a, name)?, dptr(b, name)?, dptr(&y, name)?);
+            launch(&av.ctx, &launcher(cfg, a, b, out, av.len as u64))
+        })?;
+    }
+    Ok(y)
 }
 
-/// `bias_add` forward: `channel_add` over `[outer, c, inner]`.
-pub(crate) fn channel_add_plan(
-    x: u64,
-    v: u64,
-    out: u64,
-    outer: usize,
+/// The CUDA arm of [`crate::backend::elementwise::bias_add_fwd`] (shapes validated by the
+/// caller): `x` and `bias` of one dtype, kept.
+pub(crate) fn bias_add_fwd(x: &Tensor, bias: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
+    let dtype = float_inputs("bias_add", &[x, bias])?;
+    let y = empty(&view(x, "bias_add")?.ctx, dtype, x.shape())?;
+    channel_add(x, bias, &y, c, inner)?;
+    Ok(y)
+}
+
+/// `out = x + bias` per channel over `[outer, c, inner]`, all of one dtype (`out` may be `x`:
+/// each element reads and writes its own address).
+pub(crate) fn channel_add(
+    x: &Tensor,
+    bias: &Tensor,
+    out: &Tensor,
     c: usize,
     inner: usize,
-    dtype: DType,
-) -> Result<Vec<KernelCall>> {
+) -> Result<()> {
+    const OP: &str = "bias_add";
     let name = "channel_add";
+    let xv = view(x, OP)?;
+    let outer = xv.len.checked_div(c * inner).unwrap_or(0);
     let cfg = kl::channel_rows(name, outer as u64, c as u64, inner as u64).map_err(shape_err)?;
+    let Some(cfg) = cfg else { return Ok(()) };
     let (c, inner) = (
         fit_u32(name, "the number of channels", c)?,
         fit_u32(name, "the inner size", inner)?,
     );
-    with_float!("bias_add", dtype, |T| Ok(cfg
-        .map(|cfg| k::channel_add::<T>(cfg, p(x), p(v), p(out), c, inner))
-        .into_iter()
-        .collect()))
+    with_float!(OP, x.dtype(), |T| launch(
+        &xv.ctx,
+        &k::channel_add::<T>(cfg, p(xv.ptr), dptr(bias, OP)?, dptr(out, OP)?, c, inner)
+    ))
 }
 
-/// `bias_add` backward for the bias: the sum of `g` over `outer` and `inner` per channel, into
-/// `out` (f32 `[c]`), overwritten.
-pub(crate) fn channel_sum_plan(
-    g: u64,
-    out: u64,
-    outer: usize,
-    c: usize,
-    inner: usize,
-    dtype: DType,
-) -> Result<Vec<KernelCall>> {
-    if inner == 1 {
+/// The CUDA arm of [`crate::backend::elementwise::bias_add_bwd`]: the sum of `g` over `outer`
+/// and `inner` per channel, f32 `[c]`.
+pub(crate) fn bias_add_bwd(g: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
+    const OP: &str = "bias_add backward";
+    let dtype = float_inputs(OP, &[g])?;
+    let gv = view(g, OP)?;
+    let outer = gv.len.checked_div(c * inner).unwrap_or(0);
+    let db = empty(&gv.ctx, DType::F32, &[c])?;
+    let (gp, out) = (gv.ptr, dptr(&db, OP)?);
+    let call = if inner == 1 {
         let name = "channel_sum_last";
         let cfg = kl::channel_sum_last(name, outer as u64, c as u64).map_err(shape_err)?;
         let (rows, cols) = (
             fit_u32(name, "the number of rows", outer)?,
             fit_u32(name, "the number of columns", c)?,
         );
-        with_float!("bias_add", dtype, |T| Ok(cfg
-            .map(|cfg| k::channel_sum_last::<T>(cfg, p(g), p(out), rows, cols))
-            .into_iter()
-            .collect()))
+        with_float!(OP, dtype, |T| Ok(cfg.map(|cfg| k::channel_sum_last::<T>(
+            cfg,
+            p(gp),
+            out,
+            rows,
+            cols
+        ))))?
     } else {
         let name = "channel_sum";
         let cfg = kl::channel_sum(name, outer as u64, c as u64, inner as u64).map_err(shape_err)?;
@@ -253,100 +250,27 @@ pub(crate) fn channel_sum_plan(
             fit_u32(name, "the number of channels", c)?,
             fit_u32(name, "the plane size", inner)?,
         );
-        with_float!("bias_add", dtype, |T| Ok(cfg
-            .map(|cfg| k::channel_sum::<T>(cfg, p(g), p(out), planes, c, inner))
-            .into_iter()
-            .collect()))
+        with_float!(OP, dtype, |T| Ok(cfg.map(|cfg| k::channel_sum::<T>(
+            cfg,
+            p(gp),
+            out,
+            planes,
+            c,
+            inner
+        ))))?
+    };
+    if let Some(call) = call {
+        launch(&gv.ctx, &call)?;
     }
-}
-
-/// The CUDA arm of [`crate::backend::elementwise::bias_add_fwd`] (shapes validated by the
-/// caller): `x` and `bias` of one dtype, kept.
-pub(crate) fn bias_add_fwd(x: &Tensor, bias: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
-    let dtype = float_inputs("bias_add", &[x, bias])?;
-    let xv = view(x, "bias_add")?;
-    let bv = view(bias, "bias_add")?;
-    let outer = xv.len.checked_div(c * inner).unwrap_or(0);
-    output(&xv.ctx, dtype, x.shape(), |y| {
-        channel_add_plan(xv.ptr, bv.ptr, y, outer, c, inner, dtype)
-    })
-}
-
-/// The CUDA arm of [`crate::backend::elementwise::bias_add_bwd`]: f32 `[c]`.
-pub(crate) fn bias_add_bwd(g: &Tensor, c: usize, inner: usize) -> Result<Tensor> {
-    let dtype = float_inputs("bias_add backward", &[g])?;
-    let gv = view(g, "bias_add backward")?;
-    let outer = gv.len.checked_div(c * inner).unwrap_or(0);
-    output(&gv.ctx, DType::F32, &[c], |db| {
-        channel_sum_plan(gv.ptr, db, outer, c, inner, dtype)
-    })
+    Ok(db)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Activations
 // ---------------------------------------------------------------------------------------------
 
-/// Which saved value an activation's backward kernel reads.
-#[cfg(test)]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Saved {
-    Input,
-    Output,
-}
-
-/// The saved value of each activation kernel's backward.
-#[cfg(test)]
-fn activation_saved(op: &str) -> Result<Saved> {
-    match op {
-        "relu" | "tanh" => Ok(Saved::Output),
-        "gelu" => Ok(Saved::Input),
-        other => Err(not_an_activation(other)),
-    }
-}
-
 fn not_an_activation(op: &str) -> Error {
     Error::invalid("activation", format!("not implemented on CUDA yet: {op}"))
-}
-
-fn activation_fwd_plan(
-    op: &str,
-    x: u64,
-    y: u64,
-    n: usize,
-    dtype: DType,
-) -> Result<Vec<KernelCall>> {
-    let len = n as u64;
-    with_float!("activation", dtype, |T| {
-        let launcher = match op {
-            "relu" => k::relu_fwd::<T>,
-            "gelu" => k::gelu_fwd::<T>,
-            "tanh" => k::tanh_fwd::<T>,
-            other => return Err(not_an_activation(other)),
-        };
-        Ok(grid_stride_call(n, |c| launcher(c, p(x), p(y), len)))
-    })
-}
-
-fn activation_bwd_plan(
-    op: &str,
-    saved: u64,
-    g: u64,
-    dx: u64,
-    n: usize,
-    dtype: DType,
-) -> Result<Vec<KernelCall>> {
-    let len = n as u64;
-    with_float!("activation", dtype, |T| {
-        let launcher = match op {
-            "relu" => k::relu_bwd::<T>,
-            "gelu" => k::gelu_bwd::<T>,
-            "tanh" => k::tanh_bwd::<T>,
-            other => return Err(not_an_activation(other)),
-        };
-        Ok(grid_stride_call(n, |c| {
-            launcher(c, p(saved), p(g), p(dx), len)
-        }))
-    })
 }
 
 /// The CUDA arm of [`crate::backend::activation::activation_fwd`]: the output in `x`'s dtype.
@@ -354,315 +278,44 @@ pub(crate) fn activation_fwd(kind: Activation, x: &Tensor) -> Result<Tensor> {
     let op = kind.name();
     let dtype = float_inputs(op, &[x])?;
     let xv = view(x, op)?;
-    output(&xv.ctx, dtype, x.shape(), |y| {
-        activation_fwd_plan(op, xv.ptr, y, xv.len, dtype)
-    })
+    let y = empty(&xv.ctx, dtype, x.shape())?;
+    let Some(cfg) = grid_stride(xv.len) else {
+        return Ok(y);
+    };
+    with_float!("activation", dtype, |T| {
+        let launcher = match op {
+            "relu" => k::relu_fwd::<T>,
+            "gelu" => k::gelu_fwd::<T>,
+            "tanh" => k::tanh_fwd::<T>,
+            other => return Err(not_an_activation(other)),
+        };
+        launch(
+            &xv.ctx,
+            &launcher(cfg, p(xv.ptr), dptr(&y, op)?, xv.len as u64),
+        )
+    })?;
+    Ok(y)
 }
 
-/// The CUDA arm of [`crate::backend::activation::activation_bwd`]: `saved` and `g` of one
-/// dtype, which the gradient keeps.
+/// The CUDA arm of [`crate::backend::activation::activation_bwd`]: `saved` (the output for
+/// relu and tanh, the input for gelu) and `g` of one dtype, which the gradient keeps.
 pub(crate) fn activation_bwd(kind: Activation, saved: &Tensor, g: &Tensor) -> Result<Tensor> {
     let op = kind.name();
     let dtype = float_inputs(op, &[saved, g])?;
-    let (sv, gv) = (view(saved, op)?, view(g, op)?);
-    output(&sv.ctx, dtype, g.shape(), |dx| {
-        activation_bwd_plan(op, sv.ptr, gv.ptr, dx, sv.len, dtype)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cuda::sim_check::{
-        as_stored, assert_close, download, host_sim, run_plan, sample, upload,
+    let sv = view(saved, op)?;
+    let dx = empty(&sv.ctx, dtype, g.shape())?;
+    let Some(cfg) = grid_stride(sv.len) else {
+        return Ok(dx);
     };
-    use recycle_kernels::sim::SimBuffer;
-
-    /// The plan with its grids cut to `blocks` blocks, so that a grid-stride kernel's threads
-    /// loop over several elements each (as past `ELEMENTWISE_MAX_BLOCKS` on a GPU).
-    fn capped(mut plan: Vec<KernelCall>, blocks: u32) -> Vec<KernelCall> {
-        for call in &mut plan {
-            call.config.grid[0] = call.config.grid[0].min(blocks);
-        }
-        plan
-    }
-
-    /// Sizes: below one block, not a multiple of the block (256), and several blocks.
-    const SIZES: [usize; 3] = [3, 1000, 4099];
-
-    /// The storage of an exact f32 result: the kernels compute in f32 and round once to the
-    /// output's type, so a bf16 output is the CPU's f32 result rounded to nearest even (the
-    /// comparisons of exact kernels are then exact in bf16 too).
-    fn stored(values: &[f32], dt: DType) -> Vec<f32> {
-        as_stored(values, dt)
-    }
-
-    #[test]
-    fn casts_on_the_simulator_are_the_cpus_bits() {
-        use half::bf16;
-        let Some(sim) = host_sim() else { return };
-        // bf16 -> f32: every one of the 65536 bit patterns widens exactly. NaN payloads are
-        // not promised: the kernel shifts the bits (as the device's conversion), half also sets
-        // the quiet bit of a signalling NaN; a NaN stays a NaN.
-        let all: Vec<u16> = (0..=u16::MAX).collect();
-        let (bx, by) = (
-            SimBuffer::from_slice(&all),
-            SimBuffer::zeros::<f32>(all.len()),
-        );
-        let plan = cast_plan(bx.ptr(), by.ptr(), all.len(), DType::BF16, DType::F32).unwrap();
-        run_plan(sim, &plan);
-        let got = by.read::<f32>().unwrap();
-        for (i, (&b, g)) in all.iter().zip(got).enumerate() {
-            let want = bf16::from_bits(b).to_f32();
-            if want.is_nan() {
-                assert!(g.is_nan(), "bf16 -> f32: element {i} ({b:#06x}): NaN");
-            } else {
-                assert_eq!(
-                    g.to_bits(),
-                    want.to_bits(),
-                    "bf16 -> f32: element {i} ({b:#06x})"
-                );
-            }
-        }
-        // f32 -> bf16: random bit patterns (every exponent), the ties of round to nearest even
-        // both ways, the overflow to infinity, zeros, subnormals, infinities and NaNs.
-        let mut rng = crate::rng::Rng::new(11);
-        let mut bits: Vec<u32> = (0..5000).map(|_| rng.next_u64() as u32).collect();
-        bits.extend([
-            0x3f80_8000, // 1 + half a bf16 ulp: a tie, to the even 1.0
-            0x3f81_8000, // a tie from an odd mantissa: up
-            0x3f80_8001, // just above a tie: up
-            0xbf81_8000,
-            0x7f7f_ffff, // f32::MAX: rounds to infinity
-            0x7f7f_7fff, // just below the tie at the largest bf16: down
-            0x0000_0000,
-            0x8000_0000,
-            0x0000_0001, // the smallest subnormal
-            0x0040_8000,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0000,
-            0x7f80_0001, // a signalling NaN
-        ]);
-        for n in [bits.len(), 1000] {
-            let x: Vec<f32> = bits[..n].iter().map(|&b| f32::from_bits(b)).collect();
-            let (bx, by) = (SimBuffer::from_slice(&x), SimBuffer::zeros::<u16>(n));
-            let plan = cast_plan(bx.ptr(), by.ptr(), n, DType::F32, DType::BF16).unwrap();
-            for plan in [plan.clone(), capped(plan, 2)] {
-                run_plan(sim, &plan);
-                let got = by.read::<u16>().unwrap();
-                for (i, (&v, g)) in x.iter().zip(got).enumerate() {
-                    let want = bf16::from_f32(v).to_bits();
-                    if v.is_nan() {
-                        // NaN payloads are not promised (half keeps the payload, CUDA's
-                        // conversion gives its canonical NaN): a NaN stays a NaN.
-                        assert!(bf16::from_bits(g).is_nan(), "f32 -> bf16: element {i}: NaN");
-                    } else {
-                        assert_eq!(g, want, "f32 -> bf16: element {i} ({:#010x})", v.to_bits());
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn arithmetic_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::backend::elementwise as cpu;
-        let Some(sim) = host_sim() else { return };
-        for n in SIZES {
-            for dt in [DType::F32, DType::BF16] {
-                let a = sample(n, 1, 3.0);
-                let b = sample(n, 2, 3.0);
-                let (asv, bsv) = (as_stored(&a, dt), as_stored(&b, dt));
-                let (ba, bb) = (upload(&a, dt), upload(&b, dt));
-                // add/sub/mul: one f32 operation rounded once, as the CPU (bit-exact in f32;
-                // in bf16, the CPU's f32 result rounded to nearest even): exact comparisons.
-                for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
-                    let what = format!("{} n={n} {dt:?}", op.name());
-                    let shape = [n];
-                    let want = stored(
-                        &cpu::binary_forward_cpu(op, &asv, &shape, &bsv, &shape, &shape),
-                        dt,
-                    );
-                    for blocks in [u32::MAX, 2] {
-                        let out = upload(&vec![0.0; n], dt);
-                        let plan = binary_plan(op, ba.ptr(), bb.ptr(), out.ptr(), n, dt);
-                        run_plan(sim, &capped(plan.unwrap(), blocks));
-                        assert_close(&what, &download(&out, dt), &want, 0.0, 0.0);
-                    }
-                }
-                // scale / add_scalar: exact likewise.
-                for (base, s) in [("scale", -0.37f32), ("add_scalar", 1.25)] {
-                    let out = upload(&vec![0.0; n], dt);
-                    run_plan(
-                        sim,
-                        &scalar_plan(base, ba.ptr(), out.ptr(), n, s, dt).unwrap(),
-                    );
-                    let want: Vec<f32> = if base == "scale" {
-                        cpu::map_cpu(&asv, |v| v * s)
-                    } else {
-                        cpu::map_cpu(&asv, |v| v + s)
-                    };
-                    assert_close(
-                        &format!("{base} n={n} {dt:?}"),
-                        &download(&out, dt),
-                        &stored(&want, dt),
-                        0.0,
-                        0.0,
-                    );
-                }
-                // accumulate: dst (f32) += src widened, as Tensor::add_assign: exact.
-                let dst = SimBuffer::from_slice(&b);
-                run_plan(sim, &accumulate_plan(ba.ptr(), dst.ptr(), n, dt).unwrap());
-                let want: Vec<f32> = b.iter().zip(&asv).map(|(d, s)| d + s).collect();
-                assert_close(
-                    &format!("accumulate n={n} {dt:?}"),
-                    &dst.read::<f32>().unwrap(),
-                    &want,
-                    0.0,
-                    0.0,
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn channel_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::backend::elementwise as cpu;
-        let Some(sim) = host_sim() else { return };
-        // [outer, c, inner]: planes not a multiple of the block, one plane per block; rows of a
-        // last-axis bias (inner 1) with c below 32, above 256 and not a multiple of 32, and
-        // more rows than channel_sum_last's 8 row-threads and the CPU's 256-row blocks.
-        for (outer, c, inner) in [
-            (3usize, 5usize, 257usize),
-            (2, 3, 1000),
-            (37, 300, 1),
-            (600, 7, 1),
-        ] {
-            let n = outer * c * inner;
-            for dt in [DType::F32, DType::BF16] {
-                let what = format!("[{outer}, {c}, {inner}] {dt:?}");
-                let x = sample(n, 3, 2.0);
-                let v = sample(c, 4, 2.0);
-                let (xs, vs) = (as_stored(&x, dt), as_stored(&v, dt));
-                let (bx, bv) = (upload(&x, dt), upload(&v, dt));
-                // channel_add: one operation per element: exact.
-                let out = upload(&vec![0.0; n], dt);
-                let plan =
-                    channel_add_plan(bx.ptr(), bv.ptr(), out.ptr(), outer, c, inner, dt).unwrap();
-                run_plan(sim, &plan);
-                assert_close(
-                    &format!("channel_add {what}"),
-                    &download(&out, dt),
-                    &stored(&cpu::bias_add_forward_cpu(&xs, &vs, c, inner), dt),
-                    0.0,
-                    0.0,
-                );
-                // channel_sum(_last): f32 sums in another order than the CPU's (a block
-                // reduction, or 8 strided partials): slack for count values of magnitude <= 2
-                // summed in f32 in any order (about count * 2e-7 absolute at worst in practice).
-                let g = sample(n, 5, 1.0);
-                let gs = as_stored(&g, dt);
-                let bg = upload(&g, dt);
-                let count = (outer * inner) as f32;
-                // The output is overwritten: start from other values.
-                let out = SimBuffer::from_slice(&sample(c, 6, 1.0));
-                let plan = channel_sum_plan(bg.ptr(), out.ptr(), outer, c, inner, dt).unwrap();
-                run_plan(sim, &plan);
-                assert_close(
-                    &format!("{} {what}", plan[0].kernel),
-                    &out.read::<f32>().unwrap(),
-                    &cpu::bias_add_backward_cpu(&gs, c, inner),
-                    1e-5,
-                    count * 2e-7,
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn activation_plans_on_the_simulator_match_the_cpu_twins() {
-        use crate::backend::activation as cpu;
-        let Some(sim) = host_sim() else { return };
-        for n in SIZES {
-            for dt in [DType::F32, DType::BF16] {
-                let x = sample(n, 9, 5.0);
-                let g = sample(n, 10, 1.0);
-                let (xs, gs) = (as_stored(&x, dt), as_stored(&g, dt));
-                let (bx, bg) = (upload(&x, dt), upload(&g, dt));
-                for op in ["relu", "gelu", "tanh"] {
-                    let what = format!("{op} n={n} {dt:?}");
-                    let by = upload(&vec![0.0; n], dt);
-                    run_plan(
-                        sim,
-                        &activation_fwd_plan(op, bx.ptr(), by.ptr(), n, dt).unwrap(),
-                    );
-                    let y = download(&by, dt);
-                    let want = match op {
-                        "relu" => cpu::relu_forward_cpu(&xs),
-                        "gelu" => cpu::gelu_forward_cpu(&xs),
-                        _ => cpu::tanh_forward_cpu(&xs),
-                    };
-                    // relu: exact. gelu: f32 through normcdff against the CPU's vectorised f32
-                    // (each within a few ulp of the f64 formula); tanh: the device's tanhf is within 2 ulp of
-                    // the CPU's. A bf16 output may then round to the neighbouring bf16 value:
-                    // one bf16 ulp (2^-7 relative).
-                    let (rel, abs) = match (op, dt) {
-                        ("relu", _) => (0.0, 0.0),
-                        (_, DType::BF16) => (8e-3, 1e-6),
-                        _ => (1e-5, 1e-7),
-                    };
-                    let want = if rel == 0.0 { stored(&want, dt) } else { want };
-                    assert_close(&format!("{what} forward"), &y, &want, rel, abs);
-
-                    let saved = match activation_saved(op).unwrap() {
-                        Saved::Input => &bx,
-                        Saved::Output => &by,
-                    };
-                    let bdx = upload(&vec![0.0; n], dt);
-                    run_plan(
-                        sim,
-                        &activation_bwd_plan(op, saved.ptr(), bg.ptr(), bdx.ptr(), n, dt).unwrap(),
-                    );
-                    let want_dx = match op {
-                        "relu" => cpu::relu_backward_cpu(&y, &gs),
-                        "gelu" => cpu::gelu_backward_cpu(&xs, &gs),
-                        _ => cpu::tanh_backward_cpu(&y, &gs),
-                    };
-                    // relu and tanh backward: the CPU's f32 operations in its order (mul_rn,
-                    // sub_rn: never contracted): exact. gelu: Phi(x) + x phi(x) in f32, on both
-                    // sides in another way, cancels near x = -0.75: absolute slack of a few f32 ulp of the terms
-                    // (|g| <= 1), and one bf16 ulp for bf16 storage.
-                    let (rel, abs) = match (op, dt) {
-                        ("gelu", DType::BF16) => (8e-3, 1e-6),
-                        ("gelu", _) => (1e-5, 1e-6),
-                        _ => (0.0, 0.0),
-                    };
-                    let want_dx = if rel == 0.0 {
-                        stored(&want_dx, dt)
-                    } else {
-                        want_dx
-                    };
-                    assert_close(
-                        &format!("{what} backward"),
-                        &download(&bdx, dt),
-                        &want_dx,
-                        rel,
-                        abs,
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn empty_shapes_launch_nothing_and_huge_ones_are_errors() {
-        assert!(binary_plan(BinaryOp::Add, 1, 2, 3, 0, DType::F32)
-            .unwrap()
-            .is_empty());
-        assert!(channel_add_plan(1, 2, 3, 4, 1 << 33, 1, DType::F32).is_err());
-        assert!(activation_saved("conv2d").is_err());
-        assert!(cast_plan(1, 2, 10, DType::I32, DType::F32).is_err());
-        assert!(binary_plan(BinaryOp::Add, 1, 2, 3, 10, DType::I32).is_err());
-    }
+    with_float!("activation", dtype, |T| {
+        let launcher = match op {
+            "relu" => k::relu_bwd::<T>,
+            "gelu" => k::gelu_bwd::<T>,
+            "tanh" => k::tanh_bwd::<T>,
+            other => return Err(not_an_activation(other)),
+        };
+        let (gp, dxp) = (dptr(g, op)?, dptr(&dx, op)?);
+        launch(&sv.ctx, &launcher(cfg, p(sv.ptr), gp, dxp, sv.len as u64))
+    })?;
+    Ok(dx)
 }

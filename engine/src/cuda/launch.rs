@@ -1,10 +1,6 @@
 //! Sending a kernel call to the driver. The calls are built by the typed launchers that
 //! `recycle-kernels` generates from the `.cu` signatures (`recycle_kernels::launchers`), so an
 //! argument list always matches its kernel; what is left to check here is the launch shape.
-//!
-//! A call is data until it is sent, which keeps the launchers testable without a GPU: the
-//! family files build their plans for sample shapes on the CPU and run them on the kernel
-//! simulator (`sim_check`).
 
 use cudarc::driver::result;
 use recycle_kernels::launch::LaunchError;

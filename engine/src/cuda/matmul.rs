@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use super::blas::{self, Gemm};
-use super::common::{as_dtype, empty, run, view};
-use super::elementwise::{bias_add_bwd, channel_add_plan};
+use super::common::{as_dtype, empty, view};
+use super::elementwise::{bias_add_bwd, channel_add};
 use super::CudaContext;
 use crate::backend::ProductDims;
 use crate::{DType, Result, Tensor};
@@ -118,9 +118,7 @@ fn product(
         // cuBLASLt rejects k = 0; the product of empty sums is zero (plus the bias).
         let z = Tensor::zeros(shape, direct, lhs.device())?;
         if let Some(b) = &bias {
-            let zv = view(&z, OP)?;
-            let plan = channel_add_plan(zv.ptr, view(b, OP)?.ptr, zv.ptr, batch * m, n, 1, direct)?;
-            run(ctx, &plan)?;
+            channel_add(&z, b, &z, n, 1)?;
         }
         z
     } else {

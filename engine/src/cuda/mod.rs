@@ -111,9 +111,6 @@ pub(crate) mod pool;
 #[cfg(feature = "cuda")]
 mod probe;
 mod scope;
-/// Test support: the launchers' plans run on the kernel simulator.
-#[cfg(all(test, feature = "cuda"))]
-pub(crate) mod sim_check;
 #[cfg(feature = "cuda")]
 pub(crate) mod softmax;
 

@@ -9,78 +9,13 @@ use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
 use super::cuda::{host_labels_and_mask, storage_of};
-use crate::cuda::common::{empty, on_gpu_i32, p, rows_cfg, run, view};
-use crate::cuda::launch::{fit_u32, KernelCall};
+use crate::cuda::common::{dptr, empty, on_gpu_i32, p, rows_cfg, view};
+use crate::cuda::launch::{fit_u32, launch};
 use crate::cuda::KdLossDevice;
 use crate::kd_loss::{self as kdh, CachedTargets, KdKind, KdLoss, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
 const OP: &str = "kd_loss_cached";
-
-/// Device addresses of one cached step's buffers.
-struct CachedPtrs {
-    logits: u64,
-    grad: u64,
-    indices: u64,
-    values: u64,
-    tail_lse: u64,
-    labels: u64,
-    mask: u64,
-    row_ce: u64,
-    row_kd: u64,
-    out: u64,
-}
-
-/// The row kernel and the reduction of the loss on cached targets.
-fn kd_loss_cached_plan(
-    kernel: &'static str,
-    b: &CachedPtrs,
-    rows: usize,
-    classes: usize,
-    k: usize,
-    ignore_index: i32,
-    s: &KdScalars,
-) -> Result<Vec<KernelCall>> {
-    let mut calls = Vec::new();
-    if let Some(cfg) = rows_cfg(kernel, rows, classes)? {
-        let k = fit_u32(kernel, "k, the cached classes per row", k)?;
-        let classes = fit_u32(kernel, "the number of classes", classes)?;
-        check_cached_row(kernel, k, classes).map_err(|e| Error::invalid(OP, e.0))?;
-        let args = k::KdCachedRowArgs {
-            logits: b.logits,
-            grad: b.grad,
-            indices: p(b.indices),
-            values: p(b.values),
-            tail_lse: p(b.tail_lse),
-            k,
-            labels: p(b.labels),
-            mask: p(b.mask),
-            row_ce: p(b.row_ce),
-            row_kd: p(b.row_kd),
-            classes,
-            ignore_index,
-            inv_t: s.inv_t,
-            t_sq: s.t_sq,
-            ce_weight: s.grad_ce_weight,
-            kd_scale: s.grad_kd_scale,
-        };
-        calls.push(
-            k::kd_cached_row_call(kernel, cfg, &args)
-                .map_err(|e| Error::invalid(OP, e.to_string()))?,
-        );
-    }
-    calls.push(k::kd_loss_reduce(
-        kl::single_block(),
-        p(b.row_ce),
-        p(b.row_kd),
-        fit_u32("kd_loss_reduce", "the number of rows", rows)?,
-        s.ce_weight,
-        s.kd_weight,
-        s.lambda,
-        p(b.out),
-    ));
-    Ok(calls)
-}
 
 /// The kernel's scalars: those of the online loss, except that MSE averages over the k cached
 /// classes (`λ·2/(rows·k)`, in the CPU twin's order), not over C.
@@ -166,29 +101,46 @@ pub(crate) fn kd_loss_cached(
     let row_ce = empty(&ctx, DType::F32, &[rows])?;
     let row_kd = empty(&ctx, DType::F32, &[rows])?;
     let out = empty(&ctx, DType::F32, &[3])?;
-    let ptr = |t: &Tensor| view(t, OP).map(|v| v.ptr);
-    let ptrs = CachedPtrs {
-        logits: sv.ptr,
-        grad: ptr(&grad)?,
-        indices: ptr(&indices)?,
-        values: ptr(&values)?,
-        tail_lse: ptr(&tail_lse)?,
-        labels: ptr(&labels_dev)?,
-        mask: mask_dev.as_ref().map_or(Ok(0), ptr)?,
-        row_ce: ptr(&row_ce)?,
-        row_kd: ptr(&row_kd)?,
-        out: ptr(&out)?,
-    };
-    let plan = kd_loss_cached_plan(
-        kernel,
-        &ptrs,
-        rows,
-        classes,
-        teacher.k,
-        cfg.ignore_index,
-        &s,
+    // The row kernel, then the reduction into [ce, kd, total].
+    if let Some(launch_cfg) = rows_cfg(kernel, rows, classes)? {
+        let k = fit_u32(kernel, "k, the cached classes per row", teacher.k)?;
+        let classes = fit_u32(kernel, "the number of classes", classes)?;
+        check_cached_row(kernel, k, classes).map_err(|e| Error::invalid(OP, e.0))?;
+        let args = k::KdCachedRowArgs {
+            logits: sv.ptr,
+            grad: view(&grad, OP)?.ptr,
+            indices: dptr(&indices, OP)?,
+            values: dptr(&values, OP)?,
+            tail_lse: dptr(&tail_lse, OP)?,
+            k,
+            labels: dptr(&labels_dev, OP)?,
+            mask: mask_dev.as_ref().map_or(Ok(p(0)), |m| dptr(m, OP))?,
+            row_ce: dptr(&row_ce, OP)?,
+            row_kd: dptr(&row_kd, OP)?,
+            classes,
+            ignore_index: cfg.ignore_index,
+            inv_t: s.inv_t,
+            t_sq: s.t_sq,
+            ce_weight: s.grad_ce_weight,
+            kd_scale: s.grad_kd_scale,
+        };
+        let call = k::kd_cached_row_call(kernel, launch_cfg, &args)
+            .map_err(|e| Error::invalid(OP, e.to_string()))?;
+        launch(&ctx, &call)?;
+    }
+    launch(
+        &ctx,
+        &k::kd_loss_reduce(
+            kl::single_block(),
+            dptr(&row_ce, OP)?,
+            dptr(&row_kd, OP)?,
+            fit_u32("kd_loss_reduce", "the number of rows", rows)?,
+            s.ce_weight,
+            s.kd_weight,
+            s.lambda,
+            dptr(&out, OP)?,
+        ),
     )?;
-    run(&ctx, &plan)?;
     let totals = out.to_vec::<f32>()?;
     Ok(KdLossDevice {
         ce: totals[0],
@@ -203,42 +155,6 @@ pub(crate) fn kd_loss_cached(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::common::check_all;
-
-    fn ptrs() -> CachedPtrs {
-        CachedPtrs {
-            logits: 1,
-            grad: 2,
-            indices: 3,
-            values: 4,
-            tail_lse: 5,
-            labels: 6,
-            mask: 0,
-            row_ce: 7,
-            row_kd: 8,
-            out: 9,
-        }
-    }
-
-    #[test]
-    fn kd_loss_cached_plans_for_every_kernel() {
-        let cfg = KdLoss::kl(2.0, 0.5);
-        let s = cached_scalars(&cfg, 3, 4, 30_522, 10, 1.0).unwrap();
-        for (mse, bf16) in [(false, false), (false, true), (true, false), (true, true)] {
-            let kernel = cached_kernel_name(mse, bf16);
-            let plan = kd_loss_cached_plan(kernel, &ptrs(), 8, 30_522, 10, -100, &s).unwrap();
-            assert_eq!(plan.len(), 2);
-            assert_eq!(plan[0].kernel, kernel);
-            check_all(&plan);
-        }
-        let kernel = cached_kernel_name(false, false);
-        // More classes than the kernel's bitmap holds, and k outside 1..=C.
-        assert!(kd_loss_cached_plan(kernel, &ptrs(), 8, 65_537, 10, -100, &s).is_err());
-        assert!(kd_loss_cached_plan(kernel, &ptrs(), 8, 10, 11, -100, &s).is_err());
-        // No rows: only the reduction runs (it writes zeros).
-        let plan = kd_loss_cached_plan(kernel, &ptrs(), 0, 10, 3, -100, &s).unwrap();
-        assert_eq!(plan.len(), 1);
-    }
 
     /// MSE averages over the k cached classes, KL's scale is the online loss's.
     #[test]
