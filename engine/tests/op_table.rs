@@ -151,7 +151,8 @@ fn on_cuda0_optimizer_steps_are_the_cpus_bits() {
         (0.6, 0.98, 1e-3, 0.0),
         (0.3, 0.95, 1e-6, 0.1),
     ];
-    let mut makers: Vec<(String, Box<dyn Fn() -> Box<dyn Optimizer>>)> = Vec::new();
+    type Make = Box<dyn Fn() -> Box<dyn Optimizer>>;
+    let mut makers: Vec<(String, Make)> = Vec::new();
     for (m, d, wd, nesterov) in sgdw {
         makers.push((
             format!("sgdw momentum {m} dampening {d} decay {wd} nesterov {nesterov}"),
