@@ -1,10 +1,10 @@
 //! The CUDA backend (feature `cuda`): a context per GPU, device memory, host↔device copies,
 //! cuBLASLt, cuDNN and the kernels of `recycle-kernels` behind the ops.
 //!
-//! What has run on a GPU is said in one place, the status line of `docs/cuda.md`. The
-//! host-side logic (the kernel calls' plans on the kernel simulator, launch shapes, the no-driver
-//! errors) is tested on the CPU; `recycle gpu-check` compares every CUDA op with its CPU twin
-//! on a device.
+//! What has run on a GPU is said in one place, the status line of `docs/cuda.md`. Without a
+//! GPU, the op table (`crate::op_table`) runs every op on the mock CUDA, whose kernels run on
+//! the kernel simulator, against its CPU twin; `recycle gpu-check` runs the same table on a
+//! device.
 //!
 //! # Pieces
 //!
@@ -31,10 +31,10 @@
 //!   [`alloc_stats`] counts allocations and frees (measure allocations per step by taking the
 //!   difference around a step). Host↔device copies go through a pinned staging buffer per
 //!   context (the batches: `Tensor::to_device`), so a pageable `Vec` never blocks the stream.
-//! - **Launch** (`launch`): a kernel call is data — kernel, grid/block from
-//!   [`recycle_kernels::launch`], typed arguments — built by the kernel's launcher, which
-//!   `recycle-kernels` generates from the `.cu` signature ([`recycle_kernels::launchers`]), so
-//!   an argument list cannot disagree with its kernel; the launch checks the shape and sends
+//! - **Launch** (`launch`): each op's tensor function launches its kernels directly — grid and
+//!   block from [`recycle_kernels::launch`], typed arguments — through the kernel's launcher,
+//!   which `recycle-kernels` generates from the `.cu` signature ([`recycle_kernels::launchers`]),
+//!   so an argument list cannot disagree with its kernel; the launch checks the shape and sends
 //!   the parameter array to `cuLaunchKernel`.
 //! - **Ops**: the CUDA arm of every op, one file per family —
 //!   `elementwise` (elementwise ops, activations, copies, casts, accumulation), `softmax`,
@@ -46,8 +46,8 @@
 //!   `attention` (the padding mask in its additive form; the attention itself is the
 //!   composition of the others in `crate::backend::attention`).
 //!   `libs` finds cuBLASLt and cuDNN at run time and turns their absence into an error naming
-//!   the library; `common` holds the helpers every family uses (kernel names, running a plan,
-//!   views, outputs). Any op without an arm given a CUDA tensor returns "not implemented on
+//!   the library; `common` holds the helpers every family uses (the storage type of a launch,
+//!   launch shapes, views and typed pointers, outputs). Any op without an arm given a CUDA tensor returns "not implemented on
 //!   CUDA yet: <op>", never a silent CPU fallback.
 //!
 //! Without the `cuda` feature this module keeps only its front: the functions below exist and
