@@ -5,10 +5,9 @@
 //! GPU). Its CPU twin is `crate::kd_loss::kd_loss_buckets_cpu`.
 
 use recycle_kernels::kd_loss::{cached_kernel_name, check_cached_row};
-use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
-use super::cuda::{host_labels_and_mask, storage_of};
+use super::cuda::{host_labels_and_mask, reduce_rows, storage_of};
 use crate::cuda::common::{dptr, empty, on_gpu_i32, p, rows_cfg, view};
 use crate::cuda::launch::{fit_u32, launch};
 use crate::cuda::KdLossDevice;
@@ -100,7 +99,6 @@ pub(crate) fn kd_loss_cached(
     let grad = empty(&ctx, student.dtype(), student.shape())?;
     let row_ce = empty(&ctx, DType::F32, &[rows])?;
     let row_kd = empty(&ctx, DType::F32, &[rows])?;
-    let out = empty(&ctx, DType::F32, &[3])?;
     // The row kernel, then the reduction into [ce, kd, total].
     if let Some(launch_cfg) = rows_cfg(kernel, rows, classes)? {
         let k = fit_u32(kernel, "k, the cached classes per row", teacher.k)?;
@@ -128,28 +126,14 @@ pub(crate) fn kd_loss_cached(
             .map_err(|e| Error::invalid(OP, e.to_string()))?;
         launch(&ctx, &call)?;
     }
-    launch(
+    reduce_rows(
         &ctx,
-        &k::kd_loss_reduce(
-            kl::single_block(),
-            dptr(&row_ce, OP)?,
-            dptr(&row_kd, OP)?,
-            fit_u32("kd_loss_reduce", "the number of rows", rows)?,
-            s.ce_weight,
-            s.kd_weight,
-            s.lambda,
-            dptr(&out, OP)?,
-        ),
-    )?;
-    let totals = out.to_vec::<f32>()?;
-    Ok(KdLossDevice {
-        ce: totals[0],
-        kd: totals[1],
-        total: totals[2],
+        &row_ce,
+        view(&row_kd, OP)?.ptr,
+        &s,
         grad,
-        ce_rows,
-        kd_rows,
-    })
+        (ce_rows, kd_rows),
+    )
 }
 
 #[cfg(test)]

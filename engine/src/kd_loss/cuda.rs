@@ -2,13 +2,15 @@
 //! `kd_loss.cu`, with the host-side scalars and row counts of `crate::kd_loss::host`, held
 //! to the f64 reference on the kernel simulator. Its CPU twin is `crate::kd_loss::kd_loss_cpu`.
 
+use std::sync::Arc;
+
 use recycle_kernels::kd_loss::TeacherLogits;
 use recycle_kernels::launch as kl;
 use recycle_kernels::launchers as k;
 
 use crate::cuda::common::{dptr, empty, host_i32, on_gpu_i32, p, rows_cfg, view};
 use crate::cuda::launch::{fit_u32, launch};
-use crate::cuda::{common_device, KdLossDevice};
+use crate::cuda::{common_device, CudaContext, KdLossDevice};
 use crate::kd_loss::{self as kdh, KdLoss, KdScalars};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -131,7 +133,6 @@ pub(crate) fn kd_loss(
     } else {
         None
     };
-    let out = empty(&ctx, DType::F32, &[3])?;
     // The row kernel (the CE-only one reads no teachers and writes no `row_kd`), then the
     // reduction into [ce, kd, total].
     let teacher_ptrs: Vec<u64> = if active_term.is_some() {
@@ -174,11 +175,28 @@ pub(crate) fn kd_loss(
             .map_err(|e| Error::invalid(OP, e.to_string()))?;
         launch(&ctx, &call)?;
     }
+    let kd_rows = if active_term.is_some() { kd_rows } else { 0 };
+    reduce_rows(&ctx, &row_ce, row_kd, &s, grad, (ce_rows, kd_rows))
+}
+
+/// The reduction of the rows' terms into `[ce, kd, total]` (`row_kd` 0 for CE alone), read
+/// back beside the gradient the row kernel wrote.
+pub(super) fn reduce_rows(
+    ctx: &Arc<CudaContext>,
+    row_ce: &Tensor,
+    row_kd: u64,
+    s: &KdScalars,
+    grad: Tensor,
+    (ce_rows, kd_rows): (usize, usize),
+) -> Result<KdLossDevice> {
+    const OP: &str = "kd_loss";
+    let rows = row_ce.elem_count();
+    let out = empty(ctx, DType::F32, &[3])?;
     launch(
-        &ctx,
+        ctx,
         &k::kd_loss_reduce(
             kl::single_block(),
-            dptr(&row_ce, OP)?,
+            dptr(row_ce, OP)?,
             p(row_kd),
             fit_u32("kd_loss_reduce", "the number of rows", rows)?,
             s.ce_weight,
@@ -194,6 +212,6 @@ pub(crate) fn kd_loss(
         total: totals[2],
         grad,
         ce_rows,
-        kd_rows: if active_term.is_some() { kd_rows } else { 0 },
+        kd_rows,
     })
 }
