@@ -52,6 +52,8 @@ fn elementwise() -> Vec<OpCase> {
         case(F, "add", &[s, s], EXACT, |t, v| add(t, &v[0], &v[1])),
         case(F, "sub", &[s, s], EXACT, |t, v| sub(t, &v[0], &v[1])),
         case(F, "mul", &[s, s], EXACT, |t, v| mul(t, &v[0], &v[1])),
+        // One input used twice: the tape adds its two gradients (`Tensor::add_assign`).
+        case(F, "mul x x", &[s], EXACT, |t, v| mul(t, &v[0], &v[0])),
         case(F, "scale", &[s], EXACT, |t, v| scale(t, &v[0], -0.37)),
         case(F, "add_scalar", &[s], EXACT, |t, v| {
             add_scalar(t, &v[0], 2.5)
