@@ -9,9 +9,10 @@
 //!
 //! The engine's tests run both (`engine/tests/op_table.rs`); `recycle gpu-check` runs
 //! [`compare`] on `cuda:N`, one group per family. Adding an op means adding its cases to
-//! `cases.rs`; nothing else lists them.
+//! `cases.rs` (the fused distillation loss's are in `cases_extra.rs`); nothing else lists them.
 
 mod cases;
+mod cases_extra;
 mod measure;
 
 use std::sync::Arc;
@@ -82,7 +83,9 @@ impl std::fmt::Debug for OpCase {
 
 /// Every case of the table.
 pub fn cases() -> Vec<OpCase> {
-    cases::all()
+    let mut all = cases::all();
+    all.extend(cases_extra::kd_loss_cases());
+    all
 }
 
 /// The cases of `family`.
