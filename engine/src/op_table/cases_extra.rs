@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{draw, OpCase};
+use super::{draw, OpCase, BF16_TOL};
 use crate::kd_loss::{kd_loss, KdLoss};
 use crate::{DType, Device, Result, Tensor};
 
@@ -32,7 +32,9 @@ fn kd_case(
         family: "cross-entropy",
         name: name.to_string(),
         shapes: vec![vec![rows, classes]],
+        // The loss is summed in f32 (f64 across rows) in both storage types: 1e-4 either way.
         tol: (1e-4, 1e-4),
+        bf16_tol: (1e-4, BF16_TOL),
         op: Arc::new(move |tape, v| {
             let s = v[0].tensor();
             let t_dtype = if bf16_teachers {
