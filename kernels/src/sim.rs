@@ -154,10 +154,11 @@ impl HostSim {
     }
 
     /// Runs one launch to completion, as `cuLaunchKernel(kernel, grid, block, shared memory,
-    /// params)` followed by a synchronise, after the shape's check ([`LaunchConfig::check`]). Callable from any thread; launches from several
-    /// threads run one at a time (each spreads its blocks over the simulator's OS threads,
-    /// `RECYCLE_SIM_THREADS` of them, default the machine's cores). `params` holds one pointer per kernel parameter, to
-    /// its value (a pointer parameter's value being a [`SimBuffer::ptr`]).
+    /// params)` followed by a synchronise, after the shape's check ([`LaunchConfig::check`]).
+    /// Callable from any thread; launches from several threads run one at a time (each spreads
+    /// its blocks over the simulator's OS threads, `RECYCLE_SIM_THREADS` of them, default the
+    /// machine's cores). `params` holds one pointer per kernel parameter, to its value (a
+    /// pointer parameter's value being a [`SimBuffer::ptr`]).
     ///
     /// # Safety
     ///
