@@ -113,8 +113,8 @@ fn main() {
     fs::write(out.join("kernels.rs"), module).expect("write $OUT_DIR/kernels.rs");
 }
 
-/// `$OUT_DIR/launchers.rs`: every kernel's signature and typed launcher, read from the `.cu`
-/// files (with or without nvcc).
+/// `$OUT_DIR/launchers.rs`: every kernel's signature and typed launcher, and the families'
+/// constants and by-value structs, read from the `.cu` files (with or without nvcc).
 fn write_launchers(src: &Path, out: &Path) {
     let families: Vec<_> = FAMILIES
         .iter()
@@ -122,8 +122,7 @@ fn write_launchers(src: &Path, out: &Path) {
             let path = src.join(format!("{f}.cu"));
             let text = fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("recycle-kernels: reading {}: {e}", path.display()));
-            let (ls, ks) = launchers::family(f, &text);
-            (f.to_string(), ls, ks)
+            (f.to_string(), launchers::family(f, &text))
         })
         .collect();
     let tmp = out.join("launchers.rs.tmp");

@@ -10,8 +10,11 @@
 //! it is used more than once, an argument struct and a by-name launch over its kernels (see
 //! `dispatch`). Parameter types: `[const] X*` with X one of `float`, `double`, `bf16`,
 //! `int32_t`, `int`, `uint32_t`, `uint64_t` or the macro's storage type, and by value `float`,
-//! `int32_t`, `int`, `uint32_t`, `uint64_t`, `TeacherLogits`. Anything else stops the build
-//! with the file, the kernel and the parameter.
+//! `int32_t`, `int`, `uint32_t`, `uint64_t`, and `TeacherLogits`, whose `struct` the same file
+//! defines (pointer fields only: written as device addresses). Anything else stops the build
+//! with the file, the kernel and the parameter. A family's file-level integer constants,
+//! `#define RK_NAME <integer>`, become `pub const NAME: usize`: the host's limits come from
+//! the kernels' own source.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -42,6 +45,23 @@ pub struct Launcher {
     /// The macro whose one entry point this kernel instantiates, when the macro is used for
     /// several kernels: they share one argument struct and a by-name launch.
     dispatch: Option<String>,
+}
+
+/// What the generator reads from one family's file.
+pub struct Family {
+    pub launchers: Vec<Launcher>,
+    pub kernels: Vec<Kernel>,
+    /// `#define RK_NAME <integer>` at file level: `(NAME, value)`.
+    pub constants: Vec<(String, u64)>,
+    /// The structs its kernels take by value.
+    pub structs: Vec<CStruct>,
+}
+
+/// A struct a kernel takes by value: its name and fields `(name, array length as written)`,
+/// every field a pointer.
+pub struct CStruct {
+    pub name: String,
+    pub fields: Vec<(String, Option<String>)>,
 }
 
 /// Every concrete kernel of a family, with its parameters (storage types substituted).
@@ -194,12 +214,55 @@ fn text_at(chars: &[char], i: usize, s: &str) -> bool {
         .all(|(j, c)| chars.get(i + j) == Some(&c))
 }
 
-/// The launchers and kernels of one family's source.
-pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
+/// `1024`, `0x10`, `8u` as a number.
+fn integer(text: &str) -> Option<u64> {
+    let t = text.trim_end_matches(['u', 'U', 'l', 'L']);
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// `struct name { const void* p[N]; ... };` in `text`, if the file defines it.
+fn c_struct(file: &str, text: &str, name: &str) -> Option<CStruct> {
+    let at = text.find(&format!("struct {name} {{"))?;
+    let body = &text[at..];
+    let body = &body[body.find('{')? + 1..body.find('}')?];
+    let fields = body
+        .split(';')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            let (decl, len) = match f.split_once('[') {
+                Some((d, rest)) => (d, Some(rest.trim_end_matches(']').trim().to_string())),
+                None => (f, None),
+            };
+            let p = param(file, name, decl);
+            if !p.ty.ends_with('*') {
+                fail(
+                    file,
+                    format!(
+                        "struct {name}: field `{f}` is not a pointer (the generator writes \
+                         pointer fields only)"
+                    ),
+                );
+            }
+            (p.name, len)
+        })
+        .collect();
+    Some(CStruct {
+        name: name.to_string(),
+        fields,
+    })
+}
+
+/// The launchers, kernels, constants and by-value structs of one family's source.
+pub fn family(file: &str, src: &str) -> Family {
     let text = preprocess(src);
     let mut macros: BTreeMap<String, Macro> = BTreeMap::new();
     let mut top = String::new();
     let mut instances: Vec<(String, Vec<String>)> = Vec::new();
+    let mut constants = Vec::new();
     for line in text.lines() {
         let t = line.trim();
         if let Some(def) = t.strip_prefix("#define") {
@@ -208,6 +271,10 @@ pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(def.len());
             let name = &def[..name_end];
+            let value = def[name_end..].trim();
+            if let (Some(rust), Some(v)) = (name.strip_prefix("RK_"), integer(value)) {
+                constants.push((rust.to_string(), v));
+            }
             if def[name_end..].starts_with('(') {
                 let args = parenthesised(file, def, name_end);
                 let body = def[name_end + args.len() + 2..].to_string();
@@ -356,7 +423,25 @@ pub fn family(file: &str, src: &str) -> (Vec<Launcher>, Vec<Kernel>) {
     if kernels.is_empty() {
         fail(file, "no `extern \"C\" __global__ void` entry point");
     }
-    (launchers, kernels)
+    let by_value = kernels
+        .iter()
+        .flat_map(|k| &k.params)
+        .any(|p| p.ty == "TeacherLogits");
+    let structs = match by_value {
+        true => vec![c_struct(file, &text, "TeacherLogits").unwrap_or_else(|| {
+            fail(
+                file,
+                "a kernel takes TeacherLogits by value but the file defines no struct TeacherLogits",
+            )
+        })],
+        false => Vec::new(),
+    };
+    Family {
+        launchers,
+        kernels,
+        constants,
+        structs,
+    }
 }
 
 /// `(type parameter, suffix parameter)` when the macro is instantiated exactly for
@@ -390,7 +475,7 @@ fn rust_type(file: &str, kernel: &str, p: &CParam, generic: Option<&str>) -> Str
         "int32_t" | "int" => Some("i32"),
         "uint32_t" => Some("u32"),
         "uint64_t" => Some("u64"),
-        "TeacherLogits" if !pointer => Some("crate::kd_loss::TeacherLogits"),
+        "TeacherLogits" if !pointer => Some("crate::launchers::TeacherLogits"),
         b if pointer && Some(b) == generic => Some("T"),
         _ => None,
     };
@@ -432,19 +517,69 @@ fn rust_ident(name: &str) -> String {
     }
 }
 
-/// The generated module: `FAMILIES`, `SIGNATURES` and one launcher per kernel (generic ones
-/// over `T: Float`).
-pub fn module(families: &[(String, Vec<Launcher>, Vec<Kernel>)]) -> String {
+/// The constants and by-value structs of every family.
+fn declarations(m: &mut String, families: &[(String, Family)]) {
+    let mut seen = BTreeMap::new();
+    for (f, fam) in families {
+        for (name, value) in &fam.constants {
+            if let Some(other) = seen.insert(name.clone(), f) {
+                fail(f, format!("RK_{name} is defined in src/{other}.cu too"));
+            }
+            writeln!(
+                m,
+                "/// `RK_{name}` of `src/{f}.cu`.\npub const {name}: usize = {value};\n"
+            )
+            .unwrap();
+        }
+        for s in &fam.structs {
+            writeln!(
+                m,
+                "/// `struct {}` of `src/{f}.cu`, passed by value; a pointer is a device address.\n#[repr(C)]\n#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]\npub struct {} {{",
+                s.name, s.name
+            )
+            .unwrap();
+            for (field, len) in &s.fields {
+                let ty = match len {
+                    None => "u64".to_string(),
+                    Some(l) => {
+                        let l = l.strip_prefix("RK_").unwrap_or(l);
+                        if integer(l).is_none() && !fam.constants.iter().any(|(c, _)| c == l) {
+                            fail(
+                                f,
+                                format!(
+                                    "struct {}: array length {l} is not a constant of the file",
+                                    s.name
+                                ),
+                            );
+                        }
+                        format!("[u64; {l}]")
+                    }
+                };
+                writeln!(m, "    pub {}: {ty},", rust_ident(field)).unwrap();
+            }
+            m.push_str("}\n\n");
+        }
+    }
+}
+
+/// The generated module: the families' constants and by-value structs, `FAMILIES`,
+/// `SIGNATURES` and one launcher per kernel (generic ones over `T: Float`).
+pub fn module(families: &[(String, Family)]) -> String {
     let mut m =
         String::from("// Generated by kernels/build.rs from the `.cu` files; do not edit.\n\n");
+    declarations(&mut m, families);
     m.push_str("/// Every family and its kernels, in build order.\npub static FAMILIES: &[(&str, &[&str])] = &[\n");
-    for (f, _, ks) in families {
-        let names: Vec<String> = ks.iter().map(|k| format!("{:?}", k.name)).collect();
+    for (f, fam) in families {
+        let names: Vec<String> = fam
+            .kernels
+            .iter()
+            .map(|k| format!("{:?}", k.name))
+            .collect();
         writeln!(m, "    ({f:?}, &[{}]),", names.join(", ")).unwrap();
     }
     m.push_str("];\n\n/// Every kernel's parameters as its `.cu` file declares them.\npub static SIGNATURES: &[crate::call::Signature] = &[\n");
-    for (_, _, ks) in families {
-        for k in ks {
+    for (_, fam) in families {
+        for k in &fam.kernels {
             let ps: Vec<String> = k
                 .params
                 .iter()
@@ -461,7 +596,8 @@ pub fn module(families: &[(String, Vec<Launcher>, Vec<Kernel>)]) -> String {
         }
     }
     m.push_str("];\n");
-    for (_, ls, _) in families {
+    for (_, fam) in families {
+        let ls = &fam.launchers;
         for l in ls {
             let generic = l.generic.as_deref();
             let file = l.family.as_str();

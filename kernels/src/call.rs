@@ -8,8 +8,9 @@ use std::ffi::c_void;
 use std::fmt;
 use std::marker::PhantomData;
 
-use crate::kd_loss::TeacherLogits;
-use crate::launch::{LaunchConfig, MAX_BLOCK};
+use crate::launch::LaunchConfig;
+pub use crate::launch::ShapeError;
+use crate::launchers::TeacherLogits;
 
 /// A device pointer to `T` values (`CUdeviceptr`; 0 is a null pointer, which only the
 /// parameters a kernel's file calls nullable accept).
@@ -58,22 +59,17 @@ impl<T> PartialEq for Ptr<T> {
 /// A storage type of activations, the `T` of a kernel family's `(float, f32)` / `(bf16, bf16)`
 /// instantiations: picks the kernel of a generic launcher.
 pub trait Float: Copy + 'static {
-    /// `f32` or `bf16`, the kernel names' suffix.
-    const SUFFIX: &'static str;
-
     /// The f32 kernel or the bf16 one.
     fn pick(f32_kernel: &'static str, bf16_kernel: &'static str) -> &'static str;
 }
 
 impl Float for f32 {
-    const SUFFIX: &'static str = "f32";
     fn pick(f32_kernel: &'static str, _: &'static str) -> &'static str {
         f32_kernel
     }
 }
 
 impl Float for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
     fn pick(_: &'static str, bf16_kernel: &'static str) -> &'static str {
         bf16_kernel
     }
@@ -124,21 +120,6 @@ impl Signature {
             .iter()
             .find(|s| s.kernel == kernel)
     }
-
-    /// The PTX declaration (`u64`, `u32`, `f32`, `b8[64]`) each parameter compiles to.
-    pub fn ptx_types(&self) -> Vec<&'static str> {
-        self.params
-            .iter()
-            .map(|(_, ty)| match *ty {
-                t if t.ends_with('*') => "u64",
-                "uint64_t" => "u64",
-                "uint32_t" | "int32_t" | "int" => "u32",
-                "float" => "f32",
-                "TeacherLogits" => "b8[64]",
-                other => unreachable!("the generator accepts no parameter type {other}"),
-            })
-            .collect()
-    }
 }
 
 /// One kernel launch, not yet sent: built by a generated launcher, so its arguments match the
@@ -150,18 +131,6 @@ pub struct KernelCall {
     pub config: LaunchConfig,
     pub args: Vec<Value>,
 }
-
-/// A launch shape no GPU runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShapeError(pub String);
-
-impl fmt::Display for ShapeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ShapeError {}
 
 impl KernelCall {
     /// For the generated launchers.
@@ -179,19 +148,9 @@ impl KernelCall {
         }
     }
 
-    /// Errors on a block of 0 or more than [`MAX_BLOCK`] threads, or an empty grid.
+    /// The launch shape's check ([`LaunchConfig::check`]).
     pub fn check(&self) -> Result<(), ShapeError> {
-        let threads = self.config.block_threads();
-        if threads == 0 || threads > MAX_BLOCK {
-            return Err(ShapeError(format!(
-                "{}: a block of {threads} threads (1 to {MAX_BLOCK})",
-                self.kernel
-            )));
-        }
-        if self.config.grid_blocks() == 0 {
-            return Err(ShapeError(format!("{}: an empty grid", self.kernel)));
-        }
-        Ok(())
+        self.config.check(self.kernel)
     }
 
     /// Calls `send` with `cuLaunchKernel`'s parameter array: one pointer per argument, to a
@@ -235,10 +194,9 @@ mod tests {
         c.check().unwrap();
         let sig = Signature::of("scale_bf16").unwrap();
         assert_eq!(sig.params[0], ("x", "const bf16*"));
-        assert_eq!(sig.ptx_types(), ["u64", "u64", "u64", "f32"]);
         assert_eq!(
-            Signature::of("kd_loss_kl_bf16_bf16").unwrap().ptx_types()[..4],
-            ["u64", "u64", "b8[64]", "u32"]
+            Signature::of("kd_loss_kl_bf16_bf16").unwrap().params[2],
+            ("teachers", "TeacherLogits")
         );
         assert!(Signature::of("add_f16").is_none());
         let mut bad = c.clone();

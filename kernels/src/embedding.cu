@@ -32,8 +32,9 @@
 using namespace rk;
 
 // Positions per segment of the backward's counting sort; the block size of
-// embedding_bwd_count and embedding_bwd_place. Mirrored by `launch::EMBEDDING_SEGMENT`.
-#define RK_SEGMENT 1024
+// embedding_bwd_count and embedding_bwd_place. The generated
+// `launchers::EMBEDDING_SEGMENT` (what `launch::embedding_backward` sizes with).
+#define RK_EMBEDDING_SEGMENT 1024
 
 namespace {
 
@@ -81,11 +82,11 @@ __device__ __forceinline__ void accumulate(const T* g, const uint32_t* order,
 RK_EMBEDDING_TYPED(float, f32)
 RK_EMBEDDING_TYPED(bf16, bf16)
 
-// Step 1: grid = segments, block = RK_SEGMENT.
+// Step 1: grid = segments, block = RK_EMBEDDING_SEGMENT.
 extern "C" __global__ void embedding_bwd_count(const int32_t* ids, uint32_t n_ids,
                                                uint32_t vocab, uint32_t segments,
                                                uint32_t* counts) {
-    const uint64_t p = (uint64_t)blockIdx.x * RK_SEGMENT + threadIdx.x;
+    const uint64_t p = (uint64_t)blockIdx.x * RK_EMBEDDING_SEGMENT + threadIdx.x;
     if (p >= n_ids) return;
     const int32_t id = ids[p];
     if (id < 0 || (uint32_t)id >= vocab) return;
@@ -145,14 +146,14 @@ extern "C" __global__ void embedding_bwd_scan(const uint32_t* totals, uint32_t* 
     if (t == blockDim.x - 1) starts[vocab] = run;
 }
 
-// Step 4: grid = segments, block = RK_SEGMENT.
+// Step 4: grid = segments, block = RK_EMBEDDING_SEGMENT.
 extern "C" __global__ void embedding_bwd_place(const int32_t* ids, const uint32_t* counts,
                                                const uint32_t* starts, uint32_t* order,
                                                uint32_t n_ids, uint32_t vocab,
                                                uint32_t segments) {
-    __shared__ int32_t seg_ids[RK_SEGMENT];
+    __shared__ int32_t seg_ids[RK_EMBEDDING_SEGMENT];
     const uint32_t t = threadIdx.x;
-    const uint64_t p = (uint64_t)blockIdx.x * RK_SEGMENT + t;
+    const uint64_t p = (uint64_t)blockIdx.x * RK_EMBEDDING_SEGMENT + t;
     const int32_t id = p < n_ids ? ids[p] : -1;
     seg_ids[t] = id;
     __syncthreads();

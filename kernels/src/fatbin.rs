@@ -9,8 +9,8 @@
 //! payload is a plain ELF or PTX text.
 //!
 //! The engine uses this to say, before loading a module, whether the device has an image
-//! ([`select`]) and, after a failed lookup, which kernels a family does define
-//! ([`kernel_names`]); the tests use it to check every name in [`crate::names`].
+//! ([`select`]); the mock CUDA, which kernels a module holds ([`kernel_names`]); the tests, that
+//! every image defines every kernel the generated launchers name.
 
 use std::fmt;
 
@@ -204,34 +204,6 @@ pub fn ptx_kernel_names(ptx: &[u8]) -> Vec<String> {
     names
 }
 
-/// The parameter types of kernel `name` in PTX text, in order: `u64`, `u32`, `f32`, ..., and
-/// `b8[N]` for a structure of N bytes passed by value. `None` when the PTX has no such entry.
-pub fn ptx_kernel_params(ptx: &[u8], name: &str) -> Option<Vec<String>> {
-    let text = String::from_utf8_lossy(ptx);
-    let header = format!(".entry {name}(");
-    let start = text.find(&header)? + header.len();
-    let body = &text[start..start + text[start..].find(')')?];
-    Some(
-        body.split(',')
-            .filter(|p| p.contains(".param"))
-            .map(|p| {
-                let words: Vec<&str> = p.split_whitespace().collect();
-                // `.param .u64 name` or `.param .align 8 .b8 name[64]`
-                let ty = words
-                    .iter()
-                    .rev()
-                    .nth(1)
-                    .map(|w| w.trim_start_matches('.'))
-                    .unwrap_or("");
-                match words.last().and_then(|n| n.split_once('[')) {
-                    Some((_, len)) => format!("{ty}[{}", len),
-                    None => ty.to_string(),
-                }
-            })
-            .collect(),
-    )
-}
-
 /// Kernel symbols of a 64-bit little-endian ELF cubin: functions marked as CUDA entry points
 /// (`STO_CUDA_ENTRY`, 0x10 in `st_other`).
 pub fn elf_kernel_names(elf: &[u8]) -> Result<Vec<String>, FatbinError> {
@@ -379,16 +351,6 @@ mod tests {
             (EntryKind::Cubin, 80, false)
         );
         assert_eq!((es[2].kind, es[2].arch), (EntryKind::Ptx, 90));
-        assert_eq!(
-            ptx_kernel_params(ptx, "relu_fwd_f32").unwrap(),
-            vec!["u64".to_string()]
-        );
-        let with_struct = b".visible .entry k(\n.param .u64 k_param_0,\n.param .align 8 .b8 k_param_1[64],\n.param .f32 k_param_2\n)\n{";
-        assert_eq!(
-            ptx_kernel_params(with_struct, "k").unwrap(),
-            ["u64", "b8[64]", "f32"]
-        );
-        assert_eq!(ptx_kernel_params(with_struct, "missing"), None);
         let want = vec!["relu_fwd_f32".to_string(), "gelu_fwd_f32".to_string()];
         assert_eq!(kernel_names(&es[0]).unwrap(), want);
         assert_eq!(kernel_names(&es[2]).unwrap(), want);

@@ -37,12 +37,12 @@
 
 using namespace rk;
 
-// At most this many teachers' logits are averaged in the kernel (mirrored by
-// `kd::MAX_TEACHERS`); a larger ensemble is averaged beforehand.
+// At most this many teachers' logits are averaged in the kernel (the generated
+// `launchers::MAX_TEACHERS`); a larger ensemble is averaged beforehand.
 #define RK_MAX_TEACHERS 8
 
-// The teachers' logit buffers, passed by value: `k` of them are used. Mirrored by the Rust
-// `#[repr(C)] kd::TeacherLogits` (8 device pointers, 64 bytes).
+// The teachers' logit buffers, passed by value: `k` of them are used. The generator writes
+// the Rust `#[repr(C)] launchers::TeacherLogits` from this definition.
 struct TeacherLogits {
     const void* p[RK_MAX_TEACHERS];
 };

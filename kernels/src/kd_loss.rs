@@ -1,22 +1,14 @@
 //! What the generated launchers of the fused distillation loss (`src/kd_loss.cu`) do not
-//! spell: the teachers' pointers as the kernel takes them (by value), the cached-target
-//! kernels' names and limits. The row kernels' arguments and by-name launches are generated
-//! (`launchers::KdRowArgs`, `kd_row_call`; `KdCachedRowArgs`, `kd_cached_row_call`).
+//! spell: the checks of the teachers' pointers and of a cached-target row, the cached-target
+//! kernels' names. Generated from the `.cu`: the row kernels' arguments and by-name launches
+//! (`launchers::KdRowArgs`, `kd_row_call`; `KdCachedRowArgs`, `kd_cached_row_call`), the
+//! by-value [`TeacherLogits`] and the limits [`MAX_TEACHERS`], [`CACHED_MAX_CLASSES`].
 //! The host-side arguments (kernel choice, row counts, scalars) and the f64 reference live
 //! with the loss's other host code in `recycle_engine::kd_loss`.
 
 use std::fmt;
 
-/// Most teachers whose logits the kernel averages itself (`RK_MAX_TEACHERS`).
-pub const MAX_TEACHERS: usize = 8;
-
-/// The kernel's `TeacherLogits` argument: device pointers (`CUdeviceptr`) to each teacher's
-/// `[rows, C]` logits, the first `k` of them used; passed by value.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TeacherLogits {
-    pub ptrs: [u64; MAX_TEACHERS],
-}
+pub use crate::launchers::{TeacherLogits, CACHED_MAX_CLASSES, MAX_TEACHERS};
 
 impl TeacherLogits {
     /// The pointers of 1 to [`MAX_TEACHERS`] teachers (none for the CE-only kernel: use
@@ -30,7 +22,7 @@ impl TeacherLogits {
             )));
         }
         let mut t = TeacherLogits::default();
-        t.ptrs[..ptrs.len()].copy_from_slice(ptrs);
+        t.p[..ptrs.len()].copy_from_slice(ptrs);
         Ok(t)
     }
 }
@@ -46,10 +38,6 @@ impl fmt::Display for KdError {
 }
 
 impl std::error::Error for KdError {}
-
-/// Most classes the cached-target kernels take (`RK_CACHED_MAX_CLASSES`: a bitmap of the row
-/// in shared memory; the range of the cache's u16 indices).
-pub const CACHED_MAX_CLASSES: usize = 65_536;
 
 /// The cached-target row kernel for a term (`mse`: MSE, else KL) and the student's storage
 /// (`bf16`: bf16, else f32).
@@ -90,7 +78,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<TeacherLogits>(), 64);
         assert_eq!(std::mem::align_of::<TeacherLogits>(), 8);
         let t = TeacherLogits::new(&[0x1000, 0x2000]).unwrap();
-        assert_eq!(t.ptrs[..3], [0x1000, 0x2000, 0]);
+        assert_eq!(t.p[..3], [0x1000, 0x2000, 0]);
         assert!(TeacherLogits::new(&[]).is_err());
         assert!(TeacherLogits::new(&[1; 9]).is_err());
         assert!(TeacherLogits::new(&[1; 8]).is_ok());

@@ -23,9 +23,9 @@ pub const MAX_GRID_X: u64 = (1 << 31) - 1;
 pub const MAX_GRID_YZ: u64 = 65_535;
 /// Values of a row per thread that the row kernels aim at (`row_block`).
 pub const VALUES_PER_THREAD: u32 = 8;
-/// Positions per segment of the embedding backward's counting sort (`RK_SEGMENT` in
-/// embedding.cu); also the block size of its count and place kernels.
-pub const EMBEDDING_SEGMENT: u32 = 1024;
+/// Positions per segment of the embedding backward's counting sort; also the block size of
+/// its count and place kernels (`RK_EMBEDDING_SEGMENT` of embedding.cu).
+pub const EMBEDDING_SEGMENT: u32 = crate::launchers::EMBEDDING_SEGMENT as u32;
 /// Most blocks of `layernorm_bwd_*`, i.e. of partial dweight / dbias rows.
 pub const LAYERNORM_BWD_MAX_BLOCKS: u32 = 256;
 /// Values of a channel per block of the batch-norm reductions.
@@ -59,7 +59,42 @@ impl LaunchConfig {
     pub fn grid_blocks(&self) -> u64 {
         self.grid.iter().map(|&g| g as u64).product()
     }
+
+    /// The one check of a launch shape, made before `cuLaunchKernel` (the engine, the mock
+    /// CUDA) and before a simulated launch: a block of 1 to [`MAX_BLOCK`] threads, a grid of
+    /// at least one block, no dynamic shared memory (no kernel uses it).
+    pub fn check(&self, kernel: &str) -> Result<(), ShapeError> {
+        let threads = self.block_threads();
+        let fault = if threads == 0 || threads > MAX_BLOCK {
+            format!("a block of {threads} threads (1 to {MAX_BLOCK})")
+        } else if self.grid_blocks() == 0 {
+            "an empty grid".to_string()
+        } else if self.shared_mem_bytes != 0 {
+            format!(
+                "{} bytes of dynamic shared memory (no kernel uses any)",
+                self.shared_mem_bytes
+            )
+        } else {
+            return Ok(());
+        };
+        Err(ShapeError(format!(
+            "{kernel}: {fault} (grid {:?}, block {:?})",
+            self.grid, self.block
+        )))
+    }
 }
+
+/// A launch shape no kernel runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
 
 /// A shape the kernels cannot index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,6 +382,31 @@ mod tests {
             assert!(threads >= n || c.grid[0] == ELEMENTWISE_MAX_BLOCKS, "n {n}");
             // No block is wholly idle.
             assert!((c.grid[0] as u64 - 1) * 256 < n);
+        }
+    }
+
+    #[test]
+    fn launch_shapes_are_checked_once() {
+        let ok = elementwise(10).unwrap();
+        ok.check("k").unwrap();
+        for (block, grid, shared, says) in [
+            ([2048, 1, 1], [1, 1, 1], 0, "a block of 2048 threads"),
+            ([0, 1, 1], [1, 1, 1], 0, "a block of 0 threads"),
+            ([32, 1, 1], [4, 0, 1], 0, "an empty grid"),
+            (
+                [32, 1, 1],
+                [1, 1, 1],
+                64,
+                "64 bytes of dynamic shared memory",
+            ),
+        ] {
+            let c = LaunchConfig {
+                grid,
+                block,
+                shared_mem_bytes: shared,
+            };
+            let e = c.check("k").unwrap_err().to_string();
+            assert!(e.starts_with("k: ") && e.contains(says), "{e}");
         }
     }
 

@@ -9,44 +9,22 @@
 //! CUDA calls — the engine's `cuda` feature loads and launches — only what the host needs:
 //!
 //! - the fatbins ([`ALL`], [`KD_LOSS`], ...; [`available`]);
-//! - [`launchers`]: one typed launcher per kernel and every kernel's signature, generated from
-//!   the `.cu` files ([`call`]: what a launcher builds);
-//! - [`launch`]: grid, block and scratch sizes from shapes;
-//! - [`kd_loss`]: the fused loss's teacher pointers as the kernel takes them and its typed row launch
-//!   (the other host-side arguments are in `recycle_engine::kd_loss`);
+//! - [`launchers`]: one typed launcher per kernel, every kernel's signature, the families'
+//!   integer constants and by-value structs, generated from the `.cu` files ([`call`]: what a
+//!   launcher builds);
+//! - [`launch`]: grid, block and scratch sizes from shapes, and the one shape check;
+//! - [`kd_loss`]: the checks of the fused loss's teacher pointers and cached rows (the other
+//!   host-side arguments are in `recycle_engine::kd_loss`);
 //! - [`fatbin`]: reading a fatbin (its images, their kernels, which one a GPU runs);
 //! - [`sim`]: the host simulator, which runs the kernels' source on CPU threads (no GPU needed).
 //!
 //! # How the kernels are built
 //!
-//! `build.rs` finds nvcc — `$NVCC`, `$CUDA_HOME/bin` or `$CUDA_PATH/bin`, `PATH`, the
-//! `site-packages` of `python3` (where `pip install nvidia-cuda-nvcc nvidia-cuda-runtime
-//! nvidia-cuda-cccl` puts it, on any machine, GPU or not), then `/usr/local/cuda/bin` — and
-//! compiles each family into one uncompressed fatbin holding cubins for sm_80, sm_86, sm_89 and
-//! sm_90 and the PTX of compute_90, written to `OUT_DIR` and embedded with `include_bytes!`.
-//! One fatbin per family rather than loose cubins: one blob to embed and one
-//! `cuModuleLoadData` call per family, and the driver itself picks the image for the device
-//! ([`fatbin::select`] tells which in advance). The cubins are what runs: a cubin built by a
-//! newer 13.x toolkit loads on a 13.0 driver, while PTX from a newer toolkit does not JIT on
-//! an older driver, so the PTX only serves GPUs newer than sm_90 on drivers at least as new as
-//! the toolkit. Uncompressed, because a compressed image needs a driver that knows the
-//! compression (newer toolkits default to formats older drivers lack), and so that the tests
-//! can read every image's symbol table.
-//!
-//! # Building without nvcc
-//!
-//! This crate is a workspace member, so `cargo build --workspace` / `cargo test --workspace`
-//! build it on machines without nvcc too (Cargo's `default-members` would not keep it out of
-//! `--workspace`). There, `build.rs` prints a warning and embeds nothing: every fatbin is
-//! empty, [`available`] is false, and the tests check what they can (the launch helpers, the
-//! fatbin reader, the host-side arguments). Two environment variables change that:
-//!
-//! - `RECYCLE_REQUIRE_NVCC=1`: a missing nvcc fails the build (CI sets it in its kernel step,
-//!   after installing nvcc from PyPI, so that every kernel compiles on every submission);
-//! - `RECYCLE_NO_NVCC=1`: do not look for nvcc (an empty build on purpose).
-//!
-//! When nvcc is found, any compile error fails the build, and the `ptxas -v` report of every
-//! family is kept in `$OUT_DIR/<family>.ptxas.txt`.
+//! `build.rs` finds nvcc and compiles each family into one uncompressed fatbin (cubins for
+//! sm_80/86/89/90 and the compute_90 PTX), embedded with `include_bytes!`. Without nvcc the
+//! crate builds with empty fatbins and [`available`] is false, unless `RECYCLE_REQUIRE_NVCC=1`
+//! (CI) makes that an error. docs/kernels.md says where nvcc is looked for, why one fatbin per
+//! family and uncompressed, and what the tests check with and without nvcc.
 //!
 //! # Conventions of the kernels
 //!

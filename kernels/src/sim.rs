@@ -33,15 +33,8 @@ const SIMT_HPP: &str = include_str!("../sim/simt.hpp");
 const LAUNCH_CPP: &str = include_str!("../sim/launch.cpp");
 const FIBER_HPP: &str = include_str!("../sim/fiber.hpp");
 
-/// Kernels that test the simulator itself (`sim/selftest.cu`), in the library but no family.
+/// Kernels that test the simulator itself, in the library but no family.
 const SELFTEST_CU: &str = include_str!("../sim/selftest.cu");
-pub const SELFTEST_KERNELS: &[&str] = &[
-    "rk_sim_selftest_shared_per_block",
-    "rk_sim_selftest_divergent_exit",
-    "rk_sim_selftest_shuffles",
-    "rk_sim_selftest_stuck",
-    "rk_sim_selftest_returned_lane",
-];
 
 const CXX_FLAGS: &[&str] = &[
     "-std=c++17",
@@ -123,11 +116,6 @@ impl HostSim {
         Some(HostSim::get().unwrap_or_else(|e| panic!("{e}")))
     }
 
-    /// The shared library this process runs.
-    pub fn library(&self) -> &Path {
-        &self.library
-    }
-
     fn load() -> Result<HostSim, SimError> {
         if !crate::available() {
             return Err(SimError(
@@ -166,10 +154,11 @@ impl HostSim {
     }
 
     /// Runs one launch to completion, as `cuLaunchKernel(kernel, grid, block, shared memory,
-    /// params)` followed by a synchronise. Callable from any thread; launches from several
-    /// threads run one at a time (each spreads its blocks over the simulator's OS threads,
-    /// `RECYCLE_SIM_THREADS` of them, default the machine's cores). `params` holds one pointer per kernel parameter, to
-    /// its value (a pointer parameter's value being a [`SimBuffer::ptr`]).
+    /// params)` followed by a synchronise, after the shape's check ([`LaunchConfig::check`]).
+    /// Callable from any thread; launches from several threads run one at a time (each spreads
+    /// its blocks over the simulator's OS threads, `RECYCLE_SIM_THREADS` of them, default the
+    /// machine's cores). `params` holds one pointer per kernel parameter, to its value (a
+    /// pointer parameter's value being a [`SimBuffer::ptr`]).
     ///
     /// # Safety
     ///
@@ -182,6 +171,7 @@ impl HostSim {
         config: &LaunchConfig,
         params: &mut [*mut c_void],
     ) -> Result<(), SimError> {
+        config.check(kernel).map_err(|e| SimError(e.0))?;
         let name = CString::new(kernel).map_err(|_| SimError(format!("kernel name {kernel:?}")))?;
         let mut err = vec![0 as c_char; 1024];
         let rc = (self.launch)(
@@ -209,7 +199,6 @@ impl HostSim {
     /// Every pointer argument must be null where the kernel accepts it, or the address of a
     /// live buffer ([`SimBuffer::ptr`]) large enough for what the kernel does with this shape.
     pub unsafe fn run(&self, call: &crate::call::KernelCall) -> Result<(), SimError> {
-        call.check().map_err(|e| SimError(e.0))?;
         call.with_params(|params| self.launch(call.kernel, &call.config, params))
     }
 }
@@ -248,6 +237,15 @@ fn compiler() -> String {
         .unwrap_or_else(|| "c++".into())
 }
 
+/// The `extern "C" __global__` kernels of a source (the self-test's: the families' are
+/// read by the build, `launchers::FAMILIES`).
+fn entry_points(src: &str) -> Vec<&str> {
+    src.split("extern \"C\" __global__ void")
+        .skip(1)
+        .filter_map(|rest| Some(rest.split('(').next()?.trim()))
+        .collect()
+}
+
 /// The translation unit of one family: the CUDA model, the family's source, its kernel table.
 fn family_unit(family: &str, kernels: &[&str]) -> String {
     let entries: Vec<String> = kernels
@@ -274,7 +272,7 @@ fn build_library() -> Result<PathBuf, SimError> {
         ("selftest.cu".into(), SELFTEST_CU.into()),
         (
             "sim_selftest.cpp".into(),
-            family_unit("selftest", SELFTEST_KERNELS),
+            family_unit("selftest", &entry_points(SELFTEST_CU)),
         ),
     ];
     for (family, source) in crate::generated::SOURCES {

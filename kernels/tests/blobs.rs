@@ -111,6 +111,49 @@ fn every_named_kernel_is_in_every_image() {
     }
 }
 
+/// The parameter types of kernel `name` in PTX text, in order: `u64`, `u32`, `f32`, ..., and
+/// `b8[N]` for a structure of N bytes passed by value. `None` when the PTX has no such entry.
+fn ptx_kernel_params(ptx: &[u8], name: &str) -> Option<Vec<String>> {
+    let text = String::from_utf8_lossy(ptx);
+    let header = format!(".entry {name}(");
+    let start = text.find(&header)? + header.len();
+    let body = &text[start..start + text[start..].find(')')?];
+    Some(
+        body.split(',')
+            .filter(|p| p.contains(".param"))
+            .map(|p| {
+                let words: Vec<&str> = p.split_whitespace().collect();
+                // `.param .u64 name` or `.param .align 8 .b8 name[64]`
+                let ty = words
+                    .iter()
+                    .rev()
+                    .nth(1)
+                    .map(|w| w.trim_start_matches('.'))
+                    .unwrap_or("");
+                match words.last().and_then(|n| n.split_once('[')) {
+                    Some((_, len)) => format!("{ty}[{}", len),
+                    None => ty.to_string(),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The PTX declaration (`u64`, `u32`, `f32`, `b8[64]`) each parameter of `sig` compiles to.
+fn ptx_types(sig: &Signature) -> Vec<&'static str> {
+    sig.params
+        .iter()
+        .map(|(_, ty)| match *ty {
+            t if t.ends_with('*') => "u64",
+            "uint64_t" => "u64",
+            "uint32_t" | "int32_t" | "int" => "u32",
+            "float" => "f32",
+            "TeacherLogits" => "b8[64]",
+            other => unreachable!("the generator accepts no parameter type {other}"),
+        })
+        .collect()
+}
+
 #[test]
 fn parameter_lists_match_the_compiled_kernels() {
     if !built() {
@@ -121,12 +164,12 @@ fn parameter_lists_match_the_compiled_kernels() {
         let entries = fatbin::entries(blob).unwrap();
         let ptx = entries.iter().find(|e| e.kind == EntryKind::Ptx).unwrap();
         for k in *kernels {
-            let compiled = fatbin::ptx_kernel_params(ptx.payload, k)
+            let compiled = ptx_kernel_params(ptx.payload, k)
                 .unwrap_or_else(|| panic!("{family}: no .entry {k} in the PTX"));
             let sig = Signature::of(k).unwrap();
             assert_eq!(
                 compiled,
-                sig.ptx_types(),
+                ptx_types(sig),
                 "{k}: the PTX parameters differ from the signature read from {family}.cu ({:?})",
                 sig.params
             );
@@ -135,26 +178,23 @@ fn parameter_lists_match_the_compiled_kernels() {
 }
 
 #[test]
-fn constants_mirrored_in_rust_match_the_kernels() {
+fn generated_constants_are_the_compiled_ones() {
     if !built() {
         return;
     }
-    // embedding_bwd_place stages one segment of ids in shared memory: RK_SEGMENT int32s, the
-    // block size the launch helper gives it.
+    // embedding_bwd_place stages one segment of ids in shared memory: RK_EMBEDDING_SEGMENT
+    // int32s, read by the generator, and the block size the launch helper gives it.
     let blob = recycle_kernels::family("embedding").unwrap();
     let entries = fatbin::entries(blob).unwrap();
     let ptx = entries.iter().find(|e| e.kind == EntryKind::Ptx).unwrap();
     let text = String::from_utf8_lossy(ptx.payload);
-    let seg_bytes = 4 * recycle_kernels::launch::EMBEDDING_SEGMENT;
+    let seg_bytes = 4 * recycle_kernels::launchers::EMBEDDING_SEGMENT;
     assert!(
         text.contains(&format!("seg_ids[{seg_bytes}]")),
-        "embedding.cu's RK_SEGMENT differs from launch::EMBEDDING_SEGMENT"
+        "{seg_bytes}"
     );
     let plan = recycle_kernels::launch::embedding_backward(5000, 100, 8)
         .unwrap()
         .unwrap();
-    assert_eq!(
-        plan.place.block[0],
-        recycle_kernels::launch::EMBEDDING_SEGMENT
-    );
+    assert_eq!(plan.place.block[0], 1024);
 }

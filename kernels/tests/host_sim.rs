@@ -1,15 +1,22 @@
 //! The host simulator itself (`recycle_kernels::sim`): it builds, runs grid-stride and
 //! block-reduction kernels like a GPU would, and reports what it must (unknown kernels, bad
-//! shapes, writes past a buffer). The families' checks against their CPU twins live with their
-//! launchers in the engine (`cuda::*` tests) and, for the fused loss, in the root crate.
+//! shapes, writes past a buffer). The families' checks against their CPU twins are the op
+//! table's cases on the mock CUDA, which runs its kernels here (`engine/tests/op_table.rs`).
 
 use std::ffi::c_void;
 
+use recycle_kernels::call::Ptr;
 use recycle_kernels::launch;
+use recycle_kernels::launchers as k;
 use recycle_kernels::sim::{HostSim, SimBuffer};
 
 fn sim() -> Option<&'static HostSim> {
     HostSim::for_tests()
+}
+
+/// A buffer as a kernel's pointer argument.
+fn ptr<T>(b: &SimBuffer) -> Ptr<T> {
+    Ptr::new(b.ptr())
 }
 
 #[test]
@@ -24,16 +31,10 @@ fn an_elementwise_kernel_covers_every_element_once() {
         SimBuffer::from_slice(&b),
         SimBuffer::zeros::<f32>(n),
     );
-    let (mut pa, mut pb, mut po, mut pn) = (ba.ptr(), bb.ptr(), out.ptr(), n as u64);
-    let mut params = [
-        &mut pa as *mut u64 as *mut c_void,
-        &mut pb as *mut u64 as *mut c_void,
-        &mut po as *mut u64 as *mut c_void,
-        &mut pn as *mut u64 as *mut c_void,
-    ];
     let cfg = launch::elementwise(n as u64).unwrap();
-    // SAFETY: add_f32(a, b, out, n) with three live buffers of n floats.
-    unsafe { sim.launch("add_f32", &cfg, &mut params) }.unwrap();
+    let call = k::add::<f32>(cfg, ptr(&ba), ptr(&bb), ptr(&out), n as u64);
+    // SAFETY: three live buffers of n floats.
+    unsafe { sim.run(&call) }.unwrap();
     let got = out.read::<f32>().unwrap();
     for i in 0..n {
         assert_eq!(got[i], a[i] + b[i], "element {i}");
@@ -43,20 +44,13 @@ fn an_elementwise_kernel_covers_every_element_once() {
 #[test]
 fn a_block_reduction_sums_a_row_through_shuffles_and_barriers() {
     let Some(sim) = sim() else { return };
-    // sum_all_f32(x, out, n, divisor): one block adds everything (f64 inside, see layout.cu).
+    // sum_all_f32: one block adds everything (f64 inside, see layout.cu).
     let n = 5000usize;
     let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 0.25).collect();
     let (bx, out) = (SimBuffer::from_slice(&x), SimBuffer::zeros::<f32>(1));
-    let (mut px, mut po, mut pn, mut pd) = (bx.ptr(), out.ptr(), n as u64, 1u64);
-    let mut params = [
-        &mut px as *mut u64 as *mut c_void,
-        &mut po as *mut u64 as *mut c_void,
-        &mut pn as *mut u64 as *mut c_void,
-        &mut pd as *mut u64 as *mut c_void,
-    ];
-    let cfg = launch::single_block();
-    // SAFETY: sum_all_f32(x, out, n, divisor) with n floats in and one out.
-    unsafe { sim.launch("sum_all_f32", &cfg, &mut params) }.unwrap();
+    let call = k::sum_all::<f32>(launch::single_block(), ptr(&bx), ptr(&out), n as u64, 1);
+    // SAFETY: n floats in, one out.
+    unsafe { sim.run(&call) }.unwrap();
     let want: f64 = x.iter().map(|&v| v as f64).sum();
     assert_eq!(out.read::<f32>().unwrap()[0], want as f32);
 }

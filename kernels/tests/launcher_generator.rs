@@ -21,7 +21,8 @@ extern "C" __global__ void reduce(const float* partial, uint32_t rows, double* o
 
 #[test]
 fn a_family_macro_gives_one_generic_launcher_and_two_kernels() {
-    let (ls, ks) = launchers::family("demo", GENERIC);
+    let fam = launchers::family("demo", GENERIC);
+    let ks = &fam.kernels;
     let names: Vec<&str> = ks.iter().map(|k| k.name.as_str()).collect();
     assert_eq!(names, ["reduce", "scale_f32", "scale_bf16"]);
     let bf16 = &ks[2].params;
@@ -30,7 +31,7 @@ fn a_family_macro_gives_one_generic_launcher_and_two_kernels() {
         ("x", "const bf16*")
     );
     assert_eq!(bf16[3].ty, "float");
-    let module = launchers::module(&[("demo".to_string(), ls, ks)]);
+    let module = launchers::module(&[("demo".to_string(), fam)]);
     assert!(
         module.contains(
             "pub fn scale<T: crate::call::Float>(config: crate::launch::LaunchConfig, \
@@ -44,6 +45,39 @@ fn a_family_macro_gives_one_generic_launcher_and_two_kernels() {
          rows: u32, out: crate::call::Ptr<f64>, accumulate: i32)"
     ));
     assert!(module.contains("(\"demo\", &[\"reduce\", \"scale_f32\", \"scale_bf16\"])"));
+}
+
+const CONSTANTS: &str = r#"
+#define RK_MAX_THINGS 4
+#define RK_MASK 0xffu
+#define RK_HD __host__ __device__
+struct Things {
+    const void* p[RK_MAX_THINGS];
+    float* extra;
+};
+struct TeacherLogits { const void* p[RK_MAX_THINGS]; };
+extern "C" __global__ void take(TeacherLogits t, uint32_t k) {}
+"#;
+
+#[test]
+fn integer_defines_and_by_value_structs_are_written_from_the_source() {
+    let fam = launchers::family("demo", CONSTANTS);
+    assert_eq!(
+        fam.constants,
+        [("MAX_THINGS".to_string(), 4), ("MASK".to_string(), 255)]
+    );
+    // Only the struct a kernel takes by value.
+    assert_eq!(fam.structs.len(), 1);
+    let module = launchers::module(&[("demo".to_string(), fam)]);
+    assert!(
+        module.contains("pub const MAX_THINGS: usize = 4;"),
+        "{module}"
+    );
+    assert!(module.contains(
+        "#[repr(C)]\n#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]\n\
+         pub struct TeacherLogits {\n    pub p: [u64; MAX_THINGS],\n}"
+    ));
+    assert!(module.contains("t: crate::launchers::TeacherLogits, k: u32"));
 }
 
 /// The build's panic message for `src`.
@@ -80,4 +114,10 @@ fn signatures_it_cannot_read_stop_the_build_with_the_file_kernel_and_parameter()
         e.contains("k_i8: parameter `x` has the type `char*`"),
         "{e}"
     );
+    let e = failure(r#"extern "C" __global__ void k(TeacherLogits t) {}"#);
+    assert!(e.contains("defines no struct TeacherLogits"), "{e}");
+    let e = failure(
+        "struct TeacherLogits { float w; };\nextern \"C\" __global__ void k(TeacherLogits t) {}",
+    );
+    assert!(e.contains("field `float w` is not a pointer"), "{e}");
 }

@@ -16,6 +16,7 @@ use std::sync::{Mutex, OnceLock};
 
 use recycle_kernels::call::Signature;
 use recycle_kernels::launch::LaunchConfig;
+use recycle_kernels::launchers::TeacherLogits;
 use recycle_kernels::sim::HostSim;
 
 use crate::driver::{
@@ -32,7 +33,7 @@ pub enum Param {
     Ptr(bool),
     /// A plain value of this many bytes.
     Value(usize),
-    /// `TeacherLogits`: eight device pointers by value, read only.
+    /// `TeacherLogits`: device pointers by value, read only.
     Teachers,
 }
 
@@ -41,7 +42,7 @@ impl Param {
         match self {
             Param::Ptr(_) => 8,
             Param::Value(n) => n,
-            Param::Teachers => 64,
+            Param::Teachers => std::mem::size_of::<TeacherLogits>(),
         }
     }
 }
@@ -302,7 +303,7 @@ fn marshal(
                 t.to_le_bytes().to_vec()
             }
             Param::Teachers => {
-                let mut out = Vec::with_capacity(64);
+                let mut out = Vec::with_capacity(bytes.len());
                 for (j, c) in bytes.chunks_exact(8).enumerate() {
                     let v = u64::from_le_bytes(c.try_into().unwrap_or_default());
                     let (t, a) = translate(v, true, &format!("{what} (teacher {j})"))?;
@@ -352,14 +353,8 @@ pub unsafe extern "C" fn cuLaunchKernel(
         block: [bx, by, bz],
         shared_mem_bytes: shared,
     };
-    if config.block_threads() == 0 || config.block_threads() > 1024 || config.grid_blocks() == 0 {
-        return fail(
-            INVALID_VALUE,
-            MockError(format!(
-                "cuLaunchKernel({}): grid {:?}, block {:?}",
-                func.name, config.grid, config.block
-            )),
-        );
+    if let Err(e) = config.check(&func.name) {
+        return fail(INVALID_VALUE, MockError(format!("cuLaunchKernel: {e}")));
     }
     let (values, accesses) = match marshal(func, params) {
         Ok(v) => v,

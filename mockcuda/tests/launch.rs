@@ -8,6 +8,7 @@ use std::ffi::c_void;
 
 use mockcuda::driver::*;
 use mockcuda::module::*;
+use recycle_kernels::launchers;
 
 #[test]
 fn add_f32_runs_on_the_simulator_and_host_pointers_are_refused() {
@@ -46,33 +47,33 @@ fn add_f32_runs_on_the_simulator_and_host_pointers_are_refused() {
     );
     let xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
     let ys: Vec<f32> = (0..n).map(|i| 0.5 * i as f32).collect();
+    let config = recycle_kernels::launch::elementwise(n as u64).unwrap();
     common::upload(a, &xs, s);
     common::upload(b, &ys, s);
+    // The engine's call: the generated launcher's parameter array.
     let launch = |a: u64, b: u64, out: u64| {
-        let mut n64 = n as u64;
-        let (mut a, mut b, mut out) = (a, b, out);
-        let mut params: Vec<*mut c_void> = vec![
-            &mut a as *mut u64 as *mut c_void,
-            &mut b as *mut u64 as *mut c_void,
-            &mut out as *mut u64 as *mut c_void,
-            &mut n64 as *mut u64 as *mut c_void,
-        ];
-        // SAFETY: add_f32's four parameters, each pointing to its value.
-        unsafe {
-            cuLaunchKernel(
-                f,
-                4,
-                1,
-                1,
-                256,
-                1,
-                1,
-                0,
-                s,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
+        let p = recycle_kernels::call::Ptr::<f32>::new;
+        let call = launchers::add::<f32>(config, p(a), p(b), p(out), n as u64);
+        let [gx, gy, gz] = call.config.grid;
+        let [bx, by, bz] = call.config.block;
+        call.with_params(|params| {
+            // SAFETY: add_f32's four parameters, each pointing to its value.
+            unsafe {
+                cuLaunchKernel(
+                    f,
+                    gx,
+                    gy,
+                    gz,
+                    bx,
+                    by,
+                    bz,
+                    0,
+                    s,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+        })
     };
     assert_eq!(launch(a, b, out), SUCCESS);
     let got = common::download(out, n, s);

@@ -56,8 +56,8 @@
 //! Layout: the report and its table here, with [`run`]; the comparison machinery and the
 //! error measures in `checker`; the ops through the op table (`recycle_engine::op_table`: the
 //! same cases the engine's tests run on the CPU and on `cuda:0`), with the tensor copies and
-//! casts and the batch-norm statistics in `ops`; `loss_optim` (the optimizers, the fused
-//! distillation loss); the host-copy rows in `host_copy`; the allocation
+//! casts and the batch-norm statistics in `ops`; the optimizers in `optim`; the host-copy
+//! rows in `host_copy`; the allocation
 //! count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
 //! row in `nccl`; the throughput measurement in `throughput`.
 
@@ -65,10 +65,10 @@ pub mod alignment;
 mod allocations;
 mod checker;
 mod host_copy;
-mod loss_optim;
 mod models;
 mod nccl;
 mod ops;
+mod optim;
 mod runner;
 mod throughput;
 
@@ -292,8 +292,7 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
     }
     groups.extend([
         Group::new("batch-norm statistics", ops::batch_norm_stats_checks),
-        Group::new("optimizers", loss_optim::optimizer_checks),
-        Group::new("distillation loss", loss_optim::kd_loss_checks),
+        Group::new("optimizers", optim::optimizer_checks),
         Group::new("allocations per step", |c: &mut Checker| {
             per_step = Some(allocations::allocation_check(c)?);
             Ok(())

@@ -27,6 +27,7 @@ fn case(
         name: name.into(),
         shapes: shapes.iter().map(|s| s.to_vec()).collect(),
         tol,
+        bf16_tol: (super::BF16_TOL, super::BF16_TOL),
         op: Arc::new(op),
     }
 }
