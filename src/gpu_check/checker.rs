@@ -95,6 +95,20 @@ impl Checker {
         }
         Ok(())
     }
+
+    /// The rows of a comparison held to the CPU's bits (`op_table::compare_casts`,
+    /// `compare_optimizer_steps`): the error column is the number of elements that differ.
+    pub(super) fn exact(&mut self, dtype: DType, rows: Vec<op_table::Compared>) {
+        for r in rows {
+            self.record_err(
+                &r.label,
+                "bits: elements that differ".into(),
+                dtype,
+                r.err,
+                r.tol,
+            );
+        }
+    }
 }
 
 /// Euclidean norm, accumulated in f64.

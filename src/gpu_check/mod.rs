@@ -15,7 +15,11 @@
 //! larger tolerances), 2e-2 for bf16 storage (8 bits of mantissa). A bf16 row measures each
 //! element against the tensor's scale, `|gpu - cpu| / max|cpu|`: the GPU stores every
 //! intermediate in bf16 while the CPU op keeps them in f32, so an element near zero carries
-//! the rounding of the larger values it was computed from.
+//! the rounding of the larger values it was computed from. The casts between f32 and bf16
+//! (every bf16 pattern, rounding ties, subnormals, infinities, NaN; plain and on the tape) and
+//! four SGDW/AdamW steps (`op_table::compare_casts`, `compare_optimizer_steps`, which the
+//! engine's tests also run on `cuda:0`) are held to the CPU's bits: their error column is the
+//! number of elements whose bits differ, their tolerance 0.
 //!
 //! Also measured: allocations per training step (a synthetic step through the ops that run on
 //! CUDA), from the context's counters.
@@ -55,10 +59,9 @@
 //!
 //! Layout: the report and its table here, with [`run`]; the comparison machinery and the
 //! error measures in `checker`; the ops through the op table (`recycle_engine::op_table`: the
-//! same cases the engine's tests run on the CPU and on `cuda:0`), with the tensor copies and
-//! casts and the batch-norm statistics in `ops`; the optimizers in `optim`; the host-copy
-//! rows in `host_copy`; the allocation
-//! count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
+//! same cases the engine's tests run on the CPU and on `cuda:0`, and its casts and optimizer
+//! steps held to the CPU's bits), with the tensor copies and the batch-norm statistics in
+//! `ops`; the host-copy rows in `host_copy`; the allocation count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
 //! row in `nccl`; the throughput measurement in `throughput`.
 
 pub mod alignment;
@@ -68,7 +71,6 @@ mod host_copy;
 mod models;
 mod nccl;
 mod ops;
-mod optim;
 mod runner;
 mod throughput;
 
@@ -292,7 +294,16 @@ pub fn run_with(device: Device, opts: &RunOptions) -> Result<GpuCheckReport> {
     }
     groups.extend([
         Group::new("batch-norm statistics", ops::batch_norm_stats_checks),
-        Group::new("optimizers", optim::optimizer_checks),
+        Group::new("casts", |c: &mut Checker| {
+            let rows = op_table::compare_casts(c.device)?;
+            c.exact(DType::BF16, rows);
+            Ok(())
+        }),
+        Group::new("optimizers", |c: &mut Checker| {
+            let rows = op_table::compare_optimizer_steps(c.device)?;
+            c.exact(DType::F32, rows);
+            Ok(())
+        }),
         Group::new("allocations per step", |c: &mut Checker| {
             per_step = Some(allocations::allocation_check(c)?);
             Ok(())

@@ -1,9 +1,9 @@
 //! Checks beside the op table (`recycle_engine::op_table`, which `Checker::table` runs on the
-//! device, one group per family): the tensor casts and copies, and the running statistics a
-//! batch-norm training step leaves.
+//! device, one group per family, with its casts and optimizer steps): the tensor copies, and
+//! the running statistics a batch-norm training step leaves.
 
-use recycle_engine::ops::{self, batch_norm2d, BatchNormOptions};
-use recycle_engine::{DType, Device, Error, Result, Tape, Tensor};
+use recycle_engine::ops::{batch_norm2d, BatchNormOptions};
+use recycle_engine::{DType, Device, Result, Tape, Tensor};
 
 use super::checker::{dims, Checker};
 
@@ -51,7 +51,8 @@ pub(super) fn batch_norm_stats_checks(c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
-/// Copies, casts (plain and on the tape), accumulation and zeroing of tensors on the device.
+/// Copies, accumulation and zeroing of tensors on the device (the casts are
+/// `op_table::compare_casts`).
 pub(super) fn tensor_checks(c: &mut Checker) -> Result<()> {
     let shape = [1000, 37];
     let (x_cpu, x_gpu) = c.fresh(&shape, DType::F32)?;
@@ -64,55 +65,6 @@ pub(super) fn tensor_checks(c: &mut Checker) -> Result<()> {
         &x_cpu,
         0.0,
     )?;
-    let b_gpu = x_gpu.cast(DType::BF16)?;
-    let b_cpu = x_cpu.cast(DType::BF16)?;
-    c.record(
-        "cast f32 to bf16",
-        dims(&shape),
-        DType::BF16,
-        &b_gpu,
-        &b_cpu,
-        0.0,
-    )?;
-    c.record(
-        "cast bf16 to f32",
-        dims(&shape),
-        DType::BF16,
-        &b_gpu.cast(DType::F32)?,
-        &b_cpu.cast(DType::F32)?,
-        0.0,
-    )?;
-    // The differentiable cast (`ops::elementwise::cast`, how a model enters its compute
-    // dtype): forward and the gradient cast back, both exact roundings (tolerance 0). The
-    // upstream gradient is f32 in both directions, so bf16 → f32 checks the rounding of the
-    // gradient to bf16 on the device.
-    for (from, to) in [(DType::F32, DType::BF16), (DType::BF16, DType::F32)] {
-        let (x_cpu, x_gpu) = c.fresh(&shape, from)?;
-        let (g_cpu, g_gpu) = c.fresh(&shape, DType::F32)?;
-        let run = |x: &Tensor, g: &Tensor| -> Result<(Tensor, Tensor)> {
-            let tape = Tape::recording();
-            let xv = tape.watch(x.clone());
-            let y = ops::elementwise::cast(&tape, &xv, to)?;
-            let grads = tape.backward_with(&y, g.clone())?;
-            let dx = grads
-                .get(&xv)
-                .cloned()
-                .ok_or_else(|| Error::Autograd("cast: no gradient for its input".to_string()))?;
-            Ok((y.into_tensor(), dx))
-        };
-        let (y_gpu, dx_gpu) = run(&x_gpu, &g_gpu)?;
-        let (y_cpu, dx_cpu) = run(&x_cpu, &g_cpu)?;
-        let name = format!("cast op {from} to {to}");
-        c.record(&name, dims(&shape), from, &y_gpu, &y_cpu, 0.0)?;
-        c.record(
-            &format!("{name} backward"),
-            dims(&shape),
-            from,
-            &dx_gpu,
-            &dx_cpu,
-            0.0,
-        )?;
-    }
     c.record(
         "deep_copy",
         dims(&shape),

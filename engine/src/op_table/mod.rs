@@ -5,18 +5,22 @@
 //! - on the CPU, every case passes a finite-difference gradient check ([`grad_check`]);
 //! - on a device (a GPU, or the mock CUDA, which runs each kernel on the kernel simulator),
 //!   [`compare`] runs the case there and on the CPU with the same inputs and measures the
-//!   output and every input's gradient against the CPU's.
+//!   output and every input's gradient against the CPU's;
+//! - beside the cases, [`compare_casts`] and [`compare_optimizer_steps`] hold the casts and
+//!   the optimizer steps on a device to the CPU's bits.
 //!
-//! The engine's tests run both (`engine/tests/op_table.rs`); `recycle gpu-check` runs
-//! [`compare`] on `cuda:N`, one group per family. Adding an op means adding its cases to
+//! The engine's tests run all of them (`engine/tests/op_table.rs`); `recycle gpu-check` runs
+//! the comparisons on `cuda:N`, one group per family, then the casts and the optimizers. Adding an op means adding its cases to
 //! `cases.rs` (the fused distillation loss's are in `cases_extra.rs`); nothing else lists them.
 
 mod cases;
 mod cases_extra;
+mod exact;
 mod measure;
 
 use std::sync::Arc;
 
+pub use exact::{compare_casts, compare_optimizer_steps};
 pub use measure::{error, max_rel_err, max_scaled_err};
 
 use crate::gradcheck::GradCheck;
