@@ -61,8 +61,9 @@
 //! error measures in `checker`; the ops through the op table (`recycle_engine::op_table`: the
 //! same cases the engine's tests run on the CPU and on `cuda:0`, and its casts and optimizer
 //! steps held to the CPU's bits), with the tensor copies and the batch-norm statistics in
-//! `ops`; the host-copy rows in `host_copy`; the allocation count in `allocations`; the whole-model steps and the teacher stream in `models`; the NCCL
-//! row in `nccl`; the throughput measurement in `throughput`.
+//! `ops`; the host-copy rows in `host_copy`; the allocation count in `allocations`; the
+//! whole-model steps and the teacher stream in `models`; the NCCL row in `nccl`; the
+//! throughput measurement in `throughput`.
 
 pub mod alignment;
 mod allocations;
