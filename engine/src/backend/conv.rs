@@ -1040,7 +1040,7 @@ fn backward_cpu(
             let (per, items) = backward_runs(g, schedule);
             let direct = items == 1 && g.is_pointwise();
             let dw_direct = need_w && direct_weight_gradient_fits(g);
-            let dw_transposed = !dw_direct && dw_by_columns_in_place(g);
+            let dw_transposed = need_w && !dw_direct && dw_by_columns_in_place(g);
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
                 let first = t * per;
                 let cnt = per.min(g.n - first);
@@ -1114,22 +1114,20 @@ fn backward_cpu(
                         }
                     }
                 }
-                Ok(dw_part.map(|d| {
-                    if dw_transposed {
-                        transpose(&d, ck, g.o)
-                    } else {
-                        d
-                    }
-                }))
+                Ok(dw_part)
             };
-            backward_over_runs(
-                dx.as_deref_mut(),
-                dw.as_deref_mut(),
-                per * img,
-                g.n,
-                per,
-                run,
-            )?;
+            // Parts of `dW^T` are summed as they are, in run order, and the sum transposed
+            // once: the same bits as transposing each part, without a transpose per run.
+            let mut dw_t = scratch::take(if dw_transposed { ck * g.o } else { 0 });
+            let dw_sum = if dw_transposed {
+                Some(&mut dw_t[..])
+            } else {
+                dw.as_deref_mut()
+            };
+            backward_over_runs(dx.as_deref_mut(), dw_sum, per * img, g.n, per, run)?;
+            if let (Some(dw), true) = (dw.as_deref_mut(), dw_transposed) {
+                transpose_into(&dw_t, ck, g.o, dw);
+            }
         }
         ConvSchedule::Batched { items } => {
             let items = items.clamp(1, g.n);
@@ -1379,15 +1377,24 @@ const DIRECT_DW_FILTERS: usize = 8;
 /// Most filters `direct_weight_gradient_fits` takes.
 const DIRECT_DW_MAX_FILTERS: usize = 32;
 
-/// `[rows, cols]` -> `[cols, rows]`.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for (r, row) in src.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
-        }
+/// `dst [cols, rows]` = `src [rows, cols]` transposed, in blocks of 16 `dst` rows over the
+/// rayon threads (each `src` row then gives whole cache lines to one block).
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const BLOCK: usize = 16;
+    let (src, dst) = (&src[..rows * cols], &mut dst[..rows * cols]);
+    if rows == 0 {
+        return;
     }
-    out
+    dst.par_chunks_mut(BLOCK * rows)
+        .enumerate()
+        .for_each(|(b, block)| {
+            let c0 = b * BLOCK;
+            for (r, row) in src.chunks_exact(cols).enumerate() {
+                for (j, &v) in row[c0..].iter().take(block.len() / rows).enumerate() {
+                    block[j * rows + r] = v;
+                }
+            }
+        });
 }
 
 /// `dbias[o] = sum over n and pixels of grad[n, o, :]`.
