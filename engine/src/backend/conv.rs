@@ -116,7 +116,7 @@ pub fn conv2d_fwd(
         Device::Cpu => {}
         d => return crate::on_cuda!(d, crate::cuda::conv::conv2d_fwd(x, weight, bias, g)),
     }
-    let mut out = vec![0f32; g.n * g.o * g.pixels()];
+    let mut out = scratch::zeroed(g.n * g.o * g.pixels());
     {
         let bias_read = bias.map(|b| b.read_f32()).transpose()?;
         if weight.dtype() == DType::BF16 && bf16_products_active() {
@@ -976,14 +976,22 @@ pub fn transposed_geometry(g: &Conv2dGeometry) -> Option<Conv2dGeometry> {
 /// `w'[c, o, i, j] = w[o, c, kh-1-i, kw-1-j]`: the weight of [`transposed_geometry`].
 pub fn flipped_weight(weight: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
     let k = g.kh * g.kw;
-    let mut out = vec![0f32; g.c * g.o * k];
-    for (co, dst) in out.chunks_mut(k).enumerate() {
-        let (c, o) = (co / g.o, co % g.o);
-        let src = &weight[(o * g.c + c) * k..][..k];
-        for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-            *d = *s;
-        }
+    let mut out = scratch::zeroed(g.c * g.o * k);
+    if k == 0 || g.o == 0 {
+        return out;
     }
+    // One input channel per task: the largest weights (512 x 512 x 3 x 3) are copied on all
+    // threads, not on the one that called for the backward while the others wait.
+    out.par_chunks_mut(g.o * k)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (o, dst) in dst.chunks_mut(k).enumerate() {
+                let src = &weight[(o * g.c + c) * k..][..k];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        });
     out
 }
 
@@ -1006,7 +1014,7 @@ fn backward_cpu(
         None
     };
     if let Some(t) = transposed {
-        let mut dx = vec![0f32; g.n * img];
+        let mut dx = scratch::zeroed(g.n * img);
         conv2d_forward_cpu_with(
             grad,
             &flipped_weight(weight, g),
@@ -1019,8 +1027,8 @@ fn backward_cpu(
         rest.x = Some(dx);
         return Ok(rest);
     }
-    let mut dx = need_x.then(|| vec![0f32; g.n * img]);
-    let mut dw = need_w.then(|| vec![0f32; g.o * ck]);
+    let mut dx = need_x.then(|| scratch::zeroed(g.n * img));
+    let mut dw = need_w.then(|| scratch::zeroed(g.o * ck));
     let db = need_b.then(|| bias_grad_cpu(grad, g.n, g.o, p));
     if g.n == 0 || oimg == 0 || ck == 0 || !(need_x || need_w) {
         return Ok(Conv2dGrads {
