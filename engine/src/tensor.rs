@@ -636,6 +636,11 @@ impl Tensor {
             });
         }
         match self.dtype {
+            // A model's flat gradient buffer, zeroed every step: on all threads.
+            DType::F32 if self.elem_count() >= PARALLEL_MIN => self
+                .write_f32()?
+                .par_chunks_mut(PARALLEL_MIN / 4)
+                .for_each(|c| c.fill(0.0)),
             DType::F32 => self.write_f32()?.fill(0.0),
             DType::BF16 => self.write_bf16()?.fill(bf16::ZERO),
             DType::I32 => {
@@ -1027,9 +1032,10 @@ mod tests {
         assert!(lo.sum_f32(&whole).is_err());
     }
 
-    /// The threaded `add_assign` adds each element once, like the serial loop.
+    /// The threaded `add_assign` adds each element once, like the serial loop, and the
+    /// threaded `zero_` of a view zeroes that view only.
     #[test]
-    fn add_assign_adds_each_element_once() {
+    fn threaded_add_assign_and_zero_cover_their_elements_only() {
         let len = 3 * PARALLEL_MIN + 11;
         let (a, b) = (values(len, 4), values(len, 5));
         let t = Tensor::f32(a.clone(), &[len]).unwrap();
@@ -1037,5 +1043,11 @@ mod tests {
             .unwrap();
         let want: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
         assert_eq!(t.to_vec_f32().unwrap(), want);
+
+        let inner = t.view(3, &[len - 5]).unwrap();
+        inner.zero_().unwrap();
+        let got = t.to_vec_f32().unwrap();
+        assert_eq!((&got[..3], &got[len - 2..]), (&want[..3], &want[len - 2..]));
+        assert!(got[3..len - 2].iter().all(|&v| v == 0.0));
     }
 }
