@@ -281,14 +281,9 @@ impl Tape {
                 if let Some(dst) = param_grads.get(id) {
                     dst.add_assign(&ig.reshape(dst.shape())?)?;
                 } else if let Some(acc) = grads.get(id) {
-                    // Accumulate into a private f32 copy: `ig` may share storage with a value
-                    // the forward pass still holds (and on a GPU a gradient may be bf16).
-                    let sum = if acc.dtype() == crate::DType::F32 {
-                        acc.deep_copy()?
-                    } else {
-                        acc.cast(crate::DType::F32)?
-                    };
-                    sum.add_assign(&ig)?;
+                    // Accumulate into a private f32 buffer: `acc` may share storage with a
+                    // value the forward pass still holds (and on a GPU a gradient may be bf16).
+                    let sum = acc.sum_f32(&ig)?;
                     grads.insert(*id, sum);
                 } else {
                     grads.insert(*id, ig);

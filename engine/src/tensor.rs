@@ -21,6 +21,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::bf16;
 
+use rayon::prelude::*;
+
+use crate::backend::elementwise::PARALLEL_MIN;
 use crate::storage::{CpuStorage, Storage};
 use crate::{rng, DType, Device, Error, Result, WithDType};
 
@@ -588,8 +591,38 @@ impl Tensor {
         }
         let s = src.read_f32()?;
         let mut d = self.write_f32()?;
-        d.iter_mut().zip(s.iter()).for_each(|(d, s)| *d += s);
+        if d.len() >= PARALLEL_MIN {
+            d.par_chunks_mut(PARALLEL_MIN / 4)
+                .zip(s.par_chunks(PARALLEL_MIN / 4))
+                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        } else {
+            d.iter_mut().zip(s.iter()).for_each(|(d, s)| *d += s);
+        }
         Ok(())
+    }
+
+    /// A fresh f32 tensor holding `self + other` (same shape), neither input changed: gradient
+    /// accumulation into a private buffer. On the CPU one pass writes the sum (no copy of
+    /// `self` to add into); elsewhere, and when the two share storage, a copy of `self` in f32
+    /// and `add_assign`. Either way each element is `f32(self) + f32(other)`.
+    pub fn sum_f32(&self, other: &Tensor) -> Result<Tensor> {
+        crate::error::check_same_shape("sum_f32", &self.shape, &other.shape)?;
+        if self.device.is_cpu() && other.device.is_cpu() && !self.same_storage(other) {
+            let (a, b) = (self.read_f32()?, other.read_f32()?);
+            let sum: Vec<f32> = if a.len() >= PARALLEL_MIN {
+                a.par_iter().zip(b.par_iter()).map(|(a, b)| a + b).collect()
+            } else {
+                a.iter().zip(b.iter()).map(|(a, b)| a + b).collect()
+            };
+            return Tensor::f32(sum, &self.shape);
+        }
+        let sum = if self.dtype == DType::F32 {
+            self.deep_copy()?
+        } else {
+            self.cast(DType::F32)?
+        };
+        sum.add_assign(other)?;
+        Ok(sum)
     }
 
     /// Sets every element to zero in place.
@@ -603,6 +636,11 @@ impl Tensor {
             });
         }
         match self.dtype {
+            // A model's flat gradient buffer, zeroed every step: on all threads.
+            DType::F32 if self.elem_count() >= PARALLEL_MIN => self
+                .write_f32()?
+                .par_chunks_mut(PARALLEL_MIN / 4)
+                .for_each(|c| c.fill(0.0)),
             DType::F32 => self.write_f32()?.fill(0.0),
             DType::BF16 => self.write_bf16()?.fill(bf16::ZERO),
             DType::I32 => {
@@ -942,5 +980,74 @@ impl DerefMut for Bf16Write<'_> {
             Storage::Cpu(CpuStorage::BF16(v)) => &mut v[self.offset..self.offset + self.len],
             _ => unreachable!("Bf16Write holds bf16 storage"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len).map(|i| rng::normal_at(seed, i as u64)).collect()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_vec_f32()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// `sum_f32` against the copy-and-`add_assign` it replaces, bit for bit: below and above
+    /// the threaded size, a bf16 left side, two views of one storage, and a shape mismatch.
+    #[test]
+    fn sum_f32_matches_copy_then_add_assign() {
+        for len in [7, PARALLEL_MIN + 5] {
+            let a = Tensor::f32(values(len, 1), &[len]).unwrap();
+            let b = Tensor::f32(values(len, 2), &[len]).unwrap();
+            let want = a.deep_copy().unwrap();
+            want.add_assign(&b).unwrap();
+            let got = a.sum_f32(&b).unwrap();
+            assert_eq!(bits(&got), bits(&want), "length {len}");
+            assert!(!got.same_storage(&a) && !got.same_storage(&b));
+            // The inputs are left as they were.
+            assert_eq!(
+                bits(&a),
+                bits(&Tensor::f32(values(len, 1), &[len]).unwrap())
+            );
+
+            let a16 = a.cast(DType::BF16).unwrap();
+            let want = a16.cast(DType::F32).unwrap();
+            want.add_assign(&b).unwrap();
+            let got = a16.sum_f32(&b).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(bits(&got), bits(&want), "bf16 + f32, length {len}");
+        }
+        let whole = Tensor::f32(values(8, 3), &[8]).unwrap();
+        let (lo, hi) = (whole.view(0, &[4]).unwrap(), whole.view(4, &[4]).unwrap());
+        let got = lo.sum_f32(&hi).unwrap().to_vec_f32().unwrap();
+        let v = values(8, 3);
+        assert_eq!(got, (0..4).map(|i| v[i] + v[i + 4]).collect::<Vec<_>>());
+        assert!(lo.sum_f32(&whole).is_err());
+    }
+
+    /// The threaded `add_assign` adds each element once, like the serial loop, and the
+    /// threaded `zero_` of a view zeroes that view only.
+    #[test]
+    fn threaded_add_assign_and_zero_cover_their_elements_only() {
+        let len = 3 * PARALLEL_MIN + 11;
+        let (a, b) = (values(len, 4), values(len, 5));
+        let t = Tensor::f32(a.clone(), &[len]).unwrap();
+        t.add_assign(&Tensor::f32(b.clone(), &[len]).unwrap())
+            .unwrap();
+        let want: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
+        assert_eq!(t.to_vec_f32().unwrap(), want);
+
+        let inner = t.view(3, &[len - 5]).unwrap();
+        inner.zero_().unwrap();
+        let got = t.to_vec_f32().unwrap();
+        assert_eq!((&got[..3], &got[len - 2..]), (&want[..3], &want[len - 2..]));
+        assert!(got[3..len - 2].iter().all(|&v| v == 0.0));
     }
 }

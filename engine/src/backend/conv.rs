@@ -116,7 +116,7 @@ pub fn conv2d_fwd(
         Device::Cpu => {}
         d => return crate::on_cuda!(d, crate::cuda::conv::conv2d_fwd(x, weight, bias, g)),
     }
-    let mut out = vec![0f32; g.n * g.o * g.pixels()];
+    let mut out = scratch::zeroed(g.n * g.o * g.pixels());
     {
         let bias_read = bias.map(|b| b.read_f32()).transpose()?;
         if weight.dtype() == DType::BF16 && bf16_products_active() {
@@ -976,14 +976,22 @@ pub fn transposed_geometry(g: &Conv2dGeometry) -> Option<Conv2dGeometry> {
 /// `w'[c, o, i, j] = w[o, c, kh-1-i, kw-1-j]`: the weight of [`transposed_geometry`].
 pub fn flipped_weight(weight: &[f32], g: &Conv2dGeometry) -> Vec<f32> {
     let k = g.kh * g.kw;
-    let mut out = vec![0f32; g.c * g.o * k];
-    for (co, dst) in out.chunks_mut(k).enumerate() {
-        let (c, o) = (co / g.o, co % g.o);
-        let src = &weight[(o * g.c + c) * k..][..k];
-        for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-            *d = *s;
-        }
+    let mut out = scratch::zeroed(g.c * g.o * k);
+    if k == 0 || g.o == 0 {
+        return out;
     }
+    // One input channel per task: the largest weights (512 x 512 x 3 x 3) are copied on all
+    // threads, not on the one that called for the backward while the others wait.
+    out.par_chunks_mut(g.o * k)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (o, dst) in dst.chunks_mut(k).enumerate() {
+                let src = &weight[(o * g.c + c) * k..][..k];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        });
     out
 }
 
@@ -1006,7 +1014,7 @@ fn backward_cpu(
         None
     };
     if let Some(t) = transposed {
-        let mut dx = vec![0f32; g.n * img];
+        let mut dx = scratch::zeroed(g.n * img);
         conv2d_forward_cpu_with(
             grad,
             &flipped_weight(weight, g),
@@ -1019,8 +1027,8 @@ fn backward_cpu(
         rest.x = Some(dx);
         return Ok(rest);
     }
-    let mut dx = need_x.then(|| vec![0f32; g.n * img]);
-    let mut dw = need_w.then(|| vec![0f32; g.o * ck]);
+    let mut dx = need_x.then(|| scratch::zeroed(g.n * img));
+    let mut dw = need_w.then(|| scratch::zeroed(g.o * ck));
     let db = need_b.then(|| bias_grad_cpu(grad, g.n, g.o, p));
     if g.n == 0 || oimg == 0 || ck == 0 || !(need_x || need_w) {
         return Ok(Conv2dGrads {
@@ -1040,7 +1048,7 @@ fn backward_cpu(
             let (per, items) = backward_runs(g, schedule);
             let direct = items == 1 && g.is_pointwise();
             let dw_direct = need_w && direct_weight_gradient_fits(g);
-            let dw_transposed = !dw_direct && dw_by_columns_in_place(g);
+            let dw_transposed = need_w && !dw_direct && dw_by_columns_in_place(g);
             let run = |t: usize, dx_run: Option<&mut [f32]>| -> Result<Option<Vec<f32>>> {
                 let first = t * per;
                 let cnt = per.min(g.n - first);
@@ -1114,22 +1122,20 @@ fn backward_cpu(
                         }
                     }
                 }
-                Ok(dw_part.map(|d| {
-                    if dw_transposed {
-                        transpose(&d, ck, g.o)
-                    } else {
-                        d
-                    }
-                }))
+                Ok(dw_part)
             };
-            backward_over_runs(
-                dx.as_deref_mut(),
-                dw.as_deref_mut(),
-                per * img,
-                g.n,
-                per,
-                run,
-            )?;
+            // Parts of `dW^T` are summed as they are, in run order, and the sum transposed
+            // once: the same bits as transposing each part, without a transpose per run.
+            let mut dw_t = scratch::take(if dw_transposed { ck * g.o } else { 0 });
+            let dw_sum = if dw_transposed {
+                Some(&mut dw_t[..])
+            } else {
+                dw.as_deref_mut()
+            };
+            backward_over_runs(dx.as_deref_mut(), dw_sum, per * img, g.n, per, run)?;
+            if let (Some(dw), true) = (dw.as_deref_mut(), dw_transposed) {
+                transpose_into(&dw_t, ck, g.o, dw);
+            }
         }
         ConvSchedule::Batched { items } => {
             let items = items.clamp(1, g.n);
@@ -1379,15 +1385,24 @@ const DIRECT_DW_FILTERS: usize = 8;
 /// Most filters `direct_weight_gradient_fits` takes.
 const DIRECT_DW_MAX_FILTERS: usize = 32;
 
-/// `[rows, cols]` -> `[cols, rows]`.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for (r, row) in src.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
-        }
+/// `dst [cols, rows]` = `src [rows, cols]` transposed, in blocks of 16 `dst` rows over the
+/// rayon threads (each `src` row then gives whole cache lines to one block).
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const BLOCK: usize = 16;
+    let (src, dst) = (&src[..rows * cols], &mut dst[..rows * cols]);
+    if rows == 0 {
+        return;
     }
-    out
+    dst.par_chunks_mut(BLOCK * rows)
+        .enumerate()
+        .for_each(|(b, block)| {
+            let c0 = b * BLOCK;
+            for (r, row) in src.chunks_exact(cols).enumerate() {
+                for (j, &v) in row[c0..].iter().take(block.len() / rows).enumerate() {
+                    block[j * rows + r] = v;
+                }
+            }
+        });
 }
 
 /// `dbias[o] = sum over n and pixels of grad[n, o, :]`.

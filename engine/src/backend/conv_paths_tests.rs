@@ -322,6 +322,8 @@ fn results_do_not_depend_on_the_thread_count() {
         ([9, 3, 7, 7], 5, 1, 2, 0),
         ([37, 5, 4, 4], 7, 3, 1, 1),
         ([29, 4, 3, 3], 3, 3, 2, 1),
+        // dW summed as dW^T (`dw_by_columns_in_place`), 20 filters: a partial transpose block.
+        ([19, 8, 5, 5], 20, 3, 1, 1),
     ];
     for (si, &(xs, o, k, s, p)) in shapes.iter().enumerate() {
         let g = geometry(xs, o, k, s, p);
@@ -549,4 +551,23 @@ fn direct_forward_matches_loops() {
         }
     }
     assert!(saw[0] && saw[1] == avx512_active(), "both paths exercised");
+}
+
+/// The blocked transpose against the element-by-element definition, with partial blocks.
+#[test]
+fn transpose_into_transposes() {
+    for (rows, cols) in [(1, 1), (3, 16), (72, 20), (5, 33), (0, 4)] {
+        let src = values(rows * cols, 7);
+        let mut dst = vec![f32::NAN; rows * cols];
+        transpose_into(&src, rows, cols, &mut dst);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(
+                    dst[c * rows + r],
+                    src[r * cols + c],
+                    "{rows}x{cols} at {r}, {c}"
+                );
+            }
+        }
+    }
 }

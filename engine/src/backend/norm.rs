@@ -218,7 +218,7 @@ pub fn batch_norm2d_fwd(
             (old_mean.clone(), old_var.clone())
         };
         let inv_std = inv_std_cpu(&var, opts.eps);
-        let mut out = vec![0f32; xs.len()];
+        let mut out = super::scratch::zeroed(xs.len());
         batch_norm2d_forward_cpu(&xs, c, hw, &mean, &inv_std, &weight_v, &bias_v, &mut out);
         (mean, var, inv_std, out)
     };
@@ -283,7 +283,7 @@ pub fn batch_norm2d_bwd(
             let (mean, inv_std) = (stats.mean.to_vec_f32()?, stats.inv_std.to_vec_f32()?);
             let xs = x.read_f32()?;
             let dys = dy.read_f32()?;
-            let mut dx = need_dx.then(|| vec![0f32; xs.len()]);
+            let mut dx = need_dx.then(|| super::scratch::zeroed(xs.len()));
             let (dw, db) = batch_norm2d_backward_cpu(
                 &xs,
                 &dys,

@@ -6,6 +6,8 @@
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
+use rayon::prelude::*;
+
 /// Buffers a thread keeps between calls: enough for the temporaries one convolution holds at
 /// once (columns, their gradient, a gathered output gradient, a product's output).
 const POOLED: usize = 4;
@@ -70,9 +72,35 @@ impl DerefMut for Scratch {
     }
 }
 
+/// A fresh vector of `len` zeros, zeroed on all rayon threads when it is large: an op's
+/// output called for on the calling thread, where a plain `vec![0.0; len]` of a large output
+/// is a serial fill that leaves the other threads waiting.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    if len < super::elementwise::PARALLEL_MIN {
+        return vec![0.0; len];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    // Whole blocks, each a `memset` (element-wise collecting stores one float at a time).
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(1 << 14)
+        .for_each(|block| block.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the first `len` elements were all written just above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_is_all_zeros_at_every_size() {
+        for len in [0, 5, super::super::elementwise::PARALLEL_MIN + 3] {
+            let v = zeroed(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x.to_bits() == 0));
+        }
+    }
 
     #[test]
     fn lends_the_asked_length_and_reuses_returned_buffers() {
