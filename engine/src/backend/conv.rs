@@ -700,6 +700,9 @@ pub fn conv2d_forward_cpu_with(
         return Ok(());
     }
     match schedule {
+        ConvSchedule::PerItem | ConvSchedule::Grouped { .. } if winograd::fits(g) => {
+            winograd::forward(x, weight, bias, g, out)
+        }
         ConvSchedule::PerItem | ConvSchedule::Grouped { .. } if direct_forward_fits(g) => {
             direct_forward(x, weight, bias, g, out, schedule.group());
             Ok(())
@@ -1405,6 +1408,9 @@ pub fn bias_grad_cpu(grad: &[f32], n: usize, o: usize, pixels: usize) -> Vec<f32
 #[cfg(target_arch = "x86_64")]
 #[path = "conv_direct.rs"]
 mod direct;
+
+#[path = "conv_winograd.rs"]
+mod winograd;
 
 #[cfg(test)]
 #[path = "conv_paths_tests.rs"]

@@ -550,3 +550,93 @@ fn direct_forward_matches_loops() {
     }
     assert!(saw[0] && saw[1] == avx512_active(), "both paths exercised");
 }
+
+/// Winograd F(2,3) (`winograd::fits`) against the loops, with a bias, on shapes on both sides
+/// of the rule (63-80 channels and 48-80 filters, counts that are not a multiple of the 16
+/// lanes, odd and non-square images down to 1x1, one image, a 3x3 kernel without padding or
+/// strided), every schedule that runs it; the transforms in AVX-512 lanes bit-identical to the
+/// baseline copy; and the input gradient (the same forward of `dY` with the flipped weight)
+/// against the lowered oracle.
+#[test]
+fn winograd_forward_matches_loops() {
+    let shapes: &[PickedShape] = &[
+        ([2, 64, 7, 7], 64, 3, 1, 1, true),
+        ([1, 64, 5, 5], 80, 3, 1, 1, true),
+        ([3, 70, 4, 6], 72, 3, 1, 1, true),
+        ([2, 64, 9, 3], 65, 3, 1, 1, true),
+        ([2, 64, 1, 1], 64, 3, 1, 1, true),
+        ([2, 66, 2, 5], 64, 3, 1, 1, true),
+        ([2, 63, 5, 5], 64, 3, 1, 1, false),
+        ([2, 64, 5, 5], 48, 3, 1, 1, false),
+        ([2, 64, 6, 6], 64, 3, 1, 0, false),
+        ([2, 64, 7, 7], 64, 3, 2, 1, false),
+        ([2, 64, 7, 7], 64, 5, 1, 2, false),
+    ];
+    let mut saw = [false; 2];
+    for (si, &(xs, o, k, s, p, wino)) in shapes.iter().enumerate() {
+        let g = geometry(xs, o, k, s, p);
+        assert_eq!(winograd::fits(&g), wino, "shape {si}: {g:?}");
+        saw[usize::from(wino)] = true;
+        let x = values(g.n * g.image(), 180 + si as u64);
+        let w = values(g.o * g.patch(), 190 + si as u64);
+        let b = values(g.o, 200 + si as u64);
+        let dy = values(g.n * g.o * g.pixels(), 210 + si as u64);
+        let want = naive_forward(&x, &w, &b, &g);
+        for schedule in [ConvSchedule::PerItem, ConvSchedule::Grouped { items: 2 }] {
+            let what = format!("shape {si}, {schedule:?}");
+            let mut got = vec![f32::NAN; want.len()];
+            conv2d_forward_cpu_with(&x, &w, Some(&b), &g, &mut got, schedule).unwrap();
+            assert_close(&got, &want, 1e-4, &what);
+            let mut unbiased = vec![f32::NAN; want.len()];
+            conv2d_forward_cpu_with(&x, &w, None, &g, &mut unbiased, schedule).unwrap();
+            let want_unbiased = naive_forward(&x, &w, &vec![0.0; g.o], &g);
+            assert_close(&unbiased, &want_unbiased, 1e-4, &what);
+            let dx = conv2d_backward_cpu_with(&x, &w, &dy, &g, [true, false, false], schedule)
+                .unwrap()
+                .x;
+            let lowered =
+                conv2d_backward_cpu_lowered(&x, &w, &dy, &g, [true, false, false], schedule)
+                    .unwrap()
+                    .x;
+            assert_close(&dx.unwrap(), &lowered.unwrap(), 1e-4, &what);
+        }
+        if wino && avx512_active() {
+            let run = |lanes: bool| {
+                let mut out = vec![f32::NAN; want.len()];
+                winograd::forward_lanes(&x, &w, Some(&b), &g, &mut out, lanes).unwrap();
+                out.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(true), run(false), "shape {si}: lanes against baseline");
+        }
+    }
+    assert_eq!(saw, [true, true], "both sides of the rule exercised");
+}
+
+/// The Winograd forward and input gradient on pools of 1, 2 and 3 threads: bit-identical
+/// (a batch of three chunks, the last one partial, odd images).
+#[test]
+fn winograd_results_do_not_depend_on_the_thread_count() {
+    let g = geometry([19, 64, 11, 11], 64, 3, 1, 1);
+    assert!(winograd::fits(&g));
+    let x = values(g.n * g.image(), 220);
+    let w = values(g.o * g.patch(), 221);
+    let b = values(g.o, 222);
+    let dy = values(g.n * g.o * g.pixels(), 223);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut out = vec![f32::NAN; g.n * g.o * g.pixels()];
+            conv2d_forward_cpu(&x, &w, Some(&b), &g, &mut out).unwrap();
+            let dx = conv2d_backward_cpu(&x, &w, &dy, &g, [true, false, false]).unwrap();
+            (bits(&out), bits(&dx.x.unwrap()))
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert_eq!(run(threads), one, "{threads} threads");
+    }
+}
