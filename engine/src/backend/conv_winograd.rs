@@ -167,32 +167,45 @@ impl Chunk {
     }
 }
 
-/// `x [items, C, H, W]` -> `xt [items, pr, pq, C]`: each image channel last, shifted one row
-/// and column in, zeros in the margins (the padding, and the last tile's overhang).
-fn padded_images(x: &[f32], g: &Conv2dGeometry, ch: &Chunk, xt: &mut [f32]) {
-    let (c, hw) = (g.c, g.h * g.w);
-    for (b, img) in xt[..ch.items * ch.pr * ch.pq * c]
-        .chunks_exact_mut(ch.pr * ch.pq * c)
+/// `src [items, C, H, W]` -> `dst [items, rows, cols, C]`: each image channel last, `off`
+/// rows and columns in, zeros around it (the padding, and the last tile's overhang).
+#[allow(clippy::too_many_arguments)]
+fn channel_last(
+    src: &[f32],
+    (c, h, w): (usize, usize, usize),
+    items: usize,
+    (rows, cols): (usize, usize),
+    off: usize,
+    dst: &mut [f32],
+) {
+    let hw = h * w;
+    for (b, img) in dst[..items * rows * cols * c]
+        .chunks_exact_mut(rows * cols * c)
         .enumerate()
     {
-        let src = &x[b * g.image()..][..g.image()];
-        for (r, row) in img.chunks_exact_mut(ch.pq * c).enumerate() {
-            if r == 0 || r > g.h {
+        let src = &src[b * c * hw..][..c * hw];
+        for (r, row) in img.chunks_exact_mut(cols * c).enumerate() {
+            if r < off || r >= h + off {
                 row.fill(0.0);
                 continue;
             }
-            row[..c].fill(0.0);
-            row[(g.w + 1) * c..].fill(0.0);
-            let h = r - 1;
-            let inner = &mut row[c..(g.w + 1) * c];
+            row[..off * c].fill(0.0);
+            row[(w + off) * c..].fill(0.0);
+            let hi = r - off;
+            let inner = &mut row[off * c..(w + off) * c];
             for ci in 0..c {
-                let s = &src[ci * hw + h * g.w..][..g.w];
+                let s = &src[ci * hw + hi * w..][..w];
                 for (wi, &v) in s.iter().enumerate() {
                     inner[wi * c + ci] = v;
                 }
             }
         }
     }
+}
+
+/// `x [items, C, H, W]` -> `xt [items, pr, pq, C]`: the input shifted one row and column in.
+fn padded_images(x: &[f32], g: &Conv2dGeometry, ch: &Chunk, xt: &mut [f32]) {
+    channel_last(x, (g.c, g.h, g.w), ch.items, (ch.pr, ch.pq), 1, xt);
 }
 
 /// `V [16, tiles, C]` of the chunk's padded images: tile `(b, ty, tx)` is row
@@ -293,6 +306,103 @@ fn output_tiles(m: &[f32], o: usize, ch: &Chunk, b: usize, bias: Option<&[f32]>,
     }
 }
 
+/// The adjoint of `transform_output`: `A dy A^T` of a 2x2 block of output gradient, `L`
+/// filters at a time, `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`.
+#[inline(always)]
+fn transform_output_adjoint<const L: usize>(dy: &[[[f32; L]; 2]; 2]) -> [[[f32; L]; 4]; 4] {
+    let mut s = [[[0f32; L]; 2]; 4];
+    for j in 0..2 {
+        for l in 0..L {
+            let (d0, d1) = (dy[0][j][l], dy[1][j][l]);
+            s[0][j][l] = d0;
+            s[1][j][l] = d0 + d1;
+            s[2][j][l] = d0 - d1;
+            s[3][j][l] = -d1;
+        }
+    }
+    let mut m = [[[0f32; L]; 4]; 4];
+    for i in 0..4 {
+        for l in 0..L {
+            let (s0, s1) = (s[i][0][l], s[i][1][l]);
+            m[i][0][l] = s0;
+            m[i][1][l] = s0 + s1;
+            m[i][2][l] = s0 - s1;
+            m[i][3][l] = -s1;
+        }
+    }
+    m
+}
+
+/// `dM [16, tiles, O]` of the chunk's output gradient `dyt [items, 2 * th, 2 * tw, O]`
+/// (channel last, zeros in the overhang): the adjoint of `output_tiles` without the bias.
+#[inline(always)]
+fn grad_tiles(dyt: &[f32], o: usize, ch: &Chunk, dm: &mut [f32]) {
+    let tiles = ch.tiles();
+    let row = 2 * ch.tw * o;
+    for b in 0..ch.items {
+        for ty in 0..ch.th {
+            for tx in 0..ch.tw {
+                let tile = (b * ch.th + ty) * ch.tw + tx;
+                let base = (b * 2 * ch.th + 2 * ty) * row + 2 * tx * o;
+                let mut k0 = 0;
+                while k0 + LANES <= o {
+                    let mut d = [[[0f32; LANES]; 2]; 2];
+                    for (a, da) in d.iter_mut().enumerate() {
+                        for (e, lanes) in da.iter_mut().enumerate() {
+                            *lanes = dyt[base + a * row + e * o + k0..][..LANES]
+                                .try_into()
+                                .expect("16 lanes");
+                        }
+                    }
+                    let m = transform_output_adjoint(&d);
+                    for (xi, lanes) in m.iter().flatten().enumerate() {
+                        dm[(xi * tiles + tile) * o + k0..][..LANES].copy_from_slice(lanes);
+                    }
+                    k0 += LANES;
+                }
+                for kl in k0..o {
+                    let mut d = [[[0f32; 1]; 2]; 2];
+                    for (a, da) in d.iter_mut().enumerate() {
+                        for (e, lanes) in da.iter_mut().enumerate() {
+                            lanes[0] = dyt[base + a * row + e * o + kl];
+                        }
+                    }
+                    let m = transform_output_adjoint(&d);
+                    for (xi, lanes) in m.iter().flatten().enumerate() {
+                        dm[(xi * tiles + tile) * o + kl] = lanes[0];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dW [O, C, 3, 3]` from `dU [16, C, O]`: the adjoint of `weight_tiles`, `G^T dU G`.
+pub(super) fn weight_tiles_adjoint(du: &[f32], c: usize, o: usize, dw: &mut [f32]) {
+    const G: [[f32; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    for oc in 0..o {
+        for ch in 0..c {
+            let mut k = [0f32; 9];
+            for (rs, kv) in k.iter_mut().enumerate() {
+                let (r, s) = (rs / 3, rs % 3);
+                let mut acc = 0f32;
+                for i in 0..4 {
+                    for j in 0..4 {
+                        acc += G[i][r] * du[((i * 4 + j) * c + ch) * o + oc] * G[j][s];
+                    }
+                }
+                *kv = acc;
+            }
+            dw[(oc * c + ch) * 9..][..9].copy_from_slice(&k);
+        }
+    }
+}
+
 /// `yt [2 * th, 2 * tw, O]` -> `out [O, H, W]` (the overhang of odd sizes dropped).
 fn unpad_output(yt: &[f32], g: &Conv2dGeometry, ch: &Chunk, out: &mut [f32]) {
     let (o, row) = (g.o, 2 * ch.tw * g.o);
@@ -327,6 +437,20 @@ fn chunk_out(
         output_tiles(m, g.o, ch, b, bias, yt);
         unpad_output(yt, g, ch, out_b);
     }
+}
+
+/// `dM` of a chunk's output gradient `dy [items, O, H, W]`, through `dyt`.
+#[inline(always)]
+fn chunk_grad(dy: &[f32], g: &Conv2dGeometry, ch: &Chunk, dyt: &mut [f32], dm: &mut [f32]) {
+    let grid = (2 * ch.th, 2 * ch.tw);
+    channel_last(dy, (g.o, g.h, g.w), ch.items, grid, 0, dyt);
+    grad_tiles(dyt, g.o, ch, dm);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn chunk_grad_avx512(dy: &[f32], g: &Conv2dGeometry, ch: &Chunk, dyt: &mut [f32], dm: &mut [f32]) {
+    chunk_grad(dy, g, ch, dyt, dm)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -375,6 +499,24 @@ fn transform_chunk_in(
     }
     let _ = lanes;
     chunk_in(x, g, ch, xt, v)
+}
+
+/// `dM` of a chunk: in AVX-512 lanes where the CPU has them.
+fn transform_chunk_grad(
+    dy: &[f32],
+    g: &Conv2dGeometry,
+    ch: &Chunk,
+    dyt: &mut [f32],
+    dm: &mut [f32],
+    lanes: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if lanes {
+        // SAFETY: the CPU has AVX-512F (`lanes_available`).
+        return unsafe { chunk_grad_avx512(dy, g, ch, dyt, dm) };
+    }
+    let _ = lanes;
+    chunk_grad(dy, g, ch, dyt, dm)
 }
 
 /// The chunk's outputs from `M`: in AVX-512 lanes where the CPU has them.
@@ -459,4 +601,76 @@ pub(super) fn forward_lanes(
                 Ok(())
             },
         )
+}
+
+/// `dW [O, C, 3, 3]` of a convolution that `fits`, from its input and output gradient `dy`:
+/// the exact gradient of the Winograd forward, `dU_ξ = V_ξ^T x dM_ξ` summed over the tiles
+/// (`dM` the adjoint of the output transform of `dy`), then `dW = G^T dU G`. Chunks of
+/// `chunk_images` images are grouped into runs spread over the rayon threads, each run's
+/// partial `dU` accumulated chunk by chunk and the runs' partials added in run order: the
+/// same bits on any number of threads.
+pub(super) fn weight_gradient(x: &[f32], dy: &[f32], g: &Conv2dGeometry) -> Result<Vec<f32>> {
+    weight_gradient_lanes(x, dy, g, lanes_available())
+}
+
+/// `weight_gradient` with the transforms in AVX-512 lanes or not (`lanes` only where the CPU
+/// has AVX-512F).
+pub(super) fn weight_gradient_lanes(
+    x: &[f32],
+    dy: &[f32],
+    g: &Conv2dGeometry,
+    lanes: bool,
+) -> Result<Vec<f32>> {
+    let (c, o, oimg) = (g.c, g.o, g.o * g.pixels());
+    let mut dw = vec![0f32; o * c * 9];
+    if g.n == 0 {
+        return Ok(dw);
+    }
+    let items = chunk_images(g);
+    let chunks = g.n.div_ceil(items);
+    let (lo, hi) = super::BACKWARD_RUNS;
+    let runs = (super::PARTIAL_DW_BUDGET / (XI * c * o).max(1))
+        .clamp(lo, hi)
+        .min(chunks);
+    let per = chunks.div_ceil(runs.max(1));
+    let full = Chunk::new(g, items);
+    let parts = (0..chunks.div_ceil(per))
+        .into_par_iter()
+        .map(|run| -> Result<Vec<f32>> {
+            let mut du = vec![0f32; XI * c * o];
+            let mut xt = scratch::take(items * full.pr * full.pq * c);
+            let mut v = scratch::take(XI * full.tiles() * c);
+            let mut dyt = scratch::take(4 * full.tiles() * o);
+            let mut dm = scratch::take(XI * full.tiles() * o);
+            for (i, chunk) in (run * per..((run + 1) * per).min(chunks)).enumerate() {
+                let first = chunk * items;
+                let ch = Chunk::new(g, items.min(g.n - first));
+                let tiles = ch.tiles();
+                let x_c = &x[first * g.image()..][..ch.items * g.image()];
+                let dy_c = &dy[first * oimg..][..ch.items * oimg];
+                transform_chunk_in(x_c, g, &ch, &mut xt, &mut v, lanes);
+                transform_chunk_grad(dy_c, g, &ch, &mut dyt, &mut dm, lanes);
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                for xi in 0..XI {
+                    sgemm_serial(
+                        true,
+                        false,
+                        c,
+                        o,
+                        tiles,
+                        1.0,
+                        &v[xi * tiles * c..][..tiles * c],
+                        &dm[xi * tiles * o..][..tiles * o],
+                        beta,
+                        &mut du[xi * c * o..][..c * o],
+                    )?;
+                }
+            }
+            Ok(du)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut du = scratch::take(XI * c * o);
+    super::sum_in_order(&mut du[..XI * c * o], &parts);
+    weight_tiles_adjoint(&du, c, o, &mut dw);
+    Ok(dw)
 }
