@@ -552,25 +552,28 @@ fn direct_forward_matches_loops() {
 }
 
 /// Winograd F(2,3) (`winograd::fits`) against the loops, with a bias, on shapes on both sides
-/// of the rule (63-80 channels and 48-80 filters, counts that are not a multiple of the 16
-/// lanes, odd and non-square images down to 1x1, one image, a 3x3 kernel without padding or
-/// strided), every schedule that runs it; the transforms in AVX-512 lanes bit-identical to the
+/// of the rule (63-144 channels and filters, counts that are not a multiple of the 16 lanes,
+/// 64 channels on images just above and below 14x14 pixels, odd and non-square images down
+/// to 1x1, one image, a 3x3 kernel without padding or strided), every schedule that runs it; the transforms in AVX-512 lanes bit-identical to the
 /// baseline copy; and the input gradient (the same forward of `dY` with the flipped weight)
 /// against the lowered oracle.
 #[test]
 fn winograd_forward_matches_loops() {
     let shapes: &[PickedShape] = &[
-        ([2, 64, 7, 7], 64, 3, 1, 1, true),
-        ([1, 64, 5, 5], 80, 3, 1, 1, true),
-        ([3, 70, 4, 6], 72, 3, 1, 1, true),
-        ([2, 64, 9, 3], 65, 3, 1, 1, true),
-        ([2, 64, 1, 1], 64, 3, 1, 1, true),
-        ([2, 66, 2, 5], 64, 3, 1, 1, true),
-        ([2, 63, 5, 5], 64, 3, 1, 1, false),
+        ([2, 128, 7, 7], 128, 3, 1, 1, true),
+        ([1, 128, 5, 5], 144, 3, 1, 1, true),
+        ([3, 130, 4, 6], 136, 3, 1, 1, true),
+        ([2, 128, 9, 3], 129, 3, 1, 1, true),
+        ([2, 128, 1, 1], 128, 3, 1, 1, true),
+        ([2, 64, 14, 14], 80, 3, 1, 1, true),
+        ([2, 66, 13, 17], 64, 3, 1, 1, true),
+        ([2, 64, 13, 15], 64, 3, 1, 1, false),
+        ([2, 127, 5, 5], 128, 3, 1, 1, false),
+        ([2, 63, 14, 14], 64, 3, 1, 1, false),
         ([2, 64, 5, 5], 48, 3, 1, 1, false),
-        ([2, 64, 6, 6], 64, 3, 1, 0, false),
-        ([2, 64, 7, 7], 64, 3, 2, 1, false),
-        ([2, 64, 7, 7], 64, 5, 1, 2, false),
+        ([2, 128, 6, 6], 128, 3, 1, 0, false),
+        ([2, 128, 7, 7], 128, 3, 2, 1, false),
+        ([2, 128, 7, 7], 128, 5, 1, 2, false),
     ];
     let mut saw = [false; 2];
     for (si, &(xs, o, k, s, p, wino)) in shapes.iter().enumerate() {
@@ -616,7 +619,7 @@ fn winograd_forward_matches_loops() {
 /// batch of three chunks, the last one partial, odd images).
 #[test]
 fn winograd_results_do_not_depend_on_the_thread_count() {
-    let g = geometry([19, 64, 11, 11], 64, 3, 1, 1);
+    let g = geometry([19, 64, 15, 14], 64, 3, 1, 1);
     assert!(winograd::fits(&g));
     let x = values(g.n * g.image(), 220);
     let w = values(g.o * g.patch(), 221);
@@ -650,14 +653,14 @@ fn winograd_results_do_not_depend_on_the_thread_count() {
 #[test]
 fn winograd_weight_gradient_matches_loops() {
     let shapes: &[PickedShape] = &[
-        ([2, 64, 7, 7], 64, 3, 1, 1, true),
-        ([1, 64, 5, 5], 80, 3, 1, 1, true),
-        ([3, 70, 4, 6], 72, 3, 1, 1, true),
-        ([2, 64, 9, 3], 65, 3, 1, 1, true),
-        ([2, 64, 1, 1], 64, 3, 1, 1, true),
-        ([19, 64, 11, 11], 64, 3, 1, 1, true),
-        ([2, 63, 5, 5], 64, 3, 1, 1, false),
-        ([2, 64, 5, 5], 48, 3, 1, 1, false),
+        ([2, 128, 7, 7], 128, 3, 1, 1, true),
+        ([1, 128, 5, 5], 144, 3, 1, 1, true),
+        ([3, 130, 4, 6], 136, 3, 1, 1, true),
+        ([2, 128, 9, 3], 129, 3, 1, 1, true),
+        ([2, 128, 1, 1], 128, 3, 1, 1, true),
+        ([13, 64, 14, 14], 72, 3, 1, 1, true),
+        ([2, 64, 13, 15], 64, 3, 1, 1, false),
+        ([2, 128, 5, 5], 48, 3, 1, 1, false),
     ];
     for (si, &(xs, o, k, s, p, wino)) in shapes.iter().enumerate() {
         let g = geometry(xs, o, k, s, p);
@@ -695,7 +698,7 @@ fn winograd_weight_gradient_matches_loops() {
 /// input and weight gradients; an odd image, a bias).
 #[test]
 fn winograd_matches_finite_differences() {
-    let (xs, o) = ([2, 64, 5, 3], 64);
+    let (xs, o) = ([2, 128, 5, 3], 128);
     let g = geometry(xs, o, 3, 1, 1);
     assert!(winograd::fits(&g));
     let x = crate::Tensor::f32(values(g.n * g.image(), 260), &xs).unwrap();

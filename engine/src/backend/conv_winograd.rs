@@ -32,20 +32,32 @@ const LANES: usize = 16;
 /// the kernel's speed, few enough that a chunk's `V` and `M` stay within a few MiB.
 const CHUNK_TILES: usize = 256;
 
-/// Fewest input channels and filters for which `fits` takes a convolution.
+/// Fewest input channels and filters for which `fits` takes a convolution...
 const MIN_CHANNELS: usize = 64;
 
-/// Whether the forward of `PerItem` / `Grouped` runs here: a 3x3 stride-1 convolution with
-/// padding 1 (output as large as the input) and at least `MIN_CHANNELS` channels and filters.
+/// ... and the fewest pixels per image below `ANY_SIZE_CHANNELS` of them.
+const MIN_PIXELS: usize = 14 * 14;
+
+/// Channels and filters from which `fits` takes every image size.
+const ANY_SIZE_CHANNELS: usize = 128;
+
+/// Whether a convolution of `PerItem` / `Grouped` runs here (forward, input gradient as a
+/// forward, weight gradient): 3x3, stride 1, padding 1 (output as large as the input), and
+/// channels and filters from `ANY_SIZE_CHANNELS` on, or from `MIN_CHANNELS` on for images of
+/// `MIN_PIXELS` or more. A rule on the shape alone, from per-shape timings of ResNet-18's
+/// convolutions at widths 1/8 to 1 (one thread, docs/benchmarks.md): 1.15-1.5x faster from
+/// 128 channels at every size and for 64 channels at 14x14 and 28x28; for 64 at 7x7 even
+/// to 10% slower, at 4x4 the forward slower than `direct_forward`.
 pub(super) fn fits(g: &Conv2dGeometry) -> bool {
+    let channels = g.c.min(g.o);
     g.kh == 3
         && g.kw == 3
         && g.stride == 1
         && g.padding == 1
         && g.oh == g.h
         && g.ow == g.w
-        && g.c >= MIN_CHANNELS
-        && g.o >= MIN_CHANNELS
+        && channels >= MIN_CHANNELS
+        && (channels >= ANY_SIZE_CHANNELS || g.pixels() >= MIN_PIXELS)
 }
 
 /// Tiles of one image: `(rows, columns)` of 2x2 output blocks.
