@@ -75,8 +75,10 @@ fn chunk_images(g: &Conv2dGeometry) -> usize {
 /// `U [16, C, O]`: `G g G^T` of every filter's 3x3 kernel `g = w[o, c]`, with
 /// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`.
 pub(super) fn weight_tiles(w: &[f32], c: usize, o: usize, u: &mut [f32]) {
-    for oc in 0..o {
-        for ch in 0..c {
+    // Filters innermost: `u` is written in 16 contiguous streams (a filter-outer order writes
+    // every element `O` floats after the last, a cache miss each at 512 filters).
+    for ch in 0..c {
+        for oc in 0..o {
             let k = &w[(oc * c + ch) * 9..][..9];
             // t = G g, 4x3.
             let mut t = [[0f32; 3]; 4];
@@ -410,8 +412,9 @@ pub(super) fn weight_tiles_adjoint(du: &[f32], c: usize, o: usize, dw: &mut [f32
         [0.5, -0.5, 0.5],
         [0.0, 0.0, 1.0],
     ];
-    for oc in 0..o {
-        for ch in 0..c {
+    // Filters innermost, as `weight_tiles`: `du` read in 16 contiguous streams.
+    for ch in 0..c {
+        for oc in 0..o {
             let mut k = [0f32; 9];
             for (rs, kv) in k.iter_mut().enumerate() {
                 let (r, s) = (rs / 3, rs % 3);
