@@ -75,27 +75,34 @@ fn chunk_images(g: &Conv2dGeometry) -> usize {
 /// `U [16, C, O]`: `G g G^T` of every filter's 3x3 kernel `g = w[o, c]`, with
 /// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`.
 pub(super) fn weight_tiles(w: &[f32], c: usize, o: usize, u: &mut [f32]) {
-    // Filters innermost: `u` is written in 16 contiguous streams (a filter-outer order writes
-    // every element `O` floats after the last, a cache miss each at 512 filters).
+    // Blocks of 16 filters, written as whole 64-byte runs of the 16 planes (`C * O` floats
+    // apart: one filter at a time, the planes' lines evict each other).
     for ch in 0..c {
-        for oc in 0..o {
-            let k = &w[(oc * c + ch) * 9..][..9];
-            // t = G g, 4x3.
-            let mut t = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (g0, g1, g2) = (k[j], k[3 + j], k[6 + j]);
-                t[0][j] = g0;
-                t[1][j] = 0.5 * (g0 + g1 + g2);
-                t[2][j] = 0.5 * (g0 - g1 + g2);
-                t[3][j] = g2;
-            }
-            // u = t G^T, 4x4.
-            for (i, row) in t.iter().enumerate() {
-                let [t0, t1, t2] = *row;
-                let ui = [t0, 0.5 * (t0 + t1 + t2), 0.5 * (t0 - t1 + t2), t2];
-                for (j, v) in ui.into_iter().enumerate() {
-                    u[((i * 4 + j) * c + ch) * o + oc] = v;
+        for oc0 in (0..o).step_by(LANES) {
+            let n = LANES.min(o - oc0);
+            let mut block = [[0f32; LANES]; XI];
+            for l in 0..n {
+                let k = &w[((oc0 + l) * c + ch) * 9..][..9];
+                // t = G g, 4x3.
+                let mut t = [[0f32; 3]; 4];
+                for j in 0..3 {
+                    let (g0, g1, g2) = (k[j], k[3 + j], k[6 + j]);
+                    t[0][j] = g0;
+                    t[1][j] = 0.5 * (g0 + g1 + g2);
+                    t[2][j] = 0.5 * (g0 - g1 + g2);
+                    t[3][j] = g2;
                 }
+                // u = t G^T, 4x4.
+                for (i, row) in t.iter().enumerate() {
+                    let [t0, t1, t2] = *row;
+                    let ui = [t0, 0.5 * (t0 + t1 + t2), 0.5 * (t0 - t1 + t2), t2];
+                    for (j, v) in ui.into_iter().enumerate() {
+                        block[i * 4 + j][l] = v;
+                    }
+                }
+            }
+            for (xi, lanes) in block.iter().enumerate() {
+                u[(xi * c + ch) * o + oc0..][..n].copy_from_slice(&lanes[..n]);
             }
         }
     }
@@ -404,29 +411,33 @@ fn grad_tiles(dyt: &[f32], o: usize, ch: &Chunk, dm: &mut [f32]) {
     }
 }
 
-/// `dW [O, C, 3, 3]` from `dU [16, C, O]`: the adjoint of `weight_tiles`, `G^T dU G`.
+/// `dW [O, C, 3, 3]` from `dU [16, C, O]`: the adjoint of `weight_tiles`, `G^T dU G`, as
+/// `G^T (dU G)`.
 pub(super) fn weight_tiles_adjoint(du: &[f32], c: usize, o: usize, dw: &mut [f32]) {
-    const G: [[f32; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
-    // Filters innermost, as `weight_tiles`: `du` read in 16 contiguous streams.
+    // Blocks of 16 filters, read as whole 64-byte runs of the 16 planes (`weight_tiles`).
     for ch in 0..c {
-        for oc in 0..o {
-            let mut k = [0f32; 9];
-            for (rs, kv) in k.iter_mut().enumerate() {
-                let (r, s) = (rs / 3, rs % 3);
-                let mut acc = 0f32;
-                for i in 0..4 {
-                    for j in 0..4 {
-                        acc += G[i][r] * du[((i * 4 + j) * c + ch) * o + oc] * G[j][s];
-                    }
-                }
-                *kv = acc;
+        for oc0 in (0..o).step_by(LANES) {
+            let n = LANES.min(o - oc0);
+            let mut d = [[0f32; LANES]; XI];
+            for (xi, lanes) in d.iter_mut().enumerate() {
+                lanes[..n].copy_from_slice(&du[(xi * c + ch) * o + oc0..][..n]);
             }
-            dw[(oc * c + ch) * 9..][..9].copy_from_slice(&k);
+            for l in 0..n {
+                // t = dU G, 4x3.
+                let mut t = [[0f32; 3]; 4];
+                for (i, ti) in t.iter_mut().enumerate() {
+                    let [d0, d1, d2, d3] = [0, 1, 2, 3].map(|j| d[i * 4 + j][l]);
+                    *ti = [d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3];
+                }
+                // dg = G^T t, 3x3.
+                let k = &mut dw[((oc0 + l) * c + ch) * 9..][..9];
+                for sx in 0..3 {
+                    let [t0, t1, t2, t3] = [0, 1, 2, 3].map(|i| t[i][sx]);
+                    k[sx] = t0 + 0.5 * (t1 + t2);
+                    k[3 + sx] = 0.5 * (t1 - t2);
+                    k[6 + sx] = 0.5 * (t1 + t2) + t3;
+                }
+            }
         }
     }
 }
