@@ -680,10 +680,9 @@ pub(super) fn weight_gradient_lanes(
     }
     let items = chunk_images(g);
     let chunks = g.n.div_ceil(items);
-    let (lo, hi) = super::BACKWARD_RUNS;
-    let runs = (super::PARTIAL_DW_BUDGET / (XI * c * o).max(1))
-        .clamp(lo, hi)
-        .min(chunks);
+    // The fewest runs the im2col backward uses: each run's partial `dU` is 16/9 of `dW`, a
+    // fresh buffer to fill and to add, and chunks of 256 tiles already keep runs long.
+    let runs = super::BACKWARD_RUNS.0.min(chunks);
     let per = chunks.div_ceil(runs.max(1));
     let full = Chunk::new(g, items);
     let parts = (0..chunks.div_ceil(per))
