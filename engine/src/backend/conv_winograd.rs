@@ -12,6 +12,11 @@
 //! transposed into the output. An odd height or width pads the last row or column of tiles
 //! with zeros; their extra outputs are dropped.
 //!
+//! The input gradient is this forward of `dY` with the flipped weight (`conv.rs`,
+//! `transposed_geometry`). The weight gradient is the exact gradient of this forward:
+//! `dU_ξ [C, O] = V_ξ^T x dM_ξ` summed over the tiles, `dM` the adjoint of the output
+//! transform of `dY`, then `dW = G^T dU G` (`weight_gradient`).
+//!
 //! The transforms are written once over fixed 16-lane arrays, inlined into a copy compiled
 //! for AVX-512F (picked at run time) and a baseline copy: the same operations in the same
 //! order, so both give the same bits.
