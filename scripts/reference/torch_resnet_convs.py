@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--threads", default=str(torch.get_num_threads()))
     ap.add_argument("--recycle", help="the built resnet_convs example to run beside PyTorch")
+    ap.add_argument("--baseline", help="another build of the example to compare --recycle with")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the process's CPU time, not the clock (both programs)")
     a = ap.parse_args()
@@ -128,6 +129,29 @@ def main():
         rc_all, pt_all = sum(v[0] for v in tot.values()), sum(v[1] for v in tot.values())
         print(f"\nstep total: Recycle {rc_all:.1f} ms, PyTorch {pt_all:.1f} ms, "
               f"ratio {rc_all / pt_all:.2f}")
+        if a.baseline:
+            base = recycle_rows(a.baseline, a.batch, a.reps, a.width, t, a.cpu_time)
+            print_against_baseline(theirs, base)
+
+
+def print_against_baseline(rows, base):
+    """Recycle against the baseline build, per shape and pass (below 1: Recycle faster)."""
+    print("\n| conv | uses | " + " | ".join(f"{p} ms Recycle / baseline / ratio" for p in PASSES)
+          + " |")
+    print("|---|---:|---:|---:|---:|")
+    tot = {p: [0.0, 0.0] for p in PASSES}
+    for q, b in zip(rows, base):
+        if q["conv"] != b["conv"]:
+            raise SystemExit(f"shape mismatch: Recycle {q['conv']}, baseline {b['conv']}")
+        cells = []
+        for p in PASSES:
+            rc, bc = q[p + "_ms"], b[p + "_ms"]
+            tot[p][0] += rc * q["uses"]
+            tot[p][1] += bc * q["uses"]
+            cells.append(f"{rc:.2f} / {bc:.2f} / **{rc / bc:.2f}**" if bc > 0 else "—")
+        print(f"| {q['conv']} | {q['uses']} | " + " | ".join(cells) + " |")
+    cells = [f"{rc:.1f} / {bc:.1f} / **{rc / bc:.2f}**" for rc, bc in tot.values()]
+    print("| all convolutions of a step (× uses) | | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
