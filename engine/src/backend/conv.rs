@@ -1267,7 +1267,7 @@ pub(super) fn sum_in_order(dst: &mut [f32], parts: &[Vec<f32>]) {
 /// than `dW = dY x cols^T` (the whole column matrix transposed into packed B panels, `kh*kw`
 /// times the size of `dY` for a 3x3 convolution). The product's columns are then the `O`
 /// filters. A rule from per-shape timings of ResNet-18's convolutions at widths 1/8 and 1
-/// (docs/benchmarks.md): it wins 10-25% for kernels larger than 1x1 with a patch of 64 or
+/// (docs/results/2026-12-07-cpu-resnet18-intel.md): it wins 10-25% for kernels larger than 1x1 with a patch of 64 or
 /// more and 16 to 256 filters; with fewer filters the product's 32-column tiles are mostly
 /// empty, with more the packing it saves is amortised over enough rows of `dY` and streaming
 /// the tall column matrix as A loses.
