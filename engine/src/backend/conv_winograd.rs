@@ -193,6 +193,20 @@ impl Chunk {
     }
 }
 
+/// Zeros around an `h x w` image placed `off` rows and columns into the channel-last
+/// `img [rows, cols, C]`.
+#[inline(always)]
+fn zero_margins(img: &mut [f32], c: usize, (h, w): (usize, usize), cols: usize, off: usize) {
+    for (r, row) in img.chunks_exact_mut(cols * c).enumerate() {
+        if r < off || r >= h + off {
+            row.fill(0.0);
+        } else {
+            row[..off * c].fill(0.0);
+            row[(w + off) * c..].fill(0.0);
+        }
+    }
+}
+
 /// `src [items, C, H, W]` -> `dst [items, rows, cols, C]`: each image channel last, `off`
 /// rows and columns in, zeros around it (the padding, and the last tile's overhang).
 #[inline(always)]
@@ -210,13 +224,11 @@ fn channel_last(
         .enumerate()
     {
         let src = &src[b * c * hw..][..c * hw];
+        zero_margins(img, c, (h, w), cols, off);
         for (r, row) in img.chunks_exact_mut(cols * c).enumerate() {
             if r < off || r >= h + off {
-                row.fill(0.0);
                 continue;
             }
-            row[..off * c].fill(0.0);
-            row[(w + off) * c..].fill(0.0);
             let hi = r - off;
             let inner = &mut row[off * c..(w + off) * c];
             // 16 channels at a time: one vector store per pixel, not a scalar store per
@@ -507,13 +519,17 @@ fn chunk_grad(dy: &[f32], g: &Conv2dGeometry, ch: &Chunk, dyt: &mut [f32], dm: &
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn chunk_grad_avx512(dy: &[f32], g: &Conv2dGeometry, ch: &Chunk, dyt: &mut [f32], dm: &mut [f32]) {
-    chunk_grad(dy, g, ch, dyt, dm)
+    let grid = (2 * ch.th, 2 * ch.tw);
+    copies_x86::channel_last(dy, (g.o, g.h, g.w), ch.items, grid, 0, dyt);
+    grad_tiles(dyt, g.o, ch, dm);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn chunk_in_avx512(x: &[f32], g: &Conv2dGeometry, ch: &Chunk, xt: &mut [f32], v: &mut [f32]) {
-    chunk_in(x, g, ch, xt, v)
+    let grid = (ch.pr, ch.pq);
+    copies_x86::channel_last(x, (g.c, g.h, g.w), ch.items, grid, 1, xt);
+    input_tiles(xt, g.c, ch, v);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -526,7 +542,139 @@ fn chunk_out_avx512(
     yt: &mut [f32],
     out: &mut [f32],
 ) {
-    chunk_out(m, g, ch, bias, yt, out)
+    let oimg = g.o * g.pixels();
+    for (b, out_b) in out[..ch.items * oimg].chunks_exact_mut(oimg).enumerate() {
+        output_tiles(m, g.o, ch, b, bias, yt);
+        copies_x86::unpad_output(yt, g, ch, out_b);
+    }
+}
+
+/// The channel-last copies in AVX-512: blocks of 16 channels by 16 pixels transposed in
+/// registers, one vector load and store per row of a block, where the plain copies gather or
+/// scatter a float at a time. Copies only: the same bits as the plain ones.
+#[cfg(target_arch = "x86_64")]
+mod copies_x86 {
+    use std::arch::x86_64::*;
+
+    use super::{zero_margins, Chunk, Conv2dGeometry, LANES};
+
+    /// `out[j][i] = r[i][j]` for a 16 x 16 block held as 16 row vectors (the steps of the
+    /// sgemm's packing transpose, `gemm/avx512.rs`).
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved per 128-bit lane, then pairs of pairs, then a 4 x 4
+        // transpose of the 128-bit lanes.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let a = _mm512_castps_pd(t[4 * g + c / 2]);
+            let b = _mm512_castps_pd(t[4 * g + 2 + c / 2]);
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let w = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v, v2);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v, v2);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(w, w2);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(w, w2);
+        }
+        out
+    }
+
+    /// The first `n` of 16 lanes.
+    fn first(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// `super::channel_last`: 16 channels by 16 pixels of the flattened image at a time, so
+    /// that small images (4x4: one block) fill whole blocks too.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn channel_last(
+        src: &[f32],
+        (c, h, w): (usize, usize, usize),
+        items: usize,
+        (rows, cols): (usize, usize),
+        off: usize,
+        dst: &mut [f32],
+    ) {
+        let hw = h * w;
+        let at = |p: usize| ((p / w + off) * cols + p % w + off) * c;
+        for (b, img) in dst[..items * rows * cols * c]
+            .chunks_exact_mut(rows * cols * c)
+            .enumerate()
+        {
+            let src = &src[b * c * hw..][..c * hw];
+            zero_margins(img, c, (h, w), cols, off);
+            let mut c0 = 0;
+            while c0 + LANES <= c {
+                for p0 in (0..hw).step_by(LANES) {
+                    let n = LANES.min(hw - p0);
+                    let block = std::array::from_fn(|l| {
+                        let s = &src[(c0 + l) * hw + p0..][..n];
+                        // SAFETY: the mask reads the `n` floats of `s`.
+                        unsafe { _mm512_maskz_loadu_ps(first(n), s.as_ptr()) }
+                    });
+                    for (p, px) in transpose16(block).iter().enumerate().take(n) {
+                        let d = &mut img[at(p0 + p) + c0..][..LANES];
+                        // SAFETY: `d` holds 16 floats.
+                        unsafe { _mm512_storeu_ps(d.as_mut_ptr(), *px) };
+                    }
+                }
+                c0 += LANES;
+            }
+            for ci in c0..c {
+                for (p, &v) in src[ci * hw..][..hw].iter().enumerate() {
+                    img[at(p) + ci] = v;
+                }
+            }
+        }
+    }
+
+    /// `super::unpad_output`: 16 pixels of the flattened image by 16 filters at a time.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn unpad_output(yt: &[f32], g: &Conv2dGeometry, ch: &Chunk, out: &mut [f32]) {
+        let (o, w, hw) = (g.o, g.w, g.h * g.w);
+        let at = |p: usize| ((p / w) * 2 * ch.tw + p % w) * o;
+        let out = &mut out[..o * hw];
+        let mut k0 = 0;
+        while k0 + LANES <= o {
+            for p0 in (0..hw).step_by(LANES) {
+                let n = LANES.min(hw - p0);
+                let mut block = [_mm512_setzero_ps(); LANES];
+                for (p, px) in block.iter_mut().enumerate().take(n) {
+                    let s = &yt[at(p0 + p) + k0..][..LANES];
+                    // SAFETY: `s` holds 16 floats.
+                    *px = unsafe { _mm512_loadu_ps(s.as_ptr()) };
+                }
+                for (l, lanes) in transpose16(block).iter().enumerate() {
+                    let d = &mut out[(k0 + l) * hw + p0..][..n];
+                    // SAFETY: the mask writes the `n` floats of `d`.
+                    unsafe { _mm512_mask_storeu_ps(d.as_mut_ptr(), first(n), *lanes) };
+                }
+            }
+            k0 += LANES;
+        }
+        for k in k0..o {
+            for (p, y) in out[k * hw..][..hw].iter_mut().enumerate() {
+                *y = yt[at(p) + k];
+            }
+        }
+    }
 }
 
 fn lanes_available() -> bool {
