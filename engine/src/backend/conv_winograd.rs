@@ -19,7 +19,9 @@
 //!
 //! The transforms are written once over fixed 16-lane arrays, inlined into a copy compiled
 //! for AVX-512F (picked at run time) and a baseline copy: the same operations in the same
-//! order, so both give the same bits.
+//! order, so both give the same bits. The channel-last copies around them have their own
+//! AVX-512 copy (`copies_x86`: 16x16 blocks transposed in registers); copies give the same
+//! bits whichever runs.
 
 use rayon::prelude::*;
 
