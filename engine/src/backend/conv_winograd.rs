@@ -559,44 +559,7 @@ mod copies_x86 {
     use std::arch::x86_64::*;
 
     use super::{zero_margins, Chunk, Conv2dGeometry, LANES};
-
-    /// `out[j][i] = r[i][j]` for a 16 x 16 block held as 16 row vectors (the steps of the
-    /// sgemm's packing transpose, `gemm/avx512.rs`).
-    #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
-        // Pairs of rows interleaved per 128-bit lane, then pairs of pairs, then a 4 x 4
-        // transpose of the 128-bit lanes.
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (g, c) = (i / 4, i % 4);
-            let a = _mm512_castps_pd(t[4 * g + c / 2]);
-            let b = _mm512_castps_pd(t[4 * g + 2 + c / 2]);
-            _mm512_castpd_ps(if c % 2 == 0 {
-                _mm512_unpacklo_pd(a, b)
-            } else {
-                _mm512_unpackhi_pd(a, b)
-            })
-        });
-        let mut out = [_mm512_setzero_ps(); 16];
-        for c in 0..4 {
-            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-            let w = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
-            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-            let w2 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
-            out[c] = _mm512_shuffle_f32x4::<0x88>(v, v2);
-            out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v, v2);
-            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(w, w2);
-            out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(w, w2);
-        }
-        out
-    }
+    use crate::backend::gemm::transpose16;
 
     /// The first `n` of 16 lanes.
     fn first(n: usize) -> __mmask16 {

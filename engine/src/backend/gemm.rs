@@ -16,6 +16,10 @@ use gemm::Parallelism;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+/// The 16 x 16 register transpose of the sgemm's packing, shared with the convolutions'
+/// channel-last copies.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::transpose16;
 #[cfg(target_arch = "x86_64")]
 mod bf16;
 

@@ -492,7 +492,7 @@ unsafe fn pack_b(b: View, kc: usize, nc: usize, dst: &mut [f32]) {
 
 /// The transpose of a 16 x 16 block held as 16 row vectors: `out[j][i] = rows[i][j]`.
 #[target_feature(enable = "avx512f")]
-pub(super) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // Pairs of rows interleaved (per 128-bit lane), then pairs of pairs: u[4g + c] holds, in
     // lane L, column 4L + c of rows 4g..4g+3.
     let t: [__m512; 16] = std::array::from_fn(|i| {
